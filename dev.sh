@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Set-up and entry point in one: creates (or reuses) .venv at the repository root,
+# installs llamaworks into it, then runs what you asked for.
+#   ./dev.sh demo [--minutes M | --steps N] [...]   the main job (see README)
+#   ./dev.sh test [pytest args]                      the whole test suite (fast, then slow)
+#   ./dev.sh llamaworks COMMAND ...                  any CLI command
+# torch is pinned (LLAMAWORKS_TORCH, default torch==2.13.0) and installed first so
+# nothing else can pull a different (multi-GB CUDA) build.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PY=$VENV/bin/python
+TORCH_SPEC=${LLAMAWORKS_TORCH:-torch==2.13.0}
+
+setup() {
+  local stamp="$VENV/.llamaworks-$( (cat pyproject.toml; echo "$TORCH_SPEC") | sha1sum | cut -c1-12)"
+  [ -f "$stamp" ] && return 0
+  echo "[dev.sh] setting up $VENV (once)" >&2
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q "$TORCH_SPEC"
+  local constraints="$VENV/constraints.txt"
+  "$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+  "$PY" -m pip install -q -c "$constraints" -e ".[test]"
+  rm -f "$VENV"/.llamaworks-*
+  touch "$stamp"
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  test)
+    setup
+    # The fast suite, then the tests marked slow (multi-process, long training).
+    # Exit code 5 means "no tests collected", which is fine for an empty selection.
+    rc=0
+    "$PY" -m pytest -q -m "not slow" "$@" || rc=$?
+    if [ $rc -eq 0 ] || [ $rc -eq 5 ]; then
+      rc=0
+      "$PY" -m pytest -q -m slow "$@" || rc=$?
+      [ $rc -eq 5 ] && rc=0
+    fi
+    exit $rc ;;
+  demo)
+    setup
+    exec "$VENV/bin/llamaworks" demo "$@" ;;
+  llamaworks)
+    setup
+    exec "$VENV/bin/llamaworks" "$@" ;;
+  setup)
+    setup ;;
+  *)
+    sed -n '2,9p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,5 @@
+import sys
+
+from llamaworks.cli import main
+
+sys.exit(main())

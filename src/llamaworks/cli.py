@@ -1,0 +1,155 @@
+"""The command line: a table from command name to a plain typed function.
+
+Each command is an ordinary function (callable from Python and tests); its argparse
+parser is derived from its signature. Annotate a parameter with `Annotated[T, Arg(...)]`
+to give it help text, make it positional or rename its flag. A function that takes
+`overrides: list[str]` receives the unparsed `--section.key value` pairs (config files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+__all__ = ["Arg", "Annotated", "COMMANDS", "build_parser", "main"]
+
+
+@dataclass(frozen=True)
+class Arg:
+    help: str = ""
+    positional: bool = False
+    flag: str | None = None  # e.g. "--from" for a parameter that cannot be named `from`
+    metavar: str | None = None
+
+
+# command -> ("module:function", one-line summary). Modules import lazily, so
+# `llamaworks --help` and each command load only what they use.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("llamaworks.demo:demo", "the main job: corpus -> tokenizer -> pretrain `small` -> samples"),
+    "pretrain": ("llamaworks.train.trainer:pretrain", "pretrain with the paper's recipe from a config file"),
+    "generate": ("llamaworks.generate:generate_command", "generate text from a model directory"),
+    "tokenizer train": ("llamaworks.tokenizer:train_command", "train a SentencePiece BPE tokenizer (section 2)"),
+    "tokenizer encode": ("llamaworks.tokenizer:encode_command", "print the token ids and pieces of a text"),
+    "tokenizer decode": ("llamaworks.tokenizer:decode_command", "print the text of token ids"),
+    "prepare": ("llamaworks.train.shards:prepare_command", "tokenise documents into packed token shards"),
+    "plan": ("llamaworks.plan:plan_command", "memory and time plan for a preset on a GPU cluster"),
+    "carbon": ("llamaworks.carbon:carbon_command", "energy and CO2 of a run (section 6, Table 15)"),
+}
+
+
+def _resolve(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _unwrap(tp) -> tuple[Any, Arg]:
+    meta = Arg()
+    if get_origin(tp) is Annotated:
+        tp, *extras = get_args(tp)
+        meta = next((e for e in extras if isinstance(e, Arg)), meta)
+    return tp, meta
+
+
+def _strip_optional(tp):
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_param(parser: argparse.ArgumentParser, name: str, param: inspect.Parameter, tp) -> None:
+    tp, meta = _unwrap(tp)
+    tp = _strip_optional(tp)
+    has_default = param.default is not inspect.Parameter.empty
+    kwargs: dict[str, Any] = {"help": meta.help or None}
+    if meta.metavar:
+        kwargs["metavar"] = meta.metavar
+    if get_origin(tp) is Literal:
+        kwargs["choices"] = list(get_args(tp))
+        kwargs["type"] = type(get_args(tp)[0])
+    elif get_origin(tp) in (list, tuple):
+        kwargs["nargs"] = "+"
+        kwargs["type"] = get_args(tp)[0]
+    elif tp is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = tp
+    if has_default and kwargs["help"] is not None and param.default not in (None, False):
+        kwargs["help"] += f" (default: {param.default})"
+    if meta.positional:
+        if has_default:
+            kwargs["nargs"] = kwargs.get("nargs", "?")
+            kwargs["default"] = param.default
+        parser.add_argument(name, **kwargs)
+    else:
+        flag = meta.flag or "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, required=not has_default,
+                            default=param.default if has_default else None, **kwargs)
+
+
+def build_parser(command: str) -> tuple[argparse.ArgumentParser, Any, bool]:
+    target, summary = COMMANDS[command]
+    fn = _resolve(target)
+    parser = argparse.ArgumentParser(prog=f"llamaworks {command}", description=inspect.getdoc(fn) or summary,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = get_type_hints(fn, include_extras=True)
+    takes_overrides = False
+    for name, param in inspect.signature(fn).parameters.items():
+        if name == "overrides":
+            takes_overrides = True
+            continue
+        _add_param(parser, name, param, hints.get(name, str))
+    if takes_overrides:
+        parser.epilog = "Any config field can be overridden as --section.key VALUE."
+    return parser, fn, takes_overrides
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: llamaworks COMMAND [options]   (llamaworks COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    # Longest match first, so "tokenizer train" wins over a (hypothetical) "tokenizer".
+    for n in (2, 1):
+        command = " ".join(argv[:n])
+        if command in COMMANDS and len(argv) >= n:
+            break
+    else:
+        print(f"llamaworks: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    parser, fn, takes_overrides = build_parser(command)
+    rest = argv[len(command.split()):]
+    if takes_overrides:
+        args, overrides = parser.parse_known_args(rest)
+        kwargs = {**vars(args), "overrides": overrides}
+    else:
+        kwargs = vars(parser.parse_args(rest))
+    try:
+        result = fn(**kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        # User errors: one clear line, no traceback (set LLAMAWORKS_DEBUG=1 for one).
+        import os
+
+        if os.environ.get("LLAMAWORKS_DEBUG"):
+            raise
+        print(f"llamaworks {command}: error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

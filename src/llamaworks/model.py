@@ -1,0 +1,308 @@
+"""The LLaMA transformer (Touvron et al. 2023, section 2.2), single device.
+
+Names follow Meta's release so that `consolidated.NN.pth` and `params.json` load
+without a key map: ModelArgs fields are params.json keys, module attributes are
+state-dict keys (tok_embeddings, layers.N.attention.wq, feed_forward.w1, ...).
+Nothing here knows about training, distribution or files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # Llama 2 key (grouped-query attention); None = n_heads as in LLaMA 1
+    vocab_size: int = 32000  # Meta writes -1 ("set from the tokenizer"); loaders resolve it
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None  # Llama 2 key; None for LLaMA 1
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048  # Table 2: context length 2048 for all sizes
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelArgs.dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension dim/n_heads={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelArgs:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> ModelArgs:
+        """Build from a Meta params.json dict; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown params.json keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**{**params, **overrides})
+
+    def to_params(self) -> dict:
+        return asdict(self)
+
+
+# Table 2 of the paper (context 2048) plus small sizes for CPU work. The CPU presets keep
+# the paper's shape (multiple_of 256, head_dim 64) but shrink width, depth and vocabulary.
+PRESETS: dict[str, dict] = {
+    "7B": dict(dim=4096, n_layers=32, n_heads=32),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40),
+    "33B": dict(dim=6656, n_layers=60, n_heads=52),
+    "65B": dict(dim=8192, n_layers=80, n_heads=64),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=256),  # ~1.2M, for tests
+    "small": dict(dim=384, n_layers=6, n_heads=6, vocab_size=4096, max_seq_len=512),  # ~13.8M
+    "base": dict(dim=768, n_layers=12, n_heads=12, vocab_size=8192, max_seq_len=1024),  # ~97.5M
+}
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """SwiGLU width: 2/3 * 4d (section 2.2) rounded up to multiple_of (11008 for d=4096)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """cos/sin of position * theta^(-2i/d) for i < d/2: shape (end, head_dim/2, 2).
+
+    Stored as real (cos, sin) pairs rather than complex numbers so that torch.compile
+    and every backend handle it; the math is Meta's complex rotation.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float64), inv_freq)  # (end, head_dim/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) by their angle: Meta's interleaved RoPE layout.
+
+    x: (bsz, seq, heads, head_dim); freqs: (seq, head_dim/2, 2) or (bsz, seq, head_dim/2, 2).
+    """
+    xp = x.float().reshape(*x.shape[:-1], -1, 2)  # (bsz, seq, heads, head_dim/2, 2)
+    if freqs.dim() == 3:
+        freqs = freqs.unsqueeze(0)
+    cos, sin = freqs[..., 0].unsqueeze(2), freqs[..., 1].unsqueeze(2)  # (bsz|1, seq, 1, head_dim/2)
+    out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 0] * sin + xp[..., 1] * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static cache of keys and values, written at explicit per-sequence positions.
+
+    Preallocated once, fixed shape: decoding never reallocates or changes shapes,
+    which keeps the decode step compile- and CUDA-graph-friendly.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: (bsz, seq); k, v: (bsz, seq, n_kv_heads, head_dim)
+        bsz = k.shape[0]
+        rows = torch.arange(bsz, device=k.device).unsqueeze(1)  # (bsz, 1) broadcast against input_pos
+        self.k[rows, input_pos] = k.to(self.k.dtype)
+        self.v[rows, input_pos] = v.to(self.v.dtype)
+        return self.k[:bsz], self.v[:bsz]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, freqs, input_pos=None, mask=None):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (bsz, cache_len, n_kv_heads, head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bsz, heads, seq, head_dim)
+        if mask is None:
+            # Memory-efficient causal attention (section 2.4): SDPA's fused kernels keep no
+            # attention matrix, and the flash kernels skip the blocks the causal mask hides.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seq, dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020, as in PaLM): w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs, input_pos=None, mask=None):
+        # Pre-normalisation (GPT-3): normalise each sub-layer's input, residual untouched.
+        h = x + self.attention(self.attention_norm(x), freqs, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
+        self.register_buffer(
+            "freqs_cis", precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
+        )
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (bsz, seq) -> logits (bsz, seq, vocab).
+
+        Without input_pos: a causal pass over positions 0..seq-1 (training, scoring).
+        With input_pos (bsz, seq) or (seq,): the KV-cache path. Each sequence's tokens sit at
+        their own positions, keys are written to the cache there, and a query at position p
+        sees the cached keys at positions <= p of its own sequence.
+        """
+        bsz, seqlen = tokens.shape
+        if input_pos is None:
+            assert seqlen <= self.args.max_seq_len, (seqlen, self.args.max_seq_len)
+            freqs, mask = self.freqs_cis[:seqlen], None
+        else:
+            assert self.layers[0].attention.kv_cache is not None, "call setup_caches() before decoding"
+            input_pos = input_pos.expand(bsz, seqlen) if input_pos.dim() == 1 else input_pos
+            freqs = self.freqs_cis[input_pos]  # (bsz, seq, head_dim/2, 2)
+            cache_len = self.layers[0].attention.kv_cache.k.shape[1]
+            key_pos = torch.arange(cache_len, device=tokens.device)
+            mask = (key_pos.view(1, 1, 1, -1) <= input_pos.unsqueeze(1).unsqueeze(-1))  # (bsz, 1, seq, cache_len)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs, input_pos, mask)
+        return self.output(self.norm(h)).float()
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None, dtype=None):
+        max_seq_len = max_seq_len or self.args.max_seq_len
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"cache length {max_seq_len} exceeds the model's max_seq_len={self.args.max_seq_len}")
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        for layer in self.layers:
+            att = layer.attention
+            att.kv_cache = KVCache(max_batch_size, max_seq_len, att.n_kv_heads, att.head_dim, dtype, device)
+
+    def clear_caches(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None):
+        """Fill every parameter and buffer; call after building on meta and `to_empty()`.
+
+        The paper does not state its initialisation. We use the GPT-2 / Megatron scheme that
+        LLaMA-style trainers use: N(0, 0.02) for embeddings and projections, with the two
+        projections that write into the residual stream (wo, w2) scaled by 1/sqrt(2 n_layers)
+        so the residual variance stays O(1) with depth; norm weights are 1. This is separate
+        from nn.Module's reset_parameters (Kaiming-uniform), which suits neither layer.
+        """
+        std = 0.02
+        resid_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        self.init_rope(buffer_device)
+
+    def init_rope(self, device: torch.device | None = None):
+        """(Re)compute the RoPE table in fp32: after to_empty(), and after casting the model
+        to a low-precision dtype (which would otherwise round the angles too)."""
+        device = device or self.output.weight.device
+        self.freqs_cis = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta).to(device)
+
+
+def count_parameters(args: ModelArgs) -> int:
+    """Exact parameter count, computed on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int | None = None):
+    """Build on the meta device, materialise on `device`, then init_weights()."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.init_weights(buffer_device=torch.device(device))
+    if dtype != torch.float32:
+        model.to(dtype=dtype).init_rope()
+    return model
