@@ -1,0 +1,144 @@
+"""The pretraining job's configuration: one dataclass per TOML section.
+
+Defaults are the paper's recipe (sections 2.3-2.4, Table 2); small runs change them in
+their config file or with `--section.key VALUE`. Derived values (gradient accumulation,
+the model's arguments) are computed here, once, from the resolved config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from llamaworks.model import ModelArgs
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/llamaworks"  # checkpoints, metrics.jsonl, config.toml, loss curve, model/
+    description: str = ""
+
+
+@dataclass
+class ModelConfig:
+    """A preset name plus any ModelArgs field to change (unset fields keep the preset's value)."""
+
+    preset: str = "7B"
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None  # unset: taken from the tokenizer
+    multiple_of: int | None = None
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+
+    def build_args(self, vocab_size: int | None = None) -> ModelArgs:
+        changes = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if vocab_size is not None:
+            if self.vocab_size is not None and self.vocab_size != vocab_size:
+                raise ValueError(f"model.vocab_size={self.vocab_size} but the tokenizer has {vocab_size} pieces; "
+                                 "remove model.vocab_size (it is taken from the tokenizer) or use a matching tokenizer")
+            changes["vocab_size"] = vocab_size
+        return ModelArgs.from_name(self.preset, **changes)
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # token shards written by `llamaworks prepare` (train/ and val/ inside)
+    tokenizer: str = ""  # default: the tokenizer recorded in the shards' manifest
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 250_000  # ~1T tokens at 4M tokens/step (Table 2, 7B/13B)
+    max_minutes: float | None = None  # stop (and checkpoint) after this wall-clock time
+    batch_tokens: int = 4_194_304  # Table 2: "4M tokens" per step = 2048 sequences of 2048
+    micro_batch_size: int = 1  # sequences per forward pass on each data-parallel rank
+    seq_len: int = 2048  # Table 2: context length 2048
+    device: str = "auto"  # cpu, cuda, cuda:N; auto = cuda when present
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto = bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "selective"  # section 2.4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3.0e-4  # Table 2: 3.0e-4 for 7B/13B, 1.5e-4 for 33B/65B
+    beta1: float = 0.9  # section 2.3
+    beta2: float = 0.95  # section 2.3
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # section 2.3
+    grad_clip: float = 1.0  # section 2.3
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 2000  # section 2.3
+    min_lr_ratio: float = 0.1  # section 2.3: the final learning rate is 10% of the maximum
+    decay_steps: int | None = None  # cosine length, default train.max_steps
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 3
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1000  # steps between validation-loss measurements; 0 disables
+    batches: int = 20  # micro-batches of held-out data per measurement
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between metrics.jsonl lines
+    progress: bool = True  # progress bar on stderr
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the world size leaves after the other degrees
+    tp: int = 1
+
+
+@dataclass
+class HardwareConfig:
+    peak_flops: float | None = None  # per device, for MFU; unset = measured with a matmul at start-up
+    power_w: float | None = None  # per device, for the energy/CO2 report; unset = 400 W on GPU (A100, Table 15)
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+    def __post_init__(self):
+        t = self.train
+        for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if self.schedule.warmup_steps < 0 or not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise ValueError("schedule.warmup_steps must be >= 0 and schedule.min_lr_ratio in [0, 1]")
+        if self.checkpoint.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+
+    def grad_accum_steps(self, dp_world: int = 1) -> int:
+        """Micro-batches per optimizer step so that a step sees ~train.batch_tokens tokens."""
+        per_micro = self.train.micro_batch_size * self.train.seq_len * dp_world
+        return max(1, round(self.train.batch_tokens / per_micro))

@@ -1,0 +1,248 @@
+"""Pretraining with the paper's recipe (sections 2.3-2.4): AdamW (0.9, 0.95), weight
+decay 0.1, clipping 1.0, 2,000 warm-up steps, cosine to 10%, 4M-token batches by
+gradient accumulation, activation checkpointing, exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+
+from llamaworks.cli import Arg
+from llamaworks.config import dumps, load_config
+from llamaworks.train.config import JobConfig
+
+log = logging.getLogger("llamaworks")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_amp(device: torch.device, dtype: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))  # (bsz*seq, vocab) vs (bsz*seq,)
+
+
+@torch.no_grad()
+def evaluate(model, loader, batches: int, device, amp) -> float | None:
+    model.eval()
+    total, n = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            break
+        with amp:
+            total += cross_entropy(model(x.to(device)), y.to(device)).item()
+        n += 1
+    model.train()
+    return total / n if n else None
+
+
+def train(cfg: JobConfig, resume: bool = False) -> dict:
+    """Run (or continue) the job; returns the run summary (also written to OUT/summary.json)."""
+    from tqdm import tqdm
+
+    from llamaworks.atomic import atomic_write_json, atomic_write_text
+    from llamaworks.carbon import run_summary
+    from llamaworks.model import build_model
+    from llamaworks.modeldir import resolve_device, save_model
+    from llamaworks.plan import flops_per_token
+    from llamaworks.tokenizer import Tokenizer
+    from llamaworks.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from llamaworks.train.metrics import MetricsLog, measure_peak_flops, plot_loss_curve
+    from llamaworks.train.optim import build_optimizer
+    from llamaworks.train.parallelize import ParallelDims, parallelize
+    from llamaworks.train.schedule import lr_at
+    from llamaworks.train.shards import TokenLoader, open_token_dataset
+
+    out = Path(cfg.run.out_dir)
+    t_cfg = cfg.train
+    if not cfg.data.dir:
+        raise ValueError("data.dir is not set: point it at token shards made by `llamaworks prepare`")
+    manifest = open_token_dataset(cfg.data.dir)
+    tok_path = cfg.data.tokenizer or manifest.get("tokenizer")
+    if not tok_path:
+        raise ValueError("data.tokenizer is not set and the shards' manifest names no tokenizer")
+    tokenizer = Tokenizer(tok_path)
+    args = cfg.model.build_args(tokenizer.vocab_size)
+    if t_cfg.seq_len > args.max_seq_len:
+        raise ValueError(f"train.seq_len={t_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}; "
+                         "lower train.seq_len or raise model.max_seq_len")
+    device, _ = resolve_device(t_cfg.device)
+    amp_dtype = resolve_amp(device, t_cfg.dtype)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    dims = ParallelDims.resolve(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp, 1, args.n_heads)
+
+    torch.manual_seed(t_cfg.seed)
+    model = build_model(args, device=device, seed=t_cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    loader = TokenLoader(cfg.data.dir, "train", batch_size=t_cfg.micro_batch_size, seq_len=t_cfg.seq_len,
+                         rank=0, world_size=dims.dp, seed=t_cfg.seed)
+    accum = cfg.grad_accum_steps(dims.dp)
+    tokens_per_step = accum * t_cfg.micro_batch_size * t_cfg.seq_len * dims.dp
+    decay_steps = cfg.schedule.decay_steps or t_cfg.max_steps
+
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        log.warning("--resume: no complete checkpoint in %s, starting from scratch", out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, loader)
+        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state.get("elapsed_s", 0.0)
+        log.info("resumed from %s (step %d, %d tokens)", ckpt, step, tokens_seen)
+    elif not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose another "
+                         "run.out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.toml", dumps(cfg))
+
+    fpt = flops_per_token(args, t_cfg.seq_len)
+    peak = cfg.hardware.peak_flops or measure_peak_flops(device)
+    log.info("model: %s preset, %.2fM parameters; %d tokens/step (%d micro-batches of %dx%d, dp=%d); "
+             "%.3g FLOPs/token; peak %.3g FLOP/s (%s)", cfg.model.preset, n_params / 1e6, tokens_per_step, accum,
+             t_cfg.micro_batch_size, t_cfg.seq_len, dims.dp, fpt, peak,
+             "given" if cfg.hardware.peak_flops else "measured")
+    metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=step)
+    val_loader = None
+    if cfg.eval.every > 0 and manifest.get("splits", {}).get("val", {}).get("tokens", 0) > t_cfg.seq_len:
+        val_loader = lambda: TokenLoader(cfg.data.dir, "val", batch_size=t_cfg.micro_batch_size,  # noqa: E731
+                                         seq_len=t_cfg.seq_len, shuffle=False, infinite=False)
+
+    def checkpoint(elapsed: float) -> Path:
+        return save_checkpoint(out, step, model, tokenizer, optimizer, loader,
+                               {"tokens": tokens_seen, "elapsed_s": elapsed, "config": dumps(cfg)},
+                               cfg.checkpoint.keep_last)
+
+    bar = tqdm(total=t_cfg.max_steps, initial=step, disable=not cfg.log.progress, dynamic_ncols=True,
+               file=sys.stderr, unit="step")
+    t_start = time.perf_counter()
+    t_window, tok_window = t_start, 0
+    last_ckpt = ckpt
+    deadline = t_start + 60 * t_cfg.max_minutes if t_cfg.max_minutes else None
+    stop_reason = "max_steps"
+    try:
+        while step < t_cfg.max_steps:
+            lr = lr_at(step, cfg.optim.lr, cfg.schedule.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(accum):
+                x, y = next(loader)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with amp:
+                    loss = cross_entropy(model(x), y) / accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            loss_val = loss_sum.item()
+            if not math.isfinite(loss_val):
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+                raise NonFiniteLossError(
+                    f"loss is {loss_val} at step {step + 1}: stopping without saving; {where}. Lower optim.lr, "
+                    "raise schedule.warmup_steps or check the data, then resume with --resume")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            tok_window += tokens_per_step
+            now = time.perf_counter()
+            if step % cfg.log.every == 0 or step == t_cfg.max_steps:
+                tps = tok_window / (now - t_window)
+                mfu = tps * fpt / (peak * dims.dp)
+                metrics.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(),
+                               "tokens": tokens_seen, "tokens_per_s": tps, "mfu": mfu,
+                               "elapsed_s": elapsed_before + now - t_start})
+                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mfu=f"{mfu:.1%}")
+                t_window, tok_window = now, 0
+            bar.update(1)
+            if val_loader and step % cfg.eval.every == 0:
+                val = evaluate(model, val_loader(), cfg.eval.batches, device, amp)
+                metrics.write({"step": step, "tokens": tokens_seen, "val_loss": val})
+                log.info("step %d: validation loss %.4f", step, val)
+                t_window, tok_window = time.perf_counter(), 0
+            if deadline and time.perf_counter() >= deadline:
+                stop_reason = f"time limit ({t_cfg.max_minutes} min)"
+                break
+            if step % cfg.checkpoint.every == 0 and step < t_cfg.max_steps:
+                last_ckpt = checkpoint(elapsed_before + time.perf_counter() - t_start)
+                t_window, tok_window = time.perf_counter(), 0
+    finally:
+        bar.close()
+        metrics.close()
+
+    elapsed = elapsed_before + time.perf_counter() - t_start
+    final_val = evaluate(model, val_loader(), cfg.eval.batches, device, amp) if val_loader else None
+    if final_val is not None:
+        with open(out / "metrics.jsonl", "a") as f:
+            import json
+
+            f.write(json.dumps({"step": step, "tokens": tokens_seen, "val_loss": final_val}) + "\n")
+    if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
+        last_ckpt = checkpoint(elapsed)
+    save_model(model, tokenizer, out / "model")
+    curve = plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
+                            f"llamaworks {cfg.model.preset}: {n_params / 1e6:.1f}M parameters")
+    device_hours = elapsed / 3600 * dims.world_size
+    power = cfg.hardware.power_w or (400.0 if device.type == "cuda" else 65.0)
+    summary = {"steps": step, "tokens": tokens_seen, "stop_reason": stop_reason, "elapsed_s": elapsed,
+               "params": n_params, "final_train_loss": loss_val if step else None, "final_val_loss": final_val,
+               "checkpoint": str(last_ckpt), "model_dir": str(out / "model"),
+               "loss_curve": str(curve) if curve else None,
+               "energy": run_summary(device_hours, power)}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def pretrain(
+    config: Annotated[str | None, Arg("TOML config file (see src/llamaworks/configs/)")] = None,
+    resume: Annotated[bool, Arg("continue from the run's latest complete checkpoint")] = False,
+    overrides: list[str] | None = None,
+) -> int:
+    """Pretrain with the paper's recipe. Any config field can be set as --section.key VALUE,
+    e.g. --train.max_steps 100 --run.out_dir runs/x --optim.lr 1e-3."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(JobConfig, resolve_config_path(config), overrides or [])
+    try:
+        summary = train(cfg, resume=resume)
+    except NonFiniteLossError as e:
+        print(f"llamaworks pretrain: {e}", file=sys.stderr)
+        return 3
+    print(format_summary(summary))
+    return 0
+
+
+def resolve_config_path(config: str | None) -> Path | None:
+    """A config file path, or the name of a shipped config (`tiny_cpu`, `llama_7b`, ...)."""
+    if config is None or Path(config).exists():
+        return Path(config) if config else None
+    shipped = Path(__file__).resolve().parent.parent / "configs"
+    candidate = shipped / (config if config.endswith(".toml") else config + ".toml")
+    if candidate.is_file():
+        return candidate
+    names = ", ".join(sorted(p.stem for p in shipped.glob("*.toml")))
+    raise FileNotFoundError(f"config {config!r} is neither a file nor a shipped config ({names})")
+
+
+def format_summary(s: dict) -> str:
+    val = f", validation loss {s['final_val_loss']:.4f}" if s.get("final_val_loss") is not None else ""
+    e = s["energy"]
+    return (f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['elapsed_s'] / 60:.1f} min "
+            f"({s['stop_reason']}); train loss {s['final_train_loss']:.4f}{val}\n"
+            f"model: {s['model_dir']}  checkpoint: {s['checkpoint']}\n"
+            f"energy: {e['energy_mwh'] * 1e6:.1f} Wh, {e['tco2eq'] * 1e6:.1f} gCO2eq "
+            f"(section 6 formula, {e['power_w']:.0f} W, PUE {e['pue']})")
