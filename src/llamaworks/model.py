@@ -113,9 +113,11 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> tor
     Stored as real (cos, sin) pairs rather than complex numbers so that torch.compile
     and every backend handle it; the math is Meta's complex rotation.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(end, dtype=torch.float64), inv_freq)  # (end, head_dim/2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    # fp32 throughout, exactly as Meta's and transformers' code, so released weights see the
+    # very angles they were trained with (fp64 would differ by ~1e-4 rad at position 2047).
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), inv_freq)  # (end, head_dim/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Conversion between llamaworks/Meta checkpoints and other ecosystems (Hugging Face, GGUF)."""
