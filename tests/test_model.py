@@ -43,12 +43,12 @@ def _model(seed: int = 0, **overrides) -> Transformer:
 
 def _rope_complex(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     # Meta's reference: pairs (x[2i], x[2i+1]) as complex numbers times e^{i p theta^(-2i/d)}.
-    # x: (bsz, seq, heads, head_dim), positions: (seq,); computed in fp64.
+    # x: (bsz, seq, heads, head_dim), positions: (seq,). The angles are formed in fp32 as in
+    # Meta's code (what released weights were trained with); the rotation itself in fp64.
     d = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-    cis = torch.polar(
-        torch.ones(len(positions), d // 2, dtype=torch.float64), torch.outer(positions.double(), inv)
-    )
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    angles = torch.outer(positions.float(), inv).double()
+    cis = torch.polar(torch.ones_like(angles), angles)
     xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * cis[None, :, None, :]).flatten(-2)
 
