@@ -72,7 +72,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     if not cfg.data.dir:
         raise ValueError("data.dir is not set: point it at token shards made by `llamaworks prepare`")
     manifest = open_token_dataset(cfg.data.dir)
-    tok_path = cfg.data.tokenizer or manifest.get("tokenizer")
+    tok_path = cfg.data.tokenizer or (manifest.get("tokenizer") or {}).get("path")
     if not tok_path:
         raise ValueError("data.tokenizer is not set and the shards' manifest names no tokenizer")
     tokenizer = Tokenizer(tok_path)

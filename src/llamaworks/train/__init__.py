@@ -1,0 +1,1 @@
+"""Pretraining: token shards, the data loader and the training loop."""

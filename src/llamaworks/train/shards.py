@@ -1,0 +1,520 @@
+"""Packed token shards for pretraining, and a rank-aware, exactly resumable loader over them.
+
+`prepare` encodes every document as `<s> text </s>` and concatenates them into one stream,
+as LLaMA packs its pretraining documents, split per document into train/val and cut into
+fixed-size raw `.bin` shards (uint16 when the vocabulary fits, else uint32):
+
+    output/manifest.json          written last: a directory with a manifest is complete
+    output/train/00000.bin ...    each shard is written as `NAME.tmp` and renamed when full
+    output/val/00000.bin ...
+
+manifest.json: {"format", "documents", "tokens", "splits": {"train"|"val": {"documents",
+"tokens", "shards": [{"file", "tokens"}]}}, "sources": {name: {"documents", "tokens"}},
+"dtype", "vocab_size", "bos_id", "eos_id", "tokenizer": {"path", "sha256"}, "val_fraction",
+"seed", "shard_tokens", "skipped_files", "empty_documents", "created", "llamaworks_version",
+"seconds"}.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+
+from llamaworks.atomic import atomic_write_json
+from llamaworks.cli import Arg
+
+log = logging.getLogger(__name__)
+
+FORMAT = "llamaworks.shards/1"
+SPLITS = ("train", "val")
+_JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+_HELP_INPUTS = "pass folders of text files, .txt files or .jsonl[.gz|.zst] files with a `text` field"
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------- reading documents
+
+
+def _input_files(inputs: Iterable[str]) -> Iterator[tuple[Path, str, str]]:
+    """(file, source, stable name) in a deterministic order: inputs as given, folders sorted."""
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"input {raw!r} does not exist; {_HELP_INPUTS}")
+        source = path.resolve().name  # resolve() so that "." is named after its folder
+        if path.is_file():
+            yield path, source, path.name
+            continue
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .cache: never documents
+            for name in sorted(f for f in files if not f.startswith(".")):
+                file = Path(root) / name
+                yield file, source, f"{source}/{file.relative_to(path).as_posix()}"
+
+
+def _open_binary(file: Path):
+    if file.name.lower().endswith(".gz"):
+        return gzip.open(file, "rb")
+    if file.name.lower().endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"{file} is zstd-compressed but the `zstandard` package is not installed; "
+                             "pip install zstandard, or decompress the file") from None
+        # The zstd reader has no readline; BufferedReader adds line iteration on top of readinto.
+        return io.BufferedReader(zstandard.open(file, "rb"))
+    return open(file, "rb")
+
+
+def _jsonl_documents(file: Path, source: str, name: str) -> Iterator[tuple[str, str, str]]:
+    with _open_binary(file) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
+                raise ValueError(f"{file}:{lineno}: malformed JSON ({why}); fix or delete the line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{file}:{lineno}: record has no string `text` field; every JSONL line "
+                                 'must be an object like {"id": ..., "text": "...", "source": ...}')
+            # A record id keeps the split stable when files are re-sharded; else file and line.
+            doc_id = str(record["id"]) if record.get("id") is not None else f"{name}:{lineno}"
+            yield doc_id, str(record.get("source") or source), record["text"]
+
+
+def _documents(inputs: Iterable[str], stats: dict[str, int]) -> Iterator[tuple[str, str, str]]:
+    """(document id, source, text), one document at a time: the corpus is never held whole."""
+    for file, source, name in _input_files(inputs):
+        stats["files"] += 1
+        if name.lower().endswith(_JSONL):
+            docs = _jsonl_documents(file, source, name)
+        else:
+            try:
+                text = file.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            if text is None or "\0" in text:  # NUL: decodes, yet binary (images, archives, weights)
+                stats["skipped_files"] += 1
+                continue
+            docs = iter([(name, source, text)])
+        for doc in docs:
+            if doc[2].strip():
+                yield doc
+            else:
+                stats["empty_documents"] += 1
+
+
+def _in_val(doc_id: str, seed: int, val_fraction: float) -> bool:
+    # A hash of the id (not a position or an RNG draw) so adding data never moves a document.
+    h = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") < val_fraction * 2**64
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _load_tokenizer(tokenizer):
+    if isinstance(tokenizer, (str, os.PathLike)):
+        if not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"tokenizer {str(tokenizer)!r} not found; pass a SentencePiece .model "
+                                    "file (train one with `llamaworks tokenizer train`)")
+        from llamaworks.tokenizer import Tokenizer  # lazily: only a path needs it
+
+        return Tokenizer(str(tokenizer))
+    missing = [a for a in ("encode_batch", "bos_id", "eos_id", "vocab_size") if not hasattr(tokenizer, a)]
+    if missing:
+        raise TypeError(f"tokenizer must be a .model path or have {', '.join(missing)}")
+    return tokenizer
+
+
+def _init_worker(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = _load_tokenizer(tokenizer)
+
+
+def _encode(texts: list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+    ids = (_WORKER_TOKENIZER if tokenizer is None else tokenizer).encode_batch(texts, bos=True, eos=True)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths  # arrays, not lists: far cheaper to send back from a worker
+
+
+def _batches(docs: Iterator[tuple[str, str, str]], batch_chars: int) -> Iterator[list[tuple[str, str, str]]]:
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[2])
+        if chars >= batch_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded(batches, tokenizer, worker_arg, workers: int):
+    """(ids and sources, (tokens, lengths)) per batch, in input order whatever the worker count."""
+    if workers == 1:
+        for batch in batches:
+            yield [d[:2] for d in batch], _encode([d[2] for d in batch], tokenizer)
+        return
+    # spawn: workers import only numpy and this module (not torch), and it behaves the same on
+    # every OS; callers' scripts need the usual `if __name__ == "__main__":` guard. An executor,
+    # not a Pool: a worker that cannot load the tokenizer breaks it with an error instead of a hang.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)) as pool:
+        pending: deque = deque()  # bounded, so documents are read only a few batches ahead
+        try:
+            for batch in batches:
+                pending.append(([d[:2] for d in batch], pool.submit(_encode, [d[2] for d in batch])))
+                if len(pending) > 2 * workers:
+                    meta, future = pending.popleft()
+                    yield meta, future.result()
+            for meta, future in pending:
+                yield meta, future.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------- writing shards
+
+
+class _ShardWriter:
+    """Appends tokens to `split/NNNNN.bin.tmp`; renames it to `.bin` when it holds shard_tokens."""
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._file, self._filled = None, 0
+
+    def _path(self) -> Path:
+        return self.root / self.split / f"{len(self.shards):05d}.bin"
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._file is None:
+                self._file, self._filled = open(self._path().with_suffix(".bin.tmp"), "wb"), 0
+            take = min(len(tokens), self.shard_tokens - self._filled)
+            tokens[:take].tofile(self._file)
+            self._filled, tokens = self._filled + take, tokens[take:]
+            if self._filled == self.shard_tokens:
+                self._finish()
+
+    def _finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        path = self._path()
+        os.replace(path.with_suffix(".bin.tmp"), path)
+        self.shards.append({"file": f"{self.split}/{path.name}", "tokens": self._filled})
+        self._file = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._finish()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fraction: float = 0.005,
+            shard_tokens: int = 2**27, seed: int = 0, workers: int | None = None, overwrite: bool = False,
+            batch_chars: int = 1 << 20) -> dict[str, Any]:
+    """Tokenise documents into packed shards under `output_dir`; return the manifest.
+
+    `tokenizer` is a SentencePiece .model path or any object with encode_batch, bos_id, eos_id
+    and vocab_size (picklable when workers > 1). Documents go to the encoder in batches of about
+    `batch_chars` characters.
+    """
+    workers = _default_workers() if workers is None else workers
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}; e.g. 0.005 holds out 0.5%")
+    if shard_tokens < 1 or workers < 1:
+        raise ValueError(f"shard_tokens and workers must be positive, got {shard_tokens} and {workers}")
+    tok = _load_tokenizer(tokenizer)
+    is_path = isinstance(tokenizer, (str, os.PathLike))
+    if workers > 1 and not is_path:
+        try:
+            pickle.dumps(tok)
+        except Exception as e:
+            raise ValueError(f"the tokenizer object cannot be sent to worker processes ({e}); "
+                             "pass its .model path or workers=1") from None
+    vocab_size = int(tok.vocab_size)
+    dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+    if vocab_size > 2**32:
+        raise ValueError(f"vocab_size {vocab_size} does not fit uint32 shards; use a smaller vocabulary")
+
+    out = Path(output_dir)
+    if (out / "manifest.json").exists():
+        if not overwrite:
+            raise ValueError(f"{out} already exists as a prepared dataset (it has a manifest.json); "
+                             "pass overwrite=True (--overwrite) to replace it, or choose another output")
+        (out / "manifest.json").unlink()  # first: while rewriting, the directory reads as incomplete
+    for split in SPLITS:
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for stale in itertools.chain((out / split).glob("*.bin"), (out / split).glob("*.bin.tmp")):
+            stale.unlink()  # only our own files: leftovers of an earlier or interrupted run
+
+    start = time.perf_counter()
+    stats = {"files": 0, "skipped_files": 0, "empty_documents": 0}
+    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
+    counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
+    sources: dict[str, dict[str, int]] = {}
+    batches = _batches(_documents(inputs, stats), batch_chars)
+    encoded = _encoded(batches, tok, tokenizer if is_path else tok, workers)
+    with contextlib.closing(encoded):  # on any failure, shut the worker pool down at once
+        for meta, (flat, lengths) in encoded:
+            if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
+                raise ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} (max "
+                                 f"{int(flat.max())}), unfit for {dtype.name} shards; check the tokenizer")
+            val = np.fromiter((_in_val(doc_id, seed, val_fraction) for doc_id, _ in meta), bool, len(meta))
+            mask = np.repeat(val, lengths)  # (tokens,): True where the token's document is held out
+            writers["val"].write(flat[mask])
+            writers["train"].write(flat[~mask])
+            for (_, source), n, v in zip(meta, lengths.tolist(), val.tolist()):
+                for c in (sources.setdefault(source, {"documents": 0, "tokens": 0}), counts[SPLITS[v]]):
+                    c["documents"] += 1
+                    c["tokens"] += n
+    for w in writers.values():
+        w.close()
+    if stats["files"] == 0:
+        raise ValueError(f"no input files found in {inputs}; {_HELP_INPUTS}")
+    if not sources:
+        raise ValueError(f"no documents found in {inputs} ({stats['skipped_files']} binary or non-UTF-8 "
+                         f"files skipped, {stats['empty_documents']} empty documents); {_HELP_INPUTS}")
+
+    from llamaworks import __version__
+
+    tok_path = Path(tokenizer) if is_path else getattr(tok, "path", None)
+    tok_path = Path(tok_path).resolve() if tok_path else None  # absolute: read later from anywhere
+    manifest = {
+        "format": FORMAT,
+        "documents": sum(c["documents"] for c in counts.values()),
+        "tokens": sum(c["tokens"] for c in counts.values()),
+        "splits": {s: {**counts[s], "shards": writers[s].shards} for s in SPLITS},
+        "sources": dict(sorted(sources.items())),
+        "dtype": dtype.name, "vocab_size": vocab_size, "bos_id": int(tok.bos_id), "eos_id": int(tok.eos_id),
+        "tokenizer": {"path": str(tok_path) if tok_path else None,
+                      "sha256": _sha256(tok_path) if tok_path and tok_path.is_file() else None},
+        "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+        "skipped_files": stats["skipped_files"], "empty_documents": stats["empty_documents"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "llamaworks_version": __version__,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    atomic_write_json(out / "manifest.json", manifest)  # last: its presence marks the directory complete
+    return manifest
+
+
+def open_token_dataset(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check that `data_dir` is a complete prepared directory; return its manifest."""
+    root, fix = Path(data_dir), f"run `llamaworks prepare --input ... --output {data_dir} --overwrite`"
+    if not root.is_dir():
+        raise FileNotFoundError(f"token dataset {str(data_dir)!r} does not exist; {fix}")
+    if not (root / "manifest.json").is_file():
+        raise FileNotFoundError(f"{root} has no manifest.json: `prepare` did not finish there, or it is not "
+                                f"a prepared directory; {fix}")
+    manifest = json.loads((root / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{root}/manifest.json has format {manifest.get('format')!r}, not {FORMAT!r}; {fix}")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            path = root / shard["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} listed in the manifest is missing; {fix}")
+            if path.stat().st_size != shard["tokens"] * itemsize:
+                raise ValueError(f"shard {path} has {path.stat().st_size} bytes, expected "
+                                 f"{shard['tokens']} {manifest['dtype']} tokens; it is corrupt; {fix}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------- loading batches
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    # splitmix64's finaliser; uint64 array arithmetic wraps modulo 2**64, which is intended.
+    x = (x ^ (x >> 30)) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> 27)) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> 31)
+
+
+def window_order(positions: np.ndarray, num_windows: int, seed: int, epoch: int) -> np.ndarray:
+    """The window at each position of the (seed, epoch) shuffle: a bijection on [0, num_windows).
+
+    Computed on the fly by a 6-round Feistel network over the smallest even-bit domain that holds
+    num_windows, cycle-walking values that land outside (under 4 steps on average): O(1) memory,
+    where a stored permutation costs 8 bytes per window (1.4T tokens / 2048 = 680M windows = 5.4 GB).
+    """
+    half = max(1, -(-(num_windows - 1).bit_length() // 2))
+    mask = np.uint64((1 << half) - 1)
+    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=48).digest()
+    keys = np.frombuffer(digest, dtype="<u8")
+
+    def permute(x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(half), x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix64(right ^ key) & mask)
+        return (left << np.uint64(half)) | right
+
+    out = permute(np.asarray(positions, dtype=np.uint64))
+    while (outside := out >= num_windows).any():
+        out[outside] = permute(out[outside])
+    return out.astype(np.int64)
+
+
+class TokenLoader:
+    """(x, y) int64 batches of shape (batch_size, seq_len) from a prepared split; y is x shifted by one.
+
+    Window k holds tokens [k*seq_len, k*seq_len + seq_len + 1) of the split's stream, so windows
+    share one boundary token and every token is a target once; there are (tokens - 1) // seq_len.
+    Each epoch visits them in the order `window_order(..., seed, epoch)` (identity when not
+    shuffled). With G = batch_size * world_size, global batch i of an epoch is positions
+    [i*G, (i+1)*G) of that order, and rank r takes the contiguous slice [r*batch_size,
+    (r+1)*batch_size), so the ranks' batches stacked in rank order equal one process's batch of
+    size G. An epoch has num_windows // G batches (the few remaining positions are skipped). An
+    infinite loader then goes on to the next epoch's order; a finite one (the default for val)
+    stops, and a new `for` loop starts a fresh pass. Shards are memory-mapped and read per window.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train", *, batch_size: int, seq_len: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool | None = None,
+                 infinite: bool | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1, seq_len >= 1 and 0 <= rank < world_size; got "
+                             f"{batch_size}, {seq_len}, rank {rank} of {world_size}")
+        self.manifest = open_token_dataset(data_dir)
+        self.root, self.split = Path(data_dir), split
+        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.seed, self.epoch, self.position = seed, 0, 0  # position: windows of this epoch consumed
+        self.shuffle = split == "train" if shuffle is None else shuffle
+        self.infinite = split == "train" if infinite is None else infinite
+        shards = self.manifest["splits"][split]["shards"]
+        self._files = [self.root / s["file"] for s in shards]
+        self._starts = [0, *itertools.accumulate(s["tokens"] for s in shards)]  # stream offset per shard
+        self._maps: dict[int, np.memmap] = {}
+        self.num_windows = max(0, self._starts[-1] - 1) // seq_len
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = self.num_windows // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the {split} split of {data_dir} has {self.num_windows} windows of seq_len+1 = "
+                             f"{seq_len + 1} tokens, fewer than one global batch of {self.global_batch}; "
+                             "lower batch_size or seq_len, or prepare more data")
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> TokenLoader:
+        return self
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        out, filled = np.empty(count, dtype=np.int64), 0
+        i = bisect.bisect_right(self._starts, start) - 1
+        while filled < count:  # a window may straddle shards
+            if i not in self._maps:
+                if len(self._maps) >= 64:  # bounded: each map holds a file descriptor
+                    self._maps.pop(next(iter(self._maps)))
+                self._maps[i] = np.memmap(self._files[i], dtype=self.manifest["dtype"], mode="r")
+            offset = start + filled - self._starts[i]
+            take = min(count - filled, self._starts[i + 1] - self._starts[i] - offset)
+            out[filled : filled + take] = self._maps[i][offset : offset + take]
+            filled, i = filled + take, i + 1
+        return out
+
+    def __next__(self):
+        if self.position >= self.batches_per_epoch * self.global_batch:
+            self.position = 0
+            if not self.infinite:
+                raise StopIteration  # position is back at 0: the next `for` loop is a fresh pass
+            self.epoch += 1
+            log.info("%s loader: epoch %d begins (%d batches per epoch)", self.split, self.epoch,
+                     self.batches_per_epoch)
+        first = self.position + self.rank * self.batch_size
+        positions = np.arange(first, first + self.batch_size, dtype=np.uint64)
+        if self.shuffle:
+            positions = window_order(positions, self.num_windows, self.seed, self.epoch)
+        rows = np.stack([self._read(int(w) * self.seq_len, self.seq_len + 1) for w in positions])
+        self.position += self.global_batch
+        import torch  # here, not at the top: encoding workers import this module and need no torch
+
+        rows = torch.from_numpy(rows)  # (batch_size, seq_len + 1)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "shuffle": int(self.shuffle), "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "world_size": self.world_size, "num_windows": self.num_windows}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the saved global stream; the world size may change if batch_size * world_size does not."""
+        saved_global = state["batch_size"] * state["world_size"]
+        if saved_global != self.global_batch:
+            raise ValueError(f"the loader state was saved with a global batch of {saved_global} windows "
+                             f"(batch_size {state['batch_size']} x world_size {state['world_size']}), this "
+                             f"loader has {self.global_batch}; the stream cannot continue exactly. Choose "
+                             f"batch_size = {saved_global} // world_size, or start a fresh loader")
+        for key, mine in (("seq_len", self.seq_len), ("num_windows", self.num_windows),
+                          ("shuffle", int(self.shuffle))):
+            if state[key] != mine:
+                raise ValueError(f"the loader state has {key}={state[key]} but this loader has {mine} (a "
+                                 "different seq_len, shuffle setting or prepared dataset); it cannot resume")
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+def prepare_command(
+    input: Annotated[list[str], Arg("folders of text files, .txt or .jsonl[.gz|.zst] files", metavar="PATH")],
+    tokenizer: Annotated[str, Arg("SentencePiece .model file", metavar="FILE")],
+    output: Annotated[str, Arg("directory for train/, val/ and manifest.json", metavar="DIR")],
+    val_fraction: Annotated[float, Arg("fraction of documents held out for validation")] = 0.005,
+    shard_tokens: Annotated[int, Arg("tokens per shard file")] = 2**27,
+    workers: Annotated[int | None, Arg("encoding processes (default: min(4, CPU count))")] = None,
+    seed: Annotated[int, Arg("seed of the train/val split")] = 0,
+    overwrite: Annotated[bool, Arg("replace an existing prepared directory")] = False,
+) -> int:
+    """Tokenise documents into packed `<s> text </s>` token shards for pretraining."""
+    m = prepare(input, tokenizer, output, val_fraction=val_fraction, shard_tokens=shard_tokens, seed=seed,
+                workers=workers, overwrite=overwrite)
+    print(f"prepared {m['documents']:,} documents, {m['tokens']:,} {m['dtype']} tokens in "
+          f"{m['seconds']:.1f} s ({m['tokens'] / max(m['seconds'], 1e-9):,.0f} tokens/s) -> {output}")
+    for name, s in m["splits"].items():
+        print(f"  {name:<5} {s['documents']:>12,} documents {s['tokens']:>16,} tokens "
+              f"{len(s['shards']):>6} shards")
+    for name, s in m["sources"].items():
+        print(f"  source {name}: {s['documents']:,} documents, {s['tokens']:,} tokens")
+    if m["skipped_files"] or m["empty_documents"]:
+        print(f"  skipped {m['skipped_files']} binary or non-UTF-8 files and "
+              f"{m['empty_documents']} empty documents")
+    return 0

@@ -1,0 +1,432 @@
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import random
+import sys
+import types
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamaworks import cli
+from llamaworks.train import shards
+from llamaworks.train.shards import TokenLoader, open_token_dataset, prepare, window_order
+
+SHAKESPEARE = Path("/work/shared/corpora/shakespeare")
+WORDS = ("the king queen castle river stone light dark speak sword crown night day bread wine "
+         "horse field storm ship sail north 1066 1603 über café naïve").split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) + rng.choice([".", "!\n", "?"])
+            for _ in range(n)]
+
+
+class SPTokenizer:
+    """The duck-typed interface `prepare` needs, until llamaworks.tokenizer lands; pickles by path."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
+
+    def __reduce__(self):
+        return SPTokenizer, (self.path,)
+
+    def encode_batch(self, texts, bos=True, eos=False):
+        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in self.sp.encode(list(texts))]
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+
+class Unloadable(SPTokenizer):
+    def __reduce__(self):
+        return _fail, ()
+
+
+def _fail():
+    raise RuntimeError("cannot load in a worker")
+
+
+class FakeTokenizer:
+    """Maps each character to a fixed id; lets tests choose any vocab size."""
+
+    def __init__(self, vocab_size: int, offset: int = 3):
+        self.vocab_size, self.bos_id, self.eos_id, self.offset = vocab_size, 1, 2, offset
+
+    def encode_batch(self, texts, bos=True, eos=False):
+        return [[self.bos_id] * bos + [self.offset + ord(c) for c in t] + [self.eos_id] * eos for t in texts]
+
+
+@pytest.fixture(scope="session")
+def sp_path(tmp_path_factory) -> str:
+    model = io.BytesIO()
+    # Identity normalisation and kept whitespace so decode(encode(text)) == text exactly.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(make_docs(400, seed=1)), model_writer=model, model_type="bpe", vocab_size=300,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    path = tmp_path_factory.mktemp("tok") / "tok.model"
+    path.write_bytes(model.getvalue())
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tok(sp_path) -> SPTokenizer:
+    return SPTokenizer(sp_path)
+
+
+def write_docs(folder: Path, docs: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(docs):
+        (folder / f"doc{i:04d}.txt").write_text(d)
+    return folder
+
+
+def stream(out: Path, split: str = "train") -> np.ndarray:
+    m = json.loads((out / "manifest.json").read_text())
+    parts = [np.fromfile(out / s["file"], dtype=m["dtype"]) for s in m["splits"][split]["shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=m["dtype"])
+
+
+def documents_of(tokens: np.ndarray, tok) -> list[str]:
+    starts = np.flatnonzero(tokens == tok.bos_id)
+    ends = np.flatnonzero(tokens == tok.eos_id)
+    assert len(starts) == len(ends) and starts[0] == 0 and ends[-1] == len(tokens) - 1
+    assert np.array_equal(starts[1:], ends[:-1] + 1)  # </s> is always followed by the next <s>
+    return [tok.decode(tokens[s + 1 : e]) for s, e in zip(starts, ends)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tok) -> Path:
+    """About 24k train tokens in 7 shards: enough windows for the loader tests."""
+    root = tmp_path_factory.mktemp("ds")
+    prepare([str(write_docs(root / "docs", make_docs(1000)))], tok, root / "out", val_fraction=0.05,
+            shard_tokens=4000, workers=1)
+    return root / "out"
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+def test_packing_places_bos_eos_and_decodes_back(tmp_path, tok):
+    docs = make_docs(30)
+    m = prepare([str(write_docs(tmp_path / "d", docs))], tok, tmp_path / "out", val_fraction=0, workers=1,
+                shard_tokens=97, batch_chars=200)
+    tokens = stream(tmp_path / "out")
+    assert documents_of(tokens, tok) == docs  # file order: sorted names
+    assert m["documents"] == 30 and m["tokens"] == len(tokens) == m["splits"]["train"]["tokens"]
+    assert m["sources"] == {"d": {"documents": 30, "tokens": len(tokens)}}
+    sizes = [s["tokens"] for s in m["splits"]["train"]["shards"]]
+    assert all(n == 97 for n in sizes[:-1]) and 0 < sizes[-1] <= 97
+    assert [s["file"] for s in m["splits"]["train"]["shards"]][:2] == ["train/00000.bin", "train/00001.bin"]
+    assert m["splits"]["val"] == {"documents": 0, "tokens": 0, "shards": []}
+    assert m["dtype"] == "uint16" and m["vocab_size"] == 300 and m["bos_id"] == 1 and m["eos_id"] == 2
+    assert m["tokenizer"]["path"] == tok.path and len(m["tokenizer"]["sha256"]) == 64
+    assert m["llamaworks_version"] and m["created"].endswith("+00:00")
+    assert open_token_dataset(tmp_path / "out") == json.loads((tmp_path / "out/manifest.json").read_text())
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_jsonl_gz_records_sources_and_skipped_files(tmp_path, tok):
+    d = tmp_path / "corpus"
+    (d / "web").mkdir(parents=True)
+    (d / "web/a.jsonl").write_text(json.dumps({"id": "a1", "text": "the king", "source": "cc"}) + "\n\n"
+                                   + json.dumps({"text": "the queen"}) + "\n")
+    with gzip.open(d / "web/b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"id": 7, "text": "a ship", "source": "wiki", "metadata": {}}) + "\n")
+    (d / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (d / "empty.txt").write_text("  \n")
+    (d / ".git").mkdir()
+    (d / ".git/HEAD").write_text("ref: refs/heads/main")
+    single = tmp_path / "one.txt"
+    single.write_text("north storm")
+    m = prepare([str(d), str(single)], tok, tmp_path / "out", val_fraction=0, workers=1)
+    assert documents_of(stream(tmp_path / "out"), tok) == ["the king", "the queen", "a ship", "north storm"]
+    per_source = {k: v["documents"] for k, v in m["sources"].items()}
+    assert per_source == {"cc": 1, "corpus": 1, "wiki": 1, "one.txt": 1}
+    assert m["skipped_files"] == 2 and m["empty_documents"] == 1
+
+
+def test_dtype_follows_vocab_size(tmp_path):
+    write_docs(tmp_path / "d", ["abc", "xyz"])
+    small = prepare([str(tmp_path / "d")], FakeTokenizer(65536), tmp_path / "a", val_fraction=0, workers=1)
+    big = prepare([str(tmp_path / "d")], FakeTokenizer(70000, offset=65500), tmp_path / "b", val_fraction=0,
+                  workers=1)
+    assert small["dtype"] == "uint16" and big["dtype"] == "uint32"
+    assert stream(tmp_path / "b").tolist() == [1, 65500 + ord("a"), 65500 + ord("b"), 65500 + ord("c"), 2,
+                                               1, 65500 + ord("x"), 65500 + ord("y"), 65500 + ord("z"), 2]
+    with pytest.raises(ValueError, match="outside its vocab_size 100"):
+        prepare([str(tmp_path / "d")], FakeTokenizer(100), tmp_path / "c", workers=1)
+
+
+def test_val_split_is_per_document_and_stable_when_data_is_added(tmp_path, tok):
+    docs = [f"{d} {i}" for i, d in enumerate(make_docs(200))]  # unique texts
+    write_docs(tmp_path / "d", docs)
+    a = prepare([str(tmp_path / "d")], tok, tmp_path / "a", val_fraction=0.2, workers=1)
+    write_docs(tmp_path / "extra", [f"more {i}" for i in range(50)])
+    b = prepare([str(tmp_path / "d"), str(tmp_path / "extra")], tok, tmp_path / "b", val_fraction=0.2,
+                workers=1)
+    val_a, val_b = (set(documents_of(stream(tmp_path / x, "val"), tok)) for x in "ab")
+    train_a, train_b = (set(documents_of(stream(tmp_path / x, "train"), tok)) for x in "ab")
+    assert 15 < len(val_a) < 65 and val_a | train_a == set(docs) and not val_a & train_a
+    assert val_a <= val_b and train_a <= train_b
+    assert a["splits"]["val"]["documents"] == len(val_a) and b["documents"] == 250
+    c = prepare([str(tmp_path / "d")], tok, tmp_path / "c", val_fraction=0.2, seed=1, workers=1)
+    assert set(documents_of(stream(tmp_path / "c", "val"), tok)) != val_a  # the seed picks another split
+    assert c["documents"] == 200
+
+
+def test_atomicity_incomplete_directory_and_overwrite(tmp_path, tok):
+    write_docs(tmp_path / "d", make_docs(20))
+    out = tmp_path / "out"
+
+    class Crashing(SPTokenizer):
+        def encode_batch(self, texts, bos=True, eos=False):
+            if any("1066" in t for t in texts):
+                raise RuntimeError("killed")
+            return super().encode_batch(texts, bos, eos)
+
+    with pytest.raises(RuntimeError):
+        prepare([str(tmp_path / "d")], Crashing(tok.path), out, shard_tokens=10, workers=1, batch_chars=1)
+    assert list((out / "train").glob("*.bin"))  # some shards were renamed into place ...
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):  # ... but the directory is incomplete
+        open_token_dataset(out)
+    (out / "train/00099.bin.tmp").write_bytes(b"junk")
+    first = prepare([str(tmp_path / "d")], tok, out, workers=1)  # an incomplete directory is redone
+    assert not list(out.rglob("*.tmp"))
+    with pytest.raises(ValueError, match="already exists.*overwrite"):
+        prepare([str(tmp_path / "d")], tok, out, workers=1)
+    again = prepare([str(tmp_path / "d")], tok, out, workers=1, overwrite=True, shard_tokens=50)
+    assert again["tokens"] == first["tokens"] and len(again["splits"]["train"]["shards"]) > 1
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        Path(s["file"]).name for s in again["splits"]["train"]["shards"]]
+
+    shard = out / again["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="00000.bin has 98 bytes, expected 50 uint16 tokens"):
+        open_token_dataset(out)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="00000.bin listed in the manifest is missing"):
+        open_token_dataset(out)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_token_dataset(tmp_path / "nowhere")
+
+
+def test_user_errors_name_the_file_and_fix(tmp_path, tok):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="'missing' does not exist"):
+        prepare(["missing"], tok, out, workers=1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no input files found"):
+        prepare([str(tmp_path / "empty")], tok, out, workers=1)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/x.dat").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="no documents found .*1 binary"):
+        prepare([str(tmp_path / "bin")], tok, out, workers=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "oops"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        prepare([str(bad)], tok, out, workers=1)
+    bad.write_text('{"text": "fine"}\n\n{"content": "no text"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: record has no string `text` field"):
+        prepare([str(bad)], tok, out, workers=1)
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: malformed JSON \(invalid UTF-8\)"):
+        prepare([str(bad)], tok, out, workers=1)
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        prepare([str(bad)], tok, out, val_fraction=1.0)
+    with pytest.raises(FileNotFoundError, match="tokenizer 'nope.model' not found"):
+        prepare([str(bad)], "nope.model", out)
+    with pytest.raises(TypeError, match="encode_batch"):
+        prepare([str(bad)], object(), out)
+
+
+def test_zstd_jsonl_needs_zstandard_and_reads_lines(tmp_path, tok, monkeypatch):
+    path = tmp_path / "part.jsonl.zst"
+    path.write_text(json.dumps({"text": "the king"}) + "\n" + json.dumps({"text": "a ship"}) + "\n")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
+    with pytest.raises(ValueError, match="part.jsonl.zst is zstd-compressed .*pip install zstandard"):
+        prepare([str(path)], tok, tmp_path / "a", workers=1)
+    # A stand-in whose open() returns a raw, readline-less stream, as zstandard's reader is.
+    monkeypatch.setitem(sys.modules, "zstandard", types.SimpleNamespace(open=lambda f, mode: io.FileIO(f)))
+    prepare([str(path)], tok, tmp_path / "b", val_fraction=0, workers=1)
+    assert documents_of(stream(tmp_path / "b"), tok) == ["the king", "a ship"]
+
+
+def test_worker_that_cannot_load_the_tokenizer_fails_instead_of_hanging(tmp_path, tok):
+    write_docs(tmp_path / "d", make_docs(5))
+    with pytest.raises(BrokenProcessPool):
+        prepare([str(tmp_path / "d")], Unloadable(tok.path), tmp_path / "out", workers=2)
+
+
+def test_workers_give_identical_shards(tmp_path, tok):
+    write_docs(tmp_path / "d", make_docs(300, seed=5))
+    kw = dict(val_fraction=0.1, shard_tokens=1000, batch_chars=300)
+    one = prepare([str(tmp_path / "d")], tok, tmp_path / "w1", workers=1, **kw)
+    two = prepare([str(tmp_path / "d")], tok, tmp_path / "w2", workers=2, **kw)
+    for key in ("documents", "tokens", "splits", "sources"):
+        assert one[key] == two[key]
+    for split in ("train", "val"):
+        for s in one["splits"][split]["shards"]:
+            assert (tmp_path / "w1" / s["file"]).read_bytes() == (tmp_path / "w2" / s["file"]).read_bytes()
+
+
+def test_cli_prepare_reports_errors(tmp_path, capsys):
+    write_docs(tmp_path / "d", ["abc"])
+    assert cli.main(["prepare", "--input", str(tmp_path / "d"), "--tokenizer", "nope.model",
+                     "--output", str(tmp_path / "out")]) == 2
+    assert "tokenizer 'nope.model' not found" in capsys.readouterr().err
+
+
+def test_cli_prepare_with_tokenizer_path(tmp_path, sp_path, tok, capsys):
+    pytest.importorskip("llamaworks.tokenizer", reason="llamaworks.tokenizer not written yet")
+    write_docs(tmp_path / "d", make_docs(40))
+    args = ["prepare", "--input", str(tmp_path / "d"), "--tokenizer", sp_path, "--output",
+            str(tmp_path / "out"), "--workers", "2", "--val-fraction", "0"]
+    assert cli.main(args) == 0
+    assert "prepared 40 documents" in capsys.readouterr().out
+    assert documents_of(stream(tmp_path / "out"), tok) == make_docs(40)
+    assert cli.main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_dir(), reason=f"{SHAKESPEARE} absent")
+def test_shakespeare_corpus(tmp_path, tok):
+    plays = sorted(SHAKESPEARE.glob("*_gut.txt"))[:6]
+    m = prepare([str(p) for p in plays], tok, tmp_path / "out", val_fraction=0.5, workers=2, seed=3)
+    assert m["documents"] == 6 and set(m["sources"]) == {p.name for p in plays}
+    assert 0 < m["splits"]["val"]["documents"] < 6
+    texts = documents_of(np.concatenate([stream(tmp_path / "out", s) for s in ("train", "val")]), tok)
+    assert sorted(texts) == sorted(p.read_text() for p in plays)
+
+
+# ---------------------------------------------------------------------------- loader
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5000), seed=st.integers(0, 2**31), epoch=st.integers(0, 100))
+def test_window_order_is_a_permutation(n, seed, epoch):
+    order = window_order(np.arange(n), n, seed, epoch)
+    assert np.array_equal(np.sort(order), np.arange(n))
+    assert np.array_equal(window_order(np.arange(n - 1, -1, -1), n, seed, epoch), order[::-1])
+
+
+def test_window_order_shuffles():
+    a, b = window_order(np.arange(1000), 1000, 0, 0), window_order(np.arange(1000), 1000, 0, 1)
+    assert (a != np.arange(1000)).mean() > 0.9 and (a != b).mean() > 0.9
+    assert abs(np.corrcoef(a, np.arange(1000))[0, 1]) < 0.1
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_loader_batches_are_shifted_windows_of_the_stream(dataset):
+    tokens = stream(dataset).astype(np.int64)
+    loader = TokenLoader(dataset, batch_size=4, seq_len=16, seed=3)
+    assert loader.num_windows == (len(tokens) - 1) // 16 and len(loader) == loader.num_windows // 4
+    x, y = next(loader)
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        k = np.flatnonzero([np.array_equal(tokens[i * 16 : i * 16 + 16], row_x)
+                            for i in range(loader.num_windows)])
+        assert len(k) >= 1 and np.array_equal(tokens[k[0] * 16 + 1 : k[0] * 16 + 17], row_y)
+
+
+def test_loader_is_deterministic_and_seeded(dataset):
+    a, b = (take(TokenLoader(dataset, batch_size=4, seq_len=32, seed=1), 5) for _ in range(2))
+    c = take(TokenLoader(dataset, batch_size=4, seq_len=32, seed=2), 5)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c))
+
+
+def test_exact_resume(dataset):
+    loader = TokenLoader(dataset, batch_size=3, seq_len=32, seed=4)
+    take(loader, 7)
+    state = loader.state_dict()
+    assert all(isinstance(v, int) for v in state.values()) and state["position"] == 21
+    expected = take(loader, 5)
+    resumed = TokenLoader(dataset, batch_size=3, seq_len=32, seed=999)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
+    for (x, y), (rx, ry) in zip(expected, take(resumed, 5)):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_ranks_together_see_the_single_process_batch(dataset):
+    single = TokenLoader(dataset, batch_size=6, seq_len=64, seed=7)
+    ranks = [TokenLoader(dataset, batch_size=3, seq_len=64, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    steps = single.batches_per_epoch + 3  # across an epoch boundary
+    for _ in range(steps):
+        x, y = next(single)
+        (x0, y0), (x1, y1) = next(ranks[0]), next(ranks[1])
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)  # rank order
+    assert single.epoch == ranks[0].epoch == 1
+
+
+def test_resume_on_another_world_size_with_the_same_global_batch(dataset):
+    single = TokenLoader(dataset, batch_size=4, seq_len=32, seed=5)
+    take(single, 9)
+    state = single.state_dict()
+    expected = take(single, 4)
+    ranks = [TokenLoader(dataset, batch_size=2, seq_len=32, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for r in ranks:
+        r.load_state_dict(state)
+    for x, _ in expected:
+        assert torch.equal(torch.cat([next(ranks[0])[0], next(ranks[1])[0]]), x)
+    with pytest.raises(ValueError, match="global batch of 4 .*this loader has 6"):
+        TokenLoader(dataset, batch_size=3, seq_len=32, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="seq_len=32"):
+        TokenLoader(dataset, batch_size=4, seq_len=16).load_state_dict(state)
+
+
+def test_epoch_rollover_covers_every_window_once_per_epoch(dataset, caplog):
+    loader = TokenLoader(dataset, batch_size=5, seq_len=128, seed=0)
+    tokens = stream(dataset).astype(np.int64)
+    per_epoch = loader.batches_per_epoch
+    used = loader.batches_per_epoch * 5
+    starts = lambda batches: sorted(  # noqa: E731
+        next(i for i in range(loader.num_windows) if np.array_equal(tokens[i * 128 : i * 128 + 128], row))
+        for x, _ in batches for row in x.numpy())
+    with caplog.at_level(logging.INFO, logger=shards.__name__):
+        epoch0 = take(loader, per_epoch)
+        assert loader.epoch == 0 and not caplog.records
+        epoch1 = take(loader, per_epoch)
+    assert loader.epoch == 1 and "epoch 1 begins" in caplog.text
+    assert len(set(starts(epoch0))) == len(set(starts(epoch1))) == used
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))  # a new order
+
+
+def test_val_loader_is_ordered_and_finite(dataset):
+    tokens = stream(dataset, "val").astype(np.int64)
+    loader = TokenLoader(dataset, "val", batch_size=2, seq_len=16)
+    assert not loader.shuffle and not loader.infinite
+    first, second = list(loader), list(loader)  # each `for` loop is one fresh pass
+    assert len(first) == len(second) == len(loader) == loader.num_windows // 2
+    expected = np.stack([tokens[k * 16 : k * 16 + 16] for k in range(2 * len(loader))])
+    assert np.array_equal(torch.cat([x for x, _ in first]).numpy(), expected)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+
+
+def test_loader_errors(dataset, tmp_path):
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        TokenLoader(dataset, "val", batch_size=1000, seq_len=512)
+    with pytest.raises(ValueError, match="split must be one of"):
+        TokenLoader(dataset, "test", batch_size=1, seq_len=8)
+    with pytest.raises(ValueError, match="rank 2 of 2"):
+        TokenLoader(dataset, batch_size=1, seq_len=8, rank=2, world_size=2)
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        TokenLoader(tmp_path, batch_size=1, seq_len=8)
