@@ -123,7 +123,7 @@ def demo(
     tok_path = out_dir / "tokenizer.model"
     t0 = time.perf_counter()
     if not tok_path.exists():
-        Tokenizer.train([str(f) for f in chosen], tok_path, vocab_size=vocab, seed=seed)
+        Tokenizer.train(tok_path, files=chosen, vocab_size=vocab, seed=seed)
     tokenizer = Tokenizer(tok_path)
     print(f"[2/4] tokenizer: {tokenizer.vocab_size} pieces (BPE, split digits, byte fallback) "
           f"in {time.perf_counter() - t0:.0f}s -> {tok_path}", file=sys.stderr)

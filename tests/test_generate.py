@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llamaworks.generate import _StopStream, generate, generate_ids, sample
+from llamaworks.model import ModelArgs, build_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    # Larger-than-init weights give peaked, well-separated logits, so greedy comparisons
+    # test the code rather than floating-point tie-breaking.
+    args = ModelArgs.from_name("tiny", vocab_size=tiny_tokenizer.vocab_size, n_layers=2)
+    m = build_model(args, seed=1).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.12)
+    return m
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    toks, lps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([toks]))[0, -1]
+            t = int(logits.argmax())
+            lps.append(float(torch.log_softmax(logits, -1)[t]))
+            toks.append(t)
+    return toks[len(prompt):], lps
+
+
+def run_ids(model, prompts, n, **kw):
+    chunks = list(generate_ids(model, prompts, n, **kw))
+    return torch.cat([c[0] for c in chunks], 1).tolist(), torch.cat([c[1] for c in chunks], 1).tolist()
+
+
+# --- sampling (pure) ---------------------------------------------------------------------
+
+def test_greedy_and_degenerate_filters_pick_argmax():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    want = logits.argmax(-1)
+    assert torch.equal(sample(logits, temperature=0), want)
+    assert torch.equal(sample(logits, temperature=1.0, top_k=1, top_p=1.0), want)
+    assert torch.equal(sample(logits, temperature=1.0, top_p=1e-6), want)
+
+
+def test_sampling_matches_the_tempered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    noise = torch.empty(n, 5).exponential_(1, generator=g)
+    draws = sample(logits.expand(n, 5), temperature=0.7, top_p=1.0, noise=noise)
+    freq = torch.bincount(draws, minlength=5).double() / n
+    want = torch.softmax(logits.double() / 0.7, -1)
+    assert torch.allclose(freq, want, atol=4 * math.sqrt(0.25 / n)), (freq, want)
+
+
+def test_top_p_and_top_k_never_sample_the_tail():
+    logits = torch.tensor([3.0, 2.5, 0.0, -1.0, -2.0])  # probs ~ [.59, .36, .03, .01, .004]
+    n = 5000
+    noise = torch.empty(n, 5).exponential_(1, generator=torch.Generator().manual_seed(0))
+    nucleus = sample(logits.expand(n, 5), temperature=1.0, top_p=0.9, noise=noise)
+    # Meta's rule keeps tokens while the mass *before* them is <= top_p: {0, 1} here.
+    assert set(nucleus.tolist()) == {0, 1}
+    topk = sample(logits.expand(n, 5), temperature=1.0, top_k=3, top_p=1.0, noise=noise)
+    assert set(topk.tolist()) == {0, 1, 2}
+
+
+# --- generation --------------------------------------------------------------------------
+
+def test_greedy_kv_cache_equals_full_forward(model):
+    prompt = [1, 37, 99, 250, 7, 8]
+    want, want_lp = greedy_reference(model, prompt, 20)
+    got, got_lp = run_ids(model, [prompt], 20, temperature=0.0)
+    assert got[0] == want
+    assert got_lp[0] == pytest.approx(want_lp, abs=1e-4)
+
+
+def test_batch_of_different_lengths_equals_each_alone(model):
+    prompts = [[1, 5, 9, 200], [1, 300], [1, 44, 45, 46, 47, 48, 49, 50, 51], [1, 7, 7]]
+    batch, _ = run_ids(model, prompts, 24, temperature=0.0)
+    for p, row in zip(prompts, batch):
+        alone, _ = run_ids(model, [p], 24, temperature=0.0)
+        assert row == alone[0]
+
+
+def test_seed_makes_sampling_reproducible(model):
+    a, _ = run_ids(model, [[1, 5, 6]], 30, temperature=1.0, seed=123)
+    b, _ = run_ids(model, [[1, 5, 6]], 30, temperature=1.0, seed=123)
+    c, _ = run_ids(model, [[1, 5, 6]], 30, temperature=1.0, seed=124)
+    assert a == b and a != c
+
+
+def test_eos_stops_and_pads(model):
+    prompt = [1, 37, 99]
+    ref, _ = greedy_reference(model, prompt, 12)
+    eos = ref[4]
+    first = ref.index(eos)
+    got, _ = run_ids(model, [prompt], 12, temperature=0.0, eos_id=eos, sync_every=1)
+    row = got[0]
+    assert row[: first + 1] == ref[: first + 1]
+    assert all(t == eos for t in row[first:])
+    assert len(row) < 12  # it stopped early instead of decoding all 12 steps
+
+
+def test_compiled_decode_step_gives_the_same_tokens(model):
+    pytest.importorskip("torch._dynamo")
+    prompt = [1, 37, 99, 250]
+    eager, _ = run_ids(model, [prompt], 8, temperature=0.0)
+    compiled, _ = run_ids(model, [prompt], 8, temperature=0.0, compile=True)
+    assert compiled == eager
+
+
+def test_max_new_tokens_is_clipped_to_the_context(model):
+    ctx = model.args.max_seq_len
+    got, _ = run_ids(model, [[1] + [5] * (ctx - 4)], 50, temperature=0.0)
+    assert len(got[0]) == 3
+
+
+@pytest.mark.parametrize("kw,msg", [({"top_p": 0.0, "temperature": 1.0}, "top_p"),
+                                     ({"top_k": 0, "temperature": 1.0}, "top_k")])
+def test_bad_sampling_parameters(model, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        run_ids(model, [[1, 2]], 3, **kw)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run_ids(model, [[1, 2]], 0)
+
+
+class _EosAs:
+    """The tokenizer with a different eos id, to make a random model stop where we want."""
+
+    def __init__(self, tok, eos_id):
+        self._tok, self.eos_id = tok, eos_id
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_generate_text_logprobs_and_eos(model, tiny_tokenizer):
+    prompt = "The king"
+    ids = tiny_tokenizer.encode(prompt)
+    ref, ref_lp = greedy_reference(model, ids, 16)
+    [c] = generate(model, tiny_tokenizer, [prompt], 16, temperature=0.0, logprobs=True)
+    assert c.tokens == [t for t in ref if t != tiny_tokenizer.eos_id][: len(c.tokens)]
+    assert c.text == tiny_tokenizer.decode(ids + c.tokens)[len(tiny_tokenizer.decode(ids)):]
+    assert c.logprobs == pytest.approx(ref_lp[: len(c.tokens)], abs=1e-4)
+    assert c.prompt_tokens == len(ids)
+    eos = ref[5]
+    [d] = generate(model, _EosAs(tiny_tokenizer, eos), prompt, 16, temperature=0.0)
+    assert d.finish_reason == "stop" and d.tokens == ref[: ref.index(eos)]
+
+
+def test_stop_strings_cut_and_stream(model, tiny_tokenizer):
+    [full] = generate(model, tiny_tokenizer, "O, ", 40, temperature=0.0)
+    assert full.finish_reason == "length" and len(full.text) > 12
+    stop = full.text[6:9]
+    streamed = []
+    [c] = generate(model, tiny_tokenizer, "O, ", 40, temperature=0.0, stop=[stop, "never-seen-zz"],
+                   on_text=lambda i, d: streamed.append(d))
+    assert c.finish_reason == "stop"
+    assert c.text == full.text[: full.text.find(stop)]
+    assert "".join(streamed) == c.text
+
+
+def test_streaming_equals_final_text(model, tiny_tokenizer):
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    res = generate(model, tiny_tokenizer, ["Fair ", "What is 12345?"], 30, temperature=0.9, seed=3,
+                   on_text=lambda i, d: pieces[i].append(d))
+    for i, r in enumerate(res):
+        assert "".join(pieces[i]) == r.text
+
+
+def test_stop_stream_withholds_partial_stop_string(tiny_tokenizer):
+    s = _StopStream(tiny_tokenizer, tiny_tokenizer.encode("x"), ["END"])
+    out = []
+    for t in tiny_tokenizer.encode("abc EN", bos=False):
+        out.append(s.push(t)[0])
+    assert "".join(out).endswith("abc ") and "EN" not in "".join(out)
+    assert s.finish() == "EN"  # not a stop string after all: released at the end
+
+
+def test_prompt_longer_than_context(model, tiny_tokenizer):
+    long = "word " * 2000
+    with pytest.raises(ValueError, match=r"context window is 256.*truncate"):
+        generate(model, tiny_tokenizer, long, 5)
+    [c] = generate(model, tiny_tokenizer, long, 5, temperature=0.0, truncate=True)
+    assert c.prompt_tokens == model.args.max_seq_len - 1 and len(c.tokens) == 1
+
+
+def test_generate_cli(tiny_model_dir, capsys):
+    from llamaworks.cli import main
+
+    rc = main(["generate", "--checkpoint", str(tiny_model_dir), "--prompt", "The king", "--max-new-tokens", "8",
+               "--temperature", "0", "--seed", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.startswith("The king")
+    assert "prefill:" in err and "decode:" in err and "tokens/s" in err
+    rc = main(["generate", "--checkpoint", str(tiny_model_dir / "nope"), "--prompt", "x"])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
