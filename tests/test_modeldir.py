@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from llamaworks.model import ModelArgs, build_model
+from llamaworks.modeldir import PARAMS, TOKENIZER, WEIGHTS, load_model, read_safetensors, save_model
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_round_trip_same_logits(tiny_model, tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    x = torch.randint(0, tok.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), tiny_model(x))
+    assert model.args == tiny_model.args and not model.training
+    params = json.loads((tiny_model_dir / PARAMS).read_text())
+    assert params["dim"] == 128 and "n_layers" in params and "ffn_dim_multiplier" not in params  # Meta's keys
+
+
+def test_weights_are_memory_mapped_not_copied(tmp_path, tiny_tokenizer):
+    # ~37 MB of fp32 weights: loading must not read them into fresh memory.
+    args = ModelArgs(dim=512, n_layers=4, n_heads=8, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=64)
+    path = save_model(build_model(args, seed=0), tiny_tokenizer, tmp_path / "m")
+    size = (path / WEIGHTS).stat().st_size
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    before = rss()
+    model, _ = load_model(path)
+    grown = rss() - before
+    assert grown < size / 4, (grown, size)
+    w = model.layers[0].attention.wq.weight
+    w_again = read_safetensors(path / WEIGHTS)["layers.0.attention.wq.weight"]
+    assert torch.equal(w, w_again)
+
+
+def test_dtype_conversion_on_load(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir, dtype="bfloat16")
+    assert model.output.weight.dtype == torch.bfloat16 and model.freqs_cis.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_meta_vocab_size_minus_one_comes_from_tokenizer(tmp_path, tiny_model_dir, tiny_tokenizer):
+    d = _copy(tiny_model_dir, tmp_path / "m")
+    params = json.loads((d / PARAMS).read_text())
+    params["vocab_size"] = -1
+    (d / PARAMS).write_text(json.dumps(params))
+    model, _ = load_model(d)
+    assert model.args.vocab_size == tiny_tokenizer.vocab_size
+
+
+def test_missing_files(tmp_path, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nothing")
+    for name in (PARAMS, WEIGHTS, TOKENIZER):
+        d = _copy(tiny_model_dir, tmp_path / name)
+        (d / name).unlink()
+        with pytest.raises(FileNotFoundError, match=f"{name} is missing"):
+            load_model(d)
+
+
+def test_truncated_and_corrupt_weights(tmp_path, tiny_model_dir):
+    d = _copy(tiny_model_dir, tmp_path / "t")
+    data = (d / WEIGHTS).read_bytes()
+    (d / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors: truncated.*re-copy"):
+        load_model(d)
+    (d / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + data[24:100])
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        load_model(d)
+    (d / WEIGHTS).write_bytes(b"abc")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_model(d)
+
+
+def test_params_disagreeing_with_weights(tmp_path, tiny_model_dir):
+    d = _copy(tiny_model_dir, tmp_path / "p")
+    params = json.loads((d / PARAMS).read_text())
+    (d / PARAMS).write_text(json.dumps({**params, "dim": 256}))
+    with pytest.raises(ValueError, match=r"tok_embeddings.weight has shape \(\d+, 128\).*disagree"):
+        load_model(d)
+    (d / PARAMS).write_text(json.dumps({**params, "n_layers": 3}))
+    with pytest.raises(ValueError, match=r"missing \['layers.2"):
+        load_model(d)
+    (d / PARAMS).write_text(json.dumps({**params, "n_layer": 3}))
+    with pytest.raises(ValueError, match=r"params.json: unknown params.json keys \['n_layer'\]"):
+        load_model(d)
+    (d / PARAMS).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_model(d)
+
+
+def test_vocab_mismatch_names_both_files(tmp_path, tiny_model_dir):
+    d = _copy(tiny_model_dir, tmp_path / "v")
+    params = json.loads((d / PARAMS).read_text())
+    (d / PARAMS).write_text(json.dumps({**params, "vocab_size": params["vocab_size"] + 1}))
+    with pytest.raises(ValueError, match=r"vocabulary mismatch.*params.json.*tokenizer.model"):
+        load_model(d)
+
+
+def test_mixed_dtypes_rejected(tmp_path, tiny_model, tiny_tokenizer):
+    from safetensors.torch import save_file
+
+    d = save_model(tiny_model, tiny_tokenizer, tmp_path / "mixed")
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    sd["norm.weight"] = sd["norm.weight"].half()
+    save_file(sd, str(d / WEIGHTS))
+    with pytest.raises(ValueError, match="mixed dtypes"):
+        load_model(d)
+
+
+def test_failed_save_keeps_the_old_directory(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    d = save_model(tiny_model, tiny_tokenizer, tmp_path / "keep")
+    before = (d / WEIGHTS).read_bytes()
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(tiny_model, tiny_tokenizer, d)
+    assert (d / WEIGHTS).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # no temporary folder left behind
