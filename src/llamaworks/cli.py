@@ -108,7 +108,20 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, Any, bool]:
         _add_param(parser, name, param, hints.get(name, str))
     if takes_overrides:
         parser.epilog = "Any config field can be overridden as --section.key VALUE."
+        if getattr(fn, "config_class", None) is not None:
+            parser.epilog += "\n\n" + _config_keys(fn.config_class)
     return parser, fn, takes_overrides
+
+
+def _config_keys(cls) -> str:
+    import dataclasses
+
+    lines = ["config keys (section.key = default):"]
+    for section in dataclasses.fields(cls):
+        sub = section.default_factory()
+        values = ", ".join(f"{f.name}={getattr(sub, f.name)!r}" for f in dataclasses.fields(sub))
+        lines.append(f"  [{section.name}] {values}")
+    return "\n".join(lines)
 
 
 def _usage() -> str:
