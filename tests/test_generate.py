@@ -156,6 +156,7 @@ def test_generate_text_logprobs_and_eos(model, tiny_tokenizer):
 
 
 def test_stop_strings_cut_and_stream(model, tiny_tokenizer):
+    tiny_tokenizer = _EosAs(tiny_tokenizer, -1)  # never stop at eos: only the stop string may end it
     [full] = generate(model, tiny_tokenizer, "O, ", 40, temperature=0.0)
     assert full.finish_reason == "length" and len(full.text) > 12
     stop = full.text[6:9]
