@@ -56,11 +56,10 @@ def probe_step_time(cfg, vocab_size: int) -> float:
     import torch
 
     from llamaworks.model import build_model
+    from llamaworks.modeldir import resolve_device
     from llamaworks.train.optim import build_optimizer
     from llamaworks.train.parallelize import apply_ac
     from llamaworks.train.trainer import cross_entropy
-
-    from llamaworks.modeldir import resolve_device
 
     device, _ = resolve_device(cfg.train.device)
     args = cfg.model.build_args(vocab_size)
@@ -83,10 +82,10 @@ def probe_step_time(cfg, vocab_size: int) -> float:
 
 
 def demo(
-    corpus: Annotated[str | None, Arg("folder (or file) of text to train on; default: Python's standard library")] = None,
+    corpus: Annotated[str | None, Arg("folder (or file) of text; default: Python's standard library")] = None,
     out: Annotated[str, Arg("run folder")] = "runs/demo",
     minutes: Annotated[float, Arg("training time budget in minutes")] = 10.0,
-    steps: Annotated[int | None, Arg("run exactly N optimizer steps (logs every step) instead of a time budget")] = None,
+    steps: Annotated[int | None, Arg("run exactly N optimizer steps, logging each, instead of --minutes")] = None,
     preset: Annotated[str, Arg("model preset (tiny, small, base, ...)")] = "small",
     seed: Annotated[int, Arg("random seed (tokenizer sampling, init, data order)")] = 0,
     resume: Annotated[bool, Arg("continue the run in --out from its latest checkpoint")] = False,
@@ -115,8 +114,8 @@ def demo(
             break
         chosen.append(f)
         size += f.stat().st_size
-    print(f"[1/4] corpus: {len(chosen)} files, {size / 1e6:.1f} MB ({'Python standard library' if kind == 'stdlib' else corpus})",
-          file=sys.stderr)
+    source = "Python standard library" if kind == "stdlib" else corpus
+    print(f"[1/4] corpus: {len(chosen)} files, {size / 1e6:.1f} MB ({source})", file=sys.stderr)
 
     args = ModelArgs.from_name(preset)
     vocab = vocab_size or args.vocab_size

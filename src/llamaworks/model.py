@@ -287,7 +287,8 @@ class Transformer(nn.Module):
         """(Re)compute the RoPE table in fp32: after to_empty(), and after casting the model
         to a low-precision dtype (which would otherwise round the angles too)."""
         device = device or self.output.weight.device
-        self.freqs_cis = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta).to(device)
+        freqs = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.freqs_cis = freqs.to(device)
 
 
 def count_parameters(args: ModelArgs) -> int:
@@ -297,7 +298,8 @@ def count_parameters(args: ModelArgs) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int | None = None):
+def build_model(args: ModelArgs, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int | None = None) -> Transformer:
     """Build on the meta device, materialise on `device`, then init_weights()."""
     with torch.device("meta"):
         model = Transformer(args)
