@@ -38,8 +38,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer encode": ("llamaworks.tokenizer:encode_command", "print the token ids and pieces of a text"),
     "tokenizer decode": ("llamaworks.tokenizer:decode_command", "print the text of token ids"),
     "prepare": ("llamaworks.train.shards:prepare_command", "tokenise documents into packed token shards"),
+    "convert": ("llamaworks.convert.command:convert_command", "convert checkpoints: native, Meta, Hugging Face, GGUF"),
     "plan": ("llamaworks.plan:plan_command", "memory and time plan for a preset on a GPU cluster"),
     "carbon": ("llamaworks.carbon:carbon_command", "energy and CO2 of a run (section 6, Table 15)"),
+    "eval": ("llamaworks.eval.run:eval_command", "the paper's benchmarks (section 3) beside its LLaMA-7B/65B numbers"),
+    "eval code": ("llamaworks.eval.code:code_command", "pass@k of code samples (HumanEval) run in a sandbox (3.5)"),
 }
 
 

@@ -105,6 +105,25 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(Path(path), self._proto)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike):
+        """A SentencePiece `.model`, or a Hugging Face `tokenizer.json` (an `HFTokenizer`, same interface)."""
+        path = Path(path)
+        if path.suffix == ".json" or (path.is_file() and path.read_bytes()[:1] == b"{"):
+            from llamaworks.convert.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer(path)
+        return cls(path)
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        """Write the Hugging Face `tokenizer.json` form (same ids and text as this model)."""
+        from llamaworks.convert.hf_tokenizer import save_tokenizer_json
+
+        save_tokenizer_json(self, path)
+
+    def _piece_text(self, token_id: int) -> str:
+        return self._sp.decode([token_id])
+
     def stream_decoder(self, prefix_ids: Sequence[int] = ()) -> StreamDecoder:
         return StreamDecoder(self, prefix_ids)
 
@@ -190,9 +209,9 @@ class StreamDecoder:
         if entry is None:
             return out
         if token_id == self._tok.unk_id:
-            entry = self._tok._sp.decode([token_id])  # the model's unk surface, " ⁇ " by default
+            entry = self._tok._piece_text(token_id)  # the model's unk surface, " ⁇ " by default
         elif self._at_start:
-            entry = self._tok._sp.decode([token_id])  # applies the model's own leading-space rule
+            entry = self._tok._piece_text(token_id)  # applies the model's own leading-space rule
         self._at_start = False
         return out + entry
 

@@ -179,3 +179,193 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         rope_theta=float(theta),
     )
+
+
+# --- Hugging Face folders ----------------------------------------------------------------------
+
+HF_CONFIG, HF_GENERATION = "config.json", "generation_config.json"
+ST_SINGLE, ST_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# transformers' save_pretrained default (max_shard_size="5GB"): 7B in fp16 becomes 3 files.
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+def _hf_tensor(key: str, t: torch.Tensor, args: ModelArgs, dtype: torch.dtype | None) -> torch.Tensor:
+    if key.endswith("attention.wq.weight"):
+        t = permute_for_hf(t, args.n_heads)
+    elif key.endswith("attention.wk.weight"):
+        t = permute_for_hf(t, args.n_kv_heads)
+    return t.to(dtype or t.dtype).detach().contiguous()
+
+
+def write_hf_files(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer, folder, dtype=None,
+                   max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = False) -> None:
+    """A `LlamaForCausalLM` folder's files, written into an existing (temporary) folder.
+
+    Tensors are converted one file at a time, so the extra memory is about one shard file.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from llamaworks.atomic import atomic_write_json
+
+    folder = Path(folder)
+    names = key_map(args.n_layers)
+    _check_keys(state, names, "Meta")
+    if tokenizer is not None and tokenizer.vocab_size != args.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but vocab_size is {args.vocab_size}")
+    out_dtype = dtype or next(iter(state.values())).dtype
+    groups, size = [[]], 0
+    for k, t in state.items():  # plan the files first: their names carry the count
+        nbytes = t.numel() * out_dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes
+    n = len(groups)
+    files = [ST_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map, total = {}, 0
+    with tqdm(total=len(state), desc="writing safetensors", unit="tensor", disable=not progress,
+              leave=False) as bar:
+        for fname, keys in zip(files, groups):
+            part = {}
+            for k in keys:
+                part[names[k]] = _hf_tensor(k, state[k], args, dtype)
+                weight_map[names[k]] = fname
+                total += part[names[k]].numel() * part[names[k]].element_size()
+                bar.update(1)
+            save_file(part, str(folder / fname), metadata={"format": "pt"})
+            del part
+    if n > 1:
+        atomic_write_json(folder / ST_INDEX, {"metadata": {"total_size": total},
+                                              "weight_map": dict(sorted(weight_map.items()))})
+    cfg = hf_config_dict(args, out_dtype)
+    bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer is not None else (1, 2)
+    cfg.update(bos_token_id=bos, eos_token_id=eos)
+    atomic_write_json(folder / HF_CONFIG, cfg)
+    atomic_write_json(folder / HF_GENERATION, {"bos_token_id": bos, "eos_token_id": eos})
+    if tokenizer is not None:
+        write_hf_tokenizer_files(tokenizer, folder)
+
+
+def write_hf_tokenizer_files(tokenizer, folder) -> None:
+    """tokenizer.json (+ tokenizer.model when SentencePiece), tokenizer_config.json, special_tokens_map.json."""
+    from pathlib import Path
+
+    from llamaworks.atomic import atomic_write_json
+    from llamaworks.convert.hf_tokenizer import HFTokenizer, save_tokenizer_json
+
+    folder = Path(folder)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(folder / "tokenizer.json")
+    else:
+        tokenizer.save(folder / "tokenizer.model")
+        save_tokenizer_json(tokenizer, folder / "tokenizer.json")
+    piece = tokenizer.id_to_piece
+    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
+               "unk_token": piece(tokenizer.unk_id)}
+    # PreTrainedTokenizerFast loads tokenizer.json as written. Naming LlamaTokenizer instead
+    # would make transformers 5 rebuild the pipeline with its Metaspace "first" scheme, which
+    # drops SentencePiece's dummy prefix before a leading space (" a" -> different ids).
+    atomic_write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30, "legacy": True,
+    })
+    atomic_write_json(folder / "special_tokens_map.json", special)
+
+
+def read_hf_state_dict(folder) -> dict[str, torch.Tensor]:
+    """HF-keyed tensors of a folder: model.safetensors, sharded safetensors with an index,
+    or pytorch_model*.bin; memory-mapped, not read."""
+    import json
+    from pathlib import Path
+
+    from llamaworks.modeldir import read_safetensors
+
+    folder = Path(folder)
+
+    def index_files(index):
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid weight index ({e}); re-download it") from None
+        files = sorted(set(wm.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise ValueError(f"{index} lists {', '.join(missing[:3])}, which {'is' if len(missing) == 1 else 'are'} "
+                             f"missing from {folder}; copy every shard file")
+        return [folder / f for f in files]
+
+    if (folder / ST_INDEX).is_file():
+        paths, reader = index_files(folder / ST_INDEX), read_safetensors
+    elif (folder / ST_SINGLE).is_file():
+        paths, reader = [folder / ST_SINGLE], read_safetensors
+    elif (folder / BIN_INDEX).is_file():
+        paths, reader = index_files(folder / BIN_INDEX), _read_bin
+    elif (folder / BIN_SINGLE).is_file():
+        paths, reader = [folder / BIN_SINGLE], _read_bin
+    else:
+        raise FileNotFoundError(f"{folder}: no weights ({ST_SINGLE}, {ST_INDEX}, {BIN_SINGLE} or {BIN_INDEX}); "
+                                "is this a Hugging Face model folder?")
+    state = {}
+    for p in paths:
+        for k, t in reader(p).items():
+            if k in state:
+                raise ValueError(f"{p}: tensor {k} also appears in another shard; the folder mixes checkpoints")
+            state[k] = t
+    return state
+
+
+def _read_bin(path) -> dict[str, torch.Tensor]:
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise ValueError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0] if str(e) else e!r}); "
+                         "re-download it") from None
+
+
+def load_hf(folder, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a `LlamaForCausalLM` folder; tokenizer.model is preferred,
+    tokenizer.json gives an `HFTokenizer`, neither gives None."""
+    import json
+    from pathlib import Path
+
+    from llamaworks.model import Transformer
+    from llamaworks.modeldir import check_state_dict
+
+    folder = Path(folder)
+    if not (folder / HF_CONFIG).is_file():
+        raise FileNotFoundError(f"{folder / HF_CONFIG} is missing: is {folder} a Hugging Face model folder?")
+    try:
+        cfg = json.loads((folder / HF_CONFIG).read_text())
+        args = args_from_hf_config(cfg)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / HF_CONFIG}: {e}") from None
+    tok = None
+    if (folder / "tokenizer.model").is_file():
+        from llamaworks.tokenizer import Tokenizer
+
+        tok = Tokenizer(folder / "tokenizer.model")
+    elif (folder / "tokenizer.json").is_file():
+        from llamaworks.convert.hf_tokenizer import HFTokenizer
+
+        tok = HFTokenizer(folder / "tokenizer.json")
+    hf_state = read_hf_state_dict(folder)
+    try:
+        state = from_hf_state_dict(hf_state, args)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}; config.json and the weights disagree") from None
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state_dict(model, state, folder)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_rope(torch.device("cpu"))
+    return model.eval(), tok

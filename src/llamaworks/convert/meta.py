@@ -1,0 +1,247 @@
+"""Meta's release format: params.json + consolidated.NN.pth model-parallel shards + tokenizer.model.
+
+Meta trained with Megatron-style tensor parallelism (fairscale), and each shard holds
+one rank's slice: column-parallel projections (wq, wk, wv, w1, w3, output) are split on
+their output dimension (dim 0), row-parallel ones (wo, w2) and the parallel embedding on
+their input dimension (dim 1); norms are replicated on every rank. Merging concatenates
+the slices; resharding cuts them again.
+
+Memory: shards are opened with torch.load(mmap=True), so their bytes stay in the page
+cache (file-backed, reclaimable) and are read on demand. A one-shard folder (7B) is used
+without any copy: the mapped tensors become the parameters. With several shards each
+tensor is concatenated on its own, so the process holds the merged model (1x) plus the
+mapped pages of the one tensor being merged; peak resident memory stays about 1x the
+model, never the 2x of loading every shard and then merging.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llamaworks.atomic import atomic_write_json
+from llamaworks.model import ModelArgs, Transformer
+from llamaworks.modeldir import PARAMS, TOKENIZER, read_params
+
+# Per-layer Meta suffix -> the dimension fairscale split it on; None: replicated.
+LAYER_SPLIT: dict[str, int | None] = {
+    "attention.wq.weight": 0,  # ColumnParallelLinear
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,  # RowParallelLinear
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+}
+TOP_SPLIT: dict[str, int | None] = {
+    "tok_embeddings.weight": 1,  # ParallelEmbedding splits the embedding dimension
+    "norm.weight": None,
+    "output.weight": 0,
+}
+# LLaMA 1 checkpoints carry the RoPE table as a tensor; it is recomputed from params.
+IGNORED = {"rope.freqs"}
+SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
+# What Meta's own params.json holds. max_seq_len is deliberately absent: Meta's
+# Llama.build passes it as a keyword next to **params, so writing it breaks their loader.
+META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+             "norm_eps", "rope_theta")
+
+
+def split_dim(key: str) -> int | None:
+    if key in TOP_SPLIT:
+        return TOP_SPLIT[key]
+    m = re.fullmatch(r"layers\.\d+\.(.+)", key)
+    if m is None or m[1] not in LAYER_SPLIT:
+        raise KeyError(key)
+    return LAYER_SPLIT[m[1]]
+
+
+def shard_paths(folder: Path) -> list[Path]:
+    """consolidated.00.pth .. consolidated.NN.pth, checked to be contiguous from 00."""
+    found = {}
+    for p in folder.iterdir():
+        m = SHARD.match(p.name)
+        if m:
+            found[int(m[1])] = p
+    if not found:
+        raise ValueError(f"{folder}: no consolidated.NN.pth shards; is this a Meta checkpoint folder "
+                         "(params.json, consolidated.00.pth, tokenizer.model)?")
+    missing = [i for i in range(max(found) + 1) if i not in found]
+    if missing:
+        names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
+        raise ValueError(f"{folder}: missing shard(s) {names} of {max(found) + 1}; every model-parallel "
+                         "shard is needed, copy the complete folder")
+    return [found[i] for i in range(len(found))]
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: truncated or corrupt checkpoint shard ({why}); re-download or re-copy "
+                         "this file") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: not a state dict of tensors; expected a Meta consolidated.NN.pth shard")
+    return sd
+
+
+def read_meta_params(folder: Path, tokenizer=None, max_seq_len: int | None = None) -> ModelArgs:
+    path = folder / PARAMS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a Meta folder holds params.json, consolidated.NN.pth "
+                                "and tokenizer.model")
+    params = read_params(path)
+    if params.get("vocab_size", -1) == -1:
+        if tokenizer is None:
+            raise ValueError(f"{path}: vocab_size is -1 (\"from the tokenizer\") and no tokenizer.model "
+                             "is next to it; add the tokenizer or set vocab_size")
+        params["vocab_size"] = tokenizer.vocab_size
+    if max_seq_len is not None:
+        params["max_seq_len"] = max_seq_len
+    try:
+        return ModelArgs.from_params(params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def iter_merged(folder: Path, args: ModelArgs, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Meta key, merged tensor) one at a time, validated against `args`."""
+    paths = shard_paths(folder)
+    shards = [_load_shard(p) for p in paths]  # mmap: nothing is read yet
+    for sd in shards:
+        for k in IGNORED:
+            sd.pop(k, None)
+    keys = list(shards[0])
+    for p, sd in zip(paths[1:], shards[1:]):
+        if set(sd) != set(keys):
+            diff = sorted(set(sd) ^ set(keys))[:3]
+            raise ValueError(f"{p}: its tensors differ from {paths[0].name}'s (e.g. {diff}); the shards come "
+                             "from different checkpoints, re-download the folder")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    unknown, missing = sorted(set(keys) - set(expected)), sorted(set(expected) - set(keys))
+    if unknown or missing:
+        raise ValueError(f"{folder / PARAMS} disagrees with the shards: tensors missing {missing[:4]}, "
+                         f"unexpected {unknown[:4]}; fix n_layers in params.json or use the matching params")
+    dtypes = {(sd[k].dtype, p) for p, sd in zip(paths, shards) for k in keys}
+    if len({d for d, _ in dtypes}) > 1:
+        seen = sorted({f"{d} in {p.name}" for d, p in dtypes})
+        raise ValueError(f"{folder}: mixed dtypes across tensors ({', '.join(seen[:4])}); every tensor of a "
+                         "checkpoint should share one dtype, re-export it")
+    bar = _progress(len(keys), f"merging {len(paths)} shard(s)", progress)
+    try:
+        for k in keys:
+            dim = split_dim(k)
+            parts = [sd[k] for sd in shards]
+            if dim is None or len(parts) == 1:
+                t = parts[0]  # replicated, or one shard: the mapped tensor itself
+            else:
+                t = torch.cat(parts, dim=dim)
+            if tuple(t.shape) != expected[k]:
+                want = expected[k][dim] if dim is not None else 0
+                if dim is not None and want % t.shape[dim] == 0 and want // t.shape[dim] > 1:
+                    total = want // t.shape[dim] * len(paths)
+                    raise ValueError(f"{folder}: {k} merges to {tuple(t.shape)} from {len(paths)} shard(s), "
+                                     f"1/{want // t.shape[dim]} of what params.json implies: the checkpoint "
+                                     f"seems to have {total} shards, so consolidated.{len(paths):02d}.pth and up "
+                                     "are missing; copy the complete folder")
+                raise ValueError(f"{folder / PARAMS} disagrees with the shards: {k} merges to "
+                                 f"{tuple(t.shape)} but params.json implies {expected[k]}; use the params.json "
+                                 "that came with these weights")
+            bar.update(1)
+            yield k, t
+    finally:
+        bar.close()
+
+
+def load_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None, max_seq_len: int | None = None,
+              progress: bool = False):
+    """(model, tokenizer) from a Meta folder of any shard count; the model is in eval mode."""
+    from llamaworks.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Meta checkpoint folder {folder} does not exist")
+    tok = Tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_file() else None
+    args = read_meta_params(folder, tok, max_seq_len)
+    if tok is not None and tok.vocab_size != args.vocab_size:
+        raise ValueError(f"vocabulary mismatch: {folder / PARAMS} says vocab_size={args.vocab_size} but "
+                         f"{folder / TOKENIZER} has {tok.vocab_size} pieces; use the tokenizer released with "
+                         "these weights")
+    state = {}
+    for k, t in iter_merged(folder, args, progress):
+        state[k] = t.to(dtype) if dtype is not None and t.dtype != dtype else t
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_rope(torch.device("cpu"))
+    return model.eval(), tok
+
+
+def meta_params(args: ModelArgs) -> dict:
+    # Llama 2 keys only where they differ from LLaMA 1, so a LLaMA 1 model's params.json
+    # reads exactly like the released ones.
+    p = args.to_params()
+    out = {k: p[k] for k in META_KEYS}
+    if out["n_kv_heads"] == args.n_heads:
+        del out["n_kv_heads"]
+    if out["ffn_dim_multiplier"] is None:
+        del out["ffn_dim_multiplier"]
+    if out["rope_theta"] == 10000.0:
+        del out["rope_theta"]
+    return out
+
+
+def check_shardable(args: ModelArgs, shards: int) -> None:
+    if shards < 1:
+        raise ValueError(f"--shards {shards}: need at least 1 shard")
+    # Each rank holds whole heads and an equal slice of every split dimension.
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "dim": args.dim,
+             "hidden_dim (FFN width)": args.hidden_dim, "vocab_size": args.vocab_size}
+    bad = [f"{name}={v}" for name, v in sizes.items() if v % shards]
+    if bad:
+        raise ValueError(f"--shards {shards} does not divide {', '.join(bad)}; choose a shard count that does "
+                         f"(e.g. 1 or a divisor of n_kv_heads={args.n_kv_heads})")
+
+
+def write_meta_files(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer, folder: Path, shards: int = 1,
+                     dtype: torch.dtype | None = None, progress: bool = False) -> None:
+    """Meta's files, written into an existing (temporary) folder.
+
+    One shard's slices are materialised at a time (clone: torch.save of a view would
+    write the whole underlying storage), so extra memory is about 1/shards of the model.
+    """
+    check_shardable(args, shards)
+    if tokenizer is not None and tokenizer.vocab_size != args.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but vocab_size is {args.vocab_size}")
+    atomic_write_json(folder / PARAMS, meta_params(args))
+    bar = _progress(shards * len(state), f"writing {shards} shard(s)", progress)
+    try:
+        for rank in range(shards):
+            out = {}
+            for k, t in state.items():
+                dim = split_dim(k)
+                part = t if dim is None else t.chunk(shards, dim=dim)[rank]
+                out[k] = part.to(dtype or part.dtype).detach().contiguous().clone()
+                bar.update(1)
+            torch.save(out, folder / f"consolidated.{rank:02d}.pth")
+            del out
+    finally:
+        bar.close()
+    if tokenizer is not None:
+        tokenizer.save(folder / TOKENIZER)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
