@@ -1,0 +1,285 @@
+"""`llamaworks eval`: the paper's benchmarks on a model directory, with the paper's
+LLaMA-7B/65B numbers beside each measured one: zero-shot multiple choice (section 3.1),
+closed-book question answering (section 3.2), maj1@k mathematics (section 3.4) and
+pass@k code generation (section 3.5)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from llamaworks.cli import Arg
+from llamaworks.eval.metrics import (
+    PASS_AT_K_PRESETS,
+    calibration_requests,
+    cut_answer,
+    exact_match,
+    majority_vote,
+    mc_predict,
+)
+from llamaworks.eval.tasks import (
+    CodeExample,
+    CodeTask,
+    MathExample,
+    MathTask,
+    MCExample,
+    MCTask,
+    QAExample,
+    QATask,
+    get_task,
+)
+from llamaworks.eval.tasks.code import mbpp_fewshot
+from llamaworks.eval.tasks.math import SAMPLE_TEMPERATURE
+from llamaworks.eval.tasks.qa import MAX_ANSWER_TOKENS, fewshot_examples, qa_prompt
+
+__all__ = ["mc_requests", "evaluate_mc", "evaluate_qa", "evaluate_maj", "evaluate_code", "results_table",
+           "eval_command"]
+
+
+def mc_requests(ex: MCExample, method: str) -> list[tuple[str, str]]:
+    if method == "partial":
+        return [(c, ex.continuation) for c in ex.contexts]  # type: ignore[union-attr]
+    reqs = [(ex.context, c) for c in ex.choices]
+    if method == "calibrated":
+        reqs += calibration_requests(ex.choices)
+    return reqs
+
+
+def score_example(ex: MCExample, method: str, logliks: list[float]) -> tuple[int, list[float]]:
+    n = len(ex.choices)
+    if method == "partial":  # the same continuation after each option: plain sums compare
+        return mc_predict(logliks, ex.choices, "sum"), logliks
+    if method == "calibrated":
+        cond, uncond = logliks[:n], logliks[n:]
+        return mc_predict(cond, ex.choices, "calibrated", unconditional=uncond), [c - u for c, u in zip(cond, uncond)]
+    return mc_predict(logliks, ex.choices, method), [x / len(c) for x, c in zip(logliks, ex.choices)]
+
+
+def evaluate_mc(lm, task: MCTask, examples: list[MCExample], *, chunk: int = 64, progress: bool = False) -> dict:
+    """{"task", "acc" (fraction), "n", "method", "examples": per-example logs}."""
+    from tqdm import tqdm
+
+    logs = []
+    bar = tqdm(total=len(examples), desc=task.name, disable=not progress, file=sys.stderr)
+    for start in range(0, len(examples), chunk):
+        group = examples[start: start + chunk]
+        reqs = [mc_requests(ex, task.method) for ex in group]
+        flat = lm.loglikelihood([r for rs in reqs for r in rs])
+        pos = 0
+        for ex, rs in zip(group, reqs):
+            lls = [lp for lp, _ in flat[pos: pos + len(rs)]]
+            pos += len(rs)
+            pred, scores = score_example(ex, task.method, lls)
+            logs.append({"id": ex.id, "prompt": ex.context or ex.contexts, "choices": ex.choices,
+                         "loglikelihoods": lls, "scores": scores, "prediction": pred, "gold": ex.gold,
+                         "correct": pred == ex.gold})
+        bar.update(len(group))
+    bar.close()
+    n = len(logs)
+    return {"task": task.name, "title": task.title, "method": task.method, "n": n,
+            "acc": sum(e["correct"] for e in logs) / n if n else 0.0, "paper": task.paper, "examples": logs}
+
+
+def evaluate_qa(lm, task: QATask, examples: list[QAExample], *, shots: int = 0,
+                fewshot_pool: list[QAExample] | None = None, chunk: int = 64, progress: bool = False) -> dict:
+    """Exact match of greedy answers (section 3.2); {"task", "acc", "n", "shots", "examples"}."""
+    from tqdm import tqdm
+
+    if shots and not fewshot_pool:
+        raise ValueError(f"{shots}-shot {task.name} needs few-shot examples: pass --fewshot-data FILE "
+                         "(the train split, same layout as --data)")
+    logs = []
+    bar = tqdm(total=len(examples), desc=task.name, disable=not progress, file=sys.stderr)
+    for start in range(0, len(examples), chunk):
+        group = examples[start: start + chunk]
+        prompts = [qa_prompt(ex.question, fewshot_examples(fewshot_pool or [], shots, ex.question)) for ex in group]
+        gens = lm.generate_until([(p, {"until": ["\n"], "max_gen_toks": MAX_ANSWER_TOKENS}) for p in prompts])
+        for ex, prompt, gen in zip(group, prompts, gens):
+            ok = exact_match(gen, ex.answers)
+            logs.append({"id": ex.id, "prompt": prompt, "generation": gen, "prediction": cut_answer(gen),
+                         "gold": ex.answers, "correct": ok})
+        bar.update(len(group))
+    bar.close()
+    n = len(logs)
+    return {"task": task.name, "title": task.title, "method": f"exact_match, {shots}-shot", "n": n, "shots": shots,
+            "acc": sum(e["correct"] for e in logs) / n if n else 0.0, "paper": task.paper.get(shots, {}),
+            "examples": logs}
+
+
+def evaluate_maj(lm, task: MathTask, examples: list[MathExample], *, k: int, temperature: float = SAMPLE_TEMPERATURE,
+                 shots: int = 0, fewshot_pool: list[MathExample] | None = None, seed: int = 1234,
+                 progress: bool = False) -> dict:
+    """maj1@k (section 3.4): k generations per problem (greedy when k=1), majority final answer."""
+    from tqdm import tqdm
+
+    if k < 1:
+        raise ValueError(f"maj1@k needs k >= 1, got {k}")
+    if shots and not fewshot_pool:
+        raise ValueError(f"{shots}-shot {task.name} needs few-shot examples: pass --fewshot-data FILE")
+    opts = {"until": list(task.until), "max_gen_toks": task.max_gen_toks, "seed": seed}
+    opts.update({"temperature": temperature, "do_sample": True} if k > 1 else {"temperature": 0.0})
+    logs = []
+    for ex in tqdm(examples, desc=task.name, disable=not progress, file=sys.stderr):
+        prompt = task.prompt(ex.question, fewshot_examples(fewshot_pool or [], shots, ex.question))
+        gens = lm.generate_until([(prompt, opts)] * k)
+        answers = [task.extract(g) for g in gens]
+        vote = majority_vote(answers)
+        logs.append({"id": ex.id, "prompt": prompt, "generations": gens, "answers": answers, "prediction": vote,
+                     "gold": ex.answer, "correct": vote is not None and vote == ex.answer})
+    n = len(logs)
+    key = "maj1@1" if k == 1 else "maj1@k"
+    return {"task": task.name, "title": task.title, "method": f"maj1@{k}" + (f", T={temperature:g}" if k > 1 else ""),
+            "n": n, "k": k, "acc": sum(e["correct"] for e in logs) / n if n else 0.0,
+            "paper": task.paper.get(key, {}), "examples": logs}
+
+
+def code_temperature(ks: list[int]) -> float:
+    # Section 3.5: pass@1 from samples at temperature 0.1, pass@100 / pass@80 at 0.8.
+    return PASS_AT_K_PRESETS["humaneval"][1] if max(ks) == 1 else PASS_AT_K_PRESETS["humaneval"][100]
+
+
+def evaluate_code(lm, task: CodeTask, examples: list[CodeExample], *, ks: list[int], n: int | None = None,
+                  temperature: float | None = None, shots: int = 0, fewshot_pool: list[CodeExample] | None = None,
+                  allow_code_execution: bool = False, seed: int = 1234, limits=None, workers: int | None = None,
+                  progress: bool = False) -> dict:
+    """pass@k (section 3.5): n completions per problem, each run in the sandbox."""
+    from tqdm import tqdm
+
+    from llamaworks.eval.code import DEFAULT_LIMITS, evaluate_samples
+    from llamaworks.eval.sandbox import DANGER
+
+    if not allow_code_execution:
+        raise ValueError(DANGER)
+    n = n or max(ks)
+    if n < max(ks):
+        raise ValueError(f"pass@{max(ks)} needs at least {max(ks)} samples per problem, got n={n}")
+    temperature = code_temperature(ks) if temperature is None else temperature
+    shot_list = mbpp_fewshot(fewshot_pool or [], shots) if shots else []
+    opts = {"until": list(task.until), "max_gen_toks": task.max_gen_toks, "seed": seed,
+            "temperature": temperature, "do_sample": temperature > 0}
+    samples, logs = [], []
+    for ex in tqdm(examples, desc=task.name, disable=not progress, file=sys.stderr):
+        prompt = task.prompt(ex, shot_list)
+        gens = lm.generate_until([(prompt, opts)] * n)
+        samples += [{"task_id": ex.id, "completion": g} for g in gens]
+        logs.append({"id": ex.id, "prompt": prompt, "completions": gens})
+    problems = {ex.id: ex.problem for ex in examples}
+    scores, per_sample = evaluate_samples(samples, problems, ks, allow_code_execution=True,
+                                          limits=limits or DEFAULT_LIMITS, workers=workers, program=task.program)
+    for i, log in enumerate(logs):
+        log["results"] = [r["result"] for r in per_sample[i * n:(i + 1) * n]]
+        log["correct"] = sum(r["passed"] for r in per_sample[i * n:(i + 1) * n])
+    first = f"pass@{min(ks)}"
+    return {"task": task.name, "title": task.title, "method": f"n={n}, T={temperature:g}", "n": len(logs),
+            "samples_per_problem": n, "scores": scores, "acc": scores.get(first, 0.0),
+            "paper": {k: task.paper.get(k, {}) for k in scores}, "examples": logs}
+
+
+def results_table(results: list[dict]) -> str:
+    # Laid out as the paper's tables: one row per benchmark (and per pass@k), scores in %.
+    lines = [f"{'Task':<20} {'n':>6} {'score':>7} {'LLaMA-7B':>9} {'LLaMA-65B':>10}  scoring", "-" * 75]
+    nan = float("nan")
+    for r in results:
+        rows = ([(f"{r['title']} {k}", v, r["paper"].get(k, {})) for k, v in r["scores"].items()]
+                if "scores" in r else [(r["title"], r["acc"], r.get("paper", {}))])
+        for title, score, p in rows:
+            lines.append(f"{title:<20} {r['n']:>6} {100 * score:>7.1f} {p.get('7B', nan):>9.1f} "
+                         f"{p.get('65B', nan):>10.1f}  {r['method']}")
+    return "\n".join(lines)
+
+
+def eval_command(
+    checkpoint: Annotated[str, Arg("model directory (params.json, model.safetensors, tokenizer.model)")],
+    task: Annotated[str, Arg("task name(s), comma-separated: boolq, piqa, siqa, hellaswag, winogrande, "
+                             "arc_easy, arc_challenge, openbookqa, naturalquestions, triviaqa, gsm8k, math, "
+                             "humaneval, mbpp")],
+    data: Annotated[str | None, Arg("the task's data file (JSONL/JSON/Parquet), or a directory holding "
+                                    "NAME.jsonl for each task")] = None,
+    limit: Annotated[int | None, Arg("evaluate only the first N examples of each task")] = None,
+    shots: Annotated[int | None, Arg("few-shot examples (default: the paper's: 0, and 3 for MBPP; QA: 0, 1, 5 "
+                                     "or 64); common-sense tasks are zero-shot")] = None,
+    fewshot_data: Annotated[str | None, Arg("file of few-shot examples (the train split, same layout)")] = None,
+    maj_k: Annotated[int | None, Arg("samples per problem for maj1@k (GSM8k, MATH; default: the paper's "
+                                     "100 and 256; 1 is greedy)")] = None,
+    temperature: Annotated[float | None, Arg("sampling temperature (default: the paper's: 0.6 for maj1@k, "
+                                             "0.1 for pass@1, 0.8 for pass@k>1)")] = None,
+    k: Annotated[str, Arg("pass@k to report for code tasks, comma-separated")] = "1",
+    samples_per_task: Annotated[int | None, Arg("completions per code problem (default: the largest k)")] = None,
+    allow_code_execution: Annotated[bool, Arg("run model-written code for humaneval/mbpp (dangerous; "
+                                              "sandboxed, see `llamaworks eval code --help`)")] = False,
+    seed: Annotated[int, Arg("random seed of sampled generations")] = 1234,
+    output: Annotated[str | None, Arg("write results (scores and per-example logs) as JSON here")] = None,
+    batch_size: Annotated[int, Arg("sequences per forward pass (scores do not depend on it)")] = 8,
+    bos: Annotated[bool, Arg("start every context with <s> as in LLaMA's training (--no-bos: lm-eval's "
+                             "transformers default)")] = True,
+    device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
+    dtype: Annotated[str | None, Arg("float32, bfloat16 or float16")] = None,
+) -> int:
+    """The paper's benchmarks (section 3): zero-shot multiple choice (accuracy, Table 3) and
+    closed-book QA (exact match, Tables 4-5), maj1@k on GSM8k and MATH (Table 7), pass@k on
+    HumanEval and MBPP (Table 8, needs --allow-code-execution), beside the paper's LLaMA-7B
+    and LLaMA-65B numbers."""
+    from llamaworks.eval.lm import EvalModel
+
+    tasks = [get_task(t.strip()) for t in task.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--task needs at least one task name")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    if shots is not None and shots < 0:
+        raise ValueError(f"--shots must be >= 0, got {shots}")
+    code = [t.name for t in tasks if isinstance(t, CodeTask)]
+    if code and not allow_code_execution:
+        from llamaworks.eval.sandbox import DANGER
+
+        raise ValueError(f"{', '.join(code)} run(s) the model's code: " + DANGER.replace(
+            "allow_code_execution=True (--allow-code-execution)", "--allow-code-execution"))
+    from llamaworks.eval.code import parse_ks
+
+    ks = parse_ks(k)
+    if maj_k is not None and maj_k < 1:
+        raise ValueError(f"--maj-k must be >= 1, got {maj_k}")
+    mc = [t.name for t in tasks if isinstance(t, MCTask)]
+    if shots and mc:
+        raise ValueError(f"the paper evaluates {', '.join(mc)} zero-shot (section 3.1): drop --shots for them")
+    paths = {}
+    for t in tasks:
+        if data is not None and Path(data).is_dir():
+            paths[t.name] = Path(data) / f"{t.name}.jsonl"
+        elif len(tasks) > 1 and data is not None:
+            raise ValueError("with several tasks, --data must be a directory holding NAME.jsonl per task")
+        else:
+            paths[t.name] = data
+    n_shots = {t.name: shots if shots is not None else getattr(t, "default_shots", 0) for t in tasks}
+    if any(n_shots.values()) and fewshot_data is None:
+        few = [f"{name} ({n}-shot)" for name, n in n_shots.items() if n]
+        raise ValueError(f"{', '.join(few)} needs --fewshot-data FILE: the train (MBPP: prompt) split, drawn "
+                         "from deterministically")
+    # Read every file before loading the model, so a missing one fails fast.
+    examples = {t.name: t.load(paths[t.name], limit) for t in tasks}
+    pools = {t.name: t.load(fewshot_data) for t in tasks if n_shots[t.name]}
+    lm = EvalModel.from_dir(checkpoint, device=device, dtype=dtype, batch_size=batch_size, add_bos=bos)
+    results = []
+    for t in tasks:
+        if isinstance(t, MCTask):
+            results.append(evaluate_mc(lm, t, examples[t.name], progress=sys.stderr.isatty()))
+        elif isinstance(t, MathTask):
+            results.append(evaluate_maj(lm, t, examples[t.name], k=maj_k or t.default_k,
+                                        temperature=SAMPLE_TEMPERATURE if temperature is None else temperature,
+                                        shots=n_shots[t.name], fewshot_pool=pools.get(t.name), seed=seed,
+                                        progress=sys.stderr.isatty()))
+        elif isinstance(t, CodeTask):
+            results.append(evaluate_code(lm, t, examples[t.name], ks=ks, n=samples_per_task, temperature=temperature,
+                                         shots=n_shots[t.name], fewshot_pool=pools.get(t.name), seed=seed,
+                                         allow_code_execution=True, progress=sys.stderr.isatty()))
+        else:
+            results.append(evaluate_qa(lm, t, examples[t.name], shots=n_shots[t.name],
+                                       fewshot_pool=pools.get(t.name), progress=sys.stderr.isatty()))
+    print(results_table(results))
+    if output:
+        from llamaworks.atomic import atomic_write_json
+
+        atomic_write_json(Path(output), {"checkpoint": str(checkpoint), "add_bos": bos,
+                                         "results": {r["task"]: r for r in results}})
+    return 0

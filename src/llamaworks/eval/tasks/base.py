@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class MCExample:
+    context: str
+    choices: list[str]  # continuations as scored, with their leading space
+    gold: int
+    id: str = ""
+    # WinoGrande partial scoring: one context per choice and a shared continuation.
+    contexts: list[str] | None = None
+    continuation: str | None = None
+
+
+@dataclass(frozen=True)
+class MCTask:
+    name: str
+    title: str  # as the paper's Table 3 header
+    method: str  # "char_norm", "calibrated" or "partial" (see eval.metrics)
+    parse: Callable[[dict], MCExample]
+    layout: str  # the fields of one record, for error messages
+    source: str  # where the public data lives
+    paper: dict[str, float] = field(default_factory=dict)  # {"7B": ..., "65B": ...}, accuracy in %
+
+    def load(self, path: str | os.PathLike | None, limit: int | None = None) -> list[MCExample]:
+        if path is None:
+            raise ValueError(f"task {self.name} needs --data FILE: {self.layout}. Public data: {self.source}")
+        records = read_records(path, self)
+        if limit is not None:
+            records = records[:limit]
+        out = []
+        for i, r in enumerate(records):
+            try:
+                ex = self.parse(r)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise ValueError(f"{path}: record {i} is not in {self.name}'s format ({self.layout}): "
+                                 f"{type(e).__name__}: {e}") from None
+            ex.id = ex.id or str(r.get("id", r.get("idx", i)))
+            out.append(ex)
+        return out
+
+
+def read_records(path: str | os.PathLike, task: MCTask | None = None) -> list[dict]:
+    path = Path(path)
+    name = f"task {task.name}: " if task else ""
+    if not path.is_file():
+        hint = f" Expected {task.layout}. Public data: {task.source}" if task else ""
+        raise FileNotFoundError(f"{name}data file {path} does not exist.{hint}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{name}{path} is Parquet: pip install pyarrow, or convert it to JSONL") from None
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, list) else data.get("data", [data])
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{name}{path}:{lineno}: not JSON ({e})") from None
+    return records

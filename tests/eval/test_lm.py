@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaworks.eval.lm import EvalModel, GenOptions, disjoint_window, rolling_windows, split_trailing_space
+
+REQUESTS = [
+    ("The king said", " good night"),
+    ("The king said ", "good night"),
+    ("", "Thou art fair"),
+    ("Scene 3.\nThe queen", " will come"),
+    ("A", "B"),
+    ("Speak love night day sword crown heart blood fair foul good ill thou thee thy art", " hath doth"),
+    ("Q: what is 12+30?\nA:", " 42"),
+    ("Lady", ", my lord."),
+    ("The king said", " good day"),
+    ("x" * 40, " y"),
+    ("Go", " go go go go go go go go go go"),
+]
+
+
+def _manual(model, ctx, cont):
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids)[0].double(), -1)
+    pos = range(len(ctx) - 1, len(ctx) + len(cont) - 1)
+    return sum(float(lp[p, t]) for p, t in zip(pos, cont))
+
+
+def test_split_trailing_space():
+    assert split_trailing_space("Answer: ", "Paris") == ("Answer:", " Paris")
+    assert split_trailing_space("Answer:\n ", "x") == ("Answer:", "\n x")
+    assert split_trailing_space("Answer:", " Paris") == ("Answer:", " Paris")
+
+
+def test_encode_pair_splits_the_joint_encoding(tiny_model, tiny_tokenizer):
+    lm = EvalModel(tiny_model, tiny_tokenizer)
+    ctx, cont = lm.encode_pair("The king said ", "good night")
+    whole = tiny_tokenizer.encode("The king said good night", bos=False)
+    assert ctx[0] == tiny_tokenizer.bos_id and ctx[1:] == tiny_tokenizer.encode("The king said", bos=False)
+    assert cont == whole[len(ctx) - 1:]
+    assert lm.encode_pair("", "Thou")[0] == [tiny_tokenizer.bos_id]
+    no_bos = EvalModel(tiny_model, tiny_tokenizer, add_bos=False)
+    assert no_bos.encode_pair("The king said ", "good night") == (ctx[1:], cont)
+    assert no_bos.encode_pair("", "Thou")[0] == [tiny_tokenizer.bos_id]  # lm-eval's prefix token
+    with pytest.raises(ValueError, match="continuation"):
+        lm.encode_pair("a", "")
+
+
+def test_loglikelihood_matches_a_direct_forward(tiny_model, tiny_tokenizer):
+    lm = EvalModel(tiny_model, tiny_tokenizer, batch_size=4)
+    got = lm.loglikelihood(REQUESTS)
+    for (c, x), (lp, greedy) in zip(REQUESTS, got):
+        ctx, cont = lm.encode_pair(c, x)
+        assert lp == pytest.approx(_manual(tiny_model, ctx, cont), abs=1e-5)
+        assert lp < 0 and isinstance(greedy, bool)
+
+
+def test_is_greedy_for_the_models_own_greedy_continuation(tiny_model, tiny_tokenizer):
+    lm = EvalModel(tiny_model, tiny_tokenizer)
+    ctx = [tiny_tokenizer.bos_id] + tiny_tokenizer.encode("The king", bos=False)
+    with torch.no_grad():
+        nxt = int(tiny_model(torch.tensor([ctx]))[0, -1].argmax())
+        other = (nxt + 1) % tiny_tokenizer.vocab_size
+    (_, g1), (_, g2) = lm.loglikelihood_tokens([(ctx, [nxt]), (ctx, [other])])
+    assert g1 and not g2
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_results_do_not_depend_on_batch_size(tiny_model, tiny_tokenizer, add_bos):
+    one = EvalModel(tiny_model, tiny_tokenizer, batch_size=1, add_bos=add_bos)
+    seven = EvalModel(tiny_model, tiny_tokenizer, batch_size=7, add_bos=add_bos)
+    for (a, ga), (b, gb) in zip(one.loglikelihood(REQUESTS), seven.loglikelihood(REQUESTS)):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+    texts = [c + x for c, x in REQUESTS]
+    assert one.loglikelihood_rolling(texts) == pytest.approx(seven.loglikelihood_rolling(texts), abs=1e-5)
+    gen = [(c, {"until": ["\n"], "max_gen_toks": 6}) for c, _ in REQUESTS]
+    assert one.generate_until(gen) == seven.generate_until(gen)
+
+
+def test_long_inputs_are_truncated_from_the_left(tiny_model, tiny_tokenizer):
+    lm = EvalModel(tiny_model, tiny_tokenizer, max_length=16)
+    ctx, cont = list(range(10, 40)), [5, 6, 7]
+    (lp, _), = lm.loglikelihood_tokens([(ctx, cont)])
+    kept = (ctx + cont)[-17:]
+    assert lp == pytest.approx(_manual(tiny_model, kept[: -len(cont)], cont), abs=1e-5)
+    with pytest.raises(ValueError, match="max_length"):
+        lm.loglikelihood_tokens([([1], list(range(3, 20)))])
+
+
+def test_rolling_windows_match_lm_eval():
+    # The gold windows of lm-evaluation-harness' test_get_rolling_token_windows_v1.
+    gold = [
+        ([-100, 0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        ([9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]),
+        ([19, 20, 21, 22, 23, 24, 25, 26, 27, 28], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]),
+        ([23, 24, 25, 26, 27, 28, 29, 30, 31, 32], [30, 31, 32, 33]),
+    ]
+    assert list(rolling_windows(list(range(34)), -100, 10, 1)) == gold
+    assert disjoint_window(gold[3]) == ([23, 24, 25, 26, 27, 28, 29], [30, 31, 32, 33])
+    assert list(rolling_windows([], 0, 10)) == []
+
+
+def test_rolling_loglikelihood_covers_long_texts(tiny_model, tiny_tokenizer):
+    short = EvalModel(tiny_model, tiny_tokenizer, max_length=8)
+    text = "The king said good night to the queen and the lord, 1234."
+    toks = tiny_tokenizer.encode(text, bos=False)
+    assert len(toks) > 16
+    expected = sum(_manual(tiny_model, *disjoint_window(w))
+                   for w in rolling_windows(toks, tiny_tokenizer.bos_id, 8))
+    assert short.loglikelihood_rolling([text])[0] == pytest.approx(expected, abs=1e-5)
+    # Within one window, rolling = loglikelihood of the text after an empty context (BOS).
+    full = EvalModel(tiny_model, tiny_tokenizer)
+    assert full.loglikelihood_rolling([text])[0] == pytest.approx(full.loglikelihood([("", text)])[0][0], abs=1e-5)
+
+
+def test_generate_until_is_greedy_and_cut_at_stop(tiny_model, tiny_tokenizer):
+    from llamaworks.generate import generate
+
+    lm = EvalModel(tiny_model, tiny_tokenizer)
+    ref = generate(tiny_model, tiny_tokenizer, ["The king said"], 12, temperature=0)[0].text
+    assert lm.generate_until([("The king said", {"max_gen_toks": 12})]) == [ref]
+    stop = ref.strip()[:2]
+    got = lm.generate_until([("The king said", {"max_gen_toks": 12, "until": [stop]})])[0]
+    assert got == ref[: ref.find(stop)]
+
+
+def test_sampling_does_not_depend_on_batch_size(tiny_model, tiny_tokenizer):
+    reqs = [(c, {"temperature": 1.0, "max_gen_toks": 8, "seed": 7}) for c, _ in REQUESTS[:5]]
+    reqs += [("The king said", {"temperature": 1.0, "max_gen_toks": 8, "seed": 7})] * 4  # k samples of one prompt
+    one = EvalModel(tiny_model, tiny_tokenizer, batch_size=1).generate_until(reqs)
+    seven = EvalModel(tiny_model, tiny_tokenizer, batch_size=7).generate_until(reqs)
+    assert one == seven
+    assert len(set(one[5:])) > 1  # the copies are different samples
+    other_seed = [(c, {**o, "seed": 8}) for c, o in reqs]
+    assert EvalModel(tiny_model, tiny_tokenizer, batch_size=7).generate_until(other_seed) != one
+
+
+def test_gen_options():
+    assert GenOptions.parse({"until": "\n"}).until == ("\n",)
+    assert GenOptions.parse({"temperature": 0.8, "do_sample": False}).temperature == 0.0
+    assert GenOptions.parse({"do_sample": True}).temperature == 1.0
+    assert GenOptions.parse({"temperature": 0.1}).temperature == 0.1
+    with pytest.raises(ValueError, match="max_tokens"):
+        GenOptions.parse({"max_tokens": 3})
+    with pytest.raises(ValueError, match="max_gen_toks"):
+        GenOptions.parse({"max_gen_toks": 0})
