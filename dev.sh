@@ -4,6 +4,8 @@
 #   ./dev.sh demo [--minutes M | --steps N] [...]   the main job (see README)
 #   ./dev.sh test [pytest args]                      the whole test suite (fast, then slow)
 #   ./dev.sh llamaworks COMMAND ...                  any CLI command
+#   ./dev.sh extras                                  optional: llama.cpp (llama-cpp-python, builds
+#                                                    from source: ~6-10 min once, then cached by pip)
 # torch is pinned (LLAMAWORKS_TORCH, default torch==2.13.0) and installed first so
 # nothing else can pull a different (multi-GB CUDA) build.
 set -euo pipefail
@@ -49,6 +51,12 @@ case "$cmd" in
     exec "$VENV/bin/llamaworks" "$@" ;;
   setup)
     setup ;;
+  extras)
+    setup
+    # llama.cpp for the GGUF parity tests and the decode benchmark; its tests skip without it.
+    CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+      timeout "${LLAMAWORKS_EXTRAS_TIMEOUT:-1200}" \
+      "$PY" -m pip install -q -c "$VENV/constraints.txt" "llama-cpp-python==0.3.36" ;;
   *)
-    sed -n '2,9p' "$0"; exit 2 ;;
+    sed -n '2,11p' "$0"; exit 2 ;;
 esac
