@@ -58,5 +58,5 @@ case "$cmd" in
       timeout "${LLAMAWORKS_EXTRAS_TIMEOUT:-1200}" \
       "$PY" -m pip install -q -c "$VENV/constraints.txt" "llama-cpp-python==0.3.36" ;;
   *)
-    sed -n '2,11p' "$0"; exit 2 ;;
+    sed -n '2,10p' "$0"; exit 2 ;;
 esac

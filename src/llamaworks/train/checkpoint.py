@@ -81,11 +81,13 @@ def load_checkpoint(path: Path, model, optimizer, loader) -> dict:
         own = model.state_dict()
         missing = sorted(set(own) - set(weights))
         if missing:
-            raise ValueError(f"{path / WEIGHTS}: checkpoint lacks {missing[:3]}; it belongs to a different model")
+            raise ValueError(f"{path / WEIGHTS}: checkpoint lacks {missing[:3]}; it belongs to a different "
+                             "model")
         for k, v in own.items():
             if v.shape != weights[k].shape:
-                raise ValueError(f"{path / WEIGHTS}: {k} has shape {tuple(weights[k].shape)}, the model expects "
-                                 f"{tuple(v.shape)}; the run's model config changed since this checkpoint")
+                raise ValueError(f"{path / WEIGHTS}: {k} has shape {tuple(weights[k].shape)}, the model "
+                                 f"expects {tuple(v.shape)}; the run's model config changed since this "
+                                 "checkpoint")
             v.copy_(weights[k])
     try:
         state = torch.load(path / STATE, map_location="cpu", weights_only=False)

@@ -43,9 +43,8 @@ class MetricsLog:
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
             # On resume, drop lines past the checkpoint: they will be logged again.
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self._f = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -57,7 +56,15 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    rows = []
+    for ln in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            # A run killed in the middle of a write leaves its last line torn; every
+            # complete line before it is still good, and resuming rewrites the rest.
+            continue
+    return rows
 
 
 def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:

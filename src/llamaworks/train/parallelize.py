@@ -27,19 +27,20 @@ class ParallelDims:
     world_size: int = 1
 
     @classmethod
-    def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, world_size: int, n_heads: int) -> ParallelDims:
+    def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, world_size: int,
+                n_heads: int) -> ParallelDims:
         for name, v in (("parallel.dp_replicate", dp_replicate), ("parallel.tp", tp)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if dp_shard == -1:
             if world_size % (dp_replicate * tp):
-                raise ValueError(f"world size {world_size} is not divisible by parallel.dp_replicate * parallel.tp "
-                                 f"= {dp_replicate * tp}")
+                raise ValueError(f"world size {world_size} is not divisible by parallel.dp_replicate * "
+                                 f"parallel.tp = {dp_replicate * tp}")
             dp_shard = world_size // (dp_replicate * tp)
         if dp_replicate * dp_shard * tp != world_size:
-            raise ValueError(f"parallel degrees dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} = "
-                             f"{dp_replicate * dp_shard * tp} but the world size is {world_size}; make their product "
-                             "equal the number of processes (dp_shard=-1 fills the rest)")
+            raise ValueError(f"parallel degrees dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} "
+                             f"= {dp_replicate * dp_shard * tp} but the world size is {world_size}; make "
+                             "their product equal the number of processes (dp_shard=-1 fills the rest)")
         if n_heads % tp:
             raise ValueError(f"parallel.tp={tp} does not divide the model's n_heads={n_heads}")
         return cls(dp_replicate, dp_shard, tp, world_size)

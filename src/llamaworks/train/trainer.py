@@ -33,7 +33,26 @@ def resolve_amp(device: torch.device, dtype: str) -> torch.dtype:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))  # (bsz*seq, vocab) vs (bsz*seq,)
+    # (bsz*seq, vocab) against (bsz*seq,)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+
+
+def accumulate_gradients(model, loader, accum: int, device, amp) -> torch.Tensor:
+    """Forward and backward `accum` micro-batches; return their mean loss (detached).
+
+    Each micro-batch loss is divided by `accum` before backward, so the summed gradients
+    are those of the mean loss over all accum * micro_batch_size sequences: the same
+    update as one batch that large (the paper's 4M-token batches, section 2.3).
+    """
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(accum):
+        x, y = next(loader)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with amp:
+            loss = cross_entropy(model(x), y) / accum
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 @torch.no_grad()
@@ -60,7 +79,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     from llamaworks.modeldir import resolve_device, save_model
     from llamaworks.plan import flops_per_token
     from llamaworks.tokenizer import Tokenizer
-    from llamaworks.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from llamaworks.train import checkpoint as ckpt_io
     from llamaworks.train.metrics import MetricsLog, measure_peak_flops, plot_loss_curve
     from llamaworks.train.optim import build_optimizer
     from llamaworks.train.parallelize import ParallelDims, parallelize
@@ -69,6 +88,10 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
 
     out = Path(cfg.run.out_dir)
     t_cfg = cfg.train
+    if t_cfg.max_minutes is not None and t_cfg.max_minutes <= 0:
+        # 0 would otherwise read as "no limit"; an unset value is the way to ask for none.
+        raise ValueError(f"train.max_minutes must be > 0, got {t_cfg.max_minutes}; "
+                         "remove it for no time limit")
     if not cfg.data.dir:
         raise ValueError("data.dir is not set: point it at token shards made by `llamaworks prepare`")
     manifest = open_token_dataset(cfg.data.dir)
@@ -83,7 +106,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     device, _ = resolve_device(t_cfg.device)
     amp_dtype = resolve_amp(device, t_cfg.dtype)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    dims = ParallelDims.resolve(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, cfg.parallel.tp, 1, args.n_heads)
+    par = cfg.parallel
+    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, 1, args.n_heads)
 
     torch.manual_seed(t_cfg.seed)
     model = build_model(args, device=device, seed=t_cfg.seed)
@@ -98,35 +122,43 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     decay_steps = cfg.schedule.decay_steps or t_cfg.max_steps
 
     step, tokens_seen, elapsed_before = 0, 0, 0.0
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt = ckpt_io.latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
         log.warning("--resume: no complete checkpoint in %s, starting from scratch", out)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, loader)
+        state = ckpt_io.load_checkpoint(ckpt, model, optimizer, loader)
         step, tokens_seen, elapsed_before = state["step"], state["tokens"], state.get("elapsed_s", 0.0)
         log.info("resumed from %s (step %d, %d tokens)", ckpt, step, tokens_seen)
-    elif not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose another "
-                         "run.out_dir")
+    elif not resume and ckpt_io.list_checkpoints(out):
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose "
+                         "another run.out_dir")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.toml", dumps(cfg))
 
     fpt = flops_per_token(args, t_cfg.seq_len)
     peak = cfg.hardware.peak_flops or measure_peak_flops(device)
     log.info("model: %s preset, %.2fM parameters; %d tokens/step (%d micro-batches of %dx%d, dp=%d); "
-             "%.3g FLOPs/token; peak %.3g FLOP/s (%s)", cfg.model.preset, n_params / 1e6, tokens_per_step, accum,
-             t_cfg.micro_batch_size, t_cfg.seq_len, dims.dp, fpt, peak,
+             "%.3g FLOPs/token; peak %.3g FLOP/s (%s)", cfg.model.preset, n_params / 1e6, tokens_per_step,
+             accum, t_cfg.micro_batch_size, t_cfg.seq_len, dims.dp, fpt, peak,
              "given" if cfg.hardware.peak_flops else "measured")
     metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=step)
     val_loader = None
-    if cfg.eval.every > 0 and manifest.get("splits", {}).get("val", {}).get("tokens", 0) > t_cfg.seq_len:
-        val_loader = lambda: TokenLoader(cfg.data.dir, "val", batch_size=t_cfg.micro_batch_size,  # noqa: E731
-                                         seq_len=t_cfg.seq_len, shuffle=False, infinite=False)
+    if cfg.eval.every > 0:
+        # Built (and so checked) here: a val split too small for one micro-batch must not
+        # surface as a crash at the first evaluation, after minutes of training.
+        val_windows = max(0, manifest["splits"]["val"]["tokens"] - 1) // t_cfg.seq_len
+        if val_windows >= t_cfg.micro_batch_size:
+            val_loader = TokenLoader(cfg.data.dir, "val", batch_size=t_cfg.micro_batch_size,
+                                     seq_len=t_cfg.seq_len, shuffle=False, infinite=False)
+        else:
+            log.warning("no validation loss: the val split of %s has %d windows of %d tokens, fewer than one "
+                        "micro-batch of %d; prepare with a larger val_fraction or set eval.every = 0",
+                        cfg.data.dir, val_windows, t_cfg.seq_len, t_cfg.micro_batch_size)
 
     def checkpoint(elapsed: float) -> Path:
-        return save_checkpoint(out, step, model, tokenizer, optimizer, loader,
-                               {"tokens": tokens_seen, "elapsed_s": elapsed, "config": dumps(cfg)},
-                               cfg.checkpoint.keep_last)
+        return ckpt_io.save_checkpoint(out, step, model, tokenizer, optimizer, loader,
+                                       {"tokens": tokens_seen, "elapsed_s": elapsed, "config": dumps(cfg)},
+                                       cfg.checkpoint.keep_last)
 
     bar = tqdm(total=t_cfg.max_steps, initial=step, disable=not cfg.log.progress, dynamic_ncols=True,
                file=sys.stderr, unit="step")
@@ -135,26 +167,25 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     last_ckpt = ckpt
     deadline = t_start + 60 * t_cfg.max_minutes if t_cfg.max_minutes else None
     stop_reason = "max_steps"
+    loss_val: float | None = None  # stays None when resuming a run that already reached max_steps
+    start_step, val_step, final_val = step, -1, None
     try:
         while step < t_cfg.max_steps:
             lr = lr_at(step, cfg.optim.lr, cfg.schedule.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
-                x, y = next(loader)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with amp:
-                    loss = cross_entropy(model(x), y) / accum
-                loss.backward()
-                loss_sum += loss.detach()
+            loss_val = accumulate_gradients(model, loader, accum, device, amp).item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            loss_val = loss_sum.item()
-            if not math.isfinite(loss_val):
-                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+            # A finite loss with an inf/nan gradient would still poison the weights (and every
+            # later checkpoint) once the optimizer steps, so both are checked before it does.
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
+                what = "gradient norm" if math.isfinite(loss_val) else "loss"
+                where = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
+                         else "no checkpoint was saved yet")
                 raise NonFiniteLossError(
-                    f"loss is {loss_val} at step {step + 1}: stopping without saving; {where}. Lower optim.lr, "
-                    "raise schedule.warmup_steps or check the data, then resume with --resume")
+                    f"non-finite {what} at step {step + 1} (loss {loss_val}, gradient norm "
+                    f"{grad_norm.item()}): stopping without saving; {where}. Lower optim.lr, raise "
+                    "schedule.warmup_steps or check the data, then run again with --resume")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -171,9 +202,9 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                 t_window, tok_window = now, 0
             bar.update(1)
             if val_loader and step % cfg.eval.every == 0:
-                val = evaluate(model, val_loader(), cfg.eval.batches, device, amp)
-                metrics.write({"step": step, "tokens": tokens_seen, "val_loss": val})
-                log.info("step %d: validation loss %.4f", step, val)
+                val_step, final_val = step, evaluate(model, val_loader, cfg.eval.batches, device, amp)
+                metrics.write({"step": step, "tokens": tokens_seen, "val_loss": final_val})
+                log.info("step %d: validation loss %.4f", step, final_val)
                 t_window, tok_window = time.perf_counter(), 0
             if deadline and time.perf_counter() >= deadline:
                 stop_reason = f"time limit ({t_cfg.max_minutes} min)"
@@ -181,17 +212,15 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             if step % cfg.checkpoint.every == 0 and step < t_cfg.max_steps:
                 last_ckpt = checkpoint(elapsed_before + time.perf_counter() - t_start)
                 t_window, tok_window = time.perf_counter(), 0
+        if val_loader and val_step != step:  # the final weights' validation loss, unless just measured
+            final_val = evaluate(model, val_loader, cfg.eval.batches, device, amp)
+            if step > start_step:  # else the run being resumed already logged it
+                metrics.write({"step": step, "tokens": tokens_seen, "val_loss": final_val})
     finally:
         bar.close()
         metrics.close()
 
     elapsed = elapsed_before + time.perf_counter() - t_start
-    final_val = evaluate(model, val_loader(), cfg.eval.batches, device, amp) if val_loader else None
-    if final_val is not None:
-        with open(out / "metrics.jsonl", "a") as f:
-            import json
-
-            f.write(json.dumps({"step": step, "tokens": tokens_seen, "val_loss": final_val}) + "\n")
     if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
         last_ckpt = checkpoint(elapsed)
     save_model(model, tokenizer, out / "model")
@@ -200,7 +229,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     device_hours = elapsed / 3600 * dims.world_size
     power = cfg.hardware.power_w or (400.0 if device.type == "cuda" else 65.0)
     summary = {"steps": step, "tokens": tokens_seen, "stop_reason": stop_reason, "elapsed_s": elapsed,
-               "params": n_params, "final_train_loss": loss_val if step else None, "final_val_loss": final_val,
+               "params": n_params, "final_train_loss": loss_val, "final_val_loss": final_val,
                "checkpoint": str(last_ckpt), "model_dir": str(out / "model"),
                "loss_curve": str(curve) if curve else None,
                "energy": run_summary(device_hours, power)}
@@ -240,9 +269,13 @@ def resolve_config_path(config: str | None) -> Path | None:
 
 def format_summary(s: dict) -> str:
     val = f", validation loss {s['final_val_loss']:.4f}" if s.get("final_val_loss") is not None else ""
+    loss = s.get("final_train_loss")
+    train_loss = f"{loss:.4f}" if loss is not None else "n/a (no new steps)"
     e = s["energy"]
     return (f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['elapsed_s'] / 60:.1f} min "
-            f"({s['stop_reason']}); train loss {s['final_train_loss']:.4f}{val}\n"
+            f"({s['stop_reason']}); train loss {train_loss}{val}\n"
             f"model: {s['model_dir']}  checkpoint: {s['checkpoint']}\n"
             f"energy: {e['energy_mwh'] * 1e6:.1f} Wh, {e['tco2eq'] * 1e6:.1f} gCO2eq "
             f"(section 6 formula, {e['power_w']:.0f} W, PUE {e['pue']})")
+
+pretrain.config_class = JobConfig
