@@ -1,0 +1,88 @@
+"""C4's cleaning rules (Raffel et al. 2020, section 2.2; tensorflow/datasets c4_utils.clean_page).
+
+Lines go when they lack terminal punctuation, have fewer than 3 words, mention javascript
+or carry cookie/privacy-policy boilerplate; pages go when they keep fewer than 5 sentences
+or contain "lorem ipsum", a curly brace or a word of the bad-words list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from llamaworks.data.step import LineCleaner
+
+END_MARKS = (".", "?", "!", '"')  # c4_utils._END_MARKS
+MIN_WORDS_PER_LINE = 3  # c4_utils: min_words_per_line=3
+MIN_NUM_SENTENCES = 5  # c4_utils: min_num_sentences=5
+MAX_WORD_LENGTH = 1000  # c4_utils: lines with a word longer than this are dropped
+POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
+                     "use cookies")  # c4_utils._POLICY_SUBSTRINGS
+_SENTENCE = re.compile(r"[^.!?]+[.!?]+")  # c4 uses nltk's punkt; a terminal-mark split is its plain stand-in
+_WORDS = re.compile(r"[\w']+")
+
+
+def load_badwords(path: str | os.PathLike | None) -> frozenset[str]:
+    if path is None:
+        return frozenset()
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"bad-words list {p} not found; pass a file with one word or phrase per line "
+                                "(C4 used the LDNOOBW 'en' list)")
+    return frozenset(w.strip().lower() for w in p.read_text(encoding="utf-8").splitlines() if w.strip())
+
+
+class C4Filter(LineCleaner):
+    name = "c4_rules"
+    empty_reason = "no lines left after C4 line rules"
+
+    def __init__(self, badwords: str | os.PathLike | None = None, min_sentences: int = MIN_NUM_SENTENCES,
+                 min_words_per_line: int = MIN_WORDS_PER_LINE):
+        self.badwords_path = str(badwords) if badwords else None
+        self.badwords = load_badwords(badwords)
+        self.min_sentences, self.min_words_per_line = min_sentences, min_words_per_line
+
+    def clean(self, doc):
+        text = doc.text
+        low = text.lower()
+        if "lorem ipsum" in low:
+            return None, {"contains 'lorem ipsum' (placeholder text)": []}
+        if "{" in text:
+            return None, {"contains a curly brace (code, not prose)": []}
+        if self.badwords:
+            words = set(_WORDS.findall(low))
+            if any((w in words) if " " not in w else (w in low) for w in self.badwords):
+                return None, {"contains a word of the bad-words list": []}
+        kept: list[str] = []
+        removed: dict[str, list[str]] = {"line without terminal punctuation": [],
+                                         f"line with fewer than {self.min_words_per_line} words": [],
+                                         "line mentions javascript": [], "cookie / policy boilerplate line": [],
+                                         f"line with a word longer than {MAX_WORD_LENGTH} characters": []}
+        for line in text.split("\n"):
+            line = line.strip()
+            if not line:
+                continue
+            words = line.split()
+            lower = line.lower()
+            if max(len(w) for w in words) > MAX_WORD_LENGTH:
+                removed[f"line with a word longer than {MAX_WORD_LENGTH} characters"].append(line)
+            elif not line.endswith(END_MARKS) or line.endswith("..."):  # c4: "..." is not an end
+                removed["line without terminal punctuation"].append(line)
+            elif len(words) < self.min_words_per_line:
+                removed[f"line with fewer than {self.min_words_per_line} words"].append(line)
+            elif "javascript" in lower:
+                removed["line mentions javascript"].append(line)
+            elif any(p in lower for p in POLICY_SUBSTRINGS):
+                removed["cookie / policy boilerplate line"].append(line)
+            else:
+                kept.append(line)
+        page = "\n".join(kept)
+        if len(_SENTENCE.findall(page)) < self.min_sentences:
+            return None, {f"fewer than {self.min_sentences} sentences after line rules": []}
+        return page, removed
+
+    def describe(self):
+        bad = f"bad words from {self.badwords_path}" if self.badwords_path else "no bad-words list given"
+        return (f"C4 rules: lines need terminal punctuation and >= {self.min_words_per_line} words, no javascript "
+                f"or policy boilerplate; pages need >= {self.min_sentences} sentences, no lorem ipsum, no '{{'; {bad}")

@@ -1,0 +1,119 @@
+"""The document record and the compressed JSONL shards documents travel in.
+
+One JSON object per line: {"id", "text", "source", "metadata"} — the same layout
+`llamaworks prepare` (train/shards.py) reads, so a pipeline's output tokenises as is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    source: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "text": self.text, "source": self.source, "metadata": self.metadata},
+                          ensure_ascii=False)
+
+
+class MalformedInput(ValueError):
+    """An input file that cannot be read as its format; the message starts with its path."""
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise ValueError("zstd shards need the `zstandard` package: pip install 'llamaworks[data]', "
+                         "or choose --compression gzip") from None
+    return zstandard
+
+
+def open_read(path: str | os.PathLike):
+    """Binary reader that undoes .gz / .zst / .bz2 by file name."""
+    name = str(path).lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        return io.BufferedReader(_zstd().open(path, "rb"))
+    if name.endswith(".bz2"):
+        import bz2
+
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[Document]:
+    path = Path(path)
+    with open_read(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
+                raise MalformedInput(f"{path}:{lineno}: malformed JSON ({why})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise MalformedInput(f"{path}:{lineno}: record has no string `text` field")
+            yield Document(id=str(rec.get("id", f"{path.name}:{lineno}")), text=rec["text"],
+                           source=str(rec.get("source") or ""), metadata=rec.get("metadata") or {})
+
+
+class ShardWriter:
+    """Writes documents to `path` under a temporary name; `close()` renames it into place.
+
+    A writer that is never closed (the process was killed, or `abort()` was called) leaves
+    no file at `path`, so a shard either exists complete or not at all.
+    """
+
+    def __init__(self, path: str | os.PathLike, compression: str = "gzip"):
+        if compression not in ("gzip", "zstd"):
+            raise ValueError(f"compression must be 'gzip' or 'zstd', got {compression!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._raw = open(self._tmp, "wb")
+        if compression == "gzip":
+            # mtime=0: identical documents give byte-identical shards (reproducible runs).
+            self._f = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
+        else:
+            self._f = _zstd().ZstdCompressor(level=3).stream_writer(self._raw, closefd=False)
+        self.count = 0
+
+    def write(self, doc: Document) -> None:
+        self._f.write(doc.to_json().encode("utf-8", errors="replace") + b"\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._f.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._raw.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.abort() if exc_type else self.close()
+
+
+def shard_suffix(compression: str) -> str:
+    return ".jsonl.gz" if compression == "gzip" else ".jsonl.zst"

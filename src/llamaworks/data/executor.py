@@ -1,0 +1,383 @@
+"""Runs a reader and a list of steps over input files on one machine.
+
+The executor, not the steps, owns: sharding (one input file = one shard, rank = its
+index), worker processes, progress, counting, the excluded documents, per-shard stats
+and completion markers. Layout of OUTPUT:
+
+    documents/NNNNN.jsonl.gz      kept documents of the last stage (what `prepare` reads)
+    excluded/SS-NNNNN.jsonl.gz    dropped documents with metadata.excluded = {step, reason}
+    stats.json, DATACARD.md       written at the end from the per-shard stats
+    .state/                       markers and per-shard stats; hidden so `prepare` skips it
+    .stages/S/                    outputs of intermediate stages
+
+Steps run in stages: consecutive ordinary steps form a parallel stage (each shard on
+its own worker, streaming, so memory is bounded by one document per step per worker);
+a step with `global_state` (cross-document dedup) gets a stage of its own that streams
+every shard of the previous stage through one process, in shard order. A parallel
+stage resumes shard by shard; a global stage, whose state lives in memory, resumes as a
+whole. Every file lands under a temporary name and is renamed into place; a shard's
+marker is written last, so a killed run never leaves a shard that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamaworks.atomic import atomic_write_json, atomic_write_text
+from llamaworks.data.document import Document, MalformedInput, ShardWriter, read_jsonl, shard_suffix
+from llamaworks.data.step import Dropped, LinesRemoved, Step
+
+log = logging.getLogger(__name__)
+
+_MEASURES = ("documents", "lines", "chars", "bytes")
+
+
+def _measure(doc: Document) -> tuple[int, int, int, int]:
+    text = doc.text
+    return 1, text.count("\n") + (1 if text and not text.endswith("\n") else 0), len(text), \
+        len(text.encode("utf-8", errors="replace"))
+
+
+def _zero() -> dict[str, int]:
+    return dict.fromkeys(_MEASURES, 0)
+
+
+def _add(into: dict[str, int], m: Iterable[int]) -> None:
+    for k, v in zip(_MEASURES, m):
+        into[k] += v
+
+
+@dataclass
+class StepStats:
+    name: str
+    description: str
+    into: dict[str, int] = field(default_factory=_zero)
+    kept: dict[str, int] = field(default_factory=_zero)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    lines_removed: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "description": self.description, "in": self.into, "kept": self.kept,
+                "dropped": self.dropped, "lines_removed": self.lines_removed}
+
+
+class Reader:
+    """Turns one input file into documents. `files` expands the user's inputs into the shards."""
+
+    name = "reader"
+    patterns: tuple[str, ...] = ("*",)
+
+    def files(self, inputs: Iterable[str | os.PathLike]) -> list[Path]:
+        out: list[Path] = []
+        for raw in inputs:
+            path = Path(raw)
+            if not path.exists():
+                raise FileNotFoundError(f"input {str(raw)!r} does not exist; "
+                                        f"pass files or folders of {self.name} input")
+            if path.is_file():
+                out.append(path)
+            else:
+                found = sorted({f for pat in self.patterns for f in path.rglob(pat)
+                                if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)})
+                out.extend(found)
+        return out
+
+    def read(self, path: Path) -> Iterator[Document]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class JsonlReader(Reader):
+    name = "jsonl"
+    patterns = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst")
+
+    def read(self, path):
+        yield from read_jsonl(path)
+
+
+@dataclass
+class _Stage:
+    index: int
+    steps: list[Step]
+    global_state: bool
+
+
+def _stages(steps: list[Step]) -> list[_Stage]:
+    stages: list[_Stage] = [_Stage(0, [], False)]
+    for step in steps:
+        if step.global_state:
+            stages.append(_Stage(len(stages), [step], True))
+        elif stages[-1].global_state:
+            stages.append(_Stage(len(stages), [step], False))
+        else:
+            stages[-1].steps.append(step)
+    return stages
+
+
+class _Run:
+    """Everything one shard needs; pickled once into each worker."""
+
+    def __init__(self, out: Path, reader: Reader, stages: list[_Stage], keep_excluded: bool, on_malformed: str,
+                 compression: str):
+        self.out, self.reader, self.stages = out, reader, stages
+        self.keep_excluded, self.on_malformed, self.compression = keep_excluded, on_malformed, compression
+        self.suffix = shard_suffix(compression)
+
+    def stage_dir(self, s: int) -> Path:
+        return self.out / "documents" if s == len(self.stages) - 1 else self.out / ".stages" / str(s)
+
+    def state_dir(self, s: int) -> Path:
+        return self.out / ".state" / f"stage{s}"
+
+    def marker(self, s: int, shard: int) -> Path:
+        return self.state_dir(s) / f"{shard:05d}.done"
+
+    def _read(self, s: int, path: Path, info: dict) -> Iterator[Document]:
+        try:
+            # Only the reader's own errors reach here: a step's exception is raised in the consumer.
+            for doc in (self.reader.read(path) if s == 0 else read_jsonl(path)):
+                info["documents"] += 1
+                yield doc
+        except Exception as e:  # any failure to parse an input file is "malformed input"
+            msg = str(e) if str(e).startswith(str(path)) else f"{path}: {type(e).__name__}: {e}"
+            if self.on_malformed == "stop":
+                raise MalformedInput(f"{msg} (pass --on-malformed skip to skip such files)") from e
+            log.warning("skipping the rest of malformed input %s", msg)
+            info["malformed"].append(msg)
+
+    def run_shard(self, s: int, shard: int, path: Path, steps_state: list[Step] | None = None) -> dict:
+        stage = self.stages[s]
+        steps = steps_state if steps_state is not None else stage.steps
+        stats = [StepStats(st.name, st.describe()) for st in steps]
+        info = {"file": str(path), "documents": 0, "malformed": []}
+        name = f"{shard:05d}{self.suffix}"
+        excluded = ShardWriter(self.out / "excluded" / f"{s:02d}-{name}", self.compression) \
+            if self.keep_excluded else None
+        rank, world = (0, 1) if stage.global_state else (shard, self._world)
+        try:
+            with ShardWriter(self.stage_dir(s) / name, self.compression) as writer:
+                stream: Iterator = self._read(s, path, info)
+                for step, st in zip(steps, stats):
+                    stream = _accounted(step.run(_counted(stream, st), rank, world), st, step.name, excluded)
+                for doc in stream:
+                    writer.write(doc)
+            if excluded is not None:
+                excluded.close()
+        except BaseException:
+            if excluded is not None:
+                excluded.abort()
+            raise
+        result = {"shard": shard, "read": info, "steps": [x.to_json() for x in stats]}
+        atomic_write_json(self.state_dir(s) / f"{shard:05d}.stats.json", result)
+        if not stage.global_state:
+            atomic_write_text(self.marker(s, shard), "")  # last: the shard is complete
+        return result
+
+
+def _counted(docs: Iterable[Document], st: StepStats) -> Iterator[Document]:
+    for doc in docs:
+        _add(st.into, _measure(doc))
+        yield doc
+
+
+def _accounted(events, st: StepStats, step: str, excluded: ShardWriter | None) -> Iterator[Document]:
+    for ev in events:
+        if isinstance(ev, Document):
+            _add(st.kept, _measure(ev))
+            yield ev
+        elif isinstance(ev, Dropped):
+            _add(st.dropped.setdefault(ev.reason, _zero()), _measure(ev.doc))
+            if excluded is not None:
+                ev.doc.metadata = {**ev.doc.metadata, "excluded": {"step": step, "reason": ev.reason}}
+                excluded.write(ev.doc)
+        elif isinstance(ev, LinesRemoved):
+            r = st.lines_removed.setdefault(ev.reason, {"lines": 0, "chars": 0})
+            r["lines"] += ev.lines
+            r["chars"] += ev.chars
+        else:
+            raise TypeError(f"step {step!r} yielded {type(ev).__name__}; steps yield Document, Dropped or "
+                            "LinesRemoved")
+
+
+_WORKER: _Run | None = None
+
+
+def _init_worker(run: _Run) -> None:
+    global _WORKER
+    _WORKER = run
+
+
+def _worker_task(task: tuple[int, int, str]) -> dict:
+    s, shard, path = task
+    return _WORKER.run_shard(s, shard, Path(path))
+
+
+class LocalExecutor:
+    def __init__(self, output: str | os.PathLike, workers: int | None = None, keep_excluded: bool = False,
+                 on_malformed: str = "skip", compression: str = "gzip", progress: bool = True,
+                 overwrite: bool = False):
+        if on_malformed not in ("skip", "stop"):
+            raise ValueError(f"on_malformed must be 'skip' or 'stop', got {on_malformed!r}")
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.out, self.workers, self.keep_excluded = Path(output), workers, keep_excluded
+        self.on_malformed, self.compression, self.progress, self.overwrite = \
+            on_malformed, compression, progress, overwrite
+
+    def _fingerprint(self, source: str, reader: Reader, steps: list[Step], files: list[Path]) -> dict:
+        return {"source": source, "reader": reader.describe(), "steps": [s.describe() for s in steps],
+                "inputs": [str(f) for f in files], "compression": self.compression,
+                "keep_excluded": self.keep_excluded}
+
+    def _check_resume(self, fp: dict) -> None:
+        state = self.out / ".state" / "pipeline.json"
+        if self.overwrite and self.out.exists():
+            for sub in ("documents", "excluded", ".stages", ".state", "stats.json", "DATACARD.md"):
+                p = self.out / sub
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if state.exists():
+            if json.loads(state.read_text()) != fp:
+                raise ValueError(f"{self.out} holds a run of a different pipeline or inputs; pass --overwrite to "
+                                 "replace it, or choose another --output")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise ValueError(f"{self.out} is not empty and holds no pipeline state; choose an empty --output "
+                             "or pass --overwrite")
+        atomic_write_json(state, fp)
+
+    def run(self, source: str, reader: Reader, steps: list[Step], inputs: Iterable[str | os.PathLike],
+            on_shard: Callable[[int, int], None] | None = None) -> dict:
+        """Run the pipeline; return the aggregated stats (also written to OUTPUT/stats.json)."""
+        files = reader.files(inputs)
+        if not files:
+            raise ValueError(f"no {reader.name} input files found in {list(map(str, inputs))}")
+        self._check_resume(self._fingerprint(source, reader, steps, files))
+        # Temporary files of a killed run (hidden, never read as shards): remove, the shards are redone.
+        for sub in ("documents", "excluded", ".stages"):
+            for tmp in (self.out / sub).rglob(".*.tmp") if (self.out / sub).is_dir() else ():
+                tmp.unlink(missing_ok=True)
+        stages = _stages(steps)
+        run = _Run(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression)
+        run._world = len(files)
+        for stage in stages:
+            s = stage.index
+            inputs_s = files if s == 0 else [run.stage_dir(s - 1) / f"{i:05d}{run.suffix}" for i in range(len(files))]
+            if stage.global_state:
+                self._run_global(run, stage, inputs_s, on_shard)
+            else:
+                todo = [(s, i, str(p)) for i, p in enumerate(inputs_s) if not run.marker(s, i).exists()]
+                self._run_parallel(run, stage, todo, len(inputs_s), on_shard)
+        stats = self._collect(run, source, len(files))
+        atomic_write_json(self.out / "stats.json", stats)
+        atomic_write_text(self.out / "DATACARD.md", data_card(stats))
+        return stats
+
+    def _bar(self, total: int, done: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=done, desc=desc, unit="shard", disable=not self.progress)
+
+    def _run_parallel(self, run: _Run, stage: _Stage, todo, total: int, on_shard) -> None:
+        with self._bar(total, total - len(todo), f"stage {stage.index}") as bar:
+            if self.workers == 1 or len(todo) <= 1:
+                results = (run.run_shard(s, i, Path(p)) for s, i, p in todo)
+                for r in results:
+                    bar.update()
+                    if on_shard:
+                        on_shard(stage.index, r["shard"])
+                return
+            # maxtasksperchild: a worker's memory is returned after each shard (bounded memory).
+            with multiprocessing.get_context("fork").Pool(min(self.workers, len(todo)), _init_worker, (run,),
+                                                          maxtasksperchild=1) as pool:
+                for r in pool.imap_unordered(_worker_task, todo):
+                    bar.update()
+                    if on_shard:
+                        on_shard(stage.index, r["shard"])
+
+    def _run_global(self, run: _Run, stage: _Stage, inputs_s: list[Path], on_shard) -> None:
+        s = stage.index
+        done = run.state_dir(s) / "stage.done"
+        if done.exists():
+            return
+        import copy
+
+        steps = copy.deepcopy(stage.steps)  # fresh state on every (re)run of the stage
+        with self._bar(len(inputs_s), 0, f"stage {s} ({', '.join(x.name for x in steps)})") as bar:
+            for i, p in enumerate(inputs_s):
+                run.run_shard(s, i, p, steps_state=steps)
+                bar.update()
+                if on_shard:
+                    on_shard(s, i)
+        atomic_write_text(done, "")
+
+    def _collect(self, run: _Run, source: str, n: int) -> dict:
+        steps: list[dict] = []
+        read = {"files": n, "documents": 0, "malformed": []}
+        for stage in run.stages:
+            merged: list[dict] | None = None
+            for i in range(n):
+                r = json.loads((run.state_dir(stage.index) / f"{i:05d}.stats.json").read_text())
+                if stage.index == 0:
+                    read["documents"] += r["read"]["documents"]
+                    read["malformed"] += r["read"]["malformed"]
+                merged = r["steps"] if merged is None else [_merge(a, b) for a, b in zip(merged, r["steps"])]
+            steps += merged or []
+        return {"source": source, "read": read, "steps": steps,
+                "output": {"documents_dir": "documents", "excluded_dir": "excluded" if run.keep_excluded else None}}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {"name": a["name"], "description": a["description"]}
+    for k in ("in", "kept"):
+        out[k] = {m: a[k][m] + b[k][m] for m in _MEASURES}
+    for k in ("dropped", "lines_removed"):
+        out[k] = {r: dict(v) for r, v in a[k].items()}
+        for r, v in b[k].items():
+            cur = out[k].setdefault(r, dict.fromkeys(v, 0))
+            for m, x in v.items():
+                cur[m] += x
+    return out
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def data_card(stats: dict) -> str:
+    read = stats["read"]
+    lines = [f"# Data card: {stats['source']}", "",
+             f"Read {read['documents']} documents from {read['files']} input files "
+             f"({len(read['malformed'])} malformed, skipped from the error on).", ""]
+    for m in read["malformed"]:
+        lines.append(f"- malformed: `{m}`")
+    lines += ["", "| step | documents in | kept | dropped | characters removed | what it does |",
+              "|---|---:|---:|---:|---:|---|"]
+    for st in stats["steps"]:
+        din, kept = st["in"], st["kept"]
+        removed = din["chars"] - kept["chars"]
+        gone = din["documents"] - kept["documents"]
+        lines.append(f"| {st['name']} | {din['documents']} | {kept['documents']} | "
+                     f"{gone} ({_pct(gone, din['documents'])}) | "
+                     f"{removed} ({_pct(removed, din['chars'])}) | {st['description']} |")
+    for st in stats["steps"]:
+        if not st["dropped"] and not st["lines_removed"]:
+            continue
+        lines += ["", f"## {st['name']}", ""]
+        for why, v in sorted(st["dropped"].items(), key=lambda kv: -kv[1]["documents"]):
+            lines.append(f"- dropped {v['documents']} documents ({v['chars']} characters): {why}")
+        for why, v in sorted(st["lines_removed"].items(), key=lambda kv: -kv[1]["lines"]):
+            lines.append(f"- removed {v['lines']} lines ({v['chars']} characters): {why}")
+    if stats["steps"]:
+        last = stats["steps"][-1]["kept"]
+        lines += ["", f"Kept {last['documents']} documents, {last['chars']} characters, {last['bytes']} bytes "
+                  "(`documents/`)."]
+    return "\n".join(lines) + "\n"
