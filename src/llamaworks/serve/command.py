@@ -1,0 +1,77 @@
+"""`llamaworks serve`: the OpenAI-compatible server on one model directory."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+from llamaworks.cli import Arg
+
+
+def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
+                log_level: str = "warning"):
+    """A uvicorn Server and its bound socket (port 0 picks a free port; read it from the socket)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ValueError("serving needs fastapi and uvicorn: pip install 'llamaworks[serve]'") from None
+    from llamaworks.serve.api import create_app
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    app = create_app(engine, model_name)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, access_log=False)
+    return uvicorn.Server(config), sock
+
+
+def serve_command(
+    checkpoint: Annotated[str, Arg("model directory (params.json, model.safetensors, tokenizer.model)")],
+    host: Annotated[str, Arg("address to bind; keep the loopback default unless a proxy fronts the server")]
+    = "127.0.0.1",
+    port: Annotated[int, Arg("TCP port; 0 picks a free one (printed at start)")] = 8000,
+    max_batch: Annotated[int, Arg("concurrent sequences (rows of the KV cache) in the running batch")] = 8,
+    max_queue: Annotated[int, Arg("requests that may wait for a slot; beyond it the server answers 429")] = 64,
+    max_seq_len: Annotated[int | None, Arg("context window served (default: the model's)")] = None,
+    model_name: Annotated[str | None, Arg("the model id clients pass (default: the directory's name)")] = None,
+    shutdown_timeout: Annotated[float, Arg("seconds in-flight requests get to finish on shutdown before they are "
+                                           "cancelled")] = 30.0,
+    device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
+    dtype: Annotated[str | None, Arg("float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")] = None,
+) -> int:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+
+    Endpoints: /v1/completions, /v1/chat/completions (streaming with "stream": true),
+    /v1/models, /health, /metrics (Prometheus). Stop with Ctrl-C or SIGTERM: requests in
+    flight finish (up to --shutdown-timeout) before the server exits.
+    """
+    from llamaworks.modeldir import load_model, resolve_device
+    from llamaworks.serve.engine import Engine
+
+    dev, dt = resolve_device(device, dtype)
+    model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
+    model.eval()
+    name = model_name or Path(checkpoint).resolve().name
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len)
+    server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info")
+    bound = sock.getsockname()[1]
+    print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {str(dt).removeprefix('torch.')}, "
+          f"{max_batch} slots, context {engine.context})", file=sys.stderr, flush=True)
+    engine.start()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal for us;
+    # both then mean a clean exit (status 0), not a KeyboardInterrupt traceback.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.stop(cancel=True)
+        sock.close()
+    print("llamaworks serve: stopped", file=sys.stderr)
+    return 0
