@@ -304,6 +304,29 @@ def test_kv_cache_ragged_batch_per_row_positions():
                 torch.testing.assert_close(out[i, 0], alone[i][n + step], atol=1e-5, rtol=0)
 
 
+def test_kv_cache_rows_target_any_cache_row():
+    # Continuous batching: each sequence is prefilled alone into its own cache row, then the
+    # rows decode together (or any subset does) without disturbing the others.
+    model = _model(n_kv_heads=2)
+    lengths = {3: 6, 1: 4}  # cache row -> prompt length
+    seqs = {r: torch.randint(0, 256, (n + 3,), generator=_gen(20 + r)) for r, n in lengths.items()}
+    with torch.no_grad():
+        alone = {r: model(s.unsqueeze(0))[0] for r, s in seqs.items()}
+        model.setup_caches(4, 32)
+        for r, n in lengths.items():
+            out = model(seqs[r][:n].unsqueeze(0), torch.arange(n).unsqueeze(0), rows=torch.tensor([r]))
+            torch.testing.assert_close(out[0], alone[r][:n], atol=1e-5, rtol=0)
+        k_row0 = model.layers[0].attention.kv_cache.k[0].clone()
+        for step in range(3):
+            rows = torch.tensor([3, 1] if step < 2 else [1])
+            pos = torch.tensor([[lengths[int(r)] + step] for r in rows])
+            tok = torch.stack([seqs[int(r)][lengths[int(r)] + step] for r in rows]).unsqueeze(1)
+            out = model(tok, pos, rows=rows)
+            for i, r in enumerate(rows.tolist()):
+                torch.testing.assert_close(out[i, 0], alone[r][lengths[r] + step], atol=1e-5, rtol=0)
+    assert torch.equal(model.layers[0].attention.kv_cache.k[0], k_row0)  # untouched row
+
+
 def test_chunked_prefill_equals_single_prefill():
     model = _model()
     tokens = torch.randint(0, 256, (2, 13), generator=_gen(4))

@@ -151,13 +151,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: (bsz, seq); k, v: (bsz, seq, n_kv_heads, head_dim)
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
+        # input_pos: (bsz, seq); k, v: (bsz, seq, n_kv_heads, head_dim); rows: (bsz,) cache rows
+        # (default 0..bsz-1). Explicit rows let a server prefill or decode any subset of its
+        # slots without touching the others (continuous batching).
         bsz = k.shape[0]
-        rows = torch.arange(bsz, device=k.device).unsqueeze(1)  # (bsz, 1) broadcast against input_pos
-        self.k[rows, input_pos] = k.to(self.k.dtype)
-        self.v[rows, input_pos] = v.to(self.v.dtype)
-        return self.k[:bsz], self.v[:bsz]
+        idx = torch.arange(bsz, device=k.device) if rows is None else rows
+        self.k[idx.unsqueeze(1), input_pos] = k.to(self.k.dtype)
+        self.v[idx.unsqueeze(1), input_pos] = v.to(self.v.dtype)
+        if rows is None:
+            return self.k[:bsz], self.v[:bsz]
+        return self.k[rows], self.v[rows]
 
 
 class Attention(nn.Module):
@@ -170,14 +174,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, freqs, input_pos=None, mask=None):
+    def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (bsz, cache_len, n_kv_heads, head_dim)
+            k, v = self.kv_cache.update(input_pos, k, v, rows)  # (bsz, cache_len, n_kv_heads, head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bsz, heads, seq, head_dim)
         if mask is None:
             # Memory-efficient causal attention (section 2.4): SDPA's fused kernels keep no
@@ -211,9 +215,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs, input_pos=None, mask=None):
+    def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
         # Pre-normalisation (GPT-3): normalise each sub-layer's input, residual untouched.
-        h = x + self.attention(self.attention_norm(x), freqs, input_pos, mask)
+        h = x + self.attention(self.attention_norm(x), freqs, input_pos, mask, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -230,7 +234,7 @@ class Transformer(nn.Module):
         )
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
-                return_hidden: bool = False) -> torch.Tensor:
+                rows: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens: (bsz, seq) -> logits (bsz, seq, vocab).
 
         return_hidden: return the final normalised hidden states (bsz, seq, dim) instead, what
@@ -240,6 +244,8 @@ class Transformer(nn.Module):
         With input_pos (bsz, seq) or (seq,): the KV-cache path. Each sequence's tokens sit at
         their own positions, keys are written to the cache there, and a query at position p
         sees the cached keys at positions <= p of its own sequence.
+        rows (bsz,): the cache rows the sequences live in (default 0..bsz-1); a server runs
+        one new request, or its active slots, against a cache shared by all slots.
         """
         bsz, seqlen = tokens.shape
         if input_pos is None:
@@ -254,7 +260,7 @@ class Transformer(nn.Module):
             mask = (key_pos.view(1, 1, 1, -1) <= input_pos.unsqueeze(1).unsqueeze(-1))  # (bsz, 1, seq, cache_len)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, freqs, input_pos, mask)
+            h = layer(h, freqs, input_pos, mask, rows)
         h = self.norm(h)
         if return_hidden:
             return h
