@@ -176,9 +176,10 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        # -1, not n_heads: under tensor parallelism wq/wk/wv hold a slice of the heads.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, rows)  # (bsz, cache_len, n_kv_heads, head_dim)
@@ -270,7 +271,7 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or self.args.max_seq_len
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"cache length {max_seq_len} exceeds the model's max_seq_len={self.args.max_seq_len}")
-        dtype = dtype or self.output.weight.dtype
+        dtype = dtype or self.tok_embeddings.weight.dtype  # never quantised, unlike output (quantize.py)
         device = self.output.weight.device
         for layer in self.layers:
             att = layer.attention

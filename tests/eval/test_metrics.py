@@ -30,8 +30,9 @@ from llamaworks.eval.metrics import (
 
 
 def test_char_norm_is_the_default_and_can_flip_the_sum():
-    # " a" (2 chars, -2.0 -> -1.0/char) vs " longer answer" (14 chars, -7.0 -> -0.5/char)
-    lls, choices = [-2.0, -7.0], [" a", " longer answer"]
+    # " ab" (2 chars: lm-eval does not count the delimiter space; -2.0 -> -1.0/char) vs
+    # " longer answer" (13 chars, -6.5 -> -0.5/char)
+    lls, choices = [-2.0, -6.5], [" ab", " longer answer"]
     assert mc_predict(lls, choices, "sum") == 0
     assert mc_predict(lls, choices) == 1
     assert mc_scores(lls, choices) == [-1.0, -0.5]

@@ -112,7 +112,7 @@ def test_arc_accuracy_by_hand(tmp_path):
     examples = task.load(data)
     res = evaluate_mc(EvalModel(model, ByteTokenizer(), batch_size=3), task, examples)
     for ex, log in zip(examples, res["examples"]):
-        by_hand = [model.ll(ex.context, c) / len(c) for c in ex.choices]
+        by_hand = [model.ll(ex.context, c) / len(c.removeprefix(" ")) for c in ex.choices]
         assert log["scores"] == pytest.approx(by_hand, abs=1e-6)
         assert log["prediction"] == max(range(len(by_hand)), key=by_hand.__getitem__)
     assert [e["prediction"] for e in res["examples"]] == [1, 0, 1]

@@ -115,6 +115,8 @@ def test_parallel_dims_resolve():
         ParallelDims.resolve(1, -1, 0, 1, n_heads=4)
 
 
-def test_parallelize_refuses_distributed_degrees(base_model):
-    with pytest.raises(NotImplementedError, match="distributed training"):
+def test_parallelize_needs_a_mesh_for_distributed_degrees(base_model):
+    with pytest.raises(ValueError, match="need a DeviceMesh"):
         parallelize(copy.deepcopy(base_model), ParallelDims(1, 2, 1, 2))
+    with pytest.raises(ValueError, match="DDP .* cannot be combined with parallel.tp=2"):
+        parallelize(copy.deepcopy(base_model), ParallelDims(2, 1, 2, 4), mesh=object())

@@ -59,7 +59,9 @@ def mc_scores(logliks: Sequence[float], choices: Sequence[str], method: Method =
     if method == "char_norm":
         if any(len(c) == 0 for c in choices):
             raise ValueError("char_norm needs non-empty choices (it divides by their length)")
-        return [x / len(c) for x, c in zip(logliks, choices)]
+        # As lm-eval's acc_norm: the target delimiter (the one space between context and
+        # choice) is not part of the choice's length.
+        return [x / len(c.removeprefix(" ") or c) for x, c in zip(logliks, choices)]
     if method == "token_mean":
         if token_counts is None or len(token_counts) != len(choices) or min(token_counts) < 1:
             raise ValueError("method 'token_mean' needs token_counts: one count >= 1 per choice")

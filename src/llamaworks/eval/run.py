@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from llamaworks.cli import Arg
 from llamaworks.eval.metrics import (
@@ -17,6 +17,7 @@ from llamaworks.eval.metrics import (
     exact_match,
     majority_vote,
     mc_predict,
+    mc_scores,
 )
 from llamaworks.eval.tasks import (
     CodeExample,
@@ -53,7 +54,7 @@ def score_example(ex: MCExample, method: str, logliks: list[float]) -> tuple[int
     if method == "calibrated":
         cond, uncond = logliks[:n], logliks[n:]
         return mc_predict(cond, ex.choices, "calibrated", unconditional=uncond), [c - u for c, u in zip(cond, uncond)]
-    return mc_predict(logliks, ex.choices, method), [x / len(c) for x, c in zip(logliks, ex.choices)]
+    return mc_predict(logliks, ex.choices, method), mc_scores(logliks, ex.choices, method)
 
 
 def evaluate_mc(lm, task: MCTask, examples: list[MCExample], *, chunk: int = 64, progress: bool = False) -> dict:
@@ -191,9 +192,9 @@ def results_table(results: list[dict]) -> str:
 
 def eval_command(
     checkpoint: Annotated[str, Arg("model directory (params.json, model.safetensors, tokenizer.model)")],
-    task: Annotated[str, Arg("task name(s), comma-separated: boolq, piqa, siqa, hellaswag, winogrande, "
-                             "arc_easy, arc_challenge, openbookqa, naturalquestions, triviaqa, gsm8k, math, "
-                             "humaneval, mbpp")],
+    task: Annotated[str | None, Arg("task name(s), comma-separated: boolq, piqa, siqa, hellaswag, winogrande, "
+                                    "arc_easy, arc_challenge, openbookqa, naturalquestions, triviaqa, gsm8k, "
+                                    "math, humaneval, mbpp; with --harness lm-eval, lm-eval task names")] = None,
     data: Annotated[str | None, Arg("the task's data file (JSONL/JSON/Parquet), or a directory holding "
                                     "NAME.jsonl for each task")] = None,
     limit: Annotated[int | None, Arg("evaluate only the first N examples of each task")] = None,
@@ -215,20 +216,39 @@ def eval_command(
                              "transformers default)")] = True,
     device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
     dtype: Annotated[str | None, Arg("float32, bfloat16 or float16")] = None,
+    harness: Annotated[Literal["lm-eval"] | None, Arg("run lm-evaluation-harness' tasks on the model instead "
+                                                      "(pip install 'llamaworks[harness]')")] = None,
+    tasks: Annotated[str | None, Arg("same as --task (lm-eval's spelling)")] = None,
+    include_path: Annotated[str | None, Arg("with --harness lm-eval: a folder of extra task YAMLs")] = None,
 ) -> int:
     """The paper's benchmarks (section 3): zero-shot multiple choice (accuracy, Table 3) and
     closed-book QA (exact match, Tables 4-5), maj1@k on GSM8k and MATH (Table 7), pass@k on
     HumanEval and MBPP (Table 8, needs --allow-code-execution), beside the paper's LLaMA-7B
-    and LLaMA-65B numbers."""
+    and LLaMA-65B numbers. With --harness lm-eval, lm-evaluation-harness' tasks (--tasks,
+    --include-path, --limit, --shots, --output) scored by the same model interface."""
     from llamaworks.eval.lm import EvalModel
 
-    tasks = [get_task(t.strip()) for t in task.split(",") if t.strip()]
-    if not tasks:
+    if task is not None and tasks is not None:
+        raise ValueError("give the task names once: --task or --tasks")
+    names = [t.strip() for t in (task or tasks or "").split(",") if t.strip()]
+    if not names:
         raise ValueError("--task needs at least one task name")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     if shots is not None and shots < 0:
         raise ValueError(f"--shots must be >= 0, got {shots}")
+    if harness is not None:
+        from llamaworks.eval.harness import harness_command
+
+        if data is not None or fewshot_data is not None:
+            raise ValueError("--data/--fewshot-data are for llamaworks' own tasks; an lm-eval task names its data "
+                             "in its YAML (dataset_path, dataset_kwargs)")
+
+        return harness_command(checkpoint, names, include_path=include_path, limit=limit, shots=shots,
+                               batch_size=batch_size, add_bos=bos, device=device, dtype=dtype, output=output)
+    if include_path is not None:
+        raise ValueError("--include-path applies to --harness lm-eval")
+    tasks = [get_task(t) for t in names]
     code = [t.name for t in tasks if isinstance(t, CodeTask)]
     if code and not allow_code_execution:
         from llamaworks.eval.sandbox import DANGER

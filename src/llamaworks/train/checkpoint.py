@@ -7,6 +7,20 @@
 A checkpoint is written to a hidden temporary folder and renamed into place when
 complete, so a run killed while saving leaves the previous checkpoints intact and
 `--resume` never sees a partial one.
+
+A run of several processes (torchrun) writes a distributed checkpoint instead, with
+torch.distributed.checkpoint (DCP): every rank writes its own shards of the model and
+optimizer in parallel, and the metadata records each tensor's global shape, so any
+other world size or parallelism (1 process included) loads it, resharding on read:
+
+    OUT/checkpoints/step_00001000/
+        params.json tokenizer.model                      # no model.safetensors
+        dcp/.metadata dcp/__0_0.distcp ...               # model + optimizer, sharded
+        train_state.pt                                   # loader, RNG, step, tokens, config
+
+`load_checkpoint` reads either format into either kind of run; `dcp_to_model_dir` turns
+a distributed checkpoint into a model directory for `llamaworks generate`. All ranks
+must see the same out_dir (a shared file system across nodes).
 """
 
 from __future__ import annotations
@@ -15,16 +29,21 @@ import logging
 import random
 import re
 import shutil
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from llamaworks.atomic import atomic_directory
-from llamaworks.modeldir import WEIGHTS, read_safetensors, write_model_files
+from llamaworks.atomic import atomic_directory, atomic_write_json
+from llamaworks.modeldir import PARAMS, TOKENIZER, WEIGHTS, read_safetensors, write_model_files
+from llamaworks.train.distributed import is_distributed, is_main
 
 log = logging.getLogger("llamaworks")
 STATE = "train_state.pt"
+DCP_DIR = "dcp"  # the distributed checkpoint's folder inside a step folder
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -49,7 +68,12 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found) if (p / STATE).is_file() and (p / WEIGHTS).is_file()]
+    return [p for _, p in sorted(found)
+            if (p / STATE).is_file() and ((p / WEIGHTS).is_file() or is_dcp_checkpoint(p))]
+
+
+def is_dcp_checkpoint(path: Path) -> bool:
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -61,21 +85,64 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer,
                     keep_last: int) -> Path:
     root = Path(out_dir) / "checkpoints"
     path = root / f"step_{step:08d}"
+    if is_distributed():
+        _save_dcp_checkpoint(path, step, model, tokenizer, optimizer, loader, extra)
+        if is_main():
+            _prune(out_dir, root, keep_last)
+        dist.barrier()  # no rank goes on (or lists checkpoints) before the rename and pruning
+        log.info("saved distributed checkpoint %s", path)
+        return path
     with atomic_directory(path, overwrite=True) as tmp:
         write_model_files(model, tokenizer, tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
                  "rng": rng_state(), **extra}
         torch.save(state, tmp / STATE)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step_*"):  # temporary folders of a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
+    _prune(out_dir, root, keep_last)
     log.info("saved checkpoint %s", path)
     return path
 
 
+def _prune(out_dir, root: Path, keep_last: int) -> None:
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step_*"):  # temporary folders of a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _save_dcp_checkpoint(path: Path, step: int, model, tokenizer, optimizer, loader, extra: dict) -> None:
+    """All ranks write their shards into rank 0's temporary folder, which rank 0 renames
+    into place once DCP has written the metadata (dcp.save returns on every rank only then)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with atomic_directory(path, overwrite=True) if is_main() else nullcontext() as tmp:
+        shared = [str(tmp) if is_main() else None]
+        dist.broadcast_object_list(shared, src=0)
+        tmp = Path(shared[0])
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_DIR)
+        if is_main():
+            # The loader state is global (every rank's position in the one global stream is
+            # the same), so rank 0's stands for all; so does its RNG (training draws none).
+            state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), **extra}
+            torch.save(state, tmp / STATE)
+            atomic_write_json(tmp / PARAMS, {k: v for k, v in model.args.to_params().items() if v is not None})
+            if tokenizer is not None:
+                tokenizer.save(tmp / TOKENIZER)
+
+
 def load_checkpoint(path: Path, model, optimizer, loader) -> dict:
-    """Restore model weights, optimizer, loader and RNG in place; return the saved state."""
+    """Restore model weights, optimizer, loader and RNG in place; return the saved state.
+
+    Either format into either kind of run: a distributed checkpoint is resharded by DCP to
+    whatever this run's parallelism is; a single-process checkpoint loaded by a run of
+    several processes is read whole by every rank and each keeps its shards.
+    """
+    path = Path(path)
+    if is_dcp_checkpoint(path):
+        return _load_dcp_checkpoint(path, model, optimizer, loader)
+    if is_distributed():
+        return _load_plain_checkpoint_distributed(path, model, optimizer, loader)
     weights = read_safetensors(path / WEIGHTS)
     with torch.no_grad():
         own = model.state_dict()
@@ -98,3 +165,116 @@ def load_checkpoint(path: Path, model, optimizer, loader) -> dict:
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return state
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return torch.load(path / STATE, map_location="cpu", weights_only=False)
+    except Exception as e:  # a corrupt pickle can raise almost anything
+        raise ValueError(f"{path / STATE}: cannot read the training state ({e}); delete this checkpoint "
+                         "folder to resume from the one before") from None
+
+
+def _load_dcp_checkpoint(path: Path, model, optimizer, loader) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # get_state_dict gives this run's layout (plain tensors, or DTensor shards keyed by the
+    # same names); DCP fills it from whatever layout was saved, then set_state_dict puts it
+    # back into the (possibly sharded) parameters and optimizer.
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    try:
+        _dcp_load({"model": model_sd, "optim": optim_sd}, path / DCP_DIR)
+    except Exception as e:
+        raise ValueError(f"{path / DCP_DIR}: cannot load the distributed checkpoint into this model ({e}); it "
+                         "belongs to a different model or the run's model config changed") from e
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    state = _read_state(path)
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def _dcp_load(state: dict, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        # One process without a process group is a supported way to read: DCP says so loudly.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder)
+
+
+def _load_plain_checkpoint_distributed(path: Path, model, optimizer, loader) -> dict:
+    """A single-process checkpoint into a sharded run: full tensors in, each rank keeps its part."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights = read_safetensors(path / WEIGHTS)
+    state = _read_state(path)
+    # optimizer.state_dict() numbers parameters in param_groups order; the sharded run built
+    # its optimizer the same way, so the numbers map to the same names (which DSD wants).
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    fqns = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    saved = state["optimizer"]
+    optim_sd = {"state": {fqns[i]: v for i, v in saved["state"].items()},
+                "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    return state
+
+
+def full_model_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on CPU: gathered onto rank 0 (None elsewhere) when sharded."""
+    if not is_distributed():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if is_main() else None
+
+
+def save_model_dir(model, tokenizer, path: Path) -> Path:
+    """`modeldir.save_model` for a model that may be sharded: every rank must call it."""
+    from llamaworks.modeldir import save_model
+
+    if not is_distributed():
+        return save_model(model, tokenizer, path)
+    sd = full_model_state_dict(model)
+    if is_main():
+        save_model(_plain_model(model.args, sd), tokenizer, path)
+    dist.barrier()
+    return path
+
+
+def _plain_model(args, state: dict[str, torch.Tensor]):
+    from llamaworks.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_rope(torch.device("cpu"))
+    return model
+
+
+def dcp_to_model_dir(checkpoint: str | Path, out: str | Path) -> Path:
+    """Convert a distributed checkpoint (a step folder) to a single-file model directory
+    (params.json, model.safetensors, tokenizer.model) that `llamaworks generate` loads.
+    Runs in one process, no process group needed: DCP assembles the shards."""
+
+    from llamaworks.model import ModelArgs, Transformer
+    from llamaworks.modeldir import read_params, save_model
+    from llamaworks.tokenizer import Tokenizer
+
+    checkpoint = Path(checkpoint)
+    if not is_dcp_checkpoint(checkpoint):
+        raise ValueError(f"{checkpoint} is not a distributed checkpoint (no {DCP_DIR}/.metadata); a "
+                         "single-process checkpoint is already a model directory")
+    args = ModelArgs.from_params(read_params(checkpoint / PARAMS))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    _dcp_load(state, checkpoint / DCP_DIR)  # fills the tensors in place
+    model.init_rope(torch.device("cpu"))
+    tok = Tokenizer(checkpoint / TOKENIZER) if (checkpoint / TOKENIZER).is_file() else None
+    return save_model(model.eval(), tok, out)

@@ -93,6 +93,12 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 1000  # steps between validation-loss measurements; 0 disables
     batches: int = 20  # micro-batches of held-out data per measurement
+    # Benchmark scores during training (Figure 2; llamaworks.eval.during_training): task names
+    # (multiple choice, closed-book QA), a directory holding NAME.jsonl per task, examples per task.
+    tasks: list[str] = field(default_factory=list)
+    task_data: str = ""
+    task_limit: int = 100
+    task_every: int = 0  # steps between scorings; 0: every `every` steps
 
 
 @dataclass
@@ -106,6 +112,9 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: whatever the world size leaves after the other degrees
     tp: int = 1
+    # FSDP: free each block's gathered weights after its forward? default: all blocks but the
+    # last; always; never (more memory, one all-gather per block less in backward).
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
 
 
 @dataclass

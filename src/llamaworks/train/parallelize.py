@@ -5,6 +5,11 @@ nothing of any of this.
 Order: tensor/sequence parallel -> activation checkpointing -> compile -> FSDP/DDP.
 AC wraps the (possibly TP-sharded) blocks; compile sees the AC-wrapped blocks; data
 parallelism wraps last so its hooks surround everything else.
+
+Everything distributed is PyTorch's own: DTensor's `parallelize_module` for tensor and
+sequence parallelism (Megatron-LM's column/row split, Korthikanti et al. 2022 for the
+norms), FSDP2's `fully_shard` and the composable `replicate` (DDP) for data parallelism,
+on a DeviceMesh with the named dimensions ("dp_replicate", "dp_shard", "tp").
 """
 
 from __future__ import annotations
@@ -48,6 +53,18 @@ class ParallelDims:
     @property
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def build_mesh(self, device_type: str):
+        """The world as a (dp_replicate, dp_shard, tp) DeviceMesh; tp innermost so that a
+        tensor-parallel group is the ranks of one node (tp needs the fastest links)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp),
+                                mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
 
 
 # Ops whose outputs selective AC keeps: the matmuls (linear layers) and attention, which
@@ -96,12 +113,123 @@ def apply_compile(model) -> None:
     log.info("compiled %d blocks with torch.compile", len(model.layers))
 
 
-def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool = False):
-    if dims.tp > 1 or dims.dp > 1:
-        raise NotImplementedError(
-            f"distributed training (parallel degrees {dims}) is not available yet in this version: "
-            "run on one process (parallel.tp=1, parallel.dp_shard=-1, one process)")
+def apply_tp(model, tp_mesh) -> None:
+    """Tensor parallelism (Megatron-LM) with sequence parallelism (Korthikanti et al. 2022).
+
+    Inside a block, wq/wk/wv/w1/w3 are split by output features (column-parallel: each rank
+    computes n_heads/tp heads and hidden/tp SwiGLU units with no communication) and wo/w2
+    by input features (row-parallel: partial sums, reduced once per sub-layer). Between the
+    sub-layers the residual stream is split along the sequence (Shard(1)), so the norms and
+    residual adds run on seq/tp tokens per rank and the activation memory the paper's
+    section 2.4 worries about shrinks by tp: the row-parallel outputs are reduce-scattered
+    into sequence shards and all-gathered back before the next column-parallel input,
+    the same bytes as Megatron's all-reduce. The embedding is split by vocabulary rows and
+    the output layer by vocabulary columns; the logits are gathered (replicated) for the
+    loss, so the trainer's loss code is unchanged.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    args = model.args
+    for name, n in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
+        if n % tp:
+            raise ValueError(f"parallel.tp={tp} does not divide the model's {name}={n}; choose a tp "
+                             f"that divides {n}")
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    })
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            # Attention takes (x, freqs, input_pos, mask, rows): only x is gathered.
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        })
+    log.info("applied tensor and sequence parallelism (tp=%d) to the model", tp)
+
+
+def apply_fsdp(model, dp_mesh, reshard_after_forward: str = "default") -> None:
+    """FSDP2: each block's parameters (and the rest at the root) are sharded over dp_mesh,
+    all-gathered just before the block runs and freed after; gradients are reduce-scattered
+    (averaged) so each rank keeps only its shard, and the optimizer steps on shards.
+
+    reshard_after_forward: 'always' frees every block's gathered weights after its forward
+    (least memory, one extra all-gather per block in backward); 'never' keeps them (ZeRO-2
+    memory, less communication); 'default' reshards all but the last block, whose weights
+    backward needs first anyway.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if reshard_after_forward not in ("default", "always", "never"):
+        raise ValueError(f"parallel.fsdp_reshard_after_forward must be default, always or never, "
+                         f"got {reshard_after_forward!r}")
+    blocks = list(model.layers)
+    for i, block in enumerate(blocks):
+        reshard = {"always": True, "never": False}.get(reshard_after_forward, i < len(blocks) - 1)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
+    # The root takes the embedding, final norm and output layer; it is never resharded after
+    # forward (backward starts with it).
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward == "always")
+    # Explicit prefetching: while block i computes, block i+1's all-gather is already in
+    # flight (and in backward, block i-1's), so communication overlaps computation beyond
+    # the one block FSDP2 prefetches implicitly.
+    for prev, nxt in zip(blocks, blocks[1:]):
+        prev.set_modules_to_forward_prefetch([nxt])
+        nxt.set_modules_to_backward_prefetch([prev])
+    log.info("applied FSDP (fully_shard, reshard_after_forward=%s, mesh %s) to the model",
+             reshard_after_forward, dict(zip(dp_mesh.mesh_dim_names, dp_mesh.shape)))
+
+
+def apply_ddp(model, dp_mesh) -> None:
+    """DDP (the composable `replicate`, which keeps the module and its state-dict keys): every
+    rank holds the whole model, gradients are all-reduced (averaged) in buckets while
+    backward is still running, overlapping communication with computation."""
+    from torch.distributed._composable.replicate import replicate
+
+    replicate(model, device_mesh=dp_mesh, bucket_cap_mb=100)
+    log.info("applied DDP (replicate over %d ranks) to the model", dp_mesh.size())
+
+
+def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool = False, mesh=None,
+                fsdp_reshard_after_forward: str = "default"):
+    """Apply TP, AC, compile, then FSDP or DDP, in that order. `mesh` is dims.build_mesh(...)
+    when dims.distributed; with one process none of the distributed steps runs.
+
+    Data parallelism: dp_shard > 1 shards with FSDP (HSDP, sharded within and replicated
+    across groups, when dp_replicate > 1 too); dp_replicate > 1 alone is DDP.
+    """
+    if dims.distributed and mesh is None:
+        raise ValueError(f"parallel degrees {dims} need a DeviceMesh: pass mesh=dims.build_mesh(device_type) "
+                         "after torch.distributed is initialised (launch with torchrun)")
+    if dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp > 1:
+        raise ValueError(f"DDP (parallel.dp_replicate={dims.dp_replicate}, dp_shard=1) cannot be combined "
+                         f"with parallel.tp={dims.tp}: set parallel.dp_shard instead of dp_replicate (FSDP x TP)")
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"])
     apply_ac(model, ac_mode)
     if compile:
         apply_compile(model)
+    if dims.dp_shard > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+        apply_fsdp(model, dp_mesh, fsdp_reshard_after_forward)
+    elif dims.dp_replicate > 1:
+        apply_ddp(model, mesh["dp_replicate"])
     return model

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -70,24 +71,26 @@ def evaluate(model, loader, batches: int, device, amp) -> float | None:
 
 
 def train(cfg: JobConfig, resume: bool = False) -> dict:
-    """Run (or continue) the job; returns the run summary (also written to OUT/summary.json)."""
-    from tqdm import tqdm
+    """Run (or continue) the job; returns the run summary (also written to OUT/summary.json).
 
-    from llamaworks.atomic import atomic_write_json, atomic_write_text
-    from llamaworks.carbon import run_summary
-    from llamaworks.model import build_model
-    from llamaworks.modeldir import resolve_device, save_model
-    from llamaworks.plan import flops_per_token
+    Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the process group,
+    parallelizes the model as cfg.parallel says and leaves the group on return.
+    """
+    from llamaworks.modeldir import resolve_device
     from llamaworks.tokenizer import Tokenizer
-    from llamaworks.train import checkpoint as ckpt_io
-    from llamaworks.train.metrics import MetricsLog, measure_peak_flops, plot_loss_curve
-    from llamaworks.train.optim import build_optimizer
-    from llamaworks.train.parallelize import ParallelDims, parallelize
-    from llamaworks.train.schedule import lr_at
-    from llamaworks.train.shards import TokenLoader, open_token_dataset
+    from llamaworks.train.distributed import close_distributed, env_world_size, init_distributed
+    from llamaworks.train.parallelize import ParallelDims
+    from llamaworks.train.shards import open_token_dataset
 
-    out = Path(cfg.run.out_dir)
     t_cfg = cfg.train
+    par = cfg.parallel
+    # The parallel degrees are checked against the world size (and the head count) first,
+    # before any process group, data or model exists: a bad mesh is an error, not a hang.
+    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, env_world_size(),
+                                cfg.model.build_args().n_heads)
+    if t_cfg.seq_len % dims.tp:
+        raise ValueError(f"train.seq_len={t_cfg.seq_len} is not divisible by parallel.tp={dims.tp}: sequence "
+                         "parallelism splits each sequence across the tensor-parallel ranks")
     if t_cfg.max_minutes is not None and t_cfg.max_minutes <= 0:
         # 0 would otherwise read as "no limit"; an unset value is the way to ask for none.
         raise ValueError(f"train.max_minutes must be > 0, got {t_cfg.max_minutes}; "
@@ -104,19 +107,50 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         raise ValueError(f"train.seq_len={t_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}; "
                          "lower train.seq_len or raise model.max_seq_len")
     device, _ = resolve_device(t_cfg.device)
+    env, device = init_distributed(device)
+    try:
+        return _train(cfg, resume, dims, env, device, manifest, tokenizer, args)
+    finally:
+        close_distributed(env)
+
+
+def _train(cfg: JobConfig, resume: bool, dims, env, device, manifest, tokenizer, args) -> dict:
+    from tqdm import tqdm
+
+    from llamaworks.atomic import atomic_write_json, atomic_write_text
+    from llamaworks.carbon import run_summary
+    from llamaworks.eval.during_training import TaskEvaluator
+    from llamaworks.model import build_model
+    from llamaworks.plan import flops_per_token
+    from llamaworks.train import checkpoint as ckpt_io
+    from llamaworks.train.distributed import clip_grad_norm_, global_mean
+    from llamaworks.train.metrics import MetricsLog, measure_peak_flops, plot_loss_curve
+    from llamaworks.train.optim import build_optimizer
+    from llamaworks.train.parallelize import parallelize
+    from llamaworks.train.schedule import lr_at
+    from llamaworks.train.shards import TokenLoader
+
+    out = Path(cfg.run.out_dir)
+    t_cfg, par = cfg.train, cfg.parallel
     amp_dtype = resolve_amp(device, t_cfg.dtype)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    par = cfg.parallel
-    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, 1, args.n_heads)
 
     torch.manual_seed(t_cfg.seed)
+    # Every rank builds the same full model from the seed (the very weights of a 1-process
+    # run) and then keeps its shards. Sharded initialisation on the meta device would save
+    # the transient full copy per rank; it would also need init_weights on DTensors to
+    # draw the same numbers as one process, which torch's sharded RNG does not.
     model = build_model(args, device=device, seed=t_cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile)
+    mesh = dims.build_mesh(device.type) if dims.distributed else None
+    parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile, mesh,
+                par.fsdp_reshard_after_forward)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
+    # The tp ranks of one data-parallel replica read the same batch: tp is the mesh's
+    # innermost dimension, so the data-parallel rank is rank // tp.
     loader = TokenLoader(cfg.data.dir, "train", batch_size=t_cfg.micro_batch_size, seq_len=t_cfg.seq_len,
-                         rank=0, world_size=dims.dp, seed=t_cfg.seed)
+                         rank=env.rank // dims.tp, world_size=dims.dp, seed=t_cfg.seed)
     accum = cfg.grad_accum_steps(dims.dp)
     tokens_per_step = accum * t_cfg.micro_batch_size * t_cfg.seq_len * dims.dp
     decay_steps = cfg.schedule.decay_steps or t_cfg.max_steps
@@ -132,8 +166,9 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     elif not resume and ckpt_io.list_checkpoints(out):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose "
                          "another run.out_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", dumps(cfg))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.toml", dumps(cfg))
 
     fpt = flops_per_token(args, t_cfg.seq_len)
     peak = cfg.hardware.peak_flops or measure_peak_flops(device)
@@ -141,7 +176,10 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
              "%.3g FLOPs/token; peak %.3g FLOP/s (%s)", cfg.model.preset, n_params / 1e6, tokens_per_step,
              accum, t_cfg.micro_batch_size, t_cfg.seq_len, dims.dp, fpt, peak,
              "given" if cfg.hardware.peak_flops else "measured")
-    metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=step)
+    # Benchmark scores every eval.task_every steps (Figure 2); task files read (and checked) now.
+    task_eval = TaskEvaluator.from_config(cfg.eval)
+    # Only rank 0 writes metrics, the progress bar, plots and the summary.
+    metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=step) if env.is_main else _NoMetrics()
     val_loader = None
     if cfg.eval.every > 0:
         # Built (and so checked) here: a val split too small for one micro-batch must not
@@ -160,7 +198,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                                        {"tokens": tokens_seen, "elapsed_s": elapsed, "config": dumps(cfg)},
                                        cfg.checkpoint.keep_last)
 
-    bar = tqdm(total=t_cfg.max_steps, initial=step, disable=not cfg.log.progress, dynamic_ncols=True,
+    bar = tqdm(total=t_cfg.max_steps, initial=step, disable=not (cfg.log.progress and env.is_main),
+               dynamic_ncols=True,
                file=sys.stderr, unit="step")
     t_start = time.perf_counter()
     t_window, tok_window = t_start, 0
@@ -174,8 +213,12 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             lr = lr_at(step, cfg.optim.lr, cfg.schedule.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_val = accumulate_gradients(model, loader, accum, device, amp).item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            # Each data-parallel rank's loss is the mean over its share of the global batch and
+            # FSDP/DDP average the gradients over ranks: together, the gradient of the global
+            # batch's mean loss. The logged loss is that global mean, and the clipping norm is
+            # the norm of the whole (sharded) gradient.
+            loss_val = global_mean(accumulate_gradients(model, loader, accum, device, amp)).item()
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             # A finite loss with an inf/nan gradient would still poison the weights (and every
             # later checkpoint) once the optimizer steps, so both are checked before it does.
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
@@ -194,7 +237,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
             now = time.perf_counter()
             if step % cfg.log.every == 0 or step == t_cfg.max_steps:
                 tps = tok_window / (now - t_window)
-                mfu = tps * fpt / (peak * dims.dp)
+                mfu = tps * fpt / (peak * dims.world_size)  # tokens of all ranks over all devices' peak
                 metrics.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(),
                                "tokens": tokens_seen, "tokens_per_s": tps, "mfu": mfu,
                                "elapsed_s": elapsed_before + now - t_start})
@@ -205,6 +248,9 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                 val_step, final_val = step, evaluate(model, val_loader, cfg.eval.batches, device, amp)
                 metrics.write({"step": step, "tokens": tokens_seen, "val_loss": final_val})
                 log.info("step %d: validation loss %.4f", step, final_val)
+                t_window, tok_window = time.perf_counter(), 0
+            if task_eval and task_eval.due(step):
+                metrics.write({"step": step, "tokens": tokens_seen, **task_eval.run(model, tokenizer)})
                 t_window, tok_window = time.perf_counter(), 0
             if deadline and time.perf_counter() >= deadline:
                 stop_reason = f"time limit ({t_cfg.max_minutes} min)"
@@ -223,8 +269,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     elapsed = elapsed_before + time.perf_counter() - t_start
     if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
         last_ckpt = checkpoint(elapsed)
-    save_model(model, tokenizer, out / "model")
-    curve = plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
+    ckpt_io.save_model_dir(model, tokenizer, out / "model")
+    curve = None if not env.is_main else plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
                             f"llamaworks {cfg.model.preset}: {n_params / 1e6:.1f}M parameters")
     device_hours = elapsed / 3600 * dims.world_size
     power = cfg.hardware.power_w or (400.0 if device.type == "cuda" else 65.0)
@@ -233,8 +279,19 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
                "checkpoint": str(last_ckpt), "model_dir": str(out / "model"),
                "loss_curve": str(curve) if curve else None,
                "energy": run_summary(device_hours, power)}
-    atomic_write_json(out / "summary.json", summary)
+    if env.is_main:
+        atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+class _NoMetrics:
+    """MetricsLog's interface for ranks other than 0."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def pretrain(
@@ -251,7 +308,8 @@ def pretrain(
     except NonFiniteLossError as e:
         print(f"llamaworks pretrain: {e}", file=sys.stderr)
         return 3
-    print(format_summary(summary))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary rather than one per process
+        print(format_summary(summary))
     return 0
 
 
