@@ -1,40 +1,96 @@
-"""Decode speed: llamaworks vs transformers' generate, same random weights, same run.
+"""Decode speed: llamaworks (fp32, bf16, int8, int4) vs transformers' generate vs llama.cpp, same weights, same run.
 
-    .venv/bin/python benchmarks/decode.py            # config A, batch 1, prompt 128, 256 new, greedy, fp32
-    .venv/bin/python benchmarks/decode.py --batch 8 --no-compile
+    .venv/bin/python benchmarks/decode.py                      # config A, batch 1, prompt 128, 256 new, greedy
+    .venv/bin/python benchmarks/decode.py --configs A small base --batches 1 8
+    .venv/bin/python benchmarks/decode.py --configs 1b --new-tokens 64 --repeats 1   # the ~1.26B model (5 GB fp32)
+    .venv/bin/python benchmarks/decode.py --ppl-model runs/demo/model --ppl-text held_out.txt
 
-Prints a table and writes JSON (benchmarks/results/decode.json by default). Figures
-are medians over --repeats runs after a warm-up; both sides decode exactly the same
-number of tokens (eos is disabled) and the greedy tokens are checked to agree.
+Prints one table per (config, batch) and writes JSON (benchmarks/results/decode.json by
+default). Figures are medians over --repeats runs after a warm-up; every implementation
+decodes exactly the same number of tokens (eos is disabled); "same" is how many of the
+greedy tokens agree with llamaworks fp32 before the first difference (quantised and 16-bit
+variants drift on random weights, whose logits are nearly tied). "roofline" is the
+fraction of the memory-bandwidth bound: decode steps/s x bytes of weights read per step /
+read bandwidth (measured here as x.sum() over 1 GB); time includes the prefill.
+
+llama.cpp runs through llama-cpp-python on the same weights exported to GGUF f32 and f16
+(convert/gguf.py) and Q8_0 (llama.cpp's own quantiser); its Python API decodes one
+sequence at a time, so it appears at batch 1 only. --ppl-model prints the perplexity of a
+trained model on held-out text for fp32, int8 and int4 (llama.cpp's quantisation table).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from llamaworks.generate import generate_ids
-from llamaworks.model import ModelArgs, build_model, count_parameters
+from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
 
 # "Config A" of the issue tracker: about 60M parameters, the shape of the paper's models.
 CONFIG_A = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048)
+CONFIGS = {
+    "A": CONFIG_A,
+    "small": ModelArgs.from_name("small").to_params(),
+    "base": ModelArgs.from_name("base").to_params(),
+    # ~1.26B (TinyLlama's shape without GQA): 2/3 * 4 * 2048 = 5461 rounds up to 11 * 512 = 5632.
+    "1b": dict(dim=2048, n_layers=22, n_heads=32, vocab_size=32000, multiple_of=512, max_seq_len=2048),
+}
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 
-def time_llamaworks(model, prompt: list[list[int]], new: int, compile: bool) -> tuple[float, list[list[int]]]:
+def measure_bandwidth(gb: float = 1.0) -> float:
+    x = torch.ones(int(gb * 2**30) // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return x.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bytes_per_step(model) -> int:
+    """Weight bytes a decode step reads: everything but the embedding table (one row per token)."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith("tok_embeddings") or name == "freqs_cis" or "kv_cache" in name:
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def quantized_copy(model: Transformer, mode: str, group_size: int = 128) -> Transformer:
+    from llamaworks.quantize import quantizable, quantize_model
+
+    # Share the fp32 Linear weights with the original rather than copying them first: for
+    # the 1B model that is the difference between 5 and 10 GB at peak.
+    memo = {id(lin.weight): lin.weight for _, lin in quantizable(model)}
+    return quantize_model(copy.deepcopy(model, memo), mode, group_size)
+
+
+def time_llamaworks(model, prompt, new, compile=False):
     t0 = time.perf_counter()
     chunks = list(generate_ids(model, prompt, new, temperature=0.0, sync_every=64, compile=compile))
     dt = time.perf_counter() - t0
-    toks = torch.cat([c[0] for c in chunks], dim=1)
-    return dt, toks.tolist()
+    return dt, torch.cat([c[0] for c in chunks], dim=1).tolist()
 
 
-def time_transformers(hf, prompt: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+def time_transformers(hf, prompt, new):
     ids = torch.tensor(prompt)
     t0 = time.perf_counter()
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
@@ -43,71 +99,262 @@ def time_transformers(hf, prompt: list[list[int]], new: int) -> tuple[float, lis
     return dt, out[:, ids.shape[1]:].tolist()
 
 
+class StubTokenizer:
+    """A vocabulary of the right size for GGUF export of random weights (llama.cpp needs one)."""
+
+    unk_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def id_to_piece(self, i: int) -> str:
+        if i < 3:
+            return ("<unk>", "<s>", "</s>")[i]
+        if i < 3 + 256:
+            return f"<0x{i - 3:02X}>"
+        return f"\u2581t{i}"
+
+
+def export_gguf(model, folder: Path) -> dict[str, Path]:
+    from llamaworks.convert.gguf import write_gguf
+
+    paths = {}
+    sd = model.state_dict()
+    for name, dt in (("f32", torch.float32), ("f16", torch.float16)):
+        paths[name] = folder / f"model-{name}.gguf"
+        write_gguf(sd, model.args, StubTokenizer(model.args.vocab_size), paths[name], dtype=dt)
+    try:
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        out = folder / "model-q8_0.gguf"
+        with _quiet_stderr():  # llama.cpp logs every tensor
+            ok = llama_cpp.llama_model_quantize(str(paths["f32"]).encode(), str(out).encode(), params) == 0
+        if ok and _llama_cpp_runs(out):
+            paths["q8_0"] = out
+        else:
+            print("(llama.cpp Q8_0 skipped: its quantised file does not run here)")
+    except (ImportError, AttributeError) as e:
+        print(f"(no Q8_0: {e})")
+    return paths
+
+
+def _llama_cpp_runs(path: Path) -> bool:
+    # Some exports crash llama.cpp's Q8_0 decode (a segfault, seen for the `small` preset with
+    # llama-cpp-python 0.3.36): probe in a child process rather than lose the whole run.
+    code = ("import sys; from llama_cpp import Llama; llm = Llama(model_path=sys.argv[1], n_ctx=64, verbose=False); "
+            "next(iter(llm.generate([5, 6, 7], top_k=1, temp=0.0, repeat_penalty=1.0)))")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=300).returncode == 0
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def time_llama_cpp(llm, prompt, new):
+    t0 = time.perf_counter()
+    out = []
+    for p in prompt:
+        llm.reset()
+        toks = []
+        for t in llm.generate(p, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            toks.append(t)
+            if len(toks) == new:
+                break
+        out.append(toks)
+    return time.perf_counter() - t0, out
+
+
+def same_prefix(a: list[list[int]], b: list[list[int]]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        for s, t in zip(x, y):
+            if s != t:
+                break
+            n += 1
+    return n
+
+
+def run_config(name: str, a, bandwidth: float) -> list[dict]:
+    args = ModelArgs(**CONFIGS[name])
+    n_params = count_parameters(args)
+    model = build_model(args, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    max_batch = max(a.batches)
+    prompts = torch.randint(3, args.vocab_size, (max_batch, a.prompt_len), generator=g).tolist()
+    fp32_bytes = bytes_per_step(model)
+    per_weight = fp32_bytes / 4
+
+    variants = []  # (label, bytes per step, batch-1 only, factory -> (runner, cleanup))
+    if "transformers" in a.impls:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        from llamaworks.convert.hf import hf_config_dict, to_hf_state_dict
+
+        def hf_factory(dtype):
+            def make():
+                cfg = LlamaConfig(**hf_config_dict(args))
+                cfg._attn_implementation = "sdpa"
+                with torch.device("meta"):  # no random init of a second copy (seconds and GB for 1b)
+                    hf = LlamaForCausalLM(cfg)
+                hf.load_state_dict({k: v.to(dtype) for k, v in to_hf_state_dict(model.state_dict(), args).items()},
+                                   assign=True)
+                hf.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers are not in the state dict
+                hf = hf.eval()
+                return lambda p: time_transformers(hf, p, a.new_tokens)
+            return make
+        variants.append(("transformers fp32", fp32_bytes, False, hf_factory(torch.float32)))
+        if "bf16" in a.precisions:
+            variants.append(("transformers bf16", fp32_bytes // 2, False, hf_factory(torch.bfloat16)))
+    if "llamaworks" in a.impls:
+        for prec in a.precisions:
+            if prec == "fp32":
+                variants.append(("llamaworks fp32", fp32_bytes, False,
+                                 lambda: (lambda p: time_llamaworks(model, p, a.new_tokens))))
+                if a.compile:
+                    variants.append(("llamaworks fp32+compile", fp32_bytes, False,
+                                     lambda: (lambda p: time_llamaworks(model, p, a.new_tokens, True))))
+            elif prec == "bf16":
+                def make_bf16():
+                    m = copy.deepcopy(model).to(torch.bfloat16)
+                    m.init_rope()
+                    return lambda p: time_llamaworks(m, p, a.new_tokens)
+                variants.append(("llamaworks bf16", fp32_bytes // 2, False, make_bf16))
+            else:
+                def make_q(mode=prec):
+                    m = quantized_copy(model, mode, a.group_size)
+                    return (lambda p: time_llamaworks(m, p, a.new_tokens)), bytes_per_step(m)
+                label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
+                variants.append((label, None, False, make_q))
+    tmp = None
+    if "llama.cpp" in a.impls:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            print("(llama-cpp-python not installed: no llama.cpp rows)")
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="decode_bench_")
+            paths = export_gguf(model, Path(tmp.name))
+            nbytes = {"f32": fp32_bytes, "f16": fp32_bytes // 2, "q8_0": int(per_weight * 34 / 32)}
+            for q, path in paths.items():
+                def make_cpp(path=path):
+                    llm = Llama(model_path=str(path), n_ctx=a.prompt_len + a.new_tokens + 8,
+                                n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+                    return lambda p: time_llama_cpp(llm, p, a.new_tokens)
+                variants.append((f"llama.cpp {q}", nbytes[q], True, make_cpp))
+
+    rows = []
+    with torch.inference_mode():
+        for label, nbytes, batch1_only, factory in variants:
+            run = factory()
+            if isinstance(run, tuple):  # quantised: bytes known once built
+                run, nbytes = run
+            for bsz in a.batches:
+                if batch1_only and bsz > 1:
+                    continue
+                prompt = prompts[:bsz]
+                run(prompt)  # warm-up (and compilation)
+                times, toks = [], None
+                for _ in range(a.repeats):
+                    dt, toks = run(prompt)
+                    times.append(dt)
+                med = statistics.median(times)
+                tps = bsz * a.new_tokens / med
+                rows.append({"config": name, "params": n_params, "batch": bsz, "impl": label, "seconds": med,
+                             "runs": times, "tokens_per_s": tps, "bytes_per_step": nbytes,
+                             "roofline": (tps / bsz) * nbytes / bandwidth, "tokens": toks})
+            del run
+    if tmp is not None:
+        tmp.cleanup()
+    for bsz in a.batches:
+        table = [r for r in rows if r["batch"] == bsz]
+        ref = next((r for r in table if r["impl"] == "llamaworks fp32"), table[0])
+        base = next((r for r in table if r["impl"] == "transformers fp32"), ref)
+        print(f"\n{name}: {n_params / 1e6:.1f}M params, batch {bsz}, prompt {a.prompt_len}, {a.new_tokens} new "
+              f"tokens, greedy, {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+        print(f"{'implementation':<26}{'tokens/s':>10}{'vs transformers':>17}{'vs ours fp32':>14}"
+              f"{'MB/step':>9}{'roofline':>10}{'same':>11}")
+        for r in table:
+            same = same_prefix(r["tokens"], ref["tokens"])
+            r["same_tokens"] = same
+            print(f"{r['impl']:<26}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base['tokens_per_s']:>16.2f}x"
+                  f"{r['tokens_per_s'] / ref['tokens_per_s']:>13.2f}x{r['bytes_per_step'] / 1e6:>9.0f}"
+                  f"{100 * r['roofline']:>9.0f}%{same:>6}/{bsz * a.new_tokens}")
+    for r in rows:
+        del r["tokens"]
+    return rows
+
+
+def perplexity_table(model_dir: str, text_file: str, seq_len: int, group_sizes: list[int]) -> list[dict]:
+    from llamaworks.modeldir import load_model
+    from llamaworks.quantize import perplexity
+
+    model, tok = load_model(model_dir)
+    ids = tok.encode(Path(text_file).read_text(encoding="utf-8", errors="replace"), bos=True, eos=False)
+    rows = []
+    variants = [("fp32", lambda: model), ("int8", lambda: quantized_copy(model, "int8"))]
+    variants += [(f"int4 g{g}", lambda g=g: quantized_copy(model, "int4", g)) for g in group_sizes]
+    print(f"\nperplexity of {model_dir} on {text_file} ({len(ids)} tokens, windows of {seq_len})")
+    print(f"{'weights':<12}{'perplexity':>12}{'change':>9}{'MB/step':>9}")
+    for label, make in variants:
+        m = make()
+        with torch.inference_mode():
+            ppl = perplexity(m, ids, seq_len)
+        rows.append({"weights": label, "perplexity": ppl, "bytes_per_step": bytes_per_step(m)})
+        print(f"{label:<12}{ppl:>12.3f}{100 * (ppl / rows[0]['perplexity'] - 1):>+8.2f}%"
+              f"{rows[-1]['bytes_per_step'] / 1e6:>9.1f}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--configs", nargs="+", default=["A"], choices=list(CONFIGS))
+    ap.add_argument("--batches", "--batch", nargs="+", type=int, default=[1])
+    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    ap.add_argument("--impls", nargs="+", default=["transformers", "llamaworks", "llama.cpp"],
+                    choices=["transformers", "llamaworks", "llama.cpp"])
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time llamaworks with torch.compile on the decode step")
+                    help="also time llamaworks fp32 with torch.compile on the decode step")
+    ap.add_argument("--ppl-model", help="trained model directory: print fp32/int8/int4 perplexity")
+    ap.add_argument("--ppl-text", help="held-out text file for --ppl-model")
+    ap.add_argument("--ppl-seq-len", type=int, default=256)
     ap.add_argument("--out", default="benchmarks/results/decode.json")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llamaworks.convert.hf import hf_config_dict, to_hf_state_dict
-
-    args = ModelArgs(**CONFIG_A)
-    n_params = count_parameters(args)
-    model = build_model(args, seed=0).eval()
-    cfg = LlamaConfig(**hf_config_dict(args))
-    cfg._attn_implementation = "sdpa"
-    hf = LlamaForCausalLM(cfg).eval()
-    hf.load_state_dict(to_hf_state_dict(model.state_dict(), args))
-
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, args.vocab_size, (a.batch, a.prompt_len), generator=g).tolist()
-    # Memory-bandwidth bound: every decode step reads all weights once (fp32) plus the cache.
-    weight_bytes = 4 * n_params
-
-    variants = {"transformers": lambda: time_transformers(hf, prompt, a.new_tokens),
-                "llamaworks": lambda: time_llamaworks(model, prompt, a.new_tokens, False)}
-    if a.compile:
-        variants["llamaworks+compile"] = lambda: time_llamaworks(model, prompt, a.new_tokens, True)
-    results, tokens = {}, {}
-    with torch.inference_mode():
-        for name, fn in variants.items():
-            fn()  # warm-up (and compilation)
-            times = []
-            for _ in range(a.repeats):
-                dt, toks = fn()
-                times.append(dt)
-            tokens[name] = toks
-            med = statistics.median(times)
-            results[name] = {"seconds": med, "tokens_per_s": a.batch * a.new_tokens / med, "runs": times}
-
-    base = results["transformers"]["tokens_per_s"]
-    agree = {k: tokens[k] == tokens["transformers"] for k in tokens}
-    print(f"decode benchmark: config A ({n_params / 1e6:.1f}M params), batch {a.batch}, prompt {a.prompt_len}, "
-          f"{a.new_tokens} new tokens, greedy, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'implementation':<22}{'tokens/s':>10}{'vs transformers':>17}{'same tokens':>13}")
-    for k, r in results.items():
-        print(f"{k:<22}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>16.2f}x{str(agree[k]):>13}")
-    bound = 52e9 / weight_bytes  # tokens/s per sequence if only weight reads cost time (52 GB/s measured here)
-    print(f"(weight-read bound at 52 GB/s: {bound:.0f} steps/s; time includes the prefill of {a.prompt_len} tokens)")
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "machine": platform.processor() or platform.machine(), "prompt_len": a.prompt_len,
+              "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs}}
+    if a.ppl_model:
+        if not a.ppl_text:
+            ap.error("--ppl-model needs --ppl-text FILE (held-out text)")
+        result["perplexity"] = perplexity_table(a.ppl_model, a.ppl_text, a.ppl_seq_len, [32, 128])
+    else:
+        bandwidth = measure_bandwidth()
+        result["read_bandwidth"] = bandwidth
+        result["results"] = []
+        for name in a.configs:
+            result["results"] += run_config(name, a, bandwidth)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "config": CONFIG_A, "params": n_params, "batch": a.batch, "prompt_len": a.prompt_len,
-        "new_tokens": a.new_tokens, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "results": results, "same_tokens": agree,
-        "speedup_vs_transformers": {k: r["tokens_per_s"] / base for k, r in results.items()},
-    }, indent=2) + "\n")
-    print(f"wrote {out}")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

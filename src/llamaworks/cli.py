@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data run": ("llamaworks.data.command:run_command", "clean and deduplicate one source of Table 1 (section 2.1)"),
     "prepare": ("llamaworks.train.shards:prepare_command", "tokenise documents into packed token shards"),
     "convert": ("llamaworks.convert.command:convert_command", "convert checkpoints: native, Meta, Hugging Face, GGUF"),
+    "quantize": ("llamaworks.quantize:quantize_command", "weight-only int8 / int4 quantisation of a model directory"),
     "plan": ("llamaworks.plan:plan_command", "memory and time plan for a preset on a GPU cluster"),
     "carbon": ("llamaworks.carbon:carbon_command", "energy and CO2 of a run (section 6, Table 15)"),
     "eval": ("llamaworks.eval.run:eval_command", "the paper's benchmarks (section 3) beside its LLaMA-7B/65B numbers"),

@@ -274,6 +274,8 @@ def generate_command(
     device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
     dtype: Annotated[str | None, Arg("float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")] = None,
     compile: Annotated[bool, Arg("torch.compile the decode step")] = False,
+    draft: Annotated[str | None, Arg("draft model directory: speculative decoding (one prompt)")] = None,
+    draft_k: Annotated[int, Arg("tokens the draft proposes per target forward")] = 4,
 ) -> int:
     """Generate a completion for each prompt; prints the text, then speed on stderr."""
     from llamaworks.modeldir import load_model, resolve_device
@@ -281,6 +283,12 @@ def generate_command(
     dev, dt = resolve_device(device, dtype)
     model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
     torch.manual_seed(0)
+    if draft is not None:
+        from llamaworks.speculative import generate_with_draft
+
+        return generate_with_draft(model, tokenizer, draft, prompt, max_new_tokens, k=draft_k, device=dev, dtype=dt,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or (), seed=seed,
+                                   truncate=truncate)
     streaming = len(prompt) == 1
 
     def show(i, delta):

@@ -160,10 +160,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     state = read_safetensors(path / WEIGHTS)
     with torch.device("meta"):
         model = Transformer(args)
+    if (path / "quantization.json").is_file():  # written by `llamaworks quantize`
+        from llamaworks.quantize import read_quantization, swap_empty
+
+        swap_empty(model, **read_quantization(path))
     check_state_dict(model, state, path / WEIGHTS)
     device = torch.device(device)
     for k, v in state.items():
-        if dtype is not None and v.dtype != dtype:
+        if dtype is not None and v.dtype != dtype and v.is_floating_point():  # int weights stay int
             v = v.to(dtype)
         state[k] = v.to(device)  # no-op on CPU: the mmap pages become the parameters
     model.load_state_dict(state, strict=True, assign=True)
@@ -185,6 +189,6 @@ def check_state_dict(model: Transformer, state: dict[str, torch.Tensor], source)
         k, got, want = bad[0]
         raise ValueError(f"{source}: tensor {k} has shape {got} but params.json implies {want} "
                          f"({len(bad)} tensors differ); params.json and the weights disagree")
-    floats = {v.dtype for v in state.values()}
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(floats) > 1:
         raise ValueError(f"{source}: mixed dtypes {sorted(map(str, floats))}; re-save with one dtype")

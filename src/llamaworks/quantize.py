@@ -1,0 +1,284 @@
+"""Weight-only quantisation by module swapping: int8 per output channel, int4 group-wise.
+
+Every nn.Linear of the transformer blocks (wq, wk, wv, wo, w1, w2, w3) and the output
+projection is replaced by a module holding integer weights and floating-point scales;
+embeddings and norms stay in floating point. Activations are not quantised.
+
+Decoding reads every weight once per step, so it is bound by memory bandwidth: int8
+halves the bytes of bf16 (quarters fp32), int4 halves them again. On CPU the fused
+torch kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) dequantise in
+registers and take bf16 activations; everywhere else, and for many rows at once
+(prefill), the weight is dequantised and multiplied by an ordinary matmul.
+
+A quantised model directory is a normal one (params.json stays Meta's) plus
+quantization.json ({"mode", "group_size"}); its weights carry the Linear's name for
+the integer tensor (`...wq.weight`) beside `...wq.scales` (and `...wq.zeros` for int4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaworks.cli import Arg
+
+QUANT_FILE = "quantization.json"
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+
+# Above this many rows (prefill, large batches) a dequantised weight and a plain matmul beat
+# the fused kernels, which are written for a few rows (measured on a 2-core AVX-512 machine).
+KERNEL_MAX_ROWS = 32
+
+
+def _cpu_kernel(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= KERNEL_MAX_ROWS
+
+
+# --- int8, one scale per output channel (row) -------------------------------------------------
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric: w ~= q * scale[:, None], q in [-127, 127]."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_kernel(x):
+            # The fused kernel wants bf16 activations and scales (fp32 ones run ~6x slower);
+            # bf16 rounding of x (2^-9) is below the int8 rounding of the weight (2^-8).
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales.to(torch.bfloat16))
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+# --- int4, asymmetric, one scale and zero point per group of input columns -------------------
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w ~= (q - 8) * scale + zero per group, q in [0, 15] (the tinygemm convention, so the
+    kernel takes scales and zeros as stored). Returns q packed two per byte (out, in/2) with
+    the even column in the low nibble, scales and zeros (out, in/group_size)."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo) / scales).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+    zeros = lo + 8 * scales
+    return pack_int4(q), scales.squeeze(-1), zeros.squeeze(-1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    return q[:, ::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize_int4(packed, scales, zeros, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    q = unpack_int4(packed).to(dtype)
+    out_f, in_f = q.shape
+    g = q.view(out_f, in_f // group_size, group_size)
+    return ((g - 8) * scales.to(dtype).unsqueeze(-1) + zeros.to(dtype).unsqueeze(-1)).view(out_f, in_f)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype = torch.float32,
+                 device=None):
+        super().__init__()
+        check_group_size(in_features, group_size, "in_features")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        # The CPU kernel's own tiled layout, built on first use from the portable one above
+        # (which is what is saved); it is not part of the state dict.
+        self._packed: torch.Tensor | None = None
+        self._scales_zeros: torch.Tensor | None = None
+        self.kernel = out_features % 16 == 0  # the CPU kernel's only shape limit beyond the group size
+
+    def _prepare(self):
+        q = unpack_int4(self.weight).to(torch.int32)
+        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
+        self._scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(
+            torch.bfloat16)  # (groups, out, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel and _cpu_kernel(x):
+            if self._packed is None:
+                self._prepare()
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._packed, self.group_size, self._scales_zeros)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))
+
+    def _apply(self, fn, recurse=True):
+        self._packed = self._scales_zeros = None  # moved or cast: rebuild from the portable copy
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+# --- swapping --------------------------------------------------------------------------------
+
+def check_mode(mode: str, group_size: int | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown quantisation mode {mode!r}; use --mode {' or --mode '.join(MODES)}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}; "
+                         "set --group-size")
+
+
+def check_group_size(dim: int, group_size: int, name: str = "dimension") -> None:
+    if dim % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the {name} {dim}; choose a --group-size "
+                         f"that divides it ({', '.join(str(g) for g in GROUP_SIZES if dim % g == 0) or 'none fits'})")
+
+
+def quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The Linear layers that are quantised: all of them (block projections and output)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
+    """Replace the Linear layers of `model` in place by quantised ones; returns the model."""
+    check_mode(mode, group_size)
+    layers = quantizable(model)
+    if mode == "int4":
+        for name, lin in layers:
+            check_group_size(lin.in_features, group_size, f"input dimension of {name}")
+    for name, lin in layers:
+        w = lin.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        if mode == "int8":
+            new = Int8Linear(lin.in_features, lin.out_features, dtype, w.device)
+            q, s = quantize_int8(w)
+            new.weight.copy_(q)
+            new.scales.copy_(s)
+        else:
+            new = Int4Linear(lin.in_features, lin.out_features, group_size, dtype, w.device)
+            packed, s, z = quantize_int4(w, group_size)
+            new.weight.copy_(packed)
+            new.scales.copy_(s)
+            new.zeros.copy_(z)
+        _set(model, name, new)
+    return model
+
+
+def swap_empty(model: nn.Module, mode: str, group_size: int | None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace the Linear layers by empty quantised ones of the right shapes (on the model's
+    device, typically meta), ready for load_state_dict(assign=True)."""
+    check_mode(mode, group_size)
+    for name, lin in quantizable(model):
+        device = lin.weight.device
+        if mode == "int8":
+            _set(model, name, Int8Linear(lin.in_features, lin.out_features, dtype, device))
+        else:
+            _set(model, name, Int4Linear(lin.in_features, lin.out_features, group_size, dtype, device))
+    return model
+
+
+def read_quantization(path: str | os.PathLike) -> dict | None:
+    """The quantization.json of a model directory, checked; None for an unquantised one."""
+    file = Path(path) / QUANT_FILE
+    if not file.is_file():
+        return None
+    try:
+        q = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(q, dict) or set(q) - {"mode", "group_size"} or "mode" not in q:
+        raise ValueError(f"{file}: expected {{\"mode\": \"int8\"|\"int4\", \"group_size\": N}}, got {q!r}")
+    try:
+        check_mode(q["mode"], q.get("group_size"))
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    return {"mode": q["mode"], "group_size": q.get("group_size")}
+
+
+def save_quantized(model, tokenizer, path: str | os.PathLike, mode: str, group_size: int | None) -> Path:
+    from llamaworks.atomic import atomic_directory, atomic_write_json
+    from llamaworks.modeldir import write_model_files
+
+    path = Path(path)
+    with atomic_directory(path, overwrite=True) as tmp:
+        write_model_files(model, tokenizer, tmp)
+        atomic_write_json(tmp / QUANT_FILE, {"mode": mode, "group_size": group_size if mode == "int4" else None})
+    return path
+
+
+# --- quality ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def perplexity(model, ids: list[int], seq_len: int | None = None, batch_size: int = 8) -> float:
+    """exp(mean next-token loss) over `ids` cut into non-overlapping windows of seq_len
+    (default: the model's context); each window is scored from its own start."""
+    seq_len = min(seq_len or model.args.max_seq_len, model.args.max_seq_len)
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"perplexity needs more than {seq_len} tokens, got {len(ids)}; give a longer text "
+                         "or a shorter seq_len")
+    device = model.tok_embeddings.weight.device
+    data = torch.tensor(ids[: n * seq_len + 1], device=device)
+    x = data[:-1].view(n, seq_len)
+    y = data[1:].view(n, seq_len)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        logits = model(x[i: i + batch_size])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y[i: i + batch_size].flatten(), reduction="sum").item()
+    return math.exp(total / (n * seq_len))
+
+
+# --- command ---------------------------------------------------------------------------------
+
+def quantize_command(
+    checkpoint: Annotated[str, Arg("model directory to quantise (params.json, model.safetensors, tokenizer.model)")],
+    output: Annotated[str, Arg("model directory to write")],
+    mode: Annotated[Literal["int8", "int4"], Arg("int8 per output channel, or int4 in groups of --group-size")],
+    group_size: Annotated[int, Arg("int4: input columns sharing one scale and zero (32, 64, 128 or 256)")] = 128,
+) -> int:
+    """Weight-only quantisation of a model directory; prints the size before and after."""
+    from llamaworks.modeldir import WEIGHTS, load_model
+
+    check_mode(mode, group_size)
+    if read_quantization(checkpoint) is not None:
+        raise ValueError(f"{checkpoint} is already quantised ({QUANT_FILE}); quantise the original model")
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        raise ValueError("--output must differ from --checkpoint (the original is read while writing)")
+    model, tokenizer = load_model(checkpoint)
+    quantize_model(model, mode, group_size)
+    save_quantized(model, tokenizer, output, mode, group_size)
+    before = (Path(checkpoint) / WEIGHTS).stat().st_size
+    after = (Path(output) / WEIGHTS).stat().st_size
+    detail = f" (group size {group_size})" if mode == "int4" else ""
+    print(f"wrote {output}: {mode}{detail}, weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", file=sys.stderr)
+    return 0

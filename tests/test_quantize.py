@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from llamaworks.cli import main as cli_main
+from llamaworks.generate import generate_ids
+from llamaworks.model import ModelArgs, build_model
+from llamaworks.modeldir import load_model
+from llamaworks.quantize import (
+    QUANT_FILE,
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    pack_int4,
+    perplexity,
+    quantize_command,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    unpack_int4,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls: a second thread only adds synchronisation (10x slower on a busy machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_int8_and_int4_round_trip_errors():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    assert rel(q.float() * s[:, None], w) < 0.01  # 255 levels over +-3 sigma
+    for g, bound in [(32, 0.09), (64, 0.1), (128, 0.11)]:  # 16 levels over a group's range
+        packed, sc, z = quantize_int4(w, g)
+        assert packed.dtype == torch.uint8 and packed.shape == (64, 128) and sc.shape == (64, 256 // g)
+        assert rel(dequantize_int4(packed, sc, z, g), w) < bound
+    q4 = torch.randint(0, 16, (8, 32), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q4)), q4)
+
+
+@pytest.mark.parametrize("cls", ["int8", "int4"])
+def test_kernel_and_dequantised_paths_agree(cls):
+    lin = torch.nn.Linear(128, 64, bias=False)
+    m = torch.nn.Sequential(lin)
+    quantize_model(m, cls, 32)
+    q = m[0]
+    assert isinstance(q, Int8Linear if cls == "int8" else Int4Linear)
+    x = torch.randn(3, 5, 128)
+    ref = (torch.nn.functional.linear(x, q.weight.float()) * q.scales if cls == "int8" else
+           torch.nn.functional.linear(x, dequantize_int4(q.weight, q.scales, q.zeros, 32)))
+    fast = q(x)  # 15 rows: the CPU kernel, bf16 activations
+    assert fast.dtype == x.dtype and fast.shape == (3, 5, 64)
+    assert rel(fast, ref) < 0.01
+    big = q(torch.cat([x] * 8, 1))  # 120 rows: dequantise and matmul in fp32
+    assert rel(big[:, :5], ref) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def fp_model(tiny_model):
+    return tiny_model
+
+
+@pytest.mark.parametrize("mode,group,bound", [("int8", None, 0.05), ("int4", 32, 0.4), ("int4", 128, 0.45)])
+def test_quantised_logits_close_to_fp32(fp_model, mode, group, bound):
+    # Random N(0, 0.02) weights are the hard case (no outliers to spend levels on, no
+    # structure); the bounds are about 2x what is measured, and a trained model does better.
+    x = torch.randint(3, fp_model.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = fp_model(x)
+        q = quantize_model(copy.deepcopy(fp_model), mode, group or 128)
+        out = q(x)
+        q.setup_caches(2, 64)
+        cached = q(x[:, :12], torch.arange(12))
+    assert q.layers[0].attention.kv_cache.k.dtype == torch.float32  # not the int weights' dtype
+    assert rel(out, ref) < bound
+    assert rel(cached, ref[:, :12]) < bound
+    chunks = list(generate_ids(q, x[:, :5].tolist(), 6, temperature=0.0))
+    assert torch.cat([c[0] for c in chunks], 1).shape == (2, 6)
+
+
+def test_quantised_directory_round_trip(tiny_model_dir, tmp_path):
+    model, _ = load_model(tiny_model_dir)
+    x = torch.randint(3, model.args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    for mode, g in [("int8", 128), ("int4", 64)]:
+        out = tmp_path / mode
+        assert quantize_command(str(tiny_model_dir), str(out), mode, g) == 0
+        assert json.loads((out / QUANT_FILE).read_text()) == {"mode": mode, "group_size": g if mode == "int4" else None}
+        assert json.loads((out / "params.json").read_text()) == json.loads((tiny_model_dir / "params.json").read_text())
+        assert (out / "model.safetensors").stat().st_size < (tiny_model_dir / "model.safetensors").stat().st_size / 2.5
+        loaded, tok = load_model(out)
+        assert tok is not None and isinstance(loaded.output, Int8Linear if mode == "int8" else Int4Linear)
+        want = quantize_model(copy.deepcopy(model), mode, g)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), want(x), atol=0, rtol=0)
+        bf, _ = load_model(out, dtype="bfloat16")  # integer weights are never cast
+        assert bf.layers[0].attention.wq.weight.dtype in (torch.int8, torch.uint8)
+        assert bf.layers[0].attention.wq.scales.dtype == torch.bfloat16
+        assert bf.tok_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_quantize_cli_and_errors(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert cli_main(["quantize", "--checkpoint", str(tiny_model_dir), "--output", str(out), "--mode", "int4",
+                     "--group-size", "32"]) == 0
+    assert "int4 (group size 32)" in capsys.readouterr().err
+    assert cli_main(["generate", "--checkpoint", str(out), "--prompt", "the", "--max-new-tokens", "4",
+                     "--temperature", "0"]) == 0
+    # quantising a quantised directory, or over the original
+    assert cli_main(["quantize", "--checkpoint", str(out), "--output", str(tmp_path / "x"), "--mode", "int8"]) == 2
+    assert "already quantised" in capsys.readouterr().err
+    assert cli_main(["quantize", "--checkpoint", str(tiny_model_dir), "--output", str(tiny_model_dir),
+                     "--mode", "int8"]) == 2
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        cli_main(["quantize", "--checkpoint", str(tiny_model_dir), "--output", str(tmp_path / "y"), "--mode", "int3"])
+    # tiny's dim is 128: a group of 256 does not divide it
+    assert cli_main(["quantize", "--checkpoint", str(tiny_model_dir), "--output", str(tmp_path / "z"),
+                     "--mode", "int4", "--group-size", "256"]) == 2
+    assert "does not divide" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
+    m = torch.nn.Sequential(torch.nn.Linear(96, 32))
+    with pytest.raises(ValueError, match="unknown quantisation mode"):
+        quantize_model(m, "int3")
+    with pytest.raises(ValueError, match="group size must be one of"):
+        quantize_model(m, "int4", 48)
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_model(m, "int4", 64)
+    (out / QUANT_FILE).write_text('{"mode": "int2"}')
+    with pytest.raises(ValueError, match="unknown quantisation mode"):
+        load_model(out)
+
+
+def test_perplexity():
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=32)
+    m = build_model(args, seed=0).eval()
+    ids = torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    ppl = perplexity(m, ids, seq_len=32)
+    assert 40 < ppl < 90  # near-uniform predictions of 64 symbols
+    with pytest.raises(ValueError, match="more than 32 tokens"):
+        perplexity(m, ids[:20])
