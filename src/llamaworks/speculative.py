@@ -20,23 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from llamaworks.generate import Completion, _cache_len, _StopStream, check_prompt_lengths
-
-
-def _probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
-    # The distribution generate.sample draws from (temperature, then top-k, then nucleus);
-    # both models' logits go through it, so acceptance compares like with like.
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+from llamaworks.generate import Completion, _cache_len, _StopStream, check_prompt_lengths, probabilities
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -94,7 +78,7 @@ def speculative_ids(target, draft, prompt: list[int], max_new_tokens: int, *, k:
     def pick(logits):  # (rows, vocab) -> (rows,) tokens, and the probabilities they came from
         if greedy:
             return logits.argmax(-1), None
-        p = _probs(logits, temperature, top_k, top_p)
+        p = probabilities(logits, temperature, top_k, top_p)
         return _draw(p, gen), p
 
     ids = torch.tensor([prompt], device=device)
@@ -134,7 +118,7 @@ def speculative_ids(target, draft, prompt: list[int], max_new_tokens: int, *, k:
                 n_acc = 0
             new = block[0, 1: n_acc + 1].tolist() + [int(best[n_acc])]
         else:
-            ps = _probs(logits, temperature, top_k, top_p)  # (kk+1, vocab)
+            ps = probabilities(logits, temperature, top_k, top_p)  # (kk+1, vocab)
             qq = torch.cat(qs) if kk else ps[:0]
             new, n_acc = accept(ps, qq, [int(d) for d in drafted], gen)
         stats["accepted"] += n_acc

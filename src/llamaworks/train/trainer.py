@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from llamaworks.cli import Arg
 from llamaworks.config import dumps, load_config
 from llamaworks.train.config import JobConfig
+from llamaworks.train.loss import lm_loss
 
 log = logging.getLogger("llamaworks")
 
@@ -50,7 +51,7 @@ def accumulate_gradients(model, loader, accum: int, device, amp) -> torch.Tensor
         x, y = next(loader)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with amp:
-            loss = cross_entropy(model(x), y) / accum
+            loss = lm_loss(model, x, y) / accum  # output layer and cross-entropy fused (train/loss.py)
         loss.backward()
         loss_sum += loss.detach()
     return loss_sum
