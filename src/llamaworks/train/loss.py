@@ -1,0 +1,123 @@
+"""The training loss: next-token cross-entropy with the output projection fused in.
+
+The output layer is the widest matmul of a LLaMA model, and its (tokens, vocab) fp32
+logits are the largest activation: 524 MB for 8 sequences of 512 tokens and a 32,000-piece
+vocabulary, and as much again for their gradient. Materialising them, running log_softmax
+over them and back again is memory-bound work that costs more than the attention of a small
+model on a CPU. `fused_linear_cross_entropy` instead takes the final hidden states and the
+output weight, and computes logits, loss and both gradients one block of rows at a time:
+only one (rows, vocab) block exists at once, and it is reused in place for its gradient.
+The gradients are computed in the forward pass (the loss is a scalar, so they only need
+scaling by the incoming gradient in backward), the scheme of Liger Kernel's fused linear
+cross-entropy (Hsu et al. 2024) and of Wijmans et al. 2024 ("Cut your losses").
+
+Same result as `F.cross_entropy(hidden @ weight.T, targets)` up to float summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Rows per block: 1024 x 32,000 fp32 = 131 MB. Large enough that the three matmuls per
+# block run at full speed, small enough that the block stays far below the full logits.
+DEFAULT_CHUNK_ROWS = 1024
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, chunk_rows: int):
+        # h: (n, d), weight: (vocab, d), targets: (n,); all gradients computed here.
+        n = h.shape[0]
+        valid = targets != ignore_index
+        safe_targets = targets.masked_fill(~valid, 0)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        # fp32 accumulator for the weight gradient whatever the compute dtype.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # Rows whose target is ignored contribute no loss and no gradient: masking the small
+        # (rows, d) side of each product is cheaper than zeroing rows of the (rows, vocab) block.
+        row_mask = valid.unsqueeze(1).to(h.dtype)
+        h_masked = h * row_mask if need_w else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n))
+            logp = torch.log_softmax(F.linear(h[rows], weight).float(), dim=-1)  # (rows, vocab)
+            tgt = safe_targets[rows].unsqueeze(1)
+            loss_sum -= logp.gather(1, tgt).squeeze(1).masked_fill(~valid[rows], 0.0).sum()
+            if not (need_h or need_w):
+                continue
+            # d(loss_sum)/d(logits) = softmax - one_hot(target), built in place in the block.
+            grad_logits = logp.exp_()
+            grad_logits.scatter_add_(1, tgt, torch.full_like(tgt, -1.0, dtype=grad_logits.dtype))
+            grad_logits = grad_logits.to(h.dtype)
+            if need_h:
+                torch.mm(grad_logits, weight, out=grad_h[rows])
+            if need_w:
+                if grad_w.dtype == grad_logits.dtype:
+                    grad_w.addmm_(grad_logits.T, h_masked[rows])
+                else:
+                    grad_w += (grad_logits.T @ h_masked[rows]).float()
+        n_valid = valid.sum()
+        if need_h:
+            grad_h *= row_mask
+        ctx.save_for_backward(grad_h, grad_w, n_valid)
+        ctx.dtypes = h.dtype, weight.dtype
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_out / n_valid
+        dh = (grad_h * scale).to(ctx.dtypes[0]) if grad_h is not None else None
+        dw = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
+        return dh, dw, None, None, None
+
+
+def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = -100, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Mean cross-entropy of `h @ weight.T` against `targets`, never holding all the logits.
+
+    h: (..., d) hidden states; weight: (vocab, d); targets: (...) class indices, entries equal
+    to ignore_index count neither in the loss nor in the mean (as in F.cross_entropy).
+    Under autocast the matmuls run in the autocast dtype and the softmax in fp32.
+    """
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        h, weight = h.to(dtype), weight.to(dtype)  # differentiable casts, outside the Function
+    elif weight.dtype != h.dtype:
+        weight = weight.to(h.dtype)
+    if not torch.is_grad_enabled():
+        h, weight = h.detach(), weight.detach()  # evaluation: the loss alone, no gradient work
+    with torch.autocast(device_type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows)
+
+
+def can_fuse(model) -> bool:
+    """Whether the fused loss may read model.output.weight directly.
+
+    Not with sharded parameters (FSDP2, tensor parallelism): there the output layer's weight
+    is only gathered by the module's own hooks, so those runs keep the logits path.
+    """
+    if not torch.distributed.is_available():
+        return True
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(model, FSDPModule) and not isinstance(model.output.weight, DTensor)
+
+
+def lm_loss(model, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Next-token loss of a llamaworks Transformer on (bsz, seq) tokens and targets.
+
+    fused: the output projection and the cross-entropy run block by block
+    (fused_linear_cross_entropy) where the model allows it (can_fuse); otherwise, the plain
+    logits -> F.cross_entropy path.
+    """
+    if not (fused and can_fuse(model)):
+        logits = model(tokens)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    h = model(tokens, return_hidden=True)  # (bsz, seq, dim), after the final RMSNorm
+    return fused_linear_cross_entropy(h, model.output.weight, targets)
