@@ -32,12 +32,13 @@ class MalformedInput(ValueError):
     """An input file that cannot be read as its format; the message starts with its path."""
 
 
-def _zstd():
+def _zstd(path: str | os.PathLike | None = None):
     try:
         import zstandard
     except ImportError:
-        raise ValueError("zstd shards need the `zstandard` package: pip install 'llamaworks[data]', "
-                         "or choose --compression gzip") from None
+        what = f"{path} is zstd-compressed but" if path is not None else "zstd shards need"
+        raise ValueError(f"{what} the `zstandard` package is not installed: pip install zstandard "
+                         "(or 'llamaworks[data]'), or use gzip") from None
     return zstandard
 
 
@@ -47,7 +48,8 @@ def open_read(path: str | os.PathLike):
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        return io.BufferedReader(_zstd().open(path, "rb"))
+        # The zstd reader has no readline; BufferedReader adds line iteration on top of readinto.
+        return io.BufferedReader(_zstd(path).open(path, "rb"))
     if name.endswith(".bz2"):
         import bz2
 
@@ -55,21 +57,26 @@ def open_read(path: str | os.PathLike):
     return open(path, "rb")
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[Document]:
-    path = Path(path)
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a (compressed) JSONL file."""
     with open_read(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield lineno, json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 why = e.msg if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
-                raise MalformedInput(f"{path}:{lineno}: malformed JSON ({why})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise MalformedInput(f"{path}:{lineno}: record has no string `text` field")
-            yield Document(id=str(rec.get("id", f"{path.name}:{lineno}")), text=rec["text"],
-                           source=str(rec.get("source") or ""), metadata=rec.get("metadata") or {})
+                raise MalformedInput(f"{path}:{lineno}: malformed JSON ({why}); fix or delete the line") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[Document]:
+    path = Path(path)
+    for lineno, rec in json_lines(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise MalformedInput(f"{path}:{lineno}: record has no string `text` field")
+        yield Document(id=str(rec.get("id", f"{path.name}:{lineno}")), text=rec["text"],
+                       source=str(rec.get("source") or ""), metadata=rec.get("metadata") or {})
 
 
 class ShardWriter:

@@ -8,12 +8,11 @@ alphanumeric fraction 0.25) which reproduces LLaMA's description.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from llamaworks.data.books import decode_text
-from llamaworks.data.document import Document, MalformedInput, open_read
+from llamaworks.data.document import Document, MalformedInput, json_lines
 from llamaworks.data.executor import Reader
 from llamaworks.data.step import Filter, LineCleaner
 
@@ -69,21 +68,16 @@ class GithubReader(Reader):
         if path.is_dir():
             yield from self._repo(path)
             return
-        with open_read(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    content = rec["content"]
-                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                    raise MalformedInput(f"{path}:{lineno}: not a BigQuery github record "
-                                         "{repo_name, path, license, content}") from None
-                if not isinstance(content, str):  # binary files have content null in the export
-                    continue
-                yield Document(id=f"{rec.get('repo_name')}/{rec.get('path')}", text=content, source="github",
-                               metadata={"repo_name": rec.get("repo_name"), "path": rec.get("path"),
-                                         "license": (rec.get("license") or "").lower() or None})
+        for lineno, rec in json_lines(path):
+            if not isinstance(rec, dict) or "content" not in rec:
+                raise MalformedInput(f"{path}:{lineno}: not a BigQuery github record "
+                                     "{repo_name, path, license, content}")
+            content = rec["content"]
+            if not isinstance(content, str):  # binary files have content null in the export
+                continue
+            yield Document(id=f"{rec.get('repo_name')}/{rec.get('path')}", text=content, source="github",
+                           metadata={"repo_name": rec.get("repo_name"), "path": rec.get("path"),
+                                     "license": (rec.get("license") or "").lower() or None})
 
     def _repo(self, repo: Path):
         lic_file = next((repo / f for f in _LICENSE_FILES if (repo / f).is_file()), None)

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import gzip
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -73,36 +71,16 @@ def _input_files(inputs: Iterable[str]) -> Iterator[tuple[Path, str, str]]:
                 yield file, source, f"{source}/{file.relative_to(path).as_posix()}"
 
 
-def _open_binary(file: Path):
-    if file.name.lower().endswith(".gz"):
-        return gzip.open(file, "rb")
-    if file.name.lower().endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError:
-            raise ValueError(f"{file} is zstd-compressed but the `zstandard` package is not installed; "
-                             "pip install zstandard, or decompress the file") from None
-        # The zstd reader has no readline; BufferedReader adds line iteration on top of readinto.
-        return io.BufferedReader(zstandard.open(file, "rb"))
-    return open(file, "rb")
-
-
 def _jsonl_documents(file: Path, source: str, name: str) -> Iterator[tuple[str, str, str]]:
-    with _open_binary(file) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                why = e.msg if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
-                raise ValueError(f"{file}:{lineno}: malformed JSON ({why}); fix or delete the line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{file}:{lineno}: record has no string `text` field; every JSONL line "
-                                 'must be an object like {"id": ..., "text": "...", "source": ...}')
-            # A record id keeps the split stable when files are re-sharded; else file and line.
-            doc_id = str(record["id"]) if record.get("id") is not None else f"{name}:{lineno}"
-            yield doc_id, str(record.get("source") or source), record["text"]
+    from llamaworks.data.document import json_lines
+
+    for lineno, record in json_lines(file):
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{file}:{lineno}: record has no string `text` field; every JSONL line "
+                             'must be an object like {"id": ..., "text": "...", "source": ...}')
+        # A record id keeps the split stable when files are re-sharded; else file and line.
+        doc_id = str(record["id"]) if record.get("id") is not None else f"{name}:{lineno}"
+        yield doc_id, str(record.get("source") or source), record["text"]
 
 
 def _documents(inputs: Iterable[str], stats: dict[str, int]) -> Iterator[tuple[str, str, str]]:
