@@ -29,21 +29,30 @@ class MCTask:
     paper: dict[str, float] = field(default_factory=dict)  # {"7B": ..., "65B": ...}, accuracy in %
 
     def load(self, path: str | os.PathLike | None, limit: int | None = None) -> list[MCExample]:
-        if path is None:
-            raise ValueError(f"task {self.name} needs --data FILE: {self.layout}. Public data: {self.source}")
-        records = read_records(path, self)
-        if limit is not None:
-            records = records[:limit]
-        out = []
-        for i, r in enumerate(records):
-            try:
-                ex = self.parse(r)
-            except (KeyError, TypeError, ValueError, IndexError) as e:
-                raise ValueError(f"{path}: record {i} is not in {self.name}'s format ({self.layout}): "
-                                 f"{type(e).__name__}: {e}") from None
-            ex.id = ex.id or str(r.get("id", r.get("idx", i)))
-            out.append(ex)
-        return out
+        return parse_records(self, path, limit, id_keys=("id", "idx"))
+
+
+def parse_records(task, path: str | os.PathLike | None, limit: int | None, id_keys: tuple[str, ...] = ("id",)):
+    """The task's examples from its data file, each given an id (its own, the first of id_keys
+    in the record, else its index); a record the task cannot parse is an error naming it."""
+    if path is None:
+        raise ValueError(f"task {task.name} needs --data FILE: {task.layout}. Public data: {task.source}")
+    records = read_records(path, task)
+    if limit is not None:
+        records = records[:limit]
+    out = []
+    for i, r in enumerate(records):
+        try:
+            ex = task.parse(r)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{path}: record {i} is not in {task.name}'s format ({task.layout}): "
+                             f"{type(e).__name__}: {e}") from None
+        fallback = i
+        for key in reversed(id_keys):
+            fallback = r.get(key, fallback)
+        ex.id = ex.id or str(fallback)
+        out.append(ex)
+    return out
 
 
 def read_records(path: str | os.PathLike, task: MCTask | None = None) -> list[dict]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llamaworks.eval.metrics import MAJ_K, gsm8k_answer, math_answer
-from llamaworks.eval.tasks.base import read_records
+from llamaworks.eval.tasks.base import parse_records
 
 SAMPLE_TEMPERATURE = 0.6
 
@@ -50,21 +50,11 @@ class MathTask:
         return f"{demos}{self.question_prefix}{question}{self.answer_prefix}"
 
     def load(self, path, limit: int | None = None) -> list[MathExample]:
-        if path is None:
-            raise ValueError(f"task {self.name} needs --data FILE: {self.layout}. Public data: {self.source}")
-        records = read_records(path, self)  # type: ignore[arg-type]
-        out = []
-        for i, r in enumerate(records[:limit] if limit else records):
-            try:
-                ex = self.parse(r)
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: record {i} is not in {self.name}'s format ({self.layout}): "
-                                 f"{type(e).__name__}: {e}") from None
+        examples = parse_records(self, path, limit)
+        for i, ex in enumerate(examples):
             if ex.answer is None:
                 raise ValueError(f"{path}: record {i}: no final answer in its solution ({self.layout})")
-            ex.id = ex.id or str(r.get("id", i))
-            out.append(ex)
-        return out
+        return examples
 
 
 def parse_gsm8k(r: dict) -> MathExample:

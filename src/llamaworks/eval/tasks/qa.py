@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llamaworks.eval.tasks.base import read_records
+from llamaworks.eval.tasks.base import parse_records
 
 QA_HEADER = "Answer these questions:"
 FEWSHOT_SEED = 1234  # few-shot examples: a fixed sample of the train/dev file (as lm-evaluation-harness)
@@ -38,19 +38,7 @@ class QATask:
     method: str = "exact_match"
 
     def load(self, path, limit: int | None = None) -> list[QAExample]:
-        if path is None:
-            raise ValueError(f"task {self.name} needs --data FILE: {self.layout}. Public data: {self.source}")
-        records = read_records(path, self)  # type: ignore[arg-type]
-        out = []
-        for i, r in enumerate(records[:limit] if limit else records):
-            try:
-                ex = self.parse(r)
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: record {i} is not in {self.name}'s format ({self.layout}): "
-                                 f"{type(e).__name__}: {e}") from None
-            ex.id = ex.id or str(r.get("id", r.get("question_id", i)))
-            out.append(ex)
-        return out
+        return parse_records(self, path, limit, id_keys=("id", "question_id"))
 
 
 def parse_triviaqa(r: dict) -> QAExample:
