@@ -183,11 +183,15 @@ def _encoded(batches, tokenizer, worker_arg, workers: int):
 
 
 class _ShardWriter:
-    """Appends tokens to `split/NNNNN.bin.tmp`; renames it to `.bin` when it holds shard_tokens."""
+    """Appends tokens to `split/NNNNN.bin.tmp`; renames it to `.bin` when it holds shard_tokens.
 
-    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    `shards`: entries of full shards already on disk (a resumed write continues after them).
+    """
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int,
+                 shards: list[dict[str, Any]] | None = None):
         self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[dict[str, Any]] = list(shards or [])
         self._file, self._filled = None, 0
 
     def _path(self) -> Path:
@@ -372,6 +376,34 @@ def window_order(positions: np.ndarray, num_windows: int, seed: int, epoch: int)
     return out.astype(np.int64)
 
 
+class TokenStream:
+    """Random access to a prepared split as one token stream across its shard files (memory-mapped)."""
+
+    def __init__(self, data_dir: str | os.PathLike, manifest: dict[str, Any], split: str):
+        shards = manifest["splits"][split]["shards"]
+        self.dtype = np.dtype(manifest["dtype"])
+        self._files = [Path(data_dir) / s["file"] for s in shards]
+        self._starts = [0, *itertools.accumulate(s["tokens"] for s in shards)]  # stream offset per shard
+        self._maps: dict[int, np.memmap] = {}
+        self.tokens = self._starts[-1]
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Tokens [start, start + count) of the stream as int64."""
+        assert 0 <= start and start + count <= self.tokens, (start, count, self.tokens)
+        out, filled = np.empty(count, dtype=np.int64), 0
+        i = bisect.bisect_right(self._starts, start) - 1
+        while filled < count:  # a window (or document) may straddle shards
+            if i not in self._maps:
+                if len(self._maps) >= 64:  # bounded: each map holds a file descriptor
+                    self._maps.pop(next(iter(self._maps)))
+                self._maps[i] = np.memmap(self._files[i], dtype=self.dtype, mode="r")
+            offset = start + filled - self._starts[i]
+            take = min(count - filled, self._starts[i + 1] - self._starts[i] - offset)
+            out[filled : filled + take] = self._maps[i][offset : offset + take]
+            filled, i = filled + take, i + 1
+        return out
+
+
 class TokenLoader:
     """(x, y) int64 batches of shape (batch_size, seq_len) from a prepared split; y is x shifted by one.
 
@@ -400,11 +432,8 @@ class TokenLoader:
         self.seed, self.epoch, self.position = seed, 0, 0  # position: windows of this epoch consumed
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.infinite = split == "train" if infinite is None else infinite
-        shards = self.manifest["splits"][split]["shards"]
-        self._files = [self.root / s["file"] for s in shards]
-        self._starts = [0, *itertools.accumulate(s["tokens"] for s in shards)]  # stream offset per shard
-        self._maps: dict[int, np.memmap] = {}
-        self.num_windows = max(0, self._starts[-1] - 1) // seq_len
+        self._stream = TokenStream(data_dir, self.manifest, split)
+        self.num_windows = max(0, self._stream.tokens - 1) // seq_len
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = self.num_windows // self.global_batch
         if self.batches_per_epoch == 0:
@@ -418,20 +447,6 @@ class TokenLoader:
     def __iter__(self) -> TokenLoader:
         return self
 
-    def _read(self, start: int, count: int) -> np.ndarray:
-        out, filled = np.empty(count, dtype=np.int64), 0
-        i = bisect.bisect_right(self._starts, start) - 1
-        while filled < count:  # a window may straddle shards
-            if i not in self._maps:
-                if len(self._maps) >= 64:  # bounded: each map holds a file descriptor
-                    self._maps.pop(next(iter(self._maps)))
-                self._maps[i] = np.memmap(self._files[i], dtype=self.manifest["dtype"], mode="r")
-            offset = start + filled - self._starts[i]
-            take = min(count - filled, self._starts[i + 1] - self._starts[i] - offset)
-            out[filled : filled + take] = self._maps[i][offset : offset + take]
-            filled, i = filled + take, i + 1
-        return out
-
     def __next__(self):
         if self.position >= self.batches_per_epoch * self.global_batch:
             self.position = 0
@@ -444,7 +459,7 @@ class TokenLoader:
         positions = np.arange(first, first + self.batch_size, dtype=np.uint64)
         if self.shuffle:
             positions = window_order(positions, self.num_windows, self.seed, self.epoch)
-        rows = np.stack([self._read(int(w) * self.seq_len, self.seq_len + 1) for w in positions])
+        rows = np.stack([self._stream.read(int(w) * self.seq_len, self.seq_len + 1) for w in positions])
         self.position += self.global_batch
         import torch  # here, not at the top: encoding workers import this module and need no torch
 
