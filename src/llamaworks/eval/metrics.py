@@ -8,6 +8,8 @@
 - Closed-book QA (section 3.2): exact match after cutting and normalising the answer.
 - Mathematical reasoning (section 3.4): maj1@k, a majority vote over k samples.
 - Code (section 3.5): pass@k with the unbiased estimator of Chen et al. (2021).
+- TruthfulQA (section 5.4) as multiple choice: MC2, the normalised probability of the true
+  answers; results by subset (MMLU categories, CrowS-Pairs bias types, WinoGender pronouns).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "CALIBRATION_CONTEXT", "MC_METHODS", "MAJ_K", "PASS_AT_K_PRESETS", "mc_scores", "mc_predict",
     "calibration_requests", "winogrande_partial_requests", "cut_answer", "normalize_answer", "exact_match",
     "gsm8k_answer", "math_answer", "last_boxed", "majority_vote", "maj_at_k", "pass_at_k", "mean_pass_at_k",
+    "mc2_score", "group_means",
 ]
 
 # Brown et al. (2020), section 2: the unconditional context of the calibrated score.
@@ -81,6 +84,32 @@ def argmax(scores: Sequence[float]) -> int:
 
 def mc_predict(logliks: Sequence[float], choices: Sequence[str], method: Method = "char_norm", **kwargs) -> int:
     return argmax(mc_scores(logliks, choices, method, **kwargs))
+
+
+def mc2_score(logliks: Sequence[float], labels: Sequence[int | bool]) -> float:
+    """TruthfulQA MC2 (Lin et al. 2022): the probability mass of the true answers (label 1),
+    normalised over all the answers: sum_true p_i / sum_all p_i, with p_i = exp(loglik_i)."""
+    if len(logliks) != len(labels) or not logliks:
+        raise ValueError(f"MC2 needs one label per answer, got {len(logliks)} log-likelihoods and {len(labels)} labels")
+    if not any(labels):
+        raise ValueError("MC2 needs at least one true answer (label 1)")
+    top = max(logliks)  # shift before exp: log-likelihoods of long answers underflow
+    p = [math.exp(x - top) for x in logliks]
+    return sum(pi for pi, lab in zip(p, labels) if lab) / sum(p)
+
+
+def group_means(values: Sequence[float], groups: Sequence[Sequence[str]]) -> dict[str, tuple[float, int]]:
+    """{group: (mean of the values of its examples, number of examples)}, each example counted
+    in every group it names; groups in order of first appearance."""
+    if len(values) != len(groups):
+        raise ValueError(f"{len(values)} values for {len(groups)} group lists")
+    sums: dict[str, list[float]] = {}
+    for v, gs in zip(values, groups):
+        for g in gs:
+            acc = sums.setdefault(g, [0.0, 0])
+            acc[0] += float(v)
+            acc[1] += 1
+    return {g: (total / n, int(n)) for g, (total, n) in sums.items()}
 
 
 def calibration_requests(choices: Sequence[str]) -> list[tuple[str, str]]:

@@ -1,11 +1,13 @@
 """`llamaworks eval`: the paper's benchmarks on a model directory, with the paper's
-LLaMA-7B/65B numbers beside each measured one: zero-shot multiple choice (section 3.1),
-closed-book question answering (section 3.2), maj1@k mathematics (section 3.4) and
-pass@k code generation (section 3.5)."""
+LLaMA-7B/65B numbers beside each measured one: zero-shot multiple choice (sections 3.1 and
+3.3), closed-book question answering (section 3.2), maj1@k mathematics (section 3.4),
+pass@k code generation (section 3.5), 5-shot MMLU (section 3.6) and the bias and
+truthfulness benchmarks of section 5 (CrowS-Pairs, WinoGender, TruthfulQA)."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,27 +17,35 @@ from llamaworks.eval.metrics import (
     calibration_requests,
     cut_answer,
     exact_match,
+    group_means,
     majority_vote,
+    mc2_score,
     mc_predict,
     mc_scores,
 )
 from llamaworks.eval.tasks import (
     CodeExample,
     CodeTask,
+    GroupedMCTask,
     MathExample,
     MathTask,
     MCExample,
     MCTask,
+    MMLUExample,
+    MMLUTask,
     QAExample,
     QATask,
+    TruthfulQAExample,
+    TruthfulQATask,
     get_task,
 )
 from llamaworks.eval.tasks.code import mbpp_fewshot
 from llamaworks.eval.tasks.math import SAMPLE_TEMPERATURE
+from llamaworks.eval.tasks.mmlu import SUBJECT_MEAN, fewshot_for, mmlu_prompt
 from llamaworks.eval.tasks.qa import MAX_ANSWER_TOKENS, fewshot_examples, qa_prompt
 
-__all__ = ["mc_requests", "evaluate_mc", "evaluate_qa", "evaluate_maj", "evaluate_code", "results_table",
-           "eval_command"]
+__all__ = ["mc_requests", "evaluate_mc", "evaluate_grouped", "evaluate_mmlu", "evaluate_truthfulqa", "evaluate_qa",
+           "evaluate_maj", "evaluate_code", "results_table", "eval_command"]
 
 
 def mc_requests(ex: MCExample, method: str) -> list[tuple[str, str]]:
@@ -47,39 +57,130 @@ def mc_requests(ex: MCExample, method: str) -> list[tuple[str, str]]:
     return reqs
 
 
-def score_example(ex: MCExample, method: str, logliks: list[float]) -> tuple[int, list[float]]:
+def score_example(ex: MCExample, method: str, logliks: list[float],
+                  token_counts: list[int] | None = None) -> tuple[int, list[float]]:
     n = len(ex.choices)
     if method == "partial":  # the same continuation after each option: plain sums compare
         return mc_predict(logliks, ex.choices, "sum"), logliks
     if method == "calibrated":
         cond, uncond = logliks[:n], logliks[n:]
         return mc_predict(cond, ex.choices, "calibrated", unconditional=uncond), [c - u for c, u in zip(cond, uncond)]
-    return mc_predict(logliks, ex.choices, method), mc_scores(logliks, ex.choices, method)
+    scores = mc_scores(logliks, ex.choices, method, token_counts=token_counts)
+    return mc_predict(logliks, ex.choices, method, token_counts=token_counts), scores
+
+
+def loglikelihoods(lm, requests: list[list[tuple[str, str]]], *, chunk: int = 64, desc: str = "",
+                   progress: bool = False) -> list[list[float]]:
+    """log P(continuation | context) for each example's requests, `chunk` examples per call."""
+    from tqdm import tqdm
+
+    out = []
+    bar = tqdm(total=len(requests), desc=desc, disable=not progress, file=sys.stderr)
+    for start in range(0, len(requests), chunk):
+        group = requests[start: start + chunk]
+        flat = lm.loglikelihood([r for rs in group for r in rs])
+        pos = 0
+        for rs in group:
+            out.append([lp for lp, _ in flat[pos: pos + len(rs)]])
+            pos += len(rs)
+        bar.update(len(group))
+    bar.close()
+    return out
 
 
 def evaluate_mc(lm, task: MCTask, examples: list[MCExample], *, chunk: int = 64, progress: bool = False) -> dict:
     """{"task", "acc" (fraction), "n", "method", "examples": per-example logs}."""
-    from tqdm import tqdm
-
+    reqs = [mc_requests(ex, task.method) for ex in examples]
+    all_lls = loglikelihoods(lm, reqs, chunk=chunk, desc=task.name, progress=progress)
     logs = []
-    bar = tqdm(total=len(examples), desc=task.name, disable=not progress, file=sys.stderr)
-    for start in range(0, len(examples), chunk):
-        group = examples[start: start + chunk]
-        reqs = [mc_requests(ex, task.method) for ex in group]
-        flat = lm.loglikelihood([r for rs in reqs for r in rs])
-        pos = 0
-        for ex, rs in zip(group, reqs):
-            lls = [lp for lp, _ in flat[pos: pos + len(rs)]]
-            pos += len(rs)
-            pred, scores = score_example(ex, task.method, lls)
-            logs.append({"id": ex.id, "prompt": ex.context or ex.contexts, "choices": ex.choices,
-                         "loglikelihoods": lls, "scores": scores, "prediction": pred, "gold": ex.gold,
-                         "correct": pred == ex.gold})
-        bar.update(len(group))
-    bar.close()
+    for ex, rs, lls in zip(examples, reqs, all_lls):
+        # Perplexity (WinoGender): the continuation's tokens as the model scores them.
+        counts = [len(lm.encode_pair(c, x)[1]) for c, x in rs] if task.method == "token_mean" else None
+        pred, scores = score_example(ex, task.method, lls, counts)
+        logs.append({"id": ex.id, "prompt": ex.context or ex.contexts, "choices": ex.choices,
+                     "loglikelihoods": lls, "scores": scores, "prediction": pred, "gold": ex.gold,
+                     "correct": pred == ex.gold})
     n = len(logs)
     return {"task": task.name, "title": task.title, "method": task.method, "n": n,
             "acc": sum(e["correct"] for e in logs) / n if n else 0.0, "paper": task.paper, "examples": logs}
+
+
+def evaluate_grouped(lm, task: GroupedMCTask, examples: list[MCExample], *, chunk: int = 64,
+                     progress: bool = False) -> dict:
+    """Multiple choice with one score per subset (the paper's Tables 9, 12, 13): "scores" and
+    "counts" map row -> fraction / examples, the overall row first."""
+    res = evaluate_mc(lm, task, examples, chunk=chunk, progress=progress)
+    for ex, log in zip(examples, res["examples"]):
+        log["groups"] = list(ex.groups)
+    by_group = group_means([log["correct"] for log in res["examples"]], [ex.groups for ex in examples])
+    rows = {task.overall: (res["acc"], res["n"])} | {g: by_group[g] for g in task.groups if g in by_group}
+    res["scores"] = {k: v for k, (v, _) in rows.items()}
+    res["counts"] = {k: n for k, (_, n) in rows.items()}
+    if task.score_name != "accuracy":
+        res["method"] = f"{task.method}; {task.score_name}"
+    return res
+
+
+def mmlu_shots_that_fit(lm, ex: MMLUExample, shots: list[MMLUExample]) -> list[MMLUExample]:
+    # Hendrycks et al.: drop shots from the end while the prompt is longer than the window
+    # (the answer letter needs one more position).
+    while shots and len(lm.tok_encode(mmlu_prompt(ex, shots))) + 2 > lm.max_length:
+        shots = shots[:-1]
+    return shots
+
+
+def evaluate_mmlu(lm, task: MMLUTask, examples: list[MMLUExample], *, shots: int = 5,
+                  fewshot_pool: list[MMLUExample] | None = None, chunk: int = 64, progress: bool = False) -> dict:
+    """MMLU k-shot (section 3.6): accuracy overall, per category and the mean over subjects."""
+    if shots and not fewshot_pool:
+        raise ValueError(f"{shots}-shot MMLU needs the dev split: pass --data the release's data/ folder, or "
+                         "--fewshot-data its dev/ folder or the dev split's records (HF cais/mmlu, split dev)")
+    prompted, used = [], []
+    for ex in examples:
+        demos = fewshot_for(fewshot_pool or [], ex.subject, shots) if shots else []
+        if hasattr(lm, "tok_encode"):
+            demos = mmlu_shots_that_fit(lm, ex, demos)
+        prompted.append(replace(ex, context=mmlu_prompt(ex, demos)))
+        used.append(len(demos))
+    res = evaluate_grouped(lm, task, prompted, chunk=chunk, progress=progress)
+    by_subject = group_means([log["correct"] for log in res["examples"]], [(ex.subject,) for ex in examples])
+    for ex, log, k in zip(examples, res["examples"], used):
+        log["subject"], log["shots"] = ex.subject, k
+    res["subjects"] = {s: acc for s, (acc, _) in sorted(by_subject.items())}
+    if by_subject:
+        res["scores"][SUBJECT_MEAN] = sum(res["subjects"].values()) / len(by_subject)
+        res["counts"][SUBJECT_MEAN] = len(by_subject)  # subjects, not questions
+    res["shots"] = shots
+    res["method"] = f"{shots}-shot, log-likelihood of the letter"
+    return res
+
+
+def truthfulqa_choices(ex: TruthfulQAExample) -> list[str]:
+    # MC1's answers are mostly among MC2's: score each distinct answer once.
+    return list(dict.fromkeys([*ex.mc1, *ex.mc2]))
+
+
+def evaluate_truthfulqa(lm, task: TruthfulQATask, examples: list[TruthfulQAExample], *, chunk: int = 64,
+                        progress: bool = False) -> dict:
+    """TruthfulQA MC1 (accuracy) and MC2 (mean normalised probability of the true answers)."""
+    choices = [truthfulqa_choices(ex) for ex in examples]
+    reqs = [[(ex.context, " " + c) for c in cs] for ex, cs in zip(examples, choices)]
+    all_lls = loglikelihoods(lm, reqs, chunk=chunk, desc=task.name, progress=progress)
+    logs = []
+    for ex, cs, lls in zip(examples, choices, all_lls):
+        ll = dict(zip(cs, lls))
+        mc1 = [ll[c] for c in ex.mc1]
+        pred = max(range(len(mc1)), key=lambda i: (mc1[i], -i))
+        mc2 = mc2_score([ll[c] for c in ex.mc2], ex.mc2_labels)
+        logs.append({"id": ex.id, "prompt": ex.context, "mc1_choices": ex.mc1, "mc1_loglikelihoods": mc1,
+                     "prediction": pred, "gold": ex.mc1_labels.index(1), "correct": ex.mc1_labels[pred] == 1,
+                     "mc2_choices": ex.mc2, "mc2_labels": ex.mc2_labels,
+                     "mc2_loglikelihoods": [ll[c] for c in ex.mc2], "mc2": mc2})
+    n = len(logs)
+    scores = {"MC1": sum(e["correct"] for e in logs) / n if n else 0.0,
+              "MC2": sum(e["mc2"] for e in logs) / n if n else 0.0}
+    return {"task": task.name, "title": task.title, "method": task.method, "n": n, "scores": scores,
+            "acc": scores["MC1"], "paper": {}, "note": task.note, "examples": logs}
 
 
 def evaluate_qa(lm, task: QATask, examples: list[QAExample], *, shots: int = 0,
@@ -178,29 +279,45 @@ def evaluate_code(lm, task: CodeTask, examples: list[CodeExample], *, ks: list[i
 
 
 def results_table(results: list[dict]) -> str:
-    # Laid out as the paper's tables: one row per benchmark (and per pass@k), scores in %.
-    lines = [f"{'Task':<20} {'n':>6} {'score':>7} {'LLaMA-7B':>9} {'LLaMA-65B':>10}  scoring", "-" * 75]
+    # Laid out as the paper's tables: one row per benchmark (and per pass@k or subset), scores
+    # in %; a task's note (a paper number measured otherwise) goes under the table.
+    lines = [f"{'Task':<32} {'n':>6} {'score':>7} {'LLaMA-7B':>9} {'LLaMA-65B':>10}  scoring", "-" * 88]
     nan = float("nan")
     for r in results:
-        rows = ([(f"{r['title']} {k}", v, r["paper"].get(k, {})) for k, v in r["scores"].items()]
-                if "scores" in r else [(r["title"], r["acc"], r.get("paper", {}))])
-        for title, score, p in rows:
-            lines.append(f"{title:<20} {r['n']:>6} {100 * score:>7.1f} {p.get('7B', nan):>9.1f} "
+        rows = ([(f"{r['title']} {k}", v, r["paper"].get(k, {}), r.get("counts", {}).get(k, r["n"]))
+                 for k, v in r["scores"].items()]
+                if "scores" in r else [(r["title"], r["acc"], r.get("paper", {}), r["n"])])
+        for title, score, p, n in rows:
+            lines.append(f"{title:<32} {n:>6} {100 * score:>7.1f} {p.get('7B', nan):>9.1f} "
                          f"{p.get('65B', nan):>10.1f}  {r['method']}")
+    lines += [f"note: {r['note']}" for r in results if r.get("note")]
     return "\n".join(lines)
+
+
+def task_data_path(task, folder: Path) -> Path:
+    """A task's data in the --data folder: NAME.jsonl (or .parquet/.json/.csv/.tsv, or a folder
+    NAME/), else the folder itself for a task that reads its release's folder layout."""
+    for cand in [folder / f"{task.name}{ext}" for ext in (".jsonl", ".parquet", ".json", ".csv", ".tsv")] + [
+            folder / task.name]:
+        if cand.exists():
+            return cand
+    return folder if getattr(task, "reads_folders", False) else folder / f"{task.name}.jsonl"
 
 
 def eval_command(
     checkpoint: Annotated[str, Arg("model directory (params.json, model.safetensors, tokenizer.model)")],
     task: Annotated[str | None, Arg("task name(s), comma-separated: boolq, piqa, siqa, hellaswag, winogrande, "
-                                    "arc_easy, arc_challenge, openbookqa, naturalquestions, triviaqa, gsm8k, "
-                                    "math, humaneval, mbpp; with --harness lm-eval, lm-eval task names")] = None,
-    data: Annotated[str | None, Arg("the task's data file (JSONL/JSON/Parquet), or a directory holding "
-                                    "NAME.jsonl for each task")] = None,
+                                    "arc_easy, arc_challenge, openbookqa, naturalquestions, triviaqa, race_middle, "
+                                    "race_high, gsm8k, math, humaneval, mbpp, mmlu, crows_pairs, winogender, "
+                                    "truthfulqa_mc; with --harness lm-eval, lm-eval task names")] = None,
+    data: Annotated[str | None, Arg("the task's data file (JSONL/JSON/Parquet/CSV), its release folder (RACE/, "
+                                    "MMLU's data/, winogender-schemas' data/), or a directory holding NAME.jsonl "
+                                    "(or NAME/) for each task")] = None,
     limit: Annotated[int | None, Arg("evaluate only the first N examples of each task")] = None,
-    shots: Annotated[int | None, Arg("few-shot examples (default: the paper's: 0, and 3 for MBPP; QA: 0, 1, 5 "
-                                     "or 64); common-sense tasks are zero-shot")] = None,
-    fewshot_data: Annotated[str | None, Arg("file of few-shot examples (the train split, same layout)")] = None,
+    shots: Annotated[int | None, Arg("few-shot examples (default: the paper's: 0, 3 for MBPP, 5 for MMLU; QA: "
+                                     "0, 1, 5 or 64); multiple-choice tasks but MMLU are zero-shot")] = None,
+    fewshot_data: Annotated[str | None, Arg("file of few-shot examples (the train split, same layout; MMLU: the dev "
+                                            "split, found in the release's data/ folder by default)")] = None,
     maj_k: Annotated[int | None, Arg("samples per problem for maj1@k (GSM8k, MATH; default: the paper's "
                                      "100 and 256; 1 is greedy)")] = None,
     temperature: Annotated[float | None, Arg("sampling temperature (default: the paper's: 0.6 for maj1@k, "
@@ -221,10 +338,11 @@ def eval_command(
     tasks: Annotated[str | None, Arg("same as --task (lm-eval's spelling)")] = None,
     include_path: Annotated[str | None, Arg("with --harness lm-eval: a folder of extra task YAMLs")] = None,
 ) -> int:
-    """The paper's benchmarks (section 3): zero-shot multiple choice (accuracy, Table 3) and
-    closed-book QA (exact match, Tables 4-5), maj1@k on GSM8k and MATH (Table 7), pass@k on
-    HumanEval and MBPP (Table 8, needs --allow-code-execution), beside the paper's LLaMA-7B
-    and LLaMA-65B numbers. With --harness lm-eval, lm-evaluation-harness' tasks (--tasks,
+    """The paper's benchmarks (sections 3 and 5): zero-shot multiple choice (accuracy, Tables 3
+    and 6) and closed-book QA (exact match, Tables 4-5), maj1@k on GSM8k and MATH (Table 7),
+    pass@k on HumanEval and MBPP (Table 8, needs --allow-code-execution), 5-shot MMLU (Table
+    9), CrowS-Pairs, WinoGender and TruthfulQA MC1/MC2 (Tables 12-14), beside the paper's
+    LLaMA-7B and LLaMA-65B numbers. With --harness lm-eval, lm-evaluation-harness' tasks (--tasks,
     --include-path, --limit, --shots, --output) scored by the same model interface."""
     from llamaworks.eval.lm import EvalModel
 
@@ -260,30 +378,41 @@ def eval_command(
     ks = parse_ks(k)
     if maj_k is not None and maj_k < 1:
         raise ValueError(f"--maj-k must be >= 1, got {maj_k}")
-    mc = [t.name for t in tasks if isinstance(t, MCTask)]
-    if shots and mc:
-        raise ValueError(f"the paper evaluates {', '.join(mc)} zero-shot (section 3.1): drop --shots for them")
+    zero_shot = [t.name for t in tasks if isinstance(t, (MCTask, TruthfulQATask)) and not isinstance(t, MMLUTask)]
+    if shots and zero_shot:
+        raise ValueError(f"the paper evaluates {', '.join(zero_shot)} zero-shot (sections 3.1, 3.3, 5): drop --shots "
+                         "for them")
     paths = {}
     for t in tasks:
         if data is not None and Path(data).is_dir():
-            paths[t.name] = Path(data) / f"{t.name}.jsonl"
+            paths[t.name] = task_data_path(t, Path(data))
         elif len(tasks) > 1 and data is not None:
             raise ValueError("with several tasks, --data must be a directory holding NAME.jsonl per task")
         else:
             paths[t.name] = data
     n_shots = {t.name: shots if shots is not None else getattr(t, "default_shots", 0) for t in tasks}
-    if any(n_shots.values()) and fewshot_data is None:
-        few = [f"{name} ({n}-shot)" for name, n in n_shots.items() if n]
-        raise ValueError(f"{', '.join(few)} needs --fewshot-data FILE: the train (MBPP: prompt) split, drawn "
-                         "from deterministically")
+    # MMLU's dev split comes with its release folder.
+    own_dev = {t.name for t in tasks if isinstance(t, MMLUTask) and t.has_dev_split(paths[t.name])}
+    few = [f"{name} ({n}-shot)" for name, n in n_shots.items() if n and name not in own_dev]
+    if few and fewshot_data is None:
+        raise ValueError(f"{', '.join(few)} needs --fewshot-data FILE: the train (MBPP: prompt; MMLU: dev) split, "
+                         "drawn from deterministically")
     # Read every file before loading the model, so a missing one fails fast.
     examples = {t.name: t.load(paths[t.name], limit) for t in tasks}
-    pools = {t.name: t.load(fewshot_data) for t in tasks if n_shots[t.name]}
+    pools = {t.name: t.load_fewshot(fewshot_data or paths[t.name]) if isinstance(t, MMLUTask) else t.load(fewshot_data)
+             for t in tasks if n_shots[t.name]}
     lm = EvalModel.from_dir(checkpoint, device=device, dtype=dtype, batch_size=batch_size, add_bos=bos)
     results = []
     for t in tasks:
-        if isinstance(t, MCTask):
+        if isinstance(t, MMLUTask):
+            results.append(evaluate_mmlu(lm, t, examples[t.name], shots=n_shots[t.name], fewshot_pool=pools.get(t.name),
+                                         progress=sys.stderr.isatty()))
+        elif isinstance(t, GroupedMCTask):
+            results.append(evaluate_grouped(lm, t, examples[t.name], progress=sys.stderr.isatty()))
+        elif isinstance(t, MCTask):
             results.append(evaluate_mc(lm, t, examples[t.name], progress=sys.stderr.isatty()))
+        elif isinstance(t, TruthfulQATask):
+            results.append(evaluate_truthfulqa(lm, t, examples[t.name], progress=sys.stderr.isatty()))
         elif isinstance(t, MathTask):
             results.append(evaluate_maj(lm, t, examples[t.name], k=maj_k or t.default_k,
                                         temperature=SAMPLE_TEMPERATURE if temperature is None else temperature,

@@ -16,6 +16,9 @@ class MCExample:
     # WinoGrande partial scoring: one context per choice and a shared continuation.
     contexts: list[str] | None = None
     continuation: str | None = None
+    # The subsets the example is counted in besides the whole set (an MMLU category, a
+    # CrowS-Pairs bias type, a WinoGender pronoun set), for GroupedMCTask's per-group rows.
+    groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,25 @@ class MCTask:
         return parse_records(self, path, limit, id_keys=("id", "idx"))
 
 
-def parse_records(task, path: str | os.PathLike | None, limit: int | None, id_keys: tuple[str, ...] = ("id",)):
+@dataclass(frozen=True)
+class GroupedMCTask(MCTask):
+    """Multiple choice reported per subset, as the paper's Tables 9, 12 and 13: one row for
+    the whole set (`overall`) and one per group in `groups` order; `paper` maps row -> sizes."""
+
+    overall: str = "Average"
+    groups: tuple[str, ...] = ()
+    score_name: str = "accuracy"  # what the rows measure, for the table's scoring column
+
+
+def parse_records(task, path: str | os.PathLike | None, limit: int | None, id_keys: tuple[str, ...] = ("id",),
+                  records: list[dict] | None = None):
     """The task's examples from its data file, each given an id (its own, the first of id_keys
-    in the record, else its index); a record the task cannot parse is an error naming it."""
+    in the record, else its index); a record the task cannot parse is an error naming it.
+    `records`: already read from `path` (a release's own layout: a folder, CSV or TSV)."""
     if path is None:
         raise ValueError(f"task {task.name} needs --data FILE: {task.layout}. Public data: {task.source}")
-    records = read_records(path, task)
+    if records is None:
+        records = read_records(path, task)
     if limit is not None:
         records = records[:limit]
     out = []
@@ -67,6 +83,11 @@ def read_records(path: str | os.PathLike, task: MCTask | None = None) -> list[di
         except ImportError:
             raise ValueError(f"{name}{path} is Parquet: pip install pyarrow, or convert it to JSONL") from None
         return pq.read_table(path).to_pylist()
+    if path.suffix in (".csv", ".tsv"):  # a header row names the fields
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
     if path.suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, list) else data.get("data", [data])
