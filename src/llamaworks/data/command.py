@@ -6,12 +6,20 @@ from typing import Literal
 
 from llamaworks.cli import Annotated, Arg
 
-SOURCES = ("books", "c4", "github", "arxiv", "stackexchange", "wikipedia", "jsonl")
+SOURCES = ("commoncrawl", "books", "c4", "github", "arxiv", "stackexchange", "wikipedia", "jsonl")
 
 
 def pipeline(source: str, *, badwords: str | None = None, dedup_threshold: float = 0.9,
-             sites: list[str] | None = None, languages: list[str] | None = None):
-    """(reader, steps) for a source."""
+             sites: list[str] | None = None, languages: list[str] | None = None, ccnet=None):
+    """(reader, steps) for a source; `ccnet` (data.ccnet.CCNetOptions) holds the model options."""
+    if source == "commoncrawl":
+        from llamaworks.data.ccnet import CCNetOptions, ccnet_steps
+        from llamaworks.data.commoncrawl import WetReader
+        from llamaworks.data.dedup import LineDedup
+
+        # CCNet dedups lines within a group of shards; here the whole run is one group (the dedup state
+        # spills to disk past --dedup-memory-mb), which removes at least as much as CCNet's groups.
+        return WetReader(), [LineDedup(), *ccnet_steps(ccnet or CCNetOptions())]
     if source == "books":
         from llamaworks.data.books import GutenbergCleaner, GutenbergReader
         from llamaworks.data.dedup import MinHashDedup
@@ -23,8 +31,14 @@ def pipeline(source: str, *, badwords: str | None = None, dedup_threshold: float
         from llamaworks.data.executor import JsonlReader
 
         # Line dedup first (CCNet order: dedup, then quality), so repeated boilerplate lines do
-        # not count toward C4's sentence minimum.
-        return JsonlReader(), [LineDedup(), C4Filter(badwords=badwords)]
+        # not count toward C4's sentence minimum. Language id last, on the cleaned page as C4 did;
+        # optional because the public C4 (c4/en) is already English-only.
+        steps = [LineDedup(), C4Filter(badwords=badwords)]
+        if ccnet is not None and ccnet.lid_model is not None:
+            from llamaworks.data.ccnet import LanguageId
+
+            steps.append(LanguageId(ccnet.lid_model, ccnet.lid_languages, ccnet.lid_threshold))
+        return JsonlReader(), steps
     if source == "github":
         from llamaworks.data.dedup import ExactDedup
         from llamaworks.data.github import CodeQualityFilter, GithubReader, LicenseFilter, LicenseHeaderCleaner
@@ -50,7 +64,8 @@ def pipeline(source: str, *, badwords: str | None = None, dedup_threshold: float
 
 
 def run_command(
-    source: Annotated[Literal["books", "c4", "github", "arxiv", "stackexchange", "wikipedia", "jsonl"],
+    source: Annotated[Literal["commoncrawl", "books", "c4", "github", "arxiv", "stackexchange", "wikipedia",
+                              "jsonl"],
                       Arg("which source's pipeline to run (section 2.1)", positional=True)],
     input: Annotated[list[str], Arg("input files or folders in the source's public format", metavar="PATH")],
     output: Annotated[str, Arg("output folder: documents/, stats.json, DATACARD.md", metavar="DIR")],
@@ -63,15 +78,63 @@ def run_command(
     dedup_threshold: Annotated[float, Arg("books: MinHash Jaccard threshold for near-duplicates")] = 0.9,
     sites: Annotated[list[str] | None, Arg("stackexchange: sites to keep (default: the 28 largest)")] = None,
     languages: Annotated[list[str] | None, Arg("wikipedia: language codes to keep (default: the paper's 20)")] = None,
+    cluster: Annotated[str | None, Arg("run on a Dask cluster: its scheduler address (tcp://host:8786), or local:N "
+                                       "to start N worker processes here; DIR must be visible to every worker",
+                                       metavar="ADDRESS")] = None,
+    dedup_memory_mb: Annotated[float, Arg("memory per dedup step before its state spills to disk under DIR/.state "
+                                          "(0: on disk from the start)", metavar="MB")] = 2048.0,
+    lid_model: Annotated[str | None, Arg("commoncrawl (required), c4 (optional): fastText language-id model, e.g. "
+                                         "the public lid.176.bin", metavar="FILE")] = None,
+    lid_languages: Annotated[list[str] | None, Arg("languages to keep, fastText labels without __label__ "
+                                                   "(default: en)")] = None,
+    lid_threshold: Annotated[float, Arg("minimum language score (CCNet: 0.5; C4 used langdetect at 0.99, whose "
+                                        "scores are on another scale)")] = 0.5,
+    lm_model: Annotated[str | None, Arg("commoncrawl: KenLM model (ARPA or binary) of clean text, from `data "
+                                        "train-lm`", metavar="FILE")] = None,
+    lm_tokenizer: Annotated[str | None, Arg("commoncrawl: the SentencePiece model the LM was trained on",
+                                            metavar="FILE")] = None,
+    perplexity_cutoffs: Annotated[list[float] | None, Arg("commoncrawl: fixed perplexity cut-offs HEAD_MAX "
+                                                          "MIDDLE_MAX (default: percentiles of this run)")] = None,
+    perplexity_percentiles: Annotated[list[float] | None, Arg("commoncrawl: percentiles placing the head/middle/"
+                                                              "tail cut-offs (default: CCNet's 30 60)")] = None,
+    perplexity_sample: Annotated[int, Arg("commoncrawl: documents scored first to place percentile cut-offs")] \
+        = 20_000,
+    keep_buckets: Annotated[list[str] | None, Arg("commoncrawl: perplexity buckets kept, of head middle tail "
+                                                  "(default: head middle)")] = None,
+    wikiref_model: Annotated[str | None, Arg("commoncrawl: fastText Wikipedia-reference classifier, from `data "
+                                             "train-classifier`", metavar="FILE")] = None,
+    wikiref_threshold: Annotated[float, Arg("commoncrawl: minimum probability of the reference label")] = 0.5,
+    skip_wikiref: Annotated[bool, Arg("commoncrawl: run without the reference classifier (a paper step; the data "
+                                      "card records the omission)")] = False,
+    min_chars: Annotated[int, Arg("commoncrawl: drop pages shorter than this after line dedup (CCNet)")] = 300,
 ) -> int:
     """Run a source's cleaning pipeline; kept documents go to DIR/documents/ as JSONL shards that
     `llamaworks prepare --input DIR/documents` tokenises. A killed run resumes where it stopped."""
+    from llamaworks.data.ccnet import CCNetOptions, fit_perplexity_cutoffs
     from llamaworks.data.executor import LocalExecutor
 
+    ccnet = CCNetOptions(lid_model=lid_model, lid_threshold=lid_threshold, lm_model=lm_model, lm_tokenizer=lm_tokenizer,
+                         perplexity_cutoffs=perplexity_cutoffs, perplexity_sample=perplexity_sample,
+                         wikiref_model=wikiref_model, wikiref_threshold=wikiref_threshold, skip_wikiref=skip_wikiref,
+                         min_chars=min_chars)
+    for name, value in (("lid_languages", lid_languages), ("perplexity_percentiles", perplexity_percentiles),
+                        ("keep_buckets", keep_buckets)):
+        if value is not None:
+            setattr(ccnet, name, list(value))
     reader, steps = pipeline(source, badwords=badwords, dedup_threshold=dedup_threshold, sites=sites,
-                             languages=languages)
-    ex = LocalExecutor(output, workers=workers, keep_excluded=keep_excluded, on_malformed=on_malformed,
-                       compression=compression, overwrite=overwrite)
+                             languages=languages, ccnet=ccnet)
+    fit_perplexity_cutoffs(reader, steps, input)  # first pass, when percentile cut-offs are asked for
+    common = dict(keep_excluded=keep_excluded, on_malformed=on_malformed, compression=compression,
+                  overwrite=overwrite, dedup_memory_mb=dedup_memory_mb)
+    if cluster is not None:
+        if workers is not None:
+            raise ValueError("--workers is for local runs; with --cluster the cluster's workers run the shards "
+                             "(local:N sets their number)")
+        from llamaworks.data.cluster import DaskExecutor
+
+        ex = DaskExecutor(output, cluster, **common)
+    else:
+        ex = LocalExecutor(output, workers=workers, **common)
     stats = ex.run(source, reader, steps, input)
     last = stats["steps"][-1]["kept"]["documents"] if stats["steps"] else stats["read"]["documents"]
     print(f"{source}: read {stats['read']['documents']} documents, kept {last}; see {output}/DATACARD.md")

@@ -94,8 +94,9 @@ class ShardWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._raw = open(self._tmp, "wb")
         if compression == "gzip":
-            # mtime=0: identical documents give byte-identical shards (reproducible runs).
-            self._f = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
+            # mtime=0 and the final name (not the temporary one, which holds the pid): identical
+            # documents give byte-identical shards (reproducible runs).
+            self._f = gzip.GzipFile(filename=self.path.name, fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
         else:
             self._f = _zstd().ZstdCompressor(level=3).stream_writer(self._raw, closefd=False)
         self.count = 0

@@ -13,14 +13,21 @@ and completion markers. Layout of OUTPUT:
 Steps run in stages: consecutive ordinary steps form a parallel stage (each shard on
 its own worker, streaming, so memory is bounded by one document per step per worker);
 a step with `global_state` (cross-document dedup) gets a stage of its own that streams
-every shard of the previous stage through one process, in shard order. A parallel
-stage resumes shard by shard; a global stage, whose state lives in memory, resumes as a
-whole. Every file lands under a temporary name and is renamed into place; a shard's
-marker is written last, so a killed run never leaves a shard that looks finished.
+every shard of the previous stage through one process, in shard order, its state in
+memory up to `dedup_memory_mb` and on disk (.state/stageS/state/) beyond. Both kinds
+resume shard by shard: a global step rebuilds its state from the documents it kept on
+the finished shards (`Step.restore`), or, if it cannot, its stage is redone whole.
+Every file lands under a temporary name and is renamed into place; a shard's marker is
+written last, so a killed run never leaves a shard that looks finished.
+
+`Executor` holds all of this; a subclass says only how a list of shard tasks runs: a
+local process pool (`LocalExecutor`) or a Dask cluster (`cluster.DaskExecutor`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import multiprocessing
@@ -127,10 +134,14 @@ class _Run:
     """Everything one shard needs; pickled once into each worker."""
 
     def __init__(self, out: Path, reader: Reader, stages: list[_Stage], keep_excluded: bool, on_malformed: str,
-                 compression: str):
+                 compression: str, world: int, dedup_memory: int | None):
         self.out, self.reader, self.stages = out, reader, stages
         self.keep_excluded, self.on_malformed, self.compression = keep_excluded, on_malformed, compression
         self.suffix = shard_suffix(compression)
+        self.world, self.dedup_memory = world, dedup_memory
+
+    def shard_path(self, s: int, shard: int) -> Path:
+        return self.stage_dir(s) / f"{shard:05d}{self.suffix}"
 
     def stage_dir(self, s: int) -> Path:
         return self.out / "documents" if s == len(self.stages) - 1 else self.out / ".stages" / str(s)
@@ -162,7 +173,7 @@ class _Run:
         name = f"{shard:05d}{self.suffix}"
         excluded = ShardWriter(self.out / "excluded" / f"{s:02d}-{name}", self.compression) \
             if self.keep_excluded else None
-        rank, world = (0, 1) if stage.global_state else (shard, self._world)
+        rank, world = (0, 1) if stage.global_state else (shard, self.world)
         try:
             with ShardWriter(self.stage_dir(s) / name, self.compression) as writer:
                 stream: Iterator = self._read(s, path, info)
@@ -178,9 +189,37 @@ class _Run:
             raise
         result = {"shard": shard, "read": info, "steps": [x.to_json() for x in stats]}
         atomic_write_json(self.state_dir(s) / f"{shard:05d}.stats.json", result)
-        if not stage.global_state:
-            atomic_write_text(self.marker(s, shard), "")  # last: the shard is complete
+        atomic_write_text(self.marker(s, shard), "")  # last: the shard is complete
         return result
+
+
+def run_global_stage(run: _Run, s: int, after_shard: Callable[[int], None] | None = None) -> list[int]:
+    """Stream every shard of stage `s - 1` through the stage's (global) steps in one process, in
+    shard order; return the shards it ran. Finished shards are a prefix (shard order): their
+    kept documents restore the steps' state, unless a step cannot restore (then all is redone)."""
+    stage, n = run.stages[s], run.world
+    assert s > 0, "a global stage always follows the reader's stage"
+    done = 0
+    while done < n and run.marker(s, done).exists():
+        done += 1
+    if done == n:
+        return []
+    steps = copy.deepcopy(stage.steps)  # fresh state on every (re)run of the stage
+    state = run.state_dir(s) / "state"
+    shutil.rmtree(state, ignore_errors=True)  # disk state of a killed run: rebuilt from the outputs
+    for j, st in enumerate(steps):
+        st.configure_state(state / f"{j}-{st.name}", run.dedup_memory)
+    # One global step per stage (_stages), so the stage's output is exactly that step's kept documents.
+    assert len(steps) == 1, [st.name for st in steps]
+    if done and not steps[0].restore(d for i in range(done) for d in read_jsonl(run.shard_path(s, i))):
+        done = 0
+    ran = []
+    for i in range(done, n):
+        run.run_shard(s, i, run.shard_path(s - 1, i), steps_state=steps)
+        ran.append(i)
+        if after_shard:
+            after_shard(i)
+    return ran
 
 
 def _counted(docs: Iterable[Document], st: StepStats) -> Iterator[Document]:
@@ -221,18 +260,26 @@ def _worker_task(task: tuple[int, int, str]) -> dict:
     return _WORKER.run_shard(s, shard, Path(path))
 
 
-class LocalExecutor:
-    def __init__(self, output: str | os.PathLike, workers: int | None = None, keep_excluded: bool = False,
-                 on_malformed: str = "skip", compression: str = "gzip", progress: bool = True,
-                 overwrite: bool = False):
+# Default memory for one dedup step's state before it spills to disk.
+DEDUP_MEMORY_MB = 2048.0
+
+
+class Executor:
+    """Sharding, stages, resume, stats and the data card; `_map` and `_run_global` say where the
+    shard tasks run."""
+
+    def __init__(self, output: str | os.PathLike, keep_excluded: bool = False, on_malformed: str = "skip",
+                 compression: str = "gzip", progress: bool = True, overwrite: bool = False,
+                 dedup_memory_mb: float | None = DEDUP_MEMORY_MB):
         if on_malformed not in ("skip", "stop"):
             raise ValueError(f"on_malformed must be 'skip' or 'stop', got {on_malformed!r}")
-        workers = (os.cpu_count() or 1) if workers is None else workers
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
-        self.out, self.workers, self.keep_excluded = Path(output), workers, keep_excluded
+        if dedup_memory_mb is not None and dedup_memory_mb < 0:
+            raise ValueError(f"dedup_memory_mb must be >= 0 (0: dedup state on disk from the start), "
+                             f"got {dedup_memory_mb}")
+        self.out, self.keep_excluded = Path(output), keep_excluded
         self.on_malformed, self.compression, self.progress, self.overwrite = \
             on_malformed, compression, progress, overwrite
+        self.dedup_memory = None if dedup_memory_mb is None else int(dedup_memory_mb * 2**20)
 
     def _fingerprint(self, source: str, reader: Reader, steps: list[Step], files: list[Path]) -> dict:
         return {"source": source, "reader": reader.describe(), "steps": [s.describe() for s in steps],
@@ -266,58 +313,43 @@ class LocalExecutor:
             for tmp in (self.out / sub).rglob(".*.tmp") if (self.out / sub).is_dir() else ():
                 tmp.unlink(missing_ok=True)
         stages = _stages(steps)
-        run = _Run(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression)
-        run._world = len(files)
+        run = _Run(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression,
+                   len(files), self.dedup_memory)
         for stage in stages:
             s = stage.index
-            inputs_s = files if s == 0 else [run.stage_dir(s - 1) / f"{i:05d}{run.suffix}" for i in range(len(files))]
-            if stage.global_state:
-                self._run_global(run, stage, inputs_s, on_shard)
-            else:
-                todo = [(s, i, str(p)) for i, p in enumerate(inputs_s) if not run.marker(s, i).exists()]
-                self._run_parallel(run, stage, todo, len(inputs_s), on_shard)
+            done = sum(run.marker(s, i).exists() for i in range(len(files)))
+            desc = f"stage {s}" + (f" ({', '.join(x.name for x in stage.steps)})" if stage.global_state else "")
+            with self._bar(len(files), done, desc) as bar:
+                def after(i: int, s: int = s, bar=bar) -> None:
+                    bar.update()
+                    if on_shard:
+                        on_shard(s, i)
+
+                if stage.global_state:
+                    self._run_global(run, s, after)
+                    continue
+                todo = [(s, i, str(files[i] if s == 0 else run.shard_path(s - 1, i))) for i in range(len(files))
+                        if not run.marker(s, i).exists()]
+                # closing: a failing callback stops the remaining tasks now, not when the generator is collected.
+                with contextlib.closing(self._map(run, todo)) as results:
+                    for r in results:
+                        after(r["shard"])
         stats = self._collect(run, source, len(files))
         atomic_write_json(self.out / "stats.json", stats)
         atomic_write_text(self.out / "DATACARD.md", data_card(stats))
         return stats
 
+    def _map(self, run: _Run, todo: list[tuple[int, int, str]]) -> Iterator[dict]:
+        """Run `run.run_shard(s, shard, path)` for each task; yield each result as it finishes."""
+        raise NotImplementedError
+
+    def _run_global(self, run: _Run, s: int, after_shard: Callable[[int], None]) -> None:
+        run_global_stage(run, s, after_shard)
+
     def _bar(self, total: int, done: int, desc: str):
         from tqdm import tqdm
 
         return tqdm(total=total, initial=done, desc=desc, unit="shard", disable=not self.progress)
-
-    def _run_parallel(self, run: _Run, stage: _Stage, todo, total: int, on_shard) -> None:
-        with self._bar(total, total - len(todo), f"stage {stage.index}") as bar:
-            if self.workers == 1 or len(todo) <= 1:
-                results = (run.run_shard(s, i, Path(p)) for s, i, p in todo)
-                for r in results:
-                    bar.update()
-                    if on_shard:
-                        on_shard(stage.index, r["shard"])
-                return
-            # maxtasksperchild: a worker's memory is returned after each shard (bounded memory).
-            with multiprocessing.get_context("fork").Pool(min(self.workers, len(todo)), _init_worker, (run,),
-                                                          maxtasksperchild=1) as pool:
-                for r in pool.imap_unordered(_worker_task, todo):
-                    bar.update()
-                    if on_shard:
-                        on_shard(stage.index, r["shard"])
-
-    def _run_global(self, run: _Run, stage: _Stage, inputs_s: list[Path], on_shard) -> None:
-        s = stage.index
-        done = run.state_dir(s) / "stage.done"
-        if done.exists():
-            return
-        import copy
-
-        steps = copy.deepcopy(stage.steps)  # fresh state on every (re)run of the stage
-        with self._bar(len(inputs_s), 0, f"stage {s} ({', '.join(x.name for x in steps)})") as bar:
-            for i, p in enumerate(inputs_s):
-                run.run_shard(s, i, p, steps_state=steps)
-                bar.update()
-                if on_shard:
-                    on_shard(s, i)
-        atomic_write_text(done, "")
 
     def _collect(self, run: _Run, source: str, n: int) -> dict:
         steps: list[dict] = []
@@ -333,6 +365,27 @@ class LocalExecutor:
             steps += merged or []
         return {"source": source, "read": read, "steps": steps,
                 "output": {"documents_dir": "documents", "excluded_dir": "excluded" if run.keep_excluded else None}}
+
+
+class LocalExecutor(Executor):
+    """All cores of this machine: one forked worker process per shard at a time."""
+
+    def __init__(self, output: str | os.PathLike, workers: int | None = None, **kwargs):
+        workers = (os.cpu_count() or 1) if workers is None else workers
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        super().__init__(output, **kwargs)
+        self.workers = workers
+
+    def _map(self, run, todo):
+        if self.workers == 1 or len(todo) <= 1:
+            for s, i, p in todo:
+                yield run.run_shard(s, i, Path(p))
+            return
+        # maxtasksperchild: a worker's memory is returned after each shard (bounded memory).
+        with multiprocessing.get_context("fork").Pool(min(self.workers, len(todo)), _init_worker, (run,),
+                                                      maxtasksperchild=1) as pool:
+            yield from pool.imap_unordered(_worker_task, todo)
 
 
 def _merge(a: dict, b: dict) -> dict:

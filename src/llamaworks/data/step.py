@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from llamaworks.data.document import Document
 
@@ -46,6 +47,17 @@ class Step:
     def describe(self) -> str:
         """One line for the data card: what the step does, with its settings."""
         return self.name
+
+    # Only for global_state steps, called by the executor on a fresh copy before the stage runs.
+    def configure_state(self, directory: Path, memory_bytes: int | None) -> None:
+        """Where the step may keep state on disk, and how much memory it may hold before spilling
+        there (None: no limit, keep everything in memory)."""
+
+    def restore(self, kept: Iterable[Document]) -> bool:
+        """Rebuild the state from the documents this step kept on the shards a killed run finished,
+        so a global stage resumes shard by shard; False (the default): it cannot, and the stage
+        is redone from its first shard."""
+        return False
 
 
 class Filter(Step):
