@@ -7,6 +7,7 @@ host only every `sync_every` steps, or per token when streaming.
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -283,14 +284,23 @@ def generate_command(
     device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
     dtype: Annotated[str | None, Arg("float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")] = None,
     compile: Annotated[bool, Arg("torch.compile the decode step")] = False,
-    draft: Annotated[str | None, Arg("draft model directory: speculative decoding (one prompt)")] = None,
+    draft: Annotated[str | None, Arg("draft model directory: speculative decoding (batched)")] = None,
     draft_k: Annotated[int, Arg("tokens the draft proposes per target forward")] = 4,
 ) -> int:
     """Generate a completion for each prompt; prints the text, then speed on stderr."""
     from llamaworks.modeldir import load_model, resolve_device
+    from llamaworks.train.distributed import close_distributed, env_world_size
 
     dev, dt = resolve_device(device, dtype)
-    model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
+    out, err, env = sys.stdout, sys.stderr, None
+    if env_world_size() > 1:  # under torchrun: tensor parallelism, each process holds 1/N of the weights
+        if draft is not None:
+            raise ValueError("--draft (speculative decoding) runs in one process; launch it without torchrun")
+        env, dev, model, tokenizer, seed = _setup_tensor_parallel(checkpoint, dev, dt, seed)
+        if not env.is_main:  # the other ranks compute the same tokens in silence
+            out = err = io.StringIO()
+    else:
+        model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
     torch.manual_seed(0)
     if draft is not None:
         from llamaworks.speculative import generate_with_draft
@@ -301,21 +311,45 @@ def generate_command(
     streaming = len(prompt) == 1
 
     def show(i, delta):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+        out.write(delta)
+        out.flush()
 
     if streaming:
-        sys.stdout.write(prompt[0])
+        out.write(prompt[0])
     results = generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        stop=stop or (), seed=seed, truncate=truncate, compile=compile,
                        on_text=show if streaming else None)
     if streaming:
-        sys.stdout.write("\n")
+        out.write("\n")
     else:
         for p, r in zip(prompt, results):
-            print(f"{p}{r.text}\n{'-' * 40}")
+            print(f"{p}{r.text}\n{'-' * 40}", file=out)
     s = results[0].stats
+    where = f"{dev}" if env is None else f"{env.world_size} x {dev.type}, tensor parallel"
     print(f"prefill: {s['prefill_tokens']} tokens, {s['prefill_tokens_per_s']:.1f} tokens/s | "
           f"decode: {s['decode_tokens']} tokens, {s['decode_tokens_per_s']:.1f} tokens/s "
-          f"({dev}, {str(dt).removeprefix('torch.')})", file=sys.stderr)
+          f"({where}, {str(dt).removeprefix('torch.')})", file=err)
+    if env is not None:
+        close_distributed(env)
     return 0
+
+
+def _setup_tensor_parallel(checkpoint: str, dev: torch.device, dt: torch.dtype, seed: int | None):
+    """Join torchrun's process group, split the model over a 1-D mesh of all ranks
+    (train/parallelize.py: load_tensor_parallel) and agree on one sampling seed: every rank
+    samples from the same gathered logits with the same generator, so all ranks pick the
+    same tokens and their KV caches stay consistent. -> (env, device, model, tokenizer, seed)"""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llamaworks.train.distributed import init_distributed
+    from llamaworks.train.parallelize import load_tensor_parallel
+
+    env, dev = init_distributed(dev)
+    mesh = init_device_mesh(dev.type, (env.world_size,), mesh_dim_names=("tp",))
+    model, tokenizer = load_tensor_parallel(checkpoint, mesh, dev, dt)
+    if seed is None:  # rank 0's random seed for all
+        chosen = torch.tensor([torch.seed() % 2**63], dtype=torch.int64, device=dev)
+        dist.broadcast(chosen, src=0)
+        seed = int(chosen.item())
+    return env, dev, model, tokenizer, seed

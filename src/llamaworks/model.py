@@ -291,16 +291,22 @@ class Transformer(nn.Module):
         so the residual variance stays O(1) with depth; norm weights are 1. This is separate
         from nn.Module's reset_parameters (Kaiming-uniform), which suits neither layer.
         """
-        std = 0.02
-        resid_std = std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+            self.init_parameter(name, p)
         self.init_rope(buffer_device)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill `p`, the parameter called `name` (or a full-size tensor standing in for it),
+        with init_weights' scheme: the hook for callers that initialise one parameter at a
+        time from their own generator (train/init.py: sharded initialisation)."""
+        std = 0.02
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.args.n_layers), generator=generator)
+        else:
+            nn.init.normal_(p, mean=0.0, std=std, generator=generator)
 
     def init_rope(self, device: torch.device | None = None):
         """(Re)compute the RoPE table in fp32: after to_empty(), and after casting the model

@@ -1,6 +1,8 @@
-"""Distributed training on 2 gloo processes (CPU): DDP, FSDP and TP+SP give the loss curve of
-one process with the same global batch, and distributed checkpoints reshard between world
-sizes (FSDP on 2 processes -> 1 process, and back) without changing a single loss."""
+"""Distributed training on 2 gloo processes (CPU): DDP, FSDP and TP+SP (with loss parallel) give
+the loss curve of one process with the same global batch, sharded initialisation gives one
+process's weights, distributed checkpoints reshard between world sizes (FSDP on 2 processes ->
+1 process, and back) without changing a single loss, and `llamaworks generate` under torchrun
+splits the model over the processes and completes as one process does."""
 
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from llamaworks.cli import main
 from llamaworks.config import dumps
+from llamaworks.generate import generate_ids
+from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import load_model, read_safetensors
 from llamaworks.plan import flops_per_token
 from llamaworks.train import checkpoint as ckpt_io
+from llamaworks.train.init import init_weights
 from llamaworks.train.metrics import read_metrics
+from llamaworks.train.parallelize import ParallelDims, load_tensor_parallel, parallelize
 from llamaworks.train.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -117,7 +127,7 @@ def test_tensor_and_sequence_parallel_under_torchrun_matches_one_process(setup, 
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llamaworks", "pretrain",
                            "--config", str(config)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "applied tensor and sequence parallelism (tp=2)" in proc.stderr
+    assert "applied tensor and sequence parallelism (tp=2) to the model, loss parallel" in proc.stderr
     assert_same_curve(losses(tmp_path), losses(ref), range(1, STEPS + 1))
 
 
@@ -164,3 +174,131 @@ def test_bad_mesh_is_an_error_before_any_work(make_config, tmp_path, monkeypatch
     with pytest.raises(ValueError, match=match):
         train(make_config(out, parallel=parallel))
     assert not dist.is_initialized() and not out.exists()
+
+
+class PeakAllocations(TorchDispatchMode):
+    """The most bytes that tensors created under the mode held at once (each storage counted
+    while alive): what a step costs in memory beyond the `preexisting` tensors."""
+
+    def __init__(self, preexisting):
+        super().__init__()
+        self.made: dict[StorageWeakRef, int] = {StorageWeakRef(t.untyped_storage()): 0 for t in preexisting}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                self.made.setdefault(StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+        self.peak = max(self.peak, sum(n for ref, n in self.made.items() if not ref.expired()))
+        return out
+
+
+INIT_SEED = 5
+
+
+def _init_worker(rank: int, world: int, port: int, parallel: dict, result: Path) -> None:
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from llamaworks.train.loss import lm_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dims = ParallelDims(world_size=world, **parallel)
+    # The trainer's sequence: build on meta, split, allocate this rank's shards, fill them.
+    model = build_model(ModelArgs.from_name("tiny", n_layers=2), device="meta")
+    parallelize(model, dims, "selective", mesh=dims.build_mesh("cpu"), loss_parallel=dims.tp > 1)
+    model.to_empty(device="cpu")
+    local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in model.named_parameters()}
+    tracker = PeakAllocations([*local.values(), *model.buffers()])
+    with tracker:
+        init_weights(model, INIT_SEED, torch.device("cpu"))
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in model.named_parameters()}
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    logits_kind, loss = None, None
+    if dims.tp > 1:
+        logits = model(x)  # train mode: split by vocabulary, never gathered
+        logits_kind = (type(logits).__name__, logits.placements, tuple(logits.to_local().shape))
+        with loss_parallel():
+            loss = lm_loss(model, x, x)
+            loss.backward()
+    if rank == 0:
+        torch.save({"full": full, "peak": tracker.peak, "logits": logits_kind, "loss": loss,
+                    "local_bytes": sum(t.numel() * t.element_size() for t in local.values()),
+                    "largest_bytes": max(t.numel() * t.element_size() for t in full.values())}, result)
+    assert logits_kind is None or logits_kind[1] == (Shard(2),), logits_kind
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel", [{"dp_shard": 2}, {"tp": 2}], ids=["fsdp", "tp"])
+def test_sharded_init_equals_one_process(tmp_path, parallel):
+    from llamaworks.train.loss import lm_loss
+
+    one = build_model(ModelArgs.from_name("tiny", n_layers=2), device="meta")
+    one.to_empty(device="cpu")
+    init_weights(one, INIT_SEED, torch.device("cpu"))
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_init_worker, args=(2, _free_port(), parallel, result), nprocs=2, join=True)
+    got = torch.load(result)
+    want = dict(one.named_parameters())
+    assert got["full"].keys() == want.keys()
+    for k in want:  # bit for bit: each parameter is drawn whole, then sliced
+        assert torch.equal(got["full"][k], want[k]), k
+    total = sum(p.numel() * p.element_size() for p in want.values())
+    # This rank allocated about half the model (norm weights are replicated under tp), and
+    # filling it cost one full parameter at a time, never the model: 0.26 MB here, 2.2 MB in all.
+    assert got["local_bytes"] < 0.55 * total, (got["local_bytes"], total)
+    assert 0 < got["peak"] <= 1.5 * got["largest_bytes"] < total / 4, (got["peak"], got["largest_bytes"], total)
+    if "tp" in parallel:
+        name, _, shape = got["logits"]
+        assert name == "DTensor" and shape == (2, 32, 256), got["logits"]
+        x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(got["loss"], lm_loss(one, x, x, fused=False), rtol=0, atol=1e-5)
+
+
+def _generate_worker(rank: int, world: int, port: int, model_dir: Path, result: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, _ = load_tensor_parallel(model_dir, init_device_mesh("cpu", (world,)), torch.device("cpu"))
+    wq = model.layers[0].attention.wq.weight
+    shards = {"wq": tuple(wq.to_local().shape), "w2": tuple(model.layers[0].feed_forward.w2.weight.to_local().shape),
+              "output": tuple(model.output.weight.to_local().shape),
+              # a placed shard is a view of the memory-mapped file, not a copy
+              "wq_is_view": wq.to_local().untyped_storage().nbytes() > wq.to_local().numel() * 4}
+    chunks = list(generate_ids(model, [[1, 40, 41], [1, 7]], 12, temperature=0.0))
+    shards["cache"] = tuple(model.layers[0].attention.kv_cache.k.shape)
+    if rank == 0:
+        torch.save({"tokens": torch.cat([c[0] for c in chunks], 1), "shards": shards}, result)
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_generation_splits_the_model_and_matches_one_process(tiny_model_dir, tmp_path):
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_generate_worker, args=(2, _free_port(), tiny_model_dir, result), nprocs=2, join=True)
+    got = torch.load(result)
+    model, _ = load_model(tiny_model_dir)
+    want = torch.cat([c[0] for c in generate_ids(model, [[1, 40, 41], [1, 7]], 12, temperature=0.0)], 1)
+    assert torch.equal(got["tokens"], want), (got["tokens"], want)
+    # 2 ranks: half of the heads, half of the SwiGLU units, half of the vocabulary each
+    assert got["shards"]["wq"] == (64, 128) and got["shards"]["w2"] == (128, 256)
+    assert got["shards"]["output"] == (256, 128) and got["shards"]["wq_is_view"]
+    assert got["shards"]["cache"][2] == 2  # of the model's 4 key/value heads
+
+
+def test_generate_under_torchrun_prints_one_completion_like_one_process(tiny_model_dir, capsys):
+    argv = ["generate", "--checkpoint", str(tiny_model_dir), "--prompt", "The king", "Thou", "--max-new-tokens",
+            "10", "--temperature", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llamaworks", *argv],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == want  # rank 0 alone prints, the same completions
+    assert proc.stderr.count("prefill:") == 1 and "2 x cpu, tensor parallel" in proc.stderr, proc.stderr[-2000:]

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from llamaworks.model import ModelArgs, build_model
+from llamaworks.train.init import init_weights, parameter_seed
 from llamaworks.train.parallelize import ParallelDims, apply_ac, parallelize
 
 N_LAYERS = 2
@@ -120,3 +121,28 @@ def test_parallelize_needs_a_mesh_for_distributed_degrees(base_model):
         parallelize(copy.deepcopy(base_model), ParallelDims(1, 2, 1, 2))
     with pytest.raises(ValueError, match="DDP .* cannot be combined with parallel.tp=2"):
         parallelize(copy.deepcopy(base_model), ParallelDims(2, 1, 2, 4), mesh=object())
+
+
+def _initialised(seed: int, n_layers: int = N_LAYERS) -> dict[str, torch.Tensor]:
+    model = build_model(ModelArgs.from_name("tiny", n_layers=n_layers, vocab_size=512), device="meta")
+    model.to_empty(device="cpu")
+    init_weights(model, seed, torch.device("cpu"))
+    return dict(model.named_parameters())
+
+
+def test_init_draws_each_parameter_from_its_own_generator():
+    a = _initialised(3)
+    name = "layers.1.attention.wq.weight"
+    g = torch.Generator().manual_seed(parameter_seed(3, name))
+    torch.testing.assert_close(a[name], torch.randn(128, 128, generator=g) * 0.02)
+    # init_weights' scheme: residual projections scaled by 1/sqrt(2 n_layers), norms at 1
+    assert a["layers.0.feed_forward.w2.weight"].std().item() == pytest.approx(0.02 / 2, rel=0.05)
+    assert a["tok_embeddings.weight"].std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(a["layers.1.ffn_norm.weight"], torch.ones(128))
+    # A parameter's values depend on the seed and its name only, not on which other
+    # parameters exist or were drawn before it: what lets every rank draw its own.
+    deeper = _initialised(3, n_layers=3)
+    for k in ("tok_embeddings.weight", "layers.1.attention.wq.weight", "output.weight"):
+        assert torch.equal(a[k], deeper[k]), k
+    assert not torch.equal(a[name], _initialised(4)[name])
+    assert not torch.equal(a[name], a["layers.0.attention.wq.weight"])

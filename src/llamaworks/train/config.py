@@ -115,6 +115,9 @@ class ParallelConfig:
     # FSDP: free each block's gathered weights after its forward? default: all blocks but the
     # last; always; never (more memory, one all-gather per block less in backward).
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    # With tp > 1: keep the logits split by vocabulary and compute the cross-entropy on the
+    # shards (torch's loss_parallel), so no rank ever holds the (tokens, vocab) logits.
+    loss_parallel: bool = True
 
 
 @dataclass

@@ -117,6 +117,14 @@ def can_fuse(model) -> bool:
     return not isinstance(model, FSDPModule) and not isinstance(model.output.weight, DTensor)
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def lm_loss(model, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """Next-token loss of a llamaworks Transformer on (bsz, seq) tokens and targets.
 
@@ -126,6 +134,10 @@ def lm_loss(model, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = Tr
     """
     if not (fused and can_fuse(model)):
         logits = model(tokens)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+        # Logits split by vocabulary (tensor parallelism with loss parallel; the caller runs
+        # forward and backward inside torch's loss_parallel()) give a replicated DTensor loss:
+        # its local value is the loss, and full_tensor() keeps the graph without communicating.
+        return loss.full_tensor() if _is_dtensor(loss) else loss
     h = model(tokens, return_hidden=True)  # (bsz, seq, dim), after the final RMSNorm
     return fused_linear_cross_entropy(h, model.output.weight, targets)

@@ -9,7 +9,11 @@ parallelism wraps last so its hooks surround everything else.
 Everything distributed is PyTorch's own: DTensor's `parallelize_module` for tensor and
 sequence parallelism (Megatron-LM's column/row split, Korthikanti et al. 2022 for the
 norms), FSDP2's `fully_shard` and the composable `replicate` (DDP) for data parallelism,
-on a DeviceMesh with the named dimensions ("dp_replicate", "dp_shard", "tp").
+on a DeviceMesh with the named dimensions ("dp_replicate", "dp_shard", "tp"). The trainer
+applies all of it on the meta device and materialises the shards afterwards (train/init.py).
+
+`load_tensor_parallel` is the inference side: a model directory split with `apply_tp` over
+the processes of `torchrun ... -m llamaworks generate`.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def apply_compile(model) -> None:
     log.info("compiled %d blocks with torch.compile", len(model.layers))
 
 
-def apply_tp(model, tp_mesh) -> None:
+def apply_tp(model, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool = False) -> None:
     """Tensor parallelism (Megatron-LM) with sequence parallelism (Korthikanti et al. 2022).
 
     Inside a block, wq/wk/wv/w1/w3 are split by output features (column-parallel: each rank
@@ -124,8 +128,14 @@ def apply_tp(model, tp_mesh) -> None:
     section 2.4 worries about shrinks by tp: the row-parallel outputs are reduce-scattered
     into sequence shards and all-gathered back before the next column-parallel input,
     the same bytes as Megatron's all-reduce. The embedding is split by vocabulary rows and
-    the output layer by vocabulary columns; the logits are gathered (replicated) for the
-    loss, so the trainer's loss code is unchanged.
+    the output layer by vocabulary columns.
+
+    sequence_parallel=False (inference: one new token per step has no sequence to split)
+    keeps the residual stream and the norms replicated; wo/w2 all-reduce instead.
+    loss_parallel: in training mode the logits stay split by vocabulary (a DTensor, Shard(-1))
+    for a cross-entropy under torch's `loss_parallel()` context, so the (tokens, vocab) logits
+    are never gathered; in eval mode they are gathered (plain tensors, for evaluation and
+    generation code). Without it the logits are always gathered.
     """
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -142,28 +152,47 @@ def apply_tp(model, tp_mesh) -> None:
         if n % tp:
             raise ValueError(f"parallel.tp={tp} does not divide the model's {name}={n}; choose a tp "
                              f"that divides {n}")
-    parallelize_module(model, tp_mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    })
+    stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream between sub-layers
+    root = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
+        "output": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                  use_local_output=not loss_parallel),
+    }
+    if sequence_parallel:
+        root["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, root)
+    if loss_parallel:
+        model.output.register_forward_hook(_gather_logits_in_eval)
     for block in model.layers:
-        parallelize_module(block, tp_mesh, {
-            "attention_norm": SequenceParallel(),
-            # Attention takes (x, freqs, input_pos, mask, rows): only x is gathered.
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
-                                            desired_input_layouts=(Replicate(), None, None, None, None)),
+        plan = {
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "attention.wo": RowwiseParallel(output_layouts=stream),
             "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
             "feed_forward.w3": ColwiseParallel(),
-        })
-    log.info("applied tensor and sequence parallelism (tp=%d) to the model", tp)
+        }
+        if sequence_parallel:
+            plan.update({
+                "attention_norm": SequenceParallel(),
+                # Attention takes (x, freqs, input_pos, mask, rows): only x is gathered.
+                "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                                desired_input_layouts=(Replicate(), None, None, None, None)),
+                "ffn_norm": SequenceParallel(),
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp_mesh, plan)
+        # This rank's heads: the KV cache (setup_caches) holds only them, and grouped-query
+        # attention keeps its ratio (the views in model.py already use -1 heads).
+        att = block.attention
+        att.n_heads, att.n_kv_heads = att.n_heads // tp, att.n_kv_heads // tp
+    log.info("applied tensor%s parallelism (tp=%d) to the model%s", " and sequence" if sequence_parallel else "",
+             tp, ", loss parallel" if loss_parallel else "")
+
+
+def _gather_logits_in_eval(module, inputs, output):
+    return output if module.training else output.full_tensor()
 
 
 def apply_fsdp(model, dp_mesh, reshard_after_forward: str = "default") -> None:
@@ -209,9 +238,12 @@ def apply_ddp(model, dp_mesh) -> None:
 
 
 def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool = False, mesh=None,
-                fsdp_reshard_after_forward: str = "default"):
+                fsdp_reshard_after_forward: str = "default", loss_parallel: bool = False):
     """Apply TP, AC, compile, then FSDP or DDP, in that order. `mesh` is dims.build_mesh(...)
     when dims.distributed; with one process none of the distributed steps runs.
+
+    The model may be on the meta device (the trainer's sharded initialisation: to_empty and
+    train/init.py's init_weights afterwards). loss_parallel (with tp > 1): see apply_tp.
 
     Data parallelism: dp_shard > 1 shards with FSDP (HSDP, sharded within and replicated
     across groups, when dp_replicate > 1 too); dp_replicate > 1 alone is DDP.
@@ -223,7 +255,7 @@ def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool 
         raise ValueError(f"DDP (parallel.dp_replicate={dims.dp_replicate}, dp_shard=1) cannot be combined "
                          f"with parallel.tp={dims.tp}: set parallel.dp_shard instead of dp_replicate (FSDP x TP)")
     if dims.tp > 1:
-        apply_tp(model, mesh["tp"])
+        apply_tp(model, mesh["tp"], loss_parallel=loss_parallel)
     apply_ac(model, ac_mode)
     if compile:
         apply_compile(model)
@@ -233,3 +265,47 @@ def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool 
     elif dims.dp_replicate > 1:
         apply_ddp(model, mesh["dp_replicate"])
     return model
+
+
+def load_tensor_parallel(path, tp_mesh, device: torch.device, dtype: torch.dtype | None = None):
+    """(model, tokenizer) of a model directory split over tp_mesh for inference (`llamaworks
+    generate` under torchrun): apply_tp without sequence parallelism on the meta device, then
+    each rank places only its slices of the memory-mapped weights (the column-parallel rows,
+    the row-parallel columns; norms whole), so a rank holds 1/tp of the projections and
+    never the full model beyond the file pages the mmap maps. Its KV cache holds its heads.
+    """
+    from pathlib import Path
+
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from llamaworks.modeldir import WEIGHTS, load_model, read_safetensors
+
+    path = Path(path)
+    if (path / "quantization.json").is_file():
+        raise ValueError(f"{path} holds a quantized model, which tensor parallelism does not split; run it in "
+                         "one process, or launch the unquantized model under torchrun")
+    model, tokenizer = load_model(path, device="meta")  # checks params, tokenizer and shapes; reads no weights
+    tp, args = tp_mesh.size(), model.args
+    if args.n_kv_heads % tp:
+        raise ValueError(f"{tp} processes cannot split {path}'s {args.n_kv_heads} key/value heads (and "
+                         f"{args.n_heads} query heads): launch torchrun with an --nproc_per_node that divides "
+                         f"{args.n_kv_heads}")
+    apply_tp(model, tp_mesh, sequence_parallel=False)
+    weights = read_safetensors(path / WEIGHTS)
+    for name, p in list(model.named_parameters()):
+        local = weights[name]
+        if isinstance(p, DTensor):
+            # This rank's block of the full tensor: narrow() views of the mapped file, no copy.
+            shape, offset = compute_local_shape_and_global_offset(local.shape, p.device_mesh, p.placements)
+            for dim, (n, start) in enumerate(zip(shape, offset)):
+                local = local.narrow(dim, start, n)
+        local = local.to(device=device, dtype=dtype if dtype is not None and local.is_floating_point() else None)
+        if isinstance(p, DTensor):
+            local = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                       stride=p.stride())
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(local, requires_grad=False))
+    model.init_rope(device)
+    return model.eval(), tokenizer

@@ -39,20 +39,23 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
 
-def accumulate_gradients(model, loader, accum: int, device, amp) -> torch.Tensor:
+def accumulate_gradients(model, loader, accum: int, device, amp, loss_context=nullcontext) -> torch.Tensor:
     """Forward and backward `accum` micro-batches; return their mean loss (detached).
 
     Each micro-batch loss is divided by `accum` before backward, so the summed gradients
     are those of the mean loss over all accum * micro_batch_size sequences: the same
     update as one batch that large (the paper's 4M-token batches, section 2.3).
+    loss_context: a factory of the context forward and backward run in (torch's
+    loss_parallel with tensor parallelism).
     """
     loss_sum = torch.zeros((), device=device)
     for _ in range(accum):
         x, y = next(loader)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with amp:
-            loss = lm_loss(model, x, y) / accum  # output layer and cross-entropy fused (train/loss.py)
-        loss.backward()
+        with loss_context():
+            with amp:
+                loss = lm_loss(model, x, y) / accum  # output layer and cross-entropy fused (train/loss.py)
+            loss.backward()
         loss_sum += loss.detach()
     return loss_sum
 
@@ -125,6 +128,7 @@ def _train(cfg: JobConfig, resume: bool, dims, env, device, manifest, tokenizer,
     from llamaworks.plan import flops_per_token
     from llamaworks.train import checkpoint as ckpt_io
     from llamaworks.train.distributed import clip_grad_norm_, global_mean
+    from llamaworks.train.init import init_weights
     from llamaworks.train.metrics import MetricsLog, measure_peak_flops, plot_loss_curve
     from llamaworks.train.optim import build_optimizer
     from llamaworks.train.parallelize import parallelize
@@ -137,16 +141,23 @@ def _train(cfg: JobConfig, resume: bool, dims, env, device, manifest, tokenizer,
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
 
     torch.manual_seed(t_cfg.seed)
-    # Every rank builds the same full model from the seed (the very weights of a 1-process
-    # run) and then keeps its shards. Sharded initialisation on the meta device would save
-    # the transient full copy per rank; it would also need init_weights on DTensors to
-    # draw the same numbers as one process, which torch's sharded RNG does not.
-    model = build_model(args, device=device, seed=t_cfg.seed)
+    # Sharded initialisation: the model is built on the meta device (no memory), split as
+    # cfg.parallel says, and only then are this rank's shards allocated and filled, each
+    # parameter from its own (seed, name) generator (train/init.py): the weights of a
+    # 1-process run, which takes the same path, and no rank ever holds the whole model.
+    model = build_model(args, device="meta")
     n_params = sum(p.numel() for p in model.parameters())
     mesh = dims.build_mesh(device.type) if dims.distributed else None
+    loss_parallel = par.loss_parallel and dims.tp > 1
     parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile, mesh,
-                par.fsdp_reshard_after_forward)
+                par.fsdp_reshard_after_forward, loss_parallel=loss_parallel)
+    model.to_empty(device=device)
+    init_weights(model, t_cfg.seed, device)
     model.train()
+    if loss_parallel:
+        from torch.distributed.tensor.parallel import loss_parallel as loss_context
+    else:
+        loss_context = nullcontext
     optimizer = build_optimizer(model, cfg.optim)
     # The tp ranks of one data-parallel replica read the same batch: tp is the mesh's
     # innermost dimension, so the data-parallel rank is rank // tp.
@@ -218,7 +229,7 @@ def _train(cfg: JobConfig, resume: bool, dims, env, device, manifest, tokenizer,
             # FSDP/DDP average the gradients over ranks: together, the gradient of the global
             # batch's mean loss. The logged loss is that global mean, and the clipping norm is
             # the norm of the whole (sharded) gradient.
-            loss_val = global_mean(accumulate_gradients(model, loader, accum, device, amp)).item()
+            loss_val = global_mean(accumulate_gradients(model, loader, accum, device, amp, loss_context)).item()
             grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             # A finite loss with an inf/nan gradient would still poison the weights (and every
             # later checkpoint) once the optimizer steps, so both are checked before it does.
