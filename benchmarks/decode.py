@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/decode.py                      # config A, batch 1, prompt 128, 256 new, greedy
     .venv/bin/python benchmarks/decode.py --configs A small base --batches 1 8
-    .venv/bin/python benchmarks/decode.py --configs 1b --new-tokens 64 --repeats 1   # the ~1.26B model (5 GB fp32)
+    .venv/bin/python benchmarks/decode.py --config B --new-tokens 64 --repeats 1    # the ~1.26B model (5 GB fp32)
+    .venv/bin/python benchmarks/decode.py --quick                   # smoke test: small preset, 8 tokens, 1 run
     .venv/bin/python benchmarks/decode.py --ppl-model runs/demo/model --ppl-text held_out.txt
 
 Prints one table per (config, batch) and writes JSON (benchmarks/results/decode.json by
@@ -15,7 +16,8 @@ read bandwidth (measured here as x.sum() over 1 GB); time includes the prefill.
 
 llama.cpp runs through llama-cpp-python on the same weights exported to GGUF f32 and f16
 (convert/gguf.py) and Q8_0 (llama.cpp's own quantiser); its Python API decodes one
-sequence at a time, so it appears at batch 1 only. --ppl-model prints the perplexity of a
+sequence at a time, so it appears at batch 1 only; without llama-cpp-python (built from
+PyPI: pip install llama-cpp-python) its rows are skipped with a note. --ppl-model prints the perplexity of a
 trained model on held-out text for fp32, int8 and int4 (llama.cpp's quantisation table).
 """
 
@@ -45,9 +47,11 @@ CONFIGS = {
     "A": CONFIG_A,
     "small": ModelArgs.from_name("small").to_params(),
     "base": ModelArgs.from_name("base").to_params(),
-    # ~1.26B (TinyLlama's shape without GQA): 2/3 * 4 * 2048 = 5461 rounds up to 11 * 512 = 5632.
-    "1b": dict(dim=2048, n_layers=22, n_heads=32, vocab_size=32000, multiple_of=512, max_seq_len=2048),
+    # ~1.26B, "config B" (TinyLlama's shape without GQA): 2/3 * 4 * 2048 = 5461 rounds up to
+    # 11 * 512 = 5632.
+    "B": dict(dim=2048, n_layers=22, n_heads=32, vocab_size=32000, multiple_of=512, max_seq_len=2048),
 }
+CONFIGS["1b"] = CONFIGS["B"]
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 
@@ -231,17 +235,20 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                     return lambda p: time_llamaworks(m, p, a.new_tokens)
                 variants.append(("llamaworks bf16", fp32_bytes // 2, False, make_bf16))
             else:
-                def make_q(mode=prec):
+                def make_q(mode=prec, compile=False):
                     m = quantized_copy(model, mode, a.group_size)
-                    return (lambda p: time_llamaworks(m, p, a.new_tokens)), bytes_per_step(m)
+                    return (lambda p: time_llamaworks(m, p, a.new_tokens, compile)), bytes_per_step(m)
                 label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
                 variants.append((label, None, False, make_q))
+                if a.compile and prec == "int8":
+                    variants.append((label + "+compile", None, False, lambda: make_q("int8", True)))
     tmp = None
     if "llama.cpp" in a.impls:
         try:
             from llama_cpp import Llama
         except ImportError:
-            print("(llama-cpp-python not installed: no llama.cpp rows)")
+            print("(llama-cpp-python is not installed: no llama.cpp rows; build it with "
+                  "`pip install llama-cpp-python` (compiles llama.cpp) to compare)")
         else:
             tmp = tempfile.TemporaryDirectory(prefix="decode_bench_")
             paths = export_gguf(model, Path(tmp.name))
@@ -278,12 +285,16 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
         tmp.cleanup()
     for bsz in a.batches:
         table = [r for r in rows if r["batch"] == bsz]
+        if not table:
+            continue
         ref = next((r for r in table if r["impl"] == "llamaworks fp32"), table[0])
         base = next((r for r in table if r["impl"] == "transformers fp32"), ref)
         print(f"\n{name}: {n_params / 1e6:.1f}M params, batch {bsz}, prompt {a.prompt_len}, {a.new_tokens} new "
               f"tokens, greedy, {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
         print(f"{'implementation':<26}{'tokens/s':>10}{'vs transformers':>17}{'vs ours fp32':>14}"
               f"{'MB/step':>9}{'roofline':>10}{'same':>11}")
+        if bsz > 1 and any(batch1_only for _, _, batch1_only, _ in variants):
+            print("(llama.cpp: batch 1 only, its Python API decodes one sequence at a time)")
         for r in table:
             same = same_prefix(r["tokens"], ref["tokens"])
             r["same_tokens"] = same
@@ -318,23 +329,34 @@ def perplexity_table(model_dir: str, text_file: str, seq_len: int, group_sizes: 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["A"], choices=list(CONFIGS))
+    ap.add_argument("--configs", "--config", nargs="+", default=None, choices=list(CONFIGS),
+                    help="model shapes (default A; B is the ~1.26B configuration)")
     ap.add_argument("--batches", "--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     ap.add_argument("--impls", nargs="+", default=["transformers", "llamaworks", "llama.cpp"],
                     choices=["transformers", "llamaworks", "llama.cpp"])
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=None, help="default 128")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 256")
+    ap.add_argument("--repeats", type=int, default=None, help="default 3")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time llamaworks fp32 with torch.compile on the decode step")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time llamaworks fp32 and int8 with torch.compile on the decode step (default on)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke test: defaults become the small preset, prompt 16, 8 new tokens, 1 run, no "
+                         "compile, and no JSON unless --out is given")
     ap.add_argument("--ppl-model", help="trained model directory: print fp32/int8/int4 perplexity")
     ap.add_argument("--ppl-text", help="held-out text file for --ppl-model")
     ap.add_argument("--ppl-seq-len", type=int, default=256)
-    ap.add_argument("--out", default="benchmarks/results/decode.json")
+    ap.add_argument("--out", default=None, help="JSON results (default benchmarks/results/decode.json)")
     a = ap.parse_args()
+    # Explicit options win over --quick's defaults.
+    quick = {"configs": ["small"], "prompt_len": 16, "new_tokens": 8, "repeats": 1, "compile": False}
+    full = {"configs": ["A"], "prompt_len": 128, "new_tokens": 256, "repeats": 3, "compile": True,
+            "out": "benchmarks/results/decode.json"}
+    for key, value in full.items():
+        if getattr(a, key) is None:
+            setattr(a, key, quick.get(key) if a.quick else value)
     if a.threads:
         torch.set_num_threads(a.threads)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -351,6 +373,8 @@ def main():
         result["results"] = []
         for name in a.configs:
             result["results"] += run_config(name, a, bandwidth)
+    if a.out is None:
+        return
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

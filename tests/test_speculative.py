@@ -8,7 +8,7 @@ import torch
 from llamaworks.cli import main as cli_main
 from llamaworks.generate import generate, generate_ids
 from llamaworks.model import ModelArgs, Transformer
-from llamaworks.speculative import accept, generate_speculative, speculative_ids
+from llamaworks.speculative import accept, generate_speculative, greedy_accepted, speculative_batch, speculative_ids
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,8 +104,14 @@ def test_text_api_matches_generate(models, tiny_tokenizer):
     target, drafts = models
     want = generate(target, tiny_tokenizer, "the king", 15, temperature=0.0)[0]
     pieces = []
-    got = generate_speculative(target, drafts["shallow"], tiny_tokenizer, "the king", 15, k=3, on_text=pieces.append)
+    got = generate_speculative(target, drafts["shallow"], tiny_tokenizer, "the king", 15, k=3,
+                               on_text=lambda i, d: pieces.append(d))
     assert got.text == want.text == "".join(pieces) and got.tokens == want.tokens
+    texts = ["the king", "O fair lady of the night, speak", "a"]
+    want = generate(target, tiny_tokenizer, texts, 15, temperature=0.0)
+    got = generate_speculative(target, drafts["shallow"], tiny_tokenizer, texts, 15, k=3)
+    assert [g.text for g in got] == [w.text for w in want] and [g.tokens for g in got] == [w.tokens for w in want]
+    assert got[1].stats["row"]["new_tokens"] >= len(got[1].tokens)
 
 
 def test_errors(models, tiny_tokenizer):
@@ -125,5 +131,68 @@ def test_generate_cli_with_draft(tiny_model_dir, capsys):
     assert cli_main(base + ["--draft", str(tiny_model_dir), "--draft-k", "3"]) == 0
     out, err = capsys.readouterr()
     assert out == plain and "accepted (100.0%)" in err
-    assert cli_main(base + ["--prompt", "a", "b", "--draft", str(tiny_model_dir)]) == 2
-    assert "one prompt" in capsys.readouterr().err
+    several = base[:4] + ["the", "a king", "O"] + base[5:]
+    assert cli_main(several) == 0
+    plain = capsys.readouterr().out
+    assert cli_main(several + ["--draft", str(tiny_model_dir), "--draft-k", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain
+    assert [line.split(":")[0] for line in err.splitlines()[:3]] == ["prompt 0", "prompt 1", "prompt 2"]
+    assert "accepted (100.0%)" in err.splitlines()[3]
+
+
+BATCH = [[1, 5, 77, 300, 12], [1, 400], [1, 9, 8, 7, 6, 5, 4, 3, 2, 10, 11], [1, 3, 3, 3, 3, 3, 3, 3]]
+
+
+@pytest.mark.parametrize("which", ["self", "shallow", "unrelated"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_batched_greedy_is_each_prompt_alone(models, which, k):
+    # Rows of different lengths accept different numbers of drafts each round; every row must
+    # still be exactly what the target gives for that prompt alone.
+    target, drafts = models
+    n = 17
+    got, stats = speculative_batch(target, drafts[which], BATCH, n, k=k)
+    for prompt, row, s in zip(BATCH, got, stats["rows"]):
+        assert row == reference(target, prompt, n), (which, k, prompt)
+        assert s["new_tokens"] == n and 0 <= s["accepted"] <= s["drafted"]
+    assert stats["drafted"] == sum(s["drafted"] for s in stats["rows"])
+    assert stats["new_tokens"] == n * len(BATCH)
+    if which == "self":  # a draft that always agrees
+        assert stats["acceptance_rate"] == 1.0
+        assert all(s["rounds"] == -(-(n - 1) // (k + 1)) for s in stats["rows"])
+    if which == "unrelated" and k > 1:  # nearly always disagrees: about one token per round
+        assert stats["acceptance_rate"] < 0.5
+
+
+def test_batched_rows_finish_at_their_own_eos_and_context(models):
+    target, drafts = models
+    ref = reference(target, BATCH[0], 12)
+    eos = ref[4]
+    want = []
+    for p in BATCH:
+        r = reference(target, p, 12)
+        want.append(r[: r.index(eos) + 1] if eos in r else r)
+    got, stats = speculative_batch(target, drafts["shallow"], BATCH, 12, k=3, eos_id=eos)
+    assert got == want and len(got[0]) == 5
+    assert stats["rows"][0]["rounds"] < max(s["rounds"] for s in stats["rows"])
+    # One prompt close to the end of the 256-token context: it stops there, the other runs on.
+    long = [1] + list(range(3, 250))
+    streamed = {0: [], 1: []}
+    got, _ = speculative_batch(target, drafts["self"], [long, BATCH[1]], 20, k=4,
+                               on_tokens=lambda i, new: streamed[i].extend(new))
+    assert got == [reference(target, long, 8), reference(target, BATCH[1], 20)]
+    assert [streamed[0], streamed[1]] == got
+
+
+def test_greedy_accepted_counts_the_agreeing_prefix():
+    best = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4], [9, 2, 3, 4]])
+    drafted = torch.tensor([[1, 2, 3], [1, 5, 3], [1, 2, 3], [1, 2, 3]])
+    usable = torch.tensor([3, 3, 1, 3])
+    assert greedy_accepted(best, drafted, usable).tolist() == [3, 1, 1, 0]
+
+
+def test_batched_sampling_with_the_target_as_draft_accepts_everything(models):
+    target, drafts = models
+    a, s = speculative_batch(target, drafts["self"], BATCH, 9, k=3, temperature=0.8, top_p=0.95, seed=3)
+    b, _ = speculative_batch(target, drafts["self"], BATCH, 9, k=3, temperature=0.8, top_p=0.95, seed=3)
+    assert a == b and all(len(r) == 9 for r in a) and s["acceptance_rate"] == 1.0

@@ -9,7 +9,13 @@ max(0, p - q) (renormalised), which leaves the target's distribution p unchanged
 
 Rolling back costs nothing with the position-indexed static cache: a rejected token's
 keys sit beyond the sequence's position, where the causal mask hides them until the next
-round overwrites them. Batch size 1 (a server would run one draft per slot).
+round overwrites them.
+
+Batches of prompts of different lengths run together: every row sits at its own
+positions in both caches (per-row input_pos), accepts its own number of drafts each
+round, and leaves the batch (`rows=` of the remaining cache rows) once it is finished.
+All rows draft k tokens each round so that the shapes stay fixed; a row near its token
+limit simply considers fewer of them.
 """
 
 from __future__ import annotations
@@ -45,12 +51,16 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafted: list[int], gen: torch.Gene
     return new, len(drafted)
 
 
-@torch.no_grad()
-def speculative_ids(target, draft, prompt: list[int], max_new_tokens: int, *, k: int = 4, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, seed: int | None = None,
-                    on_tokens: Callable[[list[int]], None] | None = None) -> tuple[list[int], dict]:
-    """New token ids for one prompt (ending at eos, included, or after max_new_tokens) and
-    statistics: rounds, drafted, accepted, acceptance_rate, tokens_per_target_forward."""
+def greedy_accepted(best: torch.Tensor, drafted: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+    """Drafts kept per row under greedy decoding: best (rows, k+1) target argmax at the
+    drafted positions, drafted (rows, k), usable (rows,) how many drafts a row may keep.
+    The count of leading positions where the draft equals the target's choice."""
+    k = drafted.shape[1]
+    agree = (best[:, :k] == drafted) & (torch.arange(k, device=best.device) < usable.unsqueeze(1))
+    return agree.int().cumprod(1).sum(1)
+
+
+def _check(target, draft, k: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
     if k < 1:
         raise ValueError(f"the draft length k must be >= 1, got {k}; set --draft-k")
     if max_new_tokens < 1:
@@ -60,15 +70,34 @@ def speculative_ids(target, draft, prompt: list[int], max_new_tokens: int, *, k:
                          f"{target.args.vocab_size}; the draft must use the target's tokenizer")
     if temperature > 0 and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: int, *, k: int = 4,
+                      temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                      eos_id: int | None = None, seed: int | None = None,
+                      on_tokens: Callable[[int, list[int]], None] | None = None) -> tuple[list[list[int]], dict]:
+    """New token ids for each prompt (ending at eos, included, or after max_new_tokens, or
+    where the context window ends for that prompt alone) and statistics: overall rounds,
+    drafted, accepted, acceptance_rate, tokens_per_target_forward, and the same per row
+    under "rows". `on_tokens(i, new)` receives each row's tokens as they are accepted."""
+    _check(target, draft, k, max_new_tokens, temperature, top_p)
     device = target.output.weight.device
-    n = len(prompt)
+    bsz = len(prompts)
+    lens = [len(p) for p in prompts]
     max_seq_len = min(target.args.max_seq_len, draft.args.max_seq_len)
-    if n >= max_seq_len:
-        raise ValueError(f"the prompt has {n} tokens but the context window is {max_seq_len}; shorten it")
-    max_new_tokens = min(max_new_tokens, max_seq_len - n)
-    cache = _cache_len(n + max_new_tokens, max_seq_len)
-    target.setup_caches(1, cache)
-    draft.setup_caches(1, cache)
+    for i, n in enumerate(lens):
+        if not 0 < n < max_seq_len:
+            raise ValueError(f"prompt {i} has {n} tokens but must have 1 to {max_seq_len - 1} (the context window "
+                             f"is {max_seq_len}); shorten it")
+    # Each row's limit is the one it would have alone (generate_ids caps by the context).
+    limits = [min(max_new_tokens, max_seq_len - n) for n in lens]
+    # Room for k drafted positions beyond the last useful one. Positions past the cache are
+    # clamped to its last slot: the last token a row keeps sits at n + limit - 1 <= cache - 1
+    # and is never fed, so every position a kept token is scored at is below that slot.
+    cache = _cache_len(max(n + m for n, m in zip(lens, limits)) + k, max_seq_len)
+    target.setup_caches(bsz, cache)
+    draft.setup_caches(bsz, cache)
     greedy = temperature <= 0
     gen = None
     if not greedy:
@@ -81,126 +110,181 @@ def speculative_ids(target, draft, prompt: list[int], max_new_tokens: int, *, k:
         p = probabilities(logits, temperature, top_k, top_p)
         return _draw(p, gen), p
 
-    ids = torch.tensor([prompt], device=device)
-    pos = torch.arange(n, device=device)
-    first, _ = pick(target(ids, pos)[:, -1])
-    draft(ids, pos)
-    out = [int(first)]
-    # Tokens the draft has not yet seen, the last of them not yet in the target's cache either.
-    pending = first.view(1, 1)
-    stats = {"rounds": 0, "drafted": 0, "accepted": 0, "target_forwards": 1}
+    # Prefill both models on the right-padded prompts, as generate_ids does.
+    longest = max(lens)
+    padded = torch.zeros(bsz, longest, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = torch.tensor(p, device=device)
+    pos = torch.arange(longest, device=device).expand(bsz, longest)
+    first, _ = pick(target(padded, pos)[torch.arange(bsz, device=device), torch.tensor(lens, device=device) - 1])
+    draft(padded, pos)
+    out = [[t] for t in first.tolist()]
+    rows_stats = [{"rounds": 0, "drafted": 0, "accepted": 0} for _ in range(bsz)]
     t0 = time.perf_counter()
     if on_tokens:
-        on_tokens(out[:])
-    while len(out) < max_new_tokens and out[-1] != eos_id:
-        p = n + len(out) - 1  # position of the last token, the first one the target scores
-        kk = min(k, max_new_tokens - len(out) - 1)  # never run past max_new_tokens (or the cache)
+        for i in range(bsz):
+            on_tokens(i, out[i][:])
+
+    def running(i: int) -> bool:
+        return len(out[i]) < limits[i] and out[i][-1] != eos_id
+
+    rounds = 0
+    steps2 = torch.arange(2, device=device)
+    steps = torch.arange(k + 1, device=device)
+    active = [i for i in range(bsz) if running(i)]
+    while active:
+        rows = None if len(active) == bsz else torch.tensor(active, device=device)
+        seq_len = torch.tensor([lens[i] + len(out[i]) for i in active], device=device)  # (a,)
+        # The draft reads the last two tokens of every row: after a round that kept all k
+        # drafts it has not seen the last draft, otherwise it rewrites a key it already holds.
+        tail = torch.tensor([(prompts[i][-1:] + out[i])[-2:] for i in active], device=device)  # (a, 2)
+        tok, dpos = tail, (seq_len - 2).unsqueeze(1) + steps2  # (a, 2)
         drafted, qs = [], []
-        tok = pending
-        dpos = torch.arange(p - pending.shape[1] + 1, p + 1, device=device)
-        for _ in range(kk):
-            logits = draft(tok, dpos)[:, -1]
-            d, q = pick(logits)
+        for _ in range(k):
+            d, q = pick(draft(tok, dpos.clamp(max=cache - 1), rows=rows)[:, -1])
             drafted.append(d)
             qs.append(q)
-            tok, dpos = d.view(1, 1), dpos[-1:] + 1
-        block = torch.cat([pending[:, -1:]] + [d.view(1, 1) for d in drafted], dim=1)  # (1, kk+1)
-        logits = target(block, torch.arange(p, p + kk + 1, device=device))[0]  # (kk+1, vocab)
-        stats["target_forwards"] += 1
-        stats["rounds"] += 1
-        stats["drafted"] += kk
+            tok, dpos = d.unsqueeze(1), dpos[:, -1:] + 1
+        drafted_t = torch.stack(drafted, 1)  # (a, k)
+        block = torch.cat([tail[:, -1:], drafted_t], 1)  # (a, k+1): the last token, then the drafts
+        tpos = ((seq_len - 1).unsqueeze(1) + steps).clamp(max=cache - 1)  # (a, k+1)
+        logits = target(block, tpos, rows=rows)  # (a, k+1, vocab)
+        # Drafts a row may keep: never past its own token limit.
+        usable = [min(k, limits[i] - len(out[i]) - 1) for i in active]
         if greedy:
-            best = logits.argmax(-1)
-            if kk:
-                agree = (best[:kk] == torch.cat(drafted)).int().cumprod(0)
-                n_acc = int(agree.sum())
-            else:
-                n_acc = 0
-            new = block[0, 1: n_acc + 1].tolist() + [int(best[n_acc])]
+            best = logits.argmax(-1)  # (a, k+1)
+            n_acc = greedy_accepted(best, drafted_t, torch.tensor(usable, device=device)).tolist()
+            best_l, drafted_l = best.tolist(), drafted_t.tolist()
+            news = [drafted_l[j][: n_acc[j]] + [best_l[j][n_acc[j]]] for j in range(len(active))]
         else:
-            ps = probabilities(logits, temperature, top_k, top_p)  # (kk+1, vocab)
-            qq = torch.cat(qs) if kk else ps[:0]
-            new, n_acc = accept(ps, qq, [int(d) for d in drafted], gen)
-        stats["accepted"] += n_acc
-        if eos_id is not None and eos_id in new:
-            new = new[: new.index(eos_id) + 1]
-        out += new
-        if on_tokens:
-            on_tokens(new)
-        # The draft saw pending + drafted[:kk-1]; when all kk were kept it has not seen the last
-        # drafted token, which it must read before the correction/bonus token.
-        last = torch.tensor([[new[-1]]], device=device)
-        if kk == 0:
-            pending = torch.cat([pending, last], 1)
-        else:
-            pending = torch.cat([drafted[-1].view(1, 1), last], 1) if n_acc == kk else last
-    stats["decode_s"] = time.perf_counter() - t0
-    out = out[:max_new_tokens]
-    stats["new_tokens"] = len(out)
-    stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
-    stats["tokens_per_target_forward"] = len(out) / stats["target_forwards"]
-    stats["decode_tokens_per_s"] = (len(out) - 1) / max(stats["decode_s"], 1e-9)
+            ps = probabilities(logits.flatten(0, 1), temperature, top_k, top_p).view(*logits.shape)
+            qq = torch.stack(qs, 1)  # (a, k, vocab)
+            drafted_l = drafted_t.tolist()
+            news, n_acc = [], []
+            for j, u in enumerate(usable):
+                new, n = accept(ps[j, : u + 1], qq[j, :u], drafted_l[j][:u], gen)
+                news.append(new)
+                n_acc.append(n)
+        rounds += 1
+        for j, i in enumerate(active):
+            new = news[j]
+            if eos_id is not None and eos_id in new:
+                new = new[: new.index(eos_id) + 1]
+            out[i] += new
+            s = rows_stats[i]
+            s["rounds"] += 1
+            s["drafted"] += usable[j]
+            s["accepted"] += n_acc[j]
+            if on_tokens:
+                on_tokens(i, new)
+        active = [i for i in active if running(i)]
+    decode_s = time.perf_counter() - t0
+    for i, s in enumerate(rows_stats):
+        s["new_tokens"] = len(out[i])
+        s["target_forwards"] = s["rounds"] + 1
+        s["acceptance_rate"] = s["accepted"] / max(s["drafted"], 1)
+        s["tokens_per_target_forward"] = s["new_tokens"] / s["target_forwards"]
+    total = {key: sum(s[key] for s in rows_stats)
+             for key in ("drafted", "accepted", "new_tokens")}
+    row_forwards = sum(s["target_forwards"] for s in rows_stats)
+    stats = {"rounds": rounds, "target_forwards": rounds + 1, **total, "decode_s": decode_s,
+             "acceptance_rate": total["accepted"] / max(total["drafted"], 1),
+             "tokens_per_target_forward": total["new_tokens"] / row_forwards,
+             "decode_tokens_per_s": (total["new_tokens"] - bsz) / max(decode_s, 1e-9),
+             "rows": rows_stats}
     return out, stats
 
 
 @torch.no_grad()
-def generate_speculative(target, draft, tokenizer, prompt: str, max_new_tokens: int = 256, *, k: int = 4,
-                         temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-                         stop: Sequence[str] = (), seed: int | None = None, bos: bool = True, truncate: bool = False,
-                         on_text: Callable[[str], None] | None = None) -> Completion:
-    """Complete one prompt with `target`, drafting with `draft`; stats in .stats (acceptance rate)."""
-    ids = check_prompt_lengths([tokenizer.encode(prompt, bos=bos, eos=False)],
-                               min(target.args.max_seq_len, draft.args.max_seq_len), truncate)[0]
-    stream = _StopStream(tokenizer, ids, stop)
-    toks: list[int] = []
-    reason = ["length"]
+def speculative_ids(target, draft, prompt: list[int], max_new_tokens: int, *, k: int = 4, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, seed: int | None = None,
+                    on_tokens: Callable[[list[int]], None] | None = None) -> tuple[list[int], dict]:
+    """One prompt: speculative_batch with a batch of one (stats without "rows")."""
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one token")
+    outs, stats = speculative_batch(target, draft, [prompt], max_new_tokens, k=k, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed,
+                                    on_tokens=(lambda i, new: on_tokens(new)) if on_tokens else None)
+    stats.pop("rows")
+    return outs[0], stats
 
-    def take(new):
+
+@torch.no_grad()
+def generate_speculative(target, draft, tokenizer, prompts: str | list[str], max_new_tokens: int = 256, *,
+                         k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                         stop: Sequence[str] = (), seed: int | None = None, bos: bool = True, truncate: bool = False,
+                         on_text: Callable[[int, str], None] | None = None) -> Completion | list[Completion]:
+    """Complete each prompt with `target`, drafting with `draft`, as generate() does (a string
+    gives one Completion, a list a list); statistics in .stats: the batch's overall figures,
+    and this row's under "row"."""
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    ids = check_prompt_lengths(tokenizer.encode_batch(texts, bos=bos, eos=False),
+                               min(target.args.max_seq_len, draft.args.max_seq_len), truncate)
+    streams = [_StopStream(tokenizer, p, stop) for p in ids]
+    toks: list[list[int]] = [[] for _ in ids]
+    reasons = ["length"] * len(ids)
+    finished = [False] * len(ids)
+
+    def take(i: int, new: list[int]) -> None:
         for t in new:
-            if reason[0] == "stop":
+            if finished[i]:
                 return
             if t == tokenizer.eos_id:
-                reason[0] = "stop"
+                finished[i], reasons[i] = True, "stop"
                 return
-            toks.append(t)
-            delta, hit = stream.push(t)
+            toks[i].append(t)
+            delta, hit = streams[i].push(t)
             if on_text and delta:
-                on_text(delta)
+                on_text(i, delta)
             if hit:
-                reason[0] = "stop"
+                finished[i], reasons[i] = True, "stop"
 
-    _, stats = speculative_ids(target, draft, ids, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
-                               top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, on_tokens=take)
-    tail = stream.finish()
-    if on_text and tail:
-        on_text(tail)
-    return Completion(text=stream.text, tokens=toks, finish_reason=reason[0], prompt_tokens=len(ids), stats=stats)
+    _, stats = speculative_batch(target, draft, ids, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, on_tokens=take)
+    results = []
+    overall = {key: v for key, v in stats.items() if key != "rows"}
+    for i, p in enumerate(ids):
+        tail = streams[i].finish()
+        if on_text and tail:
+            on_text(i, tail)
+        results.append(Completion(text=streams[i].text, tokens=toks[i], finish_reason=reasons[i],
+                                  prompt_tokens=len(p), stats={**overall, "row": stats["rows"][i]}))
+    return results[0] if single else results
 
 
 def format_stats(s: dict) -> str:
     return (f"speculative: {s['accepted']}/{s['drafted']} drafted tokens accepted ({100 * s['acceptance_rate']:.1f}%), "
-            f"{s['tokens_per_target_forward']:.2f} tokens per target forward over {s['rounds']} rounds, "
-            f"{s['decode_tokens_per_s']:.1f} tokens/s")
+            f"{s['tokens_per_target_forward']:.2f} tokens per target forward over {s['rounds']} rounds")
 
 
 def generate_with_draft(model, tokenizer, draft_dir: str, prompts: list[str], max_new_tokens: int, *, k: int,
                         device, dtype, **kwargs) -> int:
-    """`llamaworks generate --draft DIR`: one prompt, streamed, statistics on stderr."""
+    """`llamaworks generate --draft DIR`: one prompt is streamed, several run as one batch;
+    acceptance statistics (per prompt, then overall) on stderr."""
     from llamaworks.modeldir import load_model
 
-    if len(prompts) != 1:
-        raise ValueError(f"--draft takes one prompt, got {len(prompts)}; run the prompts one at a time")
     draft, draft_tok = load_model(draft_dir, device=device, dtype=dtype)
     if draft_tok.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the draft model in {draft_dir} has a {draft_tok.vocab_size}-piece tokenizer but the "
                          f"target's has {tokenizer.vocab_size}; the draft must share the target's tokenizer")
+    streaming = len(prompts) == 1
 
-    def show(delta):
+    def show(i, delta):
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    sys.stdout.write(prompts[0])
-    result = generate_speculative(model, draft, tokenizer, prompts[0], max_new_tokens, k=k, on_text=show, **kwargs)
-    sys.stdout.write("\n")
-    print(format_stats(result.stats), file=sys.stderr)
+    if streaming:
+        sys.stdout.write(prompts[0])
+    results = generate_speculative(model, draft, tokenizer, prompts, max_new_tokens, k=k,
+                                   on_text=show if streaming else None, **kwargs)
+    if streaming:
+        sys.stdout.write("\n")
+    else:
+        for p, r in zip(prompts, results):
+            print(f"{p}{r.text}\n{'-' * 40}")
+        for i, r in enumerate(results):
+            print(f"prompt {i}: {format_stats(r.stats['row'])}", file=sys.stderr)
+    s = results[0].stats
+    print(f"{format_stats(s)}, {s['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     return 0

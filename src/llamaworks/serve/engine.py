@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -80,8 +81,13 @@ class _Slot:
     gen: torch.Generator | None
 
 
+def _decode_logits(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return model(tokens, pos)[:, -1]  # (max_batch, vocab)
+
+
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
+                 compile: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}; it is the number of concurrent sequences")
         if max_queue < 0:
@@ -100,6 +106,10 @@ class Engine:
         self._accepting = True
         self._cancel_all = False
         self._thread = threading.Thread(target=self._run, name="llamaworks-engine", daemon=True)
+        # The decode step has one fixed shape, so it compiles once (prefill stays eager: its
+        # length varies per request), when the engine thread starts; requests wait meanwhile.
+        self._compiled = compile
+        self._step = torch.compile(_decode_logits, dynamic=False) if compile else _decode_logits
 
     # --- public, any thread ---------------------------------------------------------------
 
@@ -167,6 +177,15 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self._compiled:
+            # Every row is free: a full decode of dummy tokens at position 0, which no request
+            # reads before its prefill rewrites it (as in any step with free rows).
+            try:
+                self._step(self.model, self._tokens, self._pos)
+            except Exception:  # noqa: BLE001 - serve uncompiled rather than not at all
+                traceback.print_exc()
+                print("llamaworks serve: torch.compile failed (above); decoding uncompiled", file=sys.stderr)
+                self._step = _decode_logits
         while True:
             with self._cv:
                 while self._accepting and not self._pending and not self.active:
@@ -230,7 +249,7 @@ class Engine:
         self._accept(slot, self._sample(self._slots[slot], logits))
 
     def _decode(self) -> None:
-        logits = self.model(self._tokens, self._pos)[:, -1]  # (max_batch, vocab): the fixed-shape step
+        logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
         greedy = logits.argmax(dim=-1).tolist()
         for i, s in enumerate(self._slots):
             if s is not None:
