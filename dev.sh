@@ -53,10 +53,10 @@ case "$cmd" in
     setup ;;
   extras)
     setup
-    # llama.cpp for the GGUF parity tests and the decode benchmark; its tests skip without it.
+    # llama.cpp for the GGUF parity tests and the decode/serve benchmarks; its tests skip without it.
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
       timeout "${LLAMAWORKS_EXTRAS_TIMEOUT:-1200}" \
-      "$PY" -m pip install -q -c "$VENV/constraints.txt" "llama-cpp-python==0.3.36" ;;
+      "$PY" -m pip install -q -c "$VENV/constraints.txt" "llama-cpp-python[server]==0.3.36" ;;
   *)
     sed -n '2,10p' "$0"; exit 2 ;;
 esac
