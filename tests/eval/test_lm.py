@@ -146,3 +146,71 @@ def test_gen_options():
         GenOptions.parse({"max_tokens": 3})
     with pytest.raises(ValueError, match="max_gen_toks"):
         GenOptions.parse({"max_gen_toks": 0})
+
+
+class _LogitsOnly(torch.nn.Module):
+    # Any module mapping tokens to logits (EvalModel's most general model).
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.args, self.output = model, model.args, model.output
+
+    def forward(self, tokens):
+        return self.inner(tokens)
+
+
+def _naive(model, ctx, cont, max_length):
+    # The plain computation, one request at a time: a full forward over the truncated input,
+    # log-softmax at the continuation positions, is_greedy from the argmax there.
+    inp = (ctx + cont)[-(max_length + 1):][:-1]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([inp]))[0, len(inp) - len(cont):].double(), -1)
+    target = torch.tensor(cont)
+    return float(lp.gather(-1, target.unsqueeze(-1)).sum()), bool((lp.argmax(-1) == target).all())
+
+
+def test_shared_prefix_scoring_equals_a_plain_forward_per_request(tiny_model, tiny_tokenizer):
+    bos, max_length = tiny_tokenizer.bos_id, 24
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n):
+        return torch.randint(3, tiny_tokenizer.vocab_size, (n,), generator=g).tolist()
+
+    shared = [bos] + toks(9)
+    with torch.no_grad():  # the model's own greedy 3-token continuation of `shared`
+        greedy = []
+        for _ in range(3):
+            greedy.append(int(tiny_model(torch.tensor([shared + greedy]))[0, -1].argmax()))
+    wrong_second = greedy[:1] + [(greedy[1] + 1) % tiny_tokenizer.vocab_size] + greedy[2:]
+    items = [
+        (shared, toks(4)), (shared, toks(1)), (shared, toks(7)),  # one context, several continuations
+        (shared, greedy), (shared, greedy[:1]), (shared, wrong_second),
+        (shared, toks(4)),
+        ([bos], toks(5)), ([bos], toks(1)),  # empty context: BOS alone
+        ([bos] + toks(3), toks(2)), (toks(6), toks(3)),  # other contexts in the same batches
+        ([bos] + toks(40), toks(3)), ([bos] + toks(40), toks(1)),  # longer than the window: left truncation
+        ([bos] + toks(30), toks(20)),  # truncation cutting into what would be the shared prefix
+        (toks(2), toks(max_length)),  # the longest continuation that fits, beside long prefixes
+    ]
+    items.append(items[0])  # an exact duplicate
+    expected = [_naive(tiny_model, c, x, max_length) for c, x in items]
+    assert expected[3][1] and expected[4][1] and not expected[5][1] and not expected[0][1]
+    plain = _LogitsOnly(tiny_model)  # not a Transformer: the plain forward per request
+    for model, batch_size in [(tiny_model, 1), (tiny_model, 3), (tiny_model, 7), (tiny_model, 64), (plain, 5)]:
+        lm = EvalModel(model, tiny_tokenizer, batch_size=batch_size, max_length=max_length)
+        got = lm.loglikelihood_tokens(items)
+        for (lp, is_greedy), (ref_lp, ref_greedy) in zip(got, expected):
+            assert lp == pytest.approx(ref_lp, abs=1e-5) and is_greedy == ref_greedy
+    assert all(layer.attention.kv_cache is None for layer in tiny_model.layers)  # caches released
+
+
+def test_requests_that_fill_the_window_are_not_batched_past_it(tiny_model, tiny_tokenizer):
+    # A truncated long context (prefix of 255 tokens) beside a continuation of 256 tokens: one
+    # shared cache would need 510 positions, past the model's max_seq_len=256.
+    window = tiny_model.args.max_seq_len
+    g = torch.Generator().manual_seed(1)
+    items = [(torch.randint(3, 500, (300,), generator=g).tolist(), [7, 8]),
+             ([tiny_tokenizer.bos_id], torch.randint(3, 500, (window,), generator=g).tolist())]
+    got = EvalModel(tiny_model, tiny_tokenizer, batch_size=2).loglikelihood_tokens(items)
+    for (lp, is_greedy), (c, x) in zip(got, items):
+        ref_lp, ref_greedy = _naive(tiny_model, c, x, window)
+        assert lp == pytest.approx(ref_lp, abs=1e-5) and is_greedy == ref_greedy

@@ -22,8 +22,10 @@ LLaMA: no BOS, except as the prefix of an empty context or of a rolling text.
 
 Results do not depend on the batch size or on padding: sequences are right-padded, the
 model is causal and positions start at 0 in every row, so a row's logits never see its
-padding (equal up to float rounding, about 1e-6 in fp32); sampled generations draw from a
-random stream per request (see `generate_until`).
+padding (equal up to float rounding, about 1e-6 in fp32); a continuation scored against a
+shared, cached context sees that context and itself only, at the positions a plain forward
+gives it (`loglikelihood_tokens`); sampled generations draw from a random stream per request
+(see `generate_until`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from llamaworks.model import Transformer
 
 __all__ = ["EvalModel", "rolling_windows", "disjoint_window", "split_trailing_space", "GenOptions"]
 
@@ -265,33 +269,164 @@ class EvalModel:
 
     @torch.no_grad()
     def loglikelihood_tokens(self, items: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Score (context tokens, continuation tokens) pairs; the context must be non-empty."""
-        rows = []
+        """Score (context tokens, continuation tokens) pairs; the context must be non-empty.
+
+        The scores are those of a plain forward over each request's input (the last
+        max_length + 1 tokens of context + continuation, minus the final one), reading the
+        log-softmax at the continuation positions, computed with less work:
+        - requests whose inputs share the part before the continuation (the choices of a
+          multiple-choice question) run it once: it is prefilled into the KV cache and the
+          continuations decode against it (never against each other);
+        - the continuations of a pool of prefixes run sorted by length, so that a batch carries
+          little padding; a pool keeps at most batch_size * max_length prefix positions in its
+          cache, the size of one batch's full cache;
+        - the output projection and the log-softmax run only at the scored positions.
+        batch_size bounds the sequences of every forward pass: prefixes in a prefill,
+        continuations in a decode pass. A model other than a llamaworks `Transformer` (any
+        module mapping tokens to logits) gets the plain forward per request instead.
+        """
+        prefixes, conts = [], []
         for ctx, cont in items:
             if not ctx or not cont:
                 raise ValueError("loglikelihood needs a non-empty context and continuation (in tokens)")
             if len(cont) > self.max_length:
                 raise ValueError(f"a continuation of {len(cont)} tokens does not fit in max_length="
                                  f"{self.max_length}; shorten it")
-            # lm-eval: the input is the last max_length + 1 tokens minus the final one.
+            # lm-eval: the input is the last max_length + 1 tokens minus the final one. Its
+            # prefix up to the position predicting cont[0] is what requests can share.
             inp = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]
-            rows.append((inp, list(cont)))
-        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), i))
-        results: list[tuple[float, bool] | None] = [None] * len(rows)
+            prefixes.append(tuple(inp[: len(inp) - len(cont) + 1]))
+            conts.append(list(cont))
+        if not isinstance(self.model, Transformer):
+            return self._score_plain(prefixes, conts)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prefixes):
+            groups.setdefault(p, []).append(i)
+        # Longest prefixes first: the prefixes of one prefill have similar lengths.
+        unique = sorted(groups, key=lambda p: (-len(p), groups[p][0]))
+        results: list[tuple[float, bool] | None] = [None] * len(items)
+        start = 0
+        while start < len(unique):
+            end = start + 1  # the pool's cache holds (end - start) rows of the longest, first, prefix
+            while end < len(unique) and (end + 1 - start) * len(unique[start]) <= self.batch_size * self.max_length:
+                end += 1
+            members = [(i, k) for k, p in enumerate(unique[start:end]) for i in groups[p]]  # (request, prefix row)
+            for i, res in self._score_shared(unique[start:end], members, conts):
+                results[i] = res
+            start = end
+        return results  # type: ignore[return-value]
+
+    def _score_plain(self, prefixes: list[tuple[int, ...]], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        # One right-padded forward over prefix + continuation[:-1] per request, longest first.
+        inputs = [list(p) + c[:-1] for p, c in zip(prefixes, conts)]
+        order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), i))
+        results: list[tuple[float, bool] | None] = [None] * len(inputs)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start: start + self.batch_size]
-            longest = len(rows[chunk[0]][0])
-            batch = torch.zeros(len(chunk), longest, dtype=torch.long)
+            longest = len(inputs[chunk[0]])
+            batch = torch.tensor([inputs[i] + [0] * (longest - len(inputs[i])) for i in chunk], device=self.device)
+            logits = self.model(batch)  # (b, longest, vocab)
             for b, i in enumerate(chunk):
-                inp = rows[i][0]
-                batch[b, : len(inp)] = torch.tensor(inp)
-            logits = self.model(batch.to(self.device))  # (b, longest, vocab), fp32
-            for b, i in enumerate(chunk):
-                inp, cont = rows[i]
-                n = len(cont)
-                lp = torch.log_softmax(logits[b, len(inp) - n: len(inp)].double(), dim=-1)
-                target = torch.tensor(cont, device=lp.device)
-                score = float(lp.gather(-1, target.unsqueeze(-1)).sum())
-                greedy = bool((lp.argmax(-1) == target).all())
-                results[i] = (score, greedy)
+                n, end = len(conts[i]), len(inputs[i])
+                lp = torch.log_softmax(logits[b, end - n: end].double(), dim=-1)
+                target = torch.tensor(conts[i], device=lp.device)
+                results[i] = (float(lp.gather(-1, target.unsqueeze(-1)).sum()), bool((lp.argmax(-1) == target).all()))
         return results  # type: ignore[return-value]
+
+    def _score_shared(self, prefixes: list[tuple[int, ...]], members: list[tuple[int, int]],
+                      conts: list[list[int]]) -> list[tuple[int, tuple[float, bool]]]:
+        """(request, (log-prob, is_greedy)) for each (request i, prefix row k) of `members`:
+        conts[i] after prefixes[k], whose last token predicts conts[i][0]."""
+        model, dev = self.model, self.device
+        # Right-padded prefills at positions 0.., batch_size prefixes at a time, each batch in
+        # a cache of its own: a row's padding comes after its tokens, where its queries never
+        # look. The last hidden state of a prefix predicts the first token of its continuations.
+        first, prefix_kv = [], []  # prefix_kv[k]: per layer, (keys, values) of prefixes[k]
+        for s in range(0, len(prefixes), self.batch_size):
+            batch = prefixes[s: s + self.batch_size]
+            width = max(map(len, batch))
+            model.setup_caches(len(batch), width)
+            try:
+                tokens = torch.tensor([list(p) + [0] * (width - len(p)) for p in batch], device=dev)
+                h = model(tokens, torch.arange(width, device=dev), return_hidden=True)  # (batch, width, dim)
+                ends = torch.tensor([len(p) - 1 for p in batch], device=dev)
+                first.append(h[torch.arange(len(batch), device=dev), ends])
+                caches = [layer.attention.kv_cache for layer in model.layers]
+                prefix_kv += [[(c.k[r], c.v[r]) for c in caches] for r in range(len(batch))]
+            finally:
+                model.clear_caches()
+        first = torch.cat(first)  # (prefixes, dim)
+        members = sorted(members, key=lambda m: (len(conts[m[0]]), m[0]))
+        batches = list(self._decode_batches(members, prefixes, conts))
+        # One decode cache for all the batches, allocated once: a fresh one per batch costs
+        # more in zero-filling than the attention over its few unused positions.
+        spans = [max(len(prefixes[k]) for _, k in b) + max(len(conts[i]) for i, _ in b) - 1 for b in batches]
+        if max(len(conts[i]) for i, _ in members) > 1:
+            model.setup_caches(max(map(len, batches)), max(spans))
+        try:
+            out = []
+            for batch in batches:
+                out += zip((i for i, _ in batch), self._score_batch(batch, prefixes, conts, first, prefix_kv))
+        finally:
+            model.clear_caches()
+        return out
+
+    def _decode_batches(self, members, prefixes, conts) -> Iterator[list[tuple[int, int]]]:
+        # At most batch_size continuations, in a cache of longest prefix + longest continuation
+        # - 1 positions that the model's RoPE table covers (each request alone fits: its input
+        # has at most max_length tokens; two requests together may not).
+        batch: list[tuple[int, int]] = []
+        longest_prefix = longest_cont = 0
+        for i, k in members:
+            lp, lc = max(longest_prefix, len(prefixes[k])), max(longest_cont, len(conts[i]))
+            if batch and (len(batch) == self.batch_size or lp + lc - 1 > self.model.args.max_seq_len):
+                yield batch
+                batch, lp, lc = [], len(prefixes[k]), len(conts[i])
+            batch.append((i, k))
+            longest_prefix, longest_cont = lp, lc
+        if batch:
+            yield batch
+
+    def _score_batch(self, batch, prefixes, conts, first, prefix_kv) -> list[tuple[float, bool]]:
+        model, dev = self.model, self.device
+        hidden = [first[torch.tensor([k for _, k in batch], device=dev)]]  # (batch, dim): each first token
+        multi = [(i, k) for i, k in batch if len(conts[i]) > 1]  # requests with tokens after the first
+        lens = [len(conts[i]) - 1 for i, _ in multi]
+        if multi:
+            # Cache row r starts as a copy of its request's prefix; the continuation (minus
+            # its last token) runs at the positions after that prefix and sees it and itself
+            # (what the row held before, past its own positions, no real query looks at).
+            tail = max(lens)
+            for r, (_, j) in enumerate(multi):  # row by row: no gathered temporary to allocate
+                n = len(prefixes[j])
+                for layer, (keys, values) in zip(model.layers, prefix_kv[j]):
+                    layer.attention.kv_cache.k[r, :n].copy_(keys[:n])
+                    layer.attention.kv_cache.v[r, :n].copy_(values[:n])
+            tokens = torch.tensor([conts[i][:-1] + [0] * (tail - n) for (i, _), n in zip(multi, lens)], device=dev)
+            start = torch.tensor([len(prefixes[k]) for _, k in multi], device=dev)
+            h = model(tokens, start.unsqueeze(1) + torch.arange(tail, device=dev), return_hidden=True)
+            real = torch.arange(tail, device=dev) < torch.tensor(lens, device=dev).unsqueeze(1)  # (multi, tail)
+            hidden.append(h[real])  # (sum of lens, dim), row by row
+        # Per request, the hidden states predicting its tokens: its row of the first block,
+        # then its run in the second.
+        run, offset = {}, len(batch)
+        for (i, _), n in zip(multi, lens):
+            run[i], offset = offset, offset + n
+        index, owner = [], []
+        for b, (i, _) in enumerate(batch):
+            n = len(conts[i])
+            index += [b] + list(range(run.get(i, 0), run.get(i, 0) + n - 1))
+            owner += [b] * n
+        logits = model.output(torch.cat(hidden)[torch.tensor(index, device=dev)]).float()  # (tokens, vocab)
+        target = torch.tensor([t for i, _ in batch for t in conts[i]], device=dev)
+        # log_softmax at the target as logit - logsumexp, without a float64 copy of the logits:
+        # max and exponentials in fp32, the log in fp64; within ~4e-7 of a float64 log_softmax
+        # per token (errors of both signs, ~5e-8 on average).
+        top, argmax = logits.max(-1)
+        lse = top.double() + (logits - top.unsqueeze(-1)).exp_().sum(-1).double().log()
+        lp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1).double() - lse
+        owner_t = torch.tensor(owner, device=dev)
+        score = torch.zeros(len(batch), dtype=torch.float64, device=dev).index_add_(0, owner_t, lp)
+        hits = torch.zeros(len(batch), dtype=torch.long, device=dev).index_add_(0, owner_t, (argmax == target).long())
+        greedy = hits == torch.tensor([len(conts[i]) for i, _ in batch], device=dev)
+        return list(zip(score.tolist(), greedy.tolist()))
