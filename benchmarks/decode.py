@@ -40,6 +40,7 @@ import torch
 
 from llamaworks.generate import generate_ids
 from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
+from llamaworks.quantize import use_gemv
 
 # "Config A" of the issue tracker: about 60M parameters, the shape of the paper's models.
 CONFIG_A = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048)
@@ -232,6 +233,7 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                 def make_bf16():
                     m = copy.deepcopy(model).to(torch.bfloat16)
                     m.init_rope()
+                    use_gemv(m)  # as load_model does for bf16 on CPU
                     return lambda p: time_llamaworks(m, p, a.new_tokens)
                 variants.append(("llamaworks bf16", fp32_bytes // 2, False, make_bf16))
             else:
@@ -240,8 +242,8 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                     return (lambda p: time_llamaworks(m, p, a.new_tokens, compile)), bytes_per_step(m)
                 label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
                 variants.append((label, None, False, make_q))
-                if a.compile and prec == "int8":
-                    variants.append((label + "+compile", None, False, lambda: make_q("int8", True)))
+                if a.compile:
+                    variants.append((label + "+compile", None, False, lambda mode=prec: make_q(mode, True)))
     tmp = None
     if "llama.cpp" in a.impls:
         try:

@@ -12,6 +12,7 @@ from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import load_model
 from llamaworks.quantize import (
     QUANT_FILE,
+    GemvLinear,
     Int4Linear,
     Int8Linear,
     dequantize_int4,
@@ -22,6 +23,7 @@ from llamaworks.quantize import (
     quantize_int8,
     quantize_model,
     unpack_int4,
+    use_gemv,
 )
 
 
@@ -166,3 +168,31 @@ def test_perplexity():
     assert 40 < ppl < 90  # near-uniform predictions of 64 symbols
     with pytest.raises(ValueError, match="more than 32 tokens"):
         perplexity(m, ids[:20])
+
+
+def test_gemv_linear_is_linear_with_one_row_through_mv(tiny_model_dir):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    ref = copy.deepcopy(lin)
+    assert use_gemv(torch.nn.Sequential(lin)) == 1 and type(lin) is GemvLinear
+    for shape in ((1, 1, 64), (64,), (3, 1, 64), (2, 5, 64)):  # one row goes through mv, more through F.linear
+        x = torch.randn(shape).to(torch.bfloat16)
+        got, want = lin(x), ref(x)
+        assert got.shape == want.shape
+        # mv and the matmul accumulate in a different order; both round to bf16 at the end
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    fp32 = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+    assert use_gemv(fp32) == 0 and type(fp32[0]) is torch.nn.Linear  # fp32: F.linear is as fast
+    # load_model swaps the bf16 layers on CPU; the state dict and greedy tokens are unchanged
+    model, _ = load_model(tiny_model_dir, dtype="bfloat16")
+    assert all(type(m) is GemvLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    plain, _ = load_model(tiny_model_dir, dtype="bfloat16")
+    for m in plain.modules():
+        if type(m) is GemvLinear:
+            m.__class__ = torch.nn.Linear
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    prompt = [[1, 5, 9, 13, 7]]
+    with torch.inference_mode():
+        a = torch.cat([c[0] for c in generate_ids(model, prompt, 8, temperature=0.0)], dim=1)
+        b = torch.cat([c[0] for c in generate_ids(plain, prompt, 8, temperature=0.0)], dim=1)
+    assert (a == b).float().mean() >= 0.75  # bf16 rounding may flip a near-tie late in the sequence

@@ -172,6 +172,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         state[k] = v.to(device)  # no-op on CPU: the mmap pages become the parameters
     model.load_state_dict(state, strict=True, assign=True)
     model.init_rope(device)
+    if device.type == "cpu":
+        from llamaworks.quantize import use_gemv
+
+        use_gemv(model)  # bf16 weights: a faster one-row kernel for decoding (no-op otherwise)
     return model.eval(), tok
 
 

@@ -57,3 +57,14 @@ def test_serve_command_end_to_end(tiny_model_dir, tiny_model, tiny_tokenizer):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_compile_by_default_only_for_quantised_models(tiny_model):
+    import copy
+
+    from llamaworks.quantize import quantize_model
+    from llamaworks.serve.command import default_compile
+
+    assert default_compile(tiny_model) is False
+    assert default_compile(quantize_model(copy.deepcopy(tiny_model), "int8")) is True
+    assert default_compile(quantize_model(copy.deepcopy(tiny_model), "int4", 32)) is True

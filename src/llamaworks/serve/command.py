@@ -29,6 +29,18 @@ def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 80
     return uvicorn.Server(config), sock
 
 
+def default_compile(model) -> bool:
+    """Whether `serve` compiles the decode step when not told: where it was measured to help.
+    On 2 CPU cores (benchmarks/decode.py, config A, batch 1) compiling lifts int8 decoding
+    1.96x and int4 1.60x, because their eager kernels dequantise call by call; fp32 gains
+    1.21x at batch 1 and 1.11x at the server's batch 8 (benchmarks/serve.py), which does not
+    repay 12-60 s of compilation at every start and greedy answers that may differ from
+    `llamaworks generate` at near-ties (compiled logits differ by ~1e-6)."""
+    from llamaworks.quantize import Int4Linear, Int8Linear
+
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+
+
 def serve_command(
     checkpoint: Annotated[str, Arg("model directory (params.json, model.safetensors, tokenizer.model)")],
     host: Annotated[str, Arg("address to bind; keep the loopback default unless a proxy fronts the server")]
@@ -42,8 +54,9 @@ def serve_command(
                                            "cancelled")] = 30.0,
     device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
     dtype: Annotated[str | None, Arg("float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")] = None,
-    compile: Annotated[bool, Arg("torch.compile the decode step at start (measured on 2 CPU cores: 1.11x tokens/s "
-                                 "at batch 8 for ~12-60 s of compilation)")] = False,
+    compile: Annotated[bool | None, Arg("torch.compile the decode step at start (default: only for int8/int4 "
+                                        "model directories, where it was measured to help; see default_compile)")]
+    = None,
 ) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -58,6 +71,8 @@ def serve_command(
     model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
     model.eval()
     name = model_name or Path(checkpoint).resolve().name
+    if compile is None:
+        compile = default_compile(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                     compile=compile)
     server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info")
