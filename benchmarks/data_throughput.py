@@ -202,6 +202,8 @@ def main() -> None:
         fn(args.run, Path(args.corpus), Path(args.out), args.workers)
         return
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llamaworks-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
