@@ -265,6 +265,9 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for label, nbytes, batch1_only, factory in variants:
+            # Every variant compiles generate's one decode_step function: dynamo's per-function cache
+            # (8 entries) would otherwise fill up over models and batch sizes and fall back to eager.
+            torch._dynamo.reset()
             run = factory()
             if isinstance(run, tuple):  # quantised: bytes known once built
                 run, nbytes = run
