@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from llamaworks.convert.command import llama_cpp_generate
 from llamaworks.generate import generate_ids
 from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
 from llamaworks.quantize import use_gemv
@@ -167,15 +168,7 @@ def _quiet_stderr():
 
 def time_llama_cpp(llm, prompt, new):
     t0 = time.perf_counter()
-    out = []
-    for p in prompt:
-        llm.reset()
-        toks = []
-        for t in llm.generate(p, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            toks.append(t)
-            if len(toks) == new:
-                break
-        out.append(toks)
+    out = llama_cpp_generate(llm, prompt, new)
     return time.perf_counter() - t0, out
 
 

@@ -7,6 +7,19 @@ from pathlib import Path
 
 import pytest
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # The test machines have 2 cores shared with other jobs; with 2 intra-op threads the tiny
+    # matmuls spin-wait for a busy core and run 10-50x slower. Results do not depend on it.
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "shakespeare"
 
 

@@ -10,14 +10,7 @@ from llamaworks.generate import generate, generate_ids
 from llamaworks.model import ModelArgs, Transformer
 from llamaworks.speculative import accept, generate_speculative, greedy_accepted, speculative_batch, speculative_ids
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: a second thread only adds synchronisation (10x slower on a busy machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _peaked(args: ModelArgs, seed: int) -> Transformer:

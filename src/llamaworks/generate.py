@@ -185,11 +185,7 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 2
     texts = [prompts] if single else list(prompts)
     ids = check_prompt_lengths(tokenizer.encode_batch(texts, bos=bos, eos=False), model.args.max_seq_len, truncate)
     bsz = len(ids)
-    toks: list[list[int]] = [[] for _ in range(bsz)]
-    lps: list[list[float]] = [[] for _ in range(bsz)]
-    finished = [False] * bsz
-    reasons = ["length"] * bsz
-    streams = [_StopStream(tokenizer, p, stop) for p in ids]
+    rows = _Rows(tokenizer, ids, stop, on_text)
     t0 = time.perf_counter()
     t_first = None
     for chunk_tok, chunk_lp in generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
@@ -197,30 +193,12 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 2
                                             sync_every=1 if on_text else sync_every):
         t_first = t_first or time.perf_counter()
         for i, (row_t, row_lp) in enumerate(zip(chunk_tok.tolist(), chunk_lp.tolist())):
-            for t, lp in zip(row_t, row_lp):
-                if finished[i]:
-                    break
-                if t == tokenizer.eos_id:
-                    finished[i], reasons[i] = True, "stop"
-                    break
-                toks[i].append(t)
-                lps[i].append(lp)
-                delta, hit = streams[i].push(t)
-                if on_text and delta:
-                    on_text(i, delta)
-                if hit:
-                    finished[i], reasons[i] = True, "stop"
-        if all(finished):
+            rows.take(i, row_t, row_lp)
+        if all(rows.finished):
             break
     t_end = time.perf_counter()
-    results = []
-    for i in range(bsz):
-        tail = streams[i].finish()
-        if on_text and tail:
-            on_text(i, tail)
-        results.append(Completion(text=streams[i].text, tokens=toks[i], finish_reason=reasons[i],
-                                  logprobs=lps[i] if logprobs else None, prompt_tokens=len(ids[i])))
-    n_gen = sum(len(t) for t in toks)
+    results = [rows.completion(i, logprobs) for i in range(bsz)]
+    n_gen = sum(len(r.tokens) for r in results)
     prefill_s = (t_first or t_end) - t0
     stats = {"prefill_tokens": sum(map(len, ids)), "prefill_s": prefill_s, "decode_tokens": n_gen,
              "decode_s": t_end - (t_first or t_end)}
@@ -229,6 +207,44 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 2
     for r in results:
         r.stats = stats
     return results
+
+
+class _Rows:
+    """Per-sequence bookkeeping of generate() and generate_speculative(): tokens (and their
+    log-probs) up to eos or a stop string, the streamed text, and why each sequence ended."""
+
+    def __init__(self, tokenizer, ids: list[list[int]], stop: Sequence[str],
+                 on_text: Callable[[int, str], None] | None):
+        self.eos_id, self.on_text, self.prompt_lens = tokenizer.eos_id, on_text, [len(p) for p in ids]
+        self.streams = [_StopStream(tokenizer, p, stop) for p in ids]
+        self.toks: list[list[int]] = [[] for _ in ids]
+        self.lps: list[list[float]] = [[] for _ in ids]
+        self.finished = [False] * len(ids)
+        self.reasons = ["length"] * len(ids)
+
+    def take(self, i: int, tokens: list[int], logprobs: list[float] | None = None) -> None:
+        for j, t in enumerate(tokens):
+            if self.finished[i]:
+                return
+            if t == self.eos_id:
+                self.finished[i], self.reasons[i] = True, "stop"
+                return
+            self.toks[i].append(t)
+            if logprobs is not None:
+                self.lps[i].append(logprobs[j])
+            delta, hit = self.streams[i].push(t)
+            if self.on_text and delta:
+                self.on_text(i, delta)
+            if hit:
+                self.finished[i], self.reasons[i] = True, "stop"
+
+    def completion(self, i: int, logprobs: bool = False, **stats) -> Completion:
+        tail = self.streams[i].finish()
+        if self.on_text and tail:
+            self.on_text(i, tail)
+        return Completion(text=self.streams[i].text, tokens=self.toks[i], finish_reason=self.reasons[i],
+                          logprobs=self.lps[i] if logprobs else None, prompt_tokens=self.prompt_lens[i],
+                          stats=stats)
 
 
 class _StopStream:

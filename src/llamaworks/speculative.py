@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from llamaworks.generate import Completion, _cache_len, _StopStream, check_prompt_lengths, probabilities
+from llamaworks.generate import Completion, _cache_len, _Rows, check_prompt_lengths, probabilities
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -221,35 +221,11 @@ def generate_speculative(target, draft, tokenizer, prompts: str | list[str], max
     texts = [prompts] if single else list(prompts)
     ids = check_prompt_lengths(tokenizer.encode_batch(texts, bos=bos, eos=False),
                                min(target.args.max_seq_len, draft.args.max_seq_len), truncate)
-    streams = [_StopStream(tokenizer, p, stop) for p in ids]
-    toks: list[list[int]] = [[] for _ in ids]
-    reasons = ["length"] * len(ids)
-    finished = [False] * len(ids)
-
-    def take(i: int, new: list[int]) -> None:
-        for t in new:
-            if finished[i]:
-                return
-            if t == tokenizer.eos_id:
-                finished[i], reasons[i] = True, "stop"
-                return
-            toks[i].append(t)
-            delta, hit = streams[i].push(t)
-            if on_text and delta:
-                on_text(i, delta)
-            if hit:
-                finished[i], reasons[i] = True, "stop"
-
+    rows = _Rows(tokenizer, ids, stop, on_text)
     _, stats = speculative_batch(target, draft, ids, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, on_tokens=take)
-    results = []
+                                 top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, on_tokens=rows.take)
     overall = {key: v for key, v in stats.items() if key != "rows"}
-    for i, p in enumerate(ids):
-        tail = streams[i].finish()
-        if on_text and tail:
-            on_text(i, tail)
-        results.append(Completion(text=streams[i].text, tokens=toks[i], finish_reason=reasons[i],
-                                  prompt_tokens=len(p), stats={**overall, "row": stats["rows"][i]}))
+    results = [rows.completion(i, **overall, row=stats["rows"][i]) for i in range(len(ids))]
     return results[0] if single else results
 
 

@@ -1,13 +1,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
-@pytest.fixture(scope="package", autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread keeps the tiny matmuls from spin-waiting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # every module here: one intra-op thread (tests/conftest.py)
     yield
-    torch.set_num_threads(n)

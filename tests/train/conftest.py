@@ -7,21 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from llamaworks.config import load_config
 from llamaworks.train.config import JobConfig
 from llamaworks.train.trainer import resolve_config_path
 
 
-@pytest.fixture(scope="package", autouse=True)
-def _one_thread():
-    # The test machines have 2 cores shared with other jobs; with 2 intra-op threads the tiny
-    # matmuls spin-wait for a busy core and a step takes ~50x longer. Results do not depend on it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):  # every module here: one intra-op thread (tests/conftest.py)
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -126,6 +126,20 @@ def greedy(model, prompt: list[int], n_new: int) -> list[int]:
     return seq[0, len(prompt):].tolist()
 
 
+def llama_cpp_generate(llm, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+    """n_new greedy tokens for each prompt from a loaded llama_cpp.Llama, one prompt at a time."""
+    out = []
+    for p in prompts:
+        llm.reset()
+        toks = []
+        for t in llm.generate(p, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            toks.append(t)
+            if len(toks) == n_new:
+                break
+        out.append(toks)
+    return out
+
+
 def llama_cpp_greedy(path: Path, prompts: list[list[int]], n_new: int) -> list[list[int]]:
     try:
         from llama_cpp import Llama
@@ -133,16 +147,7 @@ def llama_cpp_greedy(path: Path, prompts: list[list[int]], n_new: int) -> list[l
         raise ValueError("--verify for GGUF runs llama.cpp: pip install llama-cpp-python") from None
     llm = Llama(model_path=str(path), n_ctx=128, n_threads=2, n_batch=128, verbose=False)
     try:
-        out = []
-        for p in prompts:
-            llm.reset()
-            toks = []
-            for t in llm.generate(p, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-                toks.append(t)
-                if len(toks) == n_new:
-                    break
-            out.append(toks)
-        return out
+        return llama_cpp_generate(llm, prompts, n_new)
     finally:
         llm.close()
 

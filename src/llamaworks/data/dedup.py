@@ -229,14 +229,18 @@ class _GlobalDedup(Step):
         return True
 
 
-class ExactDedup(_GlobalDedup):
-    name = "exact_dedup"
+class _HashSetDedup(_GlobalDedup):
+    """State: the set of digests seen so far (spilling to SQLite past the memory budget)."""
 
     def __init__(self):
         self.seen = HashSet()
 
     def configure_state(self, directory, memory_bytes):
         self.seen = HashSet(Path(directory) / "seen.sqlite", memory_bytes)
+
+
+class ExactDedup(_HashSetDedup):
+    name = "exact_dedup"
 
     def run(self, docs, rank=0, world_size=1):
         for doc in docs:
@@ -271,14 +275,8 @@ def normalize_line(line: str) -> str:
     return " ".join(line.split())
 
 
-class LineDedup(_GlobalDedup):
+class LineDedup(_HashSetDedup):
     name = "line_dedup"
-
-    def __init__(self):
-        self.seen = HashSet()
-
-    def configure_state(self, directory, memory_bytes):
-        self.seen = HashSet(Path(directory) / "seen.sqlite", memory_bytes)
 
     def run(self, docs, rank=0, world_size=1):
         for doc in docs:
