@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from llamaworks.atomic import atomic_directory, atomic_write_text
+from llamaworks.atomic import atomic_directory, atomic_open, atomic_write_text
 
 
 def test_atomic_files_and_folders_get_normal_permissions(tmp_path):
@@ -35,3 +35,16 @@ def test_atomic_directory_replaces_and_cleans_up(tmp_path):
         (d / "v").write_text("3")
     assert (tmp_path / "d" / "v").read_text() == "3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_atomic_open_streams_and_keeps_the_old_file_on_error(tmp_path):
+    p = tmp_path / "out.txt"
+    p.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(p, "w", encoding="utf-8") as f:
+            f.write("half")
+            raise RuntimeError("killed")
+    assert p.read_text() == "old" and [x.name for x in tmp_path.iterdir()] == ["out.txt"]
+    with atomic_open(p, "w", encoding="utf-8") as f:
+        f.write("new\n")
+    assert p.read_text() == "new\n"

@@ -33,7 +33,7 @@ from typing import Annotated, Any
 
 import numpy as np
 
-from llamaworks.atomic import atomic_write_bytes, atomic_write_text
+from llamaworks.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from llamaworks.cli import Arg
 from llamaworks.data.document import Document, read_jsonl
 from llamaworks.data.step import Dropped, Filter, Step
@@ -631,17 +631,11 @@ def train_lm_command(
     if max_lines is not None:
         sentences = itertools.islice(sentences, max_lines)
     if pieces:
-        out = Path(output)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # streamed (it can be large), renamed when complete
         n = 0
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for sent in sentences:
-                    f.write(" ".join(sent) + "\n")
-                    n += 1
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_open(output, "w", encoding="utf-8") as f:  # streamed: it can be large
+            for sent in sentences:
+                f.write(" ".join(sent) + "\n")
+                n += 1
         print(f"wrote {output}: {n} lines of pieces; e.g. lmplz -o {order} < {output} > lm.arpa")
         return {"lines": n}
     model = kneser_ney(sentences, order)
