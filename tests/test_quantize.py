@@ -16,6 +16,7 @@ from llamaworks.quantize import (
     Int4Linear,
     Int8Linear,
     dequantize_int4,
+    fold_factor,
     pack_int4,
     perplexity,
     quantize_command,
@@ -62,6 +63,35 @@ def test_kernel_and_dequantised_paths_agree(cls):
     big = q(torch.cat([x] * 8, 1))  # 120 rows: dequantise and matmul (int8 with AMX: in bf16)
     assert big.dtype == x.dtype
     assert rel(big[:, :5], ref) < (0.01 if cls == "int8" and q._amx else 1e-5)
+
+
+def test_fold_factor():
+    assert fold_factor(5632, 2048) == 2 and fold_factor(2048, 2048) == 2  # 1.26B shapes: 4 KiB rows
+    assert fold_factor(4096, 1024) == 4 and fold_factor(6144, 1536) == 4
+    assert fold_factor(11008, 4096) == 1 and fold_factor(2048, 5632) == 1  # rows already >= 4 KiB
+    assert fold_factor(1024, 2048) == 1  # 2 MiB: stays in cache, not folded
+    assert fold_factor(32000, 512) == 1  # would need 8 rows
+    assert fold_factor(4097 * 2, 1024) == 1  # rows not divisible by the fold
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (4096, 1024)])
+def test_folded_int8_kernel_matches_the_plain_one(shape):
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    q = quantize_model(torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=False)), "int8")[0]
+    assert q.fold == fold_factor(out_f, in_f) > 1
+    ref_fn = lambda x: torch.nn.functional.linear(x, q.weight.float()) * q.scales  # noqa: E731
+    for shape_x in ((1, 1, in_f), (in_f,), (2, 1, in_f), (3, in_f)):  # folded up to fold * rows <= 4
+        x = torch.randn(shape_x)
+        got, ref = q(x), ref_fn(x)
+        assert got.shape == ref.shape and got.dtype == x.dtype
+        assert rel(got, ref) < 4e-3  # bf16 activations and output, as the unfolded kernel
+    # every output channel lands in its own place: a one-hot weight row per channel
+    q.weight.zero_()
+    q.weight[torch.arange(out_f), torch.arange(out_f) % in_f] = 1
+    x = torch.arange(in_f, dtype=torch.float32).unsqueeze(0) / in_f
+    want = x[0, torch.arange(out_f) % in_f] * q.scales
+    torch.testing.assert_close(q(x)[0], want, rtol=1e-2, atol=0)
 
 
 @pytest.fixture(scope="module")
