@@ -139,6 +139,10 @@ def export_gguf(model, folder: Path) -> dict[str, Path]:
             ok = llama_cpp.llama_model_quantize(str(paths["f32"]).encode(), str(out).encode(), params) == 0
         if ok and _llama_cpp_runs(out):
             paths["q8_0"] = out
+        elif ok and _llama_cpp_runs(out, extra_bufts=False):
+            paths["q8_0 (no repack)"] = out
+            print("(llama.cpp Q8_0 crashes here with its AMX/repacked weight buffers; it runs with "
+                  "use_extra_bufts=False, which keeps its plain Q8_0 kernels)")
         else:
             print("(llama.cpp Q8_0 skipped: its quantised file does not run here)")
     except (ImportError, AttributeError) as e:
@@ -146,12 +150,37 @@ def export_gguf(model, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _llama_cpp_runs(path: Path) -> bool:
-    # Some exports crash llama.cpp's Q8_0 decode (a segfault, seen for the `small` preset with
-    # llama-cpp-python 0.3.36): probe in a child process rather than lose the whole run.
-    code = ("import sys; from llama_cpp import Llama; llm = Llama(model_path=sys.argv[1], n_ctx=64, verbose=False); "
+def _llama_cpp_runs(path: Path, extra_bufts: bool = True) -> bool:
+    # llama.cpp's Q8_0 decode segfaults on this 2-vCPU AMX Xeon (llama-cpp-python 0.3.36) in its
+    # AMX weight-repack buffers; probe in a child process rather than lose the whole run.
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from decode import open_llama_cpp; "
+            "llm = open_llama_cpp(sys.argv[1], n_ctx=64, extra_bufts=sys.argv[3] == '1'); "
             "next(iter(llm.generate([5, 6, 7], top_k=1, temp=0.0, repeat_penalty=1.0)))")
-    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=300).returncode == 0
+    argv = [sys.executable, "-c", code, str(path), str(Path(__file__).parent), "1" if extra_bufts else "0"]
+    return subprocess.run(argv, capture_output=True, timeout=300).returncode == 0
+
+
+def open_llama_cpp(path, extra_bufts: bool = True, **kwargs):
+    """llama_cpp.Llama on `path`; extra_bufts=False turns off llama.cpp's repacked (AMX and
+    interleaved CPU) weight buffers, which Llama() does not expose: its model parameters
+    come from llama_model_default_params(), patched for the call."""
+    import llama_cpp.llama_cpp as low  # the bindings module Llama() reads its defaults from
+    from llama_cpp import Llama
+
+    if extra_bufts:
+        return Llama(model_path=str(path), verbose=False, **kwargs)
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return Llama(model_path=str(path), verbose=False, **kwargs)
+    finally:
+        low.llama_model_default_params = default
 
 
 @contextlib.contextmanager
@@ -240,7 +269,7 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
     tmp = None
     if "llama.cpp" in a.impls:
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401
         except ImportError:
             print("(llama-cpp-python is not installed: no llama.cpp rows; build it with "
                   "`pip install llama-cpp-python` (compiles llama.cpp) to compare)")
@@ -249,11 +278,11 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
             paths = export_gguf(model, Path(tmp.name))
             nbytes = {"f32": fp32_bytes, "f16": fp32_bytes // 2, "q8_0": int(per_weight * 34 / 32)}
             for q, path in paths.items():
-                def make_cpp(path=path):
-                    llm = Llama(model_path=str(path), n_ctx=a.prompt_len + a.new_tokens + 8,
-                                n_threads=torch.get_num_threads(), n_batch=512, verbose=False)
+                def make_cpp(path=path, extra_bufts="no repack" not in q):
+                    llm = open_llama_cpp(path, extra_bufts, n_ctx=a.prompt_len + a.new_tokens + 8,
+                                         n_threads=torch.get_num_threads(), n_batch=512)
                     return lambda p: time_llama_cpp(llm, p, a.new_tokens)
-                variants.append((f"llama.cpp {q}", nbytes[q], True, make_cpp))
+                variants.append((f"llama.cpp {q}", nbytes[q.split()[0]], True, make_cpp))
 
     rows = []
     with torch.inference_mode():

@@ -116,6 +116,35 @@ def test_compiled_decode_step_gives_the_same_tokens(model):
     assert compiled == eager
 
 
+def test_compiled_prefill_gives_the_same_tokens(model):
+    pytest.importorskip("torch._dynamo")
+    prompts = [[1, 37, 99, 250], [1, 5, 6, 7, 8, 9, 10]]  # different lengths: dynamic shapes
+    eager, _ = run_ids(model, prompts, 6, temperature=0.0)
+    compiled, _ = run_ids(model, prompts, 6, temperature=0.0, compile_prefill=True)
+    assert compiled == eager
+
+
+def test_compile_step_uses_cuda_graphs_on_cuda_only(monkeypatch):
+    from llamaworks.generate import compile_step
+
+    modes = []
+
+    def fake_compile(fn, dynamic=None, mode=None):
+        modes.append((dynamic, mode))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    kept = torch.zeros(3), torch.ones(2)
+    assert compile_step(lambda: kept, torch.device("cpu"))() is kept
+    step = compile_step(lambda: kept, torch.device("cuda"))
+    out = step()
+    assert modes == [(False, None), (False, "reduce-overhead")] and marks == [1]
+    # outputs are copies: the next replay of a CUDA graph overwrites its own
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(out, kept))
+
+
 def test_max_new_tokens_is_clipped_to_the_context(model):
     ctx = model.args.max_seq_len
     got, _ = run_ids(model, [[1] + [5] * (ctx - 4)], 50, temperature=0.0)

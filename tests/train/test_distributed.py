@@ -288,7 +288,7 @@ def test_tensor_parallel_generation_splits_the_model_and_matches_one_process(tin
     # 2 ranks: half of the heads, half of the SwiGLU units, half of the vocabulary each
     assert got["shards"]["wq"] == (64, 128) and got["shards"]["w2"] == (128, 256)
     assert got["shards"]["output"] == (256, 128) and got["shards"]["wq_is_view"]
-    assert got["shards"]["cache"][2] == 2  # of the model's 4 key/value heads
+    assert got["shards"]["cache"][1] == 2  # of the model's 4 key/value heads
 
 
 def test_generate_under_torchrun_prints_one_completion_like_one_process(tiny_model_dir, capsys):

@@ -400,8 +400,8 @@ class EvalModel:
             for r, (_, j) in enumerate(multi):  # row by row: no gathered temporary to allocate
                 n = len(prefixes[j])
                 for layer, (keys, values) in zip(model.layers, prefix_kv[j]):
-                    layer.attention.kv_cache.k[r, :n].copy_(keys[:n])
-                    layer.attention.kv_cache.v[r, :n].copy_(values[:n])
+                    layer.attention.kv_cache.k[r, :, :n].copy_(keys[:, :n])  # (heads, positions, head_dim)
+                    layer.attention.kv_cache.v[r, :, :n].copy_(values[:, :n])
             tokens = torch.tensor([conts[i][:-1] + [0] * (tail - n) for (i, _), n in zip(multi, lens)], device=dev)
             start = torch.tensor([len(prefixes[k]) for _, k in multi], device=dev)
             h = model(tokens, start.unsqueeze(1) + torch.arange(tail, device=dev), return_hidden=True)

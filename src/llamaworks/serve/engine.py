@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamaworks.generate import _StopStream, sample
+from llamaworks.generate import _StopStream, compile_step, sample
 from llamaworks.serve.metrics import Metrics
 
 
@@ -109,7 +109,7 @@ class Engine:
         # The decode step has one fixed shape, so it compiles once (prefill stays eager: its
         # length varies per request), when the engine thread starts; requests wait meanwhile.
         self._compiled = compile
-        self._step = torch.compile(_decode_logits, dynamic=False) if compile else _decode_logits
+        self._step = compile_step(_decode_logits, self.device) if compile else _decode_logits
 
     # --- public, any thread ---------------------------------------------------------------
 
