@@ -104,6 +104,13 @@ def test_models_health_metrics(served, client):
     ({"model": MODEL, "prompt": "x", "stop": [1]}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ('{"model": "%s", "prompt": "\\ud800x"}' % MODEL, 400, "prompt"),  # a lone surrogate: not UTF-8
+    ('{"model": "%s", "prompt": "x", "temperature": NaN}' % MODEL, 400, "temperature"),
+    ('{"model": "%s", "prompt": "x", "max_tokens": 1e400}' % MODEL, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),  # not implemented: refused, not ignored
+    ({"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
 ])
 def test_bad_completion_requests(served, body, status, param):
     r = _post(served.url, "/v1/completions", body)
@@ -120,6 +127,11 @@ def test_bad_completion_requests(served, body, status, param):
     ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, "max_tokens"),
+    ('{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}' % MODEL, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_chat_requests(served, body, param):
     r = _post(served.url, "/v1/chat/completions", body)
@@ -127,9 +139,21 @@ def test_bad_chat_requests(served, body, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_options_at_their_off_values_are_accepted(served, client):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "logprobs": None, "echo": False, "best_of": 1,
+            "logit_bias": {}}
+    assert _post(served.url, "/v1/completions", body).status_code == 200
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                          logprobs=False, response_format={"type": "text"})
+    assert chat.choices[0].message.role == "assistant"
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
 def test_openai_client_raises_its_errors(client):
     import openai
 
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="context window"):

@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -115,6 +116,33 @@ def _sampling(body: dict) -> dict[str, Any]:
     return opts
 
 
+# OpenAI options this server does not implement: refused with a 400 that names them when set
+# to anything but their "off" value, rather than silently answering without them.
+_UNSUPPORTED = {
+    "completions": {"logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+                    "logit_bias": (None, {})},
+    "chat": {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+             "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+             "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"])},
+}
+
+
+def _refuse_unsupported(body: dict, endpoint: str) -> None:
+    for name, off in _UNSUPPORTED[endpoint].items():
+        if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in off):
+            raise APIError(400, f"{name} is not supported by this server; leave it unset", param=name,
+                           code="unsupported_parameter")
+
+
+def _encode(engine: Engine, text: str, param: str) -> list[int]:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
+        raise APIError(400, f"the {param} is not valid Unicode text: {e.reason} at character {e.start}",
+                       param=param, code="invalid_value") from None
+    return engine.tokenizer.encode(text, bos=True, eos=False)
+
+
 def _max_tokens(body: dict, prompt_len: int, context: int, default: int | None) -> int:
     room = context - prompt_len
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -133,7 +161,7 @@ def _prompt_ids(engine: Engine, body: dict) -> list[int]:
         prompt = prompt[0]  # a batch of one
     tok = engine.tokenizer
     if isinstance(prompt, str):
-        ids = tok.encode(prompt, bos=True, eos=False)
+        ids = _encode(engine, prompt, "prompt")
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         if not all(0 <= t < tok.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {tok.vocab_size})", param="prompt",
@@ -332,18 +360,28 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
     async def completions(http):
         try:
             body = await read_body(http)
+            _refuse_unsupported(body, "completions")
             return await run(http, "completions", _prompt_ids(engine, body), body, chat=False)
         except APIError as e:
             return error(e, "completions")
+        except Exception as e:  # noqa: BLE001 - a bug must still answer in OpenAI's shape
+            return error(_internal(e), "completions")
 
     async def chat_completions(http):
         try:
             body = await read_body(http)
-            ids = engine.tokenizer.encode(render_chat(_messages(body)), bos=True, eos=False)
+            _refuse_unsupported(body, "chat")
+            ids = _encode(engine, render_chat(_messages(body)), "messages")
             _check_length(engine, ids, "messages")
             return await run(http, "chat", ids, body, chat=True)
         except APIError as e:
             return error(e, "chat")
+        except Exception as e:  # noqa: BLE001
+            return error(_internal(e), "chat")
+
+    def _internal(e: Exception) -> APIError:
+        traceback.print_exc()
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
 
     app.add_route("/v1/completions", completions, methods=["POST"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
@@ -352,6 +390,14 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "llamaworks", "max_model_len": engine.context}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            e = APIError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                         param="model", code="model_not_found")
+            return JSONResponse(e.body(), status_code=404)
+        return (await models())["data"][0]
 
     @app.get("/health")
     async def health():
