@@ -333,7 +333,11 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
     return rows
 
 
-def perplexity_table(model_dir: str, text_file: str, seq_len: int, group_sizes: list[int]) -> list[dict]:
+def perplexity_table(model_dir: str, text_file: str, seq_len: int, group_sizes: list[int], new_tokens: int = 64,
+                     compile: bool = False) -> list[dict]:
+    """llama.cpp's quantisation table: per weight format, perplexity on held-out text, its
+    change, bytes read per decode step and decode tokens/s (batch 1, the text's first 128
+    tokens as the prompt, greedy), eager and with --compile."""
     from llamaworks.modeldir import load_model
     from llamaworks.quantize import perplexity
 
@@ -343,14 +347,22 @@ def perplexity_table(model_dir: str, text_file: str, seq_len: int, group_sizes: 
     variants = [("fp32", lambda: model), ("int8", lambda: quantized_copy(model, "int8"))]
     variants += [(f"int4 g{g}", lambda g=g: quantized_copy(model, "int4", g)) for g in group_sizes]
     print(f"\nperplexity of {model_dir} on {text_file} ({len(ids)} tokens, windows of {seq_len})")
-    print(f"{'weights':<12}{'perplexity':>12}{'change':>9}{'MB/step':>9}")
+    print(f"{'weights':<12}{'perplexity':>12}{'change':>9}{'MB/step':>9}{'tokens/s':>10}"
+          + (f"{'+compile':>10}" if compile else ""))
+    prompt = [ids[:128]]
     for label, make in variants:
         m = make()
         with torch.inference_mode():
             ppl = perplexity(m, ids, seq_len)
-        rows.append({"weights": label, "perplexity": ppl, "bytes_per_step": bytes_per_step(m)})
+            speeds = []
+            for c in [False, True] if compile else [False]:
+                torch._dynamo.reset()
+                time_llamaworks(m, prompt, new_tokens, compile=c)  # warm-up (and compilation)
+                speeds.append(new_tokens / min(time_llamaworks(m, prompt, new_tokens, compile=c)[0] for _ in range(3)))
+        rows.append({"weights": label, "perplexity": ppl, "bytes_per_step": bytes_per_step(m),
+                     "tokens_per_s": speeds[0], "tokens_per_s_compiled": speeds[1] if compile else None})
         print(f"{label:<12}{ppl:>12.3f}{100 * (ppl / rows[0]['perplexity'] - 1):>+8.2f}%"
-              f"{rows[-1]['bytes_per_step'] / 1e6:>9.1f}")
+              f"{rows[-1]['bytes_per_step'] / 1e6:>9.1f}" + "".join(f"{v:>10.1f}" for v in speeds))
     return rows
 
 
@@ -393,7 +405,8 @@ def main():
     if a.ppl_model:
         if not a.ppl_text:
             ap.error("--ppl-model needs --ppl-text FILE (held-out text)")
-        result["perplexity"] = perplexity_table(a.ppl_model, a.ppl_text, a.ppl_seq_len, [32, 128])
+        result["perplexity"] = perplexity_table(a.ppl_model, a.ppl_text, a.ppl_seq_len, [32, 128],
+                                                a.new_tokens, a.compile)
     else:
         bandwidth = measure_bandwidth()
         result["read_bandwidth"] = bandwidth
