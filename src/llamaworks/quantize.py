@@ -136,8 +136,9 @@ class Int8Linear(nn.Module):
         if self.fold > 1:
             # Folded rows carry different scales: the kernel runs with unit scales and the
             # per-channel ones are applied to its output, as (N/r, r) to match the fold.
-            self._fold_ones = torch.ones(self.out_features // self.fold, dtype=torch.bfloat16, device=self.scales.device)
-            self._fold_eye = torch.eye(self.fold, dtype=torch.bfloat16, device=self.scales.device)
+            dev = self.scales.device
+            self._fold_ones = torch.ones(self.out_features // self.fold, dtype=torch.bfloat16, device=dev)
+            self._fold_eye = torch.eye(self.fold, dtype=torch.bfloat16, device=dev)
             self._fold_scales = self.scales.view(-1, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -90,3 +90,40 @@ def test_shakespeare_editions_kept_copies_removed(tmp_path):
                for d in read_jsonl(p)}
     assert dropped == {"zz_hamlet_copy": "hamlet_gut", "zz_macbeth_f_copy": "macbeth_gut_f"}
     assert stats["steps"][0]["lines_removed"]["Project Gutenberg header"]["lines"] > 0
+
+
+def test_minhash_signatures_run_on_the_workers_and_change_nothing(tmp_path):
+    from llamaworks.data.dedup import LineDedup, MinHashSignatures
+    from llamaworks.data.document import ShardWriter
+    from llamaworks.data.executor import JsonlReader, _stages
+
+    stages = _stages([GutenbergCleaner(), MinHashDedup()])
+    assert [[type(s).__name__ for s in st.steps] for st in stages] == [
+        ["GutenbergCleaner", "MinHashSignatures"], ["MinHashDedup"]]
+    stages = _stages([LineDedup(), MinHashDedup()])  # after another global stage: a parallel stage of its own
+    assert [([type(s).__name__ for s in st.steps], st.global_state) for st in stages] == [
+        ([], False), (["LineDedup"], True), (["MinHashSignatures"], False), (["MinHashDedup"], True)]
+
+    words = [f"w{i % 997}x{i % 13}" for i in range(2000)]
+    books = [" ".join(words), textwrap.fill(" ".join(words), 50), " ".join(reversed(words)), "",
+             " ".join(words[:1000]) + " changed " + " ".join(words[1000:]), "too short"]
+    docs = [Document(f"d{i}", t, "books") for i, t in enumerate(books)]
+    (tmp_path / "in").mkdir()
+    for f in range(3):  # the near-copies sit in other shards than their originals
+        with ShardWriter(tmp_path / "in" / f"{f}.jsonl.gz") as w:
+            for d in docs[f::3]:
+                w.write(d)
+    stats = LocalExecutor(tmp_path / "out", workers=2, keep_excluded=True, progress=False).run(
+        "books", JsonlReader(), [MinHashDedup()], [tmp_path / "in"])
+    # the same decisions as the step alone over the documents in shard order
+    ordered = [d for f in range(3) for d in docs[f::3]]
+    alone = list(MinHashDedup().run([Document(d.id, d.text, d.source) for d in ordered]))
+    want_kept = [x.id for x in alone if isinstance(x, Document)]
+    want_dropped = {x.doc.id: x.doc.metadata["duplicate_of"] for x in alone if isinstance(x, Dropped)}
+    kept = [d for p in sorted((tmp_path / "out" / "documents").glob("*.gz")) for d in read_jsonl(p)]
+    dropped = [d for p in (tmp_path / "out" / "excluded").glob("*.gz") for d in read_jsonl(p)]
+    assert [d.id for d in kept] == want_kept and {d.id: d.metadata["duplicate_of"] for d in dropped} == want_dropped
+    assert len(want_dropped) == 2  # the re-wrapped copy and the one-word change
+    assert all("_minhash" not in d.metadata for d in kept + dropped)  # taken out again by the dedup step
+    assert [s["name"] for s in stats["steps"]] == ["minhash_signatures", "minhash_dedup"]
+    assert isinstance(MinHashDedup().parallel_part(), MinHashSignatures)

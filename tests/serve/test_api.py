@@ -104,9 +104,9 @@ def test_models_health_metrics(served, client):
     ({"model": MODEL, "prompt": "x", "stop": [1]}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ('{"model": "%s", "prompt": "\\ud800x"}' % MODEL, 400, "prompt"),  # a lone surrogate: not UTF-8
-    ('{"model": "%s", "prompt": "x", "temperature": NaN}' % MODEL, 400, "temperature"),
-    ('{"model": "%s", "prompt": "x", "max_tokens": 1e400}' % MODEL, 400, "max_tokens"),
+    ('{"model": "' + MODEL + '", "prompt": "\\ud800x"}', 400, "prompt"),  # a lone surrogate: not UTF-8
+    ('{"model": "' + MODEL + '", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ('{"model": "' + MODEL + '", "prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),  # not implemented: refused, not ignored
     ({"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
     ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
@@ -127,7 +127,7 @@ def test_bad_completion_requests(served, body, status, param):
     ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, "max_tokens"),
-    ('{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}' % MODEL, "messages"),
+    ('{"model": "' + MODEL + '", "messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],

@@ -23,6 +23,7 @@ documents of finished shards, and a killed global stage resumes shard by shard.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import sqlite3
@@ -336,6 +337,43 @@ def _lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
+SIGNATURE_KEY = "_minhash"  # doc.metadata key between MinHashSignatures and MinHashDedup
+
+
+def minhash_signature(text: str, a: np.ndarray, b: np.ndarray, ngram: int) -> np.ndarray | None:
+    """(num_perm,) uint32: per permutation h -> (a h + b) mod p, the minimum over the text's
+    shingles; None for a text without words."""
+    h = shingles(text, ngram)
+    if h.size == 0:
+        return None
+    sig = np.full(a.size, np.iinfo(np.uint64).max, dtype=np.uint64)
+    for chunk in range(0, h.size, 8192):  # bounded temporaries for long books
+        part = h[chunk:chunk + 8192]
+        sig = np.minimum(sig, ((np.outer(part, a) + b) % _PRIME).min(axis=0))
+    return sig.astype(np.uint32)
+
+
+class MinHashSignatures(Step):
+    """The parallel share of MinHashDedup: each document's signature, base64 in
+    metadata["_minhash"] ("" when too short to shingle), which the dedup step takes out again."""
+
+    name = "minhash_signatures"
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, ngram: int):
+        self.a, self.b, self.ngram = a, b, ngram
+
+    def run(self, docs, rank=0, world_size=1):
+        for doc in docs:
+            sig = minhash_signature(doc.text, self.a, self.b, self.ngram)
+            encoded = "" if sig is None else base64.b64encode(sig.astype("<u4").tobytes()).decode("ascii")
+            doc.metadata = {**doc.metadata, SIGNATURE_KEY: encoded}
+            yield doc
+
+    def describe(self):
+        return f"MinHash signatures of word {self.ngram}-grams ({self.a.size} permutations), on every worker, " \
+               "for the near-dedup that follows"
+
+
 class MinHashDedup(_GlobalDedup):
     name = "minhash_dedup"
 
@@ -357,19 +395,30 @@ class MinHashDedup(_GlobalDedup):
         self.index = LshIndex(self.bands, self.rows, Path(directory) / "lsh.sqlite", memory_bytes)
 
     def signature(self, text: str) -> np.ndarray | None:
-        h = shingles(text, self.ngram)
-        if h.size == 0:
+        return minhash_signature(text, self.a, self.b, self.ngram)
+
+    def parallel_part(self) -> Step:
+        return MinHashSignatures(self.a, self.b, self.ngram)
+
+    def _take_signature(self, doc) -> np.ndarray | None:
+        # Computed by MinHashSignatures on the workers of the stage before (the costly part:
+        # shingling and num_perm hashes per shingle); computed here for documents that come
+        # without one (a resumed stage's restore, or the step run on its own).
+        if SIGNATURE_KEY not in doc.metadata:
+            return self.signature(doc.text)
+        meta = dict(doc.metadata)
+        encoded = meta.pop(SIGNATURE_KEY)
+        doc.metadata = meta
+        if not encoded:
             return None
-        sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
-        for chunk in range(0, h.size, 8192):  # bounded temporaries for long books
-            part = h[chunk:chunk + 8192]
-            sig = np.minimum(sig, ((np.outer(part, self.a) + self.b) % _PRIME).min(axis=0))
-        return sig.astype(np.uint32)
+        sig = np.frombuffer(base64.b64decode(encoded), dtype="<u4")
+        assert sig.size == self.num_perm, (sig.size, self.num_perm)
+        return sig
 
     def run(self, docs, rank=0, world_size=1):
         index = self.index
         for doc in docs:
-            sig = self.signature(doc.text)
+            sig = self._take_signature(doc)
             if sig is None:
                 yield doc  # too short to shingle: nothing to compare
                 continue

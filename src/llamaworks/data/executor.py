@@ -122,6 +122,11 @@ def _stages(steps: list[Step]) -> list[_Stage]:
     stages: list[_Stage] = [_Stage(0, [], False)]
     for step in steps:
         if step.global_state:
+            part = step.parallel_part()
+            if part is not None:  # its per-document share runs on every worker, just before it
+                if stages[-1].global_state:
+                    stages.append(_Stage(len(stages), [], False))
+                stages[-1].steps.append(part)
             stages.append(_Stage(len(stages), [step], True))
         elif stages[-1].global_state:
             stages.append(_Stage(len(stages), [step], False))

@@ -53,6 +53,13 @@ class Step:
         """Where the step may keep state on disk, and how much memory it may hold before spilling
         there (None: no limit, keep everything in memory)."""
 
+    def parallel_part(self) -> Step | None:
+        """Only for global_state steps: an ordinary step that the executor appends to the
+        parallel stage before this one, so that per-document work independent of the state
+        (MinHash signatures) runs on every worker; it leaves its results in doc.metadata for
+        this step to take. None (the default): everything runs in the global stage."""
+        return None
+
     def restore(self, kept: Iterable[Document]) -> bool:
         """Rebuild the state from the documents this step kept on the shards a killed run finished,
         so a global stage resumes shard by shard; False (the default): it cannot, and the stage
