@@ -127,12 +127,17 @@ def read_params(path: str | os.PathLike) -> dict:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                tokenizer: bool = True):
-    """(model, tokenizer) from a model directory; the model is in eval mode.
+    """(model, tokenizer) from a model directory (or a llama.cpp .gguf file); the model is in eval mode.
 
     Weights keep their stored dtype unless `dtype` is given (then converted one tensor at
     a time, so peak memory stays about one model plus one tensor).
     """
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():  # a llama.cpp file, dequantised if quantised (convert/gguf.py)
+        from llamaworks.convert.gguf import load_gguf
+
+        model, tok = load_gguf(path, dtype=parse_dtype(dtype))
+        return _ready(model.to(device)), (tok if tokenizer else None)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (expected {PARAMS}, {WEIGHTS}, {TOKENIZER})")
     for name in (PARAMS, WEIGHTS) + ((TOKENIZER,) if tokenizer else ()):
@@ -172,11 +177,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         state[k] = v.to(device)  # no-op on CPU: the mmap pages become the parameters
     model.load_state_dict(state, strict=True, assign=True)
     model.init_rope(device)
-    if device.type == "cpu":
+    return _ready(model), tok
+
+
+def _ready(model):
+    if model.output.weight.device.type == "cpu":
         from llamaworks.quantize import use_gemv
 
         use_gemv(model)  # bf16 weights: a faster one-row kernel for decoding (no-op otherwise)
-    return model.eval(), tok
+    return model.eval()
 
 
 def check_state_dict(model: Transformer, state: dict[str, torch.Tensor], source) -> None:

@@ -60,6 +60,18 @@ class Tokenizer:
         proto = self.path.read_bytes()
         if not proto:
             raise ValueError(f"tokenizer model {self.path} is empty: retrain or copy it again")
+        self._load(proto)
+
+    @classmethod
+    def from_proto(cls, proto: bytes, path: str | os.PathLike = "tokenizer.model") -> Tokenizer:
+        """A tokenizer from a serialised SentencePiece model held in memory (e.g. rebuilt from a
+        GGUF file's vocabulary); `path` is the name it is known by, not read."""
+        tok = cls.__new__(cls)
+        tok.path = Path(path)
+        tok._load(proto)
+        return tok
+
+    def _load(self, proto: bytes) -> None:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as e:

@@ -1,4 +1,4 @@
-"""`llamaworks convert`: between native, Meta, Hugging Face and GGUF checkpoints.
+"""`llamaworks convert`: between native, Meta, Hugging Face and GGUF checkpoints (GGUF in and out).
 
 Every source is loaded memory-mapped into a Meta-keyed model (the hub format); every
 destination is written into a temporary folder renamed into place at the end, so an
@@ -16,7 +16,7 @@ import torch
 from llamaworks.atomic import atomic_directory
 from llamaworks.cli import Arg
 
-SRC_FORMATS = ("meta", "hf", "native")
+SRC_FORMATS = ("meta", "hf", "native", "gguf")
 DST_FORMATS = ("native", "hf", "gguf", "meta")
 # Above this many bytes of weights, conversions show a progress bar (on a terminal).
 PROGRESS_BYTES = 256 << 20
@@ -30,6 +30,15 @@ def load_checkpoint(fmt: str, src: str | os.PathLike, dtype: torch.dtype | None 
         raise ValueError(f"--from {fmt!r}: unknown source format; choose one of {', '.join(SRC_FORMATS)}")
     if not src.exists():
         raise FileNotFoundError(f"source {src} does not exist")
+    if fmt == "gguf":
+        from llamaworks.convert.gguf import load_gguf
+
+        if src.is_dir():
+            found = sorted(src.glob("*.gguf"))
+            if len(found) != 1:
+                raise ValueError(f"source {src} is a folder with {len(found)} .gguf files; pass the .gguf file")
+            src = found[0]
+        return load_gguf(src, dtype=dtype)
     if not src.is_dir():
         raise ValueError(f"source {src} is a file; --from {fmt} reads a folder")
     if fmt == "native":
@@ -153,9 +162,11 @@ def llama_cpp_greedy(path: Path, prompts: list[list[int]], n_new: int) -> list[l
 
 
 def convert_command(
-    src_format: Annotated[Literal["meta", "hf", "native"], Arg("source format", flag="--from")],
+    src_format: Annotated[Literal["meta", "hf", "native", "gguf"], Arg("source format (gguf: llama.cpp's "
+                                                                         "f32/f16/bf16 or quantised, dequantised)",
+                                                                         flag="--from")],
     dst_format: Annotated[Literal["native", "hf", "gguf", "meta"], Arg("destination format", flag="--to")],
-    src: Annotated[str, Arg("source folder", positional=True)],
+    src: Annotated[str, Arg("source folder (for gguf: a .gguf file)", positional=True)],
     dst: Annotated[str, Arg("destination folder (for gguf: a .gguf file)", positional=True)],
     shards: Annotated[int | None, Arg("model-parallel shards for --to meta (1 for 7B ... 8 for 65B)")] = None,
     dtype: Annotated[str | None, Arg("convert weights to this dtype (float32, float16, bfloat16)")] = None,

@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp (architecture "llama", f32 or f16, tokenizer embedded).
+"""GGUF for llama.cpp: export (architecture "llama", f32 or f16, tokenizer embedded) and import
+(float or quantised tensors, the embedded tokenizer rebuilt as a SentencePiece model).
 
 q/k rows: llama.cpp's "llama" architecture rotates adjacent pairs (Meta's interleaved
 RoPE, LLAMA_ROPE_TYPE_NORM). Its convert_hf_to_gguf.py therefore applies `permute` to
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -134,3 +136,157 @@ def write_gguf(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer, path:
 
 def gguf_path(dst: Path) -> Path:
     return dst if dst.suffix == ".gguf" else dst / "model.gguf"
+
+
+# --- import: a llama.cpp GGUF file -> a Meta-keyed model and its SentencePiece tokenizer ------
+
+def meta_key(name: str) -> str:
+    inverse = {v: k for k, v in TOP_KEYS.items()}
+    if name in inverse:
+        return inverse[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    layer = {v: k for k, v in LAYER_KEYS.items()}
+    if m is None or m[2] not in layer:
+        raise ValueError(f"GGUF tensor {name!r} is not part of a LLaMA model (architecture \"llama\")")
+    return f"layers.{m[1]}.{layer[m[2]]}"
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise ValueError(f"GGUF metadata {key!r} is missing")
+        return default
+    if len(f.data) == 1 and f.types and f.types[0] != 8:  # a scalar (8: GGUFValueType.STRING)
+        return f.parts[f.data[0]].tolist()[0]
+    if f.types and f.types[0] == 8:
+        return bytes(f.parts[f.data[0]]).decode("utf-8")
+    raise ValueError(f"GGUF metadata {key!r} is not a scalar")
+
+
+def _array(reader, key: str) -> list:
+    f = reader.fields.get(key)
+    if f is None:
+        raise ValueError(f"GGUF metadata {key!r} is missing: the file embeds no LLaMA tokenizer")
+    return [f.parts[i] for i in f.data]
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32 values (pad_id -1) take ten bytes, as protobuf writes them
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _pb(field: int, value) -> bytes:
+    """One protobuf field: int/bool as a varint, float as fixed32, bytes/str length-delimited."""
+    import struct
+
+    if isinstance(value, float):
+        return _varint(field << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bool, int)):
+        return _varint(field << 3) + _varint(int(value))
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int], unk_id: int, bos_id: int,
+                        eos_id: int) -> bytes:
+    """A SentencePiece BPE ModelProto (serialised) with LLaMA's settings: byte fallback, identity
+    normalisation, a dummy prefix, whitespace kept as is. Written by hand (sentencepiece_model.proto
+    field numbers) so that protobuf is not a dependency. GGUF token types use SentencePiece's
+    numbering (1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte)."""
+    # llama.cpp's SPM tokenizer never splits digits; SentencePiece's split_digits gives the same
+    # pieces when no piece holds two digits (LLaMA's vocabulary), and records the paper's recipe.
+    split_digits = not any(sum(c.isdigit() for c in p) > 1 for p in pieces)
+    out = b"".join(_pb(1, _pb(1, p) + _pb(2, float(s)) + _pb(3, int(t))) for p, s, t in zip(pieces, scores, types))
+    trainer = (_pb(3, 2) + _pb(4, len(pieces)) + _pb(25, split_digits) + _pb(26, True) + _pb(35, True)
+               + _pb(40, unk_id) + _pb(41, bos_id) + _pb(42, eos_id) + _pb(43, -1)
+               + _pb(45, pieces[unk_id]) + _pb(46, pieces[bos_id]) + _pb(47, pieces[eos_id]))
+    normalizer = _pb(1, "identity") + _pb(2, b"") + _pb(3, True) + _pb(4, False) + _pb(5, True)
+    return out + _pb(2, trainer) + _pb(3, normalizer)
+
+
+def tokenizer_from_gguf(reader, path: Path):
+    from llamaworks.tokenizer import Tokenizer
+
+    model = _field(reader, "tokenizer.ggml.model", "")
+    if model != "llama":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; only the SentencePiece (\"llama\") "
+                         "tokenizer of LLaMA is supported")
+    pieces = [bytes(p).decode("utf-8") for p in _array(reader, "tokenizer.ggml.tokens")]
+    scores = [float(s[0]) for s in _array(reader, "tokenizer.ggml.scores")]
+    types = [int(t[0]) for t in _array(reader, "tokenizer.ggml.token_type")]
+    if not len(pieces) == len(scores) == len(types):
+        raise ValueError(f"{path}: {len(pieces)} tokens but {len(scores)} scores and {len(types)} token types")
+    ids = {name: int(_field(reader, f"tokenizer.ggml.{name}_token_id", default))
+           for name, default in (("unknown", 0), ("bos", 1), ("eos", 2))}
+    proto = sentencepiece_model(pieces, scores, types, ids["unknown"], ids["bos"], ids["eos"])
+    return Tokenizer.from_proto(proto, path.with_name("tokenizer.model"))
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a llama.cpp GGUF file of architecture "llama". Float tensors
+    (f32, f16, bf16) are memory-mapped; quantised ones (Q8_0, Q4_0, Q4_K, ...) are dequantised
+    to float32 (or `dtype`) with gguf-py's reference dequantisers."""
+    import numpy as np
+
+    from llamaworks.convert.hf import _ffn_params
+    from llamaworks.model import Transformer
+    from llamaworks.modeldir import check_state_dict
+
+    gguf = _import_gguf()
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = _field(reader, "general.architecture", "")
+    if arch != "llama":
+        raise ValueError(f"{path}: architecture {arch!r}; only \"llama\" GGUF files can be loaded")
+    key = lambda k: f"llama.{k}"  # noqa: E731
+    dim, n_heads = int(_field(reader, key("embedding_length"))), int(_field(reader, key("attention.head_count")))
+    if int(_field(reader, key("rope.dimension_count"), dim // n_heads)) != dim // n_heads:
+        raise ValueError(f"{path}: partial rotary embeddings are not LLaMA's")
+    multiple_of, mult = _ffn_params(dim, int(_field(reader, key("feed_forward_length"))))
+    tokenizer = tokenizer_from_gguf(reader, path)
+    args = ModelArgs(dim=dim, n_layers=int(_field(reader, key("block_count"))), n_heads=n_heads,
+                     n_kv_heads=int(_field(reader, key("attention.head_count_kv"), n_heads)),
+                     vocab_size=tokenizer.vocab_size, multiple_of=multiple_of, ffn_dim_multiplier=mult,
+                     # GGUF stores floats as float32: 1e-6 comes back as 9.99999997e-07.
+                     norm_eps=float(f"{_field(reader, key('attention.layer_norm_rms_epsilon'), 1e-6):.7g}"),
+                     max_seq_len=int(_field(reader, key("context_length"), 2048)),
+                     rope_theta=float(f"{_field(reader, key('rope.freq_base'), 10000.0):.7g}"))
+    Q = gguf.GGMLQuantizationType
+    state = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
+        if t.tensor_type in (Q.F32, Q.F16, Q.BF16):
+            with warnings.catch_warnings():  # a read-only view of the mapped file, never written to
+                warnings.simplefilter("ignore", UserWarning)
+                raw = np.asarray(t.data)
+                data = (torch.from_numpy(raw.view(np.int16).reshape(shape)).view(torch.bfloat16)
+                        if t.tensor_type == Q.BF16 else torch.from_numpy(raw.reshape(shape)))
+        else:
+            try:
+                data = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
+            except NotImplementedError:
+                raise ValueError(f"{path}: tensor {t.name} is {t.tensor_type.name}, which gguf-py cannot "
+                                 "dequantise; re-export the model as f16 or Q8_0") from None
+        state[meta_key(t.name)] = data
+    if "output.weight" not in state and "tok_embeddings.weight" in state:
+        # Tied embeddings (later llama-architecture files): LLaMA's output layer is its own copy.
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
+    # One dtype for the model: llama.cpp keeps norms in f32 in f16/bf16 files, so without an
+    # explicit dtype the matrices' dtype (the token embedding's) wins.
+    dtype = dtype or state["tok_embeddings.weight"].dtype
+    state = {k: v.to(dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state_dict(model, state, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_rope(torch.device("cpu"))
+    return model.eval(), tokenizer
