@@ -125,3 +125,11 @@ def test_commands_take_a_gguf_file_as_checkpoint(exported, tiny_model_dir):
     g_model, g_tok = load_model(exported)  # what generate/serve/eval --checkpoint x.gguf do
     a = generate(model, tok, ["To be"], 6, temperature=0.0)[0].tokens
     assert generate(g_model, g_tok, ["To be"], 6, temperature=0.0)[0].tokens == a
+
+
+def test_rebuilt_tokenizer_matches_llama_cpp(exported):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (./dev.sh extras)")
+    _, tok = load_gguf(exported)
+    llm = llama_cpp.Llama(model_path=str(exported), vocab_only=True, verbose=False)
+    for text in TEXTS + ["x  y", " leading", "\n\nx", "   "]:
+        assert tok.encode(text) == llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), text
