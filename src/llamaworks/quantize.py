@@ -367,7 +367,8 @@ def perplexity(model, ids: list[int], seq_len: int | None = None, batch_size: in
 # --- command ---------------------------------------------------------------------------------
 
 def quantize_command(
-    checkpoint: Annotated[str, Arg("model directory to quantise (params.json, model.safetensors, tokenizer.model)")],
+    checkpoint: Annotated[str, Arg("model directory to quantise (params.json, model.safetensors, tokenizer.model), "
+                                   "or a .gguf file")],
     output: Annotated[str, Arg("model directory to write")],
     mode: Annotated[Literal["int8", "int4"], Arg("int8 per output channel, or int4 in groups of --group-size")],
     group_size: Annotated[int, Arg("int4: input columns sharing one scale and zero (32, 64, 128 or 256)")] = 128,
@@ -383,7 +384,8 @@ def quantize_command(
     model, tokenizer = load_model(checkpoint)
     quantize_model(model, mode, group_size)
     save_quantized(model, tokenizer, output, mode, group_size)
-    before = (Path(checkpoint) / WEIGHTS).stat().st_size
+    src = Path(checkpoint)
+    before = (src if src.is_file() else src / WEIGHTS).stat().st_size  # a .gguf file, or a directory
     after = (Path(output) / WEIGHTS).stat().st_size
     detail = f" (group size {group_size})" if mode == "int4" else ""
     print(f"wrote {output}: {mode}{detail}, weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", file=sys.stderr)

@@ -133,3 +133,11 @@ def test_rebuilt_tokenizer_matches_llama_cpp(exported):
     llm = llama_cpp.Llama(model_path=str(exported), vocab_only=True, verbose=False)
     for text in TEXTS + ["x  y", " leading", "\n\nx", "   "]:
         assert tok.encode(text) == llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), text
+
+
+def test_quantize_a_gguf_file(exported, tmp_path):
+    from llamaworks.quantize import Int8Linear, quantize_command
+
+    assert quantize_command(str(exported), str(tmp_path / "q"), "int8") == 0
+    model, _ = load_model(tmp_path / "q")
+    assert isinstance(model.layers[0].attention.wq, Int8Linear)
