@@ -93,7 +93,7 @@ def test_tied_embeddings_give_an_output_copy(tiny_model, tiny_tokenizer, tmp_pat
     assert back.output.weight.data_ptr() != back.tok_embeddings.weight.data_ptr()
 
 
-def test_bad_gguf_inputs(exported, tmp_path):
+def test_bad_gguf_inputs(exported, tiny_model_dir, tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(ValueError, match="junk.gguf"):
         load_gguf(tmp_path / "junk.gguf")
@@ -109,6 +109,22 @@ def test_bad_gguf_inputs(exported, tmp_path):
     w.close()
     with pytest.raises(ValueError, match="architecture 'gpt2'"):
         load_gguf(tmp_path / "other.gguf")
+    real = gguf.GGUFWriter.write_header_to_file
+    for extra, msg in (({"llama.expert_count": 8}, "mixture of experts"),
+                       ({"llama.rope.scaling.type": "yarn"}, "yarn")):
+
+        def with_extra(self, *a, extra=extra, **kw):
+            for k, v in extra.items():
+                (self.add_uint32 if isinstance(v, int) else self.add_string)(k, v)
+            return real(self, *a, **kw)
+
+        gguf.GGUFWriter.write_header_to_file = with_extra
+        try:
+            convert_command("native", "gguf", str(tiny_model_dir), str(tmp_path / f"x{len(msg)}.gguf"))
+        finally:
+            gguf.GGUFWriter.write_header_to_file = real
+        with pytest.raises(ValueError, match=msg):
+            load_gguf(tmp_path / f"x{len(msg)}.gguf")
     two = tmp_path / "two"
     two.mkdir()
     for n in ("a.gguf", "b.gguf"):

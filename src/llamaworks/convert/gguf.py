@@ -248,6 +248,12 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r}; only \"llama\" GGUF files can be loaded")
     key = lambda k: f"llama.{k}"  # noqa: E731
+    # Files of architecture "llama" that LLaMA's model cannot express: refused, not run wrongly.
+    if int(_field(reader, key("expert_count"), 0)):
+        raise ValueError(f"{path}: a mixture of experts ({_field(reader, key('expert_count'))} experts), not LLaMA")
+    scaling = _field(reader, key("rope.scaling.type"), "none")
+    if scaling != "none":
+        raise ValueError(f"{path}: RoPE scaling {scaling!r} is not LLaMA's rotary embedding")
     dim, n_heads = int(_field(reader, key("embedding_length"))), int(_field(reader, key("attention.head_count")))
     if int(_field(reader, key("rope.dimension_count"), dim // n_heads)) != dim // n_heads:
         raise ValueError(f"{path}: partial rotary embeddings are not LLaMA's")
