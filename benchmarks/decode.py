@@ -57,16 +57,23 @@ CONFIGS["1b"] = CONFIGS["B"]
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 
-def measure_bandwidth(gb: float = 1.0) -> float:
-    x = torch.ones(int(gb * 2**30) // 4)
+def measure_bandwidth(gb: float = 1.0, device: str = "cpu") -> float:
+    x = torch.ones(int(gb * 2**30) // 4, device=device)
     x.sum()
-    best = min(_timed(x.sum) for _ in range(5))
+    best = min(_timed(x.sum, device) for _ in range(5))
     return x.numel() * 4 / best
 
 
-def _timed(fn) -> float:
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device="cpu") -> float:
+    _sync(device)
     t0 = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -97,7 +104,7 @@ def time_llamaworks(model, prompt, new, compile=False):
 
 
 def time_transformers(hf, prompt, new):
-    ids = torch.tensor(prompt)
+    ids = torch.tensor(prompt, device=hf.device)
     t0 = time.perf_counter()
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                       do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -214,7 +221,7 @@ def same_prefix(a: list[list[int]], b: list[list[int]]) -> int:
 def run_config(name: str, a, bandwidth: float) -> list[dict]:
     args = ModelArgs(**CONFIGS[name])
     n_params = count_parameters(args)
-    model = build_model(args, seed=0).eval()
+    model = build_model(args, seed=0).eval().to(a.device)  # the same random weights on every device
     g = torch.Generator().manual_seed(0)
     max_batch = max(a.batches)
     prompts = torch.randint(3, args.vocab_size, (max_batch, a.prompt_len), generator=g).tolist()
@@ -237,7 +244,7 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                 hf.load_state_dict({k: v.to(dtype) for k, v in to_hf_state_dict(model.state_dict(), args).items()},
                                    assign=True)
                 hf.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers are not in the state dict
-                hf = hf.eval()
+                hf = hf.eval().to(a.device)
                 return lambda p: time_transformers(hf, p, a.new_tokens)
             return make
         variants.append(("transformers fp32", fp32_bytes, False, hf_factory(torch.float32)))
@@ -254,7 +261,7 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
             elif prec == "bf16":
                 def make_bf16():
                     m = copy.deepcopy(model).to(torch.bfloat16)
-                    m.init_rope()
+                    m.init_rope(torch.device(a.device))
                     use_gemv(m)  # as load_model does for bf16 on CPU
                     return lambda p: time_llamaworks(m, p, a.new_tokens)
                 variants.append(("llamaworks bf16", fp32_bytes // 2, False, make_bf16))
@@ -267,7 +274,9 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                 if a.compile:
                     variants.append((label + "+compile", None, False, lambda mode=prec: make_q(mode, True)))
     tmp = None
-    if "llama.cpp" in a.impls:
+    if "llama.cpp" in a.impls and torch.device(a.device).type != "cpu":
+        print(f"(llama.cpp rows skipped on {a.device}: llama-cpp-python from PyPI is built for the CPU)")
+    elif "llama.cpp" in a.impls:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
@@ -317,7 +326,8 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
         ref = next((r for r in table if r["impl"] == "llamaworks fp32"), table[0])
         base = next((r for r in table if r["impl"] == "transformers fp32"), ref)
         print(f"\n{name}: {n_params / 1e6:.1f}M params, batch {bsz}, prompt {a.prompt_len}, {a.new_tokens} new "
-              f"tokens, greedy, {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+              f"tokens, greedy, {a.device if a.device != 'cpu' else f'{torch.get_num_threads()} threads'}, "
+              f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
         print(f"{'implementation':<26}{'tokens/s':>10}{'vs transformers':>17}{'vs ours fp32':>14}"
               f"{'MB/step':>9}{'roofline':>10}{'same':>11}")
         if bsz > 1 and any(batch1_only for _, _, batch1_only, _ in variants):
@@ -379,6 +389,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=None, help="default 256")
     ap.add_argument("--repeats", type=int, default=None, help="default 3")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available). On a GPU the "
+                    "table has the same rows but llama.cpp's; int8/int4 there dequantise per call (the fused "
+                    "kernels are CPU ones), and --compile uses CUDA graphs")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="also time llamaworks fp32 and int8 with torch.compile on the decode step (default on)")
     ap.add_argument("--quick", action="store_true",
@@ -398,9 +411,12 @@ def main():
             setattr(a, key, quick.get(key) if a.quick else value)
     if a.threads:
         torch.set_num_threads(a.threads)
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "machine": platform.processor() or platform.machine(), "prompt_len": a.prompt_len,
+              "machine": platform.processor() or platform.machine(), "device": a.device,
+              "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
+              "prompt_len": a.prompt_len,
               "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs}}
     if a.ppl_model:
         if not a.ppl_text:
@@ -408,7 +424,7 @@ def main():
         result["perplexity"] = perplexity_table(a.ppl_model, a.ppl_text, a.ppl_seq_len, [32, 128],
                                                 a.new_tokens, a.compile)
     else:
-        bandwidth = measure_bandwidth()
+        bandwidth = measure_bandwidth(device=a.device)
         result["read_bandwidth"] = bandwidth
         result["results"] = []
         for name in a.configs:
