@@ -83,6 +83,7 @@ def test_quantised_gguf_is_dequantised(tiny_model, tiny_tokenizer, tmp_path):
     x = torch.tensor([tiny_tokenizer.encode("To be, or not to be")])
     with torch.no_grad():
         assert float((back(x) - tiny_model(x)).abs().max()) < 0.05
+    assert load_gguf(path, dtype=torch.bfloat16)[0].layers[0].attention.wq.weight.dtype == torch.bfloat16
 
 
 def test_tied_embeddings_give_an_output_copy(tiny_model, tiny_tokenizer, tmp_path):

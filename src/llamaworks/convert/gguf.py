@@ -267,6 +267,12 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
                      max_seq_len=int(_field(reader, key("context_length"), 2048)),
                      rope_theta=float(f"{_field(reader, key('rope.freq_base'), 10000.0):.7g}"))
     Q = gguf.GGMLQuantizationType
+    # One dtype for the model: `dtype`, else the token embedding's when it is stored as floats
+    # (llama.cpp keeps norms in f32 inside f16/bf16 files), else float32. Each tensor is cast as
+    # it is read, so a quantised 7B file never holds all of its float32 copy at once.
+    floats = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    dtype = dtype or (floats.get(embd.tensor_type, torch.float32) if embd is not None else torch.float32)
     state = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
@@ -282,14 +288,10 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
             except NotImplementedError:
                 raise ValueError(f"{path}: tensor {t.name} is {t.tensor_type.name}, which gguf-py cannot "
                                  "dequantise; re-export the model as f16 or Q8_0") from None
-        state[meta_key(t.name)] = data
+        state[meta_key(t.name)] = data.to(dtype)  # no copy when the stored dtype is the model's
     if "output.weight" not in state and "tok_embeddings.weight" in state:
         # Tied embeddings (later llama-architecture files): LLaMA's output layer is its own copy.
         state["output.weight"] = state["tok_embeddings.weight"].clone()
-    # One dtype for the model: llama.cpp keeps norms in f32 in f16/bf16 files, so without an
-    # explicit dtype the matrices' dtype (the token embedding's) wins.
-    dtype = dtype or state["tok_embeddings.weight"].dtype
-    state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):
         model = Transformer(args)
     check_state_dict(model, state, path)
