@@ -186,3 +186,30 @@ def test_module_imports_without_lm_eval():
             "else:\n    raise SystemExit('no ImportError')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@needs_lm_eval
+def test_lm_eval_local_completions_against_the_server(tiny_model_dir, hf_dir, task_manager):
+    # lm-eval's own OpenAI-completions client (echo + logprobs for log-likelihoods, stop strings
+    # for generation) against `llamaworks serve`, scored like the in-process adapter.
+    pytest.importorskip("fastapi")
+    from serve.conftest import MODEL, running_server  # tests/ is on sys.path (rootdir-relative packages)
+
+    from llamaworks.eval.harness import LlamaworksLM
+
+    tasks = ["tiny_mc", "tiny_gen"]
+    ours = _evaluate(LlamaworksLM(str(tiny_model_dir), batch_size=3, add_bos=False, device="cpu"), tasks,
+                     task_manager)
+    with running_server(tiny_model_dir) as served:
+        args = (f"base_url={served.url}/v1/completions,model={MODEL},tokenizer={hf_dir},"
+                "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=1")
+        theirs = _evaluate("local-completions", tasks, task_manager, model_args=args)
+    for a, b in zip(ours["tiny_mc"], theirs["tiny_mc"]):
+        assert a["doc_id"] == b["doc_id"]
+        for (lp_a, greedy_a), (lp_b, greedy_b) in zip([r[0] for r in a["resps"]], [r[0] for r in b["resps"]]):
+            assert float(lp_a) == pytest.approx(float(lp_b), abs=1e-4)
+            assert bool(greedy_a) == bool(greedy_b)
+    for a, b in zip(ours["tiny_gen"], theirs["tiny_gen"]):
+        if _clean(a["resps"][0][0]):
+            assert a["resps"][0][0] == b["resps"][0][0]
+    assert len(theirs["tiny_mc"]) == 10

@@ -107,9 +107,10 @@ def test_models_health_metrics(served, client):
     ('{"model": "' + MODEL + '", "prompt": "\\ud800x"}', 400, "prompt"),  # a lone surrogate: not UTF-8
     ('{"model": "' + MODEL + '", "prompt": "x", "temperature": NaN}', 400, "temperature"),
     ('{"model": "' + MODEL + '", "prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),  # not implemented: refused, not ignored
-    ({"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
-    ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 2, "stream": True}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "echo": "yes"}, 400, "echo"),
+    ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),  # not implemented: refused, not ignored
     ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
 ])
 def test_bad_completion_requests(served, body, status, param):
@@ -128,7 +129,8 @@ def test_bad_completion_requests(served, body, status, param):
     ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, "max_tokens"),
     ('{"model": "' + MODEL + '", "messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
       "response_format": {"type": "json_object"}}, "response_format"),
@@ -137,6 +139,49 @@ def test_bad_chat_requests(served, body, param):
     r = _post(served.url, "/v1/chat/completions", body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def _reference_logprobs(model, ids):
+    import torch
+
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).float()[0], dim=-1)  # row i predicts token i + 1
+    return lp
+
+
+def test_completion_logprobs_and_echo(client, tiny_model, tiny_tokenizer):
+    ids = tiny_tokenizer.encode("To be, or not")
+    out = client.completions.create(model=MODEL, prompt="To be, or not", max_tokens=5, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    gen = generate(tiny_model, tiny_tokenizer, "To be, or not", 5, temperature=0)[0].tokens
+    assert len(lp.tokens) == len(gen) and "".join(lp.tokens).strip() and lp.text_offset[0] == 0
+    ref = _reference_logprobs(tiny_model, ids + gen)
+    for k, t in enumerate(gen):
+        row = ref[len(ids) - 1 + k]
+        assert lp.token_logprobs[k] == pytest.approx(float(row[t]), abs=1e-4)
+        top = sorted(lp.top_logprobs[k].values(), reverse=True)
+        assert top[0] == pytest.approx(float(row.max()), abs=1e-4)  # greedy: the chosen token is the best
+        assert len(lp.top_logprobs[k]) <= 3
+    # echo: the prompt's tokens first, the first one unscored, every other one scored by the model
+    echo = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=0, echo=True)
+    e = echo.choices[0]
+    assert e.text.startswith(tiny_tokenizer.decode(ids))
+    assert e.logprobs.token_logprobs[0] is None and len(e.logprobs.tokens) == len(ids) + 1
+    ref = _reference_logprobs(tiny_model, ids + gen[:1])
+    for i in range(1, len(ids) + 1):
+        assert e.logprobs.token_logprobs[i] == pytest.approx(float(ref[i - 1, (ids + gen)[i]]), abs=1e-4)
+    assert e.logprobs.top_logprobs[1] == {}  # logprobs=0: the chosen token's only
+
+
+def test_chat_logprobs(client):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Speak"}], max_tokens=4,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4
+    for c in content:
+        assert c.logprob <= 0 and len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5)  # greedy
+        assert isinstance(c.bytes, list)
 
 
 def test_options_at_their_off_values_are_accepted(served, client):

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP API over the engine (FastAPI; the optional `serve` extra).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream by server-sent
-events with "stream": true), GET /v1/models, GET /health, GET /metrics (Prometheus).
+events with "stream": true; log-probabilities and echo without streaming), GET /v1/models,
+GET /health, GET /metrics (Prometheus).
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so the
 official clients raise their usual exceptions (BadRequestError, NotFoundError,
 RateLimitError, ...).
@@ -33,7 +34,7 @@ from llamaworks.serve.engine import Engine, EngineStopped, Event, QueueFull, Req
 
 CHAT_STOP = "\nUser:"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; lm-evaluation-harness may send more (its until list and eos)
 
 
 class APIError(Exception):
@@ -119,9 +120,8 @@ def _sampling(body: dict) -> dict[str, Any]:
 # OpenAI options this server does not implement: refused with a 400 that names them when set
 # to anything but their "off" value, rather than silently answering without them.
 _UNSUPPORTED = {
-    "completions": {"logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-                    "logit_bias": (None, {})},
-    "chat": {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+    "completions": {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})},
+    "chat": {"logit_bias": (None, {}), "tools": (None, []),
              "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
              "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"])},
 }
@@ -141,6 +141,73 @@ def _encode(engine: Engine, text: str, param: str) -> list[int]:
         raise APIError(400, f"the {param} is not valid Unicode text: {e.reason} at character {e.start}",
                        param=param, code="invalid_value") from None
     return engine.tokenizer.encode(text, bos=True, eos=False)
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _logprob_options(body: dict, chat: bool, stream: bool) -> tuple[int | None, bool]:
+    """(alternatives per token, or None for no log-probs; echo the prompt) from OpenAI's
+    completions `logprobs: N` / `echo`, or chat `logprobs: true` / `top_logprobs: N`."""
+    def count(name):
+        x = body.get(name)
+        if x is not None and (not _is_int(x) or not 0 <= x <= MAX_TOP_LOGPROBS):
+            raise APIError(400, f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}], got {x!r}", param=name,
+                           code="invalid_value")
+        return x
+
+    if chat:
+        on = body.get("logprobs")
+        if on is not None and not isinstance(on, bool):
+            raise APIError(400, f"logprobs must be a boolean, got {on!r}", param="logprobs", code="invalid_value")
+        top = count("top_logprobs")
+        if top is not None and not on:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        n, echo = (top or 0) if on else None, False
+    else:
+        n, echo = count("logprobs"), body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise APIError(400, f"echo must be a boolean, got {echo!r}", param="echo", code="invalid_value")
+    if stream and (n is not None or echo):
+        raise APIError(400, "logprobs and echo are served without streaming; set stream to false",
+                       param="logprobs" if n is not None else "echo", code="unsupported_value")
+    return n, echo
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    # The piece as text: "▁" is a space; a byte-fallback piece outside ASCII is "bytes:\xNN"
+    # (OpenAI's convention for partial characters); control pieces keep their name ("<s>").
+    piece = tokenizer._piece_table()[token_id]
+    if piece is None:
+        return tokenizer.id_to_piece(token_id)
+    if isinstance(piece, int):
+        return chr(piece) if piece < 0x80 else f"bytes:\\x{piece:02x}"
+    return piece
+
+
+def _completion_logprobs(tokenizer, prefix: list[int], ids: list[int], scored: list, first_unscored: bool) -> dict:
+    """OpenAI's completions `logprobs` object for `ids` (decoded after `prefix`); `scored` holds
+    (log p, alternatives) per token, for all but the first when first_unscored (echo)."""
+    decoder, offsets, text = tokenizer.stream_decoder(prefix), [], 0
+    for t in ids:
+        offsets.append(text)
+        text += len(decoder.push(t))
+    scored = ([(None, None)] if first_unscored else []) + list(scored)
+    return {"tokens": [_token_text(tokenizer, t) for t in ids],
+            "token_logprobs": [lp for lp, _ in scored],
+            "top_logprobs": [None if alts is None else {_token_text(tokenizer, a): v for a, v in alts}
+                             for _, alts in scored],
+            "text_offset": offsets}
+
+
+def _chat_logprobs(tokenizer, ids: list[int], scored: list) -> dict:
+    def entry(t, lp):
+        text = _token_text(tokenizer, t)
+        raw = tokenizer._piece_table()[t]
+        return {"token": text, "logprob": lp, "bytes": [raw] if isinstance(raw, int) else list(text.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in alts]}
+                        for t, (lp, alts) in zip(ids, scored)]}
 
 
 def _max_tokens(body: dict, prompt_len: int, context: int, default: int | None) -> int:
@@ -253,8 +320,10 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
         def on_event(ev: Event):
             loop.call_soon_threadsafe(events.put_nowait, ev)
 
+        n_logprobs, echo = _logprob_options(body, chat, opts["stream"])
         req = Request(ids, max_tokens, temperature=opts["temperature"], top_p=opts["top_p"], top_k=opts["top_k"],
-                      stop=stop, seed=opts["seed"], on_event=on_event)
+                      stop=stop, seed=opts["seed"], on_event=on_event, logprobs=n_logprobs,
+                      prompt_logprobs=echo and n_logprobs is not None)
         try:
             engine.submit(req)
         except QueueFull as e:
@@ -345,11 +414,21 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
             raise APIError(503, "the request was cancelled because the server is shutting down",
                            type="server_error", code="shutting_down")
         text = clean(req.text)
+        tok = engine.tokenizer
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            logprobs = None if n_logprobs is None else _chat_logprobs(tok, req.tokens, req.token_logprobs)
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": req.finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason}
+            logprobs = None
+            if n_logprobs is not None and echo:
+                logprobs = _completion_logprobs(tok, [], ids + req.tokens,
+                                                req.prompt_token_logprobs + req.token_logprobs, first_unscored=True)
+            elif n_logprobs is not None:
+                logprobs = _completion_logprobs(tok, ids, req.tokens, req.token_logprobs, first_unscored=False)
+            if echo:
+                text = tok.decode(ids) + text
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": req.finish_reason}
         engine.metrics.http[(endpoint, 200)] += 1
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
                              "model": model_name, "choices": [choice], "usage": usage()})

@@ -56,8 +56,16 @@ class Request:
     stop: Sequence[str] = ()
     seed: int | None = None
     on_event: Callable[[Event], None] | None = None
+    # Log-probabilities (OpenAI's logprobs): None for none, else how many alternatives per
+    # token (0: only the chosen token's); prompt_logprobs also scores the prompt (echo).
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
     # Written by the engine.
     tokens: list[int] = field(default_factory=list)
+    # Per generated token (then per prompt token after the first, with prompt_logprobs):
+    # (log p(token), [(alternative id, log p), ...] most likely first).
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     submitted: float = 0.0
@@ -83,6 +91,16 @@ class _Slot:
 
 def _decode_logits(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return model(tokens, pos)[:, -1]  # (max_batch, vocab)
+
+
+def _logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row of logits (n, vocab): log p of chosen[row] and the `top` most likely (id, log p)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, torch.tensor(chosen, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
+    if top == 0:
+        return [(p, []) for p in picked]
+    values, ids = lp.topk(top, dim=-1)
+    return [(p, list(zip(i, v))) for p, i, v in zip(picked, ids.tolist(), values.tolist())]
 
 
 class Engine:
@@ -237,7 +255,10 @@ class Engine:
         pos = torch.arange(n, device=self.device).unsqueeze(0)
         # Full logits then the last row, exactly as generate() computes them, so that a greedy
         # request served here gets the tokens generate() gives.
-        logits = self.model(ids, pos, rows=torch.tensor([slot], device=self.device))[:, -1]
+        full = self.model(ids, pos, rows=torch.tensor([slot], device=self.device))  # (1, n, vocab)
+        if req.prompt_logprobs:  # row i predicts prompt token i + 1
+            req.prompt_token_logprobs = _logprobs(full[0, :-1], req.prompt_ids[1:], req.logprobs or 0)
+        logits = full[:, -1]
         gen = None
         if req.temperature > 0:
             gen = torch.Generator(device=self.device)
@@ -246,7 +267,7 @@ class Engine:
         self.metrics.prompt_tokens += n
         req.first_token = time.perf_counter()
         self.metrics.ttft.observe(req.first_token - req.submitted)
-        self._accept(slot, self._sample(self._slots[slot], logits))
+        self._accept(slot, self._sample(self._slots[slot], logits), logits)
 
     def _decode(self) -> None:
         logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
@@ -254,7 +275,7 @@ class Engine:
         for i, s in enumerate(self._slots):
             if s is not None:
                 tok = greedy[i] if s.gen is None else self._sample(s, logits[i : i + 1])
-                self._accept(i, tok)
+                self._accept(i, tok, logits[i : i + 1])
         self.metrics.steps += 1
 
     def _sample(self, s: _Slot, logits: torch.Tensor) -> int:
@@ -264,12 +285,14 @@ class Engine:
         noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1, generator=s.gen)
         return int(sample(logits, r.temperature, r.top_k, r.top_p, noise).item())
 
-    def _accept(self, i: int, tok: int) -> None:
+    def _accept(self, i: int, tok: int, logits: torch.Tensor) -> None:
         s = self._slots[i]
         req = s.req
         if tok == self.tokenizer.eos_id:
             return self._finish(i, "stop")
         req.tokens.append(tok)
+        if req.logprobs is not None:  # of the model's distribution, before temperature and filters
+            req.token_logprobs += _logprobs(logits, [tok], req.logprobs)
         self.metrics.generation_tokens += 1
         delta, hit = s.stream.push(tok)
         if delta:
