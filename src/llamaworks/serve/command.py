@@ -70,7 +70,8 @@ def serve_command(
     dev, dt = resolve_device(device, dtype)
     model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
     model.eval()
-    name = model_name or Path(checkpoint).resolve().name
+    src = Path(checkpoint).resolve()
+    name = model_name or (src.stem if src.is_file() else src.name)  # a directory, or a .gguf file
     if compile is None:
         compile = default_compile(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
