@@ -108,7 +108,7 @@ def test_models_health_metrics(served, client):
     ('{"model": "' + MODEL + '", "prompt": "x", "temperature": NaN}', 400, "temperature"),
     ('{"model": "' + MODEL + '", "prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 2, "stream": True}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ({"model": MODEL, "prompt": "x", "echo": "yes"}, 400, "echo"),
     ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),  # not implemented: refused, not ignored
     ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
@@ -171,6 +171,27 @@ def test_completion_logprobs_and_echo(client, tiny_model, tiny_tokenizer):
     for i in range(1, len(ids) + 1):
         assert e.logprobs.token_logprobs[i] == pytest.approx(float(ref[i - 1, (ids + gen)[i]]), abs=1e-4)
     assert e.logprobs.top_logprobs[1] == {}  # logprobs=0: the chosen token's only
+
+
+def test_streamed_logprobs_equal_the_whole_response(client):
+    kw = dict(model=MODEL, prompt="Now is the winter", max_tokens=8, temperature=0, logprobs=2)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    tokens, lps, tops, offsets = [], [], [], []
+    for c in client.completions.create(stream=True, **kw):
+        lp = c.choices[0].logprobs
+        if lp is not None:
+            tokens += lp.tokens
+            lps += lp.token_logprobs
+            tops += lp.top_logprobs
+            offsets += lp.text_offset
+    assert tokens == whole.tokens and offsets == whole.text_offset and tops == whole.top_logprobs
+    assert lps == pytest.approx(whole.token_logprobs, abs=1e-6)
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Speak"}], max_tokens=5, temperature=0,
+                logprobs=True, top_logprobs=1)
+    want = [c.token for c in client.chat.completions.create(**chat).choices[0].logprobs.content]
+    got = [x.token for c in client.chat.completions.create(stream=True, **chat) if c.choices and c.choices[0].logprobs
+           for x in c.choices[0].logprobs.content]
+    assert got == want
 
 
 def test_chat_logprobs(client):

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP API over the engine (FastAPI; the optional `serve` extra).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream by server-sent
-events with "stream": true; log-probabilities and echo without streaming), GET /v1/models,
+events with "stream": true; log-probabilities in both forms, echo without streaming), GET /v1/models,
 GET /health, GET /metrics (Prometheus).
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so the
 official clients raise their usual exceptions (BadRequestError, NotFoundError,
@@ -168,9 +168,9 @@ def _logprob_options(body: dict, chat: bool, stream: bool) -> tuple[int | None, 
         n, echo = count("logprobs"), body.get("echo", False)
         if not isinstance(echo, bool):
             raise APIError(400, f"echo must be a boolean, got {echo!r}", param="echo", code="invalid_value")
-    if stream and (n is not None or echo):
-        raise APIError(400, "logprobs and echo are served without streaming; set stream to false",
-                       param="logprobs" if n is not None else "echo", code="unsupported_value")
+    if stream and echo:
+        raise APIError(400, "echo is served without streaming; set stream to false", param="echo",
+                       code="unsupported_value")
     return n, echo
 
 
@@ -185,19 +185,21 @@ def _token_text(tokenizer, token_id: int) -> str:
     return piece
 
 
-def _completion_logprobs(tokenizer, prefix: list[int], ids: list[int], scored: list, first_unscored: bool) -> dict:
-    """OpenAI's completions `logprobs` object for `ids` (decoded after `prefix`); `scored` holds
-    (log p, alternatives) per token, for all but the first when first_unscored (echo)."""
-    decoder, offsets, text = tokenizer.stream_decoder(prefix), [], 0
+def _completion_logprobs(tokenizer, prefix: list[int], ids: list[int], scored: list, first_unscored: bool = False,
+                         base: int = 0) -> tuple[dict, int]:
+    """OpenAI's completions `logprobs` object for `ids` (decoded after `prefix`, the first at
+    character `base` of the text); `scored` holds (log p, alternatives) per token, for all but
+    the first when first_unscored (echo). Also returns the character offset after `ids`."""
+    decoder, offsets, at = tokenizer.stream_decoder(prefix), [], base
     for t in ids:
-        offsets.append(text)
-        text += len(decoder.push(t))
+        offsets.append(at)
+        at += len(decoder.push(t))
     scored = ([(None, None)] if first_unscored else []) + list(scored)
     return {"tokens": [_token_text(tokenizer, t) for t in ids],
             "token_logprobs": [lp for lp, _ in scored],
             "top_logprobs": [None if alts is None else {_token_text(tokenizer, a): v for a, v in alts}
                              for _, alts in scored],
-            "text_offset": offsets}
+            "text_offset": offsets}, at
 
 
 def _chat_logprobs(tokenizer, ids: list[int], scored: list) -> dict:
@@ -348,13 +350,33 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
         if opts["stream"]:
             engine.metrics.http[(endpoint, 200)] += 1
 
+            streamed = {"tokens": 0, "chars": 0}  # tokens whose log-probabilities went out; their text length
+
+            def new_logprobs() -> dict | None:
+                # The engine appends a token and its log-probabilities before it emits the token's
+                # text, so every token behind a text event is here (text held back for a stop
+                # string or a partial character has its log-probabilities sent already).
+                if n_logprobs is None:
+                    return None
+                start, end = streamed["tokens"], len(req.token_logprobs)
+                toks, scored = req.tokens[start:end], req.token_logprobs[start:end]
+                streamed["tokens"] = end
+                if not toks:
+                    return None
+                if chat:
+                    return _chat_logprobs(engine.tokenizer, toks, scored)
+                out, streamed["chars"] = _completion_logprobs(engine.tokenizer, ids + req.tokens[:start], toks, scored,
+                                                              base=streamed["chars"])
+                return out
+
             def chunk(delta: str | None, finish: str | None) -> str:
+                logprobs = new_logprobs()
                 if chat:
                     d = {} if delta is None else {"content": delta}
-                    choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+                    choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
                     obj = "chat.completion.chunk"
                 else:
-                    choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                    choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
                     obj = "text_completion"
                 msg = {"id": rid, "object": obj, "created": now, "model": model_name, "choices": [choice]}
                 if opts["include_usage"]:
@@ -423,9 +445,9 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
             logprobs = None
             if n_logprobs is not None and echo:
                 logprobs = _completion_logprobs(tok, [], ids + req.tokens,
-                                                req.prompt_token_logprobs + req.token_logprobs, first_unscored=True)
+                                                req.prompt_token_logprobs + req.token_logprobs, first_unscored=True)[0]
             elif n_logprobs is not None:
-                logprobs = _completion_logprobs(tok, ids, req.tokens, req.token_logprobs, first_unscored=False)
+                logprobs = _completion_logprobs(tok, ids, req.tokens, req.token_logprobs)[0]
             if echo:
                 text = tok.decode(ids) + text
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": req.finish_reason}
