@@ -158,3 +158,24 @@ def test_quantize_a_gguf_file(exported, tmp_path):
     assert quantize_command(str(exported), str(tmp_path / "q"), "int8") == 0
     model, _ = load_model(tmp_path / "q")
     assert isinstance(model.layers[0].attention.wq, Int8Linear)
+
+
+@pytest.mark.parametrize("ftype,bound", [("LLAMA_FTYPE_MOSTLY_Q8_0", 0.012), ("LLAMA_FTYPE_MOSTLY_Q4_0", 0.18)])
+def test_files_quantised_by_llama_cpp_load(exported, tiny_model_dir, tmp_path, ftype, bound):
+    # llama.cpp's own quantiser writes the file (its block layouts, its choice of types per
+    # tensor); gguf-py's dequantisers read it back close to the original weights.
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (./dev.sh extras)")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    out = tmp_path / "q.gguf"
+    assert llama_cpp.llama_model_quantize(str(exported).encode(), str(out).encode(), params) == 0
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} - {"F32"}  # really quantised
+    model, tok = load_model(tiny_model_dir)
+    back, back_tok = load_gguf(out)
+    for name, ref in model.state_dict().items():
+        got = back.state_dict()[name]
+        assert float((got - ref).norm() / ref.norm()) < bound, name
+    x = torch.tensor([tok.encode("Now is the winter of our discontent")])
+    with torch.no_grad():
+        assert float((back(x) - model(x)).abs().max()) < 10 * bound  # measured: about 6x the weight error
+    assert back_tok.encode("Now is the winter") == tok.encode("Now is the winter")
