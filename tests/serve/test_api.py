@@ -171,6 +171,8 @@ def test_completion_logprobs_and_echo(client, tiny_model, tiny_tokenizer):
     for i in range(1, len(ids) + 1):
         assert e.logprobs.token_logprobs[i] == pytest.approx(float(ref[i - 1, (ids + gen)[i]]), abs=1e-4)
     assert e.logprobs.top_logprobs[1] == {}  # logprobs=0: the chosen token's only
+    one = client.completions.create(model=MODEL, prompt=ids[:1], max_tokens=2, temperature=0, logprobs=1, echo=True)
+    assert one.choices[0].logprobs.token_logprobs[0] is None and len(one.choices[0].logprobs.tokens) == 3
 
 
 def test_streamed_logprobs_equal_the_whole_response(client):

@@ -96,7 +96,7 @@ def _decode_logits(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tens
 def _logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
     """Per row of logits (n, vocab): log p of chosen[row] and the `top` most likely (id, log p)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    picked = lp.gather(-1, torch.tensor(chosen, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
+    picked = lp.gather(-1, torch.tensor(chosen, dtype=torch.long, device=lp.device).unsqueeze(-1)).squeeze(-1).tolist()
     if top == 0:
         return [(p, []) for p in picked]
     values, ids = lp.topk(top, dim=-1)
