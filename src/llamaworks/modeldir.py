@@ -188,6 +188,19 @@ def _ready(model):
     return model.eval()
 
 
+def model_from_state(args: ModelArgs, state: dict[str, torch.Tensor], source, dtype: torch.dtype | None = None):
+    """A CPU model in eval mode whose parameters are the tensors of `state` (no copy unless
+    `dtype` converts them), after check_state_dict against `args`."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state_dict(model, state, source)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_rope(torch.device("cpu"))
+    return model.eval()
+
+
 def check_state_dict(model: Transformer, state: dict[str, torch.Tensor], source) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))

@@ -235,8 +235,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
     import numpy as np
 
     from llamaworks.convert.hf import _ffn_params
-    from llamaworks.model import Transformer
-    from llamaworks.modeldir import check_state_dict
+    from llamaworks.modeldir import model_from_state
 
     gguf = _import_gguf()
     path = Path(path)
@@ -292,9 +291,4 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
     if "output.weight" not in state and "tok_embeddings.weight" in state:
         # Tied embeddings (later llama-architecture files): LLaMA's output layer is its own copy.
         state["output.weight"] = state["tok_embeddings.weight"].clone()
-    with torch.device("meta"):
-        model = Transformer(args)
-    check_state_dict(model, state, path)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.init_rope(torch.device("cpu"))
-    return model.eval(), tokenizer
+    return model_from_state(args, state, path), tokenizer

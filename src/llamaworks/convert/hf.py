@@ -336,8 +336,7 @@ def load_hf(folder, dtype: torch.dtype | None = None):
     import json
     from pathlib import Path
 
-    from llamaworks.model import Transformer
-    from llamaworks.modeldir import check_state_dict
+    from llamaworks.modeldir import model_from_state
 
     folder = Path(folder)
     if not (folder / HF_CONFIG).is_file():
@@ -361,11 +360,4 @@ def load_hf(folder, dtype: torch.dtype | None = None):
         state = from_hf_state_dict(hf_state, args)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}; config.json and the weights disagree") from None
-    with torch.device("meta"):
-        model = Transformer(args)
-    check_state_dict(model, state, folder)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    model.init_rope(torch.device("cpu"))
-    return model.eval(), tok
+    return model_from_state(args, state, folder, dtype), tok

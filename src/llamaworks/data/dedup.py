@@ -394,9 +394,6 @@ class MinHashDedup(_GlobalDedup):
     def configure_state(self, directory, memory_bytes):
         self.index = LshIndex(self.bands, self.rows, Path(directory) / "lsh.sqlite", memory_bytes)
 
-    def signature(self, text: str) -> np.ndarray | None:
-        return minhash_signature(text, self.a, self.b, self.ngram)
-
     def parallel_part(self) -> Step:
         return MinHashSignatures(self.a, self.b, self.ngram)
 
@@ -405,7 +402,7 @@ class MinHashDedup(_GlobalDedup):
         # shingling and num_perm hashes per shingle); computed here for documents that come
         # without one (a resumed stage's restore, or the step run on its own).
         if SIGNATURE_KEY not in doc.metadata:
-            return self.signature(doc.text)
+            return minhash_signature(doc.text, self.a, self.b, self.ngram)
         meta = dict(doc.metadata)
         encoded = meta.pop(SIGNATURE_KEY)
         doc.metadata = meta

@@ -185,12 +185,13 @@ def _token_text(tokenizer, token_id: int) -> str:
     return piece
 
 
-def _completion_logprobs(tokenizer, prefix: list[int], ids: list[int], scored: list, first_unscored: bool = False,
+def _completion_logprobs(tokenizer, decoder, ids: list[int], scored: list, first_unscored: bool = False,
                          base: int = 0) -> tuple[dict, int]:
-    """OpenAI's completions `logprobs` object for `ids` (decoded after `prefix`, the first at
-    character `base` of the text); `scored` holds (log p, alternatives) per token, for all but
-    the first when first_unscored (echo). Also returns the character offset after `ids`."""
-    decoder, offsets, at = tokenizer.stream_decoder(prefix), [], base
+    """OpenAI's completions `logprobs` object for `ids`, pushed through `decoder` (a stream
+    decoder holding the text before them, which starts at character `base`); `scored` holds
+    (log p, alternatives) per token, for all but the first when first_unscored (echo). Also
+    returns the character offset after `ids`."""
+    offsets, at = [], base
     for t in ids:
         offsets.append(at)
         at += len(decoder.push(t))
@@ -350,7 +351,8 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
         if opts["stream"]:
             engine.metrics.http[(endpoint, 200)] += 1
 
-            streamed = {"tokens": 0, "chars": 0}  # tokens whose log-probabilities went out; their text length
+            # Tokens whose log-probabilities went out, their text length, and a decoder holding that text.
+            streamed = {"tokens": 0, "chars": 0, "decoder": engine.tokenizer.stream_decoder(ids)}
 
             def new_logprobs() -> dict | None:
                 # The engine appends a token and its log-probabilities before it emits the token's
@@ -365,7 +367,7 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
                     return None
                 if chat:
                     return _chat_logprobs(engine.tokenizer, toks, scored)
-                out, streamed["chars"] = _completion_logprobs(engine.tokenizer, ids + req.tokens[:start], toks, scored,
+                out, streamed["chars"] = _completion_logprobs(engine.tokenizer, streamed["decoder"], toks, scored,
                                                               base=streamed["chars"])
                 return out
 
@@ -444,10 +446,10 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False):
         else:
             logprobs = None
             if n_logprobs is not None and echo:
-                logprobs = _completion_logprobs(tok, [], ids + req.tokens,
+                logprobs = _completion_logprobs(tok, tok.stream_decoder(), ids + req.tokens,
                                                 req.prompt_token_logprobs + req.token_logprobs, first_unscored=True)[0]
             elif n_logprobs is not None:
-                logprobs = _completion_logprobs(tok, ids, req.tokens, req.token_logprobs)[0]
+                logprobs = _completion_logprobs(tok, tok.stream_decoder(ids), req.tokens, req.token_logprobs)[0]
             if echo:
                 text = tok.decode(ids) + text
             choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": req.finish_reason}
