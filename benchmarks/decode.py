@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 
 from llamaworks.convert.command import llama_cpp_generate
-from llamaworks.generate import generate_ids
+from llamaworks.inference.generate import generate_ids
+from llamaworks.inference.kernels import use_gemv
 from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
-from llamaworks.quantize import use_gemv
 
 # "Config A" of the issue tracker: about 60M parameters, the shape of the paper's models.
 CONFIG_A = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048)
@@ -88,7 +88,7 @@ def bytes_per_step(model) -> int:
 
 
 def quantized_copy(model: Transformer, mode: str, group_size: int = 128) -> Transformer:
-    from llamaworks.quantize import quantizable, quantize_model
+    from llamaworks.inference.quant import quantizable, quantize_model
 
     # Share the fp32 Linear weights with the original rather than copying them first: for
     # the 1B model that is the difference between 5 and 10 GB at peak.
@@ -348,8 +348,8 @@ def perplexity_table(model_dir: str, text_file: str, seq_len: int, group_sizes: 
     """llama.cpp's quantisation table: per weight format, perplexity on held-out text, its
     change, bytes read per decode step and decode tokens/s (batch 1, the text's first 128
     tokens as the prompt, greedy), eager and with --compile."""
-    from llamaworks.modeldir import load_model
-    from llamaworks.quantize import perplexity
+    from llamaworks.inference.load import load_model
+    from llamaworks.inference.perplexity import perplexity
 
     model, tok = load_model(model_dir)
     ids = tok.encode(Path(text_file).read_text(encoding="utf-8", errors="replace"), bos=True, eos=False)

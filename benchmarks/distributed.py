@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/distributed.py --steps 5 --preset tiny
 
 For each strategy (one process; DDP, FSDP and TP+SP on 2 processes) a fresh set of
-processes builds the same model, parallelizes it with llamaworks.train.parallelize and
+processes builds the same model, parallelizes it with llamaworks.parallel.parallelize and
 times full training steps (forward, loss, backward, global-norm clipping, AdamW) on the
 same global batch of random tokens: the 2-process runs each take half of it (DDP, FSDP) or
 all of it split by heads and sequence (TP). tokens/s is the global batch over the median
@@ -70,10 +70,10 @@ def _worker(rank: int, world: int, port: int, name: str, a: argparse.Namespace, 
     import torch.nn.functional as F
 
     from llamaworks.model import ModelArgs, build_model
+    from llamaworks.parallel.distributed import clip_grad_norm_
+    from llamaworks.parallel.parallelize import ParallelDims, parallelize
     from llamaworks.train.config import OptimConfig
-    from llamaworks.train.distributed import clip_grad_norm_
     from llamaworks.train.optim import build_optimizer
-    from llamaworks.train.parallelize import ParallelDims, parallelize
 
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)

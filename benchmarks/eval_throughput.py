@@ -93,7 +93,7 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from llamaworks.convert.command import save_checkpoint
+    from llamaworks.convert.formats import save_checkpoint
     from llamaworks.eval.harness import LlamaworksLM
     from llamaworks.eval.lm import EvalModel
     from llamaworks.eval.run import evaluate_mc

@@ -79,8 +79,8 @@ def start_llama_cpp(args, folder: Path) -> tuple[subprocess.Popen, str]:
     """Export the checkpoint to GGUF in `folder` and start llama_cpp.server on it."""
     import torch
 
-    from llamaworks.convert.command import save_checkpoint
-    from llamaworks.modeldir import load_model
+    from llamaworks.convert.formats import save_checkpoint
+    from llamaworks.inference.load import load_model
 
     model, tok = load_model(args.checkpoint)
     gguf = save_checkpoint("gguf", model, tok, folder / f"model-{args.gguf_dtype}.gguf",
@@ -219,7 +219,7 @@ def main() -> None:
         results.append(serve_and_load("llamaworks", lambda: start_llamaworks(args), args))
     note = None
     if args.checkpoint and args.llama_cpp:
-        from llamaworks.quantize import read_quantization
+        from llamaworks.inference.quant import read_quantization
 
         note = llama_cpp_missing()
         if note is None and read_quantization(args.checkpoint) is not None:

@@ -49,12 +49,12 @@ from pathlib import Path
 import torch
 
 from llamaworks.model import ModelArgs, build_model, count_parameters
+from llamaworks.parallel.parallelize import apply_ac, apply_compile
 from llamaworks.plan import flops_per_token, matmul_parameters
 from llamaworks.train.config import OptimConfig
 from llamaworks.train.loss import lm_loss
-from llamaworks.train.metrics import measure_peak_flops
+from llamaworks.train.metrics_log import measure_peak_flops
 from llamaworks.train.optim import build_optimizer
-from llamaworks.train.parallelize import apply_ac, apply_compile
 
 # "Config A" of the issue tracker: about 60M parameters, the shape of the paper's models.
 CONFIG_A = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048)

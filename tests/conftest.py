@@ -1,11 +1,20 @@
-"""Shared fixtures: a tiny tokenizer and model directory, built once per test session."""
+"""Shared fixtures: a tiny tokenizer and model directory, token shards of the test corpus and a
+config factory for training runs of a few seconds, built once per test session."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
+
+from llamaworks.configfile import load_config, resolve_config_path
+from llamaworks.data.shards import prepare
+from llamaworks.model import ModelArgs, build_model
+from llamaworks.modeldir import save_model
+from llamaworks.tokenizer import Tokenizer
+from llamaworks.train.config import JobConfig
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +57,55 @@ def corpus_docs() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory, corpus_docs):
-    from llamaworks.tokenizer import Tokenizer
-
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     return Tokenizer.train(path, documents=corpus_docs, vocab_size=512, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
-    from llamaworks.model import ModelArgs, build_model
-
     args = ModelArgs.from_name("tiny", vocab_size=tiny_tokenizer.vocab_size, n_layers=2)
     return build_model(args, seed=0).eval()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
-    from llamaworks.modeldir import save_model
-
     return save_model(tiny_model, tiny_tokenizer, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def token_shards(tmp_path_factory, corpus_docs, tiny_tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    # ~4 KB documents with fixed ids: the hash-based val split depends on the ids only, and
+    # a tenth of ~190 documents gives a validation split of many windows.
+    chunks = [doc[i : i + 4000] for doc in corpus_docs for i in range(0, len(doc), 4000)]
+    with open(root / "corpus.jsonl", "w") as f:
+        for i, text in enumerate(chunks):
+            f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+    manifest = prepare([str(root / "corpus.jsonl")], str(tiny_tokenizer.path), root / "data",
+                       val_fraction=0.1, workers=1)
+    assert manifest["splits"]["val"]["tokens"] > 20 * 4 * 32, manifest["splits"]
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def make_config(token_shards):
+    """The shipped tiny_cpu.toml shrunk to 8 steps of 4 x 32 tokens on a 2-layer model."""
+
+    def make(out_dir: Path, **sections: dict) -> JobConfig:
+        over = {
+            "run": {"out_dir": str(out_dir)},
+            "data": {"dir": str(token_shards)},
+            "model": {"n_layers": 2},
+            "train": {"max_steps": 8, "batch_tokens": 128, "micro_batch_size": 4, "seq_len": 32,
+                      "device": "cpu", "dtype": "float32", "activation_checkpointing": "none"},
+            "schedule": {"warmup_steps": 2},  # so that the cosine part of the schedule runs too
+            "checkpoint": {"every": 3, "keep_last": 2},
+            "eval": {"every": 4, "batches": 2},
+            "log": {"every": 1, "progress": False},
+            "hardware": {"peak_flops": 1e12},  # skip the start-up matmul benchmark
+        }
+        for name, values in sections.items():
+            over[name] = {**over.get(name, {}), **values}
+        return load_config(JobConfig, resolve_config_path("tiny_cpu"), over)
+
+    return make

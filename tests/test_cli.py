@@ -65,3 +65,21 @@ def test_user_errors_are_one_line(monkeypatch, capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "llamaworks", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "pretrain" in out.stdout
+
+
+def test_a_command_group_lists_its_subcommands(capsys):
+    for group, sub in (("tokenizer", "tokenizer encode"), ("data", "data mix")):
+        assert main([group, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert sub in out and "usage: llamaworks " + group in out
+    assert main(["data"]) == 0 and "data run" in capsys.readouterr().out
+    assert main(["tokenizer", "frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown tokenizer subcommand 'frobnicate'" in err and "tokenizer train" in err
+
+
+def test_version(capsys):
+    from llamaworks import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"llamaworks {__version__}"

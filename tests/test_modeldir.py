@@ -6,8 +6,10 @@ import shutil
 import pytest
 import torch
 
+from llamaworks.inference.load import load_model
 from llamaworks.model import ModelArgs, build_model
-from llamaworks.modeldir import PARAMS, TOKENIZER, WEIGHTS, load_model, read_safetensors, save_model
+from llamaworks.modeldir import PARAMS, TOKENIZER, WEIGHTS, save_model
+from llamaworks.weights import read_safetensors
 
 
 def _copy(src, dst):

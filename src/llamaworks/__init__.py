@@ -8,9 +8,9 @@ _EXPORTS = {
     "Transformer": "llamaworks.model",
     "build_model": "llamaworks.model",
     "Tokenizer": "llamaworks.tokenizer",
-    "load_model": "llamaworks.modeldir",
+    "load_model": "llamaworks.inference.load",
     "save_model": "llamaworks.modeldir",
-    "generate": "llamaworks.generate",
+    "generate": "llamaworks.inference.generate",
 }
 
 

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated
 
-from llamaworks.cli import Arg
+from llamaworks.args import Arg
 
 __all__ = ["POWER_W", "PUE", "INTENSITY", "TABLE_15", "Table15Row", "energy_mwh", "tco2eq", "run_summary",
            "carbon_command"]

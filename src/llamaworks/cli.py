@@ -9,23 +9,19 @@ to give it help text, make it positional or rename its flag. A function that tak
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
+import os
 import sys
 import types
 import typing
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
+from llamaworks import __version__
+from llamaworks.args import Arg
+
 __all__ = ["Arg", "Annotated", "COMMANDS", "build_parser", "main"]
-
-
-@dataclass(frozen=True)
-class Arg:
-    help: str = ""
-    positional: bool = False
-    flag: str | None = None  # e.g. "--from" for a parameter that cannot be named `from`
-    metavar: str | None = None
 
 
 # command -> ("module:function", one-line summary). Modules import lazily, so
@@ -33,24 +29,27 @@ class Arg:
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llamaworks.demo:demo", "the main job: corpus -> tokenizer -> pretrain `small` -> samples"),
     "pretrain": ("llamaworks.train.trainer:pretrain", "pretrain with the paper's recipe from a config file"),
-    "generate": ("llamaworks.generate:generate_command", "generate text from a model directory"),
+    "generate": ("llamaworks.inference.command:generate_command", "generate text from a model directory"),
     "serve": ("llamaworks.serve.command:serve_command", "OpenAI-compatible HTTP server with continuous batching"),
-    "tokenizer train": ("llamaworks.tokenizer:train_command", "train a SentencePiece BPE tokenizer (section 2)"),
-    "tokenizer encode": ("llamaworks.tokenizer:encode_command", "print the token ids and pieces of a text"),
-    "tokenizer decode": ("llamaworks.tokenizer:decode_command", "print the text of token ids"),
+    "tokenizer train": ("llamaworks.tokenizer.command:train_command",
+                        "train a SentencePiece BPE tokenizer (section 2)"),
+    "tokenizer encode": ("llamaworks.tokenizer.command:encode_command", "print the token ids and pieces of a text"),
+    "tokenizer decode": ("llamaworks.tokenizer.command:decode_command", "print the text of token ids"),
     "data run": ("llamaworks.data.command:run_command", "clean and deduplicate one source of Table 1 (section 2.1)"),
     "data mix": ("llamaworks.data.mix:mix_command", "tokenise the sources and sample them by token share (Table 1)"),
     "data train-classifier": ("llamaworks.data.ccnet:train_classifier_command",
                               "train the fastText 'referenced by Wikipedia' page classifier (2.1)"),
     "data train-lm": ("llamaworks.data.ccnet:train_lm_command",
                       "train the n-gram language model (ARPA, for KenLM) behind the perplexity buckets"),
-    "prepare": ("llamaworks.train.shards:prepare_command", "tokenise documents into packed token shards"),
+    "prepare": ("llamaworks.data.shards:prepare_command", "tokenise documents into packed token shards"),
     "convert": ("llamaworks.convert.command:convert_command", "convert checkpoints: native, Meta, Hugging Face, GGUF"),
-    "quantize": ("llamaworks.quantize:quantize_command", "weight-only int8 / int4 quantisation of a model directory"),
+    "quantize": ("llamaworks.inference.command:quantize_command", "weight-only int8 / int4 quantisation of a model "
+                 "directory"),
     "plan": ("llamaworks.plan:plan_command", "memory and time plan for a preset on a GPU cluster"),
     "carbon": ("llamaworks.carbon:carbon_command", "energy and CO2 of a run (section 6, Table 15)"),
     "eval": ("llamaworks.eval.run:eval_command", "the paper's benchmarks (section 3) beside its LLaMA-7B/65B numbers"),
-    "eval code": ("llamaworks.eval.code:code_command", "pass@k of code samples (HumanEval) run in a sandbox (3.5)"),
+    "eval code": ("llamaworks.eval.code_exec:code_command",
+                  "pass@k of code samples (HumanEval) run in a sandbox (3.5)"),
 }
 
 
@@ -125,8 +124,6 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, Any, bool]:
 
 
 def _config_keys(cls) -> str:
-    import dataclasses
-
     lines = ["config keys (section.key = default):"]
     for section in dataclasses.fields(cls):
         sub = section.default_factory()
@@ -142,10 +139,30 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _group_usage(group: str) -> str:
+    names = [name for name in COMMANDS if name.split()[0] == group and " " in name]
+    width = max(map(len, names))
+    lines = [f"usage: llamaworks {group} SUBCOMMAND [options]   (llamaworks {group} SUBCOMMAND --help for its options)",
+             "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {COMMANDS[name][1]}" for name in names]
+    return "\n".join(lines)
+
+
+def _groups() -> set[str]:
+    """Command groups whose first word is not itself a command (`tokenizer`, `data`)."""
+    return {name.split()[0] for name in COMMANDS if " " in name} - set(COMMANDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"llamaworks {__version__}")
+        return 0
+    if argv[0] in _groups() and (len(argv) == 1 or argv[1] in ("-h", "--help", "help")):
+        print(_group_usage(argv[0]))
         return 0
     # Longest match first, so "tokenizer train" wins over a (hypothetical) "tokenizer".
     for n in (2, 1):
@@ -153,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         if command in COMMANDS and len(argv) >= n:
             break
     else:
-        print(f"llamaworks: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        if argv[0] in _groups():
+            print(f"llamaworks: unknown {argv[0]} subcommand {argv[1]!r}\n\n{_group_usage(argv[0])}", file=sys.stderr)
+        else:
+            print(f"llamaworks: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     parser, fn, takes_overrides = build_parser(command)
     rest = argv[len(command.split()):]
@@ -166,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         result = fn(**kwargs)
     except (ValueError, FileNotFoundError) as e:
         # User errors: one clear line, no traceback (set LLAMAWORKS_DEBUG=1 for one).
-        import os
-
         if os.environ.get("LLAMAWORKS_DEBUG"):
             raise
         print(f"llamaworks {command}: error: {e}", file=sys.stderr)

@@ -16,7 +16,18 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from llamaworks.cli import Arg
+from llamaworks.args import Arg
+from llamaworks.configfile import load_config
+from llamaworks.data.shards import open_token_dataset, prepare
+from llamaworks.device import resolve_device
+from llamaworks.inference.generate import generate
+from llamaworks.inference.load import load_model
+from llamaworks.model import ModelArgs, build_model
+from llamaworks.parallel.parallelize import apply_ac
+from llamaworks.tokenizer import Tokenizer
+from llamaworks.train.config import JobConfig
+from llamaworks.train.optim import build_optimizer
+from llamaworks.train.trainer import cross_entropy, format_summary, train
 
 log = logging.getLogger("llamaworks")
 
@@ -55,12 +66,6 @@ def probe_step_time(cfg, vocab_size: int) -> float:
     warm-up), so a time-bounded run can size its cosine schedule to the steps it will get."""
     import torch
 
-    from llamaworks.model import build_model
-    from llamaworks.modeldir import resolve_device
-    from llamaworks.train.optim import build_optimizer
-    from llamaworks.train.parallelize import apply_ac
-    from llamaworks.train.trainer import cross_entropy
-
     device, _ = resolve_device(cfg.train.device)
     args = cfg.model.build_args(vocab_size)
     model = build_model(args, device=device, seed=0)
@@ -94,15 +99,6 @@ def demo(
 ) -> int:
     """The main job: build a corpus, train a tokenizer, pretrain a small LLaMA, sample from it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from llamaworks.config import load_config
-    from llamaworks.generate import generate
-    from llamaworks.model import ModelArgs
-    from llamaworks.modeldir import load_model
-    from llamaworks.tokenizer import Tokenizer
-    from llamaworks.train.config import JobConfig
-    from llamaworks.train.shards import prepare
-    from llamaworks.train.trainer import format_summary, train
-
     if minutes <= 0 and steps is None:
         raise ValueError("--minutes must be positive (or give --steps N)")
     out_dir = Path(out)
@@ -131,8 +127,6 @@ def demo(
     t0 = time.perf_counter()
     if not (data_dir / "manifest.json").exists():
         prepare([str(f) for f in chosen], tokenizer, data_dir, val_fraction=0.02, seed=seed)
-    from llamaworks.train.shards import open_token_dataset
-
     manifest = open_token_dataset(data_dir)
     print(f"[3/4] token shards: {manifest['tokens']:,} tokens from {manifest['documents']:,} documents "
           f"in {time.perf_counter() - t0:.0f}s -> {data_dir}", file=sys.stderr)

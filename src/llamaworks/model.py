@@ -90,6 +90,23 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None 
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def ffn_params(dim: int, intermediate: int) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) that give a SwiGLU width of `intermediate`: the
+    inverse of ffn_hidden_dim, for checkpoints that store the width (HF, GGUF)."""
+    for m in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if ffn_hidden_dim(dim, m) == intermediate:
+            return m, None
+    # Not 2/3*4d rounded up: express the width through Llama 2's ffn_dim_multiplier. The
+    # largest power-of-two multiple_of that divides the width keeps the multiplier's
+    # float rounding harmless; nextafter covers a product landing one ulp short.
+    m = math.gcd(intermediate, 256)
+    mult = intermediate / int(2 * (4 * dim) / 3)
+    for cand in (mult, math.nextafter(mult, math.inf)):
+        if ffn_hidden_dim(dim, m, cand) == intermediate:
+            return m, cand
+    raise ValueError(f"cannot express intermediate_size={intermediate} for hidden_size={dim}")
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), computed in fp32."""
 

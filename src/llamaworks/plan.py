@@ -12,7 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
-from llamaworks.cli import Arg
+from llamaworks.args import Arg
+from llamaworks.carbon import format_summary, run_summary
 from llamaworks.model import ModelArgs, count_parameters
 
 __all__ = ["GPU", "GPUS", "Plan", "gpu_spec", "total_parameters", "matmul_parameters", "flops_per_token",
@@ -263,8 +264,6 @@ def plan_command(
     micro_batch: Annotated[int, Arg("sequences per GPU per forward pass")] = 1,
 ) -> int:
     """Memory per GPU, FLOPs, time and carbon of pretraining a preset on a GPU cluster."""
-    from llamaworks.carbon import format_summary, run_summary
-
     p = plan(preset, gpus, gpu, mfu, tokens_per_gpu_s, tokens, seq_len, batch_tokens, tp, dp_shard,
              activation_checkpointing, micro_batch)
     print(p.format())

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamaworks.convert.command import convert_command, load_checkpoint
-from llamaworks.modeldir import load_model
+from llamaworks.convert.command import convert_command
+from llamaworks.convert.formats import load_checkpoint
+from llamaworks.inference.load import load_model
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is an optional extra (pip install gguf)")
 
@@ -135,7 +136,7 @@ def test_bad_gguf_inputs(exported, tiny_model_dir, tmp_path):
 
 
 def test_commands_take_a_gguf_file_as_checkpoint(exported, tiny_model_dir):
-    from llamaworks.generate import generate
+    from llamaworks.inference.generate import generate
 
     model, tok = load_model(tiny_model_dir)
     assert load_model(exported, dtype="bfloat16")[0].output.weight.dtype == torch.bfloat16
@@ -153,7 +154,8 @@ def test_rebuilt_tokenizer_matches_llama_cpp(exported):
 
 
 def test_quantize_a_gguf_file(exported, tmp_path):
-    from llamaworks.quantize import Int8Linear, quantize_command
+    from llamaworks.inference.command import quantize_command
+    from llamaworks.inference.quant import Int8Linear
 
     assert quantize_command(str(exported), str(tmp_path / "q"), "int8") == 0
     model, _ = load_model(tmp_path / "q")

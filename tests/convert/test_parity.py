@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from llamaworks.cli import main as cli_main
-from llamaworks.convert.command import convert_command, greedy, load_checkpoint, save_checkpoint
+from llamaworks.convert.command import convert_command, greedy
+from llamaworks.convert.formats import load_checkpoint, save_checkpoint
 from llamaworks.convert.meta import load_meta
+from llamaworks.inference.load import load_model
 from llamaworks.model import ModelArgs, build_model
-from llamaworks.modeldir import load_model, save_model
+from llamaworks.modeldir import save_model
 
 transformers = pytest.importorskip("transformers")  # imported once for the module (~6 s)
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402

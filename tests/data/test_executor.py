@@ -143,7 +143,7 @@ def test_invalid_utf8_and_empty_documents(tmp_path):
 
 
 def test_output_is_readable_by_prepare(tmp_path, tiny_tokenizer):
-    from llamaworks.train.shards import prepare
+    from llamaworks.data.shards import prepare
 
     write_inputs(tmp_path / "in")
     LocalExecutor(tmp_path / "out", workers=1, progress=False).run("t", JsonlReader(), [ShortFilter()],

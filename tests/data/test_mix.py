@@ -10,9 +10,10 @@ import pytest
 
 from llamaworks import cli
 from llamaworks.data import mix as mixmod
+from llamaworks.data import shards
 from llamaworks.data.mix import MixConfig, _Draw, _interleave, load_mix_config, mix, plan_mix
-from llamaworks.train import shards
-from llamaworks.train.shards import TokenLoader, open_token_dataset
+from llamaworks.data.shards import open_token_dataset
+from llamaworks.train.loader import TokenLoader
 
 # Table 1: sampling proportion (%) and epochs over 1.4T tokens.
 TABLE1 = {"commoncrawl": (67.0, 1.10), "c4": (15.0, 1.06), "github": (4.5, 0.64), "wikipedia": (4.5, 2.45),

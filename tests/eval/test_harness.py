@@ -69,7 +69,7 @@ def task_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
-    from llamaworks.convert.command import save_checkpoint
+    from llamaworks.convert.formats import save_checkpoint
 
     return save_checkpoint("hf", tiny_model, tiny_tokenizer, tmp_path_factory.mktemp("hf") / "tiny")
 

@@ -116,7 +116,7 @@ def test_rolling_loglikelihood_covers_long_texts(tiny_model, tiny_tokenizer):
 
 
 def test_generate_until_is_greedy_and_cut_at_stop(tiny_model, tiny_tokenizer):
-    from llamaworks.generate import generate
+    from llamaworks.inference.generate import generate
 
     lm = EvalModel(tiny_model, tiny_tokenizer)
     ref = generate(tiny_model, tiny_tokenizer, ["The king said"], 12, temperature=0)[0].text

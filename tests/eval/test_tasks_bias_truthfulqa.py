@@ -7,8 +7,8 @@ import math
 import pytest
 
 from llamaworks.cli import main
-from llamaworks.eval.metrics import group_means, mc2_score
 from llamaworks.eval.run import evaluate_grouped, evaluate_truthfulqa, results_table
+from llamaworks.eval.scoring import group_means, mc2_score
 from llamaworks.eval.tasks import get_task
 from llamaworks.eval.tasks.bias import is_gotcha
 

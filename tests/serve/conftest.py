@@ -30,7 +30,7 @@ def running_server(model_dir, max_batch: int = 4, max_queue: int = 64, delay: fl
                    shutdown_timeout: float = 10.0):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    from llamaworks.modeldir import load_model
+    from llamaworks.inference.load import load_model
     from llamaworks.serve.command import make_server
     from llamaworks.serve.engine import Engine
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from llamaworks.generate import generate
+from llamaworks.inference.generate import generate
 
 from .conftest import MODEL, running_server
 

@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 
 @pytest.mark.slow
 def test_serve_command_end_to_end(tiny_model_dir, tiny_model, tiny_tokenizer):
-    from llamaworks.generate import generate
+    from llamaworks.inference.generate import generate
 
     cmd = [sys.executable, "-m", "llamaworks", "serve", "--checkpoint", str(tiny_model_dir), "--port", "0",
            "--max-batch", "2", "--max-queue", "4", "--model-name", "tiny-cli", "--device", "cpu"]
@@ -62,7 +62,7 @@ def test_serve_command_end_to_end(tiny_model_dir, tiny_model, tiny_tokenizer):
 def test_compile_by_default_only_for_quantised_models(tiny_model):
     import copy
 
-    from llamaworks.quantize import quantize_model
+    from llamaworks.inference.quant import quantize_model
     from llamaworks.serve.command import default_compile
 
     assert default_compile(tiny_model) is False

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from llamaworks.generate import generate
+from llamaworks.inference.generate import generate
 from llamaworks.serve.engine import Engine, EngineStopped, QueueFull, Request
 
 PROMPTS = ["The king", "Love is", "O fair lady of the night, speak", "Speak", "Thou art", "A"]
@@ -13,7 +13,7 @@ PROMPTS = ["The king", "Love is", "O fair lady of the night, speak", "Speak", "T
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from llamaworks.modeldir import load_model
+    from llamaworks.inference.load import load_model
 
     model, tok = load_model(tiny_model_dir)
     eng = Engine(model.eval(), tok, max_batch=3, max_queue=64).start()
@@ -83,7 +83,7 @@ def test_context_overflow_is_rejected(engine, tiny_tokenizer):
 
 
 def test_queue_bound_and_stop(tiny_model_dir):
-    from llamaworks.modeldir import load_model
+    from llamaworks.inference.load import load_model
 
     from .conftest import SlowModel
 

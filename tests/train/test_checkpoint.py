@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from llamaworks.inference.load import load_model
 from llamaworks.model import ModelArgs, build_model
-from llamaworks.modeldir import load_model
 from llamaworks.train import checkpoint as ckpt_io
 from llamaworks.train.config import OptimConfig
+from llamaworks.train.loader import TokenLoader
 from llamaworks.train.optim import build_optimizer
-from llamaworks.train.shards import TokenLoader
 
 
 @pytest.fixture

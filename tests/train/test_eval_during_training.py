@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llamaworks.train.metrics import read_metrics
+from llamaworks.train.metrics_log import read_metrics
 
 
 @pytest.fixture(scope="module")

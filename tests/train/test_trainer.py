@@ -19,19 +19,21 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import llamaworks.model
+import llamaworks.train.trainer
 from llamaworks.carbon import run_summary
 from llamaworks.cli import main
-from llamaworks.config import dumps, load_config
+from llamaworks.configfile import dumps, load_config
+from llamaworks.inference.load import load_model
 from llamaworks.model import ModelArgs, build_model
-from llamaworks.modeldir import load_model, read_safetensors
 from llamaworks.plan import flops_per_token
 from llamaworks.train.checkpoint import STATE, latest_checkpoint, list_checkpoints
 from llamaworks.train.config import JobConfig, OptimConfig
-from llamaworks.train.metrics import read_metrics
+from llamaworks.train.loader import TokenLoader
+from llamaworks.train.metrics_log import read_metrics
 from llamaworks.train.optim import build_optimizer
 from llamaworks.train.schedule import lr_at
-from llamaworks.train.shards import TokenLoader
 from llamaworks.train.trainer import accumulate_gradients, train
+from llamaworks.weights import read_safetensors
 
 
 def column(out: Path, key: str = "loss") -> list[tuple[int, float]]:
@@ -321,7 +323,7 @@ def test_a_non_finite_step_stops_the_run_unsaved(poison, make_config, tmp_path, 
         model.norm.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(llamaworks.model, "build_model", build_poisoned)
+    monkeypatch.setattr(llamaworks.train.trainer, "build_model", build_poisoned)
     assert main(["pretrain", "--config", str(config)]) == 3
     err = capsys.readouterr().err
     assert f"non-finite {poison} at step 5" in err

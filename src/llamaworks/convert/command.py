@@ -7,92 +7,20 @@ interrupted or failed conversion never leaves a half-written destination.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 
-from llamaworks.atomic import atomic_directory
-from llamaworks.cli import Arg
+from llamaworks.args import Arg
+from llamaworks.convert.formats import load_checkpoint, save_checkpoint
+from llamaworks.device import parse_dtype
 
 SRC_FORMATS = ("meta", "hf", "native", "gguf")
 DST_FORMATS = ("native", "hf", "gguf", "meta")
 # Above this many bytes of weights, conversions show a progress bar (on a terminal).
 PROGRESS_BYTES = 256 << 20
 VERIFY_TEXTS = ("The capital of France is", "def fibonacci(n):\n    ", " 1 + 1 = 2, 12 * 12 =", "Il était une fois")
-
-
-def load_checkpoint(fmt: str, src: str | os.PathLike, dtype: torch.dtype | None = None, progress: bool = False):
-    """(model, tokenizer) from a checkpoint in `fmt`, memory-mapped where the format allows."""
-    src = Path(src)
-    if fmt not in SRC_FORMATS:
-        raise ValueError(f"--from {fmt!r}: unknown source format; choose one of {', '.join(SRC_FORMATS)}")
-    if not src.exists():
-        raise FileNotFoundError(f"source {src} does not exist")
-    if fmt == "gguf":
-        from llamaworks.convert.gguf import load_gguf
-
-        if src.is_dir():
-            found = sorted(src.glob("*.gguf"))
-            if len(found) != 1:
-                raise ValueError(f"source {src} is a folder with {len(found)} .gguf files; pass the .gguf file")
-            src = found[0]
-        return load_gguf(src, dtype=dtype)
-    if not src.is_dir():
-        raise ValueError(f"source {src} is a file; --from {fmt} reads a folder")
-    if fmt == "native":
-        from llamaworks.modeldir import load_model
-
-        return load_model(src, dtype=dtype)
-    if fmt == "meta":
-        from llamaworks.convert.meta import load_meta
-
-        return load_meta(src, dtype=dtype, progress=progress)
-    from llamaworks.convert.hf import load_hf
-
-    return load_hf(src, dtype=dtype)
-
-
-def save_checkpoint(fmt: str, model, tokenizer, dst: str | os.PathLike, shards: int | None = None,
-                    dtype: torch.dtype | None = None, progress: bool = False, overwrite: bool = False) -> Path:
-    """Write `model` in `fmt` atomically; returns the path written (for GGUF, the .gguf file)."""
-    dst = Path(dst)
-    if fmt not in DST_FORMATS:
-        raise ValueError(f"--to {fmt!r}: unknown destination format; choose one of {', '.join(DST_FORMATS)}")
-    if shards is not None and fmt != "meta":
-        raise ValueError(f"--shards applies to --to meta (model-parallel shards), not --to {fmt}")
-    if fmt in ("native", "meta") and tokenizer is not None and not hasattr(tokenizer, "model_proto"):
-        raise ValueError(f"--to {fmt} needs a SentencePiece tokenizer.model, but the source has only "
-                         f"{tokenizer.path.name}; add the original tokenizer.model to the source folder")
-    state, args = model.state_dict(), model.args
-    if fmt == "gguf":
-        from llamaworks.convert.gguf import write_gguf
-
-        if dst.suffix != ".gguf":
-            raise ValueError(f"destination {dst}: a GGUF file name ends in .gguf")
-        if dst.exists() and not overwrite:
-            raise ValueError(f"{dst} already exists; choose another destination")
-        # A folder written atomically, then its one file renamed into place: both renames are atomic.
-        with atomic_directory(dst.parent / f".{dst.name}.parts", overwrite=True) as tmp:
-            write_gguf(state, args, tokenizer, tmp / dst.name, dtype=dtype, progress=progress)
-        os.replace(dst.parent / f".{dst.name}.parts" / dst.name, dst)
-        (dst.parent / f".{dst.name}.parts").rmdir()
-        return dst
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
-        if fmt == "native":
-            from llamaworks.modeldir import write_model_files
-
-            write_model_files(model, tokenizer, tmp, dtype)
-        elif fmt == "meta":
-            from llamaworks.convert.meta import write_meta_files
-
-            write_meta_files(state, args, tokenizer, tmp, shards or 1, dtype, progress)
-        else:
-            from llamaworks.convert.hf import write_hf_files
-
-            write_hf_files(state, args, tokenizer, tmp, dtype, progress=progress)
-    return dst
 
 
 def verification_prompts(model, tokenizer, n: int = 4) -> list[list[int]]:
@@ -174,8 +102,6 @@ def convert_command(
                                 "result on a few prompts")] = False,
 ) -> None:
     """Convert a checkpoint between llamaworks (native), Meta, Hugging Face and GGUF formats."""
-    from llamaworks.modeldir import parse_dtype
-
     dt = parse_dtype(dtype)
     if Path(dst).exists():
         raise ValueError(f"destination {dst} already exists; choose a new path (conversions never overwrite)")

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from llamaworks.model import ModelArgs
+from llamaworks.model import ModelArgs, ffn_params
+from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer.spm_proto import sentencepiece_model
+from llamaworks.weights import model_from_state
 
 # Per-layer Meta suffix -> GGUF name (prefix layers.N. -> blk.N.), as llama.cpp's
 # gguf-py tensor map (MODEL_TENSOR names for LLM_ARCH_LLAMA).
@@ -134,12 +137,6 @@ def write_gguf(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer, path:
     w.close()
 
 
-def gguf_path(dst: Path) -> Path:
-    return dst if dst.suffix == ".gguf" else dst / "model.gguf"
-
-
-# --- import: a llama.cpp GGUF file -> a Meta-keyed model and its SentencePiece tokenizer ------
-
 def meta_key(name: str) -> str:
     inverse = {v: k for k, v in TOP_KEYS.items()}
     if name in inverse:
@@ -171,48 +168,7 @@ def _array(reader, key: str) -> list:
     return [f.parts[i] for i in f.data]
 
 
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int32 values (pad_id -1) take ten bytes, as protobuf writes them
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _pb(field: int, value) -> bytes:
-    """One protobuf field: int/bool as a varint, float as fixed32, bytes/str length-delimited."""
-    import struct
-
-    if isinstance(value, float):
-        return _varint(field << 3 | 5) + struct.pack("<f", value)
-    if isinstance(value, (bool, int)):
-        return _varint(field << 3) + _varint(int(value))
-    data = value.encode("utf-8") if isinstance(value, str) else value
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
-
-
-def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int], unk_id: int, bos_id: int,
-                        eos_id: int) -> bytes:
-    """A SentencePiece BPE ModelProto (serialised) with LLaMA's settings: byte fallback, identity
-    normalisation, a dummy prefix, whitespace kept as is. Written by hand (sentencepiece_model.proto
-    field numbers) so that protobuf is not a dependency. GGUF token types use SentencePiece's
-    numbering (1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte)."""
-    # llama.cpp's SPM tokenizer never splits digits; SentencePiece's split_digits gives the same
-    # pieces when no piece holds two digits (LLaMA's vocabulary), and records the paper's recipe.
-    split_digits = not any(sum(c.isdigit() for c in p) > 1 for p in pieces)
-    out = b"".join(_pb(1, _pb(1, p) + _pb(2, float(s)) + _pb(3, int(t))) for p, s, t in zip(pieces, scores, types))
-    trainer = (_pb(3, 2) + _pb(4, len(pieces)) + _pb(25, split_digits) + _pb(26, True) + _pb(35, True)
-               + _pb(40, unk_id) + _pb(41, bos_id) + _pb(42, eos_id) + _pb(43, -1)
-               + _pb(45, pieces[unk_id]) + _pb(46, pieces[bos_id]) + _pb(47, pieces[eos_id]))
-    normalizer = _pb(1, "identity") + _pb(2, b"") + _pb(3, True) + _pb(4, False) + _pb(5, True)
-    return out + _pb(2, trainer) + _pb(3, normalizer)
-
-
 def tokenizer_from_gguf(reader, path: Path):
-    from llamaworks.tokenizer import Tokenizer
-
     model = _field(reader, "tokenizer.ggml.model", "")
     if model != "llama":
         raise ValueError(f"{path}: tokenizer.ggml.model is {model!r}; only the SentencePiece (\"llama\") "
@@ -234,8 +190,6 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
     to float32 (or `dtype`) with gguf-py's reference dequantisers."""
     import numpy as np
 
-    from llamaworks.convert.hf import _ffn_params
-    from llamaworks.modeldir import model_from_state
 
     gguf = _import_gguf()
     path = Path(path)
@@ -256,7 +210,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None):
     dim, n_heads = int(_field(reader, key("embedding_length"))), int(_field(reader, key("attention.head_count")))
     if int(_field(reader, key("rope.dimension_count"), dim // n_heads)) != dim // n_heads:
         raise ValueError(f"{path}: partial rotary embeddings are not LLaMA's")
-    multiple_of, mult = _ffn_params(dim, int(_field(reader, key("feed_forward_length"))))
+    multiple_of, mult = ffn_params(dim, int(_field(reader, key("feed_forward_length"))))
     tokenizer = tokenizer_from_gguf(reader, path)
     args = ModelArgs(dim=dim, n_layers=int(_field(reader, key("block_count"))), n_heads=n_heads,
                      n_kv_heads=int(_field(reader, key("attention.head_count_kv"), n_heads)),

@@ -7,11 +7,13 @@ wq/wk rows reordered within each head when crossing over; everything else is ren
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from llamaworks.model import ModelArgs, ffn_hidden_dim
+from llamaworks.atomic import atomic_write_json
+from llamaworks.model import ModelArgs, ffn_params
+from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer.hf import HFTokenizer, save_tokenizer_json
+from llamaworks.weights import model_from_state, read_safetensors
 
 # Per-layer suffixes, Meta -> HF (prefix layers.N. -> model.layers.N.).
 LAYER_KEYS: dict[str, str] = {
@@ -131,21 +133,6 @@ def hf_config_dict(args: ModelArgs, dtype: torch.dtype | str = torch.float32) ->
     }
 
 
-def _ffn_params(dim: int, intermediate: int) -> tuple[int, float | None]:
-    for m in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if ffn_hidden_dim(dim, m) == intermediate:
-            return m, None
-    # Not 2/3*4d rounded up: express the width through Llama 2's ffn_dim_multiplier. The
-    # largest power-of-two multiple_of that divides the width keeps the multiplier's
-    # float rounding harmless; nextafter covers a product landing one ulp short.
-    m = math.gcd(intermediate, 256)
-    mult = intermediate / int(2 * (4 * dim) / 3)
-    for cand in (mult, math.nextafter(mult, math.inf)):
-        if ffn_hidden_dim(dim, m, cand) == intermediate:
-            return m, cand
-    raise ValueError(f"cannot express intermediate_size={intermediate} for hidden_size={dim}")
-
-
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     """ModelArgs from a config.json / LlamaConfig.to_dict() dict; rejects what the model cannot express."""
 
@@ -166,7 +153,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise bad(f"head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads")
-    multiple_of, mult = _ffn_params(dim, cfg["intermediate_size"])
+    multiple_of, mult = ffn_params(dim, cfg["intermediate_size"])
     return ModelArgs(
         dim=dim,
         n_layers=cfg["num_hidden_layers"],
@@ -208,8 +195,6 @@ def write_hf_files(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer, f
 
     from safetensors.torch import save_file
     from tqdm import tqdm
-
-    from llamaworks.atomic import atomic_write_json
 
     folder = Path(folder)
     names = key_map(args.n_layers)
@@ -255,9 +240,6 @@ def write_hf_tokenizer_files(tokenizer, folder) -> None:
     """tokenizer.json (+ tokenizer.model when SentencePiece), tokenizer_config.json, special_tokens_map.json."""
     from pathlib import Path
 
-    from llamaworks.atomic import atomic_write_json
-    from llamaworks.convert.hf_tokenizer import HFTokenizer, save_tokenizer_json
-
     folder = Path(folder)
     if isinstance(tokenizer, HFTokenizer):
         tokenizer.save(folder / "tokenizer.json")
@@ -282,8 +264,6 @@ def read_hf_state_dict(folder) -> dict[str, torch.Tensor]:
     or pytorch_model*.bin; memory-mapped, not read."""
     import json
     from pathlib import Path
-
-    from llamaworks.modeldir import read_safetensors
 
     folder = Path(folder)
 
@@ -336,8 +316,6 @@ def load_hf(folder, dtype: torch.dtype | None = None):
     import json
     from pathlib import Path
 
-    from llamaworks.modeldir import model_from_state
-
     folder = Path(folder)
     if not (folder / HF_CONFIG).is_file():
         raise FileNotFoundError(f"{folder / HF_CONFIG} is missing: is {folder} a Hugging Face model folder?")
@@ -348,12 +326,8 @@ def load_hf(folder, dtype: torch.dtype | None = None):
         raise ValueError(f"{folder / HF_CONFIG}: {e}") from None
     tok = None
     if (folder / "tokenizer.model").is_file():
-        from llamaworks.tokenizer import Tokenizer
-
         tok = Tokenizer(folder / "tokenizer.model")
     elif (folder / "tokenizer.json").is_file():
-        from llamaworks.convert.hf_tokenizer import HFTokenizer
-
         tok = HFTokenizer(folder / "tokenizer.json")
     hf_state = read_hf_state_dict(folder)
     try:

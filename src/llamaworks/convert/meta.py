@@ -28,6 +28,7 @@ import torch
 from llamaworks.atomic import atomic_write_json
 from llamaworks.model import ModelArgs, Transformer
 from llamaworks.modeldir import PARAMS, TOKENIZER, read_params
+from llamaworks.tokenizer import Tokenizer
 
 # Per-layer Meta suffix -> the dimension fairscale split it on; None: replicated.
 LAYER_SPLIT: dict[str, int | None] = {
@@ -166,8 +167,6 @@ def iter_merged(folder: Path, args: ModelArgs, progress: bool = False) -> Iterat
 def load_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None, max_seq_len: int | None = None,
               progress: bool = False):
     """(model, tokenizer) from a Meta folder of any shard count; the model is in eval mode."""
-    from llamaworks.tokenizer import Tokenizer
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Meta checkpoint folder {folder} does not exist")

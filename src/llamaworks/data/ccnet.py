@@ -33,10 +33,11 @@ from typing import Annotated, Any
 
 import numpy as np
 
+from llamaworks.args import Arg
 from llamaworks.atomic import atomic_open, atomic_write_bytes, atomic_write_text
-from llamaworks.cli import Arg
 from llamaworks.data.document import Document, read_jsonl
 from llamaworks.data.step import Dropped, Filter, Step
+from llamaworks.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def _load(kind: str, path: str) -> Any:
             except (OSError, RuntimeError) as e:
                 raise ValueError(f"{path} is not a KenLM model (ARPA or binary): {e}") from None
         else:
-            from llamaworks.tokenizer import Tokenizer
-
             tok = Tokenizer(path)
             # Piece strings by id, once: the LM's words are the pieces (CCNet scores "▁the ▁cat").
             _LOADED[key] = (tok, [tok.id_to_piece(i) for i in range(tok.vocab_size)])

@@ -21,10 +21,10 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from llamaworks.data.executor import Executor, _Run, run_global_stage
+from llamaworks.data.executor import Executor, RunPlan, run_global_stage
 
 
-def _shard_task(run: _Run, s: int, shard: int, path: str) -> dict:
+def _shard_task(run: RunPlan, s: int, shard: int, path: str) -> dict:
     return run.run_shard(s, shard, Path(path))
 
 

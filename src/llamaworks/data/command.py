@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from llamaworks.cli import Annotated, Arg
+from llamaworks.args import Annotated, Arg
+from llamaworks.data.arxiv import ArxivCleaner, ArxivReader
+from llamaworks.data.books import GutenbergCleaner, GutenbergReader
+from llamaworks.data.c4 import C4Filter
+from llamaworks.data.ccnet import CCNetOptions, LanguageId, ccnet_steps, fit_perplexity_cutoffs
+from llamaworks.data.cluster import DaskExecutor
+from llamaworks.data.commoncrawl import WetReader
+from llamaworks.data.dedup import ExactDedup, LineDedup, MinHashDedup
+from llamaworks.data.executor import JsonlReader, LocalExecutor
+from llamaworks.data.github import CodeQualityFilter, GithubReader, LicenseFilter, LicenseHeaderCleaner
+from llamaworks.data.stackexchange import SiteFilter, StackExchangeReader
+from llamaworks.data.wikipedia import LanguageFilter, WikiCleaner, WikipediaReader
 
 SOURCES = ("commoncrawl", "books", "c4", "github", "arxiv", "stackexchange", "wikipedia", "jsonl")
 
@@ -13,52 +24,28 @@ def pipeline(source: str, *, badwords: str | None = None, dedup_threshold: float
              sites: list[str] | None = None, languages: list[str] | None = None, ccnet=None):
     """(reader, steps) for a source; `ccnet` (data.ccnet.CCNetOptions) holds the model options."""
     if source == "commoncrawl":
-        from llamaworks.data.ccnet import CCNetOptions, ccnet_steps
-        from llamaworks.data.commoncrawl import WetReader
-        from llamaworks.data.dedup import LineDedup
-
         # CCNet dedups lines within a group of shards; here the whole run is one group (the dedup state
         # spills to disk past --dedup-memory-mb), which removes at least as much as CCNet's groups.
         return WetReader(), [LineDedup(), *ccnet_steps(ccnet or CCNetOptions())]
     if source == "books":
-        from llamaworks.data.books import GutenbergCleaner, GutenbergReader
-        from llamaworks.data.dedup import MinHashDedup
-
         return GutenbergReader(), [GutenbergCleaner(), MinHashDedup(threshold=dedup_threshold)]
     if source == "c4":
-        from llamaworks.data.c4 import C4Filter
-        from llamaworks.data.dedup import LineDedup
-        from llamaworks.data.executor import JsonlReader
-
         # Line dedup first (CCNet order: dedup, then quality), so repeated boilerplate lines do
         # not count toward C4's sentence minimum. Language id last, on the cleaned page as C4 did;
         # optional because the public C4 (c4/en) is already English-only.
         steps = [LineDedup(), C4Filter(badwords=badwords)]
         if ccnet is not None and ccnet.lid_model is not None:
-            from llamaworks.data.ccnet import LanguageId
-
             steps.append(LanguageId(ccnet.lid_model, ccnet.lid_languages, ccnet.lid_threshold))
         return JsonlReader(), steps
     if source == "github":
-        from llamaworks.data.dedup import ExactDedup
-        from llamaworks.data.github import CodeQualityFilter, GithubReader, LicenseFilter, LicenseHeaderCleaner
-
         return GithubReader(), [LicenseFilter(), CodeQualityFilter(), LicenseHeaderCleaner(), ExactDedup()]
     if source == "arxiv":
-        from llamaworks.data.arxiv import ArxivCleaner, ArxivReader
-
         return ArxivReader(), [ArxivCleaner()]
     if source == "stackexchange":
-        from llamaworks.data.stackexchange import SiteFilter, StackExchangeReader
-
         return StackExchangeReader(), [SiteFilter(sites)]
     if source == "wikipedia":
-        from llamaworks.data.wikipedia import LanguageFilter, WikiCleaner, WikipediaReader
-
         return WikipediaReader(), [LanguageFilter(languages), WikiCleaner()]
     if source == "jsonl":
-        from llamaworks.data.executor import JsonlReader
-
         return JsonlReader(), []
     raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
 
@@ -110,9 +97,6 @@ def run_command(
 ) -> int:
     """Run a source's cleaning pipeline; kept documents go to DIR/documents/ as JSONL shards that
     `llamaworks prepare --input DIR/documents` tokenises. A killed run resumes where it stopped."""
-    from llamaworks.data.ccnet import CCNetOptions, fit_perplexity_cutoffs
-    from llamaworks.data.executor import LocalExecutor
-
     ccnet = CCNetOptions(lid_model=lid_model, lid_threshold=lid_threshold, lm_model=lm_model, lm_tokenizer=lm_tokenizer,
                          perplexity_cutoffs=perplexity_cutoffs, perplexity_sample=perplexity_sample,
                          wikiref_model=wikiref_model, wikiref_threshold=wikiref_threshold, skip_wikiref=skip_wikiref,
@@ -130,8 +114,6 @@ def run_command(
         if workers is not None:
             raise ValueError("--workers is for local runs; with --cluster the cluster's workers run the shards "
                              "(local:N sets their number)")
-        from llamaworks.data.cluster import DaskExecutor
-
         ex = DaskExecutor(output, cluster, **common)
     else:
         ex = LocalExecutor(output, workers=workers, **common)

@@ -135,7 +135,7 @@ def _stages(steps: list[Step]) -> list[_Stage]:
     return stages
 
 
-class _Run:
+class RunPlan:
     """Everything one shard needs; pickled once into each worker."""
 
     def __init__(self, out: Path, reader: Reader, stages: list[_Stage], keep_excluded: bool, on_malformed: str,
@@ -198,7 +198,7 @@ class _Run:
         return result
 
 
-def run_global_stage(run: _Run, s: int, after_shard: Callable[[int], None] | None = None) -> list[int]:
+def run_global_stage(run: RunPlan, s: int, after_shard: Callable[[int], None] | None = None) -> list[int]:
     """Stream every shard of stage `s - 1` through the stage's (global) steps in one process, in
     shard order; return the shards it ran. Finished shards are a prefix (shard order): their
     kept documents restore the steps' state, unless a step cannot restore (then all is redone)."""
@@ -252,10 +252,10 @@ def _accounted(events, st: StepStats, step: str, excluded: ShardWriter | None) -
                             "LinesRemoved")
 
 
-_WORKER: _Run | None = None
+_WORKER: RunPlan | None = None
 
 
-def _init_worker(run: _Run) -> None:
+def _init_worker(run: RunPlan) -> None:
     global _WORKER
     _WORKER = run
 
@@ -318,7 +318,7 @@ class Executor:
             for tmp in (self.out / sub).rglob(".*.tmp") if (self.out / sub).is_dir() else ():
                 tmp.unlink(missing_ok=True)
         stages = _stages(steps)
-        run = _Run(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression,
+        run = RunPlan(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression,
                    len(files), self.dedup_memory)
         for stage in stages:
             s = stage.index
@@ -344,11 +344,11 @@ class Executor:
         atomic_write_text(self.out / "DATACARD.md", data_card(stats))
         return stats
 
-    def _map(self, run: _Run, todo: list[tuple[int, int, str]]) -> Iterator[dict]:
+    def _map(self, run: RunPlan, todo: list[tuple[int, int, str]]) -> Iterator[dict]:
         """Run `run.run_shard(s, shard, path)` for each task; yield each result as it finishes."""
         raise NotImplementedError
 
-    def _run_global(self, run: _Run, s: int, after_shard: Callable[[int], None]) -> None:
+    def _run_global(self, run: RunPlan, s: int, after_shard: Callable[[int], None]) -> None:
         run_global_stage(run, s, after_shard)
 
     def _bar(self, total: int, done: int, desc: str):
@@ -356,7 +356,7 @@ class Executor:
 
         return tqdm(total=total, initial=done, desc=desc, unit="shard", disable=not self.progress)
 
-    def _collect(self, run: _Run, source: str, n: int) -> dict:
+    def _collect(self, run: RunPlan, source: str, n: int) -> dict:
         steps: list[dict] = []
         read = {"files": n, "documents": 0, "malformed": []}
         for stage in run.stages:

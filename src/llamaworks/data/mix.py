@@ -49,9 +49,20 @@ from typing import Annotated, Any
 
 import numpy as np
 
+from llamaworks import __version__
+from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_bytes, atomic_write_json
-from llamaworks.cli import Arg
-from llamaworks.config import from_dict, load_config
+from llamaworks.configfile import from_dict, load_config, resolve_config_path
+from llamaworks.data.shards import FORMAT as SHARDS_FORMAT
+from llamaworks.data.shards import (
+    ShardWriter,
+    TokenStream,
+    input_files,
+    load_tokenizer,
+    prepare,
+    sha256_file,
+    window_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +167,6 @@ class MixConfig:
 def load_mix_config(path: str | os.PathLike | None, overrides: list[str] | dict | None = None) -> MixConfig:
     """A mix config file (or the name of a shipped one, e.g. `mix_paper`) plus --key / --sources.NAME.key overrides."""
     if path is not None and not Path(path).exists():
-        from llamaworks.train.trainer import resolve_config_path  # only for shipped names: it imports torch
-
         path = resolve_config_path(str(path))
     return load_config(MixConfig, path, overrides)
 
@@ -221,10 +230,8 @@ def _resolve_inputs(name: str, inputs: list[str]) -> list[str]:
 
 
 def _input_listing(inputs: list[str]) -> list[list]:
-    from llamaworks.train.shards import _input_files
-
     out = []
-    for file, _, _ in _input_files(inputs):
+    for file, _, _ in input_files(inputs):
         st = file.stat()
         out.append([str(file.resolve()), st.st_size, st.st_mtime_ns])
     return out
@@ -251,8 +258,6 @@ def _load_cache(root: Path) -> _Cache:
 
 def _source_cache(cfg: MixConfig, name: str, inputs: list[str], listing: list, tok_sha: str) -> _Cache:
     """The source's tokenised cache, built unless its marker says it matches inputs and tokenizer."""
-    from llamaworks.train.shards import prepare
-
     root = Path(cfg.output) / ".mix" / "sources" / name
     key = {"inputs": listing, "tokenizer_sha256": tok_sha, "val_fraction": cfg.val_fraction}
     marker = root / "cache.json"
@@ -301,8 +306,6 @@ class _Draw:
         self._buf = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))  # documents, lengths, keys
 
     def _more(self) -> bool:
-        from llamaworks.train.shards import window_order
-
         n = len(self.lengths)
         if self.tokens >= self.budget or n == 0:
             return False
@@ -381,12 +384,10 @@ def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_
     """Write the split's stream into shards, resuming after the full shards already on disk."""
     from tqdm import tqdm
 
-    from llamaworks.train.shards import TokenStream, _ShardWriter
-
     out = Path(cfg.output)
     done = _finished_shards(out, split, cfg.shard_tokens, dtype.itemsize)
     skip = len(done) * cfg.shard_tokens  # stream tokens already on disk
-    writer = _ShardWriter(out, split, dtype, cfg.shard_tokens, shards=done)
+    writer = ShardWriter(out, split, dtype, cfg.shard_tokens, shards=done)
     streams = [TokenStream(c.root, c.manifest, split) for c in caches]
     pos = 0  # stream offset of the current window's first document
     total = sum(d.budget for d in draws)
@@ -465,10 +466,8 @@ def mix(cfg: MixConfig, *, dry_run: bool = False, overwrite: bool = False, progr
         available = {n: s.available_tokens for n, s in cfg.sources.items()}
         return _report(cfg, {"train": plan_mix(available, weights, total)}, dry_run=True)
 
-    from llamaworks.train.shards import _load_tokenizer, _sha256
-
-    _load_tokenizer(cfg.tokenizer)  # a missing or broken tokenizer fails here, before anything is written
-    tok_sha = _sha256(Path(cfg.tokenizer))
+    load_tokenizer(cfg.tokenizer)  # a missing or broken tokenizer fails here, before anything is written
+    tok_sha = sha256_file(Path(cfg.tokenizer))
     out = Path(cfg.output)
     tokenised = {n: s for n, s in cfg.sources.items() if s.available_tokens is None}
     inputs = {n: _resolve_inputs(n, s.inputs) for n, s in tokenised.items()}
@@ -498,9 +497,6 @@ def mix(cfg: MixConfig, *, dry_run: bool = False, overwrite: bool = False, progr
                                    epochs=d.tokens / max(1, plans[split][n]["available_tokens"]))
     report = _report(cfg, plans, dry_run=False)
     atomic_write_json(out / "mix.json", report)
-
-    from llamaworks import __version__
-    from llamaworks.train.shards import FORMAT as SHARDS_FORMAT
 
     splits = {s: {"documents": sum(p["documents"] for p in plans[s].values()),
                   "tokens": sum(p["tokens"] for p in plans[s].values()), "shards": shards[s]} for s in plans}

@@ -15,16 +15,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llamaworks.eval.lm import EvalModel
+from llamaworks.eval.run import evaluate_mc, evaluate_qa
+from llamaworks.eval.tasks import MCTask, QATask, get_task
+
 __all__ = ["TaskEvaluator", "evaluate_tasks"]
 
 
 def evaluate_tasks(model, tokenizer, task_sets, *, batch_size: int = 8) -> dict[str, float]:
     """{"eval/<task>": accuracy} of `model` on (task, examples) pairs; the model's train/eval
     mode is restored afterwards."""
-    from llamaworks.eval.lm import EvalModel
-    from llamaworks.eval.run import evaluate_mc, evaluate_qa
-    from llamaworks.eval.tasks import MCTask
-
     was_training = model.training
     try:
         lm = EvalModel(model, tokenizer, batch_size=batch_size)
@@ -48,8 +48,6 @@ class TaskEvaluator:
     @classmethod
     def from_config(cls, cfg) -> TaskEvaluator | None:
         """From an `EvalConfig` (tasks, task_data, task_limit, task_every); None without tasks."""
-        from llamaworks.eval.tasks import MCTask, QATask, get_task
-
         if not cfg.tasks:
             return None
         every = cfg.task_every or cfg.every

@@ -30,6 +30,9 @@ import logging
 import os
 from pathlib import Path
 
+from llamaworks.atomic import atomic_write_json
+from llamaworks.eval.lm import EvalModel, GenOptions
+
 __all__ = ["LlamaworksLM", "harness_available", "run_harness"]  # noqa: F822 (LlamaworksLM: built lazily)
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,6 @@ def harness_available() -> bool:
 
 def _gen_options(kwargs: dict) -> dict:
     """lm-eval's gen_kwargs as EvalModel options (until, max_gen_toks, temperature, do_sample, top_p, seed)."""
-    from llamaworks.eval.lm import GenOptions
-
     opts = dict(kwargs or {})
     for key, neutral in _NEUTRAL_GEN_KWARGS.items():
         if key in opts and opts[key] in (neutral, None):
@@ -69,8 +70,6 @@ def _build_class():
     import lm_eval.models  # noqa: F401  (lm-eval's own models first: it loads them only into an empty registry)
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-
-    from llamaworks.eval.lm import EvalModel
 
     class LlamaworksLM(LM):
         """An lm-evaluation-harness `LM` over a llamaworks model directory or an `EvalModel`.
@@ -181,8 +180,6 @@ def harness_command(checkpoint, tasks: list[str], *, include_path=None, limit=No
                       log_samples=output is not None)
     print(make_table(out))
     if output:
-        from llamaworks.atomic import atomic_write_json
-
         atomic_write_json(Path(output), _jsonable({
             "checkpoint": str(checkpoint), "harness": "lm-eval", "add_bos": add_bos,
             "results": out.get("results", {}), "n-shot": out.get("n-shot", {}), "configs": out.get("configs", {}),

@@ -35,6 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llamaworks.device import resolve_device
+from llamaworks.inference.load import load_model
+from llamaworks.inference.sampling import sample
 from llamaworks.model import Transformer
 
 __all__ = ["EvalModel", "rolling_windows", "disjoint_window", "split_trailing_space", "GenOptions"]
@@ -139,8 +142,6 @@ class EvalModel:
 
     @classmethod
     def from_dir(cls, path, device: str = "auto", dtype: str | None = None, **kwargs) -> EvalModel:
-        from llamaworks.modeldir import load_model, resolve_device
-
         dev, dt = resolve_device(device, dtype)
         model, tokenizer = load_model(path, device=dev, dtype=dt)
         return cls(model, tokenizer, **kwargs)
@@ -226,8 +227,6 @@ class EvalModel:
         # Right-padded prefill, then one token per step at each row's own position (as
         # generate_ids). Sampling draws each row's noise from its own generator, seeded by
         # (seed, request index), so a sample does not depend on the batch it runs in.
-        from llamaworks.generate import sample
-
         model, eos, dev = self.model, self.tokenizer.eos_id, self.device
         bsz, longest = len(prompts), max(map(len, prompts))
         max_new = min(o.max_gen_toks, self.max_length - longest)

@@ -11,8 +11,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-from llamaworks.cli import Arg
-from llamaworks.eval.metrics import (
+from llamaworks.args import Arg
+from llamaworks.atomic import atomic_write_json
+from llamaworks.eval.code_exec import DEFAULT_LIMITS, evaluate_samples, parse_ks
+from llamaworks.eval.harness import harness_command
+from llamaworks.eval.lm import EvalModel
+from llamaworks.eval.sandbox import DANGER
+from llamaworks.eval.scoring import (
     PASS_AT_K_PRESETS,
     calibration_requests,
     cut_answer,
@@ -248,9 +253,6 @@ def evaluate_code(lm, task: CodeTask, examples: list[CodeExample], *, ks: list[i
     """pass@k (section 3.5): n completions per problem, each run in the sandbox."""
     from tqdm import tqdm
 
-    from llamaworks.eval.code import DEFAULT_LIMITS, evaluate_samples
-    from llamaworks.eval.sandbox import DANGER
-
     if not allow_code_execution:
         raise ValueError(DANGER)
     n = n or max(ks)
@@ -344,8 +346,6 @@ def eval_command(
     9), CrowS-Pairs, WinoGender and TruthfulQA MC1/MC2 (Tables 12-14), beside the paper's
     LLaMA-7B and LLaMA-65B numbers. With --harness lm-eval, lm-evaluation-harness' tasks (--tasks,
     --include-path, --limit, --shots, --output) scored by the same model interface."""
-    from llamaworks.eval.lm import EvalModel
-
     if task is not None and tasks is not None:
         raise ValueError("give the task names once: --task or --tasks")
     names = [t.strip() for t in (task or tasks or "").split(",") if t.strip()]
@@ -356,8 +356,6 @@ def eval_command(
     if shots is not None and shots < 0:
         raise ValueError(f"--shots must be >= 0, got {shots}")
     if harness is not None:
-        from llamaworks.eval.harness import harness_command
-
         if data is not None or fewshot_data is not None:
             raise ValueError("--data/--fewshot-data are for llamaworks' own tasks; an lm-eval task names its data "
                              "in its YAML (dataset_path, dataset_kwargs)")
@@ -369,12 +367,8 @@ def eval_command(
     tasks = [get_task(t) for t in names]
     code = [t.name for t in tasks if isinstance(t, CodeTask)]
     if code and not allow_code_execution:
-        from llamaworks.eval.sandbox import DANGER
-
         raise ValueError(f"{', '.join(code)} run(s) the model's code: " + DANGER.replace(
             "allow_code_execution=True (--allow-code-execution)", "--allow-code-execution"))
-    from llamaworks.eval.code import parse_ks
-
     ks = parse_ks(k)
     if maj_k is not None and maj_k < 1:
         raise ValueError(f"--maj-k must be >= 1, got {maj_k}")
@@ -427,8 +421,6 @@ def eval_command(
                                        fewshot_pool=pools.get(t.name), progress=sys.stderr.isatty()))
     print(results_table(results))
     if output:
-        from llamaworks.atomic import atomic_write_json
-
         atomic_write_json(Path(output), {"checkpoint": str(checkpoint), "add_bos": bos,
                                          "results": {r["task"]: r for r in results}})
     return 0

@@ -177,7 +177,7 @@ def _logprob_options(body: dict, chat: bool, stream: bool) -> tuple[int | None, 
 def _token_text(tokenizer, token_id: int) -> str:
     # The piece as text: "▁" is a space; a byte-fallback piece outside ASCII is "bytes:\xNN"
     # (OpenAI's convention for partial characters); control pieces keep their name ("<s>").
-    piece = tokenizer._piece_table()[token_id]
+    piece = tokenizer.piece_table()[token_id]
     if piece is None:
         return tokenizer.id_to_piece(token_id)
     if isinstance(piece, int):
@@ -206,7 +206,7 @@ def _completion_logprobs(tokenizer, decoder, ids: list[int], scored: list, first
 def _chat_logprobs(tokenizer, ids: list[int], scored: list) -> dict:
     def entry(t, lp):
         text = _token_text(tokenizer, t)
-        raw = tokenizer._piece_table()[t]
+        raw = tokenizer.piece_table()[t]
         return {"token": text, "logprob": lp, "bytes": [raw] if isinstance(raw, int) else list(text.encode())}
 
     return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in alts]}

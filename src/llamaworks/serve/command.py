@@ -9,7 +9,12 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
-from llamaworks.cli import Arg
+from llamaworks.args import Arg
+from llamaworks.device import resolve_device
+from llamaworks.inference.load import load_model
+from llamaworks.inference.quant import Int4Linear, Int8Linear
+from llamaworks.serve.api import create_app
+from llamaworks.serve.engine import Engine
 
 
 def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
@@ -19,8 +24,6 @@ def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 80
         import uvicorn
     except ImportError:
         raise ValueError("serving needs fastapi and uvicorn: pip install 'llamaworks[serve]'") from None
-    from llamaworks.serve.api import create_app
-
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -36,8 +39,6 @@ def default_compile(model) -> bool:
     1.21x at batch 1 and 1.11x at the server's batch 8 (benchmarks/serve.py), which does not
     repay 12-60 s of compilation at every start and greedy answers that may differ from
     `llamaworks generate` at near-ties (compiled logits differ by ~1e-6)."""
-    from llamaworks.quantize import Int4Linear, Int8Linear
-
     return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
 
 
@@ -64,9 +65,6 @@ def serve_command(
     /v1/models, /health, /metrics (Prometheus). Stop with Ctrl-C or SIGTERM: requests in
     flight finish (up to --shutdown-timeout) before the server exits.
     """
-    from llamaworks.modeldir import load_model, resolve_device
-    from llamaworks.serve.engine import Engine
-
     dev, dt = resolve_device(device, dtype)
     model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
     model.eval()

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamaworks.generate import _StopStream, compile_step, sample
-from llamaworks.serve.metrics import Metrics
+from llamaworks.inference.generate import compile_step
+from llamaworks.inference.sampling import sample
+from llamaworks.inference.stops import StopMatcher
+from llamaworks.serve.prometheus import Metrics
 
 
 class QueueFull(RuntimeError):
@@ -85,7 +87,7 @@ class Request:
 class _Slot:
     req: Request
     pos: int  # where the next fed token is written
-    stream: _StopStream
+    stream: StopMatcher
     gen: torch.Generator | None
 
 
@@ -263,7 +265,7 @@ class Engine:
         if req.temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(2**62, ()).item()))
-        self._slots[slot] = _Slot(req, n, _StopStream(self.tokenizer, req.prompt_ids, req.stop), gen)
+        self._slots[slot] = _Slot(req, n, StopMatcher(self.tokenizer, req.prompt_ids, req.stop), gen)
         self.metrics.prompt_tokens += n
         req.first_token = time.perf_counter()
         self.metrics.ttft.observe(req.first_token - req.submitted)

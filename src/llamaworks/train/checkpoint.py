@@ -38,8 +38,11 @@ import torch
 import torch.distributed as dist
 
 from llamaworks.atomic import atomic_directory, atomic_write_json
-from llamaworks.modeldir import PARAMS, TOKENIZER, WEIGHTS, read_safetensors, write_model_files
-from llamaworks.train.distributed import is_distributed, is_main
+from llamaworks.model import ModelArgs, Transformer
+from llamaworks.modeldir import PARAMS, TOKENIZER, WEIGHTS, read_params, save_model, write_model_files
+from llamaworks.parallel.distributed import is_distributed, is_main
+from llamaworks.tokenizer import Tokenizer
+from llamaworks.weights import read_safetensors
 
 log = logging.getLogger("llamaworks")
 STATE = "train_state.pt"
@@ -235,8 +238,6 @@ def full_model_state_dict(model) -> dict[str, torch.Tensor] | None:
 
 def save_model_dir(model, tokenizer, path: Path) -> Path:
     """`modeldir.save_model` for a model that may be sharded: every rank must call it."""
-    from llamaworks.modeldir import save_model
-
     if not is_distributed():
         return save_model(model, tokenizer, path)
     sd = full_model_state_dict(model)
@@ -247,8 +248,6 @@ def save_model_dir(model, tokenizer, path: Path) -> Path:
 
 
 def _plain_model(args, state: dict[str, torch.Tensor]):
-    from llamaworks.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
@@ -260,10 +259,6 @@ def dcp_to_model_dir(checkpoint: str | Path, out: str | Path) -> Path:
     """Convert a distributed checkpoint (a step folder) to a single-file model directory
     (params.json, model.safetensors, tokenizer.model) that `llamaworks generate` loads.
     Runs in one process, no process group needed: DCP assembles the shards."""
-
-    from llamaworks.model import ModelArgs, Transformer
-    from llamaworks.modeldir import read_params, save_model
-    from llamaworks.tokenizer import Tokenizer
 
     checkpoint = Path(checkpoint)
     if not is_dcp_checkpoint(checkpoint):

@@ -16,10 +16,32 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from llamaworks.cli import Arg
-from llamaworks.config import dumps, load_config
+from llamaworks.args import Arg
+from llamaworks.atomic import atomic_write_json, atomic_write_text
+from llamaworks.carbon import run_summary
+from llamaworks.configfile import dumps, load_config, resolve_config_path
+from llamaworks.data.shards import open_token_dataset
+from llamaworks.device import default_dtype, parse_dtype, resolve_device
+from llamaworks.eval.during_training import TaskEvaluator
+from llamaworks.model import build_model
+from llamaworks.parallel.distributed import (
+    clip_grad_norm_,
+    close_distributed,
+    env_world_size,
+    global_mean,
+    init_distributed,
+)
+from llamaworks.parallel.parallelize import ParallelDims, parallelize
+from llamaworks.plan import flops_per_token
+from llamaworks.tokenizer import Tokenizer
+from llamaworks.train import checkpoint as ckpt_io
 from llamaworks.train.config import JobConfig
+from llamaworks.train.init import init_weights
+from llamaworks.train.loader import TokenLoader
 from llamaworks.train.loss import lm_loss
+from llamaworks.train.metrics_log import MetricsLog, measure_peak_flops, plot_loss_curve
+from llamaworks.train.optim import build_optimizer
+from llamaworks.train.schedule import lr_at
 
 log = logging.getLogger("llamaworks")
 
@@ -29,9 +51,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_amp(device: torch.device, dtype: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return default_dtype(device) if dtype == "auto" else parse_dtype(dtype)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,12 +100,6 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the process group,
     parallelizes the model as cfg.parallel says and leaves the group on return.
     """
-    from llamaworks.modeldir import resolve_device
-    from llamaworks.tokenizer import Tokenizer
-    from llamaworks.train.distributed import close_distributed, env_world_size, init_distributed
-    from llamaworks.train.parallelize import ParallelDims
-    from llamaworks.train.shards import open_token_dataset
-
     t_cfg = cfg.train
     par = cfg.parallel
     # The parallel degrees are checked against the world size (and the head count) first,
@@ -120,20 +134,6 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
 
 def _train(cfg: JobConfig, resume: bool, dims, env, device, manifest, tokenizer, args) -> dict:
     from tqdm import tqdm
-
-    from llamaworks.atomic import atomic_write_json, atomic_write_text
-    from llamaworks.carbon import run_summary
-    from llamaworks.eval.during_training import TaskEvaluator
-    from llamaworks.model import build_model
-    from llamaworks.plan import flops_per_token
-    from llamaworks.train import checkpoint as ckpt_io
-    from llamaworks.train.distributed import clip_grad_norm_, global_mean
-    from llamaworks.train.init import init_weights
-    from llamaworks.train.metrics import MetricsLog, measure_peak_flops, plot_loss_curve
-    from llamaworks.train.optim import build_optimizer
-    from llamaworks.train.parallelize import parallelize
-    from llamaworks.train.schedule import lr_at
-    from llamaworks.train.shards import TokenLoader
 
     out = Path(cfg.run.out_dir)
     t_cfg, par = cfg.train, cfg.parallel
@@ -323,18 +323,6 @@ def pretrain(
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary rather than one per process
         print(format_summary(summary))
     return 0
-
-
-def resolve_config_path(config: str | None) -> Path | None:
-    """A config file path, or the name of a shipped config (`tiny_cpu`, `llama_7b`, ...)."""
-    if config is None or Path(config).exists():
-        return Path(config) if config else None
-    shipped = Path(__file__).resolve().parent.parent / "configs"
-    candidate = shipped / (config if config.endswith(".toml") else config + ".toml")
-    if candidate.is_file():
-        return candidate
-    names = ", ".join(sorted(p.stem for p in shipped.glob("*.toml")))
-    raise FileNotFoundError(f"config {config!r} is neither a file nor a shipped config ({names})")
 
 
 def format_summary(s: dict) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llamaworks.eval.code import humaneval_program, load_humaneval, mbpp_program
+from llamaworks.eval.code_exec import humaneval_program, load_humaneval, mbpp_program
 from llamaworks.eval.tasks.base import read_records
 
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # Chen et al. (2021)

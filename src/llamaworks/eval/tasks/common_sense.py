@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from llamaworks.eval.scoring import winogrande_partial_requests
 from llamaworks.eval.tasks.base import MCExample, MCTask
 
 
@@ -69,8 +70,6 @@ def parse_hellaswag(r: dict) -> MCExample:
 
 
 def parse_winogrande(r: dict) -> MCExample:
-    from llamaworks.eval.metrics import winogrande_partial_requests
-
     options = [r["option1"], r["option2"]]
     reqs = winogrande_partial_requests(r["sentence"], options)
     return MCExample("", options, int(r["answer"]) - 1, contexts=[c for c, _ in reqs], continuation=reqs[0][1])

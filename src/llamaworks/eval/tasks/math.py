@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llamaworks.eval.metrics import MAJ_K, gsm8k_answer, math_answer
+from llamaworks.eval.scoring import MAJ_K, gsm8k_answer, math_answer
 from llamaworks.eval.tasks.base import parse_records
 
 SAMPLE_TEMPERATURE = 0.6

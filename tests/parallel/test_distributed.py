@@ -21,16 +21,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from llamaworks.cli import main
-from llamaworks.config import dumps
-from llamaworks.generate import generate_ids
+from llamaworks.configfile import dumps
+from llamaworks.inference.generate import generate_ids
+from llamaworks.inference.load import load_model
 from llamaworks.model import ModelArgs, build_model
-from llamaworks.modeldir import load_model, read_safetensors
+from llamaworks.parallel.parallelize import ParallelDims, parallelize
+from llamaworks.parallel.tp_load import load_tensor_parallel
 from llamaworks.plan import flops_per_token
 from llamaworks.train import checkpoint as ckpt_io
 from llamaworks.train.init import init_weights
-from llamaworks.train.metrics import read_metrics
-from llamaworks.train.parallelize import ParallelDims, load_tensor_parallel, parallelize
+from llamaworks.train.metrics_log import read_metrics
 from llamaworks.train.trainer import train
+from llamaworks.weights import read_safetensors
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("tokenizers")
 
-from llamaworks.convert.hf_tokenizer import HFTokenizer  # noqa: E402
 from llamaworks.tokenizer import Tokenizer  # noqa: E402
+from llamaworks.tokenizer.hf import HFTokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

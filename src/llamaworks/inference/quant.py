@@ -19,25 +19,20 @@ the integer tensor (`...wq.weight`) beside `...wq.scales` (and `...wq.zeros` for
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 from pathlib import Path
-from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaworks.cli import Arg
+from llamaworks.atomic import atomic_directory, atomic_write_json
+from llamaworks.inference.kernels import KERNEL_MAX_ROWS, cpu_kernel
+from llamaworks.modeldir import QUANT_FILE, write_model_files
 
-QUANT_FILE = "quantization.json"
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 
-# Above this many rows (prefill, large batches) a dequantised weight and a plain matmul beat
-# the fused kernels, which are written for a few rows (measured on a 2-core AVX-512 machine).
-KERNEL_MAX_ROWS = 32
 
 
 # With AMX tiles, bf16 matmuls are fast enough that dequantising an int8 weight to bf16 (exact:
@@ -70,41 +65,9 @@ def fold_factor(out_features: int, in_features: int) -> int:
     return r if r <= FOLD_MAX and out_features % r == 0 else 1
 
 
-def _cpu_kernel(x: torch.Tensor, max_rows: int = KERNEL_MAX_ROWS) -> bool:
-    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= max_rows
-
-
 def _has_amx() -> bool:
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
-
-
-# --- bf16 weights on CPU ----------------------------------------------------------------------
-
-class GemvLinear(nn.Linear):
-    """nn.Linear whose one-row product (batch-1 decode) is torch.mv. With bf16 weights on CPU,
-    F.linear of one row reads the weight at 20-22 GB/s where mv reads it at 25-27 GB/s
-    (2-core AVX-512/AMX Xeon, weights 2048..32000 x 2048; fp32 and fp16 gain nothing: 29 vs 29,
-    and 10.6 vs 8.7 GB/s), which is 1.2x more decode tokens/s for a 1.26B model in bf16.
-    Same parameters and state-dict keys as nn.Linear; more rows take F.linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and self.bias is None:
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
-
-def use_gemv(model: nn.Module) -> int:
-    """Turn the bf16 CPU nn.Linear layers of `model` into GemvLinear in place (no copy: the
-    class changes, the parameters stay); returns how many. DTensor (sharded) weights and
-    other dtypes are left alone."""
-    n = 0
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if type(m) is nn.Linear and type(w) is nn.Parameter and w.device.type == "cpu" and w.dtype == torch.bfloat16:
-            m.__class__ = GemvLinear
-            n += 1
-    return n
 
 
 # --- int8, one scale per output channel (row) -------------------------------------------------
@@ -142,7 +105,7 @@ class Int8Linear(nn.Module):
             self._fold_scales = self.scales.view(-1, self.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _cpu_kernel(x, AMX_INT8_KERNEL_MAX_ROWS if self._amx else KERNEL_MAX_ROWS):
+        if cpu_kernel(x, AMX_INT8_KERNEL_MAX_ROWS if self._amx else KERNEL_MAX_ROWS):
             # The fused kernel wants bf16 activations and scales (fp32 ones run ~6x slower);
             # bf16 rounding of x (2^-9) is below the int8 rounding of the weight (2^-8).
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -227,7 +190,7 @@ class Int4Linear(nn.Module):
             torch.bfloat16)  # (groups, out, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel and _cpu_kernel(x):
+        if self.kernel and cpu_kernel(x):
             if self._packed is None:
                 self._prepare()
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -332,61 +295,8 @@ def read_quantization(path: str | os.PathLike) -> dict | None:
 
 
 def save_quantized(model, tokenizer, path: str | os.PathLike, mode: str, group_size: int | None) -> Path:
-    from llamaworks.atomic import atomic_directory, atomic_write_json
-    from llamaworks.modeldir import write_model_files
-
     path = Path(path)
     with atomic_directory(path, overwrite=True) as tmp:
         write_model_files(model, tokenizer, tmp)
         atomic_write_json(tmp / QUANT_FILE, {"mode": mode, "group_size": group_size if mode == "int4" else None})
     return path
-
-
-# --- quality ---------------------------------------------------------------------------------
-
-@torch.no_grad()
-def perplexity(model, ids: list[int], seq_len: int | None = None, batch_size: int = 8) -> float:
-    """exp(mean next-token loss) over `ids` cut into non-overlapping windows of seq_len
-    (default: the model's context); each window is scored from its own start."""
-    seq_len = min(seq_len or model.args.max_seq_len, model.args.max_seq_len)
-    n = (len(ids) - 1) // seq_len
-    if n < 1:
-        raise ValueError(f"perplexity needs more than {seq_len} tokens, got {len(ids)}; give a longer text "
-                         "or a shorter seq_len")
-    device = model.tok_embeddings.weight.device
-    data = torch.tensor(ids[: n * seq_len + 1], device=device)
-    x = data[:-1].view(n, seq_len)
-    y = data[1:].view(n, seq_len)
-    total = 0.0
-    for i in range(0, n, batch_size):
-        logits = model(x[i: i + batch_size])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y[i: i + batch_size].flatten(), reduction="sum").item()
-    return math.exp(total / (n * seq_len))
-
-
-# --- command ---------------------------------------------------------------------------------
-
-def quantize_command(
-    checkpoint: Annotated[str, Arg("model directory to quantise (params.json, model.safetensors, tokenizer.model), "
-                                   "or a .gguf file")],
-    output: Annotated[str, Arg("model directory to write")],
-    mode: Annotated[Literal["int8", "int4"], Arg("int8 per output channel, or int4 in groups of --group-size")],
-    group_size: Annotated[int, Arg("int4: input columns sharing one scale and zero (32, 64, 128 or 256)")] = 128,
-) -> int:
-    """Weight-only quantisation of a model directory; prints the size before and after."""
-    from llamaworks.modeldir import WEIGHTS, load_model
-
-    check_mode(mode, group_size)
-    if read_quantization(checkpoint) is not None:
-        raise ValueError(f"{checkpoint} is already quantised ({QUANT_FILE}); quantise the original model")
-    if Path(output).resolve() == Path(checkpoint).resolve():
-        raise ValueError("--output must differ from --checkpoint (the original is read while writing)")
-    model, tokenizer = load_model(checkpoint)
-    quantize_model(model, mode, group_size)
-    save_quantized(model, tokenizer, output, mode, group_size)
-    src = Path(checkpoint)
-    before = (src if src.is_file() else src / WEIGHTS).stat().st_size  # a .gguf file, or a directory
-    after = (Path(output) / WEIGHTS).stat().st_size
-    detail = f" (group size {group_size})" if mode == "int4" else ""
-    print(f"wrote {output}: {mode}{detail}, weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", file=sys.stderr)
-    return 0

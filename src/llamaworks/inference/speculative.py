@@ -26,7 +26,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from llamaworks.generate import Completion, _cache_len, _Rows, check_prompt_lengths, probabilities
+from llamaworks.inference.generate import Completion, CompletionBuilder, cache_len, check_prompt_lengths
+from llamaworks.inference.load import load_model
+from llamaworks.inference.sampling import probabilities
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -95,7 +97,7 @@ def speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: i
     # Room for k drafted positions beyond the last useful one. Positions past the cache are
     # clamped to its last slot: the last token a row keeps sits at n + limit - 1 <= cache - 1
     # and is never fed, so every position a kept token is scored at is below that slot.
-    cache = _cache_len(max(n + m for n, m in zip(lens, limits)) + k, max_seq_len)
+    cache = cache_len(max(n + m for n, m in zip(lens, limits)) + k, max_seq_len)
     target.setup_caches(bsz, cache)
     draft.setup_caches(bsz, cache)
     greedy = temperature <= 0
@@ -221,7 +223,7 @@ def generate_speculative(target, draft, tokenizer, prompts: str | list[str], max
     texts = [prompts] if single else list(prompts)
     ids = check_prompt_lengths(tokenizer.encode_batch(texts, bos=bos, eos=False),
                                min(target.args.max_seq_len, draft.args.max_seq_len), truncate)
-    rows = _Rows(tokenizer, ids, stop, on_text)
+    rows = CompletionBuilder(tokenizer, ids, stop, on_text)
     _, stats = speculative_batch(target, draft, ids, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
                                  top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, on_tokens=rows.take)
     overall = {key: v for key, v in stats.items() if key != "rows"}
@@ -238,8 +240,6 @@ def generate_with_draft(model, tokenizer, draft_dir: str, prompts: list[str], ma
                         device, dtype, **kwargs) -> int:
     """`llamaworks generate --draft DIR`: one prompt is streamed, several run as one batch;
     acceptance statistics (per prompt, then overall) on stderr."""
-    from llamaworks.modeldir import load_model
-
     draft, draft_tok = load_model(draft_dir, device=device, dtype=dtype)
     if draft_tok.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the draft model in {draft_dir} has a {draft_tok.vocab_size}-piece tokenizer but the "

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamaworks.cli import main as cli_main
-from llamaworks.tokenizer import Tokenizer, decode_command, encode_command, train_command
+from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer.command import decode_command, encode_command, train_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "shakespeare"
 WORDS = ("the of and to in is that it was for on are with as his they be at one have this from or had by "
          "word but what some we can out other were all there when up use your how said an each she which do "

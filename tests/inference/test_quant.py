@@ -7,25 +7,24 @@ import pytest
 import torch
 
 from llamaworks.cli import main as cli_main
-from llamaworks.generate import generate_ids
-from llamaworks.model import ModelArgs, build_model
-from llamaworks.modeldir import load_model
-from llamaworks.quantize import (
-    QUANT_FILE,
-    GemvLinear,
+from llamaworks.inference.command import quantize_command
+from llamaworks.inference.generate import generate_ids
+from llamaworks.inference.kernels import GemvLinear, use_gemv
+from llamaworks.inference.load import load_model
+from llamaworks.inference.perplexity import perplexity
+from llamaworks.inference.quant import (
     Int4Linear,
     Int8Linear,
     dequantize_int4,
     fold_factor,
     pack_int4,
-    perplexity,
-    quantize_command,
     quantize_int4,
     quantize_int8,
     quantize_model,
     unpack_int4,
-    use_gemv,
 )
+from llamaworks.model import ModelArgs, build_model
+from llamaworks.modeldir import QUANT_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

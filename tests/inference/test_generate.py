@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from llamaworks.generate import _StopStream, generate, generate_ids, sample
+from llamaworks.inference.generate import generate, generate_ids
+from llamaworks.inference.sampling import sample
+from llamaworks.inference.stops import StopMatcher
 from llamaworks.model import ModelArgs, build_model
 
 
@@ -125,7 +127,7 @@ def test_compiled_prefill_gives_the_same_tokens(model):
 
 
 def test_compile_step_uses_cuda_graphs_on_cuda_only(monkeypatch):
-    from llamaworks.generate import compile_step
+    from llamaworks.inference.generate import compile_step
 
     modes = []
 
@@ -206,7 +208,7 @@ def test_streaming_equals_final_text(model, tiny_tokenizer):
 
 
 def test_stop_stream_withholds_partial_stop_string(tiny_tokenizer):
-    s = _StopStream(tiny_tokenizer, tiny_tokenizer.encode("x"), ["END"])
+    s = StopMatcher(tiny_tokenizer, tiny_tokenizer.encode("x"), ["END"])
     out = []
     for t in tiny_tokenizer.encode("abc EN", bos=False):
         out.append(s.push(t)[0])

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llamaworks.eval.metrics import (
+from llamaworks.eval.scoring import (
     CALIBRATION_CONTEXT,
     MAJ_K,
     PASS_AT_K_PRESETS,

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from llamaworks.cli import main as cli_main
-from llamaworks.generate import generate, generate_ids
+from llamaworks.inference.generate import generate, generate_ids
+from llamaworks.inference.speculative import (
+    accept,
+    generate_speculative,
+    greedy_accepted,
+    speculative_batch,
+    speculative_ids,
+)
 from llamaworks.model import ModelArgs, Transformer
-from llamaworks.speculative import accept, generate_speculative, greedy_accepted, speculative_batch, speculative_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -1,4 +1,4 @@
-"""Typed configuration: dataclass trees <-> TOML files <-> `--section.key value` overrides.
+"""Config files: dataclass trees <-> TOML files <-> `--section.key value` overrides.
 
 Precedence is defaults < file < command line. Every key is checked against the
 dataclass fields: an unknown key is an error listing the valid ones, a value of the
@@ -192,3 +192,15 @@ def dumps(obj) -> str:
     import tomli_w
 
     return tomli_w.dumps(to_dict(obj))
+
+
+def resolve_config_path(config: str | None) -> Path | None:
+    """A config file path, or the name of a shipped config (`tiny_cpu`, `llama_7b`, ...)."""
+    if config is None or Path(config).exists():
+        return Path(config) if config else None
+    shipped = Path(__file__).resolve().parent / "configs"
+    candidate = shipped / (config if config.endswith(".toml") else config + ".toml")
+    if candidate.is_file():
+        return candidate
+    names = ", ".join(sorted(p.stem for p in shipped.glob("*.toml")))
+    raise FileNotFoundError(f"config {config!r} is neither a file nor a shipped config ({names})")

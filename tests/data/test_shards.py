@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llamaworks import cli
-from llamaworks.train import shards
-from llamaworks.train.shards import TokenLoader, open_token_dataset, prepare, window_order
+from llamaworks.data.shards import open_token_dataset, prepare, window_order
+from llamaworks.train.loader import TokenLoader
 
-SHAKESPEARE = Path("/work/shared/corpora/shakespeare")
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "shakespeare"  # beside the repository
 WORDS = ("the king queen castle river stone light dark speak sword crown night day bread wine "
          "horse field storm ship sail north 1066 1603 über café naïve").split()
 
@@ -401,7 +401,7 @@ def test_epoch_rollover_covers_every_window_once_per_epoch(dataset, caplog):
     starts = lambda batches: sorted(  # noqa: E731
         next(i for i in range(loader.num_windows) if np.array_equal(tokens[i * 128 : i * 128 + 128], row))
         for x, _ in batches for row in x.numpy())
-    with caplog.at_level(logging.INFO, logger=shards.__name__):
+    with caplog.at_level(logging.INFO, logger=TokenLoader.__module__):
         epoch0 = take(loader, per_epoch)
         assert loader.epoch == 0 and not caplog.records
         epoch1 = take(loader, per_epoch)

@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from llamaworks.config import dumps, from_dict, load_config, parse_overrides
+from llamaworks.configfile import dumps, from_dict, load_config, parse_overrides
 from llamaworks.train.config import JobConfig
 
 

@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from llamaworks.model import ModelArgs, build_model
+from llamaworks.parallel.parallelize import ParallelDims, apply_ac, parallelize
 from llamaworks.train.init import init_weights, parameter_seed
-from llamaworks.train.parallelize import ParallelDims, apply_ac, parallelize
 
 N_LAYERS = 2
 MODES = ("none", "full", "selective")

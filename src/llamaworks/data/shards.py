@@ -36,8 +36,11 @@ from typing import Annotated, Any
 
 import numpy as np
 
+from llamaworks import __version__
+from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json
-from llamaworks.cli import Arg
+from llamaworks.data.document import json_lines
+from llamaworks.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def _default_workers() -> int:
 # ---------------------------------------------------------------------------- reading documents
 
 
-def _input_files(inputs: Iterable[str]) -> Iterator[tuple[Path, str, str]]:
+def input_files(inputs: Iterable[str]) -> Iterator[tuple[Path, str, str]]:
     """(file, source, stable name) in a deterministic order: inputs as given, folders sorted."""
     for raw in inputs:
         path = Path(raw)
@@ -72,8 +75,6 @@ def _input_files(inputs: Iterable[str]) -> Iterator[tuple[Path, str, str]]:
 
 
 def _jsonl_documents(file: Path, source: str, name: str) -> Iterator[tuple[str, str, str]]:
-    from llamaworks.data.document import json_lines
-
     for lineno, record in json_lines(file):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{file}:{lineno}: record has no string `text` field; every JSONL line "
@@ -85,7 +86,7 @@ def _jsonl_documents(file: Path, source: str, name: str) -> Iterator[tuple[str, 
 
 def _documents(inputs: Iterable[str], stats: dict[str, int]) -> Iterator[tuple[str, str, str]]:
     """(document id, source, text), one document at a time: the corpus is never held whole."""
-    for file, source, name in _input_files(inputs):
+    for file, source, name in input_files(inputs):
         stats["files"] += 1
         if name.lower().endswith(_JSONL):
             docs = _jsonl_documents(file, source, name)
@@ -117,13 +118,11 @@ def _in_val(doc_id: str, seed: int, val_fraction: float) -> bool:
 _WORKER_TOKENIZER: Any = None
 
 
-def _load_tokenizer(tokenizer):
+def load_tokenizer(tokenizer):
     if isinstance(tokenizer, (str, os.PathLike)):
         if not Path(tokenizer).is_file():
             raise FileNotFoundError(f"tokenizer {str(tokenizer)!r} not found; pass a SentencePiece .model "
                                     "file (train one with `llamaworks tokenizer train`)")
-        from llamaworks.tokenizer import Tokenizer  # lazily: only a path needs it
-
         return Tokenizer(str(tokenizer))
     missing = [a for a in ("encode_batch", "bos_id", "eos_id", "vocab_size") if not hasattr(tokenizer, a)]
     if missing:
@@ -133,7 +132,7 @@ def _load_tokenizer(tokenizer):
 
 def _init_worker(tokenizer) -> None:
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = _load_tokenizer(tokenizer)
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer)
 
 
 def _encode(texts: list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +181,7 @@ def _encoded(batches, tokenizer, worker_arg, workers: int):
 # ---------------------------------------------------------------------------- writing shards
 
 
-class _ShardWriter:
+class ShardWriter:
     """Appends tokens to `split/NNNNN.bin.tmp`; renames it to `.bin` when it holds shard_tokens.
 
     `shards`: entries of full shards already on disk (a resumed write continues after them).
@@ -222,7 +221,7 @@ class _ShardWriter:
             self._finish()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -244,7 +243,7 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}; e.g. 0.005 holds out 0.5%")
     if shard_tokens < 1 or workers < 1:
         raise ValueError(f"shard_tokens and workers must be positive, got {shard_tokens} and {workers}")
-    tok = _load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     is_path = isinstance(tokenizer, (str, os.PathLike))
     if workers > 1 and not is_path:
         try:
@@ -270,7 +269,7 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
 
     start = time.perf_counter()
     stats = {"files": 0, "skipped_files": 0, "empty_documents": 0}
-    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
+    writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
     sources: dict[str, dict[str, int]] = {}
     batches = _batches(_documents(inputs, stats), batch_chars)
@@ -296,8 +295,6 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
         raise ValueError(f"no documents found in {inputs} ({stats['skipped_files']} binary or non-UTF-8 "
                          f"files skipped, {stats['empty_documents']} empty documents); {_HELP_INPUTS}")
 
-    from llamaworks import __version__
-
     tok_path = Path(tokenizer) if is_path else getattr(tok, "path", None)
     tok_path = Path(tok_path).resolve() if tok_path else None  # absolute: read later from anywhere
     manifest = {
@@ -308,7 +305,7 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
         "sources": dict(sorted(sources.items())),
         "dtype": dtype.name, "vocab_size": vocab_size, "bos_id": int(tok.bos_id), "eos_id": int(tok.eos_id),
         "tokenizer": {"path": str(tok_path) if tok_path else None,
-                      "sha256": _sha256(tok_path) if tok_path and tok_path.is_file() else None},
+                      "sha256": sha256_file(tok_path) if tok_path and tok_path.is_file() else None},
         "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
         "skipped_files": stats["skipped_files"], "empty_documents": stats["empty_documents"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -402,89 +399,6 @@ class TokenStream:
             out[filled : filled + take] = self._maps[i][offset : offset + take]
             filled, i = filled + take, i + 1
         return out
-
-
-class TokenLoader:
-    """(x, y) int64 batches of shape (batch_size, seq_len) from a prepared split; y is x shifted by one.
-
-    Window k holds tokens [k*seq_len, k*seq_len + seq_len + 1) of the split's stream, so windows
-    share one boundary token and every token is a target once; there are (tokens - 1) // seq_len.
-    Each epoch visits them in the order `window_order(..., seed, epoch)` (identity when not
-    shuffled). With G = batch_size * world_size, global batch i of an epoch is positions
-    [i*G, (i+1)*G) of that order, and rank r takes the contiguous slice [r*batch_size,
-    (r+1)*batch_size), so the ranks' batches stacked in rank order equal one process's batch of
-    size G. An epoch has num_windows // G batches (the few remaining positions are skipped). An
-    infinite loader then goes on to the next epoch's order; a finite one (the default for val)
-    stops, and a new `for` loop starts a fresh pass. Shards are memory-mapped and read per window.
-    """
-
-    def __init__(self, data_dir: str | os.PathLike, split: str = "train", *, batch_size: int, seq_len: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool | None = None,
-                 infinite: bool | None = None):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1, seq_len >= 1 and 0 <= rank < world_size; got "
-                             f"{batch_size}, {seq_len}, rank {rank} of {world_size}")
-        self.manifest = open_token_dataset(data_dir)
-        self.root, self.split = Path(data_dir), split
-        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.seed, self.epoch, self.position = seed, 0, 0  # position: windows of this epoch consumed
-        self.shuffle = split == "train" if shuffle is None else shuffle
-        self.infinite = split == "train" if infinite is None else infinite
-        self._stream = TokenStream(data_dir, self.manifest, split)
-        self.num_windows = max(0, self._stream.tokens - 1) // seq_len
-        self.global_batch = batch_size * world_size
-        self.batches_per_epoch = self.num_windows // self.global_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"the {split} split of {data_dir} has {self.num_windows} windows of seq_len+1 = "
-                             f"{seq_len + 1} tokens, fewer than one global batch of {self.global_batch}; "
-                             "lower batch_size or seq_len, or prepare more data")
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def __iter__(self) -> TokenLoader:
-        return self
-
-    def __next__(self):
-        if self.position >= self.batches_per_epoch * self.global_batch:
-            self.position = 0
-            if not self.infinite:
-                raise StopIteration  # position is back at 0: the next `for` loop is a fresh pass
-            self.epoch += 1
-            log.info("%s loader: epoch %d begins (%d batches per epoch)", self.split, self.epoch,
-                     self.batches_per_epoch)
-        first = self.position + self.rank * self.batch_size
-        positions = np.arange(first, first + self.batch_size, dtype=np.uint64)
-        if self.shuffle:
-            positions = window_order(positions, self.num_windows, self.seed, self.epoch)
-        rows = np.stack([self._stream.read(int(w) * self.seq_len, self.seq_len + 1) for w in positions])
-        self.position += self.global_batch
-        import torch  # here, not at the top: encoding workers import this module and need no torch
-
-        rows = torch.from_numpy(rows)  # (batch_size, seq_len + 1)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "shuffle": int(self.shuffle), "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "world_size": self.world_size, "num_windows": self.num_windows}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue the saved global stream; the world size may change if batch_size * world_size does not."""
-        saved_global = state["batch_size"] * state["world_size"]
-        if saved_global != self.global_batch:
-            raise ValueError(f"the loader state was saved with a global batch of {saved_global} windows "
-                             f"(batch_size {state['batch_size']} x world_size {state['world_size']}), this "
-                             f"loader has {self.global_batch}; the stream cannot continue exactly. Choose "
-                             f"batch_size = {saved_global} // world_size, or start a fresh loader")
-        for key, mine in (("seq_len", self.seq_len), ("num_windows", self.num_windows),
-                          ("shuffle", int(self.shuffle))):
-            if state[key] != mine:
-                raise ValueError(f"the loader state has {key}={state[key]} but this loader has {mine} (a "
-                                 "different seq_len, shuffle setting or prepared dataset); it cannot resume")
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
 
 
 def prepare_command(

@@ -20,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
-from llamaworks.cli import Arg
-from llamaworks.eval.metrics import mean_pass_at_k
+from llamaworks.args import Arg
+from llamaworks.atomic import atomic_write_json
 from llamaworks.eval.sandbox import DANGER, Limits, isolation, run_python
+from llamaworks.eval.scoring import mean_pass_at_k
 
 __all__ = ["read_samples", "load_humaneval", "humaneval_program", "mbpp_program", "evaluate_samples",
            "parse_ks", "code_command"]
@@ -160,8 +161,6 @@ def code_command(
     text = json.dumps(scores, indent=2)
     print(text)
     if output:
-        from llamaworks.atomic import atomic_write_json
-
         atomic_write_json(Path(output), scores)
     if results:
         Path(results).write_text("".join(json.dumps(r) + "\n" for r in per_sample), encoding="utf-8")

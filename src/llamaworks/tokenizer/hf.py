@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llamaworks.atomic import atomic_write_text
-from llamaworks.tokenizer import StreamDecoder, _as_id_list
+from llamaworks.tokenizer.base import StreamDecoder, as_id_list
 
 SPACE = "\u2581"
 UNK_SURFACE = " \u2047 "  # SentencePiece's default unk_surface
@@ -36,7 +36,7 @@ _BYTE = re.compile(r"^<0x([0-9A-F]{2})>$")
 
 def sentencepiece_to_json(tok) -> dict:
     """The tokenizer.json dict of a SentencePiece BPE `Tokenizer`."""
-    sp = tok._sp
+    sp = tok.processor
     n = tok.vocab_size
     pieces = [sp.id_to_piece(i) for i in range(n)]
     vocab = {p: i for i, p in enumerate(pieces)}
@@ -137,7 +137,7 @@ class HFTokenizer:
         return [[self.bos_id] * bos + e.ids + [self.eos_id] * eos for e in out]
 
     def decode(self, ids) -> str:
-        ids = _as_id_list(ids)
+        ids = as_id_list(ids)
         bad = [i for i in ids if not 0 <= i < self.vocab_size][:5]
         if bad:
             raise ValueError(f"token ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
@@ -157,7 +157,7 @@ class HFTokenizer:
     def stream_decoder(self, prefix_ids: Sequence[int] = ()) -> StreamDecoder:
         return StreamDecoder(self, prefix_ids)
 
-    def _piece_table(self) -> list[str | int | None]:
+    def piece_table(self) -> list[str | int | None]:
         # StreamDecoder's per-id entries: byte value, None for control pieces, or the text.
         if self._table is None:
             table: list[str | int | None] = []
@@ -168,7 +168,7 @@ class HFTokenizer:
             self._table = table
         return self._table
 
-    def _piece_text(self, token_id: int) -> str:
+    def piece_text(self, token_id: int) -> str:
         # What SentencePiece's decode([id]) gives: the unk surface, or the piece without
         # its dummy-prefix space (only the first visible piece of a text is shown this way).
         if token_id == self.unk_id:

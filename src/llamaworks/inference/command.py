@@ -1,0 +1,121 @@
+"""The inference commands: `llamaworks generate` and `llamaworks quantize`."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from llamaworks.args import Arg
+from llamaworks.device import resolve_device
+from llamaworks.inference.generate import generate
+from llamaworks.inference.load import load_model
+from llamaworks.inference.quant import check_mode, quantize_model, read_quantization, save_quantized
+from llamaworks.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from llamaworks.inference.speculative import generate_with_draft
+from llamaworks.modeldir import QUANT_FILE, WEIGHTS
+from llamaworks.parallel.distributed import close_distributed, env_world_size, init_distributed
+from llamaworks.parallel.tp_load import load_tensor_parallel
+
+
+def generate_command(
+    checkpoint: Annotated[str, Arg("model directory (params.json, model.safetensors, tokenizer.model)")],
+    prompt: Annotated[list[str], Arg("prompt text; several prompts run as one batch")],
+    max_new_tokens: Annotated[int, Arg("tokens to generate per prompt")] = 256,
+    temperature: Annotated[float, Arg("sampling temperature; 0 is greedy")] = DEFAULT_TEMPERATURE,
+    top_p: Annotated[float, Arg("nucleus sampling mass")] = DEFAULT_TOP_P,
+    top_k: Annotated[int | None, Arg("keep only the k most likely tokens")] = None,
+    seed: Annotated[int | None, Arg("random seed; the same seed gives the same sample")] = None,
+    stop: Annotated[list[str] | None, Arg("stop strings (not included in the output)")] = None,
+    truncate: Annotated[bool, Arg("keep the last tokens of a prompt longer than the context window")] = False,
+    device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
+    dtype: Annotated[str | None, Arg("float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")] = None,
+    compile: Annotated[bool, Arg("torch.compile the decode step (with CUDA graphs on a GPU)")] = False,
+    compile_prefill: Annotated[bool, Arg("also torch.compile the prompt's forward pass (dynamic shapes)")] = False,
+    draft: Annotated[str | None, Arg("draft model directory: speculative decoding (batched)")] = None,
+    draft_k: Annotated[int, Arg("tokens the draft proposes per target forward")] = 4,
+) -> int:
+    """Generate a completion for each prompt; prints the text, then speed on stderr."""
+    dev, dt = resolve_device(device, dtype)
+    out, err, env = sys.stdout, sys.stderr, None
+    if env_world_size() > 1:  # under torchrun: tensor parallelism, each process holds 1/N of the weights
+        if draft is not None:
+            raise ValueError("--draft (speculative decoding) runs in one process; launch it without torchrun")
+        env, dev, model, tokenizer, seed = _setup_tensor_parallel(checkpoint, dev, dt, seed)
+        if not env.is_main:  # the other ranks compute the same tokens in silence
+            out = err = io.StringIO()
+    else:
+        model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
+    torch.manual_seed(0)
+    if draft is not None:
+        return generate_with_draft(model, tokenizer, draft, prompt, max_new_tokens, k=draft_k, device=dev, dtype=dt,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or (), seed=seed,
+                                   truncate=truncate)
+    streaming = len(prompt) == 1
+
+    def show(i, delta):
+        out.write(delta)
+        out.flush()
+
+    if streaming:
+        out.write(prompt[0])
+    results = generate(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       stop=stop or (), seed=seed, truncate=truncate, compile=compile, compile_prefill=compile_prefill,
+                       on_text=show if streaming else None)
+    if streaming:
+        out.write("\n")
+    else:
+        for p, r in zip(prompt, results):
+            print(f"{p}{r.text}\n{'-' * 40}", file=out)
+    s = results[0].stats
+    where = f"{dev}" if env is None else f"{env.world_size} x {dev.type}, tensor parallel"
+    print(f"prefill: {s['prefill_tokens']} tokens, {s['prefill_tokens_per_s']:.1f} tokens/s | "
+          f"decode: {s['decode_tokens']} tokens, {s['decode_tokens_per_s']:.1f} tokens/s "
+          f"({where}, {str(dt).removeprefix('torch.')})", file=err)
+    if env is not None:
+        close_distributed(env)
+    return 0
+
+
+def _setup_tensor_parallel(checkpoint: str, dev: torch.device, dt: torch.dtype, seed: int | None):
+    """Join torchrun's process group, split the model over a 1-D mesh of all ranks
+    (parallel/tp_load.py: load_tensor_parallel) and agree on one sampling seed: every rank
+    samples from the same gathered logits with the same generator, so all ranks pick the
+    same tokens and their KV caches stay consistent. -> (env, device, model, tokenizer, seed)"""
+    env, dev = init_distributed(dev)
+    mesh = init_device_mesh(dev.type, (env.world_size,), mesh_dim_names=("tp",))
+    model, tokenizer = load_tensor_parallel(checkpoint, mesh, dev, dt)
+    if seed is None:  # rank 0's random seed for all
+        chosen = torch.tensor([torch.seed() % 2**63], dtype=torch.int64, device=dev)
+        dist.broadcast(chosen, src=0)
+        seed = int(chosen.item())
+    return env, dev, model, tokenizer, seed
+
+
+def quantize_command(
+    checkpoint: Annotated[str, Arg("model directory to quantise (params.json, model.safetensors, tokenizer.model), "
+                                   "or a .gguf file")],
+    output: Annotated[str, Arg("model directory to write")],
+    mode: Annotated[Literal["int8", "int4"], Arg("int8 per output channel, or int4 in groups of --group-size")],
+    group_size: Annotated[int, Arg("int4: input columns sharing one scale and zero (32, 64, 128 or 256)")] = 128,
+) -> int:
+    """Weight-only quantisation of a model directory; prints the size before and after."""
+    check_mode(mode, group_size)
+    if read_quantization(checkpoint) is not None:
+        raise ValueError(f"{checkpoint} is already quantised ({QUANT_FILE}); quantise the original model")
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        raise ValueError("--output must differ from --checkpoint (the original is read while writing)")
+    model, tokenizer = load_model(checkpoint)
+    quantize_model(model, mode, group_size)
+    save_quantized(model, tokenizer, output, mode, group_size)
+    src = Path(checkpoint)
+    before = (src if src.is_file() else src / WEIGHTS).stat().st_size  # a .gguf file, or a directory
+    after = (Path(output) / WEIGHTS).stat().st_size
+    detail = f" (group size {group_size})" if mode == "int4" else ""
+    print(f"wrote {output}: {mode}{detail}, weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", file=sys.stderr)
+    return 0
