@@ -8,15 +8,16 @@ the released LLaMA `tokenizer.model` included.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
 from llamaworks.atomic import atomic_write_bytes
 from llamaworks.tokenizer.base import StreamDecoder, as_id_list
 from llamaworks.tokenizer.hf import HFTokenizer, save_tokenizer_json
-from llamaworks.tokenizer.train import DEFAULT_SENTENCES, TrainStats, train_sentencepiece
+from llamaworks.tokenizer.train import TrainStats, train_sentencepiece
 
 __all__ = ["Tokenizer", "StreamDecoder", "TrainStats"]
 
@@ -122,22 +123,11 @@ class Tokenizer:
         return self._table
 
     @classmethod
-    def train(
-        cls,
-        output: str | os.PathLike,
-        *,
-        files: Iterable[str | os.PathLike] | None = None,
-        documents: Iterable[str] | None = None,
-        vocab_size: int = 32000,
-        character_coverage: float = 1.0,
-        input_sentence_size: int = DEFAULT_SENTENCES,
-        seed: int = 0,
-    ) -> Tokenizer:
-        """Train with the paper's recipe (tokenizer/train.py), write `output`, and load it."""
-        stats = train_sentencepiece(output, files=files, documents=documents, vocab_size=vocab_size,
-                                    character_coverage=character_coverage, input_sentence_size=input_sentence_size,
-                                    seed=seed)
+    def train(cls, output: str | os.PathLike, **options: Any) -> Tokenizer:
+        """Train with the paper's recipe, write `output` and load it; `options` are
+        train_sentencepiece's (files= or documents=, vocab_size, character_coverage,
+        input_sentence_size, seed: tokenizer/train.py)."""
+        stats = train_sentencepiece(output, **options)
         tok = cls(output)
         tok.train_stats = stats
         return tok
-
