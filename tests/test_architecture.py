@@ -165,3 +165,11 @@ def test_the_cycle_finder_finds_cycles():
 @pytest.mark.parametrize("module", ["llamaworks.model", "llamaworks.weights", "llamaworks.tokenizer.base"])
 def test_low_layers_stay_low(module):
     assert all(layer(target) <= layer(module) for target, *_ in EDGES[module])
+
+
+def test_every_package_folder_is_a_regular_package():
+    # A folder without __init__.py is a namespace package, which setuptools' find leaves out
+    # of wheels: the installed package would miss it.
+    missing = [str(d.relative_to(SRC.parent)) for d in SRC.rglob("*") if d.is_dir() and any(d.glob("*.py"))
+               and not (d / "__init__.py").is_file()]
+    assert not missing, missing

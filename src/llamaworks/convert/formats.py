@@ -31,10 +31,11 @@ def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.suffix == ".gguf" and path.is_file():
         return "gguf"
-    if path.is_dir() and not (path / modeldir.WEIGHTS).is_file():
+    if path.is_dir():
         if any(SHARD.match(p.name) for p in path.iterdir()):
             return "meta"
-        if (path / "config.json").is_file():
+        # An HF folder may also hold model.safetensors; only a model directory has params.json.
+        if (path / "config.json").is_file() and not (path / modeldir.PARAMS).is_file():
             return "hf"
     return "native"  # its loader names what is missing
 
