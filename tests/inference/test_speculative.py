@@ -12,11 +12,19 @@ from llamaworks.inference.speculative import (
     generate_speculative,
     greedy_accepted,
     speculative_batch,
-    speculative_ids,
 )
 from llamaworks.model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def speculative_ids(target, draft, prompt, max_new_tokens, **kw):
+    """One prompt through speculative_batch: (tokens, stats without the per-row part)."""
+    if not prompt:
+        raise ValueError("the prompt is empty; give at least one token")
+    outs, stats = speculative_batch(target, draft, [prompt], max_new_tokens, **kw)
+    stats.pop("rows")
+    return outs[0], stats
 
 
 def _peaked(args: ModelArgs, seed: int) -> Transformer:

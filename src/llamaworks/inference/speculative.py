@@ -198,20 +198,6 @@ def speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: i
 
 
 @torch.no_grad()
-def speculative_ids(target, draft, prompt: list[int], max_new_tokens: int, *, k: int = 4, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float = 1.0, eos_id: int | None = None, seed: int | None = None,
-                    on_tokens: Callable[[list[int]], None] | None = None) -> tuple[list[int], dict]:
-    """One prompt: speculative_batch with a batch of one (stats without "rows")."""
-    if not prompt:
-        raise ValueError("the prompt is empty; give at least one token")
-    outs, stats = speculative_batch(target, draft, [prompt], max_new_tokens, k=k, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed,
-                                    on_tokens=(lambda i, new: on_tokens(new)) if on_tokens else None)
-    stats.pop("rows")
-    return outs[0], stats
-
-
-@torch.no_grad()
 def generate_speculative(target, draft, tokenizer, prompts: str | list[str], max_new_tokens: int = 256, *,
                          k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
                          stop: Sequence[str] = (), seed: int | None = None, bos: bool = True, truncate: bool = False,

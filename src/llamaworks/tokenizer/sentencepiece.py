@@ -16,7 +16,7 @@ import sentencepiece as spm
 
 from llamaworks.atomic import atomic_write_bytes
 from llamaworks.tokenizer.base import StreamDecoder, as_id_list
-from llamaworks.tokenizer.hf import HFTokenizer, save_tokenizer_json
+from llamaworks.tokenizer.hf import HFTokenizer
 from llamaworks.tokenizer.train import TrainStats, train_sentencepiece
 
 __all__ = ["Tokenizer", "StreamDecoder", "TrainStats"]
@@ -101,10 +101,6 @@ class Tokenizer:
         if path.suffix == ".json" or (path.is_file() and path.read_bytes()[:1] == b"{"):
             return HFTokenizer(path)
         return cls(path)
-
-    def save_json(self, path: str | os.PathLike) -> None:
-        """Write the Hugging Face `tokenizer.json` form (same ids and text as this model)."""
-        save_tokenizer_json(self, path)
 
     def piece_text(self, token_id: int) -> str:
         return self._sp.decode([token_id])
