@@ -2,58 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 from llamaworks.args import Annotated, Arg
-from llamaworks.data.arxiv import ArxivCleaner, ArxivReader
-from llamaworks.data.books import GutenbergCleaner, GutenbergReader
-from llamaworks.data.c4 import C4Filter
-from llamaworks.data.ccnet import CCNetOptions, LanguageId, ccnet_steps, fit_perplexity_cutoffs
+from llamaworks.data.ccnet import CCNetOptions, fit_perplexity_cutoffs
 from llamaworks.data.cluster import DaskExecutor
-from llamaworks.data.commoncrawl import WetReader
-from llamaworks.data.dedup import ExactDedup, LineDedup, MinHashDedup
-from llamaworks.data.executor import JsonlReader, LocalExecutor
-from llamaworks.data.github import CodeQualityFilter, GithubReader, LicenseFilter, LicenseHeaderCleaner
-from llamaworks.data.stackexchange import SiteFilter, StackExchangeReader
-from llamaworks.data.wikipedia import LanguageFilter, WikiCleaner, WikipediaReader
+from llamaworks.data.executor import LocalExecutor
+from llamaworks.data.sources import SourceName, describe_sources, pipeline
 
-SOURCES = ("commoncrawl", "books", "c4", "github", "arxiv", "stackexchange", "wikipedia", "jsonl")
-
-
-def pipeline(source: str, *, badwords: str | None = None, dedup_threshold: float = 0.9,
-             sites: list[str] | None = None, languages: list[str] | None = None, ccnet=None):
-    """(reader, steps) for a source; `ccnet` (data.ccnet.CCNetOptions) holds the model options."""
-    if source == "commoncrawl":
-        # CCNet dedups lines within a group of shards; here the whole run is one group (the dedup state
-        # spills to disk past --dedup-memory-mb), which removes at least as much as CCNet's groups.
-        return WetReader(), [LineDedup(), *ccnet_steps(ccnet or CCNetOptions())]
-    if source == "books":
-        return GutenbergReader(), [GutenbergCleaner(), MinHashDedup(threshold=dedup_threshold)]
-    if source == "c4":
-        # Line dedup first (CCNet order: dedup, then quality), so repeated boilerplate lines do
-        # not count toward C4's sentence minimum. Language id last, on the cleaned page as C4 did;
-        # optional because the public C4 (c4/en) is already English-only.
-        steps = [LineDedup(), C4Filter(badwords=badwords)]
-        if ccnet is not None and ccnet.lid_model is not None:
-            steps.append(LanguageId(ccnet.lid_model, ccnet.lid_languages, ccnet.lid_threshold))
-        return JsonlReader(), steps
-    if source == "github":
-        return GithubReader(), [LicenseFilter(), CodeQualityFilter(), LicenseHeaderCleaner(), ExactDedup()]
-    if source == "arxiv":
-        return ArxivReader(), [ArxivCleaner()]
-    if source == "stackexchange":
-        return StackExchangeReader(), [SiteFilter(sites)]
-    if source == "wikipedia":
-        return WikipediaReader(), [LanguageFilter(languages), WikiCleaner()]
-    if source == "jsonl":
-        return JsonlReader(), []
-    raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+__all__ = ["run_command", "pipeline"]
 
 
 def run_command(
-    source: Annotated[Literal["commoncrawl", "books", "c4", "github", "arxiv", "stackexchange", "wikipedia",
-                              "jsonl"],
-                      Arg("which source's pipeline to run (section 2.1)", positional=True)],
+    source: Annotated[SourceName, Arg("which source's pipeline to run (section 2.1)", positional=True)],
     input: Annotated[list[str], Arg("input files or folders in the source's public format", metavar="PATH")],
     output: Annotated[str, Arg("output folder: documents/, stats.json, DATACARD.md", metavar="DIR")],
     workers: Annotated[int | None, Arg("worker processes (default: all cores)")] = None,
@@ -114,10 +76,14 @@ def run_command(
         if workers is not None:
             raise ValueError("--workers is for local runs; with --cluster the cluster's workers run the shards "
                              "(local:N sets their number)")
-        ex = DaskExecutor(output, cluster, **common)
+        executor = DaskExecutor(output, cluster, **common)
     else:
-        ex = LocalExecutor(output, workers=workers, **common)
-    stats = ex.run(source, reader, steps, input)
+        executor = LocalExecutor(output, workers=workers, **common)
+    stats = executor.run(source, reader, steps, input)
     last = stats["steps"][-1]["kept"]["documents"] if stats["steps"] else stats["read"]["documents"]
     print(f"{source}: read {stats['read']['documents']} documents, kept {last}; see {output}/DATACARD.md")
     return 0
+
+
+# --help shows the run's description, then the sources table (the command's parser reads the docstring).
+run_command.__doc__ = f"{inspect.cleandoc(run_command.__doc__ or '')}\n\n{describe_sources()}"
