@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data mix": ("llamaworks.data.mix:mix_command", "tokenise the sources and sample them by token share (Table 1)"),
     "data train-classifier": ("llamaworks.data.ccnet:train_classifier_command",
                               "train the fastText 'referenced by Wikipedia' page classifier (2.1)"),
-    "data train-lm": ("llamaworks.data.ccnet:train_lm_command",
+    "data train-lm": ("llamaworks.data.ngram:train_lm_command",
                       "train the n-gram language model (ARPA, for KenLM) behind the perplexity buckets"),
     "prepare": ("llamaworks.data.shards:prepare_command", "tokenise documents into packed token shards"),
     "convert": ("llamaworks.convert.command:convert_command", "convert checkpoints: native, Meta, Hugging Face, GGUF"),
