@@ -7,8 +7,8 @@ the model's arguments) are computed here, once, from the resolved config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Literal
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Literal, get_type_hints
 
 from llamaworks.model import ModelArgs
 
@@ -19,31 +19,36 @@ class RunConfig:
     description: str = ""
 
 
-@dataclass
-class ModelConfig:
-    """A preset name plus any ModelArgs field to change (unset fields keep the preset's value)."""
+def _build_args(self, vocab_size: int | None = None) -> ModelArgs:
+    """The preset's ModelArgs with this section's set fields; `vocab_size`: the tokenizer's size."""
+    changes = {name: getattr(self, name) for name in MODEL_ARG_NAMES if getattr(self, name) is not None}
+    if vocab_size is not None:
+        if self.vocab_size is not None and self.vocab_size != vocab_size:
+            raise ValueError(f"model.vocab_size={self.vocab_size} but the tokenizer has {vocab_size} pieces; "
+                             "remove model.vocab_size (it is taken from the tokenizer) or use a matching tokenizer")
+        changes["vocab_size"] = vocab_size
+    return ModelArgs.from_name(self.preset, **changes)
 
-    preset: str = "7B"
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    vocab_size: int | None = None  # unset: taken from the tokenizer
-    multiple_of: int | None = None
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float | None = None
-    max_seq_len: int | None = None
-    rope_theta: float | None = None
 
-    def build_args(self, vocab_size: int | None = None) -> ModelArgs:
-        changes = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
-        changes = {k: v for k, v in changes.items() if v is not None}
-        if vocab_size is not None:
-            if self.vocab_size is not None and self.vocab_size != vocab_size:
-                raise ValueError(f"model.vocab_size={self.vocab_size} but the tokenizer has {vocab_size} pieces; "
-                                 "remove model.vocab_size (it is taken from the tokenizer) or use a matching tokenizer")
-            changes["vocab_size"] = vocab_size
-        return ModelArgs.from_name(self.preset, **changes)
+def _model_section() -> type:
+    """[model]: a preset name plus every ModelArgs field (Meta's params.json keys), each optional.
+
+    Derived from ModelArgs rather than re-declared, so a field added to the model is a config
+    key at once, with the same name and type; None (unset) keeps the preset's value, and
+    vocab_size, when unset, is taken from the tokenizer.
+    """
+    hints = get_type_hints(ModelArgs)
+    overrides = [(name, hints[name] | None, field(default=None)) for name in MODEL_ARG_NAMES]
+    cls = make_dataclass("ModelConfig", [("preset", str, field(default="7B")), *overrides],
+                         namespace={"build_args": _build_args, "__doc__": _model_section.__doc__})
+    # make_dataclass names its own module; configs are pickled (torch.multiprocessing spawn)
+    # and resolved by name, so the class must say where it lives.
+    cls.__module__ = __name__
+    return cls
+
+
+MODEL_ARG_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ModelArgs))
+ModelConfig = _model_section()
 
 
 @dataclass
@@ -151,6 +156,22 @@ class JobConfig:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
 
     def grad_accum_steps(self, dp_world: int = 1) -> int:
-        """Micro-batches per optimizer step so that a step sees ~train.batch_tokens tokens."""
-        per_micro = self.train.micro_batch_size * self.train.seq_len * dp_world
-        return max(1, round(self.train.batch_tokens / per_micro))
+        """Micro-batches per optimizer step so that a step sees ~train.batch_tokens tokens.
+
+        One micro-batch on each of the dp_world data-parallel ranks is the least a step can
+        take; a batch_tokens below that would silently grow the global batch (and so change
+        the loss curve against one process, section 2.3's batch size), so it is refused.
+        """
+        t = self.train
+        per_micro = t.micro_batch_size * t.seq_len * dp_world
+        if t.batch_tokens < per_micro:
+            fits = t.batch_tokens // (t.seq_len * dp_world)  # sequences per rank that keep the batch
+            fix = (f"set train.micro_batch_size = {fits} (micro-batches accumulate up to train.batch_tokens) "
+                   if fits >= 1 else "")
+            raise ValueError(
+                f"train.batch_tokens={t.batch_tokens} is smaller than one micro-batch on every data-parallel "
+                f"rank: train.micro_batch_size={t.micro_batch_size} x train.seq_len={t.seq_len} x "
+                f"{dp_world} data-parallel rank(s) = {per_micro} tokens, so each step would train on "
+                f"{per_micro} tokens, not {t.batch_tokens}; {fix}{'or ' if fix else ''}raise train.batch_tokens "
+                f"to {per_micro} (or use fewer data-parallel ranks: parallel.dp_shard, parallel.dp_replicate)")
+        return round(t.batch_tokens / per_micro)
