@@ -349,3 +349,17 @@ def test_unknown_config_keys_are_rejected_with_the_valid_ones(capsys):
     assert main(["pretrain", "--config", "tiny_cpu", "--train.bogus", "1"]) == 2
     err = capsys.readouterr().err
     assert "train.bogus" in err and "valid keys:" in err and "max_steps" in err and "micro_batch_size" in err
+
+
+@pytest.mark.parametrize("world, micro", [(2, 4), (4, 2)])
+def test_a_batch_smaller_than_one_micro_batch_per_rank_is_an_error_before_any_work(make_config, tmp_path,
+                                                                                   monkeypatch, world, micro):
+    """batch_tokens 128 = 4 x 32 on one process; 2 data-parallel ranks of 4 sequences each would
+    train on 256 tokens a step (another loss curve), so the run refuses and names the fix."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"train.batch_tokens=128 .* = {micro * 32 * world} tokens") as e:
+        train(make_config(out, train={"micro_batch_size": micro}))
+    assert f"train.micro_batch_size = {4 // world}" in str(e.value)
+    assert not out.exists()

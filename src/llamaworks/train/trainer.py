@@ -9,9 +9,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,9 @@ from llamaworks.configfile import dumps, load_config, resolve_config_path
 from llamaworks.data.shards import open_token_dataset
 from llamaworks.device import default_dtype, parse_dtype, resolve_device
 from llamaworks.eval.during_training import TaskEvaluator
-from llamaworks.model import build_model
+from llamaworks.model import ModelArgs, build_model
 from llamaworks.parallel.distributed import (
+    DistEnv,
     clip_grad_norm_,
     close_distributed,
     env_world_size,
@@ -81,7 +84,7 @@ def accumulate_gradients(model, loader, accum: int, device, amp, loss_context=nu
 
 
 @torch.no_grad()
-def evaluate(model, loader, batches: int, device, amp) -> float | None:
+def evaluate(model, loader: TokenLoader, batches: int, device, amp) -> float | None:
     model.eval()
     total, n = 0.0, 0
     for i, (x, y) in enumerate(loader):
@@ -92,6 +95,50 @@ def evaluate(model, loader, batches: int, device, amp) -> float | None:
         n += 1
     model.train()
     return total / n if n else None
+
+
+@dataclass
+class Trainer:
+    """One run's state: what a step updates, what a checkpoint holds and what the loop reports.
+    `build` makes it; `train_step`, `validate` and `save_checkpoint` act on it; `run` loops."""
+
+    cfg: JobConfig
+    out: Path
+    env: DistEnv
+    dims: ParallelDims
+    device: torch.device
+    amp: Any  # the autocast context (nullcontext in fp32)
+    loss_context: Callable  # factory of the context forward and backward run in (loss_parallel)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    tokenizer: Tokenizer
+    loader: TokenLoader
+    val_loader: TokenLoader | None
+    task_eval: TaskEvaluator | None
+    accum: int  # micro-batches per optimizer step on each data-parallel rank
+    n_params: int
+    flops_per_token: float
+    peak_flops: float  # per device
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0  # seconds trained by the processes before this one (resume)
+    last_ckpt: Path | None = None
+    started: float = field(default_factory=time.perf_counter)  # this process's start of training
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return self.accum * t.micro_batch_size * t.seq_len * self.dims.dp
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
+@dataclass
+class StepResult:
+    loss: float  # the global batch's mean loss, before the update
+    grad_norm: float  # before clipping
+    lr: float
 
 
 def train(cfg: JobConfig, resume: bool = False) -> dict:
@@ -109,6 +156,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     if t_cfg.seq_len % dims.tp:
         raise ValueError(f"train.seq_len={t_cfg.seq_len} is not divisible by parallel.tp={dims.tp}: sequence "
                          "parallelism splits each sequence across the tensor-parallel ranks")
+    cfg.grad_accum_steps(dims.dp)  # a batch_tokens below one micro-batch per rank is an error now
     if t_cfg.max_minutes is not None and t_cfg.max_minutes <= 0:
         # 0 would otherwise read as "no limit"; an unset value is the way to ask for none.
         raise ValueError(f"train.max_minutes must be > 0, got {t_cfg.max_minutes}; "
@@ -127,14 +175,15 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     device, _ = resolve_device(t_cfg.device)
     env, device = init_distributed(device)
     try:
-        return _train(cfg, resume, dims, env, device, manifest, tokenizer, args)
+        return run(build(cfg, resume, dims, env, device, manifest, tokenizer, args))
     finally:
         close_distributed(env)
 
 
-def _train(cfg: JobConfig, resume: bool, dims, env, device, manifest, tokenizer, args) -> dict:
-    from tqdm import tqdm
-
+def build(cfg: JobConfig, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.device, manifest: dict,
+          tokenizer: Tokenizer, args: ModelArgs) -> Trainer:
+    """The model (sharded and initialised), optimizer and loaders, restored from the run's
+    latest checkpoint when resuming; the run's config.toml written."""
     out = Path(cfg.run.out_dir)
     t_cfg, par = cfg.train, cfg.parallel
     amp_dtype = resolve_amp(device, t_cfg.dtype)
@@ -163,136 +212,194 @@ def _train(cfg: JobConfig, resume: bool, dims, env, device, manifest, tokenizer,
     # innermost dimension, so the data-parallel rank is rank // tp.
     loader = TokenLoader(cfg.data.dir, "train", batch_size=t_cfg.micro_batch_size, seq_len=t_cfg.seq_len,
                          rank=env.rank // dims.tp, world_size=dims.dp, seed=t_cfg.seed)
-    accum = cfg.grad_accum_steps(dims.dp)
-    tokens_per_step = accum * t_cfg.micro_batch_size * t_cfg.seq_len * dims.dp
-    decay_steps = cfg.schedule.decay_steps or t_cfg.max_steps
-
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    ckpt = ckpt_io.latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        log.warning("--resume: no complete checkpoint in %s, starting from scratch", out)
-    if ckpt is not None:
-        state = ckpt_io.load_checkpoint(ckpt, model, optimizer, loader)
-        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state.get("elapsed_s", 0.0)
-        log.info("resumed from %s (step %d, %d tokens)", ckpt, step, tokens_seen)
-    elif not resume and ckpt_io.list_checkpoints(out):
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose "
-                         "another run.out_dir")
+    ckpt, state = restore(out, resume, model, optimizer, loader)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.toml", dumps(cfg))
 
+    accum = cfg.grad_accum_steps(dims.dp)
     fpt = flops_per_token(args, t_cfg.seq_len)
     peak = cfg.hardware.peak_flops or measure_peak_flops(device)
+    trainer = Trainer(cfg=cfg, out=out, env=env, dims=dims, device=device, amp=amp, loss_context=loss_context,
+                      model=model, optimizer=optimizer, tokenizer=tokenizer, loader=loader,
+                      # Benchmark scores every eval.task_every steps (Figure 2); task files read (and checked) now.
+                      val_loader=build_val_loader(cfg, manifest), task_eval=TaskEvaluator.from_config(cfg.eval),
+                      accum=accum, n_params=n_params, flops_per_token=fpt, peak_flops=peak,
+                      step=state.get("step", 0), tokens_seen=state.get("tokens", 0),
+                      elapsed_before=state.get("elapsed_s", 0.0), last_ckpt=ckpt)
     log.info("model: %s preset, %.2fM parameters; %d tokens/step (%d micro-batches of %dx%d, dp=%d); "
-             "%.3g FLOPs/token; peak %.3g FLOP/s (%s)", cfg.model.preset, n_params / 1e6, tokens_per_step,
+             "%.3g FLOPs/token; peak %.3g FLOP/s (%s)", cfg.model.preset, n_params / 1e6, trainer.tokens_per_step,
              accum, t_cfg.micro_batch_size, t_cfg.seq_len, dims.dp, fpt, peak,
              "given" if cfg.hardware.peak_flops else "measured")
-    # Benchmark scores every eval.task_every steps (Figure 2); task files read (and checked) now.
-    task_eval = TaskEvaluator.from_config(cfg.eval)
+    if trainer.tokens_per_step != t_cfg.batch_tokens:
+        log.warning("train.batch_tokens=%d is not a whole number of micro-batches of %d tokens on %d "
+                    "data-parallel rank(s): each step trains on %d tokens", t_cfg.batch_tokens,
+                    t_cfg.micro_batch_size * t_cfg.seq_len, dims.dp, trainer.tokens_per_step)
+    return trainer
+
+
+def restore(out: Path, resume: bool, model, optimizer, loader: TokenLoader) -> tuple[Path | None, dict]:
+    """With --resume, load the latest complete checkpoint into model, optimizer and loader (and
+    the RNG): (its path, its saved state); (None, {}) for a fresh run. A fresh run refuses a
+    folder that holds checkpoints: it would interleave its own with another run's."""
+    ckpt = ckpt_io.latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        log.warning("--resume: no complete checkpoint in %s, starting from scratch", out)
+    if ckpt is None:
+        if not resume and ckpt_io.list_checkpoints(out):
+            raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose "
+                             "another run.out_dir")
+        return None, {}
+    state = ckpt_io.load_checkpoint(ckpt, model, optimizer, loader)
+    log.info("resumed from %s (step %d, %d tokens)", ckpt, state["step"], state["tokens"])
+    return ckpt, state
+
+
+def build_val_loader(cfg: JobConfig, manifest: dict) -> TokenLoader | None:
+    """The validation loader, or None when validation is off or the val split is too small."""
+    t_cfg = cfg.train
+    if cfg.eval.every <= 0:
+        return None
+    # Built (and so checked) before training: a val split too small for one micro-batch must
+    # not surface as a crash at the first evaluation, after minutes of training.
+    val_windows = max(0, manifest["splits"]["val"]["tokens"] - 1) // t_cfg.seq_len
+    if val_windows < t_cfg.micro_batch_size:
+        log.warning("no validation loss: the val split of %s has %d windows of %d tokens, fewer than one "
+                    "micro-batch of %d; prepare with a larger val_fraction or set eval.every = 0",
+                    cfg.data.dir, val_windows, t_cfg.seq_len, t_cfg.micro_batch_size)
+        return None
+    return TokenLoader(cfg.data.dir, "val", batch_size=t_cfg.micro_batch_size, seq_len=t_cfg.seq_len,
+                       shuffle=False, infinite=False)
+
+
+def train_step(t: Trainer) -> StepResult:
+    """One optimizer step on one global batch: learning rate, gradients, clipping, update."""
+    cfg = t.cfg
+    decay_steps = cfg.schedule.decay_steps or cfg.train.max_steps
+    lr = lr_at(t.step, cfg.optim.lr, cfg.schedule.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    # Each data-parallel rank's loss is the mean over its share of the global batch and
+    # FSDP/DDP average the gradients over ranks: together, the gradient of the global
+    # batch's mean loss. The logged loss is that global mean, and the clipping norm is
+    # the norm of the whole (sharded) gradient.
+    loss = global_mean(accumulate_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context)).item()
+    grad_norm = clip_grad_norm_(t.model.parameters(), cfg.optim.grad_clip).item()
+    # A finite loss with an inf/nan gradient would still poison the weights (and every
+    # later checkpoint) once the optimizer steps, so both are checked before it does.
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        what = "gradient norm" if math.isfinite(loss) else "loss"
+        where = f"the last good checkpoint is {t.last_ckpt}" if t.last_ckpt else "no checkpoint was saved yet"
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {t.step + 1} (loss {loss}, gradient norm {grad_norm}): stopping "
+            f"without saving; {where}. Lower optim.lr, raise schedule.warmup_steps or check the data, then "
+            "run again with --resume")
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.step += 1
+    t.tokens_seen += t.tokens_per_step
+    return StepResult(loss, grad_norm, lr)
+
+
+def validate(t: Trainer) -> float | None:
+    return evaluate(t.model, t.val_loader, t.cfg.eval.batches, t.device, t.amp)
+
+
+def save_checkpoint(t: Trainer) -> Path:
+    t.last_ckpt = ckpt_io.save_checkpoint(t.out, t.step, t.model, t.tokenizer, t.optimizer, t.loader,
+                                          {"tokens": t.tokens_seen, "elapsed_s": t.elapsed(), "config": dumps(t.cfg)},
+                                          t.cfg.checkpoint.keep_last)
+    return t.last_ckpt
+
+
+class Throughput:
+    """Tokens per second of the training steps since `restart`: evaluations and checkpoints
+    restart it, so they do not count against the step time (MFU)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.since, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        return self.tokens / (time.perf_counter() - self.since)
+
+
+def run(t: Trainer) -> dict:
+    """The training loop from t.step to train.max_steps (or the time limit): log, validate,
+    score tasks and checkpoint on their schedules; then `finish`."""
+    from tqdm import tqdm
+
+    cfg, max_steps = t.cfg, t.cfg.train.max_steps
     # Only rank 0 writes metrics, the progress bar, plots and the summary.
-    metrics = MetricsLog(out / "metrics.jsonl", truncate_after_step=step) if env.is_main else _NoMetrics()
-    val_loader = None
-    if cfg.eval.every > 0:
-        # Built (and so checked) here: a val split too small for one micro-batch must not
-        # surface as a crash at the first evaluation, after minutes of training.
-        val_windows = max(0, manifest["splits"]["val"]["tokens"] - 1) // t_cfg.seq_len
-        if val_windows >= t_cfg.micro_batch_size:
-            val_loader = TokenLoader(cfg.data.dir, "val", batch_size=t_cfg.micro_batch_size,
-                                     seq_len=t_cfg.seq_len, shuffle=False, infinite=False)
-        else:
-            log.warning("no validation loss: the val split of %s has %d windows of %d tokens, fewer than one "
-                        "micro-batch of %d; prepare with a larger val_fraction or set eval.every = 0",
-                        cfg.data.dir, val_windows, t_cfg.seq_len, t_cfg.micro_batch_size)
-
-    def checkpoint(elapsed: float) -> Path:
-        return ckpt_io.save_checkpoint(out, step, model, tokenizer, optimizer, loader,
-                                       {"tokens": tokens_seen, "elapsed_s": elapsed, "config": dumps(cfg)},
-                                       cfg.checkpoint.keep_last)
-
-    bar = tqdm(total=t_cfg.max_steps, initial=step, disable=not (cfg.log.progress and env.is_main),
-               dynamic_ncols=True,
-               file=sys.stderr, unit="step")
-    t_start = time.perf_counter()
-    t_window, tok_window = t_start, 0
-    last_ckpt = ckpt
-    deadline = t_start + 60 * t_cfg.max_minutes if t_cfg.max_minutes else None
+    metrics = MetricsLog(t.out / "metrics.jsonl", truncate_after_step=t.step) if t.env.is_main else _NoMetrics()
+    bar = tqdm(total=max_steps, initial=t.step, disable=not (cfg.log.progress and t.env.is_main),
+               dynamic_ncols=True, file=sys.stderr, unit="step")
+    t.started = time.perf_counter()
+    speed = Throughput()
+    deadline = t.started + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     stop_reason = "max_steps"
-    loss_val: float | None = None  # stays None when resuming a run that already reached max_steps
-    start_step, val_step, final_val = step, -1, None
+    last: StepResult | None = None  # stays None when resuming a run that already reached max_steps
+    start_step, val_step, final_val = t.step, -1, None
     try:
-        while step < t_cfg.max_steps:
-            lr = lr_at(step, cfg.optim.lr, cfg.schedule.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Each data-parallel rank's loss is the mean over its share of the global batch and
-            # FSDP/DDP average the gradients over ranks: together, the gradient of the global
-            # batch's mean loss. The logged loss is that global mean, and the clipping norm is
-            # the norm of the whole (sharded) gradient.
-            loss_val = global_mean(accumulate_gradients(model, loader, accum, device, amp, loss_context)).item()
-            grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            # A finite loss with an inf/nan gradient would still poison the weights (and every
-            # later checkpoint) once the optimizer steps, so both are checked before it does.
-            if not (math.isfinite(loss_val) and math.isfinite(grad_norm.item())):
-                what = "gradient norm" if math.isfinite(loss_val) else "loss"
-                where = (f"the last good checkpoint is {last_ckpt}" if last_ckpt
-                         else "no checkpoint was saved yet")
-                raise NonFiniteLossError(
-                    f"non-finite {what} at step {step + 1} (loss {loss_val}, gradient norm "
-                    f"{grad_norm.item()}): stopping without saving; {where}. Lower optim.lr, raise "
-                    "schedule.warmup_steps or check the data, then run again with --resume")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            tok_window += tokens_per_step
-            now = time.perf_counter()
-            if step % cfg.log.every == 0 or step == t_cfg.max_steps:
-                tps = tok_window / (now - t_window)
-                mfu = tps * fpt / (peak * dims.world_size)  # tokens of all ranks over all devices' peak
-                metrics.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(),
-                               "tokens": tokens_seen, "tokens_per_s": tps, "mfu": mfu,
-                               "elapsed_s": elapsed_before + now - t_start})
-                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}", mfu=f"{mfu:.1%}")
-                t_window, tok_window = now, 0
+        while t.step < max_steps:
+            last = train_step(t)
+            speed.add(t.tokens_per_step)
+            if t.step % cfg.log.every == 0 or t.step == max_steps:
+                tps = speed.rate()
+                mfu = tps * t.flops_per_token / (t.peak_flops * t.dims.world_size)  # all ranks over all peaks
+                metrics.write({"step": t.step, "loss": last.loss, "lr": last.lr, "grad_norm": last.grad_norm,
+                               "tokens": t.tokens_seen, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": t.elapsed()})
+                bar.set_postfix(loss=f"{last.loss:.3f}", lr=f"{last.lr:.2e}", tok_s=f"{tps:.0f}", mfu=f"{mfu:.1%}")
+                speed.restart()
             bar.update(1)
-            if val_loader and step % cfg.eval.every == 0:
-                val_step, final_val = step, evaluate(model, val_loader, cfg.eval.batches, device, amp)
-                metrics.write({"step": step, "tokens": tokens_seen, "val_loss": final_val})
-                log.info("step %d: validation loss %.4f", step, final_val)
-                t_window, tok_window = time.perf_counter(), 0
-            if task_eval and task_eval.due(step):
-                metrics.write({"step": step, "tokens": tokens_seen, **task_eval.run(model, tokenizer)})
-                t_window, tok_window = time.perf_counter(), 0
+            if t.val_loader and t.step % cfg.eval.every == 0:
+                val_step, final_val = t.step, validate(t)
+                metrics.write({"step": t.step, "tokens": t.tokens_seen, "val_loss": final_val})
+                log.info("step %d: validation loss %.4f", t.step, final_val)
+                speed.restart()
+            if t.task_eval and t.task_eval.due(t.step):
+                metrics.write({"step": t.step, "tokens": t.tokens_seen, **t.task_eval.run(t.model, t.tokenizer)})
+                speed.restart()
             if deadline and time.perf_counter() >= deadline:
-                stop_reason = f"time limit ({t_cfg.max_minutes} min)"
+                stop_reason = f"time limit ({cfg.train.max_minutes} min)"
                 break
-            if step % cfg.checkpoint.every == 0 and step < t_cfg.max_steps:
-                last_ckpt = checkpoint(elapsed_before + time.perf_counter() - t_start)
-                t_window, tok_window = time.perf_counter(), 0
-        if val_loader and val_step != step:  # the final weights' validation loss, unless just measured
-            final_val = evaluate(model, val_loader, cfg.eval.batches, device, amp)
-            if step > start_step:  # else the run being resumed already logged it
-                metrics.write({"step": step, "tokens": tokens_seen, "val_loss": final_val})
+            if t.step % cfg.checkpoint.every == 0 and t.step < max_steps:
+                save_checkpoint(t)
+                speed.restart()
+        if t.val_loader and val_step != t.step:  # the final weights' validation loss, unless just measured
+            final_val = validate(t)
+            if t.step > start_step:  # else the run being resumed already logged it
+                metrics.write({"step": t.step, "tokens": t.tokens_seen, "val_loss": final_val})
     finally:
         bar.close()
         metrics.close()
+    return finish(t, stop_reason, last.loss if last else None, final_val)
 
-    elapsed = elapsed_before + time.perf_counter() - t_start
-    if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
-        last_ckpt = checkpoint(elapsed)
-    ckpt_io.save_model_dir(model, tokenizer, out / "model")
-    curve = None if not env.is_main else plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png",
-                            f"llamaworks {cfg.model.preset}: {n_params / 1e6:.1f}M parameters")
-    device_hours = elapsed / 3600 * dims.world_size
-    power = cfg.hardware.power_w or (400.0 if device.type == "cuda" else 65.0)
-    summary = {"steps": step, "tokens": tokens_seen, "stop_reason": stop_reason, "elapsed_s": elapsed,
-               "params": n_params, "final_train_loss": loss_val, "final_val_loss": final_val,
-               "checkpoint": str(last_ckpt), "model_dir": str(out / "model"),
+
+def finish(t: Trainer, stop_reason: str, final_loss: float | None, final_val: float | None) -> dict:
+    """The last checkpoint (unless the loop just saved this step), the model directory, the loss
+    curve and the summary with section 6's energy estimate."""
+    if t.last_ckpt is None or not t.last_ckpt.name.endswith(f"{t.step:08d}"):
+        save_checkpoint(t)
+    elapsed = t.elapsed()
+    ckpt_io.save_model_dir(t.model, t.tokenizer, t.out / "model")
+    curve = None if not t.env.is_main else plot_loss_curve(
+        t.out / "metrics.jsonl", t.out / "loss_curve.png",
+        f"llamaworks {t.cfg.model.preset}: {t.n_params / 1e6:.1f}M parameters")
+    device_hours = elapsed / 3600 * t.dims.world_size
+    power = t.cfg.hardware.power_w or (400.0 if t.device.type == "cuda" else 65.0)
+    summary = {"steps": t.step, "tokens": t.tokens_seen, "stop_reason": stop_reason, "elapsed_s": elapsed,
+               "params": t.n_params, "final_train_loss": final_loss, "final_val_loss": final_val,
+               "checkpoint": str(t.last_ckpt), "model_dir": str(t.out / "model"),
                "loss_curve": str(curve) if curve else None,
                "energy": run_summary(device_hours, power)}
-    if env.is_main:
-        atomic_write_json(out / "summary.json", summary)
+    if t.env.is_main:
+        atomic_write_json(t.out / "summary.json", summary)
     return summary
 
 
