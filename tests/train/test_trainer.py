@@ -275,6 +275,22 @@ def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(ref
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+def test_resume_reproduces_the_validation_loss(reference, make_config, tmp_path):
+    """Every measurement reads the val split's first eval.batches batches, so the val loss at a
+    step does not depend on how many measurements the process made before (the resumed one
+    made none)."""
+    _, ref_out, _, _ = reference
+    out = tmp_path / "run"
+    # Stopped at 5: val loss at 4 and of the final weights at 5, checkpoint at 3 and 5.
+    train(make_config(out, train={"max_steps": 5}, schedule={"decay_steps": 8}))
+    assert [s for s, _ in column(out, "val_loss")] == [4, 5]
+    summary = train(load_config(JobConfig, out / "config.toml", ["--train.max_steps", "8"]), resume=True)
+    assert column(out) == column(ref_out)
+    ref_val = dict(column(ref_out, "val_loss"))
+    assert dict(column(out, "val_loss"))[8] == ref_val[8] == summary["final_val_loss"]
+    assert dict(column(out, "val_loss"))[4] == ref_val[4]
+
+
 def test_existing_checkpoints_need_resume(reference, capsys):
     _, out, _, _ = reference
     metrics = (out / "metrics.jsonl").read_bytes()

@@ -76,6 +76,10 @@ class TokenLoader:
         rows = torch.from_numpy(rows)  # (batch_size, seq_len + 1)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
+    def rewind(self) -> None:
+        """Back to the first batch of the first epoch: the next batches are those of a new loader."""
+        self.epoch, self.position = 0, 0
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "shuffle": int(self.shuffle), "batch_size": self.batch_size, "seq_len": self.seq_len,

@@ -85,6 +85,13 @@ def accumulate_gradients(model, loader, accum: int, device, amp, loss_context=nu
 
 @torch.no_grad()
 def evaluate(model, loader: TokenLoader, batches: int, device, amp) -> float | None:
+    """Mean loss over the first `batches` batches of `loader` (a finite, unshuffled val loader).
+
+    Every measurement reads the same batches from the start, so validation losses at different
+    steps are comparable, and a resumed run measures exactly what an uninterrupted one does
+    without the val loader's position in the checkpoint.
+    """
+    loader.rewind()
     model.eval()
     total, n = 0.0, 0
     for i, (x, y) in enumerate(loader):
