@@ -379,3 +379,34 @@ def test_a_batch_smaller_than_one_micro_batch_per_rank_is_an_error_before_any_wo
         train(make_config(out, train={"micro_batch_size": micro}))
     assert f"train.micro_batch_size = {4 // world}" in str(e.value)
     assert not out.exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path) -> Path:
+    """A folder no file can be created in: read-only by its mode, or, where the tests run as
+    root (which ignores modes), one under /sys (read-only for root too in a container)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys/fs/llamaworks-test")):
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            (candidate / "probe").touch()
+        except OSError:
+            yield candidate
+            break
+        (candidate / "probe").unlink()
+    else:
+        pytest.skip("no read-only folder on this machine")
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["itself", "below"])
+def test_a_read_only_out_dir_is_a_clear_error(make_config, tmp_path, read_only_dir, capsys, where):
+    out = read_only_dir if where == "itself" else read_only_dir / "runs" / "x"
+    config = tmp_path / "job.toml"
+    config.write_text(dumps(make_config(out)))
+    assert main(["pretrain", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"run.out_dir {out} is not writable" in err and "choose another run.out_dir" in err
+    assert "Traceback" not in err

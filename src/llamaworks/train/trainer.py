@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -179,12 +180,25 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     if t_cfg.seq_len > args.max_seq_len:
         raise ValueError(f"train.seq_len={t_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}; "
                          "lower train.seq_len or raise model.max_seq_len")
+    check_out_dir(Path(cfg.run.out_dir))
     device, _ = resolve_device(t_cfg.device)
     env, device = init_distributed(device)
     try:
         return run(build(cfg, resume, dims, env, device, manifest, tokenizer, args))
     finally:
         close_distributed(env)
+
+
+def check_out_dir(out: Path) -> None:
+    """Create run.out_dir and write a file in it: a read-only or impossible folder is an error
+    now, not a traceback at the first checkpoint after minutes (or days) of training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"run.out_dir {out} is not writable ({e.strerror or e}); fix its permissions or choose "
+                         "another run.out_dir") from None
 
 
 def build(cfg: JobConfig, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.device, manifest: dict,
