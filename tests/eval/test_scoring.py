@@ -17,7 +17,6 @@ from llamaworks.eval.scoring import (
     exact_match,
     gsm8k_answer,
     last_boxed,
-    maj_at_k,
     majority_vote,
     math_answer,
     mc_predict,
@@ -115,12 +114,11 @@ def test_majority_vote():
     assert majority_vote(["7", None, "8", "7", None, None]) == "7"
     assert majority_vote(["8", "7"]) == "8"
     assert majority_vote([None, None]) is None
-    samples = ["... #### 7", "... the answer is 8", "#### 7", "7 apples"]
-    assert maj_at_k(samples, "7", gsm8k_answer)
-    assert maj_at_k(samples, "7", gsm8k_answer, k=2)  # 7 vs 8: a tie, the first seen wins
-    assert not maj_at_k(samples[1:], "7", gsm8k_answer, k=2)  # 8 first, then 7
-    with pytest.raises(ValueError, match="at least k"):
-        maj_at_k(samples, "7", gsm8k_answer, k=5)
+    # maj1@k as evaluate_maj computes it: the vote of the answers extracted from the samples.
+    answers = [gsm8k_answer(s) for s in ["... #### 7", "... the answer is 8", "#### 7", "7 apples"]]
+    assert majority_vote(answers) == "7"
+    assert majority_vote(answers[:2]) == "7"  # 7 vs 8: a tie, the first seen wins
+    assert majority_vote(answers[1:3]) == "8"  # 8 first, then 7
     assert MAJ_K == {"math": 256, "gsm8k": 100}
 
 

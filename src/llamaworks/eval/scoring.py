@@ -18,13 +18,13 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 __all__ = [
     "CALIBRATION_CONTEXT", "MC_METHODS", "MAJ_K", "PASS_AT_K_PRESETS", "mc_scores", "mc_predict",
     "calibration_requests", "winogrande_partial_requests", "cut_answer", "normalize_answer", "exact_match",
-    "gsm8k_answer", "math_answer", "last_boxed", "majority_vote", "maj_at_k", "pass_at_k", "mean_pass_at_k",
+    "gsm8k_answer", "math_answer", "last_boxed", "majority_vote", "pass_at_k", "mean_pass_at_k",
     "mc2_score", "group_means",
 ]
 
@@ -228,17 +228,6 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     # The most frequent extracted answer (samples without one do not vote); ties: first seen.
     counts = Counter(a for a in answers if a is not None)
     return counts.most_common(1)[0][0] if counts else None
-
-
-def maj_at_k(samples: Sequence[str], gold: str, extract: Callable[[str], str | None], k: int | None = None) -> bool:
-    """maj1@k (section 3.4): whether the majority answer of the first k samples equals the
-    gold answer (already extracted, e.g. gsm8k_answer(reference solution))."""
-    if k is not None:
-        if k < 1 or k > len(samples):
-            raise ValueError(f"k={k} but {len(samples)} samples: generate at least k samples, or lower k")
-        samples = samples[:k]
-    vote = majority_vote([extract(s) for s in samples])
-    return vote is not None and vote == gold
 
 
 # -- pass@k ----------------------------------------------------------------------------------
