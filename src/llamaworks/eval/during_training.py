@@ -16,10 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamaworks.eval.lm import EvalModel
-from llamaworks.eval.run import evaluate_mc, evaluate_qa
+from llamaworks.eval.run import evaluate_mc, evaluate_qa, for_task_class
 from llamaworks.eval.tasks import MCTask, QATask, get_task
 
-__all__ = ["TaskEvaluator", "evaluate_tasks"]
+__all__ = ["TRAINING_EVALUATORS", "TaskEvaluator", "evaluate_tasks", "training_evaluator"]
+
+# The task kinds scored during training, zero-shot: fast enough to run every few hundred steps
+# (a subclass, e.g. MMLU's, is scored as its base: its zero-shot multiple choice).
+TRAINING_EVALUATORS = {MCTask: evaluate_mc, QATask: evaluate_qa}
+
+
+def training_evaluator(task):
+    evaluate = for_task_class(TRAINING_EVALUATORS, type(task))
+    if evaluate is None:
+        raise ValueError(f"eval.tasks: {task.name} is not scored during training (multiple choice and closed-book QA "
+                         "are); use `llamaworks eval` on a checkpoint")
+    return evaluate
 
 
 def evaluate_tasks(model, tokenizer, task_sets, *, batch_size: int = 8) -> dict[str, float]:
@@ -30,8 +42,7 @@ def evaluate_tasks(model, tokenizer, task_sets, *, batch_size: int = 8) -> dict[
         lm = EvalModel(model, tokenizer, batch_size=batch_size)
         scores = {}
         for task, examples in task_sets:
-            run = evaluate_mc if isinstance(task, MCTask) else evaluate_qa
-            scores[f"eval/{task.name}"] = run(lm, task, examples)["acc"]
+            scores[f"eval/{task.name}"] = training_evaluator(task)(lm, task, examples)["acc"]
         return scores
     finally:
         model.train(was_training)
@@ -61,9 +72,7 @@ class TaskEvaluator:
         sets = []
         for name in cfg.tasks:
             task = get_task(name)
-            if not isinstance(task, (MCTask, QATask)):
-                raise ValueError(f"eval.tasks: {name} is not scored during training (multiple choice and "
-                                 "closed-book QA are); use `llamaworks eval` on a checkpoint")
+            training_evaluator(task)  # fails now, before the run, for a task kind not scored during training
             sets.append((task, task.load(Path(cfg.task_data) / f"{name}.jsonl", cfg.task_limit)))
         return cls(sets, every)
 

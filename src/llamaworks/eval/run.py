@@ -6,10 +6,12 @@ truthfulness benchmarks of section 5 (CrowS-Pairs, WinoGender, TruthfulQA)."""
 
 from __future__ import annotations
 
+import os
 import sys
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json
@@ -50,7 +52,8 @@ from llamaworks.eval.tasks.mmlu import SUBJECT_MEAN, fewshot_for, mmlu_prompt
 from llamaworks.eval.tasks.qa import MAX_ANSWER_TOKENS, fewshot_examples, qa_prompt
 
 __all__ = ["mc_requests", "evaluate_mc", "evaluate_grouped", "evaluate_mmlu", "evaluate_truthfulqa", "evaluate_qa",
-           "evaluate_maj", "evaluate_code", "results_table", "eval_command"]
+           "evaluate_maj", "evaluate_code", "results_table", "EvalSettings", "Evaluator", "EVALUATORS", "evaluator_for",
+           "for_task_class", "eval_command"]
 
 
 def mc_requests(ex: MCExample, method: str) -> list[tuple[str, str]]:
@@ -280,6 +283,108 @@ def evaluate_code(lm, task: CodeTask, examples: list[CodeExample], *, ks: list[i
             "paper": {k: task.paper.get(k, {}) for k in scores}, "examples": logs}
 
 
+
+# ----------------------------------------------------------------------------- one evaluator per task class
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The `eval` options one task's evaluator may read (shots and pool already resolved for it)."""
+
+    shots: int = 0
+    fewshot_pool: list | None = None
+    maj_k: int | None = None  # None: the task's own (the paper's k)
+    temperature: float | None = None  # None: the paper's for the task kind
+    ks: list[int] = field(default_factory=lambda: [1])
+    samples_per_task: int | None = None
+    seed: int = 1234
+    progress: bool = False
+
+
+def run_mc(lm, task: MCTask, examples: list, o: EvalSettings) -> dict:
+    return evaluate_mc(lm, task, examples, progress=o.progress)
+
+
+def run_grouped(lm, task: GroupedMCTask, examples: list, o: EvalSettings) -> dict:
+    return evaluate_grouped(lm, task, examples, progress=o.progress)
+
+
+def run_mmlu(lm, task: MMLUTask, examples: list, o: EvalSettings) -> dict:
+    return evaluate_mmlu(lm, task, examples, shots=o.shots, fewshot_pool=o.fewshot_pool, progress=o.progress)
+
+
+def run_truthfulqa(lm, task: TruthfulQATask, examples: list, o: EvalSettings) -> dict:
+    return evaluate_truthfulqa(lm, task, examples, progress=o.progress)
+
+
+def run_qa(lm, task: QATask, examples: list, o: EvalSettings) -> dict:
+    return evaluate_qa(lm, task, examples, shots=o.shots, fewshot_pool=o.fewshot_pool, progress=o.progress)
+
+
+def run_maj(lm, task: MathTask, examples: list, o: EvalSettings) -> dict:
+    return evaluate_maj(lm, task, examples, k=o.maj_k or task.default_k,
+                        temperature=SAMPLE_TEMPERATURE if o.temperature is None else o.temperature, shots=o.shots,
+                        fewshot_pool=o.fewshot_pool, seed=o.seed, progress=o.progress)
+
+
+def run_code(lm, task: CodeTask, examples: list, o: EvalSettings) -> dict:
+    # eval_command has checked --allow-code-execution for every task whose evaluator runs_code.
+    return evaluate_code(lm, task, examples, ks=o.ks, n=o.samples_per_task, temperature=o.temperature,
+                         shots=o.shots, fewshot_pool=o.fewshot_pool, seed=o.seed, allow_code_execution=True,
+                         progress=o.progress)
+
+
+def no_bundled_fewshot(task, data: str | os.PathLike | None) -> bool:
+    return False
+
+
+def fewshot_from_file(task, fewshot_data: str | os.PathLike | None, data: str | os.PathLike | None) -> list:
+    return task.load(fewshot_data)
+
+
+def mmlu_fewshot(task: MMLUTask, fewshot_data: str | os.PathLike | None, data: str | os.PathLike | None) -> list:
+    # The dev split comes with MMLU's release folder, so --data serves when --fewshot-data is not given.
+    return task.load_fewshot(fewshot_data or data)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """How `llamaworks eval` scores one kind of task."""
+
+    run: Callable[[Any, Any, list, EvalSettings], dict]  # (lm, task, examples, settings) -> result
+    zero_shot: bool = False  # the paper evaluates it zero-shot (sections 3.1, 3.3, 5): --shots is refused
+    runs_code: bool = False  # scoring runs the model's code: needs --allow-code-execution
+    # Whether --data holds the few-shot split too (then --fewshot-data is optional), and how to load the pool.
+    bundled_fewshot: Callable[[Any, Any], bool] = no_bundled_fewshot
+    load_fewshot: Callable[[Any, Any, Any], list] = fewshot_from_file
+
+
+# Task class -> its evaluator; a subclass without an entry uses its nearest base's (RaceTask: MCTask's,
+# WinoGenderTask: GroupedMCTask's). A new kind of task is a new entry here.
+EVALUATORS: dict[type, Evaluator] = {
+    MCTask: Evaluator(run_mc, zero_shot=True),
+    GroupedMCTask: Evaluator(run_grouped, zero_shot=True),
+    MMLUTask: Evaluator(run_mmlu, bundled_fewshot=MMLUTask.has_dev_split, load_fewshot=mmlu_fewshot),
+    TruthfulQATask: Evaluator(run_truthfulqa, zero_shot=True),
+    QATask: Evaluator(run_qa),
+    MathTask: Evaluator(run_maj),
+    CodeTask: Evaluator(run_code, runs_code=True),
+}
+
+T = TypeVar("T")
+
+
+def for_task_class(table: Mapping[type, T], cls: type) -> T | None:
+    """The entry of `cls` or of its nearest base class in `table`; None when none has one."""
+    return next((table[c] for c in cls.__mro__ if c in table), None)
+
+
+def evaluator_for(cls: type) -> Evaluator:
+    found = for_task_class(EVALUATORS, cls)
+    if found is None:
+        raise ValueError(f"no evaluator for task class {cls.__name__}: add one to EVALUATORS in llamaworks/eval/run.py")
+    return found
+
+
 def results_table(results: list[dict]) -> str:
     # Laid out as the paper's tables: one row per benchmark (and per pass@k or subset), scores
     # in %; a task's note (a paper number measured otherwise) goes under the table.
@@ -364,61 +469,44 @@ def eval_command(
                                batch_size=batch_size, add_bos=bos, device=device, dtype=dtype, output=output)
     if include_path is not None:
         raise ValueError("--include-path applies to --harness lm-eval")
-    tasks = [get_task(t) for t in names]
-    code = [t.name for t in tasks if isinstance(t, CodeTask)]
+    selected = [get_task(t) for t in names]
+    evaluators = {t.name: evaluator_for(type(t)) for t in selected}
+    code = [t.name for t in selected if evaluators[t.name].runs_code]
     if code and not allow_code_execution:
         raise ValueError(f"{', '.join(code)} run(s) the model's code: " + DANGER.replace(
             "allow_code_execution=True (--allow-code-execution)", "--allow-code-execution"))
     ks = parse_ks(k)
     if maj_k is not None and maj_k < 1:
         raise ValueError(f"--maj-k must be >= 1, got {maj_k}")
-    zero_shot = [t.name for t in tasks if isinstance(t, (MCTask, TruthfulQATask)) and not isinstance(t, MMLUTask)]
+    zero_shot = [t.name for t in selected if evaluators[t.name].zero_shot]
     if shots and zero_shot:
         raise ValueError(f"the paper evaluates {', '.join(zero_shot)} zero-shot (sections 3.1, 3.3, 5): drop --shots "
                          "for them")
     paths = {}
-    for t in tasks:
+    for t in selected:
         if data is not None and Path(data).is_dir():
             paths[t.name] = task_data_path(t, Path(data))
-        elif len(tasks) > 1 and data is not None:
+        elif len(selected) > 1 and data is not None:
             raise ValueError("with several tasks, --data must be a directory holding NAME.jsonl per task")
         else:
             paths[t.name] = data
-    n_shots = {t.name: shots if shots is not None else getattr(t, "default_shots", 0) for t in tasks}
-    # MMLU's dev split comes with its release folder.
-    own_dev = {t.name for t in tasks if isinstance(t, MMLUTask) and t.has_dev_split(paths[t.name])}
-    few = [f"{name} ({n}-shot)" for name, n in n_shots.items() if n and name not in own_dev]
+    n_shots = {t.name: shots if shots is not None else getattr(t, "default_shots", 0) for t in selected}
+    bundled = {t.name for t in selected if evaluators[t.name].bundled_fewshot(t, paths[t.name])}
+    few = [f"{name} ({n}-shot)" for name, n in n_shots.items() if n and name not in bundled]
     if few and fewshot_data is None:
         raise ValueError(f"{', '.join(few)} needs --fewshot-data FILE: the train (MBPP: prompt; MMLU: dev) split, "
                          "drawn from deterministically")
     # Read every file before loading the model, so a missing one fails fast.
-    examples = {t.name: t.load(paths[t.name], limit) for t in tasks}
-    pools = {t.name: t.load_fewshot(fewshot_data or paths[t.name]) if isinstance(t, MMLUTask) else t.load(fewshot_data)
-             for t in tasks if n_shots[t.name]}
+    examples = {t.name: t.load(paths[t.name], limit) for t in selected}
+    pools = {t.name: evaluators[t.name].load_fewshot(t, fewshot_data, paths[t.name])
+             for t in selected if n_shots[t.name]}
     lm = EvalModel.from_dir(checkpoint, device=device, dtype=dtype, batch_size=batch_size, add_bos=bos)
     results = []
-    for t in tasks:
-        if isinstance(t, MMLUTask):
-            results.append(evaluate_mmlu(lm, t, examples[t.name], shots=n_shots[t.name], fewshot_pool=pools.get(t.name),
-                                         progress=sys.stderr.isatty()))
-        elif isinstance(t, GroupedMCTask):
-            results.append(evaluate_grouped(lm, t, examples[t.name], progress=sys.stderr.isatty()))
-        elif isinstance(t, MCTask):
-            results.append(evaluate_mc(lm, t, examples[t.name], progress=sys.stderr.isatty()))
-        elif isinstance(t, TruthfulQATask):
-            results.append(evaluate_truthfulqa(lm, t, examples[t.name], progress=sys.stderr.isatty()))
-        elif isinstance(t, MathTask):
-            results.append(evaluate_maj(lm, t, examples[t.name], k=maj_k or t.default_k,
-                                        temperature=SAMPLE_TEMPERATURE if temperature is None else temperature,
-                                        shots=n_shots[t.name], fewshot_pool=pools.get(t.name), seed=seed,
-                                        progress=sys.stderr.isatty()))
-        elif isinstance(t, CodeTask):
-            results.append(evaluate_code(lm, t, examples[t.name], ks=ks, n=samples_per_task, temperature=temperature,
-                                         shots=n_shots[t.name], fewshot_pool=pools.get(t.name), seed=seed,
-                                         allow_code_execution=True, progress=sys.stderr.isatty()))
-        else:
-            results.append(evaluate_qa(lm, t, examples[t.name], shots=n_shots[t.name],
-                                       fewshot_pool=pools.get(t.name), progress=sys.stderr.isatty()))
+    for t in selected:
+        settings = EvalSettings(shots=n_shots[t.name], fewshot_pool=pools.get(t.name), maj_k=maj_k,
+                                temperature=temperature, ks=ks, samples_per_task=samples_per_task, seed=seed,
+                                progress=sys.stderr.isatty())
+        results.append(evaluators[t.name].run(lm, t, examples[t.name], settings))
     print(results_table(results))
     if output:
         atomic_write_json(Path(output), {"checkpoint": str(checkpoint), "add_bos": bos,
