@@ -63,7 +63,8 @@ def test_run_counts_stats_card_and_excluded(tmp_path):
     ex = LocalExecutor(tmp_path / "out", workers=2, keep_excluded=True, progress=False)
     stats = ex.run("test", JsonlReader(), [ShortFilter(), DropDigitLines()], [tmp_path / "in"])
     short, digits = stats["steps"]
-    assert stats["read"] == {"files": 4, "documents": 20, "malformed": []}
+    assert stats["read"] == {"files": 4, "documents": 20, "malformed": [], "malformed_records": 0,
+                             "malformed_record_examples": []}
     assert short["in"]["documents"] == 20 and short["kept"]["documents"] == 16
     assert short["dropped"]["fewer than 3 words"]["documents"] == 4
     assert digits["lines_removed"]["digit line"] == {"lines": 16, "chars": 64}
@@ -130,6 +131,52 @@ def test_malformed_file_skipped_or_stops(tmp_path):
             "t", JsonlReader(), [], [tmp_path / "in"])
     # the shard finished before the failure is complete and kept
     assert [p.name for p in (tmp_path / "out2" / "documents").iterdir()] == ["00000.jsonl.gz"]
+
+
+class TagFilter(Filter):
+    """Reads doc.metadata as steps do (the dedup steps keep signatures there)."""
+
+    name = "tag"
+
+    def reason(self, doc):
+        return "tagged drop" if doc.metadata.get("drop") else None
+
+
+def test_a_record_whose_metadata_is_not_an_object_is_malformed(tmp_path):
+    """Such a record used to reach the steps and crash the shard on every retry, whatever
+    --on-malformed said; now it is skipped alone (and counted), or the run stops naming it."""
+    (tmp_path / "in").mkdir()
+    lines = ['{"id": "a", "text": "one two three", "metadata": {"k": 1}}',
+             '{"id": "b", "text": "one two three", "metadata": "a string"}',
+             '{"id": "c", "text": "one two three", "metadata": ["a", "list"]}',
+             '{"id": "d", "text": "one two three", "metadata": {"drop": true}}',
+             '{"id": "e", "text": "one two three", "metadata": ""}',  # empty: no metadata, as always
+             '{"id": "f", "text": "one two three"}']
+    bad = tmp_path / "in" / "in0.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    write_inputs(tmp_path / "in" / "more", n_files=1)
+    out = tmp_path / "out"
+    stats = LocalExecutor(out, workers=1, progress=False, keep_excluded=True).run(
+        "t", JsonlReader(), [TagFilter(), ShortFilter()], [tmp_path / "in"])
+    read = stats["read"]
+    assert read["malformed"] == [] and read["malformed_records"] == 2
+    assert read["malformed_record_examples"] == [
+        f"{bad}:2: `metadata` must be a JSON object, got a string; fix or delete the line",
+        f"{bad}:3: `metadata` must be a JSON object, got an array; fix or delete the line"]
+    assert read["documents"] == 4 + 5  # the records after the bad ones are read on
+    assert sorted(d.id for d in all_docs(out / "documents")) == ["0-1", "0-2", "0-3", "0-4", "a", "e", "f"]
+    assert [d.id for d in all_docs(out / "excluded") if d.metadata["excluded"]["reason"] == "tagged drop"] == ["d"]
+    card = (out / "DATACARD.md").read_text()
+    assert "2 malformed records skipped" in card and f"{bad}:3:" in card
+
+    with pytest.raises(MalformedInput, match=r"in0.jsonl.gz:2: `metadata` must be a JSON object, got a string"
+                                             r".*--on-malformed skip"):
+        LocalExecutor(tmp_path / "out2", workers=1, progress=False, on_malformed="stop").run(
+            "t", JsonlReader(), [TagFilter()], [tmp_path / "in"])
+    # read_jsonl, which the executor reads its own shards with, refuses such a record too
+    with pytest.raises(MalformedInput, match="in0.jsonl.gz:2: `metadata`"):
+        list(read_jsonl(bad))
 
 
 def test_invalid_utf8_and_empty_documents(tmp_path):

@@ -70,13 +70,51 @@ def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 raise MalformedInput(f"{path}:{lineno}: malformed JSON ({why}); fix or delete the line") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[Document]:
+@dataclass
+class MalformedRecord:
+    """A record that is not a document (valid JSON of the wrong shape), yielded by a reader in its
+    place: the executor skips and counts it, or stops, per --on-malformed, and the file's other
+    records are read on. A file that cannot be parsed at all raises MalformedInput instead."""
+
+    message: str  # starts with "<path>:<line>: "
+
+
+_JSON_TYPE = {str: "a string", list: "an array", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _record_problem(rec: Any) -> str | None:
+    """Why a parsed JSONL line is not a document, or None when it is one."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        return "record has no string `text` field"
+    # Steps read and extend doc.metadata as a dict (dedup signatures, the excluded reason): any
+    # other type would fail inside a step, on every retry of the shard. An empty value ("", [])
+    # has always meant "no metadata" and still does.
+    metadata = rec.get("metadata")
+    if metadata and not isinstance(metadata, dict):
+        return (f"`metadata` must be a JSON object, got {_JSON_TYPE.get(type(metadata), type(metadata).__name__)}; "
+                "fix or delete the line")
+    return None
+
+
+def jsonl_records(path: str | os.PathLike) -> Iterator[Document | MalformedRecord]:
+    """The documents of a (compressed) JSONL file, a MalformedRecord in place of each line that
+    parses but is not a document. Unparsable JSON raises MalformedInput (file:line)."""
     path = Path(path)
     for lineno, rec in json_lines(path):
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise MalformedInput(f"{path}:{lineno}: record has no string `text` field")
+        problem = _record_problem(rec)
+        if problem is not None:
+            yield MalformedRecord(f"{path}:{lineno}: {problem}")
+            continue
         yield Document(id=str(rec.get("id", f"{path.name}:{lineno}")), text=rec["text"],
                        source=str(rec.get("source") or ""), metadata=rec.get("metadata") or {})
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[Document]:
+    """The documents of a (compressed) JSONL file; any malformed line is a MalformedInput (file:line)."""
+    for item in jsonl_records(path):
+        if isinstance(item, MalformedRecord):
+            raise MalformedInput(item.message)
+        yield item
 
 
 class ShardWriter:

@@ -38,7 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamaworks.atomic import atomic_write_json, atomic_write_text
-from llamaworks.data.document import Document, MalformedInput, ShardWriter, read_jsonl, shard_suffix
+from llamaworks.data.document import (
+    Document,
+    MalformedInput,
+    MalformedRecord,
+    ShardWriter,
+    jsonl_records,
+    read_jsonl,
+    shard_suffix,
+)
 from llamaworks.data.step import Dropped, LinesRemoved, Step
 
 log = logging.getLogger(__name__)
@@ -97,7 +105,14 @@ class Reader:
         return out
 
     def read(self, path: Path) -> Iterator[Document]:
+        """The file's documents; MalformedInput (or any error) when the file cannot be read on."""
         raise NotImplementedError
+
+    def records(self, path: Path) -> Iterator[Document | MalformedRecord]:
+        """What the executor reads: `read`, or, for a format whose records can be told apart, the
+        documents with a MalformedRecord in place of each record that is not one, so that one bad
+        record costs that record only (skipped and counted, or a stop, per --on-malformed)."""
+        return self.read(path)
 
     def describe(self) -> str:
         return self.name
@@ -109,6 +124,9 @@ class JsonlReader(Reader):
 
     def read(self, path):
         yield from read_jsonl(path)
+
+    def records(self, path):
+        yield from jsonl_records(path)
 
 
 @dataclass
@@ -158,11 +176,22 @@ class RunPlan:
         return self.state_dir(s) / f"{shard:05d}.done"
 
     def _read(self, s: int, path: Path, info: dict) -> Iterator[Document]:
+        for item in self._read_file(s, path, info):
+            if isinstance(item, MalformedRecord):
+                if self.on_malformed == "stop":
+                    raise MalformedInput(f"{item.message} (pass --on-malformed skip to skip such records)")
+                info["malformed_records"] += 1
+                if len(info["malformed_record_examples"]) < MALFORMED_EXAMPLES:
+                    log.warning("skipping malformed record %s", item.message)
+                    info["malformed_record_examples"].append(item.message)
+                continue
+            info["documents"] += 1
+            yield item
+
+    def _read_file(self, s: int, path: Path, info: dict) -> Iterator[Document | MalformedRecord]:
         try:
             # Only the reader's own errors reach here: a step's exception is raised in the consumer.
-            for doc in (self.reader.read(path) if s == 0 else read_jsonl(path)):
-                info["documents"] += 1
-                yield doc
+            yield from (self.reader.records(path) if s == 0 else read_jsonl(path))
         except Exception as e:  # any failure to parse an input file is "malformed input"
             msg = str(e) if str(e).startswith(str(path)) else f"{path}: {type(e).__name__}: {e}"
             if self.on_malformed == "stop":
@@ -174,7 +203,8 @@ class RunPlan:
         stage = self.stages[s]
         steps = steps_state if steps_state is not None else stage.steps
         stats = [StepStats(st.name, st.describe()) for st in steps]
-        info = {"file": str(path), "documents": 0, "malformed": []}
+        info = {"file": str(path), "documents": 0, "malformed": [], "malformed_records": 0,
+                "malformed_record_examples": []}
         name = f"{shard:05d}{self.suffix}"
         excluded = ShardWriter(self.out / "excluded" / f"{s:02d}-{name}", self.compression) \
             if self.keep_excluded else None
@@ -264,6 +294,10 @@ def _worker_task(task: tuple[int, int, str]) -> dict:
     s, shard, path = task
     return _WORKER.run_shard(s, shard, Path(path))
 
+
+# Malformed records (MalformedRecord) logged and kept in the stats per shard, and in all: the
+# count covers every one, a corpus may hold millions.
+MALFORMED_EXAMPLES = 10
 
 # Default memory for one dedup step's state before it spills to disk.
 DEDUP_MEMORY_MB = 2048.0
@@ -358,7 +392,8 @@ class Executor:
 
     def _collect(self, run: RunPlan, source: str, n: int) -> dict:
         steps: list[dict] = []
-        read = {"files": n, "documents": 0, "malformed": []}
+        read = {"files": n, "documents": 0, "malformed": [], "malformed_records": 0,
+                "malformed_record_examples": []}
         for stage in run.stages:
             merged: list[dict] | None = None
             for i in range(n):
@@ -366,6 +401,10 @@ class Executor:
                 if stage.index == 0:
                     read["documents"] += r["read"]["documents"]
                     read["malformed"] += r["read"]["malformed"]
+                    # .get: shard stats written before records were counted (a resumed run)
+                    read["malformed_records"] += r["read"].get("malformed_records", 0)
+                    examples = read["malformed_record_examples"] + r["read"].get("malformed_record_examples", [])
+                    read["malformed_record_examples"] = examples[:MALFORMED_EXAMPLES]
                 merged = r["steps"] if merged is None else [_merge(a, b) for a, b in zip(merged, r["steps"])]
             steps += merged or []
         return {"source": source, "read": read, "steps": steps,
@@ -417,6 +456,9 @@ def data_card(stats: dict) -> str:
              f"({len(read['malformed'])} malformed, skipped from the error on).", ""]
     for m in read["malformed"]:
         lines.append(f"- malformed: `{m}`")
+    if read.get("malformed_records"):
+        lines.append(f"- {read['malformed_records']} malformed records skipped (each alone), e.g.:")
+        lines += [f"  - `{m}`" for m in read["malformed_record_examples"]]
     lines += ["", "| step | documents in | kept | dropped | characters removed | what it does |",
               "|---|---:|---:|---:|---:|---|"]
     for st in stats["steps"]:
