@@ -362,31 +362,31 @@ class CCNetOptions:
     min_chars: int = MIN_CHARS
 
 
-def ccnet_steps(o: CCNetOptions) -> list[Step]:
+def ccnet_steps(opts: CCNetOptions) -> list[Step]:
     """The model-based steps of the commoncrawl pipeline (after line dedup), in CCNet's order."""
-    if o.lid_model is None:
+    if opts.lid_model is None:
         raise ValueError(f"commoncrawl needs --lid-model (language id, section 2.1): {LID_HOWTO}")
-    if o.lm_model is None or o.lm_tokenizer is None:
+    if opts.lm_model is None or opts.lm_tokenizer is None:
         raise ValueError("commoncrawl needs --lm-model and --lm-tokenizer (the perplexity filter, section 2.1): "
                          + LM_HOWTO)
-    if o.wikiref_model is None and not o.skip_wikiref:
+    if opts.wikiref_model is None and not opts.skip_wikiref:
         raise ValueError("commoncrawl needs --wikiref-model (the paper drops pages not classified as Wikipedia "
                          f"references, section 2.1): {WIKIREF_HOWTO}")
-    if o.wikiref_model is not None and o.skip_wikiref:
+    if opts.wikiref_model is not None and opts.skip_wikiref:
         raise ValueError("--wikiref-model and --skip-wikiref contradict each other: pass one")
     steps: list[Step] = [
-        MinLength(o.min_chars),
-        LanguageId(o.lid_model, o.lid_languages, o.lid_threshold),
-        PerplexityFilter(o.lm_model, o.lm_tokenizer,
-                         cutoffs=tuple(o.perplexity_cutoffs) if o.perplexity_cutoffs is not None else None,
-                         percentiles=tuple(o.perplexity_percentiles), keep=o.keep_buckets,
-                         sample=o.perplexity_sample),
+        MinLength(opts.min_chars),
+        LanguageId(opts.lid_model, opts.lid_languages, opts.lid_threshold),
+        PerplexityFilter(opts.lm_model, opts.lm_tokenizer,
+                         cutoffs=tuple(opts.perplexity_cutoffs) if opts.perplexity_cutoffs is not None else None,
+                         percentiles=tuple(opts.perplexity_percentiles), keep=opts.keep_buckets,
+                         sample=opts.perplexity_sample),
     ]
-    if o.skip_wikiref:
+    if opts.skip_wikiref:
         steps.append(NotApplied("wikiref", "the Wikipedia-reference classifier of section 2.1 was skipped "
                                            "(--skip-wikiref)"))
     else:
-        steps.append(WikiRefFilter(o.wikiref_model, o.wikiref_threshold))
+        steps.append(WikiRefFilter(opts.wikiref_model, opts.wikiref_threshold))
     return steps
 
 

@@ -48,19 +48,19 @@ class Source:
     options: tuple[str, ...] = ()  # the `data run` parameters its steps read, listed in --help
 
 
-def commoncrawl_steps(o: PipelineOptions) -> list[Step]:
+def commoncrawl_steps(opts: PipelineOptions) -> list[Step]:
     # CCNet dedups lines within a group of shards; here the whole run is one group (the dedup state
     # spills to disk past --dedup-memory-mb), which removes at least as much as CCNet's groups.
-    return [LineDedup(), *ccnet_steps(o.ccnet or CCNetOptions())]
+    return [LineDedup(), *ccnet_steps(opts.ccnet or CCNetOptions())]
 
 
-def c4_steps(o: PipelineOptions) -> list[Step]:
+def c4_steps(opts: PipelineOptions) -> list[Step]:
     # Line dedup first (CCNet order: dedup, then quality), so repeated boilerplate lines do
     # not count toward C4's sentence minimum. Language id last, on the cleaned page as C4 did;
     # optional because the public C4 (c4/en) is already English-only.
-    steps: list[Step] = [LineDedup(), C4Filter(badwords=o.badwords)]
-    if o.ccnet is not None and o.ccnet.lid_model is not None:
-        steps.append(LanguageId(o.ccnet.lid_model, o.ccnet.lid_languages, o.ccnet.lid_threshold))
+    steps: list[Step] = [LineDedup(), C4Filter(badwords=opts.badwords)]
+    if opts.ccnet is not None and opts.ccnet.lid_model is not None:
+        steps.append(LanguageId(opts.ccnet.lid_model, opts.ccnet.lid_languages, opts.ccnet.lid_threshold))
     return steps
 
 
@@ -72,20 +72,20 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("commoncrawl", "WET files; CCNet: line dedup, length, fastText language id, KenLM perplexity buckets, "
            "Wikipedia-reference classifier", "CommonCrawl", WetReader, commoncrawl_steps, CCNET_OPTIONS),
     Source("books", "Project Gutenberg .txt files; header/licence removed, MinHash near-dedup", "Books",
-           GutenbergReader, lambda o: [GutenbergCleaner(), MinHashDedup(threshold=o.dedup_threshold)],
+           GutenbergReader, lambda opts: [GutenbergCleaner(), MinHashDedup(threshold=opts.dedup_threshold)],
            ("dedup_threshold",)),
     Source("c4", "JSONL pages of C4 (c4/en); line dedup, C4's rules, optional language id", "C4", JsonlReader,
            c4_steps, ("badwords", "lid_model", "lid_languages", "lid_threshold")),
     Source("github", "repository folders or BigQuery-layout JSONL; permissive licences, quality rules, licence "
            "headers removed, exact dedup", "Github", GithubReader,
-           lambda o: [LicenseFilter(), CodeQualityFilter(), LicenseHeaderCleaner(), ExactDedup()]),
+           lambda opts: [LicenseFilter(), CodeQualityFilter(), LicenseHeaderCleaner(), ExactDedup()]),
     Source("arxiv", "LaTeX sources (.tex, paper folders, tars); preamble, comments and bibliography removed, "
-           "macros expanded", "ArXiv", ArxivReader, lambda o: [ArxivCleaner()]),
+           "macros expanded", "ArXiv", ArxivReader, lambda opts: [ArxivCleaner()]),
     Source("stackexchange", "the dump's per-site Posts.xml; questions with answers by score, HTML removed",
-           "StackExchange", StackExchangeReader, lambda o: [SiteFilter(o.sites)], ("sites",)),
+           "StackExchange", StackExchangeReader, lambda opts: [SiteFilter(opts.sites)], ("sites",)),
     Source("wikipedia", "MediaWiki XML dumps; the paper's 20 languages, markup removed", "Wikipedia",
-           WikipediaReader, lambda o: [LanguageFilter(o.languages), WikiCleaner()], ("languages",)),
-    Source("jsonl", "JSONL documents, written as they are (no step)", None, JsonlReader, lambda o: []),
+           WikipediaReader, lambda opts: [LanguageFilter(opts.languages), WikiCleaner()], ("languages",)),
+    Source("jsonl", "JSONL documents, written as they are (no step)", None, JsonlReader, lambda opts: []),
 ]}
 
 # The `source` argument's type: its choices are the table's names (the CLI reads them from the Literal).
@@ -116,6 +116,6 @@ def describe_sources(width: int = 100) -> str:
         lines.append(textwrap.fill(f"{row} {s.help}", width, initial_indent=f"  {s.name:<{name_width}}  ",
                                    subsequent_indent=indent))
         if s.options:
-            lines.append(textwrap.fill("options: " + " ".join("--" + o.replace("_", "-") for o in s.options), width,
+            lines.append(textwrap.fill("options: " + " ".join("--" + opt.replace("_", "-") for opt in s.options), width,
                                        initial_indent=indent, subsequent_indent=indent + "  "))
     return "\n".join(lines)

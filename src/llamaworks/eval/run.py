@@ -300,37 +300,37 @@ class EvalSettings:
     progress: bool = False
 
 
-def run_mc(lm, task: MCTask, examples: list, o: EvalSettings) -> dict:
-    return evaluate_mc(lm, task, examples, progress=o.progress)
+def run_mc(lm, task: MCTask, examples: list, opts: EvalSettings) -> dict:
+    return evaluate_mc(lm, task, examples, progress=opts.progress)
 
 
-def run_grouped(lm, task: GroupedMCTask, examples: list, o: EvalSettings) -> dict:
-    return evaluate_grouped(lm, task, examples, progress=o.progress)
+def run_grouped(lm, task: GroupedMCTask, examples: list, opts: EvalSettings) -> dict:
+    return evaluate_grouped(lm, task, examples, progress=opts.progress)
 
 
-def run_mmlu(lm, task: MMLUTask, examples: list, o: EvalSettings) -> dict:
-    return evaluate_mmlu(lm, task, examples, shots=o.shots, fewshot_pool=o.fewshot_pool, progress=o.progress)
+def run_mmlu(lm, task: MMLUTask, examples: list, opts: EvalSettings) -> dict:
+    return evaluate_mmlu(lm, task, examples, shots=opts.shots, fewshot_pool=opts.fewshot_pool, progress=opts.progress)
 
 
-def run_truthfulqa(lm, task: TruthfulQATask, examples: list, o: EvalSettings) -> dict:
-    return evaluate_truthfulqa(lm, task, examples, progress=o.progress)
+def run_truthfulqa(lm, task: TruthfulQATask, examples: list, opts: EvalSettings) -> dict:
+    return evaluate_truthfulqa(lm, task, examples, progress=opts.progress)
 
 
-def run_qa(lm, task: QATask, examples: list, o: EvalSettings) -> dict:
-    return evaluate_qa(lm, task, examples, shots=o.shots, fewshot_pool=o.fewshot_pool, progress=o.progress)
+def run_qa(lm, task: QATask, examples: list, opts: EvalSettings) -> dict:
+    return evaluate_qa(lm, task, examples, shots=opts.shots, fewshot_pool=opts.fewshot_pool, progress=opts.progress)
 
 
-def run_maj(lm, task: MathTask, examples: list, o: EvalSettings) -> dict:
-    return evaluate_maj(lm, task, examples, k=o.maj_k or task.default_k,
-                        temperature=SAMPLE_TEMPERATURE if o.temperature is None else o.temperature, shots=o.shots,
-                        fewshot_pool=o.fewshot_pool, seed=o.seed, progress=o.progress)
+def run_maj(lm, task: MathTask, examples: list, opts: EvalSettings) -> dict:
+    return evaluate_maj(lm, task, examples, k=opts.maj_k or task.default_k,
+                        temperature=SAMPLE_TEMPERATURE if opts.temperature is None else opts.temperature,
+                        shots=opts.shots, fewshot_pool=opts.fewshot_pool, seed=opts.seed, progress=opts.progress)
 
 
-def run_code(lm, task: CodeTask, examples: list, o: EvalSettings) -> dict:
+def run_code(lm, task: CodeTask, examples: list, opts: EvalSettings) -> dict:
     # eval_command has checked --allow-code-execution for every task whose evaluator runs_code.
-    return evaluate_code(lm, task, examples, ks=o.ks, n=o.samples_per_task, temperature=o.temperature,
-                         shots=o.shots, fewshot_pool=o.fewshot_pool, seed=o.seed, allow_code_execution=True,
-                         progress=o.progress)
+    return evaluate_code(lm, task, examples, ks=opts.ks, n=opts.samples_per_task, temperature=opts.temperature,
+                         shots=opts.shots, fewshot_pool=opts.fewshot_pool, seed=opts.seed, allow_code_execution=True,
+                         progress=opts.progress)
 
 
 def no_bundled_fewshot(task, data: str | os.PathLike | None) -> bool:
