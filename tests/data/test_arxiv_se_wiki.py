@@ -123,8 +123,8 @@ She wrote [[File:Ada.jpg|thumb|a [[caption]]]] notes.&lt;ref name=a/&gt;
 
 def test_wikipedia_pipeline(tmp_path):
     pytest.importorskip("mwparserfromhell")
-    from llamaworks.data.command import pipeline
     from llamaworks.data.executor import LocalExecutor
+    from llamaworks.data.sources import pipeline
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "enwiki-20220701-pages-articles.xml.bz2").write_bytes(bz2.compress(WIKI.encode()))

@@ -111,7 +111,7 @@ def test_license_header_removal():
 
 
 def test_github_pipeline_repos_and_bigquery(tmp_path):
-    from llamaworks.data.command import pipeline
+    from llamaworks.data.sources import pipeline
 
     repos = tmp_path / "repos"
     (repos / "good" / "src").mkdir(parents=True)

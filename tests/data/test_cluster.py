@@ -119,6 +119,6 @@ def test_dask_local_cluster_processes_via_cli(tmp_path, reference):
 
 
 def c4_pipeline():
-    from llamaworks.data.command import pipeline
+    from llamaworks.data.sources import pipeline
 
     return pipeline("c4")

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from llamaworks.cli import build_parser, main
+from llamaworks.cli import main
 from llamaworks.data.command import run_command
 from llamaworks.data.executor import Reader
 from llamaworks.data.mix import TABLE1_WEIGHTS, canonical_source
@@ -15,13 +15,11 @@ from llamaworks.data.step import Step
 
 
 def test_every_source_is_a_choice_and_listed_in_the_help(capsys):
-    parser, _, _ = build_parser("data run")
-    (source,) = [a for a in parser._actions if a.dest == "source"]
-    assert source.choices == list(SOURCES)
     with pytest.raises(SystemExit) as exit:
         main(["data", "run", "--help"])
     assert exit.value.code == 0
     help_text = capsys.readouterr().out
+    assert "{" + ",".join(SOURCES) + "}" in help_text  # the positional's choices, in the table's order
     for name, s in SOURCES.items():
         assert f"  {name} " in help_text and s.help.split()[0] in help_text
         assert all("--" + o.replace("_", "-") in help_text for o in s.options)
