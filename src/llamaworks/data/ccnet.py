@@ -1,7 +1,7 @@
 """CCNet's model-based steps for CommonCrawl (Wenzek et al. 2020; paper section 2.1) and the
 `data train-classifier` command that trains the Wikipedia-reference classifier they use.
 
-The commoncrawl pipeline (data/command.py) is: WET reader -> line dedup -> minimum length ->
+The commoncrawl pipeline (data/sources.py) is: WET reader -> line dedup -> minimum length ->
 `LanguageId` (fastText, keep English) -> `PerplexityFilter` (KenLM 5-gram on SentencePiece
 pieces, head/middle/tail buckets) -> `WikiRefFilter` (fastText "referenced by Wikipedia vs
 random page" classifier). CCNet also drops short pages right after dedup (its `min_len`);
@@ -391,6 +391,7 @@ def ccnet_steps(opts: CCNetOptions) -> list[Step]:
 
 
 # ----------------------------------------------------------------------------- training data
+# Text for `data train-classifier` (below) and `data train-lm` (data/ngram.py).
 
 _DOC_PATTERNS = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.txt")
 
