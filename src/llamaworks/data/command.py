@@ -1,4 +1,6 @@
-"""`llamaworks data run SOURCE`: one pipeline (reader + steps) per source of Table 1."""
+"""`llamaworks data run SOURCE`: runs one source's pipeline (reader + steps) on the local or a
+Dask executor. The sources, their pipelines and the options each reads are the table in
+data/sources.py; this module turns the command line into `pipeline()`'s options."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from llamaworks.data.cluster import DaskExecutor
 from llamaworks.data.executor import LocalExecutor
 from llamaworks.data.sources import SourceName, describe_sources, pipeline
 
-__all__ = ["run_command", "pipeline"]
+__all__ = ["run_command"]
 
 
 def run_command(
