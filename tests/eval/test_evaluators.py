@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 import llamaworks.eval.tasks as tasks_package
+from llamaworks.cli import main
 from llamaworks.eval.during_training import TRAINING_EVALUATORS, training_evaluator
 from llamaworks.eval.run import (
     EVALUATORS,
@@ -87,3 +88,10 @@ def test_tasks_scored_during_training():
         else:
             with pytest.raises(ValueError, match="not scored during training"):
                 training_evaluator(t)
+
+
+def test_every_task_is_listed_in_eval_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the option help
+    assert all(name in help_text for name in TASKS)

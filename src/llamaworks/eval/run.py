@@ -31,6 +31,7 @@ from llamaworks.eval.scoring import (
     mc_scores,
 )
 from llamaworks.eval.tasks import (
+    TASKS,
     CodeExample,
     CodeTask,
     GroupedMCTask,
@@ -411,12 +412,13 @@ def task_data_path(task, folder: Path) -> Path:
     return folder if getattr(task, "reads_folders", False) else folder / f"{task.name}.jsonl"
 
 
+# --task's help lists the task table, so a new task shows up there by itself.
+TASK_HELP = f"task name(s), comma-separated: {', '.join(TASKS)}; with --harness lm-eval, lm-eval task names"
+
+
 def eval_command(
     checkpoint: Annotated[str, Arg("model directory (params.json, model.safetensors, tokenizer.model)")],
-    task: Annotated[str | None, Arg("task name(s), comma-separated: boolq, piqa, siqa, hellaswag, winogrande, "
-                                    "arc_easy, arc_challenge, openbookqa, naturalquestions, triviaqa, race_middle, "
-                                    "race_high, gsm8k, math, humaneval, mbpp, mmlu, crows_pairs, winogender, "
-                                    "truthfulqa_mc; with --harness lm-eval, lm-eval task names")] = None,
+    task: Annotated[str | None, Arg(TASK_HELP)] = None,
     data: Annotated[str | None, Arg("the task's data file (JSONL/JSON/Parquet/CSV), its release folder (RACE/, "
                                     "MMLU's data/, winogender-schemas' data/), or a directory holding NAME.jsonl "
                                     "(or NAME/) for each task")] = None,
