@@ -108,3 +108,118 @@ def test_queue_bound_and_stop(tiny_model_dir):
 def test_bad_options(tiny_model_dir, tiny_tokenizer, tiny_model):
     with pytest.raises(ValueError, match="max_batch"):
         Engine(tiny_model, tiny_tokenizer, max_batch=0)
+
+
+# --- one request's failure is its own (issue 17) ------------------------------------------
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(seed=2**64, temperature=0.8), "seed"),  # used to raise in the engine thread, failing every slot
+    (dict(seed=-(2**63) - 1, temperature=0.8), "seed"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=0, temperature=0.8), "top_k"),
+    (dict(logprobs=-1), "logprobs"),
+    (dict(prompt_ids=[]), "prompt_ids"),
+    (dict(prompt_ids=[1, 10**6]), "prompt_ids"),
+    (dict(max_tokens=0), "max_tokens"),
+])
+def test_requests_the_engine_cannot_run_are_refused_at_submit(engine, tiny_tokenizer, bad, match):
+    kw = {"prompt_ids": tiny_tokenizer.encode("The king"), "max_tokens": 4, **bad}
+    with pytest.raises(ValueError, match=match):
+        engine.submit(Request(**kw))
+    assert engine.complete(Request(tiny_tokenizer.encode("The king"), 4, seed=2**64 - 1, temperature=0.8),
+                           timeout=60).finish_reason == "length"
+
+
+class PoisonModel:
+    """Raises in the prefill of any prompt that contains `poison`."""
+
+    def __init__(self, model, poison: int):
+        self.model, self.poison = model, poison
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, tokens, pos=None, rows=None):
+        if rows is not None and bool((tokens == self.poison).any()):
+            raise RuntimeError("poisoned prefill")
+        return self.model(tokens, pos, rows=rows) if rows is not None else self.model(tokens, pos)
+
+
+class PoisonTokenizer:
+    """Its stream decoder raises at the third token of any prompt that starts with `marker`."""
+
+    def __init__(self, tokenizer, marker: list[int]):
+        self.tokenizer, self.marker = tokenizer, marker
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def stream_decoder(self, prefix_ids=()):
+        inner = self.tokenizer.stream_decoder(prefix_ids)
+        if list(prefix_ids[: len(self.marker)]) != self.marker:
+            return inner
+        pushed = [0]
+
+        class Decoder:
+            def push(self, token):
+                pushed[0] += 1
+                if pushed[0] == 3:
+                    raise RuntimeError("poisoned decode")
+                return inner.push(token)
+
+            def flush(self):
+                return inner.flush()
+
+        return Decoder()
+
+
+def _neighbour_survives(eng, tok, poisoned: Request):
+    """Start a long request, fail `poisoned` beside it, check the long one ends as if alone."""
+    long_prompt = tok.encode("Love is")
+    alone = eng.complete(Request(long_prompt, 40), timeout=60)
+    events, running = queue.Queue(), threading.Event()
+    neighbour = Request(long_prompt, 40, on_event=lambda ev: (running.set(), events.put(ev)))
+    eng.submit(neighbour)
+    assert running.wait(30)
+    failed = queue.Queue()
+    poisoned.on_event = lambda ev: ev.kind in ("done", "error") and failed.put(ev)
+    eng.submit(poisoned)
+    ev = failed.get(timeout=60)
+    assert ev.kind == "error" and "poisoned" in ev.text and poisoned.finish_reason == "error"
+    while (ev := events.get(timeout=60)).kind == "text":
+        pass
+    assert ev.kind == "done" and neighbour.tokens == alone.tokens and neighbour.text == alone.text
+    assert eng.active == 0 and eng.metrics.finished["error"] == 1
+    # The failed request's slot is free again and serves the next request.
+    assert eng.complete(Request(long_prompt, 40), timeout=60).tokens == alone.tokens
+
+
+def test_a_failing_prefill_fails_only_its_request(tiny_model_dir, tiny_tokenizer):
+    from llamaworks.inference.load import load_model
+
+    from .conftest import SlowModel
+
+    model, tok = load_model(tiny_model_dir)
+    poison = tok.encode("zebra", bos=False)[-1]
+    eng = Engine(SlowModel(PoisonModel(model.eval(), poison), 0.01), tok, max_batch=2).start()
+    try:
+        _neighbour_survives(eng, tok, Request(tok.encode("A zebra"), 10))
+    finally:
+        eng.stop(cancel=True, timeout=30)
+
+
+def test_a_failing_row_fails_only_its_request(tiny_model_dir):
+    from llamaworks.inference.load import load_model
+
+    from .conftest import SlowModel
+
+    model, tok = load_model(tiny_model_dir)
+    marker = tok.encode("Poison")
+    eng = Engine(SlowModel(model.eval(), 0.01), PoisonTokenizer(tok, marker), max_batch=2).start()
+    try:
+        _neighbour_survives(eng, tok, Request(marker, 10))
+    finally:
+        eng.stop(cancel=True, timeout=30)

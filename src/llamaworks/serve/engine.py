@@ -11,12 +11,15 @@ row's arithmetic then does not depend on which other requests happen to be runni
 a greedy request gets bit-for-bit the tokens it gets when served alone, under any load.
 
 The engine runs in its own thread; results go back through each request's `on_event`
-callback, called from that thread.
+callback, called from that thread. A request whose own work raises (its prefill, its
+sampling, its text) fails alone, with an "error" event; only a failure of the batched
+decode forward, which every running request shares, fails them all.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import queue
 import sys
 import threading
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamaworks.inference.generate import compile_step
-from llamaworks.inference.sampling import sample
+from llamaworks.inference.sampling import is_greedy, sample
 from llamaworks.inference.stops import StopMatcher
 from llamaworks.serve.prometheus import Metrics
 
@@ -69,7 +72,7 @@ class Request:
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     prompt_token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     submitted: float = 0.0
     first_token: float | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -133,14 +136,36 @@ class Engine:
 
     # --- public, any thread ---------------------------------------------------------------
 
+    def check(self, req: Request) -> None:
+        """Refuse (ValueError) a request the engine thread could not run: everything it
+        reads is checked here, in the caller's thread, so that bad input never fails there."""
+        vocab = self.tokenizer.vocab_size
+        if not req.prompt_ids or not all(isinstance(t, int) and 0 <= t < vocab for t in req.prompt_ids):
+            raise ValueError(f"prompt_ids must be a non-empty list of token ids in [0, {vocab})")
+        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {req.max_tokens!r}")
+        if len(req.prompt_ids) + req.max_tokens > self.context:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
+                             f"the context window of {self.context} tokens: shorten the prompt or lower max_tokens")
+        if not isinstance(req.temperature, (int, float)) or not 0 <= req.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {req.temperature!r}")
+        if not 0 < req.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {req.top_p!r}")
+        if req.top_k is not None and (not isinstance(req.top_k, int) or req.top_k < 1):
+            raise ValueError(f"top_k must be None or an integer >= 1, got {req.top_k!r}")
+        if req.seed is not None and (not isinstance(req.seed, int) or not -(2**63) <= req.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {req.seed!r}")
+        if req.logprobs is not None and (not isinstance(req.logprobs, int) or not 0 <= req.logprobs <= vocab):
+            raise ValueError(f"logprobs must be None or an integer in [0, {vocab}], got {req.logprobs!r}")
+        if not all(isinstance(s, str) for s in req.stop):
+            raise ValueError(f"stop must be a sequence of strings, got {req.stop!r}")
+
     def start(self) -> Engine:
         self._thread.start()
         return self
 
     def submit(self, req: Request) -> Request:
-        if len(req.prompt_ids) + req.max_tokens > self.context:
-            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
-                             f"the context window of {self.context} tokens: shorten the prompt or lower max_tokens")
+        self.check(req)
         with self._cv:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down")
@@ -227,23 +252,36 @@ class Engine:
                         admit.append(req)
             try:
                 for req in admit:
-                    self._prefill(req)
+                    try:
+                        self._prefill(req)
+                    except Exception as e:  # noqa: BLE001 - a failed request must not take others down
+                        self._fail(req, e)
                 for i, s in enumerate(self._slots):
                     if s is not None and s.req.cancelled:
                         self._finish(i, "cancelled")
                 if self.active:
                     self._decode()
-            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
-                msg = f"generation failed: {type(e).__name__}: {e}"
-                traceback.print_exc()
-                for req in admit:
-                    if req.finish_reason is None and all(s is None or s.req is not req for s in self._slots):
-                        self._emit(req, Event("error", msg))
-                for i, s in enumerate(self._slots):
+            except Exception as e:  # noqa: BLE001 - a bug in no one request's work: end the running ones
+                for s in list(self._slots):
                     if s is not None:
-                        self._emit(s.req, Event("error", msg))
-                        self._slots[i] = None
-                self.metrics.finished["error"] += 1
+                        self._fail(s.req, e)
+
+    def _fail(self, req: Request, e: Exception) -> None:
+        """End `req` with an error event and free its slot, if it holds one."""
+        traceback.print_exception(e)
+        for i, s in enumerate(self._slots):
+            if s is not None and s.req is req:
+                self._free(i)
+        if req.finish_reason is not None:  # it had finished before the failure
+            return
+        req.finish_reason = "error"
+        self.metrics.finished["error"] += 1
+        self._emit(req, Event("error", f"generation failed: {type(e).__name__}: {e}"))
+
+    def _free(self, i: int) -> None:
+        self._slots[i] = None
+        self._tokens[i, 0] = 0
+        self._pos[i, 0] = 0
 
     def _finish_pending(self, req: Request) -> None:
         req.finish_reason = "cancelled"
@@ -262,7 +300,7 @@ class Engine:
             req.prompt_token_logprobs = _logprobs(full[0, :-1], req.prompt_ids[1:], req.logprobs or 0)
         logits = full[:, -1]
         gen = None
-        if req.temperature > 0:
+        if not is_greedy(req.temperature):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(2**62, ()).item()))
         self._slots[slot] = _Slot(req, n, StopMatcher(self.tokenizer, req.prompt_ids, req.stop), gen)
@@ -272,12 +310,21 @@ class Engine:
         self._accept(slot, self._sample(self._slots[slot], logits), logits)
 
     def _decode(self) -> None:
-        logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
-        greedy = logits.argmax(dim=-1).tolist()
+        try:
+            logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
+            greedy = logits.argmax(dim=-1).tolist()
+        except Exception as e:  # noqa: BLE001 - the forward is every running request's: none can go on
+            for s in list(self._slots):
+                if s is not None:
+                    self._fail(s.req, e)
+            return
         for i, s in enumerate(self._slots):
             if s is not None:
-                tok = greedy[i] if s.gen is None else self._sample(s, logits[i : i + 1])
-                self._accept(i, tok, logits[i : i + 1])
+                try:
+                    tok = greedy[i] if s.gen is None else self._sample(s, logits[i : i + 1])
+                    self._accept(i, tok, logits[i : i + 1])
+                except Exception as e:  # noqa: BLE001 - this row's work failed: only its request ends
+                    self._fail(s.req, e)
         self.metrics.steps += 1
 
     def _sample(self, s: _Slot, logits: torch.Tensor) -> int:
@@ -309,9 +356,7 @@ class Engine:
 
     def _finish(self, i: int, reason: str) -> None:
         s = self._slots[i]
-        self._slots[i] = None
-        self._tokens[i, 0] = 0
-        self._pos[i, 0] = 0
+        self._free(i)
         req = s.req
         tail = s.stream.finish() if reason != "cancelled" else ""
         if tail:
