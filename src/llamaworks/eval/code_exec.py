@@ -22,7 +22,7 @@ from typing import Annotated
 
 from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json
-from llamaworks.eval.sandbox import DANGER, Limits, isolation, run_python
+from llamaworks.eval.sandbox import DANGER, Limits, isolation_details, run_python
 from llamaworks.eval.scoring import mean_pass_at_k
 
 __all__ = ["read_samples", "load_humaneval", "humaneval_program", "mbpp_program", "evaluate_samples",
@@ -139,8 +139,9 @@ def code_command(
     """pass@k of code completions (paper section 3.5; Chen et al. 2021's unbiased estimator).
 
     Each sample runs in a separate sandboxed process (CPU, memory, process and wall-clock
-    limits, no network where the kernel allows, a temporary directory). Running
-    model-written code is dangerous: nothing runs without --allow-code-execution.
+    limits, a private directory) and, as far as the machine allows, as a user of its own,
+    without network or Unix sockets, on a read-only file system (printed before the run).
+    Running model-written code is dangerous: nothing runs without --allow-code-execution.
     """
     if not allow_code_execution:
         raise ValueError(DANGER.replace("allow_code_execution=True (--allow-code-execution)",
@@ -151,10 +152,11 @@ def code_command(
     probs = load_humaneval(problems)
     rows = read_samples(samples)
     limits = Limits(cpu_seconds=max(1, int(timeout)), wall_seconds=timeout, memory_mb=DEFAULT_LIMITS.memory_mb)
+    tasks = len({r["task_id"] for r in rows})
+    # Before running anything: what protects this machine from the samples, and what does not.
+    print(f"{len(rows)} samples of {tasks} tasks; {isolation_details().describe()}", file=sys.stderr)
     scores, per_sample = evaluate_samples(rows, probs, ks, allow_code_execution=True, limits=limits,
                                           workers=workers)
-    tasks = len({r["task_id"] for r in rows})
-    print(f"{len(rows)} samples of {tasks} tasks, sandbox isolation: {isolation()}", file=sys.stderr)
     skipped = [kk for kk in ks if f"pass@{kk}" not in scores]
     if skipped:
         print(f"skipped pass@{skipped}: some task has fewer samples than k", file=sys.stderr)
