@@ -1,4 +1,5 @@
-"""CPU kernels for one-row (decode) products, and when the fused quantised kernels apply."""
+"""CPU kernels for one-row (decode) products, when the fused quantised kernels apply, and
+the alignment their buffers need."""
 
 from __future__ import annotations
 
@@ -10,9 +11,59 @@ from torch import nn
 # the fused kernels, which are written for a few rows (measured on a 2-core AVX-512 machine).
 KERNEL_MAX_ROWS = 32
 
+# The fused quantised kernels (aten._weight_int8pack_mm, _weight_int4pack_mm_for_cpu) read
+# their operands with aligned vector loads on some CPU families, and an unaligned address
+# there is a SIGSEGV, not an error. Measured on AVX-512 (torch 2.13): the int8 kernel faults
+# on an activation that is not 32-byte aligned, and from 4 rows on a weight that is not
+# 16-byte aligned; a weight memory-mapped from safetensors sits wherever the file puts it
+# (40 mod 64 in issue 17). Every tensor handed to these kernels is therefore kept aligned to a
+# cache line, which covers every vector width up to AVX-512.
+KERNEL_ALIGN = 64
+
+# Rows of the kernels' operands start at multiples of the row length, so a row must keep the
+# alignment too: the int8 kernel also steps through a row 16 values at a time without a tail
+# (a row of 88 gives garbage, 72 faults from 2 rows). 16 int8 / bf16 values: 16 / 32 bytes.
+INT8_KERNEL_ROW_MULTIPLE = 16
+
 
 def cpu_kernel(x: torch.Tensor, max_rows: int = KERNEL_MAX_ROWS) -> bool:
     return x.device.type == "cpu" and x.numel() // x.shape[-1] <= max_rows
+
+
+def is_aligned(t: torch.Tensor) -> bool:
+    """Whether `t` may be handed to a fused kernel: contiguous, data at a KERNEL_ALIGN boundary."""
+    return t.is_contiguous() and t.data_ptr() % KERNEL_ALIGN == 0
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when is_aligned, else a contiguous copy at a KERNEL_ALIGN boundary. Meant for
+    load time (weights mapped from a file), so that no call pays for a copy."""
+    if is_aligned(t):
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    if out.data_ptr() % KERNEL_ALIGN:
+        # c10's CPU allocator aligns to 64 bytes; this is for one that does not (a custom or
+        # future allocator): place the tensor inside a larger byte buffer.
+        nbytes = t.numel() * t.element_size()
+        raw = torch.empty(nbytes + KERNEL_ALIGN, dtype=torch.uint8, device=t.device)
+        skip = -raw.data_ptr() % KERNEL_ALIGN
+        out = raw[skip: skip + nbytes].view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+def kernel_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The activations as the fused kernels take them: (rows, in_features) in bf16, aligned.
+    Another dtype is cast into a new tensor, aligned by the allocator. A bf16 input is not
+    copied by the cast, so a view into a larger tensor (a slice, a narrowed batch) would
+    reach the kernel at its own offset: that is copied here, in eager mode. Compiled graphs
+    skip the check (no addresses while tracing); the layers' inputs there are buffers that
+    inductor allocates, aligned by the same allocator."""
+    flat = x.reshape(-1, in_features)
+    if flat.dtype != torch.bfloat16:
+        return flat.to(torch.bfloat16, memory_format=torch.contiguous_format)
+    if not torch.compiler.is_compiling() and not is_aligned(flat):
+        flat = aligned(flat)
+    return flat
 
 
 class GemvLinear(nn.Linear):

@@ -10,6 +10,8 @@ torch kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) dequantise in
 registers and take bf16 activations; everywhere else, and for many rows at once
 (prefill), the weight is dequantised and multiplied by an ordinary matmul (int8 on a CPU
 with AMX: in bf16, the kernel's precision, where the bf16 matmul is several times faster).
+What those kernels are handed is kept 64-byte aligned (kernels.KERNEL_ALIGN): a weight
+mapped from a file at another offset is copied once, when it is loaded.
 
 A quantised model directory is a normal one (params.json stays Meta's) plus
 quantization.json ({"mode", "group_size"}); its weights carry the Linear's name for
@@ -27,13 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaworks.atomic import atomic_directory, atomic_write_json
-from llamaworks.inference.kernels import KERNEL_MAX_ROWS, cpu_kernel
+from llamaworks.inference.kernels import (
+    INT8_KERNEL_ROW_MULTIPLE,
+    KERNEL_MAX_ROWS,
+    aligned,
+    cpu_kernel,
+    kernel_rows,
+)
 from llamaworks.modeldir import QUANT_FILE, write_model_files
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
-
-
 
 # With AMX tiles, bf16 matmuls are fast enough that dequantising an int8 weight to bf16 (exact:
 # |q| <= 127) and multiplying beats the int8 kernel, whose time grows with the rows, from
@@ -70,6 +76,35 @@ def _has_amx() -> bool:
     return bool(probe and probe())
 
 
+def _holds_data(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.numel() > 0  # not meta (loading), not empty
+
+
+class QuantizedLinear(nn.Module):
+    """What the quantised layers share: refresh() runs whenever their buffers are replaced
+    (loaded, also by assignment, moved or cast), so tensors derived from them (kernel
+    layouts, aligned copies) never go stale; kernel_tensors() names what native kernels read."""
+
+    in_features: int
+    out_features: int
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+    def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this layer hands to a native kernel (empty where none runs)."""
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.refresh()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
+
+
 # --- int8, one scale per output channel (row) -------------------------------------------------
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,22 +115,29 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self._amx = _has_amx()  # a plain bool: compiled graphs guard on it as a constant
-        self.fold = fold_factor(out_features, in_features)
+        self.kernel = in_features % INT8_KERNEL_ROW_MULTIPLE == 0  # else rows break the kernel's alignment
+        self.fold = fold_factor(out_features, in_features) if self.kernel else 1
         self.refresh()
 
     def refresh(self) -> None:
+        # The weight as mapped from a file may sit at any offset, and the kernel faults on some
+        # (kernels.KERNEL_ALIGN): copied once here if so, never per call.
+        if _holds_data(self.weight):
+            self.weight = aligned(self.weight)
         # The kernel's bf16 copy of the scales, kept rather than cast on every call: one small
         # op (~2 us) less per layer and step, and inductor cannot lower the kernel with a
-        # computed scales argument. Not in the state dict; rebuilt whenever the scales are
-        # set (quantize_model), loaded, moved or cast.
+        # computed scales argument. Not in the state dict. Aligned too: bf16 scales loaded
+        # from a file cast to themselves.
         self._kernel_scales = self.scales.to(torch.bfloat16)
+        if _holds_data(self._kernel_scales):
+            self._kernel_scales = aligned(self._kernel_scales)
         if self.fold > 1:
             # Folded rows carry different scales: the kernel runs with unit scales and the
             # per-channel ones are applied to its output, as (N/r, r) to match the fold.
@@ -104,16 +146,28 @@ class Int8Linear(nn.Module):
             self._fold_eye = torch.eye(self.fold, dtype=torch.bfloat16, device=dev)
             self._fold_scales = self.scales.view(-1, self.fold)
 
+    def _folded_weight(self) -> torch.Tensor:
+        # A view: the same (aligned) first byte, rows of fold * in_features (a multiple of 16).
+        return self.weight.view(self.out_features // self.fold, self.fold * self.in_features)
+
+    def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.kernel:
+            return {}
+        out = {"weight": self.weight, "kernel scales": self._kernel_scales}
+        if self.fold > 1:
+            out.update({"folded weight": self._folded_weight(), "fold ones": self._fold_ones})
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernel(x, AMX_INT8_KERNEL_MAX_ROWS if self._amx else KERNEL_MAX_ROWS):
+        if self.kernel and cpu_kernel(x, AMX_INT8_KERNEL_MAX_ROWS if self._amx else KERNEL_MAX_ROWS):
             # The fused kernel wants bf16 activations and scales (fp32 ones run ~6x slower);
             # bf16 rounding of x (2^-9) is below the int8 rounding of the weight (2^-8).
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            flat = kernel_rows(x, self.in_features)
             r, m = self.fold, flat.shape[0]
             if r > 1 and m * r <= FOLD_MAX:
                 n = self.out_features // r
                 xr = torch.kron(self._fold_eye, flat)  # (r*m, r*in): x on the block diagonal
-                out = torch.ops.aten._weight_int8pack_mm(xr, self.weight.view(n, r * self.in_features), self._fold_ones)
+                out = torch.ops.aten._weight_int8pack_mm(xr, self._folded_weight(), self._fold_ones)
                 out = out.view(r, m, n).permute(1, 2, 0) * self._fold_scales  # (m, n, r): output n*r + i
                 return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._kernel_scales)
@@ -123,15 +177,6 @@ class Int8Linear(nn.Module):
             out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
             return out.to(x.dtype) * self.scales.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self.refresh()
-        return out
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.refresh()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -167,7 +212,7 @@ def dequantize_int4(packed, scales, zeros, group_size: int, dtype=torch.float32)
     return ((g - 8) * scales.to(dtype).unsqueeze(-1) + zeros.to(dtype).unsqueeze(-1)).view(out_f, in_f)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype = torch.float32,
                  device=None):
         super().__init__()
@@ -177,34 +222,39 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        # The CPU kernel's own tiled layout, built on first use from the portable one above
-        # (which is what is saved); it is not part of the state dict.
+        # The CPU kernel's own tiled layout, built from the portable one above (which is what
+        # is saved); it is not part of the state dict.
         self._packed: torch.Tensor | None = None
         self._scales_zeros: torch.Tensor | None = None
         self.kernel = out_features % 16 == 0  # the CPU kernel's only shape limit beyond the group size
 
+    def refresh(self) -> None:
+        # Built when the weights arrive (loaded or quantised), not on the first call: a model
+        # compiled before it ever ran would otherwise trace the repacking into its graph.
+        self._packed = self._scales_zeros = None
+        if self.kernel and _holds_data(self.weight):
+            self._prepare()
+
     def _prepare(self):
         q = unpack_int4(self.weight).to(torch.int32)
-        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)
-        self._scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(
-            torch.bfloat16)  # (groups, out, 2)
+        # Both are new tensors, so aligned as allocated; aligned() keeps that a checked fact.
+        self._packed = aligned(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
+        self._scales_zeros = aligned(torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(
+            torch.bfloat16))  # (groups, out, 2)
+
+    def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.kernel or self._packed is None:
+            return {}
+        return {"packed weight": self._packed, "scales and zeros": self._scales_zeros}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel and cpu_kernel(x):
-            if self._packed is None:
+            if self._packed is None:  # a module filled in place (copy_) without refresh()
                 self._prepare()
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            flat = kernel_rows(x, self.in_features)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._packed, self.group_size, self._scales_zeros)
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))
-
-    def _apply(self, fn, recurse=True):
-        self._packed = self._scales_zeros = None  # moved or cast: rebuild from the portable copy
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = self._scales_zeros = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
@@ -259,6 +309,7 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128) -> nn.Mod
             new.weight.copy_(packed)
             new.scales.copy_(s)
             new.zeros.copy_(z)
+            new.refresh()
         _set(model, name, new)
     return model
 
