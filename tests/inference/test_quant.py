@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llamaworks.cli import main as cli_main
 from llamaworks.inference.command import quantize_command
@@ -13,14 +15,22 @@ from llamaworks.inference.kernels import GemvLinear, use_gemv
 from llamaworks.inference.load import load_model
 from llamaworks.inference.perplexity import perplexity
 from llamaworks.inference.quant import (
+    MODE_REGISTRY,
+    MODES,
     Int4Linear,
     Int8Linear,
+    QuantizedLinear,
+    QuantMode,
+    check_mode,
     dequantize_int4,
     fold_factor,
+    is_quantized,
     pack_int4,
     quantize_int4,
     quantize_int8,
     quantize_model,
+    read_quantization,
+    save_quantized,
     unpack_int4,
 )
 from llamaworks.model import ModelArgs, build_model
@@ -165,6 +175,82 @@ def test_quantize_cli_and_errors(tiny_model_dir, tmp_path, capsys):
     (out / QUANT_FILE).write_text('{"mode": "int2"}')
     with pytest.raises(ValueError, match="unknown quantisation mode"):
         load_model(out)
+
+
+def test_modes_and_cli_choices_come_from_the_registry(tiny_model_dir, tmp_path):
+    assert MODES == tuple(MODE_REGISTRY) == ("int8", "int4")
+    hint = get_type_hints(quantize_command, include_extras=True)["mode"]  # Annotated[Literal[...], Arg]
+    assert get_args(get_args(hint)[0]) == MODES
+    (tmp_path / QUANT_FILE).write_text('{"mode": "int8"}')  # group_size may be left out where unused
+    assert read_quantization(tmp_path) == {"mode": "int8", "group_size": None}
+    (tmp_path / QUANT_FILE).write_text('{"mode": "int4", "group_size": 64, "bits": 4}')
+    with pytest.raises(ValueError, match="expected"):
+        read_quantization(tmp_path)
+    (tmp_path / QUANT_FILE).write_text('{"mode": ["int4"]}')
+    with pytest.raises(ValueError, match="expected"):
+        read_quantization(tmp_path)
+    assert read_quantization(tiny_model_dir) is None
+
+
+class ClipLinear(QuantizedLinear):
+    """A toy mode's layer: float weights clipped to +-clip. No native kernel."""
+
+    def __init__(self, in_features, out_features, dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device))
+
+    def refresh(self):
+        pass
+
+    def kernel_tensors(self):
+        return {}
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Clip(QuantMode):
+    name, help, options = "clip", "weights clipped to +-clip", ("clip",)
+
+    def __init__(self, clip: float = 1.0):
+        if not clip > 0:
+            raise ValueError(f"clip must be positive, got {clip}")
+        self.clip = clip
+
+    def quantize(self, linear):
+        new = self.empty(linear.in_features, linear.out_features, linear.weight.dtype, linear.weight.device)
+        new.weight.copy_(linear.weight.clamp(-self.clip, self.clip))
+        return new
+
+    def empty(self, in_features, out_features, dtype, device):
+        return ClipLinear(in_features, out_features, dtype, device)
+
+    def settings(self):
+        return {"group_size": None, "clip": self.clip}
+
+
+def test_a_new_mode_is_one_registry_entry(tiny_model, tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    # Registered, a mode quantises, saves, reads back and loads through the same functions as
+    # int8 and int4, its own option included; nothing else knows about it.
+    monkeypatch.setitem(MODE_REGISTRY, "clip", Clip)
+    check_mode("clip", group_size=128, clip=0.5)  # group_size is not one of its options: ignored
+    with pytest.raises(ValueError, match="clip must be positive"):
+        check_mode("clip", clip=0)
+    m = quantize_model(copy.deepcopy(tiny_model), "clip", clip=0.05)
+    assert is_quantized(m) and not is_quantized(tiny_model)
+    assert isinstance(m.output, ClipLinear) and float(m.output.weight.abs().max()) == pytest.approx(0.05)
+    save_quantized(m, tiny_tokenizer, tmp_path / "c", "clip", clip=0.05)
+    want = {"mode": "clip", "group_size": None, "clip": 0.05}
+    assert json.loads((tmp_path / "c" / QUANT_FILE).read_text()) == want
+    assert read_quantization(tmp_path / "c") == want
+    loaded, _ = load_model(tmp_path / "c")
+    assert isinstance(loaded.layers[0].attention.wq, ClipLinear)
+    x = torch.randint(3, m.args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), atol=0, rtol=0)
+    assert quantize_command(str(tiny_model_dir), str(tmp_path / "d"), "clip") == 0  # its default clip
+    assert read_quantization(tmp_path / "d")["clip"] == 1.0
 
 
 def test_int8_kernel_scales_follow_the_module():

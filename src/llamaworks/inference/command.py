@@ -15,7 +15,7 @@ from llamaworks.args import Arg
 from llamaworks.device import resolve_device
 from llamaworks.inference.generate import generate
 from llamaworks.inference.load import load_model
-from llamaworks.inference.quant import check_mode, quantize_model, read_quantization, save_quantized
+from llamaworks.inference.quant import MODES, MODES_HELP, get_mode, quantize_model, read_quantization, save_quantized
 from llamaworks.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from llamaworks.inference.speculative import generate_with_draft
 from llamaworks.modeldir import QUANT_FILE, WEIGHTS
@@ -101,21 +101,22 @@ def quantize_command(
     checkpoint: Annotated[str, Arg("model directory to quantise (params.json, model.safetensors, tokenizer.model), "
                                    "or a .gguf file")],
     output: Annotated[str, Arg("model directory to write")],
-    mode: Annotated[Literal["int8", "int4"], Arg("int8 per output channel, or int4 in groups of --group-size")],
+    # The choices are the registered modes (inference/quant.py): Literal of the tuple MODES.
+    mode: Annotated[Literal[MODES], Arg(MODES_HELP)],
     group_size: Annotated[int, Arg("int4: input columns sharing one scale and zero (32, 64, 128 or 256)")] = 128,
 ) -> int:
     """Weight-only quantisation of a model directory; prints the size before and after."""
-    check_mode(mode, group_size)
+    options = {"group_size": group_size}  # each mode takes those it has (inference/quant.py: get_mode)
+    spec = get_mode(mode, **options)
     if read_quantization(checkpoint) is not None:
         raise ValueError(f"{checkpoint} is already quantised ({QUANT_FILE}); quantise the original model")
     if Path(output).resolve() == Path(checkpoint).resolve():
         raise ValueError("--output must differ from --checkpoint (the original is read while writing)")
     model, tokenizer = load_model(checkpoint)
-    quantize_model(model, mode, group_size)
-    save_quantized(model, tokenizer, output, mode, group_size)
+    quantize_model(model, mode, **options)
+    save_quantized(model, tokenizer, output, mode, **options)
     src = Path(checkpoint)
     before = (src if src.is_file() else src / WEIGHTS).stat().st_size  # a .gguf file, or a directory
     after = (Path(output) / WEIGHTS).stat().st_size
-    detail = f" (group size {group_size})" if mode == "int4" else ""
-    print(f"wrote {output}: {mode}{detail}, weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", file=sys.stderr)
+    print(f"wrote {output}: {spec.describe()}, weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", file=sys.stderr)
     return 0

@@ -16,6 +16,26 @@ mapped from a file at another offset is copied once, when it is loaded.
 A quantised model directory is a normal one (params.json stays Meta's) plus
 quantization.json ({"mode", "group_size"}); its weights carry the Linear's name for
 the integer tensor (`...wq.weight`) beside `...wq.scales` (and `...wq.zeros` for int4).
+
+Adding a quantisation mode
+--------------------------
+A mode is one QuantMode subclass registered with @register_mode, next to Int8 and Int4
+below. It names itself (`name`: the --mode value and quantization.json's "mode"; `help`: its
+phrase in --mode's help), lists the keyword options its __init__ takes and checks
+(`options`: int4 has "group_size"), and implements
+  quantize(linear)            -> its module, from a float nn.Linear
+  empty(in, out, dtype, dev)  -> its module with empty buffers (on the meta device, to load)
+  check_layer(name, linear)   -> ValueError for a layer it cannot take (before any swap)
+  settings()                  -> its options as quantization.json holds them
+  describe()                  -> how the quantize command reports it.
+Its module subclasses QuantizedLinear: buffers in the state dict under the Linear's name,
+refresh() rebuilding what it derives from them (kernel layouts, aligned copies), and
+kernel_tensors() naming every tensor it hands to a native kernel, which
+tests/inference/test_quant_alignment.py checks, for every registered mode, after loading a
+directory. MODES, the CLI's --mode choices and help, quantize_model, swap_empty,
+read_quantization, save_quantized, check_mode and is_quantized follow the registry, and
+options travel through them as keywords: only an option the CLI does not have yet (today
+it has --group-size) needs a parameter of quantize_command and an entry in its `options`.
 """
 
 from __future__ import annotations
@@ -23,6 +43,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +59,6 @@ from llamaworks.inference.kernels import (
 )
 from llamaworks.modeldir import QUANT_FILE, write_model_files
 
-MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
 
 # With AMX tiles, bf16 matmuls are fast enough that dequantising an int8 weight to bf16 (exact:
@@ -260,14 +280,118 @@ class Int4Linear(QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
+# --- the registry of modes -------------------------------------------------------------------
+
+class QuantMode:
+    """One quantisation mode with its options set (gpt-fast's handler idea): everything the
+    functions below need to know about it. Subclasses are registered with register_mode."""
+
+    name: ClassVar[str]  # the --mode value and quantization.json's "mode"
+    help: ClassVar[str]  # a phrase for --mode's help
+    options: ClassVar[tuple[str, ...]] = ()  # the keyword options its __init__ takes (and checks)
+
+    def quantize(self, linear: nn.Linear) -> QuantizedLinear:
+        """The quantised replacement of a float Linear, on its device."""
+        raise NotImplementedError
+
+    def empty(self, in_features: int, out_features: int, dtype: torch.dtype, device) -> QuantizedLinear:
+        """The module with empty buffers of the right shapes, for load_state_dict(assign=True)."""
+        raise NotImplementedError
+
+    def check_layer(self, name: str, linear: nn.Linear) -> None:
+        """Raise ValueError if `linear` cannot be quantised so (checked for all layers first)."""
+
+    def settings(self) -> dict:
+        """quantization.json beside "mode"; "group_size" is always written (null if unused)."""
+        return {"group_size": None}
+
+    def describe(self) -> str:
+        return self.name
+
+
+MODE_REGISTRY: dict[str, type[QuantMode]] = {}  # by name, in registration order (the CLI's)
+
+
+def _float_dtype(w: torch.Tensor) -> torch.dtype:
+    return w.dtype if w.is_floating_point() else torch.float32
+
+
+def register_mode(cls: type[QuantMode]) -> type[QuantMode]:
+    if cls.name in MODE_REGISTRY:
+        raise ValueError(f"quantisation mode {cls.name!r} is registered twice")
+    MODE_REGISTRY[cls.name] = cls
+    return cls
+
+
+@register_mode
+class Int8(QuantMode):
+    name = "int8"
+    help = "int8 per output channel"
+
+    def quantize(self, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight
+        new = self.empty(linear.in_features, linear.out_features, _float_dtype(w), w.device)
+        q, s = quantize_int8(w)
+        new.weight.copy_(q)
+        new.scales.copy_(s)
+        new.refresh()
+        return new
+
+    def empty(self, in_features, out_features, dtype, device) -> Int8Linear:
+        return Int8Linear(in_features, out_features, dtype, device)
+
+
+@register_mode
+class Int4(QuantMode):
+    name = "int4"
+    help = "int4 in groups of --group-size"
+    options = ("group_size",)
+
+    def __init__(self, group_size: int | None = None):
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}; "
+                             "set --group-size")
+        self.group_size = group_size
+
+    def check_layer(self, name: str, linear: nn.Linear) -> None:
+        check_group_size(linear.in_features, self.group_size, f"input dimension of {name}")
+
+    def quantize(self, linear: nn.Linear) -> Int4Linear:
+        w = linear.weight
+        new = self.empty(linear.in_features, linear.out_features, _float_dtype(w), w.device)
+        packed, s, z = quantize_int4(w, self.group_size)
+        new.weight.copy_(packed)
+        new.scales.copy_(s)
+        new.zeros.copy_(z)
+        new.refresh()
+        return new
+
+    def empty(self, in_features, out_features, dtype, device) -> Int4Linear:
+        return Int4Linear(in_features, out_features, self.group_size, dtype, device)
+
+    def settings(self) -> dict:
+        return {"group_size": self.group_size}
+
+    def describe(self) -> str:
+        return f"int4 (group size {self.group_size})"
+
+
+MODES = tuple(MODE_REGISTRY)
+MODES_HELP = ", or ".join(cls.help for cls in MODE_REGISTRY.values())
+
+def get_mode(mode: str, **options) -> QuantMode:
+    """The registered mode `mode` set up with the options it takes (others are ignored: int8
+    has no group size); ValueError naming the fix for an unknown mode or a bad option."""
+    cls = MODE_REGISTRY.get(mode) if isinstance(mode, str) else None
+    if cls is None:
+        raise ValueError(f"unknown quantisation mode {mode!r}; use --mode {' or --mode '.join(MODE_REGISTRY)}")
+    return cls(**{k: v for k, v in options.items() if k in cls.options})
+
+
 # --- swapping --------------------------------------------------------------------------------
 
-def check_mode(mode: str, group_size: int | None) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown quantisation mode {mode!r}; use --mode {' or --mode '.join(MODES)}")
-    if mode == "int4" and group_size not in GROUP_SIZES:
-        raise ValueError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}; "
-                         "set --group-size")
+def check_mode(mode: str, group_size: int | None = None, **options) -> None:
+    get_mode(mode, group_size=group_size, **options)
 
 
 def check_group_size(dim: int, group_size: int, name: str = "dimension") -> None:
@@ -281,54 +405,43 @@ def quantizable(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of `model` is a quantised one, of any registered mode."""
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, group_size: int = 128) -> nn.Module:
-    """Replace the Linear layers of `model` in place by quantised ones; returns the model."""
-    check_mode(mode, group_size)
+def quantize_model(model: nn.Module, mode: str, group_size: int = 128, **options) -> nn.Module:
+    """Replace the Linear layers of `model` in place by quantised ones; returns the model.
+    Every layer is checked before any is replaced, so an error leaves the model as it was."""
+    spec = get_mode(mode, group_size=group_size, **options)
     layers = quantizable(model)
-    if mode == "int4":
-        for name, lin in layers:
-            check_group_size(lin.in_features, group_size, f"input dimension of {name}")
     for name, lin in layers:
-        w = lin.weight
-        dtype = w.dtype if w.is_floating_point() else torch.float32
-        if mode == "int8":
-            new = Int8Linear(lin.in_features, lin.out_features, dtype, w.device)
-            q, s = quantize_int8(w)
-            new.weight.copy_(q)
-            new.scales.copy_(s)
-            new.refresh()
-        else:
-            new = Int4Linear(lin.in_features, lin.out_features, group_size, dtype, w.device)
-            packed, s, z = quantize_int4(w, group_size)
-            new.weight.copy_(packed)
-            new.scales.copy_(s)
-            new.zeros.copy_(z)
-            new.refresh()
-        _set(model, name, new)
+        spec.check_layer(name, lin)
+    for name, lin in layers:
+        _set(model, name, spec.quantize(lin))
     return model
 
 
-def swap_empty(model: nn.Module, mode: str, group_size: int | None, dtype: torch.dtype = torch.float32) -> nn.Module:
+def swap_empty(model: nn.Module, mode: str, group_size: int | None = None, dtype: torch.dtype = torch.float32,
+               **options) -> nn.Module:
     """Replace the Linear layers by empty quantised ones of the right shapes (on the model's
     device, typically meta), ready for load_state_dict(assign=True)."""
-    check_mode(mode, group_size)
+    spec = get_mode(mode, group_size=group_size, **options)
     for name, lin in quantizable(model):
-        device = lin.weight.device
-        if mode == "int8":
-            _set(model, name, Int8Linear(lin.in_features, lin.out_features, dtype, device))
-        else:
-            _set(model, name, Int4Linear(lin.in_features, lin.out_features, group_size, dtype, device))
+        _set(model, name, spec.empty(lin.in_features, lin.out_features, dtype, lin.weight.device))
     return model
 
 
 def read_quantization(path: str | os.PathLike) -> dict | None:
-    """The quantization.json of a model directory, checked; None for an unquantised one."""
+    """The quantization.json of a model directory, checked, as keyword arguments of
+    swap_empty ({"mode", "group_size"} and the mode's other options); None for an
+    unquantised directory."""
     file = Path(path) / QUANT_FILE
     if not file.is_file():
         return None
@@ -336,18 +449,25 @@ def read_quantization(path: str | os.PathLike) -> dict | None:
         q = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(q, dict) or set(q) - {"mode", "group_size"} or "mode" not in q:
-        raise ValueError(f"{file}: expected {{\"mode\": \"int8\"|\"int4\", \"group_size\": N}}, got {q!r}")
+    mode = q.get("mode") if isinstance(q, dict) else None
+    cls = MODE_REGISTRY.get(mode) if isinstance(mode, str) else None
+    known = {"mode", "group_size", *(cls.options if cls else ())}  # group_size: null where unused
+    if not isinstance(q, dict) or set(q) - known or not isinstance(mode, str):
+        raise ValueError(f"{file}: expected {{\"mode\": {'|'.join(map(json.dumps, MODES))}, \"group_size\": N}}, "
+                         f"got {q!r}")
     try:
-        check_mode(q["mode"], q.get("group_size"))
+        spec = get_mode(**q)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
-    return {"mode": q["mode"], "group_size": q.get("group_size")}
+    return {"mode": spec.name, **spec.settings()}
 
 
-def save_quantized(model, tokenizer, path: str | os.PathLike, mode: str, group_size: int | None) -> Path:
+def save_quantized(model, tokenizer, path: str | os.PathLike, mode: str, group_size: int | None = None,
+                   **options) -> Path:
+    """A quantised model directory: the model files and quantization.json ({"mode", **settings})."""
+    spec = get_mode(mode, group_size=group_size, **options)
     path = Path(path)
     with atomic_directory(path, overwrite=True) as tmp:
         write_model_files(model, tokenizer, tmp)
-        atomic_write_json(tmp / QUANT_FILE, {"mode": mode, "group_size": group_size if mode == "int4" else None})
+        atomic_write_json(tmp / QUANT_FILE, {"mode": spec.name, **spec.settings()})
     return path
