@@ -273,6 +273,27 @@ def test_what_is_in_force_is_reported_and_true():
         assert det.samples_separated and det.per_sample_process_limit and det.seccomp, text
 
 
+def test_writes_to_tmp_stay_private():
+    # Programs may write to /tmp as under the reference harness, but not to the host's /tmp:
+    # not a new file, not a world-writable file someone left there.
+    det = isolation_details()
+    if not det.private_tmp:
+        pytest.skip(f"no private /tmp on this machine: {det.describe()}")
+    fd, shared = tempfile.mkstemp(prefix="llamaworks-test-shared-", dir="/tmp")
+    os.close(fd)
+    os.chmod(shared, 0o666)
+    new = f"/tmp/llamaworks-test-new-{uuid.uuid4().hex}"
+    try:
+        r = _run(f"open({shared!r}, 'w').write('changed')\nopen({new!r}, 'w').write('x')\n"
+                 f"print(open({shared!r}).read(), open({new!r}).read())\n")
+        assert r.status == "passed" and r.stdout == "changed x\n", r.stderr
+        assert Path(shared).read_text() == "" and not Path(new).exists()
+    finally:
+        os.unlink(shared)
+        if os.path.lexists(new):
+            os.unlink(new)
+
+
 def test_concurrent_samples_get_distinct_users():
     det = isolation_details()
     if det.user != "own uid per sample":
@@ -324,7 +345,9 @@ def test_an_unprivileged_evaluator_still_separates_samples(tmp_path):
     if python is None:
         pytest.skip("no system python3 for the unprivileged evaluator")
     user = (1 << 20) - 1  # below the sandbox's own uids, and no account's
-    d = Path(tempfile.mkdtemp(prefix="llamaworks-test-evaluator-"))
+    # Outside /tmp, like a virtualenv (a sample's writes to /tmp go to a private layer).
+    base = "/var/tmp" if os.path.isdir("/var/tmp") else None
+    d = Path(tempfile.mkdtemp(prefix="llamaworks-test-evaluator-", dir=base))
     try:
         own_file = d / "venv-file.pth"
         own_file.write_text("original")
@@ -344,7 +367,8 @@ def test_an_unprivileged_evaluator_still_separates_samples(tmp_path):
         if not out["separated"]:
             pytest.skip(f"no user namespaces for unprivileged users here: {out['describe']}")
         assert out["ro"] and out["nproc"], out["describe"]
-        assert own_file.read_text() == "original" and "Read-only file system" in out["own_file"][0], out
+        assert own_file.read_text() == "original", out
+        assert not str(d).startswith("/var/tmp/") or "Read-only file system" in out["own_file"][0], out
         assert out["victims"] == ["failed", "failed"] and out["hostile"] == "seen 0 written 0", out
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -24,8 +24,9 @@ Then, as far as this machine allows (`isolation_details()` says what is in force
 - namespaces ("namespaces" mode): new network, PID, IPC and mount namespaces. No network
   at all (no interfaces but a loopback that is down, and the host's abstract Unix sockets
   are in another namespace); every process the sample starts dies with it; it sees only
-  its own processes in /proc; the whole file system is read-only except its own directory
-  and /dev/shm, which are private memory file systems (tmpfs) that vanish with it;
+  its own processes in /proc; the whole file system is read-only except its own directory,
+  /dev/shm and /tmp (the host's, read-only, under a writable layer of its own), all kept in
+  private memory file systems (tmpfs, capped in size) that vanish with it;
 - seccomp (Linux on x86-64 or arm64), with no_new_privs, so setuid programs gain nothing:
   the only sockets a sample can create are IP sockets inside its empty network namespace
   (none at all without one) and connected Unix socket pairs (asyncio, multiprocessing.Pipe);
@@ -104,6 +105,7 @@ class Isolation:
     network_namespace: bool
     private_filesystem: bool  # read-only host file system, private directory and /dev/shm
     private_proc: bool  # /proc shows only the sample's own processes
+    private_tmp: bool  # /tmp: the host's, read-only, under a writable layer of its own
     seccomp: bool
     per_sample_process_limit: bool  # RLIMIT_NPROC counts only this sample's processes
     missing: tuple[str, ...] = ()  # why each absent protection is absent
@@ -124,6 +126,8 @@ class Isolation:
             have.append("own network, PID and IPC namespaces (no network, not even loopback)")
         if self.private_filesystem:
             have.append("read-only file system except a private directory and /dev/shm")
+        if self.private_tmp:
+            have.append("/tmp private: the host's, read-only, under a writable layer of its own")
         if self.private_proc:
             have.append("/proc shows only its own processes")
         if self.seccomp:
@@ -145,9 +149,10 @@ def isolation_details() -> Isolation:
     if not sys.platform.startswith("linux"):
         missing.append("not Linux: no namespaces, seccomp or uid per sample; samples run as the evaluating user "
                        "and share its files and process limit, and the network is only blocked inside Python")
-        return Isolation("socket-patch", "evaluating user", False, False, False, False, False, tuple(missing))
+        return Isolation("socket-patch", "evaluating user", False, False, False, False, False, False,
+                         tuple(missing))
     root = os.geteuid() == 0
-    want = {"namespaces", "mount", "proc"}
+    want = {"namespaces", "mount", "tmp", "proc"}
     if os.uname().machine in _SECCOMP_ARCHES:
         want.add("seccomp")
     else:
@@ -165,7 +170,8 @@ def isolation_details() -> Isolation:
     # sample (it is then left out), or break it (then the next, smaller set is tried).
     got: set[str] = set()
     notes: dict[str, str | None] = {}
-    for cand in (want, want - {"mount", "proc"}, want - {"namespaces", "mount", "proc"}, want & {"own_user"}):
+    for cand in (want, want - {"tmp"}, want - {"mount", "tmp", "proc"}, want - {"namespaces", "mount", "tmp", "proc"},
+                 want & {"own_user"}):
         try:
             result, notes = _spawn("pass", Limits(cpu_seconds=5, wall_seconds=20), frozenset(cand), frozenset())
         except RuntimeError as e:
@@ -176,7 +182,8 @@ def isolation_details() -> Isolation:
             break
         missing.append(f"the probe with {sorted(cand)} failed ({result.reason}: {result.stderr.strip()[-200:]})")
     for step, what in (("namespaces", "network/PID/IPC namespaces"), ("mount", "private mounts"),
-                       ("proc", "private /proc"), ("seccomp", "seccomp"), ("own_user", "uid per sample")):
+                       ("tmp", "private /tmp"), ("proc", "private /proc"), ("seccomp", "seccomp"),
+                       ("own_user", "uid per sample")):
         if step in want and step not in got:
             missing.append(f"{what}: {notes.get(step) or 'not available'}")
     ns = "namespaces" in got
@@ -185,6 +192,7 @@ def isolation_details() -> Isolation:
     userns_counts = ns and not root and _kernel_at_least(5, 14)
     det = Isolation(mode="namespaces" if ns else "socket-patch", user=user, network_namespace=ns,
                     private_filesystem=ns and "mount" in got, private_proc=ns and "proc" in got,
+                    private_tmp=ns and "mount" in got and "tmp" in got,
                     seccomp="seccomp" in got, per_sample_process_limit="own_user" in got or userns_counts)
     # Spell out the consequences, so that a log shows what a sample here could do.
     if user == "root":
@@ -227,6 +235,7 @@ def run_python(source: str, *, allow_code_execution: bool = False, limits: Limit
     if (mode or det.mode) == "namespaces":
         features.add("namespaces")
         features |= {"mount"} if det.private_filesystem else set()
+        features |= {"tmp"} if det.private_tmp else set()
         features |= {"proc"} if det.private_proc else set()
     features = frozenset(features)
     return _spawn(source, limits or Limits(), features, required=features)[0]
@@ -481,7 +490,7 @@ runpy.run_path(_path, run_name="__main__")
 
 _CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
 _CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_PRIVATE = 0x1, 0x2, 0x4, 0x8, 0x40000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_PRIVATE = 0x1, 0x2, 0x4, 0x8, 0x1000, 0x40000
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 0x1, 0x2
 _SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE = 442, -100, 0x8000  # 442 on every architecture
 
@@ -577,7 +586,7 @@ def _launch(cfg: dict) -> None:
 
     def unshare() -> None:
         flags = _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC | (0 if root else _CLONE_NEWUSER)
-        flags |= _CLONE_NEWNS if features & {"mount", "proc"} else 0
+        flags |= _CLONE_NEWNS if features & {"mount", "proc", "tmp"} else 0
         check(libc.unshare(flags))
         if not root:  # map only ourselves: the sample keeps the evaluator's uid, without privileges
             for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
@@ -585,23 +594,44 @@ def _launch(cfg: dict) -> None:
                     f.write(text)
 
     if "namespaces" in features and not step("namespaces", unshare):
-        features -= {"namespaces", "mount", "proc"}
+        features -= {"namespaces", "mount", "proc", "tmp"}
 
     def private_mounts() -> None:
-        # Everything read-only (and private: nothing propagates back to the host), then the two
+        # Everything read-only (and private: nothing propagates back to the host), then the
         # writable places: fresh memory file systems, capped in size and gone with the sample.
+        # One covers the (host's, empty) directory `work`: the sample's directory and the upper
+        # layer of its /tmp are in there.
         attr = struct.pack("=QQQQ", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, _MS_PRIVATE, 0)
         buf = ctypes.create_string_buffer(attr, len(attr))
         check(libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_long(_AT_FDCWD), b"/",
                            ctypes.c_long(_AT_RECURSIVE), buf, ctypes.c_long(len(attr))))
         size = f"size={2 * cfg['file_mb']}m,nr_inodes=16384"
-        check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
-                         f"{size},mode=0700".encode()))
+        check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, f"{size},mode=0700".encode()))
+        for name, mode in (("sample", 0o700), ("tmp-upper", 0o1777), ("tmp-work", 0o700)):
+            os.mkdir(os.path.join(work, name))
+            os.chmod(os.path.join(work, name), mode)  # past the umask
         if os.path.isdir("/dev/shm"):
             check(libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, f"{size},mode=1777".encode()))
 
-    if "mount" in features and not step("mount", private_mounts):
-        features.discard("mount")
+    def private_tmp() -> None:
+        # /tmp as the host's, read-only, under a private writable layer: programs that write to
+        # /tmp work, and nothing reaches the host (nor is a file of another user exposed).
+        opts = f"lowerdir=/tmp,upperdir={work}/tmp-upper,workdir={work}/tmp-work"
+        check(libc.mount(b"overlay", b"/tmp", b"overlay", _MS_NOSUID | _MS_NODEV, opts.encode()))
+
+    def sample_dir() -> None:
+        # The overlay may hide `work` (it is under /tmp): bind the sample's directory back
+        # there through a descriptor opened before.
+        check(libc.mount(f"/proc/self/fd/{sample_fd}".encode(), work.encode(), None, _MS_BIND, None))
+        os.close(sample_fd)
+
+    if "mount" in features and step("mount", private_mounts):
+        sample_fd = os.open(os.path.join(work, "sample"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if "tmp" in features and not step("tmp", private_tmp):
+            features.discard("tmp")
+        step("mount", sample_dir)
+    else:
+        features -= {"mount", "tmp"}
 
     program = os.path.join(work, "program.py")
 
