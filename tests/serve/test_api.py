@@ -45,7 +45,7 @@ def test_completion_equals_generate(client, tiny_model, tiny_tokenizer):
 
 
 def test_chat_uses_the_documented_template(client, tiny_model, tiny_tokenizer):
-    from llamaworks.serve.api import CHAT_STOP, render_chat
+    from llamaworks.serve.protocol import CHAT_STOP, render_chat
 
     messages = [{"role": "system", "content": "Speak as a king."}, {"role": "user", "content": "Who art thou?"}]
     prompt = render_chat(messages)

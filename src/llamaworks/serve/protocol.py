@@ -1,0 +1,483 @@
+"""The OpenAI protocol: request bodies parsed and validated into typed requests, responses
+and stream chunks built, errors in OpenAI's shape. No HTTP and no engine here; api.py
+wires these to the web framework and the engine.
+
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so the
+official clients raise their usual exceptions (BadRequestError, NotFoundError,
+RateLimitError, ...). Every field of a body is checked for type and range before any
+work is done for it: a value outside its range is a 400 naming it, never an exception
+further in (a seed beyond 64 bits, a temperature written as a 400-digit integer).
+
+Chat template. LLaMA is a base model with no chat format of its own, so a conversation
+is rendered as the plain dialogue a base model continues naturally:
+
+    <bos>{system messages, joined by blank lines}\\n\\n      (only when there are any)
+    User: {content}\\n
+    Assistant: {content}\\n
+    ...
+    Assistant:
+
+The reply is generated after the final "Assistant:", stops at eos or at "\\nUser:"
+(besides the request's own stop strings) and is returned without its leading spaces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import reprlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+CHAT_STOP = "\nUser:"
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# OpenAI allows 4 stop strings; lm-evaluation-harness may send more (its until list and eos).
+MAX_STOP_STRINGS = 16
+# Longer stop strings serve no client we know of, and each costs its length in the engine
+# thread when its matcher is built (stops.StopAutomaton); 16 of this length take ~2 ms.
+MAX_STOP_CHARS = 1000
+MAX_TOP_LOGPROBS = 20
+# The seeds torch.Generator.manual_seed takes.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+
+# What error messages echo of a client's value: bounded, so a megabyte string or a deeply
+# nested list comes back as a short, shallow excerpt.
+_excerpt = reprlib.Repr()
+_excerpt.maxstring = _excerpt.maxother = 60
+_excerpt.maxlong = 40
+_excerpt.maxlevel = 2
+_excerpt.maxlist = _excerpt.maxtuple = _excerpt.maxdict = 6
+
+
+def shown(value: Any) -> str:
+    return _excerpt.repr(value)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def render_chat(messages: list[dict[str, str]]) -> str:
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
+             for m in messages if m["role"] != "system"]
+    head = "\n\n".join(system) + "\n\n" if system else ""
+    return head + "".join(turns) + "Assistant:"
+
+
+# --- what the server serves ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    context: int  # tokens
+    vocab_size: int
+    # Prompts longer than this many characters cannot fit the context window, so they are
+    # refused before they are tokenised (None: no such bound is known for the tokenizer).
+    max_prompt_chars: int | None
+
+
+def model_info(name: str, context: int, tokenizer) -> ModelInfo:
+    """The model as requests are checked against it. With byte fallback every character is
+    covered by pieces of at most the longest piece's length, so a text of context x that
+    many characters needs more tokens than the context holds. Without byte fallback a run
+    of unknown characters may become a single token, and no such bound holds."""
+    table = tokenizer.piece_table()
+    longest = max((len(p) for p in table if isinstance(p, str)), default=1)
+    byte_fallback = any(isinstance(p, int) for p in table)
+    return ModelInfo(name, context, tokenizer.vocab_size, context * max(longest, 1) if byte_fallback else None)
+
+
+def parse_json(raw: bytes, model_name: str) -> dict:
+    """The body as a JSON object naming the served model."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    except ValueError as e:  # bad JSON, bad UTF-8, or an integer past Python's 4300-digit limit
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise APIError(400, f"model is required; this server serves {model_name!r}", param="model",
+                       code="invalid_value")
+    if model != model_name:
+        raise APIError(404, f"the model {shown(model)} does not exist; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
+    return body
+
+
+# --- typed requests ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated /v1/completions or /v1/chat/completions request."""
+
+    chat: bool
+    prompt: str | tuple[int, ...]  # text to tokenise (for chat: the rendered conversation) or token ids
+    prompt_param: str  # where errors about the prompt point: "prompt" or "messages"
+    max_tokens: int | None  # as asked; None: the endpoint's default
+    max_tokens_param: str  # "max_tokens" or "max_completion_tokens", as the client named it
+    temperature: float
+    top_p: float
+    top_k: int | None
+    seed: int | None
+    stop: tuple[str, ...]  # the client's, and for chat the template's
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # alternatives per token; None: no log-probabilities
+    echo: bool
+
+    def budget(self, prompt_tokens: int, context: int) -> int:
+        """Tokens to generate: the asked max_tokens, which must fit beside the prompt, or
+        the default (completions: OpenAI's 16; chat: the rest of the context window)."""
+        room = context - prompt_tokens
+        assert room >= 1, (prompt_tokens, context)  # check_prompt_tokens ran first
+        if self.max_tokens is None:
+            return room if self.chat else min(DEFAULT_COMPLETION_MAX_TOKENS, room)
+        if self.max_tokens > room:
+            raise invalid(self.max_tokens_param,
+                          f"{self.max_tokens_param} must be an integer in [1, {room}] (the context window of "
+                          f"{context} tokens less the prompt's {prompt_tokens}), got {shown(self.max_tokens)}")
+        return self.max_tokens
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    # Compared with the bounds before any conversion: an integer of hundreds of digits is
+    # a valid JSON number that float() and math.isfinite() refuse with OverflowError.
+    return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    x = body.get(name)
+    if x is None:
+        return default
+    if not _is_real(x) or x > hi or x < lo or (lo_open and x == lo):
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise invalid(name, f"{name} must be a number in {bound}, got {shown(x)}")
+    return float(x)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int | None, hint: str = "") -> int | None:
+    x = body.get(name)
+    if x is not None and (not _is_int(x) or x < lo or (hi is not None and x > hi)):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise invalid(name, f"{name} must be an integer {bound}{hint}, got {shown(x)}")
+    return x
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    x = body.get(name)
+    if x is None:
+        return default
+    if not isinstance(x, bool):
+        raise invalid(name, f"{name} must be a boolean, got {shown(x)}")
+    return x
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stop)
+            or any(len(s) > MAX_STOP_CHARS for s in stop)):
+        raise invalid("stop", f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings of at most "
+                              f"{MAX_STOP_CHARS} characters each, got {shown(stop)}")
+    return tuple(stop)
+
+
+# OpenAI options this server does not implement: refused with a 400 that names them when set
+# to anything but their "off" value, rather than silently answering without them.
+_UNSUPPORTED = {
+    "completions": {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})},
+    "chat": {"logit_bias": (None, {}), "tools": (None, []),
+             "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+             "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"])},
+}
+
+
+def _refuse_unsupported(body: dict, endpoint: str) -> None:
+    for name, off in _UNSUPPORTED[endpoint].items():
+        if name in body and not any(type(body[name]) is type(v) and body[name] == v for v in off):
+            raise invalid(name, f"{name} is not supported by this server; leave it unset", "unsupported_parameter")
+
+
+def _options(body: dict, chat: bool) -> dict[str, Any]:
+    """The fields both endpoints share, checked in the order a client reads errors best:
+    sampling, then stopping, then streaming and log-probabilities."""
+    opts: dict[str, Any] = {
+        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+    }
+    top_k = body.get("top_k")  # not OpenAI's, but vLLM's and llama.cpp's; -1 or null = off
+    if top_k is not None and (not _is_int(top_k) or (top_k < 1 and top_k != -1)):
+        raise invalid("top_k", f"top_k must be a positive integer (or -1 for no limit), got {shown(top_k)}")
+    opts["top_k"] = None if top_k in (None, -1) else top_k
+    opts["seed"] = _integer(body, "seed", MIN_SEED, MAX_SEED, hint=" (-2**63 to 2**64 - 1)")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or n != 1:
+        raise invalid("n", f"n must be 1 (one choice per request; send several requests instead), got {shown(n)}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        x = body.get(name)
+        if x is not None and not (_is_real(x) and x == 0):
+            raise invalid(name, f"{name} is not supported; leave it unset or 0", "unsupported_value")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    opts["max_tokens"] = _integer(body, name, 1, None, hint=" (tokens to generate)")
+    opts["max_tokens_param"] = name
+    opts["stop"] = _stop(body) + ((CHAT_STOP,) if chat else ())
+    opts["stream"] = _boolean(body, "stream", False)
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise invalid("stream_options", f"stream_options must be an object, got {shown(so)}")
+    opts["include_usage"] = bool((so or {}).get("include_usage", False))
+    if chat:
+        on = _boolean(body, "logprobs", False)
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not on:
+            raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+        opts["logprobs"], opts["echo"] = (top or 0) if on else None, False
+    else:
+        opts["logprobs"] = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+        opts["echo"] = _boolean(body, "echo", False)
+    if opts["stream"] and opts["echo"]:
+        raise invalid("echo", "echo is served without streaming; set stream to false", "unsupported_value")
+    return opts
+
+
+def check_prompt_tokens(n: int, param: str, context: int) -> None:
+    if n >= context:
+        raise APIError(400, f"the {param} has {n} tokens but the context window is {context} tokens and at least "
+                       "one new token must fit: shorten it", param=param, code="context_length_exceeded")
+
+
+def _check_prompt_chars(text: str, param: str, info: ModelInfo) -> None:
+    if info.max_prompt_chars is not None and len(text) >= info.max_prompt_chars:
+        raise APIError(400, f"the {param} has {len(text)} characters, more than the context window of "
+                       f"{info.context} tokens can hold: shorten it", param=param, code="context_length_exceeded")
+
+
+def parse_completion(body: dict, info: ModelInfo) -> GenerationRequest:
+    _refuse_unsupported(body, "completions")
+    opts = _options(body, chat=False)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        _check_prompt_chars(prompt, "prompt", info)
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt[: info.context]):
+        # The length first: a body of a few MB can hold millions of ids, each checked in Python.
+        check_prompt_tokens(len(prompt), "prompt", info.context)
+        if not all(0 <= t < info.vocab_size for t in prompt):
+            raise invalid("prompt", f"prompt token ids must be in [0, {info.vocab_size})")
+        prompt = tuple(prompt)
+    else:
+        raise invalid("prompt", "prompt must be a string or a list of token ids (one prompt per request; send "
+                                "several requests for several prompts)")
+    return GenerationRequest(chat=False, prompt=prompt, prompt_param="prompt", **opts)
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise invalid("messages", "messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant"):
+            raise invalid("messages", f"messages[{i}] must have a role of system, user or assistant")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise invalid("messages", f"messages[{i}].content parts must all be of type text")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise invalid("messages", f"messages[{i}].content must be a string")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def parse_chat(body: dict, info: ModelInfo) -> GenerationRequest:
+    _refuse_unsupported(body, "chat")
+    opts = _options(body, chat=True)
+    prompt = render_chat(_messages(body))
+    _check_prompt_chars(prompt, "messages", info)
+    return GenerationRequest(chat=True, prompt=prompt, prompt_param="messages", **opts)
+
+
+def encode_prompt(tokenizer, req: GenerationRequest) -> list[int]:
+    """The prompt's token ids (bos first), checked against the context window. Slow for long
+    text: api.py runs it off the event loop."""
+    if isinstance(req.prompt, tuple):
+        return list(req.prompt)
+    try:
+        req.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
+        raise invalid(req.prompt_param, f"the {req.prompt_param} is not valid Unicode text: {e.reason} at "
+                                        f"character {e.start}") from None
+    return tokenizer.encode(req.prompt, bos=True, eos=False)
+
+
+# --- responses -----------------------------------------------------------------------------
+
+
+def finish_reason(reason: str | None) -> str | None:
+    # A request the server cancelled at shutdown ended early, as one ended by a stop string.
+    return "stop" if reason == "cancelled" else reason
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(obj: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    # The piece as text: "▁" is a space; a byte-fallback piece outside ASCII is "bytes:\xNN"
+    # (OpenAI's convention for partial characters); control pieces keep their name ("<s>").
+    piece = tokenizer.piece_table()[token_id]
+    if piece is None:
+        return tokenizer.id_to_piece(token_id)
+    if isinstance(piece, int):
+        return chr(piece) if piece < 0x80 else f"bytes:\\x{piece:02x}"
+    return piece
+
+
+def completion_logprobs(tokenizer, decoder, ids: list[int], scored: list, first_unscored: bool = False,
+                        base: int = 0) -> tuple[dict, int]:
+    """OpenAI's completions `logprobs` object for `ids`, pushed through `decoder` (a stream
+    decoder holding the text before them, which starts at character `base`); `scored` holds
+    (log p, alternatives) per token, for all but the first when first_unscored (echo). Also
+    returns the character offset after `ids`."""
+    offsets, at = [], base
+    for t in ids:
+        offsets.append(at)
+        at += len(decoder.push(t))
+    scored = ([(None, None)] if first_unscored else []) + list(scored)
+    return {"tokens": [token_text(tokenizer, t) for t in ids],
+            "token_logprobs": [lp for lp, _ in scored],
+            "top_logprobs": [None if alts is None else {token_text(tokenizer, a): v for a, v in alts}
+                             for _, alts in scored],
+            "text_offset": offsets}, at
+
+
+def chat_logprobs(tokenizer, ids: list[int], scored: list) -> dict:
+    def entry(t, lp):
+        text = token_text(tokenizer, t)
+        raw = tokenizer.piece_table()[t]
+        return {"token": text, "logprob": lp, "bytes": [raw] if isinstance(raw, int) else list(text.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in alts]}
+                        for t, (lp, alts) in zip(ids, scored)]}
+
+
+class Responder:
+    """The response objects of one request: the whole response, or its stream of chunks."""
+
+    def __init__(self, req: GenerationRequest, model_name: str, tokenizer, prompt_ids: list[int]):
+        self.req, self.model_name, self.tokenizer, self.prompt_ids = req, model_name, tokenizer, prompt_ids
+        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if req.chat else "text_completion"
+        self._strip = req.chat  # chat replies lose their leading spaces (see the template above)
+        # Streaming: tokens whose log-probabilities went out, their text's length, and a
+        # decoder holding that text (completions' text_offset counts from the prompt's end).
+        self._sent_tokens = 0
+        self._sent_chars = 0
+        self._decoder = tokenizer.stream_decoder(prompt_ids) if req.logprobs is not None and not req.chat else None
+
+    def reply_text(self, text: str) -> str:
+        if self._strip:
+            text = text.lstrip()
+            self._strip = not text
+        return text
+
+    def _message(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name, "choices": choices}
+
+    def role_chunk(self) -> dict:
+        """A chat stream's first chunk."""
+        return self._message("chat.completion.chunk", [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                        "logprobs": None, "finish_reason": None}])
+
+    def _new_logprobs(self, tokens: list[int], scored: list) -> dict | None:
+        # The engine appends a token and its log-probabilities before it emits the token's
+        # text, so every token behind a text event is here (text held back for a stop
+        # string or a partial character has its log-probabilities sent already).
+        if self.req.logprobs is None:
+            return None
+        start, end = self._sent_tokens, len(scored)
+        toks, scored = tokens[start:end], scored[start:end]
+        self._sent_tokens = end
+        if not toks:
+            return None
+        if self.req.chat:
+            return chat_logprobs(self.tokenizer, toks, scored)
+        out, self._sent_chars = completion_logprobs(self.tokenizer, self._decoder, toks, scored,
+                                                    base=self._sent_chars)
+        return out
+
+    def chunk(self, delta: str | None, finish: str | None, tokens: list[int], scored: list) -> dict:
+        """A stream chunk: new text (or None) and the finish reason at the end; `tokens` and
+        `scored` are all the request's tokens and log-probabilities so far."""
+        logprobs = self._new_logprobs(tokens, scored)
+        if self.req.chat:
+            choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "logprobs": logprobs,
+                      "finish_reason": finish_reason(finish)}
+            msg = self._message("chat.completion.chunk", [choice])
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish_reason(finish)}
+            msg = self._message("text_completion", [choice])
+        if self.req.include_usage:
+            msg["usage"] = None
+        return msg
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        obj = "chat.completion.chunk" if self.req.chat else "text_completion"
+        return {**self._message(obj, []), "usage": usage(len(self.prompt_ids), completion_tokens)}
+
+    def response(self, text: str, finish: str | None, tokens: list[int], scored: list,
+                 prompt_scored: list) -> dict:
+        """The whole (non-streamed) response."""
+        tok, ids, n = self.tokenizer, self.prompt_ids, self.req.logprobs
+        text = self.reply_text(text)
+        if self.req.chat:
+            logprobs = None if n is None else chat_logprobs(tok, tokens, scored)
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": finish_reason(finish)}
+        else:
+            logprobs = None
+            if n is not None and self.req.echo:
+                logprobs = completion_logprobs(tok, tok.stream_decoder(), ids + tokens, prompt_scored + scored,
+                                               first_unscored=True)[0]
+            elif n is not None:
+                logprobs = completion_logprobs(tok, tok.stream_decoder(ids), tokens, scored)[0]
+            if self.req.echo:
+                text = tok.decode(ids) + text
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(finish)}
+        return {**self._message(self.object, [choice]), "usage": usage(len(ids), len(tokens))}
