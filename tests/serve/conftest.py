@@ -27,17 +27,25 @@ class SlowModel:
 
 @contextmanager
 def running_server(model_dir, max_batch: int = 4, max_queue: int = 64, delay: float = 0.0,
-                   shutdown_timeout: float = 10.0):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
+                   shutdown_timeout: float = 10.0, limits=None):
     from llamaworks.inference.load import load_model
-    from llamaworks.serve.command import make_server
-    from llamaworks.serve.engine import Engine
 
     model, tokenizer = load_model(model_dir)  # a model of its own: the engine owns its KV cache
     model.eval()
-    engine = Engine(SlowModel(model, delay) if delay else model, tokenizer, max_batch=max_batch, max_queue=max_queue)
-    server, sock = make_server(engine, MODEL, "127.0.0.1", 0, shutdown_timeout=shutdown_timeout)
+    with serving(SlowModel(model, delay) if delay else model, tokenizer, max_batch, max_queue, shutdown_timeout,
+                 limits) as handle:
+        yield handle
+
+
+@contextmanager
+def serving(model, tokenizer, max_batch: int = 4, max_queue: int = 64, shutdown_timeout: float = 10.0, limits=None):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from llamaworks.serve.command import make_server
+    from llamaworks.serve.engine import Engine
+
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    server, sock = make_server(engine, MODEL, "127.0.0.1", 0, shutdown_timeout=shutdown_timeout, limits=limits)
     engine.start()
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -46,7 +54,8 @@ def running_server(model_dir, max_batch: int = 4, max_queue: int = 64, delay: fl
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.01)
     handle = type("Served", (), {})()
-    handle.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    handle.port = sock.getsockname()[1]
+    handle.url = f"http://127.0.0.1:{handle.port}"
     handle.engine, handle.server, handle.thread, handle.tokenizer = engine, server, thread, tokenizer
     try:
         yield handle
@@ -55,6 +64,33 @@ def running_server(model_dir, max_batch: int = 4, max_queue: int = 64, delay: fl
         thread.join(30)
         engine.stop(cancel=True, timeout=30)
         sock.close()
+
+
+class EosSoonModel:
+    """A stand-in model for fuzzing the HTTP layer: no weights, microseconds a step. It favours
+    one token, and eos at every fourth position, so most requests end after a few tokens
+    whatever their sampling options."""
+
+    def __init__(self, vocab_size: int, eos_id: int, favourite: int, context: int = 256):
+        import torch
+
+        self.args = type("Args", (), {"max_seq_len": context})()
+        self.output = type("Output", (), {"weight": torch.zeros(1)})()
+        self.vocab_size, self.eos_id, self.favourite = vocab_size, eos_id, favourite
+
+    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
+        pass
+
+    def __call__(self, tokens, pos=None, rows=None):
+        import torch
+
+        bsz, n = tokens.shape
+        if pos is None:
+            pos = torch.arange(n).expand(bsz, n)
+        logits = torch.zeros(bsz, n, self.vocab_size)
+        logits[..., self.favourite] = 20.0
+        logits[..., self.eos_id] = torch.where(pos % 4 == 3, 25.0, 0.0)
+        return logits
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,23 @@ from llamaworks.inference.load import load_model
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.serve.api import create_app
 from llamaworks.serve.engine import Engine
+from llamaworks.serve.limits import Limits, header_timeout_protocol
 
 
 def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
-                log_level: str = "warning"):
+                log_level: str = "warning", limits: Limits | None = None):
     """A uvicorn Server and its bound socket (port 0 picks a free port; read it from the socket)."""
     try:
         import uvicorn
     except ImportError:
         raise ValueError("serving needs fastapi and uvicorn: pip install 'llamaworks[serve]'") from None
+    limits = limits or Limits()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    app = create_app(engine, model_name)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, access_log=False)
+    app = create_app(engine, model_name, limits=limits)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, access_log=False,
+                            http=header_timeout_protocol(limits.header_timeout))
     return uvicorn.Server(config), sock
 
 
@@ -58,13 +61,22 @@ def serve_command(
     compile: Annotated[bool | None, Arg("torch.compile the decode step at start (default: only for int8/int4 "
                                         "model directories, where it was measured to help; see default_compile)")]
     = None,
+    max_body_bytes: Annotated[int, Arg("largest request body accepted; beyond it the server answers 413 without "
+                                       "reading it")] = Limits.max_body_bytes,
+    header_timeout: Annotated[float, Arg("seconds a connection may take to send a request's headers before it is "
+                                         "closed")] = Limits.header_timeout,
+    body_timeout: Annotated[float, Arg("seconds a request may take to send its body after its headers; beyond it "
+                                       "the server answers 408")] = Limits.body_timeout,
 ) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
     Endpoints: /v1/completions, /v1/chat/completions (streaming with "stream": true),
     /v1/models, /health, /metrics (Prometheus). Stop with Ctrl-C or SIGTERM: requests in
-    flight finish (up to --shutdown-timeout) before the server exits.
+    flight finish (up to --shutdown-timeout) before the server exits. Each request is bounded
+    (--max-body-bytes, --header-timeout, --body-timeout; prompts by the context window, stop
+    strings to 16 of 1,000 characters) and fails alone.
     """
+    limits = Limits(max_body_bytes=max_body_bytes, header_timeout=header_timeout, body_timeout=body_timeout)
     dev, dt = resolve_device(device, dtype)
     model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
     model.eval()
@@ -74,7 +86,7 @@ def serve_command(
         compile = default_compile(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                     compile=compile)
-    server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info")
+    server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info", limits=limits)
     bound = sock.getsockname()[1]
     print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {str(dt).removeprefix('torch.')}, "
           f"{max_batch} slots, context {engine.context}{', compiled decode' if compile else ''})",
