@@ -18,7 +18,7 @@ from llamaworks.atomic import atomic_write_json
 from llamaworks.eval.code_exec import DEFAULT_LIMITS, evaluate_samples, parse_ks
 from llamaworks.eval.harness import harness_command
 from llamaworks.eval.lm import EvalModel
-from llamaworks.eval.sandbox import DANGER
+from llamaworks.eval.sandbox import DANGER, isolation_details
 from llamaworks.eval.scoring import (
     PASS_AT_K_PRESETS,
     calibration_requests,
@@ -477,6 +477,8 @@ def eval_command(
     if code and not allow_code_execution:
         raise ValueError(f"{', '.join(code)} run(s) the model's code: " + DANGER.replace(
             "allow_code_execution=True (--allow-code-execution)", "--allow-code-execution"))
+    if code:  # say what the sandbox protects on this machine before any model code runs
+        print(f"{', '.join(code)}: {isolation_details().describe()}", file=sys.stderr)
     ks = parse_ks(k)
     if maj_k is not None and maj_k < 1:
         raise ValueError(f"--maj-k must be >= 1, got {maj_k}")
