@@ -405,6 +405,18 @@ def test_bf16_model_keeps_rope_table_in_fp32():
         (dict(dim=12, n_heads=4), "must be even"),
         (dict(dim=64, n_heads=4, n_kv_heads=3), "not divisible by n_kv_heads"),
         (dict(dim=64, n_heads=4, n_layers=0), "n_layers must be positive"),
+        # values a params.json, config.json or GGUF file can hold; before, these failed inside
+        # torch (a traceback) or, for norm_eps and rope_theta, computed NaN or wrong logits
+        (dict(dim=64.0, n_heads=4), r"dim must be an integer, got 64.0 \(write 64\)"),
+        (dict(n_layers=True), "n_layers must be an integer, got True"),
+        (dict(vocab_size=0), "vocab_size must be positive"),
+        (dict(norm_eps="1e-6"), "norm_eps must be a positive finite number, got '1e-6'"),
+        (dict(norm_eps=-1e-6), "norm_eps must be a positive finite number"),
+        (dict(norm_eps=math.nan), "norm_eps must be a positive finite number, got nan"),
+        (dict(rope_theta=0.0), "rope_theta must be a positive finite number"),
+        (dict(rope_theta=-1e4), "rope_theta must be a positive finite number"),
+        (dict(ffn_dim_multiplier=math.inf), "ffn_dim_multiplier must be a positive finite number"),
+        (dict(max_seq_len=300_000_000), "exceeds 16777216: float32 positions are exact only up to 2"),
     ],
 )
 def test_model_args_validation(kwargs, match):
@@ -448,3 +460,45 @@ def test_gradients_reach_every_parameter():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_model_args_keep_int_and_float_kinds():
+    a = ModelArgs(**{**TINY, "rope_theta": 500000, "norm_eps": 1, "vocab_size": -1})  # Meta's -1 stays
+    assert isinstance(a.rope_theta, float) and isinstance(a.norm_eps, float) and a.vocab_size == -1
+
+
+# --- the RoPE table: built for what is used ----------------------------------------------------
+
+
+def test_rope_table_grows_to_the_positions_used():
+    # A declared context of 2^24 positions costs 4096 rows until longer inputs or caches come.
+    args = ModelArgs(**{**TINY, "max_seq_len": 1 << 24})
+    model = build_model(args, seed=0).eval()
+    assert model.freqs_cis.shape[0] == 4096
+    full = precompute_freqs_cis(args.head_dim, 16384)
+    with torch.no_grad():
+        model(torch.zeros(1, 5000, dtype=torch.long))  # a forward pass longer than the table
+    assert model.freqs_cis.shape[0] == 8192
+    torch.testing.assert_close(model.freqs_cis, full[:8192], atol=0, rtol=0)  # rows do not depend on length
+    model.setup_caches(1, 9000)  # the cache's length, rounded up to a power of two
+    assert model.freqs_cis.shape[0] == 16384
+    torch.testing.assert_close(model.freqs_cis, full, atol=0, rtol=0)
+    table = model.freqs_cis
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        model(torch.tensor([[4]]), torch.tensor([3]))
+    assert model.freqs_cis is table  # decoding never touches the table
+    # never beyond max_seq_len, and bf16 casts are undone by init_rope at the same length
+    small = build_model(ModelArgs(**{**TINY, "max_seq_len": 100}), dtype=torch.bfloat16, seed=0)
+    assert small.freqs_cis.shape[0] == 100 and small.freqs_cis.dtype == torch.float32
+
+
+def test_grown_table_gives_the_same_logits():
+    args = ModelArgs(**{**TINY, "max_seq_len": 8192})
+    model = _model(**{"max_seq_len": 8192})
+    x = torch.randint(0, 256, (1, 4200), generator=_gen(3))
+    with torch.no_grad():
+        grown = model(x)
+        model.freqs_cis = precompute_freqs_cis(args.head_dim, 8192)  # the old eager table
+        eager = model(x)
+    torch.testing.assert_close(grown, eager, atol=0, rtol=0)

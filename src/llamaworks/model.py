@@ -9,6 +9,7 @@ Nothing here knows about training, distribution or files.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -30,15 +31,34 @@ class ModelArgs:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
+        # params.json, config.json and GGUF metadata arrive here: a value of the wrong type or
+        # range is refused by name rather than failing later inside torch (or, for norm_eps or
+        # rope_theta, silently computing something else).
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}" + (
+                    f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""))
+            setattr(self, name, int(value))
+            # vocab_size -1 is Meta's "take it from the tokenizer", resolved by the loaders.
+            if value <= 0 and not (name == "vocab_size" and value == -1):
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.max_seq_len > MAX_POSITIONS:
+            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds {MAX_POSITIONS}: float32 positions are exact "
+                             "only up to 2^24, beyond which rotary angles repeat; lower max_seq_len")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if value is None and name == "ffn_dim_multiplier":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            setattr(self, name, float(value))
         if self.dim % self.n_heads:
-            raise ValueError(f"ModelArgs.dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"ModelArgs.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head dimension dim/n_heads={self.head_dim} must be even for rotary embeddings")
 
@@ -67,6 +87,13 @@ class ModelArgs:
 
     def to_params(self) -> dict:
         return asdict(self)
+
+
+# Positions are float32 in the rotary table (as in Meta's code), exact up to 2^24.
+MAX_POSITIONS = 1 << 24
+# Rotary-table rows built up front; a longer context grows the table when first used
+# (setup_caches, a longer forward pass), so a declared max_seq_len costs nothing by itself.
+ROPE_PREBUILT = 4096
 
 
 # Table 2 of the paper (context 2048) plus small sizes for CPU work. The CPU presets keep
@@ -253,9 +280,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
-        self.register_buffer(
-            "freqs_cis", precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False
-        )
+        rows = min(ROPE_PREBUILT, args.max_seq_len)  # grown by init_rope when more are used
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args.head_dim, rows, args.rope_theta), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
                 rows: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
@@ -274,10 +300,13 @@ class Transformer(nn.Module):
         bsz, seqlen = tokens.shape
         if input_pos is None:
             assert seqlen <= self.args.max_seq_len, (seqlen, self.args.max_seq_len)
+            if seqlen > self.freqs_cis.shape[0]:  # shapes only: no host sync
+                self.init_rope(self.freqs_cis.device, seqlen)
             freqs, mask = self.freqs_cis[:seqlen], None
         else:
             assert self.layers[0].attention.kv_cache is not None, "call setup_caches() before decoding"
             input_pos = input_pos.expand(bsz, seqlen) if input_pos.dim() == 1 else input_pos
+            # setup_caches grew the table to the cache's length, and positions lie inside the cache.
             freqs = self.freqs_cis[input_pos]  # (bsz, seq, head_dim/2, 2)
             cache_len = self.layers[0].attention.kv_cache.k.shape[2]
             key_pos = torch.arange(cache_len, device=tokens.device)
@@ -296,6 +325,8 @@ class Transformer(nn.Module):
             raise ValueError(f"cache length {max_seq_len} exceeds the model's max_seq_len={self.args.max_seq_len}")
         dtype = dtype or self.tok_embeddings.weight.dtype  # never quantised, unlike output (quantize.py)
         device = self.output.weight.device
+        if max_seq_len > self.freqs_cis.shape[0]:  # here, never in the decode loop: steps see one table
+            self.init_rope(self.freqs_cis.device, max_seq_len)
         for layer in self.layers:
             att = layer.attention
             att.kv_cache = KVCache(max_batch_size, max_seq_len, att.n_kv_heads, att.head_dim, dtype, device)
@@ -331,12 +362,16 @@ class Transformer(nn.Module):
         else:
             nn.init.normal_(p, mean=0.0, std=std, generator=generator)
 
-    def init_rope(self, device: torch.device | None = None):
-        """(Re)compute the RoPE table in fp32: after to_empty(), and after casting the model
-        to a low-precision dtype (which would otherwise round the angles too)."""
-        device = device or self.output.weight.device
-        freqs = precompute_freqs_cis(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
-        self.freqs_cis = freqs.to(device)
+    def init_rope(self, device: torch.device | None = None, positions: int = 0):
+        """(Re)compute the RoPE table in fp32: after to_empty(), after casting the model to a
+        low-precision dtype (which would otherwise round the angles too), and to cover more
+        positions. Rows come in powers of two from ROPE_PREBUILT up to max_seq_len: a declared
+        context costs nothing until it is used, and a growing one rebuilds the table rarely
+        (its rows are the same values whatever its length)."""
+        rows = max(positions, self.freqs_cis.shape[0], ROPE_PREBUILT)
+        rows = min(1 << (rows - 1).bit_length(), self.args.max_seq_len)
+        freqs = precompute_freqs_cis(self.args.head_dim, rows, self.args.rope_theta)
+        self.freqs_cis = freqs.to(device or self.output.weight.device)
 
 
 def count_parameters(args: ModelArgs) -> int:
