@@ -135,3 +135,73 @@ def test_failed_save_keeps_the_old_directory(tmp_path, tiny_model, tiny_tokenize
         save_model(tiny_model, tiny_tokenizer, d)
     assert (d / WEIGHTS).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"dim": 128.0}, "dim must be an integer, got 128.0 (write 128)"),
+    ({"n_layers": True}, "n_layers must be an integer, got True"),
+    ({"norm_eps": "1e-6"}, "norm_eps must be a positive finite number, got '1e-6'"),
+    ({"norm_eps": -1e-6}, "norm_eps must be a positive finite number"),
+    ({"rope_theta": 0}, "rope_theta must be a positive finite number, got 0"),
+    ({"rope_theta": -10000.0}, "rope_theta must be a positive finite number"),
+    ({"max_seq_len": 300_000_000}, "max_seq_len=300000000 exceeds 16777216"),
+    ({"multiple_of": [256]}, "multiple_of must be an integer"),
+    ({"n_heads": 0}, "n_heads must be positive"),
+    ({"multiple_of": 2**70}, "make tensors larger than any that torch can hold"),  # before: TypeError
+    ({"dim": 10**400}, "make tensors larger than any that torch can hold"),  # before: OverflowError
+])
+def test_bad_params_values_name_the_file_and_key(tmp_path, tiny_model_dir, change, words):
+    # Before: 128.0 and "1e-6" failed deep inside torch with a traceback; rope_theta <= 0 and a
+    # negative norm_eps loaded and computed NaN or wrong logits; max_seq_len 3e8 asked for 38 GB.
+    d = _copy(tiny_model_dir, tmp_path / "p")
+    params = json.loads((d / PARAMS).read_text())
+    (d / PARAMS).write_text(json.dumps({**params, **change}))
+    with pytest.raises(ValueError) as e:
+        load_model(d)
+    assert str(d / PARAMS) in str(e.value) and words in str(e.value)
+
+
+def test_params_json_bytes(tmp_path, tiny_model_dir):
+    d = _copy(tiny_model_dir, tmp_path / "b")
+    (d / PARAMS).write_bytes(b'{"dim": 128, "n_layers": 2\xff}')
+    with pytest.raises(ValueError, match=r"params.json: not valid JSON \(not UTF-8 text: byte 0xff at offset 26\)"):
+        load_model(d)
+    (d / PARAMS).write_bytes(b"[" * 50_000 + b"]" * 50_000)
+    with pytest.raises(ValueError, match="params.json: not valid JSON"):
+        load_model(d)
+    (d / PARAMS).write_bytes(b" " * (2 << 20) + b"{}")
+    with pytest.raises(ValueError, match=r"params.json: 2097154 bytes, but params.json is a small JSON file"):
+        load_model(d)
+    (d / PARAMS).write_text("[1, 2]")
+    with pytest.raises(ValueError, match="params.json: expected a JSON object"):
+        load_model(d)
+    params = json.loads((tiny_model_dir / PARAMS).read_text())
+    (d / PARAMS).write_text(json.dumps({**params, "rope_theta": "X"}).replace('"X"', "1e400"))  # read as inf
+    with pytest.raises(ValueError, match="params.json: rope_theta must be a positive finite number, got inf"):
+        load_model(d)
+
+
+def test_a_long_declared_context_costs_nothing_until_used(tmp_path, tiny_model_dir):
+    # The RoPE table used to be built for max_seq_len at load: 2^24 positions of head_dim 32 is
+    # 2 GB. Now it holds 4096 rows and grows to what a cache or an input needs.
+    d = _copy(tiny_model_dir, tmp_path / "long")
+    params = json.loads((d / PARAMS).read_text())
+    (d / PARAMS).write_text(json.dumps({**params, "max_seq_len": 1 << 24}))
+    model, _ = load_model(d)
+    assert model.freqs_cis.shape[0] == 4096
+    model.setup_caches(1, 5000)
+    assert model.freqs_cis.shape[0] == 8192
+    model.clear_caches()
+
+
+def test_vocab_size_minus_one_without_a_tokenizer(tmp_path, tiny_model_dir):
+    d = _copy(tiny_model_dir, tmp_path / "v")
+    params = json.loads((d / PARAMS).read_text())
+    (d / PARAMS).write_text(json.dumps({**params, "vocab_size": -1}))
+    with pytest.raises(ValueError, match=r"params.json: vocab_size is -1 .*load the tokenizer too"):
+        load_model(d, tokenizer=False)
+
+
+def test_a_model_directory_that_is_a_file(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"model.safetensors is a file, not a directory: a model directory holds"):
+        load_model(tiny_model_dir / WEIGHTS)

@@ -8,7 +8,6 @@ assign=True): no second copy of the weights is ever made on the CPU.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,9 @@ import torch
 from llamaworks.atomic import atomic_directory, atomic_write_json
 from llamaworks.device import parse_dtype
 from llamaworks.model import ModelArgs, Transformer
+from llamaworks.paths import require_dir, require_file
 from llamaworks.tokenizer import Tokenizer
-from llamaworks.weights import check_state_dict, read_safetensors
+from llamaworks.weights import check_state_dict, read_json_file, read_safetensors
 
 PARAMS, WEIGHTS, TOKENIZER = "params.json", "model.safetensors", "tokenizer.model"
 QUANT_FILE = "quantization.json"  # only in quantised directories (llamaworks quantize: inference/quant.py)
@@ -50,11 +50,9 @@ def write_model_files(model: Transformer, tokenizer, folder: Path, dtype: torch.
 
 
 def read_params(path: str | os.PathLike) -> dict:
+    """The JSON object of a params.json (Meta's keys); ValueError naming the file otherwise."""
     path = Path(path)
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    params = read_json_file(path, "params.json")
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a JSON object of model arguments")
     return params
@@ -69,18 +67,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     the empty meta-device model before the weights are assigned (quantised layers swap in
     there: llamaworks.inference.load_model). Other formats: llamaworks.convert.load_any.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist (expected {PARAMS}, {WEIGHTS}, {TOKENIZER})")
+    path = require_dir(path, f"a model directory holds {PARAMS}, {WEIGHTS} and {TOKENIZER}")
     for name in (PARAMS, WEIGHTS) + ((TOKENIZER,) if tokenizer else ()):
-        if not (path / name).is_file():
-            hint = " (a training run folder keeps its final model in OUT/model)" if (path / "model").is_dir() else ""
-            raise FileNotFoundError(f"{path / name} is missing: a model directory holds {PARAMS}, {WEIGHTS} and "
-                                    f"{TOKENIZER}{hint}")
+        hint = " (a training run folder keeps its final model in OUT/model)" if (path / "model").is_dir() else ""
+        require_file(path / name, f"a model directory holds {PARAMS}, {WEIGHTS} and {TOKENIZER}{hint}")
     dtype = parse_dtype(dtype)
     tok = Tokenizer(path / TOKENIZER) if tokenizer else None
     params = read_params(path / PARAMS)
-    if params.get("vocab_size", -1) == -1 and tok is not None:
+    if params.get("vocab_size", -1) == -1:
+        if tok is None:
+            raise ValueError(f"{path / PARAMS}: vocab_size is -1 (\"from the tokenizer\"); load the tokenizer too, "
+                             "or write the vocabulary size into params.json")
         params["vocab_size"] = tok.vocab_size  # Meta's convention: -1 means "from the tokenizer"
     try:
         args = ModelArgs.from_params(params)
@@ -90,13 +87,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         raise ValueError(f"vocabulary mismatch: {path / PARAMS} says vocab_size={args.vocab_size} but "
                          f"{path / TOKENIZER} has {tok.vocab_size} pieces; use the tokenizer the model was trained "
                          "with (or fix vocab_size in params.json)")
-    state = read_safetensors(path / WEIGHTS)
+    device = torch.device(device)
+    # On the meta device no weight is read (tensor-parallel loading reads its slices itself).
+    state = read_safetensors(path / WEIGHTS, check_values=device.type != "meta")
+    check_state_dict(args, state, path / WEIGHTS, prepare, str(path / PARAMS))  # before building the model
     with torch.device("meta"):
         model = Transformer(args)
     if prepare is not None:
         prepare(model)
-    check_state_dict(model, state, path / WEIGHTS)
-    device = torch.device(device)
     for k, v in state.items():
         if dtype is not None and v.dtype != dtype and v.is_floating_point():  # int weights stay int
             v = v.to(dtype)
