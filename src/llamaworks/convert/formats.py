@@ -20,6 +20,7 @@ from llamaworks.convert.gguf import load_gguf, write_gguf
 from llamaworks.convert.hf import load_hf, write_hf_files
 from llamaworks.convert.meta import SHARD, load_meta, write_meta_files
 from llamaworks.device import parse_dtype
+from llamaworks.paths import path_kind
 
 SRC_FORMATS = ("meta", "hf", "native", "gguf")
 DST_FORMATS = ("native", "hf", "gguf", "meta")
@@ -57,8 +58,11 @@ def load_checkpoint(fmt: str, src: str | os.PathLike, dtype: torch.dtype | None 
     src = Path(src)
     if fmt not in SRC_FORMATS:
         raise ValueError(f"--from {fmt!r}: unknown source format; choose one of {', '.join(SRC_FORMATS)}")
-    if not src.exists():
+    kind = path_kind(src)
+    if kind == "missing":
         raise FileNotFoundError(f"source {src} does not exist")
+    if kind not in ("file", "directory"):
+        raise ValueError(f"source {src} is {kind}: a checkpoint is a folder or a .gguf file")
     if fmt == "gguf":
         if src.is_dir():
             found = sorted(src.glob("*.gguf"))

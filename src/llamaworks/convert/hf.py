@@ -11,9 +11,10 @@ import torch
 
 from llamaworks.atomic import atomic_write_json
 from llamaworks.model import ModelArgs, ffn_params
+from llamaworks.paths import path_kind, require_file
 from llamaworks.tokenizer import Tokenizer
 from llamaworks.tokenizer.hf import HFTokenizer, save_tokenizer_json
-from llamaworks.weights import model_from_state, read_safetensors
+from llamaworks.weights import check_finite, model_from_state, read_json_file, read_safetensors
 
 # Per-layer suffixes, Meta -> HF (prefix layers.N. -> model.layers.N.).
 LAYER_KEYS: dict[str, str] = {
@@ -139,6 +140,17 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     def bad(why):
         return ValueError(f"unsupported Hugging Face config: {why}")
 
+    def integer(key, default=None):
+        # Checked here, under config.json's own key names (ModelArgs would name its fields).
+        value = cfg.get(key, default)
+        if value is None:
+            raise ValueError(f"{key} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        return value
+
+    if not isinstance(cfg, dict):
+        raise ValueError(f"expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("model_type", "llama") != "llama":
         raise bad(f"model_type={cfg['model_type']!r}")
     for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
@@ -146,25 +158,28 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
             raise bad(f"{flag}=True")
     if cfg.get("hidden_act", "silu") != "silu":
         raise bad(f"hidden_act={cfg['hidden_act']!r}")
-    rope = dict(cfg.get("rope_parameters") or {})
+    rope = cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise bad(f"rope_parameters={rope!r}")
+    rope = dict(rope)
     theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
     if rope.pop("rope_type", "default") != "default" or rope or cfg.get("rope_scaling"):
         raise bad(f"rope scaling {cfg.get('rope_parameters') or cfg.get('rope_scaling')}")
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    dim, n_heads = integer("hidden_size"), integer("num_attention_heads")
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise bad(f"head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads")
-    multiple_of, mult = ffn_params(dim, cfg["intermediate_size"])
+    multiple_of, mult = ffn_params(dim, integer("intermediate_size"))
     return ModelArgs(
         dim=dim,
-        n_layers=cfg["num_hidden_layers"],
+        n_layers=integer("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        vocab_size=cfg["vocab_size"],
+        n_kv_heads=integer("num_key_value_heads", n_heads),
+        vocab_size=integer("vocab_size"),
         multiple_of=multiple_of,
         ffn_dim_multiplier=mult,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        max_seq_len=cfg.get("max_position_embeddings", 2048),
-        rope_theta=float(theta),
+        max_seq_len=integer("max_position_embeddings", 2048),
+        rope_theta=theta,
     )
 
 
@@ -262,22 +277,28 @@ def write_hf_tokenizer_files(tokenizer, folder) -> None:
 def read_hf_state_dict(folder) -> dict[str, torch.Tensor]:
     """HF-keyed tensors of a folder: model.safetensors, sharded safetensors with an index,
     or pytorch_model*.bin; memory-mapped, not read."""
-    import json
     from pathlib import Path
 
     folder = Path(folder)
 
     def index_files(index):
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid weight index ({e}); re-download it") from None
+        # An index may be up to a few MB (one line per tensor); its file names stay inside the
+        # folder: a name with a path in it could point at any file (or at /dev/zero).
+        wm = read_json_file(index, "a weight index", max_bytes=64 << 20)
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise ValueError(f"{index}: not a valid weight index (expected {{\"weight_map\": {{tensor: file}}}}); "
+                             "re-download it")
         files = sorted(set(wm.values()))
-        missing = [f for f in files if not (folder / f).is_file()]
+        outside = [f for f in files if f in ("", ".", "..") or "/" in f or "\\" in f or "\0" in f]
+        if outside:
+            raise ValueError(f"{index}: lists {outside[0]!r}, which is not a file name in {folder}; the index is "
+                             "corrupt or hostile")
+        missing = [f for f in files if path_kind(folder / f) == "missing"]
         if missing:
             raise ValueError(f"{index} lists {', '.join(missing[:3])}, which {'is' if len(missing) == 1 else 'are'} "
                              f"missing from {folder}; copy every shard file")
-        return [folder / f for f in files]
+        return [require_file(folder / f, f"listed in {index.name}") for f in files]
 
     if (folder / ST_INDEX).is_file():
         paths, reader = index_files(folder / ST_INDEX), read_safetensors
@@ -303,26 +324,29 @@ def _read_bin(path) -> dict[str, torch.Tensor]:
     import pickle
     import zipfile
 
+    # weights_only: torch's restricted unpickler, which builds tensors and plain containers and
+    # refuses every other global, so a hostile pickle cannot run code.
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        sd = torch.load(require_file(path), map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise ValueError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0] if str(e) else e!r}); "
                          "re-download it") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path}: not a state dict of named tensors; expected a pytorch_model.bin")
+    check_finite(sd, path)
+    return sd
 
 
 def load_hf(folder, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a `LlamaForCausalLM` folder; tokenizer.model is preferred,
     tokenizer.json gives an `HFTokenizer`, neither gives None."""
-    import json
     from pathlib import Path
 
     folder = Path(folder)
-    if not (folder / HF_CONFIG).is_file():
-        raise FileNotFoundError(f"{folder / HF_CONFIG} is missing: is {folder} a Hugging Face model folder?")
+    cfg = read_json_file(folder / HF_CONFIG, "config.json", hint=f"is {folder} a Hugging Face model folder?")
     try:
-        cfg = json.loads((folder / HF_CONFIG).read_text())
         args = args_from_hf_config(cfg)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / HF_CONFIG}: {e}") from None
     tok = None
     if (folder / "tokenizer.model").is_file():
@@ -330,8 +354,13 @@ def load_hf(folder, dtype: torch.dtype | None = None):
     elif (folder / "tokenizer.json").is_file():
         tok = HFTokenizer(folder / "tokenizer.json")
     hf_state = read_hf_state_dict(folder)
+    # key_map lists every layer's names: a num_hidden_layers that the tensors cannot hold is
+    # refused before that list is made.
+    if args.n_layers > len(hf_state):
+        raise ValueError(f"{folder / HF_CONFIG}: num_hidden_layers={args.n_layers}, but the weights hold only "
+                         f"{len(hf_state)} tensors; config.json and the weights disagree")
     try:
         state = from_hf_state_dict(hf_state, args)
     except ValueError as e:
         raise ValueError(f"{folder}: {e}; config.json and the weights disagree") from None
-    return model_from_state(args, state, folder, dtype), tok
+    return model_from_state(args, state, folder, dtype, config="config.json"), tok

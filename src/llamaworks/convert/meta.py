@@ -28,7 +28,9 @@ import torch
 from llamaworks.atomic import atomic_write_json
 from llamaworks.model import ModelArgs, Transformer
 from llamaworks.modeldir import PARAMS, TOKENIZER, read_params
+from llamaworks.paths import require_dir, require_file
 from llamaworks.tokenizer import Tokenizer
+from llamaworks.weights import StateLayout, check_finite
 
 # Per-layer Meta suffix -> the dimension fairscale split it on; None: replicated.
 LAYER_SPLIT: dict[str, int | None] = {
@@ -80,26 +82,25 @@ def shard_paths(folder: Path) -> list[Path]:
         names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
         raise ValueError(f"{folder}: missing shard(s) {names} of {max(found) + 1}; every model-parallel "
                          "shard is needed, copy the complete folder")
-    return [found[i] for i in range(len(found))]
+    return [require_file(found[i], "a model-parallel shard of a Meta checkpoint") for i in range(len(found))]
 
 
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: torch's restricted unpickler, which builds tensors and plain containers and
+    # refuses every other global (no code runs from the file). mmap: nothing is read yet.
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: truncated or corrupt checkpoint shard ({why}); re-download or re-copy "
                          "this file") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise ValueError(f"{path}: not a state dict of tensors; expected a Meta consolidated.NN.pth shard")
     return sd
 
 
 def read_meta_params(folder: Path, tokenizer=None, max_seq_len: int | None = None) -> ModelArgs:
-    path = folder / PARAMS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a Meta folder holds params.json, consolidated.NN.pth "
-                                "and tokenizer.model")
+    path = require_file(folder / PARAMS, "a Meta folder holds params.json, consolidated.NN.pth and tokenizer.model")
     params = read_params(path)
     if params.get("vocab_size", -1) == -1:
         if tokenizer is None:
@@ -127,9 +128,8 @@ def iter_merged(folder: Path, args: ModelArgs, progress: bool = False) -> Iterat
             diff = sorted(set(sd) ^ set(keys))[:3]
             raise ValueError(f"{p}: its tensors differ from {paths[0].name}'s (e.g. {diff}); the shards come "
                              "from different checkpoints, re-download the folder")
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
-    unknown, missing = sorted(set(keys) - set(expected)), sorted(set(expected) - set(keys))
+    layout = StateLayout(args, source=folder / PARAMS)  # not Transformer(args): n_layers is checked first
+    missing, unknown = layout.mismatch(keys)
     if unknown or missing:
         raise ValueError(f"{folder / PARAMS} disagrees with the shards: tensors missing {missing[:4]}, "
                          f"unexpected {unknown[:4]}; fix n_layers in params.json or use the matching params")
@@ -143,21 +143,35 @@ def iter_merged(folder: Path, args: ModelArgs, progress: bool = False) -> Iterat
         for k in keys:
             dim = split_dim(k)
             parts = [sd[k] for sd in shards]
-            if dim is None or len(parts) == 1:
-                t = parts[0]  # replicated, or one shard: the mapped tensor itself
-            else:
-                t = torch.cat(parts, dim=dim)
-            if tuple(t.shape) != expected[k]:
-                want = expected[k][dim] if dim is not None else 0
-                if dim is not None and want % t.shape[dim] == 0 and want // t.shape[dim] > 1:
-                    total = want // t.shape[dim] * len(paths)
-                    raise ValueError(f"{folder}: {k} merges to {tuple(t.shape)} from {len(paths)} shard(s), "
-                                     f"1/{want // t.shape[dim]} of what params.json implies: the checkpoint "
+            if not parts[0].is_floating_point():
+                raise ValueError(f"{paths[0]}: tensor {k} is {parts[0].dtype}; Meta checkpoints hold float weights")
+            # The merged shape, worked out before torch.cat (which would fail on disagreeing shards).
+            shape = list(parts[0].shape)
+            if dim is not None and len(parts) > 1:
+                rest = [s[:dim] + s[dim + 1:] for s in (list(p.shape) for p in parts)]
+                if len(shape) <= dim or any(r != rest[0] for r in rest):
+                    raise ValueError(f"{folder}: the shards hold {k} in shapes {[tuple(p.shape) for p in parts]}, "
+                                     "which do not concatenate; the shards come from different checkpoints")
+                shape[dim] = sum(p.shape[dim] for p in parts)
+            elif any(p.shape != parts[0].shape for p in parts):
+                raise ValueError(f"{folder}: the shards hold {k} in different shapes; the shards come from "
+                                 "different checkpoints")
+            want_shape = tuple(layout.expected(k).shape)
+            if tuple(shape) != want_shape:
+                want = want_shape[dim] if dim is not None else 0
+                if dim is not None and len(shape) == len(want_shape) and shape[dim] and want % shape[dim] == 0 \
+                        and want // shape[dim] > 1:
+                    total = want // shape[dim] * len(paths)
+                    raise ValueError(f"{folder}: {k} merges to {tuple(shape)} from {len(paths)} shard(s), "
+                                     f"1/{want // shape[dim]} of what params.json implies: the checkpoint "
                                      f"seems to have {total} shards, so consolidated.{len(paths):02d}.pth and up "
                                      "are missing; copy the complete folder")
                 raise ValueError(f"{folder / PARAMS} disagrees with the shards: {k} merges to "
-                                 f"{tuple(t.shape)} but params.json implies {expected[k]}; use the params.json "
+                                 f"{tuple(shape)} but params.json implies {want_shape}; use the params.json "
                                  "that came with these weights")
+            # replicated, or one shard: the mapped tensor itself
+            t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+            check_finite({k: t}, paths[0] if len(paths) == 1 else folder)
             bar.update(1)
             yield k, t
     finally:
@@ -167,9 +181,7 @@ def iter_merged(folder: Path, args: ModelArgs, progress: bool = False) -> Iterat
 def load_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None, max_seq_len: int | None = None,
               progress: bool = False):
     """(model, tokenizer) from a Meta folder of any shard count; the model is in eval mode."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Meta checkpoint folder {folder} does not exist")
+    folder = require_dir(folder, "expected a Meta checkpoint folder (params.json, consolidated.NN.pth)")
     tok = Tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_file() else None
     args = read_meta_params(folder, tok, max_seq_len)
     if tok is not None and tok.vocab_size != args.vocab_size:
