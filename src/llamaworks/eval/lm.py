@@ -37,7 +37,7 @@ import torch
 
 from llamaworks.device import resolve_device
 from llamaworks.inference.load import load_model
-from llamaworks.inference.sampling import sample
+from llamaworks.inference.sampling import is_greedy, sample
 from llamaworks.model import Transformer
 
 __all__ = ["EvalModel", "rolling_windows", "disjoint_window", "split_trailing_space", "GenOptions"]
@@ -101,10 +101,10 @@ class GenOptions:
         if max_gen_toks < 1:
             raise ValueError(f"generation option 'max_gen_toks' must be >= 1, got {max_gen_toks}")
         temperature = float(options.get("temperature", 0.0))
-        do_sample = options.get("do_sample", temperature > 0)
+        do_sample = options.get("do_sample", not is_greedy(temperature))
         if not do_sample:
             temperature = 0.0  # as transformers: do_sample=False is greedy whatever the temperature
-        elif temperature <= 0:
+        elif is_greedy(temperature):
             temperature = 1.0  # do_sample=True without a temperature: transformers' default
         return cls(tuple(s for s in until if s), max_gen_toks, temperature, float(options.get("top_p", 1.0)),
                    options.get("seed"))
@@ -243,7 +243,7 @@ class EvalModel:
             pos = torch.arange(longest, device=dev).expand(bsz, longest)
             logits = model(padded, pos)[torch.arange(bsz, device=dev), lens - 1]
             gens = None
-            if o.temperature > 0:
+            if not is_greedy(o.temperature):
                 base = DEFAULT_SEED if o.seed is None else o.seed
                 gens = [torch.Generator(device=dev).manual_seed(_row_seed(base, i)) for i in rows]
             for step in range(max_new):

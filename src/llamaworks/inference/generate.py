@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamaworks.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, sample
+from llamaworks.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, is_greedy, sample
 from llamaworks.inference.stops import StopMatcher
 
 
@@ -89,7 +89,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature > 0 and not 0.0 < top_p <= 1.0:
+    if not is_greedy(temperature) and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
@@ -101,7 +101,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     max_new_tokens = min(max_new_tokens, max_seq_len - longest)
     model.setup_caches(bsz, cache_len(longest + max_new_tokens, max_seq_len))
     gen = None
-    if temperature > 0:
+    if not is_greedy(temperature):
         gen = torch.Generator(device=device)
         gen.manual_seed(seed if seed is not None else torch.seed())
     step_fn = compile_step(decode_step, device) if compile else decode_step

@@ -28,7 +28,7 @@ import torch
 
 from llamaworks.inference.generate import Completion, CompletionBuilder, cache_len, check_prompt_lengths
 from llamaworks.inference.load import load_model
-from llamaworks.inference.sampling import probabilities
+from llamaworks.inference.sampling import is_greedy, probabilities
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -70,7 +70,7 @@ def _check(target, draft, k: int, max_new_tokens: int, temperature: float, top_p
     if draft.args.vocab_size != target.args.vocab_size:
         raise ValueError(f"the draft model's vocab_size {draft.args.vocab_size} differs from the target's "
                          f"{target.args.vocab_size}; the draft must use the target's tokenizer")
-    if temperature > 0 and not 0.0 < top_p <= 1.0:
+    if not is_greedy(temperature) and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
@@ -100,7 +100,7 @@ def speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: i
     cache = cache_len(max(n + m for n, m in zip(lens, limits)) + k, max_seq_len)
     target.setup_caches(bsz, cache)
     draft.setup_caches(bsz, cache)
-    greedy = temperature <= 0
+    greedy = is_greedy(temperature)
     gen = None
     if not greedy:
         gen = torch.Generator(device=device)
