@@ -129,7 +129,9 @@ def test_bad_metadata_names_the_file_and_key(small, tmp_path, meta, words):
 def test_bad_token_pieces(small, tmp_path, piece, words):
     pieces = vocab_for_gguf(small[1])[0]
     pieces[5] = piece or pieces[6]  # None: a duplicate piece, which SentencePiece refuses
-    refused(write(tmp_path / "p.gguf", small, meta={"tokenizer.ggml.tokens": (pieces, T.ARRAY, T.STRING)}), words)
+    msg = refused(write(tmp_path / "p.gguf", small, meta={"tokenizer.ggml.tokens": (pieces, T.ARRAY, T.STRING)}),
+                  words)
+    assert "tokenizer.model" not in msg  # the rebuilt model's name: no such file exists
 
 
 def test_f32_data_labelled_q8_0_is_refused(small, tmp_path):

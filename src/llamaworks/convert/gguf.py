@@ -305,7 +305,7 @@ def read_gguf(path: Path, gguf) -> GGUFFile:
             raise c.error(f"tensor {name!r} has unknown type {kind}")
         block, type_size = sizes[kind]
         if math.prod(max(d, 1) for d in dims) >= 1 << 62:  # past what torch (int64 sizes) can describe
-            raise c.error(f"tensor {name!r} has shape {dims}")
+            raise c.error(f"tensor {name!r} has shape {dims}, more elements than a tensor can have")
         if dims[0] % block:
             raise c.error(f"tensor {name!r}: rows of {dims[0]} values do not fill blocks of {block}")
         infos.append((name, tuple(reversed(dims)), kind, offset, math.prod(dims) // block * type_size))
@@ -406,10 +406,12 @@ def tokenizer_from_gguf(f: GGUFFile):
     if len(pieces) < 3:
         raise ValueError(f"{path}: tokenizer.ggml.tokens has {len(pieces)} pieces; a LLaMA vocabulary has thousands")
     proto = sentencepiece_model(pieces, scores.tolist(), types.tolist(), ids["unknown"], ids["bos"], ids["eos"])
+    name = path.with_name("tokenizer.model")  # what the rebuilt model is known by; no such file is read
     try:
-        return Tokenizer.from_proto(proto, path.with_name("tokenizer.model"))
+        return Tokenizer.from_proto(proto, name)
     except ValueError as e:
-        raise ValueError(f"{path}: its vocabulary does not make a SentencePiece model ({e}); the file is "
+        why = str(e).removeprefix(f"{name} is not a SentencePiece model ")  # SentencePiece's own reason
+        raise ValueError(f"{path}: its vocabulary does not make a SentencePiece model {why}; the file is "
                          "corrupt") from None
 
 
