@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from typing import get_args, get_type_hints
 
 import pytest
@@ -304,3 +305,16 @@ def test_gemv_linear_is_linear_with_one_row_through_mv(tiny_model_dir):
         a = torch.cat([c[0] for c in generate_ids(model, prompt, 8, temperature=0.0)], dim=1)
         b = torch.cat([c[0] for c in generate_ids(plain, prompt, 8, temperature=0.0)], dim=1)
     assert (a == b).float().mean() >= 0.75  # bf16 rounding may flip a near-tie late in the sequence
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"[1, 2]", b"{\"mode\": 3}"])
+def test_a_broken_quantization_json_is_an_error_naming_it(tmp_path, content):
+    (tmp_path / "quantization.json").write_bytes(content)
+    with pytest.raises(ValueError, match="quantization.json"):
+        read_quantization(tmp_path)
+
+
+def test_a_quantization_json_that_is_a_fifo_is_named_not_read(tmp_path):
+    os.mkfifo(tmp_path / "quantization.json")
+    with pytest.raises(ValueError, match="FIFO"):
+        read_quantization(tmp_path)

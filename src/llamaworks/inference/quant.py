@@ -58,6 +58,7 @@ from llamaworks.inference.kernels import (
     kernel_rows,
 )
 from llamaworks.modeldir import QUANT_FILE, write_model_files
+from llamaworks.weights import read_json_file
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -443,12 +444,9 @@ def read_quantization(path: str | os.PathLike) -> dict | None:
     swap_empty ({"mode", "group_size"} and the mode's other options); None for an
     unquantised directory."""
     file = Path(path) / QUANT_FILE
-    if not file.is_file():
+    if not file.exists() and not file.is_symlink():
         return None
-    try:
-        q = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    q = read_json_file(file, "quantization.json", max_bytes=64 << 10)  # a FIFO, bad UTF-8, 1 GB: named errors
     mode = q.get("mode") if isinstance(q, dict) else None
     cls = MODE_REGISTRY.get(mode) if isinstance(mode, str) else None
     known = {"mode", "group_size", *(cls.options if cls else ())}  # group_size: null where unused
