@@ -125,12 +125,12 @@ def test_mixed_dtypes_rejected(tmp_path, tiny_model, tiny_tokenizer):
 def test_failed_save_keeps_the_old_directory(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
     d = save_model(tiny_model, tiny_tokenizer, tmp_path / "keep")
     before = (d / WEIGHTS).read_bytes()
-    import safetensors.torch
+    import llamaworks.modeldir
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(llamaworks.modeldir, "save_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         save_model(tiny_model, tiny_tokenizer, d)
     assert (d / WEIGHTS).read_bytes() == before

@@ -211,3 +211,21 @@ def test_small_models_still_load(tmp_path, tiny_tokenizer):
     d = save_model(build_model(args, seed=0), tiny_tokenizer, tmp_path / "m")
     model, _ = load_model(d)
     assert model.args == args
+
+
+def test_written_weights_start_on_64_byte_boundaries_and_any_reader_reads_them(tmp_path):
+    from safetensors.torch import load_file
+
+    from llamaworks.weights import WRITE_ALIGN, save_safetensors
+
+    state = {"w8": torch.randint(-127, 128, (64, 96), dtype=torch.int8), "odd": torch.randn(3, 5),
+             "bf": torch.randn(40, 8).to(torch.bfloat16), "empty": torch.empty(0), "half": torch.randn(7).half()}
+    path = tmp_path / "x.safetensors"
+    save_safetensors(state, path, metadata={"format": "pt"})
+    ours, reference = read_safetensors(path), load_file(path)
+    for k, t in state.items():
+        assert torch.equal(ours[k], t) and torch.equal(reference[k], t), k
+    # every tensor whose size is a multiple of the alignment is mapped on a boundary
+    whole = [k for k, t in state.items() if t.numel() * t.element_size() % WRITE_ALIGN == 0]
+    assert {"w8", "bf"} <= set(whole)
+    assert all(ours[k].data_ptr() % WRITE_ALIGN == 0 for k in whole if ours[k].numel())

@@ -19,7 +19,7 @@ from llamaworks.device import parse_dtype
 from llamaworks.model import ModelArgs, Transformer
 from llamaworks.paths import require_dir, require_file
 from llamaworks.tokenizer import Tokenizer
-from llamaworks.weights import check_state_dict, read_json_file, read_safetensors
+from llamaworks.weights import check_state_dict, read_json_file, read_safetensors, save_safetensors
 
 PARAMS, WEIGHTS, TOKENIZER = "params.json", "model.safetensors", "tokenizer.model"
 QUANT_FILE = "quantization.json"  # only in quantised directories (llamaworks quantize: inference/quant.py)
@@ -36,15 +36,13 @@ def save_model(model: Transformer, tokenizer, path: str | os.PathLike, overwrite
 
 def write_model_files(model: Transformer, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> None:
     """The model directory's files, written into an existing (temporary) folder."""
-    from safetensors.torch import save_file
-
     if tokenizer is not None and tokenizer.vocab_size != model.args.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                          f"{model.args.vocab_size}; save the tokenizer the model was trained with")
     params = {k: v for k, v in model.args.to_params().items() if v is not None}
     atomic_write_json(folder / PARAMS, params)
     sd = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(sd, folder / WEIGHTS, metadata={"format": "pt"})  # weights 64-byte aligned in the file
     if tokenizer is not None:
         tokenizer.save(folder / TOKENIZER)
 

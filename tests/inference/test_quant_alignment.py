@@ -2,9 +2,11 @@
 AVX-512 an int8 weight memory-mapped from safetensors at 40 mod 64 was a SIGSEGV in
 `llamaworks generate`. Every buffer handed to a kernel is made 64-byte aligned at load.
 
-The alignment checks hold on any machine (the file maps the weights misaligned everywhere);
-what would crash runs in a subprocess, so a regression fails the test instead of killing
-pytest.
+llamaworks writes its safetensors with 64-byte aligned data (weights.save_safetensors), so
+its own files map the weights in place; files from other writers (the reference safetensors
+writer pads only to 8 bytes) map them misaligned, and those are copied once at load. The
+alignment checks hold on any machine; what would crash runs in a subprocess, so a regression
+fails the test instead of killing pytest.
 """
 
 from __future__ import annotations
@@ -59,16 +61,30 @@ def kernel_fed(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def rewrite_with_reference_writer(path):
+    """Re-save a safetensors file with the reference writer, which aligns data to 8 bytes only."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.clone() for k, v in load_file(path).items()}, str(path), metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_buffers_are_aligned_after_loading(tiny_model, tiny_tokenizer, tmp_path, mode, dtype):
+@pytest.mark.parametrize("writer", ["llamaworks", "reference"])
+def test_kernel_buffers_are_aligned_after_loading(tiny_model, tiny_tokenizer, tmp_path, mode, dtype, writer):
     # bf16: the scales are stored in bf16, so the kernel's bf16 scales are the mapped ones
     src = quantize_model(copy.deepcopy(tiny_model).to(dtype), mode, group_size=32)
     save_quantized(src, tiny_tokenizer, tmp_path / "q", mode, group_size=32)
-    if mode == "int8":  # the kernel reads the stored weight itself, which the file maps misaligned
-        stored = read_safetensors(tmp_path / "q" / WEIGHTS)
-        assert any(t.data_ptr() % KERNEL_ALIGN for k, t in stored.items() if k.endswith(".weight")), \
-            "the file maps the int8 weights aligned: this test no longer covers misaligned ones"
+    weights = tmp_path / "q" / WEIGHTS
+    if writer == "reference":
+        rewrite_with_reference_writer(weights)
+    stored = read_safetensors(weights)
+    offsets = {t.data_ptr() % KERNEL_ALIGN for k, t in stored.items() if k.endswith(".weight")}
+    if writer == "llamaworks":  # ours: every weight starts on a boundary, so it is used in place
+        assert offsets == {0}, offsets
+    elif mode == "int8":  # the kernel reads the stored weight itself, which this file maps misaligned
+        assert offsets != {0}, "the reference writer aligned the int8 weights: this case no longer covers " \
+            "misaligned ones"
     model, _ = load_model(tmp_path / "q")
     n_linear = 7 * model.args.n_layers + 1
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == n_linear
@@ -142,8 +158,8 @@ def test_fused_kernels_survive_misaligned_inputs():
 
 @pytest.fixture(scope="module")
 def four_layer_dir(tmp_path_factory, tiny_tokenizer):
-    # The "tiny" preset's four layers: quantised to int8, its weights map at 40 mod 64 (with the
-    # safetensors of this writing), the offset of issue 17.
+    # The "tiny" preset's four layers: quantised to int8 and written by the reference safetensors
+    # writer, its weights map at 40 mod 64, the offset of issue 17.
     args = ModelArgs.from_name("tiny", vocab_size=tiny_tokenizer.vocab_size)
     return save_model(build_model(args, seed=0).eval(), tiny_tokenizer, tmp_path_factory.mktemp("four") / "fp")
 
@@ -155,6 +171,10 @@ def test_quantize_then_generate_int8_exits_0(four_layer_dir, tmp_path):
         from llamaworks.cli import main
         assert main(["quantize", "--checkpoint", {str(four_layer_dir)!r}, "--output", {str(out)!r},
                      "--mode", "int8"]) == 0
+        # as another writer (the reference one) lays it out: int8 weights at 40 mod 64
+        from safetensors.torch import load_file, save_file
+        weights = {str(out / WEIGHTS)!r}
+        save_file({{k: v.clone() for k, v in load_file(weights).items()}}, weights, metadata={{"format": "pt"}})
         # prompts of several tokens and a batch of four: the kernel's multi-row path
         prompts = ["the king and the queen", "good night, sweet lady", "a", "my lord, the day"]
         sys.exit(main(["generate", "--checkpoint", {str(out)!r}, "--max-new-tokens", "6", "--temperature", "0",
