@@ -43,25 +43,21 @@ def path_kind(path: str | os.PathLike) -> str:
 def require_file(path: str | os.PathLike, hint: str = "") -> Path:
     """`path` if it is a regular file (or a symlink to one). Missing: FileNotFoundError
     "PATH is missing"; anything else: ValueError naming what it is. `hint` ends both."""
-    path = Path(path)
-    kind = path_kind(path)
-    if kind == "file":
-        return path
-    tail = f": {hint}" if hint else ""
-    if kind == "missing":
-        raise FileNotFoundError(f"{path} is missing{tail}")
-    what = "a directory" if kind == "directory" else kind
-    raise ValueError(f"{path} is {what}, not a regular file{tail}")
+    return _require(path, "file", "a regular file", "is missing", hint)
 
 
 def require_dir(path: str | os.PathLike, hint: str = "") -> Path:
     """`path` if it is a directory; FileNotFoundError if missing, ValueError naming what it is otherwise."""
+    return _require(path, "directory", "a directory", "does not exist", hint)
+
+
+def _require(path: str | os.PathLike, want: str, noun: str, missing: str, hint: str) -> Path:
     path = Path(path)
     kind = path_kind(path)
-    if kind == "directory":
+    if kind == want:
         return path
     tail = f": {hint}" if hint else ""
     if kind == "missing":
-        raise FileNotFoundError(f"{path} does not exist{tail}")
-    what = "a file" if kind == "file" else kind
-    raise ValueError(f"{path} is {what}, not a directory{tail}")
+        raise FileNotFoundError(f"{path} {missing}{tail}")
+    what = {"directory": "a directory", "file": "a file"}.get(kind, kind)
+    raise ValueError(f"{path} is {what}, not {noun}{tail}")
