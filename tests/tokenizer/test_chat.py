@@ -523,6 +523,11 @@ def test_bad_messages(messages, message, tiny_tokenizer):
         encode_chat(tiny_tokenizer, ChatTemplate.builtin("llama2"), messages)
 
 
+def test_a_conversation_rendered_as_nothing_is_an_error(tiny_tokenizer):
+    with pytest.raises(ValueError, match="llama2 renders these messages as nothing .* add a user message"):
+        encode_chat(tiny_tokenizer, ChatTemplate.builtin("llama2"), [{"role": "system", "content": "Be kind."}])
+
+
 def test_extra_variables_are_checked():
     template = ChatTemplate("{{ x }}", origin="t")
     with pytest.raises(ValueError, match="template variable x is a object"):

@@ -365,7 +365,8 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: Sequence[Mapping[st
     """Token ids of a conversation; control ids come only from the template's own text.
 
     Equals transformers' apply_chat_template(messages, tokenize=True) when no message spells a
-    control token; when one does, it is encoded as text. `control_tokens` (text -> id) defaults to
+    control token; when one does, it is encoded as text. BOS is there when the template writes
+    bos_token (the Llama templates do): do not add another. `control_tokens` (text -> id) defaults to
     `control_token_ids(tokenizer, template)`. The tokenizer needs `encode(text, bos, eos)` that
     encodes special-token text as text (SentencePiece does; a byte-level BPE tokenizer is asked for
     it with allow_special=False); it is checked on every piece.
@@ -381,7 +382,8 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: Sequence[Mapping[st
                                  "(Meta's reference refuses it too)")
     controls = dict(control_token_ids(tokenizer, template) if control_tokens is None else control_tokens)
     if not controls:
-        return _encode_text(tokenizer, template._render(msgs, add_generation_prompt, extra), set())
+        return _nonempty(_encode_text(tokenizer, template._render(msgs, add_generation_prompt, extra), set()),
+                         template)
     alternatives = "|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True))
     pattern = re.compile(alternatives)
     # Message text is broken in any letter case: a template's upper/lower/title filter must not
@@ -401,6 +403,14 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: Sequence[Mapping[st
         ids.append(controls[m[0]])
         pos = m.end()
     ids += _encode_text(tokenizer, text[pos:].replace(mark, ""), control_ids, allow)
+    return _nonempty(ids, template)
+
+
+def _nonempty(ids: list[int], template: ChatTemplate) -> list[int]:
+    # transformers returns [] here; a prompt of nothing is never what a caller wants.
+    if not ids:
+        raise ValueError(f"{template.where} renders these messages as nothing (Llama 2's template skips a system "
+                         "message with no user message after it); add a user message")
     return ids
 
 
