@@ -28,7 +28,20 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None  # Llama 2 key; None for LLaMA 1
     norm_eps: float = 1e-6
     max_seq_len: int = 2048  # Table 2: context length 2048 for all sizes
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # Code Llama: 1e6, Llama 3: 500000
+    # Llama 3.1's RoPE scaling (Meta's params.json key; Llama 3 paper, section 3.3.3):
+    # frequencies slower than the original context are divided by rope_scaling_factor, fast
+    # ones kept, a band between blended. Meta's reference hard-codes the parameters (8, 1, 4,
+    # 8192), filled in here when absent; rope_scaling_factor and rope_high_freq_factor are
+    # Meta's names for them (Llama 4's params.json), the other two follow Meta's variables
+    # low_freq_factor and old_context_len. rope_scaling_factor alone is linear scaling.
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_old_context_len: int | None = None  # HF's original_max_position_embeddings
+    # output.weight is tok_embeddings.weight, one tensor (Llama 3.2 1B/3B; HF's name, as Meta has none).
+    tie_word_embeddings: bool = False
 
     def __post_init__(self):
         # params.json, config.json and GGUF metadata arrive here: a value of the wrong type or
@@ -36,8 +49,20 @@ class ModelArgs:
         # rope_theta, silently computing something else).
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        for name in ("use_scaled_rope", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        band = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_old_context_len")
+        if self.use_scaled_rope:
+            for name, meta_value in zip(("rope_scaling_factor", *band), LLAMA31_ROPE_SCALING):
+                setattr(self, name, meta_value if getattr(self, name) is None else getattr(self, name))
+        elif given := [name for name in band if getattr(self, name) is not None]:
+            raise ValueError(f"{given[0]} applies only to Llama 3.1's scaling; set use_scaled_rope or remove it")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                     "rope_old_context_len"):
             value = getattr(self, name)
+            if value is None and name == "rope_old_context_len":
+                continue
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}" + (
                     f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""))
@@ -48,13 +73,17 @@ class ModelArgs:
         if self.max_seq_len > MAX_POSITIONS:
             raise ValueError(f"max_seq_len={self.max_seq_len} exceeds {MAX_POSITIONS}: float32 positions are exact "
                              "only up to 2^24, beyond which rotary angles repeat; lower max_seq_len")
-        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
             value = getattr(self, name)
-            if value is None and name == "ffn_dim_multiplier":
+            if value is None and name not in ("norm_eps", "rope_theta"):
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
             setattr(self, name, float(value))
+        if self.use_scaled_rope and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(f"rope_low_freq_factor={self.rope_low_freq_factor} must be below rope_high_freq_factor="
+                             f"{self.rope_high_freq_factor} (Llama 3.1: 1 and 4)")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -86,7 +115,8 @@ class ModelArgs:
         return cls(**{**params, **overrides})
 
     def to_params(self) -> dict:
-        return asdict(self)
+        # The later families' keys only where set: older models' params.json read as before.
+        return {k: v for k, v in asdict(self).items() if v not in (None, False) or k in LLAMA1_KEYS}
 
 
 # Positions are float32 in the rotary table (as in Meta's code), exact up to 2^24.
@@ -96,6 +126,17 @@ MAX_POSITIONS = 1 << 24
 ROPE_PREBUILT = 4096
 
 
+LLAMA1_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps", "max_seq_len", "rope_theta")
+# Llama 3.1's scaling as Meta's reference code fixes it: factor, low_freq_factor,
+# high_freq_factor, old_context_len (Llama 3's 8192-token context).
+LLAMA31_ROPE_SCALING = (8.0, 1.0, 4.0, 8192)
+# The later families, as Meta's params.json and HF's config.json give them.
+_LLAMA2 = dict(norm_eps=1e-5, max_seq_len=4096, vocab_size=32000)  # Llama 2 paper: 4096-token context
+_LLAMA3 = dict(norm_eps=1e-5, vocab_size=128256, rope_theta=500000.0, n_kv_heads=8, max_seq_len=8192)
+_LLAMA31 = dict(_LLAMA3, max_seq_len=131072, use_scaled_rope=True)  # 128K context
+_LLAMA32 = dict(_LLAMA31, rope_scaling_factor=32.0, tie_word_embeddings=True)
+
 # Table 2 of the paper (context 2048) plus small sizes for CPU work. The CPU presets keep
 # the paper's shape (multiple_of 256, head_dim 64) but shrink width, depth and vocabulary.
 PRESETS: dict[str, dict] = {
@@ -103,6 +144,21 @@ PRESETS: dict[str, dict] = {
     "13B": dict(dim=5120, n_layers=40, n_heads=40),
     "33B": dict(dim=6656, n_layers=60, n_heads=52),
     "65B": dict(dim=8192, n_layers=80, n_heads=64),
+    "llama2-7b": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32),
+    "llama2-13b": dict(_LLAMA2, dim=5120, n_layers=40, n_heads=40),
+    "llama2-70b": dict(_LLAMA2, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
+                       ffn_dim_multiplier=1.3),
+    # Code Llama 7B: Llama 2 7B, 16 more tokens (infilling), theta 1e6 for 16K-token sequences.
+    "codellama-7b": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6,
+                         max_seq_len=16384),
+    "llama3-8b": dict(_LLAMA3, dim=4096, n_layers=32, n_heads=32, multiple_of=1024, ffn_dim_multiplier=1.3),
+    "llama3-70b": dict(_LLAMA3, dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3),
+    "llama3.1-8b": dict(_LLAMA31, dim=4096, n_layers=32, n_heads=32, multiple_of=1024, ffn_dim_multiplier=1.3),
+    "llama3.1-70b": dict(_LLAMA31, dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3),
+    "llama3.1-405b": dict(_LLAMA31, dim=16384, n_layers=126, n_heads=128, multiple_of=4096, ffn_dim_multiplier=1.2),
+    # Llama 3.2 1B/3B: tied embeddings, and factor 32 in their config.json's rope_scaling.
+    "llama3.2-1b": dict(_LLAMA32, dim=2048, n_layers=16, n_heads=32, multiple_of=256, ffn_dim_multiplier=1.5),
+    "llama3.2-3b": dict(_LLAMA32, dim=3072, n_layers=28, n_heads=24, multiple_of=256, ffn_dim_multiplier=1.0),
     "tiny": dict(dim=128, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=256),  # ~1.2M, for tests
     "small": dict(dim=384, n_layers=6, n_heads=6, vocab_size=4096, max_seq_len=512),  # ~13.8M
     "base": dict(dim=768, n_layers=12, n_heads=12, vocab_size=8192, max_seq_len=1024),  # ~97.5M
@@ -151,17 +207,57 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
-    """cos/sin of position * theta^(-2i/d) for i < d/2: shape (end, head_dim/2, 2).
+def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """The rotary frequencies theta^(-2i/d) for i < d/2 (Su et al. 2021), in radians per position."""
+    # fp32 throughout, exactly as Meta's and transformers' code, so released weights see the
+    # very angles they were trained with (fp64 would differ by ~1e-4 rad at position 2047).
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def linear_scaled_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
+    """Linear RoPE scaling (position interpolation, Chen et al. 2023; HF's rope_type "linear"):
+    position p turns as p / factor did, so a context `factor` times longer spans the trained angles."""
+    return inv_freq / factor
+
+
+def llama31_scaled_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
+                            high_freq_factor: float, old_context_len: int) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling (Llama 3 paper, section 3.3.3; Meta's params "use_scaled_rope").
+
+    A frequency making at least high_freq_factor turns over the original context
+    (old_context_len positions) carries local position and is kept; one making at most
+    low_freq_factor turns is divided by `factor`, like linear scaling; between the two, the
+    result moves linearly with the number of turns from the divided to the kept frequency.
+    """
+    turns = old_context_len / (2 * math.pi / inv_freq)  # old_context_len / wavelength
+    kept = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    return (1 - kept) * inv_freq / factor + kept * inv_freq
+
+
+def model_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """The rotary frequencies of a model: rope_theta, then its scaling if any."""
+    inv_freq = rope_inv_freq(args.head_dim, args.rope_theta)
+    if args.use_scaled_rope:
+        return llama31_scaled_inv_freq(inv_freq, args.rope_scaling_factor, args.rope_low_freq_factor,
+                                       args.rope_high_freq_factor, args.rope_old_context_len)
+    if args.rope_scaling_factor is not None:
+        return linear_scaled_inv_freq(inv_freq, args.rope_scaling_factor)
+    return inv_freq
+
+
+def rope_table(inv_freq: torch.Tensor, end: int) -> torch.Tensor:
+    """cos/sin of position * inv_freq for positions < end: shape (end, head_dim/2, 2).
 
     Stored as real (cos, sin) pairs rather than complex numbers so that torch.compile
     and every backend handle it; the math is Meta's complex rotation.
     """
-    # fp32 throughout, exactly as Meta's and transformers' code, so released weights see the
-    # very angles they were trained with (fp64 would differ by ~1e-4 rad at position 2047).
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(end, dtype=torch.float32), inv_freq)  # (end, head_dim/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """The unscaled RoPE table, cos/sin of position * theta^(-2i/d): shape (end, head_dim/2, 2)."""
+    return rope_table(rope_inv_freq(head_dim, theta), end)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -279,9 +375,47 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
+        # tie_word_embeddings: output.weight is the embedding's tensor, which the state dict
+        # names once (tok_embeddings.weight), so files hold one copy; loading ties it again.
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_output()
+        self.register_state_dict_post_hook(Transformer._state_dict_hook)
+        self.register_load_state_dict_pre_hook(Transformer._load_pre_hook)
+        self.register_load_state_dict_post_hook(Transformer._load_post_hook)
         rows = min(ROPE_PREBUILT, args.max_seq_len)  # grown by init_rope when more are used
-        self.register_buffer("freqs_cis", precompute_freqs_cis(args.head_dim, rows, args.rope_theta), persistent=False)
+        self.register_buffer("freqs_cis", rope_table(model_inv_freq(args), rows), persistent=False)
+
+    def tie_output(self) -> None:
+        # Not once the output layer is swapped (quantised: it holds its own weights then).
+        if self.args.tie_word_embeddings and type(self.output) is nn.Linear:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _state_dict_hook(self, state_dict, prefix, local_metadata) -> None:
+        if getattr(self.output, "weight", None) is self.tok_embeddings.weight:
+            state_dict.pop(prefix + "output.weight", None)
+
+    def _load_pre_hook(self, state, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        self._load_prefix = prefix
+        out, emb = state.get(prefix + "output.weight"), state.get(prefix + "tok_embeddings.weight")
+        if getattr(self.output, "weight", None) is not self.tok_embeddings.weight or out is None:
+            return
+        # A state dict with both (another program's, Meta's shards) holds the embedding twice.
+        if emb is not None and not (out.is_meta or emb.is_meta) and not torch.equal(out, emb):
+            raise ValueError("output.weight differs from tok_embeddings.weight but tie_word_embeddings is set: "
+                             "these weights have an output layer of their own; set tie_word_embeddings to false")
+        del state[prefix + "output.weight"]
+
+    def _load_post_hook(self, incompatible) -> None:
+        if self.args.tie_word_embeddings and type(self.output) is nn.Linear:
+            self.tie_output()  # load_state_dict(assign=True) gave tok_embeddings a new tensor
+            if self._load_prefix + "output.weight" in incompatible.missing_keys:
+                incompatible.missing_keys.remove(self._load_prefix + "output.weight")
+
+    def to_empty(self, *, device, recurse: bool = True):
+        # nn.Module gives each submodule new tensors on its own, output included: tie again.
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_output()
+        return self
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
                 rows: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
@@ -370,7 +504,7 @@ class Transformer(nn.Module):
         (its rows are the same values whatever its length)."""
         rows = max(positions, self.freqs_cis.shape[0], ROPE_PREBUILT)
         rows = min(1 << (rows - 1).bit_length(), self.args.max_seq_len)
-        freqs = precompute_freqs_cis(self.args.head_dim, rows, self.args.rope_theta)
+        freqs = rope_table(model_inv_freq(self.args), rows)
         self.freqs_cis = freqs.to(device or self.output.weight.device)
 
 
