@@ -3,12 +3,17 @@
 A tokenizer maps text to ids and back: `encode`, `encode_batch`, `decode`, a streaming
 decoder whose output equals `decode`, its special ids and vocabulary size, and `save`.
 SentencePiece (sentencepiece.py, the paper's) and its tokenizer.json twin (hf.py)
-implement it; a new tokenizer family (e.g. byte-level BPE) implements it beside them.
+implement it, and byte-level BPE (bpe.py, Llama 3's) beside them. `detect_format` tells the
+kinds of file apart; `Tokenizer.from_file` loads any of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import re
+from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 _REPLACEMENT = "\ufffd"
@@ -26,9 +31,13 @@ class TokenizerProtocol(Protocol):
     pad_id: int
     unk_id: int
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+    # allow_special: text spelling a special token ("<|eot_id|>") stays text unless this is
+    # True or names it; SentencePiece has no such tokens and ignores it.
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               allow_special: bool | Collection[str] = False) -> list[int]: ...
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]: ...
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
+                     allow_special: bool | Collection[str] = False) -> list[list[int]]: ...
 
     def decode(self, ids) -> str: ...
 
@@ -39,6 +48,78 @@ class TokenizerProtocol(Protocol):
     def piece_table(self) -> list[str | int | None]: ...
 
     def save(self, path) -> None: ...
+
+
+def stop_ids(tokenizer) -> frozenset[int]:
+    """The ids that end generation: the tokenizer's `stop_ids` (Llama 3: <|end_of_text|>,
+    <|eot_id|> that ends an instruct turn, <|eom_id|>), else its end-of-sequence id."""
+    ids = getattr(tokenizer, "stop_ids", None)
+    if ids is None:
+        ids = [tokenizer.eos_id]
+    return frozenset(i for i in ids if i >= 0)
+
+
+# What detect_format answers.
+SENTENCEPIECE, TIKTOKEN = "sentencepiece", "tiktoken"
+JSON_SENTENCEPIECE, JSON_BYTE_LEVEL = "json-sentencepiece", "json-byte-level"
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The kind of tokenizer file `path` is, from its content: SENTENCEPIECE (a protobuf
+    `.model`, LLaMA 1/2), TIKTOKEN (Llama 3's `tokenizer.model`: "base64 rank" lines),
+    JSON_SENTENCEPIECE (a tokenizer.json of BPE with byte fallback) or JSON_BYTE_LEVEL (a
+    tokenizer.json of byte-level BPE, Llama 3's). A file that is none of these is answered
+    SENTENCEPIECE, whose reader says what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        return SENTENCEPIECE
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if path.suffix == ".json" or head.lstrip()[:1] == b"{":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({str(e)[:200]})") from None
+        kind = json_tokenizer_kind(data) if isinstance(data, dict) else None
+        if kind is None:
+            model = data.get("model") if isinstance(data, dict) else None
+            decoder = data.get("decoder") if isinstance(data, dict) else None
+            raise ValueError(
+                f"{path}: a tokenizer.json here is BPE with byte_fallback (LLaMA 1/2) or byte-level BPE "
+                f"(Llama 3, a ByteLevel decoder); this one has model {(model or {}).get('type')} and decoder "
+                f"{(decoder or {}).get('type') if isinstance(decoder, dict) else decoder}")
+        return kind
+    first = head.split(b"\n", 1)[0].rstrip(b"\r")
+    if first and _TIKTOKEN_LINE.match(first):
+        return TIKTOKEN
+    return SENTENCEPIECE
+
+
+# A tiktoken line: base64 of the token's bytes, a space, its rank.
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+$")
+
+
+def json_tokenizer_kind(data: dict) -> str | None:
+    """JSON_BYTE_LEVEL for a tokenizer.json of byte-level BPE (BPE model and a ByteLevel
+    decoder or pre-tokeniser), JSON_SENTENCEPIECE for BPE with byte fallback, else None."""
+    model = data.get("model") or {}
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        return None
+
+    def types(node) -> set:
+        if not isinstance(node, dict):
+            return set()
+        out = {node.get("type")}
+        for key in ("decoders", "pretokenizers"):
+            for child in node.get(key) or []:
+                out |= types(child)
+        return out
+
+    if "ByteLevel" in types(data.get("decoder")) | types(data.get("pre_tokenizer")):
+        return JSON_BYTE_LEVEL
+    if model.get("byte_fallback"):
+        return JSON_SENTENCEPIECE
+    return None
 
 
 class StreamDecoder:
