@@ -8,18 +8,26 @@ the released LLaMA `tokenizer.model` included.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 
 from llamaworks.atomic import atomic_write_bytes
-from llamaworks.tokenizer.base import StreamDecoder, as_id_list
+from llamaworks.tokenizer.base import (
+    JSON_BYTE_LEVEL,
+    JSON_SENTENCEPIECE,
+    TIKTOKEN,
+    StreamDecoder,
+    as_id_list,
+    detect_format,
+)
+from llamaworks.tokenizer.bpe import ByteLevelBPETokenizer
 from llamaworks.tokenizer.hf import HFTokenizer
 from llamaworks.tokenizer.train import TrainStats, train_sentencepiece
 
-__all__ = ["Tokenizer", "StreamDecoder", "TrainStats"]
+__all__ = ["Tokenizer", "StreamDecoder", "TrainStats", "load_tokenizer"]
 
 
 class Tokenizer:
@@ -47,6 +55,14 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto)
         except RuntimeError as e:
+            try:  # another kind of tokenizer file passed to this class: say which, and how to load it
+                kind = detect_format(self.path) if proto[:1] != b"\n" else None
+            except ValueError:
+                kind = None
+            if kind in (TIKTOKEN, JSON_BYTE_LEVEL, JSON_SENTENCEPIECE):
+                what = "a tiktoken BPE model (Llama 3)" if kind == TIKTOKEN else "a Hugging Face tokenizer.json"
+                raise ValueError(f"{self.path} is {what}, not a SentencePiece model: load it with "
+                                 f"Tokenizer.from_file or load_tokenizer") from None
             raise ValueError(f"{self.path} is not a SentencePiece model ({e})") from None
         self._proto = proto  # the file's own bytes, so save() copies the released model exactly
         self.vocab_size: int = self._sp.vocab_size()
@@ -69,10 +85,18 @@ class Tokenizer:
         """The underlying SentencePieceProcessor (tokenizer.json export reads its pieces)."""
         return self._sp
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset([self.eos_id] if self.eos_id >= 0 else [])
+
+    # allow_special is the protocol's; SentencePiece has no special tokens spelled in text
+    # ("<s>" typed by a user is text either way), so it changes nothing here.
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               allow_special: bool | Collection[str] = False) -> list[int]:
         return self._sp.encode(text, add_bos=bos, add_eos=eos)
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
+                     allow_special: bool | Collection[str] = False) -> list[list[int]]:
         return self._sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids) -> str:
@@ -95,10 +119,19 @@ class Tokenizer:
         atomic_write_bytes(Path(path), self._proto)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike):
-        """A SentencePiece `.model`, or a Hugging Face `tokenizer.json` (an `HFTokenizer`, same interface)."""
-        path = Path(path)
-        if path.suffix == ".json" or (path.is_file() and path.read_bytes()[:1] == b"{"):
+    def from_file(cls, path: str | os.PathLike, specials: str | None = None):
+        """The tokenizer in `path`, its class picked from the content (base.detect_format): a
+        SentencePiece `.model` (this class), a tiktoken `tokenizer.model` (Llama 3) or a
+        byte-level tokenizer.json (`ByteLevelBPETokenizer`), a SentencePiece-style
+        tokenizer.json (`HFTokenizer`). All have the same interface. `specials` names the
+        special-token table a tiktoken file gets ("llama3.1", the default, or "llama3"; see
+        bpe.llama3_special_tokens); the other formats carry their own."""
+        kind = detect_format(path)
+        if kind == TIKTOKEN:
+            return ByteLevelBPETokenizer(path, specials=specials or "llama3.1")
+        if kind == JSON_BYTE_LEVEL:
+            return ByteLevelBPETokenizer(path)
+        if kind == JSON_SENTENCEPIECE:
             return HFTokenizer(path)
         return cls(path)
 
@@ -127,3 +160,8 @@ class Tokenizer:
         tok = cls(output)
         tok.train_stats = stats
         return tok
+
+
+def load_tokenizer(path: str | os.PathLike, specials: str | None = None):
+    """Any tokenizer file llamaworks reads, as the class its content calls for (Tokenizer.from_file)."""
+    return Tokenizer.from_file(path, specials=specials)
