@@ -194,6 +194,8 @@ def test_from_file_picks_the_class_from_the_content(files, tok, tj, tiny_tokeniz
         tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.special_tokens)
     assert [tj.id_to_piece(i) for i in range(tj.vocab_size)] == [tok.id_to_piece(i) for i in range(tok.vocab_size)]
     assert tj.merges() == tok.merges()
+    in_memory = ByteLevelBPETokenizer.from_json(json.loads(tok.to_json()))
+    assert in_memory.encode("in memory 日本") == tj.encode("in memory 日本")
 
 
 def test_save_writes_the_format_it_read(files, tok, tj, tmp_path):
@@ -230,6 +232,9 @@ def test_bad_files_say_what_is_wrong(tmp_path, ranks):
     with pytest.raises(ValueError, match="WordLevel"):
         load_tokenizer(wordlevel)
     with pytest.raises(ValueError, match="ByteLevel decoder"):
+        ByteLevelBPETokenizer(wordlevel)
+    wordlevel.write_bytes(b'{"model": "\xff"}')
+    with pytest.raises(ValueError, match="not UTF-8"):
         ByteLevelBPETokenizer(wordlevel)
 
 

@@ -375,8 +375,13 @@ class ByteLevelBPETokenizer:
         if path.is_dir():
             raise ValueError(f"tokenizer file {path} is a directory: pass the tokenizer file inside it")
         data = path.read_bytes()
-        if data.lstrip()[:1] == b"{":
-            self._init_json(data.decode("utf-8", "replace"), path)
+        if data.lstrip()[:1] == b"{":  # a tokenizer.json names its own special tokens: `specials` is not used
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text ({e}); a tokenizer.json is JSON in UTF-8: copy it again") \
+                    from None
+            self._init_json(text, path)
         else:
             if not data.strip():
                 raise ValueError(f"tokenizer model {path} is empty: copy it again")
