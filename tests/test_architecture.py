@@ -18,7 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "llamaworks"
 
 # Low to high; a module may import its own layer or lower ones. The longest prefix decides.
 LAYERS: list[tuple[str, ...]] = [
-    ("llamaworks", "llamaworks.args", "llamaworks.atomic", "llamaworks.configfile", "llamaworks.carbon"),
+    ("llamaworks", "llamaworks.args", "llamaworks.atomic", "llamaworks.configfile", "llamaworks.carbon",
+     "llamaworks.paths"),
     ("llamaworks.model", "llamaworks.plan", "llamaworks.device"),
     ("llamaworks.tokenizer",),
     ("llamaworks.weights",),
@@ -86,7 +87,8 @@ def layer(module: str) -> int:
     best, rank = -1, None
     for i, prefixes in enumerate(LAYERS):
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best:
+            # The root package's entry is the package itself, not a prefix for every module.
+            if (module == p or (p != "llamaworks" and module.startswith(p + "."))) and len(p) > best:
                 best, rank = len(p), i
     assert rank is not None, f"{module} is in no layer of tests/test_architecture.py: add it"
     return rank

@@ -316,3 +316,10 @@ def test_shakespeare(tmp_path):
     assert len(text) / len(ids) > 2.5  # BPE merges: several characters per token on English
     for word in ("▁the", "▁and", "▁my"):
         assert tok.piece_to_id(word) != tok.unk_id
+
+
+def test_a_tokenizer_path_that_is_a_fifo_is_named_not_read(tmp_path):
+    fifo = tmp_path / "tokenizer.model"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        Tokenizer(fifo)

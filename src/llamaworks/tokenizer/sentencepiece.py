@@ -15,6 +15,7 @@ from typing import Any
 import sentencepiece as spm
 
 from llamaworks.atomic import atomic_write_bytes
+from llamaworks.paths import path_kind
 from llamaworks.tokenizer.base import (
     JSON_BYTE_LEVEL,
     JSON_SENTENCEPIECE,
@@ -33,10 +34,13 @@ __all__ = ["Tokenizer", "StreamDecoder", "TrainStats", "load_tokenizer"]
 class Tokenizer:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.exists():
+        kind = path_kind(self.path)
+        if kind == "missing":
             raise FileNotFoundError(f"tokenizer model {self.path} does not exist")
-        if self.path.is_dir():
+        if kind == "directory":
             raise ValueError(f"tokenizer model {self.path} is a directory: pass the .model file inside it")
+        if kind != "file":  # a FIFO or a device would be read forever
+            raise ValueError(f"tokenizer model {self.path} is {kind}, not a regular file: pass the .model file")
         proto = self.path.read_bytes()
         if not proto:
             raise ValueError(f"tokenizer model {self.path} is empty: retrain or copy it again")
