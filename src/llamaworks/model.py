@@ -173,9 +173,17 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None 
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# (dim, SwiGLU width) of released models -> their params.json (multiple_of, ffn_dim_multiplier):
+# Llama 2 and 3 70B, Llama 3 8B, 3.1 405B, 3.2 1B and 3B. Other pairs give the same width too.
+RELEASED_FFN = {(8192, 28672): (4096, 1.3), (4096, 14336): (1024, 1.3), (16384, 53248): (4096, 1.2),
+                (2048, 8192): (256, 1.5), (3072, 8192): (256, 1.0)}
+
+
 def ffn_params(dim: int, intermediate: int) -> tuple[int, float | None]:
     """(multiple_of, ffn_dim_multiplier) that give a SwiGLU width of `intermediate`: the
     inverse of ffn_hidden_dim, for checkpoints that store the width (HF, GGUF)."""
+    if (dim, intermediate) in RELEASED_FFN:
+        return RELEASED_FFN[dim, intermediate]
     for m in (256, 128, 64, 32, 16, 8, 4, 2, 1):
         if ffn_hidden_dim(dim, m) == intermediate:
             return m, None

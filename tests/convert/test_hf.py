@@ -272,11 +272,13 @@ def test_intermediate_size_is_reproduced_exactly(dim, intermediate):
 @pytest.mark.parametrize(
     "change",
     [
-        {"rope_scaling": {"type": "linear", "factor": 2.0}},
-        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+        # Linear and Llama 3.1 scaling and tied embeddings are read since issue 15 (test_llama3_hf.py).
+        {"rope_scaling": {"type": "yarn", "factor": 2.0}},
+        {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0}},
         {"attention_bias": True},
         {"mlp_bias": True},
-        {"tie_word_embeddings": True},
+        {"num_local_experts": 8},
+        {"sliding_window": 4096},
         {"hidden_act": "gelu"},
         {"head_dim": 32},
         {"model_type": "mistral"},

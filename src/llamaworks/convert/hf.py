@@ -35,9 +35,10 @@ TOP_KEYS: dict[str, str] = {
 }
 
 
-def key_map(n_layers: int) -> dict[str, str]:
-    """Every Meta state-dict key of an n_layers model -> its HF name."""
-    out = dict(TOP_KEYS)
+def key_map(n_layers: int, tied: bool = False) -> dict[str, str]:
+    """Every Meta state-dict key of an n_layers model -> its HF name. A tied model
+    (tie_word_embeddings) has no output layer of its own: no output.weight / lm_head.weight."""
+    out = {m: h for m, h in TOP_KEYS.items() if not (tied and m == "output.weight")}
     for i in range(n_layers):
         out.update({f"layers.{i}.{m}": f"model.layers.{i}.{h}" for m, h in LAYER_KEYS.items()})
     return out
@@ -71,7 +72,7 @@ def _check_keys(got, expected, what: str):
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Meta-keyed tensors -> LlamaForCausalLM-keyed tensors (q/k permuted; others shared, not copied)."""
-    names = key_map(args.n_layers)
+    names = key_map(args.n_layers, args.tie_word_embeddings)
     _check_keys(sd, names, "Meta")
     out = {}
     for k, t in sd.items():
@@ -85,9 +86,15 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM-keyed tensors -> Meta-keyed tensors; HF's rotary inv_freq buffers are dropped."""
-    names = {h: m for m, h in key_map(args.n_layers).items()}
+    names = {h: m for m, h in key_map(args.n_layers, args.tie_word_embeddings).items()}
     # Older transformers saved the (recomputable) RoPE frequencies as a persistent buffer.
     sd = {k: t for k, t in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if args.tie_word_embeddings and "lm_head.weight" in sd:
+        # Some exports of a tied model write the shared tensor under both names.
+        head, emb = sd.pop("lm_head.weight"), sd.get("model.embed_tokens.weight")
+        if emb is not None and not torch.equal(head, emb):
+            raise ValueError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight; "
+                             "set tie_word_embeddings to false in config.json if the model has its own output layer")
     _check_keys(sd, names, "Hugging Face")
     out = {}
     for k, t in sd.items():
@@ -99,16 +106,34 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
     return out
 
 
+# HF rope_type "llama3" (Llama 3.1's scaling): its keys -> ModelArgs fields.
+LLAMA3_ROPE_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                    "high_freq_factor": "rope_high_freq_factor",
+                    "original_max_position_embeddings": "rope_old_context_len"}
+
+
+def hf_rope_scaling(args: ModelArgs) -> dict | None:
+    """config.json's rope_scaling for `args`: None, {"rope_type": "linear", "factor"} or
+    {"rope_type": "llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}."""
+    if args.use_scaled_rope:
+        return {"rope_type": "llama3", **{k: getattr(args, f) for k, f in LLAMA3_ROPE_KEYS.items()}}
+    if args.rope_scaling_factor is not None:
+        return {"rope_type": "linear", "factor": args.rope_scaling_factor}
+    return None
+
+
 def hf_config_dict(args: ModelArgs, dtype: torch.dtype | str = torch.float32) -> dict:
     """A LlamaConfig/config.json dict for `args`.
 
-    Both spellings of RoPE theta and dtype are written: transformers 5 reads
-    `rope_parameters`/`dtype`, transformers 4 and most other readers (llama.cpp's
-    converter, vLLM) read `rope_theta`/`torch_dtype`.
+    Both spellings of RoPE and dtype are written: transformers 5 reads `rope_parameters`/
+    `dtype`, transformers 4 and most other readers (llama.cpp's converter, vLLM) read
+    `rope_theta`, `rope_scaling` and `torch_dtype`.
     """
     if args.vocab_size <= 0:
         raise ValueError(f"vocab_size={args.vocab_size} is unresolved; set it from the tokenizer first")
     dtype_name = str(dtype).removeprefix("torch.")
+    scaling = hf_rope_scaling(args)
+    rope = {"rope_type": "default", **(scaling or {}), "rope_theta": args.rope_theta}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -120,18 +145,66 @@ def hf_config_dict(args: ModelArgs, dtype: torch.dtype | str = torch.float32) ->
         "head_dim": args.head_dim,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        **({"rope_scaling": scaling} if scaling else {}),
+        "rope_parameters": rope,
         "max_position_embeddings": args.max_seq_len,
         "vocab_size": args.vocab_size,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "hidden_act": "silu",
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }
+
+
+def rope_args_from_hf(cfg: dict) -> dict:
+    """ModelArgs' RoPE fields from a config.json: rope_theta and rope_scaling (transformers 4,
+    most released files) or rope_parameters (transformers 5); where both are written they must
+    agree. Types other than "default", "linear" and "llama3" are refused: run without their
+    scaling, the model would silently degrade on long inputs."""
+    found = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        if cfg.get(key) is None:
+            continue
+        if not isinstance(cfg[key], dict):
+            raise ValueError(f"{key}={cfg[key]!r}: expected an object or null")
+        params = dict(cfg[key])
+        kind, legacy = params.pop("rope_type", None), params.pop("type", None)
+        if kind is not None and legacy is not None and kind != legacy:
+            raise ValueError(f"{key} gives rope_type {kind!r} and type {legacy!r}; keep one")
+        found[key] = (kind or legacy or "default", params.pop("rope_theta", None), params)
+    takes = {"default": {}, "linear": {"factor": "rope_scaling_factor"}, "llama3": LLAMA3_ROPE_KEYS}
+    for source, (kind, _, _) in found.items():
+        if kind not in takes:
+            hint = (" (dynamic scaling changes nothing within max_position_embeddings: rope_scaling null runs "
+                    "the model exactly up to that length)" if kind == "dynamic" else "")
+            raise ValueError(f"unsupported Hugging Face config: {source} rope_type {kind!r} is not implemented; "
+                             f"llamaworks runs 'default', 'linear' and 'llama3' (Llama 3.1) RoPE{hint}")
+    thetas = {cfg.get("rope_theta"), *(theta for _, theta, _ in found.values())} - {None}
+    if len(thetas) > 1:
+        raise ValueError(f"rope_theta is given as {sorted(thetas)} (rope_theta, rope_parameters); keep one")
+    specs = [(kind, params) for kind, _, params in found.values()]
+    if specs[1:] and specs[0] != specs[1]:
+        raise ValueError(f"rope_scaling {cfg['rope_scaling']} and rope_parameters {cfg['rope_parameters']} "
+                         "disagree; keep one of them")
+    source = next(iter(found), "rope_scaling")  # rope_scaling first, as transformers 5 reads them
+    kind, _, params = found.get(source, ("default", None, {}))
+    out, expected = {"rope_theta": thetas.pop() if thetas else 10000.0}, takes[kind]
+    if set(params) != set(expected):
+        extra, missing = sorted(set(params) - set(expected)), sorted(set(expected) - set(params))
+        raise ValueError(f"{source} of rope_type {kind!r} " + (f"has unknown keys {extra}" if extra else
+                         f"lacks {missing}") + f"; it takes {sorted(expected) or 'no other keys'}")
+    for key, field in expected.items():
+        value = params[key]
+        integer = key == "original_max_position_embeddings"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise ValueError(f"{source} {key} must be a{'n integer' if integer else ' number'}, got {value!r}")
+        out[field] = value
+    out["use_scaled_rope"] = kind == "llama3"
+    return out
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
@@ -153,21 +226,25 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         raise ValueError(f"expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("model_type", "llama") != "llama":
         raise bad(f"model_type={cfg['model_type']!r}")
-    for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+    for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag, False):
             raise bad(f"{flag}=True")
+    # Keys of other architectures that a "llama" config may still carry.
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "sliding_window", "use_sliding_window"):
+        if cfg.get(key):
+            raise bad(f"{key}={cfg[key]!r} ({'sliding-window attention' if 'sliding' in key else 'mixture of experts'}"
+                      ", not LLaMA)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise bad(f"hidden_act={cfg['hidden_act']!r}")
-    rope = cfg.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise bad(f"rope_parameters={rope!r}")
-    rope = dict(rope)
-    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-    if rope.pop("rope_type", "default") != "default" or rope or cfg.get("rope_scaling"):
-        raise bad(f"rope scaling {cfg.get('rope_parameters') or cfg.get('rope_scaling')}")
+    tied = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ValueError(f"tie_word_embeddings must be true or false, got {tied!r}")
     dim, n_heads = integer("hidden_size"), integer("num_attention_heads")
-    if cfg.get("head_dim") not in (None, dim // n_heads):
-        raise bad(f"head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads")
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and (head_dim != dim // n_heads or isinstance(head_dim, bool) or dim % n_heads):
+        raise bad(f"head_dim={head_dim!r}, but hidden_size/num_attention_heads is {dim}/{n_heads}: heads of "
+                  "another width than hidden_size/num_attention_heads are not LLaMA's (a config.json for a "
+                  f"Llama model has head_dim {dim // n_heads} or none)")
     multiple_of, mult = ffn_params(dim, integer("intermediate_size"))
     return ModelArgs(
         dim=dim,
@@ -179,7 +256,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         ffn_dim_multiplier=mult,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_seq_len=integer("max_position_embeddings", 2048),
-        rope_theta=theta,
+        tie_word_embeddings=tied,
+        **rope_args_from_hf(cfg),
     )
 
 
@@ -212,7 +290,7 @@ def write_hf_files(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer, f
     from tqdm import tqdm
 
     folder = Path(folder)
-    names = key_map(args.n_layers)
+    names = key_map(args.n_layers, args.tie_word_embeddings)
     _check_keys(state, names, "Meta")
     if tokenizer is not None and tokenizer.vocab_size != args.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but vocab_size is {args.vocab_size}")
