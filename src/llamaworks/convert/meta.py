@@ -16,6 +16,7 @@ model, never the 2x of loading every shard and then merging.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from llamaworks.atomic import atomic_write_json
-from llamaworks.model import ModelArgs, Transformer
+from llamaworks.model import LLAMA31_ROPE_SCALING, ModelArgs, Transformer
 from llamaworks.modeldir import PARAMS, TOKENIZER, read_params
 from llamaworks.paths import require_dir, require_file
 from llamaworks.tokenizer import Tokenizer
@@ -45,17 +46,26 @@ LAYER_SPLIT: dict[str, int | None] = {
     "ffn_norm.weight": None,
 }
 TOP_SPLIT: dict[str, int | None] = {
-    "tok_embeddings.weight": 1,  # ParallelEmbedding splits the embedding dimension
+    # LLaMA 1 and 2's ParallelEmbedding splits the embedding dimension; Llama 3's code uses
+    # VocabParallelEmbedding, which splits the vocabulary (dim 0): merging tells them apart by
+    # shape, writing follows vocab_parallel().
+    "tok_embeddings.weight": 1,
     "norm.weight": None,
     "output.weight": 0,
 }
+# Keys of a Llama 3 params.json (rope_theta 500000 in every one): Meta's llama3 code loads them.
+LLAMA3_THETA = 500000.0
 # LLaMA 1 checkpoints carry the RoPE table as a tensor; it is recomputed from params.
 IGNORED = {"rope.freqs"}
 SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 # What Meta's own params.json holds. max_seq_len is deliberately absent: Meta's
 # Llama.build passes it as a keyword next to **params, so writing it breaks their loader.
+# The later keys appear only where set; Meta's llama3 code skips keys it does not know (it reads
+# use_scaled_rope and runs Llama 3.1's scaling with its fixed 8/1/4/8192).
 META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-             "norm_eps", "rope_theta")
+             "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_low_freq_factor",
+             "rope_high_freq_factor", "rope_old_context_len", "tie_word_embeddings")
+KV_KEYS = ("attention.wk.weight", "attention.wv.weight")
 
 
 def split_dim(key: str) -> int | None:
@@ -65,6 +75,19 @@ def split_dim(key: str) -> int | None:
     if m is None or m[1] not in LAYER_SPLIT:
         raise KeyError(key)
     return LAYER_SPLIT[m[1]]
+
+
+def vocab_parallel(args: ModelArgs) -> bool:
+    """Whether Meta's shards of this model split tok_embeddings by vocabulary: Llama 3's code
+    (VocabParallelEmbedding), which every Llama 3 params.json selects with its rope_theta."""
+    return args.rope_theta == LLAMA3_THETA or args.use_scaled_rope
+
+
+def kv_replicas(args: ModelArgs, shards: int) -> int:
+    """How many consecutive shards hold each key/value head: 1, or shards / n_kv_heads when there
+    are more shards than heads (Meta's resharding repeats a head on each rank that needs it,
+    as in Llama 3.1 405B's 16 shards of 8 heads)."""
+    return shards // args.n_kv_heads if shards > args.n_kv_heads and shards % args.n_kv_heads == 0 else 1
 
 
 def shard_paths(folder: Path) -> list[Path]:
@@ -128,7 +151,9 @@ def iter_merged(folder: Path, args: ModelArgs, progress: bool = False) -> Iterat
             diff = sorted(set(sd) ^ set(keys))[:3]
             raise ValueError(f"{p}: its tensors differ from {paths[0].name}'s (e.g. {diff}); the shards come "
                              "from different checkpoints, re-download the folder")
-    layout = StateLayout(args, source=folder / PARAMS)  # not Transformer(args): n_layers is checked first
+    # Meta's shards hold the output layer even for a tied model (load_meta ties it).
+    full = dataclasses.replace(args, tie_word_embeddings=False) if "output.weight" in keys else args
+    layout = StateLayout(full, source=folder / PARAMS)  # not Transformer(args): n_layers is checked first
     missing, unknown = layout.mismatch(keys)
     if unknown or missing:
         raise ValueError(f"{folder / PARAMS} disagrees with the shards: tensors missing {missing[:4]}, "
@@ -140,11 +165,24 @@ def iter_merged(folder: Path, args: ModelArgs, progress: bool = False) -> Iterat
                          "checkpoint should share one dtype, re-export it")
     bar = _progress(len(keys), f"merging {len(paths)} shard(s)", progress)
     try:
+        replicas = kv_replicas(args, len(paths))
         for k in keys:
             dim = split_dim(k)
             parts = [sd[k] for sd in shards]
             if not parts[0].is_floating_point():
                 raise ValueError(f"{paths[0]}: tensor {k} is {parts[0].dtype}; Meta checkpoints hold float weights")
+            want_shape = tuple(layout.expected(k).shape)
+            if k == "tok_embeddings.weight" and len(parts) > 1 and parts[0].dim() == 2 \
+                    and parts[0].shape[1] == want_shape[1]:
+                dim = 0  # Llama 3's VocabParallelEmbedding: a slice of the vocabulary per shard
+            if replicas > 1 and k.endswith(KV_KEYS) and parts[0].shape[0] == args.head_dim:
+                # Each head on `replicas` consecutive shards: keep one copy, if the copies agree.
+                for i, p in enumerate(parts):
+                    if p.shape != parts[i - i % replicas].shape or not torch.equal(p, parts[i - i % replicas]):
+                        raise ValueError(f"{paths[i]}: {k} should repeat key/value head {i // replicas} of "
+                                         f"{paths[i - i % replicas].name} ({len(paths)} shards, n_kv_heads="
+                                         f"{args.n_kv_heads}) but differs; the shards come from different checkpoints")
+                parts = parts[::replicas]
             # The merged shape, worked out before torch.cat (which would fail on disagreeing shards).
             shape = list(parts[0].shape)
             if dim is not None and len(parts) > 1:
@@ -156,7 +194,6 @@ def iter_merged(folder: Path, args: ModelArgs, progress: bool = False) -> Iterat
             elif any(p.shape != parts[0].shape for p in parts):
                 raise ValueError(f"{folder}: the shards hold {k} in different shapes; the shards come from "
                                  "different checkpoints")
-            want_shape = tuple(layout.expected(k).shape)
             if tuple(shape) != want_shape:
                 want = want_shape[dim] if dim is not None else 0
                 if dim is not None and len(shape) == len(want_shape) and shape[dim] and want % shape[dim] == 0 \
@@ -191,6 +228,10 @@ def load_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None, max_s
     state = {}
     for k, t in iter_merged(folder, args, progress):
         state[k] = t.to(dtype) if dtype is not None and t.dtype != dtype else t
+    if args.tie_word_embeddings and "output.weight" in state:
+        if not torch.equal(state.pop("output.weight"), state["tok_embeddings.weight"]):
+            raise ValueError(f"{folder / PARAMS}: tie_word_embeddings is true but the shards' output.weight differs "
+                             "from tok_embeddings.weight; set it to false (the model has its own output layer)")
     with torch.device("meta"):
         model = Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
@@ -202,13 +243,18 @@ def meta_params(args: ModelArgs) -> dict:
     # Llama 2 keys only where they differ from LLaMA 1, so a LLaMA 1 model's params.json
     # reads exactly like the released ones.
     p = args.to_params()
-    out = {k: p[k] for k in META_KEYS}
+    out = {k: p[k] for k in META_KEYS if k in p}
     if out["n_kv_heads"] == args.n_heads:
         del out["n_kv_heads"]
     if out["ffn_dim_multiplier"] is None:
         del out["ffn_dim_multiplier"]
     if out["rope_theta"] == 10000.0:
         del out["rope_theta"]
+    if args.use_scaled_rope:  # Meta's 3.1 params.json: use_scaled_rope alone, for its fixed values
+        for k, fixed in zip(("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                             "rope_old_context_len"), LLAMA31_ROPE_SCALING):
+            if out[k] == fixed:
+                del out[k]
     return out
 
 
@@ -216,12 +262,13 @@ def check_shardable(args: ModelArgs, shards: int) -> None:
     if shards < 1:
         raise ValueError(f"--shards {shards}: need at least 1 shard")
     # Each rank holds whole heads and an equal slice of every split dimension.
-    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "dim": args.dim,
+    # More shards than key/value heads: each head repeated on shards/n_kv_heads shards (Meta's way).
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads * kv_replicas(args, shards), "dim": args.dim,
              "hidden_dim (FFN width)": args.hidden_dim, "vocab_size": args.vocab_size}
     bad = [f"{name}={v}" for name, v in sizes.items() if v % shards]
     if bad:
         raise ValueError(f"--shards {shards} does not divide {', '.join(bad)}; choose a shard count that does "
-                         f"(e.g. 1 or a divisor of n_kv_heads={args.n_kv_heads})")
+                         f"(e.g. 1, a divisor of n_kv_heads={args.n_kv_heads} or a multiple of it)")
 
 
 def write_meta_files(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer, folder: Path, shards: int = 1,
@@ -235,13 +282,19 @@ def write_meta_files(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer,
     if tokenizer is not None and tokenizer.vocab_size != args.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but vocab_size is {args.vocab_size}")
     atomic_write_json(folder / PARAMS, meta_params(args))
+    if args.tie_word_embeddings and "output.weight" not in state:
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}  # Meta's code has no tied output
+    replicas = kv_replicas(args, shards)
     bar = _progress(shards * len(state), f"writing {shards} shard(s)", progress)
     try:
         for rank in range(shards):
             out = {}
             for k, t in state.items():
-                dim = split_dim(k)
-                part = t if dim is None else t.chunk(shards, dim=dim)[rank]
+                dim = 0 if k == "tok_embeddings.weight" and vocab_parallel(args) else split_dim(k)
+                if replicas > 1 and k.endswith(KV_KEYS):
+                    part = t.chunk(args.n_kv_heads, dim=0)[rank // replicas]
+                else:
+                    part = t if dim is None else t.chunk(shards, dim=dim)[rank]
                 out[k] = part.to(dtype or part.dtype).detach().contiguous().clone()
                 bar.update(1)
             torch.save(out, folder / f"consolidated.{rank:02d}.pth")
