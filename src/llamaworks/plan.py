@@ -41,6 +41,12 @@ GPUS: dict[str, GPU] = {g.name: g for g in (
 )}
 
 TABLE_2_TOKENS = {"7B": 1.0e12, "13B": 1.0e12, "33B": 1.4e12, "65B": 1.4e12}  # Table 2
+# The later families' published budgets: Llama 2 paper, Table 1 (2.0T); Code Llama paper
+# (500B tokens on top of Llama 2 7B); Llama 3 model card (15T+) and paper (405B: 15.6T);
+# Llama 3.2 model card (up to 9T for 1B and 3B).
+FAMILY_TOKENS = {"llama2-7b": 2.0e12, "llama2-13b": 2.0e12, "llama2-70b": 2.0e12, "codellama-7b": 0.5e12,
+                 "llama3-8b": 15e12, "llama3-70b": 15e12, "llama3.1-8b": 15e12, "llama3.1-70b": 15e12,
+                 "llama3.1-405b": 15.6e12, "llama3.2-1b": 9e12, "llama3.2-3b": 9e12}
 # "4M tokens" (Table 2) over 2048-token sequences: 2048 sequences = 2^22 tokens, the only
 # reading that gives whole sequences.
 BATCH_TOKENS = 4 * 2**20
@@ -70,8 +76,10 @@ def total_parameters(args: ModelArgs) -> int:
 
 def matmul_parameters(args: ModelArgs) -> int:
     # Everything but the token embedding (a lookup, no FLOPs) and the RMSNorm gains;
-    # the untied output projection is a matmul and counts.
-    return total_parameters(args) - args.vocab_size * args.dim - (2 * args.n_layers + 1) * args.dim
+    # the output projection is a matmul and counts, also when it is the embedding's tensor
+    # (tie_word_embeddings), which total_parameters counts once.
+    lookup = 0 if args.tie_word_embeddings else args.vocab_size * args.dim
+    return total_parameters(args) - lookup - (2 * args.n_layers + 1) * args.dim
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
@@ -156,7 +164,8 @@ class Plan:
         attn = 12.0 * self.args.n_layers * self.args.dim * self.seq_len
         mfu = f"(given): MFU {self.mfu:.1%} implied" if self.mfu_implied else f"at MFU {self.mfu:.1%} assumed"
         rows = [
-            (f"LLaMA-{self.preset} on {self.gpus} x {self.gpu.name}", ""),
+            (f"{'LLaMA-' if self.preset in TABLE_2_TOKENS else ''}{self.preset} on {self.gpus} x {self.gpu.name}",
+             ""),
             ("parallelism", f"tp {self.tp}{' + sequence parallel' if self.tp > 1 else ''} x dp {self.dp}; "
                             f"states sharded over tp x dp_shard = {self.tp} x {self.dp_shard}"),
             ("parameters", f"{self.params:,} ({self.matmul_params:,} in matmuls)"),
@@ -186,7 +195,8 @@ def plan(preset: str, gpus: int, gpu: str = "a100-80gb", mfu: float | None = Non
          activation_checkpointing: str = "selective", micro_batch: int = 1) -> Plan:
     args = ModelArgs.from_name(preset)  # ValueError lists the presets
     spec = gpu_spec(gpu)
-    seq_len = args.max_seq_len if seq_len is None else seq_len  # Table 2: 2048 for the paper's sizes
+    if seq_len is None:  # Table 2: 2048 for the paper's sizes; Llama 3.1 pretrained at 8192, then extended
+        seq_len = args.rope_old_context_len if args.use_scaled_rope else args.max_seq_len
     given = dict(gpus=gpus, tp=tp, seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch,
                  mfu=mfu, tokens=tokens, tokens_per_gpu_s=tokens_per_gpu_s)
     for name, value in given.items():
@@ -217,9 +227,10 @@ def plan(preset: str, gpus: int, gpu: str = "a100-80gb", mfu: float | None = Non
         raise ValueError(f"{sequences} sequences per batch do not split over dp={dp} ranks x micro_batch="
                          f"{micro_batch}; change --batch-tokens, --micro-batch, --gpus or --tp")
     if tokens is None:
-        if preset not in TABLE_2_TOKENS:
-            raise ValueError(f"preset {preset!r} has no token budget in Table 2; pass tokens (--tokens)")
-        tokens = TABLE_2_TOKENS[preset]
+        budgets = {**TABLE_2_TOKENS, **FAMILY_TOKENS}
+        if preset not in budgets:
+            raise ValueError(f"preset {preset!r} has no published token budget; pass tokens (--tokens)")
+        tokens = budgets[preset]
 
     params, matmul = total_parameters(args), matmul_parameters(args)
     fpt = flops_per_token(args, seq_len)
@@ -249,13 +260,16 @@ def plan(preset: str, gpus: int, gpu: str = "a100-80gb", mfu: float | None = Non
 
 
 def plan_command(
-    preset: Annotated[str, Arg("model size: 7B, 13B, 33B, 65B (Table 2) or tiny, small, base")],
+    preset: Annotated[str, Arg("model size: 7B, 13B, 33B, 65B (Table 2), llama2-7b ... llama3.2-3b (the "
+                               "released families) or tiny, small, base")],
     gpus: Annotated[int, Arg("number of GPUs")],
     gpu: Annotated[str, Arg(f"GPU type: {', '.join(GPUS)}")] = "a100-80gb",
     mfu: Annotated[float | None, Arg(f"assumed model FLOPs utilisation (default {DEFAULT_MFU})")] = None,
     tokens_per_gpu_s: Annotated[float | None, Arg("measured throughput, instead of --mfu")] = None,
-    tokens: Annotated[float | None, Arg("training tokens (default: Table 2, 1.0T or 1.4T)")] = None,
-    seq_len: Annotated[int | None, Arg("sequence length (default: the preset's context, 2048)")] = None,
+    tokens: Annotated[float | None, Arg("training tokens (default: Table 2, 1.0T or 1.4T; the families' "
+                                        "published budgets)")] = None,
+    seq_len: Annotated[int | None, Arg("sequence length (default: the preset's pretraining context, 2048 for "
+                                       "Table 2)")] = None,
     batch_tokens: Annotated[int, Arg("global batch in tokens (Table 2: 4M)")] = BATCH_TOKENS,
     tp: Annotated[int, Arg("tensor (model) parallel size, with sequence parallelism")] = 1,
     dp_shard: Annotated[int | None, Arg("FSDP shard group size (default: all data-parallel ranks)")] = None,
