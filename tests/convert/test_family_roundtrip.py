@@ -180,3 +180,8 @@ def test_metas_llama31_params_json_loads(tmp_path, chain):
     assert (a.rope_scaling_factor, a.rope_low_freq_factor, a.rope_high_freq_factor, a.rope_old_context_len) == (
         8.0, 1.0, 4.0, 8192)
     assert load_model(root / "native4")[0].args.rope_scaling_factor == 32.0
+    # Meta gives the context at run time: Llama 3.1's 131072 unless the caller says, Llama 3's 8192.
+    assert a.max_seq_len == 131072 and load_meta(tmp_path / "m", max_seq_len=4096)[0].args.max_seq_len == 4096
+    del params["use_scaled_rope"]
+    (tmp_path / "m" / "params.json").write_text(json.dumps(params))
+    assert load_meta(tmp_path / "m")[0].args.max_seq_len == 8192

@@ -53,8 +53,9 @@ TOP_SPLIT: dict[str, int | None] = {
     "norm.weight": None,
     "output.weight": 0,
 }
-# Keys of a Llama 3 params.json (rope_theta 500000 in every one): Meta's llama3 code loads them.
+# Every Llama 3 params.json has rope_theta 500000: Meta's llama3 code loads them.
 LLAMA3_THETA = 500000.0
+LLAMA31_CONTEXT = 131072
 # LLaMA 1 checkpoints carry the RoPE table as a tensor; it is recomputed from params.
 IGNORED = {"rope.freqs"}
 SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -132,6 +133,10 @@ def read_meta_params(folder: Path, tokenizer=None, max_seq_len: int | None = Non
         params["vocab_size"] = tokenizer.vocab_size
     if max_seq_len is not None:
         params["max_seq_len"] = max_seq_len
+    elif "max_seq_len" not in params and params.get("rope_theta") == LLAMA3_THETA:
+        # Meta passes the context at run time; Llama 3's is 8192, 3.1's and 3.2's 131072 (their
+        # config.json's max_position_embeddings). LLaMA 1 and 2 keep ModelArgs' 2048.
+        params["max_seq_len"] = LLAMA31_CONTEXT if params.get("use_scaled_rope") is True else 8192
     try:
         return ModelArgs.from_params(params)
     except (TypeError, ValueError) as e:
