@@ -233,6 +233,9 @@ def test_tied_model_survives_meta_materialisation_and_loading():
         empty = Transformer(args)
     empty.to_empty(device="cpu")
     assert empty.output.weight is empty.tok_embeddings.weight
+    for convert in (lambda m: m.to("meta"), lambda m: m.to_empty(device="cpu"), lambda m: m.half()):
+        convert(empty)  # conversions that make new tensors module by module
+        assert empty.output.weight is empty.tok_embeddings.weight
     src = _tied()
     with torch.device("meta"):
         model = Transformer(args)

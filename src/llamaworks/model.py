@@ -419,9 +419,10 @@ class Transformer(nn.Module):
             if self._load_prefix + "output.weight" in incompatible.missing_keys:
                 incompatible.missing_keys.remove(self._load_prefix + "output.weight")
 
-    def to_empty(self, *, device, recurse: bool = True):
-        # nn.Module gives each submodule new tensors on its own, output included: tie again.
-        super().to_empty(device=device, recurse=recurse)
+    def _apply(self, fn, recurse: bool = True):
+        # to_empty(), to("meta") and other conversions that make new tensors convert each
+        # submodule on its own, which would give output a tensor of its own: tie again.
+        super()._apply(fn, recurse)
         self.tie_output()
         return self
 
