@@ -28,8 +28,8 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None  # Llama 2 key; None for LLaMA 1
     norm_eps: float = 1e-6
     max_seq_len: int = 2048  # Table 2: context length 2048 for all sizes
-    rope_theta: float = 10000.0  # Code Llama: 1e6, Llama 3: 500000
-    # Llama 3.1's RoPE scaling (Meta's params.json key; Llama 3 paper, section 3.3.3):
+    rope_theta: float = 10000.0  # Code Llama paper: 1e6 (long context); Llama 3 paper: 500000
+    # Llama 3.1's RoPE scaling (Meta's params.json key; apply_scaling in Meta's llama3 code):
     # frequencies slower than the original context are divided by rope_scaling_factor, fast
     # ones kept, a band between blended. Meta's reference hard-codes the parameters (8, 1, 4,
     # 8192), filled in here when absent; rope_scaling_factor and rope_high_freq_factor are
@@ -230,7 +230,8 @@ def linear_scaled_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tenso
 
 def llama31_scaled_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
                             high_freq_factor: float, old_context_len: int) -> torch.Tensor:
-    """Llama 3.1's RoPE scaling (Llama 3 paper, section 3.3.3; Meta's params "use_scaled_rope").
+    """Llama 3.1's RoPE scaling (Meta's params "use_scaled_rope", its llama3 code's apply_scaling;
+    HF's rope_type "llama3").
 
     A frequency making at least high_freq_factor turns over the original context
     (old_context_len positions) carries local position and is kept; one making at most
