@@ -13,7 +13,15 @@ from llamaworks.train.config import JobConfig, ModelConfig
 
 # A value for every ModelArgs field that differs from the tiny preset's and keeps it valid.
 CHANGED = {"dim": 256, "n_layers": 3, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 1000, "multiple_of": 64,
-           "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "max_seq_len": 512, "rope_theta": 500000.0}
+           "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "max_seq_len": 512, "rope_theta": 500000.0,
+           "use_scaled_rope": True, "rope_scaling_factor": 32.0, "rope_low_freq_factor": 2.0,
+           "rope_high_freq_factor": 8.0, "rope_old_context_len": 128, "tie_word_embeddings": True}
+# Llama 3.1's band fields only mean something with use_scaled_rope, which fills in the others
+# (Meta's fixed 8 / 1 / 4 / 8192) when it is set alone.
+NEEDS = {k: {"use_scaled_rope": True} for k in ("rope_low_freq_factor", "rope_high_freq_factor",
+                                                 "rope_old_context_len")}
+FILLS = {"use_scaled_rope": {"rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                             "rope_old_context_len"}}
 
 
 def test_the_model_section_is_a_preset_plus_every_model_args_field():
@@ -27,19 +35,23 @@ def test_the_model_section_is_a_preset_plus_every_model_args_field():
 
 @pytest.mark.parametrize("name", sorted(CHANGED))
 def test_each_model_field_is_a_config_key_that_overrides_the_preset(name, tmp_path):
-    value = CHANGED[name]
+    value, needs = CHANGED[name], NEEDS.get(name, {})
+    toml = {True: "true", False: "false"}
     path = tmp_path / "job.toml"
-    path.write_text(f'[model]\npreset = "tiny"\n{name} = {value!r}\n')
+    path.write_text('[model]\npreset = "tiny"\n' + "".join(f"{k} = {toml.get(v, repr(v))}\n"
+                                                         for k, v in {name: value, **needs}.items()))
     cfg = load_config(JobConfig, path)
     assert getattr(cfg.model, name) == value
     args = cfg.model.build_args()
     assert getattr(args, name) == value
     # every other field keeps the preset's value (n_kv_heads, unset, follows n_heads: LLaMA 1's MHA)
-    changed = {name, "n_kv_heads"} if name == "n_heads" else {name}
+    changed = ({name, "n_kv_heads"} if name == "n_heads" else {name}) | set(needs) | FILLS.get(name, set())
+    changed |= set().union(*(FILLS.get(k, set()) for k in needs))
     untouched = {k: v for k, v in dataclasses.asdict(ModelArgs.from_name("tiny")).items() if k not in changed}
     assert {k: v for k, v in dataclasses.asdict(args).items() if k not in changed} == untouched
     # the command line sets it too, parsed to the field's type
-    over = load_config(JobConfig, None, ["--model.preset", "tiny", f"--model.{name}", str(value)])
+    flags = [x for k, v in {name: value, **needs}.items() for x in (f"--model.{k}", str(v))]
+    over = load_config(JobConfig, None, ["--model.preset", "tiny", *flags])
     assert getattr(over.model, name) == value and type(getattr(over.model, name)) is type(value)
     # and the run's saved config.toml loads back to the same section
     (tmp_path / "saved.toml").write_text(dumps(cfg))
@@ -49,7 +61,9 @@ def test_each_model_field_is_a_config_key_that_overrides_the_preset(name, tmp_pa
 def test_a_saved_run_config_with_every_key_loads(tmp_path):
     """The [model] table a run wrote before the section was derived (all keys set) still loads."""
     path = tmp_path / "config.toml"
-    path.write_text("[model]\npreset = \"tiny\"\n" + "".join(f"{k} = {v!r}\n" for k, v in CHANGED.items()))
+    toml = {True: "true", False: "false"}
+    path.write_text("[model]\npreset = \"tiny\"\n" + "".join(f"{k} = {toml.get(v, repr(v))}\n"
+                                                            for k, v in CHANGED.items()))
     assert load_config(JobConfig, path).model.build_args() == ModelArgs(**CHANGED)
 
 
