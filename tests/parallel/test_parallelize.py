@@ -10,7 +10,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from llamaworks.model import ModelArgs, build_model
+from llamaworks.model import ModelArgs, Transformer, build_model
 from llamaworks.parallel.parallelize import ParallelDims, apply_ac, parallelize
 from llamaworks.train.init import init_weights, parameter_seed
 
@@ -146,3 +146,12 @@ def test_init_draws_each_parameter_from_its_own_generator():
         assert torch.equal(a[k], deeper[k]), k
     assert not torch.equal(a[name], _initialised(4)[name])
     assert not torch.equal(a[name], a["layers.0.attention.wq.weight"])
+
+
+def test_tensor_parallelism_refuses_tied_embeddings():
+    from llamaworks.parallel.parallelize import apply_tp
+
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name("tiny", tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        apply_tp(model, tp_mesh=None)

@@ -137,6 +137,11 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool
     are never gathered; in eval mode they are gathered (plain tensors, for evaluation and
     generation code). Without it the logits are always gathered.
     """
+    if model.args.tie_word_embeddings:
+        # The embedding and the output layer would each become their own DTensor of the one
+        # tied tensor, silently untying it; refuse until tied sharding is written and tested.
+        raise ValueError("tensor parallelism does not split a model with tie_word_embeddings (Llama 3.2 1B/3B) "
+                         "yet: run it in one process, or with data parallelism only")
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
