@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/decode.py                      # config A, batch 1, prompt 128, 256 new, greedy
     .venv/bin/python benchmarks/decode.py --configs A small base --batches 1 8
     .venv/bin/python benchmarks/decode.py --config B --new-tokens 64 --repeats 1    # the ~1.26B model (5 GB fp32)
+    .venv/bin/python benchmarks/decode.py --config llama3.2-1b-shape --batches 1 8 --new-tokens 64 --repeats 1
     .venv/bin/python benchmarks/decode.py --quick                   # smoke test: small preset, 8 tokens, 1 run
     .venv/bin/python benchmarks/decode.py --ppl-model runs/demo/model --ppl-text held_out.txt
 
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from llamaworks.convert.command import llama_cpp_generate
 from llamaworks.inference.generate import generate_ids
@@ -54,6 +56,10 @@ CONFIGS = {
     "B": dict(dim=2048, n_layers=22, n_heads=32, vocab_size=32000, multiple_of=512, max_seq_len=2048),
 }
 CONFIGS["1b"] = CONFIGS["B"]
+# Llama 3.2 1B's real shape with random weights (issue 15): GQA 32/8, a 128,256-token vocabulary
+# tied to the output, theta 500000 and Llama 3.1's RoPE scaling; the context is cut to 16384 (the
+# benchmark's sequences are short; transformers wants it above the original 8192).
+CONFIGS["llama3.2-1b-shape"] = {**ModelArgs.from_name("llama3.2-1b").to_params(), "max_seq_len": 16384}
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 
@@ -78,10 +84,12 @@ def _timed(fn, device="cpu") -> float:
 
 
 def bytes_per_step(model) -> int:
-    """Weight bytes a decode step reads: everything but the embedding table (one row per token)."""
+    """Weight bytes a decode step reads: everything but the embedding table (one row per token),
+    which a tied output projection reads whole (it is the output matrix)."""
+    tied = model.output.weight is model.tok_embeddings.weight
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith("tok_embeddings") or name == "freqs_cis" or "kv_cache" in name:
+        if (name.startswith("tok_embeddings") and not tied) or name == "freqs_cis" or "kv_cache" in name:
             continue
         total += t.numel() * t.element_size()
     return total
@@ -241,8 +249,11 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                 cfg._attn_implementation = "sdpa"
                 with torch.device("meta"):  # no random init of a second copy (seconds and GB for 1b)
                     hf = LlamaForCausalLM(cfg)
+                # A tied model has no lm_head in its state dict: load the rest, then tie as HF does.
                 hf.load_state_dict({k: v.to(dtype) for k, v in to_hf_state_dict(model.state_dict(), args).items()},
-                                   assign=True)
+                                   assign=True, strict=not args.tie_word_embeddings)
+                if args.tie_word_embeddings:
+                    hf.lm_head.weight = hf.model.embed_tokens.weight
                 hf.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers are not in the state dict
                 hf = hf.eval().to(a.device)
                 return lambda p: time_transformers(hf, p, a.new_tokens)
@@ -292,6 +303,17 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                                          n_threads=torch.get_num_threads(), n_batch=512)
                     return lambda p: time_llama_cpp(llm, p, a.new_tokens)
                 variants.append((f"llama.cpp {q}", nbytes[q.split()[0]], True, make_cpp))
+
+    out_bytes = model.output.weight.numel() * model.output.weight.element_size()
+    print(f"\n{name}: the output projection ({args.vocab_size} x {args.dim}) is {out_bytes / 1e6:.0f} of "
+          f"{fp32_bytes / 1e6:.0f} MB read per fp32 decode step ({100 * out_bytes / fp32_bytes:.0f}%)")
+    if torch.device(a.device).type == "cpu":
+        with torch.inference_mode():  # one-row product through F.linear, as the model runs it
+            x = torch.randn(1, args.dim)
+            F.linear(x, model.output.weight)
+            t_out = statistics.median(_timed(lambda: F.linear(x, model.output.weight)) for _ in range(20))
+        print(f"  its one-row fp32 product alone takes {t_out * 1e3:.2f} ms "
+              f"({out_bytes / t_out / 1e9:.1f} GB/s of weights)")
 
     rows = []
     with torch.inference_mode():
