@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from llamaworks.atomic import atomic_write_text
@@ -128,11 +128,19 @@ class HFTokenizer:
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset([self.eos_id] if self.eos_id >= 0 else [])
+
+    # allow_special is the protocol's: as in SentencePiece, "<s>" typed in text is text
+    # whatever it says (encode_special_tokens is on), so it changes nothing here.
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               allow_special: bool | Collection[str] = False) -> list[int]:
         ids = self._tk.encode(text, add_special_tokens=False).ids
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
+                     allow_special: bool | Collection[str] = False) -> list[list[int]]:
         out = self._tk.encode_batch(list(texts), add_special_tokens=False)
         return [[self.bos_id] * bos + e.ids + [self.eos_id] * eos for e in out]
 
