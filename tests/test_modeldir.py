@@ -205,3 +205,66 @@ def test_vocab_size_minus_one_without_a_tokenizer(tmp_path, tiny_model_dir):
 def test_a_model_directory_that_is_a_file(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match=r"model.safetensors is a file, not a directory: a model directory holds"):
         load_model(tiny_model_dir / WEIGHTS)
+
+
+# --- Llama 3 style directories: a tiktoken tokenizer.model and a chat template ----------------
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory, corpus_docs):
+    from tiny_llama3 import make_model_dir, write_tokenizer
+
+    root = tmp_path_factory.mktemp("llama3")
+    return make_model_dir(root / "model", write_tokenizer(root / "tok", corpus_docs))
+
+
+def test_a_llama3_directory_loads_its_tokenizer_and_chat_template(tmp_path, llama3_dir):
+    from llamaworks.modeldir import CHAT_TEMPLATE
+    from llamaworks.tokenizer import ByteLevelBPETokenizer, detect_format
+    from llamaworks.tokenizer.base import TIKTOKEN
+    from llamaworks.tokenizer.chat import LLAMA3_TEMPLATE
+
+    model, tok = load_model(llama3_dir)
+    assert isinstance(tok, ByteLevelBPETokenizer) and tok.vocab_size == model.args.vocab_size
+    assert detect_format(llama3_dir / TOKENIZER) == TIKTOKEN  # saved in the format it was read from
+    assert tok.chat_template.source == LLAMA3_TEMPLATE
+    assert (tok.chat_template.bos_token, tok.chat_template.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+    # Saved again, the directory is the same: tokenizer file byte for byte, the template with it.
+    again = save_model(model, tok, tmp_path / "again")
+    for name in (TOKENIZER, CHAT_TEMPLATE):
+        assert (again / name).read_bytes() == (llama3_dir / name).read_bytes()
+    # A base model has no template; its tokenizer says so.
+    (again / CHAT_TEMPLATE).unlink()
+    _, base_tok = load_model(again)
+    assert base_tok.chat_template is None
+    assert not (save_model(model, base_tok, tmp_path / "base") / CHAT_TEMPLATE).exists()
+
+
+def test_a_tokenizer_json_is_saved_as_json(tmp_path, llama3_dir):
+    from llamaworks.tokenizer import detect_format, load_tokenizer
+    from llamaworks.tokenizer.base import JSON_BYTE_LEVEL
+
+    model, tok = load_model(llama3_dir)
+    (tmp_path / "tokenizer.json").write_text(tok.to_json())
+    as_json = load_tokenizer(tmp_path / "tokenizer.json")
+    d = save_model(model, as_json, tmp_path / "json")
+    assert detect_format(d / TOKENIZER) == JSON_BYTE_LEVEL
+    _, back = load_model(d)
+    text = "naïve café 日本語 <|eot_id|>"
+    assert back.encode(text) == tok.encode(text) and back.stop_ids == tok.stop_ids
+
+
+def test_llama3_vocab_mismatch_and_bad_template_name_the_files(tmp_path, llama3_dir):
+    from llamaworks.modeldir import CHAT_TEMPLATE
+
+    d = _copy(llama3_dir, tmp_path / "v")
+    params = json.loads((d / PARAMS).read_text())
+    (d / PARAMS).write_text(json.dumps({**params, "vocab_size": params["vocab_size"] - 256}))
+    with pytest.raises(ValueError) as e:
+        load_model(d)
+    assert str(d / PARAMS) in str(e.value) and str(d / TOKENIZER) in str(e.value)
+    assert f"has {params['vocab_size']} tokens" in str(e.value)
+    (d / PARAMS).write_text(json.dumps(params))
+    (d / CHAT_TEMPLATE).write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(ValueError, match=rf"{CHAT_TEMPLATE}.*not a valid Jinja2 template"):
+        load_model(d)

@@ -24,7 +24,7 @@ from llamaworks.inference.generate import generate
 from llamaworks.inference.load import load_model
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.parallel.parallelize import apply_ac
-from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer import Tokenizer, load_tokenizer
 from llamaworks.train.config import JobConfig
 from llamaworks.train.optim import build_optimizer
 from llamaworks.train.trainer import cross_entropy, format_summary, train
@@ -119,7 +119,7 @@ def demo(
     t0 = time.perf_counter()
     if not tok_path.exists():
         Tokenizer.train(tok_path, files=chosen, vocab_size=vocab, seed=seed)
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     print(f"[2/4] tokenizer: {tokenizer.vocab_size} pieces (BPE, split digits, byte fallback) "
           f"in {time.perf_counter() - t0:.0f}s -> {tok_path}", file=sys.stderr)
 

@@ -35,7 +35,7 @@ from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_bytes
 from llamaworks.data.document import Document, read_jsonl
 from llamaworks.data.step import Dropped, Filter, Step
-from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _load(kind: str, path: str) -> Any:
             except (OSError, RuntimeError) as e:
                 raise ValueError(f"{path} is not a KenLM model (ARPA or binary): {e}") from None
         else:
-            tok = Tokenizer(path)
+            tok = load_tokenizer(path)
             # Piece strings by id, once: the LM's words are the pieces (CCNet scores "▁the ▁cat").
             _LOADED[key] = (tok, [tok.id_to_piece(i) for i in range(tok.vocab_size)])
     return _LOADED[key]

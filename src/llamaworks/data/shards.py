@@ -40,7 +40,7 @@ from llamaworks import __version__
 from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json
 from llamaworks.data.document import json_lines
-from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer import load_tokenizer as load_tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,13 @@ _WORKER_TOKENIZER: Any = None
 def load_tokenizer(tokenizer):
     if isinstance(tokenizer, (str, os.PathLike)):
         if not Path(tokenizer).is_file():
-            raise FileNotFoundError(f"tokenizer {str(tokenizer)!r} not found; pass a SentencePiece .model "
-                                    "file (train one with `llamaworks tokenizer train`)")
-        return Tokenizer(str(tokenizer))
+            raise FileNotFoundError(f"tokenizer {str(tokenizer)!r} not found; pass a tokenizer file: a SentencePiece "
+                                    ".model (train one with `llamaworks tokenizer train`), Llama 3's tiktoken "
+                                    "tokenizer.model or a tokenizer.json")
+        return load_tokenizer_file(str(tokenizer))  # the class the file's content calls for
     missing = [a for a in ("encode_batch", "bos_id", "eos_id", "vocab_size") if not hasattr(tokenizer, a)]
     if missing:
-        raise TypeError(f"tokenizer must be a .model path or have {', '.join(missing)}")
+        raise TypeError(f"tokenizer must be a tokenizer file's path or have {', '.join(missing)}")
     return tokenizer
 
 
@@ -234,7 +235,8 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
             batch_chars: int = 1 << 20) -> dict[str, Any]:
     """Tokenise documents into packed shards under `output_dir`; return the manifest.
 
-    `tokenizer` is a SentencePiece .model path or any object with encode_batch, bos_id, eos_id
+    `tokenizer` is a tokenizer file's path (SentencePiece .model, Llama 3's tiktoken
+    tokenizer.model, tokenizer.json) or any object with encode_batch, bos_id, eos_id
     and vocab_size (picklable when workers > 1). Documents go to the encoder in batches of about
     `batch_chars` characters.
     """

@@ -39,9 +39,17 @@ import torch.distributed as dist
 
 from llamaworks.atomic import atomic_directory, atomic_write_json
 from llamaworks.model import ModelArgs, Transformer
-from llamaworks.modeldir import PARAMS, TOKENIZER, WEIGHTS, read_params, save_model, write_model_files
+from llamaworks.modeldir import (
+    PARAMS,
+    TOKENIZER,
+    WEIGHTS,
+    read_params,
+    read_tokenizer,
+    save_model,
+    write_model_files,
+    write_tokenizer_files,
+)
 from llamaworks.parallel.distributed import is_distributed, is_main
-from llamaworks.tokenizer import Tokenizer
 from llamaworks.weights import read_safetensors
 
 log = logging.getLogger("llamaworks")
@@ -131,7 +139,7 @@ def _save_dcp_checkpoint(path: Path, step: int, model, tokenizer, optimizer, loa
             torch.save(state, tmp / STATE)
             atomic_write_json(tmp / PARAMS, {k: v for k, v in model.args.to_params().items() if v is not None})
             if tokenizer is not None:
-                tokenizer.save(tmp / TOKENIZER)
+                write_tokenizer_files(tokenizer, tmp)
 
 
 def load_checkpoint(path: Path, model, optimizer, loader) -> dict:
@@ -271,5 +279,5 @@ def dcp_to_model_dir(checkpoint: str | Path, out: str | Path) -> Path:
     state = {"model": model.state_dict()}
     _dcp_load(state, checkpoint / DCP_DIR)  # fills the tensors in place
     model.init_rope(torch.device("cpu"))
-    tok = Tokenizer(checkpoint / TOKENIZER) if (checkpoint / TOKENIZER).is_file() else None
+    tok = read_tokenizer(checkpoint) if (checkpoint / TOKENIZER).is_file() else None
     return save_model(model.eval(), tok, out)

@@ -37,7 +37,7 @@ from llamaworks.parallel.distributed import (
 )
 from llamaworks.parallel.parallelize import ParallelDims, parallelize
 from llamaworks.plan import flops_per_token
-from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer import Tokenizer, load_tokenizer
 from llamaworks.train import checkpoint as ckpt_io
 from llamaworks.train.config import JobConfig
 from llamaworks.train.init import init_weights
@@ -175,7 +175,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     tok_path = cfg.data.tokenizer or (manifest.get("tokenizer") or {}).get("path")
     if not tok_path:
         raise ValueError("data.tokenizer is not set and the shards' manifest names no tokenizer")
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     args = cfg.model.build_args(tokenizer.vocab_size)
     if t_cfg.seq_len > args.max_seq_len:
         raise ValueError(f"train.seq_len={t_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}; "
