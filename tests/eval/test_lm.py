@@ -214,3 +214,18 @@ def test_requests_that_fill_the_window_are_not_batched_past_it(tiny_model, tiny_
     for (lp, is_greedy), (c, x) in zip(got, items):
         ref_lp, ref_greedy = _naive(tiny_model, c, x, window)
         assert lp == pytest.approx(ref_lp, abs=1e-5) and is_greedy == ref_greedy
+
+
+@pytest.mark.parametrize("name", ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"])
+def test_generate_until_stops_at_llama3_stop_tokens(tmp_path, corpus_docs, name):
+    pytest.importorskip("tokenizers")
+    from tiny_llama3 import steer_to_stop, write_tokenizer
+
+    from llamaworks.model import ModelArgs, build_model
+    from llamaworks.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", corpus_docs))
+    model = build_model(ModelArgs.from_name("tiny", vocab_size=tok.vocab_size, n_layers=1), seed=0).eval()
+    before = steer_to_stop(model, tok.encode("The king said"), tok.special_tokens[name])
+    got = EvalModel(model, tok).generate_until([("The king said", {"max_gen_toks": 16})])
+    assert got == [tok.decode(before)]

@@ -163,10 +163,12 @@ def test_bad_sampling_parameters(model, kw, msg):
 
 
 class _EosAs:
-    """The tokenizer with a different eos id, to make a random model stop where we want."""
+    """The tokenizer with a different eos id, to make a random model stop where we want
+    (generation stops at `stop_ids`, which for SentencePiece is {eos_id})."""
 
     def __init__(self, tok, eos_id):
         self._tok, self.eos_id = tok, eos_id
+        self.stop_ids = frozenset([eos_id] if eos_id >= 0 else [])
 
     def __getattr__(self, name):
         return getattr(self._tok, name)

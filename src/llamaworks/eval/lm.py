@@ -39,6 +39,7 @@ from llamaworks.device import resolve_device
 from llamaworks.inference.load import load_model
 from llamaworks.inference.sampling import is_greedy, sample
 from llamaworks.model import Transformer
+from llamaworks.tokenizer import stop_ids
 
 __all__ = ["EvalModel", "rolling_windows", "disjoint_window", "split_trailing_space", "GenOptions"]
 
@@ -227,7 +228,8 @@ class EvalModel:
         # Right-padded prefill, then one token per step at each row's own position (as
         # generate_ids). Sampling draws each row's noise from its own generator, seeded by
         # (seed, request index), so a sample does not depend on the batch it runs in.
-        model, eos, dev = self.model, self.tokenizer.eos_id, self.device
+        # A generation ends at the tokenizer's stop ids: eos, and Llama 3's end-of-turn tokens.
+        model, stops, dev = self.model, stop_ids(self.tokenizer), self.device
         bsz, longest = len(prompts), max(map(len, prompts))
         max_new = min(o.max_gen_toks, self.max_length - longest)
         decoders = [self.tokenizer.stream_decoder(p) for p in prompts]
@@ -253,7 +255,7 @@ class EvalModel:
                 for r, t in enumerate(tok.tolist()):
                     if done[r]:
                         continue
-                    if t == eos:
+                    if t in stops:
                         done[r] = True
                         continue
                     texts[r] += decoders[r].push(t)

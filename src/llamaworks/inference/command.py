@@ -54,8 +54,8 @@ def generate_command(
     torch.manual_seed(0)
     if draft is not None:
         return generate_with_draft(model, tokenizer, draft, prompt, max_new_tokens, k=draft_k, device=dev, dtype=dt,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, stop=stop or (), seed=seed,
-                                   truncate=truncate)
+                                   target_name=checkpoint, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   stop=stop or (), seed=seed, truncate=truncate)
     streaming = len(prompt) == 1
 
     def show(i, delta):

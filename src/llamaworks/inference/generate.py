@@ -3,18 +3,22 @@
 The decode step (one forward + sampling) has fixed shapes and no host
 synchronisation, so it can be compiled (and CUDA-graphed); the loop looks at the
 host only every `sync_every` steps, or per token when streaming.
+
+A sequence ends at any of the tokenizer's stop ids (`tokenizer.stop_ids`: eos, and for
+Llama 3 also <|eot_id|> and <|eom_id|>), which is not part of its output.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from llamaworks.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, is_greedy, sample
 from llamaworks.inference.stops import StopMatcher
+from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 
 
 def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, noise: torch.Tensor | None,
@@ -77,13 +81,14 @@ def check_prompt_lengths(prompts: list[list[int]], max_seq_len: int, truncate: b
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = DEFAULT_TEMPERATURE,
                  top_k: int | None = None, top_p: float = DEFAULT_TOP_P, eos_id: int | None = None,
-                 seed: int | None = None, compile: bool = False, compile_prefill: bool = False,
-                 sync_every: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 stop_ids: Collection[int] | None = None, seed: int | None = None, compile: bool = False,
+                 compile_prefill: bool = False, sync_every: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens, logprobs), each (bsz, n) on the model's device, every `sync_every` steps.
 
     Sequences of different lengths run together: each sits at its own positions in the
     cache (right-padded prefill, per-row input_pos), so every sequence gets exactly the
-    tokens it would get alone. After eos a sequence keeps emitting eos.
+    tokens it would get alone. A sequence ends at eos_id or any of stop_ids, and then keeps
+    emitting the id it stopped at; generation ends when every sequence has stopped.
     compile: torch.compile the decode step (compile_step); compile_prefill: also the prefill
     forward, with dynamic shapes (batch and prompt length vary from call to call).
     """
@@ -100,6 +105,9 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     assert longest < max_seq_len, (longest, max_seq_len)
     max_new_tokens = min(max_new_tokens, max_seq_len - longest)
     model.setup_caches(bsz, cache_len(longest + max_new_tokens, max_seq_len))
+    stops = sorted({*(stop_ids or ()), *(() if eos_id is None else (eos_id,))})
+    # The stop check runs on the device (isin, where), outside the compiled step: no host sync.
+    stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     gen = None
     if not is_greedy(temperature):
         gen = torch.Generator(device=device)
@@ -119,11 +127,13 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    prev = tok
     out_tok, out_lp = [], []
     for step in range(max_new_tokens):
-        if eos_id is not None:
-            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
-            done = done | (tok == eos_id)
+        if stop_t is not None:
+            tok = torch.where(done, prev, tok)  # a stopped row repeats the stop id it hit
+            done = done | torch.isin(tok, stop_t)
+            prev = tok
         out_tok.append(tok)
         out_lp.append(logprob)
         last = step == max_new_tokens - 1
@@ -131,7 +141,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
         if step == 0 or len(out_tok) >= sync_every or last:
             yield torch.stack(out_tok, 1), torch.stack(out_lp, 1)
             out_tok, out_lp = [], []
-            if last or (eos_id is not None and bool(done.all())):
+            if last or (stop_t is not None and bool(done.all())):
                 return
         input_pos = (lens + step).unsqueeze(1)  # (bsz, 1): each sequence's own next position
         tok, logprob = step_fn(model, tok.unsqueeze(1), input_pos, _noise(logits, gen), temperature, top_k, top_p)
@@ -149,7 +159,8 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 2
              stop: Sequence[str] = (), seed: int | None = None, logprobs: bool = False, bos: bool = True,
              truncate: bool = False, compile: bool = False, compile_prefill: bool = False, sync_every: int = 8,
              on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-    """Complete each prompt; stops at eos, at any of `stop` (not included), or after max_new_tokens.
+    """Complete each prompt; stops at the tokenizer's stop ids (eos; Llama 3's end-of-turn
+    tokens), at any of `stop` (neither included), or after max_new_tokens.
 
     `on_text(i, delta)` streams the final text of sequence i as it is produced (incremental,
     UTF-8 safe, stop strings withheld until resolved); streaming syncs with the host per token.
@@ -162,8 +173,8 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 2
     t0 = time.perf_counter()
     t_first = None
     for chunk_tok, chunk_lp in generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                            top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, compile=compile,
-                                            compile_prefill=compile_prefill,
+                                            top_p=top_p, stop_ids=tokenizer_stop_ids(tokenizer), seed=seed,
+                                            compile=compile, compile_prefill=compile_prefill,
                                             sync_every=1 if on_text else sync_every):
         t_first = t_first or time.perf_counter()
         for i, (row_t, row_lp) in enumerate(zip(chunk_tok.tolist(), chunk_lp.tolist())):
@@ -185,11 +196,13 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 2
 
 class CompletionBuilder:
     """Per-sequence bookkeeping of generate() and generate_speculative(): tokens (and their
-    log-probs) up to eos or a stop string, the streamed text, and why each sequence ended."""
+    log-probs) up to a stop id (`stop_ids`, default the tokenizer's) or a stop string, the
+    streamed text, and why each sequence ended."""
 
     def __init__(self, tokenizer, ids: list[list[int]], stop: Sequence[str],
-                 on_text: Callable[[int, str], None] | None):
-        self.eos_id, self.on_text, self.prompt_lens = tokenizer.eos_id, on_text, [len(p) for p in ids]
+                 on_text: Callable[[int, str], None] | None, stop_ids: Collection[int] | None = None):
+        self.stop_ids = frozenset(tokenizer_stop_ids(tokenizer) if stop_ids is None else stop_ids)
+        self.on_text, self.prompt_lens = on_text, [len(p) for p in ids]
         self.streams = [StopMatcher(tokenizer, p, stop) for p in ids]
         self.toks: list[list[int]] = [[] for _ in ids]
         self.lps: list[list[float]] = [[] for _ in ids]
@@ -200,7 +213,7 @@ class CompletionBuilder:
         for j, t in enumerate(tokens):
             if self.finished[i]:
                 return
-            if t == self.eos_id:
+            if t in self.stop_ids:
                 self.finished[i], self.reasons[i] = True, "stop"
                 return
             self.toks[i].append(t)

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
 from llamaworks.inference.generate import Completion, CompletionBuilder, cache_len, check_prompt_lengths
 from llamaworks.inference.load import load_model
 from llamaworks.inference.sampling import is_greedy, probabilities
+from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -77,11 +78,11 @@ def _check(target, draft, k: int, max_new_tokens: int, temperature: float, top_p
 @torch.no_grad()
 def speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: int, *, k: int = 4,
                       temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-                      eos_id: int | None = None, seed: int | None = None,
+                      eos_id: int | None = None, stop_ids: Collection[int] | None = None, seed: int | None = None,
                       on_tokens: Callable[[int, list[int]], None] | None = None) -> tuple[list[list[int]], dict]:
-    """New token ids for each prompt (ending at eos, included, or after max_new_tokens, or
-    where the context window ends for that prompt alone) and statistics: overall rounds,
-    drafted, accepted, acceptance_rate, tokens_per_target_forward, and the same per row
+    """New token ids for each prompt (ending at eos_id or any of stop_ids, included, or after
+    max_new_tokens, or where the context window ends for that prompt alone) and statistics:
+    overall rounds, drafted, accepted, acceptance_rate, tokens_per_target_forward, and the same per row
     under "rows". `on_tokens(i, new)` receives each row's tokens as they are accepted."""
     _check(target, draft, k, max_new_tokens, temperature, top_p)
     device = target.output.weight.device
@@ -127,8 +128,10 @@ def speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: i
         for i in range(bsz):
             on_tokens(i, out[i][:])
 
+    stops = frozenset({*(stop_ids or ()), *(() if eos_id is None else (eos_id,))})
+
     def running(i: int) -> bool:
-        return len(out[i]) < limits[i] and out[i][-1] != eos_id
+        return len(out[i]) < limits[i] and out[i][-1] not in stops
 
     rounds = 0
     steps2 = torch.arange(2, device=device)
@@ -170,8 +173,9 @@ def speculative_batch(target, draft, prompts: list[list[int]], max_new_tokens: i
         rounds += 1
         for j, i in enumerate(active):
             new = news[j]
-            if eos_id is not None and eos_id in new:
-                new = new[: new.index(eos_id) + 1]
+            end = next((at for at, t in enumerate(new) if t in stops), None)
+            if end is not None:
+                new = new[: end + 1]
             out[i] += new
             s = rows_stats[i]
             s["rounds"] += 1
@@ -211,10 +215,46 @@ def generate_speculative(target, draft, tokenizer, prompts: str | list[str], max
                                min(target.args.max_seq_len, draft.args.max_seq_len), truncate)
     rows = CompletionBuilder(tokenizer, ids, stop, on_text)
     _, stats = speculative_batch(target, draft, ids, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, eos_id=tokenizer.eos_id, seed=seed, on_tokens=rows.take)
+                                 top_p=top_p, stop_ids=tokenizer_stop_ids(tokenizer), seed=seed,
+                                 on_tokens=rows.take)
     overall = {key: v for key, v in stats.items() if key != "rows"}
     results = [rows.completion(i, **overall, row=stats["rows"][i]) for i in range(len(ids))]
     return results[0] if single else results
+
+
+def token_table(tokenizer) -> list:
+    """What each id stands for, exactly: the token's bytes where the tokenizer has them
+    (byte-level BPE, whose text form writes partial characters as U+FFFD), else its piece
+    string; special tokens by name."""
+    by_bytes = getattr(tokenizer, "token_bytes_table", None)
+    table: list = list(by_bytes()) if by_bytes is not None else []
+    for i in range(tokenizer.vocab_size):
+        if i >= len(table):
+            table.append(tokenizer.id_to_piece(i))
+        elif not table[i]:
+            table[i] = tokenizer.id_to_piece(i)  # special tokens have no bytes: compare their names
+    return table
+
+
+def check_same_vocabulary(target_tok, draft_tok, target_name, draft_name) -> None:
+    """ValueError naming both models unless the draft's tokenizer is the target's: the same
+    size, the same token for every id and the same bos/eos. A draft that reads ids as other
+    tokens proposes nonsense the target rejects, and a different size could index past it."""
+    why = None
+    if draft_tok.vocab_size != target_tok.vocab_size:
+        why = f"{draft_tok.vocab_size} tokens against the target's {target_tok.vocab_size}"
+    elif (draft_tok.bos_id, draft_tok.eos_id) != (target_tok.bos_id, target_tok.eos_id):
+        why = (f"bos/eos ids {draft_tok.bos_id}/{draft_tok.eos_id} against the target's "
+               f"{target_tok.bos_id}/{target_tok.eos_id}")
+    else:
+        mine, theirs = token_table(target_tok), token_table(draft_tok)
+        if mine != theirs:
+            at = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+            why = f"id {at} is {theirs[at]!r} against the target's {mine[at]!r}"
+    if why is not None:
+        raise ValueError(f"the draft model {draft_name} does not share the tokenizer of the target {target_name} "
+                         f"({why}); speculative decoding needs a draft trained with the target's tokenizer: pass "
+                         "one with --draft")
 
 
 def format_stats(s: dict) -> str:
@@ -223,13 +263,12 @@ def format_stats(s: dict) -> str:
 
 
 def generate_with_draft(model, tokenizer, draft_dir: str, prompts: list[str], max_new_tokens: int, *, k: int,
-                        device, dtype, **kwargs) -> int:
+                        device, dtype, target_name: str = "model", **kwargs) -> int:
     """`llamaworks generate --draft DIR`: one prompt is streamed, several run as one batch;
-    acceptance statistics (per prompt, then overall) on stderr."""
+    acceptance statistics (per prompt, then overall) on stderr. `target_name` names the
+    target in errors (its checkpoint path)."""
     draft, draft_tok = load_model(draft_dir, device=device, dtype=dtype)
-    if draft_tok.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"the draft model in {draft_dir} has a {draft_tok.vocab_size}-piece tokenizer but the "
-                         f"target's has {tokenizer.vocab_size}; the draft must share the target's tokenizer")
+    check_same_vocabulary(tokenizer, draft_tok, target_name, draft_dir)
     streaming = len(prompts) == 1
 
     def show(i, delta):
