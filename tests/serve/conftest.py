@@ -27,25 +27,30 @@ class SlowModel:
 
 @contextmanager
 def running_server(model_dir, max_batch: int = 4, max_queue: int = 64, delay: float = 0.0,
-                   shutdown_timeout: float = 10.0, limits=None):
+                   shutdown_timeout: float = 10.0, limits=None, chat_template=None, wrap=None):
+    """`wrap(model)` stands in for the model directory's model (e.g. to steer or record it)."""
     from llamaworks.inference.load import load_model
 
     model, tokenizer = load_model(model_dir)  # a model of its own: the engine owns its KV cache
     model.eval()
+    if wrap is not None:
+        model = wrap(model)
     with serving(SlowModel(model, delay) if delay else model, tokenizer, max_batch, max_queue, shutdown_timeout,
-                 limits) as handle:
+                 limits, chat_template) as handle:
         yield handle
 
 
 @contextmanager
-def serving(model, tokenizer, max_batch: int = 4, max_queue: int = 64, shutdown_timeout: float = 10.0, limits=None):
+def serving(model, tokenizer, max_batch: int = 4, max_queue: int = 64, shutdown_timeout: float = 10.0, limits=None,
+            chat_template=None):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from llamaworks.serve.command import make_server
     from llamaworks.serve.engine import Engine
 
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
-    server, sock = make_server(engine, MODEL, "127.0.0.1", 0, shutdown_timeout=shutdown_timeout, limits=limits)
+    server, sock = make_server(engine, MODEL, "127.0.0.1", 0, shutdown_timeout=shutdown_timeout, limits=limits,
+                               chat_template=chat_template)
     engine.start()
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -46,6 +46,14 @@ def test_stop_strings_equal_generate(engine, tiny_model, tiny_tokenizer):
     assert got.text == want.text and got.finish_reason == want.finish_reason == "stop"
 
 
+def test_a_requests_stop_ids_end_it(engine, tiny_model, tiny_tokenizer):
+    ref = generate(tiny_model, tiny_tokenizer, "The king", 12, temperature=0)[0].tokens
+    j = next(j for j in range(2, len(ref)) if ref[j] not in ref[:j])
+    got = engine.complete(Request(tiny_tokenizer.encode("The king"), 12, stop_ids={ref[j]}), timeout=60)
+    assert got.tokens == ref[:j] and got.finish_reason == "stop"  # the stop id is not part of the output
+    assert engine.complete(Request(tiny_tokenizer.encode("The king"), 12), timeout=60).tokens == ref
+
+
 def test_batched_requests_equal_requests_served_alone(engine, tiny_tokenizer):
     # More requests than slots, of different lengths, joining and leaving the running batch
     # at different steps; greedy and seeded sampling alike must not notice the others.
@@ -124,6 +132,8 @@ def test_bad_options(tiny_model_dir, tiny_tokenizer, tiny_model):
     (dict(prompt_ids=[]), "prompt_ids"),
     (dict(prompt_ids=[1, 10**6]), "prompt_ids"),
     (dict(max_tokens=0), "max_tokens"),
+    (dict(stop_ids=[10**6]), "stop_ids"),
+    (dict(stop_ids="</s>"), "stop_ids"),
 ])
 def test_requests_the_engine_cannot_run_are_refused_at_submit(engine, tiny_tokenizer, bad, match):
     kw = {"prompt_ids": tiny_tokenizer.encode("The king"), "max_tokens": 4, **bad}

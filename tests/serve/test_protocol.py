@@ -45,7 +45,10 @@ def test_a_typed_request():
                                   seed=2**64 - 1, stop=("\n",), stream=False, include_usage=False, logprobs=None,
                                   echo=False)
     c = parse({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stop": ["a"]}, chat=True)
-    assert c.prompt == "User: Hi\nAssistant:" and c.stop == ("a", CHAT_STOP) and c.max_tokens is None
+    # The rendered conversation (with the plain template's BOS text) bounds the length; the ids
+    # come from the messages, kept as sent.
+    assert c.prompt == "<s>User: Hi\nAssistant:" and c.stop == ("a", CHAT_STOP) and c.max_tokens is None
+    assert c.messages == ({"role": "user", "content": "Hi"},)
     assert c.budget(10, 256) == 246 and parse({"model": MODEL, "prompt": [1, 2]}).budget(2, 256) == 16
 
 

@@ -31,19 +31,23 @@ from llamaworks.serve.protocol import (
     parse_json,
     sse,
 )
+from llamaworks.tokenizer.chat import ChatTemplate
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 _DISCONNECTED = Event("disconnected")  # put in a request's event queue when its client goes away
 
 
-def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, limits: Limits | None = None):
+def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, limits: Limits | None = None,
+               chat_template: ChatTemplate | None = None):
+    """The app serving `engine`; chat uses `chat_template` (default: the checkpoint's own,
+    `engine.tokenizer.chat_template`, else the "plain" built-in; protocol.resolve_chat_template)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException
 
     limits = limits or Limits()
-    info = model_info(model_name, engine.context, engine.tokenizer)
+    info = model_info(model_name, engine.context, engine.tokenizer, chat_template)
     models_body = {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                                "owned_by": "llamaworks", "max_model_len": engine.context}]}
     state = {"shutting_down": False}
@@ -67,7 +71,7 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
     async def prompt_ids(req: GenerationRequest) -> list[int]:
         # Tokenising takes milliseconds per 10k characters (the length check bounds it): a
         # worker thread keeps the event loop answering other clients meanwhile.
-        ids = await asyncio.to_thread(encode_prompt, engine.tokenizer, req)
+        ids = await asyncio.to_thread(encode_prompt, engine.tokenizer, req, info.chat)
         check_prompt_tokens(len(ids), req.prompt_param, engine.context)
         return ids
 
@@ -81,7 +85,7 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
             loop.call_soon_threadsafe(events.put_nowait, ev)
 
         job = Request(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                      stop=req.stop, seed=req.seed, on_event=on_event, logprobs=req.logprobs,
+                      stop=req.stop, stop_ids=req.stop_ids, seed=req.seed, on_event=on_event, logprobs=req.logprobs,
                       prompt_logprobs=req.echo and req.logprobs is not None)
         try:
             engine.submit(job)

@@ -16,11 +16,13 @@ from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.serve.api import create_app
 from llamaworks.serve.engine import Engine
 from llamaworks.serve.limits import Limits, header_timeout_protocol
+from llamaworks.serve.protocol import resolve_chat_template
 
 
 def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
-                log_level: str = "warning", limits: Limits | None = None):
-    """A uvicorn Server and its bound socket (port 0 picks a free port; read it from the socket)."""
+                log_level: str = "warning", limits: Limits | None = None, chat_template=None):
+    """A uvicorn Server and its bound socket (port 0 picks a free port; read it from the socket).
+    `chat_template` (a ChatTemplate) is the chat format served; default: create_app's."""
     try:
         import uvicorn
     except ImportError:
@@ -29,7 +31,7 @@ def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 80
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    app = create_app(engine, model_name, limits=limits)
+    app = create_app(engine, model_name, limits=limits, chat_template=chat_template)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, access_log=False,
                             http=header_timeout_protocol(limits.header_timeout))
     return uvicorn.Server(config), sock
@@ -54,6 +56,9 @@ def serve_command(
     max_queue: Annotated[int, Arg("requests that may wait for a slot; beyond it the server answers 429")] = 64,
     max_seq_len: Annotated[int | None, Arg("context window served (default: the model's)")] = None,
     model_name: Annotated[str | None, Arg("the model id clients pass (default: the directory's name)")] = None,
+    chat_template: Annotated[str | None, Arg("chat format of /v1/chat/completions: a built-in (llama2, llama3, plain) "
+                                             "or a .jinja file, tokenizer_config.json or model folder (default: the "
+                                             "checkpoint's chat_template.jinja, else plain)")] = None,
     shutdown_timeout: Annotated[float, Arg("seconds in-flight requests get to finish on shutdown before they are "
                                            "cancelled")] = 30.0,
     device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
@@ -80,17 +85,19 @@ def serve_command(
     dev, dt = resolve_device(device, dtype)
     model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
     model.eval()
+    template = resolve_chat_template(tokenizer, chat_template)  # a bad name or file fails here, before serving
     src = Path(checkpoint).resolve()
     name = model_name or (src.stem if src.is_file() else src.name)  # a directory, or a .gguf file
     if compile is None:
         compile = default_compile(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                     compile=compile)
-    server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info", limits=limits)
+    server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info", limits=limits,
+                               chat_template=template)
     bound = sock.getsockname()[1]
     print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {str(dt).removeprefix('torch.')}, "
-          f"{max_batch} slots, context {engine.context}{', compiled decode' if compile else ''})",
-          file=sys.stderr, flush=True)
+          f"{max_batch} slots, context {engine.context}{', compiled decode' if compile else ''}; "
+          f"chat template: {template.where})", file=sys.stderr, flush=True)
     engine.start()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal for us;
     # both then mean a clean exit (status 0), not a KeyboardInterrupt traceback.

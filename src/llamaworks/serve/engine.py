@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +34,7 @@ from llamaworks.inference.generate import compile_step
 from llamaworks.inference.sampling import is_greedy, sample
 from llamaworks.inference.stops import StopMatcher
 from llamaworks.serve.prometheus import Metrics
+from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 
 
 class QueueFull(RuntimeError):
@@ -61,6 +62,9 @@ class Request:
     stop: Sequence[str] = ()
     seed: int | None = None
     on_event: Callable[[Event], None] | None = None
+    # Token ids that end the request, not included in its tokens (a chat template's
+    # end-of-turn tokens); None: the tokenizer's stop ids (eos; Llama 3's <|eot_id|>, <|eom_id|>).
+    stop_ids: Collection[int] | None = None
     # Log-probabilities (OpenAI's logprobs): None for none, else how many alternatives per
     # token (0: only the chosen token's); prompt_logprobs also scores the prompt (echo).
     logprobs: int | None = None
@@ -92,6 +96,7 @@ class _Slot:
     pos: int  # where the next fed token is written
     stream: StopMatcher
     gen: torch.Generator | None
+    stop_ids: frozenset[int]
 
 
 def _decode_logits(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -116,6 +121,7 @@ class Engine:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}; it bounds requests waiting for a slot")
         self.model, self.tokenizer = model, tokenizer
+        self.stop_ids = tokenizer_stop_ids(tokenizer)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.device = model.output.weight.device
@@ -159,6 +165,10 @@ class Engine:
             raise ValueError(f"logprobs must be None or an integer in [0, {vocab}], got {req.logprobs!r}")
         if not all(isinstance(s, str) for s in req.stop):
             raise ValueError(f"stop must be a sequence of strings, got {req.stop!r}")
+        if req.stop_ids is not None and (isinstance(req.stop_ids, (str, bytes)) or not all(
+                isinstance(t, int) and 0 <= t < vocab for t in req.stop_ids)):
+            raise ValueError(f"stop_ids must be None or a collection of token ids in [0, {vocab}), "
+                             f"got {req.stop_ids!r}")
 
     def start(self) -> Engine:
         self._thread.start()
@@ -303,7 +313,8 @@ class Engine:
         if not is_greedy(req.temperature):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(2**62, ()).item()))
-        self._slots[slot] = _Slot(req, n, StopMatcher(self.tokenizer, req.prompt_ids, req.stop), gen)
+        stops = self.stop_ids if req.stop_ids is None else frozenset(req.stop_ids)
+        self._slots[slot] = _Slot(req, n, StopMatcher(self.tokenizer, req.prompt_ids, req.stop), gen, stops)
         self.metrics.prompt_tokens += n
         req.first_token = time.perf_counter()
         self.metrics.ttft.observe(req.first_token - req.submitted)
@@ -337,7 +348,7 @@ class Engine:
     def _accept(self, i: int, tok: int, logits: torch.Tensor) -> None:
         s = self._slots[i]
         req = s.req
-        if tok == self.tokenizer.eos_id:
+        if tok in s.stop_ids:
             return self._finish(i, "stop")
         req.tokens.append(tok)
         if req.logprobs is not None:  # of the model's distribution, before temperature and filters

@@ -8,8 +8,16 @@ RateLimitError, ...). Every field of a body is checked for type and range before
 work is done for it: a value outside its range is a 400 naming it, never an exception
 further in (a seed beyond 64 bits, a temperature written as a 400-digit integer).
 
-Chat template. LLaMA is a base model with no chat format of its own, so a conversation
-is rendered as the plain dialogue a base model continues naturally:
+Chat template. A conversation is rendered with the served model's chat template
+(tokenizer/chat.py: the model directory's chat_template.jinja, or `serve --chat-template`)
+and tokenised with `encode_chat`, so control tokens come only from the template: a user
+message that spells "<|eot_id|>" is encoded as text. The template's BOS is the prompt's
+(none is added), and generation stops at the tokenizer's stop ids, the template's
+end-of-turn tokens and its stop strings (besides the request's own). A template that
+refuses the conversation (roles out of order, say) is a 400 naming `messages`.
+
+A base model (LLaMA has no chat format of its own) gets the "plain" template, the dialogue
+a base model continues naturally:
 
     <bos>{system messages, joined by blank lines}\\n\\n      (only when there are any)
     User: {content}\\n
@@ -17,21 +25,26 @@ is rendered as the plain dialogue a base model continues naturally:
     ...
     Assistant:
 
-The reply is generated after the final "Assistant:", stops at eos or at "\\nUser:"
-(besides the request's own stop strings) and is returned without its leading spaces.
+which stops at "\\nUser:" too. The reply is returned without its leading spaces.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 import reprlib
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-CHAT_STOP = "\nUser:"
+from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
+from llamaworks.tokenizer.chat import BUILTIN_TEMPLATES, ChatTemplate, control_token_ids, encode_chat, stop_token_ids
+
+CHAT_STOP = "\nUser:"  # the "plain" template's stop string
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # OpenAI allows 4 stop strings; lm-evaluation-harness may send more (its until list and eos).
 MAX_STOP_STRINGS = 16
@@ -70,11 +83,80 @@ def invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
 
 
 def render_chat(messages: list[dict[str, str]]) -> str:
-    system = [m["content"] for m in messages if m["role"] == "system"]
-    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
-             for m in messages if m["role"] != "system"]
-    head = "\n\n".join(system) + "\n\n" if system else ""
-    return head + "".join(turns) + "Assistant:"
+    """The "plain" template's text of a conversation, without its BOS (see the module's doc)."""
+    return ChatTemplate.builtin("plain", bos_token="").render(messages)
+
+
+# --- chat formats --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template as the server uses it with one tokenizer."""
+
+    template: ChatTemplate
+    # Control-token text -> id, for encode_chat (None: no tokenizer known, only parsing).
+    control_tokens: Mapping[str, int] | None
+    # Ids a reply stops at: the tokenizer's stop ids and the template's end-of-turn tokens.
+    stop_ids: frozenset[int] | None
+    # The control tokens' text in a rendered conversation: each is one token however long its
+    # text, so the character bound of the prompt does not count it.
+    controls: re.Pattern | None
+
+    @property
+    def name(self) -> str:
+        return self.template.where
+
+
+def _token_piece(tokenizer, token_id: int | None) -> str | None:
+    return tokenizer.id_to_piece(token_id) if token_id is not None and token_id >= 0 else None
+
+
+def builtin_chat_template(name: str, tokenizer) -> ChatTemplate:
+    """A built-in template rendered with the tokenizer's bos/eos pieces (transformers renders
+    every template with its tokenizer's); a tokenizer without bos renders none."""
+    bos, eos = _token_piece(tokenizer, tokenizer.bos_id), _token_piece(tokenizer, tokenizer.eos_id)
+    template = ChatTemplate.builtin(name, bos_token=bos, eos_token=eos)
+    if bos is None or eos is None:  # builtin() fills in the format's own ("<s>"), which this tokenizer lacks
+        template = ChatTemplate(template.source, origin=template.origin, key=template.key, bos_token=bos,
+                                eos_token=eos, stop_strings=template.stop_strings)
+    return template
+
+
+def resolve_chat_template(tokenizer, spec: str | None = None) -> ChatTemplate:
+    """The template `serve --chat-template` names: a built-in name, or the path of a .jinja file,
+    a tokenizer_config.json or a model folder; by default the checkpoint's own
+    (`tokenizer.chat_template`, read from chat_template.jinja by the loader), else "plain"."""
+    if spec is None:
+        own = getattr(tokenizer, "chat_template", None)
+        return own if own is not None else builtin_chat_template("plain", tokenizer)
+    if spec in BUILTIN_TEMPLATES:
+        return builtin_chat_template(spec, tokenizer)
+    return ChatTemplate.load(spec, bos_token=_token_piece(tokenizer, tokenizer.bos_id),
+                             eos_token=_token_piece(tokenizer, tokenizer.eos_id))
+
+
+def chat_format(tokenizer, template: ChatTemplate | None = None) -> ChatFormat:
+    """The template (default: resolve_chat_template's) checked against the tokenizer: every
+    control token it writes must be one of the tokenizer's (ValueError naming the template
+    otherwise, when the server starts rather than at the first request)."""
+    template = resolve_chat_template(tokenizer) if template is None else template
+    controls = control_token_ids(tokenizer, template)
+    stops = tokenizer_stop_ids(tokenizer) | frozenset(stop_token_ids(tokenizer, template, control_tokens=controls))
+    return ChatFormat(template, controls, stops, _controls_pattern(controls))
+
+
+@functools.cache
+def _plain_format() -> ChatFormat:
+    # Parsing without a tokenizer (protocol tests, fuzzing): the plain template's own tokens.
+    template = ChatTemplate.builtin("plain")
+    literals = [t for t in (template.bos_token, template.eos_token, *template.control_literals) if t]
+    return ChatFormat(template, None, None, _controls_pattern(literals))
+
+
+def _controls_pattern(texts) -> re.Pattern | None:
+    texts = sorted({t for t in texts if t}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
 # --- what the server serves ----------------------------------------------------------------
@@ -88,17 +170,21 @@ class ModelInfo:
     # Prompts longer than this many characters cannot fit the context window, so they are
     # refused before they are tokenised (None: no such bound is known for the tokenizer).
     max_prompt_chars: int | None
+    chat: ChatFormat | None = None  # None: the plain template, for parsing without a tokenizer
 
 
-def model_info(name: str, context: int, tokenizer) -> ModelInfo:
+def model_info(name: str, context: int, tokenizer, chat_template: ChatTemplate | None = None) -> ModelInfo:
     """The model as requests are checked against it. With byte fallback every character is
     covered by pieces of at most the longest piece's length, so a text of context x that
     many characters needs more tokens than the context holds. Without byte fallback a run
-    of unknown characters may become a single token, and no such bound holds."""
+    of unknown characters may become a single token, and no such bound holds. (Byte-level
+    BPE has every byte as a token: its table holds the lone bytes 0x80-0xFF as byte values.)
+    `chat_template` is the chat format served (default: resolve_chat_template's)."""
     table = tokenizer.piece_table()
     longest = max((len(p) for p in table if isinstance(p, str)), default=1)
     byte_fallback = any(isinstance(p, int) for p in table)
-    return ModelInfo(name, context, tokenizer.vocab_size, context * max(longest, 1) if byte_fallback else None)
+    return ModelInfo(name, context, tokenizer.vocab_size, context * max(longest, 1) if byte_fallback else None,
+                     chat_format(tokenizer, chat_template))
 
 
 def parse_json(raw: bytes, model_name: str) -> dict:
@@ -129,7 +215,9 @@ class GenerationRequest:
     """A validated /v1/completions or /v1/chat/completions request."""
 
     chat: bool
-    prompt: str | tuple[int, ...]  # text to tokenise (for chat: the rendered conversation) or token ids
+    # Text to tokenise or token ids; for chat the rendered conversation, which bounds its length
+    # (the ids come from `messages` through encode_chat, which keeps message text out of control tokens).
+    prompt: str | tuple[int, ...]
     prompt_param: str  # where errors about the prompt point: "prompt" or "messages"
     max_tokens: int | None  # as asked; None: the endpoint's default
     max_tokens_param: str  # "max_tokens" or "max_completion_tokens", as the client named it
@@ -142,6 +230,8 @@ class GenerationRequest:
     include_usage: bool
     logprobs: int | None  # alternatives per token; None: no log-probabilities
     echo: bool
+    messages: tuple[dict[str, str], ...] = ()  # chat: the conversation, checked
+    stop_ids: frozenset[int] | None = None  # ids that end the reply; None: the tokenizer's
 
     def budget(self, prompt_tokens: int, context: int) -> int:
         """Tokens to generate: the asked max_tokens, which must fit beside the prompt, or
@@ -223,9 +313,10 @@ def _refuse_unsupported(body: dict, endpoint: str) -> None:
             raise invalid(name, f"{name} is not supported by this server; leave it unset", "unsupported_parameter")
 
 
-def _options(body: dict, chat: bool) -> dict[str, Any]:
+def _options(body: dict, chat: bool, template_stops: tuple[str, ...] = ()) -> dict[str, Any]:
     """The fields both endpoints share, checked in the order a client reads errors best:
-    sampling, then stopping, then streaming and log-probabilities."""
+    sampling, then stopping, then streaming and log-probabilities. `template_stops` are the
+    chat template's stop strings, which follow the client's."""
     opts: dict[str, Any] = {
         "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
@@ -245,7 +336,7 @@ def _options(body: dict, chat: bool) -> dict[str, Any]:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     opts["max_tokens"] = _integer(body, name, 1, None, hint=" (tokens to generate)")
     opts["max_tokens_param"] = name
-    opts["stop"] = _stop(body) + ((CHAT_STOP,) if chat else ())
+    opts["stop"] = _stop(body) + template_stops
     opts["stream"] = _boolean(body, "stream", False)
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
@@ -271,9 +362,14 @@ def check_prompt_tokens(n: int, param: str, context: int) -> None:
                        "one new token must fit: shorten it", param=param, code="context_length_exceeded")
 
 
-def _check_prompt_chars(text: str, param: str, info: ModelInfo) -> None:
-    if info.max_prompt_chars is not None and len(text) >= info.max_prompt_chars:
-        raise APIError(400, f"the {param} has {len(text)} characters, more than the context window of "
+def _check_prompt_chars(text: str, param: str, info: ModelInfo, controls: re.Pattern | None = None) -> None:
+    if info.max_prompt_chars is None or len(text) < info.max_prompt_chars:
+        return
+    # A control token's text is one token however long: only the rest is bounded by the
+    # longest piece (a rough count, which only errs towards accepting).
+    n = len(text) - (sum(len(m) for m in controls.findall(text)) if controls is not None else 0)
+    if n >= info.max_prompt_chars:
+        raise APIError(400, f"the {param} has {n} characters, more than the context window of "
                        f"{info.context} tokens can hold: shorten it", param=param, code="context_length_exceeded")
 
 
@@ -320,15 +416,22 @@ def _messages(body: dict) -> list[dict[str, str]]:
 
 def parse_chat(body: dict, info: ModelInfo) -> GenerationRequest:
     _refuse_unsupported(body, "chat")
-    opts = _options(body, chat=True)
-    prompt = render_chat(_messages(body))
-    _check_prompt_chars(prompt, "messages", info)
-    return GenerationRequest(chat=True, prompt=prompt, prompt_param="messages", **opts)
+    fmt = info.chat or _plain_format()
+    opts = _options(body, chat=True, template_stops=fmt.template.stop_strings)
+    messages = _messages(body)
+    try:
+        prompt = fmt.template.render(messages)
+    except ValueError as e:  # the template refused the conversation, or failed on it
+        raise invalid("messages", f"messages: {e}") from None
+    _check_prompt_chars(prompt, "messages", info, fmt.controls)
+    return GenerationRequest(chat=True, prompt=prompt, prompt_param="messages", messages=tuple(messages),
+                             stop_ids=fmt.stop_ids, **opts)
 
 
-def encode_prompt(tokenizer, req: GenerationRequest) -> list[int]:
-    """The prompt's token ids (bos first), checked against the context window. Slow for long
-    text: api.py runs it off the event loop."""
+def encode_prompt(tokenizer, req: GenerationRequest, chat: ChatFormat | None = None) -> list[int]:
+    """The prompt's token ids (bos first; for chat, the template's), checked against the
+    context window. `chat` is the served chat format (ModelInfo.chat). Slow for long text:
+    api.py runs it off the event loop."""
     if isinstance(req.prompt, tuple):
         return list(req.prompt)
     try:
@@ -336,7 +439,14 @@ def encode_prompt(tokenizer, req: GenerationRequest) -> list[int]:
     except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"), which JSON allows and UTF-8 does not
         raise invalid(req.prompt_param, f"the {req.prompt_param} is not valid Unicode text: {e.reason} at "
                                         f"character {e.start}") from None
-    return tokenizer.encode(req.prompt, bos=True, eos=False)
+    if not req.chat:
+        return tokenizer.encode(req.prompt, bos=True, eos=False)
+    fmt = chat if chat is not None else chat_format(tokenizer)
+    try:
+        return encode_chat(tokenizer, fmt.template, req.messages, add_generation_prompt=True,
+                           control_tokens=fmt.control_tokens)
+    except ValueError as e:  # e.g. Llama 2's [INST] typed in a message, which its format cannot tell apart
+        raise invalid("messages", f"messages: {e}") from None
 
 
 # --- responses -----------------------------------------------------------------------------
@@ -357,12 +467,28 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
+def _token_bytes(tokenizer, token_id: int) -> bytes | None:
+    # The exact bytes of a byte-level token (None for tokenizers without them, and for
+    # special tokens, which add no bytes to the text).
+    get = getattr(tokenizer, "token_bytes", None)
+    raw = get(token_id) if get is not None else None
+    return raw or None
+
+
 def token_text(tokenizer, token_id: int) -> str:
     # The piece as text: "▁" is a space; a byte-fallback piece outside ASCII is "bytes:\xNN"
     # (OpenAI's convention for partial characters); control pieces keep their name ("<s>").
+    # A byte-level token holding part of a character is "bytes:" and its bytes, the valid
+    # ones as text and the others as \xNN, instead of the U+FFFD of its decoded text.
     piece = tokenizer.piece_table()[token_id]
     if piece is None:
         return tokenizer.id_to_piece(token_id)
+    raw = _token_bytes(tokenizer, token_id)
+    if raw is not None:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + raw.decode("utf-8", "backslashreplace")
     if isinstance(piece, int):
         return chr(piece) if piece < 0x80 else f"bytes:\\x{piece:02x}"
     return piece
@@ -389,6 +515,9 @@ def completion_logprobs(tokenizer, decoder, ids: list[int], scored: list, first_
 def chat_logprobs(tokenizer, ids: list[int], scored: list) -> dict:
     def entry(t, lp):
         text = token_text(tokenizer, t)
+        exact = _token_bytes(tokenizer, t)
+        if exact is not None:  # byte-level BPE: the token's own bytes, partial characters included
+            return {"token": text, "logprob": lp, "bytes": list(exact)}
         raw = tokenizer.piece_table()[t]
         return {"token": text, "logprob": lp, "bytes": [raw] if isinstance(raw, int) else list(text.encode())}
 
