@@ -103,10 +103,6 @@ class ChatFormat:
     # text, so the character bound of the prompt does not count it.
     controls: re.Pattern | None
 
-    @property
-    def name(self) -> str:
-        return self.template.where
-
 
 def _token_piece(tokenizer, token_id: int | None) -> str | None:
     return tokenizer.id_to_piece(token_id) if token_id is not None and token_id >= 0 else None
