@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from llamaworks.atomic import atomic_write_json
+from llamaworks.atomic import atomic_write_json, atomic_write_text
 from llamaworks.model import ModelArgs, ffn_params
 from llamaworks.paths import path_kind, require_file
-from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer.bpe import ByteLevelBPETokenizer
+from llamaworks.tokenizer.chat import ChatTemplate
 from llamaworks.tokenizer.hf import HFTokenizer, save_tokenizer_json
+from llamaworks.tokenizer.sentencepiece import load_tokenizer
 from llamaworks.weights import check_finite, model_from_state, read_json_file, read_safetensors
 
 # Per-layer suffixes, Meta -> HF (prefix layers.N. -> model.layers.N.).
@@ -336,18 +338,26 @@ def write_hf_tokenizer_files(tokenizer, folder) -> None:
     folder = Path(folder)
     if isinstance(tokenizer, HFTokenizer):
         tokenizer.save(folder / "tokenizer.json")
+    elif isinstance(tokenizer, ByteLevelBPETokenizer):
+        # Llama 3's HF folders hold tokenizer.json only (the tiktoken file lives in original/).
+        atomic_write_text(folder / "tokenizer.json", tokenizer.to_json())
     else:
         tokenizer.save(folder / "tokenizer.model")
         save_tokenizer_json(tokenizer, folder / "tokenizer.json")
     piece = tokenizer.id_to_piece
-    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
-               "unk_token": piece(tokenizer.unk_id)}
+    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id)}
+    if tokenizer.unk_id >= 0:  # byte-level BPE has no unknown token
+        special["unk_token"] = piece(tokenizer.unk_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if template is not None:  # transformers 5 reads chat_template.jinja; 4.x the config key below
+        atomic_write_text(folder / "chat_template.jinja", template.source)
     # PreTrainedTokenizerFast loads tokenizer.json as written. Naming LlamaTokenizer instead
     # would make transformers 5 rebuild the pipeline with its Metaspace "first" scheme, which
     # drops SentencePiece's dummy prefix before a leading space (" a" -> different ids).
     atomic_write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True, "add_eos_token": False,
         "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30, "legacy": True,
+        **({"chat_template": template.source} if template is not None else {}),
     })
     atomic_write_json(folder / "special_tokens_map.json", special)
 
@@ -416,8 +426,9 @@ def _read_bin(path) -> dict[str, torch.Tensor]:
 
 
 def load_hf(folder, dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a `LlamaForCausalLM` folder; tokenizer.model is preferred,
-    tokenizer.json gives an `HFTokenizer`, neither gives None."""
+    """(model, tokenizer) from a `LlamaForCausalLM` folder; tokenizer.model is preferred over
+    tokenizer.json, neither gives None; the folder's chat template travels as
+    `tokenizer.chat_template`."""
     from pathlib import Path
 
     folder = Path(folder)
@@ -427,10 +438,13 @@ def load_hf(folder, dtype: torch.dtype | None = None):
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / HF_CONFIG}: {e}") from None
     tok = None
-    if (folder / "tokenizer.model").is_file():
-        tok = Tokenizer(folder / "tokenizer.model")
-    elif (folder / "tokenizer.json").is_file():
-        tok = HFTokenizer(folder / "tokenizer.json")
+    # tokenizer.model: SentencePiece (LLaMA 1/2) or Llama 3's tiktoken file; tokenizer.json:
+    # its SentencePiece-style or byte-level twin. load_tokenizer tells them apart by content.
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (folder / name).is_file():
+            tok = load_tokenizer(folder / name)
+            tok.chat_template = ChatTemplate.from_hf_folder(folder)
+            break
     hf_state = read_hf_state_dict(folder)
     # key_map lists every layer's names: a num_hidden_layers that the tensors cannot hold is
     # refused before that list is made.
