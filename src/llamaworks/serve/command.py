@@ -16,7 +16,7 @@ from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.serve.api import create_app
 from llamaworks.serve.engine import Engine
 from llamaworks.serve.limits import Limits, header_timeout_protocol
-from llamaworks.serve.protocol import resolve_chat_template
+from llamaworks.tokenizer.chat import resolve_chat_template
 
 
 def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,

@@ -643,3 +643,31 @@ def _named_templates(raw: Any, path: Path) -> dict[str, str]:
             raise ValueError(f"{path}: chat_template {name!r} must be a string; fix the file")
         templates[str(name)] = template
     return templates
+
+
+def token_piece(tokenizer, token_id: int | None) -> str | None:
+    return tokenizer.id_to_piece(token_id) if token_id is not None and token_id >= 0 else None
+
+
+def builtin_chat_template(name: str, tokenizer) -> ChatTemplate:
+    """A built-in template rendered with the tokenizer's bos/eos pieces (transformers renders
+    every template with its tokenizer's); a tokenizer without bos renders none."""
+    bos, eos = token_piece(tokenizer, tokenizer.bos_id), token_piece(tokenizer, tokenizer.eos_id)
+    template = ChatTemplate.builtin(name, bos_token=bos, eos_token=eos)
+    if bos is None or eos is None:  # builtin() fills in the format's own ("<s>"), which this tokenizer lacks
+        template = ChatTemplate(template.source, origin=template.origin, key=template.key, bos_token=bos,
+                                eos_token=eos, stop_strings=template.stop_strings)
+    return template
+
+
+def resolve_chat_template(tokenizer, spec: str | None = None) -> ChatTemplate:
+    """The template `serve --chat-template` names: a built-in name, or the path of a .jinja file,
+    a tokenizer_config.json or a model folder; by default the checkpoint's own
+    (`tokenizer.chat_template`, read from chat_template.jinja by the loader), else "plain"."""
+    if spec is None:
+        own = getattr(tokenizer, "chat_template", None)
+        return own if own is not None else builtin_chat_template("plain", tokenizer)
+    if spec in BUILTIN_TEMPLATES:
+        return builtin_chat_template(spec, tokenizer)
+    return ChatTemplate.load(spec, bos_token=token_piece(tokenizer, tokenizer.bos_id),
+                             eos_token=token_piece(tokenizer, tokenizer.eos_id))
