@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llamaworks.demo:demo", "the main job: corpus -> tokenizer -> pretrain `small` -> samples"),
     "pretrain": ("llamaworks.train.trainer:pretrain", "pretrain with the paper's recipe from a config file"),
     "generate": ("llamaworks.inference.command:generate_command", "generate text from a model directory"),
+    "chat": ("llamaworks.inference.chat:chat_command", "chat with a model in the terminal (its chat template)"),
     "serve": ("llamaworks.serve.command:serve_command", "OpenAI-compatible HTTP server with continuous batching"),
     "tokenizer train": ("llamaworks.tokenizer.command:train_command",
                         "train a SentencePiece BPE tokenizer (section 2)"),
