@@ -87,12 +87,16 @@ def test_quantised_gguf_is_dequantised(tiny_model, tiny_tokenizer, tmp_path):
     assert load_gguf(path, dtype=torch.bfloat16)[0].layers[0].attention.wq.weight.dtype == torch.bfloat16
 
 
-def test_tied_embeddings_give_an_output_copy(tiny_model, tiny_tokenizer, tmp_path):
+def test_a_file_without_output_weight_has_tied_embeddings(tiny_model, tiny_tokenizer, tmp_path):
+    # llama.cpp runs such a file (Llama 3.2 1B/3B) with token_embd as its output layer: the
+    # model reads it as tied, one tensor (before issue 15 it was given a copy of its own).
     state = {k: v for k, v in tiny_model.state_dict().items() if k != "output.weight"}
     write_gguf(state, tiny_model.args, tiny_tokenizer, tmp_path / "tied.gguf")
     back, _ = load_gguf(tmp_path / "tied.gguf")
+    assert back.args.tie_word_embeddings
     assert torch.equal(back.output.weight, tiny_model.tok_embeddings.weight)
-    assert back.output.weight.data_ptr() != back.tok_embeddings.weight.data_ptr()
+    assert back.output.weight is back.tok_embeddings.weight
+    assert "output.weight" not in back.state_dict()
 
 
 def test_bad_gguf_inputs(exported, tiny_model_dir, tmp_path):
