@@ -484,3 +484,19 @@ def test_fuzz_byte_level_vocabulary(source, bpe, tmp_path_factory, data):
     except ValueError as e:
         assert str(e).startswith(str(path)), e
     assert time.perf_counter() - start < 2.0
+
+
+def test_convert_a_llama3_gguf_to_a_model_directory_and_back(tmp_path, corpus_docs):
+    from tiny_llama3 import make_model_dir, write_tokenizer
+
+    from llamaworks.convert.command import convert_command
+    from llamaworks.inference.load import load_model
+
+    native = make_model_dir(tmp_path / "native", write_tokenizer(tmp_path / "tok", corpus_docs))
+    convert_command("native", "gguf", str(native), str(tmp_path / "m.gguf"))
+    convert_command("gguf", "native", str(tmp_path / "m.gguf"), str(tmp_path / "back"))
+    (a, ta), (b, tb) = load_model(native), load_model(tmp_path / "back")
+    ids = ta.encode("Hello 123 world")
+    assert tb.encode("Hello 123 world") == ids and tb.special_tokens == ta.special_tokens
+    with torch.no_grad():
+        assert torch.equal(a(torch.tensor([ids])), b(torch.tensor([ids])))

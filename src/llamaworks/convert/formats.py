@@ -21,6 +21,7 @@ from llamaworks.convert.hf import load_hf, write_hf_files
 from llamaworks.convert.meta import SHARD, load_meta, write_meta_files
 from llamaworks.device import parse_dtype
 from llamaworks.paths import path_kind
+from llamaworks.tokenizer.hf import HFTokenizer
 
 SRC_FORMATS = ("meta", "hf", "native", "gguf")
 DST_FORMATS = ("native", "hf", "gguf", "meta")
@@ -87,7 +88,9 @@ def save_checkpoint(fmt: str, model, tokenizer, dst: str | os.PathLike, shards: 
         raise ValueError(f"--to {fmt!r}: unknown destination format; choose one of {', '.join(DST_FORMATS)}")
     if shards is not None and fmt != "meta":
         raise ValueError(f"--shards applies to --to meta (model-parallel shards), not --to {fmt}")
-    if fmt in ("native", "meta") and tokenizer is not None and not hasattr(tokenizer, "model_proto"):
+    # SentencePiece and Llama 3's byte-level BPE save themselves as tokenizer.model; the
+    # tokenizers-backed twin of a SentencePiece model has no .model to write.
+    if fmt in ("native", "meta") and isinstance(tokenizer, HFTokenizer):
         raise ValueError(f"--to {fmt} needs a SentencePiece tokenizer.model, but the source has only "
                          f"{tokenizer.path.name}; add the original tokenizer.model to the source folder")
     state, args = model.state_dict(), model.args
