@@ -97,7 +97,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 1000  # steps between validation-loss measurements; 0 disables
-    batches: int = 20  # the val split's first N micro-batches: the same held-out data at every measurement
+    batches: int = 20  # the val split's first N micro-batches: the same held-out data at every measurement; 0: all
     # Benchmark scores during training (Figure 2; llamaworks.eval.during_training): task names
     # (multiple choice, closed-book QA), a directory holding NAME.jsonl per task, examples per task.
     tasks: list[str] = field(default_factory=list)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llamaworks.data.sft import IGNORE_INDEX
+
 # Rows per block: 512 x 32,000 fp32 = 66 MB. Large enough that the three matmuls per block
 # run at full speed (256 to 2048 rows measure the same on a 2-core CPU), small enough that the
 # block buffers stay far below the full logits (8 x 512 tokens: 524 MB).
@@ -83,7 +85,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               ignore_index: int = -100, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                               ignore_index: int = IGNORE_INDEX, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """Mean cross-entropy of `h @ weight.T` against `targets`, never holding all the logits.
 
     h: (..., d) hidden states; weight: (vocab, d); targets: (...) class indices, entries equal
@@ -126,7 +128,8 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def lm_loss(model, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """Next-token loss of a llamaworks Transformer on (bsz, seq) tokens and targets.
+    """Next-token loss of a llamaworks Transformer on (bsz, seq) tokens and targets: the mean over
+    the targets that are not IGNORE_INDEX (fine-tuning masks prompts and padding with it).
 
     fused: the output projection and the cross-entropy run block by block
     (fused_linear_cross_entropy) where the model allows it (can_fuse); otherwise, the plain
@@ -134,10 +137,10 @@ def lm_loss(model, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = Tr
     """
     if not (fused and can_fuse(model)):
         logits = model(tokens)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=IGNORE_INDEX)
         # Logits split by vocabulary (tensor parallelism with loss parallel; the caller runs
         # forward and backward inside torch's loss_parallel()) give a replicated DTensor loss:
         # its local value is the loss, and full_tensor() keeps the graph without communicating.
         return loss.full_tensor() if _is_dtensor(loss) else loss
     h = model(tokens, return_hidden=True)  # (bsz, seq, dim), after the final RMSNorm
-    return fused_linear_cross_entropy(h, model.output.weight, targets)
+    return fused_linear_cross_entropy(h, model.output.weight, targets, ignore_index=IGNORE_INDEX)

@@ -1,6 +1,12 @@
 """Pretraining with the paper's recipe (sections 2.3-2.4): AdamW (0.9, 0.95), weight
 decay 0.1, clipping 1.0, 2,000 warm-up steps, cosine to 10%, 4M-token batches by
-gradient accumulation, activation checkpointing, exact resume."""
+gradient accumulation, activation checkpointing, exact resume.
+
+The same Trainer fine-tunes (train/finetune.py): a run is a `DataSource` (the tokenizer and
+loaders) and a `ModelSpec` (the model's arguments and how its weights start) handed to `launch`;
+pretraining's come from token shards and a preset (`train`), fine-tuning's from instruction
+examples and a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json, atomic_write_text
 from llamaworks.carbon import run_summary
 from llamaworks.configfile import dumps, load_config, resolve_config_path
+from llamaworks.data.sft import IGNORE_INDEX
 from llamaworks.data.shards import open_token_dataset
 from llamaworks.device import default_dtype, parse_dtype, resolve_device
 from llamaworks.eval.during_training import TaskEvaluator
@@ -84,9 +91,38 @@ def accumulate_gradients(model, loader, accum: int, device, amp, loss_context=nu
     return loss_sum
 
 
+def accumulate_masked_gradients(model, loader, accum: int, device, amp, loss_context=nullcontext,
+                                dp: int = 1) -> tuple[torch.Tensor, int]:
+    """accumulate_gradients for targets that hold IGNORE_INDEX (fine-tuning: prompts, padding).
+
+    Micro-batches differ in how many targets count, so the mean of their mean losses would weigh
+    a target of a short micro-batch more than one of a long one (and change with the micro-batch
+    size). Each micro-batch's mean loss is scaled by its share of the unmasked targets of the whole
+    global batch instead, so the summed gradients are those of the mean over all of them: the same
+    update whatever the micro-batch size, accumulation or data-parallel degree. FSDP/DDP average
+    the gradients of the dp ranks, hence the factor dp. Returns (this rank's share of that mean
+    loss, detached: global_mean of it is the mean; tokens read by all dp ranks, padding included).
+    """
+    batches = [next(loader) for _ in range(accum)]
+    counts = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
+    local = torch.tensor([sum(counts), sum(x.numel() for x, _ in batches)], dtype=torch.float64, device=device)
+    # The mean over all ranks times dp: the sum over dp ranks (tensor-parallel ranks read the same batch).
+    targets, tokens = (global_mean(local) * dp).tolist()
+    loss_sum = torch.zeros((), device=device)
+    for (x, y), count in zip(batches, counts):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with loss_context():
+            with amp:
+                loss = lm_loss(model, x, y) * (count * dp / targets)
+            loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum, round(tokens)
+
+
 @torch.no_grad()
-def evaluate(model, loader: TokenLoader, batches: int, device, amp) -> float | None:
-    """Mean loss over the first `batches` batches of `loader` (a finite, unshuffled val loader).
+def evaluate(model, loader, batches: int, device, amp) -> float | None:
+    """Mean loss per target over the first `batches` batches of `loader` (a finite, unshuffled val
+    loader; batches <= 0: all of it). Targets equal to IGNORE_INDEX do not count.
 
     Every measurement reads the same batches from the start, so validation losses at different
     steps are comparable, and a resumed run measures exactly what an uninterrupted one does
@@ -96,13 +132,43 @@ def evaluate(model, loader: TokenLoader, batches: int, device, amp) -> float | N
     model.eval()
     total, n = 0.0, 0
     for i, (x, y) in enumerate(loader):
-        if i >= batches:
+        if 0 < batches <= i:
             break
+        y = y.to(device)
         with amp:
-            total += cross_entropy(model(x.to(device)), y.to(device)).item()
-        n += 1
+            logits = model(x.to(device))
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1), ignore_index=IGNORE_INDEX,
+                                 reduction="sum").item()
+        n += int((y != IGNORE_INDEX).sum())
     model.train()
     return total / n if n else None
+
+
+@dataclass
+class DataSource:
+    """What a run reads: its tokenizer, the training loader of a data-parallel rank and the
+    validation loader. A loader yields (x, y) int64 batches and has state_dict/load_state_dict
+    (checkpoints); a validation loader is finite and has rewind(). Pretraining's reads token shards
+    (`shard_source`), fine-tuning's instruction examples (train/finetune.py)."""
+
+    tokenizer: Tokenizer
+    train_loader: Callable[[int, int], Any]  # (data-parallel rank, data-parallel size) -> infinite loader
+    val_loader: Any | None
+    # Targets hold IGNORE_INDEX: a step's loss is the mean over the global batch's unmasked targets
+    # (accumulate_masked_gradients) and its tokens are counted as read, rows differing in length.
+    masked: bool = False
+
+
+@dataclass
+class ModelSpec:
+    """The model a run trains: its arguments, a name for logs and the loss curve, and how its
+    weights start."""
+
+    args: ModelArgs
+    name: str
+    # Fills the materialised (possibly sharded) model: (model, seed, device). Pretraining draws
+    # the weights (train/init.py); fine-tuning copies a checkpoint's.
+    init: Callable[[torch.nn.Module, int, torch.device], None] = init_weights
 
 
 @dataclass
@@ -120,13 +186,17 @@ class Trainer:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     tokenizer: Tokenizer
-    loader: TokenLoader
-    val_loader: TokenLoader | None
+    loader: Any  # TokenLoader, SFTLoader
+    val_loader: Any | None
     task_eval: TaskEvaluator | None
     accum: int  # micro-batches per optimizer step on each data-parallel rank
     n_params: int
     flops_per_token: float
     peak_flops: float  # per device
+    model_name: str  # for the loss curve's title
+    max_steps: int  # train.max_steps, or what fine-tuning's epochs come to
+    warmup_steps: int
+    masked: bool  # DataSource.masked
     step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # seconds trained by the processes before this one (resume)
@@ -135,6 +205,7 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens in a step's rows at full length (pretraining's rows always are)."""
         t = self.cfg.train
         return self.accum * t.micro_batch_size * t.seq_len * self.dims.dp
 
@@ -147,6 +218,7 @@ class StepResult:
     loss: float  # the global batch's mean loss, before the update
     grad_norm: float  # before clipping
     lr: float
+    tokens: int  # read by all data-parallel ranks in this step
 
 
 def train(cfg: JobConfig, resume: bool = False) -> dict:
@@ -156,19 +228,7 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     parallelizes the model as cfg.parallel says and leaves the group on return.
     """
     t_cfg = cfg.train
-    par = cfg.parallel
-    # The parallel degrees are checked against the world size (and the head count) first,
-    # before any process group, data or model exists: a bad mesh is an error, not a hang.
-    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, env_world_size(),
-                                cfg.model.build_args().n_heads)
-    if t_cfg.seq_len % dims.tp:
-        raise ValueError(f"train.seq_len={t_cfg.seq_len} is not divisible by parallel.tp={dims.tp}: sequence "
-                         "parallelism splits each sequence across the tensor-parallel ranks")
-    cfg.grad_accum_steps(dims.dp)  # a batch_tokens below one micro-batch per rank is an error now
-    if t_cfg.max_minutes is not None and t_cfg.max_minutes <= 0:
-        # 0 would otherwise read as "no limit"; an unset value is the way to ask for none.
-        raise ValueError(f"train.max_minutes must be > 0, got {t_cfg.max_minutes}; "
-                         "remove it for no time limit")
+    dims = check_job(cfg, cfg.model.build_args().n_heads)
     if not cfg.data.dir:
         raise ValueError("data.dir is not set: point it at token shards made by `llamaworks prepare`")
     manifest = open_token_dataset(cfg.data.dir)
@@ -181,12 +241,50 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
         raise ValueError(f"train.seq_len={t_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}; "
                          "lower train.seq_len or raise model.max_seq_len")
     check_out_dir(Path(cfg.run.out_dir))
-    device, _ = resolve_device(t_cfg.device)
+    spec = ModelSpec(args, f"{cfg.model.preset} preset")
+    return launch(cfg, resume, dims, shard_source(cfg, manifest, tokenizer), spec, t_cfg.max_steps,
+                  cfg.schedule.warmup_steps)
+
+
+def check_job(cfg, n_heads: int) -> ParallelDims:
+    """The parallel degrees, checked against the world size and the head count, and the train
+    section's limits: before any process group, data or model exists, so that a bad mesh is an
+    error, not a hang."""
+    t_cfg, par = cfg.train, cfg.parallel
+    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, env_world_size(), n_heads)
+    if t_cfg.seq_len % dims.tp:
+        raise ValueError(f"train.seq_len={t_cfg.seq_len} is not divisible by parallel.tp={dims.tp}: sequence "
+                         "parallelism splits each sequence across the tensor-parallel ranks")
+    cfg.grad_accum_steps(dims.dp)  # a batch below one micro-batch per rank is an error now
+    if t_cfg.max_minutes is not None and t_cfg.max_minutes <= 0:
+        # 0 would otherwise read as "no limit"; an unset value is the way to ask for none.
+        raise ValueError(f"train.max_minutes must be > 0, got {t_cfg.max_minutes}; "
+                         "remove it for no time limit")
+    return dims
+
+
+def launch(cfg, resume: bool, dims: ParallelDims, data: DataSource, spec: ModelSpec, max_steps: int,
+           warmup_steps: int) -> dict:
+    """Join the process group (under torchrun), build the run and train it to max_steps; the
+    summary. `cfg` is any job config with the sections the Trainer reads (run, train, optim,
+    schedule, checkpoint, eval, log, parallel, hardware) and grad_accum_steps(dp)."""
+    device, _ = resolve_device(cfg.train.device)
     env, device = init_distributed(device)
     try:
-        return run(build(cfg, resume, dims, env, device, manifest, tokenizer, args))
+        return run(build(cfg, resume, dims, env, device, data, spec, max_steps, warmup_steps))
     finally:
         close_distributed(env)
+
+
+def shard_source(cfg: JobConfig, manifest: dict, tokenizer: Tokenizer) -> DataSource:
+    """Pretraining's data: windows of the token shards in cfg.data.dir."""
+    t_cfg = cfg.train
+
+    def train_loader(rank: int, world: int) -> TokenLoader:
+        return TokenLoader(cfg.data.dir, "train", batch_size=t_cfg.micro_batch_size, seq_len=t_cfg.seq_len,
+                           rank=rank, world_size=world, seed=t_cfg.seed)
+
+    return DataSource(tokenizer, train_loader, build_val_loader(cfg, manifest))
 
 
 def check_out_dir(out: Path) -> None:
@@ -201,8 +299,8 @@ def check_out_dir(out: Path) -> None:
                          "another run.out_dir") from None
 
 
-def build(cfg: JobConfig, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.device, manifest: dict,
-          tokenizer: Tokenizer, args: ModelArgs) -> Trainer:
+def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.device, data: DataSource,
+          spec: ModelSpec, max_steps: int, warmup_steps: int) -> Trainer:
     """The model (sharded and initialised), optimizer and loaders, restored from the run's
     latest checkpoint when resuming; the run's config.toml written."""
     out = Path(cfg.run.out_dir)
@@ -215,6 +313,7 @@ def build(cfg: JobConfig, resume: bool, dims: ParallelDims, env: DistEnv, device
     # cfg.parallel says, and only then are this rank's shards allocated and filled, each
     # parameter from its own (seed, name) generator (train/init.py): the weights of a
     # 1-process run, which takes the same path, and no rank ever holds the whole model.
+    args = spec.args
     model = build_model(args, device="meta")
     n_params = sum(p.numel() for p in model.parameters())
     mesh = dims.build_mesh(device.type) if dims.distributed else None
@@ -222,7 +321,7 @@ def build(cfg: JobConfig, resume: bool, dims: ParallelDims, env: DistEnv, device
     parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile, mesh,
                 par.fsdp_reshard_after_forward, loss_parallel=loss_parallel)
     model.to_empty(device=device)
-    init_weights(model, t_cfg.seed, device)
+    spec.init(model, t_cfg.seed, device)
     model.train()
     if loss_parallel:
         from torch.distributed.tensor.parallel import loss_parallel as loss_context
@@ -231,8 +330,7 @@ def build(cfg: JobConfig, resume: bool, dims: ParallelDims, env: DistEnv, device
     optimizer = build_optimizer(model, cfg.optim)
     # The tp ranks of one data-parallel replica read the same batch: tp is the mesh's
     # innermost dimension, so the data-parallel rank is rank // tp.
-    loader = TokenLoader(cfg.data.dir, "train", batch_size=t_cfg.micro_batch_size, seq_len=t_cfg.seq_len,
-                         rank=env.rank // dims.tp, world_size=dims.dp, seed=t_cfg.seed)
+    loader = data.train_loader(env.rank // dims.tp, dims.dp)
     ckpt, state = restore(out, resume, model, optimizer, loader)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -242,24 +340,27 @@ def build(cfg: JobConfig, resume: bool, dims: ParallelDims, env: DistEnv, device
     fpt = flops_per_token(args, t_cfg.seq_len)
     peak = cfg.hardware.peak_flops or measure_peak_flops(device)
     trainer = Trainer(cfg=cfg, out=out, env=env, dims=dims, device=device, amp=amp, loss_context=loss_context,
-                      model=model, optimizer=optimizer, tokenizer=tokenizer, loader=loader,
+                      model=model, optimizer=optimizer, tokenizer=data.tokenizer, loader=loader,
                       # Benchmark scores every eval.task_every steps (Figure 2); task files read (and checked) now.
-                      val_loader=build_val_loader(cfg, manifest), task_eval=TaskEvaluator.from_config(cfg.eval),
-                      accum=accum, n_params=n_params, flops_per_token=fpt, peak_flops=peak,
+                      val_loader=data.val_loader, task_eval=TaskEvaluator.from_config(cfg.eval),
+                      accum=accum, n_params=n_params, flops_per_token=fpt, peak_flops=peak, model_name=spec.name,
+                      max_steps=max_steps, warmup_steps=warmup_steps, masked=data.masked,
                       step=state.get("step", 0), tokens_seen=state.get("tokens", 0),
                       elapsed_before=state.get("elapsed_s", 0.0), last_ckpt=ckpt)
-    log.info("model: %s preset, %.2fM parameters; %d tokens/step (%d micro-batches of %dx%d, dp=%d); "
-             "%.3g FLOPs/token; peak %.3g FLOP/s (%s)", cfg.model.preset, n_params / 1e6, trainer.tokens_per_step,
-             accum, t_cfg.micro_batch_size, t_cfg.seq_len, dims.dp, fpt, peak,
+    log.info("model: %s, %.2fM parameters; %d sequences/step (%d micro-batches of %d x %s%d tokens, dp=%d); "
+             "%d steps; %.3g FLOPs/token; peak %.3g FLOP/s (%s)", spec.name, n_params / 1e6,
+             accum * t_cfg.micro_batch_size * dims.dp, accum, t_cfg.micro_batch_size,
+             "up to " if data.masked else "", t_cfg.seq_len, dims.dp, max_steps, fpt, peak,
              "given" if cfg.hardware.peak_flops else "measured")
-    if trainer.tokens_per_step != t_cfg.batch_tokens:
+    batch_tokens = getattr(t_cfg, "batch_tokens", None)  # pretraining's batch is in tokens, fine-tuning's in examples
+    if batch_tokens is not None and trainer.tokens_per_step != batch_tokens:
         log.warning("train.batch_tokens=%d is not a whole number of micro-batches of %d tokens on %d "
-                    "data-parallel rank(s): each step trains on %d tokens", t_cfg.batch_tokens,
+                    "data-parallel rank(s): each step trains on %d tokens", batch_tokens,
                     t_cfg.micro_batch_size * t_cfg.seq_len, dims.dp, trainer.tokens_per_step)
     return trainer
 
 
-def restore(out: Path, resume: bool, model, optimizer, loader: TokenLoader) -> tuple[Path | None, dict]:
+def restore(out: Path, resume: bool, model, optimizer, loader) -> tuple[Path | None, dict]:
     """With --resume, load the latest complete checkpoint into model, optimizer and loader (and
     the RNG): (its path, its saved state); (None, {}) for a fresh run. A fresh run refuses a
     folder that holds checkpoints: it would interleave its own with another run's."""
@@ -296,15 +397,21 @@ def build_val_loader(cfg: JobConfig, manifest: dict) -> TokenLoader | None:
 def train_step(t: Trainer) -> StepResult:
     """One optimizer step on one global batch: learning rate, gradients, clipping, update."""
     cfg = t.cfg
-    decay_steps = cfg.schedule.decay_steps or cfg.train.max_steps
-    lr = lr_at(t.step, cfg.optim.lr, cfg.schedule.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
+    decay_steps = cfg.schedule.decay_steps or t.max_steps
+    lr = lr_at(t.step, cfg.optim.lr, t.warmup_steps, decay_steps, cfg.schedule.min_lr_ratio)
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     # Each data-parallel rank's loss is the mean over its share of the global batch and
     # FSDP/DDP average the gradients over ranks: together, the gradient of the global
     # batch's mean loss. The logged loss is that global mean, and the clipping norm is
     # the norm of the whole (sharded) gradient.
-    loss = global_mean(accumulate_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context)).item()
+    if t.masked:
+        loss, tokens = accumulate_masked_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context,
+                                                   t.dims.dp)
+    else:
+        loss, tokens = accumulate_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context), \
+            t.tokens_per_step
+    loss = global_mean(loss).item()
     grad_norm = clip_grad_norm_(t.model.parameters(), cfg.optim.grad_clip).item()
     # A finite loss with an inf/nan gradient would still poison the weights (and every
     # later checkpoint) once the optimizer steps, so both are checked before it does.
@@ -318,8 +425,8 @@ def train_step(t: Trainer) -> StepResult:
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.step += 1
-    t.tokens_seen += t.tokens_per_step
-    return StepResult(loss, grad_norm, lr)
+    t.tokens_seen += tokens
+    return StepResult(loss, grad_norm, lr, tokens)
 
 
 def validate(t: Trainer) -> float | None:
@@ -351,11 +458,11 @@ class Throughput:
 
 
 def run(t: Trainer) -> dict:
-    """The training loop from t.step to train.max_steps (or the time limit): log, validate,
+    """The training loop from t.step to t.max_steps (or the time limit): log, validate,
     score tasks and checkpoint on their schedules; then `finish`."""
     from tqdm import tqdm
 
-    cfg, max_steps = t.cfg, t.cfg.train.max_steps
+    cfg, max_steps = t.cfg, t.max_steps
     # Only rank 0 writes metrics, the progress bar, plots and the summary.
     metrics = MetricsLog(t.out / "metrics.jsonl", truncate_after_step=t.step) if t.env.is_main else _NoMetrics()
     bar = tqdm(total=max_steps, initial=t.step, disable=not (cfg.log.progress and t.env.is_main),
@@ -369,7 +476,7 @@ def run(t: Trainer) -> dict:
     try:
         while t.step < max_steps:
             last = train_step(t)
-            speed.add(t.tokens_per_step)
+            speed.add(last.tokens)
             if t.step % cfg.log.every == 0 or t.step == max_steps:
                 tps = speed.rate()
                 mfu = tps * t.flops_per_token / (t.peak_flops * t.dims.world_size)  # all ranks over all peaks
@@ -411,7 +518,7 @@ def finish(t: Trainer, stop_reason: str, final_loss: float | None, final_val: fl
     ckpt_io.save_model_dir(t.model, t.tokenizer, t.out / "model")
     curve = None if not t.env.is_main else plot_loss_curve(
         t.out / "metrics.jsonl", t.out / "loss_curve.png",
-        f"llamaworks {t.cfg.model.preset}: {t.n_params / 1e6:.1f}M parameters")
+        f"llamaworks {t.model_name}: {t.n_params / 1e6:.1f}M parameters")
     device_hours = elapsed / 3600 * t.dims.world_size
     power = t.cfg.hardware.power_w or (400.0 if t.device.type == "cuda" else 65.0)
     summary = {"steps": t.step, "tokens": t.tokens_seen, "stop_reason": stop_reason, "elapsed_s": elapsed,

@@ -1,0 +1,134 @@
+"""The loader fine-tuning reads: (x, y) batches of tokenised instruction examples (data/sft.py),
+one example per row, shuffled per epoch, split across data-parallel ranks, resumable.
+
+No packing: a row holds one example, right-padded; the padding's targets are IGNORE_INDEX. Under
+the causal mask a token attends to the tokens before it only, so the padding after an example
+changes none of its logits, and no two examples share a row to attend to each other. (Packing
+several examples into a row, as Chung et al. 2022 do, needs a block-diagonal causal mask in
+attention, which Transformer.forward does not take outside the KV-cache path.) Rows are padded
+to the longest example of the micro-batch, not to train.seq_len: instruction examples are mostly
+far shorter than the context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from llamaworks.data.sft import IGNORE_INDEX, TokenizedExample
+from llamaworks.data.shards import window_order
+
+log = logging.getLogger("llamaworks")
+
+
+def fingerprint(examples: Sequence[TokenizedExample]) -> str:
+    """A digest of the examples' ids and labels: a resumed run must read the very same examples."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(len(ex.ids).to_bytes(4, "little"))
+        h.update(ex.ids.tobytes())
+        h.update(ex.labels.tobytes())
+    return h.hexdigest()[:16]
+
+
+class SFTLoader:
+    """(x, y) int64 batches of shape (batch_size, width): x = ids[:-1], y = labels[1:] of each example.
+
+    width is the longest example of the batch less one, rounded up to pad_multiple (kernels like
+    aligned shapes; sequence parallelism needs a multiple of the tensor-parallel degree) and capped
+    at seq_len. Training loaders (train=True) visit the examples in the order
+    `window_order(..., seed, epoch)` each epoch, global batch i being positions [i*G, (i+1)*G) with
+    G = batch_size * world_size and rank r taking [r*batch_size, (r+1)*batch_size) of it (as
+    TokenLoader does), skip the remainder of an epoch and go on forever. Validation loaders
+    (train=False) read every example once in file order, the last batch possibly smaller; a new
+    `for` loop (or `rewind`) starts a fresh pass.
+    """
+
+    def __init__(self, examples: Sequence[TokenizedExample], *, batch_size: int, seq_len: int, pad_id: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, train: bool = True, pad_multiple: int = 8,
+                 name: str = "train"):
+        if batch_size < 1 or seq_len < 1 or pad_multiple < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size, seq_len, pad_multiple >= 1 and 0 <= rank < world_size; got "
+                             f"{batch_size}, {seq_len}, {pad_multiple}, rank {rank} of {world_size}")
+        if not train and world_size != 1:
+            raise ValueError("a validation loader is read whole by every rank: world_size must be 1")
+        too_long = [ex.line for ex in examples if len(ex.ids) > seq_len]
+        if too_long:
+            raise ValueError(f"examples (line {too_long[0]} and {len(too_long) - 1} more) are longer than seq_len "
+                             f"{seq_len}; drop them first (data.sft.tokenize_examples)")
+        self.examples, self.name = list(examples), name
+        self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+        self.rank, self.world_size, self.seed, self.pad_multiple = rank, world_size, seed, pad_multiple
+        self.shuffle = self.infinite = train
+        self.epoch, self.position = 0, 0  # position: examples of this epoch consumed, all ranks together
+        self.global_batch = batch_size * world_size
+        n = len(self.examples)
+        self.batches_per_epoch = n // self.global_batch if train else -(-n // batch_size)
+        if train and self.batches_per_epoch == 0:
+            raise ValueError(f"{n} {name} examples are fewer than one global batch of {self.global_batch} "
+                             f"({batch_size} per rank x {world_size} rank(s)); lower the batch size or add examples")
+        self.fingerprint = fingerprint(self.examples)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> SFTLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position >= self.batches_per_epoch * self.global_batch:
+            self.position = 0
+            if not self.infinite:
+                raise StopIteration  # position is back at 0: the next `for` loop is a fresh pass
+            self.epoch += 1
+            log.info("%s loader: epoch %d begins (%d batches per epoch)", self.name, self.epoch,
+                     self.batches_per_epoch)
+        first = self.position + self.rank * self.batch_size
+        if self.shuffle:
+            positions = np.arange(first, first + self.batch_size, dtype=np.uint64)
+            order = window_order(positions, len(self.examples), self.seed, self.epoch)
+        else:
+            order = np.arange(first, min(first + self.batch_size, len(self.examples)))
+        self.position += self.global_batch
+        return self.collate([self.examples[int(i)] for i in order])
+
+    def collate(self, batch: Sequence[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(ex.ids) for ex in batch) - 1
+        width = min(self.seq_len, -(-longest // self.pad_multiple) * self.pad_multiple)
+        x = torch.full((len(batch), width), self.pad_id, dtype=torch.int64)
+        y = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.int64)
+        for row, ex in enumerate(batch):
+            n = len(ex.ids) - 1
+            x[row, :n] = torch.from_numpy(ex.ids[:-1].astype(np.int64))
+            y[row, :n] = torch.from_numpy(ex.labels[1:].astype(np.int64))
+        return x, y
+
+    def rewind(self) -> None:
+        """Back to the first batch of the first epoch: the next batches are those of a new loader."""
+        self.epoch, self.position = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": int(self.shuffle),
+                "batch_size": self.batch_size, "world_size": self.world_size,
+                "num_examples": len(self.examples), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the saved global stream; the world size may change if batch_size * world_size does not."""
+        saved_global = state["batch_size"] * state["world_size"]
+        if saved_global != self.global_batch:
+            raise ValueError(f"the loader state was saved with a global batch of {saved_global} examples "
+                             f"(batch_size {state['batch_size']} x world_size {state['world_size']}), this loader "
+                             f"has {self.global_batch}; the stream cannot continue exactly. Choose batch_size = "
+                             f"{saved_global} // world_size")
+        for key, mine in (("num_examples", len(self.examples)), ("fingerprint", self.fingerprint),
+                          ("shuffle", int(self.shuffle))):
+            if state.get(key) != mine:
+                raise ValueError(f"the loader state has {key}={state.get(key)} but this loader has {mine}: the "
+                                 "instruction data, its held-out fraction, the chat template or seq_len changed "
+                                 "since the checkpoint, so the run cannot resume exactly; restore them or start a "
+                                 "new run")
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
