@@ -29,6 +29,7 @@ __all__ = ["Arg", "Annotated", "COMMANDS", "build_parser", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("llamaworks.demo:demo", "the main job: corpus -> tokenizer -> pretrain `small` -> samples"),
     "pretrain": ("llamaworks.train.trainer:pretrain", "pretrain with the paper's recipe from a config file"),
+    "finetune": ("llamaworks.train.finetune:finetune_command", "instruction fine-tuning of a checkpoint (LLaMA-I, 4)"),
     "generate": ("llamaworks.inference.command:generate_command", "generate text from a model directory"),
     "chat": ("llamaworks.inference.chat:chat_command", "chat with a model in the terminal (its chat template)"),
     "serve": ("llamaworks.serve.command:serve_command", "OpenAI-compatible HTTP server with continuous batching"),
@@ -46,6 +47,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("llamaworks.convert.command:convert_command", "convert checkpoints: native, Meta, Hugging Face, GGUF"),
     "quantize": ("llamaworks.inference.command:quantize_command", "weight-only int8 / int4 quantisation of a model "
                  "directory"),
+    "merge": ("llamaworks.inference.command:merge_command", "fold a LoRA adapter into its base model: a plain model "
+              "directory"),
     "plan": ("llamaworks.plan:plan_command", "memory and time plan for a preset on a GPU cluster"),
     "carbon": ("llamaworks.carbon:carbon_command", "energy and CO2 of a run (section 6, Table 15)"),
     "eval": ("llamaworks.eval.run:eval_command", "the paper's benchmarks (section 3) beside its LLaMA-7B/65B numbers"),

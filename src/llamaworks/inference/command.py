@@ -1,4 +1,4 @@
-"""The inference commands: `llamaworks generate` and `llamaworks quantize`."""
+"""The inference commands: `llamaworks generate`, `llamaworks quantize` and `llamaworks merge`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from llamaworks.args import Arg
 from llamaworks.device import resolve_device
 from llamaworks.inference.generate import generate
 from llamaworks.inference.load import load_model
+from llamaworks.inference.lora import ADAPTER_CONFIG, lora_layers, merge_adapter, read_adapter_config
 from llamaworks.inference.quant import MODES, MODES_HELP, get_mode, quantize_model, read_quantization, save_quantized
 from llamaworks.inference.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from llamaworks.inference.speculative import generate_with_draft
-from llamaworks.modeldir import QUANT_FILE, WEIGHTS
+from llamaworks.modeldir import QUANT_FILE, WEIGHTS, save_model
 from llamaworks.parallel.distributed import close_distributed, env_world_size, init_distributed
 from llamaworks.parallel.tp_load import load_tensor_parallel
 
@@ -39,6 +40,8 @@ def generate_command(
     compile_prefill: Annotated[bool, Arg("also torch.compile the prompt's forward pass (dynamic shapes)")] = False,
     draft: Annotated[str | None, Arg("draft model directory: speculative decoding (batched)")] = None,
     draft_k: Annotated[int, Arg("tokens the draft proposes per target forward")] = 4,
+    adapter: Annotated[str | None, Arg("LoRA adapter directory (PEFT's adapter_config.json + "
+                                       "adapter_model.safetensors) applied to the checkpoint, unmerged")] = None,
 ) -> int:
     """Generate a completion for each prompt; prints the text, then speed on stderr."""
     dev, dt = resolve_device(device, dtype)
@@ -46,11 +49,14 @@ def generate_command(
     if env_world_size() > 1:  # under torchrun: tensor parallelism, each process holds 1/N of the weights
         if draft is not None:
             raise ValueError("--draft (speculative decoding) runs in one process; launch it without torchrun")
+        if adapter is not None:
+            raise ValueError("--adapter runs in one process; merge it into the model first (llamaworks merge) to "
+                             "generate with tensor parallelism")
         env, dev, model, tokenizer, seed = _setup_tensor_parallel(checkpoint, dev, dt, seed)
         if not env.is_main:  # the other ranks compute the same tokens in silence
             out = err = io.StringIO()
     else:
-        model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
+        model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
     torch.manual_seed(0)
     if draft is not None:
         return generate_with_draft(model, tokenizer, draft, prompt, max_new_tokens, k=draft_k, device=dev, dtype=dt,
@@ -119,4 +125,31 @@ def quantize_command(
     before = (src if src.is_file() else src / WEIGHTS).stat().st_size  # a .gguf file, or a directory
     after = (Path(output) / WEIGHTS).stat().st_size
     print(f"wrote {output}: {spec.describe()}, weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB", file=sys.stderr)
+    return 0
+
+
+def merge_command(
+    checkpoint: Annotated[str, Arg("base model: a model directory (quantised or not), a Hugging Face or Meta "
+                                   "folder, or a .gguf file")],
+    adapter: Annotated[str, Arg("LoRA adapter directory (adapter_config.json + adapter_model.safetensors), "
+                                "ours or PEFT's")],
+    out: Annotated[str, Arg("model directory to write", metavar="DIR")],
+    dtype: Annotated[str | None, Arg("float32, bfloat16 or float16 (default: the base's; a quantised base "
+                                     "gives its scales' dtype)")] = None,
+) -> int:
+    """Fold a LoRA adapter into its base model: W + (alpha/r) B A for every adapted projection
+    (Hu et al. 2021, section 4.1), written as a plain model directory (a quantised base is
+    dequantised). The result runs without the adapter and at the base model's speed."""
+    read_adapter_config(adapter)  # named before the base is read
+    dest = Path(out).resolve()
+    for name, src in (("--checkpoint", checkpoint), ("--adapter", adapter)):
+        if dest == Path(src).resolve():
+            raise ValueError(f"--out must differ from {name} (it is read while writing)")
+    model, tokenizer = load_model(checkpoint, dtype=dtype, adapter=adapter)
+    n = len(lora_layers(model))
+    layer = lora_layers(model)[0][1]
+    merge_adapter(model)
+    save_model(model, tokenizer, out)
+    print(f"wrote {out}: {n} projections merged from {Path(adapter) / ADAPTER_CONFIG} (r={layer.r}, "
+          f"alpha={layer.alpha}) into {checkpoint}", file=sys.stderr)
     return 0
