@@ -1,0 +1,320 @@
+"""LLaMA-I: instruction fine-tuning (section 4) with the pretraining Trainer.
+
+    llamaworks finetune --checkpoint MODEL --data data.jsonl --method full --out runs/sft
+
+The same Trainer as `pretrain` (train/trainer.py), handed another data source and another
+model start: the examples of an instruction file (data/sft.py: Alpaca, messages or
+prompt/completion JSONL) rendered with a chat template, their loss on the assistant's tokens only
+(train/sft.py loads them, one example per row), and the weights of a checkpoint in any format
+`load_model` reads, with its tokenizer. The run folder is a pretraining run's: config.toml,
+metrics.jsonl, the loss curve, atomic checkpoints that `--resume` continues exactly, and
+OUT/model, a model directory that carries the chat template (chat_template.jinja), so that
+`generate` and `serve` talk to the model in the format it learnt.
+
+Defaults (FinetuneJobConfig; configs/finetune_default.toml lists them). The paper fine-tunes
+LLaMA-I "following the protocol of Chung et al. (2022)" and states no hyper-parameters. Chung et
+al. fine-tune with Adafactor at a constant learning rate, whose rates do not carry over to AdamW;
+the published AdamW recipe for fine-tuning a model of this family is Llama 2's supervised
+fine-tuning (Touvron et al. 2023b, section 3.1), so the defaults are:
+
+- AdamW betas 0.9/0.95, weight decay 0.1, gradient clipping 1.0: the paper's optimizer (section
+  2.3), which Llama 2's fine-tuning keeps (weight decay 0.1 there too).
+- learning rate 2e-5 with a cosine decay, 64 examples per step, 2 epochs: Llama 2 section 3.1.
+- the cosine ends at 10% of the peak: the paper's schedule (2.3); Llama 2 does not give its end.
+- warm-up over the first 3% of the steps: Stanford Alpaca's training script (warmup_ratio 0.03),
+  as Llama 2 gives no warm-up for fine-tuning.
+- the loss on assistant tokens only: Llama 2 section 3.1 ("we zero-out the loss on tokens from the
+  user prompt"), as Chung et al. train on targets only.
+- train.seq_len: the checkpoint's context (LLaMA's 2048, Table 2; Llama 2 fine-tuned at its 4096);
+  longer examples are dropped (data/sft.py says why).
+- chat template: the checkpoint's own, else the built-in "llama2": the paper gives no format for
+  LLaMA-I; Llama 2-chat's is Meta's format for this model family, and its assistant turns end
+  with the tokenizer's eos, which the model learns to write, so generation stops where a reply
+  ends. ("plain", the base-model dialogue, ends a turn with a newline only.)
+- 5% of the examples held out for the validation loss, chosen by a hash of their content.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+
+from llamaworks.args import Arg
+from llamaworks.configfile import load_config, merge, parse_overrides, resolve_config_path
+from llamaworks.convert.formats import load_any
+from llamaworks.data.sft import read_examples, split_examples, tokenize_examples
+from llamaworks.parallel.distributed import is_distributed
+from llamaworks.tokenizer.chat import ChatTemplate, control_token_ids
+from llamaworks.train.config import (
+    CheckpointConfig,
+    EvalConfig,
+    HardwareConfig,
+    LogConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+)
+from llamaworks.train.sft import SFTLoader
+from llamaworks.train.trainer import (
+    DataSource,
+    ModelSpec,
+    NonFiniteLossError,
+    check_job,
+    check_out_dir,
+    format_summary,
+    launch,
+)
+
+log = logging.getLogger("llamaworks")
+
+METHODS = ("full", "lora", "qlora")
+DEFAULT_TEMPLATE = "llama2"  # for checkpoints without a chat template of their own (module docstring)
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: str = ""  # the model to start from: model directory, Hugging Face or Meta folder, .gguf file
+    data: str = ""  # instruction JSONL: Alpaca, messages or prompt/completion (one layout per file)
+    method: Literal["full", "lora", "qlora"] = "full"  # all weights, or adapters on a frozen base
+    chat_template: str = ""  # a built-in name or a template file/folder; "": the checkpoint's, else "llama2"
+    val_fraction: float = 0.05  # examples held out (by content hash) for the validation loss
+
+
+@dataclass
+class FinetuneTrainConfig:
+    seed: int = 0
+    epochs: int = 2  # Llama 2 section 3.1
+    max_steps: int | None = None  # unset: epochs x (training examples // batch_size)
+    max_minutes: float | None = None  # stop (and checkpoint) after this wall-clock time
+    batch_size: int = 64  # examples per optimizer step (Llama 2 section 3.1)
+    micro_batch_size: int = 4  # examples per forward pass on each data-parallel rank
+    seq_len: int | None = None  # the longest example kept, in tokens; unset: the checkpoint's context
+    device: str = "auto"  # cpu, cuda, cuda:N; auto = cuda when present
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto = bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    activation_checkpointing: Literal["none", "full", "selective"] = "selective"  # section 2.4
+
+
+@dataclass
+class FinetuneScheduleConfig:
+    warmup_ratio: float = 0.03  # of the run's steps: Stanford Alpaca's train.py
+    warmup_steps: int | None = None  # set: this many, whatever warmup_ratio says
+    min_lr_ratio: float = 0.1  # section 2.3's cosine end (Llama 2's fine-tuning does not give one)
+    decay_steps: int | None = None  # cosine length, default the run's steps
+
+
+@dataclass
+class FinetuneJobConfig:
+    """The `finetune` job: one dataclass per TOML section, the Trainer's sections with fine-tuning's
+    defaults (module docstring) and [finetune] for the model, data and method."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/finetune"))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2.0e-5))  # Llama 2 section 3.1
+    schedule: FinetuneScheduleConfig = field(default_factory=FinetuneScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=250, keep_last=2))
+    # Validation on all held-out examples (batches 0) every 100 steps: about a tenth of the
+    # training time at a 5% held-out share.
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=100, batches=0))
+    log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+    def __post_init__(self):
+        t, s = self.train, self.schedule
+        for name in ("epochs", "batch_size", "micro_batch_size", "seq_len"):
+            if getattr(t, name) is not None and getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1, got {t.max_steps}; remove it to train "
+                             "train.epochs epochs")
+        if not 0 <= self.finetune.val_fraction < 1:
+            raise ValueError(f"finetune.val_fraction must be in [0, 1), got {self.finetune.val_fraction}")
+        if not 0 <= s.warmup_ratio <= 1 or (s.warmup_steps is not None and s.warmup_steps < 0):
+            raise ValueError("schedule.warmup_ratio must be in [0, 1] and schedule.warmup_steps >= 0")
+        if not 0 <= s.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+        if self.checkpoint.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+
+    def grad_accum_steps(self, dp_world: int = 1) -> int:
+        """Micro-batches per optimizer step so that a step sees exactly train.batch_size examples."""
+        t = self.train
+        per_micro = t.micro_batch_size * dp_world
+        if t.batch_size % per_micro:
+            raise ValueError(f"train.batch_size={t.batch_size} examples is not a whole number of micro-batches of "
+                             f"train.micro_batch_size={t.micro_batch_size} x {dp_world} data-parallel rank(s) = "
+                             f"{per_micro}; choose a batch_size that is a multiple of {per_micro}, or a "
+                             "micro_batch_size that divides it")
+        return t.batch_size // per_micro
+
+
+def steps_for(cfg: FinetuneJobConfig, train_examples: int) -> tuple[int, int]:
+    """(max_steps, warmup_steps) of the run: train.max_steps, else the epochs over the training
+    examples; schedule.warmup_steps, else warmup_ratio of them, rounded up (as transformers does)."""
+    t, s = cfg.train, cfg.schedule
+    per_epoch = train_examples // t.batch_size
+    if per_epoch == 0 and t.max_steps is None:
+        raise ValueError(f"{cfg.finetune.data}: {train_examples} training examples are fewer than one batch of "
+                         f"train.batch_size={t.batch_size}; lower train.batch_size or add examples")
+    max_steps = t.max_steps if t.max_steps is not None else t.epochs * per_epoch
+    warmup = s.warmup_steps if s.warmup_steps is not None else math.ceil(s.warmup_ratio * max_steps)
+    return max_steps, warmup
+
+
+def chat_template_for(spec: str, tokenizer) -> ChatTemplate:
+    """The template the examples are rendered with: `spec` (a built-in name or a file) when given,
+    else the checkpoint's own, else the built-in "llama2"; checked against the tokenizer (a
+    template that writes control tokens the tokenizer lacks belongs to another model)."""
+
+    def piece(token_id) -> str | None:
+        return tokenizer.id_to_piece(token_id) if token_id is not None and token_id >= 0 else None
+
+    bos, eos = piece(tokenizer.bos_id), piece(tokenizer.eos_id)
+    if spec:
+        template = ChatTemplate.load(spec, bos_token=bos, eos_token=eos)
+    else:
+        template = getattr(tokenizer, "chat_template", None) or ChatTemplate.builtin(DEFAULT_TEMPLATE, bos_token=bos,
+                                                                                   eos_token=eos)
+    control_token_ids(tokenizer, template)
+    return template
+
+
+def instruction_source(cfg: FinetuneJobConfig, tokenizer, template: ChatTemplate,
+                       pad_multiple: int) -> tuple[DataSource, int]:
+    """The Trainer's data: the instruction file's examples split, tokenised and loaded; and the
+    number of training examples (which sets the run's steps)."""
+    f, t = cfg.finetune, cfg.train
+    layout, examples = read_examples(f.data)
+    train_ex, val_ex = split_examples(examples, f.val_fraction)
+    train_tok = tokenize_examples(train_ex, tokenizer, template, t.seq_len, f.data)
+    val_tok = tokenize_examples(val_ex, tokenizer, template, t.seq_len, f.data)
+    log.info("%s: %d examples (%s layout), %d for training and %d held out; chat template %s", f.data,
+             len(examples), layout.name, len(train_tok.examples), len(val_tok.examples), template.where)
+    dropped = train_tok.dropped + val_tok.dropped
+    if dropped:
+        log.warning("%d of %d examples are longer than train.seq_len=%d tokens (the longest: %d) and were dropped; "
+                    "raise train.seq_len (up to the model's context) to keep them", dropped, len(examples),
+                    t.seq_len, max(train_tok.longest, val_tok.longest))
+    if not train_tok.examples:
+        raise ValueError(f"{f.data}: no training example left (all {len(examples)} held out or longer than "
+                         f"train.seq_len={t.seq_len}); lower finetune.val_fraction or raise train.seq_len")
+    # The padding's value never counts (its targets are ignored, and causal attention keeps it out
+    # of the example's logits); the tokenizer's own pad id where it has one.
+    pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None and 0 <= i < tokenizer.vocab_size)
+
+    def train_loader(rank: int, world: int) -> SFTLoader:
+        return SFTLoader(train_tok.examples, batch_size=t.micro_batch_size, seq_len=t.seq_len, pad_id=pad_id,
+                         rank=rank, world_size=world, seed=t.seed, pad_multiple=pad_multiple)
+
+    val_loader = None
+    if cfg.eval.every > 0 and val_tok.examples:
+        val_loader = SFTLoader(val_tok.examples, batch_size=t.micro_batch_size, seq_len=t.seq_len, pad_id=pad_id,
+                               train=False, pad_multiple=pad_multiple, name="held-out")
+    elif cfg.eval.every > 0:
+        log.warning("no validation loss: finetune.val_fraction=%g of %d examples held out none; raise it",
+                    f.val_fraction, len(examples))
+    return DataSource(tokenizer, train_loader, val_loader, masked=True), len(train_tok.examples)
+
+
+def pretrained_init(state: dict[str, torch.Tensor]):
+    """ModelSpec.init that copies a checkpoint's weights into the run's (materialised, possibly
+    sharded) model; the state is released once copied."""
+
+    @torch.no_grad()
+    def init(model, seed: int, device: torch.device) -> None:
+        if is_distributed():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            # Every rank holds the whole state (memory-mapped where the format allows) and keeps its shards.
+            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+        else:
+            model.load_state_dict(state, strict=True)
+        model.init_rope(device)
+        state.clear()
+
+    return init
+
+
+def adapter_method(cfg: FinetuneJobConfig) -> None:
+    """LoRA / QLoRA: adapters on a frozen (for QLoRA, quantised) base. Waits for
+    llamaworks.inference.lora (LoraConfig, apply_lora, save_adapter); until then they are refused."""
+    if cfg.finetune.method != "full":
+        raise ValueError(f"finetune.method={cfg.finetune.method!r} needs llamaworks.inference.lora, which this "
+                         "version does not have yet; use --method full")
+
+
+def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
+    """Fine-tune (or continue fine-tuning) as cfg says; the run summary (also OUT/summary.json)."""
+    f, t = cfg.finetune, cfg.train
+    if not f.checkpoint:
+        raise ValueError("finetune.checkpoint is not set: give the model to start from with --checkpoint DIR (a "
+                         "model directory, Hugging Face or Meta folder, or .gguf file)")
+    if not f.data:
+        raise ValueError("finetune.data is not set: give the instruction examples with --data FILE (JSONL: Alpaca, "
+                         "messages or prompt/completion)")
+    adapter_method(cfg)
+    # fp32 weights to train (autocast computes in train.dtype); memory-mapped where the format allows.
+    base, tokenizer = load_any(f.checkpoint, device="cpu", dtype=torch.float32)
+    args = base.args
+    if t.seq_len is None:  # resolved here, so the run's config.toml says what was used
+        cfg = replace(cfg, train=replace(t, seq_len=args.max_seq_len))
+        t = cfg.train
+    dims = check_job(cfg, args.n_heads)
+    if t.seq_len > args.max_seq_len:
+        raise ValueError(f"train.seq_len={t.seq_len} exceeds the context of {f.checkpoint} (max_seq_len="
+                         f"{args.max_seq_len}); lower train.seq_len to at most {args.max_seq_len}")
+    template = chat_template_for(f.chat_template, tokenizer)
+    tokenizer.chat_template = template  # saved with every checkpoint and the final model
+    data, n_train = instruction_source(cfg, tokenizer, template, math.lcm(8, dims.tp))
+    max_steps, warmup = steps_for(cfg, n_train)
+    check_out_dir(Path(cfg.run.out_dir))
+    spec = ModelSpec(args, f"fine-tuned from {Path(f.checkpoint).name}", init=pretrained_init(base.state_dict()))
+    del base
+    return launch(cfg, resume, dims, data, spec, max_steps, warmup)
+
+
+def finetune_command(
+    checkpoint: Annotated[str | None, Arg("the model to start from: a model directory, Hugging Face or Meta "
+                                          "folder, or .gguf file (finetune.checkpoint)")] = None,
+    data: Annotated[str | None, Arg("instruction examples, JSONL: Alpaca (instruction, input, output), messages, or "
+                                    "prompt/completion (finetune.data)")] = None,
+    method: Annotated[Literal["full", "lora", "qlora"] | None, Arg("train all weights, or adapters on a frozen "
+                                                                   "base (finetune.method; default full)")] = None,
+    out: Annotated[str | None, Arg("the run folder (run.out_dir)")] = None,
+    chat_template: Annotated[str | None, Arg("a built-in chat template (llama2, llama3, plain) or a template "
+                                             "file; default the checkpoint's own, else llama2 "
+                                             "(finetune.chat_template)")] = None,
+    config: Annotated[str | None, Arg("TOML config file (e.g. finetune_tiny; default: the defaults "
+                                      "listed in configs/finetune_default.toml)")] = None,
+    resume: Annotated[bool, Arg("continue from the run's latest complete checkpoint")] = False,
+    overrides: list[str] | None = None,
+) -> int:
+    """Instruction fine-tuning (LLaMA-I, section 4) with the pretraining recipe's Trainer. The options
+    above set their config keys; any config field can be set as --section.key VALUE, e.g.
+    --train.epochs 3 --optim.lr 1e-5 --train.seq_len 1024."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    flags = {"finetune": {k: v for k, v in (("checkpoint", checkpoint), ("data", data), ("method", method),
+                                            ("chat_template", chat_template)) if v is not None}}
+    if out is not None:
+        flags["run"] = {"out_dir": out}
+    cfg = load_config(FinetuneJobConfig, resolve_config_path(config), merge(parse_overrides(overrides or []), flags))
+    try:
+        summary = run_finetune(cfg, resume=resume)
+    except NonFiniteLossError as e:
+        print(f"llamaworks finetune: {e}", file=sys.stderr)
+        return 3
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary rather than one per process
+        print(format_summary(summary))
+    return 0
+
+
+finetune_command.config_class = FinetuneJobConfig

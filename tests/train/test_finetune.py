@@ -1,0 +1,273 @@
+"""`llamaworks finetune` end to end on the tiny model: full fine-tuning lowers the held-out loss,
+the run folder holds what pretraining's does (and a model directory with its chat template),
+resume is exact (also after a SIGKILL while saving), and the config and chat template are chosen
+as documented."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamaworks.cli import main
+from llamaworks.configfile import dumps, load_config, resolve_config_path
+from llamaworks.data.sft import read_examples, split_examples, tokenize_examples
+from llamaworks.modeldir import load_model
+from llamaworks.tokenizer.chat import LLAMA2_TEMPLATE, ChatTemplate
+from llamaworks.train.checkpoint import STATE, latest_checkpoint, list_checkpoints
+from llamaworks.train.finetune import FinetuneJobConfig, chat_template_for, run_finetune
+from llamaworks.train.metrics_log import read_metrics
+from llamaworks.train.sft import SFTLoader
+from llamaworks.train.trainer import evaluate
+from llamaworks.weights import read_safetensors
+
+WORDS = "king queen lord lady love night day sword crown heart blood fair".split()
+
+
+def instruction_records(n: int = 300, seed: int = 0) -> list[dict]:
+    """Two tasks a tiny model learns in a few dozen steps: reverse the words, name the first."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
+        if i % 2:
+            out.append({"instruction": "Reverse the words.", "input": " ".join(words),
+                        "output": " ".join(reversed(words))})
+        else:
+            out.append({"instruction": "Which word comes first?", "input": " ".join(words), "output": words[0]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sft") / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in instruction_records()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def make_ft_config(tiny_model_dir, instructions):
+    """The shipped finetune_tiny.toml on the tiny model directory, with pretraining tests' sizes:
+    8 steps of 16 examples, a checkpoint every 3 steps, validation every 4."""
+
+    def make(out_dir: Path, **sections: dict) -> FinetuneJobConfig:
+        over = {
+            "run": {"out_dir": str(out_dir)},
+            "finetune": {"checkpoint": str(tiny_model_dir), "data": str(instructions)},
+            "train": {"max_steps": 8, "device": "cpu"},
+            "schedule": {"warmup_steps": 2},
+            "checkpoint": {"every": 3},
+            "eval": {"every": 4},
+            "log": {"progress": False},
+            "hardware": {"peak_flops": 1e12},  # skip the start-up matmul benchmark
+        }
+        for name, values in sections.items():
+            over[name] = {**over.get(name, {}), **values}
+        return load_config(FinetuneJobConfig, resolve_config_path("finetune_tiny"), over)
+
+    return make
+
+
+def column(out: Path, key: str = "loss") -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in read_metrics(out / "metrics.jsonl") if key in r]
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in read_safetensors(model_dir / "model.safetensors").items()}
+
+
+@pytest.fixture(scope="module")
+def reference(make_ft_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    cfg = make_ft_config(out)
+    return cfg, out, run_finetune(cfg)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def held_out_loss(model_dir: Path, data: Path) -> float:
+    """The loss per assistant token of the model directory on the held-out examples."""
+    model, tok = load_model(model_dir)
+    template = ChatTemplate.builtin("llama2", bos_token="<s>", eos_token="</s>")
+    _, examples = read_examples(data)
+    held = tokenize_examples(split_examples(examples, 0.05)[1], tok, template, 256, data).examples
+    loader = SFTLoader(held, batch_size=8, seq_len=256, pad_id=0, train=False)
+    return evaluate(model, loader, 0, torch.device("cpu"), nullcontext())
+
+
+def test_full_finetuning_lowers_the_held_out_loss(make_ft_config, tiny_model_dir, instructions, tmp_path):
+    """Two epochs of finetune_tiny as shipped (the steps from the epochs) from the tiny model."""
+    out = tmp_path / "run"
+    cfg = make_ft_config(out, train={"max_steps": None}, schedule={"warmup_steps": None},
+                         checkpoint={"every": 100}, eval={"every": 10})
+    summary = run_finetune(cfg)
+    n_train = len(split_examples(read_examples(instructions)[1], 0.05)[0])
+    assert summary["steps"] == 2 * (n_train // 16)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert rows[1]["lr"] == cfg.optim.lr  # warm-up: ceil(3% of the steps) = 2 steps
+    before, after = held_out_loss(tiny_model_dir, instructions), held_out_loss(out / "model", instructions)
+    assert after == pytest.approx(summary["final_val_loss"], rel=1e-5)  # the run measured that very loss
+    assert after < 0.6 * before, (before, after)
+    vals = [v for _, v in column(out, "val_loss")]
+    assert len(vals) >= 3 and vals[-1] < vals[0]
+
+
+def test_the_run_folder_holds_config_metrics_curve_and_a_chat_model_directory(reference, tiny_model_dir):
+    cfg, out, summary = reference
+    assert load_config(FinetuneJobConfig, out / "config.toml") == cfg
+    assert [s for s, _ in column(out)] == list(range(1, 9))
+    assert [s for s, _ in column(out, "val_loss")] == [4, 8]
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["steps"] == 8 and summary["final_val_loss"] == column(out, "val_loss")[-1][1]
+    # The final model is a model directory that carries the template it was trained with.
+    model, tok = load_model(out / "model")
+    assert (out / "model" / "chat_template.jinja").read_text() == LLAMA2_TEMPLATE
+    assert tok.chat_template.eos_token == "</s>"
+    base, _ = load_model(tiny_model_dir)
+    assert model.args == base.args
+    assert not torch.equal(model.layers[0].attention.wq.weight, base.layers[0].attention.wq.weight)
+    state = torch.load(latest_checkpoint(out) / STATE, weights_only=False)
+    assert state["loader"]["position"] == 8 * 16  # 8 steps of 16 examples
+
+
+def test_the_first_step_starts_from_the_checkpoint(make_ft_config, tiny_model_dir, tmp_path):
+    """With a zero learning rate nothing moves: the weights are the checkpoint's, bit for bit."""
+    out = tmp_path / "run"
+    run_finetune(make_ft_config(out, train={"max_steps": 1}, optim={"lr": 0.0, "weight_decay": 0.0},
+                                eval={"every": 0}))
+    final, base = weights(out / "model"), weights(tiny_model_dir)
+    assert final.keys() == base.keys() and all(torch.equal(final[k], base[k]) for k in base)
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_bitwise_identically(reference, make_ft_config, tmp_path):
+    _, ref_out, _ = reference
+    out = tmp_path / "run"
+    run_finetune(make_ft_config(out, train={"max_steps": 4}, schedule={"decay_steps": 8}))
+    assert latest_checkpoint(out).name == "step_00000004"
+    argv = ["finetune", "--config", str(out / "config.toml"), "--resume", "--train.max_steps", "8"]
+    assert main(argv) == 0
+    for key in ("loss", "grad_norm", "lr", "tokens"):
+        assert column(out, key) == column(ref_out, key), key
+    assert dict(column(out, "val_loss"))[8] == dict(column(ref_out, "val_loss"))[8]
+    final, ref_final = weights(out / "model"), weights(ref_out / "model")
+    assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)
+
+
+KILL_ON_SECOND_SAVE = """
+import os, signal, sys
+import torch
+
+torch.set_num_threads(1)
+real_save, calls = torch.save, []
+
+
+def save(*args, **kwargs):
+    calls.append(args[1])
+    if len(calls) == 2:  # the second checkpoint: weights written into its temporary folder, state not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(*args, **kwargs)
+
+
+torch.save = save
+from llamaworks.cli import main
+
+sys.exit(main(["finetune", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_run_killed_while_saving_resumes_exactly(reference, make_ft_config, tmp_path):
+    _, ref_out, _ = reference
+    out = tmp_path / "run"
+    config = tmp_path / "job.toml"
+    config.write_text(dumps(make_ft_config(out)))
+    proc = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_SAVE, str(config)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000003"]
+    assert main(["finetune", "--config", str(out / "config.toml"), "--resume"]) == 0
+    assert column(out) == column(ref_out)  # steps 4-6 logged once, by the resumed run, identically
+    assert column(out, "val_loss") == column(ref_out, "val_loss")
+
+
+def test_resume_refuses_other_data(reference, make_ft_config, tmp_path):
+    _, ref_out, _ = reference
+    out = tmp_path / "run"
+    run_finetune(make_ft_config(out, train={"max_steps": 3}, eval={"every": 0}))
+    with pytest.raises(ValueError, match="instruction data.*changed"):
+        run_finetune(make_ft_config(out, finetune={"val_fraction": 0.2}, eval={"every": 0}), resume=True)
+
+
+# ---------------------------------------------------------------------------- config and command line
+
+
+def test_the_default_config_file_lists_the_defaults():
+    assert load_config(FinetuneJobConfig, resolve_config_path("finetune_default")) == FinetuneJobConfig()
+    cfg = FinetuneJobConfig()
+    assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay, cfg.optim.grad_clip) == (
+        2e-5, 0.9, 0.95, 0.1, 1.0)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.schedule.warmup_ratio) == (2, 64, 0.03)
+
+
+def test_flags_set_their_keys_beside_section_overrides(tiny_model_dir, instructions, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune", "--config", "finetune_tiny", "--checkpoint", str(tiny_model_dir), "--data", str(instructions),
+            "--out", str(out), "--checkpoint.every", "2", "--train.max_steps", "2", "--train.device", "cpu",
+            "--eval.every", "0", "--log.progress", "false", "--hardware.peak_flops", "1e12"]
+    assert main(argv) == 0
+    cfg = load_config(FinetuneJobConfig, out / "config.toml")
+    assert (cfg.finetune.checkpoint, cfg.finetune.data, cfg.run.out_dir) == (str(tiny_model_dir),
+                                                                            str(instructions), str(out))
+    assert cfg.checkpoint.every == 2 and cfg.finetune.method == "full"
+    assert "done: 2 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--train.bogus", "1"], ["train.bogus", "valid keys:", "batch_size", "epochs"]),
+    (["--data", "x.jsonl"], ["finetune.checkpoint is not set", "--checkpoint"]),
+    (["--checkpoint", "m"], ["finetune.data is not set", "--data"]),
+    (["--checkpoint", "m", "--data", "d", "--method", "lora"], ["finetune.method='lora'", "--method full"]),
+    (["--train.batch_size", "12", "--train.micro_batch_size", "8"], ["train.batch_size=12", "multiple of 8"]),
+])
+def test_command_line_errors_say_what_to_do(argv, expected, tiny_model_dir, instructions, capsys):
+    full = {"--checkpoint": str(tiny_model_dir), "--data": str(instructions)}
+    if argv[0].startswith("--train.batch"):
+        argv = [*argv, *[x for kv in full.items() for x in kv]]
+    assert main(["finetune", "--config", "finetune_tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, err
+
+
+def test_a_missing_key_in_the_data_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "c"}) + "\n")
+    assert main(["finetune", "--checkpoint", str(tiny_model_dir), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--train.device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: missing key 'completion'" in err and "Traceback" not in err
+
+
+def test_the_chat_template_is_the_checkpoints_else_llama2(tiny_tokenizer, tmp_path, corpus_docs):
+    from tiny_llama3 import make_model_dir, write_tokenizer
+
+    assert chat_template_for("", tiny_tokenizer).source == LLAMA2_TEMPLATE  # a base model: llama2
+    assert chat_template_for("plain", tiny_tokenizer).key == "plain"
+    with pytest.raises(ValueError, match="does not have as a token"):
+        chat_template_for("llama3", tiny_tokenizer)  # Llama 3's header tokens are not in this tokenizer
+    instruct = make_model_dir(tmp_path / "l3", write_tokenizer(tmp_path / "tok", corpus_docs), template="llama3")
+    _, tok = load_model(instruct)
+    assert "<|start_header_id|>" in chat_template_for("", tok).source  # the checkpoint's own
+    assert chat_template_for("llama2", tok).source == LLAMA2_TEMPLATE  # unless one is asked for
