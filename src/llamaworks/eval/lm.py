@@ -142,9 +142,10 @@ class EvalModel:
         self.device = model.output.weight.device
 
     @classmethod
-    def from_dir(cls, path, device: str = "auto", dtype: str | None = None, **kwargs) -> EvalModel:
+    def from_dir(cls, path, device: str = "auto", dtype: str | None = None, adapter: str | None = None,
+                 **kwargs) -> EvalModel:
         dev, dt = resolve_device(device, dtype)
-        model, tokenizer = load_model(path, device=dev, dtype=dt)
+        model, tokenizer = load_model(path, device=dev, dtype=dt, adapter=adapter)
         return cls(model, tokenizer, **kwargs)
 
     @property

@@ -419,6 +419,7 @@ TASK_HELP = f"task name(s), comma-separated: {', '.join(TASKS)}; with --harness 
 def eval_command(
     checkpoint: Annotated[str, Arg("model directory (params.json, model.safetensors, tokenizer.model)")],
     task: Annotated[str | None, Arg(TASK_HELP)] = None,
+    adapter: Annotated[str | None, Arg("a LoRA adapter directory (PEFT layout) applied unmerged")] = None,
     data: Annotated[str | None, Arg("the task's data file (JSONL/JSON/Parquet/CSV), its release folder (RACE/, "
                                     "MMLU's data/, winogender-schemas' data/), or a directory holding NAME.jsonl "
                                     "(or NAME/) for each task")] = None,
@@ -466,7 +467,9 @@ def eval_command(
         if data is not None or fewshot_data is not None:
             raise ValueError("--data/--fewshot-data are for llamaworks' own tasks; an lm-eval task names its data "
                              "in its YAML (dataset_path, dataset_kwargs)")
-
+        if adapter is not None:
+            raise ValueError("--adapter with --harness lm-eval: merge the adapter first (llamaworks merge) and "
+                             "evaluate the merged model directory")
         return harness_command(checkpoint, names, include_path=include_path, limit=limit, shots=shots,
                                batch_size=batch_size, add_bos=bos, device=device, dtype=dtype, output=output)
     if include_path is not None:
@@ -504,7 +507,8 @@ def eval_command(
     examples = {t.name: t.load(paths[t.name], limit) for t in selected}
     pools = {t.name: evaluators[t.name].load_fewshot(t, fewshot_data, paths[t.name])
              for t in selected if n_shots[t.name]}
-    lm = EvalModel.from_dir(checkpoint, device=device, dtype=dtype, batch_size=batch_size, add_bos=bos)
+    lm = EvalModel.from_dir(checkpoint, device=device, dtype=dtype, adapter=adapter, batch_size=batch_size,
+                            add_bos=bos)
     results = []
     for t in selected:
         settings = EvalSettings(shots=n_shots[t.name], fewshot_pool=pools.get(t.name), maj_k=maj_k,

@@ -56,6 +56,7 @@ def serve_command(
     max_queue: Annotated[int, Arg("requests that may wait for a slot; beyond it the server answers 429")] = 64,
     max_seq_len: Annotated[int | None, Arg("context window served (default: the model's)")] = None,
     model_name: Annotated[str | None, Arg("the model id clients pass (default: the directory's name)")] = None,
+    adapter: Annotated[str | None, Arg("a LoRA adapter directory (PEFT layout) applied unmerged")] = None,
     chat_template: Annotated[str | None, Arg("chat format of /v1/chat/completions: a built-in (llama2, llama3, plain) "
                                              "or a .jinja file, tokenizer_config.json or model folder (default: the "
                                              "checkpoint's chat_template.jinja, else plain)")] = None,
@@ -83,7 +84,7 @@ def serve_command(
     """
     limits = Limits(max_body_bytes=max_body_bytes, header_timeout=header_timeout, body_timeout=body_timeout)
     dev, dt = resolve_device(device, dtype)
-    model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
+    model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
     model.eval()
     template = resolve_chat_template(tokenizer, chat_template)  # a bad name or file fails here, before serving
     src = Path(checkpoint).resolve()
