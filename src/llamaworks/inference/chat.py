@@ -142,6 +142,7 @@ def run_repl(session: ChatSession, read: Callable[[str], str] = input, out: Text
 
 def chat_command(
     checkpoint: Annotated[str, Arg("model directory, Hugging Face or Meta folder, or .gguf file")],
+    adapter: Annotated[str | None, Arg("a LoRA adapter directory (PEFT layout) applied unmerged")] = None,
     system: Annotated[str | None, Arg("system prompt")] = None,
     chat_template: Annotated[str | None, Arg("a built-in (llama2, llama3, plain), a .jinja file, a "
                                              "tokenizer_config.json or a model folder (default: the "
@@ -156,7 +157,7 @@ def chat_command(
     """Chat with a model in the terminal: streamed replies, multi-turn history, /reset, /system, /exit;
     Ctrl-C stops a reply without quitting."""
     dev, dt = resolve_device(device, dtype)
-    model, tokenizer = load_model(checkpoint, device=dev, dtype=dt)
+    model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
     template = resolve_chat_template(tokenizer, chat_template)
     session = ChatSession(model, tokenizer, template, system=system, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, seed=seed)
