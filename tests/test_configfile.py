@@ -96,6 +96,8 @@ def test_shipped_configs_load():
     for p in root.glob("*.toml"):
         if p.stem.startswith("mix_"):  # `llamaworks data mix` configs (tests/data/test_mix.py loads them)
             continue
+        if p.stem.startswith("finetune_"):  # `llamaworks finetune` configs (tests/train/test_finetune.py)
+            continue
         cfg = load_config(JobConfig, p)
         cfg.model.build_args()
         lrs[p.stem] = cfg.optim.lr
