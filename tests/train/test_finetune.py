@@ -1,7 +1,7 @@
 """`llamaworks finetune` end to end on the tiny model: full fine-tuning lowers the held-out loss,
 the run folder holds what pretraining's does (and a model directory with its chat template),
-resume is exact (also after a SIGKILL while saving), and the config and chat template are chosen
-as documented."""
+resume is exact (also after a SIGKILL while saving), the config and chat template are chosen as
+documented, and LoRA/QLoRA train the adapters only, over a base left bit for bit as it was."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ import torch
 from llamaworks.cli import main
 from llamaworks.configfile import dumps, load_config, resolve_config_path
 from llamaworks.data.sft import read_examples, split_examples, tokenize_examples
+from llamaworks.inference.load import load_model as load_any_model
+from llamaworks.inference.lora import LoraConfig, apply_lora
+from llamaworks.inference.quant import quantize_model
 from llamaworks.modeldir import load_model
 from llamaworks.tokenizer.chat import LLAMA2_TEMPLATE, ChatTemplate
 from llamaworks.train.checkpoint import STATE, latest_checkpoint, list_checkpoints
@@ -238,7 +241,7 @@ def test_flags_set_their_keys_beside_section_overrides(tiny_model_dir, instructi
     (["--train.bogus", "1"], ["train.bogus", "valid keys:", "batch_size", "epochs"]),
     (["--data", "x.jsonl"], ["finetune.checkpoint is not set", "--checkpoint"]),
     (["--checkpoint", "m"], ["finetune.data is not set", "--data"]),
-    (["--checkpoint", "m", "--data", "d", "--method", "lora"], ["finetune.method='lora'", "--method full"]),
+    (["--finetune.method", "lora", "--finetune.lora_r", "0"], ["lora_", "positive integer"]),
     (["--train.batch_size", "12", "--train.micro_batch_size", "8"], ["train.batch_size=12", "multiple of 8"]),
 ])
 def test_command_line_errors_say_what_to_do(argv, expected, tiny_model_dir, instructions, capsys):
@@ -271,3 +274,71 @@ def test_the_chat_template_is_the_checkpoints_else_llama2(tiny_tokenizer, tmp_pa
     _, tok = load_model(instruct)
     assert "<|start_header_id|>" in chat_template_for("", tok).source  # the checkpoint's own
     assert chat_template_for("llama2", tok).source == LLAMA2_TEMPLATE  # unless one is asked for
+
+
+# ---------------------------------------------------------------------------- LoRA and QLoRA
+
+
+def lora_run(make_ft_config, out: Path, method: str = "lora", **sections):
+    cfg = make_ft_config(out, finetune={"method": method, "lora_r": 8, "lora_alpha": 16.0},
+                         optim={"lr": 1e-2}, **sections)
+    return cfg, run_finetune(cfg)
+
+
+def base_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's frozen weights under the base model's names (wq.base_layer.weight -> wq.weight)."""
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+
+def test_lora_trains_only_the_adapters_and_leaves_an_adapter_directory(make_ft_config, tiny_model_dir,
+                                                                       instructions, tmp_path):
+    out = tmp_path / "run"
+    cfg, summary = lora_run(make_ft_config, out)
+    assert cfg.optim.beta2 == 0.95 and summary["model_dir"] == str(out / "adapter")
+    assert not (out / "model").exists()
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (8, 16.0, str(tiny_model_dir))
+    assert (out / "adapter" / "chat_template.jinja").read_text() == LLAMA2_TEMPLATE
+    # The base, bit for bit: every frozen tensor of the last checkpoint is the starting model's.
+    state = weights(latest_checkpoint(out))
+    frozen, base = base_weights(state), weights(tiny_model_dir)
+    assert frozen.keys() == base.keys() and all(torch.equal(frozen[k], base[k]) for k in base)
+    assert all(state[k].abs().max() > 0 for k in state if k.endswith("lora_B"))  # the adapters moved from 0
+    # The adapter directory holds what was trained: loaded onto the base, the same logits.
+    trained, _ = load_any_model(tiny_model_dir)
+    apply_lora(trained, LoraConfig(r=8, alpha=16.0))
+    trained.load_state_dict(state)
+    adapted, _ = load_any_model(tiny_model_dir, adapter=out / "adapter")
+    tokens = torch.tensor([[1, 5, 9, 30, 200, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(tokens), trained.eval()(tokens), rtol=1e-5, atol=1e-5)
+    assert summary["final_val_loss"] < held_out_loss(tiny_model_dir, instructions)
+
+
+def test_lora_resume_continues_bitwise_identically(make_ft_config, tmp_path):
+    ref = tmp_path / "reference"
+    lora_run(make_ft_config, ref)
+    out = tmp_path / "run"
+    lora_run(make_ft_config, out, train={"max_steps": 4}, schedule={"decay_steps": 8})
+    assert main(["finetune", "--config", str(out / "config.toml"), "--resume", "--train.max_steps", "8"]) == 0
+    assert column(out) == column(ref) and column(out, "val_loss") == column(ref, "val_loss")
+    a, b = read_safetensors(out / "adapter" / "adapter_model.safetensors"), read_safetensors(
+        ref / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_trains_adapters_over_a_quantised_frozen_base(make_ft_config, tiny_model_dir, instructions, tmp_path):
+    out = tmp_path / "run"
+    _, summary = lora_run(make_ft_config, out, method="qlora")
+    state = weights(latest_checkpoint(out))
+    base, _ = load_model(tiny_model_dir)
+    for block in base.layers:
+        quantize_model(block, "int4")
+    expected = base.state_dict()  # the blocks' projections in int4, the rest (output included) float
+    frozen = {k: v for k, v in state.items() if ".lora_" not in k}
+    assert {k.replace(".base_layer.", ".") for k in frozen} == set(expected)
+    assert all(torch.equal(v, expected[k.replace(".base_layer.", ".")]) for k, v in frozen.items())
+    assert state["layers.0.attention.wq.base_layer.weight"].dtype == torch.uint8
+    assert state["output.weight"].dtype == torch.float32
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert summary["final_val_loss"] < held_out_loss(tiny_model_dir, instructions)

@@ -32,6 +32,15 @@ fine-tuning (Touvron et al. 2023b, section 3.1), so the defaults are:
   with the tokenizer's eos, which the model learns to write, so generation stops where a reply
   ends. ("plain", the base-model dialogue, ends a turn with a newline only.)
 - 5% of the examples held out for the validation loss, chosen by a hash of their content.
+
+LoRA (--method lora: adapters on a frozen base, Hu et al. 2021) and QLoRA (--method qlora: the
+frozen base quantised, Dettmers et al. 2023) take QLoRA's recipe for LLaMA: adapters of rank 64,
+alpha 16, dropout 0.1 (their value up to 13B; 0.05 above) on every attention and MLP projection,
+learning rate 2e-4 (their 7B/13B value; 1e-4 for 33B/65B). The rest stays the paper's AdamW. The
+run leaves OUT/adapter, a PEFT adapter directory (inference/lora.py) with the chat template beside
+it; `llamaworks merge` folds it into the base, `generate --adapter` runs it unmerged. QLoRA
+quantises the blocks' projections (int4 by default: llamaworks' group-wise int4, where QLoRA has
+NF4) and keeps the output layer in float, as transformers keeps lm_head when it loads in 4 bits.
 """
 
 from __future__ import annotations
@@ -47,9 +56,13 @@ from typing import Annotated, Literal
 import torch
 
 from llamaworks.args import Arg
+from llamaworks.atomic import atomic_write_text
 from llamaworks.configfile import load_config, merge, parse_overrides, resolve_config_path
 from llamaworks.convert.formats import load_any
 from llamaworks.data.sft import read_examples, split_examples, tokenize_examples
+from llamaworks.inference.lora import DEFAULT_TARGETS, LoraConfig, apply_lora, save_adapter
+from llamaworks.inference.quant import quantize_model
+from llamaworks.modeldir import CHAT_TEMPLATE
 from llamaworks.parallel.distributed import is_distributed
 from llamaworks.tokenizer.chat import ChatTemplate, control_token_ids
 from llamaworks.train.config import (
@@ -74,7 +87,8 @@ from llamaworks.train.trainer import (
 
 log = logging.getLogger("llamaworks")
 
-METHODS = ("full", "lora", "qlora")
+FULL_LR = 2.0e-5  # Llama 2 section 3.1
+ADAPTER_LR = 2.0e-4  # QLoRA (Dettmers et al. 2023) for 7B and 13B
 DEFAULT_TEMPLATE = "llama2"  # for checkpoints without a chat template of their own (module docstring)
 
 
@@ -85,6 +99,17 @@ class FinetuneConfig:
     method: Literal["full", "lora", "qlora"] = "full"  # all weights, or adapters on a frozen base
     chat_template: str = ""  # a built-in name or a template file/folder; "": the checkpoint's, else "llama2"
     val_fraction: float = 0.05  # examples held out (by content hash) for the validation loss
+    # method lora / qlora: QLoRA's values for LLaMA (module docstring)
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # every projection
+    qlora_mode: Literal["int4", "int8"] = "int4"  # how qlora stores the frozen base's projections
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    lr: float | None = None  # unset: 2e-5 for full (Llama 2 section 3.1), 2e-4 for lora/qlora (QLoRA)
 
 
 @dataclass
@@ -118,7 +143,7 @@ class FinetuneJobConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/finetune"))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2.0e-5))  # Llama 2 section 3.1
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     schedule: FinetuneScheduleConfig = field(default_factory=FinetuneScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=250, keep_last=2))
     # Validation on all held-out examples (batches 0) every 100 steps: about a tenth of the
@@ -144,6 +169,18 @@ class FinetuneJobConfig:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
         if self.checkpoint.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        if self.optim.lr is None:
+            self.optim.lr = FULL_LR if self.finetune.method == "full" else ADAPTER_LR
+        if self.finetune.method != "full":
+            self.lora_config()  # bad adapter settings are errors now, naming the key
+
+    def lora_config(self) -> LoraConfig:
+        f = self.finetune
+        try:
+            return LoraConfig(r=f.lora_r, alpha=f.lora_alpha, dropout=f.lora_dropout,
+                              target_modules=tuple(f.lora_targets))
+        except ValueError as e:
+            raise ValueError(f"[finetune] lora_*: {e}") from None
 
     def grad_accum_steps(self, dp_world: int = 1) -> int:
         """Micro-batches per optimizer step so that a step sees exactly train.batch_size examples."""
@@ -244,12 +281,27 @@ def pretrained_init(state: dict[str, torch.Tensor]):
     return init
 
 
-def adapter_method(cfg: FinetuneJobConfig) -> None:
-    """LoRA / QLoRA: adapters on a frozen (for QLoRA, quantised) base. Waits for
-    llamaworks.inference.lora (LoraConfig, apply_lora, save_adapter); until then they are refused."""
-    if cfg.finetune.method != "full":
-        raise ValueError(f"finetune.method={cfg.finetune.method!r} needs llamaworks.inference.lora, which this "
-                         "version does not have yet; use --method full")
+def adapters(cfg: FinetuneJobConfig) -> tuple:
+    """(ModelSpec.adapt, ModelSpec.save_final) for --method lora / qlora; (None, None) for full."""
+    f = cfg.finetune
+    if f.method == "full":
+        return None, None
+    config = cfg.lora_config()
+
+    def adapt(model) -> None:
+        if f.method == "qlora":
+            for block in model.layers:  # the blocks' projections; the output layer stays float
+                quantize_model(block, f.qlora_mode)
+        apply_lora(model, config)
+
+    def save_final(model, tokenizer, out: Path) -> Path:
+        path = save_adapter(model, config, out / "adapter", base_model=f.checkpoint)
+        template = getattr(tokenizer, "chat_template", None)
+        if template is not None:  # the format the adapter learnt, for whoever serves it
+            atomic_write_text(path / CHAT_TEMPLATE, template.source)
+        return path
+
+    return adapt, save_final
 
 
 def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
@@ -261,7 +313,6 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
     if not f.data:
         raise ValueError("finetune.data is not set: give the instruction examples with --data FILE (JSONL: Alpaca, "
                          "messages or prompt/completion)")
-    adapter_method(cfg)
     # fp32 weights to train (autocast computes in train.dtype); memory-mapped where the format allows.
     base, tokenizer = load_any(f.checkpoint, device="cpu", dtype=torch.float32)
     args = base.args
@@ -269,6 +320,10 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
         cfg = replace(cfg, train=replace(t, seq_len=args.max_seq_len))
         t = cfg.train
     dims = check_job(cfg, args.n_heads)
+    if f.method != "full" and dims.world_size > 1:
+        raise ValueError(f"--method {f.method} runs in one process for now: adapters are added to the "
+                         "materialised model, after FSDP or tensor parallelism would have split it; run without "
+                         "torchrun, or use --method full")
     if t.seq_len > args.max_seq_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds the context of {f.checkpoint} (max_seq_len="
                          f"{args.max_seq_len}); lower train.seq_len to at most {args.max_seq_len}")
@@ -277,7 +332,9 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
     data, n_train = instruction_source(cfg, tokenizer, template, math.lcm(8, dims.tp))
     max_steps, warmup = steps_for(cfg, n_train)
     check_out_dir(Path(cfg.run.out_dir))
-    spec = ModelSpec(args, f"fine-tuned from {Path(f.checkpoint).name}", init=pretrained_init(base.state_dict()))
+    adapt, save_final = adapters(cfg)
+    spec = ModelSpec(args, f"{f.method} fine-tuning of {Path(f.checkpoint).name}",
+                     init=pretrained_init(base.state_dict()), adapt=adapt, save_final=save_final)
     del base
     return launch(cfg, resume, dims, data, spec, max_steps, warmup)
 

@@ -161,14 +161,20 @@ class DataSource:
 
 @dataclass
 class ModelSpec:
-    """The model a run trains: its arguments, a name for logs and the loss curve, and how its
-    weights start."""
+    """The model a run trains: its arguments, a name for logs and the loss curve, how its
+    weights start, and what the run leaves as its final model."""
 
     args: ModelArgs
     name: str
     # Fills the materialised (possibly sharded) model: (model, seed, device). Pretraining draws
     # the weights (train/init.py); fine-tuning copies a checkpoint's.
     init: Callable[[torch.nn.Module, int, torch.device], None] = init_weights
+    # Changes the initialised model before the optimizer is built, e.g. LoRA adapters on a frozen
+    # base: the optimizer then trains the parameters that still require gradients.
+    adapt: Callable[[torch.nn.Module], None] | None = None
+    # Writes the final model under the run folder and returns its path: (model, tokenizer, run
+    # folder) -> path. None: OUT/model, a model directory.
+    save_final: Callable[[torch.nn.Module, Any, Path], Path] | None = None
 
 
 @dataclass
@@ -197,6 +203,7 @@ class Trainer:
     max_steps: int  # train.max_steps, or what fine-tuning's epochs come to
     warmup_steps: int
     masked: bool  # DataSource.masked
+    save_final: Callable[[torch.nn.Module, Any, Path], Path] | None  # ModelSpec.save_final
     step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # seconds trained by the processes before this one (resume)
@@ -322,6 +329,8 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
                 par.fsdp_reshard_after_forward, loss_parallel=loss_parallel)
     model.to_empty(device=device)
     spec.init(model, t_cfg.seed, device)
+    if spec.adapt is not None:
+        spec.adapt(model)
     model.train()
     if loss_parallel:
         from torch.distributed.tensor.parallel import loss_parallel as loss_context
@@ -345,6 +354,7 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
                       val_loader=data.val_loader, task_eval=TaskEvaluator.from_config(cfg.eval),
                       accum=accum, n_params=n_params, flops_per_token=fpt, peak_flops=peak, model_name=spec.name,
                       max_steps=max_steps, warmup_steps=warmup_steps, masked=data.masked,
+                      save_final=spec.save_final,
                       step=state.get("step", 0), tokens_seen=state.get("tokens", 0),
                       elapsed_before=state.get("elapsed_s", 0.0), last_ckpt=ckpt)
     log.info("model: %s, %.2fM parameters; %d sequences/step (%d micro-batches of %d x %s%d tokens, dp=%d); "
@@ -352,6 +362,10 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
              accum * t_cfg.micro_batch_size * dims.dp, accum, t_cfg.micro_batch_size,
              "up to " if data.masked else "", t_cfg.seq_len, dims.dp, max_steps, fpt, peak,
              "given" if cfg.hardware.peak_flops else "measured")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != n_params:
+        log.info("training %.3gM of the parameters (%.2g%%); the others are frozen", trainable / 1e6,
+                 100 * trainable / n_params)
     batch_tokens = getattr(t_cfg, "batch_tokens", None)  # pretraining's batch is in tokens, fine-tuning's in examples
     if batch_tokens is not None and trainer.tokens_per_step != batch_tokens:
         log.warning("train.batch_tokens=%d is not a whole number of micro-batches of %d tokens on %d "
@@ -510,12 +524,16 @@ def run(t: Trainer) -> dict:
 
 
 def finish(t: Trainer, stop_reason: str, final_loss: float | None, final_val: float | None) -> dict:
-    """The last checkpoint (unless the loop just saved this step), the model directory, the loss
-    curve and the summary with section 6's energy estimate."""
+    """The last checkpoint (unless the loop just saved this step), the final model (a model
+    directory, or what ModelSpec.save_final writes), the loss curve and the summary with section
+    6's energy estimate."""
     if t.last_ckpt is None or not t.last_ckpt.name.endswith(f"{t.step:08d}"):
         save_checkpoint(t)
     elapsed = t.elapsed()
-    ckpt_io.save_model_dir(t.model, t.tokenizer, t.out / "model")
+    if t.save_final is not None:
+        final = t.save_final(t.model, t.tokenizer, t.out)
+    else:
+        final = ckpt_io.save_model_dir(t.model, t.tokenizer, t.out / "model")
     curve = None if not t.env.is_main else plot_loss_curve(
         t.out / "metrics.jsonl", t.out / "loss_curve.png",
         f"llamaworks {t.model_name}: {t.n_params / 1e6:.1f}M parameters")
@@ -523,7 +541,7 @@ def finish(t: Trainer, stop_reason: str, final_loss: float | None, final_val: fl
     power = t.cfg.hardware.power_w or (400.0 if t.device.type == "cuda" else 65.0)
     summary = {"steps": t.step, "tokens": t.tokens_seen, "stop_reason": stop_reason, "elapsed_s": elapsed,
                "params": t.n_params, "final_train_loss": final_loss, "final_val_loss": final_val,
-               "checkpoint": str(t.last_ckpt), "model_dir": str(t.out / "model"),
+               "checkpoint": str(t.last_ckpt), "model_dir": str(final),
                "loss_curve": str(curve) if curve else None,
                "energy": run_summary(device_hours, power)}
     if t.env.is_main:
