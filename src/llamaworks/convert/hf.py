@@ -76,14 +76,8 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
     """Meta-keyed tensors -> LlamaForCausalLM-keyed tensors (q/k permuted; others shared, not copied)."""
     names = key_map(args.n_layers, args.tie_word_embeddings)
     _check_keys(sd, names, "Meta")
-    out = {}
-    for k, t in sd.items():
-        if k.endswith("attention.wq.weight"):
-            t = permute_for_hf(t, args.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            t = permute_for_hf(t, args.n_kv_heads)
-        out[names[k]] = t
-    return out
+    return _rename(sd, names, {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads},
+                   permute_for_hf)
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -98,13 +92,18 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
             raise ValueError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight; "
                              "set tie_word_embeddings to false in config.json if the model has its own output layer")
     _check_keys(sd, names, "Hugging Face")
+    return _rename(sd, names, {"self_attn.q_proj.weight": args.n_heads, "self_attn.k_proj.weight": args.n_kv_heads},
+                   unpermute_from_hf)
+
+
+def _rename(sd: dict[str, torch.Tensor], names: dict[str, str], rotary: dict[str, int],
+            permute) -> dict[str, torch.Tensor]:
+    """Tensors under their new names; the q/k projections (key suffix -> heads) re-ordered by
+    `permute` for the other rotary row layout, every other tensor shared, not copied."""
     out = {}
     for k, t in sd.items():
-        if k.endswith("self_attn.q_proj.weight"):
-            t = unpermute_from_hf(t, args.n_heads)
-        elif k.endswith("self_attn.k_proj.weight"):
-            t = unpermute_from_hf(t, args.n_kv_heads)
-        out[names[k]] = t
+        suffix = next((s for s in rotary if k.endswith(s)), None)
+        out[names[k]] = t if suffix is None else permute(t, rotary[suffix])
     return out
 
 

@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -78,11 +76,10 @@ from llamaworks.train.sft import SFTLoader
 from llamaworks.train.trainer import (
     DataSource,
     ModelSpec,
-    NonFiniteLossError,
     check_job,
     check_out_dir,
-    format_summary,
     launch,
+    report_run,
 )
 
 log = logging.getLogger("llamaworks")
@@ -364,14 +361,7 @@ def finetune_command(
     if out is not None:
         flags["run"] = {"out_dir": out}
     cfg = load_config(FinetuneJobConfig, resolve_config_path(config), merge(parse_overrides(overrides or []), flags))
-    try:
-        summary = run_finetune(cfg, resume=resume)
-    except NonFiniteLossError as e:
-        print(f"llamaworks finetune: {e}", file=sys.stderr)
-        return 3
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary rather than one per process
-        print(format_summary(summary))
-    return 0
+    return report_run("finetune", lambda: run_finetune(cfg, resume=resume))
 
 
 finetune_command.config_class = FinetuneJobConfig

@@ -14,7 +14,25 @@ from llamaworks.data.shards import SPLITS, TokenStream, open_token_dataset, wind
 log = logging.getLogger(__name__)
 
 
-class TokenLoader:
+class EpochCursor:
+    """The position of a loader in its epoch's global order, shared by the loaders: global batch
+    i of an epoch is positions [i*G, (i+1)*G) (G = batch_size * world_size) and rank r takes
+    [r*batch_size, (r+1)*batch_size) of it. The subclass sets position, epoch, rank,
+    batch_size, global_batch, batches_per_epoch and infinite."""
+
+    def batch_start(self, name: str) -> int:
+        """This rank's first position of the next batch; rolls over to the next epoch (an
+        infinite loader) or ends the pass (a finite one: StopIteration, position back at 0)."""
+        if self.position >= self.batches_per_epoch * self.global_batch:
+            self.position = 0
+            if not self.infinite:
+                raise StopIteration  # position is back at 0: the next `for` loop is a fresh pass
+            self.epoch += 1
+            log.info("%s loader: epoch %d begins (%d batches per epoch)", name, self.epoch, self.batches_per_epoch)
+        return self.position + self.rank * self.batch_size
+
+
+class TokenLoader(EpochCursor):
     """(x, y) int64 batches of shape (batch_size, seq_len) from a prepared split; y is x shifted by one.
 
     Window k holds tokens [k*seq_len, k*seq_len + seq_len + 1) of the split's stream, so windows
@@ -58,14 +76,7 @@ class TokenLoader:
         return self
 
     def __next__(self):
-        if self.position >= self.batches_per_epoch * self.global_batch:
-            self.position = 0
-            if not self.infinite:
-                raise StopIteration  # position is back at 0: the next `for` loop is a fresh pass
-            self.epoch += 1
-            log.info("%s loader: epoch %d begins (%d batches per epoch)", self.split, self.epoch,
-                     self.batches_per_epoch)
-        first = self.position + self.rank * self.batch_size
+        first = self.batch_start(self.split)
         positions = np.arange(first, first + self.batch_size, dtype=np.uint64)
         if self.shuffle:
             positions = window_order(positions, self.num_windows, self.seed, self.epoch)

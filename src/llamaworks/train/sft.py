@@ -13,7 +13,6 @@ far shorter than the context.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,8 +20,7 @@ import torch
 
 from llamaworks.data.sft import IGNORE_INDEX, TokenizedExample
 from llamaworks.data.shards import window_order
-
-log = logging.getLogger("llamaworks")
+from llamaworks.train.loader import EpochCursor
 
 
 def fingerprint(examples: Sequence[TokenizedExample]) -> str:
@@ -35,7 +33,7 @@ def fingerprint(examples: Sequence[TokenizedExample]) -> str:
     return h.hexdigest()[:16]
 
 
-class SFTLoader:
+class SFTLoader(EpochCursor):
     """(x, y) int64 batches of shape (batch_size, width): x = ids[:-1], y = labels[1:] of each example.
 
     width is the longest example of the batch less one, rounded up to pad_multiple (kernels like
@@ -80,14 +78,7 @@ class SFTLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.position >= self.batches_per_epoch * self.global_batch:
-            self.position = 0
-            if not self.infinite:
-                raise StopIteration  # position is back at 0: the next `for` loop is a fresh pass
-            self.epoch += 1
-            log.info("%s loader: epoch %d begins (%d batches per epoch)", self.name, self.epoch,
-                     self.batches_per_epoch)
-        first = self.position + self.rank * self.batch_size
+        first = self.batch_start(self.name)
         if self.shuffle:
             positions = np.arange(first, first + self.batch_size, dtype=np.uint64)
             order = window_order(positions, len(self.examples), self.seed, self.epoch)

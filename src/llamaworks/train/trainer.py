@@ -568,12 +568,18 @@ def pretrain(
     e.g. --train.max_steps 100 --run.out_dir runs/x --optim.lr 1e-3."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(JobConfig, resolve_config_path(config), overrides or [])
+    return report_run("pretrain", lambda: train(cfg, resume=resume))
+
+
+def report_run(command: str, run: Callable[[], dict]) -> int:
+    """A training command's ending: exit 3 on a non-finite loss (its message names the last good
+    checkpoint), else the summary, printed once under torchrun."""
     try:
-        summary = train(cfg, resume=resume)
+        summary = run()
     except NonFiniteLossError as e:
-        print(f"llamaworks pretrain: {e}", file=sys.stderr)
+        print(f"llamaworks {command}: {e}", file=sys.stderr)
         return 3
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary rather than one per process
+    if os.environ.get("RANK", "0") == "0":
         print(format_summary(summary))
     return 0
 
