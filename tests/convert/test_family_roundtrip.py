@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from peaked import sharpen
 
 from llamaworks.convert.command import convert_command
 from llamaworks.convert.formats import load_checkpoint
@@ -23,13 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 SEQ = 48  # past rope_old_context_len=16
 
 
-def _sharpen(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)
-    return model.eval()
 
 
 def _llama32(vocab_size, **overrides):
@@ -48,7 +42,7 @@ def _logits(model, vocab_size):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, tiny_tokenizer):
     args = _llama32(tiny_tokenizer.vocab_size)
-    model = _sharpen(build_model(args, seed=0))
+    model = sharpen(build_model(args, seed=0))
     root = tmp_path_factory.mktemp("family")
     save_model(model, tiny_tokenizer, root / "native")
     hops = [("native", "meta", "meta2", dict(shards=2)), ("meta", "native", "native2", {}),
@@ -108,7 +102,7 @@ def test_meta_kv_heads_as_many_as_shards(tmp_path):
     # Llama 2/3 70B: 8 key/value heads over 8 shards, one head per shard.
     args = ModelArgs(dim=256, n_layers=1, n_heads=16, n_kv_heads=8, vocab_size=64, multiple_of=64,
                      rope_theta=500000.0)
-    model = _sharpen(build_model(args, seed=1))
+    model = sharpen(build_model(args, seed=1))
     write_meta_files(model.state_dict(), args, None, tmp_path, shards=8)
     shard = torch.load(tmp_path / "consolidated.05.pth", weights_only=True)
     assert shard["layers.0.attention.wk.weight"].shape == (16, 256)  # head 5 of 8

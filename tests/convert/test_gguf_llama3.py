@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peaked import sharpen
 
 from llamaworks.convert.command import greedy
 from llamaworks.model import ModelArgs, build_model, llama31_scaled_inv_freq, model_inv_freq, rope_inv_freq
@@ -82,14 +83,6 @@ def bpe(corpus_docs) -> ByteLevelBPETokenizer:
     return ByteLevelBPETokenizer.from_ranks(ranks, "llama3.1")
 
 
-def _sharpen(model, seed=0):
-    # std 0.1 weights: peaked logits, so greedy tokens are stable across backends.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)
-    return model.eval()
 
 
 def _llama32(vocab_size: int, **overrides) -> ModelArgs:
@@ -106,7 +99,7 @@ def _logits(model, vocab_size):
 
 @pytest.fixture(scope="module")
 def source(bpe, tmp_path_factory):
-    model = _sharpen(build_model(_llama32(bpe.vocab_size), seed=0))
+    model = sharpen(build_model(_llama32(bpe.vocab_size), seed=0))
     path = tmp_path_factory.mktemp("llama3") / "m.gguf"
     write_gguf(model.state_dict(), model.args, bpe, path)
     return model, path
@@ -270,7 +263,7 @@ def rewritten(meta: dict | None = None, drop=(), tensors: dict | None = None):
 def test_linear_scaling_and_untied_output_round_trip(bpe, tmp_path):
     args = _llama32(bpe.vocab_size, use_scaled_rope=False, rope_old_context_len=None, rope_scaling_factor=4.0,
                     tie_word_embeddings=False)
-    model = _sharpen(build_model(args, seed=1))
+    model = sharpen(build_model(args, seed=1))
     write_gguf(model.state_dict(), args, bpe, tmp_path / "lin.gguf")
     r = gguf.GGUFReader(str(tmp_path / "lin.gguf"))
     assert r.fields["llama.rope.scaling.type"].contents() == "linear"

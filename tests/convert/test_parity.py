@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from peaked import sharpen
 
 from llamaworks.cli import main as cli_main
 from llamaworks.convert.command import convert_command, greedy
@@ -27,15 +28,6 @@ from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 PROMPTS = [[1, 5, 77, 300, 12], [1, 400, 401, 402, 403, 404, 405, 17]]
 
 
-def _sharpen(model, seed=0):
-    # std 0.1 weights: peaked logits, so greedy tokens are stable across backends and a wrong
-    # q/k permutation changes them; norms around 1.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise)
-    return model.eval()
 
 
 def _logits(model):
@@ -57,7 +49,7 @@ def _greedy_all(model, n=8):
 def source(tmp_path_factory, tiny_tokenizer):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tiny_tokenizer.vocab_size,
                      max_seq_len=64)
-    model = _sharpen(build_model(args, seed=0))
+    model = sharpen(build_model(args, seed=0))
     root = tmp_path_factory.mktemp("parity")
     return model, save_model(model, tiny_tokenizer, root / "native"), root
 

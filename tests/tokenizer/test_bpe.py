@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("tokenizers")
 
+from tiny_llama3 import train_ranks  # noqa: E402
+
 from llamaworks.tokenizer import (  # noqa: E402
     ByteLevelBPETokenizer,
     Tokenizer,
@@ -28,7 +30,6 @@ from llamaworks.tokenizer.bpe import (  # noqa: E402
     MAX_RUN_CHARS,
     bpe_merge,
     byte_alphabet,
-    piece_to_bytes,
     read_tiktoken,
     split_long_runs,
     tiktoken_text,
@@ -45,27 +46,6 @@ MULTILINGUAL = [
     "한국어 텍스트입니다. हिन्दी पाठ. ภาษาไทย\n",
     "x = y + z; foo(bar) {baz}\t[1, 22, 333, 4444]\r\n   indented\n\n\n",
 ]
-
-
-def train_ranks(docs: list[str], vocab_size: int) -> dict[bytes, int]:
-    """A tiny Llama-3-style tiktoken vocabulary: the 256 bytes at ranks 0-255, then the tokens
-    a byte-level BPE trained with Llama 3's regex creates, in the order it creates them."""
-    from tokenizers import Regex, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as RawTokenizer
-
-    tk = RawTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tk.train_from_iterator(docs, trainer)
-    ranks = {bytes([b]): b for b in range(256)}
-    for merge in json.loads(tk.to_str())["model"]["merges"]:
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        ranks.setdefault(piece_to_bytes(left) + piece_to_bytes(right), len(ranks))
-    return ranks
 
 
 @pytest.fixture(scope="module")

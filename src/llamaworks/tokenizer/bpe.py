@@ -35,6 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from llamaworks.atomic import atomic_write_text
+from llamaworks.paths import path_kind
 from llamaworks.tokenizer.base import JSON_BYTE_LEVEL, as_id_list, json_tokenizer_kind
 
 __all__ = [
@@ -150,14 +151,23 @@ def read_tiktoken(path: str | os.PathLike) -> dict[bytes, int]:
     """token bytes -> rank from a tiktoken BPE file, checked: ranks are 0..n-1 (the special
     tokens take the ids after them) and every single byte is a token (so any text encodes)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer model {path} does not exist")
-    if path.is_dir():
-        raise ValueError(f"tokenizer model {path} is a directory: pass the tokenizer file inside it")
-    data = path.read_bytes()
+    data = read_tokenizer_bytes(path, "tokenizer model")
     if not data.strip():
         raise ValueError(f"tokenizer model {path} is empty: copy it again")
     return parse_tiktoken(data, path)
+
+
+def read_tokenizer_bytes(path: Path, what: str) -> bytes:
+    """The bytes of a tokenizer file; a missing path, a directory, a FIFO or a device is an
+    error naming it (a FIFO or /dev/zero would otherwise be read forever)."""
+    kind = path_kind(path)
+    if kind == "missing":
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if kind == "directory":
+        raise ValueError(f"{what} {path} is a directory: pass the tokenizer file inside it")
+    if kind != "file":
+        raise ValueError(f"{what} {path} is {kind}, not a regular file: pass the tokenizer file")
+    return path.read_bytes()
 
 
 def parse_tiktoken(data: bytes, path: str | os.PathLike = "tokenizer.model") -> dict[bytes, int]:
@@ -370,11 +380,7 @@ class ByteLevelBPETokenizer:
 
     def __init__(self, path: str | os.PathLike, specials: str | Sequence[str] = "llama3.1"):
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        if path.is_dir():
-            raise ValueError(f"tokenizer file {path} is a directory: pass the tokenizer file inside it")
-        data = path.read_bytes()
+        data = read_tokenizer_bytes(path, "tokenizer file")
         if data.lstrip()[:1] == b"{":  # a tokenizer.json names its own special tokens: `specials` is not used
             try:
                 text = data.decode("utf-8")

@@ -31,6 +31,16 @@ class EpochCursor:
             log.info("%s loader: epoch %d begins (%d batches per epoch)", name, self.epoch, self.batches_per_epoch)
         return self.position + self.rank * self.batch_size
 
+    def check_global_batch(self, state: dict, unit: str, fix: str = "") -> None:
+        """A saved stream continues exactly only with the same global batch (the world size may
+        change if batch_size * world_size does not)."""
+        saved_global = state["batch_size"] * state["world_size"]
+        if saved_global != self.global_batch:
+            raise ValueError(f"the loader state was saved with a global batch of {saved_global} {unit} "
+                             f"(batch_size {state['batch_size']} x world_size {state['world_size']}), this "
+                             f"loader has {self.global_batch}; the stream cannot continue exactly. Choose "
+                             f"batch_size = {saved_global} // world_size{fix}")
+
 
 class TokenLoader(EpochCursor):
     """(x, y) int64 batches of shape (batch_size, seq_len) from a prepared split; y is x shifted by one.
@@ -98,12 +108,7 @@ class TokenLoader(EpochCursor):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue the saved global stream; the world size may change if batch_size * world_size does not."""
-        saved_global = state["batch_size"] * state["world_size"]
-        if saved_global != self.global_batch:
-            raise ValueError(f"the loader state was saved with a global batch of {saved_global} windows "
-                             f"(batch_size {state['batch_size']} x world_size {state['world_size']}), this "
-                             f"loader has {self.global_batch}; the stream cannot continue exactly. Choose "
-                             f"batch_size = {saved_global} // world_size, or start a fresh loader")
+        self.check_global_batch(state, "windows", ", or start a fresh loader")
         for key, mine in (("seq_len", self.seq_len), ("num_windows", self.num_windows),
                           ("shuffle", int(self.shuffle))):
             if state[key] != mine:

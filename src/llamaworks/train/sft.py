@@ -109,12 +109,7 @@ class SFTLoader(EpochCursor):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the saved global stream; the world size may change if batch_size * world_size does not."""
-        saved_global = state["batch_size"] * state["world_size"]
-        if saved_global != self.global_batch:
-            raise ValueError(f"the loader state was saved with a global batch of {saved_global} examples "
-                             f"(batch_size {state['batch_size']} x world_size {state['world_size']}), this loader "
-                             f"has {self.global_batch}; the stream cannot continue exactly. Choose batch_size = "
-                             f"{saved_global} // world_size")
+        self.check_global_batch(state, "examples")
         for key, mine in (("num_examples", len(self.examples)), ("fingerprint", self.fingerprint),
                           ("shuffle", int(self.shuffle))):
             if state.get(key) != mine:
