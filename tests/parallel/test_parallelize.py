@@ -148,10 +148,26 @@ def test_init_draws_each_parameter_from_its_own_generator():
     assert not torch.equal(a[name], a["layers.0.attention.wq.weight"])
 
 
-def test_tensor_parallelism_refuses_tied_embeddings():
+def test_tensor_parallelism_keeps_tied_embeddings_one_tensor(tmp_path):
+    """apply_tp (here on a 1-process mesh: the placements and hooks of any tp) leaves the output
+    layer reading the embedding's DTensor, so both layers' gradients land in one tensor.
+    tests/parallel/test_tied_tp.py runs tp=2 against one process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
     from llamaworks.parallel.parallelize import apply_tp
 
-    with torch.device("meta"):
-        model = Transformer(ModelArgs.from_name("tiny", tie_word_embeddings=True))
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        apply_tp(model, tp_mesh=None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(ModelArgs.from_name("tiny", n_layers=1, tie_word_embeddings=True), device="meta")
+        apply_tp(model, init_device_mesh("cpu", (1,)))
+        emb = model.tok_embeddings.weight
+        assert isinstance(emb, DTensor) and emb.placements == (Shard(0),)
+        assert model.output.weight is emb
+        assert [n for n, _ in model.named_parameters()].count("tok_embeddings.weight") == 1
+        assert "output.weight" not in dict(model.named_parameters())
+        model.to_empty(device="cpu")  # re-ties what it materialises (Transformer._apply)
+        assert model.output.weight is model.tok_embeddings.weight
+    finally:
+        dist.destroy_process_group()

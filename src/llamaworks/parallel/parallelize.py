@@ -128,7 +128,8 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool
     section 2.4 worries about shrinks by tp: the row-parallel outputs are reduce-scattered
     into sequence shards and all-gathered back before the next column-parallel input,
     the same bytes as Megatron's all-reduce. The embedding is split by vocabulary rows and
-    the output layer by vocabulary columns.
+    the output layer by vocabulary columns (its weight's rows): a tied output layer
+    (tie_word_embeddings, Llama 3.2 1B/3B) shares the embedding's shards.
 
     sequence_parallel=False (inference: one new token per step has no sequence to split)
     keeps the residual stream and the norms replicated; wo/w2 all-reduce instead.
@@ -137,11 +138,6 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool
     are never gathered; in eval mode they are gathered (plain tensors, for evaluation and
     generation code). Without it the logits are always gathered.
     """
-    if model.args.tie_word_embeddings:
-        # The embedding and the output layer would each become their own DTensor of the one
-        # tied tensor, silently untying it; refuse until tied sharding is written and tested.
-        raise ValueError("tensor parallelism does not split a model with tie_word_embeddings (Llama 3.2 1B/3B) "
-                         "yet: run it in one process, or with data parallelism only")
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -166,6 +162,14 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool
     if sequence_parallel:
         root["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, root)
+    if args.tie_word_embeddings:
+        # parallelize_module distributed the one tied tensor twice, as the embedding's and as
+        # the output layer's own DTensor. Both are split by vocabulary rows (Shard(0): rowwise
+        # for an Embedding, colwise for a Linear), so one DTensor serves both layers: tie them
+        # again, and both gradients accumulate into it, as in one process.
+        emb, out = model.tok_embeddings.weight, model.output.weight
+        assert emb.placements == out.placements and emb.shape == out.shape, (emb.placements, out.placements)
+        model.tie_output()
     if loss_parallel:
         model.output.register_forward_hook(_gather_logits_in_eval)
     for block in model.layers:

@@ -47,5 +47,8 @@ def load_tensor_parallel(path, tp_mesh, device: torch.device, dtype: torch.dtype
                                        stride=p.stride())
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, nn.Parameter(local, requires_grad=False))
+    # A tied output layer (apply_tp tied the two DTensors; the file names the tensor once, as
+    # tok_embeddings.weight) reads the embedding's new shards.
+    model.tie_output()
     model.init_rope(device)
     return model.eval(), tokenizer
