@@ -10,7 +10,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from llamaworks.model import ModelArgs, Transformer, build_model
+from llamaworks.model import ModelArgs, build_model
 from llamaworks.parallel.parallelize import ParallelDims, apply_ac, parallelize
 from llamaworks.train.init import init_weights, parameter_seed
 
