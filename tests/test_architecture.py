@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "llamaworks"
 # Low to high; a module may import its own layer or lower ones. The longest prefix decides.
 LAYERS: list[tuple[str, ...]] = [
     ("llamaworks", "llamaworks.args", "llamaworks.atomic", "llamaworks.configfile", "llamaworks.carbon",
-     "llamaworks.paths"),
+     "llamaworks.paths", "llamaworks.rope", "llamaworks.presets", "llamaworks.kvcache"),
     ("llamaworks.model", "llamaworks.plan", "llamaworks.device"),
     ("llamaworks.tokenizer",),
     ("llamaworks.weights",),

@@ -9,12 +9,33 @@ Nothing here knows about training, distribution or files.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Re-exported: the presets, the SwiGLU width, the RoPE math and the decoding cache live in modules
+# of their own, and callers have long imported them from here.
+from llamaworks.kvcache import KVCache
+from llamaworks.presets import PRESETS, RELEASED_FFN, check_args, ffn_hidden_dim, ffn_params
+from llamaworks.rope import (
+    LLAMA31_ROPE_SCALING,
+    MAX_POSITIONS,
+    apply_rotary_emb,
+    document_positions,
+    linear_scaled_inv_freq,
+    llama31_scaled_inv_freq,
+    model_inv_freq,
+    precompute_freqs_cis,
+    rope_inv_freq,
+    rope_table,
+)
+
+__all__ = ["LLAMA31_ROPE_SCALING", "MAX_POSITIONS", "PRESETS", "RELEASED_FFN", "Attention", "FeedForward",
+           "KVCache", "ModelArgs", "RMSNorm", "Transformer", "TransformerBlock", "apply_rotary_emb", "build_model",
+           "count_parameters", "document_positions", "ffn_hidden_dim", "ffn_params", "linear_scaled_inv_freq",
+           "llama31_scaled_inv_freq", "model_inv_freq", "precompute_freqs_cis", "rope_inv_freq", "rope_table"]
 
 
 @dataclass
@@ -44,52 +65,7 @@ class ModelArgs:
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
-        # params.json, config.json and GGUF metadata arrive here: a value of the wrong type or
-        # range is refused by name rather than failing later inside torch (or, for norm_eps or
-        # rope_theta, silently computing something else).
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        for name in ("use_scaled_rope", "tie_word_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        band = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_old_context_len")
-        if self.use_scaled_rope:
-            for name, meta_value in zip(("rope_scaling_factor", *band), LLAMA31_ROPE_SCALING):
-                setattr(self, name, meta_value if getattr(self, name) is None else getattr(self, name))
-        elif given := [name for name in band if getattr(self, name) is not None]:
-            raise ValueError(f"{given[0]} applies only to Llama 3.1's scaling; set use_scaled_rope or remove it")
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
-                     "rope_old_context_len"):
-            value = getattr(self, name)
-            if value is None and name == "rope_old_context_len":
-                continue
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}" + (
-                    f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""))
-            setattr(self, name, int(value))
-            # vocab_size -1 is Meta's "take it from the tokenizer", resolved by the loaders.
-            if value <= 0 and not (name == "vocab_size" and value == -1):
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.max_seq_len > MAX_POSITIONS:
-            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds {MAX_POSITIONS}: float32 positions are exact "
-                             "only up to 2^24, beyond which rotary angles repeat; lower max_seq_len")
-        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor", "rope_low_freq_factor",
-                     "rope_high_freq_factor"):
-            value = getattr(self, name)
-            if value is None and name not in ("norm_eps", "rope_theta"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-            setattr(self, name, float(value))
-        if self.use_scaled_rope and not self.rope_low_freq_factor < self.rope_high_freq_factor:
-            raise ValueError(f"rope_low_freq_factor={self.rope_low_freq_factor} must be below rope_high_freq_factor="
-                             f"{self.rope_high_freq_factor} (Llama 3.1: 1 and 4)")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head dimension dim/n_heads={self.head_dim} must be even for rotary embeddings")
+        check_args(self)  # presets.py: types, ranges, defaults filled in
 
     @property
     def head_dim(self) -> int:
@@ -119,83 +95,12 @@ class ModelArgs:
         return {k: v for k, v in asdict(self).items() if v not in (None, False) or k in LLAMA1_KEYS}
 
 
-# Positions are float32 in the rotary table (as in Meta's code), exact up to 2^24.
-MAX_POSITIONS = 1 << 24
 # Rotary-table rows built up front; a longer context grows the table when first used
 # (setup_caches, a longer forward pass), so a declared max_seq_len costs nothing by itself.
 ROPE_PREBUILT = 4096
-
-
+# The params.json keys of LLaMA 1, written even when unset (to_params).
 LLAMA1_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                "norm_eps", "max_seq_len", "rope_theta")
-# Llama 3.1's scaling as Meta's reference code fixes it: factor, low_freq_factor,
-# high_freq_factor, old_context_len (Llama 3's 8192-token context).
-LLAMA31_ROPE_SCALING = (8.0, 1.0, 4.0, 8192)
-# The later families, as Meta's params.json and HF's config.json give them.
-_LLAMA2 = dict(norm_eps=1e-5, max_seq_len=4096, vocab_size=32000)  # Llama 2 paper: 4096-token context
-_LLAMA3 = dict(norm_eps=1e-5, vocab_size=128256, rope_theta=500000.0, n_kv_heads=8, max_seq_len=8192)
-_LLAMA31 = dict(_LLAMA3, max_seq_len=131072, use_scaled_rope=True)  # 128K context
-_LLAMA32 = dict(_LLAMA31, rope_scaling_factor=32.0, tie_word_embeddings=True)
-
-# Table 2 of the paper (context 2048) plus small sizes for CPU work. The CPU presets keep
-# the paper's shape (multiple_of 256, head_dim 64) but shrink width, depth and vocabulary.
-PRESETS: dict[str, dict] = {
-    "7B": dict(dim=4096, n_layers=32, n_heads=32),
-    "13B": dict(dim=5120, n_layers=40, n_heads=40),
-    "33B": dict(dim=6656, n_layers=60, n_heads=52),
-    "65B": dict(dim=8192, n_layers=80, n_heads=64),
-    "llama2-7b": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32),
-    "llama2-13b": dict(_LLAMA2, dim=5120, n_layers=40, n_heads=40),
-    "llama2-70b": dict(_LLAMA2, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
-                       ffn_dim_multiplier=1.3),
-    # Code Llama 7B: Llama 2 7B, 16 more tokens (infilling), theta 1e6 for 16K-token sequences.
-    "codellama-7b": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6,
-                         max_seq_len=16384),
-    "llama3-8b": dict(_LLAMA3, dim=4096, n_layers=32, n_heads=32, multiple_of=1024, ffn_dim_multiplier=1.3),
-    "llama3-70b": dict(_LLAMA3, dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3),
-    "llama3.1-8b": dict(_LLAMA31, dim=4096, n_layers=32, n_heads=32, multiple_of=1024, ffn_dim_multiplier=1.3),
-    "llama3.1-70b": dict(_LLAMA31, dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3),
-    "llama3.1-405b": dict(_LLAMA31, dim=16384, n_layers=126, n_heads=128, multiple_of=4096, ffn_dim_multiplier=1.2),
-    # Llama 3.2 1B/3B: tied embeddings, and factor 32 in their config.json's rope_scaling.
-    "llama3.2-1b": dict(_LLAMA32, dim=2048, n_layers=16, n_heads=32, multiple_of=256, ffn_dim_multiplier=1.5),
-    "llama3.2-3b": dict(_LLAMA32, dim=3072, n_layers=28, n_heads=24, multiple_of=256, ffn_dim_multiplier=1.0),
-    "tiny": dict(dim=128, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=256),  # ~1.2M, for tests
-    "small": dict(dim=384, n_layers=6, n_heads=6, vocab_size=4096, max_seq_len=512),  # ~13.8M
-    "base": dict(dim=768, n_layers=12, n_heads=12, vocab_size=8192, max_seq_len=1024),  # ~97.5M
-}
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
-    """SwiGLU width: 2/3 * 4d (section 2.2) rounded up to multiple_of (11008 for d=4096)."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-# (dim, SwiGLU width) of released models -> their params.json (multiple_of, ffn_dim_multiplier):
-# Llama 2 and 3 70B, Llama 3 8B, 3.1 405B, 3.2 1B and 3B. Other pairs give the same width too.
-RELEASED_FFN = {(8192, 28672): (4096, 1.3), (4096, 14336): (1024, 1.3), (16384, 53248): (4096, 1.2),
-                (2048, 8192): (256, 1.5), (3072, 8192): (256, 1.0)}
-
-
-def ffn_params(dim: int, intermediate: int) -> tuple[int, float | None]:
-    """(multiple_of, ffn_dim_multiplier) that give a SwiGLU width of `intermediate`: the
-    inverse of ffn_hidden_dim, for checkpoints that store the width (HF, GGUF)."""
-    if (dim, intermediate) in RELEASED_FFN:
-        return RELEASED_FFN[dim, intermediate]
-    for m in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if ffn_hidden_dim(dim, m) == intermediate:
-            return m, None
-    # Not 2/3*4d rounded up: express the width through Llama 2's ffn_dim_multiplier. The
-    # largest power-of-two multiple_of that divides the width keeps the multiplier's
-    # float rounding harmless; nextafter covers a product landing one ulp short.
-    m = math.gcd(intermediate, 256)
-    mult = intermediate / int(2 * (4 * dim) / 3)
-    for cand in (mult, math.nextafter(mult, math.inf)):
-        if ffn_hidden_dim(dim, m, cand) == intermediate:
-            return m, cand
-    raise ValueError(f"cannot express intermediate_size={intermediate} for hidden_size={dim}")
 
 
 class RMSNorm(nn.Module):
@@ -213,108 +118,6 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)
-
-
-def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """The rotary frequencies theta^(-2i/d) for i < d/2 (Su et al. 2021), in radians per position."""
-    # fp32 throughout, exactly as Meta's and transformers' code, so released weights see the
-    # very angles they were trained with (fp64 would differ by ~1e-4 rad at position 2047).
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-
-
-def linear_scaled_inv_freq(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
-    """Linear RoPE scaling (position interpolation, Chen et al. 2023; HF's rope_type "linear"):
-    position p turns as p / factor did, so a context `factor` times longer spans the trained angles."""
-    return inv_freq / factor
-
-
-def llama31_scaled_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
-                            high_freq_factor: float, old_context_len: int) -> torch.Tensor:
-    """Llama 3.1's RoPE scaling (Meta's params "use_scaled_rope", its llama3 code's apply_scaling;
-    HF's rope_type "llama3").
-
-    A frequency making at least high_freq_factor turns over the original context
-    (old_context_len positions) carries local position and is kept; one making at most
-    low_freq_factor turns is divided by `factor`, like linear scaling; between the two, the
-    result moves linearly with the number of turns from the divided to the kept frequency.
-    """
-    turns = old_context_len / (2 * math.pi / inv_freq)  # old_context_len / wavelength
-    kept = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
-    return (1 - kept) * inv_freq / factor + kept * inv_freq
-
-
-def model_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """The rotary frequencies of a model: rope_theta, then its scaling if any."""
-    inv_freq = rope_inv_freq(args.head_dim, args.rope_theta)
-    if args.use_scaled_rope:
-        return llama31_scaled_inv_freq(inv_freq, args.rope_scaling_factor, args.rope_low_freq_factor,
-                                       args.rope_high_freq_factor, args.rope_old_context_len)
-    if args.rope_scaling_factor is not None:
-        return linear_scaled_inv_freq(inv_freq, args.rope_scaling_factor)
-    return inv_freq
-
-
-def rope_table(inv_freq: torch.Tensor, end: int) -> torch.Tensor:
-    """cos/sin of position * inv_freq for positions < end: shape (end, head_dim/2, 2).
-
-    Stored as real (cos, sin) pairs rather than complex numbers so that torch.compile
-    and every backend handle it; the math is Meta's complex rotation.
-    """
-    angles = torch.outer(torch.arange(end, dtype=torch.float32), inv_freq)  # (end, head_dim/2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
-
-
-def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
-    """The unscaled RoPE table, cos/sin of position * theta^(-2i/d): shape (end, head_dim/2, 2)."""
-    return rope_table(rope_inv_freq(head_dim, theta), end)
-
-
-def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by their angle: Meta's interleaved RoPE layout.
-
-    x: (bsz, seq, heads, head_dim); freqs: (seq, head_dim/2, 2) or (bsz, seq, head_dim/2, 2).
-    out[2i] = x[2i] cos - x[2i+1] sin and out[2i+1] = x[2i+1] cos + x[2i] sin, written as
-    x * (c0 c0 c1 c1 ...) + (x1 x0 x3 x2 ...) * (-s0 s0 -s1 s1 ...): the same products and sums
-    as the complex multiplication (bit for bit), in three full-size kernels instead of a
-    stack of strided pieces, which matters in training where the backward mirrors each one.
-    """
-    if freqs.dim() == 3:
-        freqs = freqs.unsqueeze(0)
-    cos = freqs[..., 0].repeat_interleave(2, dim=-1).unsqueeze(2)  # (bsz|1, seq, 1, head_dim)
-    sin = (freqs[..., 1:] * freqs.new_tensor([-1.0, 1.0])).flatten(-2).unsqueeze(2)
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
-    return (xf * cos + swapped * sin).type_as(x)
-
-
-class KVCache(nn.Module):
-    """Static cache of keys and values, written at explicit per-sequence positions.
-
-    Preallocated once, fixed shape: decoding never reallocates or changes shapes,
-    which keeps the decode step compile- and CUDA-graph-friendly. Stored as attention
-    reads it, (batch, heads, positions, head_dim): SDPA over a transposed view runs 1.7x
-    slower at 2048 positions (it copies or strides through the whole cache every step).
-    """
-
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
-        super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
-        # input_pos: (bsz, seq); k, v: (bsz, seq, n_kv_heads, head_dim); rows: (bsz,) cache rows
-        # (default 0..bsz-1). Explicit rows let a server prefill or decode any subset of its
-        # slots without touching the others (continuous batching). The two index tensors
-        # broadcast to (bsz, seq) around the heads slice, so the indexed view is
-        # (bsz, seq, n_kv_heads, head_dim), k's own layout.
-        bsz = k.shape[0]
-        idx = torch.arange(bsz, device=k.device) if rows is None else rows
-        self.k[idx.unsqueeze(1), :, input_pos] = k.to(self.k.dtype)
-        self.v[idx.unsqueeze(1), :, input_pos] = v.to(self.v.dtype)
-        if rows is None:
-            return self.k[:bsz], self.v[:bsz]
-        return self.k[rows], self.v[rows]
 
 
 class Attention(nn.Module):
@@ -428,7 +231,8 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
-                rows: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                rows: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """tokens: (bsz, seq) -> logits (bsz, seq, vocab).
 
         return_hidden: return the final normalised hidden states (bsz, seq, dim) instead, what
@@ -440,6 +244,9 @@ class Transformer(nn.Module):
         sees the cached keys at positions <= p of its own sequence.
         rows (bsz,): the cache rows the sequences live in (default 0..bsz-1); a server runs
         one new request, or its active slots, against a cache shared by all slots.
+        doc_ids (bsz, seq), without input_pos: examples packed into rows (fine-tuning), a new one
+        wherever the id changes along a row. A token attends causally within its own example
+        only, at positions counted from the example's start: each is computed as it is alone.
         """
         bsz, seqlen = tokens.shape
         if input_pos is None:
@@ -447,7 +254,13 @@ class Transformer(nn.Module):
             if seqlen > self.freqs_cis.shape[0]:  # shapes only: no host sync
                 self.init_rope(self.freqs_cis.device, seqlen)
             freqs, mask = self.freqs_cis[:seqlen], None
+            if doc_ids is not None:
+                run, pos = document_positions(doc_ids)  # (bsz, seq) each
+                freqs = self.freqs_cis[pos]  # (bsz, seq, head_dim/2, 2)
+                causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=tokens.device).tril()
+                mask = (causal & (run.unsqueeze(2) == run.unsqueeze(1))).unsqueeze(1)  # (bsz, 1, seq, seq)
         else:
+            assert doc_ids is None, "doc_ids is for the training path (no input_pos)"
             assert self.layers[0].attention.kv_cache is not None, "call setup_caches() before decoding"
             input_pos = input_pos.expand(bsz, seqlen) if input_pos.dim() == 1 else input_pos
             # setup_caches grew the table to the cache's length, and positions lie inside the cache.
