@@ -502,3 +502,100 @@ def test_grown_table_gives_the_same_logits():
         model.freqs_cis = precompute_freqs_cis(args.head_dim, 8192)  # the old eager table
         eager = model(x)
     torch.testing.assert_close(grown, eager, atol=0, rtol=0)
+
+
+# --- packed examples (doc_ids) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(n_kv_heads=2), dict(use_scaled_rope=True, rope_old_context_len=8,
+                                                                    rope_theta=500000.0)])
+def test_packed_examples_give_their_logits_alone(overrides):
+    model = _model(**overrides)
+    g = _gen(3)
+    lengths = [5, 9, 1, 7]
+    examples = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in lengths]
+    pad = torch.zeros(4, dtype=torch.long)  # the rest of the row: its own document
+    row = torch.cat([*examples, pad]).unsqueeze(0)  # (1, 26)
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate([*lengths, 4])]).unsqueeze(0)
+    # A second row packed in another order, with an id reused by a later document of the row.
+    row2 = torch.cat([examples[3], examples[0], examples[1], pad[:1], examples[2], pad[:3]]).unsqueeze(0)
+    doc2 = torch.cat([torch.full((n,), i % 2) for i, n in enumerate([7, 5, 9, 1, 1, 3])]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(torch.cat([row, row2]), doc_ids=torch.cat([doc_ids, doc2]))  # (2, 26, vocab)
+        hidden = model(row, doc_ids=doc_ids, return_hidden=True)
+        alone = [model(ex.unsqueeze(0))[0] for ex in examples]
+        unmasked = model(row)[0]
+    starts = [0, 5, 14, 15]
+    for ex, start, n in zip(alone, starts, lengths):
+        torch.testing.assert_close(packed[0, start:start + n], ex, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.output(hidden[0, start:start + n]), ex, atol=1e-5, rtol=0)
+    for ex, start, n in zip([alone[3], alone[0], alone[1], alone[2]], [0, 7, 12, 22], [7, 5, 9, 1]):
+        torch.testing.assert_close(packed[1, start:start + n], ex, atol=1e-5, rtol=0)
+    # Control: without doc_ids the later examples see the earlier ones and other positions.
+    assert (unmasked[5:14] - alone[1]).abs().max() > 1e-2
+
+
+def test_one_document_per_row_is_the_causal_pass():
+    model = _model(n_kv_heads=2)
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 13), generator=_gen(4))
+    with torch.no_grad():
+        causal = model(tokens)
+        masked = model(tokens, doc_ids=torch.full((2, 13), 7))
+    torch.testing.assert_close(masked, causal, atol=1e-5, rtol=0)
+
+
+def test_without_doc_ids_attention_is_sdpas_causal_kernel(monkeypatch):
+    # The fast path (is_causal, no mask tensor) stays the one training takes without packing.
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("is_causal", False), kwargs.get("attn_mask") is not None))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = _model()
+    tokens = torch.randint(0, TINY["vocab_size"], (1, 6), generator=_gen(5))
+    with torch.no_grad():
+        model(tokens)
+        assert calls == [(True, False)] * TINY["n_layers"]
+        calls.clear()
+        model(tokens, doc_ids=torch.tensor([[0, 0, 1, 1, 1, 2]]))
+        assert calls == [(False, True)] * TINY["n_layers"]
+
+
+def test_packed_gradients_equal_those_of_the_examples_alone():
+    model = _model()
+    g = _gen(6)
+    examples = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in (6, 4)]
+    model.zero_grad()
+    model(torch.cat(examples).unsqueeze(0), doc_ids=torch.tensor([[0] * 6 + [1] * 4])).sum().backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for ex in examples:
+        model(ex.unsqueeze(0)).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(packed[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_doc_ids_belong_to_the_training_path():
+    model = _model()
+    model.setup_caches(1, 16)
+    with pytest.raises(AssertionError, match="doc_ids"):
+        model(torch.zeros(1, 3, dtype=torch.long), torch.arange(3), doc_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_moved_names_are_still_importable_from_model():
+    # rope.py, presets.py and kvcache.py took them out of model.py; callers import either home.
+    from llamaworks import kvcache, model, presets, rope
+
+    def public(module):
+        return [name for name, value in vars(module).items() if not name.startswith("_") and (
+            name.isupper() or getattr(value, "__module__", None) == module.__name__)]
+
+    moved = [name for module in (rope, presets, kvcache) for name in public(module)]
+    assert {"PRESETS", "apply_rotary_emb", "ffn_params", "KVCache", "document_positions"} <= set(moved)
+    for module in (rope, presets, kvcache):
+        for name in public(module):
+            assert getattr(model, name, None) is getattr(module, name), name
+    assert model.ModelArgs.from_name("llama3.2-1b").tie_word_embeddings
