@@ -96,6 +96,7 @@ class FinetuneConfig:
     method: Literal["full", "lora", "qlora"] = "full"  # all weights, or adapters on a frozen base
     chat_template: str = ""  # a built-in name or a template file/folder; "": the checkpoint's, else "llama2"
     val_fraction: float = 0.05  # examples held out (by content hash) for the validation loss
+    pack: bool = False  # several examples per row, each attending to itself only (train/sft.py); same loss
     # method lora / qlora: QLoRA's values for LLaMA (module docstring)
     lora_r: int = 64
     lora_alpha: float = 16.0
@@ -247,12 +248,12 @@ def instruction_source(cfg: FinetuneJobConfig, tokenizer, template: ChatTemplate
 
     def train_loader(rank: int, world: int) -> SFTLoader:
         return SFTLoader(train_tok.examples, batch_size=t.micro_batch_size, seq_len=t.seq_len, pad_id=pad_id,
-                         rank=rank, world_size=world, seed=t.seed, pad_multiple=pad_multiple)
+                         rank=rank, world_size=world, seed=t.seed, pad_multiple=pad_multiple, pack=f.pack)
 
     val_loader = None
     if cfg.eval.every > 0 and val_tok.examples:
         val_loader = SFTLoader(val_tok.examples, batch_size=t.micro_batch_size, seq_len=t.seq_len, pad_id=pad_id,
-                               train=False, pad_multiple=pad_multiple, name="held-out")
+                               train=False, pad_multiple=pad_multiple, name="held-out", pack=f.pack)
     elif cfg.eval.every > 0:
         log.warning("no validation loss: finetune.val_fraction=%g of %d examples held out none; raise it",
                     f.val_fraction, len(examples))

@@ -127,20 +127,23 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def lm_loss(model, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = True) -> torch.Tensor:
+def lm_loss(model, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = True,
+            doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token loss of a llamaworks Transformer on (bsz, seq) tokens and targets: the mean over
     the targets that are not IGNORE_INDEX (fine-tuning masks prompts and padding with it).
 
     fused: the output projection and the cross-entropy run block by block
     (fused_linear_cross_entropy) where the model allows it (can_fuse); otherwise, the plain
     logits -> F.cross_entropy path.
+    doc_ids: examples packed into rows (Transformer.forward's doc_ids), None for one sequence per row.
     """
+    packed = {} if doc_ids is None else {"doc_ids": doc_ids}
     if not (fused and can_fuse(model)):
-        logits = model(tokens)
+        logits = model(tokens, **packed)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=IGNORE_INDEX)
         # Logits split by vocabulary (tensor parallelism with loss parallel; the caller runs
         # forward and backward inside torch's loss_parallel()) give a replicated DTensor loss:
         # its local value is the loss, and full_tensor() keeps the graph without communicating.
         return loss.full_tensor() if _is_dtensor(loss) else loss
-    h = model(tokens, return_hidden=True)  # (bsz, seq, dim), after the final RMSNorm
+    h = model(tokens, return_hidden=True, **packed)  # (bsz, seq, dim), after the final RMSNorm
     return fused_linear_cross_entropy(h, model.output.weight, targets, ignore_index=IGNORE_INDEX)

@@ -104,16 +104,18 @@ def accumulate_masked_gradients(model, loader, accum: int, device, amp, loss_con
     loss, detached: global_mean of it is the mean; tokens read by all dp ranks, padding included).
     """
     batches = [next(loader) for _ in range(accum)]
-    counts = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
-    local = torch.tensor([sum(counts), sum(x.numel() for x, _ in batches)], dtype=torch.float64, device=device)
+    counts = [int((b[1] != IGNORE_INDEX).sum()) for b in batches]
+    local = torch.tensor([sum(counts), sum(b[0].numel() for b in batches)], dtype=torch.float64, device=device)
     # The mean over all ranks times dp: the sum over dp ranks (tensor-parallel ranks read the same batch).
     targets, tokens = (global_mean(local) * dp).tolist()
     loss_sum = torch.zeros((), device=device)
-    for (x, y), count in zip(batches, counts):
+    for (x, y, *packed), count in zip(batches, counts):
+        # packed: the doc_ids of examples packed into rows (train/sft.py), each attending to itself only.
+        doc_ids = packed[0].to(device, non_blocking=True) if packed else None
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with loss_context():
             with amp:
-                loss = lm_loss(model, x, y) * (count * dp / targets)
+                loss = lm_loss(model, x, y, doc_ids=doc_ids) * (count * dp / targets)
             loss.backward()
         loss_sum += loss.detach()
     return loss_sum, round(tokens)
@@ -131,12 +133,12 @@ def evaluate(model, loader, batches: int, device, amp) -> float | None:
     loader.rewind()
     model.eval()
     total, n = 0.0, 0
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y, *packed) in enumerate(loader):
         if 0 < batches <= i:
             break
         y = y.to(device)
         with amp:
-            logits = model(x.to(device))
+            logits = model(x.to(device), **({"doc_ids": packed[0].to(device)} if packed else {}))
         total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1), ignore_index=IGNORE_INDEX,
                                  reduction="sum").item()
         n += int((y != IGNORE_INDEX).sum())
@@ -147,7 +149,8 @@ def evaluate(model, loader, batches: int, device, amp) -> float | None:
 @dataclass
 class DataSource:
     """What a run reads: its tokenizer, the training loader of a data-parallel rank and the
-    validation loader. A loader yields (x, y) int64 batches and has state_dict/load_state_dict
+    validation loader. A loader yields (x, y) int64 batches, or (x, y, doc_ids) when it packs several
+    examples into a row (train/sft.py), and has state_dict/load_state_dict
     (checkpoints); a validation loader is finite and has rewind(). Pretraining's reads token shards
     (`shard_source`), fine-tuning's instruction examples (train/finetune.py)."""
 
