@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +22,13 @@ from llamaworks.cli import main
 from llamaworks.configfile import dumps, load_config, resolve_config_path
 from llamaworks.data.sft import read_examples, split_examples, tokenize_examples
 from llamaworks.inference.load import load_model as load_any_model
-from llamaworks.inference.lora import LoraConfig, apply_lora
+from llamaworks.inference.lora import LoraConfig, apply_lora, load_lora_state_dict
 from llamaworks.inference.quant import quantize_model
-from llamaworks.modeldir import load_model
+from llamaworks.model import ModelArgs, build_model
+from llamaworks.modeldir import load_model, save_model
 from llamaworks.tokenizer.chat import LLAMA2_TEMPLATE, ChatTemplate
-from llamaworks.train.checkpoint import STATE, latest_checkpoint, list_checkpoints
-from llamaworks.train.finetune import FinetuneJobConfig, chat_template_for, run_finetune
+from llamaworks.train.checkpoint import STATE, TRAINABLE, latest_checkpoint, list_checkpoints
+from llamaworks.train.finetune import FinetuneJobConfig, base_fingerprint, chat_template_for, run_finetune
 from llamaworks.train.metrics_log import read_metrics
 from llamaworks.train.sft import SFTLoader
 from llamaworks.train.trainer import evaluate
@@ -99,7 +101,10 @@ def reference(make_ft_config, tmp_path_factory):
 
 def held_out_loss(model_dir: Path, data: Path) -> float:
     """The loss per assistant token of the model directory on the held-out examples."""
-    model, tok = load_model(model_dir)
+    return model_held_out_loss(*load_model(model_dir), data)
+
+
+def model_held_out_loss(model, tok, data: Path) -> float:
     template = ChatTemplate.builtin("llama2", bos_token="<s>", eos_token="</s>")
     _, examples = read_examples(data)
     held = tokenize_examples(split_examples(examples, 0.05)[1], tok, template, 256, data).examples
@@ -285,9 +290,8 @@ def lora_run(make_ft_config, out: Path, method: str = "lora", **sections):
     return cfg, run_finetune(cfg)
 
 
-def base_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The checkpoint's frozen weights under the base model's names (wq.base_layer.weight -> wq.weight)."""
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+def trainable(ckpt: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in read_safetensors(ckpt / TRAINABLE).items()}
 
 
 def test_lora_trains_only_the_adapters_and_leaves_an_adapter_directory(make_ft_config, tiny_model_dir,
@@ -299,20 +303,75 @@ def test_lora_trains_only_the_adapters_and_leaves_an_adapter_directory(make_ft_c
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (8, 16.0, str(tiny_model_dir))
     assert (out / "adapter" / "chat_template.jinja").read_text() == LLAMA2_TEMPLATE
-    # The base, bit for bit: every frozen tensor of the last checkpoint is the starting model's.
-    state = weights(latest_checkpoint(out))
-    frozen, base = base_weights(state), weights(tiny_model_dir)
-    assert frozen.keys() == base.keys() and all(torch.equal(frozen[k], base[k]) for k in base)
+    state = trainable(latest_checkpoint(out))
     assert all(state[k].abs().max() > 0 for k in state if k.endswith("lora_B"))  # the adapters moved from 0
-    # The adapter directory holds what was trained: loaded onto the base, the same logits.
+    # The adapter directory holds what was trained: loaded onto the base, the same logits as the
+    # checkpoint's adapters.
     trained, _ = load_any_model(tiny_model_dir)
     apply_lora(trained, LoraConfig(r=8, alpha=16.0))
-    trained.load_state_dict(state)
-    adapted, _ = load_any_model(tiny_model_dir, adapter=out / "adapter")
+    load_lora_state_dict(trained, state)
+    adapted, tok = load_any_model(tiny_model_dir, adapter=out / "adapter")
     tokens = torch.tensor([[1, 5, 9, 30, 200, 17]])
     with torch.no_grad():
         torch.testing.assert_close(adapted(tokens), trained.eval()(tokens), rtol=1e-5, atol=1e-5)
-    assert summary["final_val_loss"] < held_out_loss(tiny_model_dir, instructions)
+    # The base stayed as it was: the run's own final validation loss (of its model in memory) is
+    # that of the starting checkpoint's weights with the saved adapters.
+    loss = held_out_loss(tiny_model_dir, instructions)
+    assert model_held_out_loss(adapted, tok, instructions) == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    assert summary["final_val_loss"] < loss
+
+
+def test_lora_checkpoints_hold_the_adapters_not_the_frozen_base(make_ft_config, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    lora_run(make_ft_config, out, train={"max_steps": 3}, eval={"every": 0})
+    ckpt = latest_checkpoint(out)
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        ["params.json", "tokenizer.model", "chat_template.jinja", TRAINABLE, STATE])
+    state = trainable(ckpt)
+    names = {f"layers.{i}.{m}.{ab}" for i in range(2) for m in ("attention.wq", "attention.wk", "attention.wv",
+                                                                "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                                                                "feed_forward.w3") for ab in ("lora_A", "lora_B")}
+    assert set(state) == names  # adapters only: no base_layer, embedding, norm or output weight
+    adapter_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    base_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert adapter_bytes < 0.1 * base_bytes
+    # The folder: the adapters, AdamW's two moments of each (nothing for the frozen weights), the
+    # loader and RNG state, the tokenizer; a fraction of the base it was trained over.
+    train_state = torch.load(ckpt / STATE, weights_only=False)
+    moments = [v for s in train_state["optimizer"]["state"].values() for v in s.values() if v.dim() > 0]
+    assert sum(t.numel() for t in moments) == 2 * sum(t.numel() for t in state.values())
+    assert train_state["base"]["path"] == str(tiny_model_dir.resolve())
+    folder_bytes = sum(p.stat().st_size for p in ckpt.iterdir())
+    assert folder_bytes < 0.5 * base_bytes, (folder_bytes, base_bytes)
+
+
+def test_lora_resume_refuses_another_base_and_accepts_the_same_one_moved(make_ft_config, tiny_model_dir,
+                                                                          tiny_tokenizer, tmp_path):
+    out = tmp_path / "run"
+    lora_run(make_ft_config, out, train={"max_steps": 2}, eval={"every": 0})
+    other = save_model(build_model(ModelArgs.from_name("tiny", vocab_size=512, n_layers=2), seed=1), tiny_tokenizer,
+                       tmp_path / "other")
+    cfg = load_config(FinetuneJobConfig, out / "config.toml", {"finetune": {"checkpoint": str(other)},
+                                                              "train": {"max_steps": 3}})
+    with pytest.raises(ValueError, match="trained over the base model .*tiny.* differs in its weights"):
+        run_finetune(cfg, resume=True)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_model_dir, moved)
+    cfg = load_config(FinetuneJobConfig, out / "config.toml", {"finetune": {"checkpoint": str(moved)},
+                                                              "train": {"max_steps": 3}})
+    assert run_finetune(cfg, resume=True)["steps"] == 3
+
+
+def test_the_base_fingerprint_tells_bases_apart():
+    model = build_model(ModelArgs.from_name("tiny", n_layers=1), seed=0)
+    state = model.state_dict()
+    a = base_fingerprint("m", model.args, state)
+    assert a == base_fingerprint("m", model.args, {k: v.clone() for k, v in state.items()})
+    assert a["digest"] != base_fingerprint("m", model.args, build_model(model.args, seed=1).state_dict())["digest"]
+    state["norm.weight"] = state["norm.weight"] * 1.01  # a fine-tune of this base
+    assert a["digest"] != base_fingerprint("m", model.args, state)["digest"]
+    other_args = ModelArgs.from_name("tiny", n_layers=1, rope_theta=1e6)
+    assert a["params"] != base_fingerprint("m", other_args, state)["params"]
 
 
 def test_lora_resume_continues_bitwise_identically(make_ft_config, tmp_path):
@@ -330,15 +389,26 @@ def test_lora_resume_continues_bitwise_identically(make_ft_config, tmp_path):
 def test_qlora_trains_adapters_over_a_quantised_frozen_base(make_ft_config, tiny_model_dir, instructions, tmp_path):
     out = tmp_path / "run"
     _, summary = lora_run(make_ft_config, out, method="qlora")
-    state = weights(latest_checkpoint(out))
-    base, _ = load_model(tiny_model_dir)
+    state = trainable(latest_checkpoint(out))
+    assert state and all(".lora_" in k for k in state)  # the checkpoint holds no quantised base
+    # The run's model in memory was the int4 base of the checkpoint (the blocks' projections; the
+    # output layer float) with these adapters: its final validation loss is theirs.
+    base, tok = load_model(tiny_model_dir)
     for block in base.layers:
         quantize_model(block, "int4")
-    expected = base.state_dict()  # the blocks' projections in int4, the rest (output included) float
-    frozen = {k: v for k, v in state.items() if ".lora_" not in k}
-    assert {k.replace(".base_layer.", ".") for k in frozen} == set(expected)
-    assert all(torch.equal(v, expected[k.replace(".base_layer.", ".")]) for k, v in frozen.items())
-    assert state["layers.0.attention.wq.base_layer.weight"].dtype == torch.uint8
-    assert state["output.weight"].dtype == torch.float32
+    apply_lora(base, LoraConfig(r=8, alpha=16.0))
+    load_lora_state_dict(base, state)
+    assert base.layers[0].attention.wq.base_layer.weight.dtype == torch.uint8
+    assert base.output.weight.dtype == torch.float32
+    assert model_held_out_loss(base.eval(), tok, instructions) == pytest.approx(summary["final_val_loss"], rel=1e-5)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert summary["final_val_loss"] < held_out_loss(tiny_model_dir, instructions)
+
+
+def test_qlora_and_tensor_parallel_lora_are_refused_under_torchrun(make_ft_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="--method qlora runs in one process"):
+        run_finetune(make_ft_config(tmp_path / "a", finetune={"method": "qlora"}))
+    with pytest.raises(ValueError, match="--method lora does not run with parallel.tp=2"):
+        run_finetune(make_ft_config(tmp_path / "b", finetune={"method": "lora"}, parallel={"tp": 2}))

@@ -21,6 +21,15 @@ other world size or parallelism (1 process included) loads it, resharding on rea
 `load_checkpoint` reads either format into either kind of run; `dcp_to_model_dir` turns
 a distributed checkpoint into a model directory for `llamaworks generate`. All ranks
 must see the same out_dir (a shared file system across nodes).
+
+A model with frozen parameters (LoRA/QLoRA fine-tuning: adapters on a frozen base) stores only
+what training changes: the trainable tensors (trainable.safetensors, or the DCP folder without the
+frozen ones), the optimizer (which holds state for those alone), loader and RNG, beside a record
+of the base (`base`, train/finetune.py's fingerprint). The run rebuilds the frozen base from where
+it started, and resume refuses a checkpoint whose base record is not the run's:
+
+    OUT/checkpoints/step_00001000/
+        params.json tokenizer.model trainable.safetensors train_state.pt
 """
 
 from __future__ import annotations
@@ -50,10 +59,11 @@ from llamaworks.modeldir import (
     write_tokenizer_files,
 )
 from llamaworks.parallel.distributed import is_distributed, is_main
-from llamaworks.weights import read_safetensors
+from llamaworks.weights import read_safetensors, save_safetensors
 
 log = logging.getLogger("llamaworks")
 STATE = "train_state.pt"
+TRAINABLE = "trainable.safetensors"  # a checkpoint of a partly frozen model: its trainable tensors
 DCP_DIR = "dcp"  # the distributed checkpoint's folder inside a step folder
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -80,11 +90,19 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found)
-            if (p / STATE).is_file() and ((p / WEIGHTS).is_file() or is_dcp_checkpoint(p))]
+            if (p / STATE).is_file() and ((p / WEIGHTS).is_file() or (p / TRAINABLE).is_file()
+                                          or is_dcp_checkpoint(p))]
 
 
 def is_dcp_checkpoint(path: Path) -> bool:
     return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def trainable_names(model) -> set[str] | None:
+    """The names of the parameters training changes when some are frozen (LoRA on a frozen base),
+    which is all a checkpoint stores of the model then; None when every parameter trains."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return names if len(names) < len(list(model.parameters())) else None
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -103,14 +121,28 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer,
         dist.barrier()  # no rank goes on (or lists checkpoints) before the rename and pruning
         log.info("saved distributed checkpoint %s", path)
         return path
+    trainable = trainable_names(model)
     with atomic_directory(path, overwrite=True) as tmp:
-        write_model_files(model, tokenizer, tmp)
+        if trainable is None:
+            write_model_files(model, tokenizer, tmp)
+        else:  # the frozen base is the run's starting point, not the checkpoint's to keep
+            write_trainable_files(model, trainable, tokenizer, tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
                  "rng": rng_state(), **extra}
         torch.save(state, tmp / STATE)
     _prune(out_dir, root, keep_last)
     log.info("saved checkpoint %s", path)
     return path
+
+
+def write_trainable_files(model, trainable: set[str], tokenizer, folder: Path) -> None:
+    """params.json, the tokenizer and the trainable tensors of a partly frozen model."""
+    atomic_write_json(folder / PARAMS, {k: v for k, v in model.args.to_params().items() if v is not None})
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in trainable}
+    assert sd.keys() == trainable, sorted(trainable ^ sd.keys())[:5]
+    save_safetensors(sd, folder / TRAINABLE, metadata={"format": "pt"})
+    if tokenizer is not None:
+        write_tokenizer_files(tokenizer, folder)
 
 
 def _prune(out_dir, root: Path, keep_last: int) -> None:
@@ -126,7 +158,7 @@ def _save_dcp_checkpoint(path: Path, step: int, model, tokenizer, optimizer, loa
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options(model))
     with atomic_directory(path, overwrite=True) if is_main() else nullcontext() as tmp:
         shared = [str(tmp) if is_main() else None]
         dist.broadcast_object_list(shared, src=0)
@@ -142,40 +174,63 @@ def _save_dcp_checkpoint(path: Path, step: int, model, tokenizer, optimizer, loa
                 write_tokenizer_files(tokenizer, tmp)
 
 
-def load_checkpoint(path: Path, model, optimizer, loader) -> dict:
+def load_checkpoint(path: Path, model, optimizer, loader, base: dict | None = None) -> dict:
     """Restore model weights, optimizer, loader and RNG in place; return the saved state.
 
     Either format into either kind of run: a distributed checkpoint is resharded by DCP to
     whatever this run's parallelism is; a single-process checkpoint loaded by a run of
-    several processes is read whole by every rank and each keeps its shards.
+    several processes is read whole by every rank and each keeps its shards. A checkpoint of
+    a partly frozen model restores the trainable tensors over the run's own frozen ones, once
+    `base` (what the run's frozen weights are, see check_base) is the one it was saved with.
     """
     path = Path(path)
+    state = _read_state(path)
+    check_base(path, state.get("base"), base)
     if is_dcp_checkpoint(path):
-        return _load_dcp_checkpoint(path, model, optimizer, loader)
+        return _load_dcp_checkpoint(path, model, optimizer, loader, state)
     if is_distributed():
-        return _load_plain_checkpoint_distributed(path, model, optimizer, loader)
-    weights = read_safetensors(path / WEIGHTS)
+        return _load_plain_checkpoint_distributed(path, model, optimizer, loader, state)
+    partial = (path / TRAINABLE).is_file()
+    file = path / (TRAINABLE if partial else WEIGHTS)
+    weights = read_safetensors(file)
     with torch.no_grad():
         own = model.state_dict()
+        if partial:
+            trainable = trainable_names(model) or set(own)
+            if trainable != set(weights):
+                raise ValueError(f"{file}: holds the trainable tensors {sorted(weights)[:3]}..., this run trains "
+                                 f"{sorted(trainable)[:3]}...: it belongs to a run of another method or adapter "
+                                 "configuration (finetune.method, finetune.lora_*)")
+            own = {k: own[k] for k in trainable}
         missing = sorted(set(own) - set(weights))
         if missing:
-            raise ValueError(f"{path / WEIGHTS}: checkpoint lacks {missing[:3]}; it belongs to a different "
-                             "model")
+            raise ValueError(f"{file}: checkpoint lacks {missing[:3]}; it belongs to a different model")
         for k, v in own.items():
             if v.shape != weights[k].shape:
-                raise ValueError(f"{path / WEIGHTS}: {k} has shape {tuple(weights[k].shape)}, the model "
+                raise ValueError(f"{file}: {k} has shape {tuple(weights[k].shape)}, the model "
                                  f"expects {tuple(v.shape)}; the run's model config changed since this "
                                  "checkpoint")
             v.copy_(weights[k])
-    try:
-        state = torch.load(path / STATE, map_location="cpu", weights_only=False)
-    except Exception as e:  # a corrupt pickle can raise almost anything
-        raise ValueError(f"{path / STATE}: cannot read the training state ({e}); delete this checkpoint "
-                         "folder to resume from the one before") from None
     optimizer.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return state
+
+
+def check_base(path: Path, saved: dict | None, base: dict | None) -> None:
+    """A checkpoint over a frozen base resumes only over that base: `saved` (the checkpoint's record)
+    and `base` (this run's) must agree on the model's parameters and weights; the path may differ
+    (the same files moved). A checkpoint without a record (pretraining, full fine-tuning, or one
+    that stores its base) has nothing to check."""
+    if saved is None or base is None:
+        return
+    differs = [k for k in ("params", "digest") if saved.get(k) != base.get(k)]
+    if differs:
+        what = "its parameters (params.json)" if "params" in differs else "its weights"
+        raise ValueError(f"{path}: this checkpoint was trained over the base model {saved.get('path')}, but this "
+                         f"run's base {base.get('path')} differs in {what}: the trained tensors would be resumed "
+                         f"over other frozen weights; resume with finetune.checkpoint = {saved.get('path')!r} (the "
+                         "base the run started from), or start a new run in another run.out_dir")
 
 
 def _read_state(path: Path) -> dict:
@@ -186,20 +241,29 @@ def _read_state(path: Path) -> dict:
                          "folder to resume from the one before") from None
 
 
-def _load_dcp_checkpoint(path: Path, model, optimizer, loader) -> dict:
+def _dcp_options(model):
+    """DCP state-dict options: a partly frozen model's checkpoint leaves the frozen parameters out
+    (saving) and does not ask for them (loading: the run built them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    partial = trainable_names(model) is not None
+    return StateDictOptions(ignore_frozen_params=partial, strict=not partial)
+
+
+def _load_dcp_checkpoint(path: Path, model, optimizer, loader, state: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     # get_state_dict gives this run's layout (plain tensors, or DTensor shards keyed by the
     # same names); DCP fills it from whatever layout was saved, then set_state_dict puts it
     # back into the (possibly sharded) parameters and optimizer.
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _dcp_options(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     try:
         _dcp_load({"model": model_sd, "optim": optim_sd}, path / DCP_DIR)
     except Exception as e:
         raise ValueError(f"{path / DCP_DIR}: cannot load the distributed checkpoint into this model ({e}); it "
                          "belongs to a different model or the run's model config changed") from e
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    state = _read_state(path)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return state
@@ -214,12 +278,12 @@ def _dcp_load(state: dict, folder: Path) -> None:
         dcp.load(state, checkpoint_id=folder)
 
 
-def _load_plain_checkpoint_distributed(path: Path, model, optimizer, loader) -> dict:
+def _load_plain_checkpoint_distributed(path: Path, model, optimizer, loader, state: dict) -> dict:
     """A single-process checkpoint into a sharded run: full tensors in, each rank keeps its part."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    weights = read_safetensors(path / WEIGHTS)
-    state = _read_state(path)
+    partial = (path / TRAINABLE).is_file()
+    weights = read_safetensors(path / (TRAINABLE if partial else WEIGHTS))
     # optimizer.state_dict() numbers parameters in param_groups order; the sharded run built
     # its optimizer the same way, so the numbers map to the same names (which DSD wants).
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -228,7 +292,7 @@ def _load_plain_checkpoint_distributed(path: Path, model, optimizer, loader) -> 
     optim_sd = {"state": {fqns[i]: v for i, v in saved["state"].items()},
                 "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in saved["param_groups"]]}
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+                   options=StateDictOptions(full_state_dict=True, strict=not partial))
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return state

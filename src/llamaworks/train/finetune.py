@@ -45,6 +45,7 @@ NF4) and keeps the output layer in float, as transformers keeps lm_head when it 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -52,16 +53,18 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
+import torch.distributed as dist
 
 from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_text
 from llamaworks.configfile import load_config, merge, parse_overrides, resolve_config_path
 from llamaworks.convert.formats import load_any
 from llamaworks.data.sft import read_examples, split_examples, tokenize_examples
-from llamaworks.inference.lora import DEFAULT_TARGETS, LoraConfig, apply_lora, save_adapter
+from llamaworks.inference.lora import DEFAULT_TARGETS, LoraConfig, apply_lora, lora_layers, save_adapter
 from llamaworks.inference.quant import quantize_model
+from llamaworks.model import Transformer
 from llamaworks.modeldir import CHAT_TEMPLATE
-from llamaworks.parallel.distributed import is_distributed
+from llamaworks.parallel.distributed import is_distributed, is_main
 from llamaworks.tokenizer.chat import ChatTemplate, control_token_ids
 from llamaworks.train.config import (
     CheckpointConfig,
@@ -72,6 +75,7 @@ from llamaworks.train.config import (
     ParallelConfig,
     RunConfig,
 )
+from llamaworks.train.init import parameter_seed
 from llamaworks.train.sft import SFTLoader
 from llamaworks.train.trainer import (
     DataSource,
@@ -260,12 +264,16 @@ def instruction_source(cfg: FinetuneJobConfig, tokenizer, template: ChatTemplate
     return DataSource(tokenizer, train_loader, val_loader, masked=True), len(train_tok.examples)
 
 
-def pretrained_init(state: dict[str, torch.Tensor]):
+def pretrained_init(state: dict[str, torch.Tensor], lora: LoraConfig | None = None):
     """ModelSpec.init that copies a checkpoint's weights into the run's (materialised, possibly
-    sharded) model; the state is released once copied."""
+    sharded) model; the state is released once copied. lora: the model carries LoRA layers
+    (ModelSpec.prepare, `lora_prepare`): the checkpoint's projections become their frozen base
+    layers and the adapters start as `adapter_start` draws them."""
 
     @torch.no_grad()
     def init(model, seed: int, device: torch.device) -> None:
+        if lora is not None:
+            state.update(adapter_start(model, state, seed))
         if is_distributed():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -279,27 +287,98 @@ def pretrained_init(state: dict[str, torch.Tensor]):
     return init
 
 
+def lora_prepare(config: LoraConfig):
+    """ModelSpec.prepare for --method lora: LoRA layers on the meta-device model, before FSDP splits
+    it, so that each block is sharded with its frozen projections and its adapters together."""
+
+    def prepare(model) -> None:
+        apply_lora(model, config)
+
+    return prepare
+
+
+def adapter_start(model, state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The starting tensors of a model's LoRA layers under its own names, for a base `state` in the
+    plain model's names (whose projections it renames, in place, to their `.base_layer.`): B = 0 and
+    A Kaiming-uniform as LoRALinear draws it, each A from its own generator seeded by (seed, name)
+    as train/init.py draws weights, so that any split of the model starts from the same adapters."""
+    out = {}
+    for name, m in lora_layers(model):
+        for leaf in ("weight", "bias"):
+            if f"{name}.{leaf}" in state:
+                state[f"{name}.base_layer.{leaf}"] = state.pop(f"{name}.{leaf}")
+        gen = torch.Generator().manual_seed(parameter_seed(seed, f"{name}.lora_A"))
+        a = torch.empty(m.r, m.in_features)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = a, torch.zeros(m.out_features, m.r)
+    return out
+
+
+def base_fingerprint(path: str, args, state: dict[str, torch.Tensor], samples: int = 1024) -> dict:
+    """What a LoRA/QLoRA run's checkpoints record of the frozen base, for resume to check (train/
+    checkpoint.py check_base): its path (for the message), its parameters and a digest of its
+    weights. The digest hashes every tensor's name, dtype and shape and `samples` evenly spaced
+    values of it: a few MB of a memory-mapped file, where hashing all of a 7B model's 27 GB would
+    take minutes, and another base (another model, or a fine-tune of this one) differs in
+    practically every value."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // samples)
+        picked = flat[::step][:samples].contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(picked.view(torch.uint8).numpy().tobytes() if picked.numel() else b"")
+    params = {k: v for k, v in args.to_params().items() if v is not None}
+    return {"path": str(Path(path).resolve()), "params": params, "digest": h.hexdigest()}
+
+
 def adapters(cfg: FinetuneJobConfig) -> tuple:
-    """(ModelSpec.adapt, ModelSpec.save_final) for --method lora / qlora; (None, None) for full."""
+    """(ModelSpec.adapt, ModelSpec.save_final) for --method lora / qlora; (None, None) for full.
+    lora's layers are added before the model is split (lora_prepare); qlora's quantised base needs
+    the materialised weights, so qlora adapts the model after init, in one process."""
     f = cfg.finetune
     if f.method == "full":
         return None, None
     config = cfg.lora_config()
 
     def adapt(model) -> None:
-        if f.method == "qlora":
-            for block in model.layers:  # the blocks' projections; the output layer stays float
-                quantize_model(block, f.qlora_mode)
+        for block in model.layers:  # the blocks' projections; the output layer stays float
+            quantize_model(block, f.qlora_mode)
         apply_lora(model, config)
 
     def save_final(model, tokenizer, out: Path) -> Path:
-        path = save_adapter(model, config, out / "adapter", base_model=f.checkpoint)
+        path = out / "adapter"
+        if is_distributed():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # The adapters alone, gathered onto rank 0 (the frozen base is the checkpoint's files).
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                      ignore_frozen_params=True))
+            if is_main():
+                save_adapter(adapter_model(model.args, config, sd), config, path, base_model=f.checkpoint)
+        else:
+            save_adapter(model, config, path, base_model=f.checkpoint)
         template = getattr(tokenizer, "chat_template", None)
-        if template is not None:  # the format the adapter learnt, for whoever serves it
+        if template is not None and is_main():  # the format the adapter learnt, for whoever serves it
             atomic_write_text(path / CHAT_TEMPLATE, template.source)
+        if is_distributed():
+            dist.barrier()
         return path
 
-    return adapt, save_final
+    return (adapt if f.method == "qlora" else None), save_final
+
+
+def adapter_model(args, config: LoraConfig, adapters_sd: dict[str, torch.Tensor]):
+    """A Transformer on the meta device whose LoRA layers hold `adapters_sd`'s tensors: what
+    save_adapter reads (the adapters and the model's shape), without the base's weights."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    apply_lora(model, config)
+    for name, m in lora_layers(model):
+        m.lora_A = torch.nn.Parameter(adapters_sd[f"{name}.lora_A"], requires_grad=False)
+        m.lora_B = torch.nn.Parameter(adapters_sd[f"{name}.lora_B"], requires_grad=False)
+    return model
 
 
 def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
@@ -318,10 +397,14 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
         cfg = replace(cfg, train=replace(t, seq_len=args.max_seq_len))
         t = cfg.train
     dims = check_job(cfg, args.n_heads)
-    if f.method != "full" and dims.world_size > 1:
-        raise ValueError(f"--method {f.method} runs in one process for now: adapters are added to the "
-                         "materialised model, after FSDP or tensor parallelism would have split it; run without "
-                         "torchrun, or use --method full")
+    if f.method == "qlora" and dims.world_size > 1:
+        raise ValueError("--method qlora runs in one process: its base is quantised from the materialised weights, "
+                         "after FSDP or tensor parallelism would have split them (and FSDP shards float "
+                         "parameters, not int8/int4 blocks); run it without torchrun, or use --method lora under "
+                         "torchrun")
+    if f.method == "lora" and dims.tp > 1:
+        raise ValueError(f"--method lora does not run with parallel.tp={dims.tp}: tensor parallelism splits plain "
+                         "linear layers, not LoRA layers; use data parallelism (parallel.dp_shard, FSDP) instead")
     if t.seq_len > args.max_seq_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds the context of {f.checkpoint} (max_seq_len="
                          f"{args.max_seq_len}); lower train.seq_len to at most {args.max_seq_len}")
@@ -331,8 +414,13 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
     max_steps, warmup = steps_for(cfg, n_train)
     check_out_dir(Path(cfg.run.out_dir))
     adapt, save_final = adapters(cfg)
+    state = base.state_dict()
+    lora = cfg.lora_config() if f.method == "lora" else None
     spec = ModelSpec(args, f"{f.method} fine-tuning of {Path(f.checkpoint).name}",
-                     init=pretrained_init(base.state_dict()), adapt=adapt, save_final=save_final)
+                     init=pretrained_init(state, lora), prepare=lora_prepare(lora) if lora else None, adapt=adapt,
+                     save_final=save_final,
+                     # checkpoints of adapters hold them alone; resume checks they go over this base
+                     base=base_fingerprint(f.checkpoint, args, state) if f.method != "full" else None)
     del base
     return launch(cfg, resume, dims, data, spec, max_steps, warmup)
 

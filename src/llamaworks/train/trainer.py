@@ -172,12 +172,18 @@ class ModelSpec:
     # Fills the materialised (possibly sharded) model: (model, seed, device). Pretraining draws
     # the weights (train/init.py); fine-tuning copies a checkpoint's.
     init: Callable[[torch.nn.Module, int, torch.device], None] = init_weights
+    # Changes the model on the meta device, before it is split (parallelize) and materialised: e.g.
+    # LoRA layers on a frozen base, which FSDP then shards with their block. init fills all of it.
+    prepare: Callable[[torch.nn.Module], None] | None = None
     # Changes the initialised model before the optimizer is built, e.g. LoRA adapters on a frozen
     # base: the optimizer then trains the parameters that still require gradients.
     adapt: Callable[[torch.nn.Module], None] | None = None
     # Writes the final model under the run folder and returns its path: (model, tokenizer, run
     # folder) -> path. None: OUT/model, a model directory.
     save_final: Callable[[torch.nn.Module, Any, Path], Path] | None = None
+    # What the frozen weights started from (fine-tuning's base: train/finetune.py base_fingerprint),
+    # recorded in each checkpoint, which then holds the trainable tensors only; resume checks it.
+    base: dict | None = None
 
 
 @dataclass
@@ -207,6 +213,7 @@ class Trainer:
     warmup_steps: int
     masked: bool  # DataSource.masked
     save_final: Callable[[torch.nn.Module, Any, Path], Path] | None  # ModelSpec.save_final
+    base: dict | None = None  # ModelSpec.base
     step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # seconds trained by the processes before this one (resume)
@@ -326,6 +333,8 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     args = spec.args
     model = build_model(args, device="meta")
     n_params = sum(p.numel() for p in model.parameters())
+    if spec.prepare is not None:
+        spec.prepare(model)
     mesh = dims.build_mesh(device.type) if dims.distributed else None
     loss_parallel = par.loss_parallel and dims.tp > 1
     parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile, mesh,
@@ -343,7 +352,7 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     # The tp ranks of one data-parallel replica read the same batch: tp is the mesh's
     # innermost dimension, so the data-parallel rank is rank // tp.
     loader = data.train_loader(env.rank // dims.tp, dims.dp)
-    ckpt, state = restore(out, resume, model, optimizer, loader)
+    ckpt, state = restore(out, resume, model, optimizer, loader, spec.base)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.toml", dumps(cfg))
@@ -357,7 +366,7 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
                       val_loader=data.val_loader, task_eval=TaskEvaluator.from_config(cfg.eval),
                       accum=accum, n_params=n_params, flops_per_token=fpt, peak_flops=peak, model_name=spec.name,
                       max_steps=max_steps, warmup_steps=warmup_steps, masked=data.masked,
-                      save_final=spec.save_final,
+                      save_final=spec.save_final, base=spec.base,
                       step=state.get("step", 0), tokens_seen=state.get("tokens", 0),
                       elapsed_before=state.get("elapsed_s", 0.0), last_ckpt=ckpt)
     log.info("model: %s, %.2fM parameters; %d sequences/step (%d micro-batches of %d x %s%d tokens, dp=%d); "
@@ -377,9 +386,10 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     return trainer
 
 
-def restore(out: Path, resume: bool, model, optimizer, loader) -> tuple[Path | None, dict]:
+def restore(out: Path, resume: bool, model, optimizer, loader, base: dict | None = None) -> tuple[Path | None, dict]:
     """With --resume, load the latest complete checkpoint into model, optimizer and loader (and
-    the RNG): (its path, its saved state); (None, {}) for a fresh run. A fresh run refuses a
+    the RNG), checking that the frozen weights are its `base` (ModelSpec.base): (its path, its
+    saved state); (None, {}) for a fresh run. A fresh run refuses a
     folder that holds checkpoints: it would interleave its own with another run's."""
     ckpt = ckpt_io.latest_checkpoint(out) if resume else None
     if resume and ckpt is None:
@@ -389,7 +399,7 @@ def restore(out: Path, resume: bool, model, optimizer, loader) -> tuple[Path | N
             raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run or choose "
                              "another run.out_dir")
         return None, {}
-    state = ckpt_io.load_checkpoint(ckpt, model, optimizer, loader)
+    state = ckpt_io.load_checkpoint(ckpt, model, optimizer, loader, base=base)
     log.info("resumed from %s (step %d, %d tokens)", ckpt, state["step"], state["tokens"])
     return ckpt, state
 
@@ -452,7 +462,8 @@ def validate(t: Trainer) -> float | None:
 
 def save_checkpoint(t: Trainer) -> Path:
     t.last_ckpt = ckpt_io.save_checkpoint(t.out, t.step, t.model, t.tokenizer, t.optimizer, t.loader,
-                                          {"tokens": t.tokens_seen, "elapsed_s": t.elapsed(), "config": dumps(t.cfg)},
+                                          {"tokens": t.tokens_seen, "elapsed_s": t.elapsed(), "config": dumps(t.cfg),
+                                           **({"base": t.base} if t.base is not None else {})},
                                           t.cfg.checkpoint.keep_last)
     return t.last_ckpt
 
