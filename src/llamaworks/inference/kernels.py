@@ -1,11 +1,14 @@
-"""CPU kernels for one-row (decode) products, when the fused quantised kernels apply, and
-the alignment their buffers need."""
+"""CPU kernels for one-row (decode) products: when the native kernels (native.py, csrc/) or
+the fused torch quantised kernels apply, the alignment their buffers need, and the layers that
+route float products to them (NativeLinear, GemvLinear)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llamaworks.inference import native
 
 # Above this many rows (prefill, large batches) a dequantised weight and a plain matmul beat
 # the fused kernels, which are written for a few rows (measured on a 2-core AVX-512 machine).
@@ -28,6 +31,15 @@ INT8_KERNEL_ROW_MULTIPLE = 16
 
 def cpu_kernel(x: torch.Tensor, max_rows: int = KERNEL_MAX_ROWS) -> bool:
     return x.device.type == "cpu" and x.numel() // x.shape[-1] <= max_rows
+
+
+def native_rows(x: torch.Tensor, in_features: int, max_rows: int = native.NATIVE_MAX_ROWS) -> bool:
+    """Whether the native kernels take `x` (..., in_features): on CPU, fp32 or bf16, at most
+    max_rows rows, the library loaded, and no gradient to record (the kernels have no
+    derivative; QLoRA's hook in lora.py supplies one for the quantised layers)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.numel() // in_features <= max_rows and native.available()
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def is_aligned(t: torch.Tensor) -> bool:
@@ -77,6 +89,41 @@ class GemvLinear(nn.Linear):
         if x.numel() == self.in_features and self.bias is None:
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+
+class NativeLinear(nn.Linear):
+    """nn.Linear whose products of up to NATIVE_MAX_ROWS rows (decode, batches up to 8) run in
+    the native kernels, which read an fp32 or bf16 weight once per call at close to memory
+    bandwidth (F.linear and torch.mv read one fp32 row's weights at 18-23 GB/s of 51 on a 2-core
+    Zen 4). fp32 or bf16 activations, accumulated in fp32; the output in the input's dtype.
+    Same parameters and state-dict keys as nn.Linear; more rows (prefill), a bias, gradients
+    or the library missing take F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.bias is None and native_rows(x, self.in_features) and not (torch.is_grad_enabled() and w.requires_grad):
+            op = torch.ops.llamaworks.gemv_f32 if w.dtype == torch.float32 else torch.ops.llamaworks.gemv_bf16
+            out = op(x.reshape(-1, self.in_features), w)  # (rows, out_features)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, w, self.bias)
+
+
+def use_native_kernels(model: nn.Module) -> int:
+    """Turn the fp32 and bf16 CPU nn.Linear (and GemvLinear) layers of `model` into NativeLinear
+    in place (the class changes, the parameters stay); returns how many. A no-op returning 0
+    when the native kernels are not available (one log line says why). Quantised layers
+    (quant.py) use the kernels by themselves. DTensor (sharded) weights, biases and other
+    dtypes are left alone. Meant for load time, before any torch.compile."""
+    if not native.available():
+        return 0
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if (type(m) in (nn.Linear, GemvLinear) and type(w) is nn.Parameter and w.device.type == "cpu"
+                and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous() and m.bias is None):
+            m.__class__ = NativeLinear
+            n += 1
+    return n
 
 
 def use_gemv(model: nn.Module) -> int:

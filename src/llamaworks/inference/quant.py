@@ -5,9 +5,12 @@ projection is replaced by a module holding integer weights and floating-point sc
 embeddings and norms stay in floating point. Activations are not quantised.
 
 Decoding reads every weight once per step, so it is bound by memory bandwidth: int8
-halves the bytes of bf16 (quarters fp32), int4 halves them again. On CPU the fused
-torch kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) dequantise in
-registers and take bf16 activations; everywhere else, and for many rows at once
+halves the bytes of bf16 (quarters fp32), int4 halves them again. On CPU, up to 8 rows
+(decode) run in llamaworks' native kernels when they are built (native.py: fp32 or bf16
+activations, dequantised in registers, each weight byte read once per call; int4 in a layout
+repacked for them at load, also for up to 32 rows); otherwise the fused torch kernels
+(_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) dequantise in registers and take bf16
+activations; everywhere else, and for many rows at once
 (prefill), the weight is dequantised and multiplied by an ordinary matmul (int8 on a CPU
 with AMX: in bf16, the kernel's precision, where the bf16 matmul is several times faster).
 What those kernels are handed is kept 64-byte aligned (kernels.KERNEL_ALIGN): a weight
@@ -50,12 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaworks.atomic import atomic_directory, atomic_write_json
+from llamaworks.inference import native
 from llamaworks.inference.kernels import (
     INT8_KERNEL_ROW_MULTIPLE,
     KERNEL_MAX_ROWS,
     aligned,
     cpu_kernel,
     kernel_rows,
+    native_rows,
 )
 from llamaworks.modeldir import QUANT_FILE, write_model_files
 from llamaworks.weights import read_json_file
@@ -166,20 +171,28 @@ class Int8Linear(QuantizedLinear):
             self._fold_ones = torch.ones(self.out_features // self.fold, dtype=torch.bfloat16, device=dev)
             self._fold_eye = torch.eye(self.fold, dtype=torch.bfloat16, device=dev)
             self._fold_scales = self.scales.view(-1, self.fold)
+        # The native kernel's fp32 scales (the weight it reads as it is). Built only where it runs.
+        self._native_scales = None
+        if _holds_data(self.scales) and native.available():
+            self._native_scales = aligned(self.scales.to(torch.float32, memory_format=torch.contiguous_format))
 
     def _folded_weight(self) -> torch.Tensor:
         # A view: the same (aligned) first byte, rows of fold * in_features (a multiple of 16).
         return self.weight.view(self.out_features // self.fold, self.fold * self.in_features)
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
+        native_in = {} if self._native_scales is None else {"weight": self.weight, "native scales": self._native_scales}
         if not self.kernel:
-            return {}
-        out = {"weight": self.weight, "kernel scales": self._kernel_scales}
+            return native_in
+        out = {**native_in, "weight": self.weight, "kernel scales": self._kernel_scales}
         if self.fold > 1:
             out.update({"folded weight": self._folded_weight(), "fold ones": self._fold_ones})
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native_scales is not None and native_rows(x, self.in_features):
+            out = torch.ops.llamaworks.gemv_int8(x.reshape(-1, self.in_features), self.weight, self._native_scales)
+            return out.view(*x.shape[:-1], self.out_features)
         if self.kernel and cpu_kernel(x, AMX_INT8_KERNEL_MAX_ROWS if self._amx else KERNEL_MAX_ROWS):
             # The fused kernel wants bf16 activations and scales (fp32 ones run ~6x slower);
             # bf16 rounding of x (2^-9) is below the int8 rounding of the weight (2^-8).
@@ -226,6 +239,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
 
 
+def native_int4_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Int4Linear's packed weight (out, in/2) in the native kernel's layout (csrc/gemv_body.h):
+    per 32 columns, 16 bytes whose byte j holds column j (low nibble) and column 16 + j (high),
+    so that a vector of bytes widens to consecutive columns without shuffles."""
+    q = unpack_int4(packed)
+    out_f, in_f = q.shape
+    q = q.view(out_f, in_f // 32, 2, 16)  # (out, blocks, low/high half, 16)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(out_f, in_f // 2)
+
+
 def dequantize_int4(packed, scales, zeros, group_size: int, dtype=torch.float32) -> torch.Tensor:
     q = unpack_int4(packed).to(dtype)
     out_f, in_f = q.shape
@@ -248,12 +271,21 @@ class Int4Linear(QuantizedLinear):
         self._packed: torch.Tensor | None = None
         self._scales_zeros: torch.Tensor | None = None
         self.kernel = out_features % 16 == 0  # the CPU kernel's only shape limit beyond the group size
+        # The native kernel's layout and its fp32 scales and offsets (zero - 8 * scale), built
+        # instead of the torch kernel's when the native kernels are available.
+        self._native: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def refresh(self) -> None:
         # Built when the weights arrive (loaded or quantised), not on the first call: a model
         # compiled before it ever ran would otherwise trace the repacking into its graph.
-        self._packed = self._scales_zeros = None
-        if self.kernel and _holds_data(self.weight):
+        self._packed = self._scales_zeros = self._native = None
+        if not _holds_data(self.weight):
+            return
+        if native.available():  # group sizes are multiples of 32, the layout's block
+            s, z = self.scales.float(), self.zeros.float()
+            self._native = (aligned(native_int4_layout(self.weight)), aligned(s.contiguous()),
+                            aligned((z - 8 * s).contiguous()))
+        elif self.kernel:
             self._prepare()
 
     def _prepare(self):
@@ -264,11 +296,19 @@ class Int4Linear(QuantizedLinear):
             torch.bfloat16))  # (groups, out, 2)
 
     def kernel_tensors(self) -> dict[str, torch.Tensor]:
-        if not self.kernel or self._packed is None:
-            return {}
-        return {"packed weight": self._packed, "scales and zeros": self._scales_zeros}
+        out = {}
+        if self._native is not None:
+            out.update(zip(("native weight", "native scales", "native offsets"), self._native))
+        if self.kernel and self._packed is not None:
+            out.update({"packed weight": self._packed, "scales and zeros": self._scales_zeros})
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native is not None and native_rows(x, self.in_features, KERNEL_MAX_ROWS):
+            # Up to 8 rows in one pass over the weight, more in chunks of 8 over cache-sized slices.
+            w, s, o = self._native
+            out = torch.ops.llamaworks.gemv_int4(x.reshape(-1, self.in_features), w, s, o, self.group_size)
+            return out.view(*x.shape[:-1], self.out_features)
         if self.kernel and cpu_kernel(x):
             if self._packed is None:  # a module filled in place (copy_) without refresh()
                 self._prepare()

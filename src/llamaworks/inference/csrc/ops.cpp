@@ -1,0 +1,160 @@
+// The llamaworks:: operators (registered with TORCH_LIBRARY, so torch.compile graphs call them
+// as extern kernels without a graph break; native.py registers their fake implementations),
+// the run-time choice of instruction set, and the threading.
+//
+// gemv_f32 / gemv_bf16 / gemv_int8 / gemv_int4: out (M, N) = x (M, K) @ dequantised(w).T, in
+// x's dtype (fp32 or bf16; computed in fp32). Made for decode (M <= 8: the weights are read
+// once); more rows run in chunks of 8 over cache-sized slices of the weight.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "gemv.h"
+
+namespace {
+
+enum Level { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+
+// Bits of lw_cpu_features(), named in native.py (FEATURE_BITS).
+enum Feature { F_AVX2 = 1, F_FMA = 2, F_AVX512F = 4, F_AVX512BW = 8, F_AVX512VL = 16, F_AVX512VNNI = 32,
+               F_AVX512BF16 = 64 };
+
+int cpu_features() {
+  // __builtin_cpu_supports also checks that the OS saves the vector state (XCR0).
+  __builtin_cpu_init();
+  int f = 0;
+  if (__builtin_cpu_supports("avx2")) f |= F_AVX2;
+  if (__builtin_cpu_supports("fma")) f |= F_FMA;
+  if (__builtin_cpu_supports("avx512f")) f |= F_AVX512F;
+  if (__builtin_cpu_supports("avx512bw")) f |= F_AVX512BW;
+  if (__builtin_cpu_supports("avx512vl")) f |= F_AVX512VL;
+  if (__builtin_cpu_supports("avx512vnni")) f |= F_AVX512VNNI;
+  if (__builtin_cpu_supports("avx512bf16")) f |= F_AVX512BF16;
+  return f;
+}
+
+int best_level(int f) {
+  if ((f & (F_AVX512F | F_AVX2 | F_FMA)) == (F_AVX512F | F_AVX2 | F_FMA)) return AVX512;
+  if ((f & (F_AVX2 | F_FMA)) == (F_AVX2 | F_FMA)) return AVX2;
+  return SCALAR;
+}
+
+// The kernels in use: the best the CPU has until native.py (or a test) picks another.
+std::atomic<int> level{best_level(cpu_features())};
+
+const lw::GemvFn* table() {
+  switch (level.load(std::memory_order_relaxed)) {
+    case AVX512: return lw::avx512_kernels;
+    case AVX2: return lw::avx2_kernels;
+    default: return lw::scalar_kernels;
+  }
+}
+
+// Weight rows per unit of work handed to threads (a multiple of every NB).
+constexpr int64_t BLOCK = 16;
+// Work below this many weight bytes stays on one thread (a fork/join costs a few us).
+constexpr int64_t GRAIN_BYTES = 1 << 16;
+// With more than MAX_ROWS rows, the weight is walked in slices of about this many bytes, each
+// multiplied into every chunk of rows while it is in the L2 cache.
+constexpr int64_t SLICE_BYTES = 1 << 16;
+
+at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64_t K, int64_t row_bytes,
+               const float* scales, const float* offsets, int64_t group) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "llamaworks gemv: x must be (rows, ", K, "), got ",
+              x_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "llamaworks gemv: CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "llamaworks gemv: x must be float32 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), "llamaworks gemv: the weight must be contiguous");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out.to(x_in.scalar_type());
+  lw::Gemv g{x.data_ptr<float>(), M, K, N, w.data_ptr(), scales, offsets, group, out.data_ptr<float>()};
+  const lw::GemvFn fn = table()[kind];
+  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
+  const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (BLOCK * row_bytes));
+  const int64_t slice = M <= lw::MAX_ROWS ? N : std::max<int64_t>(BLOCK, SLICE_BYTES / row_bytes / BLOCK * BLOCK);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t end = std::min(N, b1 * BLOCK);
+    for (int64_t n0 = b0 * BLOCK; n0 < end; n0 += slice) {
+      const int64_t n1 = std::min(end, n0 + slice);
+      for (int64_t m0 = 0; m0 < M; m0 += lw::MAX_ROWS) {
+        lw::Gemv part = g;
+        part.x = g.x + m0 * K;
+        part.M = std::min(lw::MAX_ROWS, M - m0);
+        part.out = g.out + m0 * N;
+        fn(part, n0, n1);
+      }
+    }
+  });
+  return out.to(x_in.scalar_type());
+}
+
+void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == dtype, "llamaworks gemv: ", what, " must be a 2-d ", dtype,
+              " tensor, got ", w.scalar_type(), " ", w.sizes());
+}
+
+at::Tensor gemv_f32(const at::Tensor& x, const at::Tensor& w) {
+  check_weight(w, at::kFloat, "weight");
+  return run(lw::F32, x, w, w.size(1), w.size(1) * 4, nullptr, nullptr, 0);
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+  check_weight(w, at::kBFloat16, "weight");
+  return run(lw::BF16, x, w, w.size(1), w.size(1) * 2, nullptr, nullptr, 0);
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  check_weight(w, at::kChar, "weight");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == w.size(0),
+              "llamaworks gemv_int8: scales must be ", w.size(0), " contiguous float32 values, got ",
+              scales.scalar_type(), " ", scales.sizes());
+  return run(lw::INT8, x, w, w.size(1), w.size(1), scales.data_ptr<float>(), nullptr, 0);
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, const at::Tensor& offsets,
+                     int64_t group_size) {
+  check_weight(w, at::kByte, "weight");
+  const int64_t K = w.size(1) * 2;
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && K % group_size == 0, "llamaworks gemv_int4: group size ",
+              group_size, " must be a multiple of 32 dividing ", K);
+  for (const at::Tensor* t : {&scales, &offsets})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == w.size(0) &&
+                    t->size(1) == K / group_size,
+                "llamaworks gemv_int4: scales and offsets must be contiguous float32 (", w.size(0), ", ",
+                K / group_size, "), got ", t->scalar_type(), " ", t->sizes());
+  return run(lw::INT4, x, w, K, w.size(1), scales.data_ptr<float>(), offsets.data_ptr<float>(), group_size);
+}
+
+}  // namespace
+
+// Plain C entry points for the instruction-set choice (native.py calls them through ctypes).
+extern "C" {
+int lw_cpu_features() { return cpu_features(); }
+int lw_level() { return level.load(); }
+// Returns the level set, or -1 (nothing changed) for one the CPU cannot run.
+int lw_set_level(int l) {
+  if (l < SCALAR || l > best_level(cpu_features())) return -1;
+  level.store(l);
+  return l;
+}
+}
+
+TORCH_LIBRARY(llamaworks, m) {
+  m.def("gemv_f32(Tensor x, Tensor weight) -> Tensor");
+  m.def("gemv_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor weight, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
+  m.impl("gemv_f32", &gemv_f32);
+  m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int4", &gemv_int4);
+}

@@ -1,0 +1,202 @@
+"""The native CPU kernels (csrc/): building, loading, the instruction-set choice, and the
+operators' fake implementations for torch.compile.
+
+One-row products at decode read each weight once per step, so they are bound by memory
+bandwidth, but F.linear / torch.mv on one row read fp32 weights at 18-23 GB/s of the 51 GB/s a
+2-core Zen 4 has. The kernels in csrc/ (llamaworks::gemv_f32, gemv_bf16, gemv_int8, gemv_int4)
+read them once for up to 8 activation rows, threaded over output rows with at::parallel_for.
+Each is compiled three times (AVX-512F, AVX2+FMA, portable) into one library and picked at
+run time from what the CPU reports, so one build runs on AVX2-only, AVX-512 and AMX machines.
+
+The library is built by an explicit step, never during a decode:
+    python -m llamaworks.inference.native build     (./dev.sh setup runs it)
+into a directory keyed by the sources, torch and Python versions (under the virtual
+environment, or LLAMAWORKS_NATIVE_DIR), so a stale build is never loaded. Without it (no
+compiler, not built) one line is logged and every layer keeps its PyTorch path.
+LLAMAWORKS_NATIVE=0 turns the kernels off (for A/B runs); LLAMAWORKS_ISA=avx2|scalar picks a
+lower instruction set than the CPU's best.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("ops.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp", "gemv_scalar.cpp")
+HEADERS = ("gemv.h", "gemv_body.h")
+NAME = "llamaworks_native"
+CFLAGS = ["-O3", "-fno-math-errno"]  # no -march: the instruction sets are chosen per file, at run time
+
+# Rows one call reads the weights once for (the kernels' MAX_ROWS): decode batches up to 8.
+NATIVE_MAX_ROWS = 8
+
+# Instruction sets, lowest first (the kernels' Level), and the CPU features each needs.
+ISAS = ("scalar", "avx2", "avx512")
+ISA_NEEDS = {"scalar": frozenset(), "avx2": frozenset({"avx2", "fma"}),
+             "avx512": frozenset({"avx512f", "avx2", "fma"})}
+# Bits of lw_cpu_features() (ops.cpp's Feature).
+FEATURE_BITS = {"avx2": 1, "fma": 2, "avx512f": 4, "avx512bw": 8, "avx512vl": 16, "avx512vnni": 32,
+                "avx512bf16": 64}
+
+
+def choose_isa(features: frozenset[str] | set[str], limit: str | None = None) -> str:
+    """The best instruction set whose features are all in `features`, no higher than `limit`."""
+    if limit is not None and limit not in ISAS:
+        raise ValueError(f"unknown instruction set {limit!r}; set LLAMAWORKS_ISA to one of {', '.join(ISAS)}")
+    allowed = ISAS[: ISAS.index(limit) + 1] if limit else ISAS
+    return [isa for isa in allowed if ISA_NEEDS[isa] <= set(features)][-1]
+
+
+def build_dir() -> Path:
+    """Where the library for these sources, this torch and this Python lives."""
+    h = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    h.update(f"{torch.__version__} {sys.version} {platform.machine()} {' '.join(CFLAGS)}".encode())
+    root = os.environ.get("LLAMAWORKS_NATIVE_DIR")
+    if root:
+        base = Path(root)
+    elif sys.prefix != sys.base_prefix:  # a virtual environment: keep the build with it
+        base = Path(sys.prefix) / "llamaworks-native"
+    else:
+        base = Path.home() / ".cache" / "llamaworks" / "native"
+    return base / h.hexdigest()[:16]
+
+
+def library_path() -> Path:
+    return build_dir() / f"{NAME}.so"
+
+
+class _State:
+    loaded: bool | None = None  # None: not tried yet
+    lib: ctypes.CDLL | None = None
+    why: str = ""
+    fakes: bool = False
+
+
+_state = _State()
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library if this version of it is not built yet; returns its path. Raises
+    (RuntimeError, OSError from the compiler) when it cannot be built."""
+    path = library_path()
+    if path.exists():
+        return path
+    from torch.utils import cpp_extension  # only the build step needs the compiler machinery
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS,
+                       extra_include_paths=[str(CSRC)], build_directory=str(path.parent),
+                       is_python_module=False, verbose=verbose)
+    assert path.exists(), f"the build finished without {path}"
+    _state.loaded = None  # loaded by cpp_extension.load: let load() set up the rest
+    return path
+
+
+def load() -> bool:
+    """Load the built library once per process (cheap: no compiling); False, with one log line,
+    when it is turned off or not built."""
+    if _state.loaded is not None:
+        return _state.loaded
+    _state.loaded = False
+    if os.environ.get("LLAMAWORKS_NATIVE", "1") == "0":
+        _state.why = "LLAMAWORKS_NATIVE=0"
+        log.info("native CPU kernels off (LLAMAWORKS_NATIVE=0): PyTorch kernels")
+        return False
+    path = library_path()
+    if not path.exists():
+        _state.why = f"not built ({path} missing)"
+        log.warning("native CPU kernels not built (run `python -m llamaworks.inference.native build`): "
+                    "PyTorch kernels, slower decoding")
+        return False
+    if not hasattr(torch.ops.llamaworks, "gemv_f32"):  # not loaded yet by build() in this process
+        torch.ops.load_library(str(path))
+    _state.lib = ctypes.CDLL(str(path))  # the same loaded library: its lw_* C functions
+    _register_fakes()
+    _state.loaded = True
+    configure(limit=os.environ.get("LLAMAWORKS_ISA") or None)
+    return True
+
+
+def available() -> bool:
+    """Whether the native kernels run in this process (loading them on first use)."""
+    return load()
+
+
+def disable(why: str = "turned off") -> None:
+    """Make available() False for the rest of the process (tests of the fallback path)."""
+    _state.loaded, _state.why = False, why
+
+
+def reset() -> None:
+    """Forget the last load() decision (after disable(), or a change of LLAMAWORKS_NATIVE)."""
+    _state.loaded = None if _state.lib is None else True
+
+
+def cpu_features() -> frozenset[str]:
+    """The features the CPU (and OS) report, among FEATURE_BITS; needs the library."""
+    assert _state.lib is not None, "native kernels not loaded"
+    bits = _state.lib.lw_cpu_features()
+    return frozenset(name for name, bit in FEATURE_BITS.items() if bits & bit)
+
+
+def configure(features: frozenset[str] | set[str] | None = None, limit: str | None = None) -> str:
+    """Pick the kernels' instruction set from `features` (default: the CPU's; tests pass fewer
+    to force a fallback); returns it. The library refuses one the CPU lacks."""
+    assert _state.lib is not None, "native kernels not loaded"
+    isa = choose_isa(cpu_features() if features is None else features, limit)
+    got = _state.lib.lw_set_level(ISAS.index(isa))
+    assert got == ISAS.index(isa), f"the CPU cannot run {isa} kernels (features {sorted(cpu_features())})"
+    return isa
+
+
+def current_isa() -> str:
+    assert _state.lib is not None, "native kernels not loaded"
+    return ISAS[_state.lib.lw_level()]
+
+
+def _register_fakes() -> None:
+    # Shapes for torch.compile's tracing: (rows, out_features) in x's dtype.
+    def fake(x, weight, *_):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    if _state.fakes:
+        return
+    for op in ("gemv_f32", "gemv_bf16", "gemv_int8", "gemv_int4"):
+        torch.library.register_fake(f"llamaworks::{op}")(fake)
+    _state.fakes = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in (["build"], ["build", "--verbose"], ["info"]):
+        print("usage: python -m llamaworks.inference.native build [--verbose] | info", file=sys.stderr)
+        return 2
+    if argv[0] == "build":
+        try:
+            path = build(verbose="--verbose" in argv)
+        except (RuntimeError, OSError, ImportError) as e:  # no compiler, no ninja, a compile error
+            print(f"native CPU kernels not built ({type(e).__name__}: {e}); PyTorch kernels will be used",
+                  file=sys.stderr)
+            return 1
+        print(f"native CPU kernels: {path}")
+    if not load():
+        print(f"native CPU kernels unavailable: {_state.why}")
+        return 1
+    print(f"instruction set: {current_isa()} (CPU features: {' '.join(sorted(cpu_features()))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The native decode kernels (inference/native.py, csrc/): each equals F.linear or the
+dequantised product for 1..8 rows (and more, in chunks), odd shapes, non-contiguous and bf16
+inputs, on every instruction set this CPU can run; dispatch falls back when a feature is
+missing; the layers route through them and fall back without them; greedy tokens are fp32
+eager's; the operators trace into torch.compile graphs.
+
+The library is built once (cached) by the `native` fixture; on a machine without a compiler
+these tests skip, and everything else runs the PyTorch paths."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peaked import sharpen
+
+from llamaworks.inference import native
+from llamaworks.inference.generate import generate_ids
+from llamaworks.inference.kernels import GemvLinear, NativeLinear, use_gemv, use_native_kernels
+from llamaworks.inference.quant import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    native_int4_layout,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
+from llamaworks.model import ModelArgs, build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+ops = torch.ops.llamaworks
+SHAPES = [(33, 77), (64, 512), (5, 96), (16, 1000)]  # (out, in): odd, tails of every width, int4-able
+
+
+@pytest.fixture(scope="module")
+def native_lib():
+    try:
+        native.build()
+    except (RuntimeError, OSError, ImportError) as e:  # no compiler or ninja on this machine
+        pytest.skip(f"native kernels cannot be built here: {e}")
+    native.reset()
+    assert native.load(), "built but not loaded: is LLAMAWORKS_NATIVE=0 set?"
+    yield
+    native.reset()
+    native.configure()
+
+
+@pytest.fixture
+def isa(request, native_lib):
+    """Run the test under instruction set `request.param` (skipped where the CPU lacks it)."""
+    best = native.choose_isa(native.cpu_features())
+    if native.ISAS.index(request.param) > native.ISAS.index(best):
+        pytest.skip(f"this CPU cannot run {request.param}")
+    native.configure(limit=request.param)
+    assert native.current_isa() == request.param
+    yield request.param
+    native.configure()
+
+
+def int4_args(w: torch.Tensor, group: int):
+    packed, s, z = quantize_int4(w, group)
+    return packed, s, z, (native_int4_layout(packed), s.contiguous(), (z - 8 * s).contiguous())
+
+
+def close(got, want):
+    # Different summation orders in fp32: a few ulps of the largest terms.
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-5)
+
+
+def test_choose_isa_takes_the_best_the_features_allow():
+    assert native.choose_isa({"avx512f", "avx2", "fma", "avx512bw"}) == "avx512"
+    assert native.choose_isa({"avx512f", "avx2", "fma"}, limit="avx2") == "avx2"
+    assert native.choose_isa({"avx2", "fma"}) == "avx2"
+    assert native.choose_isa({"avx512f", "avx2"}) == "scalar"  # no FMA: neither vector set
+    assert native.choose_isa({"avx2"}) == "scalar"
+    assert native.choose_isa(set()) == "scalar"
+    with pytest.raises(ValueError, match="LLAMAWORKS_ISA"):
+        native.choose_isa({"avx2", "fma"}, limit="sse")
+
+
+def test_native_int4_layout():
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    lay = native_int4_layout(pack_int4(q))
+    assert lay.shape == (3, 32) and lay.dtype == torch.uint8
+    for b in range(2):  # per 32 columns: byte j = column j (low nibble), column 16 + j (high)
+        block = lay[:, 16 * b: 16 * b + 16]
+        assert torch.equal(block & 15, q[:, 32 * b: 32 * b + 16])
+        assert torch.equal(block >> 4, q[:, 32 * b + 16: 32 * b + 32])
+
+
+@pytest.mark.parametrize("isa", native.ISAS, indirect=True)
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "int4"])
+def test_kernels_equal_the_reference(isa, kind):
+    g = torch.Generator().manual_seed(0)
+    for n, k in SHAPES:
+        w = torch.randn(n, k, generator=g)
+        if kind == "f32":
+            ref_w, call = w, lambda x, w=w: ops.gemv_f32(x, w)
+        elif kind == "bf16":
+            wb = w.bfloat16()
+            ref_w, call = wb.float(), lambda x, wb=wb: ops.gemv_bf16(x, wb)
+        elif kind == "int8":
+            q, s = quantize_int8(w)
+            ref_w, call = q.float() * s[:, None], lambda x, q=q, s=s: ops.gemv_int8(x, q, s)
+        else:
+            if k % 32:
+                continue
+            packed, s, z, args = int4_args(w, 32)
+            ref_w, call = dequantize_int4(packed, s, z, 32), lambda x, args=args: ops.gemv_int4(x, *args, 32)
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 19):  # 11, 19: chunks of 8 and a remainder
+            x = torch.randn(rows, k, generator=g)
+            got = call(x)
+            assert got.shape == (rows, n) and got.dtype == torch.float32
+            close(got, F.linear(x, ref_w))
+        # a non-contiguous input (every other column of a wider tensor), and bf16 activations
+        wide = torch.randn(3, 2 * k, generator=g)
+        close(call(wide[:, ::2]), F.linear(wide[:, ::2], ref_w))
+        xb = torch.randn(2, k, generator=g).bfloat16()
+        got = call(xb)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), F.linear(xb.float(), ref_w), rtol=1e-2, atol=1e-2)
+
+
+def test_kernels_check_their_operands(native_lib):
+    w = torch.randn(8, 64)
+    with pytest.raises(RuntimeError, match="x must be"):
+        ops.gemv_f32(torch.randn(2, 63), w)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.gemv_bf16(torch.randn(2, 64), w)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.gemv_f32(torch.randn(2, 8), w.t())
+    q, s = quantize_int8(w)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        ops.gemv_int8(torch.randn(1, 64), q, s[:4])
+    _, _, _, args = int4_args(w, 32)
+    with pytest.raises(RuntimeError, match="group size"):
+        ops.gemv_int4(torch.randn(1, 64), *args, 48)
+    assert ops.gemv_f32(torch.randn(0, 64), w).shape == (0, 8)
+
+
+def test_threads_split_the_rows_without_changing_results(native_lib):
+    # 1 MiB of weights: several tasks of at::parallel_for; each output is one thread's sum.
+    w = torch.randn(1000, 256)
+    x = torch.randn(3, 256)
+    one = ops.gemv_f32(x, w)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(ops.gemv_f32(x, w), one)
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_dispatch_falls_back_when_a_feature_is_missing(native_lib):
+    best = native.choose_isa(native.cpu_features())
+    try:
+        assert native.configure(features=set()) == "scalar" and native.current_isa() == "scalar"
+        if best != "scalar":
+            # a CPU reported without AVX-512 (or without FMA) gets the AVX2 (or portable) kernels
+            assert native.configure(features=native.cpu_features() - {"avx512f"}) == "avx2"
+            assert native.current_isa() == "avx2"
+            assert native.configure(features=native.cpu_features() - {"fma"}) == "scalar"
+        if best != "avx512":
+            # claiming a feature the CPU lacks is refused by the library, not run into a SIGILL
+            with pytest.raises(AssertionError, match="cannot run"):
+                native.configure(features={"avx512f", "avx2", "fma"})
+    finally:
+        native.configure()
+    assert native.current_isa() == best
+
+
+def test_layers_use_the_kernels_and_fall_back_without_them(native_lib):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48, bias=False)
+    quantised = {"int8": quantize_model(torch.nn.Sequential(copy.deepcopy(lin)), "int8")[0],
+                 "int4": quantize_model(torch.nn.Sequential(copy.deepcopy(lin)), "int4", group_size=32)[0]}
+    i8, i4 = quantised["int8"], quantised["int4"]
+    assert isinstance(i8, Int8Linear) and isinstance(i4, Int4Linear)
+    assert set(i4.kernel_tensors()) == {"native weight", "native scales", "native offsets"}
+    deq = {"int8": i8.weight.float() * i8.scales[:, None],
+           "int4": dequantize_int4(i4.weight, i4.scales, i4.zeros, 32)}
+    plain = copy.deepcopy(lin)
+    assert use_native_kernels(torch.nn.Sequential(lin)) == 1 and type(lin) is NativeLinear
+    for shape in ((1, 1, 96), (96,), (8, 1, 96), (2, 3, 96), (40, 96)):  # 40 rows: prefill's path
+        x = torch.randn(shape)
+        with torch.no_grad():
+            want = plain(x)
+            close(lin(x), want)
+            for mode, layer in quantised.items():
+                close(layer(x), F.linear(x, deq[mode]))
+    # forced fallback: the same module, PyTorch's paths (the torch kernels take bf16 activations)
+    x = torch.randn(2, 1, 96)
+    with torch.no_grad():
+        native.disable("test")
+        try:
+            close(lin(x), plain(x))
+            # quantised without the library: the torch kernel's layout, not the native one
+            i4_off = quantize_model(torch.nn.Sequential(copy.deepcopy(plain)), "int4", group_size=32)[0]
+            for mode, layer in (("int8", i8), ("int4", i4), ("int4", i4_off)):
+                torch.testing.assert_close(layer(x), F.linear(x, deq[mode]), rtol=2e-2, atol=2e-2)
+            assert set(i4_off.kernel_tensors()) == {"packed weight", "scales and zeros"}
+            assert use_native_kernels(torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))) == 0
+        finally:
+            native.reset()
+    assert native.available()
+
+
+def test_use_native_kernels_swaps_float_linears_only(native_lib):
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=96, multiple_of=16, max_seq_len=32,
+                     tie_word_embeddings=True)
+    model = build_model(args)
+    assert use_native_kernels(model) == 8  # wq wk wv wo w1 w2 w3 output
+    assert model.output.weight is model.tok_embeddings.weight  # tied: the same parameter
+    bf = build_model(args).to(torch.bfloat16)
+    assert use_gemv(bf) == 8 and use_native_kernels(bf) == 8  # GemvLinear is taken over
+    assert all(type(m) is NativeLinear for m in bf.modules() if isinstance(m, torch.nn.Linear))
+    skip = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8, bias=False).half())
+    assert use_native_kernels(skip) == 0  # a bias, fp16
+    assert not any(isinstance(m, (NativeLinear, GemvLinear)) for m in skip)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_equal_eager(native_lib, dtype):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64)
+    eager = sharpen(build_model(args)).to(dtype)
+    fast = copy.deepcopy(eager)
+    assert use_native_kernels(fast) == 15
+    prompts = [[1, 5, 9, 23], [1, 77, 3], [1], [1, 2, 3, 4, 5, 6, 7], [1, 9]]  # batch 5: 5-row products
+
+    def run(model):
+        return torch.cat([t for t, _ in generate_ids(model, prompts, 24, temperature=0.0)], 1)
+
+    want, got = run(eager), run(fast)
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:  # bf16 outputs rounded after different fp32 sums: allow a late divergence, not an early one
+        assert torch.equal(got[:, :8], want[:, :8])
+
+
+def test_operators_trace_into_compiled_graphs(native_lib):
+    w = torch.randn(24, 64)
+    q, s = quantize_int8(w)
+    _, _, _, args4 = int4_args(w, 32)
+    x = torch.randn(2, 64)
+    for op, rest in ((ops.gemv_f32, (w,)), (ops.gemv_bf16, (w.bfloat16(),)), (ops.gemv_int8, (q, s)),
+                     (ops.gemv_int4, (*args4, 32))):
+        torch.library.opcheck(op, (x, *rest), test_utils=("test_schema", "test_faketensor"))
+    lin = torch.nn.Linear(64, 24, bias=False)
+    use_native_kernels(torch.nn.Sequential(lin))
+    layers = [lin, quantize_model(torch.nn.Sequential(copy.deepcopy(lin)), "int8")[0],
+              quantize_model(torch.nn.Sequential(copy.deepcopy(lin)), "int4", group_size=32)[0]]
+    for layer in layers:
+        with torch.no_grad():
+            compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # a graph break is an error
+            torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_unbuilt_or_turned_off_is_one_log_line_and_the_pytorch_path(native_lib, tmp_path):
+    code = textwrap.dedent("""
+        import logging, sys, torch
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from llamaworks.inference import native
+        from llamaworks.inference.kernels import use_native_kernels
+        from llamaworks.inference.quant import quantize_model
+        lin = torch.nn.Linear(64, 32, bias=False)
+        m = quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False)), "int4", group_size=32)
+        assert use_native_kernels(torch.nn.Sequential(lin)) == 0 and not native.available()
+        with torch.no_grad():
+            print(tuple(lin(torch.randn(1, 64)).shape), tuple(m(torch.randn(1, 64)).shape))
+    """)
+    for env, said in (({"LLAMAWORKS_NATIVE": "0"}, "LLAMAWORKS_NATIVE=0"),
+                      ({"LLAMAWORKS_NATIVE_DIR": str(tmp_path)}, "not built")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "(1, 32) (1, 32)"
+        lines = [ln for ln in r.stderr.splitlines() if "native CPU kernels" in ln]
+        assert len(lines) == 1 and said in lines[0], r.stderr
