@@ -14,9 +14,15 @@ VENV=.venv
 PY=$VENV/bin/python
 TORCH_SPEC=${LLAMAWORKS_TORCH:-torch==2.13.0}
 
+native_build() {
+  # The native decode kernels (src/llamaworks/inference/csrc): compiled once per version of their
+  # sources and torch, a no-op after; without a compiler the PyTorch kernels are used.
+  "$PY" -m llamaworks.inference.native build > /dev/null || echo "[dev.sh] continuing without native kernels" >&2
+}
+
 setup() {
   local stamp="$VENV/.llamaworks-$( (cat pyproject.toml; echo "$TORCH_SPEC") | sha1sum | cut -c1-12)"
-  [ -f "$stamp" ] && return 0
+  [ -f "$stamp" ] && { native_build; return 0; }
   echo "[dev.sh] setting up $VENV (once)" >&2
   [ -x "$PY" ] || python3 -m venv "$VENV"
   "$PY" -m pip install -q --upgrade pip
@@ -26,6 +32,7 @@ setup() {
   "$PY" -m pip install -q -c "$constraints" -e ".[test]"
   rm -f "$VENV"/.llamaworks-*
   touch "$stamp"
+  native_build
 }
 
 cmd=${1:-help}
