@@ -3,7 +3,9 @@ config factory for training runs of a few seconds, built once per test session."
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -15,6 +17,21 @@ from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import save_model
 from llamaworks.tokenizer import Tokenizer
 from llamaworks.train.config import JobConfig
+
+
+def pytest_sessionstart(session):
+    # CI (.ci/run) sets LLAMAWORKS_REQUIRE_LLAMA_CPP=1: there the llama.cpp parity tests must run, so
+    # a missing llama_cpp stops the session instead of letting them skip (as they do for users
+    # without the extra). The tests need gguf as well.
+    if os.environ.get("LLAMAWORKS_REQUIRE_LLAMA_CPP") != "1":
+        return
+    for name in ("llama_cpp", "gguf"):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # not installed, or a broken build whose library fails to load
+            pytest.exit(f"LLAMAWORKS_REQUIRE_LLAMA_CPP=1 but {name} cannot be imported ({type(e).__name__}: {e}): "
+                        "install it with ./dev.sh extras, or unset the variable to skip the llama.cpp tests",
+                        returncode=1)
 
 
 @pytest.fixture(scope="module")
