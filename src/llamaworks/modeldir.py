@@ -8,10 +8,12 @@ assign=True): no second copy of the weights is ever made on the CPU.
 tokenizer.model is any tokenizer file llamaworks reads (`load_tokenizer` picks the class
 from the content: SentencePiece for LLaMA 1/2, Meta's tiktoken file for Llama 3, or a
 tokenizer.json under that name), written back in the format it was read from. An
-instruct model's chat template sits beside it as chat_template.jinja (the file name
-transformers uses); the loaded tokenizer carries it as `tokenizer.chat_template` (a
-`ChatTemplate`, or None), rendered with the tokenizer's own bos/eos pieces, so that
-(model, tokenizer) stays the pair every loader returns.
+instruct model's chat template sits beside it as chat_template.jinja, its named ones (tool_use,
+...) as additional_chat_templates/NAME.jinja (the file names transformers uses); the loaded
+tokenizer carries them as `tokenizer.chat_template` (a `ChatTemplate`, or None) and
+`tokenizer.chat_templates` (name -> ChatTemplate), rendered with the tokenizer's own bos/eos
+pieces, so that (model, tokenizer) stays the pair every loader returns. A byte-level tokenizer
+whose eos is not its file's (Llama 3 instruct: <|eot_id|>) has it in tokenizer_config.json.
 """
 
 from __future__ import annotations
@@ -22,16 +24,23 @@ from pathlib import Path
 
 import torch
 
-from llamaworks.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from llamaworks.atomic import atomic_directory, atomic_write_json
 from llamaworks.device import parse_dtype
 from llamaworks.model import ModelArgs, Transformer
 from llamaworks.paths import require_dir, require_file
-from llamaworks.tokenizer import load_tokenizer
-from llamaworks.tokenizer.chat import ChatTemplate
+from llamaworks.tokenizer import ByteLevelBPETokenizer, load_tokenizer
+from llamaworks.tokenizer.chat import (
+    CHAT_TEMPLATE_FILE,
+    ChatTemplate,
+    attach_chat_templates,
+    token_string,
+    write_chat_template_files,
+)
 from llamaworks.weights import check_state_dict, read_json_file, read_safetensors, save_safetensors
 
 PARAMS, WEIGHTS, TOKENIZER = "params.json", "model.safetensors", "tokenizer.model"
-CHAT_TEMPLATE = "chat_template.jinja"  # only for models that have a chat format
+CHAT_TEMPLATE = CHAT_TEMPLATE_FILE  # chat_template.jinja, only for models that have a chat format
+TOKENIZER_CONFIG = "tokenizer_config.json"  # only when bos/eos are not the tokenizer file's own
 QUANT_FILE = "quantization.json"  # only in quantised directories (llamaworks quantize: inference/quant.py)
 
 
@@ -58,35 +67,68 @@ def write_model_files(model: Transformer, tokenizer, folder: Path, dtype: torch.
 
 
 def write_tokenizer_files(tokenizer, folder: str | os.PathLike) -> None:
-    """tokenizer.model in the format the tokenizer was read from, and chat_template.jinja when
-    it carries a chat template."""
+    """tokenizer.model in the format the tokenizer was read from; chat_template.jinja and
+    additional_chat_templates/NAME.jinja for the chat templates it carries; tokenizer_config.json
+    with its bos/eos tokens when they are not the ones the tokenizer file implies (a Llama 3
+    instruct model's eos is <|eot_id|>, which neither tokenizer file format can say)."""
     folder = Path(folder)
     tokenizer.save(folder / TOKENIZER)
-    template = getattr(tokenizer, "chat_template", None)
-    if template is not None:
-        atomic_write_text(folder / CHAT_TEMPLATE, template.source)
+    write_chat_template_files(tokenizer, folder)
+    special = special_token_overrides(tokenizer)
+    if special:
+        atomic_write_json(folder / TOKENIZER_CONFIG, special)
+
+
+def special_token_overrides(tokenizer) -> dict[str, str]:
+    """{"bos_token", "eos_token"} pieces where the tokenizer's ids are not its file's own
+    (`default_bos_id`/`default_eos_id` of a byte-level BPE tokenizer); {} when they are."""
+    out = {}
+    for key, now, default in (("bos_token", tokenizer.bos_id, getattr(tokenizer, "default_bos_id", tokenizer.bos_id)),
+                              ("eos_token", tokenizer.eos_id, getattr(tokenizer, "default_eos_id", tokenizer.eos_id))):
+        if now != default and now is not None and now >= 0:
+            out[key] = tokenizer.id_to_piece(now)
+    return out
 
 
 def read_tokenizer(folder: str | os.PathLike):
-    """The tokenizer of a model directory (or checkpoint folder), with `chat_template` set from
-    chat_template.jinja when the folder has one, else None."""
+    """The tokenizer of a model directory (or checkpoint folder), with its chat templates and
+    special tokens as `read_tokenizer_extras` sets them."""
     folder = Path(folder)
     tok = load_tokenizer(folder / TOKENIZER)
-    tok.chat_template = read_chat_template(folder, tok)
+    read_tokenizer_extras(folder, tok)
     return tok
 
 
-def read_chat_template(folder: str | os.PathLike, tokenizer) -> ChatTemplate | None:
-    """chat_template.jinja of `folder`, rendered with the tokenizer's bos and eos pieces; None
-    when there is none (a base model)."""
-    path = Path(folder) / CHAT_TEMPLATE
-    if not path.exists():
-        return None
+def read_tokenizer_extras(folder: str | os.PathLike, tokenizer) -> None:
+    """What a folder says beside the tokenizer file, set on `tokenizer`: the bos/eos tokens of
+    tokenizer_config.json (a byte-level BPE tokenizer's; SentencePiece's are in its model), then
+    `chat_template` (None without one) and the named `chat_templates`, rendered with those
+    tokens. For model directories and Hugging Face folders alike (transformers' file names)."""
+    folder = Path(folder)
+    config_path = folder / TOKENIZER_CONFIG
+    if isinstance(tokenizer, ByteLevelBPETokenizer) and config_path.is_file():
+        config = read_json_file(config_path, "tokenizer_config.json")
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path}: a tokenizer_config.json is a JSON object; copy it from the model again")
+        for key in ("bos_token", "eos_token"):
+            piece = token_string(config, key, config_path)
+            if piece is None:
+                continue
+            token_id = tokenizer.piece_to_id(piece)
+            if token_id < 0:
+                raise ValueError(f"{config_path}: {key} is {piece!r}, which {tokenizer.path} does not have as a "
+                                 f"token; the tokenizer file and tokenizer_config.json belong to different models: "
+                                 f"copy both from one model, or remove {key}")
+            if key == "bos_token":
+                tokenizer.bos_id = token_id
+            elif token_id != tokenizer.eos_id:
+                tokenizer.eos_id = token_id  # also a stop id
 
-    def piece(token_id: int) -> str | None:
+    def piece(token_id: int | None) -> str | None:
         return tokenizer.id_to_piece(token_id) if token_id is not None and token_id >= 0 else None
 
-    return ChatTemplate.from_file(path, bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id))
+    attach_chat_templates(tokenizer, ChatTemplate.folder_templates(folder, bos_token=piece(tokenizer.bos_id),
+                                                                   eos_token=piece(tokenizer.eos_id)))
 
 
 def read_params(path: str | os.PathLike) -> dict:

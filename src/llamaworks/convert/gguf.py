@@ -18,7 +18,10 @@ The later families, as llama.cpp's convert_hf_to_gguf.py writes them:
   is `llama.rope.scaling.type = "linear"` with `llama.rope.scaling.factor`.
 - Tied embeddings (Llama 3.2 1B/3B) are a file without `output.weight`; llama.cpp then uses
   token_embd, and import sets tie_word_embeddings.
-- The chat template, when the tokenizer carries one, is `tokenizer.chat_template`.
+- The chat template, when the tokenizer carries one, is `tokenizer.chat_template`; named ones
+  (tool_use, ...) are `tokenizer.chat_template.NAME`, listed in `tokenizer.chat_templates`.
+- eos is `tokenizer.ggml.eos_token_id` (Llama 3 instruct: <|eot_id|>), with <|eot_id|> and
+  <|eom_id|> also as `tokenizer.ggml.eot_token_id`/`eom_token_id`.
 Files of architecture "llama" that the model cannot express (experts, sliding windows, ALiBi,
 LayerNorm, other head sizes, YaRN) are refused by name rather than run wrongly.
 
@@ -59,7 +62,7 @@ from llamaworks.model import ModelArgs, ffn_params, llama31_scaled_inv_freq, mod
 from llamaworks.paths import require_file
 from llamaworks.tokenizer import ByteLevelBPETokenizer, Tokenizer
 from llamaworks.tokenizer.bpe import LLAMA3_PATTERN, byte_alphabet, bytes_to_piece, piece_to_bytes, ranks_to_merges
-from llamaworks.tokenizer.chat import ChatTemplate
+from llamaworks.tokenizer.chat import MAX_CHAT_TEMPLATES, ChatTemplate, attach_chat_templates, tokenizer_chat_templates
 from llamaworks.tokenizer.spm_proto import sentencepiece_model
 from llamaworks.weights import check_finite, check_state_dict, model_from_state
 
@@ -256,9 +259,22 @@ def write_gguf(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer, path:
         w.add_unk_token_id(tokenizer.unk_id)
     w.add_add_bos_token(True)  # encode(bos=True), as LLaMA was trained
     w.add_add_eos_token(False)
-    template = getattr(tokenizer, "chat_template", None)
-    if template is not None:
-        w.add_chat_template(template.source)
+    # The default template as tokenizer.chat_template, each named one as tokenizer.chat_template.NAME
+    # (what llama.cpp's server looks up for "tool_use") listed in tokenizer.chat_templates, as
+    # gguf-py's add_chat_template writes a list of them; here in name order, so files are reproducible.
+    carried = tokenizer_chat_templates(tokenizer)
+    templates = {gguf_template_name(name): t.source for name, t in carried.items()}
+    if len(templates) < len(carried):
+        raise ValueError(f"the chat template names {sorted(carried)} become the same GGUF "
+                         "key once '-' and '.' are written as '_' (as llama.cpp's converter writes them); rename one "
+                         "in tokenizer.chat_templates")
+    named = sorted(set(templates) - {"default"})
+    for name in named:
+        w.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name=name), templates[name])
+    if named:
+        w.add_array(gguf.Keys.Tokenizer.CHAT_TEMPLATES, named)
+    if "default" in templates:
+        w.add_chat_template(templates["default"])
     if args.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "output.weight"}  # llama.cpp uses token_embd
     for k, t in state.items():
@@ -506,7 +522,7 @@ def _array(f: GGUFFile, key: str, types: tuple[int, ...], n: int | None = None) 
 def tokenizer_from_gguf(f: GGUFFile):
     """The embedded tokenizer: SentencePiece ("llama") or Llama 3's byte-level BPE ("gpt2" with
     the "llama-bpe" pre-tokeniser), carrying `tokenizer.chat_template` as `chat_template` (a
-    ChatTemplate, or None), as a model directory's tokenizer does."""
+    ChatTemplate, or None) and the named ones as `chat_templates`, as a model directory's tokenizer does."""
     model = _get(f, "tokenizer.ggml.model", str, "")
     if model == "llama":
         tok = _sentencepiece_from_gguf(f)
@@ -515,16 +531,43 @@ def tokenizer_from_gguf(f: GGUFFile):
     else:
         raise ValueError(f"{f.path}: tokenizer.ggml.model is {model!r}; llamaworks reads SentencePiece (\"llama\", "
                          "LLaMA 1/2) and byte-level BPE (\"gpt2\" with tokenizer.ggml.pre \"llama-bpe\", Llama 3)")
-    tok.chat_template = None
-    if "tokenizer.chat_template" in f.metadata:
-        text = _get(f, "tokenizer.chat_template", str)
-
-        def piece(i: int) -> str | None:
-            return tok.id_to_piece(i) if i is not None and i >= 0 else None
-
-        tok.chat_template = ChatTemplate.from_gguf_value(text, bos_token=piece(tok.bos_id), eos_token=piece(tok.eos_id),
-                                                         source=f.path)
+    attach_chat_templates(tok, gguf_chat_templates(f, tok))
     return tok
+
+
+def gguf_template_name(name: str) -> str:
+    """A chat template's name as a GGUF key suffix: letters, digits and '_' (gguf-py's
+    add_chat_template writes every other character as '_', and llama.cpp looks names up so)."""
+    return "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in name)
+
+
+def gguf_chat_templates(f: GGUFFile, tok) -> dict[str, ChatTemplate]:
+    """name -> template of a file: "default" for tokenizer.chat_template, NAME for each
+    tokenizer.chat_template.NAME; every name tokenizer.chat_templates lists must have its key."""
+    prefix = "tokenizer.chat_template."
+    keys = {"default": "tokenizer.chat_template"} if "tokenizer.chat_template" in f.metadata else {}
+    for key in f.metadata:
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name is not None:
+            if not name or gguf_template_name(name) != name or name == "default":
+                raise ValueError(f"{f.path}: GGUF metadata {key!r} does not name a chat template (letters, digits "
+                                 "and '_', not 'default'); the file is corrupt")
+            keys[name] = key
+    if len(keys) > MAX_CHAT_TEMPLATES + 1:
+        raise ValueError(f"{f.path}: {len(keys)} chat templates, more than {MAX_CHAT_TEMPLATES}; the file is corrupt")
+    if "tokenizer.chat_templates" in f.metadata:
+        listed = _array(f, "tokenizer.chat_templates", (_STRING,))
+        missing = [n for n in listed if n.decode("utf-8", "replace") not in keys]
+        if missing:
+            raise ValueError(f"{f.path}: tokenizer.chat_templates lists {missing[0]!r}, but the file has no "
+                             f"{prefix}{missing[0].decode('utf-8', 'replace')}; the file is corrupt")
+
+    def piece(i: int) -> str | None:
+        return tok.id_to_piece(i) if i is not None and i >= 0 else None
+
+    return {name: ChatTemplate.from_gguf_value(_get(f, key, str), bos_token=piece(tok.bos_id),
+                                               eos_token=piece(tok.eos_id), source=f.path, key=key)
+            for name, key in sorted(keys.items())}
 
 
 def _token_strings(f: GGUFFile) -> list[str]:
@@ -624,8 +667,7 @@ def _bpe_from_gguf(f: GGUFFile) -> ByteLevelBPETokenizer:
             if what == "bos":
                 tok.bos_id = i
             elif what == "eos" and i != tok.eos_id:
-                tok.eos_id = i
-                tok.stop_ids = tok.stop_ids | {i}
+                tok.eos_id = i  # Llama 3 instruct's <|eot_id|>; also a stop id
             elif what in ("eot", "eom"):
                 tok.stop_ids = tok.stop_ids | {i}
     return tok

@@ -11,9 +11,10 @@ import torch
 
 from llamaworks.atomic import atomic_write_json, atomic_write_text
 from llamaworks.model import ModelArgs, ffn_params
+from llamaworks.modeldir import read_tokenizer_extras
 from llamaworks.paths import path_kind, require_file
 from llamaworks.tokenizer.bpe import ByteLevelBPETokenizer
-from llamaworks.tokenizer.chat import ChatTemplate
+from llamaworks.tokenizer.chat import write_chat_template_files
 from llamaworks.tokenizer.hf import HFTokenizer, save_tokenizer_json
 from llamaworks.tokenizer.sentencepiece import load_tokenizer
 from llamaworks.weights import check_finite, model_from_state, read_json_file, read_safetensors
@@ -347,16 +348,19 @@ def write_hf_tokenizer_files(tokenizer, folder) -> None:
     special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id)}
     if tokenizer.unk_id >= 0:  # byte-level BPE has no unknown token
         special["unk_token"] = piece(tokenizer.unk_id)
-    template = getattr(tokenizer, "chat_template", None)
-    if template is not None:  # transformers 5 reads chat_template.jinja; 4.x the config key below
-        atomic_write_text(folder / "chat_template.jinja", template.source)
+    # transformers 5 reads chat_template.jinja and additional_chat_templates/; 4.x the config key below
+    templates = write_chat_template_files(tokenizer, folder)
+    if set(templates) - {"default"}:
+        chat_template = [{"name": name, "template": t.source} for name, t in templates.items()]
+    else:
+        chat_template = templates["default"].source if templates else None
     # PreTrainedTokenizerFast loads tokenizer.json as written. Naming LlamaTokenizer instead
     # would make transformers 5 rebuild the pipeline with its Metaspace "first" scheme, which
     # drops SentencePiece's dummy prefix before a leading space (" a" -> different ids).
     atomic_write_json(folder / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True, "add_eos_token": False,
         "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30, "legacy": True,
-        **({"chat_template": template.source} if template is not None else {}),
+        **({"chat_template": chat_template} if chat_template is not None else {}),
     })
     atomic_write_json(folder / "special_tokens_map.json", special)
 
@@ -442,7 +446,7 @@ def load_hf(folder, dtype: torch.dtype | None = None):
     for name in ("tokenizer.model", "tokenizer.json"):
         if (folder / name).is_file():
             tok = load_tokenizer(folder / name)
-            tok.chat_template = ChatTemplate.from_hf_folder(folder)
+            read_tokenizer_extras(folder, tok)  # eos_token of tokenizer_config.json, the chat templates
             break
     hf_state = read_hf_state_dict(folder)
     # key_map lists every layer's names: a num_hidden_layers that the tensors cannot hold is

@@ -373,7 +373,8 @@ class ByteLevelBPETokenizer:
     Read from a tiktoken file (`ByteLevelBPETokenizer(path)`, `from_ranks`) with Llama 3's
     special tokens appended (`specials`: "llama3.1", "llama3", or a list of names), or from a
     byte-level tokenizer.json (`ByteLevelBPETokenizer(path)`, `from_json`); `save` writes the
-    format it was read from. `stop_ids` are the ids generation stops at.
+    format it was read from (a custom `eos_id` travels beside it: modeldir.write_tokenizer_files).
+    `stop_ids` are the ids generation stops at.
     """
 
     unk_id: int = -1  # every byte is a token: nothing is unknown
@@ -491,11 +492,30 @@ class ByteLevelBPETokenizer:
             return next((special[n] for n in names if n in special), -1)
 
         self.bos_id: int = special[bos] if bos in special else first(BOS_NAMES)
-        self.eos_id: int = first(EOS_NAMES)
+        self._eos_id: int = first(EOS_NAMES)
+        # What the file says by its token names alone; a checkpoint whose eos is another token
+        # (Llama 3 instruct: <|eot_id|>) records it beside the file (modeldir, HF, GGUF).
+        self.default_bos_id, self.default_eos_id = self.bos_id, self._eos_id
         self.pad_id: int = first(PAD_NAMES)
         self.stop_ids: frozenset[int] = frozenset(
-            [special[n] for n in STOP_NAMES if n in special] + ([self.eos_id] if self.eos_id >= 0 else []))
+            [special[n] for n in STOP_NAMES if n in special] + ([self._eos_id] if self._eos_id >= 0 else []))
         self._table: list[str | int | None] | None = None
+
+    @property
+    def eos_id(self) -> int:
+        """The id `encode(..., eos=True)` appends and generation stops at: <|end_of_text|> by the
+        file's names, or what the checkpoint sets (tokenizer_config.json's eos_token, GGUF's
+        tokenizer.ggml.eos_token_id; Llama 3 instruct: <|eot_id|>). Setting it adds it to
+        `stop_ids`, which keep <|eot_id|>, <|eom_id|> and <|end_of_text|>."""
+        return self._eos_id
+
+    @eos_id.setter
+    def eos_id(self, token_id: int) -> None:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"eos_id {token_id!r} is not a token id of {self.path} (0..{self.vocab_size - 1}); "
+                             "give the id of the token that ends a sequence (e.g. piece_to_id('<|eot_id|>'))")
+        self._eos_id = token_id
+        self.stop_ids = self.stop_ids | {token_id}
 
     def __repr__(self) -> str:
         return f"ByteLevelBPETokenizer({str(self.path)!r}, format={self.format!r}, vocab_size={self.vocab_size})"

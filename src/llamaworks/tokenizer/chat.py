@@ -21,6 +21,13 @@ special-token strings it is rendered with (`bos_token`, `eos_token`). Sources:
 - `ChatTemplate.load(spec)`: a built-in name, a folder, a tokenizer_config.json or a .jinja file,
   for a `--chat-template` option.
 
+Named templates: a checkpoint may ship several (tool_use, rag, ...) beside its default: in
+tokenizer_config.json's list form, as additional_chat_templates/NAME.jinja (transformers 5), or as
+GGUF `tokenizer.chat_template.NAME` keys. `ChatTemplate.folder_templates` reads a folder's all; a
+loaded tokenizer carries the default as `chat_template` and the others as `chat_templates` (name ->
+ChatTemplate, `attach_chat_templates`); `write_chat_template_files` writes them back, and
+`resolve_chat_template(tokenizer, "tool_use")` picks one by name.
+
 Rendering uses a sandboxed Jinja2 environment configured like transformers' (immutable sandbox,
 trim_blocks, lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that does
 not HTML-escape, `{% generation %}` blocks accepted), with `messages`, `add_generation_prompt`,
@@ -56,8 +63,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ChatTemplate", "BUILTIN_TEMPLATES", "ROLES", "check_messages", "control_token_ids", "encode_chat",
-           "stop_token_ids"]
+from llamaworks.atomic import atomic_write_text
+
+__all__ = ["ChatTemplate", "BUILTIN_TEMPLATES", "ROLES", "attach_chat_templates", "check_messages", "control_token_ids",
+           "encode_chat", "resolve_chat_template", "stop_token_ids", "tokenizer_chat_templates",
+           "write_chat_template_files"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -113,6 +123,9 @@ END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|e
 # How a control token looks in template text when it is not bos_token/eos_token: "<|...|>".
 _CONTROL_SHAPE = re.compile(r"<\|[^\s|<>]{1,100}\|>")
 _TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# transformers 5's files: the default template, and a folder of named ones (NAME.jinja).
+CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
+MAX_CHAT_TEMPLATES = 64  # named templates of one model (tool_use, rag, ...): a few in practice
 _MAX_CONFIG_BYTES = 64 << 20  # tokenizer_config.json with a large added_tokens_decoder is a few MB
 _BUILTIN_ORIGIN = "llamaworks built-in chat template"
 
@@ -181,8 +194,8 @@ class ChatTemplate:
         raw = config.get("chat_template")
         if raw is None:
             return None
-        bos = _token_string(config, "bos_token", path)
-        eos = _token_string(config, "eos_token", path)
+        bos = token_string(config, "bos_token", path)
+        eos = token_string(config, "eos_token", path)
         if isinstance(raw, str):
             if name != "default":
                 raise ValueError(f"{path}: chat_template is a single template, with no template named {name!r}; "
@@ -201,26 +214,59 @@ class ChatTemplate:
         folder = Path(folder)
         if not _TEMPLATE_NAME.match(name):
             raise ValueError(f"{name!r} is not a chat template name (letters, digits, '_', '.', '-')")
+        templates = cls.folder_templates(folder)
+        if name == "default" or name in templates:
+            return templates.get(name)
+        raise ValueError(f"{folder} has no chat template named {name!r} (it has "
+                         f"{', '.join(map(repr, templates)) or 'none'}); choose one of those names")
+
+    @classmethod
+    def folder_templates(cls, folder: str | os.PathLike, *, bos_token: str | None = None,
+                         eos_token: str | None = None) -> dict[str, ChatTemplate]:
+        """Every chat template of a model folder, name -> template, "default" for the one chat uses,
+        read as transformers 5 reads them: chat_template.jinja and additional_chat_templates/NAME.jinja
+        when either exists, else chat_template.json, else tokenizer_config.json's chat_template (a
+        string, or a list of {"name", "template"}). bos/eos pieces from tokenizer_config.json, else
+        `bos_token`/`eos_token` (the tokenizer's, for a model directory, which has no config)."""
+        folder = Path(folder)
         config_path = folder / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
         if not isinstance(config, dict):
             raise ValueError(f"{config_path}: a tokenizer_config.json is a JSON object; copy it from the model again")
-        bos = _token_string(config, "bos_token", config_path)
-        eos = _token_string(config, "eos_token", config_path)
+        bos = token_string(config, "bos_token", config_path) or bos_token
+        eos = token_string(config, "eos_token", config_path) or eos_token
+        files: dict[str, Path] = {}
+        if (folder / CHAT_TEMPLATE_FILE).is_file():
+            files["default"] = folder / CHAT_TEMPLATE_FILE
+        extra = folder / CHAT_TEMPLATE_DIR
+        if extra.is_dir():
+            for path in sorted(extra.glob("*.jinja")):
+                name = path.name.removesuffix(".jinja")
+                if not _TEMPLATE_NAME.match(name) or name == "default":
+                    raise ValueError(f"{path}: {name!r} is not a chat template name (letters, digits, '_', '.', '-'; "
+                                     "not 'default', which is chat_template.jinja); rename the file")
+                files[name] = path
+        if len(files) > MAX_CHAT_TEMPLATES:
+            raise ValueError(f"{folder} holds {len(files)} chat templates, more than {MAX_CHAT_TEMPLATES}; keep the "
+                             "ones the model uses")
         # transformers reads these files over tokenizer_config.json's chat_template.
-        jinja = folder / "chat_template.jinja" if name == "default" else folder / "additional_chat_templates" / (
-            name + ".jinja")
-        if jinja.is_file():
-            return cls(_read_text(jinja), origin=str(jinja), key="template text", bos_token=bos, eos_token=eos)
+        if files:
+            return {name: cls(_read_text(path), origin=str(path), key="template text", bos_token=bos, eos_token=eos)
+                    for name, path in files.items()}
         legacy = folder / "chat_template.json"
-        if name == "default" and legacy.is_file():
+        if legacy.is_file():
             data = _read_json(legacy)
             if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
                 raise ValueError(f"{legacy}: chat_template must be a string; fix the file or delete it")
-            return cls(data["chat_template"], origin=str(legacy), key="chat_template", bos_token=bos, eos_token=eos)
-        if not config_path.is_file():
-            return None
-        return cls.from_tokenizer_config(config_path, name)
+            return {"default": cls(data["chat_template"], origin=str(legacy), key="chat_template", bos_token=bos,
+                                   eos_token=eos)}
+        raw = config.get("chat_template")
+        if raw is None:
+            return {}
+        if isinstance(raw, str):
+            return {"default": cls(raw, origin=str(config_path), key="chat_template", bos_token=bos, eos_token=eos)}
+        return {name: cls(text, origin=str(config_path), key=f"chat_template[name={name!r}]", bos_token=bos,
+                          eos_token=eos) for name, text in _named_templates(raw, config_path).items()}
 
     @classmethod
     def from_gguf_value(cls, text: str, *, bos_token: str | None, eos_token: str | None,
@@ -614,7 +660,7 @@ def _read_json(path: Path) -> Any:
                          "model again") from None
 
 
-def _token_string(config: dict, key: str, path: Path) -> str | None:
+def token_string(config: dict, key: str, path: Path) -> str | None:
     value = config.get(key)
     if value is None or isinstance(value, str):
         return value
@@ -661,13 +707,65 @@ def builtin_chat_template(name: str, tokenizer) -> ChatTemplate:
 
 
 def resolve_chat_template(tokenizer, spec: str | None = None) -> ChatTemplate:
-    """The template `serve --chat-template` names: a built-in name, or the path of a .jinja file,
-    a tokenizer_config.json or a model folder; by default the checkpoint's own
-    (`tokenizer.chat_template`, read from chat_template.jinja by the loader), else "plain"."""
+    """The template `serve --chat-template` names: the name of a template the checkpoint carries
+    (`tokenizer.chat_templates`, e.g. "tool_use"; "default" is its own default), a built-in name,
+    or the path of a .jinja file, a tokenizer_config.json or a model folder; by default the
+    checkpoint's own (`tokenizer.chat_template`, read from chat_template.jinja by the loader), else
+    "plain". The checkpoint's names come first: a template it ships named "llama3" is the one it
+    was trained with."""
+    own = getattr(tokenizer, "chat_template", None)
     if spec is None:
-        own = getattr(tokenizer, "chat_template", None)
         return own if own is not None else builtin_chat_template("plain", tokenizer)
+    named = getattr(tokenizer, "chat_templates", None) or {}
+    if spec in named:
+        return named[spec]
+    if spec == "default" and own is not None:
+        return own
     if spec in BUILTIN_TEMPLATES:
         return builtin_chat_template(spec, tokenizer)
+    if not Path(spec).exists() and _TEMPLATE_NAME.match(spec):
+        have = list(named) + (["default"] if own is not None else [])
+        raise ValueError(f"chat template {spec!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}), a "
+                         f"template of this checkpoint ({', '.join(map(repr, have)) or 'it has none'}), nor a file "
+                         "or folder; choose one of those")
     return ChatTemplate.load(spec, bos_token=token_piece(tokenizer, tokenizer.bos_id),
                              eos_token=token_piece(tokenizer, tokenizer.eos_id))
+
+
+def attach_chat_templates(tokenizer, templates: Mapping[str, ChatTemplate]) -> None:
+    """Set a loaded tokenizer's templates: `chat_template` the "default" one (None without one),
+    `chat_templates` the named others (name -> ChatTemplate), as every loader leaves them."""
+    templates = dict(templates)
+    tokenizer.chat_template = templates.pop("default", None)
+    tokenizer.chat_templates = templates
+
+
+def tokenizer_chat_templates(tokenizer) -> dict[str, ChatTemplate]:
+    """A tokenizer's templates as name -> template, "default" first when it has one, the named
+    ones sorted by name; each name checked (it becomes a file name and a GGUF key)."""
+    own = getattr(tokenizer, "chat_template", None)
+    named = getattr(tokenizer, "chat_templates", None) or {}
+    out = {"default": own} if own is not None else {}
+    for name in sorted(named):
+        if not isinstance(name, str) or not _TEMPLATE_NAME.match(name) or name == "default":
+            raise ValueError(f"chat template name {name!r} is not a name (letters, digits, '_', '.', '-', not "
+                             "'default', which is tokenizer.chat_template); rename it in tokenizer.chat_templates")
+        out[name] = named[name]
+    if len(named) > MAX_CHAT_TEMPLATES:
+        raise ValueError(f"the tokenizer carries {len(named)} named chat templates, more than {MAX_CHAT_TEMPLATES}; "
+                         "keep the ones the model uses")
+    return out
+
+
+def write_chat_template_files(tokenizer, folder: str | os.PathLike) -> dict[str, ChatTemplate]:
+    """chat_template.jinja (the default) and additional_chat_templates/NAME.jinja (the named ones)
+    in `folder`, the files transformers 5 writes and reads; returns what was written, name -> template."""
+    folder = Path(folder)
+    templates = tokenizer_chat_templates(tokenizer)
+    for name, template in templates.items():
+        if name == "default":
+            atomic_write_text(folder / CHAT_TEMPLATE_FILE, template.source)
+        else:
+            (folder / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+            atomic_write_text(folder / CHAT_TEMPLATE_DIR / f"{name}.jinja", template.source)
+    return templates
