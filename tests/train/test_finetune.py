@@ -58,15 +58,14 @@ def instructions(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def make_ft_config(tiny_model_dir, instructions):
-    """The shipped finetune_tiny.toml on the tiny model directory, with pretraining tests' sizes:
-    8 steps of 16 examples, a checkpoint every 3 steps, validation every 4."""
+def config_factory(model_dir: Path, data: Path):
+    """make(out_dir, **sections): the shipped finetune_tiny.toml on `model_dir` and `data`, with
+    pretraining tests' sizes: 8 steps of 16 examples, a checkpoint every 3 steps, validation every 4."""
 
     def make(out_dir: Path, **sections: dict) -> FinetuneJobConfig:
         over = {
             "run": {"out_dir": str(out_dir)},
-            "finetune": {"checkpoint": str(tiny_model_dir), "data": str(instructions)},
+            "finetune": {"checkpoint": str(model_dir), "data": str(data)},
             "train": {"max_steps": 8, "device": "cpu"},
             "schedule": {"warmup_steps": 2},
             "checkpoint": {"every": 3},
@@ -79,6 +78,11 @@ def make_ft_config(tiny_model_dir, instructions):
         return load_config(FinetuneJobConfig, resolve_config_path("finetune_tiny"), over)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def make_ft_config(tiny_model_dir, instructions):
+    return config_factory(tiny_model_dir, instructions)
 
 
 def column(out: Path, key: str = "loss") -> list[tuple[int, float]]:

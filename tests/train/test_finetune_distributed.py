@@ -5,6 +5,7 @@ examples; a LoRA run's distributed checkpoint holds the adapters alone and resum
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,11 +21,7 @@ from llamaworks.configfile import dumps
 from llamaworks.train.checkpoint import DCP_DIR, TRAINABLE, is_dcp_checkpoint, latest_checkpoint
 from llamaworks.train.finetune import run_finetune
 from llamaworks.weights import read_safetensors
-from train.test_finetune import column
-
-# test_finetune's fixtures (pytest finds them by their own names, instructions and make_ft_config)
-from train.test_finetune import instructions as instructions_fixture  # noqa: F401
-from train.test_finetune import make_ft_config as make_ft_config_fixture  # noqa: F401
+from train.test_finetune import column, config_factory, instruction_records
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +71,14 @@ def make(make_ft_config, out: Path, **sections):
     for name, values in sections.items():
         merged[name] = {**merged.get(name, {}), **values}
     return make_ft_config(out, **merged)
+
+
+@pytest.fixture(scope="module")
+def make_ft_config(tiny_model_dir, tmp_path_factory):
+    """test_finetune's configs: finetune_tiny on the tiny model and its instruction records."""
+    data = tmp_path_factory.mktemp("sft") / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruction_records()))
+    return config_factory(tiny_model_dir, data)
 
 
 @pytest.fixture(scope="module")
