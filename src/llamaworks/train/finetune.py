@@ -41,6 +41,10 @@ run leaves OUT/adapter, a PEFT adapter directory (inference/lora.py) with the ch
 it; `llamaworks merge` folds it into the base, `generate --adapter` runs it unmerged. QLoRA
 quantises the blocks' projections (int4 by default: llamaworks' group-wise int4, where QLoRA has
 NF4) and keeps the output layer in float, as transformers keeps lm_head when it loads in 4 bits.
+Their checkpoints hold the adapters, not the frozen base (train/checkpoint.py), with a record of
+the base (`base_fingerprint`) that resume checks. Under torchrun, full and LoRA fine-tuning run
+with FSDP (LoRA layers are added before the model is split: `lora_prepare`); QLoRA runs in one
+process.
 """
 
 from __future__ import annotations
