@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from peaked import sharpen
 
+from llamaworks.cli import main
 from llamaworks.inference.generate import generate_ids
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import load_model, save_model
@@ -77,6 +80,18 @@ def test_tensor_parallel_generation_of_a_tied_model_matches_one_process(tied_mod
     torch.testing.assert_close(got["logits"], want_logits, rtol=0, atol=TOL)
     want = torch.cat([c[0] for c in generate_ids(model, PROMPTS, 12, temperature=0.0)], 1)
     assert torch.equal(got["tokens"], want), (got["tokens"], want)
+
+
+def test_generate_under_torchrun_of_a_tied_model_prints_what_one_process_does(tied_model_dir, capsys):
+    argv = ["generate", "--checkpoint", str(tied_model_dir), "--prompt", "The king", "--max-new-tokens", "8",
+            "--temperature", "0", "--device", "cpu"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llamaworks", *argv],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == want and "2 x cpu, tensor parallel" in proc.stderr, proc.stderr[-2000:]
 
 
 def _train_worker(rank: int, world: int, port: int, cfg) -> None:

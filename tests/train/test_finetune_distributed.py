@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 
 from llamaworks.configfile import dumps
-from llamaworks.train.checkpoint import DCP_DIR, TRAINABLE, is_dcp_checkpoint, latest_checkpoint
+from llamaworks.train.checkpoint import DCP_DIR, TRAINABLE, dcp_to_model_dir, is_dcp_checkpoint, latest_checkpoint
 from llamaworks.train.finetune import run_finetune
 from llamaworks.weights import read_safetensors
 from train.test_finetune import column, config_factory, instruction_records
@@ -120,6 +120,8 @@ def test_lora_under_torchrun_fsdp_matches_one_process_and_resumes_in_one(make_ft
     model_keys = {k for k in keys if k.startswith("model.")}
     assert len(model_keys) == 2 * 7 * 2 and all(".lora_A" in k or ".lora_B" in k for k in model_keys), model_keys
     assert all(".lora_" in k for k in keys if k.startswith("optim.state.")), keys
+    with pytest.raises(ValueError, match="holds only the trainable tensors .* adapter/ folder is its result"):
+        dcp_to_model_dir(ckpt, tmp_path / "model")
     # One process continues it (DCP reshards the adapters) exactly as the uninterrupted run.
     cfg = make(make_ft_config, out, finetune=LORA)
     run_finetune(cfg, resume=True)

@@ -336,6 +336,11 @@ def dcp_to_model_dir(checkpoint: str | Path, out: str | Path) -> Path:
     if not is_dcp_checkpoint(checkpoint):
         raise ValueError(f"{checkpoint} is not a distributed checkpoint (no {DCP_DIR}/.metadata); a "
                          "single-process checkpoint is already a model directory")
+    base = _read_state(checkpoint).get("base")
+    if base is not None:
+        raise ValueError(f"{checkpoint} holds only the trainable tensors (LoRA adapters) of a fine-tuning run over "
+                         f"{base.get('path')}, not a whole model; the run's adapter/ folder is its result "
+                         "(llamaworks merge --checkpoint BASE --adapter DIR --out DIR writes a model directory)")
     args = ModelArgs.from_params(read_params(checkpoint / PARAMS))
     with torch.device("meta"):
         model = Transformer(args)
