@@ -24,12 +24,12 @@ FILLS = {"use_scaled_rope": {"rope_scaling_factor", "rope_low_freq_factor", "rop
                              "rope_old_context_len"}}
 
 
-def test_the_model_section_is_a_preset_plus_every_model_args_field():
+def test_the_model_section_is_a_preset_or_a_checkpoint_plus_every_model_args_field():
     names = [f.name for f in dataclasses.fields(ModelConfig)]
-    assert names == ["preset", *(f.name for f in dataclasses.fields(ModelArgs))]
-    assert set(CHANGED) == set(names[1:])  # the test below covers every field
+    assert names == ["preset", "init_from", *(f.name for f in dataclasses.fields(ModelArgs))]
+    assert set(CHANGED) == set(names[2:])  # the test below covers every field
     section = ModelConfig()
-    assert section.preset == "7B" and all(getattr(section, n) is None for n in names[1:])
+    assert section.preset == "7B" and section.init_from == "" and all(getattr(section, n) is None for n in names[2:])
     assert section.build_args() == ModelArgs.from_name("7B")
 
 

@@ -30,17 +30,34 @@ def _build_args(self, vocab_size: int | None = None) -> ModelArgs:
     return ModelArgs.from_name(self.preset, **changes)
 
 
+def _checkpoint_args(self, args: ModelArgs, source: str) -> ModelArgs:
+    """With init_from: the checkpoint's ModelArgs, which every field this section sets must equal
+    (the preset is not used: the checkpoint's params are the model)."""
+    for name in MODEL_ARG_NAMES:
+        value = getattr(self, name)
+        if value is not None and value != getattr(args, name):
+            raise ValueError(f"model.{name}={value!r} but {source} has {name}={getattr(args, name)!r}; with "
+                             "model.init_from (--init-from) the model's arguments are the checkpoint's: remove "
+                             f"model.{name} from the config and the command line")
+    return args
+
+
 def _model_section() -> type:
-    """[model]: a preset name plus every ModelArgs field (Meta's params.json keys), each optional.
+    """[model]: a preset name plus every ModelArgs field (Meta's params.json keys), each optional,
+    or `init_from`, a checkpoint to continue pretraining from (`pretrain --init-from DIR`).
 
     Derived from ModelArgs rather than re-declared, so a field added to the model is a config
     key at once, with the same name and type; None (unset) keeps the preset's value, and
-    vocab_size, when unset, is taken from the tokenizer.
+    vocab_size, when unset, is taken from the tokenizer. With init_from the checkpoint's
+    arguments are the model's and a field set here must agree with them (`checkpoint_args`).
     """
     hints = get_type_hints(ModelArgs)
     overrides = [(name, hints[name] | None, field(default=None)) for name in MODEL_ARG_NAMES]
-    cls = make_dataclass("ModelConfig", [("preset", str, field(default="7B")), *overrides],
-                         namespace={"build_args": _build_args, "__doc__": _model_section.__doc__})
+    # init_from: any format `convert` reads (model directory, HF or Meta folder, .gguf); "" = the preset
+    cls = make_dataclass("ModelConfig", [("preset", str, field(default="7B")),
+                                         ("init_from", str, field(default="")), *overrides],
+                         namespace={"build_args": _build_args, "checkpoint_args": _checkpoint_args,
+                                    "__doc__": _model_section.__doc__})
     # make_dataclass names its own module; configs are pickled (torch.multiprocessing spawn)
     # and resolved by name, so the class must say where it lives.
     cls.__module__ = __name__

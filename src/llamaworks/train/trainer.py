@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json, atomic_write_text
 from llamaworks.carbon import run_summary
-from llamaworks.configfile import dumps, load_config, resolve_config_path
+from llamaworks.configfile import dumps, load_config, merge, parse_overrides, resolve_config_path
 from llamaworks.data.sft import IGNORE_INDEX
 from llamaworks.data.shards import open_token_dataset
 from llamaworks.device import default_dtype, parse_dtype, resolve_device
@@ -48,6 +48,7 @@ from llamaworks.tokenizer import Tokenizer, load_tokenizer
 from llamaworks.train import checkpoint as ckpt_io
 from llamaworks.train.config import JobConfig
 from llamaworks.train.init import init_weights
+from llamaworks.train.init_from import load_init_from
 from llamaworks.train.loader import TokenLoader
 from llamaworks.train.loss import lm_loss
 from llamaworks.train.metrics_log import MetricsLog, measure_peak_flops, plot_loss_curve
@@ -245,7 +246,8 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     parallelizes the model as cfg.parallel says and leaves the group on return.
     """
     t_cfg = cfg.train
-    dims = check_job(cfg, cfg.model.build_args().n_heads)
+    init = load_init_from(cfg.model) if cfg.model.init_from else None  # a checkpoint's model, not a preset's
+    dims = check_job(cfg, (init.args if init else cfg.model.build_args()).n_heads)
     if not cfg.data.dir:
         raise ValueError("data.dir is not set: point it at token shards made by `llamaworks prepare`")
     manifest = open_token_dataset(cfg.data.dir)
@@ -253,12 +255,16 @@ def train(cfg: JobConfig, resume: bool = False) -> dict:
     if not tok_path:
         raise ValueError("data.tokenizer is not set and the shards' manifest names no tokenizer")
     tokenizer = load_tokenizer(tok_path)
-    args = cfg.model.build_args(tokenizer.vocab_size)
+    if init is None:
+        args = cfg.model.build_args(tokenizer.vocab_size)
+        spec = ModelSpec(args, f"{cfg.model.preset} preset")
+    else:
+        tokenizer, args = init.run_tokenizer(tokenizer, manifest, cfg.data.dir), init.args
+        spec = ModelSpec(args, init.name, init=init.weights_init)
     if t_cfg.seq_len > args.max_seq_len:
         raise ValueError(f"train.seq_len={t_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}; "
                          "lower train.seq_len or raise model.max_seq_len")
     check_out_dir(Path(cfg.run.out_dir))
-    spec = ModelSpec(args, f"{cfg.model.preset} preset")
     return launch(cfg, resume, dims, shard_source(cfg, manifest, tokenizer), spec, t_cfg.max_steps,
                   cfg.schedule.warmup_steps)
 
@@ -576,12 +582,16 @@ class _NoMetrics:
 def pretrain(
     config: Annotated[str | None, Arg("TOML config file (see src/llamaworks/configs/)")] = None,
     resume: Annotated[bool, Arg("continue from the run's latest complete checkpoint")] = False,
+    init_from: Annotated[str | None, Arg("start from this checkpoint's model (a model directory, HF or Meta "
+                                         "folder, or .gguf file; model.init_from): its weights and arguments, a "
+                                         "fresh optimizer at step 0")] = None,
     overrides: list[str] | None = None,
 ) -> int:
     """Pretrain with the paper's recipe. Any config field can be set as --section.key VALUE,
     e.g. --train.max_steps 100 --run.out_dir runs/x --optim.lr 1e-3."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    cfg = load_config(JobConfig, resolve_config_path(config), overrides or [])
+    flags = {"model": {"init_from": init_from}} if init_from is not None else {}
+    cfg = load_config(JobConfig, resolve_config_path(config), merge(parse_overrides(overrides or []), flags))
     return report_run("pretrain", lambda: train(cfg, resume=resume))
 
 
