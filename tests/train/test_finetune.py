@@ -409,6 +409,21 @@ def test_qlora_trains_adapters_over_a_quantised_frozen_base(make_ft_config, tiny
     assert summary["final_val_loss"] < held_out_loss(tiny_model_dir, instructions)
 
 
+def test_qlora_resume_continues_bitwise_identically(make_ft_config, tmp_path):
+    """The checkpoint holds the adapters; the resumed run quantises the base again, to the same blocks."""
+    sections = {"train": {"max_steps": 4}, "schedule": {"decay_steps": 4}, "eval": {"every": 0},
+                "checkpoint": {"every": 2}}
+    ref = tmp_path / "reference"
+    lora_run(make_ft_config, ref, method="qlora", **sections)
+    out = tmp_path / "run"
+    lora_run(make_ft_config, out, method="qlora", **{**sections, "train": {"max_steps": 2}})
+    assert main(["finetune", "--config", str(out / "config.toml"), "--resume", "--train.max_steps", "4"]) == 0
+    assert column(out) == column(ref)
+    a, b = read_safetensors(out / "adapter" / "adapter_model.safetensors"), read_safetensors(
+        ref / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_qlora_and_tensor_parallel_lora_are_refused_under_torchrun(make_ft_config, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

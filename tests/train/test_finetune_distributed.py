@@ -28,10 +28,11 @@ pytestmark = pytest.mark.slow
 TOL = 1e-5  # fp32, as the distributed pretraining tests (tests/parallel/test_distributed.py)
 STEPS = 4
 # 16 examples a step: 2 micro-batches of 8 in one process, 2 of 4 on each of 2 ranks (the loaders'
-# streams then continue each other's checkpoints). A checkpoint every 2 steps, validation at step 4;
-# lora without dropout (its masks are drawn per process).
-SECTIONS = {"train": {"max_steps": STEPS}, "schedule": {"warmup_steps": 1, "decay_steps": STEPS},
-            "checkpoint": {"every": 2}, "eval": {"every": STEPS}}
+# streams then continue each other's checkpoints). A checkpoint every 2 steps, validation at step 4,
+# the default selective activation checkpointing; lora without dropout (its masks are drawn per
+# process).
+SECTIONS = {"train": {"max_steps": STEPS, "activation_checkpointing": "selective"},
+            "schedule": {"warmup_steps": 1, "decay_steps": STEPS}, "checkpoint": {"every": 2}, "eval": {"every": STEPS}}
 LORA = {"method": "lora", "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0}
 FSDP = {"parallel": {"dp_shard": 2}, "train": {"micro_batch_size": 4}}
 
