@@ -105,22 +105,28 @@ def losses(out: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(out / "metrics.jsonl") if key in r}
 
 
-@pytest.mark.parametrize("loss_parallel", [True, False], ids=["loss_parallel", "gathered_logits"])
-def test_tensor_parallel_training_of_a_tied_model_matches_one_process(make_config, tmp_path, loss_parallel):
-    """4 steps of 8 x 32 tokens: TP=2 with sequence parallelism against one process. The tied
-    tensor takes the gradients of both the embedding and the output layer on each rank's rows."""
+@pytest.mark.parametrize("world, parallel", [
+    (2, {"tp": 2}),
+    (2, {"tp": 2, "loss_parallel": False}),
+    (4, {"tp": 2, "dp_shard": 2}),  # FSDP x TP: the root's FSDP group holds the one tied DTensor
+], ids=["tp", "tp_gathered_logits", "fsdp_x_tp"])
+def test_tensor_parallel_training_of_a_tied_model_matches_one_process(make_config, tmp_path, world, parallel):
+    """4 steps of 8 x 32 tokens: TP=2 with sequence parallelism (with loss parallel, and with gathered
+    logits), and FSDP x TP on 4 processes, against one process. The tied tensor takes the gradients
+    of both the embedding and the output layer on each rank's rows."""
     os.environ["OMP_NUM_THREADS"] = "1"
 
-    def make(out: Path, **parallel):
+    def make(out: Path, micro: int = 8, **parallel):
         return make_config(out, model={"tie_word_embeddings": True},
-                           train={"max_steps": 4, "batch_tokens": 8 * 32, "micro_batch_size": 8},
+                           train={"max_steps": 4, "batch_tokens": 8 * 32, "micro_batch_size": micro},
                            schedule={"warmup_steps": 1, "decay_steps": 4}, eval={"every": 0},
-                           checkpoint={"every": 100}, parallel={"loss_parallel": loss_parallel, **parallel})
+                           checkpoint={"every": 100}, parallel=parallel)
 
     ref = tmp_path / "one"
     train(make(ref))
     out = tmp_path / "tp"
-    mp.spawn(_train_worker, args=(2, _free_port(), make(out, tp=2)), nprocs=2, join=True)
+    dp = parallel.get("dp_shard", 1)
+    mp.spawn(_train_worker, args=(world, _free_port(), make(out, 8 // dp, **parallel)), nprocs=world, join=True)
     want, got = losses(ref), losses(out)
     assert sorted(got) == [1, 2, 3, 4] and max(abs(got[s] - want[s]) for s in want) < TOL, (got, want)
     norms, want_norms = losses(out, "grad_norm"), losses(ref, "grad_norm")
