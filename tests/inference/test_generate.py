@@ -126,12 +126,48 @@ def test_compiled_prefill_gives_the_same_tokens(model):
     assert compiled == eager
 
 
+def test_compiled_decode_compiles_before_the_prefill_and_never_during_decode(model):
+    # The decode that callers time starts at the first yield (the prefill's token): the step is
+    # compiled before it, as one graph, and a multi-token decode (stop ids, sampling) recompiles
+    # nothing, in this call or the next with the same shapes.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    stats = {}
+    gen = generate_ids(model, [[1, 37, 99], [1, 5]], 12, temperature=0.9, seed=3, stop_ids=[7], compile=True,
+                       sync_every=1, stats=stats)
+    first = next(gen)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 1 and stats["compile_s"] > 0, (dict(counters["stats"]), stats)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        rest = list(gen)
+        again = list(generate_ids(model, [[1, 2, 3], [1, 8]], 12, temperature=0.9, seed=3, stop_ids=[7],
+                                  compile=True, sync_every=1))
+    assert len(rest) == 11 and len(again) >= 1 and first[0].shape == (2, 1)
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compiled_sampling_and_stops_equal_eager(model):
+    # The warm-up writes the cache and must not draw from the sampling stream.
+    prompts = [[1, 37, 99, 250], [1, 5, 6]]
+    eager, eager_lp = run_ids(model, prompts, 10, temperature=0.9, seed=5)
+    compiled, compiled_lp = run_ids(model, prompts, 10, temperature=0.9, seed=5, compile=True)
+    assert compiled == eager
+    torch.testing.assert_close(torch.tensor(compiled_lp), torch.tensor(eager_lp), atol=1e-4, rtol=0)
+    stop = eager[0][3]
+    eager, _ = run_ids(model, prompts, 10, temperature=0.9, seed=5, eos_id=stop)
+    compiled, _ = run_ids(model, prompts, 10, temperature=0.9, seed=5, eos_id=stop, compile=True)
+    assert compiled == eager and eager[0][3:] == [stop] * (len(eager[0]) - 3)
+
+
 def test_compile_step_uses_cuda_graphs_on_cuda_only(monkeypatch):
     from llamaworks.inference.generate import compile_step
 
     modes = []
 
-    def fake_compile(fn, dynamic=None, mode=None):
+    def fake_compile(fn, dynamic=None, mode=None, fullgraph=False):
         modes.append((dynamic, mode))
         return fn
 

@@ -82,7 +82,9 @@ def generate_command(
     where = f"{dev}" if env is None else f"{env.world_size} x {dev.type}, tensor parallel"
     print(f"prefill: {s['prefill_tokens']} tokens, {s['prefill_tokens_per_s']:.1f} tokens/s | "
           f"decode: {s['decode_tokens']} tokens, {s['decode_tokens_per_s']:.1f} tokens/s "
-          f"({where}, {str(dt).removeprefix('torch.')})", file=err)
+          f"({where}, {str(dt).removeprefix('torch.')})"
+          + (f" | compile: {s['compile_s']:.1f} s, before the prefill, not timed in either" if compile else ""),
+          file=err)
     if env is not None:
         close_distributed(env)
     return 0

@@ -1,8 +1,10 @@
 """Text generation: prefill, then decode with the static KV cache.
 
-The decode step (one forward + sampling) has fixed shapes and no host
-synchronisation, so it can be compiled (and CUDA-graphed); the loop looks at the
-host only every `sync_every` steps, or per token when streaming.
+The decode step (one forward, sampling, the stop check and the next position) has fixed
+shapes and no host synchronisation, so it compiles into one graph (and, on CUDA, one CUDA
+graph); with compile=True it is compiled and run once for the exact decode shapes before the
+prefill, so no compilation lands in the decode that callers time. The loop looks at the host
+only every `sync_every` steps, or per token when streaming.
 
 A sequence ends at any of the tokenizer's stop ids (`tokenizer.stop_ids`: eos, and for
 Llama 3 also <|eot_id|> and <|eom_id|>), which is not part of its output.
@@ -21,28 +23,43 @@ from llamaworks.inference.stops import StopMatcher
 from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 
 
+def stop_rows(tok: torch.Tensor, prev: torch.Tensor, done: torch.Tensor, stop_ids: torch.Tensor):
+    """The stop check on the device: (bsz,) new ids, the previous ids, the rows already stopped
+    -> (ids, done). A stopped row repeats the id it stopped at; a row stops at any of stop_ids."""
+    tok = torch.where(done, prev, tok)
+    return tok, done | torch.isin(tok, stop_ids)
+
+
 def decode_step(model, tokens: torch.Tensor, input_pos: torch.Tensor, noise: torch.Tensor | None,
-                temperature: float, top_k: int | None, top_p: float):
-    """One token for every sequence: tokens, input_pos (bsz, 1) -> next ids (bsz,), log-probs (bsz,)."""
+                temperature: float, top_k: int | None, top_p: float, done: torch.Tensor | None = None,
+                stop_ids: torch.Tensor | None = None):
+    """One token for every sequence: tokens, input_pos (bsz, 1) -> next ids (bsz,), their
+    log-probs (bsz,), the rows stopped so far (done (bsz,) bool, updated with stop_ids; None
+    without them) and the next positions (bsz, 1). All of it on the device, in one graph."""
     logits = model(tokens, input_pos)[:, -1]  # (bsz, vocab)
     nxt = sample(logits, temperature, top_k, top_p, noise)
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-    return nxt, logprob
+    if done is not None:
+        nxt, done = stop_rows(nxt, tokens[:, 0], done, stop_ids)
+    return nxt, logprob, done, input_pos + 1
 
 
-def compile_step(fn, device: torch.device):
+def compile_step(fn, device: torch.device, fullgraph: bool = False):
     """torch.compile a fixed-shape decode step. On CUDA also with CUDA graphs ("reduce-overhead"):
     one graph replay per step instead of a kernel launch per op, which is what bounds a small
-    model's decode on a GPU; elsewhere plain inductor."""
+    model's decode on a GPU; elsewhere plain inductor. fullgraph: a graph break is an error
+    rather than a step split into several graphs with eager code between them."""
     if device.type != "cuda":
-        return torch.compile(fn, dynamic=False)
-    graphed = torch.compile(fn, dynamic=False, mode="reduce-overhead")
+        return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
+    graphed = torch.compile(fn, dynamic=False, fullgraph=fullgraph, mode="reduce-overhead")
 
     def step(*args):
         torch.compiler.cudagraph_mark_step_begin()
         out = graphed(*args)
         # A replay overwrites the previous replay's outputs, and callers keep them across steps.
-        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        if isinstance(out, tuple):
+            return tuple(None if t is None else t.clone() for t in out)
+        return out.clone()
 
     return step
 
@@ -82,15 +99,19 @@ def check_prompt_lengths(prompts: list[list[int]], max_seq_len: int, truncate: b
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = DEFAULT_TEMPERATURE,
                  top_k: int | None = None, top_p: float = DEFAULT_TOP_P, eos_id: int | None = None,
                  stop_ids: Collection[int] | None = None, seed: int | None = None, compile: bool = False,
-                 compile_prefill: bool = False, sync_every: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 compile_prefill: bool = False, sync_every: int = 8,
+                 stats: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens, logprobs), each (bsz, n) on the model's device, every `sync_every` steps.
 
     Sequences of different lengths run together: each sits at its own positions in the
     cache (right-padded prefill, per-row input_pos), so every sequence gets exactly the
     tokens it would get alone. A sequence ends at eos_id or any of stop_ids, and then keeps
-    emitting the id it stopped at; generation ends when every sequence has stopped.
-    compile: torch.compile the decode step (compile_step); compile_prefill: also the prefill
-    forward, with dynamic shapes (batch and prompt length vary from call to call).
+    emitting the id it stopped at; generation ends when every sequence has stopped (looked
+    at on the host only when a chunk is yielded).
+    compile: torch.compile the decode step (compile_step, one graph), compiled and run for the
+    exact decode shapes before the prefill; `stats["compile_s"]` gets the time that took.
+    compile_prefill: also the prefill forward, with dynamic shapes (batch and prompt length
+    vary from call to call).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -106,14 +127,19 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
     max_new_tokens = min(max_new_tokens, max_seq_len - longest)
     model.setup_caches(bsz, cache_len(longest + max_new_tokens, max_seq_len))
     stops = sorted({*(stop_ids or ()), *(() if eos_id is None else (eos_id,))})
-    # The stop check runs on the device (isin, where), outside the compiled step: no host sync.
+    # The stop check runs on the device (stop_rows, inside the step): no host sync per token.
     stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     gen = None
     if not is_greedy(temperature):
         gen = torch.Generator(device=device)
         gen.manual_seed(seed if seed is not None else torch.seed())
-    step_fn = compile_step(decode_step, device) if compile else decode_step
+    step_fn = compile_step(decode_step, device, fullgraph=True) if compile else decode_step
     prefill = torch.compile(model, dynamic=True) if compile_prefill else model
+    if compile and max_new_tokens > 1:
+        t0 = time.perf_counter()
+        _warm_up(step_fn, model, lens, temperature, top_k, top_p, stop_t)
+        if stats is not None:
+            stats["compile_s"] = time.perf_counter() - t0
 
     # Prefill: one causal pass over the right-padded prompts; pad positions write keys that
     # no real query can see (they lie beyond its position) and are overwritten later.
@@ -122,29 +148,42 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
         padded[i, : len(p)] = torch.tensor(p, device=device)
     pos = torch.arange(longest, device=device).expand(bsz, longest)
     logits = prefill(padded, pos)[torch.arange(bsz, device=device), lens - 1]  # (bsz, vocab)
-    noise = _noise(logits, gen)
-    tok = sample(logits, temperature, top_k, top_p, noise)
+    tok = sample(logits, temperature, top_k, top_p, _noise(logits, gen))
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    prev = tok
+    done = None
+    if stop_t is not None:
+        done = torch.isin(tok, stop_t)
+    # Step 0 is yielded alone so callers can time prefill apart from decoding.
+    yield tok.unsqueeze(1), logprob.unsqueeze(1)
+    if max_new_tokens == 1 or (done is not None and bool(done.all())):
+        return
+    input_pos = lens.unsqueeze(1)  # (bsz, 1): each sequence's own next position
     out_tok, out_lp = [], []
-    for step in range(max_new_tokens):
-        if stop_t is not None:
-            tok = torch.where(done, prev, tok)  # a stopped row repeats the stop id it hit
-            done = done | torch.isin(tok, stop_t)
-            prev = tok
+    for step in range(1, max_new_tokens):
+        tok, logprob, done, input_pos = step_fn(model, tok.unsqueeze(1), input_pos, _noise(logits, gen),
+                                                temperature, top_k, top_p, done, stop_t)
         out_tok.append(tok)
         out_lp.append(logprob)
         last = step == max_new_tokens - 1
-        # Step 0 is yielded alone so callers can time prefill apart from decoding.
-        if step == 0 or len(out_tok) >= sync_every or last:
+        if len(out_tok) >= sync_every or last:
             yield torch.stack(out_tok, 1), torch.stack(out_lp, 1)
             out_tok, out_lp = [], []
-            if last or (stop_t is not None and bool(done.all())):
+            if done is not None and bool(done.all()):  # the only host look at the stop flags
                 return
-        input_pos = (lens + step).unsqueeze(1)  # (bsz, 1): each sequence's own next position
-        tok, logprob = step_fn(model, tok.unsqueeze(1), input_pos, _noise(logits, gen), temperature, top_k, top_p)
+
+
+def _warm_up(step_fn, model, lens: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
+             stop_t: torch.Tensor | None) -> None:
+    """Compile (and on CUDA record) the decode step before the prefill, with inputs built as the
+    loop builds them (same shapes, dtypes and strides: the guards hold, nothing recompiles later).
+    It writes keys at each row's first decode position, which decoding overwrites before any
+    query reads it; the random stream is not touched (ones stand in for the noise)."""
+    bsz, device = lens.shape[0], lens.device
+    tok = torch.zeros(bsz, dtype=torch.long, device=device)
+    noise = None if is_greedy(temperature) else torch.ones(bsz, model.args.vocab_size, device=device)
+    done = None if stop_t is None else torch.zeros(bsz, dtype=torch.bool, device=device)
+    for _ in range(2):  # the second run: CUDA graphs record then (reduce-overhead), and the guards are checked
+        step_fn(model, tok.unsqueeze(1), lens.unsqueeze(1), noise, temperature, top_k, top_p, done, stop_t)
 
 
 def _noise(logits: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor | None:
@@ -172,10 +211,11 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 2
     rows = CompletionBuilder(tokenizer, ids, stop, on_text)
     t0 = time.perf_counter()
     t_first = None
+    timings: dict = {}
     for chunk_tok, chunk_lp in generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                             top_p=top_p, stop_ids=tokenizer_stop_ids(tokenizer), seed=seed,
                                             compile=compile, compile_prefill=compile_prefill,
-                                            sync_every=1 if on_text else sync_every):
+                                            sync_every=1 if on_text else sync_every, stats=timings):
         t_first = t_first or time.perf_counter()
         for i, (row_t, row_lp) in enumerate(zip(chunk_tok.tolist(), chunk_lp.tolist())):
             rows.take(i, row_t, row_lp)
@@ -184,9 +224,11 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 2
     t_end = time.perf_counter()
     results = [rows.completion(i, logprobs) for i in range(bsz)]
     n_gen = sum(len(r.tokens) for r in results)
-    prefill_s = (t_first or t_end) - t0
+    # The decode step's compilation (compile=True) ran before the prefill: timed on its own.
+    compile_s = timings.get("compile_s", 0.0)
+    prefill_s = (t_first or t_end) - t0 - compile_s
     stats = {"prefill_tokens": sum(map(len, ids)), "prefill_s": prefill_s, "decode_tokens": n_gen,
-             "decode_s": t_end - (t_first or t_end)}
+             "decode_s": t_end - (t_first or t_end), "compile_s": compile_s}
     stats["prefill_tokens_per_s"] = stats["prefill_tokens"] / max(prefill_s, 1e-9)
     stats["decode_tokens_per_s"] = max(n_gen - bsz, 0) / max(stats["decode_s"], 1e-9)
     for r in results:
