@@ -1,7 +1,7 @@
 """A Llama-3-instruct-shaped checkpoint's tokenizer settings through every format we write: its
 eos (<|eot_id|>, or any other token a fine-tune chose) and its chat templates, the default one
-and named ones (tool_use), survive model directory, Hugging Face and GGUF round trips; what
-transformers and gguf-py read from our files agrees; generation stops at the eos read back."""
+and named ones (tool_use), survive model directory, Hugging Face, GGUF and Meta round trips; what
+transformers, gguf-py and llama.cpp read from our files agrees; generation stops at the eos read back."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ TOOL_USE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role
             "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 RAG = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|eot_id|>{% endfor %}"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
-FORMATS = ["native", "hf", "gguf"]
+FORMATS = ["native", "hf", "gguf", "meta"]
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +205,16 @@ def test_tokenizer_config_eos_must_be_a_token(base, tmp_path):
     with pytest.raises(ValueError, match=r"eos_id 999999 is not a token id"):
         tok.eos_id = 999_999
     assert torch.equal(torch.tensor(tok.encode("a", eos=True)[-1:]), torch.tensor([tok.special_tokens["<|eot_id|>"]]))
+
+
+def test_llama_cpp_reads_our_eos_and_named_template(base, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional (./dev.sh extras)")
+    model, path = base
+    tok = instruct_tokenizer(path, "<|eot_id|>", {"tool_use": TOOL_USE})
+    written, _, _ = round_trip("gguf", model, tok, tmp_path)
+    llm = llama_cpp.Llama(model_path=str(written), vocab_only=True, verbose=False)
+    # What llama.cpp's server looks up: the default template, and "tool_use" by name.
+    assert llama_cpp.llama_model_chat_template(llm.model, None).decode() == tok.chat_template.source
+    assert llama_cpp.llama_model_chat_template(llm.model, b"tool_use").decode() == TOOL_USE
+    assert llama_cpp.llama_model_chat_template(llm.model, b"rag") is None
+    assert llm.token_eos() == tok.special_tokens["<|eot_id|>"]

@@ -28,9 +28,8 @@ import torch
 
 from llamaworks.atomic import atomic_write_json
 from llamaworks.model import LLAMA31_ROPE_SCALING, ModelArgs, Transformer
-from llamaworks.modeldir import PARAMS, TOKENIZER, read_params
+from llamaworks.modeldir import PARAMS, TOKENIZER, read_params, read_tokenizer, write_tokenizer_files
 from llamaworks.paths import require_dir, require_file
-from llamaworks.tokenizer.sentencepiece import load_tokenizer
 from llamaworks.weights import StateLayout, check_finite
 
 # Per-layer Meta suffix -> the dimension fairscale split it on; None: replicated.
@@ -224,7 +223,7 @@ def load_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None, max_s
               progress: bool = False):
     """(model, tokenizer) from a Meta folder of any shard count; the model is in eval mode."""
     folder = require_dir(folder, "expected a Meta checkpoint folder (params.json, consolidated.NN.pth)")
-    tok = load_tokenizer(folder / TOKENIZER) if (folder / TOKENIZER).is_file() else None
+    tok = read_tokenizer(folder) if (folder / TOKENIZER).is_file() else None  # + chat templates, eos
     args = read_meta_params(folder, tok, max_seq_len)
     if tok is not None and tok.vocab_size != args.vocab_size:
         raise ValueError(f"vocabulary mismatch: {folder / PARAMS} says vocab_size={args.vocab_size} but "
@@ -307,7 +306,7 @@ def write_meta_files(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer,
     finally:
         bar.close()
     if tokenizer is not None:
-        tokenizer.save(folder / TOKENIZER)
+        write_tokenizer_files(tokenizer, folder)  # tokenizer.model (+ chat templates, eos) as a model directory
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -144,7 +144,8 @@ def chat_command(
     checkpoint: Annotated[str, Arg("model directory, Hugging Face or Meta folder, or .gguf file")],
     adapter: Annotated[str | None, Arg("a LoRA adapter directory (PEFT layout) applied unmerged")] = None,
     system: Annotated[str | None, Arg("system prompt")] = None,
-    chat_template: Annotated[str | None, Arg("a built-in (llama2, llama3, plain), a .jinja file, a "
+    chat_template: Annotated[str | None, Arg("a template the checkpoint names (e.g. tool_use), a built-in "
+                                             "(llama2, llama3, plain), a .jinja file, a "
                                              "tokenizer_config.json or a model folder (default: the "
                                              "checkpoint's own, else plain)")] = None,
     max_new_tokens: Annotated[int, Arg("longest reply, in tokens")] = 512,

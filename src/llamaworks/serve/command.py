@@ -57,8 +57,9 @@ def serve_command(
     max_seq_len: Annotated[int | None, Arg("context window served (default: the model's)")] = None,
     model_name: Annotated[str | None, Arg("the model id clients pass (default: the directory's name)")] = None,
     adapter: Annotated[str | None, Arg("a LoRA adapter directory (PEFT layout) applied unmerged")] = None,
-    chat_template: Annotated[str | None, Arg("chat format of /v1/chat/completions: a built-in (llama2, llama3, plain) "
-                                             "or a .jinja file, tokenizer_config.json or model folder (default: the "
+    chat_template: Annotated[str | None, Arg("chat format of /v1/chat/completions: a template the checkpoint names "
+                                             "(e.g. tool_use), a built-in (llama2, llama3, plain) or a .jinja file, "
+                                             "tokenizer_config.json or model folder (default: the "
                                              "checkpoint's chat_template.jinja, else plain)")] = None,
     shutdown_timeout: Annotated[float, Arg("seconds in-flight requests get to finish on shutdown before they are "
                                            "cancelled")] = 30.0,
