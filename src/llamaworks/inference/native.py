@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp", "gemv_scalar.cpp")
+SOURCES = ("ops.cpp", "gemv_avx512bf16.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp", "gemv_scalar.cpp")
 HEADERS = ("gemv.h", "gemv_body.h")
 NAME = "llamaworks_native"
 CFLAGS = ["-O3", "-fno-math-errno"]  # no -march: the instruction sets are chosen per file, at run time
@@ -41,9 +41,11 @@ CFLAGS = ["-O3", "-fno-math-errno"]  # no -march: the instruction sets are chose
 NATIVE_MAX_ROWS = 8
 
 # Instruction sets, lowest first (the kernels' Level), and the CPU features each needs.
-ISAS = ("scalar", "avx2", "avx512")
+# avx512bf16 is avx512 with int4 products as bf16 dot products (activations rounded to bf16).
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
 ISA_NEEDS = {"scalar": frozenset(), "avx2": frozenset({"avx2", "fma"}),
-             "avx512": frozenset({"avx512f", "avx2", "fma"})}
+             "avx512": frozenset({"avx512f", "avx2", "fma"}),
+             "avx512bf16": frozenset({"avx512f", "avx512bw", "avx512bf16", "avx2", "fma"})}
 # Bits of lw_cpu_features() (ops.cpp's Feature).
 FEATURE_BITS = {"avx2": 1, "fma": 2, "avx512f": 4, "avx512bw": 8, "avx512vl": 16, "avx512vnni": 32,
                 "avx512bf16": 64}

@@ -15,6 +15,8 @@ struct Gemv {
   const float* offsets;    // int4: (N, K/group), zero - 8 * scale; else null
   int64_t group;           // int4 group size (a multiple of 32); else 0
   float* out;              // (M, N)
+  const uint16_t* xb;      // x rounded to bf16 (M, K), for avx512bf16_int4 only; else null
+  const float* xsum;       // sums of xb per group (M, K/group), for avx512bf16_int4 only
 };
 
 using GemvFn = void (*)(const Gemv&, int64_t n0, int64_t n1);
@@ -28,5 +30,7 @@ constexpr int64_t MAX_ROWS = 8;
 extern const GemvFn scalar_kernels[4];
 extern const GemvFn avx2_kernels[4];
 extern const GemvFn avx512_kernels[4];
+extern const GemvFn avx512bf16_int4;  // needs Gemv::xb and Gemv::xsum, made by:
+void avx512bf16_int4_prepare(const float* x, int64_t M, int64_t K, int64_t group, uint16_t* xb, float* xsum);
 
 }  // namespace lw

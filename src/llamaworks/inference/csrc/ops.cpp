@@ -11,12 +11,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <vector>
 
 #include "gemv.h"
 
 namespace {
 
-enum Level { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+enum Level { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512BF16 = 3 };  // native.py's ISAS
 
 // Bits of lw_cpu_features(), named in native.py (FEATURE_BITS).
 enum Feature { F_AVX2 = 1, F_FMA = 2, F_AVX512F = 4, F_AVX512BW = 8, F_AVX512VL = 16, F_AVX512VNNI = 32,
@@ -37,6 +39,8 @@ int cpu_features() {
 }
 
 int best_level(int f) {
+  const int bf16 = F_AVX512BF16 | F_AVX512BW | F_AVX512F | F_AVX2 | F_FMA;
+  if ((f & bf16) == bf16) return AVX512BF16;
   if ((f & (F_AVX512F | F_AVX2 | F_FMA)) == (F_AVX512F | F_AVX2 | F_FMA)) return AVX512;
   if ((f & (F_AVX2 | F_FMA)) == (F_AVX2 | F_FMA)) return AVX2;
   return SCALAR;
@@ -45,8 +49,12 @@ int best_level(int f) {
 // The kernels in use: the best the CPU has until native.py (or a test) picks another.
 std::atomic<int> level{best_level(cpu_features())};
 
+const lw::GemvFn avx512bf16_kernels[4] = {lw::avx512_kernels[lw::F32], lw::avx512_kernels[lw::BF16],
+                                           lw::avx512_kernels[lw::INT8], lw::avx512bf16_int4};
+
 const lw::GemvFn* table() {
   switch (level.load(std::memory_order_relaxed)) {
+    case AVX512BF16: return avx512bf16_kernels;
     case AVX512: return lw::avx512_kernels;
     case AVX2: return lw::avx2_kernels;
     default: return lw::scalar_kernels;
@@ -73,8 +81,20 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
   const int64_t M = x.size(0), N = w.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out.to(x_in.scalar_type());
-  lw::Gemv g{x.data_ptr<float>(), M, K, N, w.data_ptr(), scales, offsets, group, out.data_ptr<float>()};
+  const int lvl = level.load(std::memory_order_relaxed);
+  lw::Gemv g{x.data_ptr<float>(), M, K, N, w.data_ptr(), scales, offsets, group, out.data_ptr<float>(), nullptr,
+             nullptr};
   const lw::GemvFn fn = table()[kind];
+  std::vector<uint16_t> xb;
+  std::vector<float> xsum;
+  if (kind == lw::INT4 && lvl == AVX512BF16) {
+    // The bf16 dot-product kernel's activations, rounded to nearest even, and their group sums.
+    xb.resize(M * K);
+    xsum.resize(M * (K / group));
+    lw::avx512bf16_int4_prepare(g.x, M, K, group, xb.data(), xsum.data());
+    g.xb = xb.data();
+    g.xsum = xsum.data();
+  }
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (BLOCK * row_bytes));
   const int64_t slice = M <= lw::MAX_ROWS ? N : std::max<int64_t>(BLOCK, SLICE_BYTES / row_bytes / BLOCK * BLOCK);
@@ -87,6 +107,10 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
         part.x = g.x + m0 * K;
         part.M = std::min(lw::MAX_ROWS, M - m0);
         part.out = g.out + m0 * N;
+        if (g.xb) {
+          part.xb = g.xb + m0 * K;
+          part.xsum = g.xsum + m0 * (K / group);
+        }
         fn(part, n0, n1);
       }
     }
