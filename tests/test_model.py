@@ -6,18 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamaworks.model import (
-    Attention,
-    FeedForward,
-    ModelArgs,
-    RMSNorm,
-    Transformer,
-    apply_rotary_emb,
-    build_model,
-    count_parameters,
-    ffn_hidden_dim,
-    precompute_freqs_cis,
-)
+from llamaworks.model import Attention, FeedForward, ModelArgs, RMSNorm, Transformer, build_model, count_parameters
+from llamaworks.presets import ffn_hidden_dim
+from llamaworks.rope import apply_rotary_emb, precompute_freqs_cis
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, max_seq_len=64)
 

@@ -9,12 +9,10 @@ import math
 import pytest
 import torch
 
-from llamaworks.model import (
+from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
+from llamaworks.modeldir import load_model, save_model
+from llamaworks.rope import (
     LLAMA31_ROPE_SCALING,
-    ModelArgs,
-    Transformer,
-    build_model,
-    count_parameters,
     linear_scaled_inv_freq,
     llama31_scaled_inv_freq,
     model_inv_freq,
@@ -22,7 +20,6 @@ from llamaworks.model import (
     rope_inv_freq,
     rope_table,
 )
-from llamaworks.modeldir import load_model, save_model
 
 # A Llama-3-shaped tiny model: GQA, theta 500000, scaled RoPE whose original context (16) is
 # far inside the sequences used (64), and a Llama 3.2 variant with tied embeddings.
