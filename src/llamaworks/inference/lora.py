@@ -28,6 +28,7 @@ and embeddings need a different layer.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import numbers
@@ -227,6 +228,97 @@ def pass_gradients_through_quantized(model: nn.Module) -> int:
     return n
 
 
+def dropout_keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """A bool mask of `shape`, each entry True (kept) with probability 1 - p, independently: what
+    nn.Dropout draws. On CPU from 32-bit random integers against a threshold (p exact to 2^-32,
+    finer than the float uniforms bernoulli_ compares): torch.randint over the full int64 range
+    gives two such integers per draw, 4x faster than bernoulli_ on CPU, where LoRA dropout cost
+    more than the adapters' matmuls (config A: 7 masks per block, each as large as the input)."""
+    assert 0 < p < 1, p
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
+    n = math.prod(shape)
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
+    # int32 halves uniform on [-2^31, 2^31): below the threshold with probability p.
+    return (bits.view(torch.int32)[:n] >= round(p * 2**32) - 2**31).view(shape)
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """LoRALinear's training forward and backward, y = base(x) + s * B A dropout(x), as one node:
+
+    - the base product and the low-rank one are one addmm, y = (s u) B^T + x W^T with u = A x (the
+      (tokens, r) product), where autograd would write three (tokens, out) tensors (x W^T, the
+      update, their sum) and a fourth for the scaling;
+    - the frozen base records no graph: its backward is the input's gradient alone, summed into
+      the adapter's in place (one addmm again);
+    - dropout keeps its bool mask (a quarter of an fp32 input) and recomputes the dropped input
+      in backward, where autograd keeps the dropped copy; the mask comes from dropout_keep_mask;
+    - under autocast, the input is saved as given (q, k, v share one tensor, as w1 and w3 do), not
+      as one cast copy per projection, and the frozen weight's cast copy is made again in backward
+      instead of being held from forward to backward: W's copies are not all alive at once.
+
+    Dtypes as the module-level path computes them: under autocast everything in the autocast
+    dtype; otherwise the adapters in their own dtype (fp32) and the base in its own, summed and
+    cast to the base's output dtype. A base that is not an nn.Linear (int8, int4: QLoRA) runs its
+    own forward; its input gradient is grad @ W with W dequantised on the spot, as
+    pass_gradients_through_quantized does it."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, layer: LoRALinear, p: float):
+        base, s = layer.base_layer, layer.scaling
+        device = x.device.type
+        amp = torch.is_autocast_enabled(device)
+        ld = torch.get_autocast_dtype(device) if amp else lora_A.dtype  # the adapters' compute dtype
+        x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        dense = isinstance(base, nn.Linear)
+        with torch.autocast(device, enabled=False) if amp else contextlib.nullcontext():
+            xl = x2.to(ld)
+            mask = dropout_keep_mask(xl.shape, p, x.device) if p > 0 else None
+            # (tokens, r), scaled; dropout's 1/(1-p) is applied to this small product, not to x.
+            u = torch.mm(xl * mask if mask is not None else xl, lora_A.to(ld).t()) * (s / (1 - p))
+            bias = getattr(base, "bias", None)
+            if dense and (ld if amp else base.weight.dtype) == ld:
+                # One addmm: (tokens, out) = low-rank update + x W^T (+ bias).
+                low = torch.mm(u, lora_B.to(ld).t()) if bias is None else torch.addmm(bias.to(ld), u, lora_B.to(ld).t())
+                y = torch.addmm(low, xl, base.weight.to(ld).t())
+                fused = True
+            else:
+                low, fused = torch.mm(u, lora_B.to(ld).t()), False
+        if not fused:  # a quantised base or another dtype: its own forward, then the sum as the module path
+            y = base(x).reshape(-1, layer.out_features)
+            y = (y + low).to(y.dtype)
+        ctx.save_for_backward(x, lora_A, lora_B, u, mask)
+        ctx.layer, ctx.p, ctx.ld, ctx.fused = layer, p, ld, fused
+        return y.view(*x.shape[:-1], layer.out_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_A, lora_B, u, mask = ctx.saved_tensors
+        layer, p, ld = ctx.layer, ctx.p, ctx.ld
+        base, s = layer.base_layer, layer.scaling
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        g = grad.reshape(-1, layer.out_features)  # (tokens, out)
+        gl = g.to(ld)
+        keep = 1 / (1 - p) if mask is not None else 1.0
+        grad_b = (gl.t() @ u).to(lora_B.dtype) if need_b else None  # (out, r); u is already scaled
+        gu = (gl @ lora_B.to(ld)) * (s * keep)  # (tokens, r): the gradient of A dropout(x), dropout's 1/(1-p) in
+        grad_a = grad_x = None
+        if need_a:
+            xl = x.reshape(-1, x.shape[-1]).to(ld)
+            grad_a = (gu.t() @ (xl * mask if mask is not None else xl)).to(lora_A.dtype)  # (r, in)
+            del xl
+        if need_x:
+            gx = gu @ lora_A.to(ld)  # (tokens, in): the adapter's share
+            if mask is not None:
+                gx.mul_(mask)
+            if ctx.fused:
+                gx.addmm_(gl, base.weight.to(ld))  # + the base's share, g W, in place
+            else:
+                gx = gx.to(g.dtype) + g @ dense_weight(base, g.dtype)
+            grad_x = gx.to(x.dtype).view(x.shape)
+        return grad_x, grad_a, grad_b, None, None
+
+
 class LoRALinear(nn.Module):
     """A frozen base projection plus a trainable low-rank update (Hu et al. 2021, eq. 3):
     y = base(x) + scaling * B A dropout(x), scaling = alpha / r.
@@ -266,6 +358,11 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad):
+            # Training: the whole layer as one autograd node (_LoRAFunction), what it saves and
+            # recomputes chosen by hand.
+            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training else 0.0
+            return _LoRAFunction.apply(x, self.lora_A, self.lora_B, self, p)
         result = self.base_layer(x)  # a quantised base passes gradients on (pass_gradients_through_quantized)
         h = self.lora_dropout(x.to(self.lora_A.dtype))
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling

@@ -1,0 +1,558 @@
+"""LoRA fine-tuning throughput and memory: llamaworks vs PEFT + transformers, same weights, same run.
+
+    .venv/bin/python benchmarks/finetune.py                          # configs A and B, fp32 and bf16
+    .venv/bin/python benchmarks/finetune.py --configs A --steps 3    # config A only (minutes)
+    .venv/bin/python benchmarks/finetune.py --configs B --steps 2 --warmup 1 --no-interleave
+    .venv/bin/python benchmarks/finetune.py --configs A --precisions fp32 --profile llamaworks
+
+What one step is, on both sides: forward, loss, backward, gradient clipping to norm 1.0,
+AdamW step on the adapters, zero_grad, on one batch of --batch sequences of --seq-len tokens
+whose first quarter of targets is masked (an instruction's prompt: the loss covers the
+response only). LoRA r=16, alpha 32, dropout --dropout (default 0.05) on the adapter's input,
+adapters on every attention and MLP projection (q, k, v, o, gate, up, down), the frozen base
+in fp32. fp32 runs without autocast; bf16 runs the forward under torch.autocast(bfloat16) with
+the fp32 weights (what `finetune --train.dtype bfloat16` does, and transformers' Trainer with
+bf16=True), the same on both sides.
+
+- llamaworks: the code `llamaworks finetune --method lora` runs: the job config
+  (FinetuneJobConfig), the ModelSpec that finetune builds (train/finetune.py: LoRA layers from
+  inference/lora.py, the checkpoint's weights copied in), the Trainer's `build` (model,
+  activation checkpointing --ac, --compile, optimizer: fused AdamW on the adapters with the
+  paper's betas 0.9/0.95 and weight decay 0.1) and its `train_step` (masked loss with the fused
+  output layer and cross-entropy, clipping, update).
+- peft: transformers' LlamaForCausalLM (sdpa attention) with the same weights
+  (convert/hf.to_hf_state_dict), PEFT's get_peft_model with the same LoraConfig, the same
+  optimizer (llamaworks' build_optimizer: torch's fused AdamW, transformers' Trainer default
+  `adamw_torch_fused`, the same hyper-parameters), transformers' causal-LM loss, clipping with
+  torch.nn.utils.clip_grad_norm_ as transformers' Trainer does.
+- qlora (memory): llamaworks `finetune --method qlora`: the blocks' projections int4
+  (group-wise, quant.py), the output layer float, the same adapters, fp32 compute by default
+  (--qlora-precisions). Its peak is compared with fp32 LoRA's at the same configuration.
+
+Each (configuration, precision, implementation) runs in a fresh subprocess, so peaks are not
+shared. By default the two implementations of one (configuration, precision) run side by side
+and step in turn (round-robin), so a change in background load hits both alike; --no-interleave
+runs them one after the other (needed where two copies of the model do not fit in memory: B
+needs about 2 x 14 GB at fp32). Timing: --warmup steps dropped, the median of --steps steps.
+Memory: VmHWM from /proc, the peak resident set size (RSS: Python and torch themselves
+included); "setup" is the peak while the weights are built and copied in (two copies for a
+moment on both sides), then the high-water mark is reset (/proc/self/clear_refs) and "steps" is
+the peak of the training steps, the figure compared. Children run with glibc's
+MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB (as benchmarks/train_throughput.py's memory children), so
+large tensors are returned to the OS when freed and RSS follows live memory
+(--no-mmap-threshold: glibc's defaults).
+
+Prints a table per configuration and writes JSON (benchmarks/results/finetune.json by default)
+with the machine (CPU model, flags, measured read bandwidth and matmul peak, torch, transformers
+and peft versions, threads, load average) and --label (e.g. "under contention").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llamaworks.data.sft import IGNORE_INDEX
+from llamaworks.model import ModelArgs, build_model, count_parameters
+from llamaworks.parallel.distributed import DistEnv
+from llamaworks.plan import flops_per_token
+from llamaworks.train.config import CheckpointConfig, EvalConfig, HardwareConfig, LogConfig, RunConfig
+from llamaworks.inference.lora import lora_layers
+from llamaworks.train import finetune
+from llamaworks.train.finetune import (
+    FinetuneConfig,
+    FinetuneJobConfig,
+    FinetuneOptimConfig,
+    FinetuneTrainConfig,
+    adapters,
+    pretrained_init,
+)
+from llamaworks.train.metrics_log import measure_peak_flops
+from llamaworks.train.optim import build_optimizer
+from llamaworks.train.trainer import DataSource, ModelSpec, build, check_job, train_step
+
+# The shapes of the other benchmarks (benchmarks/train_throughput.py, decode.py): "config A",
+# about 60M parameters, and "config B", ~1.26B (TinyLlama's shape without GQA).
+CONFIGS = {
+    "A": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048),
+    "B": dict(dim=2048, n_layers=22, n_heads=32, vocab_size=32000, multiple_of=512, max_seq_len=2048),
+}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+IMPLS = ("llamaworks", "peft", "qlora")
+RANK, ALPHA = 16, 32
+LR = 2e-4  # finetune's default for adapters (QLoRA's); the same on both sides
+MIB = 2**20
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+# --- the batch and the weights ------------------------------------------------------------------
+
+def random_batch(args: ModelArgs, batch: int, seq_len: int, seed: int):
+    """(x, y): random tokens and their next tokens, the first quarter of the targets masked."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, args.vocab_size, (batch, seq_len + 1), generator=g)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    y[:, : seq_len // 4] = IGNORE_INDEX
+    return x, y
+
+
+class FixedLoader:
+    """The Trainer's loader interface over one batch, returned at every step."""
+
+    def __init__(self, x, y):
+        self.batch = (x, y)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# --- the two sides ------------------------------------------------------------------------------
+
+def job_config(a, method: str, out_dir: str) -> FinetuneJobConfig:
+    """finetune's job config for this benchmark: one micro-batch per step, no validation,
+    no checkpoints, the peak FLOP/s given (not measured: the Trainer only logs MFU with it)."""
+    return FinetuneJobConfig(
+        run=RunConfig(out_dir=out_dir),
+        finetune=FinetuneConfig(checkpoint="(random weights)", data="(random batch)", method=method, lora_r=RANK,
+                                lora_alpha=ALPHA, lora_dropout=a.dropout, qlora_mode="int4"),
+        train=FinetuneTrainConfig(seed=a.seed, max_steps=10_000, batch_size=a.batch, micro_batch_size=a.batch,
+                                  seq_len=a.seq_len, device="cpu", dtype=PRECISIONS[a.precision],
+                                  compile=a.compile, activation_checkpointing=a.ac),
+        optim=FinetuneOptimConfig(lr=LR),
+        checkpoint=CheckpointConfig(every=10_000, keep_last=1),
+        eval=EvalConfig(every=0),
+        log=LogConfig(every=10_000, progress=False),
+        hardware=HardwareConfig(peak_flops=1e12),
+    )
+
+
+def llamaworks_spec(cfg: FinetuneJobConfig, args: ModelArgs, state: dict) -> ModelSpec:
+    """The ModelSpec run_finetune builds (train/finetune.py), over `state` instead of a checkpoint."""
+    adapt, _ = adapters(cfg)
+    name = f"{cfg.finetune.method} benchmark"
+    if cfg.finetune.method == "lora" and hasattr(finetune, "lora_prepare"):
+        # LoRA layers added on the meta device before the model is materialised (ModelSpec.prepare).
+        lora = cfg.lora_config()
+        return ModelSpec(args, name, init=pretrained_init(state, lora), prepare=finetune.lora_prepare(lora),
+                         adapt=adapt)
+    return ModelSpec(args, name, init=pretrained_init(state), adapt=adapt)
+
+
+class LlamaworksRun:
+    def __init__(self, a, args: ModelArgs, x, y, out_dir: str):
+        cfg = job_config(a, "qlora" if a.child == "qlora" else "lora", out_dir)
+        state = build_model(args, seed=a.seed).state_dict()
+        dims = check_job(cfg, args.n_heads)
+        data = DataSource(None, lambda rank, world: FixedLoader(x, y), None, masked=True)
+        self.trainer = build(cfg, False, dims, DistEnv(), torch.device("cpu"), data,
+                             llamaworks_spec(cfg, args, state), 10_000, 0)
+        del state
+        self.model = self.trainer.model
+        assert lora_layers(self.model), "finetune's ModelSpec added no LoRA layers"
+
+    def step(self) -> float:
+        return train_step(self.trainer).loss
+
+
+class PeftRun:
+    def __init__(self, a, args: ModelArgs, x, y, out_dir: str):
+        import peft
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from llamaworks.convert.hf import hf_config_dict, to_hf_state_dict
+
+        cfg = LlamaConfig(**hf_config_dict(args))
+        cfg._attn_implementation = "sdpa"
+        cfg.use_cache = False
+        torch.manual_seed(a.seed)
+        hf = LlamaForCausalLM(cfg)
+        hf.load_state_dict(to_hf_state_dict(build_model(args, seed=a.seed).state_dict(), args))
+        lcfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=a.dropout, bias="none", task_type="CAUSAL_LM",
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"])
+        self.model = peft.get_peft_model(hf, lcfg).train()
+        self.hf = hf
+        if a.ac != "none":  # transformers has one policy: recompute each decoder layer
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.enable_input_require_grads()
+        if a.compile:
+            for layer in hf.model.layers:  # block by block, as llamaworks' apply_compile
+                layer.compile()
+        self.optimizer = build_optimizer(self.model, FinetuneOptimConfig(lr=LR))
+        self.x, self.y = x, y
+        self.amp_dtype = torch.bfloat16 if a.precision == "bf16" else None
+
+    def step(self) -> float:
+        with torch.autocast("cpu", dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(input_ids=self.x, use_cache=False).logits
+            # What LlamaForCausalLM(labels=...) computes, the targets given already shifted.
+            loss = self.hf.loss_function(logits, None, self.hf.config.vocab_size, shift_labels=self.y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+# --- the child process ----------------------------------------------------------------------------
+
+def proc_status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def emit(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def child(a) -> None:
+    """One implementation at one (config, precision): set up, then one step per 'step' line on
+    stdin, answering each with its time and loss; 'end' answers with the peaks and exits."""
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    args = ModelArgs(**CONFIGS[a.config])
+    x, y = random_batch(args, a.batch, a.seq_len, a.seed)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
+        run = PeftRun(a, args, x, y, tmp) if a.child == "peft" else LlamaworksRun(a, args, x, y, tmp)
+        setup_s = time.perf_counter() - t0
+        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        peak_setup, rss_ready = proc_status_bytes("VmHWM"), proc_status_bytes("VmRSS")
+        reset = reset_peak()
+        emit({"ready": True, "setup_s": setup_s, "trainable": trainable, "peak_setup": peak_setup,
+              "rss_ready": rss_ready, "peak_reset": reset})
+        prof = None
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "end":
+                break
+            if cmd == "profile":
+                from torch.profiler import ProfilerActivity, profile
+
+                prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+                prof.__enter__()
+            t = clock()
+            loss = run.step()
+            dt = clock() - t
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile_rows)
+                sys.stderr.write(f"--- profile of one {a.child} step ({a.config} {a.precision}) ---\n{table}\n")
+                prof = None
+            emit({"dt": dt, "loss": loss})
+        emit({"peak_steps": proc_status_bytes("VmHWM"), "rss_end": proc_status_bytes("VmRSS")})
+
+
+class Child:
+    def __init__(self, impl: str, config: str, precision: str, a):
+        self.impl, self.config, self.precision = impl, config, precision
+        cmd = [sys.executable, __file__, "--child", impl, "--config", config, "--precision", precision,
+               "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--dropout",
+               str(a.dropout), "--ac", a.ac, "--clock", a.clock, "--profile-rows", str(a.profile_rows)]
+        if a.compile:
+            cmd.append("--compile")
+        if a.threads:
+            cmd += ["--threads", str(a.threads)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if a.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(1 * MIB)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info: dict = {}
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            rc = self.proc.wait()
+            raise RuntimeError(f"{self.impl} {self.config} {self.precision}: the child process ended (exit code {rc})"
+                               "; see its stderr above")
+        return json.loads(line)
+
+    def ready(self) -> None:
+        self.info.update(self.read())
+
+    def step(self, timed: bool, profile: bool = False) -> float:
+        self.proc.stdin.write("profile\n" if profile else "step\n")
+        self.proc.stdin.flush()
+        r = self.read()
+        self.losses.append(r["loss"])
+        if timed:
+            self.times.append(r["dt"])
+        return r["dt"]
+
+    def end(self) -> None:
+        self.proc.stdin.write("end\n")
+        self.proc.stdin.flush()
+        self.info.update(self.read())
+        self.proc.wait()
+
+    def result(self, tokens_per_step: int) -> dict:
+        med = statistics.median(self.times) if self.times else None
+        return {"impl": self.impl, "config": self.config, "precision": self.precision, "step_s": med,
+                "tokens_per_s": tokens_per_step / med if med else None, "step_times": self.times,
+                "losses": self.losses, "first_loss": self.losses[0] if self.losses else None,
+                "trainable_params": self.info["trainable"], "setup_s": self.info["setup_s"],
+                "peak_rss": self.info["peak_steps"], "peak_rss_setup": self.info["peak_setup"],
+                "rss_ready": self.info["rss_ready"], "peak_reset": self.info["peak_reset"]}
+
+
+def run_group(impls: list[str], config: str, precision: str, a, interleave: bool) -> list[Child]:
+    """Run `impls` at one (config, precision): side by side in round-robin, or one after the other."""
+    rounds = a.warmup + a.steps
+    groups = [impls] if interleave else [[i] for i in impls]
+    done = []
+    for group in groups:
+        children = [Child(impl, config, precision, a) for impl in group]
+        for c in children:
+            c.ready()
+        for r in range(rounds):
+            dts = [c.step(r >= a.warmup, profile=(r == rounds - 1 and c.impl in a.profile)) for c in children]
+            print(f"  {config} {precision} round {r + 1}/{rounds} ({'timed' if r >= a.warmup else 'warm-up'}): "
+                  + ", ".join(f"{c.impl} {dt:.2f} s" for c, dt in zip(children, dts)), file=sys.stderr, flush=True)
+        for c in children:
+            c.end()
+        done += children
+    return done
+
+
+# --- the machine ----------------------------------------------------------------------------------
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = [f for f in CPU_FLAGS if f in have]
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def measure_bandwidth(gb: float = 1.0) -> float:
+    """Read bandwidth: x.sum() over `gb` GB, the best of 5 (as benchmarks/decode.py)."""
+    x = torch.ones(int(gb * 2**30) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def mem_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fits_twice(config: str, precision: str) -> bool:
+    """Whether two implementations of `config` fit in memory side by side: an estimate, 3x the fp32
+    weights each (weights, the moment both copies exist at setup, activations of 4 x 512 tokens)."""
+    total = mem_total()
+    return total is not None and 2 * 3 * 4 * count_parameters(ModelArgs(**CONFIGS[config])) < 0.8 * total
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def summarise(results: list[dict], a) -> dict:
+    """Ratios: llamaworks / peft tokens/s and peak memory per (config, precision); qlora's peak
+    over fp32 LoRA's (llamaworks) per config."""
+    by = {(r["config"], r["precision"], r["impl"]): r for r in results}
+    out = {}
+    for (config, precision, impl), r in by.items():
+        key = f"{config} {precision}"
+        if impl == "llamaworks" and (config, precision, "peft") in by:
+            p = by[(config, precision, "peft")]
+            out[key] = {
+                "speedup_vs_peft": r["tokens_per_s"] / p["tokens_per_s"],
+                "memory_vs_peft": r["peak_rss"] / p["peak_rss"],
+                "first_loss_diff": r["first_loss"] - p["first_loss"],
+                "target_speed_1.3x": r["tokens_per_s"] / p["tokens_per_s"] >= 1.3,
+                "target_memory_no_more": r["peak_rss"] <= p["peak_rss"],
+            }
+        if impl == "qlora" and (config, "fp32", "llamaworks") in by:
+            f = by[(config, "fp32", "llamaworks")]
+            out.setdefault(f"{config} qlora-int4 {precision}", {}).update({
+                "peak_vs_fp32_lora": r["peak_rss"] / f["peak_rss"],
+                "target_at_most_45pct": r["peak_rss"] / f["peak_rss"] <= 0.45,
+                "first_loss_diff_vs_fp32_lora": r["first_loss"] - f["first_loss"],
+            })
+    return out
+
+
+def print_table(config: str, results: list[dict], a, fpt: float) -> None:
+    rows = [r for r in results if r["config"] == config]
+    if not rows:
+        return
+    peft_tps = {r["precision"]: r["tokens_per_s"] for r in rows if r["impl"] == "peft"}
+    peft_mem = {r["precision"]: r["peak_rss"] for r in rows if r["impl"] == "peft"}
+    fp32_lora = next((r["peak_rss"] for r in rows if r["impl"] == "llamaworks" and r["precision"] == "fp32"), None)
+    n = count_parameters(ModelArgs(**CONFIGS[config]))
+    print(f"\nconfig {config} ({n / 1e6:.0f}M parameters), batch {a.batch} x {a.seq_len}, LoRA r={RANK} alpha={ALPHA} "
+          f"dropout {a.dropout}, every projection; activation checkpointing {a.ac}{', compiled' if a.compile else ''}")
+    print(f"{'implementation':<22}{'step s':>9}{'tokens/s':>10}{'vs peft':>9}{'peak MiB':>10}{'vs peft':>9}"
+          f"{'vs fp32 LoRA':>14}{'setup peak':>12}{'first loss':>12}")
+    for r in rows:
+        name = f"{r['impl']} {r['precision']}" + (" int4" if r["impl"] == "qlora" else "")
+        tps, mem = r["tokens_per_s"], r["peak_rss"]
+        vs_t = f"{tps / peft_tps[r['precision']]:.2f}x" if r["impl"] != "peft" and r["precision"] in peft_tps else ""
+        vs_m = f"{mem / peft_mem[r['precision']]:.2f}x" if r["impl"] != "peft" and r["precision"] in peft_mem else ""
+        vs_f = f"{mem / fp32_lora:.0%}" if r["impl"] == "qlora" and fp32_lora else ""
+        print(f"{name:<22}{r['step_s']:>9.2f}{tps:>10.1f}{vs_t:>9}{mem / MIB:>10.0f}{vs_m:>9}{vs_f:>14}"
+              f"{r['peak_rss_setup'] / MIB:>12.0f}{r['first_loss']:>12.5f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["A", "B"], choices=list(CONFIGS),
+                    help="A: ~60M (dim 512, 8 layers); B: ~1.26B (dim 2048, 22 layers)")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
+                    help="fp32, or bf16 autocast over the fp32 weights (both sides)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run; the figure is their median")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens there)")
+    ap.add_argument("--skip-peft", action="store_true", help="llamaworks (and qlora) only")
+    ap.add_argument("--qlora-precisions", nargs="*", default=["fp32"], choices=list(PRECISIONS),
+                    help="QLoRA int4 runs (memory against fp32 LoRA); none: no QLoRA run")
+    ap.add_argument("--qlora-configs", nargs="*", default=["B"], choices=list(CONFIGS),
+                    help="configs (among --configs) that get a QLoRA run (default B: the 1.26B target)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides")
+    ap.add_argument("--ac", choices=("none", "full", "selective"), default="none",
+                    help="activation checkpointing (llamaworks' policy; transformers' gradient checkpointing, "
+                         "which recomputes whole layers, for any policy but none)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each block, both sides")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="run llamaworks and peft side by side, stepping in turn (default: where two copies fit "
+                         "in memory)")
+    ap.add_argument("--mmap-threshold", action=argparse.BooleanOptionalAction, default=True,
+                    help="children with MALLOC_MMAP_THRESHOLD_=1MiB (RSS follows live memory)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: time steps by the child's CPU time (a development aid on a shared machine)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", nargs="*", default=[], choices=IMPLS,
+                    help="print a torch.profiler table of the last step of these implementations")
+    ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--label", default="", help="recorded in the JSON, e.g. 'under contention'")
+    ap.add_argument("--out", default="benchmarks/results/finetune.json")
+    ap.add_argument("--child", choices=IMPLS, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--config", choices=list(CONFIGS), default="A", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.child:
+        return child(a)
+    if a.steps < 1 or a.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+
+    import peft
+    import transformers
+
+    t_start = time.perf_counter()
+    cpu, flags = cpu_model_and_flags()
+    load_before = loadavg()
+    bandwidth = measure_bandwidth()
+    peak_flops = measure_peak_flops(torch.device("cpu"))
+    results = []
+    for config in a.configs:
+        for precision in a.precisions:
+            impls = ["llamaworks"] + ([] if a.skip_peft else ["peft"])
+            interleave = a.interleave if a.interleave is not None else fits_twice(config, precision)
+            print(f"{config} {precision}: {', '.join(impls)} {'side by side' if interleave and len(impls) > 1 else ''}",
+                  file=sys.stderr, flush=True)
+            results += [c.result(a.batch * a.seq_len) for c in run_group(impls, config, precision, a, interleave)]
+        if config in (a.qlora_configs or []):
+            for precision in a.qlora_precisions:
+                results += [c.result(a.batch * a.seq_len) for c in run_group(["qlora"], config, precision, a, False)]
+    summary = summarise(results, a)
+
+    print(f"\nLoRA fine-tuning: {cpu} ({', '.join(flags)}), {torch.get_num_threads()} threads, read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s, fp32 matmul peak {peak_flops / 1e9:.0f} GFLOP/s; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, peft {peft.__version__}; load average {load_before}"
+          + (f"; {a.label}" if a.label else ""))
+    print(f"median of {a.steps} steps after {a.warmup} warm-up ({a.clock} clock); peak MiB: VmHWM of the training "
+          "steps in a fresh process (RSS, Python and torch included)")
+    for config in a.configs:
+        print_table(config, results, a, flops_per_token(ModelArgs(**CONFIGS[config]), a.seq_len))
+    for key, s in summary.items():
+        print(f"{key}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "label": a.label, "configs": {k: CONFIGS[k] for k in a.configs},
+        "params": {k: count_parameters(ModelArgs(**CONFIGS[k])) for k in a.configs},
+        "batch": a.batch, "seq_len": a.seq_len, "tokens_per_step": a.batch * a.seq_len,
+        "masked_targets": "first quarter of each row", "lora": {"r": RANK, "alpha": ALPHA, "dropout": a.dropout,
+                                                               "targets": "q,k,v,o,gate,up,down (wq..w3)"},
+        "precision": "fp32: no autocast; bf16: torch.autocast(cpu, bfloat16) over fp32 weights, both sides",
+        "optimizer": {"name": "torch.optim.AdamW (fused)", "lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
+                      "weight_decay": 0.1, "clip": 1.0},
+        "activation_checkpointing": a.ac, "compile": a.compile, "warmup_steps": a.warmup, "timed_steps": a.steps,
+        "clock": a.clock, "malloc_mmap_threshold": "1MiB" if a.mmap_threshold else "glibc default",
+        "memory_measure": "VmHWM of the training steps in a fresh process per run (reset after setup)",
+        "machine": {"cpu": cpu, "flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "fp32_matmul_peak": peak_flops,
+                    "mem_total": mem_total(), "loadavg_before": load_before, "loadavg_after": loadavg()},
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "python": platform.python_version(), "results": results, "summary": summary,
+        "wall_s": time.perf_counter() - t_start,
+    }, indent=2) + "\n")
+    print(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
