@@ -118,3 +118,15 @@ def test_shards_of_another_vocabulary_are_refused(make_config, corpus_docs, tmp_
                                          r"tokens: .* run `llamaworks prepare` with that tokenizer"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_of_a_continued_run_is_exact(pretrained, make_config, tmp_path):
+    model_dir, _ = pretrained
+    fixed = {"model": {"init_from": str(model_dir)}, "schedule": {"warmup_steps": 2, "decay_steps": STEPS}}
+    train(make_config(tmp_path / "whole", **fixed))
+    train(make_config(tmp_path / "parts", **fixed, train={"max_steps": 3}))  # stops at its step-3 checkpoint
+    # The resumed run starts from the checkpoint again (model.init_from), then restores step 3 over it.
+    train(make_config(tmp_path / "parts", **fixed), resume=True)
+    whole, parts = load_model(tmp_path / "whole" / "model")[0], load_model(tmp_path / "parts" / "model")[0]
+    for (name, a), (_, b) in zip(whole.state_dict().items(), parts.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
