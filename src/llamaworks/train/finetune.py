@@ -268,7 +268,7 @@ def instruction_source(cfg: FinetuneJobConfig, tokenizer, template: ChatTemplate
     return DataSource(tokenizer, train_loader, val_loader, masked=True), len(train_tok.examples)
 
 
-def pretrained_init(state: dict[str, torch.Tensor], lora: LoraConfig | None = None):
+def pretrained_init(state: dict[str, torch.Tensor], lora: bool = False):
     """ModelSpec.init that copies a checkpoint's weights into the run's (materialised, possibly
     sharded) model; the state is released once copied. lora: the model carries LoRA layers
     (ModelSpec.prepare, `lora_prepare`): the checkpoint's projections become their frozen base
@@ -276,7 +276,7 @@ def pretrained_init(state: dict[str, torch.Tensor], lora: LoraConfig | None = No
 
     @torch.no_grad()
     def init(model, seed: int, device: torch.device) -> None:
-        if lora is not None:
+        if lora:
             state.update(adapter_start(model, state, seed))
         if is_distributed():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -421,7 +421,8 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
     state = base.state_dict()
     lora = cfg.lora_config() if f.method == "lora" else None
     spec = ModelSpec(args, f"{f.method} fine-tuning of {Path(f.checkpoint).name}",
-                     init=pretrained_init(state, lora), prepare=lora_prepare(lora) if lora else None, adapt=adapt,
+                     init=pretrained_init(state, lora=lora is not None), prepare=lora_prepare(lora) if lora else None,
+                     adapt=adapt,
                      save_final=save_final,
                      # checkpoints of adapters hold them alone; resume checks they go over this base
                      base=base_fingerprint(f.checkpoint, args, state) if f.method != "full" else None)
