@@ -130,12 +130,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
+    def project(self, x):
+        """The input projections: (bsz, seq, dim) -> q, k, v (bsz, seq, heads, head_dim); the seam
+        where inference/fuse.py runs the three as one product."""
         bsz, seqlen, _ = x.shape
         # -1, not n_heads: under tensor parallelism wq/wk/wv hold a slice of the heads.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        return q, k, v
+
+    def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.project(x)
         q, k = apply_rotary_emb(q, freqs), apply_rotary_emb(k, freqs)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, rows)  # (bsz, n_kv_heads, cache_len, head_dim)

@@ -38,6 +38,8 @@ def generate_command(
     dtype: Annotated[str | None, Arg("float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")] = None,
     compile: Annotated[bool, Arg("torch.compile the decode step (with CUDA graphs on a GPU)")] = False,
     compile_prefill: Annotated[bool, Arg("also torch.compile the prompt's forward pass (dynamic shapes)")] = False,
+    fuse: Annotated[bool, Arg("run q/k/v and the SwiGLU gate/up projections as one product each "
+                              "(load-time fusion; --no-fuse for Meta's separate products)")] = True,
     draft: Annotated[str | None, Arg("draft model directory: speculative decoding (batched)")] = None,
     draft_k: Annotated[int, Arg("tokens the draft proposes per target forward")] = 4,
     adapter: Annotated[str | None, Arg("LoRA adapter directory (PEFT's adapter_config.json + "
@@ -56,7 +58,7 @@ def generate_command(
         if not env.is_main:  # the other ranks compute the same tokens in silence
             out = err = io.StringIO()
     else:
-        model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
+        model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter, fuse=fuse)
     torch.manual_seed(0)
     if draft is not None:
         return generate_with_draft(model, tokenizer, draft, prompt, max_new_tokens, k=draft_k, device=dev, dtype=dt,

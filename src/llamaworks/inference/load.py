@@ -2,9 +2,12 @@
 
 A model directory (quantised or not), a Hugging Face or Meta folder, or a .gguf file, on
 the device and in the dtype asked for, in eval mode; a quantised directory gets its
-quantised layers before the integer weights are mapped in, and bf16 linears on CPU get the
-faster one-row kernel (kernels.GemvLinear). With `adapter`, a LoRA adapter directory
-(PEFT's layout, inference/lora.py) is applied on top, unmerged: over a quantised base too.
+quantised layers before the integer weights are mapped in. With `adapter`, a LoRA adapter
+directory (PEFT's layout, inference/lora.py) is applied on top, unmerged: over a quantised
+base too. Then the load-time transforms for decoding: with fuse=True q/k/v and gate/up fused
+into one product each (fuse.py; the state dict keeps Meta's names), and on CPU the fp32/bf16 linears
+swapped for the native one-row kernels (kernels.NativeLinear), or where those are not built,
+bf16 ones for torch.mv (kernels.GemvLinear).
 """
 
 from __future__ import annotations
@@ -15,27 +18,34 @@ from pathlib import Path
 import torch
 
 from llamaworks.convert.formats import load_any
-from llamaworks.inference.kernels import use_gemv
+from llamaworks.inference.fuse import fuse_projections
+from llamaworks.inference.kernels import use_gemv, use_native_kernels
 from llamaworks.inference.lora import load_adapter, read_adapter_config
 from llamaworks.inference.quant import read_quantization, swap_empty
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-               tokenizer: bool = True, adapter: str | os.PathLike | None = None):
+               tokenizer: bool = True, adapter: str | os.PathLike | None = None, fuse: bool = False):
     """(model, tokenizer) from any checkpoint path; the model is in eval mode.
 
     Weights keep their stored dtype unless `dtype` is given (then converted one tensor at
     a time, so peak memory stays about one model plus one tensor). `adapter`: a LoRA adapter
     directory (adapter_config.json + adapter_model.safetensors) wrapped around the loaded
     projections; its factors keep their stored dtype (fp32 as trained), whatever `dtype` is.
+    fuse: q/k/v and w1/w3 as one product each (fuse.fuse_projections; adapted projections stay
+    apart), for decoding. Off by default: callers change loaded models by module name
+    (apply_lora, quantize_model, which would miss the fused wq/wk/wv/w1/w3 without a word);
+    fuse.unfuse undoes it.
     """
     if adapter is not None:
         read_adapter_config(adapter)  # a wrong adapter directory is named before the model is read
     quant = read_quantization(path) if Path(path).is_dir() else None
     prepare = (lambda model: swap_empty(model, **quant)) if quant else None
     model, tok = load_any(path, device=device, dtype=dtype, tokenizer=tokenizer, prepare=prepare)
-    if model.output.weight.device.type == "cpu":
-        use_gemv(model)  # bf16 weights: a faster one-row kernel for decoding (no-op otherwise)
-    if adapter is not None:
+    if adapter is not None:  # by module name: before fusion, which leaves the adapted projections apart
         load_adapter(model, adapter)
+    if fuse:
+        fuse_projections(model)
+    if model.output.weight.device.type == "cpu" and not use_native_kernels(model):
+        use_gemv(model)  # no native kernels: bf16 weights take torch.mv's faster one-row product
     return model.eval(), tok
