@@ -417,17 +417,23 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
     data, n_train = instruction_source(cfg, tokenizer, template, math.lcm(8, dims.tp))
     max_steps, warmup = steps_for(cfg, n_train)
     check_out_dir(Path(cfg.run.out_dir))
-    adapt, save_final = adapters(cfg)
     state = base.state_dict()
-    lora = cfg.lora_config() if f.method == "lora" else None
-    spec = ModelSpec(args, f"{f.method} fine-tuning of {Path(f.checkpoint).name}",
-                     init=pretrained_init(state, lora=lora is not None), prepare=lora_prepare(lora) if lora else None,
-                     adapt=adapt,
-                     save_final=save_final,
-                     # checkpoints of adapters hold them alone; resume checks they go over this base
-                     base=base_fingerprint(f.checkpoint, args, state) if f.method != "full" else None)
+    spec = model_spec(cfg, args, state, f"{f.method} fine-tuning of {Path(f.checkpoint).name}")
     del base
     return launch(cfg, resume, dims, data, spec, max_steps, warmup)
+
+
+def model_spec(cfg: FinetuneJobConfig, args, state: dict[str, torch.Tensor], name: str) -> ModelSpec:
+    """The Trainer's model for cfg.finetune.method, starting from the base weights `state` (plain
+    model names): all of them trained (full), LoRA layers added before the model is split (lora) or
+    after it is materialised and quantised (qlora); adapter runs record the base in checkpoints."""
+    f = cfg.finetune
+    adapt, save_final = adapters(cfg)
+    lora = cfg.lora_config() if f.method == "lora" else None
+    return ModelSpec(args, name, init=pretrained_init(state, lora=lora is not None),
+                     prepare=lora_prepare(lora) if lora else None, adapt=adapt, save_final=save_final,
+                     # checkpoints of adapters hold them alone; resume checks they go over this base
+                     base=base_fingerprint(f.checkpoint, args, state) if f.method != "full" else None)
 
 
 def finetune_command(
