@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from llamaworks.cli import main as cli_main
 from llamaworks.inference.command import quantize_command
 from llamaworks.inference.generate import generate_ids
-from llamaworks.inference.kernels import GemvLinear, use_gemv
+from llamaworks.inference.kernels import GemvLinear, NativeLinear, use_gemv
 from llamaworks.inference.load import load_model
 from llamaworks.inference.perplexity import perplexity
 from llamaworks.inference.quant import (
@@ -292,12 +292,13 @@ def test_gemv_linear_is_linear_with_one_row_through_mv(tiny_model_dir):
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     fp32 = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
     assert use_gemv(fp32) == 0 and type(fp32[0]) is torch.nn.Linear  # fp32: F.linear is as fast
-    # load_model swaps the bf16 layers on CPU; the state dict and greedy tokens are unchanged
+    # load_model swaps the bf16 layers on CPU (for the native kernels where they are built, else
+    # GemvLinear); the state dict and greedy tokens are unchanged
     model, _ = load_model(tiny_model_dir, dtype="bfloat16")
-    assert all(type(m) is GemvLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert all(type(m) in (GemvLinear, NativeLinear) for m in model.modules() if isinstance(m, torch.nn.Linear))
     plain, _ = load_model(tiny_model_dir, dtype="bfloat16")
     for m in plain.modules():
-        if type(m) is GemvLinear:
+        if type(m) in (GemvLinear, NativeLinear):
             m.__class__ = torch.nn.Linear
     assert model.state_dict().keys() == plain.state_dict().keys()
     prompt = [[1, 5, 9, 13, 7]]
