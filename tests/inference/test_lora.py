@@ -24,6 +24,7 @@ from llamaworks.inference.lora import (
     LoRALinear,
     apply_lora,
     dense_linear,
+    dropout_keep_mask,
     hf_module_names,
     load_adapter,
     load_lora_state_dict,
@@ -169,6 +170,80 @@ def test_dropout_applies_to_the_adapter_input_in_training_only():
         assert torch.equal(lm.eval()(x), plain(x))
         torch.manual_seed(0)
         assert rel(lm.train()(x), plain(x)) > 1e-3
+
+
+def _module_path(m, x, mask=None):
+    # y = base(x) + s B A dropout(x) in plain autograd ops: what the training node must compute.
+    h = x.to(m.lora_A.dtype)
+    if mask is not None:
+        h = h * mask / (1 - m.lora_dropout.p)
+    out = m.base_layer(x)
+    return (out + F.linear(F.linear(h, m.lora_A), m.lora_B) * m.scaling).to(out.dtype)
+
+
+def _grads(m, x, fn):
+    x = x.detach().requires_grad_()
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=x.dtype == torch.bfloat16):
+        y = fn(m, x.float() if x.dtype == torch.bfloat16 else x)
+    (y.float() ** 2).sum().backward()  # a gradient that differs per output
+    return [y.detach().float(), x.grad, m.lora_A.grad, m.lora_B.grad]
+
+
+@pytest.mark.parametrize("base", ["fp32", "bf16-autocast", "int8", "int4"])
+def test_training_node_gives_the_module_paths_output_and_gradients(base):
+    # LoRALinear trains through one autograd node (_LoRAFunction); it must compute what the
+    # plain autograd ops compute, in the same dtypes. bf16 here means the input is marked for
+    # autocast (_grads): both sides then differ by bf16 rounding of different sums.
+    lin = torch.nn.Linear(96, 80, bias=False)
+    if base in ("int8", "int4"):
+        lin = quantize_model(torch.nn.Sequential(lin), base, group_size=32)[0]
+    m = LoRALinear(lin, r=4, alpha=8).train()
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.1)
+    x = torch.randn(2, 70, 96, dtype=torch.bfloat16 if base == "bf16-autocast" else torch.float32)
+    got = _grads(m, x, lambda m, x: m(x))
+    want = _grads(m, x, _module_path)
+    bound = 1e-2 if base == "bf16-autocast" else 1e-5
+    for name, a, b in zip(("output", "x", "A", "B"), got, want):
+        assert rel(a, b) < bound, (name, rel(a, b))
+
+
+def test_training_node_with_dropout_has_the_gradients_of_its_function():
+    # The mask is drawn once per call from the global generator (same seed, same mask): gradcheck
+    # in float64 checks the input's gradient against finite differences, and the plain autograd
+    # ops over that same mask give the adapters' gradients, 1/(1-p) included.
+    m = LoRALinear(torch.nn.Linear(12, 10, bias=False).double(), r=3, alpha=6, dropout=0.3,
+                   dtype=torch.float64).train()
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+
+    def node(m, x):
+        torch.manual_seed(0)
+        return m(x)
+
+    assert torch.autograd.gradcheck(lambda x: node(m, x), (x.clone().requires_grad_(),))
+    torch.manual_seed(0)
+    mask = dropout_keep_mask((10, 12), 0.3, x.device).view(2, 5, 12)
+    assert 0 < mask.sum() < mask.numel()
+    got, want = _grads(m, x, node), _grads(m, x, lambda m, x: _module_path(m, x, mask))
+    for name, a, b in zip(("output", "x", "A", "B"), got, want):
+        assert rel(a, b) < 1e-12, (name, rel(a, b))
+
+
+def test_dropout_keep_mask_keeps_with_probability_1_minus_p():
+    torch.manual_seed(0)
+    for p in (0.05, 0.5):
+        mask = dropout_keep_mask((400, 500), p, torch.device("cpu"))
+        assert mask.dtype == torch.bool and mask.shape == (400, 500)
+        # 200,000 draws: the standard error of the kept share is below 0.0012
+        assert abs(mask.float().mean().item() - (1 - p)) < 0.005
+        assert abs(mask[:, ::2].float().mean().item() - mask[:, 1::2].float().mean().item()) < 0.01  # both halves
+    torch.manual_seed(1)
+    a = dropout_keep_mask((7, 9), 0.3, torch.device("cpu"))
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout_keep_mask((7, 9), 0.3, torch.device("cpu")))  # the global generator's
 
 
 def test_lora_state_dict_round_trip():
