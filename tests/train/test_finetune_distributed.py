@@ -1,7 +1,7 @@
 """`llamaworks finetune` under FSDP on 2 gloo processes (CPU): full fine-tuning and LoRA (a frozen
 base sharded with its adapters) give one process's loss curve for the same global batch of
-examples; a LoRA run's distributed checkpoint holds the adapters alone and resumes in one process
-(and a one-process checkpoint under FSDP) without changing a loss."""
+examples, and so does LoRA under DDP; a LoRA run's distributed checkpoint holds the adapters alone
+and resumes in one process (and a one-process checkpoint under FSDP) without changing a loss."""
 
 from __future__ import annotations
 
@@ -146,3 +146,12 @@ def test_a_one_process_lora_checkpoint_resumes_under_fsdp(make_ft_config, lora_r
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_lora_under_ddp_matches_one_process(make_ft_config, lora_reference, tmp_path):
+    """DDP (parallel.dp_replicate 2): every rank holds the frozen base whole; the adapters' gradients
+    are all-reduced."""
+    out = tmp_path / "ddp"
+    spawn(make(make_ft_config, out, finetune=LORA, parallel={"dp_replicate": 2, "dp_shard": 1},
+               train={"micro_batch_size": 4}))
+    assert_same_curve(out, lora_reference, range(1, STEPS + 1))
