@@ -272,3 +272,17 @@ def test_generate_cli(tiny_model_dir, capsys):
     assert "prefill:" in err and "decode:" in err and "tokens/s" in err
     rc = main(["generate", "--checkpoint", str(tiny_model_dir / "nope"), "--prompt", "x"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # compiles the decode step (~30 s on 2 busy cores)
+def test_generate_cli_compiles_outside_the_timed_decode(tiny_model_dir, capsys):
+    from llamaworks.cli import main
+
+    args = ["generate", "--checkpoint", str(tiny_model_dir), "--prompt", "The king", "--max-new-tokens", "12",
+            "--temperature", "0", "--device", "cpu"]
+    assert main(args) == 0
+    eager = capsys.readouterr()
+    assert main([*args, "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out  # fused and compiled: the same greedy text
+    assert "compile:" in compiled.err and "before the prefill" in compiled.err and "compile:" not in eager.err
