@@ -31,6 +31,7 @@ extern const GemvFn scalar_kernels[4];
 extern const GemvFn avx2_kernels[4];
 extern const GemvFn avx512_kernels[4];
 extern const GemvFn avx512bf16_int4;  // needs Gemv::xb and Gemv::xsum, made by:
+extern const GemvFn avx512bf16_bf16;  // bf16 weights, bf16 activations in Gemv::xb (x unused)
 void avx512bf16_int4_prepare(const float* x, int64_t M, int64_t K, int64_t group, uint16_t* xb, float* xsum);
 
 }  // namespace lw

@@ -77,14 +77,17 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "llamaworks gemv: x must be float32 or bfloat16, got ", x_in.scalar_type());
   TORCH_CHECK(w.is_contiguous(), "llamaworks gemv: the weight must be contiguous");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), N = w.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out.to(x_in.scalar_type());
   const int lvl = level.load(std::memory_order_relaxed);
-  lw::Gemv g{x.data_ptr<float>(), M, K, N, w.data_ptr(), scales, offsets, group, out.data_ptr<float>(), nullptr,
-             nullptr};
-  const lw::GemvFn fn = table()[kind];
+  // bf16 weights and activations on AVX512_BF16: bf16 dot products straight from x.
+  const bool bf16_dots = kind == lw::BF16 && lvl == AVX512BF16 && x_in.scalar_type() == at::kBFloat16;
+  const at::Tensor x = bf16_dots ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return out.to(x_in.scalar_type());
+  lw::Gemv g{bf16_dots ? nullptr : x.data_ptr<float>(), M, K, N, w.data_ptr(), scales, offsets, group,
+             out.data_ptr<float>(), nullptr, nullptr};
+  const lw::GemvFn fn = bf16_dots ? lw::avx512bf16_bf16 : table()[kind];
+  if (bf16_dots) g.xb = static_cast<const uint16_t*>(x.data_ptr());
   std::vector<uint16_t> xb;
   std::vector<float> xsum;
   if (kind == lw::INT4 && lvl == AVX512BF16) {
@@ -104,13 +107,11 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
       const int64_t n1 = std::min(end, n0 + slice);
       for (int64_t m0 = 0; m0 < M; m0 += lw::MAX_ROWS) {
         lw::Gemv part = g;
-        part.x = g.x + m0 * K;
+        part.x = g.x ? g.x + m0 * K : nullptr;
         part.M = std::min(lw::MAX_ROWS, M - m0);
         part.out = g.out + m0 * N;
-        if (g.xb) {
-          part.xb = g.xb + m0 * K;
-          part.xsum = g.xsum + m0 * (K / group);
-        }
+        if (g.xb) part.xb = g.xb + m0 * K;
+        if (g.xsum) part.xsum = g.xsum + m0 * (K / group);
         fn(part, n0, n1);
       }
     }
