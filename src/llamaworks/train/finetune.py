@@ -69,7 +69,7 @@ from llamaworks.inference.quant import quantize_model
 from llamaworks.model import Transformer
 from llamaworks.modeldir import CHAT_TEMPLATE
 from llamaworks.parallel.distributed import is_distributed, is_main
-from llamaworks.tokenizer.chat import ChatTemplate, control_token_ids
+from llamaworks.tokenizer.chat import ChatTemplate, builtin_chat_template, control_token_ids, resolve_chat_template
 from llamaworks.train.config import (
     CheckpointConfig,
     EvalConfig,
@@ -80,6 +80,7 @@ from llamaworks.train.config import (
     RunConfig,
 )
 from llamaworks.train.init import parameter_seed
+from llamaworks.train.init_from import copy_state
 from llamaworks.train.sft import SFTLoader
 from llamaworks.train.trainer import (
     DataSource,
@@ -214,19 +215,14 @@ def steps_for(cfg: FinetuneJobConfig, train_examples: int) -> tuple[int, int]:
 
 
 def chat_template_for(spec: str, tokenizer) -> ChatTemplate:
-    """The template the examples are rendered with: `spec` (a built-in name or a file) when given,
-    else the checkpoint's own, else the built-in "llama2"; checked against the tokenizer (a
-    template that writes control tokens the tokenizer lacks belongs to another model)."""
-
-    def piece(token_id) -> str | None:
-        return tokenizer.id_to_piece(token_id) if token_id is not None and token_id >= 0 else None
-
-    bos, eos = piece(tokenizer.bos_id), piece(tokenizer.eos_id)
+    """The template the examples are rendered with: `spec` (a template the checkpoint carries by
+    name, a built-in name or a file) when given, else the checkpoint's own, else the built-in
+    "llama2"; checked against the tokenizer (a template that writes control tokens the tokenizer
+    lacks belongs to another model)."""
     if spec:
-        template = ChatTemplate.load(spec, bos_token=bos, eos_token=eos)
+        template = resolve_chat_template(tokenizer, spec)
     else:
-        template = getattr(tokenizer, "chat_template", None) or ChatTemplate.builtin(DEFAULT_TEMPLATE, bos_token=bos,
-                                                                                   eos_token=eos)
+        template = getattr(tokenizer, "chat_template", None) or builtin_chat_template(DEFAULT_TEMPLATE, tokenizer)
     control_token_ids(tokenizer, template)
     return template
 
@@ -278,15 +274,7 @@ def pretrained_init(state: dict[str, torch.Tensor], lora: bool = False):
     def init(model, seed: int, device: torch.device) -> None:
         if lora:
             state.update(adapter_start(model, state, seed))
-        if is_distributed():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            # Every rank holds the whole state (memory-mapped where the format allows) and keeps its shards.
-            set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
-        else:
-            model.load_state_dict(state, strict=True)
-        model.init_rope(device)
-        state.clear()
+        copy_state(model, state, device)
 
     return init
 

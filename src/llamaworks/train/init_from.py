@@ -58,16 +58,22 @@ class InitFrom:
     def weights_init(self, model, seed: int, device: torch.device) -> None:
         """ModelSpec.init: the checkpoint's weights into the materialised (possibly sharded) model;
         `seed` is unused (nothing is drawn). The state is released once copied."""
-        with torch.no_grad():
-            if is_distributed():
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        copy_state(model, self.state, device)
 
-                # Every rank holds the whole state (memory-mapped where the format allows) and keeps its shards.
-                set_model_state_dict(model, self.state, options=StateDictOptions(full_state_dict=True, strict=True))
-            else:
-                model.load_state_dict(self.state, strict=True)
-            model.init_rope(device)
-        self.state.clear()
+
+@torch.no_grad()
+def copy_state(model, state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """A whole checkpoint `state` (Meta's names, fp32) into a materialised model that may be
+    sharded (FSDP/TP: each rank keeps its shards), strictly; the state is released once copied."""
+    if is_distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # Every rank holds the whole state (memory-mapped where the format allows) and keeps its shards.
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    else:
+        model.load_state_dict(state, strict=True)
+    model.init_rope(device)
+    state.clear()
 
 
 def load_init_from(model_cfg) -> InitFrom:
