@@ -295,3 +295,10 @@ def test_unbuilt_or_turned_off_is_one_log_line_and_the_pytorch_path(native_lib, 
         assert r.stdout.strip() == "(1, 32) (1, 32)"
         lines = [ln for ln in r.stderr.splitlines() if "native CPU kernels" in ln]
         assert len(lines) == 1 and said in lines[0], r.stderr
+
+
+def test_build_command(native_lib, capsys):
+    assert native.main(["build"]) == 0  # built already: a no-op that reports the library and its choice
+    out = capsys.readouterr().out
+    assert str(native.library_path()) in out and f"instruction set: {native.current_isa()}" in out
+    assert native.main(["bogus"]) == 2 and "usage" in capsys.readouterr().err

@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ SOURCES = ("ops.cpp", "gemv_avx512bf16.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp",
 HEADERS = ("gemv.h", "gemv_body.h")
 NAME = "llamaworks_native"
 CFLAGS = ["-O3", "-fno-math-errno"]  # no -march: the instruction sets are chosen per file, at run time
+
+STALE_LOCK_S = 900  # a build takes about a minute on 2 busy cores
 
 # Rows one call reads the weights once for (the kernels' MAX_ROWS): decode batches up to 8.
 NATIVE_MAX_ROWS = 8
@@ -98,6 +101,9 @@ def build(verbose: bool = False) -> Path:
     from torch.utils import cpp_extension  # only the build step needs the compiler machinery
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / "lock"  # cpp_extension's; a build killed midway leaves it, and the next waits forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
     cpp_extension.load(name=NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS,
                        extra_include_paths=[str(CSRC)], build_directory=str(path.parent),
                        is_python_module=False, verbose=verbose)
