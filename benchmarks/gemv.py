@@ -90,6 +90,9 @@ def compiled_reduction(dequant):
     def product(x, *w):
         return (x.unsqueeze(1) * dequant(*w)).sum(-1)  # (rows, 1, in) * (out, in) -> (rows, out)
 
+    # One graph per (shape, rows, precision): without a reset, dynamo's recompile limit on
+    # `product` would quietly run the later ones eagerly.
+    torch.compiler.reset()
     return torch.compile(product, dynamic=False)
 
 
