@@ -163,6 +163,8 @@ def test_threads_split_the_rows_without_changing_results(native_lib):
     torch.set_num_threads(2)
     try:
         assert torch.equal(ops.gemv_f32(x, w), one)
+        many = torch.randn(19, 256)  # chunks of 8 rows over slices of the weight, in each thread
+        close(ops.gemv_f32(many, w), F.linear(many, w))
     finally:
         torch.set_num_threads(n)
 
