@@ -15,11 +15,24 @@ variants drift on random weights, whose logits are nearly tied). "roofline" is t
 fraction of the memory-bandwidth bound: decode steps/s x bytes of weights read per step /
 read bandwidth (measured here as x.sum() over 1 GB); time includes the prefill.
 
+Equal work at each precision: every table has transformers both as it runs by default
+(dynamic cache, eager) and in its best CPU configuration (generation_config.cache_implementation
+"static" with its forward compiled for decoding: a CompileConfig that also compiles on CPU), and
+rows are grouped by precision: fp32 beside llama.cpp f32, bf16 beside f16, int8 beside Q8_0 and
+int4 beside Q4_0. llamaworks runs as `llamaworks generate` loads it: q/k/v and gate/up fused
+(inference/fuse.py; --no-fuse for Meta's separate products) and the native one-row kernels where
+they are built (kernels.use_native_kernels; LLAMAWORKS_NATIVE=0 turns them off).
+
 llama.cpp runs through llama-cpp-python on the same weights exported to GGUF f32 and f16
-(convert/gguf.py) and Q8_0 (llama.cpp's own quantiser); its Python API decodes one
-sequence at a time, so it appears at batch 1 only; without llama-cpp-python (built from
-PyPI: pip install llama-cpp-python) its rows are skipped with a note. --ppl-model prints the perplexity of a
-trained model on held-out text for fp32, int8 and int4 (llama.cpp's quantisation table).
+(convert/gguf.py), Q8_0 and Q4_0 (llama.cpp's own quantiser), with llama.cpp's repacked CPU
+weight buffers (extra buffer types: AMX, and the interleaved Q4_0/Q8_0 layouts of its AVX2/AVX-512
+kernels) where they run; where they crash (each file is probed in a child process) the row runs
+without them, is labelled "(no repack)" and says so. Its Python API decodes one sequence at a
+time, so it appears at batch 1 only; without llama-cpp-python (./dev.sh extras) its rows are
+skipped with a note. The JSON records the machine: CPU model and flags, threads, measured read
+bandwidth, torch, transformers and llama-cpp-python versions, the native kernels' instruction set.
+--ppl-model prints the perplexity of a trained model on held-out text for fp32, int8 and int4
+(llama.cpp's quantisation table).
 """
 
 from __future__ import annotations
@@ -41,8 +54,10 @@ import torch
 import torch.nn.functional as F
 
 from llamaworks.convert.command import llama_cpp_generate
+from llamaworks.inference import native
+from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.generate import generate_ids
-from llamaworks.inference.kernels import use_gemv
+from llamaworks.inference.kernels import use_gemv, use_native_kernels
 from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
 
 # "Config A" of the issue tracker: about 60M parameters, the shape of the paper's models.
@@ -61,6 +76,34 @@ CONFIGS["1b"] = CONFIGS["B"]
 # benchmark's sequences are short; transformers wants it above the original 8192).
 CONFIGS["llama3.2-1b-shape"] = {**ModelArgs.from_name("llama3.2-1b").to_params(), "max_seq_len": 16384}
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
+# llama.cpp's weight format at each of our precisions (the rows a table puts side by side).
+LLAMA_CPP_FORMAT = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
+# Bytes a decode step reads per weight in each llama.cpp format (Q8_0: 32 int8 + an fp16 scale
+# per block of 32; Q4_0: 16 bytes of nibbles + an fp16 scale).
+LLAMA_CPP_BYTES = {"f32": 4, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def machine_info() -> dict:
+    """What the figures depend on: the CPU (model, flags, cores), the libraries and the kernels."""
+    info = {"cpu_model": platform.processor() or platform.machine(), "cpu_flags": [], "logical_cpus": os.cpu_count(),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_kernels": native.current_isa() if native.available() else None, "python": platform.python_version()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: the model name from platform only
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            info["cpu_model"] = value.strip()
+        elif key.strip() == "flags" and not info["cpu_flags"]:
+            info["cpu_flags"] = value.split()
+    for name in ("transformers", "llama_cpp"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    return info
 
 
 def measure_bandwidth(gb: float = 1.0, device: str = "cpu") -> float:
@@ -104,11 +147,43 @@ def quantized_copy(model: Transformer, mode: str, group_size: int = 128) -> Tran
     return quantize_model(copy.deepcopy(model, memo), mode, group_size)
 
 
+def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str) -> Transformer:
+    """The model as `llamaworks generate` loads it, in `dtype`: fused projections (fuse), then the
+    native one-row kernels on CPU where built (else bf16 takes GemvLinear). Shares the weights
+    with `model` where nothing changes them (fp32, unfused)."""
+    memo = {id(p): p for p in model.parameters()} if dtype == torch.float32 else {}
+    m = copy.deepcopy(model, memo)
+    if dtype != torch.float32:
+        m.to(dtype).init_rope(torch.device(device))
+    if fuse:
+        fuse_projections(m)
+    if torch.device(device).type == "cpu" and not use_native_kernels(m):
+        use_gemv(m)
+    return m
+
+
 def time_llamaworks(model, prompt, new, compile=False):
+    # With compile, generate_ids compiles and runs the step twice before the prefill (a no-op
+    # compile after the warm-up call): that is set-up, not decoding, and is not counted.
+    stats = {}
     t0 = time.perf_counter()
-    chunks = list(generate_ids(model, prompt, new, temperature=0.0, sync_every=64, compile=compile))
-    dt = time.perf_counter() - t0
+    chunks = list(generate_ids(model, prompt, new, temperature=0.0, sync_every=64, compile=compile, stats=stats))
+    dt = time.perf_counter() - t0 - stats.get("compile_s", 0.0)
     return dt, torch.cat([c[0] for c in chunks], dim=1).tolist()
+
+
+def hf_static_compiled(hf):
+    """transformers' best CPU configuration for decoding: a static cache and the decode forward
+    compiled (generate compiles it itself given a CompileConfig; _compile_all_devices lets it do
+    so on CPU, where it does not by default). Inductor's default mode: reduce-overhead's CUDA
+    graphs do nothing on CPU."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+    config._compile_all_devices = True
+    hf.generation_config.cache_implementation = "static"
+    hf.generation_config.compile_config = config
+    return hf
 
 
 def time_transformers(hf, prompt, new):
@@ -136,7 +211,10 @@ class StubTokenizer:
         return f"\u2581t{i}"
 
 
-def export_gguf(model, folder: Path) -> dict[str, Path]:
+def export_gguf(model, folder: Path, quantised: tuple[str, ...] = ("q8_0", "q4_0")) -> dict[str, Path]:
+    """The same weights as GGUF f32, f16 and llama.cpp's own `quantised` formats. A quantised
+    file whose run crashes with llama.cpp's repacked weight buffers is kept as "<q> (no repack)"
+    when it runs without them."""
     from llamaworks.convert.gguf import write_gguf
 
     paths = {}
@@ -146,22 +224,23 @@ def export_gguf(model, folder: Path) -> dict[str, Path]:
         write_gguf(sd, model.args, StubTokenizer(model.args.vocab_size), paths[name], dtype=dt)
     try:
         import llama_cpp
-
+    except ImportError as e:
+        print(f"(no quantised llama.cpp files: {e})")
+        return paths
+    for q in quantised:
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        out = folder / "model-q8_0.gguf"
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{q.upper()}")
+        out = folder / f"model-{q}.gguf"
         with _quiet_stderr():  # llama.cpp logs every tensor
             ok = llama_cpp.llama_model_quantize(str(paths["f32"]).encode(), str(out).encode(), params) == 0
         if ok and _llama_cpp_runs(out):
-            paths["q8_0"] = out
+            paths[q] = out
         elif ok and _llama_cpp_runs(out, extra_bufts=False):
-            paths["q8_0 (no repack)"] = out
-            print("(llama.cpp Q8_0 crashes here with its AMX/repacked weight buffers; it runs with "
-                  "use_extra_bufts=False, which keeps its plain Q8_0 kernels)")
+            paths[f"{q} (no repack)"] = out
+            print(f"(llama.cpp {q.upper()} crashes here with its repacked (AMX/interleaved) weight buffers; it runs "
+                  "with use_extra_bufts=False, its plain kernels, in the row marked (no repack))")
         else:
-            print("(llama.cpp Q8_0 skipped: its quantised file does not run here)")
-    except (ImportError, AttributeError) as e:
-        print(f"(no Q8_0: {e})")
+            print(f"(llama.cpp {q.upper()} skipped: its quantised file does not run here)")
     return paths
 
 
@@ -236,14 +315,14 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
     fp32_bytes = bytes_per_step(model)
     per_weight = fp32_bytes / 4
 
-    variants = []  # (label, bytes per step, batch-1 only, factory -> (runner, cleanup))
+    variants = []  # (label, precision, bytes per step, batch-1 only, factory -> runner or (runner, bytes))
     if "transformers" in a.impls:
         from transformers import LlamaConfig, LlamaForCausalLM
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         from llamaworks.convert.hf import hf_config_dict, to_hf_state_dict
 
-        def hf_factory(dtype):
+        def hf_factory(dtype, best=False):
             def make():
                 cfg = LlamaConfig(**hf_config_dict(args))
                 cfg._attn_implementation = "sdpa"
@@ -256,34 +335,37 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                     hf.lm_head.weight = hf.model.embed_tokens.weight
                 hf.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)  # its buffers are not in the state dict
                 hf = hf.eval().to(a.device)
+                if best:
+                    hf_static_compiled(hf)
                 return lambda p: time_transformers(hf, p, a.new_tokens)
             return make
-        variants.append(("transformers fp32", fp32_bytes, False, hf_factory(torch.float32)))
-        if "bf16" in a.precisions:
-            variants.append(("transformers bf16", fp32_bytes // 2, False, hf_factory(torch.bfloat16)))
+        for prec, dtype, nbytes in (("fp32", torch.float32, fp32_bytes), ("bf16", torch.bfloat16, fp32_bytes // 2)):
+            if prec in a.precisions:
+                variants.append((f"transformers {prec}", prec, nbytes, False, hf_factory(dtype)))
+                if a.compile:
+                    variants.append((f"transformers {prec} static+compile", prec, nbytes, False,
+                                     hf_factory(dtype, best=True)))
     if "llamaworks" in a.impls:
         for prec in a.precisions:
-            if prec == "fp32":
-                variants.append(("llamaworks fp32", fp32_bytes, False,
-                                 lambda: (lambda p: time_llamaworks(model, p, a.new_tokens))))
+            if prec in ("fp32", "bf16"):
+                def make_float(prec=prec, compile=False):
+                    m = decode_copy(model, torch.float32 if prec == "fp32" else torch.bfloat16, a.fuse, a.device)
+                    return lambda p: time_llamaworks(m, p, a.new_tokens, compile)
+                nbytes = fp32_bytes if prec == "fp32" else fp32_bytes // 2
+                variants.append((f"llamaworks {prec}", prec, nbytes, False, make_float))
                 if a.compile:
-                    variants.append(("llamaworks fp32+compile", fp32_bytes, False,
-                                     lambda: (lambda p: time_llamaworks(model, p, a.new_tokens, True))))
-            elif prec == "bf16":
-                def make_bf16():
-                    m = copy.deepcopy(model).to(torch.bfloat16)
-                    m.init_rope(torch.device(a.device))
-                    use_gemv(m)  # as load_model does for bf16 on CPU
-                    return lambda p: time_llamaworks(m, p, a.new_tokens)
-                variants.append(("llamaworks bf16", fp32_bytes // 2, False, make_bf16))
+                    variants.append((f"llamaworks {prec}+compile", prec, nbytes, False,
+                                     lambda prec=prec: make_float(prec, True)))
             else:
                 def make_q(mode=prec, compile=False):
                     m = quantized_copy(model, mode, a.group_size)
+                    if a.fuse:
+                        fuse_projections(m)
                     return (lambda p: time_llamaworks(m, p, a.new_tokens, compile)), bytes_per_step(m)
                 label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
-                variants.append((label, None, False, make_q))
+                variants.append((label, prec, None, False, make_q))
                 if a.compile:
-                    variants.append((label + "+compile", None, False, lambda mode=prec: make_q(mode, True)))
+                    variants.append((label + "+compile", prec, None, False, lambda mode=prec: make_q(mode, True)))
     tmp = None
     if "llama.cpp" in a.impls and torch.device(a.device).type != "cpu":
         print(f"(llama.cpp rows skipped on {a.device}: llama-cpp-python from PyPI is built for the CPU)")
@@ -292,17 +374,22 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
             import llama_cpp  # noqa: F401
         except ImportError:
             print("(llama-cpp-python is not installed: no llama.cpp rows; build it with "
-                  "`pip install llama-cpp-python` (compiles llama.cpp) to compare)")
+                  "`./dev.sh extras` (compiles llama.cpp) to compare)")
         else:
             tmp = tempfile.TemporaryDirectory(prefix="decode_bench_")
-            paths = export_gguf(model, Path(tmp.name))
-            nbytes = {"f32": fp32_bytes, "f16": fp32_bytes // 2, "q8_0": int(per_weight * 34 / 32)}
+            wanted = tuple(LLAMA_CPP_FORMAT[p] for p in a.precisions)
+            paths = export_gguf(model, Path(tmp.name), tuple(q for q in wanted if q.startswith("q")))
+            by_format = {v: k for k, v in LLAMA_CPP_FORMAT.items()}
             for q, path in paths.items():
+                fmt = q.split()[0]
+                if fmt not in wanted:
+                    continue
                 def make_cpp(path=path, extra_bufts="no repack" not in q):
                     llm = open_llama_cpp(path, extra_bufts, n_ctx=a.prompt_len + a.new_tokens + 8,
                                          n_threads=torch.get_num_threads(), n_batch=512)
                     return lambda p: time_llama_cpp(llm, p, a.new_tokens)
-                variants.append((f"llama.cpp {q}", nbytes[q.split()[0]], True, make_cpp))
+                variants.append((f"llama.cpp {q}", by_format[fmt], int(per_weight * LLAMA_CPP_BYTES[fmt]), True,
+                                 make_cpp))
 
     out_bytes = model.output.weight.numel() * model.output.weight.element_size()
     print(f"\n{name}: the output projection ({args.vocab_size} x {args.dim}) is {out_bytes / 1e6:.0f} of "
@@ -317,7 +404,7 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
 
     rows = []
     with torch.inference_mode():
-        for label, nbytes, batch1_only, factory in variants:
+        for label, prec, nbytes, batch1_only, factory in variants:
             # Every variant compiles generate's one decode_step function: dynamo's per-function cache
             # (8 entries) would otherwise fill up over models and batch sizes and fall back to eager.
             torch._dynamo.reset()
@@ -335,14 +422,18 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                     times.append(dt)
                 med = statistics.median(times)
                 tps = bsz * a.new_tokens / med
-                rows.append({"config": name, "params": n_params, "batch": bsz, "impl": label, "seconds": med,
+                rows.append({"config": name, "params": n_params, "batch": bsz, "impl": label, "precision": prec,
+                             "llama_cpp_repacked": (None if not label.startswith("llama.cpp")
+                                                    else "no repack" not in label),
+                             "seconds": med,
                              "runs": times, "tokens_per_s": tps, "bytes_per_step": nbytes,
                              "roofline": (tps / bsz) * nbytes / bandwidth, "tokens": toks})
             del run
     if tmp is not None:
         tmp.cleanup()
     for bsz in a.batches:
-        table = [r for r in rows if r["batch"] == bsz]
+        # Grouped by precision (stable): each of ours beside transformers and llama.cpp at the same one.
+        table = sorted((r for r in rows if r["batch"] == bsz), key=lambda r: PRECISIONS.index(r["precision"]))
         if not table:
             continue
         ref = next((r for r in table if r["impl"] == "llamaworks fp32"), table[0])
@@ -350,14 +441,14 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
         print(f"\n{name}: {n_params / 1e6:.1f}M params, batch {bsz}, prompt {a.prompt_len}, {a.new_tokens} new "
               f"tokens, greedy, {a.device if a.device != 'cpu' else f'{torch.get_num_threads()} threads'}, "
               f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
-        print(f"{'implementation':<26}{'tokens/s':>10}{'vs transformers':>17}{'vs ours fp32':>14}"
+        print(f"{'implementation':<34}{'tokens/s':>10}{'vs transformers':>17}{'vs ours fp32':>14}"
               f"{'MB/step':>9}{'roofline':>10}{'same':>11}")
-        if bsz > 1 and any(batch1_only for _, _, batch1_only, _ in variants):
+        if bsz > 1 and any(batch1_only for _, _, _, batch1_only, _ in variants):
             print("(llama.cpp: batch 1 only, its Python API decodes one sequence at a time)")
         for r in table:
             same = same_prefix(r["tokens"], ref["tokens"])
             r["same_tokens"] = same
-            print(f"{r['impl']:<26}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base['tokens_per_s']:>16.2f}x"
+            print(f"{r['impl']:<34}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base['tokens_per_s']:>16.2f}x"
                   f"{r['tokens_per_s'] / ref['tokens_per_s']:>13.2f}x{r['bytes_per_step'] / 1e6:>9.0f}"
                   f"{100 * r['roofline']:>9.0f}%{same:>6}/{bsz * a.new_tokens}")
     for r in rows:
@@ -416,6 +507,9 @@ def main():
                     "kernels are CPU ones), and --compile uses CUDA graphs")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="also time llamaworks fp32 and int8 with torch.compile on the decode step (default on)")
+    ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                    help="llamaworks with q/k/v and gate/up fused at load (inference/fuse.py), as `llamaworks "
+                         "generate` runs (default on)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke test: defaults become the small preset, prompt 16, 8 new tokens, 1 run, no "
                          "compile, and no JSON unless --out is given")
@@ -434,9 +528,9 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "machine": platform.processor() or platform.machine(), "device": a.device,
+    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "machine": machine_info(), "device": a.device, "fuse": a.fuse,
               "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
               "prompt_len": a.prompt_len,
               "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs}}
@@ -447,7 +541,7 @@ def main():
                                                 a.new_tokens, a.compile)
     else:
         bandwidth = measure_bandwidth(device=a.device)
-        result["read_bandwidth"] = bandwidth
+        result["read_bandwidth"] = result["machine"]["read_bandwidth"] = bandwidth
         result["results"] = []
         for name in a.configs:
             result["results"] += run_config(name, a, bandwidth)
