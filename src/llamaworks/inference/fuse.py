@@ -43,7 +43,7 @@ def fusible(layers: list[nn.Module]) -> bool:
     names = [[k for k, _ in ts] for ts in tensors]
     if any(n != names[0] for n in names) or "bias" in names[0] or getattr(first, "bias", None) is not None:
         return False
-    for i, (name, t) in enumerate(tensors[0]):
+    for i, (_, t) in enumerate(tensors[0]):
         others = [ts[i][1] for ts in tensors]
         if not all(_plain_tensor(o) and o.dtype == t.dtype and o.device == t.device and o.shape[1:] == t.shape[1:]
                    for o in others):
