@@ -18,6 +18,7 @@ struct Isa {
   static constexpr int W = 8;
   // 16 vector registers: at most 8 accumulators.
   static constexpr int nb(int m) { return m == 1 ? 4 : m <= 3 ? 2 : 1; }
+  static constexpr int nb4(int m) { return nb(m); }
   static inline V zero() { return _mm256_setzero_ps(); }
   static inline V set1(float v) { return _mm256_set1_ps(v); }
   static inline V load(const float* p) { return _mm256_loadu_ps(p); }

@@ -2,7 +2,8 @@
 // file (gemv_avx512.cpp, gemv_avx2.cpp, gemv_scalar.cpp) after it defines `struct Isa` in an
 // anonymous namespace:
 //   V, W            the float vector type and its lanes (16, 8 or 1; W divides 16)
-//   nb(M)           weight rows read together for M activation rows (register blocking)
+//   nb(M), nb4(M)   weight rows read together for M activation rows (register blocking), for
+//                   the dense kinds and for int4 (which holds scales and offsets as well)
 //   zero, set1, load (W floats), fma(a, b, c) = a*b + c, hsum (sum of lanes)
 //   bf16(p)         W bf16 values widened to float
 //   i8(p)           W int8 values to float
@@ -134,7 +135,7 @@ inline void block(const Gemv& g, int64_t n) {
 
 template <int KIND, int M>
 void columns(const Gemv& g, int64_t n0, int64_t n1) {
-  constexpr int NB = Isa::nb(M);
+  constexpr int NB = KIND == INT4 ? Isa::nb4(M) : Isa::nb(M);
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) block<KIND, M, NB>(g, n);
   for (; n < n1; ++n) block<KIND, M, 1>(g, n);

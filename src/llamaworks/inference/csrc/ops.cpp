@@ -61,8 +61,8 @@ const lw::GemvFn* table() {
   }
 }
 
-// Weight rows per unit of work handed to threads (a multiple of every NB).
-constexpr int64_t BLOCK = 16;
+// Weight rows per unit of work handed to threads (a multiple of every NB: 1, 2, 3, 4).
+constexpr int64_t BLOCK = 48;
 // Work below this many weight bytes stays on one thread (a fork/join costs a few us).
 constexpr int64_t GRAIN_BYTES = 1 << 16;
 // With more than MAX_ROWS rows, the weight is walked in slices of about this many bytes, each
