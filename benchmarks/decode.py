@@ -79,7 +79,8 @@ PRECISIONS = ("fp32", "bf16", "int8", "int4")
 # llama.cpp's weight format at each of our precisions (the rows a table puts side by side).
 LLAMA_CPP_FORMAT = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
 # Bytes a decode step reads per weight in each llama.cpp format (Q8_0: 32 int8 + an fp16 scale
-# per block of 32; Q4_0: 16 bytes of nibbles + an fp16 scale).
+# per block of 32; Q4_0: 16 bytes of nibbles + an fp16 scale). Our int4 at the default group size
+# 128 (4 bits + an fp32 scale and zero per 128) reads the same 4.5 bits a weight as Q4_0.
 LLAMA_CPP_BYTES = {"f32": 4, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
