@@ -304,3 +304,22 @@ def test_build_command(native_lib, capsys):
     out = capsys.readouterr().out
     assert str(native.library_path()) in out and f"instruction set: {native.current_isa()}" in out
     assert native.main(["bogus"]) == 2 and "usage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("isa", native.ISAS, indirect=True)
+def test_a_row_gets_the_same_bits_alone_or_in_a_batch(isa):
+    # Batched decoding gives each sequence the tokens it would get alone (generate.py): every
+    # kernel sums a row in the same order whatever the number of rows and its register blocking.
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 320, generator=g)
+    q, s = quantize_int8(w)
+    _, _, _, args4 = int4_args(w, 64)
+    calls = [lambda x: ops.gemv_f32(x, w), lambda x: ops.gemv_bf16(x, w.bfloat16()),
+             lambda x: ops.gemv_bf16(x.bfloat16(), w.bfloat16()), lambda x: ops.gemv_int8(x, q, s),
+             lambda x: ops.gemv_int4(x, *args4, 64)]
+    x = torch.randn(13, 320, generator=g)
+    for call in calls:
+        batch = call(x)
+        for rows in (1, 3, 5, 8):
+            assert torch.equal(call(x[:rows]), batch[:rows])
+        assert torch.equal(call(x[7:8]), batch[7:8])
