@@ -27,7 +27,9 @@ bf16=True), the same on both sides.
   torch.nn.utils.clip_grad_norm_ as transformers' Trainer does.
 - qlora (memory): llamaworks `finetune --method qlora`: the blocks' projections int4
   (group-wise, quant.py), the output layer float, the same adapters, fp32 compute by default
-  (--qlora-precisions). Its peak is compared with fp32 LoRA's at the same configuration.
+  (--qlora-precisions). Its peak is compared with fp32 LoRA's at the same configuration, both
+  with activation checkpointing --qlora-ac (default full: QLoRA trains with gradient
+  checkpointing, and without it the activations, the same for both, dominate both peaks).
 
 Each (configuration, precision, implementation) runs in a fresh subprocess, so peaks are not
 shared. By default the two implementations of one (configuration, precision) run side by side
@@ -101,7 +103,7 @@ def random_batch(args: ModelArgs, batch: int, seq_len: int, seed: int):
     """(x, y): random tokens and their next tokens, the first quarter of the targets masked."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, args.vocab_size, (batch, seq_len + 1), generator=g)
-    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    x, y = tokens[:, :-1].clone(), tokens[:, 1:].clone()  # clones: one row's slices would share memory
     y[:, : seq_len // 4] = IGNORE_INDEX
     return x, y
 
@@ -277,11 +279,11 @@ def child(a) -> None:
 
 
 class Child:
-    def __init__(self, impl: str, config: str, precision: str, a):
-        self.impl, self.config, self.precision = impl, config, precision
+    def __init__(self, impl: str, config: str, precision: str, a, ac: str):
+        self.impl, self.config, self.precision, self.ac = impl, config, precision, ac
         cmd = [sys.executable, __file__, "--child", impl, "--config", config, "--precision", precision,
                "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--dropout",
-               str(a.dropout), "--ac", a.ac, "--clock", a.clock, "--profile-rows", str(a.profile_rows)]
+               str(a.dropout), "--ac", ac, "--clock", a.clock, "--profile-rows", str(a.profile_rows)]
         if a.compile:
             cmd.append("--compile")
         if a.threads:
@@ -322,7 +324,7 @@ class Child:
 
     def result(self, tokens_per_step: int) -> dict:
         med = statistics.median(self.times) if self.times else None
-        return {"impl": self.impl, "config": self.config, "precision": self.precision, "step_s": med,
+        return {"impl": self.impl, "config": self.config, "precision": self.precision, "ac": self.ac, "step_s": med,
                 "tokens_per_s": tokens_per_step / med if med else None, "step_times": self.times,
                 "losses": self.losses, "first_loss": self.losses[0] if self.losses else None,
                 "trainable_params": self.info["trainable"], "setup_s": self.info["setup_s"],
@@ -330,18 +332,18 @@ class Child:
                 "rss_ready": self.info["rss_ready"], "peak_reset": self.info["peak_reset"]}
 
 
-def run_group(impls: list[str], config: str, precision: str, a, interleave: bool) -> list[Child]:
+def run_group(impls: list[str], config: str, precision: str, a, interleave: bool, ac: str | None = None) -> list[Child]:
     """Run `impls` at one (config, precision): side by side in round-robin, or one after the other."""
     rounds = a.warmup + a.steps
     groups = [impls] if interleave else [[i] for i in impls]
     done = []
     for group in groups:
-        children = [Child(impl, config, precision, a) for impl in group]
+        children = [Child(impl, config, precision, a, ac or a.ac) for impl in group]
         for c in children:
             c.ready()
         for r in range(rounds):
             dts = [c.step(r >= a.warmup, profile=(r == rounds - 1 and c.impl in a.profile)) for c in children]
-            print(f"  {config} {precision} round {r + 1}/{rounds} ({'timed' if r >= a.warmup else 'warm-up'}): "
+            print(f"  {config} {precision} (ac {ac or a.ac}) round {r + 1}/{rounds} ({'timed' if r >= a.warmup else 'warm-up'}): "
                   + ", ".join(f"{c.impl} {dt:.2f} s" for c, dt in zip(children, dts)), file=sys.stderr, flush=True)
         for c in children:
             c.end()
@@ -408,12 +410,12 @@ def fits_twice(config: str, precision: str) -> bool:
 def summarise(results: list[dict], a) -> dict:
     """Ratios: llamaworks / peft tokens/s and peak memory per (config, precision); qlora's peak
     over fp32 LoRA's (llamaworks) per config."""
-    by = {(r["config"], r["precision"], r["impl"]): r for r in results}
+    by = {(r["config"], r["precision"], r["impl"], r["ac"]): r for r in results}
     out = {}
-    for (config, precision, impl), r in by.items():
-        key = f"{config} {precision}"
-        if impl == "llamaworks" and (config, precision, "peft") in by:
-            p = by[(config, precision, "peft")]
+    for (config, precision, impl, ac), r in by.items():
+        key = f"{config} {precision}" + (f" ac {ac}" if ac != a.ac else "")
+        if impl == "llamaworks" and (config, precision, "peft", ac) in by:
+            p = by[(config, precision, "peft", ac)]
             out[key] = {
                 "speedup_vs_peft": r["tokens_per_s"] / p["tokens_per_s"],
                 "memory_vs_peft": r["peak_rss"] / p["peak_rss"],
@@ -421,9 +423,9 @@ def summarise(results: list[dict], a) -> dict:
                 "target_speed_1.3x": r["tokens_per_s"] / p["tokens_per_s"] >= 1.3,
                 "target_memory_no_more": r["peak_rss"] <= p["peak_rss"],
             }
-        if impl == "qlora" and (config, "fp32", "llamaworks") in by:
-            f = by[(config, "fp32", "llamaworks")]
-            out.setdefault(f"{config} qlora-int4 {precision}", {}).update({
+        if impl == "qlora" and (config, "fp32", "llamaworks", ac) in by:
+            f = by[(config, "fp32", "llamaworks", ac)]
+            out.setdefault(f"{config} qlora-int4 {precision} ac {ac}", {}).update({
                 "peak_vs_fp32_lora": r["peak_rss"] / f["peak_rss"],
                 "target_at_most_45pct": r["peak_rss"] / f["peak_rss"] <= 0.45,
                 "first_loss_diff_vs_fp32_lora": r["first_loss"] - f["first_loss"],
@@ -435,21 +437,22 @@ def print_table(config: str, results: list[dict], a, fpt: float) -> None:
     rows = [r for r in results if r["config"] == config]
     if not rows:
         return
-    peft_tps = {r["precision"]: r["tokens_per_s"] for r in rows if r["impl"] == "peft"}
-    peft_mem = {r["precision"]: r["peak_rss"] for r in rows if r["impl"] == "peft"}
-    fp32_lora = next((r["peak_rss"] for r in rows if r["impl"] == "llamaworks" and r["precision"] == "fp32"), None)
+    peft_tps = {(r["precision"], r["ac"]): r["tokens_per_s"] for r in rows if r["impl"] == "peft"}
+    peft_mem = {(r["precision"], r["ac"]): r["peak_rss"] for r in rows if r["impl"] == "peft"}
+    fp32_lora = {r["ac"]: r["peak_rss"] for r in rows if r["impl"] == "llamaworks" and r["precision"] == "fp32"}
     n = count_parameters(ModelArgs(**CONFIGS[config]))
     print(f"\nconfig {config} ({n / 1e6:.0f}M parameters), batch {a.batch} x {a.seq_len}, LoRA r={RANK} alpha={ALPHA} "
           f"dropout {a.dropout}, every projection; activation checkpointing {a.ac}{', compiled' if a.compile else ''}")
-    print(f"{'implementation':<22}{'step s':>9}{'tokens/s':>10}{'vs peft':>9}{'peak MiB':>10}{'vs peft':>9}"
+    print(f"{'implementation':<32}{'step s':>9}{'tokens/s':>10}{'vs peft':>9}{'peak MiB':>10}{'vs peft':>9}"
           f"{'vs fp32 LoRA':>14}{'setup peak':>12}{'first loss':>12}")
     for r in rows:
-        name = f"{r['impl']} {r['precision']}" + (" int4" if r["impl"] == "qlora" else "")
-        tps, mem = r["tokens_per_s"], r["peak_rss"]
-        vs_t = f"{tps / peft_tps[r['precision']]:.2f}x" if r["impl"] != "peft" and r["precision"] in peft_tps else ""
-        vs_m = f"{mem / peft_mem[r['precision']]:.2f}x" if r["impl"] != "peft" and r["precision"] in peft_mem else ""
-        vs_f = f"{mem / fp32_lora:.0%}" if r["impl"] == "qlora" and fp32_lora else ""
-        print(f"{name:<22}{r['step_s']:>9.2f}{tps:>10.1f}{vs_t:>9}{mem / MIB:>10.0f}{vs_m:>9}{vs_f:>14}"
+        name = f"{r['impl']} {r['precision']}" + (" int4" if r["impl"] == "qlora" else "") + \
+            (f" (ac {r['ac']})" if r["ac"] != a.ac else "")
+        tps, mem, k = r["tokens_per_s"], r["peak_rss"], (r["precision"], r["ac"])
+        vs_t = f"{tps / peft_tps[k]:.2f}x" if r["impl"] != "peft" and k in peft_tps else ""
+        vs_m = f"{mem / peft_mem[k]:.2f}x" if r["impl"] != "peft" and k in peft_mem else ""
+        vs_f = f"{mem / fp32_lora[r['ac']]:.0%}" if r["impl"] == "qlora" and r["ac"] in fp32_lora else ""
+        print(f"{name:<32}{r['step_s']:>9.2f}{tps:>10.1f}{vs_t:>9}{mem / MIB:>10.0f}{vs_m:>9}{vs_f:>14}"
               f"{r['peak_rss_setup'] / MIB:>12.0f}{r['first_loss']:>12.5f}")
 
 
@@ -457,8 +460,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["A", "B"], choices=list(CONFIGS),
                     help="A: ~60M (dim 512, 8 layers); B: ~1.26B (dim 2048, 22 layers)")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
-                    help="fp32, or bf16 autocast over the fp32 weights (both sides)")
+    ap.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=list(PRECISIONS),
+                    help="fp32, or bf16 autocast over the fp32 weights (both sides); none: the QLoRA runs only")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run; the figure is their median")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens there)")
     ap.add_argument("--skip-peft", action="store_true", help="llamaworks (and qlora) only")
@@ -466,6 +469,9 @@ def main():
                     help="QLoRA int4 runs (memory against fp32 LoRA); none: no QLoRA run")
     ap.add_argument("--qlora-configs", nargs="*", default=["B"], choices=list(CONFIGS),
                     help="configs (among --configs) that get a QLoRA run (default B: the 1.26B target)")
+    ap.add_argument("--qlora-ac", choices=("none", "full", "selective"), default="full",
+                    help="activation checkpointing of the QLoRA run and of the fp32 LoRA run it is compared with "
+                         "(default full, as QLoRA trains: without it the activations, the same for both, dominate)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides")
@@ -506,22 +512,58 @@ def main():
     load_before = loadavg()
     bandwidth = measure_bandwidth()
     peak_flops = measure_peak_flops(torch.device("cpu"))
-    results = []
+    results: list[dict] = []
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpu": cpu, "flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "fp32_matmul_peak": peak_flops,
+               "mem_total": mem_total(), "loadavg_before": load_before}
+
+    def write(done: bool) -> dict:
+        """The JSON so far (rewritten after each run, so an interrupted benchmark keeps what it measured)."""
+        summary = summarise(results, a)
+        out.write_text(json.dumps({
+            "label": a.label, "complete": done, "configs": {k: CONFIGS[k] for k in a.configs},
+            "params": {k: count_parameters(ModelArgs(**CONFIGS[k])) for k in a.configs},
+            "batch": a.batch, "seq_len": a.seq_len, "tokens_per_step": a.batch * a.seq_len,
+            "masked_targets": "first quarter of each row",
+            "lora": {"r": RANK, "alpha": ALPHA, "dropout": a.dropout, "targets": "q,k,v,o,gate,up,down (wq..w3)"},
+            "precision": "fp32: no autocast; bf16: torch.autocast(cpu, bfloat16) over fp32 weights, both sides",
+            "optimizer": {"name": "torch.optim.AdamW (fused)", "lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
+                          "weight_decay": 0.1, "clip": 1.0},
+            "activation_checkpointing": a.ac, "qlora_activation_checkpointing": a.qlora_ac, "compile": a.compile,
+            "warmup_steps": a.warmup, "timed_steps": a.steps, "clock": a.clock,
+            "malloc_mmap_threshold": "1MiB" if a.mmap_threshold else "glibc default",
+            "memory_measure": "VmHWM of the training steps in a fresh process per run (reset after setup)",
+            "machine": {**machine, "loadavg_now": loadavg()},
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "command": sys.argv[1:], "results": results, "summary": summary,
+            "wall_s": time.perf_counter() - t_start,
+        }, indent=2) + "\n")
+        return summary
+
+    def record(children: list[Child]) -> None:
+        results.extend(c.result(a.batch * a.seq_len) for c in children)
+        write(False)
+
     for config in a.configs:
         for precision in a.precisions:
             impls = ["llamaworks"] + ([] if a.skip_peft else ["peft"])
             interleave = a.interleave if a.interleave is not None else fits_twice(config, precision)
             print(f"{config} {precision}: {', '.join(impls)} {'side by side' if interleave and len(impls) > 1 else ''}",
                   file=sys.stderr, flush=True)
-            results += [c.result(a.batch * a.seq_len) for c in run_group(impls, config, precision, a, interleave)]
+            record(run_group(impls, config, precision, a, interleave))
         if config in (a.qlora_configs or []):
+            # QLoRA's memory beside fp32 LoRA's, both with activation checkpointing --qlora-ac.
+            if a.qlora_ac != a.ac or "fp32" not in a.precisions:
+                record(run_group(["llamaworks"], config, "fp32", a, False, a.qlora_ac))
             for precision in a.qlora_precisions:
-                results += [c.result(a.batch * a.seq_len) for c in run_group(["qlora"], config, precision, a, False)]
-    summary = summarise(results, a)
+                record(run_group(["qlora"], config, precision, a, False, a.qlora_ac))
+    summary = write(True)
 
     print(f"\nLoRA fine-tuning: {cpu} ({', '.join(flags)}), {torch.get_num_threads()} threads, read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s, fp32 matmul peak {peak_flops / 1e9:.0f} GFLOP/s; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, peft {peft.__version__}; load average {load_before}"
+          f"transformers {transformers.__version__}, peft {peft.__version__}; load average {load_before} -> {loadavg()}"
           + (f"; {a.label}" if a.label else ""))
     print(f"median of {a.steps} steps after {a.warmup} warm-up ({a.clock} clock); peak MiB: VmHWM of the training "
           "steps in a fresh process (RSS, Python and torch included)")
@@ -529,28 +571,6 @@ def main():
         print_table(config, results, a, flops_per_token(ModelArgs(**CONFIGS[config]), a.seq_len))
     for key, s in summary.items():
         print(f"{key}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
-
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "label": a.label, "configs": {k: CONFIGS[k] for k in a.configs},
-        "params": {k: count_parameters(ModelArgs(**CONFIGS[k])) for k in a.configs},
-        "batch": a.batch, "seq_len": a.seq_len, "tokens_per_step": a.batch * a.seq_len,
-        "masked_targets": "first quarter of each row", "lora": {"r": RANK, "alpha": ALPHA, "dropout": a.dropout,
-                                                               "targets": "q,k,v,o,gate,up,down (wq..w3)"},
-        "precision": "fp32: no autocast; bf16: torch.autocast(cpu, bfloat16) over fp32 weights, both sides",
-        "optimizer": {"name": "torch.optim.AdamW (fused)", "lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
-                      "weight_decay": 0.1, "clip": 1.0},
-        "activation_checkpointing": a.ac, "compile": a.compile, "warmup_steps": a.warmup, "timed_steps": a.steps,
-        "clock": a.clock, "malloc_mmap_threshold": "1MiB" if a.mmap_threshold else "glibc default",
-        "memory_measure": "VmHWM of the training steps in a fresh process per run (reset after setup)",
-        "machine": {"cpu": cpu, "flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "fp32_matmul_peak": peak_flops,
-                    "mem_total": mem_total(), "loadavg_before": load_before, "loadavg_after": loadavg()},
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "python": platform.python_version(), "results": results, "summary": summary,
-        "wall_s": time.perf_counter() - t_start,
-    }, indent=2) + "\n")
     print(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
 
 
