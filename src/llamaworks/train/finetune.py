@@ -7,8 +7,8 @@ model start: the examples of an instruction file (data/sft.py: Alpaca, messages 
 prompt/completion JSONL) rendered with a chat template, their loss on the assistant's tokens only
 (train/sft.py loads them: one example per row, or packed with document masking under
 finetune.pack), and the weights of a checkpoint in any format `load_model` reads, with its
-tokenizer. The run folder is a pretraining run's: config.toml, metrics.jsonl, the loss curve, atomic checkpoints that `--resume` continues exactly, and
-OUT/model, a model directory that carries the chat template (chat_template.jinja), so that
+tokenizer. The run folder is a pretraining run's: config.toml, metrics.jsonl, the loss curve,
+atomic checkpoints that `--resume` continues exactly, and OUT/model, a model directory that carries the chat template (chat_template.jinja), so that
 `generate` and `serve` talk to the model in the format it learnt.
 
 Defaults (FinetuneJobConfig; configs/finetune_default.toml lists them). The paper fine-tunes
