@@ -8,8 +8,9 @@ prompt/completion JSONL) rendered with a chat template, their loss on the assist
 (train/sft.py loads them: one example per row, or packed with document masking under
 finetune.pack), and the weights of a checkpoint in any format `load_model` reads, with its
 tokenizer. The run folder is a pretraining run's: config.toml, metrics.jsonl, the loss curve,
-atomic checkpoints that `--resume` continues exactly, and OUT/model, a model directory that carries the chat template (chat_template.jinja), so that
-`generate` and `serve` talk to the model in the format it learnt.
+atomic checkpoints that `--resume` continues exactly, and OUT/model, a model directory that
+carries the chat template (chat_template.jinja), so that `generate` and `serve` talk to the
+model in the format it learnt.
 
 Defaults (FinetuneJobConfig; configs/finetune_default.toml lists them). The paper fine-tunes
 LLaMA-I "following the protocol of Chung et al. (2022)" and states no hyper-parameters. Chung et
