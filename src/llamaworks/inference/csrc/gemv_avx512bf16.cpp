@@ -58,6 +58,7 @@ template <int M, int NB, bool WIDE>
 inline void int4_block(const Gemv& g, int64_t n) {
   const int64_t K = g.K, half = K / 2, groups = K / g.group;
   const uint8_t* w = static_cast<const uint8_t*>(g.w) + n * half;
+  const uint8_t* ahead = w + NB * half;  // the next block's rows, as in gemv_body.h's dense_block
   __m512 total[M][NB];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NB; ++j) total[m][j] = _mm512_setzero_ps();
@@ -68,6 +69,7 @@ inline void int4_block(const Gemv& g, int64_t n) {
     if (WIDE) {  // group sizes of 64 and more: 64 columns per step
       for (int64_t k = gi * g.group; k < (gi + 1) * g.group; k += 64) {
         __m512i lo[NB], hi[NB];
+        for (int j = 0; j < NB; ++j) __builtin_prefetch(ahead + k / 2 * NB + j * 32, 0, 3);
         for (int j = 0; j < NB; ++j) nibbles_bf16_x2(w + j * half + k / 2, lo[j], hi[j]);
         for (int m = 0; m < M; ++m) {
           const __m512i xl = _mm512_loadu_si512(g.xb + m * K + k);
@@ -81,6 +83,7 @@ inline void int4_block(const Gemv& g, int64_t n) {
     } else {
       for (int64_t k = gi * g.group; k < (gi + 1) * g.group; k += 32) {
         __m512i wv[NB];
+        for (int j = 0; j < NB; ++j) __builtin_prefetch(ahead + k / 2 * NB + j * 16, 0, 3);
         for (int j = 0; j < NB; ++j) wv[j] = nibbles_bf16(w + j * half + k / 2);
         for (int m = 0; m < M; ++m) {
           const __m512i xv = _mm512_loadu_si512(g.xb + m * K + k);

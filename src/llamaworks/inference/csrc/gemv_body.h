@@ -93,6 +93,7 @@ template <int M, int NB>
 inline void int4_block(const Gemv& g, int64_t n) {
   const int64_t K = g.K, half = K / 2, groups = K / g.group;
   const uint8_t* w = static_cast<const uint8_t*>(g.w) + n * half;
+  const uint8_t* ahead = w + NB * half;  // the next block's rows, as in dense_block
   V acc[M][NB];
   for (int m = 0; m < M; ++m)
     for (int j = 0; j < NB; ++j) acc[m][j] = Isa::zero();
@@ -105,6 +106,7 @@ inline void int4_block(const Gemv& g, int64_t n) {
     for (int64_t k = gi * g.group; k < (gi + 1) * g.group; k += 32) {
       for (int c = 0; c < 16; c += W) {
         V lo[NB], hi[NB];
+        for (int j = 0; j < NB; ++j) __builtin_prefetch(ahead + (k / 2 + c) * NB + j * W, 0, 3);
         for (int j = 0; j < NB; ++j) {
           Isa::u4(w + j * half + k / 2 + c, lo[j], hi[j]);  // columns k+c.., k+16+c..
           lo[j] = Isa::fma(lo[j], s[j], o[j]);
