@@ -15,7 +15,9 @@ GB/s = bytes of the weight as that precision stores it for the native kernel (in
 scales / offsets) / time. Weights are cycled through copies totalling at least --cold-mb so
 that every call reads them from memory as a decode step does (a model is larger than the
 caches); --warm reuses one copy (cache-resident for the small shapes). Each figure is the
-median of --repeats timings of a loop of at least --min-s seconds. The machine (CPU model,
+median of --repeats timings of a loop of at least --min-s seconds, the implementations taken in
+turn; beside wall-clock GB/s, "GB/s per CPU-second" divides by the process's CPU time (all
+threads), which time slices lost to other jobs on a busy machine do not inflate. The machine (CPU model,
 flags, measured read bandwidth as x.sum() over 1 GiB, threads, torch version, the kernels'
 instruction set) is recorded in the JSON beside the figures.
 """
@@ -66,22 +68,24 @@ def read_bandwidth(gib: float = 1.0) -> float:
     return x.numel() * 4 / best
 
 
-def timeit(fn, n_copies: int, repeats: int, min_s: float) -> float:
-    """Seconds per call: median over `repeats` loops, each at least min_s, cycling the copies."""
+def calls_for(fn, n_copies: int, min_s: float) -> int:
+    """How many calls (cycling the copies) one timed loop makes: at least min_s, every copy once."""
     for i in range(min(n_copies, 3) + 2):
         fn(i % n_copies)
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < min_s / 4:
         fn(n % n_copies)
         n += 1
-    calls = max(n_copies, int(4 * n * 1.0))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(calls):
-            fn(i % n_copies)
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
+    return max(n_copies, 4 * n)
+
+
+def timed_loop(fn, n_copies: int, calls: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per call. CPU time (all threads of the process) is what a busy machine
+    distorts least: time slices lost to other jobs count in wall time only."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(calls):
+        fn(i % n_copies)
+    return (time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls
 
 
 def compiled_reduction(dequant):
@@ -154,17 +158,30 @@ def run(a) -> list[dict]:
                 copies = 1 if a.warm else max(1, -(-a.cold_mb * 2**20 // nbytes))
                 rec = {"shape": shape, "out": n, "in": k, "kind": kind, "rows": rows, "bytes": nbytes,
                        "copies": copies}
-                base = None
-                for impl, (tensors, fn) in impls.items():
-                    sets = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies - 1)]
-                    with torch.no_grad():
+                base, loops = None, {}
+                with torch.no_grad():
+                    for impl, (tensors, fn) in impls.items():
+                        sets = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies - 1)]
                         ref = fn(sets[0]).float()
                         base = ref if base is None else base
-                        err = float((ref - base).abs().max() / base.abs().max().clamp(min=1e-30))
-                        sec = timeit(lambda i, sets=sets, fn=fn: fn(sets[i]), copies, a.repeats, a.min_s)
-                    rec[impl] = {"ms": sec * 1e3, "GB/s": nbytes / sec / 1e9, "max_rel_diff_vs_native": err}
-                    del sets
-                line = "  ".join(f"{impl} {rec[impl]['GB/s']:6.1f} GB/s ({rec[impl]['ms']:.3f} ms)" for impl in impls)
+                        rec[impl] = {"max_rel_diff_vs_native": float((ref - base).abs().max()
+                                                                     / base.abs().max().clamp(min=1e-30))}
+                        call = (lambda i, sets=sets, fn=fn: fn(sets[i]))
+                        loops[impl] = (call, calls_for(call, copies, a.min_s))
+                    # Round-robin over the implementations, so a busy spell of the machine falls on
+                    # all of them rather than on one.
+                    times = {impl: [] for impl in impls}
+                    for _ in range(a.repeats):
+                        for impl, (call, calls) in loops.items():
+                            times[impl].append(timed_loop(call, copies, calls))
+                for impl, ts in times.items():
+                    wall = statistics.median(t[0] for t in ts)
+                    cpu = statistics.median(t[1] for t in ts)
+                    rec[impl].update({"ms": wall * 1e3, "GB/s": nbytes / wall / 1e9, "cpu_ms": cpu * 1e3,
+                                      "GB/s per CPU-second": nbytes / cpu / 1e9})
+                del loops
+                line = "  ".join(f"{impl} {rec[impl]['GB/s']:5.1f} GB/s ({rec[impl]['GB/s per CPU-second']:5.1f}/cpu-s)"
+                                 for impl in impls)
                 print(f"{shape:>12} {kind:>5} rows {rows}:  {line}", flush=True)
                 rows_out.append(rec)
             del w
