@@ -93,3 +93,6 @@ def test_demo_instruct_tunes_the_demo_model_and_shows_held_out_answers(tmp_path,
     assert "pretraining skipped" in captured.err and "[1/4]" not in captured.err
     assert (out / "metrics.jsonl").read_text() == pretrained
     assert json.loads((run / "before_after.json").read_text())["steps"] == 1
+    # a second tuning in the same folder is refused at once, naming --resume
+    assert main(["demo", "--out", str(out), "--instruct", "--instruct-steps", "1"]) == 2
+    assert "holds an earlier --instruct run; pass --resume" in capsys.readouterr().err

@@ -48,6 +48,7 @@ from llamaworks.parallel.parallelize import apply_ac
 from llamaworks.tokenizer import Tokenizer, load_tokenizer
 from llamaworks.tokenizer.base import stop_ids as tokenizer_stop_ids
 from llamaworks.tokenizer.chat import ChatTemplate, encode_chat, stop_token_ids
+from llamaworks.train.checkpoint import list_checkpoints
 from llamaworks.train.config import JobConfig
 from llamaworks.train.finetune import FinetuneJobConfig, chat_template_for, run_finetune
 from llamaworks.train.optim import build_optimizer
@@ -228,7 +229,7 @@ INSTRUCT_MICRO_BATCH = 16
 INSTRUCT_VAL_FRACTION = 0.1  # of the examples, in whole held-out packages
 INSTRUCT_VAL_EXAMPLES = 256  # a seeded sample of the held-out split: its loss in seconds, before and after
 INSTRUCT_SHOWN = 6  # held-out prompts answered before and after
-INSTRUCT_MAX_NEW_TOKENS = 48  # longer than every answer in the set (<= 160 characters)
+INSTRUCT_MAX_NEW_TOKENS = 48  # the longest 1% of answers are longer (in the demo tokenizer; <= 160 characters)
 
 
 def instruct_demo(out_dir: Path, minutes: float, steps: int | None, seed: int, resume: bool,
@@ -236,6 +237,9 @@ def instruct_demo(out_dir: Path, minutes: float, steps: int | None, seed: int, r
     """--instruct's four stages: the instruction set, the base model on held-out prompts, LoRA
     tuning through `finetune`, the tuned model on the same prompts; OUT/instruct/before_after.json."""
     run, base_dir = out_dir / "instruct", out_dir / "model"
+    if not resume and list_checkpoints(run):  # said now, not after minutes of preparation
+        raise ValueError(f"{run} holds an earlier --instruct run; pass --resume to continue it, or delete {run} to "
+                         "tune anew")
     t0 = time.perf_counter()
     data = build_instruction_set(val_fraction=INSTRUCT_VAL_FRACTION, seed=seed, max_train=max_examples,
                                  max_val=INSTRUCT_VAL_EXAMPLES)
