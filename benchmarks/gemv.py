@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -54,7 +55,7 @@ def cpu_info() -> dict:
     except OSError:
         pass
     vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
-    return {"cpu": model, "flags": vector, "cores": torch.get_num_threads()}
+    return {"cpu": model, "flags": vector, "cpus": os.cpu_count()}
 
 
 def read_bandwidth(gib: float = 1.0) -> float:
