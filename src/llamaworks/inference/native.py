@@ -5,16 +5,18 @@ One-row products at decode read each weight once per step, so they are bound by 
 bandwidth, but F.linear / torch.mv on one row read fp32 weights at 18-23 GB/s of the 51 GB/s a
 2-core Zen 4 has. The kernels in csrc/ (llamaworks::gemv_f32, gemv_bf16, gemv_int8, gemv_int4)
 read them once for up to 8 activation rows, threaded over output rows with at::parallel_for.
-Each is compiled three times (AVX-512F, AVX2+FMA, portable) into one library and picked at
-run time from what the CPU reports, so one build runs on AVX2-only, AVX-512 and AMX machines.
+Each is compiled three times (AVX-512F, AVX2+FMA, portable) into one library, with bf16
+dot-product versions of int4 and bf16 x bf16 for AVX512_BF16 CPUs, and picked at run time from
+what the CPU reports, so one build runs on AVX2-only, AVX-512 and AMX machines. Layers reach
+them through kernels.NativeLinear (use_native_kernels at load time) and quant.py's layers.
 
 The library is built by an explicit step, never during a decode:
     python -m llamaworks.inference.native build     (./dev.sh setup runs it)
 into a directory keyed by the sources, torch and Python versions (under the virtual
 environment, or LLAMAWORKS_NATIVE_DIR), so a stale build is never loaded. Without it (no
 compiler, not built) one line is logged and every layer keeps its PyTorch path.
-LLAMAWORKS_NATIVE=0 turns the kernels off (for A/B runs); LLAMAWORKS_ISA=avx2|scalar picks a
-lower instruction set than the CPU's best.
+LLAMAWORKS_NATIVE=0 turns the kernels off (for A/B runs); LLAMAWORKS_ISA=avx512|avx2|scalar
+caps the instruction set below the CPU's best.
 """
 
 from __future__ import annotations
