@@ -323,3 +323,19 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch(isa):
         for rows in (1, 3, 5, 8):
             assert torch.equal(call(x[:rows]), batch[:rows])
         assert torch.equal(call(x[7:8]), batch[7:8])
+
+
+@pytest.mark.slow  # inductor compiles C++ for the decode step: tens of seconds on 2 cores
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_compiled_decoding_with_the_kernels_equals_eager(native_lib, mode):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=32, max_seq_len=64)
+    model = sharpen(build_model(args))
+    if mode:
+        quantize_model(model, mode, group_size=32)
+    use_native_kernels(model)
+    torch.compiler.reset()
+
+    def run(**kw):
+        return torch.cat([t for t, _ in generate_ids(model, [[1, 2, 3]], 12, temperature=0.0, **kw)], 1)
+
+    assert torch.equal(run(compile=True), run())
