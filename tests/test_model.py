@@ -590,3 +590,16 @@ def test_moved_names_are_still_importable_from_model():
         for name in public(module):
             assert getattr(model, name, None) is getattr(module, name), name
     assert model.ModelArgs.from_name("llama3.2-1b").tie_word_embeddings
+
+
+def test_tied_output_stays_tied_through_a_linear_subclass():
+    # Inference swaps the output layer's class for a kernel layer (inference/kernels.py) with the
+    # same parameters; a dtype change must keep one tensor, not copy the embedding into the output.
+    class KernelLinear(torch.nn.Linear):
+        pass
+
+    m = build_model(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=96, max_seq_len=16, tie_word_embeddings=True))
+    m.output.__class__ = KernelLinear
+    m = m.to(torch.bfloat16)
+    assert m.output.weight is m.tok_embeddings.weight
+    assert "output.weight" not in m.state_dict()

@@ -205,8 +205,8 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", rope_table(model_inv_freq(args), rows), persistent=False)
 
     def tie_output(self) -> None:
-        # Not once the output layer is swapped (quantised: it holds its own weights then).
-        if self.args.tie_word_embeddings and type(self.output) is nn.Linear:
+        # A Linear of another class (inference's kernels) keeps the weight; a quantised layer holds its own.
+        if self.args.tie_word_embeddings and isinstance(self.output, nn.Linear):
             self.output.weight = self.tok_embeddings.weight
 
     def _state_dict_hook(self, state_dict, prefix, local_metadata) -> None:
