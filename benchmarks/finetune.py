@@ -15,7 +15,7 @@ the fp32 weights (what `finetune --train.dtype bfloat16` does, and transformers'
 bf16=True), the same on both sides.
 
 - llamaworks: the code `llamaworks finetune --method lora` runs: the job config
-  (FinetuneJobConfig), the ModelSpec that finetune builds (train/finetune.py: LoRA layers from
+  (FinetuneJobConfig), the ModelSpec that finetune builds (train/finetune.py model_spec: LoRA layers from
   inference/lora.py, the checkpoint's weights copied in), the Trainer's `build` (model,
   activation checkpointing --ac, --compile, optimizer: fused AdamW on the adapters with the
   paper's betas 0.9/0.95 and weight decay 0.1) and its `train_step` (masked loss with the fused
@@ -70,18 +70,16 @@ from llamaworks.parallel.distributed import DistEnv
 from llamaworks.plan import flops_per_token
 from llamaworks.train.config import CheckpointConfig, EvalConfig, HardwareConfig, LogConfig, RunConfig
 from llamaworks.inference.lora import lora_layers
-from llamaworks.train import finetune
 from llamaworks.train.finetune import (
     FinetuneConfig,
     FinetuneJobConfig,
     FinetuneOptimConfig,
     FinetuneTrainConfig,
-    adapters,
-    pretrained_init,
+    model_spec,
 )
 from llamaworks.train.metrics_log import measure_peak_flops
 from llamaworks.train.optim import build_optimizer
-from llamaworks.train.trainer import DataSource, ModelSpec, build, check_job, train_step
+from llamaworks.train.trainer import DataSource, build, check_job, train_step
 
 # The shapes of the other benchmarks (benchmarks/train_throughput.py, decode.py): "config A",
 # about 60M parameters, and "config B", ~1.26B (TinyLlama's shape without GQA).
@@ -147,18 +145,6 @@ def job_config(a, method: str, out_dir: str) -> FinetuneJobConfig:
     )
 
 
-def llamaworks_spec(cfg: FinetuneJobConfig, args: ModelArgs, state: dict) -> ModelSpec:
-    """The ModelSpec run_finetune builds (train/finetune.py), over `state` instead of a checkpoint."""
-    adapt, _ = adapters(cfg)
-    name = f"{cfg.finetune.method} benchmark"
-    if cfg.finetune.method == "lora" and hasattr(finetune, "lora_prepare"):
-        # LoRA layers added on the meta device before the model is materialised (ModelSpec.prepare).
-        lora = cfg.lora_config()
-        return ModelSpec(args, name, init=pretrained_init(state, lora), prepare=finetune.lora_prepare(lora),
-                         adapt=adapt)
-    return ModelSpec(args, name, init=pretrained_init(state), adapt=adapt)
-
-
 class LlamaworksRun:
     def __init__(self, a, args: ModelArgs, x, y, out_dir: str):
         cfg = job_config(a, "qlora" if a.child == "qlora" else "lora", out_dir)
@@ -166,7 +152,7 @@ class LlamaworksRun:
         dims = check_job(cfg, args.n_heads)
         data = DataSource(None, lambda rank, world: FixedLoader(x, y), None, masked=True)
         self.trainer = build(cfg, False, dims, DistEnv(), torch.device("cpu"), data,
-                             llamaworks_spec(cfg, args, state), 10_000, 0)
+                             model_spec(cfg, args, state, f"{cfg.finetune.method} benchmark"), 10_000, 0)
         del state
         self.model = self.trainer.model
         assert lora_layers(self.model), "finetune's ModelSpec added no LoRA layers"
