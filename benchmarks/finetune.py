@@ -65,11 +65,11 @@ from pathlib import Path
 import torch
 
 from llamaworks.data.sft import IGNORE_INDEX
+from llamaworks.inference.lora import lora_layers
 from llamaworks.model import ModelArgs, build_model, count_parameters
 from llamaworks.parallel.distributed import DistEnv
 from llamaworks.plan import flops_per_token
 from llamaworks.train.config import CheckpointConfig, EvalConfig, HardwareConfig, LogConfig, RunConfig
-from llamaworks.inference.lora import lora_layers
 from llamaworks.train.finetune import (
     FinetuneConfig,
     FinetuneJobConfig,
@@ -329,7 +329,8 @@ def run_group(impls: list[str], config: str, precision: str, a, interleave: bool
             c.ready()
         for r in range(rounds):
             dts = [c.step(r >= a.warmup, profile=(r == rounds - 1 and c.impl in a.profile)) for c in children]
-            print(f"  {config} {precision} (ac {ac or a.ac}) round {r + 1}/{rounds} ({'timed' if r >= a.warmup else 'warm-up'}): "
+            kind = "timed" if r >= a.warmup else "warm-up"
+            print(f"  {config} {precision} (ac {ac or a.ac}) round {r + 1}/{rounds} ({kind}): "
                   + ", ".join(f"{c.impl} {dt:.2f} s" for c, dt in zip(children, dts)), file=sys.stderr, flush=True)
         for c in children:
             c.end()
