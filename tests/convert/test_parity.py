@@ -18,7 +18,6 @@ from llamaworks.cli import main as cli_main
 from llamaworks.convert.command import convert_command, greedy
 from llamaworks.convert.formats import load_any, load_checkpoint, save_checkpoint
 from llamaworks.convert.meta import load_meta
-from llamaworks.inference.load import load_model
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import save_model
 
