@@ -63,6 +63,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode import measure_bandwidth  # one read-bandwidth probe for every benchmark (benchmarks/ is on sys.path)
 
 from llamaworks.data.sft import IGNORE_INDEX
 from llamaworks.inference.lora import lora_layers
@@ -354,18 +355,6 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     except OSError:
         pass
     return model, flags
-
-
-def measure_bandwidth(gb: float = 1.0) -> float:
-    """Read bandwidth: x.sum() over `gb` GB, the best of 5 (as benchmarks/decode.py)."""
-    x = torch.ones(int(gb * 2**30) // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
 
 
 def loadavg() -> list[float] | None:

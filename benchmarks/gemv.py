@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from decode import measure_bandwidth  # one read-bandwidth probe for every benchmark (benchmarks/ is on sys.path)
 
 from llamaworks.inference import native
 from llamaworks.inference.quant import native_int4_layout, quantize_int4, quantize_int8, unpack_int4
@@ -56,17 +57,6 @@ def cpu_info() -> dict:
         pass
     vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
     return {"cpu": model, "flags": vector, "cpus": os.cpu_count()}
-
-
-def read_bandwidth(gib: float = 1.0) -> float:
-    x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
 
 
 def calls_for(fn, n_copies: int, min_s: float) -> int:
@@ -213,7 +203,7 @@ def main():
     if not native.load():
         raise SystemExit("native kernels not built: run `.venv/bin/python -m llamaworks.inference.native build`")
     torch.manual_seed(0)
-    bandwidth = read_bandwidth()
+    bandwidth = measure_bandwidth()
     result = {**cpu_info(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "native_isa": native.current_isa(), "read_bandwidth_GB/s": bandwidth / 1e9, "group_size": a.group_size,
               "cold": not a.warm, "note": a.note}
