@@ -91,11 +91,21 @@ def probe_step_time(cfg, vocab_size: int) -> float:
     opt = build_optimizer(model, cfg.optim)
     x = torch.randint(0, vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len), device=device)
     accum = cfg.grad_accum_steps()
+
+    def gradients() -> None:
+        for _ in range(accum):
+            cross_entropy(model(x), x).div(accum).backward()
+
+    return best_step_time(gradients, opt, device)
+
+
+def best_step_time(gradients, opt, device: torch.device) -> float:
+    """Seconds of one optimizer step (`gradients()` then the update): the best of 3, the first
+    (allocations, warm-up) not counted."""
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        for _ in range(accum):
-            cross_entropy(model(x), x).div(accum).backward()
+        gradients()
         opt.step()
         opt.zero_grad()
         if device.type == "cuda":
@@ -347,16 +357,7 @@ def probe_lora_step_time(model, cfg: FinetuneJobConfig, train_file: Path, tokeni
     split = tokenize_examples(examples[:3 * t.batch_size], tokenizer, template, seq_len, train_file)
     loader = iter(SFTLoader(split.examples, batch_size=t.micro_batch_size, seq_len=seq_len, pad_id=0, seed=t.seed))
     device = next(probe.parameters()).device
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        accumulate_masked_gradients(probe, loader, accum, device, amp)
-        opt.step()
-        opt.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    return best_step_time(lambda: accumulate_masked_gradients(probe, loader, accum, device, amp), opt, device)
 
 
 def format_before_after(shown: list[Instruction], before: list[str], after: list[str], before_loss: float,
