@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from llamaworks.device import DTYPES
+
 log = logging.getLogger("llamaworks")
 
 
@@ -204,36 +206,63 @@ def _gather_logits_in_eval(module, inputs, output):
     return output if module.training else output.full_tensor()
 
 
-def apply_fsdp(model, dp_mesh, reshard_after_forward: str = "default") -> None:
+def resolve_mp_dtypes(param_dtype: str, reduce_dtype: str, device_type: str) -> tuple[torch.dtype, torch.dtype]:
+    """FSDP2's mixed-precision dtypes from parallel.mp_param_dtype / parallel.mp_reduce_dtype.
+
+    param_dtype "auto" is bf16 on CUDA (torchtitan's default: all-gathers and compute in bf16,
+    half the bytes of fp32) and fp32 elsewhere (CPU matmuls in bf16 are slow and gloo gains
+    little); the sharded parameters and the optimizer always stay fp32. reduce_dtype is the
+    dtype gradients are reduce-scattered (summed over ranks) in: fp32 by default, because a
+    sum of many bf16 gradients loses their low bits.
+    """
+    def parse(option: str, name: str) -> torch.dtype:
+        if name not in DTYPES:
+            raise ValueError(f"parallel.{option}={name!r} is not a dtype; choose one of {', '.join(DTYPES)}"
+                             f"{' or auto' if option == 'mp_param_dtype' else ''}")
+        return DTYPES[name]
+
+    param = ("bfloat16" if device_type == "cuda" else "float32") if param_dtype == "auto" else param_dtype
+    return parse("mp_param_dtype", param), parse("mp_reduce_dtype", reduce_dtype)
+
+
+def apply_fsdp(model, dp_mesh, reshard_after_forward: str = "default", param_dtype: torch.dtype = torch.float32,
+               reduce_dtype: torch.dtype = torch.float32) -> None:
     """FSDP2: each block's parameters (and the rest at the root) are sharded over dp_mesh,
     all-gathered just before the block runs and freed after; gradients are reduce-scattered
     (averaged) so each rank keeps only its shard, and the optimizer steps on shards.
+
+    Mixed precision (MixedPrecisionPolicy): the fp32 shards are cast to param_dtype before the
+    all-gather, so the gathered weights, the forward and backward run in param_dtype and
+    communication of parameters costs param_dtype's bytes; gradients are cast to reduce_dtype
+    for the reduce-scatter and land on the fp32 shards the optimizer updates.
 
     reshard_after_forward: 'always' frees every block's gathered weights after its forward
     (least memory, one extra all-gather per block in backward); 'never' keeps them (ZeRO-2
     memory, less communication); 'default' reshards all but the last block, whose weights
     backward needs first anyway.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if reshard_after_forward not in ("default", "always", "never"):
         raise ValueError(f"parallel.fsdp_reshard_after_forward must be default, always or never, "
                          f"got {reshard_after_forward!r}")
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = list(model.layers)
     for i, block in enumerate(blocks):
         reshard = {"always": True, "never": False}.get(reshard_after_forward, i < len(blocks) - 1)
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
     # The root takes the embedding, final norm and output layer; it is never resharded after
     # forward (backward starts with it).
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward == "always")
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward == "always", mp_policy=mp)
     # Explicit prefetching: while block i computes, block i+1's all-gather is already in
     # flight (and in backward, block i-1's), so communication overlaps computation beyond
     # the one block FSDP2 prefetches implicitly.
     for prev, nxt in zip(blocks, blocks[1:]):
         prev.set_modules_to_forward_prefetch([nxt])
         nxt.set_modules_to_backward_prefetch([prev])
-    log.info("applied FSDP (fully_shard, reshard_after_forward=%s, mesh %s) to the model",
-             reshard_after_forward, dict(zip(dp_mesh.mesh_dim_names, dp_mesh.shape)))
+    log.info("applied FSDP (fully_shard, reshard_after_forward=%s, mesh %s, params in %s, gradients reduced "
+             "in %s) to the model", reshard_after_forward, dict(zip(dp_mesh.mesh_dim_names, dp_mesh.shape)),
+             param_dtype, reduce_dtype)
 
 
 def apply_ddp(model, dp_mesh) -> None:
@@ -247,7 +276,8 @@ def apply_ddp(model, dp_mesh) -> None:
 
 
 def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool = False, mesh=None,
-                fsdp_reshard_after_forward: str = "default", loss_parallel: bool = False):
+                fsdp_reshard_after_forward: str = "default", loss_parallel: bool = False,
+                mp_param_dtype: torch.dtype = torch.float32, mp_reduce_dtype: torch.dtype = torch.float32):
     """Apply TP, AC, compile, then FSDP or DDP, in that order. `mesh` is dims.build_mesh(...)
     when dims.distributed; with one process none of the distributed steps runs.
 
@@ -255,7 +285,8 @@ def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool 
     train/init.py's init_weights afterwards). loss_parallel (with tp > 1): see apply_tp.
 
     Data parallelism: dp_shard > 1 shards with FSDP (HSDP, sharded within and replicated
-    across groups, when dp_replicate > 1 too); dp_replicate > 1 alone is DDP.
+    across groups, when dp_replicate > 1 too); dp_replicate > 1 alone is DDP. mp_param_dtype and
+    mp_reduce_dtype: FSDP's mixed precision (apply_fsdp; resolve_mp_dtypes reads the config).
     """
     if dims.distributed and mesh is None:
         raise ValueError(f"parallel degrees {dims} need a DeviceMesh: pass mesh=dims.build_mesh(device_type) "
@@ -270,7 +301,7 @@ def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool 
         apply_compile(model)
     if dims.dp_shard > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, fsdp_reshard_after_forward)
+        apply_fsdp(model, dp_mesh, fsdp_reshard_after_forward, mp_param_dtype, mp_reduce_dtype)
     elif dims.dp_replicate > 1:
         apply_ddp(model, mesh["dp_replicate"])
     return model

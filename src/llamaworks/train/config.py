@@ -140,6 +140,15 @@ class ParallelConfig:
     # With tp > 1: keep the logits split by vocabulary and compute the cross-entropy on the
     # shards (torch's loss_parallel), so no rank ever holds the (tokens, vocab) logits.
     loss_parallel: bool = True
+    # FSDP mixed precision: the dtype parameters are all-gathered and computed in (auto: bfloat16
+    # on CUDA, float32 on CPU; the optimizer's shards stay float32) and the dtype gradients are
+    # reduce-scattered in. Names: float32/fp32, bfloat16/bf16, float16/fp16.
+    mp_param_dtype: str = "auto"
+    mp_reduce_dtype: str = "float32"
+    # Gradient accumulation: synchronise (reduce-scatter/all-reduce) gradients after every
+    # micro-batch instead of only the last one. The default (False) skips the redundant syncs;
+    # with FSDP the skipped micro-batches keep unsharded gradients (ZeRO-1 memory), which this restores.
+    sync_every_microbatch: bool = False
 
 
 @dataclass

@@ -42,7 +42,7 @@ from llamaworks.parallel.distributed import (
     global_mean,
     init_distributed,
 )
-from llamaworks.parallel.parallelize import ParallelDims, parallelize
+from llamaworks.parallel.parallelize import ParallelDims, parallelize, resolve_mp_dtypes
 from llamaworks.plan import flops_per_token
 from llamaworks.tokenizer import Tokenizer, load_tokenizer
 from llamaworks.train import checkpoint as ckpt_io
@@ -71,17 +71,34 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
 
 
-def accumulate_gradients(model, loader, accum: int, device, amp, loss_context=nullcontext) -> torch.Tensor:
+def grad_sync_schedule(accum: int, every_microbatch: bool = False) -> list[bool]:
+    """Whether each of a step's `accum` micro-batches synchronises gradients across data-parallel
+    ranks: only the last, since the update needs the sum over all micro-batches once (the
+    earlier syncs would reduce partial sums that the last one reduces again)."""
+    return [every_microbatch or i == accum - 1 for i in range(accum)]
+
+
+def _set_grad_sync(model, sync: bool) -> None:
+    # FSDP2's fully_shard and the composable replicate (DDP) both offer set_requires_gradient_sync;
+    # a model without data parallelism has nothing to synchronise.
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def accumulate_gradients(model, loader, accum: int, device, amp, loss_context=nullcontext,
+                         sync_every_microbatch: bool = False) -> torch.Tensor:
     """Forward and backward `accum` micro-batches; return their mean loss (detached).
 
     Each micro-batch loss is divided by `accum` before backward, so the summed gradients
     are those of the mean loss over all accum * micro_batch_size sequences: the same
     update as one batch that large (the paper's 4M-token batches, section 2.3).
     loss_context: a factory of the context forward and backward run in (torch's
-    loss_parallel with tensor parallelism).
+    loss_parallel with tensor parallelism). Only the last micro-batch's backward synchronises the
+    gradients across data-parallel ranks (grad_sync_schedule) unless sync_every_microbatch.
     """
     loss_sum = torch.zeros((), device=device)
-    for _ in range(accum):
+    for sync in grad_sync_schedule(accum, sync_every_microbatch):
+        _set_grad_sync(model, sync)
         x, y = next(loader)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with loss_context():
@@ -93,7 +110,7 @@ def accumulate_gradients(model, loader, accum: int, device, amp, loss_context=nu
 
 
 def accumulate_masked_gradients(model, loader, accum: int, device, amp, loss_context=nullcontext,
-                                dp: int = 1) -> tuple[torch.Tensor, int]:
+                                dp: int = 1, sync_every_microbatch: bool = False) -> tuple[torch.Tensor, int]:
     """accumulate_gradients for targets that hold IGNORE_INDEX (fine-tuning: prompts, padding).
 
     Micro-batches differ in how many targets count, so the mean of their mean losses would weigh
@@ -110,7 +127,8 @@ def accumulate_masked_gradients(model, loader, accum: int, device, amp, loss_con
     # The mean over all ranks times dp: the sum over dp ranks (tensor-parallel ranks read the same batch).
     targets, tokens = (global_mean(local) * dp).tolist()
     loss_sum = torch.zeros((), device=device)
-    for (x, y, *packed), count in zip(batches, counts):
+    for (x, y, *packed), count, sync in zip(batches, counts, grad_sync_schedule(accum, sync_every_microbatch)):
+        _set_grad_sync(model, sync)
         # packed: the doc_ids of examples packed into rows (train/sft.py), each attending to itself only.
         doc_ids = packed[0].to(device, non_blocking=True) if packed else None
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -279,6 +297,7 @@ def check_job(cfg, n_heads: int) -> ParallelDims:
         raise ValueError(f"train.seq_len={t_cfg.seq_len} is not divisible by parallel.tp={dims.tp}: sequence "
                          "parallelism splits each sequence across the tensor-parallel ranks")
     cfg.grad_accum_steps(dims.dp)  # a batch below one micro-batch per rank is an error now
+    resolve_mp_dtypes(par.mp_param_dtype, par.mp_reduce_dtype, "cpu")  # a bad dtype name is an error now
     if t_cfg.max_minutes is not None and t_cfg.max_minutes <= 0:
         # 0 would otherwise read as "no limit"; an unset value is the way to ask for none.
         raise ValueError(f"train.max_minutes must be > 0, got {t_cfg.max_minutes}; "
@@ -343,8 +362,13 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
         spec.prepare(model)
     mesh = dims.build_mesh(device.type) if dims.distributed else None
     loss_parallel = par.loss_parallel and dims.tp > 1
+    mp_param, mp_reduce = resolve_mp_dtypes(par.mp_param_dtype, par.mp_reduce_dtype, device.type)
+    if dims.dp_shard == 1 and (mp_param, mp_reduce) != (torch.float32, torch.float32):
+        log.info("parallel.mp_param_dtype/mp_reduce_dtype apply to FSDP only (parallel.dp_shard > 1): this run "
+                 "computes in train.dtype's autocast")
     parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile, mesh,
-                par.fsdp_reshard_after_forward, loss_parallel=loss_parallel)
+                par.fsdp_reshard_after_forward, loss_parallel=loss_parallel, mp_param_dtype=mp_param,
+                mp_reduce_dtype=mp_reduce)
     model.to_empty(device=device)
     spec.init(model, t_cfg.seed, device)
     if spec.adapt is not None:
@@ -438,12 +462,13 @@ def train_step(t: Trainer) -> StepResult:
     # FSDP/DDP average the gradients over ranks: together, the gradient of the global
     # batch's mean loss. The logged loss is that global mean, and the clipping norm is
     # the norm of the whole (sharded) gradient.
+    sync_every = getattr(cfg.parallel, "sync_every_microbatch", False)
     if t.masked:
         loss, tokens = accumulate_masked_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context,
-                                                   t.dims.dp)
+                                                   t.dims.dp, sync_every)
     else:
-        loss, tokens = accumulate_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context), \
-            t.tokens_per_step
+        loss, tokens = accumulate_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context,
+                                            sync_every), t.tokens_per_step
     loss = global_mean(loss).item()
     grad_norm = clip_grad_norm_(t.model.parameters(), cfg.optim.grad_clip).item()
     # A finite loss with an inf/nan gradient would still poison the weights (and every
