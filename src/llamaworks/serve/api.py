@@ -2,13 +2,21 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream by server-sent
 events with "stream": true; log-probabilities in both forms, echo without streaming), GET /v1/models,
-GET /health, GET /metrics (Prometheus). The protocol itself (parsing, validation, the chat
-template, response shapes) is protocol.py; this module wires it to HTTP and the engine.
+GET /health, GET /metrics (Prometheus), and the chat page at / (static files in serve/static).
+The protocol itself (parsing, validation, the chat template, response shapes) is protocol.py;
+this module wires it to HTTP and the engine.
 
 One request cannot hold up others for long: bodies are bounded and timed (limits.py), a
 prompt too long for the context window is refused by its length before it is tokenised,
 tokenisation runs off the event loop, and a client that goes away, streaming or not,
 gives its slot back at once.
+
+Operations: with `api_key` every /v1 route needs `Authorization: Bearer KEY` (auth.py; a 401
+in OpenAI's shape otherwise). With `request_timeout` a request has that many seconds of wall
+time from its arrival, queueing included; at expiry it is cancelled (its slot freed at the
+engine's next step) and answered with a 504 in OpenAI's error shape (type "server_error",
+code "request_timeout"); a stream already under way ends with that error object as its last
+event, then "data: [DONE]". A reply cut short is never passed off as a finished one.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from importlib import resources
 
+from llamaworks.serve.auth import APIKeyAuth
 from llamaworks.serve.engine import Engine, EngineStopped, Event, QueueFull, Request
 from llamaworks.serve.limits import BodyLimit, Limits
 from llamaworks.serve.protocol import (
@@ -37,16 +47,33 @@ ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 _DISCONNECTED = Event("disconnected")  # put in a request's event queue when its client goes away
 
 
+def _timed_out(seconds: float) -> APIError:
+    return APIError(504, f"the request did not finish within this server's limit of {seconds:g} s "
+                         "(llamaworks serve --request-timeout); ask for fewer tokens or retry later",
+                    type="server_error", code="request_timeout")
+
+
 def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, limits: Limits | None = None,
-               chat_template: ChatTemplate | None = None):
+               chat_template: ChatTemplate | None = None, api_key: str | None = None,
+               request_timeout: float | None = None):
     """The app serving `engine`; chat uses `chat_template` (default: the checkpoint's own,
-    `engine.tokenizer.chat_template`, else the "plain" built-in; protocol.resolve_chat_template)."""
+    `engine.tokenizer.chat_template`, else the "plain" built-in; protocol.resolve_chat_template).
+    `api_key`: the bearer key /v1 routes need (None: open); `request_timeout`: seconds of wall
+    time per request (None: unbounded); see the module's doc."""
+    if request_timeout is not None and not (isinstance(request_timeout, (int, float))
+                                            and 0 < request_timeout < float("inf")):
+        raise ValueError(f"request_timeout (--request-timeout) must be a positive number of seconds, "
+                         f"got {request_timeout!r}")
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException
 
     limits = limits or Limits()
+
+    def loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
     info = model_info(model_name, engine.context, engine.tokenizer, chat_template)
     models_body = {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
                                                "owned_by": "llamaworks", "max_model_len": engine.context}]}
@@ -75,13 +102,24 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
         check_prompt_tokens(len(ids), req.prompt_param, engine.context)
         return ids
 
-    async def run(http, endpoint: str, req: GenerationRequest):
+    async def run(http, endpoint: str, req: GenerationRequest, arrived: float):
+        loop = asyncio.get_running_loop()
+        deadline = None if request_timeout is None else arrived + request_timeout
         ids = await prompt_ids(req)
         max_tokens = req.budget(len(ids), engine.context)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+        gaps = {"tokens": 0, "at": 0.0}
 
         def on_event(ev: Event):
+            # The engine thread: time between tokens, from the request's token count at each
+            # event (a text event may carry several tokens' text, held back for a stop string).
+            n, now = len(job.tokens), time.perf_counter()
+            if n > gaps["tokens"]:
+                if gaps["tokens"]:
+                    gap = (now - gaps["at"]) / (n - gaps["tokens"])
+                    for _ in range(n - gaps["tokens"]):
+                        engine.metrics.tbt.observe(gap)
+                gaps["tokens"], gaps["at"] = n, now
             loop.call_soon_threadsafe(events.put_nowait, ev)
 
         job = Request(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
@@ -100,7 +138,7 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
             count(endpoint, 200)
             # The generator's own cleanup does not run if the client left before it started;
             # the background task, run once the response ends either way, covers that.
-            return StreamingResponse(stream(job, out, events), media_type="text/event-stream",
+            return StreamingResponse(stream(job, out, events, deadline), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(job.cancel))
 
@@ -115,7 +153,11 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
             while True:
-                ev = await events.get()
+                ev = await next_event(events, deadline)
+                if ev is None:
+                    job.cancel()
+                    engine.metrics.timeouts += 1
+                    raise _timed_out(request_timeout)
                 if ev is _DISCONNECTED:
                     count(endpoint, 499)
                     return Response(status_code=499)  # nobody reads it
@@ -133,12 +175,26 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
         return JSONResponse(out.response(job.text, job.finish_reason, job.tokens, job.token_logprobs,
                                          job.prompt_token_logprobs))
 
-    async def stream(job: Request, out: Responder, events: asyncio.Queue[Event]):
+    async def next_event(events: asyncio.Queue[Event], deadline: float | None) -> Event | None:
+        """The request's next event, or None when its deadline passes first."""
+        if deadline is None:
+            return await events.get()
+        try:
+            return await asyncio.wait_for(events.get(), max(deadline - loop_time(), 0))
+        except asyncio.TimeoutError:
+            return None
+
+    async def stream(job: Request, out: Responder, events: asyncio.Queue[Event], deadline: float | None):
         try:
             if out.req.chat:
                 yield sse(out.role_chunk())
             while True:
-                ev = await events.get()
+                ev = await next_event(events, deadline)
+                if ev is None:
+                    job.cancel()
+                    engine.metrics.timeouts += 1
+                    yield sse(_timed_out(request_timeout).body())
+                    break
                 if ev.kind == "text":
                     text = out.reply_text(ev.text)
                     if text:
@@ -162,9 +218,10 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
     # annotations of this module (postponed evaluation) do not meet FastAPI's introspection.
     def route(endpoint: str, parse):
         async def handle(http):
+            arrived = loop_time()
             try:
                 req = parse(parse_json(await http.body(), model_name), info)
-                return await run(http, endpoint, req)
+                return await run(http, endpoint, req, arrived)
             except APIError as e:
                 return error(e, endpoint)
             except Exception as e:  # noqa: BLE001 - a bug must still answer in OpenAI's shape
@@ -192,12 +249,20 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
     @app.get("/health")
     async def health():
         body = {"status": "shutting_down" if state["shutting_down"] else "ok", "model": model_name,
-                "slots": engine.max_batch, "active": engine.active, "queued": engine.queue_length}
+                "slots": engine.max_batch, "active": engine.active, "queued": engine.queue_length,
+                "auth": api_key is not None}
         return JSONResponse(body, status_code=503 if state["shutting_down"] else 200)
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(engine.metrics.render(engine.queue_length, engine.active),
+        stats = getattr(engine, "stats", None)
+        try:
+            stats = stats() if callable(stats) else None
+        except Exception:  # noqa: BLE001 - a failing stats() must not take /metrics down
+            traceback.print_exc()
+            stats = None
+        return PlainTextResponse(engine.metrics.render(engine.queue_length, engine.active,
+                                                       stats if isinstance(stats, dict) else None),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.exception_handler(HTTPException)
@@ -205,6 +270,22 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
         # 404 for unknown paths, 405 for wrong methods: in OpenAI's shape too.
         return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
-    app.add_middleware(BodyLimit, limits=limits,
-                       on_reject=lambda path, status: count(ENDPOINTS.get(path, "other"), status))
+    static = resources.files("llamaworks.serve") / "static"
+
+    def static_file(name: str, media_type: str):
+        body = (static / name).read_bytes()  # read once: the files are part of the package
+
+        async def serve_file(http):
+            return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+        return serve_file
+
+    app.add_route("/", static_file("index.html", "text/html; charset=utf-8"), methods=["GET"])
+    app.add_route("/static/chat.js", static_file("chat.js", "text/javascript; charset=utf-8"), methods=["GET"])
+    app.add_route("/static/chat.css", static_file("chat.css", "text/css; charset=utf-8"), methods=["GET"])
+
+    on_reject = lambda path, status: count(ENDPOINTS.get(path, "other"), status)  # noqa: E731
+    app.add_middleware(BodyLimit, limits=limits, on_reject=on_reject)
+    if api_key is not None:  # added last, so outermost: a request without the key is refused before its body is read
+        app.add_middleware(APIKeyAuth, key=api_key, on_reject=on_reject)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -14,15 +15,18 @@ from llamaworks.device import resolve_device
 from llamaworks.inference.load import load_model
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.serve.api import create_app
+from llamaworks.serve.auth import check_api_key
 from llamaworks.serve.engine import Engine
 from llamaworks.serve.limits import Limits, header_timeout_protocol
 from llamaworks.tokenizer.chat import resolve_chat_template
 
 
 def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
-                log_level: str = "warning", limits: Limits | None = None, chat_template=None):
+                log_level: str = "warning", limits: Limits | None = None, chat_template=None,
+                api_key: str | None = None, request_timeout: float | None = None):
     """A uvicorn Server and its bound socket (port 0 picks a free port; read it from the socket).
-    `chat_template` (a ChatTemplate) is the chat format served; default: create_app's."""
+    `chat_template` (a ChatTemplate) is the chat format served; default: create_app's. `api_key`
+    and `request_timeout`: see api.py."""
     try:
         import uvicorn
     except ImportError:
@@ -31,7 +35,8 @@ def make_server(engine, model_name: str, host: str = "127.0.0.1", port: int = 80
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    app = create_app(engine, model_name, limits=limits, chat_template=chat_template)
+    app = create_app(engine, model_name, limits=limits, chat_template=chat_template, api_key=api_key,
+                     request_timeout=request_timeout)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, access_log=False,
                             http=header_timeout_protocol(limits.header_timeout))
     return uvicorn.Server(config), sock
@@ -74,6 +79,11 @@ def serve_command(
                                          "closed")] = Limits.header_timeout,
     body_timeout: Annotated[float, Arg("seconds a request may take to send its body after its headers; beyond it "
                                        "the server answers 408")] = Limits.body_timeout,
+    api_key: Annotated[str | None, Arg("a key every /v1 request must send as 'Authorization: Bearer KEY' (401 "
+                                       "otherwise); default: $LLAMAWORKS_API_KEY, else none (open)")] = None,
+    request_timeout: Annotated[float | None, Arg("seconds of wall time a request may take, queueing included; "
+                                                 "beyond it it is cancelled and answered 504 (code request_timeout)"
+                                                 " (default: no limit)")] = None,
 ) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -81,8 +91,15 @@ def serve_command(
     /v1/models, /health, /metrics (Prometheus). Stop with Ctrl-C or SIGTERM: requests in
     flight finish (up to --shutdown-timeout) before the server exits. Each request is bounded
     (--max-body-bytes, --header-timeout, --body-timeout; prompts by the context window, stop
-    strings to 16 of 1,000 characters) and fails alone.
+    strings to 16 of 1,000 characters) and fails alone. --api-key guards /v1; the chat page at /
+    asks for the key. --request-timeout bounds a request's wall time (504 at expiry).
     """
+    if api_key is None:
+        api_key = os.environ.get("LLAMAWORKS_API_KEY") or None
+    if api_key is not None:
+        check_api_key(api_key)
+    if request_timeout is not None and not 0 < request_timeout < float("inf"):
+        raise ValueError(f"--request-timeout must be a positive number of seconds, got {request_timeout}")
     limits = Limits(max_body_bytes=max_body_bytes, header_timeout=header_timeout, body_timeout=body_timeout)
     dev, dt = resolve_device(device, dtype)
     model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
@@ -95,11 +112,12 @@ def serve_command(
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                     compile=compile)
     server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info", limits=limits,
-                               chat_template=template)
+                               chat_template=template, api_key=api_key, request_timeout=request_timeout)
     bound = sock.getsockname()[1]
     print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {str(dt).removeprefix('torch.')}, "
           f"{max_batch} slots, context {engine.context}{', compiled decode' if compile else ''}; "
-          f"chat template: {template.where})", file=sys.stderr, flush=True)
+          f"chat template: {template.where}{'; API key required' if api_key else ''}); chat page: "
+          f"http://{host}:{bound}/", file=sys.stderr, flush=True)
     engine.start()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal for us;
     # both then mean a clean exit (status 0), not a KeyboardInterrupt traceback.

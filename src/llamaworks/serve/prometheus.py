@@ -1,12 +1,25 @@
 """Prometheus text exposition (format 0.0.4), written by hand: a few counters, gauges and
-histograms need no client library."""
+histograms need no client library.
+
+Latency histograms: time to first token (submission to the first token, queueing and prefill
+included), time between tokens (one observation per generated token after the first: the
+gap since the previous one, as the HTTP layer sees the engine emit them) and end-to-end
+request latency. Gauges: queue depth and running requests; the engine's own `stats()` (a
+dict of numbers, e.g. the prefix cache's hit rate), each key as `llamaworks_engine_KEY`.
+"""
 
 from __future__ import annotations
 
 import bisect
 import collections
+import math
+import re
+from collections.abc import Mapping
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Decode steps take ~1 ms (a tiny model on a GPU) to ~1 s (a 7B model on a few CPU cores).
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
 class Histogram:
@@ -42,8 +55,12 @@ class Metrics:
         self.http: collections.Counter[tuple[str, int]] = collections.Counter()  # (endpoint, status)
         self.latency = Histogram()
         self.ttft = Histogram()
+        self.tbt = Histogram(TOKEN_GAP_BUCKETS)
+        self.timeouts = 0
 
-    def render(self, queue_length: int, active: int) -> str:
+    def render(self, queue_length: int, active: int, stats: Mapping | None = None) -> str:
+        """The exposition; `stats` is the engine's stats() dict when it has one (numbers only
+        are exported; other values are skipped)."""
         lines: list[str] = []
 
         def metric(name, kind, help_, samples):
@@ -70,8 +87,21 @@ class Metrics:
         metric("llamaworks_active_slots", "gauge", "Slots (KV-cache rows) holding a running request.",
                [f"llamaworks_active_slots {active}"])
         metric("llamaworks_slots", "gauge", "Slots in the batch (--max-batch).", [f"llamaworks_slots {self.slots}"])
+        metric("llamaworks_requests_timed_out_total", "counter", "Requests ended by --request-timeout.",
+               [f"llamaworks_requests_timed_out_total {self.timeouts}"])
+        metric("llamaworks_requests_running", "gauge", "Requests being generated (prefilled and decoding).",
+               [f"llamaworks_requests_running {active}"])
         metric("llamaworks_request_latency_seconds", "histogram", "Time from submission to the last token.",
                self.latency.lines("llamaworks_request_latency_seconds"))
         metric("llamaworks_time_to_first_token_seconds", "histogram", "Time from submission to the first token.",
                self.ttft.lines("llamaworks_time_to_first_token_seconds"))
+        metric("llamaworks_time_between_tokens_seconds", "histogram",
+               "Gap between consecutive tokens of a request, one observation per token after the first.",
+               self.tbt.lines("llamaworks_time_between_tokens_seconds"))
+        for key, value in sorted((stats or {}).items(), key=lambda kv: str(kv[0])):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            name = "llamaworks_engine_" + _METRIC_NAME.sub("_", str(key))
+            metric(name, "gauge", f"The engine's {_METRIC_NAME.sub('_', str(key))} (Engine.stats()).",
+                   [f"{name} {value}"])
         return "\n".join(lines) + "\n"
