@@ -25,15 +25,16 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from llamaworks.inference.generate import compile_step
-from llamaworks.inference.sampling import is_greedy, sample
+from llamaworks.inference.sampling import SamplingState, apply_states, is_greedy, logit_bias_vector, sample_rows
 from llamaworks.inference.stops import StopMatcher
 from llamaworks.serve.prometheus import Metrics
+from llamaworks.serve.structured import Constraint, Matcher, apply_masks
 from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 
 
@@ -69,6 +70,17 @@ class Request:
     # token (0: only the chosen token's); prompt_logprobs also scores the prompt (echo).
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    # Sampling options beyond the temperature and filters (inference/sampling.py): min-p (0:
+    # off), OpenAI's presence and frequency penalties over the output, the repetition penalty
+    # over prompt and output (1: off), and a bias per token id added to its logit.
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None
+    # Structured output (serve/structured.py): a compiled grammar the reply must follow; the
+    # reply ends ("stop") when the grammar is complete.
+    constraint: Constraint | None = None
     # Written by the engine.
     tokens: list[int] = field(default_factory=list)
     # Per generated token (then per prompt token after the first, with prompt_logprobs):
@@ -97,6 +109,11 @@ class _Slot:
     stream: StopMatcher
     gen: torch.Generator | None
     stop_ids: frozenset[int]
+    # Penalties and logit_bias (when the request has any) and the grammar's state (structured
+    # output), made at the request's first sampling step: options[0] tells whether they are.
+    sampling: SamplingState | None = None
+    matcher: Matcher | None = None
+    options: list[bool] = field(default_factory=lambda: [False])
 
 
 def _decode_logits(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -163,6 +180,18 @@ class Engine:
             raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {req.seed!r}")
         if req.logprobs is not None and (not isinstance(req.logprobs, int) or not 0 <= req.logprobs <= vocab):
             raise ValueError(f"logprobs must be None or an integer in [0, {vocab}], got {req.logprobs!r}")
+        if not isinstance(req.min_p, (int, float)) or not 0 <= req.min_p <= 1:
+            raise ValueError(f"min_p must be a number in [0, 1], got {req.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            x = getattr(req, name)
+            if not isinstance(x, (int, float)) or not -2 <= x <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {x!r}")
+        if not isinstance(req.repetition_penalty, (int, float)) or not 0 < req.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be a number in (0, 10] (1: off), got {req.repetition_penalty!r}")
+        if req.logit_bias is not None:
+            logit_bias_vector(dict(req.logit_bias), vocab)  # ValueError naming the bad id or bias
+        if req.constraint is not None and not isinstance(req.constraint, Constraint):
+            raise ValueError(f"constraint must be a structured.Constraint, got {type(req.constraint).__name__}")
         if not all(isinstance(s, str) for s in req.stop):
             raise ValueError(f"stop must be a sequence of strings, got {req.stop!r}")
         if req.stop_ids is not None and (isinstance(req.stop_ids, (str, bytes)) or not all(
@@ -323,7 +352,8 @@ class Engine:
     def _decode(self) -> None:
         try:
             logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
-            greedy = logits.argmax(dim=-1).tolist()
+            # Every decoded row's next token (or the exception its own sampling raised), in one call.
+            greedy = self._sample_batch(logits)
         except Exception as e:  # noqa: BLE001 - the forward is every running request's: none can go on
             for s in list(self._slots):
                 if s is not None:
@@ -332,18 +362,70 @@ class Engine:
         for i, s in enumerate(self._slots):
             if s is not None:
                 try:
-                    tok = greedy[i] if s.gen is None else self._sample(s, logits[i : i + 1])
+                    tok = greedy[i]
+                    if isinstance(tok, Exception):
+                        raise tok
                     self._accept(i, tok, logits[i : i + 1])
                 except Exception as e:  # noqa: BLE001 - this row's work failed: only its request ends
                     self._fail(s.req, e)
         self.metrics.steps += 1
 
     def _sample(self, s: _Slot, logits: torch.Tensor) -> int:
-        r = s.req
-        if s.gen is None:
-            return int(logits.argmax(dim=-1).item())
-        noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1, generator=s.gen)
-        return int(sample(logits, r.temperature, r.top_k, r.top_p, noise).item())
+        tok = self._sample_slots([s], logits)[0]  # logits (1, vocab)
+        if isinstance(tok, Exception):
+            raise tok
+        return tok
+
+    def _sample_batch(self, logits: torch.Tensor) -> list[int | Exception | None]:
+        """Per row of the decode step's logits (max_batch, vocab): its slot's next token, the
+        exception its own sampling raised, or None for a row not decoding."""
+        rows = [i for i, s in enumerate(self._slots) if s is not None and getattr(s, "ready", True)]
+        out: list[int | Exception | None] = [None] * len(self._slots)
+        if rows:
+            for i, tok in zip(rows, self._sample_slots([self._slots[i] for i in rows], logits[rows])):
+                out[i] = tok
+        return out
+
+    def _sample_slots(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | Exception]:
+        """The next token of each slot from its row of `logits` (len(slots), vocab), all rows at
+        once with per-row options (inference/sampling.py): penalties and logit_bias, the
+        grammar's mask (structured.py), then greedy or seeded sampling. Each request draws its
+        noise from its own generator, so its tokens do not depend on the batch. A row whose own
+        preparation (its grammar) fails gets the exception instead."""
+        failed: dict[int, Exception] = {}
+        masks: list[torch.Tensor | None] = []
+        for j, s in enumerate(slots):
+            try:
+                if not s.options[0]:
+                    self._make_options(s, logits.shape[-1])
+                masks.append(None if s.matcher is None else s.matcher.allowed())
+            except Exception as e:  # noqa: BLE001 - this row's options failed: only its request ends
+                failed[j] = e
+                masks.append(None)
+        if not failed and all(s.gen is None and s.sampling is None and s.matcher is None for s in slots):
+            return logits.argmax(dim=-1).tolist()  # plain greedy rows: the model's argmax
+        logits = apply_masks(apply_states(logits, [s.sampling for s in slots]), masks)
+        noise = torch.ones(logits.shape, dtype=torch.float32, device=logits.device)
+        for j, s in enumerate(slots):
+            if s.gen is not None:
+                noise[j : j + 1].exponential_(1, generator=s.gen)
+
+        def per_row(name: str, off: float) -> torch.Tensor:
+            values = [getattr(s.req, name) for s in slots]
+            return torch.tensor([off if v is None else v for v in values], dtype=torch.float32, device=logits.device)
+
+        toks = sample_rows(logits, per_row("temperature", 0.0), per_row("top_k", 0).long(), per_row("top_p", 1.0),
+                           per_row("min_p", 0.0), noise).tolist()
+        return [failed.get(j, t) for j, t in enumerate(toks)]
+
+    def _make_options(self, s: _Slot, vocab: int) -> None:
+        req = s.req
+        s.options[0] = True
+        if req.presence_penalty or req.frequency_penalty or req.repetition_penalty != 1 or req.logit_bias:
+            s.sampling = SamplingState(vocab, req.prompt_ids, req.presence_penalty, req.frequency_penalty,
+                                       req.repetition_penalty, dict(req.logit_bias or {}), device=self.device)
+        if req.constraint is not None:
+            s.matcher = Matcher(req.constraint, self.tokenizer, vocab, s.stop_ids)
 
     def _accept(self, i: int, tok: int, logits: torch.Tensor) -> None:
         s = self._slots[i]
@@ -351,13 +433,17 @@ class Engine:
         if tok in s.stop_ids:
             return self._finish(i, "stop")
         req.tokens.append(tok)
+        if s.sampling is not None:
+            s.sampling.update(tok)
+        if s.matcher is not None:
+            s.matcher.accept(tok)
         if req.logprobs is not None:  # of the model's distribution, before temperature and filters
             req.token_logprobs += _logprobs(logits, [tok], req.logprobs)
         self.metrics.generation_tokens += 1
         delta, hit = s.stream.push(tok)
         if delta:
             self._emit(req, Event("text", delta))
-        if hit:
+        if hit or (s.matcher is not None and s.matcher.done):  # a stop string, or the grammar is complete
             return self._finish(i, "stop")
         if len(req.tokens) >= req.max_tokens:
             return self._finish(i, "length")
