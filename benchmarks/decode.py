@@ -42,7 +42,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import add_label_argument, machine_record, measure_bandwidth  # benchmarks/ is on sys.path
 
 from llamaworks.convert.command import llama_cpp_generate
 from llamaworks.inference import native
@@ -82,36 +82,6 @@ LLAMA_CPP_FORMAT = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"
 # per block of 32; Q4_0: 16 bytes of nibbles + an fp16 scale). Our int4 at the default group size
 # 128 (4 bits + an fp32 scale and zero per 128) reads the same 4.5 bits a weight as Q4_0.
 LLAMA_CPP_BYTES = {"f32": 4, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
-
-
-def machine_info() -> dict:
-    """What the figures depend on: the CPU (model, flags, cores), the libraries and the kernels."""
-    info = {"cpu_model": platform.processor() or platform.machine(), "cpu_flags": [], "logical_cpus": os.cpu_count(),
-            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_kernels": native.current_isa() if native.available() else None, "python": platform.python_version()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: the model name from platform only
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            info["cpu_model"] = value.strip()
-        elif key.strip() == "flags" and not info["cpu_flags"]:
-            info["cpu_flags"] = value.split()
-    for name in ("transformers", "llama_cpp"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            info[name] = None
-    return info
-
-
-def measure_bandwidth(gb: float = 1.0, device: str = "cpu") -> float:
-    x = torch.ones(int(gb * 2**30) // 4, device=device)
-    x.sum()
-    best = min(_timed(x.sum, device) for _ in range(5))
-    return x.numel() * 4 / best
 
 
 def _sync(device) -> None:
@@ -518,6 +488,7 @@ def main():
     ap.add_argument("--ppl-text", help="held-out text file for --ppl-model")
     ap.add_argument("--ppl-seq-len", type=int, default=256)
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/results/decode.json)")
+    add_label_argument(ap)
     a = ap.parse_args()
     # Explicit options win over --quick's defaults.
     quick = {"configs": ["small"], "prompt_len": 16, "new_tokens": 8, "repeats": 1, "compile": False}
@@ -531,7 +502,8 @@ def main():
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "machine": machine_info(), "device": a.device, "fuse": a.fuse,
+              "machine": machine_record(a.label, bandwidth=False, device=a.device, native_kernels=(
+                  native.current_isa() if native.available() else None)), "device": a.device, "fuse": a.fuse,
               "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
               "prompt_len": a.prompt_len,
               "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs}}

@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 import torch
-from decode import measure_bandwidth  # one read-bandwidth probe for every benchmark (benchmarks/ is on sys.path)
+from machine import loadavg, machine_record, measure_bandwidth  # one machine record (benchmarks/ is on sys.path)
 
 from llamaworks.data.sft import IGNORE_INDEX
 from llamaworks.inference.lora import lora_layers
@@ -93,7 +93,6 @@ IMPLS = ("llamaworks", "peft", "qlora")
 RANK, ALPHA = 16, 32
 LR = 2e-4  # finetune's default for adapters (QLoRA's); the same on both sides
 MIB = 2**20
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 # --- the batch and the weights ------------------------------------------------------------------
@@ -341,29 +340,6 @@ def run_group(impls: list[str], config: str, precision: str, a, interleave: bool
 
 # --- the machine ----------------------------------------------------------------------------------
 
-def cpu_model_and_flags() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    flags = [f for f in CPU_FLAGS if f in have]
-                    break
-    except OSError:
-        pass
-    return model, flags
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
 def mem_total() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -484,16 +460,15 @@ def main():
     import transformers
 
     t_start = time.perf_counter()
-    cpu, flags = cpu_model_and_flags()
     load_before = loadavg()
     bandwidth = measure_bandwidth()
     peak_flops = measure_peak_flops(torch.device("cpu"))
     results: list[dict] = []
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": cpu, "flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "threads": torch.get_num_threads(), "read_bandwidth": bandwidth, "fp32_matmul_peak": peak_flops,
-               "mem_total": mem_total(), "loadavg_before": load_before}
+    machine = {**machine_record(a.label or None, bandwidth=bandwidth, libraries=("peft",)),
+               "fp32_matmul_peak": peak_flops, "mem_total": mem_total(), "loadavg_before": load_before}
+    cpu, flags = machine["cpu_model"], machine["cpu_flags"]
 
     def write(done: bool) -> dict:
         """The JSON so far (rewritten after each run, so an interrupted benchmark keeps what it measured)."""

@@ -26,37 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from decode import measure_bandwidth  # one read-bandwidth probe for every benchmark (benchmarks/ is on sys.path)
+from machine import add_label_argument, machine_record, measure_bandwidth  # benchmarks/ is on sys.path
 
 from llamaworks.inference import native
 from llamaworks.inference.quant import native_int4_layout, quantize_int4, quantize_int8, unpack_int4
 
 SHAPES = ("512x512", "1536x512", "32000x512", "4096x4096", "128256x2048")  # out x in
 KINDS = ("fp32", "bf16", "int8", "int4")
-
-
-def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = value.split()
-                break
-    except OSError:
-        pass
-    vector = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
-    return {"cpu": model, "flags": vector, "cpus": os.cpu_count()}
 
 
 def calls_for(fn, n_copies: int, min_s: float) -> int:
@@ -195,6 +177,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="512x512 and 4096x4096, no compile, 3 repeats, no JSON")
     ap.add_argument("--note", default="", help="recorded in the JSON (e.g. 'CPU shared with other jobs')")
     ap.add_argument("--out", default="benchmarks/results/gemv.json")
+    add_label_argument(ap)
     a = ap.parse_args()
     if a.quick:
         a.shapes, a.compile, a.repeats, a.out = ["512x512", "4096x4096"], False, 3, None
@@ -204,10 +187,11 @@ def main():
         raise SystemExit("native kernels not built: run `.venv/bin/python -m llamaworks.inference.native build`")
     torch.manual_seed(0)
     bandwidth = measure_bandwidth()
-    result = {**cpu_info(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"machine": machine_record(a.label, bandwidth=bandwidth), "threads": torch.get_num_threads(),
+              "torch": torch.__version__,
               "native_isa": native.current_isa(), "read_bandwidth_GB/s": bandwidth / 1e9, "group_size": a.group_size,
               "cold": not a.warm, "note": a.note}
-    print(f"{result['cpu']}, {result['threads']} threads, kernels {result['native_isa']}, "
+    print(f"{result['machine']['cpu_model']}, {result['threads']} threads, kernels {result['native_isa']}, "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}")
     result["results"] = run(a)
     if a.out:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import add_label_argument, machine_record  # benchmarks/ is on sys.path
 
 from llamaworks.model import ModelArgs, build_model, count_parameters
 from llamaworks.parallel.parallelize import apply_ac, apply_compile
@@ -58,6 +58,12 @@ from llamaworks.train.optim import build_optimizer
 
 # "Config A" of the issue tracker: about 60M parameters, the shape of the paper's models.
 CONFIG_A = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048)
+# --smoke: a model small enough that the whole script runs in seconds (tests/test_benchmarks.py).
+CONFIG_SMOKE = dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=128)
+
+
+def config(a) -> dict:
+    return CONFIG_SMOKE if a.smoke else CONFIG_A
 MIB = 2**20
 
 
@@ -139,7 +145,7 @@ def proc_status_bytes(field: str) -> int:
 
 def memory_child(a) -> None:
     """A fresh process per policy: a one-sequence step, then a full step; peak RSS and the RSS between."""
-    args = ModelArgs(**CONFIG_A)
+    args = ModelArgs(**config(a))
     if a.memory_child == "transformers":
         v = Variant("transformers", build_transformers(args, a.seed), transformers_loss, optim_cfg(a), a.clip)
     else:
@@ -162,6 +168,7 @@ def run_memory_children(a, policies: list[str]) -> dict:
     for policy in policies:
         cmd = [sys.executable, __file__, "--memory-child", policy, "--batch", str(a.batch), "--seq-len",
                str(a.seq_len), "--seed", str(a.seed), "--clip", str(a.clip), "--lr", str(a.lr)]
+        cmd += ["--smoke"] if a.smoke else []
         if a.threads:
             cmd += ["--threads", str(a.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -205,17 +212,6 @@ def optim_cfg(a) -> OptimConfig:
     return OptimConfig(lr=a.lr)  # betas (0.9, 0.95), eps 1e-8, weight decay 0.1: the paper's
 
 
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -236,9 +232,16 @@ def main():
     ap.add_argument("--extra", default="", help="comma-separated extra variants: llamaworks-unfused-loss, "
                     "llamaworks-ac-selective, llamaworks-ac-full, transformers-foreach-adamw, "
                     "transformers-forloop-adamw")
-    ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    ap.add_argument("--out", default=None, help="JSON results (default benchmarks/results/train_throughput.json)")
+    ap.add_argument("--smoke", action="store_true", help="a check that the script runs: a 2-layer model of width "
+                    "64, batch 2 x 32, 1 step, no compile, no memory runs, no JSON unless --out is given")
+    add_label_argument(ap)
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.smoke:
+        a.batch, a.seq_len, a.warmup, a.steps, a.compile, a.memory = 2, 32, 0, 1, False, False
+    elif a.out is None:
+        a.out = "benchmarks/results/train_throughput.json"
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.clock == "cpu":
@@ -249,7 +252,8 @@ def main():
     import transformers
 
     t_start = time.perf_counter()
-    args = ModelArgs(**CONFIG_A)
+    args = ModelArgs(**config(a))
+    machine = machine_record(a.label)
     n_params, n_matmul = count_parameters(args), matmul_parameters(args)
     fpt = flops_per_token(args, a.seq_len)
     tokens_per_step = a.batch * a.seq_len
@@ -283,10 +287,12 @@ def main():
         r["first_loss_diff"] = r["first_loss"] - ref_loss
     same_loss = all(abs(r["first_loss_diff"]) < 1e-4 for r in results.values())
 
-    print(f"training throughput: config A ({n_params / 1e6:.1f}M parameters), batch {a.batch} x {a.seq_len} tokens, "
-          f"fp32, AdamW (0.9, 0.95), wd 0.1, {adamw_kind(variants[1].optimizer)}, clip {a.clip}; "
+    print(f"training throughput: config {'smoke' if a.smoke else 'A'} ({n_params / 1e6:.1f}M parameters), "
+          f"batch {a.batch} x {a.seq_len} tokens, fp32, AdamW (0.9, 0.95), wd 0.1, "
+          f"{adamw_kind(variants[1].optimizer)}, clip {a.clip}; "
           f"{torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; {machine()}")
+          f"torch {torch.__version__}, transformers {transformers.__version__}; {machine['cpu_model']}, "
+          f"{machine['label']}")
     print(f"FLOPs/token = 6N + 12LdT = {fpt / 1e6:.1f}M (N = {n_matmul / 1e6:.2f}M matmul parameters); "
           f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; median of {a.steps} interleaved steps after "
           f"{a.warmup} warm-up")
@@ -306,10 +312,12 @@ def main():
             print(f"{label:<26}{m['peak_rss'] / MIB:>14.0f}{m['rss_before_step'] / MIB:>17.0f}"
                   f"{(m['peak_rss'] - m['rss_before_step']) / MIB:>15.0f}")
         print(f"(all of them compute the same loss within 1e-4: {memory_same_loss})")
+    if a.out is None:
+        return
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "config": CONFIG_A, "params": n_params, "matmul_params": n_matmul, "batch": a.batch, "seq_len": a.seq_len,
+        "config": config(a), "params": n_params, "matmul_params": n_matmul, "batch": a.batch, "seq_len": a.seq_len,
         "tokens_per_step": tokens_per_step, "dtype": "float32", "flops_per_token": fpt,
         "flops_formula": "6*N_matmul + 12*n_layers*dim*seq_len", "peak_flops": peak, "peak_flops_runs": peaks,
         "optimizer": {"name": "torch.optim.AdamW", "lr": a.lr, "betas": [0.9, 0.95], "eps": 1e-8,
@@ -318,7 +326,7 @@ def main():
         "timing": "interleaved round-robin, median of the timed rounds", "memory_measure": "VmHWM of a fresh "
         "process (MALLOC_MMAP_THRESHOLD_=1MiB), and VmRSS before the full-batch step",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "machine": machine(), "results": results, "first_losses_agree": same_loss, "memory": memory,
+        "machine": machine, "results": results, "first_losses_agree": same_loss, "memory": memory,
         "wall_s": time.perf_counter() - t_start,
     }, indent=2) + "\n")
     print(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
