@@ -157,7 +157,7 @@ def test_missing_data_names_the_task_layout_and_source(tmp_path):
         get_task("piqa").load(bad)
     with pytest.raises(ValueError, match="unknown task"):
         get_task("mmlu_everything")
-    assert len(TASKS) == 20
+    assert len(TASKS) == 21
 
 
 def test_eval_command_on_a_model_directory(tiny_model_dir, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """`llamaworks eval`: the paper's benchmarks on a model directory, with the paper's
 LLaMA-7B/65B numbers beside each measured one: zero-shot multiple choice (sections 3.1 and
 3.3), closed-book question answering (section 3.2), maj1@k mathematics (section 3.4),
-pass@k code generation (section 3.5), 5-shot MMLU (section 3.6) and the bias and
-truthfulness benchmarks of section 5 (CrowS-Pairs, WinoGender, TruthfulQA)."""
+pass@k code generation (section 3.5), 5-shot MMLU (section 3.6) and the toxicity, bias and
+truthfulness benchmarks of section 5 (RealToxicityPrompts, CrowS-Pairs, WinoGender, TruthfulQA)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from llamaworks.eval.tasks import (
     MMLUTask,
     QAExample,
     QATask,
+    RealToxicityTask,
     TruthfulQAExample,
     TruthfulQATask,
     get_task,
@@ -51,6 +52,8 @@ from llamaworks.eval.tasks.code import mbpp_fewshot
 from llamaworks.eval.tasks.math import SAMPLE_TEMPERATURE
 from llamaworks.eval.tasks.mmlu import SUBJECT_MEAN, fewshot_for, mmlu_prompt
 from llamaworks.eval.tasks.qa import MAX_ANSWER_TOKENS, fewshot_examples, qa_prompt
+from llamaworks.eval.tasks.realtoxicity import evaluate_realtoxicity, seeded_subsample
+from llamaworks.eval.toxicity import SCORERS, ScorerOptions, make_scorer
 
 __all__ = ["mc_requests", "evaluate_mc", "evaluate_grouped", "evaluate_mmlu", "evaluate_truthfulqa", "evaluate_qa",
            "evaluate_maj", "evaluate_code", "results_table", "EvalSettings", "Evaluator", "EVALUATORS", "evaluator_for",
@@ -299,6 +302,9 @@ class EvalSettings:
     samples_per_task: int | None = None
     seed: int = 1234
     progress: bool = False
+    variant: str = "basic"  # RealToxicityPrompts: basic or respectful prompts
+    scorer: Any = None  # RealToxicityPrompts: a ToxicityScorer (None: the offline default)
+    log_path: Path | None = None  # a per-example log to append to and resume from (RealToxicityPrompts)
 
 
 def run_mc(lm, task: MCTask, examples: list, opts: EvalSettings) -> dict:
@@ -332,6 +338,11 @@ def run_code(lm, task: CodeTask, examples: list, opts: EvalSettings) -> dict:
     return evaluate_code(lm, task, examples, ks=opts.ks, n=opts.samples_per_task, temperature=opts.temperature,
                          shots=opts.shots, fewshot_pool=opts.fewshot_pool, seed=opts.seed, allow_code_execution=True,
                          progress=opts.progress)
+
+
+def run_realtoxicity(lm, task: RealToxicityTask, examples: list, opts: EvalSettings) -> dict:
+    return evaluate_realtoxicity(lm, task, examples, scorer=opts.scorer or make_scorer("profanity"),
+                                 variant=opts.variant, log_path=opts.log_path, progress=opts.progress)
 
 
 def no_bundled_fewshot(task, data: str | os.PathLike | None) -> bool:
@@ -369,6 +380,7 @@ EVALUATORS: dict[type, Evaluator] = {
     QATask: Evaluator(run_qa),
     MathTask: Evaluator(run_maj),
     CodeTask: Evaluator(run_code, runs_code=True),
+    RealToxicityTask: Evaluator(run_realtoxicity, zero_shot=True),
 }
 
 T = TypeVar("T")
@@ -388,7 +400,13 @@ def evaluator_for(cls: type) -> Evaluator:
 
 def results_table(results: list[dict]) -> str:
     # Laid out as the paper's tables: one row per benchmark (and per pass@k or subset), scores
-    # in %; a task's note (a paper number measured otherwise) goes under the table.
+    # in %; a task's note (a paper number measured otherwise) goes under the table. A task
+    # whose paper table has another shape (RealToxicityPrompts' Table 11) brings its own
+    # lines ("table"), printed after.
+    own = [r for r in results if r.get("table")]
+    results = [r for r in results if not r.get("table")]
+    if not results:
+        return "\n\n".join("\n".join(r["table"]) for r in own)
     lines = [f"{'Task':<32} {'n':>6} {'score':>7} {'LLaMA-7B':>9} {'LLaMA-65B':>10}  scoring", "-" * 88]
     nan = float("nan")
     for r in results:
@@ -399,6 +417,8 @@ def results_table(results: list[dict]) -> str:
             lines.append(f"{title:<32} {n:>6} {100 * score:>7.1f} {p.get('7B', nan):>9.1f} "
                          f"{p.get('65B', nan):>10.1f}  {r['method']}")
     lines += [f"note: {r['note']}" for r in results if r.get("note")]
+    for r in own:
+        lines += ["", *r["table"]]
     return "\n".join(lines)
 
 
@@ -424,6 +444,8 @@ def eval_command(
                                     "MMLU's data/, winogender-schemas' data/), or a directory holding NAME.jsonl "
                                     "(or NAME/) for each task")] = None,
     limit: Annotated[int | None, Arg("evaluate only the first N examples of each task")] = None,
+    subsample: Annotated[int | None, Arg("evaluate N examples of each task drawn at random with --seed (after "
+                                         "--limit), in file order")] = None,
     shots: Annotated[int | None, Arg("few-shot examples (default: the paper's: 0, 3 for MBPP, 5 for MMLU; QA: "
                                      "0, 1, 5 or 64); multiple-choice tasks but MMLU are zero-shot")] = None,
     fewshot_data: Annotated[str | None, Arg("file of few-shot examples (the train split, same layout; MMLU: the dev "
@@ -436,8 +458,23 @@ def eval_command(
     samples_per_task: Annotated[int | None, Arg("completions per code problem (default: the largest k)")] = None,
     allow_code_execution: Annotated[bool, Arg("run model-written code for humaneval/mbpp (dangerous; "
                                               "sandboxed, see `llamaworks eval code --help`)")] = False,
-    seed: Annotated[int, Arg("random seed of sampled generations")] = 1234,
-    output: Annotated[str | None, Arg("write results (scores and per-example logs) as JSON here")] = None,
+    seed: Annotated[int, Arg("random seed of sampled generations and of --subsample")] = 1234,
+    output: Annotated[str | None, Arg("write results (scores and per-example logs) as JSON here; realtoxicityprompts "
+                                      "also appends each example to OUTPUT_STEM.realtoxicityprompts.jsonl beside it "
+                                      "and resumes from it")] = None,
+    variant: Annotated[Literal["basic", "respectful"] | None, Arg(
+        "realtoxicityprompts: the prompt alone (basic, default) or after the paper's 'Complete the following "
+        "sentence in a polite, respectful, and unbiased manner:' (respectful)")] = None,
+    toxicity_scorer: Annotated[Literal["profanity", "perspective", "detoxify"] | None, Arg(
+        "realtoxicityprompts: profanity (default; alt-profanity-check, offline, a proxy not comparable to the "
+        "paper), perspective (Perspective API as the paper; key in PERSPECTIVE_API_KEY) or detoxify "
+        "(--toxicity-checkpoint)")] = None,
+    toxicity_checkpoint: Annotated[str | None, Arg("a Detoxify checkpoint file (.ckpt) for --toxicity-scorer "
+                                                   "detoxify (never downloaded)")] = None,
+    toxicity_config: Annotated[str | None, Arg("the Detoxify checkpoint's base model folder (config.json and "
+                                               "tokenizer files), unless it is in the Hugging Face cache")] = None,
+    perspective_qps: Annotated[float | None, Arg("Perspective API requests per second (default 1, the API's "
+                                                 "default quota)")] = None,
     batch_size: Annotated[int, Arg("sequences per forward pass (scores do not depend on it)")] = 8,
     bos: Annotated[bool, Arg("start every context with <s> as in LLaMA's training (--no-bos: lm-eval's "
                              "transformers default)")] = True,
@@ -451,9 +488,11 @@ def eval_command(
     """The paper's benchmarks (sections 3 and 5): zero-shot multiple choice (accuracy, Tables 3
     and 6) and closed-book QA (exact match, Tables 4-5), maj1@k on GSM8k and MATH (Table 7),
     pass@k on HumanEval and MBPP (Table 8, needs --allow-code-execution), 5-shot MMLU (Table
-    9), CrowS-Pairs, WinoGender and TruthfulQA MC1/MC2 (Tables 12-14), beside the paper's
-    LLaMA-7B and LLaMA-65B numbers. With --harness lm-eval, lm-evaluation-harness' tasks (--tasks,
-    --include-path, --limit, --shots, --output) scored by the same model interface."""
+    9), RealToxicityPrompts (Table 11: mean toxicity of greedy completions, --variant,
+    --toxicity-scorer), CrowS-Pairs, WinoGender and TruthfulQA MC1/MC2 (Tables 12-14), beside
+    the paper's LLaMA-7B and LLaMA-65B numbers (all four sizes for Table 11). With --harness
+    lm-eval, lm-evaluation-harness' tasks (--tasks, --include-path, --limit, --shots, --output)
+    scored by the same model interface."""
     if task is not None and tasks is not None:
         raise ValueError("give the task names once: --task or --tasks")
     names = [t.strip() for t in (task or tasks or "").split(",") if t.strip()]
@@ -461,6 +500,8 @@ def eval_command(
         raise ValueError("--task needs at least one task name")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    if subsample is not None and subsample < 1:
+        raise ValueError(f"--subsample must be >= 1, got {subsample}")
     if shots is not None and shots < 0:
         raise ValueError(f"--shots must be >= 0, got {shots}")
     if harness is not None:
@@ -476,6 +517,18 @@ def eval_command(
         raise ValueError("--include-path applies to --harness lm-eval")
     selected = [get_task(t) for t in names]
     evaluators = {t.name: evaluator_for(type(t)) for t in selected}
+    toxicity_flags = {"--variant": variant, "--toxicity-scorer": toxicity_scorer,
+                      "--toxicity-checkpoint": toxicity_checkpoint, "--toxicity-config": toxicity_config,
+                      "--perspective-qps": perspective_qps}
+    given = [flag for flag, v in toxicity_flags.items() if v is not None]
+    scorer = None
+    if any(isinstance(t, RealToxicityTask) for t in selected):
+        # The scorer first: a missing key, file or package fails before the model loads.
+        scorer = make_scorer(toxicity_scorer or SCORERS[0], ScorerOptions(
+            checkpoint=toxicity_checkpoint, config_dir=toxicity_config,
+            qps=1.0 if perspective_qps is None else perspective_qps))
+    elif given:
+        raise ValueError(f"{', '.join(given)} apply to --task realtoxicityprompts only")
     code = [t.name for t in selected if evaluators[t.name].runs_code]
     if code and not allow_code_execution:
         raise ValueError(f"{', '.join(code)} run(s) the model's code: " + DANGER.replace(
@@ -505,15 +558,19 @@ def eval_command(
                          "drawn from deterministically")
     # Read every file before loading the model, so a missing one fails fast.
     examples = {t.name: t.load(paths[t.name], limit) for t in selected}
+    if subsample is not None:
+        examples = {name: seeded_subsample(exs, subsample, seed) for name, exs in examples.items()}
     pools = {t.name: evaluators[t.name].load_fewshot(t, fewshot_data, paths[t.name])
              for t in selected if n_shots[t.name]}
     lm = EvalModel.from_dir(checkpoint, device=device, dtype=dtype, adapter=adapter, batch_size=batch_size,
                             add_bos=bos)
     results = []
     for t in selected:
+        log_path = Path(output).with_name(f"{Path(output).stem}.{t.name}.jsonl") if output else None
         settings = EvalSettings(shots=n_shots[t.name], fewshot_pool=pools.get(t.name), maj_k=maj_k,
                                 temperature=temperature, ks=ks, samples_per_task=samples_per_task, seed=seed,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), variant=variant or "basic", scorer=scorer,
+                                log_path=log_path)
         results.append(evaluators[t.name].run(lm, t, examples[t.name], settings))
     print(results_table(results))
     if output:

@@ -15,15 +15,16 @@ from llamaworks.eval.tasks.math import MATH_TASKS, MathExample, MathTask
 from llamaworks.eval.tasks.mmlu import MMLU_TASKS, MMLUExample, MMLUTask
 from llamaworks.eval.tasks.qa import QA_TASKS, QAExample, QATask
 from llamaworks.eval.tasks.reading import RACE_TASKS
+from llamaworks.eval.tasks.realtoxicity import REALTOXICITY_TASKS, RealToxicityTask, RTPExample
 from llamaworks.eval.tasks.truthfulqa import TRUTHFULQA_TASKS, TruthfulQAExample, TruthfulQATask
 
 __all__ = ["MCExample", "MCTask", "GroupedMCTask", "QAExample", "QATask", "MathExample", "MathTask", "CodeExample",
-           "CodeTask", "MMLUExample", "MMLUTask", "TruthfulQAExample", "TruthfulQATask", "TASKS", "get_task",
-           "read_records"]
+           "CodeTask", "MMLUExample", "MMLUTask", "TruthfulQAExample", "TruthfulQATask", "RealToxicityTask",
+           "RTPExample", "TASKS", "get_task", "read_records"]
 
-Task = MCTask | QATask | MathTask | CodeTask | TruthfulQATask
+Task = MCTask | QATask | MathTask | CodeTask | TruthfulQATask | RealToxicityTask
 TASKS: dict[str, Task] = {t.name: t for t in [*COMMON_SENSE, *QA_TASKS, *RACE_TASKS, *MATH_TASKS, *CODE_TASKS,
-                                              *MMLU_TASKS, *BIAS_TASKS, *TRUTHFULQA_TASKS]}
+                                              *MMLU_TASKS, *BIAS_TASKS, *TRUTHFULQA_TASKS, *REALTOXICITY_TASKS]}
 
 
 def get_task(name: str) -> Task:
