@@ -91,7 +91,7 @@ class ScriptedModel:
 
 class StopAfter:
     """A real model whose logits favour `stop_id` from the `after`-th generated token on (for
-    any prompt), and which records the ids of every prompt it prefills."""
+    any prompt), and which records the ids of every prompt it prefills from its start."""
 
     def __init__(self, model, stop_id: int, after: int):
         self.model, self.stop_id, self.after = model, stop_id, after
@@ -102,10 +102,12 @@ class StopAfter:
 
     def __call__(self, tokens, pos=None, rows=None, **kw):
         logits = self.model(tokens, pos, rows=rows, **kw)
-        if tokens.shape[1] > 1:  # a prefill (decode steps feed one token per row)
-            self.prompts.append(tokens[0].tolist())
+        if rows is not None:  # the engine's prefill (decode steps run every row): a prompt, or its part
+            if int(pos[0, 0]) == 0:  # past a cached prefix or a first chunk, it starts later
+                self.prompts.append(tokens[0].tolist())
+            self.prompt_len = int(pos[0, -1]) + 1
             return logits
-        prompt = len(self.prompts[-1])
+        prompt = self.prompt_len
         bump = torch.where(pos >= prompt + self.after - 1, 1e4, 0.0).to(logits.dtype)
         logits = logits.clone()
         logits[..., self.stop_id] += bump

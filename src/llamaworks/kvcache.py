@@ -22,6 +22,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @property
+    def seq_len(self) -> int:
+        # The seam the model's mask reads: the length of the keys update() returns (a paged
+        # cache, inference/paged.py, returns as many as its block table spans).
+        return self.k.shape[2]
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
         # input_pos: (bsz, seq); k, v: (bsz, seq, n_kv_heads, head_dim); rows: (bsz,) cache rows
         # (default 0..bsz-1). Explicit rows let a server prefill or decode any subset of its

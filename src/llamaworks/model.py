@@ -272,7 +272,7 @@ class Transformer(nn.Module):
             input_pos = input_pos.expand(bsz, seqlen) if input_pos.dim() == 1 else input_pos
             # setup_caches grew the table to the cache's length, and positions lie inside the cache.
             freqs = self.freqs_cis[input_pos]  # (bsz, seq, head_dim/2, 2)
-            cache_len = self.layers[0].attention.kv_cache.k.shape[2]
+            cache_len = self.layers[0].attention.kv_cache.seq_len
             key_pos = torch.arange(cache_len, device=tokens.device)
             mask = (key_pos.view(1, 1, 1, -1) <= input_pos.unsqueeze(1).unsqueeze(-1))  # (bsz, 1, seq, cache_len)
         h = self.tok_embeddings(tokens)

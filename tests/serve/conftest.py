@@ -27,9 +27,10 @@ class SlowModel:
 
 @contextmanager
 def running_server(model_dir, max_batch: int = 4, max_queue: int = 64, delay: float = 0.0,
-                   shutdown_timeout: float = 10.0, limits=None, chat_template=None, wrap=None, **server_kw):
+                   shutdown_timeout: float = 10.0, limits=None, chat_template=None, wrap=None, engine_kw=None,
+                   **server_kw):
     """`wrap(model)` stands in for the model directory's model (e.g. to steer or record it);
-    `server_kw` go to make_server (api_key, request_timeout)."""
+    `server_kw` go to make_server (api_key, request_timeout), `engine_kw` to the Engine (prefix_cache, ...)."""
     from llamaworks.inference.load import load_model
 
     model, tokenizer = load_model(model_dir)  # a model of its own: the engine owns its KV cache
@@ -37,19 +38,19 @@ def running_server(model_dir, max_batch: int = 4, max_queue: int = 64, delay: fl
     if wrap is not None:
         model = wrap(model)
     with serving(SlowModel(model, delay) if delay else model, tokenizer, max_batch, max_queue, shutdown_timeout,
-                 limits, chat_template, **server_kw) as handle:
+                 limits, chat_template, engine_kw, **server_kw) as handle:
         yield handle
 
 
 @contextmanager
 def serving(model, tokenizer, max_batch: int = 4, max_queue: int = 64, shutdown_timeout: float = 10.0, limits=None,
-            chat_template=None, **server_kw):
+            chat_template=None, engine_kw=None, **server_kw):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from llamaworks.serve.command import make_server
     from llamaworks.serve.engine import Engine
 
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, **(engine_kw or {}))
     server, sock = make_server(engine, MODEL, "127.0.0.1", 0, shutdown_timeout=shutdown_timeout, limits=limits,
                                chat_template=chat_template, **server_kw)
     engine.start()

@@ -52,7 +52,9 @@ def reference(llama3_dir):
 @pytest.fixture(scope="module")
 def served(llama3_dir, reference):
     eot = reference[1].special_tokens["<|eot_id|>"]
-    with running_server(llama3_dir, max_batch=2, wrap=lambda m: StopAfter(m, eot, AFTER)) as s:
+    # No prefix cache: the tests read each request's whole prompt from what StopAfter saw prefilled.
+    with running_server(llama3_dir, max_batch=2, wrap=lambda m: StopAfter(m, eot, AFTER),
+                        engine_kw={"prefix_cache": False}) as s:
         yield s
 
 

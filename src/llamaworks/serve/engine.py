@@ -1,14 +1,23 @@
-"""Continuous batching in one model instance.
+"""Continuous batching in one model instance, over a paged KV cache.
 
-The static KV cache has `max_batch` rows; each row is a slot holding one request. A new
-request is prefilled alone into a free row (`model(..., rows=[slot])`) and joins the
-running batch at the next decode step; every step decodes all rows at once, each at
-its own position, and a finished (or cancelled) request frees its row at once.
+The decode batch has `max_batch` rows; each row is a slot holding one request. The KV cache
+is a pool of fixed-size blocks (inference/paged.py) budgeted by serve/kvpool.py: a request
+is admitted when a row is free and the pool can promise every block it may need (prompt +
+max_tokens, less the prompt prefix it finds cached), so a running request never waits for
+memory. Full prompt blocks are shared between requests through their chain hash (prefix
+caching): a request whose prompt starts with a cached prefix prefills only the rest (the
+last prompt token at least, whose logits start its answer).
 
-The decode step always runs the full, fixed-shape batch (free rows decode a dummy token
-at position 0 of their own row, which no later request reads before rewriting it). A
-row's arithmetic then does not depend on which other requests happen to be running, so
-a greedy request gets bit-for-bit the tokens it gets when served alone, under any load.
+Each engine iteration runs at most one prefill chunk (`prefill_chunk` tokens of one prompt;
+without it, every admissible prompt whole, each before the next is admitted so that it
+finds the blocks the previous one cached) and then one decode step of the running rows:
+a long prompt arriving never stalls the running requests for more than a chunk. The order
+of these forward passes is recorded in `step_log`.
+
+The decode step always runs the full batch (free rows, and rows whose prompt is still being
+prefilled, decode a dummy token at position 0 into the null block, which no sequence reads).
+A row's arithmetic then does not depend on which other requests happen to be running, so
+a greedy request gets the tokens it gets when served alone, under any load.
 
 The engine runs in its own thread; results go back through each request's `on_event`
 callback, called from that thread. A request whose own work raises (its prefill, its
@@ -31,8 +40,10 @@ from dataclasses import dataclass, field
 import torch
 
 from llamaworks.inference.generate import compile_step
+from llamaworks.inference.paged import NULL_BLOCK, BlockTable, block_bytes, setup_paged_caches
 from llamaworks.inference.sampling import SamplingState, apply_states, is_greedy, logit_bias_vector, sample_rows
 from llamaworks.inference.stops import StopMatcher
+from llamaworks.serve.kvpool import BlockPool, blocks_for, prompt_hashes
 from llamaworks.serve.prometheus import Metrics
 from llamaworks.serve.structured import Constraint, Matcher, apply_masks
 from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
@@ -114,6 +125,17 @@ class _Slot:
     sampling: SamplingState | None = None
     matcher: Matcher | None = None
     options: list[bool] = field(default_factory=lambda: [False])
+    number: int = 0  # admission order (step_log names requests by it)
+    blocks: list[int] = field(default_factory=list)  # physical block of each logical block
+    reserved: int = 0  # blocks promised by the pool and not allocated yet
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of the prompt's full blocks
+    registered: int = 0  # of which published in the prefix cache
+    prefilled: int = 0  # prompt tokens whose keys and values are in the cache
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)  # per chunk, for prompt_logprobs
+
+    @property
+    def ready(self) -> bool:
+        return self.prefilled == len(self.req.prompt_ids)
 
 
 def _decode_logits(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -132,17 +154,46 @@ def _logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[tuple[f
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, kv_cache_gb: float | None = None, block_size: int = 16,
+                 prefix_cache: bool = True, prefill_chunk: int | None = None):
+        """kv_cache_gb: the KV cache's memory (default: room for max_batch sequences of the whole
+        context, as a static cache); prefill_chunk: prompt tokens prefilled per engine step
+        (default: whole prompts); prefix_cache: share cached prompt blocks between requests."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}; it is the number of concurrent sequences")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}; it bounds requests waiting for a slot")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be an integer >= 1 (prompt tokens per step) or None (whole "
+                             f"prompts), got {prefill_chunk!r}")
+        if kv_cache_gb is not None and not 0 < kv_cache_gb < math.inf:
+            raise ValueError(f"kv_cache_gb must be a positive number of GiB, got {kv_cache_gb!r}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model, self.tokenizer = model, tokenizer
         self.stop_ids = tokenizer_stop_ids(tokenizer)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.device = model.output.weight.device
-        model.setup_caches(max_batch, self.context)
+        self.block_size, self.prefill_chunk = block_size, prefill_chunk
+        self.max_blocks = blocks_for(self.context, block_size)  # a table row spans the context
+        paged = hasattr(model, "layers")  # test stand-ins without attention keep no cache
+        num_blocks = max_batch * self.max_blocks + 1  # + the null block
+        if kv_cache_gb is not None and paged:
+            num_blocks = int(kv_cache_gb * 2**30) // block_bytes(model, block_size)
+            if num_blocks < 2:
+                raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds {num_blocks} blocks of {block_size} tokens "
+                                 f"({block_bytes(model, block_size)} bytes each); raise it")
+        self.pool = BlockPool(num_blocks, block_size, prefix_cache)
+        self._table = (setup_paged_caches(model, num_blocks, block_size, self.context) if paged
+                       else BlockTable(block_size, self.device))
+        self._decode_blocks = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long,
+                                         device=self.device)
+        self._row0 = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._admitted = 0
+        # The forward passes in order: ("prefill", request number, start, end) and ("decode",
+        # request numbers of the rows decoded); bounded, for tests and debugging.
+        self.step_log: collections.deque[tuple] = collections.deque(maxlen=10_000)
         self.metrics = Metrics(slots=max_batch)
         self._slots: list[_Slot | None] = [None] * max_batch
         self._tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
@@ -170,6 +221,11 @@ class Engine:
         if len(req.prompt_ids) + req.max_tokens > self.context:
             raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
                              f"the context window of {self.context} tokens: shorten the prompt or lower max_tokens")
+        need = blocks_for(len(req.prompt_ids) + req.max_tokens - 1, self.block_size)  # the last token is not fed
+        if need > self.pool.capacity:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.max_tokens}) needs {need} KV "
+                             f"cache blocks of {self.block_size} tokens, more than the whole cache holds "
+                             f"({self.pool.capacity}): raise --kv-cache-gb, shorten the prompt or lower max_tokens")
         if not isinstance(req.temperature, (int, float)) or not 0 <= req.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {req.temperature!r}")
         if not 0 < req.top_p <= 1:
@@ -254,6 +310,11 @@ class Engine:
     def active(self) -> int:
         return sum(s is not None for s in self._slots)
 
+    def stats(self) -> dict[str, float]:
+        """Numbers for /metrics: KV cache blocks (used, free, cached and evictable, shared) and
+        the prefix cache's hits and queries, in prompt tokens."""
+        return {**self.pool.stats(), "kv_block_size": self.block_size}
+
     # --- engine thread ----------------------------------------------------------------------
 
     def _free_slots(self) -> int:
@@ -262,6 +323,7 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         if self._compiled:
+            self._table.blocks = self._decode_blocks  # every row in the null block
             # Every row is free: a full decode of dummy tokens at position 0, which no request
             # reads before its prefill rewrites it (as in any step with free rows).
             try:
@@ -282,23 +344,12 @@ class Engine:
                             self._finish(i, "cancelled")
                 if not self._accepting and not self._pending and not self.active:
                     break
-                admit = []
-                while self._pending and len(admit) < self._free_slots():
-                    req = self._pending.popleft()
-                    if req.cancelled:
-                        self._finish_pending(req)
-                    else:
-                        admit.append(req)
             try:
-                for req in admit:
-                    try:
-                        self._prefill(req)
-                    except Exception as e:  # noqa: BLE001 - a failed request must not take others down
-                        self._fail(req, e)
                 for i, s in enumerate(self._slots):
                     if s is not None and s.req.cancelled:
                         self._finish(i, "cancelled")
-                if self.active:
+                self._prefill_step()
+                if any(s is not None and s.ready for s in self._slots):
                     self._decode()
             except Exception as e:  # noqa: BLE001 - a bug in no one request's work: end the running ones
                 for s in list(self._slots):
@@ -318,6 +369,9 @@ class Engine:
         self._emit(req, Event("error", f"generation failed: {type(e).__name__}: {e}"))
 
     def _free(self, i: int) -> None:
+        s = self._slots[i]
+        if s is not None:
+            self.pool.release(s.blocks, s.reserved)
         self._slots[i] = None
         self._tokens[i, 0] = 0
         self._pos[i, 0] = 0
@@ -327,29 +381,109 @@ class Engine:
         self.metrics.finished["cancelled"] += 1
         self._emit(req, Event("done", finish_reason="cancelled"))
 
-    def _prefill(self, req: Request) -> None:
-        slot = self._slots.index(None)
-        n = len(req.prompt_ids)
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(n, device=self.device).unsqueeze(0)
-        # Full logits then the last row, exactly as generate() computes them, so that a greedy
-        # request served here gets the tokens generate() gives.
-        full = self.model(ids, pos, rows=torch.tensor([slot], device=self.device))  # (1, n, vocab)
-        if req.prompt_logprobs:  # row i predicts prompt token i + 1
-            req.prompt_token_logprobs = _logprobs(full[0, :-1], req.prompt_ids[1:], req.logprobs or 0)
-        logits = full[:, -1]
+    def _prefill_step(self) -> None:
+        """One step's prefill: a chunk of the prompt being prefilled (or of the next admissible
+        one), or without chunking every admissible prompt whole."""
+        while True:
+            i = next((i for i, s in enumerate(self._slots) if s is not None and not s.ready), None)
+            if i is None and (i := self._admit()) is None:
+                return
+            try:
+                self._prefill(i, self.prefill_chunk)
+            except Exception as e:  # noqa: BLE001 - a failed request must not take others down
+                self._fail(self._slots[i].req, e)
+            if self.prefill_chunk is not None:
+                return
+
+    def _admit(self) -> int | None:
+        """Give the oldest waiting request a row and its blocks if both are there now (in order:
+        a large request is not overtaken for ever by small ones); its row, or None."""
+        with self._cv:
+            while self._pending and self._pending[0].cancelled:
+                self._finish_pending(self._pending.popleft())
+            if not self._pending or not self._free_slots():
+                return None
+            req = self._pending[0]
+            n, size = len(req.prompt_ids), self.block_size
+            hashes = prompt_hashes(req.prompt_ids, size) if self.pool.prefix_caching else []
+            # The block of the last prompt token is always computed (its logits start the answer,
+            # and a block being written is never shared); prompt_logprobs needs every position.
+            shareable = 0 if req.prompt_logprobs else (n - 1) // size
+            total = blocks_for(n + req.max_tokens - 1, size)
+            hits = self.pool.admit(hashes[:shareable], total, n)
+            if hits is None:
+                return None
+            self._pending.popleft()
+        i = self._slots.index(None)
         gen = None
         if not is_greedy(req.temperature):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(req.seed if req.seed is not None else int(torch.randint(2**62, ()).item()))
         stops = self.stop_ids if req.stop_ids is None else frozenset(req.stop_ids)
-        self._slots[slot] = _Slot(req, n, StopMatcher(self.tokenizer, req.prompt_ids, req.stop), gen, stops)
+        self._admitted += 1
+        self._slots[i] = _Slot(req, n, StopMatcher(self.tokenizer, req.prompt_ids, req.stop), gen, stops,
+                               number=self._admitted, blocks=list(hits), reserved=total - len(hits), hashes=hashes,
+                               registered=len(hits), prefilled=len(hits) * size)
+        return i
+
+    def _width(self, blocks: int) -> int:
+        """Table width for a pass whose longest sequence holds `blocks` blocks: a power of two
+        (few distinct shapes), the whole context when the step is compiled (one shape)."""
+        return self.max_blocks if self._compiled else min(self.max_blocks, 1 << (blocks - 1).bit_length())
+
+    def _grow(self, s: _Slot, positions: int) -> None:
+        """Allocate `s` the blocks that `positions` tokens take, out of its reservation."""
+        while len(s.blocks) < blocks_for(positions, self.block_size):
+            s.blocks.append(self.pool.allocate())
+            s.reserved -= 1
+
+    def _prefill(self, i: int, chunk: int | None) -> None:
+        s = self._slots[i]
+        req = s.req
+        n, start = len(req.prompt_ids), s.prefilled
+        end = n if chunk is None else min(n, start + chunk)
+        self._grow(s, end)
+        width = self._width(len(s.blocks))
+        self._table.blocks = torch.tensor([s.blocks + [NULL_BLOCK] * (width - len(s.blocks))], dtype=torch.long,
+                                          device=self.device)  # (1, width)
+        ids = torch.tensor([req.prompt_ids[start:end]], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device).unsqueeze(0)
+        self.step_log.append(("prefill", s.number, start, end))
+        # Full logits then the last row, exactly as generate() computes them, so that a greedy
+        # request served here gets the tokens generate() gives.
+        full = self.model(ids, pos, rows=self._row0)  # (1, end - start, vocab)
+        s.prefilled = end
+        for j in range(s.registered, min(end // self.block_size, len(s.hashes))):
+            self.pool.register(s.blocks[j], s.hashes[j])  # complete now: later prompts may share it
+        s.registered = max(s.registered, min(end // self.block_size, len(s.hashes)))
+        if req.prompt_logprobs:
+            s.prompt_logits.append(full[0])
+        if end < n:
+            return
+        if req.prompt_logprobs:  # row i predicts prompt token i + 1
+            req.prompt_token_logprobs = _logprobs(torch.cat(s.prompt_logits)[:-1], req.prompt_ids[1:],
+                                                  req.logprobs or 0)
+            s.prompt_logits.clear()
+        logits = full[:, -1]
         self.metrics.prompt_tokens += n
         req.first_token = time.perf_counter()
         self.metrics.ttft.observe(req.first_token - req.submitted)
-        self._accept(slot, self._sample(self._slots[slot], logits), logits)
+        self._accept(i, self._sample(s, logits), logits)
 
     def _decode(self) -> None:
+        rows = [i for i, s in enumerate(self._slots) if s is not None and s.ready]
+        for i in rows:
+            self._grow(self._slots[i], self._slots[i].pos)  # _accept fed its token at position pos - 1
+        width = self._width(max(len(self._slots[i].blocks) for i in rows))
+        table = [[NULL_BLOCK] * width for _ in range(self.max_batch)]
+        for i in rows:
+            table[i][: len(self._slots[i].blocks)] = self._slots[i].blocks
+        if self._compiled:  # the compiled step reads one tensor, rewritten in place
+            self._decode_blocks.copy_(torch.tensor(table, dtype=torch.long))
+            self._table.blocks = self._decode_blocks
+        else:
+            self._table.blocks = torch.tensor(table, dtype=torch.long, device=self.device)  # (max_batch, width)
+        self.step_log.append(("decode", tuple(self._slots[i].number for i in rows)))
         try:
             logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
             # Every decoded row's next token (or the exception its own sampling raised), in one call.
@@ -359,7 +493,8 @@ class Engine:
                 if s is not None:
                     self._fail(s.req, e)
             return
-        for i, s in enumerate(self._slots):
+        for i in rows:
+            s = self._slots[i]
             if s is not None:
                 try:
                     tok = greedy[i]
