@@ -127,6 +127,18 @@ class EvalConfig:
 class LogConfig:
     every: int = 10  # steps between metrics.jsonl lines
     progress: bool = True  # progress bar on stderr
+    # Live tracking (train/tracking.py), rank 0 only, besides metrics.jsonl and the PNG:
+    tensorboard: bool = False  # TensorBoard event files in OUT/tensorboard (extra: tensorboard)
+    wandb: bool = False  # Weights & Biases; offline unless WANDB_MODE is set (extra: wandb), OUT/wandb
+    wandb_project: str = "llamaworks"
+    wandb_name: str = ""  # the run's name; "" = run.out_dir's folder name
+
+
+@dataclass
+class ProfileConfig:
+    # [a, b]: profile optimizer steps a..b (1-based, inclusive) with torch.profiler and write a
+    # Chrome/Perfetto trace and a memory profile (CUDA: a memory snapshot) to OUT/profile; [] = off.
+    steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -170,6 +182,7 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):
         t = self.train

@@ -10,6 +10,7 @@ examples and a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -53,7 +54,9 @@ from llamaworks.train.loader import TokenLoader
 from llamaworks.train.loss import lm_loss
 from llamaworks.train.metrics_log import MetricsLog, measure_peak_flops, plot_loss_curve
 from llamaworks.train.optim import build_optimizer
+from llamaworks.train.profiling import StepProfiler, profile_window
 from llamaworks.train.schedule import lr_at
+from llamaworks.train.tracking import build_trackers, check_backends, peak_memory_gb
 
 log = logging.getLogger("llamaworks")
 
@@ -298,6 +301,9 @@ def check_job(cfg, n_heads: int) -> ParallelDims:
                          "parallelism splits each sequence across the tensor-parallel ranks")
     cfg.grad_accum_steps(dims.dp)  # a batch below one micro-batch per rank is an error now
     resolve_mp_dtypes(par.mp_param_dtype, par.mp_reduce_dtype, "cpu")  # a bad dtype name is an error now
+    if hasattr(cfg, "profile"):
+        profile_window(cfg.profile.steps)
+    check_backends(cfg.log)
     if t_cfg.max_minutes is not None and t_cfg.max_minutes <= 0:
         # 0 would otherwise read as "no limit"; an unset value is the way to ask for none.
         raise ValueError(f"train.max_minutes must be > 0, got {t_cfg.max_minutes}; "
@@ -524,6 +530,15 @@ def run(t: Trainer) -> dict:
     cfg, max_steps = t.cfg, t.max_steps
     # Only rank 0 writes metrics, the progress bar, plots and the summary.
     metrics = MetricsLog(t.out / "metrics.jsonl", truncate_after_step=t.step) if t.env.is_main else _NoMetrics()
+    # TensorBoard / W&B (log.tensorboard, log.wandb) receive every metrics row, on rank 0.
+    trackers = build_trackers(cfg.log, t.out, dataclasses.asdict(cfg), dumps(cfg), t.env.is_main)
+    profile = getattr(cfg, "profile", None)
+    profiler = StepProfiler(t.out, profile_window(profile.steps) if profile else None, t.device, t.env.rank)
+
+    def report(row: dict) -> None:
+        metrics.write(row)
+        trackers.log_scalars(row["step"], row)
+
     bar = tqdm(total=max_steps, initial=t.step, disable=not (cfg.log.progress and t.env.is_main),
                dynamic_ncols=True, file=sys.stderr, unit="step")
     t.started = time.perf_counter()
@@ -534,23 +549,25 @@ def run(t: Trainer) -> dict:
     start_step, val_step, final_val = t.step, -1, None
     try:
         while t.step < max_steps:
-            last = train_step(t)
+            with profiler.step(t.step + 1):
+                last = train_step(t)
             speed.add(last.tokens)
             if t.step % cfg.log.every == 0 or t.step == max_steps:
                 tps = speed.rate()
                 mfu = tps * t.flops_per_token / (t.peak_flops * t.dims.world_size)  # all ranks over all peaks
-                metrics.write({"step": t.step, "loss": last.loss, "lr": last.lr, "grad_norm": last.grad_norm,
-                               "tokens": t.tokens_seen, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": t.elapsed()})
+                report({"step": t.step, "loss": last.loss, "lr": last.lr, "grad_norm": last.grad_norm,
+                        "tokens": t.tokens_seen, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": t.elapsed(),
+                        "peak_memory_gb": peak_memory_gb(t.device)})
                 bar.set_postfix(loss=f"{last.loss:.3f}", lr=f"{last.lr:.2e}", tok_s=f"{tps:.0f}", mfu=f"{mfu:.1%}")
                 speed.restart()
             bar.update(1)
             if t.val_loader and t.step % cfg.eval.every == 0:
                 val_step, final_val = t.step, validate(t)
-                metrics.write({"step": t.step, "tokens": t.tokens_seen, "val_loss": final_val})
+                report({"step": t.step, "tokens": t.tokens_seen, "val_loss": final_val})
                 log.info("step %d: validation loss %.4f", t.step, final_val)
                 speed.restart()
             if t.task_eval and t.task_eval.due(t.step):
-                metrics.write({"step": t.step, "tokens": t.tokens_seen, **t.task_eval.run(t.model, t.tokenizer)})
+                report({"step": t.step, "tokens": t.tokens_seen, **t.task_eval.run(t.model, t.tokenizer)})
                 speed.restart()
             if deadline and time.perf_counter() >= deadline:
                 stop_reason = f"time limit ({cfg.train.max_minutes} min)"
@@ -561,10 +578,12 @@ def run(t: Trainer) -> dict:
         if t.val_loader and val_step != t.step:  # the final weights' validation loss, unless just measured
             final_val = validate(t)
             if t.step > start_step:  # else the run being resumed already logged it
-                metrics.write({"step": t.step, "tokens": t.tokens_seen, "val_loss": final_val})
+                report({"step": t.step, "tokens": t.tokens_seen, "val_loss": final_val})
     finally:
+        profiler.stop(t.step)  # a run that ends inside the window still writes its profile
         bar.close()
         metrics.close()
+        trackers.close()
     return finish(t, stop_reason, last.loss if last else None, final_val)
 
 
