@@ -100,10 +100,10 @@ def test_models_health_metrics(served, client):
     ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ({"model": MODEL, "prompt": "x", "top_k": 0}, 400, "top_k"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
     ({"model": MODEL, "prompt": "x", "stop": [1]}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "stream": "yes"}, 400, "stream"),
-    ({"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ('{"model": "' + MODEL + '", "prompt": "\\ud800x"}', 400, "prompt"),  # a lone surrogate: not UTF-8
     ('{"model": "' + MODEL + '", "prompt": "x", "temperature": NaN}', 400, "temperature"),
     ('{"model": "' + MODEL + '", "prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
@@ -111,7 +111,7 @@ def test_models_health_metrics(served, client):
     ({"model": MODEL, "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ({"model": MODEL, "prompt": "x", "echo": "yes"}, 400, "echo"),
     ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),  # not implemented: refused, not ignored
-    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
 ])
 def test_bad_completion_requests(served, body, status, param):
     r = _post(served.url, "/v1/completions", body)
@@ -133,7 +133,7 @@ def test_bad_completion_requests(served, body, status, param):
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-      "response_format": {"type": "json_object"}}, "response_format"),
+      "response_format": {"type": "xml"}}, "response_format"),
 ])
 def test_bad_chat_requests(served, body, param):
     r = _post(served.url, "/v1/chat/completions", body)

@@ -34,7 +34,9 @@ from llamaworks.serve.protocol import (
     GenerationRequest,
     Responder,
     check_prompt_tokens,
+    choice_seed,
     encode_prompt,
+    merge_choices,
     model_info,
     parse_chat,
     parse_completion,
@@ -107,73 +109,98 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
         deadline = None if request_timeout is None else arrived + request_timeout
         ids = await prompt_ids(req)
         max_tokens = req.budget(len(ids), engine.context)
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        gaps = {"tokens": 0, "at": 0.0}
+        # Events of choice k go in the queue as (k, event).
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        def on_event(ev: Event):
-            # The engine thread: time between tokens, from the request's token count at each
-            # event (a text event may carry several tokens' text, held back for a stop string).
-            n, now = len(job.tokens), time.perf_counter()
-            if n > gaps["tokens"]:
-                if gaps["tokens"]:
-                    gap = (now - gaps["at"]) / (n - gaps["tokens"])
-                    for _ in range(n - gaps["tokens"]):
-                        engine.metrics.tbt.observe(gap)
-                gaps["tokens"], gaps["at"] = n, now
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+        def on_event_of(k: int):
+            gaps = {"tokens": 0, "at": 0.0}
 
-        job = Request(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                      stop=req.stop, stop_ids=req.stop_ids, seed=req.seed, on_event=on_event, logprobs=req.logprobs,
-                      prompt_logprobs=req.echo and req.logprobs is not None)
+            def on_event(ev: Event):
+                # The engine thread: time between tokens, from the request's token count at each
+                # event (a text event may carry several tokens' text, held back for a stop string).
+                n, now = len(jobs[k].tokens), time.perf_counter()
+                if n > gaps["tokens"]:
+                    if gaps["tokens"]:
+                        gap = (now - gaps["at"]) / (n - gaps["tokens"])
+                        for _ in range(n - gaps["tokens"]):
+                            engine.metrics.tbt.observe(gap)
+                    gaps["tokens"], gaps["at"] = n, now
+                loop.call_soon_threadsafe(events.put_nowait, (k, ev))
+
+            return on_event
+
+        # n choices: n sequences of the same prompt in the engine, each with its own seed.
+        stop_ids = req.stop_ids
+        if req.stop_token_ids:
+            stop_ids = (engine.stop_ids if stop_ids is None else stop_ids) | req.stop_token_ids
+        jobs = [Request(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                        stop=req.stop, stop_ids=stop_ids, seed=choice_seed(req.seed, k), on_event=on_event_of(k),
+                        logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None,
+                        min_p=req.min_p, presence_penalty=req.presence_penalty,
+                        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                        logit_bias=dict(req.logit_bias) or None, constraint=req.constraint)
+                for k in range(req.n)]
+
+        def cancel_all():
+            for job in jobs:
+                job.cancel()
+
         try:
-            engine.submit(job)
+            for job in jobs:
+                engine.submit(job)
         except QueueFull as e:
+            cancel_all()
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
         except EngineStopped as e:
+            cancel_all()
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
         except ValueError as e:  # the engine's own checks; the protocol's should have caught it first
+            cancel_all()
             raise APIError(400, str(e), code="invalid_value") from None
         out = Responder(req, model_name, engine.tokenizer, ids)
+        outs = [out] + [Responder(req, model_name, engine.tokenizer, ids, index=k, id=out.id) for k in range(1, req.n)]
         if req.stream:
             count(endpoint, 200)
             # The generator's own cleanup does not run if the client left before it started;
             # the background task, run once the response ends either way, covers that.
-            return StreamingResponse(stream(job, out, events, deadline), media_type="text/event-stream",
+            return StreamingResponse(stream(jobs, outs, events, deadline), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(job.cancel))
+                                     background=BackgroundTask(cancel_all))
 
         async def watch_disconnect():
             # The body has been read, so the next message is the disconnect (or the end of
             # the response, after this task is cancelled).
             while (await http.receive())["type"] != "http.disconnect":
                 pass
-            job.cancel()
+            cancel_all()
             events.put_nowait(_DISCONNECTED)
 
         watcher = asyncio.ensure_future(watch_disconnect())
         try:
-            while True:
-                ev = await next_event(events, deadline)
-                if ev is None:
-                    job.cancel()
+            left = len(jobs)
+            while left:
+                item = await next_event(events, deadline)
+                if item is None:
+                    cancel_all()
                     engine.metrics.timeouts += 1
                     raise _timed_out(request_timeout)
-                if ev is _DISCONNECTED:
+                if item is _DISCONNECTED:
                     count(endpoint, 499)
                     return Response(status_code=499)  # nobody reads it
+                ev = item[1]
                 if ev.kind == "error":
                     raise APIError(500, ev.text, type="server_error", code="generation_failed")
                 if ev.kind == "done":
-                    break
+                    left -= 1
         finally:
             watcher.cancel()
-            job.cancel()
-        if job.finish_reason == "cancelled":
+            cancel_all()
+        if any(job.finish_reason == "cancelled" for job in jobs):
             raise APIError(503, "the request was cancelled because the server is shutting down",
                            type="server_error", code="shutting_down")
         count(endpoint, 200)
-        return JSONResponse(out.response(job.text, job.finish_reason, job.tokens, job.token_logprobs,
-                                         job.prompt_token_logprobs))
+        return JSONResponse(merge_choices([o.response(job.text, job.finish_reason, job.tokens, job.token_logprobs,
+                                                      job.prompt_token_logprobs) for o, job in zip(outs, jobs)]))
 
     async def next_event(events: asyncio.Queue[Event], deadline: float | None) -> Event | None:
         """The request's next event, or None when its deadline passes first."""
@@ -184,17 +211,23 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
         except asyncio.TimeoutError:
             return None
 
-    async def stream(job: Request, out: Responder, events: asyncio.Queue[Event], deadline: float | None):
+    async def stream(jobs: list[Request], outs: list[Responder], events: asyncio.Queue[tuple[int, Event]],
+                     deadline: float | None):
         try:
-            if out.req.chat:
-                yield sse(out.role_chunk())
-            while True:
-                ev = await next_event(events, deadline)
-                if ev is None:
-                    job.cancel()
+            if outs[0].req.chat:
+                for out in outs:
+                    yield sse(out.role_chunk())
+            left = len(jobs)
+            while left:
+                item = await next_event(events, deadline)
+                if item is None:
+                    for job in jobs:
+                        job.cancel()
                     engine.metrics.timeouts += 1
                     yield sse(_timed_out(request_timeout).body())
                     break
+                k, ev = item
+                job, out = jobs[k], outs[k]
                 if ev.kind == "text":
                     text = out.reply_text(ev.text)
                     if text:
@@ -204,14 +237,15 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
                     break
                 else:
                     yield sse(out.chunk(None, ev.finish_reason, job.tokens, job.token_logprobs))
-                    if out.req.include_usage:
-                        yield sse(out.usage_chunk(len(job.tokens)))
-                    break
+                    left -= 1
+                    if not left and out.req.include_usage:
+                        yield sse(out.usage_chunk(sum(len(j.tokens) for j in jobs)))
             yield sse("[DONE]")
         finally:
             # Normal end, client disconnect (Starlette cancels this generator) or server
             # shutdown: a request still running gives its slot back.
-            job.cancel()
+            for job in jobs:
+                job.cancel()
 
     # Plain Starlette routes: the handlers parse and validate the body themselves, so every
     # error gets OpenAI's shape (FastAPI's would be a 422 with its own), and the string

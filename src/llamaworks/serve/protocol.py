@@ -58,6 +58,9 @@ MAX_STOP_STRINGS = 16
 # thread when its matcher is built (stops.StopAutomaton); 16 of this length take ~2 ms.
 MAX_STOP_CHARS = 1000
 MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # choices per request (each a sequence in the engine)
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_STOP_TOKEN_IDS = 64
 # The seeds torch.Generator.manual_seed takes.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
@@ -206,6 +209,15 @@ class GenerationRequest:
     echo: bool
     messages: tuple[dict[str, str], ...] = ()  # chat: the conversation, checked
     stop_ids: frozenset[int] | None = None  # ids that end the reply; None: the tokenizer's
+    # Sampling options (_sampling_options; the engine's Request has their meaning).
+    n: int = 1  # choices: n sequences of the same prompt, choice k seeded by choice_seed(seed, k)
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()  # vLLM's: ids that end the reply besides stop_ids
+    constraint: Any = None  # structured.Constraint from response_format or grammar; None: free text
 
     def budget(self, prompt_tokens: int, context: int) -> int:
         """Tokens to generate: the asked max_tokens, which must fit beside the prompt, or
@@ -274,10 +286,10 @@ def _stop(body: dict) -> tuple[str, ...]:
 # OpenAI options this server does not implement: refused with a 400 that names them when set
 # to anything but their "off" value, rather than silently answering without them.
 _UNSUPPORTED = {
-    "completions": {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {})},
-    "chat": {"logit_bias": (None, {}), "tools": (None, []),
+    "completions": {"best_of": (None, 1), "suffix": (None, "")},
+    "chat": {"tools": (None, []),
              "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
-             "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"])},
+             "audio": (None,), "modalities": (None, ["text"])},
 }
 
 
@@ -300,13 +312,11 @@ def _options(body: dict, chat: bool, template_stops: tuple[str, ...] = ()) -> di
         raise invalid("top_k", f"top_k must be a positive integer (or -1 for no limit), got {shown(top_k)}")
     opts["top_k"] = None if top_k in (None, -1) else top_k
     opts["seed"] = _integer(body, "seed", MIN_SEED, MAX_SEED, hint=" (-2**63 to 2**64 - 1)")
-    n = body.get("n", 1)
-    if isinstance(n, bool) or n != 1:
-        raise invalid("n", f"n must be 1 (one choice per request; send several requests instead), got {shown(n)}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        x = body.get(name)
-        if x is not None and not (_is_real(x) and x == 0):
-            raise invalid(name, f"{name} is not supported; leave it unset or 0", "unsupported_value")
+    opts["n"] = _integer(body, "n", 1, MAX_N, hint=" (choices to generate)") or 1
+    opts["min_p"] = _number(body, "min_p", 0.0, 0.0, 1.0)  # vLLM's and llama.cpp's
+    opts["presence_penalty"] = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    opts["frequency_penalty"] = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    opts["repetition_penalty"] = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)  # vLLM's
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     opts["max_tokens"] = _integer(body, name, 1, None, hint=" (tokens to generate)")
     opts["max_tokens_param"] = name
@@ -330,6 +340,71 @@ def _options(body: dict, chat: bool, template_stops: tuple[str, ...] = ()) -> di
     return opts
 
 
+def _token_options(body: dict, info: ModelInfo) -> dict[str, Any]:
+    """logit_bias and stop_token_ids, whose ids are checked against the vocabulary."""
+    vocab = info.vocab_size
+    bias = body.get("logit_bias")
+    pairs = []
+    if bias is not None:
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise invalid("logit_bias", f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids (as "
+                                        f"strings) to biases in [-100, 100], got {shown(bias)}")
+        for key, value in bias.items():
+            token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 12 else -1
+            if not 0 <= token < vocab:
+                raise invalid("logit_bias", f"logit_bias keys must be token ids in [0, {vocab}), got {shown(key)}")
+            if not _is_real(value) or not -100 <= value <= 100:
+                raise invalid("logit_bias", f"logit_bias values must be numbers in [-100, 100], got {shown(value)} "
+                                            f"for token {token}")
+            pairs.append((token, float(value)))
+    ids = body.get("stop_token_ids")
+    if ids is not None and (not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS
+                            or not all(_is_int(t) and 0 <= t < vocab for t in ids)):
+        raise invalid("stop_token_ids", f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids "
+                                        f"in [0, {vocab}), got {shown(ids)}")
+    return {"logit_bias": tuple(pairs), "stop_token_ids": frozenset(ids or ()), "constraint": _constraint(body)}
+
+
+def _constraint(body: dict):
+    """The structured.Constraint of response_format or grammar (only one), or None."""
+    fmt, grammar = body.get("response_format"), body.get("grammar")
+    if fmt is not None and grammar is not None:
+        raise invalid("grammar", "set response_format or grammar, not both")
+    if grammar is not None:
+        kind, spec, param = "grammar", grammar, "grammar"
+    elif fmt is None:
+        return None
+    else:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "text":
+            return None
+        param = "response_format"
+        if kind == "json_schema":
+            js = fmt.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
+                raise invalid(param, "response_format json_schema needs a json_schema object with a schema object, "
+                                     f"got {shown(js)}")
+            spec = js.get("schema", {})  # no schema: any JSON value (OpenAI requires one; vLLM does not)
+        elif kind != "json_object":
+            raise invalid(param, f"response_format type must be text, json_object or json_schema, got {shown(kind)}")
+        else:
+            spec = None
+    from llamaworks.serve.structured import compile_constraint
+
+    try:
+        return compile_constraint(kind, spec)
+    except ValueError as e:
+        raise invalid(param, f"{param}: {e}") from None
+
+
+def choice_seed(seed: int | None, k: int) -> int | None:
+    """Choice k's seed: the request's for the first, then distinct ones derived from it (None:
+    unseeded), kept in the range torch.Generator takes."""
+    if seed is None or k == 0:
+        return seed
+    return (seed + k * 0x9E3779B97F4A7C15) % 2**64
+
+
 def check_prompt_tokens(n: int, param: str, context: int) -> None:
     if n >= context:
         raise APIError(400, f"the {param} has {n} tokens but the context window is {context} tokens and at least "
@@ -349,7 +424,7 @@ def _check_prompt_chars(text: str, param: str, info: ModelInfo, controls: re.Pat
 
 def parse_completion(body: dict, info: ModelInfo) -> GenerationRequest:
     _refuse_unsupported(body, "completions")
-    opts = _options(body, chat=False)
+    opts = _options(body, chat=False) | _token_options(body, info)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -391,7 +466,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
 def parse_chat(body: dict, info: ModelInfo) -> GenerationRequest:
     _refuse_unsupported(body, "chat")
     fmt = info.chat or _plain_format()
-    opts = _options(body, chat=True, template_stops=fmt.template.stop_strings)
+    opts = _options(body, chat=True, template_stops=fmt.template.stop_strings) | _token_options(body, info)
     messages = _messages(body)
     try:
         prompt = fmt.template.render(messages)
@@ -502,9 +577,13 @@ def chat_logprobs(tokenizer, ids: list[int], scored: list) -> dict:
 class Responder:
     """The response objects of one request: the whole response, or its stream of chunks."""
 
-    def __init__(self, req: GenerationRequest, model_name: str, tokenizer, prompt_ids: list[int]):
+    def __init__(self, req: GenerationRequest, model_name: str, tokenizer, prompt_ids: list[int], index: int = 0,
+                 id: str | None = None):
+        """One choice's responder: `index` is its place among the request's n choices, all of
+        which share the first's `id`."""
         self.req, self.model_name, self.tokenizer, self.prompt_ids = req, model_name, tokenizer, prompt_ids
-        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
+        self.index = index
+        self.id = id or ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if req.chat else "text_completion"
         self._strip = req.chat  # chat replies lose their leading spaces (see the template above)
@@ -525,7 +604,8 @@ class Responder:
 
     def role_chunk(self) -> dict:
         """A chat stream's first chunk."""
-        return self._message("chat.completion.chunk", [{"index": 0, "delta": {"role": "assistant", "content": ""},
+        return self._message("chat.completion.chunk", [{"index": self.index,
+                                                        "delta": {"role": "assistant", "content": ""},
                                                         "logprobs": None, "finish_reason": None}])
 
     def _new_logprobs(self, tokens: list[int], scored: list) -> dict | None:
@@ -550,11 +630,12 @@ class Responder:
         `scored` are all the request's tokens and log-probabilities so far."""
         logprobs = self._new_logprobs(tokens, scored)
         if self.req.chat:
-            choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "logprobs": logprobs,
+            choice = {"index": self.index, "delta": {} if delta is None else {"content": delta}, "logprobs": logprobs,
                       "finish_reason": finish_reason(finish)}
             msg = self._message("chat.completion.chunk", [choice])
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish_reason(finish)}
+            choice = {"index": self.index, "text": delta or "", "logprobs": logprobs,
+                      "finish_reason": finish_reason(finish)}
             msg = self._message("text_completion", [choice])
         if self.req.include_usage:
             msg["usage"] = None
@@ -571,7 +652,7 @@ class Responder:
         text = self.reply_text(text)
         if self.req.chat:
             logprobs = None if n is None else chat_logprobs(tok, tokens, scored)
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            choice = {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish_reason(finish)}
         else:
             logprobs = None
@@ -582,5 +663,15 @@ class Responder:
                 logprobs = completion_logprobs(tok, tok.stream_decoder(ids), tokens, scored)[0]
             if self.req.echo:
                 text = tok.decode(ids) + text
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(finish)}
+            choice = {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(finish)}
         return {**self._message(self.object, [choice]), "usage": usage(len(ids), len(tokens))}
+
+
+def merge_choices(responses: list[dict]) -> dict:
+    """One response of n choices from the n one-choice responses of a request's Responders
+    (in index order): usage counts the prompt once and every choice's tokens."""
+    out = dict(responses[0])
+    out["choices"] = [c for r in responses for c in r["choices"]]
+    completion = sum(r["usage"]["completion_tokens"] for r in responses)
+    out["usage"] = usage(out["usage"]["prompt_tokens"], completion)
+    return out
