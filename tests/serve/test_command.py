@@ -23,7 +23,8 @@ def test_serve_command_end_to_end(tiny_model_dir, tiny_model, tiny_tokenizer):
     from llamaworks.inference.generate import generate
 
     cmd = [sys.executable, "-m", "llamaworks", "serve", "--checkpoint", str(tiny_model_dir), "--port", "0",
-           "--max-batch", "2", "--max-queue", "4", "--model-name", "tiny-cli", "--device", "cpu"]
+           "--max-batch", "2", "--max-queue", "4", "--model-name", "tiny-cli", "--device", "cpu",
+           "--kv-cache-gb", "0.01", "--prefill-chunk", "3", "--no-prefix-cache"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -42,6 +43,9 @@ def test_serve_command_end_to_end(tiny_model_dir, tiny_model, tiny_tokenizer):
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny-cli"]
+        metrics = httpx.get(url + "/metrics", timeout=5).text  # the engine's stats, as the flags set them
+        assert re.search(r"^llamaworks_engine_kv_blocks_total \d+", metrics, re.M)
+        assert re.search(r"^llamaworks_engine_kv_block_size 16", metrics, re.M)
         ref = generate(tiny_model, tiny_tokenizer, "The king", 30, temperature=0)[0]
         body = {"model": "tiny-cli", "prompt": "The king", "max_tokens": 30, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:

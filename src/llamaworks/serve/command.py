@@ -59,6 +59,14 @@ def serve_command(
     port: Annotated[int, Arg("TCP port; 0 picks a free one (printed at start)")] = 8000,
     max_batch: Annotated[int, Arg("concurrent sequences (rows of the KV cache) in the running batch")] = 8,
     max_queue: Annotated[int, Arg("requests that may wait for a slot; beyond it the server answers 429")] = 64,
+    kv_cache_gb: Annotated[float | None, Arg("memory of the paged KV cache in GiB; requests are admitted while its "
+                                             "blocks can hold their prompt + max_tokens (default: room for "
+                                             "--max-batch sequences of the whole context)")] = None,
+    prefill_chunk: Annotated[int | None, Arg("prompt tokens prefilled per engine step, between decode steps of "
+                                             "the running requests, so a long prompt does not stall them "
+                                             "(default: whole prompts)")] = None,
+    prefix_cache: Annotated[bool, Arg("share cached prompt blocks between requests: a repeated system prompt is "
+                                      "prefilled once (--no-prefix-cache: every prompt prefilled whole)")] = True,
     max_seq_len: Annotated[int | None, Arg("context window served (default: the model's)")] = None,
     model_name: Annotated[str | None, Arg("the model id clients pass (default: the directory's name)")] = None,
     adapter: Annotated[str | None, Arg("a LoRA adapter directory (PEFT layout) applied unmerged")] = None,
@@ -110,12 +118,14 @@ def serve_command(
     if compile is None:
         compile = default_compile(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
+                    kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
                     compile=compile)
     server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info", limits=limits,
                                chat_template=template, api_key=api_key, request_timeout=request_timeout)
     bound = sock.getsockname()[1]
     print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {str(dt).removeprefix('torch.')}, "
-          f"{max_batch} slots, context {engine.context}{', compiled decode' if compile else ''}; "
+          f"{max_batch} slots, context {engine.context}, KV cache {engine.pool.capacity} blocks of "
+          f"{engine.block_size} tokens{', compiled decode' if compile else ''}; "
           f"chat template: {template.where}{'; API key required' if api_key else ''}); chat page: "
           f"http://{host}:{bound}/", file=sys.stderr, flush=True)
     engine.start()
