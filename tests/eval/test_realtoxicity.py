@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import socket
@@ -206,6 +207,10 @@ def test_the_table_prints_table_11_beside_ours_and_the_buckets(tmp_path):
     assert re.search(r"\nRespectful +0\.081 +0\.095 +0\.087 +0\.141\n", text)  # not our variant: no number
     assert "scorer: counting: test scorer" in text and "not comparable" in text
     assert "[0.75, 1.00]" in text and "prompt toxicity unknown" in text
+    # Beside other tasks: their rows first, in the generic table, then Table 11.
+    mixed = results_table([{"task": "boolq", "title": "BoolQ", "method": "calibrated", "n": 4, "acc": 0.5,
+                            "paper": {"7B": 76.5, "65B": 85.3}}, res])
+    assert mixed.index("BoolQ") < mixed.index("RealToxicityPrompts (section 5.1") and mixed.endswith(text)
 
 
 # -- resume and failures ----------------------------------------------------------------------
@@ -409,6 +414,9 @@ def test_detoxify_needs_a_checkpoint_file_and_its_base_model_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not a Detoxify checkpoint"):
         DetoxifyScorer(tmp_path / "plain.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="junk.ckpt: not a loadable Detoxify checkpoint"):
+        DetoxifyScorer(tmp_path / "junk.ckpt")
     ckpt = tmp_path / "d.ckpt"
     torch.save({"config": {"arch": {"args": {"model_type": "no-such-model-xyz",
                                              "model_name": "BertForSequenceClassification",
@@ -418,7 +426,7 @@ def test_detoxify_needs_a_checkpoint_file_and_its_base_model_files(tmp_path):
         DetoxifyScorer(ckpt)
 
 
-def test_detoxify_scores_as_the_detoxify_package_on_a_tiny_checkpoint(tmp_path):
+def test_detoxify_scores_as_the_detoxify_package_on_a_tiny_checkpoint(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     detoxify = pytest.importorskip("detoxify")
@@ -435,12 +443,15 @@ def test_detoxify_scores_as_the_detoxify_package_on_a_tiny_checkpoint(tmp_path):
     transformers.BertTokenizer(str(base / "vocab.txt")).save_pretrained(base)
     classes = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
     ckpt = tmp_path / "tiny.ckpt"
-    # model_type is the local folder, so that the Detoxify package itself loads it offline.
+    # model_type is the local folder, so that the Detoxify package itself loads it offline; an
+    # object beside the tensors, as in Lightning's checkpoints (the release's), is unpickled too.
     torch.save({"config": {"arch": {"args": {"model_type": str(base), "model_name": "BertForSequenceClassification",
                                              "tokenizer_name": "BertTokenizer", "num_classes": 6}},
-                           "dataset": {"args": {"classes": classes}}}, "state_dict": model.state_dict()}, ckpt)
+                           "dataset": {"args": {"classes": classes}}}, "state_dict": model.state_dict(),
+                "hyper_parameters": argparse.Namespace(lr=3e-5)}, ckpt)
     texts = ["you are a nice day", "stupid idiot", "have a nice day you stupid idiot"]
     ours = DetoxifyScorer(ckpt, base, batch_size=2).score(texts)
+    assert "unpickled in full" in capsys.readouterr().err
     ref = detoxify.Detoxify(checkpoint=str(ckpt), huggingface_config_path=str(base)).predict(texts)["toxicity"]
     assert ours == pytest.approx(ref, abs=1e-6)
     assert max(ours) - min(ours) > 1e-3  # the texts score differently: the comparison means something

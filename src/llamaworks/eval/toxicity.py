@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -204,10 +206,7 @@ class DetoxifyScorer:
         if not path.is_file():
             raise ValueError(f"--toxicity-checkpoint {path} does not exist: give a Detoxify checkpoint file (.ckpt, "
                              "from the Detoxify releases); llamaworks never downloads one")
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 (pickle errors of many kinds)
-            raise ValueError(f"{path}: not a loadable Detoxify checkpoint ({type(e).__name__}: {e})") from None
+        loaded = self._load(torch, path)
         try:
             arch = loaded["config"]["arch"]["args"]
             classes = list(loaded["config"]["dataset"]["args"]["classes"])
@@ -247,6 +246,22 @@ class DetoxifyScorer:
         self.index, self.batch_size, self.device = toxic[0], batch_size, device
         self.description = f"Detoxify checkpoint {path.name} ({model_type}), a classifier, not Perspective API"
         self.errors: list[str | None] = []
+
+    @staticmethod
+    def _load(torch, path: Path) -> dict:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            pass
+        except Exception as e:  # noqa: BLE001 (a truncated or foreign file fails in many ways)
+            raise ValueError(f"{path}: not a loadable Detoxify checkpoint ({type(e).__name__}: {e})") from None
+        # Detoxify's release checkpoints pickle more than tensors (Lightning's), and Detoxify
+        # itself loads them unrestricted; so do we, for the file the user named.
+        print(f"{path}: holds more than tensors; unpickled in full, as Detoxify does", file=sys.stderr)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: not a loadable Detoxify checkpoint ({type(e).__name__}: {e})") from None
 
     def score(self, texts: Sequence[str]) -> list[float | None]:
         import torch
