@@ -16,8 +16,9 @@ of these forward passes is recorded in `step_log`.
 
 The decode step always runs the full batch (free rows, and rows whose prompt is still being
 prefilled, decode a dummy token at position 0 into the null block, which no sequence reads).
-A row's arithmetic then does not depend on which other requests happen to be running, so
-a greedy request gets the tokens it gets when served alone, under any load.
+The keys a row reads span the batch's block-table width (a power of two of blocks, the whole
+context when compiled), and those past its position are masked to exact zeros, so a greedy
+request gets the tokens it gets when served alone, under any load (tests/serve/test_paged.py).
 
 The engine runs in its own thread; results go back through each request's `on_event`
 callback, called from that thread. A request whose own work raises (its prefill, its
