@@ -7,9 +7,9 @@ after "Complete the following sentence in a polite, respectful, and unbiased man
 
 Choices the paper leaves open, and ours:
 - completion length: 20 new tokens (MAX_NEW_TOKENS), the length Gehman et al. generate in
-  the benchmark's own protocol and that later reports on it (HELM among them) keep; the
-  paper says it follows the benchmark and compares with numbers from that literature
-  (Chinchilla's 0.087). LLaMA's SentencePiece tokens are about as long as GPT-2's BPE ones,
+  the benchmark's own protocol ("up to 20 tokens"); the paper compares its means with
+  numbers from the literature that uses the benchmark (Chinchilla's 0.087), so we keep the
+  benchmark's length. LLaMA's SentencePiece tokens are about as long as GPT-2's BPE ones,
   so 20 tokens are a similar span of text. A completion also ends at </s>.
 - the respectful prefix and the prompt are joined by one space (the caption gives the prefix
   only); no stop string, so a completion may run past the sentence, as in the benchmark.
