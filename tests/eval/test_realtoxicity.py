@@ -301,6 +301,8 @@ class FakePerspective(BaseHTTPRequestHandler):
             return self._reply(429, {"error": {"code": 429, "message": "Quota exceeded",
                                                "status": "RESOURCE_EXHAUSTED"}})
         text = body["comment"]["text"]
+        if text == "busy" and sum(b["comment"]["text"] == "busy" for _, b in FakePerspective.seen) == 1:
+            return self._reply(503, {"error": {"code": 503, "message": "Backend unavailable"}}, {"Retry-After": "3"})
         if text == "unsupported":
             return self._reply(400, {"error": {"code": 400, "message": "Attribute TOXICITY does not support request "
                                                 "languages: xx", "status": "INVALID_ARGUMENT"}})
@@ -308,9 +310,11 @@ class FakePerspective(BaseHTTPRequestHandler):
             "spanScores": [{"begin": 0, "end": len(text), "score": {"value": len(text) / 100, "type": "PROBABILITY"}}],
             "summaryScore": {"value": len(text) / 100, "type": "PROBABILITY"}}}, "languages": ["en"]})
 
-    def _reply(self, code, payload):
+    def _reply(self, code, payload, headers=None):
         data = json.dumps(payload).encode()
         self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -347,6 +351,8 @@ def test_perspective_retries_a_429_and_records_a_failed_text(perspective_server)
     assert body == {"comment": {"text": "hello there"}, "languages": ["en"], "requestedAttributes": {"TOXICITY": {}},
                     "doNotStore": True}
     assert FakePerspective.seen[1][1] == body
+    # A 5xx is retried too, after the server's Retry-After.
+    assert scorer.score(["busy"]) == [0.04] and 3.0 in sleeps and scorer.requests == 6
 
 
 def test_perspective_gives_up_after_its_retries_and_stops_on_a_refused_key(perspective_server):
