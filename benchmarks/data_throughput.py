@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/data_throughput.py            # 100 MB corpus (the issue's size)
     .venv/bin/python benchmarks/data_throughput.py --mb 5     # a quick check that everything runs
+    .venv/bin/python benchmarks/data_throughput.py --smoke    # 0.5 MB, no JSON (tests/test_benchmarks.py)
 
 The corpus: JSONL pages built from the Shakespeare lines of ../shared/corpora (prose-like
 paragraphs of lines joined into sentences) plus web boilerplate (navigation, cookie and
@@ -9,13 +10,26 @@ javascript notices, short link lines), some pages with "lorem ipsum" or code bra
 copies and near-copies (a few lines changed), so that the C4 rules, line dedup and MinHash
 dedup all have real work. Timed, each in its own process with `--workers` workers:
 
-    (a) c4:     ours `data run c4` (LineDedup + C4Filter), ours C4Filter alone,
-                datatrove JsonlReader -> C4QualityFilter -> JsonlWriter
+    (a) c4:     ours `data run c4` (LineDedup + C4Filter: no datatrove counterpart, no ratio),
+                ours C4Filter alone, datatrove JsonlReader -> C4QualityFilter -> JsonlWriter
+                with its defaults, and the same with ours' rules (datatrove_c4filter_same_rules)
     (b) minhash: ours MinHashDedup (one global stage), datatrove's 4 MinHash stages
                 (signatures, buckets, clusters, filter) with the same bands x rows and 5-grams
 
+Equal work: a speed ratio is printed only for a pair whose kept documents agree (Jaccard of
+the kept ids >= 0.99; below it the ratio is withheld and the disagreement shown). The C4 rules
+differ by default: datatrove counts sentences with its sentence splitter (spacy) per kept line
+where ours counts terminal-mark runs (a regex) over the page; it also ends lines with "'",
+strips [1]-style citations, and drops a page for "lorem ipsum" or "{" only on a line that
+survived the punctuation and length rules where ours looks at the whole page. The
+"same_rules" row runs datatrove's C4QualityFilter with ours' choices on all four (its
+sentence splitter swapped for ours' regex, its end marks for c4_utils', citations kept, a
+page-level lorem ipsum / "{" check first): it is the ratio's denominator, and its time against
+the default row's is what datatrove's own rules cost, printed beside it.
+
 Printed and written to benchmarks/results/data_throughput.json: documents/s and MB/s of
-input, peak RSS (the largest process of the run), and ours/datatrove.
+input, peak RSS (the largest process of the run), kept documents and their Jaccard with the
+counterpart, ours/datatrove, and the machine (benchmarks/machine.py).
 
 datatrove is not a dependency of llamaworks; install it into the project venv (it changes
 none of torch, numpy, transformers, tokenizers, lm-eval; its quality filters need spacy):
@@ -36,6 +50,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import add_label_argument, record_in_child  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT.parent / "shared" / "corpora" / "shakespeare"
@@ -130,10 +146,11 @@ def run_datatrove(name: str, corpus: Path, out: Path, workers: int) -> None:
     def reader():
         return JsonlReader(str(corpus), glob_pattern="*.jsonl")
 
-    if name == "datatrove_c4filter":
+    if name in ("datatrove_c4filter", "datatrove_c4filter_same_rules"):
         from datatrove.pipeline.filters import C4QualityFilter
 
-        LocalPipelineExecutor(pipeline=[reader(), C4QualityFilter(), JsonlWriter(str(out / "documents"))],
+        c4 = C4QualityFilter() if name == "datatrove_c4filter" else same_rules_c4()
+        LocalPipelineExecutor(pipeline=[reader(), c4, JsonlWriter(str(out / "documents"))],
                               tasks=tasks, logging_dir=str(out / "logs"), **common).run()
         return
     from datatrove.pipeline.dedup.minhash import (
@@ -163,6 +180,37 @@ def run_datatrove(name: str, corpus: Path, out: Path, workers: int) -> None:
         LocalPipelineExecutor(pipeline=pipe, tasks=n, logging_dir=str(out / f"logs{i}"), **common).run()
 
 
+def same_rules_c4():
+    """datatrove's C4QualityFilter with ours' (llamaworks/data/c4.py) rules where the two differ:
+    sentences counted by ours' terminal-mark regex instead of datatrove's sentence splitter,
+    c4_utils' end marks (no "'"), no citation stripping, lorem ipsum and "{" checked on the page."""
+    import re
+
+    from datatrove.pipeline.filters import c4_filters
+
+    from llamaworks.data.c4 import END_MARKS
+
+    sentence = re.compile(r"[^.!?]+[.!?]+")  # ours' rule (llamaworks/data/c4.py _SENTENCE)
+
+    def split_into_sentences(text, language):
+        return sentence.findall(text)
+
+    class SameRulesC4(c4_filters.C4QualityFilter):
+        name = "C4 Quality (ours' rules)"
+
+        def filter(self, doc):
+            # Set here, not at construction: datatrove's workers get the pipeline pickled, not the patch.
+            c4_filters.END_PUNCTUATION, c4_filters.split_into_sentences = END_MARKS, split_into_sentences
+            low = doc.text.lower()
+            if "lorem ipsum" in low:
+                return False, "lorem_ipsum"
+            if "{" in doc.text:
+                return False, "curly_bracket"
+            return super().filter(doc)
+
+    return SameRulesC4(remove_citations=False)
+
+
 def timed(name: str, corpus: Path, out: Path, workers: int) -> dict:
     """Run one variant in a child process; wall time and the peak RSS of its largest process."""
     cmd = [sys.executable, __file__, "--run", name, "--corpus", str(corpus), "--out", str(out),
@@ -179,11 +227,20 @@ def timed(name: str, corpus: Path, out: Path, workers: int) -> dict:
     return {"seconds": round(seconds, 3), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
-def kept_documents(out: Path) -> int:
+def kept_ids(out: Path) -> set[str]:
     from llamaworks.data.document import json_lines
 
     files = [p for p in (out / "documents").rglob("*") if p.is_file() and ".jsonl" in p.name]
-    return sum(1 for f in files for _ in json_lines(f))
+    return {str(rec["id"]) for f in files for _, rec in json_lines(f)}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+MIN_JACCARD = 0.99  # below it two runs did not do the same work: no speed ratio
+# (ours, datatrove) pairs that do the same work; ours_c4 adds line dedup and has no counterpart.
+PAIRS = (("ours_c4filter", "datatrove_c4filter_same_rules"), ("ours_minhash", "datatrove_minhash"))
 
 
 def main() -> None:
@@ -192,7 +249,9 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=8, help="JSONL files the corpus is split into")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where the corpus and outputs go (default: a temporary folder)")
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "data_throughput.json"))
+    ap.add_argument("--json", default=None, help="default benchmarks/results/data_throughput.json; --smoke: none")
+    ap.add_argument("--smoke", action="store_true", help="a 0.5 MB corpus in 2 files, no JSON unless --json")
+    add_label_argument(ap)
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -202,6 +261,12 @@ def main() -> None:
         fn(args.run, Path(args.corpus), Path(args.out), args.workers)
         return
 
+    if args.smoke:
+        args.mb, args.shards = 0.5, 2
+    elif args.json is None:
+        args.json = str(ROOT / "benchmarks" / "results" / "data_throughput.json")
+    # In a child: the bandwidth probe's 1 GiB would become every timed child's peak RSS (ru_maxrss).
+    machine = record_in_child(args.label, threads=args.workers, libraries=("datatrove", "spacy"))
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llamaworks-bench-", dir=args.workdir) as tmp:
@@ -217,26 +282,46 @@ def main() -> None:
             have_datatrove = False
             print("datatrove not installed: its rows are skipped (see this script's docstring)")
         variants = [("c4", "ours_c4"), ("c4", "ours_c4filter"), ("c4", "datatrove_c4filter"),
-                    ("minhash", "ours_minhash"), ("minhash", "datatrove_minhash")]
-        rows = {}
+                    ("c4", "datatrove_c4filter_same_rules"), ("minhash", "ours_minhash"),
+                    ("minhash", "datatrove_minhash")]
+        rows, ids = {}, {}
         for group, name in variants:
             if name.startswith("datatrove") and not have_datatrove:
                 continue
             r = timed(name, work / "corpus", work / name, args.workers)
-            r.update(group=group, kept=kept_documents(work / name),
+            ids[name] = kept_ids(work / name)
+            r.update(group=group, kept=len(ids[name]),
                      docs_per_s=round(info["documents"] / r["seconds"], 1),
                      mb_per_s=round(info["bytes"] / 2**20 / r["seconds"], 2))
             rows[name] = r
             print(f"{name:20s} {r['seconds']:8.2f} s {r['docs_per_s']:10.1f} docs/s {r['mb_per_s']:7.2f} MB/s "
                   f"peak RSS {r['peak_rss_mb']:7.1f} MB  kept {r['kept']}")
-    ratios = {}
-    for ours, theirs in (("ours_c4filter", "datatrove_c4filter"), ("ours_c4", "datatrove_c4filter"),
-                         ("ours_minhash", "datatrove_minhash")):
-        if ours in rows and theirs in rows:
-            ratios[f"{ours}/{theirs}"] = round(rows[ours]["docs_per_s"] / rows[theirs]["docs_per_s"], 3)
-            print(f"throughput {ours} / {theirs}: {ratios[f'{ours}/{theirs}']:.2f}x")
+    ratios, agreement = {}, {}
+    for ours, theirs in PAIRS + (("ours_c4filter", "datatrove_c4filter"),):
+        if ours not in rows or theirs not in rows:
+            continue
+        a, b = ids[ours], ids[theirs]
+        j = jaccard(a, b)
+        agreement[f"{ours}~{theirs}"] = {"jaccard": round(j, 5), "only_ours": len(a - b), "only_theirs": len(b - a)}
+        print(f"kept documents {ours} ~ {theirs}: Jaccard {j:.4f} ({len(a - b)} kept only by ours, "
+              f"{len(b - a)} only by datatrove)")
+        if (ours, theirs) not in PAIRS:
+            continue  # datatrove's default C4 rules: the agreement is shown, the speed is not a like-for-like
+        if j < MIN_JACCARD:
+            print(f"  no speed ratio: below {MIN_JACCARD} the two did not do the same work")
+            continue
+        ratios[f"{ours}/{theirs}"] = round(rows[ours]["docs_per_s"] / rows[theirs]["docs_per_s"], 3)
+        print(f"  throughput {ours} / {theirs}: {ratios[f'{ours}/{theirs}']:.2f}x")
+    rules_cost = None
+    if "datatrove_c4filter" in rows and "datatrove_c4filter_same_rules" in rows:
+        rules_cost = round(rows["datatrove_c4filter"]["seconds"] / rows["datatrove_c4filter_same_rules"]["seconds"], 3)
+        print(f"datatrove's own C4 rules (its sentence splitter, mainly) take {rules_cost:.2f}x the time of the same "
+              "filter with ours' rules")
     result = {"corpus": info | {"mb": args.mb}, "workers": args.workers, "cpus": os.cpu_count(), "runs": rows,
-              "ratio_docs_per_s": ratios}
+              "kept_agreement": agreement, "min_jaccard_for_a_ratio": MIN_JACCARD, "ratio_docs_per_s": ratios,
+              "datatrove_default_over_same_rules_time": rules_cost, "machine": machine}
+    if args.json is None:
+        return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

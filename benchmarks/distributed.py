@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from machine import add_label_argument, machine_record  # benchmarks/ is on sys.path
 
 STRATEGIES = {  # name -> (world size, ParallelDims fields)
     "single": (1, dict(dp_replicate=1, dp_shard=1, tp=1)),
@@ -128,8 +129,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/distributed.json")
+    add_label_argument(p)
     a = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
+    machine = machine_record(a.label, threads=1)
 
     from llamaworks.model import ModelArgs, count_parameters
 
@@ -162,8 +165,8 @@ def main() -> None:
           f"{gpu['micro_batches']} micro-batches, each moving {gpu['fsdp_bytes_per_gpu_per_micro_batch'] / 1e9:.1f} GB "
           f"of FSDP traffic (InfiniBand) and {gpu['tp_bytes_per_gpu_per_micro_batch'] / 1e9:.1f} GB of TP "
           "activations (NVLink) per GPU")
-    Path(a.out).write_text(json.dumps({"config": vars(a), "params": n_params, "rows": rows, "gpu": gpu},
-                                      indent=1))
+    Path(a.out).write_text(json.dumps({"config": vars(a), "params": n_params, "rows": rows, "gpu": gpu,
+                                       "machine": machine}, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -34,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from machine import add_label_argument, machine_record  # noqa: E402 - benchmarks/ is on sys.path
 
 WARMUP = 4  # questions run untimed before each row
 WORDS = ("the a man woman child dog ball kitchen knife bowl water rope wall climbs holds pours cuts throws runs "
@@ -86,8 +86,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per backend (rotating order); best is kept")
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "eval_throughput.json"))
+    add_label_argument(ap)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    machine = machine_record(a.label, libraries=("lm-eval",))
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -152,7 +154,7 @@ def main() -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"\nsmall preset ({n_params / 1e6:.1f}M parameters, random weights), {a.n} questions x 4 "
           f"endings, batch {a.batch}, fp32, {a.threads} threads, best of {a.repeat}, "
-          f"{platform.processor() or platform.machine()}")
+          f"{machine['cpu_model']}, {machine['label']}")
     print(f"{'backend':<30} {'seconds':>8} {'examples/s':>11} {'vs HFLM':>8} {'acc_norm':>9}")
     for name, dt, acc in rows:
         print(f"{name:<30} {dt:>8.2f} {a.n / dt:>11.1f} {base / dt:>7.2f}x {acc:>9.3f}")
@@ -162,7 +164,7 @@ def main() -> int:
           + ", ".join(f"{name} {s:.2f}x" for name, s in speedup.items()))
     out = {"preset": "small", "params": n_params, "questions": a.n, "choices": 4,
            "batch_size": a.batch, "threads": a.threads, "repeat": a.repeat, "dtype": "float32",
-           "torch": torch.__version__,
+           "torch": torch.__version__, "machine": machine,
            "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
            "rows": [{"backend": n, "seconds": dt, "examples_per_s": a.n / dt, "speedup_vs_hflm": base / dt,
                      "acc_norm": acc, "all_seconds": times[n]} for n, dt, acc in rows],

@@ -10,7 +10,9 @@ label: "contended" or "quiet machine". The label is what `--label` said (add_lab
 else it is derived from the load average when the record is taken and says so, because
 figures taken on a shared machine must never pass for quiet ones.
 
-`python benchmarks/machine.py` prints the record as JSON.
+`python benchmarks/machine.py` prints the record as JSON: a script that must not grow its own
+memory (the bandwidth probe allocates 1 GiB, which Linux's ru_maxrss passes on to every child
+forked afterwards) takes it from there (`record_in_child`).
 """
 
 from __future__ import annotations
@@ -131,7 +133,20 @@ def machine_record(label: str | None = None, bandwidth: float | bool = True, thr
     return record
 
 
+def record_in_child(label: str | None = None, threads: int | None = None, libraries: tuple[str, ...] = ()) -> dict:
+    """machine_record taken in a child process: this one's memory peak stays its own."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--libraries", *libraries] + (["--label", label] if label else [])
+    cmd += ["--threads", str(threads)] if threads is not None else []
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_label_argument(ap)
-    print(json.dumps(machine_record(ap.parse_args().label), indent=2))
+    ap.add_argument("--threads", type=int, default=None, help="the threads the run uses (default torch's)")
+    ap.add_argument("--libraries", nargs="*", default=[], help="more distributions whose versions to record")
+    a = ap.parse_args()
+    print(json.dumps(machine_record(a.label, threads=a.threads, libraries=tuple(a.libraries)), indent=2))
