@@ -80,6 +80,11 @@ def close(got, want):
 
 def test_choose_isa_takes_the_best_the_features_allow():
     assert native.choose_isa({"avx512f", "avx2", "fma", "avx512bw"}) == "avx512"
+    vnni = {"avx512f", "avx2", "fma", "avx512bw", "avx512vnni"}
+    assert native.choose_isa(vnni) == "avx512vnni"  # Ice Lake, Cascade Lake
+    assert native.choose_isa(vnni | {"avx512bf16"}) == "avx512bf16"  # Zen 4, Sapphire Rapids
+    assert native.choose_isa(vnni | {"avx512bf16"}, limit="avx512vnni") == "avx512vnni"
+    assert native.choose_isa(vnni - {"avx512vnni"} | {"avx512bf16"}) == "avx512"  # bf16 levels need VNNI too
     assert native.choose_isa({"avx512f", "avx2", "fma"}, limit="avx2") == "avx2"
     assert native.choose_isa({"avx2", "fma"}) == "avx2"
     assert native.choose_isa({"avx512f", "avx2"}) == "scalar"  # no FMA: neither vector set
@@ -120,8 +125,13 @@ def test_kernels_equal_the_reference(isa, kind):
             packed, s, z, args = int4_args(w, group)
             ref_w = dequantize_int4(packed, s, z, group)
             call = lambda x, args=args, group=group: ops.gemv_int4(x, *args, group)  # noqa: E731
-        # avx512bf16's int4 kernel takes the activations rounded to bf16 (bf16 dot products)
-        as_taken = (lambda x: x.bfloat16().float()) if (isa, kind) == ("avx512bf16", "int4") else (lambda x: x)
+        # avx512bf16's int4 kernel takes the activations rounded to bf16 (bf16 dot products), the
+        # int8 ones from avx2 up quantised per block of 32 (integer dot products)
+        as_taken = lambda x: x  # noqa: E731
+        if (isa, kind) == ("avx512bf16", "int4"):
+            as_taken = lambda x: x.bfloat16().float()  # noqa: E731
+        elif kind == "int8" and native.int8_quantises_activations(isa, k):
+            as_taken = native.quantize_activations_q8
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 19):  # 11, 19: chunks of 8 and a remainder
             x = torch.randn(rows, k, generator=g)
             got = call(x)
@@ -177,7 +187,9 @@ def test_dispatch_falls_back_when_a_feature_is_missing(native_lib):
         assert native.configure(features=set()) == "scalar" and native.current_isa() == "scalar"
         have = native.cpu_features()
         if best == "avx512bf16":  # without AVX512_BF16: the float kernels for int4
-            assert native.configure(features=have - {"avx512bf16"}) == "avx512" == native.current_isa()
+            assert native.configure(features=have - {"avx512bf16"}) == "avx512vnni" == native.current_isa()
+        if best in ("avx512vnni", "avx512bf16"):  # without VNNI: int8 through AVX2's maddubs
+            assert native.configure(features=have - {"avx512vnni"}) == "avx512" == native.current_isa()
         if best != "scalar":
             # a CPU reported without AVX-512 (or without FMA) gets the AVX2 (or portable) kernels
             assert native.configure(features=have - {"avx512f"}) == "avx2" == native.current_isa()
@@ -209,8 +221,13 @@ def test_layers_use_the_kernels_and_fall_back_without_them(native_lib):
             want = plain(x)
             close(lin(x), want)
             for mode, layer in quantised.items():
-                bf16_dots = mode == "int4" and native.current_isa() == "avx512bf16" and x.numel() // 96 <= 32
-                close(layer(x), F.linear(x.bfloat16().float() if bf16_dots else x, deq[mode]))
+                isa, rows = native.current_isa(), x.numel() // 96
+                taken = x
+                if mode == "int4" and isa == "avx512bf16" and rows <= 32:
+                    taken = x.bfloat16().float()
+                elif mode == "int8" and rows <= native.NATIVE_MAX_ROWS and native.int8_quantises_activations(isa, 96):
+                    taken = native.quantize_activations_q8(x)
+                close(layer(x), F.linear(taken, deq[mode]))
     # forced fallback: the same module, PyTorch's paths (the torch kernels take bf16 activations)
     x = torch.randn(2, 1, 96)
     with torch.no_grad():
@@ -341,3 +358,74 @@ def test_compiled_decoding_with_the_kernels_equals_eager(native_lib, mode):
         return torch.cat([t for t, _ in generate_ids(model, [[1, 2, 3]], 12, temperature=0.0, **kw)], 1)
 
     assert torch.equal(run(compile=True), run())
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512vnni", "avx512bf16"], indirect=True)
+def test_int8_with_quantised_activations_stays_within_the_activation_rounding(isa):
+    # Against the unquantised product: each activation moves by at most half its block's step
+    # d = max|x| / 127 when rounded, so |error| <= sum_k |w_k| * d(k) / 2, plus fp32 sums.
+    g = torch.Generator().manual_seed(2)
+    for n, k in ((48, 256), (7, 96), (64, 2048)):
+        w = torch.randn(n, k, generator=g)
+        q, s = quantize_int8(w)
+        ref_w = q.float() * s[:, None]
+        x = torch.randn(5, k, generator=g) * torch.rand(5, k, generator=g).pow(4) * 10  # uneven blocks
+        x[2, :32] = 0  # an all-zero block: step 0, no division by zero
+        step = x.reshape(5, -1, 32).abs().amax(-1).repeat_interleave(32, -1) / 127  # (rows, k)
+        bound = (step / 2) @ ref_w.abs().T
+        want = F.linear(x, ref_w)
+        err = (ops.gemv_int8(x, q, s) - want).abs()
+        assert bool((err <= bound * 1.001 + 1e-4 * float(want.abs().max())).all()), float((err - bound).max())
+        assert float(err.max()) > 0  # the activations really are quantised here
+    odd = torch.randn(3, 40, generator=g)  # in_features % 32 != 0: the float path, x as it is
+    q, s = quantize_int8(torch.randn(9, 40, generator=g))
+    close(ops.gemv_int8(odd, q, s), F.linear(odd, q.float() * s[:, None]))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_greedy_tokens_with_integer_kernels_equal_the_float_path(native_lib, mode):
+    # The tiny model's greedy tokens through the best kernels (int8: activations quantised per
+    # block; int4 on avx512bf16: rounded to bf16) against the portable float kernels' (the
+    # activations as they are), batch 1 and a batch of 5.
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
+    model = quantize_model(sharpen(build_model(args)), mode, group_size=32)
+    use_native_kernels(model)
+    prompts = [[1, 5, 9, 23], [1, 77, 3], [1], [1, 2, 3, 4, 5, 6, 7], [1, 9]]
+
+    def run(batch):
+        return torch.cat([t for t, _ in generate_ids(model, batch, 24, temperature=0.0)], 1)
+
+    try:
+        native.configure(limit="scalar")
+        want = [run(prompts), run(prompts[:1])]
+        native.configure()
+        got = [run(prompts), run(prompts[:1])]
+    finally:
+        native.configure()
+    # Quantised activations (int8: per-element error up to max|block| / 254) move this random
+    # model's logits by up to ~8% of their spread (measured), which flips near ties (a top-2
+    # gap of 0.008 in one step here): the first token of every sequence stays, and most
+    # whole sequences (int8 3 of 5 here, int4 5 of 5); a divergence everywhere would be a bug.
+    assert torch.equal(got[0][:, 0], want[0][:, 0]) and torch.equal(got[1][:, 0], want[1][:, 0])
+    same = (got[0] == want[0]).all(1)
+    assert int(same.sum()) >= (3 if mode == "int8" else 5), same
+    assert torch.equal(got[0][0], got[1][0])  # a sequence's tokens alone or in the batch
+
+
+@pytest.mark.slow  # inductor compiles C++: ~20-40 s on 2 busy cores
+def test_operators_under_inductor_give_eager_results(native_lib):
+    w = torch.randn(40, 128)
+    q, s = quantize_int8(w)
+    _, _, _, args4 = int4_args(w, 64)
+    wb = w.bfloat16()
+
+    def step(x):  # the ops between other inductor kernels, as in a decode step
+        h = torch.nn.functional.silu(x) * 2
+        return (ops.gemv_f32(h, w) + ops.gemv_bf16(h, wb) + ops.gemv_int8(h, q, s)
+                + ops.gemv_int4(h, *args4, 64)).relu()
+
+    torch.compiler.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    for rows in (1, 8):
+        x = torch.randn(rows, 128)
+        assert torch.equal(compiled(x), step(x))

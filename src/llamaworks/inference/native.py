@@ -6,7 +6,8 @@ bandwidth, but F.linear / torch.mv on one row read fp32 weights at 18-23 GB/s of
 2-core Zen 4 has. The kernels in csrc/ (llamaworks::gemv_f32, gemv_bf16, gemv_int8, gemv_int4)
 read them once for up to 8 activation rows, threaded over output rows with at::parallel_for.
 Each is compiled three times (AVX-512F, AVX2+FMA, portable) into one library, with bf16
-dot-product versions of int4 and bf16 x bf16 for AVX512_BF16 CPUs, and picked at run time from
+dot-product versions of int4 and bf16 x bf16 for AVX512_BF16 CPUs, integer int8 x int8 ones
+(activations quantised per block of 32, as llama.cpp's Q8_0) for AVX2 and AVX512_VNNI, and picked at run time from
 what the CPU reports, so one build runs on AVX2-only, AVX-512 and AMX machines. Layers reach
 them through kernels.NativeLinear (use_native_kernels at load time) and quant.py's layers.
 
@@ -15,8 +16,8 @@ The library is built by an explicit step, never during a decode:
 into a directory keyed by the sources, torch and Python versions (under the virtual
 environment, or LLAMAWORKS_NATIVE_DIR), so a stale build is never loaded. Without it (no
 compiler, not built) one line is logged and every layer keeps its PyTorch path.
-LLAMAWORKS_NATIVE=0 turns the kernels off (for A/B runs); LLAMAWORKS_ISA=avx512|avx2|scalar
-caps the instruction set below the CPU's best.
+LLAMAWORKS_NATIVE=0 turns the kernels off (for A/B runs); LLAMAWORKS_ISA=avx512vnni|avx512|
+avx2|scalar caps the instruction set below the CPU's best.
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "gemv_avx512bf16.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp", "gemv_scalar.cpp")
+SOURCES = ("ops.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp",
+           "gemv_scalar.cpp")
 HEADERS = ("gemv.h", "gemv_body.h")
 NAME = "llamaworks_native"
-CFLAGS = ["-O3", "-fno-math-errno"]  # no -march: the instruction sets are chosen per file, at run time
+# No -march: the instruction sets are chosen per file, at run time. -fopenmp: at::parallel_for is
+# inline OpenMP code in the headers (torch's CPU backend), so without it the kernels ran on one
+# thread whatever torch.set_num_threads said; the library then uses the libgomp torch loaded.
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 STALE_LOCK_S = 900  # a build takes about a minute on 2 busy cores
 
@@ -48,13 +54,16 @@ NATIVE_MAX_ROWS = 8
 # Instruction sets, lowest first (the kernels' Level), and the CPU features each needs.
 # avx512bf16 is avx512 with bf16 dot products for int4 weights (activations rounded to bf16, as
 # torch's int4 kernel takes them) and for bf16 weights with bf16 activations (exact products).
-# int8 stays on the float path: as bf16 dot products it measured 20% slower at one row (the
-# int8 -> bf16 conversion costs what the FMAs saved) and 15-20% faster from 4 rows, and one
-# path for every row count keeps a row's result the same alone or in a batch.
-ISAS = ("scalar", "avx2", "avx512", "avx512bf16")
-ISA_NEEDS = {"scalar": frozenset(), "avx2": frozenset({"avx2", "fma"}),
-             "avx512": frozenset({"avx512f", "avx2", "fma"}),
-             "avx512bf16": frozenset({"avx512f", "avx512bw", "avx512bf16", "avx2", "fma"})}
+# int8 weights from avx2 up take the activations quantised per block of 32 columns (Q8_0's
+# rule: quantize_activations_q8) and multiply in integers: AVX2 maddubs (also on avx512, which
+# has no byte sign op at 512 bits), AVX512_VNNI vpdpbusd from avx512vnni up; the float path
+# (x as it is) on scalar and where in_features % 32 != 0. One path for every row count, so a
+# row's result is the same alone or in a batch.
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16")
+_AVX512 = frozenset({"avx512f", "avx2", "fma"})
+_VNNI = _AVX512 | {"avx512bw", "avx512vnni"}
+ISA_NEEDS = {"scalar": frozenset(), "avx2": frozenset({"avx2", "fma"}), "avx512": _AVX512,
+             "avx512vnni": _VNNI, "avx512bf16": _VNNI | {"avx512bf16"}}
 # Bits of lw_cpu_features() (ops.cpp's Feature).
 FEATURE_BITS = {"avx2": 1, "fma": 2, "avx512f": 4, "avx512bw": 8, "avx512vl": 16, "avx512vnni": 32,
                 "avx512bf16": 64}
@@ -68,12 +77,30 @@ def choose_isa(features: frozenset[str] | set[str], limit: str | None = None) ->
     return [isa for isa in allowed if ISA_NEEDS[isa] <= set(features)][-1]
 
 
+def int8_quantises_activations(isa: str, in_features: int) -> bool:
+    """Whether gemv_int8 under `isa` quantises the activations (quantize_activations_q8) for
+    integer dot products, rather than multiplying them as they are (ops.cpp's choice)."""
+    return ISAS.index(isa) >= ISAS.index("avx2") and in_features % 32 == 0
+
+
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """x (..., K) as the int8 kernels take it, dequantised: per block of 32 columns,
+    d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)), in fp32 as ops.cpp's
+    quantize_rows computes them; returns q * d (the reference for the kernels' results)."""
+    assert x.shape[-1] % 32 == 0, f"in_features {x.shape[-1]} is not a multiple of 32"
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)  # (..., K/32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # torch.div of two tensors: `127.0 / amax` is reciprocal-then-multiply, another rounding
+    inv = torch.where(amax > 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127.0)).reshape(x.shape)
+
+
 def build_dir() -> Path:
     """Where the library for these sources, this torch and this Python lives."""
     h = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
-    h.update(f"{torch.__version__} {sys.version} {platform.machine()} {' '.join(CFLAGS)}".encode())
+    h.update(f"{torch.__version__} {sys.version} {platform.machine()} {' '.join(CFLAGS + LDFLAGS)}".encode())
     root = os.environ.get("LLAMAWORKS_NATIVE_DIR")
     if root:
         base = Path(root)
@@ -110,9 +137,10 @@ def build(verbose: bool = False) -> Path:
     lock = path.parent / "lock"  # cpp_extension's; a build killed midway leaves it, and the next waits forever
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         lock.unlink(missing_ok=True)
-    cpp_extension.load(name=NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS,
-                       extra_include_paths=[str(CSRC)], build_directory=str(path.parent),
-                       is_python_module=False, verbose=verbose)
+    # copies of the flags: cpp_extension.load appends to the lists it is given
+    cpp_extension.load(name=NAME, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                       extra_ldflags=list(LDFLAGS), extra_include_paths=[str(CSRC)],
+                       build_directory=str(path.parent), is_python_module=False, verbose=verbose)
     assert path.exists(), f"the build finished without {path}"
     _state.loaded = None  # loaded by cpp_extension.load: let load() set up the rest
     return path

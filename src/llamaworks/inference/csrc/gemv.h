@@ -17,6 +17,10 @@ struct Gemv {
   float* out;              // (M, N)
   const uint16_t* xb;      // x rounded to bf16 (M, K), for avx512bf16_int4 only; else null
   const float* xsum;       // sums of xb per group (M, K/group), for avx512bf16_int4 only
+  // int8 weights with quantised activations (the *_q8 kernels; made by quantize_rows):
+  const int8_t* xq = nullptr;    // x in int8 per block of 32 columns (M, K), |q| <= 127
+  const float* xd = nullptr;     // each block's scale repeated 8 times (M, K/4): one per 4 columns
+  const int32_t* xc = nullptr;   // -128 * the sum of each 4 columns of xq (M, K/4), for int8_vnni
 };
 
 using GemvFn = void (*)(const Gemv&, int64_t n0, int64_t n1);
@@ -32,6 +36,15 @@ extern const GemvFn avx2_kernels[4];
 extern const GemvFn avx512_kernels[4];
 extern const GemvFn avx512bf16_int4;  // needs Gemv::xb and Gemv::xsum, made by:
 extern const GemvFn avx512bf16_bf16;  // bf16 weights, bf16 activations in Gemv::xb (x unused)
+// int8 weights times activations quantised per block of 32 columns as llama.cpp's Q8_0 (its
+// Q8_0 x Q8_0 dot, with one fp32 scale per weight row instead of per block): integer dot
+// products per block (exact), each block's sum scaled by its activation scale in fp32. K must
+// be a multiple of 32. int8_vnni: AVX512_VNNI vpdpbusd; int8_q8_avx2: AVX2 maddubs (the sign trick).
+extern const GemvFn int8_vnni;
+extern const GemvFn int8_q8_avx2;
+// The activations as those kernels take them (Gemv::xq, xd, xc): per row and block of 32,
+// d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)) (0 for an all-zero block).
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, int32_t* xc);
 void avx512bf16_int4_prepare(const float* x, int64_t M, int64_t K, int64_t group, uint16_t* xb, float* xsum);
 
 }  // namespace lw

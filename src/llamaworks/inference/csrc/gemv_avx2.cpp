@@ -46,6 +46,98 @@ struct Isa {
 
 #define LW_KERNELS avx2_kernels
 #include "gemv_body.h"
+
+// int8 weights times activations quantised per block of 32 (gemv.h's int8_q8_avx2): one 32-byte
+// vector is one block. maddubs multiplies unsigned by signed bytes and adds pairs into int16,
+// so the weight's sign moves onto the activation (|w| times sign(w) * q, llama.cpp's trick):
+// at most 2 * 127 * 127 per pair, inside int16, and the block sums are exact in int32.
+namespace {
+template <int M, int NB>
+inline void int8_q8_block(const Gemv& g, int64_t n) {
+  const int64_t K = g.K;
+  const int8_t* w = static_cast<const int8_t*>(g.w) + n * K;
+  const char* ahead = reinterpret_cast<const char*>(w + NB * K);  // as in gemv_body.h's dense_block
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[M][NB];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {  // K % 32 == 0 (the caller's choice of kernel)
+    __m256i wv[NB], aw[NB];
+    for (int j = 0; j < NB; ++j) __builtin_prefetch(ahead + k * NB + j * 32, 0, 3);
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
+      aw[j] = _mm256_abs_epi8(wv[j]);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.xq + m * K + k));
+      const __m256 d = _mm256_loadu_ps(g.xd + (m * K + k) / 4);  // the block's scale, 8 times
+      for (int j = 0; j < NB; ++j) {
+        const __m256i pairs = _mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xv, wv[j]));
+        const __m256i dot = _mm256_madd_epi16(pairs, ones);  // 8 lanes of 4 columns
+        acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NB; ++j) g.out[m * g.N + n + j] = Isa::hsum(acc[m][j]) * g.scales[n + j];
+}
+
+template <int M>
+void int8_q8_columns(const Gemv& g, int64_t n0, int64_t n1) {
+  // 16 registers: M x NB accumulators, 2 NB weight vectors, x, d, ones.
+  constexpr int NB = M == 1 ? 4 : M <= 3 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) int8_q8_block<M, NB>(g, n);
+  for (; n < n1; ++n) int8_q8_block<M, 1>(g, n);
+}
+
+void int8_q8_kernel(const Gemv& g, int64_t n0, int64_t n1) {
+  switch (g.M) {
+    case 1: return int8_q8_columns<1>(g, n0, n1);
+    case 2: return int8_q8_columns<2>(g, n0, n1);
+    case 3: return int8_q8_columns<3>(g, n0, n1);
+    case 4: return int8_q8_columns<4>(g, n0, n1);
+    case 5: return int8_q8_columns<5>(g, n0, n1);
+    case 6: return int8_q8_columns<6>(g, n0, n1);
+    case 7: return int8_q8_columns<7>(g, n0, n1);
+    default: return int8_q8_columns<8>(g, n0, n1);
+  }
+}
+}  // namespace
+
+const GemvFn int8_q8_avx2 = int8_q8_kernel;
+
+// Needs AVX2 (every level that runs the *_q8 kernels has it): vectorised, as a scalar loop
+// (a libm call per value to round half to even) cost more than the product at 8 rows. The
+// arithmetic is the reference's (native.quantize_activations_q8): fp32, round half even.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, int32_t* xc) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      const float* v = x + m * K + k0;
+      __m256 a = _mm256_setzero_ps();
+      for (int i = 0; i < 32; i += 8) a = _mm256_max_ps(a, _mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask));
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float amax = _mm_cvtss_f32(h);
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, d = amax / 127.0f;
+      const __m256 scale = _mm256_set1_ps(inv);
+      __m256i q32[4];
+      for (int i = 0; i < 4; ++i)  // round half to even, |q| <= 127
+        q32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * i), scale),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      // int32 -> int8 in column order: the packs work per 128-bit half, the permute undoes it.
+      const __m256i q16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[0], q32[1]), 0xD8);
+      const __m256i r16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32[2], q32[3]), 0xD8);
+      const __m256i q8 = _mm256_permute4x64_epi64(_mm256_packs_epi16(q16, r16), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + k0), q8);
+      // -128 * the sum of each 4 columns: 8 lanes of 4 bytes
+      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q8), _mm256_set1_epi16(1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xc + (m * K + k0) / 4), _mm256_mullo_epi32(sums, _mm256_set1_epi32(-128)));
+      _mm256_storeu_ps(xd + (m * K + k0) / 4, _mm256_set1_ps(d));
+    }
+}
 }  // namespace lw
 
 #if defined(__clang__)

@@ -4,7 +4,10 @@
 //
 // gemv_f32 / gemv_bf16 / gemv_int8 / gemv_int4: out (M, N) = x (M, K) @ dequantised(w).T, in
 // x's dtype (fp32 or bf16; computed in fp32). Made for decode (M <= 8: the weights are read
-// once); more rows run in chunks of 8 over cache-sized slices of the weight.
+// once); more rows run in chunks of 8 over cache-sized slices of the weight. gemv_int8 on AVX2
+// and up quantises x per block of 32 columns first (as llama.cpp's Q8_0 does) for integer dot
+// products (gemv.h's int8_vnni / int8_q8_avx2); where K % 32 != 0, and on the portable level,
+// it takes the float path (x as it is).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,7 +21,7 @@
 
 namespace {
 
-enum Level { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512BF16 = 3 };  // native.py's ISAS
+enum Level { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512VNNI = 3, AVX512BF16 = 4 };  // native.py's ISAS
 
 // Bits of lw_cpu_features(), named in native.py (FEATURE_BITS).
 enum Feature { F_AVX2 = 1, F_FMA = 2, F_AVX512F = 4, F_AVX512BW = 8, F_AVX512VL = 16, F_AVX512VNNI = 32,
@@ -39,8 +42,11 @@ int cpu_features() {
 }
 
 int best_level(int f) {
-  const int bf16 = F_AVX512BF16 | F_AVX512BW | F_AVX512F | F_AVX2 | F_FMA;
+  // native.py's ISA_NEEDS: each level needs what the one below does.
+  const int vnni = F_AVX512VNNI | F_AVX512BW | F_AVX512F | F_AVX2 | F_FMA;
+  const int bf16 = F_AVX512BF16 | vnni;
   if ((f & bf16) == bf16) return AVX512BF16;
+  if ((f & vnni) == vnni) return AVX512VNNI;
   if ((f & (F_AVX512F | F_AVX2 | F_FMA)) == (F_AVX512F | F_AVX2 | F_FMA)) return AVX512;
   if ((f & (F_AVX2 | F_FMA)) == (F_AVX2 | F_FMA)) return AVX2;
   return SCALAR;
@@ -55,6 +61,7 @@ const lw::GemvFn avx512bf16_kernels[4] = {lw::avx512_kernels[lw::F32], lw::avx51
 const lw::GemvFn* table() {
   switch (level.load(std::memory_order_relaxed)) {
     case AVX512BF16: return avx512bf16_kernels;
+    case AVX512VNNI:
     case AVX512: return lw::avx512_kernels;
     case AVX2: return lw::avx2_kernels;
     default: return lw::scalar_kernels;
@@ -86,7 +93,7 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
   if (M == 0 || N == 0) return out.to(x_in.scalar_type());
   lw::Gemv g{bf16_dots ? nullptr : x.data_ptr<float>(), M, K, N, w.data_ptr(), scales, offsets, group,
              out.data_ptr<float>(), nullptr, nullptr};
-  const lw::GemvFn fn = bf16_dots ? lw::avx512bf16_bf16 : table()[kind];
+  lw::GemvFn fn = bf16_dots ? lw::avx512bf16_bf16 : table()[kind];
   if (bf16_dots) g.xb = static_cast<const uint16_t*>(x.data_ptr());
   std::vector<uint16_t> xb;
   std::vector<float> xsum;
@@ -97,6 +104,20 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
     lw::avx512bf16_int4_prepare(g.x, M, K, group, xb.data(), xsum.data());
     g.xb = xb.data();
     g.xsum = xsum.data();
+  }
+  // int8 weights: the integer kernels with x quantised per block, where there is one.
+  std::vector<int8_t> xq;
+  std::vector<float> xd;
+  std::vector<int32_t> xc;
+  if (kind == lw::INT8 && lvl >= AVX2 && K % 32 == 0) {
+    xq.resize(M * K);
+    xd.resize(M * K / 4);
+    xc.resize(M * K / 4);
+    lw::quantize_rows(g.x, M, K, xq.data(), xd.data(), xc.data());
+    g.xq = xq.data();
+    g.xd = xd.data();
+    g.xc = xc.data();
+    fn = lvl >= AVX512VNNI ? lw::int8_vnni : lw::int8_q8_avx2;
   }
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (BLOCK * row_bytes));
@@ -112,12 +133,21 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
         part.out = g.out + m0 * N;
         if (g.xb) part.xb = g.xb + m0 * K;
         if (g.xsum) part.xsum = g.xsum + m0 * (K / group);
+        if (g.xq) {
+          part.xq = g.xq + m0 * K;
+          part.xd = g.xd + m0 * K / 4;
+          part.xc = g.xc + m0 * K / 4;
+        }
         fn(part, n0, n1);
       }
     }
   });
   return out.to(x_in.scalar_type());
 }
+
+}  // namespace
+
+namespace {
 
 void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == dtype, "llamaworks gemv: ", what, " must be a 2-d ", dtype,
