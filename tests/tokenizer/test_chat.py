@@ -510,7 +510,8 @@ def test_render_errors_name_the_file_and_key(llama2_template, llama2_dir):
 @pytest.mark.parametrize("messages, message", [
     ([], "messages is empty"),
     ("hello", "messages must be a list"),
-    ([{"role": "tool", "content": "x"}], r"messages\[0\]\['role'\] is 'tool'; use one of system, user, assistant"),
+    ([{"role": "robot", "content": "x"}],
+     r"messages\[0\]\['role'\] is 'robot'; use one of system, user, assistant, tool"),
     ([{"role": "user", "content": "x"}, {"content": "y"}], r"messages\[1\]\['role'\] is None"),
     ([{"role": "user", "content": None}], r"messages\[0\]\['content'\] must be a string, got NoneType"),
     ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], r"messages\[0\]\['content'\] must be a string"),

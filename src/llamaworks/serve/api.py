@@ -43,6 +43,7 @@ from llamaworks.serve.protocol import (
     parse_json,
     sse,
 )
+from llamaworks.serve.tools import ReplyReader, call_deltas, read_reply, with_calls
 from llamaworks.tokenizer.chat import ChatTemplate
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
@@ -199,8 +200,16 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
             raise APIError(503, "the request was cancelled because the server is shutting down",
                            type="server_error", code="shutting_down")
         count(endpoint, 200)
-        return JSONResponse(merge_choices([o.response(job.text, job.finish_reason, job.tokens, job.token_logprobs,
-                                                      job.prompt_token_logprobs) for o, job in zip(outs, jobs)]))
+        responses = [o.response(job.text, job.finish_reason, job.tokens, job.token_logprobs, job.prompt_token_logprobs)
+                     for o, job in zip(outs, jobs)]
+        if req.tools is not None:
+            for o, job, r in zip(outs, jobs, responses):
+                content, calls = read_reply(req.tools, job.text.lstrip())
+                if calls:
+                    with_calls(r, o.index, calls)
+                else:
+                    r["choices"][0]["message"]["content"] = content
+        return JSONResponse(merge_choices(responses))
 
     async def next_event(events: asyncio.Queue[Event], deadline: float | None) -> Event | None:
         """The request's next event, or None when its deadline passes first."""
@@ -218,6 +227,9 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
                 for out in outs:
                     yield sse(out.role_chunk())
             left = len(jobs)
+            # Tool calls: each choice's reply is read for them (tools.py); text that may be a
+            # call is held until the choice ends.
+            readers = [ReplyReader(out.req.tools) if out.req.tools is not None else None for out in outs]
             while left:
                 item = await next_event(events, deadline)
                 if item is None:
@@ -230,13 +242,26 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
                 job, out = jobs[k], outs[k]
                 if ev.kind == "text":
                     text = out.reply_text(ev.text)
+                    if readers[k] is not None:
+                        text = readers[k].push(text)
                     if text:
                         yield sse(out.chunk(text, None, job.tokens, job.token_logprobs))
                 elif ev.kind == "error":
                     yield sse(APIError(500, ev.text, type="server_error", code="generation_failed").body())
                     break
                 else:
-                    yield sse(out.chunk(None, ev.finish_reason, job.tokens, job.token_logprobs))
+                    reason = ev.finish_reason
+                    if readers[k] is not None:
+                        held, calls = readers[k].finish()
+                        if held:
+                            yield sse(out.chunk(held, None, job.tokens, job.token_logprobs))
+                        for delta in call_deltas(calls or []):
+                            chunk = out.chunk(None, None, job.tokens, job.token_logprobs)
+                            chunk["choices"][0]["delta"] = delta
+                            yield sse(chunk)
+                        if calls:
+                            reason = "tool_calls"
+                    yield sse(out.chunk(None, reason, job.tokens, job.token_logprobs))
                     left -= 1
                     if not left and out.req.include_usage:
                         yield sse(out.usage_chunk(sum(len(j.tokens) for j in jobs)))

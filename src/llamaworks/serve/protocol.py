@@ -41,6 +41,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llamaworks.serve.tools import (
+    Tools,
+    ToolsError,
+    assistant_calls,
+    no_tool_template,
+    parse_tools,
+    tool_message,
+    uses_tools,
+)
 from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 from llamaworks.tokenizer.chat import (
     ChatTemplate,
@@ -218,6 +227,7 @@ class GenerationRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: frozenset[int] = frozenset()  # vLLM's: ids that end the reply besides stop_ids
     constraint: Any = None  # structured.Constraint from response_format or grammar; None: free text
+    tools: Tools | None = None  # chat: the tools offered (serve/tools.py); None: a text reply
 
     def budget(self, prompt_tokens: int, context: int) -> int:
         """Tokens to generate: the asked max_tokens, which must fit beside the prompt, or
@@ -287,8 +297,7 @@ def _stop(body: dict) -> tuple[str, ...]:
 # to anything but their "off" value, rather than silently answering without them.
 _UNSUPPORTED = {
     "completions": {"best_of": (None, 1), "suffix": (None, "")},
-    "chat": {"tools": (None, []),
-             "functions": (None, []), "tool_choice": (None, "none"), "function_call": (None, "none"),
+    "chat": {"functions": (None, []), "function_call": (None, "none"),
              "audio": (None,), "modalities": (None, ["text"])},
 }
 
@@ -449,8 +458,19 @@ def _messages(body: dict) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(msgs):
         role = m.get("role") if isinstance(m, dict) else None
-        if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant"):
-            raise invalid("messages", f"messages[{i}] must have a role of system, user or assistant")
+        if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant", "tool"):
+            raise invalid("messages", f"messages[{i}] must have a role of system, user, assistant or tool")
+        try:
+            if role == "tool":
+                out.append(tool_message(m, i))
+                continue
+            if role == "assistant" and m.get("tool_calls") is not None:
+                content = m.get("content")
+                out.append({"role": "assistant", "content": content if isinstance(content, str) else "",
+                            "tool_calls": assistant_calls(m, i)})
+                continue
+        except ToolsError as e:
+            raise invalid(e.param, e.message, e.code) from None
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -469,12 +489,22 @@ def parse_chat(body: dict, info: ModelInfo) -> GenerationRequest:
     opts = _options(body, chat=True, template_stops=fmt.template.stop_strings) | _token_options(body, info)
     messages = _messages(body)
     try:
-        prompt = fmt.template.render(messages)
+        tools = parse_tools(body, fmt.template.renders_tools, fmt.template.where)
+    except ToolsError as e:
+        raise invalid(e.param, e.message, e.code) from None
+    if tools is not None and opts["constraint"] is not None:
+        raise invalid("tools", "tools and response_format (or grammar) cannot be combined yet; send one of them",
+                      "unsupported_value")
+    if not fmt.template.renders_tools and uses_tools(messages):
+        raise invalid("messages", "messages hold tool calls or tool results, but " + no_tool_template(
+            fmt.template.where), "unsupported_value")
+    try:
+        prompt = fmt.template.render(messages, **({"tools": tools.template_tools()} if tools else {}))
     except ValueError as e:  # the template refused the conversation, or failed on it
         raise invalid("messages", f"messages: {e}") from None
     _check_prompt_chars(prompt, "messages", info, fmt.controls)
     return GenerationRequest(chat=True, prompt=prompt, prompt_param="messages", messages=tuple(messages),
-                             stop_ids=fmt.stop_ids, **opts)
+                             stop_ids=fmt.stop_ids, tools=tools, **opts)
 
 
 def encode_prompt(tokenizer, req: GenerationRequest, chat: ChatFormat | None = None) -> list[int]:
@@ -492,8 +522,12 @@ def encode_prompt(tokenizer, req: GenerationRequest, chat: ChatFormat | None = N
         return tokenizer.encode(req.prompt, bos=True, eos=False)
     fmt = chat if chat is not None else chat_format(tokenizer)
     try:
-        return encode_chat(tokenizer, fmt.template, req.messages, add_generation_prompt=True,
-                           control_tokens=fmt.control_tokens)
+        ids = encode_chat(tokenizer, fmt.template, req.messages, add_generation_prompt=True,
+                          control_tokens=fmt.control_tokens, **({"tools": req.tools.template_tools()} if req.tools
+                                                                else {}))
+        if req.tools is not None and req.tools.prefix:  # a required call: its start is the reply's start
+            ids += tokenizer.encode(req.tools.prefix, bos=False, eos=False)
+        return ids
     except ValueError as e:  # e.g. Llama 2's [INST] typed in a message, which its format cannot tell apart
         raise invalid("messages", f"messages: {e}") from None
 

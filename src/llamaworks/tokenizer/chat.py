@@ -34,6 +34,12 @@ not HTML-escape, `{% generation %}` blocks accepted), with `messages`, `add_gene
 `tools=None`, `documents=None`, `bos_token`, `eos_token` and any extra variables, so
 `render(...)` equals `tokenizer.apply_chat_template(..., tokenize=False)`.
 
+Tools: a template renders tools when its code reads the `tools` variable (`renders_tools`, found
+with jinja2.meta; Llama 3.1's does, Llama 3's does not). Such a conversation may hold tool turns
+as transformers passes them: an assistant message with `tool_calls` ([{"id", "type": "function",
+"function": {"name", "arguments": dict}}], content "" when it had none) and `tool` (or Llama 3.1's
+`ipython`) messages with the tool's output as content and an optional `tool_call_id`.
+
 Tokenising: transformers encodes the rendered string with special tokens parsed, so a user who
 types "<|eot_id|>" or "</s>" gets the control token: injection. Meta's reference encodes headers
 as ids and message text with special tokens disallowed. `encode_chat` gets both: before rendering
@@ -70,6 +76,7 @@ __all__ = ["ChatTemplate", "BUILTIN_TEMPLATES", "ROLES", "attach_chat_templates"
            "write_chat_template_files"]
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLES = ("tool", "ipython")  # a tool's output (Llama 3.1 writes both under the ipython header)
 
 # meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json chat_template, which renders Meta's
 # reference chat_completion format: "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>".
@@ -151,7 +158,8 @@ class ChatTemplate:
         env = _environment()
         try:
             self._compiled = env.from_string(source)
-            literals = _literal_text(env.parse(source))
+            ast = env.parse(source)
+            literals = _literal_text(ast)
         except Exception as e:  # TemplateSyntaxError, and the sandbox's errors at compile time
             line = getattr(e, "lineno", None)
             at = f" (line {line})" if line else ""
@@ -159,6 +167,10 @@ class ChatTemplate:
                              f"in that file, or choose a built-in one ({', '.join(BUILTIN_TEMPLATES)})") from None
         # Computed once here: both need the template's literal text, which renders never change.
         self.format_tags = tuple(t for t in FORMAT_TAGS if t in literals)
+        import jinja2.meta  # jinja2 is imported by _environment() above
+
+        # Whether the template reads `tools` (renders the functions a request offers).
+        self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(ast)
         self.control_literals = tuple(sorted(set(_CONTROL_SHAPE.findall(literals))))
         ends = [eos_token] if eos_token else []
         self.stop_tokens = tuple(dict.fromkeys(ends + [t for t in END_OF_TURN if t in literals]))
@@ -341,9 +353,11 @@ class ChatTemplate:
                              f"one ({', '.join(BUILTIN_TEMPLATES)})") from None
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
+def check_messages(messages: Any) -> list[dict[str, Any]]:
     """Plain copies of `messages`, checked: a non-empty list of {"role", "content"} with a role of
-    system/user/assistant and string content. Other keys are dropped (no tools here)."""
+    system/user/assistant (or tool/ipython) and string content; an assistant message may carry
+    `tool_calls` (a list of objects; content None becomes ""), a tool message `tool_call_id`.
+    Other keys are dropped."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} objects, got "
                          f"{type(messages).__name__}")
@@ -354,12 +368,25 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(m, Mapping):
             raise ValueError(f"messages[{i}] must be a {{'role': ..., 'content': ...}} object, got {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ValueError(f"messages[{i}]['role'] is {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(role, str) or role not in ROLES + TOOL_ROLES:
+            raise ValueError(f"messages[{i}]['role'] is {role!r}; use one of {', '.join(ROLES + TOOL_ROLES)}")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls is not None and content is None:
+            content = ""
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]['content'] must be a string, got {type(content).__name__}")
         # str.__str__ drops subclasses, whose extra methods the sandbox would not know to forbid.
-        out.append({"role": str.__str__(role), "content": str.__str__(content)})
+        msg: dict[str, Any] = {"role": str.__str__(role), "content": str.__str__(content)}
+        if calls is not None:
+            if not isinstance(calls, (list, tuple)) or not all(isinstance(c, Mapping) for c in calls):
+                raise ValueError(f"messages[{i}]['tool_calls'] must be a list of objects")
+            msg["tool_calls"] = _plain(list(calls), f"messages[{i}]['tool_calls']")
+        call_id = m.get("tool_call_id") if role in TOOL_ROLES else None
+        if call_id is not None:
+            if not isinstance(call_id, str):
+                raise ValueError(f"messages[{i}]['tool_call_id'] must be a string")
+            msg["tool_call_id"] = str.__str__(call_id)
+        out.append(msg)
     return out
 
 
@@ -438,7 +465,8 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: Sequence[Mapping[st
     # Private-use characters no template can know: case filters leave them alone, and a template
     # that slices through one still cannot join the two halves of a token it broke.
     mark = "".join(chr(0xE000 + secrets.randbelow(0x1900)) for _ in range(8))
-    marked = [{"role": m["role"], "content": _break_tokens(m["content"], anycase, mark)} for m in msgs]
+    # Tool calls and ids are message text too: broken the same way.
+    marked = [{**_break_all(m, anycase, mark), "role": m["role"]} for m in msgs]
     text = template._render(marked, add_generation_prompt, _break_all(extra, anycase, mark))
     control_ids = set(controls.values())
     allow = _takes_allow_special(tokenizer)
