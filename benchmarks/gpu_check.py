@@ -208,6 +208,10 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}%" if x is not None else "n/a"
 
 
+def _flops(x: float) -> str:
+    return f"{x / 1e12:.0f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.0f} GFLOP/s"
+
+
 def render_markdown(result: dict) -> str:
     """The README's GPU section from a gpu_check JSON."""
     m, t = result["machine"], result["tests"]
@@ -238,7 +242,7 @@ def render_markdown(result: dict) -> str:
     p = result["peaks"]
     lines += ["", f"Peaks: datasheet {p['datasheet_flops'] / 1e12:.0f} TFLOP/s bf16 and "
               f"{p['datasheet_bandwidth'] / 1e12:.2f} TB/s ({p['gpu_key']}); " if p.get("datasheet_flops") else "",
-              f"measured {p['measured_flops'] / 1e12:.1f} TFLOP/s (bf16 matmul), "
+              f"measured {_flops(p['measured_flops'])} (bf16 matmul), "
               f"{p['measured_bandwidth'] / 1e9:.0f} GB/s (x.sum() over 1 GiB). JSON: `{result.get('out', '')}`."]
     return "\n".join(x for x in lines if x is not None).replace("\n\n\n", "\n\n")
 
