@@ -235,6 +235,16 @@ def test_auto_call_streamed(served, client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_openai_stream_helper_accumulates_the_calls(served, client):
+    # The client's own accumulator (chat.completions.stream) rebuilds the message from our deltas.
+    script(served, {"messages": ASK, "tools": TOOLS}, CALL)
+    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS) as stream:
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
 def test_python_tag_call(served, client):
     # Llama 3.1 may open a call with <|python_tag|> (a control token, no text) and end it with <|eom_id|>.
     tok = served.tokenizer
