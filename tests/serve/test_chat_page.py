@@ -60,6 +60,7 @@ def test_conversation_streams_and_stop_works(tiny_model_dir, page):
     with running_server(tiny_model_dir, max_batch=2, delay=0.04) as s:
         page.goto(s.url + "/")
         page.wait_for_function("(m) => document.getElementById('model').textContent === m", arg=MODEL)
+        assert not page.is_visible("#api-key-row")  # this server needs no key
         page.fill("#system", "You are terse.")
         page.fill("#max-tokens", "200")
         page.fill("#input", "Hello there")
@@ -95,6 +96,7 @@ def test_api_key_box(tiny_model_dir, page):
     with running_server(tiny_model_dir, max_batch=1, api_key="sk-page") as s:
         page.goto(s.url + "/")
         page.wait_for_selector("#api-key-row:not([hidden])")
+        assert page.is_visible("#api-key")
         page.wait_for_function("document.getElementById('model').textContent === 'API key needed'")
         page.fill("#api-key", "sk-page")
         page.dispatch_event("#api-key", "change")
