@@ -28,9 +28,13 @@ llama.cpp runs through llama-cpp-python on the same weights exported to GGUF f32
 weight buffers (extra buffer types: AMX, and the interleaved Q4_0/Q8_0 layouts of its AVX2/AVX-512
 kernels) where they run; where they crash (each file is probed in a child process) the row runs
 without them, is labelled "(no repack)" and says so. Its Python API decodes one sequence at a
-time, so it appears at batch 1 only; without llama-cpp-python (./dev.sh extras) its rows are
-skipped with a note. The JSON records the machine: CPU model and flags, threads, measured read
-bandwidth, torch, transformers and llama-cpp-python versions, the native kernels' instruction set.
+time: at batch > 1 llama.cpp's rows come from its own llama-batched-bench on the same files
+(B prompts prefilled together, then B tokens a step; random tokens, so no "same" column), built
+with `benchmarks/serve.py --build-llama-server`, and are left out with a note where it is not
+built; without llama-cpp-python (./dev.sh extras) its rows are skipped with a note. The JSON
+records the machine (benchmarks/machine.py: CPU model and flags, threads, measured read
+bandwidth, torch, transformers and llama-cpp-python versions, a contended/quiet label; --label)
+and the native kernels' instruction set.
 --ppl-model prints the perplexity of a trained model on held-out text for fp32, int8 and int4
 (llama.cpp's quantisation table).
 """
@@ -266,6 +270,54 @@ def time_llama_cpp(llm, prompt, new):
     return time.perf_counter() - t0, out
 
 
+BATCHED_NOTE = ("llama.cpp's batched decode needs llama-batched-bench: build it with "
+                "`.venv/bin/python benchmarks/serve.py --build-llama-server`")
+
+
+def llama_cpp_batched(paths: dict, a, batches: list[int], name: str, n_params: int, per_weight: float,
+                      bandwidth: float) -> list[dict]:
+    """llama.cpp's own batched decode at each batch > 1: llama-batched-bench (built with
+    llama-server from llama-cpp-python's vendored sources) on the same GGUF files, B distinct
+    prompts of --prompt-len random tokens prefilled together, then --new-tokens steps of B
+    tokens; tokens/s = B x new tokens / (prefill + decode time), the figure our rows report."""
+    from serve import find_llama_server
+
+    binary = find_llama_server("llama-batched-bench")
+    if binary is None:
+        print(f"(no llama.cpp rows at batch {', '.join(map(str, batches))}: {BATCHED_NOTE})")
+        return []
+    by_format = {v: k for k, v in LLAMA_CPP_FORMAT.items()}
+    rows = []
+    for q, path in paths.items():
+        fmt = q.split()[0]
+        if by_format.get(fmt) not in a.precisions:
+            continue
+        for bsz in batches:
+            cmd = [str(binary), "-m", str(path), "-c", str(bsz * (a.prompt_len + a.new_tokens) + 16), "-b", "2048",
+                   "-ub", "512", "-npp", str(a.prompt_len), "-ntg", str(a.new_tokens), "-npl", str(bsz),
+                   "-t", str(torch.get_num_threads()), "--output-format", "jsonl"]
+            cmd += ["-nr"] if "no repack" in q else []  # --no-repack: its plain kernels, as the batch-1 row
+            times = []
+            for _ in range(a.repeats):
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+                lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("{")]
+                if proc.returncode or not lines:
+                    print(f"(llama.cpp {q} batch {bsz}: llama-batched-bench failed: {proc.stderr[-500:]})")
+                    break
+                res = json.loads(lines[-1])
+                times.append(res["t_pp"] + res["t_tg"])
+            if len(times) < a.repeats:
+                continue
+            med = statistics.median(times)
+            tps = bsz * a.new_tokens / med
+            nbytes = int(per_weight * LLAMA_CPP_BYTES[fmt])
+            rows.append({"config": name, "params": n_params, "batch": bsz, "impl": f"llama.cpp {q} batched-bench",
+                         "precision": by_format[fmt], "llama_cpp_repacked": "no repack" not in q, "seconds": med,
+                         "runs": times, "tokens_per_s": tps, "bytes_per_step": nbytes,
+                         "roofline": (tps / bsz) * nbytes / bandwidth, "tokens": None})
+    return rows
+
+
 def same_prefix(a: list[list[int]], b: list[list[int]]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -337,7 +389,7 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                 variants.append((label, prec, None, False, make_q))
                 if a.compile:
                     variants.append((label + "+compile", prec, None, False, lambda mode=prec: make_q(mode, True)))
-    tmp = None
+    tmp, paths = None, {}
     if "llama.cpp" in a.impls and torch.device(a.device).type != "cpu":
         print(f"(llama.cpp rows skipped on {a.device}: llama-cpp-python from PyPI is built for the CPU)")
     elif "llama.cpp" in a.impls:
@@ -400,6 +452,9 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                              "runs": times, "tokens_per_s": tps, "bytes_per_step": nbytes,
                              "roofline": (tps / bsz) * nbytes / bandwidth, "tokens": toks})
             del run
+    batched = [b for b in a.batches if b > 1]
+    if paths and batched:
+        rows += llama_cpp_batched(paths, a, batched, name, n_params, per_weight, bandwidth)
     if tmp is not None:
         tmp.cleanup()
     for bsz in a.batches:
@@ -415,15 +470,19 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
         print(f"{'implementation':<34}{'tokens/s':>10}{'vs transformers':>17}{'vs ours fp32':>14}"
               f"{'MB/step':>9}{'roofline':>10}{'same':>11}")
         if bsz > 1 and any(batch1_only for _, _, _, batch1_only, _ in variants):
-            print("(llama.cpp: batch 1 only, its Python API decodes one sequence at a time)")
+            print("(llama.cpp at batch > 1: llama-batched-bench, llama.cpp's own batched decode of random tokens "
+                  "(its Python API decodes one sequence at a time): no tokens to compare)"
+                  if any(r["impl"].endswith("batched-bench") for r in table) else
+                  f"(llama.cpp: batch 1 only: its Python API decodes one sequence at a time; {BATCHED_NOTE})")
         for r in table:
-            same = same_prefix(r["tokens"], ref["tokens"])
+            same = same_prefix(r["tokens"], ref["tokens"]) if r["tokens"] is not None else None
             r["same_tokens"] = same
             print(f"{r['impl']:<34}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base['tokens_per_s']:>16.2f}x"
                   f"{r['tokens_per_s'] / ref['tokens_per_s']:>13.2f}x{r['bytes_per_step'] / 1e6:>9.0f}"
-                  f"{100 * r['roofline']:>9.0f}%{same:>6}/{bsz * a.new_tokens}")
+                  f"{100 * r['roofline']:>9.0f}%" + (f"{same:>6}/{bsz * a.new_tokens}" if same is not None else
+                                                     f"{'-':>11}"))
     for r in rows:
-        del r["tokens"]
+        r.pop("tokens")
     return rows
 
 

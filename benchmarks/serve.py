@@ -70,14 +70,16 @@ def build_dir(version: str) -> Path:
     return CACHE / f"build-{version}"
 
 
-def find_llama_server() -> Path | None:
-    """$LLAMA_SERVER, else the cached build for the installed llama-cpp-python, else PATH's."""
+def find_llama_server(tool: str = "llama-server") -> Path | None:
+    """$LLAMA_SERVER (or the `tool` beside it), else the cached build for the installed
+    llama-cpp-python, else PATH's."""
     if os.environ.get("LLAMA_SERVER"):
-        return Path(os.environ["LLAMA_SERVER"])
+        path = Path(os.environ["LLAMA_SERVER"])
+        return path if tool == "llama-server" else (path.parent / tool if (path.parent / tool).is_file() else None)
     version = llama_cpp_python_version()
-    if version and (build_dir(version) / "bin" / "llama-server").is_file():
-        return build_dir(version) / "bin" / "llama-server"
-    found = shutil.which("llama-server")
+    if version and (build_dir(version) / "bin" / tool).is_file():
+        return build_dir(version) / "bin" / tool
+    found = shutil.which(tool)
     return Path(found) if found else None
 
 

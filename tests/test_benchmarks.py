@@ -1,0 +1,163 @@
+"""The benchmark scripts keep running (issue 16): each one's smoke mode in a subprocess, and
+benchmarks/machine.py, the one machine record they all write."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SCRIPTS = ("decode", "gemv", "finetune", "train_throughput", "eval_throughput", "serve", "data_throughput",
+           "distributed")
+
+
+def load_machine():
+    spec = importlib.util.spec_from_file_location("bench_machine", BENCH / "machine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse4_2 avx avx2 fma f16c avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse4_2 avx avx2
+"""
+
+
+def test_cpu_model_and_flags_reads_the_kernel_flags():
+    model, flags = load_machine().cpu_model_and_flags(CPUINFO)
+    assert model == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    # The first CPU's flags, the ones kernels choose by, every AMX flag; fpu is not one of them.
+    assert flags == ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                     "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"]
+    assert load_machine().cpu_model_and_flags("flags : sse2 avx2\n")[1] == ["avx2"]
+
+
+def test_auto_label_from_the_load_average():
+    m = load_machine()
+    assert m.auto_label([0.3, 0.2, 0.1], 2) == "quiet machine"
+    assert m.auto_label([1.5, 0.2, 0.1], 2) == "contended"
+    assert m.auto_label(None, 2) == "contended"  # unknown load never passes for quiet
+
+
+def test_machine_record_fields():
+    m = load_machine()
+    rec = m.machine_record("quiet machine", bandwidth=False, threads=3, libraries=("pytest",))
+    assert rec["label"] == "quiet machine" and rec["label_source"] == "given"
+    assert rec["threads"] == 3 and rec["read_bandwidth"] is None
+    assert rec["pytest"] == pytest.__version__
+    for key in ("cpu_model", "cpu_flags", "logical_cpus", "torch", "transformers", "llama-cpp-python", "date"):
+        assert key in rec
+    auto = m.machine_record(bandwidth=12.5e9)
+    assert auto["read_bandwidth"] == 12.5e9 and auto["label"] in ("contended", "quiet machine")
+    assert auto["label_source"].startswith("derived")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_takes_the_shared_machine_record(script):
+    text = (BENCH / f"{script}.py").read_text()
+    assert re.search(r"^from machine import .*(machine_record|record_in_child)", text, re.M), script
+    assert "/proc/cpuinfo" not in text, f"{script}.py reads /proc/cpuinfo itself: use benchmarks/machine.py"
+
+
+def run(script: str, *args: str, timeout: int = 1200) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_serve_smoke(tmp_path):
+    pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    out = tmp_path / "serve.json"
+    text = run("serve", "--smoke", "--output", str(out), "--label", "test")
+    d = json.loads(out.read_text())
+    assert d["machine"]["label"] == "test"
+    ours = d["results"][0]
+    assert ours["server"] == "llamaworks"
+    for wl in ("chat", "mixed"):
+        assert ours[wl]["errors"] == 0 and ours[wl]["requests"] == 8
+        # eos is biased away: every request generates exactly max_tokens
+        assert ours[wl]["generated_tokens"] == 8 * d["max_tokens"]
+        assert ours[wl]["ttft_p50_s"] > 0
+    assert "llama-server side skipped" in text
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke(tmp_path):
+    out = tmp_path / "train.json"
+    text = run("train_throughput", "--smoke", "--out", str(out))
+    assert "first-step losses agree within 1e-4: True" in text
+    assert json.loads(out.read_text())["machine"]["cpu_model"]
+
+
+@pytest.mark.slow
+def test_decode_quick(tmp_path):
+    out = tmp_path / "decode.json"
+    run("decode", "--quick", "--impls", "llamaworks", "transformers", "--precisions", "fp32", "int8", "--out", str(out))
+    d = json.loads(out.read_text())
+    assert {r["impl"] for r in d["results"]} >= {"llamaworks fp32", "llamaworks int8", "transformers fp32"}
+    assert d["machine"]["read_bandwidth"] > 0
+
+
+@pytest.mark.slow
+def test_data_throughput_smoke(tmp_path):
+    out = tmp_path / "data.json"
+    text = run("data_throughput", "--smoke", "--json", str(out))
+    d = json.loads(out.read_text())
+    assert d["runs"]["ours_c4filter"]["kept"] > 0
+    if "datatrove_c4filter_same_rules" in d["runs"]:  # datatrove installed (the bench extra)
+        agree = d["kept_agreement"]["ours_c4filter~datatrove_c4filter_same_rules"]
+        assert agree["jaccard"] >= 0.99, agree
+        assert "ours_c4filter/datatrove_c4filter_same_rules" in d["ratio_docs_per_s"]
+    else:
+        assert "datatrove not installed" in text
+
+
+@pytest.mark.slow
+def test_eval_throughput_small(tmp_path):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "eval.json"
+    run("eval_throughput", "--limit", "8", "--batch", "4", "--output", str(out))
+    assert json.loads(out.read_text())["machine"]["threads"] == 2
+
+
+@pytest.mark.slow
+def test_distributed_tiny(tmp_path):
+    out = tmp_path / "dist.json"
+    run("distributed", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq-len", "16",
+        "--out", str(out))
+    d = json.loads(out.read_text())
+    assert {r["strategy"] for r in d["rows"]} >= {"ddp", "fsdp"} and d["machine"]["threads"] == 1
+
+
+@pytest.mark.slow
+def test_gemv_quick():
+    from llamaworks.inference import native
+
+    if not native.load():
+        pytest.skip("native kernels not built (python -m llamaworks.inference.native build)")
+    run("gemv", "--quick", "--kinds", "fp32", "int8", "--rows", "1", "--repeats", "1", "--min-s", "0.02")
+
+
+@pytest.mark.slow
+def test_finetune_tiny(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "ft.json"
+    run("finetune", "--configs", "A", "--precisions", "fp32", "--steps", "1", "--warmup", "0", "--batch", "1",
+        "--seq-len", "32", "--qlora-configs", "--out", str(out))
+    d = json.loads(out.read_text())
+    assert d["complete"] and d["machine"]["cpu_model"]
