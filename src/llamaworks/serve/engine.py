@@ -8,10 +8,11 @@ memory. Full prompt blocks are shared between requests through their chain hash 
 caching): a request whose prompt starts with a cached prefix prefills only the rest (the
 last prompt token at least, whose logits start its answer).
 
-Each engine iteration runs at most one prefill chunk (`prefill_chunk` tokens of one prompt;
-without it, every admissible prompt whole, each before the next is admitted so that it
-finds the blocks the previous one cached) and then one decode step of the running rows:
-a long prompt arriving never stalls the running requests for more than a chunk. The order
+Each engine iteration prefills at most `prefill_chunk` prompt tokens (of one prompt or of
+several short ones in turn; without it, every admissible prompt whole; each prompt before the
+next is admitted, so that it finds the blocks the previous one cached) and then runs one
+decode step of the running rows: a long prompt arriving never stalls the running requests
+for more than a chunk. The order
 of these forward passes is recorded in `step_log`.
 
 The decode step always runs the full batch (free rows, and rows whose prompt is still being
@@ -192,8 +193,9 @@ class Engine:
                                          device=self.device)
         self._row0 = torch.zeros(1, dtype=torch.long, device=self.device)
         self._admitted = 0
-        # The forward passes in order: ("prefill", request number, start, end) and ("decode",
-        # request numbers of the rows decoded); bounded, for tests and debugging.
+        self._steps = 0  # engine iterations so far (the step numbers of step_log)
+        # The forward passes in order: ("prefill", request number, start, end, engine step) and
+        # ("decode", request numbers of the rows decoded); bounded, for tests and debugging.
         self.step_log: collections.deque[tuple] = collections.deque(maxlen=10_000)
         self.metrics = Metrics(slots=max_batch)
         self._slots: list[_Slot | None] = [None] * max_batch
@@ -383,18 +385,23 @@ class Engine:
         self._emit(req, Event("done", finish_reason="cancelled"))
 
     def _prefill_step(self) -> None:
-        """One step's prefill: a chunk of the prompt being prefilled (or of the next admissible
-        one), or without chunking every admissible prompt whole."""
-        while True:
+        """One step's prefill: `prefill_chunk` prompt tokens at most, of the prompt being
+        prefilled and then of the next admissible ones (each prompt's part its own forward
+        pass), or without chunking every admissible prompt whole."""
+        budget = self.prefill_chunk
+        self._steps += 1
+        while budget is None or budget > 0:
             i = next((i for i, s in enumerate(self._slots) if s is not None and not s.ready), None)
             if i is None and (i := self._admit()) is None:
                 return
+            s = self._slots[i]
+            chunk = None if budget is None else min(budget, len(s.req.prompt_ids) - s.prefilled)
             try:
-                self._prefill(i, self.prefill_chunk)
+                self._prefill(i, chunk)
             except Exception as e:  # noqa: BLE001 - a failed request must not take others down
-                self._fail(self._slots[i].req, e)
-            if self.prefill_chunk is not None:
-                return
+                self._fail(s.req, e)
+            if budget is not None:
+                budget -= chunk
 
     def _admit(self) -> int | None:
         """Give the oldest waiting request a row and its blocks if both are there now (in order:
@@ -449,7 +456,7 @@ class Engine:
                                           device=self.device)  # (1, width)
         ids = torch.tensor([req.prompt_ids[start:end]], dtype=torch.long, device=self.device)
         pos = torch.arange(start, end, device=self.device).unsqueeze(0)
-        self.step_log.append(("prefill", s.number, start, end))
+        self.step_log.append(("prefill", s.number, start, end, self._steps))
         # Full logits then the last row, exactly as generate() computes them, so that a greedy
         # request served here gets the tokens generate() gives.
         full = self.model(ids, pos, rows=self._row0)  # (1, end - start, vocab)
