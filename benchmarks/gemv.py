@@ -6,7 +6,8 @@ beside torch's own paths and an inductor-compiled reduction, in GB/s of weights 
     .venv/bin/python benchmarks/gemv.py --quick                  # 512x512 and 4096x4096, no compile, no JSON
 
 Per precision (weights fp32, bf16, int8 per output channel, int4 in groups of --group-size):
-  native     llamaworks::gemv_* (fp32 activations; bf16 ones for bf16 weights, as a bf16 model has)
+  native     llamaworks::gemv_* (fp32 activations; bf16 ones for bf16 weights, as a bf16 model has;
+             int8 quantises the activations per block of 32 for integer dot products, as Q8_0)
   torch      what llamaworks ran before: F.linear (fp32, bf16; torch.mv for one bf16 row, GemvLinear),
              aten._weight_int8pack_mm and aten._weight_int4pack_mm_for_cpu with bf16 activations
   compiled   torch.compile of the product written as multiply-and-sum (fp32, bf16, int8 dequantised
@@ -119,7 +120,7 @@ def variants(kind: str, w: torch.Tensor, group_size: int, x: torch.Tensor, want_
     return nbytes, out
 
 
-def run(a) -> list[dict]:
+def run(a, bandwidth: float) -> list[dict]:
     rows_out = []
     for shape in a.shapes:
         n, k = map(int, shape.split("x"))
@@ -155,7 +156,14 @@ def run(a) -> list[dict]:
                 del loops
                 line = "  ".join(f"{impl} {rec[impl]['GB/s']:5.1f} GB/s ({rec[impl]['GB/s per CPU-second']:5.1f}/cpu-s)"
                                  for impl in impls)
-                print(f"{shape:>12} {kind:>5} rows {rows}:  {line}", flush=True)
+                # native's speed over each alternative's (wall clock; same run, taken in turn), and
+                # its share of the machine's read bandwidth (the roofline of a cold product)
+                rec["native_over"] = {impl: rec["native"]["GB/s"] / rec[impl]["GB/s"] for impl in impls
+                                      if impl != "native"}
+                rec["native_of_read_bandwidth"] = rec["native"]["GB/s"] / (bandwidth / 1e9)
+                ratios = " ".join(f"x{r:4.2f} vs {impl}" for impl, r in rec["native_over"].items())
+                print(f"{shape:>12} {kind:>5} rows {rows}:  {line}  | native {ratios}, "
+                      f"{100 * rec['native_of_read_bandwidth']:3.0f}% of read bandwidth", flush=True)
                 rows_out.append(rec)
             del w
     return rows_out
@@ -193,7 +201,7 @@ def main():
               "cold": not a.warm, "note": a.note}
     print(f"{result['machine']['cpu_model']}, {result['threads']} threads, kernels {result['native_isa']}, "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}")
-    result["results"] = run(a)
+    result["results"] = run(a, bandwidth)
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
