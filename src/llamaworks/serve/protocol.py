@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llamaworks.serve.structured import compile_constraint
 from llamaworks.serve.tools import (
     Tools,
     ToolsError,
@@ -398,8 +399,6 @@ def _constraint(body: dict):
             raise invalid(param, f"response_format type must be text, json_object or json_schema, got {shown(kind)}")
         else:
             spec = None
-    from llamaworks.serve.structured import compile_constraint
-
     try:
         return compile_constraint(kind, spec)
     except ValueError as e:
