@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from llamaworks.serve import tools as tools_module
 from llamaworks.serve.protocol import APIError, ChatFormat, ModelInfo, encode_prompt, model_info, parse_chat
 from llamaworks.serve.tools import ReplyReader, Tools, ToolsError, call_deltas, parse_calls, parse_tools
 from llamaworks.tokenizer import load_tokenizer
@@ -265,10 +266,21 @@ def test_text_reply_with_tools_streams_as_text(served, client):
     assert out.choices[0].message.content == "It is sunny." and not out.choices[0].message.tool_calls
 
 
-def test_named_function_is_forced(served, client):
+@pytest.mark.parametrize("constrained", [True, False])
+def test_named_function_is_forced(served, client, constrained, monkeypatch):
     choice = {"type": "function", "function": {"name": "get_weather"}}
-    # The prompt ends with the call's start: the model writes only the arguments.
-    script(served, {"messages": ASK, "tools": TOOLS, "tool_choice": choice}, '{"city": "Paris"}}')
+    body = {"messages": ASK, "tools": TOOLS, "tool_choice": choice}
+    if constrained:
+        pytest.importorskip("llguidance")
+        # The reply is held to the call's schema (compact JSON, structured.py).
+        reply = '{"name":"get_weather","parameters":{"city":"Paris"}}'
+    else:
+        # Without llguidance: the prompt ends with the call's start; the model writes the arguments.
+        monkeypatch.setattr(tools_module, "compile_constraint", no_llguidance)
+        reply = '{"city": "Paris"}}'
+    req = parse_chat({"model": MODEL, **body}, served.info)
+    assert req.tools.constrained == constrained and (req.constraint is not None) == constrained
+    script(served, body, reply)
     for stream in (False, True):
         if stream:
             chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice,
@@ -280,6 +292,23 @@ def test_named_function_is_forced(served, client):
             name, args = out.choices[0].message.tool_calls[0].function.name, \
                 out.choices[0].message.tool_calls[0].function.arguments
         assert name == "get_weather" and json.loads(args) == {"city": "Paris"}
+
+
+def no_llguidance(kind, spec=None):
+    raise ValueError("structured output needs the llguidance package")
+
+
+def test_constrained_calls_always_parse(served, client):
+    # "required": a model that would rather talk is held to a call (the mask leaves it only
+    # the call's JSON); the stand-in's favourite token is refused, so it takes the first allowed.
+    pytest.importorskip("llguidance")
+    body = {"messages": ASK, "tools": [TIME], "tool_choice": "required"}
+    script(served, body, '{"name":"get_time","parameters":{}}')
+    served.stub.script = served.stub.script[:3] + served.tokenizer.encode("Hello", bos=False, eos=False)
+    out = client.chat.completions.create(model=MODEL, max_tokens=200, **body)
+    assert out.choices[0].finish_reason == "tool_calls", out
+    (call,) = out.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and isinstance(json.loads(call.function.arguments), dict)
 
 
 def test_tool_choice_none_gives_text(served, client):

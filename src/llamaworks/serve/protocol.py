@@ -46,6 +46,7 @@ from llamaworks.serve.tools import (
     Tools,
     ToolsError,
     assistant_calls,
+    constrain,
     no_tool_template,
     parse_tools,
     tool_message,
@@ -494,6 +495,9 @@ def parse_chat(body: dict, info: ModelInfo) -> GenerationRequest:
     if tools is not None and opts["constraint"] is not None:
         raise invalid("tools", "tools and response_format (or grammar) cannot be combined yet; send one of them",
                       "unsupported_value")
+    tools, call_constraint = constrain(tools)  # required/named: the reply is held to a call's schema
+    if call_constraint is not None:
+        opts["constraint"] = call_constraint
     if not fmt.template.renders_tools and uses_tools(messages):
         raise invalid("messages", "messages hold tool calls or tool results, but " + no_tool_template(
             fmt.template.where), "unsupported_value")

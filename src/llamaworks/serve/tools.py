@@ -7,10 +7,14 @@ Request: `tools` (a list of {"type": "function", "function": {"name", "descripti
 as its `tools` variable, as transformers passes them; a template that does not read `tools`
 (tokenizer.chat.ChatTemplate.renders_tools) is refused with a 400 naming the fix.
 
-"required" and a named function are kept by starting the assistant's reply for the model: the
-prompt ends with `{"name": "` (required) or `{"name": "N", "parameters": ` (named), the start of
-Llama 3.1's call, and the reply is read with that prefix in front. No grammar constrains the
-rest (a model that wanders off gives text, returned as content).
+"required" and a named function are kept by structured output (structured.py, llguidance):
+the reply is constrained to the JSON schema of a call, {"name": one of the names (or the
+named one), "parameters": that tool's parameters schema}, so it always parses as a call
+(unless cut by max_tokens). Without llguidance, or for a parameters schema it cannot compile,
+the reply is started for the model instead: the prompt ends with `{"name": "` (required) or
+`{"name": "N", "parameters": ` (named), the start of Llama 3.1's call, and the reply is read
+with that prefix in front; nothing constrains the rest then (a model that wanders off gives
+text, returned as content).
 
 Reply: Llama 3.1 answers a call as JSON, `{"name": ..., "parameters": {...}}` (some models write
 "arguments"), optionally after `<|python_tag|>` (a control token, absent from the decoded text),
@@ -28,12 +32,15 @@ template writes with tojson); `tool` messages need `tool_call_id` and string con
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from llamaworks.serve.structured import Constraint, compile_constraint
 
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -55,6 +62,7 @@ class Tools:
     tools: tuple[dict, ...]  # as sent (checked), for the template's `tools`
     choice: str  # "auto", "required" or "function"
     name: str | None = None  # choice "function": the tool to call
+    constrained: bool = False  # the reply is constrained to call_schema() (no prefix then)
 
     @property
     def names(self) -> frozenset[str]:
@@ -63,6 +71,8 @@ class Tools:
     @property
     def prefix(self) -> str:
         """The text the reply starts with, written into the prompt (see the module's doc)."""
+        if self.constrained:
+            return ""
         if self.choice == "function":
             return '{"name": ' + json.dumps(self.name) + ', "parameters": '
         if self.choice == "required":
@@ -71,6 +81,31 @@ class Tools:
 
     def template_tools(self) -> list[dict]:
         return [dict(t) for t in self.tools]
+
+    def call_schema(self) -> dict:
+        """The JSON schema of a call this choice allows (Llama 3.1's form)."""
+        def one(tool: dict) -> dict:
+            fn = tool["function"]
+            return {"type": "object", "properties": {"name": {"const": fn["name"]},
+                                                     "parameters": fn.get("parameters") or {"type": "object"}},
+                    "required": ["name", "parameters"], "additionalProperties": False}
+
+        if self.choice == "function":
+            return one(next(t for t in self.tools if t["function"]["name"] == self.name))
+        return {"anyOf": [one(t) for t in self.tools]}
+
+
+def constrain(tools: Tools | None) -> tuple[Tools | None, Constraint | None]:
+    """For "required" and a named function: the tools marked constrained and the constraint of
+    their call schema; unchanged and None for "auto", or when the schema cannot be compiled
+    (no llguidance, or a parameters schema it does not take): the prompt prefix keeps the call."""
+    if tools is None or tools.choice == "auto":
+        return tools, None
+    try:
+        constraint = compile_constraint("json_schema", tools.call_schema())
+    except ValueError:
+        return tools, None
+    return dataclasses.replace(tools, constrained=True), constraint
 
 
 def parse_tools(body: Mapping, renders_tools: bool, where: str) -> Tools | None:
