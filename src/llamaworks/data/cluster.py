@@ -21,11 +21,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from llamaworks.data import storage
 from llamaworks.data.executor import Executor, RunPlan, run_global_stage
 
 
 def _shard_task(run: RunPlan, s: int, shard: int, path: str) -> dict:
-    return run.run_shard(s, shard, Path(path))
+    return run.run_shard(s, shard, storage.as_path(path))
 
 
 def _import_distributed():
@@ -58,7 +59,8 @@ class DaskExecutor(Executor):
         if isinstance(cluster, str):
             parse_cluster(cluster)  # a bad spec fails before anything starts
         self.cluster = cluster
-        self.out = self.out.resolve()  # workers may run in another working directory
+        if isinstance(self.out, Path):
+            self.out = self.out.resolve()  # workers may run in another working directory
         self._client = None
 
     @contextmanager

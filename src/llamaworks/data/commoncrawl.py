@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from llamaworks.atomic import atomic_write_bytes
+from llamaworks.data import storage
 from llamaworks.data.document import Document, MalformedInput
 from llamaworks.data.executor import Reader
 
@@ -44,8 +45,8 @@ class _Strict(io.RawIOBase):
         return len(data)
 
 
-def _open(path: Path):
-    raw = open(path, "rb")
+def _open(path):
+    raw = storage.open_raw(path)
     gz = raw.read(2) == b"\x1f\x8b"  # by content: a .wet may be compressed and a .gz may not
     raw.seek(0)
     return raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw)
@@ -58,11 +59,12 @@ def _truncated(path, n: int, error: Exception) -> str:
 class WetReader(Reader):
     name = "commoncrawl"
     patterns = ("*.warc.wet.gz", "*.wet.gz", "*.warc.wet", "*.wet")
+    remote_inputs = True
 
     def read(self, path):
         from warcio.archiveiterator import ArchiveIterator
 
-        raw, stream = _open(Path(path))
+        raw, stream = _open(path)
         strict = _Strict(stream)
         n = 0
         try:
@@ -81,7 +83,7 @@ class WetReader(Reader):
             raw.close()
         if strict.error is not None:
             raise MalformedInput(_truncated(path, n, strict.error))
-        if n == 0 and Path(path).stat().st_size > 0:
+        if n == 0 and storage.size(path) > 0:
             raise MalformedInput(f"{path}: no WARC record found (not a WET file, or truncated in the first record)")
 
     @staticmethod

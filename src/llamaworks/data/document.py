@@ -7,13 +7,15 @@ One JSON object per line: {"id", "text", "source", "metadata"} — the same layo
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from llamaworks.data import storage
+from llamaworks.data.storage import zstandard_module
 
 
 @dataclass
@@ -32,29 +34,9 @@ class MalformedInput(ValueError):
     """An input file that cannot be read as its format; the message starts with its path."""
 
 
-def _zstd(path: str | os.PathLike | None = None):
-    try:
-        import zstandard
-    except ImportError:
-        what = f"{path} is zstd-compressed but" if path is not None else "zstd shards need"
-        raise ValueError(f"{what} the `zstandard` package is not installed: pip install zstandard "
-                         "(or 'llamaworks[data]'), or use gzip") from None
-    return zstandard
-
-
 def open_read(path: str | os.PathLike):
-    """Binary reader that undoes .gz / .zst / .bz2 by file name."""
-    name = str(path).lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".zst"):
-        # The zstd reader has no readline; BufferedReader adds line iteration on top of readinto.
-        return io.BufferedReader(_zstd(path).open(path, "rb"))
-    if name.endswith(".bz2"):
-        import bz2
-
-        return bz2.open(path, "rb")
-    return open(path, "rb")
+    """Binary reader that undoes .gz / .zst / .bz2 / .xz by file name; a local path or a URL (data/storage.py)."""
+    return storage.open_read(path)
 
 
 def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -99,13 +81,13 @@ def _record_problem(rec: Any) -> str | None:
 def jsonl_records(path: str | os.PathLike) -> Iterator[Document | MalformedRecord]:
     """The documents of a (compressed) JSONL file, a MalformedRecord in place of each line that
     parses but is not a document. Unparsable JSON raises MalformedInput (file:line)."""
-    path = Path(path)
+    path = storage.as_path(path)
     for lineno, rec in json_lines(path):
         problem = _record_problem(rec)
         if problem is not None:
             yield MalformedRecord(f"{path}:{lineno}: {problem}")
             continue
-        yield Document(id=str(rec.get("id", f"{path.name}:{lineno}")), text=rec["text"],
+        yield Document(id=str(rec.get("id", f"{storage.name(path)}:{lineno}")), text=rec["text"],
                        source=str(rec.get("source") or ""), metadata=rec.get("metadata") or {})
 
 
@@ -121,22 +103,27 @@ class ShardWriter:
     """Writes documents to `path` under a temporary name; `close()` renames it into place.
 
     A writer that is never closed (the process was killed, or `abort()` was called) leaves
-    no file at `path`, so a shard either exists complete or not at all.
+    no file at `path`, so a shard either exists complete or not at all. `path` may be a URL
+    (data/storage.py): the object is committed at `close()` only.
     """
 
     def __init__(self, path: str | os.PathLike, compression: str = "gzip"):
         if compression not in ("gzip", "zstd"):
             raise ValueError(f"compression must be 'gzip' or 'zstd', got {compression!r}")
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self._raw = open(self._tmp, "wb")
+        self.path = storage.as_path(path)
+        if isinstance(self.path, Path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            self._raw = open(self._tmp, "wb")
+        else:
+            self._tmp, self._raw = None, storage.open_writer(self.path)
         if compression == "gzip":
             # mtime=0 and the final name (not the temporary one, which holds the pid): identical
             # documents give byte-identical shards (reproducible runs).
-            self._f = gzip.GzipFile(filename=self.path.name, fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
+            self._f = gzip.GzipFile(filename=storage.name(self.path), fileobj=self._raw, mode="wb", compresslevel=6,
+                                    mtime=0)
         else:
-            self._f = _zstd().ZstdCompressor(level=3).stream_writer(self._raw, closefd=False)
+            self._f = zstandard_module().ZstdCompressor(level=3).stream_writer(self._raw, closefd=False)
         self.count = 0
 
     def write(self, doc: Document) -> None:
@@ -145,12 +132,18 @@ class ShardWriter:
 
     def close(self) -> None:
         self._f.close()
+        if self._tmp is None:
+            self._raw.commit()
+            return
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
+        if self._tmp is None:
+            self._raw.abort()
+            return
         self._raw.close()
         self._tmp.unlink(missing_ok=True)
 

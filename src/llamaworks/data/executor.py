@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamaworks.atomic import atomic_write_json, atomic_write_text
+from llamaworks.data import storage
 from llamaworks.data.document import (
     Document,
     MalformedInput,
@@ -89,26 +89,27 @@ class Reader:
     name = "reader"
     patterns: tuple[str, ...] = ("*",)
 
-    def files(self, inputs: Iterable[str | os.PathLike]) -> list[Path]:
-        out: list[Path] = []
+    # True: `read` opens its files through data/storage.py, so inputs may be URLs (s3://...).
+    remote_inputs = False
+
+    def files(self, inputs: Iterable[str | os.PathLike]) -> list[storage.StoragePath]:
+        out: list[storage.StoragePath] = []
         for raw in inputs:
-            path = Path(raw)
-            if not path.exists():
-                raise FileNotFoundError(f"input {str(raw)!r} does not exist; "
-                                        f"pass files or folders of {self.name} input")
-            if path.is_file():
-                out.append(path)
-            else:
-                found = sorted({f for pat in self.patterns for f in path.rglob(pat)
-                                if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)})
-                out.extend(found)
+            if storage.is_remote(raw) and not self.remote_inputs:
+                raise ValueError(f"input {raw}: the {self.name} reader reads local files only; copy the input "
+                                 "to a local folder (outputs may still be URLs)")
+            try:
+                out.extend(storage.list_files(raw, self.patterns))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"input {str(raw)!r} does not exist ({e}); "
+                                        f"pass files or folders of {self.name} input") from None
         return out
 
-    def read(self, path: Path) -> Iterator[Document]:
+    def read(self, path: storage.StoragePath) -> Iterator[Document]:
         """The file's documents; MalformedInput (or any error) when the file cannot be read on."""
         raise NotImplementedError
 
-    def records(self, path: Path) -> Iterator[Document | MalformedRecord]:
+    def records(self, path: storage.StoragePath) -> Iterator[Document | MalformedRecord]:
         """What the executor reads: `read`, or, for a format whose records can be told apart, the
         documents with a MalformedRecord in place of each record that is not one, so that one bad
         record costs that record only (skipped and counted, or a stop, per --on-malformed)."""
@@ -120,7 +121,8 @@ class Reader:
 
 class JsonlReader(Reader):
     name = "jsonl"
-    patterns = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst")
+    patterns = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.jsonl.bz2", "*.jsonl.xz")
+    remote_inputs = True
 
     def read(self, path):
         yield from read_jsonl(path)
@@ -156,26 +158,32 @@ def _stages(steps: list[Step]) -> list[_Stage]:
 class RunPlan:
     """Everything one shard needs; pickled once into each worker."""
 
-    def __init__(self, out: Path, reader: Reader, stages: list[_Stage], keep_excluded: bool, on_malformed: str,
-                 compression: str, world: int, dedup_memory: int | None):
+    def __init__(self, out: storage.StoragePath, reader: Reader, stages: list[_Stage], keep_excluded: bool,
+                 on_malformed: str, compression: str, world: int, dedup_memory: int | None):
         self.out, self.reader, self.stages = out, reader, stages
         self.keep_excluded, self.on_malformed, self.compression = keep_excluded, on_malformed, compression
         self.suffix = shard_suffix(compression)
         self.world, self.dedup_memory = world, dedup_memory
 
-    def shard_path(self, s: int, shard: int) -> Path:
-        return self.stage_dir(s) / f"{shard:05d}{self.suffix}"
+    def shard_path(self, s: int, shard: int) -> storage.StoragePath:
+        return storage.join(self.stage_dir(s), f"{shard:05d}{self.suffix}")
 
-    def stage_dir(self, s: int) -> Path:
-        return self.out / "documents" if s == len(self.stages) - 1 else self.out / ".stages" / str(s)
+    def stage_dir(self, s: int) -> storage.StoragePath:
+        return storage.join(self.out, "documents") if s == len(self.stages) - 1 else \
+            storage.join(self.out, ".stages", str(s))
 
-    def state_dir(self, s: int) -> Path:
-        return self.out / ".state" / f"stage{s}"
+    def state_dir(self, s: int) -> storage.StoragePath:
+        return storage.join(self.out, ".state", f"stage{s}")
 
-    def marker(self, s: int, shard: int) -> Path:
-        return self.state_dir(s) / f"{shard:05d}.done"
+    def marker(self, s: int, shard: int) -> storage.StoragePath:
+        return storage.join(self.state_dir(s), f"{shard:05d}.done")
 
-    def _read(self, s: int, path: Path, info: dict) -> Iterator[Document]:
+    def done(self, s: int) -> set[int]:
+        """The shards of stage `s` whose marker is there (one listing of the stage's state folder)."""
+        return {int(n.removesuffix(".done")) for n in storage.names(self.state_dir(s))
+                if n.endswith(".done") and n.removesuffix(".done").isdigit()}
+
+    def _read(self, s: int, path: storage.StoragePath, info: dict) -> Iterator[Document]:
         for item in self._read_file(s, path, info):
             if isinstance(item, MalformedRecord):
                 if self.on_malformed == "stop":
@@ -186,9 +194,10 @@ class RunPlan:
                     info["malformed_record_examples"].append(item.message)
                 continue
             info["documents"] += 1
+            info["bytes"] += len(item.text.encode("utf-8", errors="replace"))
             yield item
 
-    def _read_file(self, s: int, path: Path, info: dict) -> Iterator[Document | MalformedRecord]:
+    def _read_file(self, s: int, path: storage.StoragePath, info: dict) -> Iterator[Document | MalformedRecord]:
         try:
             # Only the reader's own errors reach here: a step's exception is raised in the consumer.
             yield from (self.reader.records(path) if s == 0 else read_jsonl(path))
@@ -199,18 +208,18 @@ class RunPlan:
             log.warning("skipping the rest of malformed input %s", msg)
             info["malformed"].append(msg)
 
-    def run_shard(self, s: int, shard: int, path: Path, steps_state: list[Step] | None = None) -> dict:
+    def run_shard(self, s: int, shard: int, path: storage.StoragePath, steps_state: list[Step] | None = None) -> dict:
         stage = self.stages[s]
         steps = steps_state if steps_state is not None else stage.steps
         stats = [StepStats(st.name, st.describe()) for st in steps]
-        info = {"file": str(path), "documents": 0, "malformed": [], "malformed_records": 0,
+        info = {"file": str(path), "documents": 0, "bytes": 0, "malformed": [], "malformed_records": 0,
                 "malformed_record_examples": []}
         name = f"{shard:05d}{self.suffix}"
-        excluded = ShardWriter(self.out / "excluded" / f"{s:02d}-{name}", self.compression) \
+        excluded = ShardWriter(storage.join(self.out, "excluded", f"{s:02d}-{name}"), self.compression) \
             if self.keep_excluded else None
         rank, world = (0, 1) if stage.global_state else (shard, self.world)
         try:
-            with ShardWriter(self.stage_dir(s) / name, self.compression) as writer:
+            with ShardWriter(storage.join(self.stage_dir(s), name), self.compression) as writer:
                 stream: Iterator = self._read(s, path, info)
                 for step, st in zip(steps, stats):
                     stream = _accounted(step.run(_counted(stream, st), rank, world), st, step.name, excluded)
@@ -223,8 +232,8 @@ class RunPlan:
                 excluded.abort()
             raise
         result = {"shard": shard, "read": info, "steps": [x.to_json() for x in stats]}
-        atomic_write_json(self.state_dir(s) / f"{shard:05d}.stats.json", result)
-        atomic_write_text(self.marker(s, shard), "")  # last: the shard is complete
+        storage.atomic_write_json(storage.join(self.state_dir(s), f"{shard:05d}.stats.json"), result)
+        storage.atomic_write_text(self.marker(s, shard), "")  # last: the shard is complete
         return result
 
 
@@ -234,14 +243,27 @@ def run_global_stage(run: RunPlan, s: int, after_shard: Callable[[int], None] | 
     kept documents restore the steps' state, unless a step cannot restore (then all is redone)."""
     stage, n = run.stages[s], run.world
     assert s > 0, "a global stage always follows the reader's stage"
-    done = 0
-    while done < n and run.marker(s, done).exists():
+    done, finished = 0, run.done(s)
+    while done < n and done in finished:
         done += 1
     if done == n:
         return []
     steps = copy.deepcopy(stage.steps)  # fresh state on every (re)run of the stage
-    state = run.state_dir(s) / "state"
-    shutil.rmtree(state, ignore_errors=True)  # disk state of a killed run: rebuilt from the outputs
+    with contextlib.ExitStack() as stack:
+        if storage.is_remote(run.out):
+            # The steps' spilled state is SQLite: on this worker's local disk, not in the object store.
+            import tempfile
+
+            state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llamaworks-dedup-")))
+        else:
+            state = run.state_dir(s) / "state"
+            shutil.rmtree(state, ignore_errors=True)  # disk state of a killed run: rebuilt from the outputs
+        return _run_global_steps(run, s, steps, state, done, after_shard)
+
+
+def _run_global_steps(run: RunPlan, s: int, steps: list[Step], state: Path, done: int,
+                      after_shard: Callable[[int], None] | None) -> list[int]:
+    n = run.world
     for j, st in enumerate(steps):
         st.configure_state(state / f"{j}-{st.name}", run.dedup_memory)
     # One global step per stage (_stages), so the stage's output is exactly that step's kept documents.
@@ -292,7 +314,7 @@ def _init_worker(run: RunPlan) -> None:
 
 def _worker_task(task: tuple[int, int, str]) -> dict:
     s, shard, path = task
-    return _WORKER.run_shard(s, shard, Path(path))
+    return _WORKER.run_shard(s, shard, storage.as_path(path))
 
 
 # Malformed records (MalformedRecord) logged and kept in the stats per shard, and in all: the
@@ -315,30 +337,29 @@ class Executor:
         if dedup_memory_mb is not None and dedup_memory_mb < 0:
             raise ValueError(f"dedup_memory_mb must be >= 0 (0: dedup state on disk from the start), "
                              f"got {dedup_memory_mb}")
-        self.out, self.keep_excluded = Path(output), keep_excluded
+        self.out, self.keep_excluded = storage.as_path(output), keep_excluded
         self.on_malformed, self.compression, self.progress, self.overwrite = \
             on_malformed, compression, progress, overwrite
         self.dedup_memory = None if dedup_memory_mb is None else int(dedup_memory_mb * 2**20)
 
-    def _fingerprint(self, source: str, reader: Reader, steps: list[Step], files: list[Path]) -> dict:
+    def _fingerprint(self, source: str, reader: Reader, steps: list[Step], files: list[storage.StoragePath]) -> dict:
         return {"source": source, "reader": reader.describe(), "steps": [s.describe() for s in steps],
                 "inputs": [str(f) for f in files], "compression": self.compression,
                 "keep_excluded": self.keep_excluded}
 
     def _check_resume(self, fp: dict) -> None:
-        state = self.out / ".state" / "pipeline.json"
-        if self.overwrite and self.out.exists():
+        state = storage.join(self.out, ".state", "pipeline.json")
+        if self.overwrite and storage.exists(self.out):
             for sub in ("documents", "excluded", ".stages", ".state", "stats.json", "DATACARD.md"):
-                p = self.out / sub
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        if state.exists():
-            if json.loads(state.read_text()) != fp:
+                storage.rmtree(storage.join(self.out, sub))
+        if storage.exists(state):
+            if json.loads(storage.read_text(state)) != fp:
                 raise ValueError(f"{self.out} holds a run of a different pipeline or inputs; pass --overwrite to "
                                  "replace it, or choose another --output")
-        elif self.out.exists() and any(self.out.iterdir()):
+        elif not storage.is_empty_dir(self.out):
             raise ValueError(f"{self.out} is not empty and holds no pipeline state; choose an empty --output "
                              "or pass --overwrite")
-        atomic_write_json(state, fp)
+        storage.atomic_write_json(state, fp)
 
     def run(self, source: str, reader: Reader, steps: list[Step], inputs: Iterable[str | os.PathLike],
             on_shard: Callable[[int, int], None] | None = None) -> dict:
@@ -349,14 +370,14 @@ class Executor:
         self._check_resume(self._fingerprint(source, reader, steps, files))
         # Temporary files of a killed run (hidden, never read as shards): remove, the shards are redone.
         for sub in ("documents", "excluded", ".stages"):
-            for tmp in (self.out / sub).rglob(".*.tmp") if (self.out / sub).is_dir() else ():
-                tmp.unlink(missing_ok=True)
+            storage.remove_temporaries(storage.join(self.out, sub))
         stages = _stages(steps)
         run = RunPlan(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression,
                    len(files), self.dedup_memory)
         for stage in stages:
             s = stage.index
-            done = sum(run.marker(s, i).exists() for i in range(len(files)))
+            finished = run.done(s)
+            done = len(finished)
             desc = f"stage {s}" + (f" ({', '.join(x.name for x in stage.steps)})" if stage.global_state else "")
             with self._bar(len(files), done, desc) as bar:
                 def after(i: int, s: int = s, bar=bar) -> None:
@@ -368,14 +389,14 @@ class Executor:
                     self._run_global(run, s, after)
                     continue
                 todo = [(s, i, str(files[i] if s == 0 else run.shard_path(s - 1, i))) for i in range(len(files))
-                        if not run.marker(s, i).exists()]
+                        if i not in finished]
                 # closing: a failing callback stops the remaining tasks now, not when the generator is collected.
                 with contextlib.closing(self._map(run, todo)) as results:
                     for r in results:
                         after(r["shard"])
         stats = self._collect(run, source, len(files))
-        atomic_write_json(self.out / "stats.json", stats)
-        atomic_write_text(self.out / "DATACARD.md", data_card(stats))
+        storage.atomic_write_json(storage.join(self.out, "stats.json"), stats)
+        storage.atomic_write_text(storage.join(self.out, "DATACARD.md"), data_card(stats))
         return stats
 
     def _map(self, run: RunPlan, todo: list[tuple[int, int, str]]) -> Iterator[dict]:
@@ -397,7 +418,7 @@ class Executor:
         for stage in run.stages:
             merged: list[dict] | None = None
             for i in range(n):
-                r = json.loads((run.state_dir(stage.index) / f"{i:05d}.stats.json").read_text())
+                r = json.loads(storage.read_text(storage.join(run.state_dir(stage.index), f"{i:05d}.stats.json")))
                 if stage.index == 0:
                     read["documents"] += r["read"]["documents"]
                     read["malformed"] += r["read"]["malformed"]
@@ -424,7 +445,7 @@ class LocalExecutor(Executor):
     def _map(self, run, todo):
         if self.workers == 1 or len(todo) <= 1:
             for s, i, p in todo:
-                yield run.run_shard(s, i, Path(p))
+                yield run.run_shard(s, i, storage.as_path(p))
             return
         # maxtasksperchild: a worker's memory is returned after each shard (bounded memory).
         with multiprocessing.get_context("fork").Pool(min(self.workers, len(todo)), _init_worker, (run,),
