@@ -22,7 +22,8 @@ from llamaworks.model import ModelArgs, build_model
 from llamaworks.parallel.distributed import clip_grad_norm_, global_mean
 from llamaworks.parallel.parallelize import ParallelDims, parallelize, resolve_mp_dtypes
 from llamaworks.train.init import init_weights
-from llamaworks.train.trainer import accumulate_gradients, grad_sync_schedule
+from llamaworks.train.metrics_log import read_metrics
+from llamaworks.train.trainer import accumulate_gradients, grad_sync_schedule, train
 
 STEPS = 5
 MICRO, SEQ = 2, 32  # sequences per micro-batch and rank, tokens per sequence
@@ -99,6 +100,14 @@ def _worker(rank: int, world: int, port: int, run: dict, result: Path) -> None:
     dist.destroy_process_group()
 
 
+def _train_worker(rank: int, world: int, port: int, cfg) -> None:
+    # What torchrun would set for this process.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(cfg)
+
+
 def spawn(tmp_path: Path, **run) -> dict:
     result = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
     mp.spawn(_worker, args=(2, _free_port(), run, result), nprocs=2, join=True)
@@ -155,3 +164,22 @@ def test_accumulation_syncs_gradients_once_per_step(tmp_path, parallel, collecti
     # the same update: local sums reduced once equal reductions summed
     for a, b in zip(once["losses"], every["losses"]):
         assert abs(a - b) < 1e-6, (once["losses"], every["losses"])
+
+
+@pytest.mark.slow
+def test_trainer_applies_the_configured_policy(make_config, tmp_path):
+    """parallel.mp_param_dtype reaches FSDP through train(): 2 processes with bf16 parameters follow
+    the fp32 run within BF16_TOL, with two micro-batches per step (one gradient sync)."""
+    def make(out, param):
+        return make_config(out, train={"max_steps": 4, "batch_tokens": 8 * 32, "micro_batch_size": 2},
+                           eval={"every": 0}, checkpoint={"every": 10},
+                           parallel={"dp_shard": 2, "mp_param_dtype": param})
+
+    runs = {}
+    for param in ("fp32", "bf16"):
+        out = tmp_path / param
+        mp.spawn(_train_worker, args=(2, _free_port(), make(out, param)), nprocs=2, join=True)
+        runs[param] = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+    assert sorted(runs["bf16"]) == [1, 2, 3, 4]
+    gaps = [abs(runs["bf16"][s] - runs["fp32"][s]) for s in runs["fp32"]]
+    assert 0 < max(gaps) < BF16_TOL, runs
