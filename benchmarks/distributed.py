@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/distributed.py                  # small preset, 2 layers, 8 x 128 tokens
     .venv/bin/python benchmarks/distributed.py --steps 5 --preset tiny
 
-For each strategy (one process; DDP, FSDP and TP+SP on 2 processes) a fresh set of
+For each strategy (one process; DDP, FSDP, FSDP with bf16 parameters and TP+SP on 2 processes) a fresh set of
 processes builds the same model, parallelizes it with llamaworks.parallel.parallelize and
 times full training steps (forward, loss, backward, global-norm clipping, AdamW) on the
 same global batch of random tokens: the 2-process runs each take half of it (DDP, FSDP) or
@@ -18,8 +18,12 @@ A = micro_batch * seq_len * dim * activation bytes, L layers), without gradient 
   TP+SP per layer two all-gathers and two reduce-scatters in forward and as many in
         backward, each (W-1)/W * A; plus the logits' all-gather (vocab columns)
                                                           8 L (W-1)/W * A + ...
-With gradient accumulation DDP and FSDP reduce once per micro-batch (and FSDP gathers per
-micro-batch), so their volume scales with the accumulation steps; TP's scales with tokens.
+  FSDP + mixed precision (parallel.mp_param_dtype = bf16, the "fsdp_bf16" row): the all-gathers
+        move bf16 parameters, the reduce-scatter fp32 gradients: 2 (W-1)/W * P/2 + (W-1)/W * P
+With gradient accumulation DDP and FSDP reduce once per step (the last micro-batch's backward;
+parallel.sync_every_microbatch = true reduces after each), while FSDP still gathers per
+micro-batch; TP's volume scales with tokens. "measured" counts the bytes the collectives were
+handed (SentBytes), the same ring arithmetic applied.
 
 On a CPU with 2 cores shared by 2 processes there is no speed-up to expect: gloo copies
 through shared memory and both processes compete for the same cores. The point is the
@@ -47,20 +51,63 @@ import torch
 import torch.multiprocessing as mp
 from machine import add_label_argument, machine_record  # benchmarks/ is on sys.path
 
-STRATEGIES = {  # name -> (world size, ParallelDims fields)
-    "single": (1, dict(dp_replicate=1, dp_shard=1, tp=1)),
-    "ddp": (2, dict(dp_replicate=2, dp_shard=1, tp=1)),
-    "fsdp": (2, dict(dp_replicate=1, dp_shard=2, tp=1)),
-    "tp": (2, dict(dp_replicate=1, dp_shard=1, tp=2)),
+STRATEGIES = {  # name -> (world size, ParallelDims fields, FSDP parameter dtype: parallel.mp_param_dtype)
+    "single": (1, dict(dp_replicate=1, dp_shard=1, tp=1), "float32"),
+    "ddp": (2, dict(dp_replicate=2, dp_shard=1, tp=1), "float32"),
+    "fsdp": (2, dict(dp_replicate=1, dp_shard=2, tp=1), "float32"),
+    "fsdp_bf16": (2, dict(dp_replicate=1, dp_shard=2, tp=1), "bfloat16"),
+    "tp": (2, dict(dp_replicate=1, dp_shard=1, tp=2), "float32"),
 }
 
 
 def comm_bytes(name: str, world: int, param_bytes: int, act_bytes: int, n_layers: int, logits_bytes: int) -> int:
+    """Computed bytes one rank sends per step (the module docstring's formulas; param_bytes in fp32).
+    fsdp_bf16 all-gathers bf16 parameters (half the bytes, twice) and reduce-scatters fp32 gradients."""
     if world == 1:
         return 0
     f = (world - 1) / world
     return int({"single": 0, "ddp": 2 * f * param_bytes, "fsdp": 3 * f * param_bytes,
+                "fsdp_bf16": 2 * f * param_bytes / 2 + f * param_bytes,
                 "tp": 8 * n_layers * f * act_bytes + 2 * f * logits_bytes}[name])
+
+
+class SentBytes:
+    """Measured bytes this rank sends, by wrapping the collectives FSDP2 calls
+    (torch.distributed.all_gather_single, reduce_scatter_single) and, for DDP, with a comm hook;
+    ring algorithms: an all-gather sends (W-1) input shards, a reduce-scatter (W-1)/W of its input,
+    an all-reduce twice that. TP's DTensor collectives are not counted (None)."""
+
+    def __init__(self, world: int):
+        import torch.distributed as dist
+
+        self.world, self.bytes, self.counted = world, 0, False
+        for name, factor in (("all_gather_single", world - 1), ("reduce_scatter_single", (world - 1) / world)):
+            original = getattr(dist, name)
+
+            def counted(*args, _original=original, _factor=factor, **kwargs):
+                sent = kwargs.get("input", args[1] if len(args) > 1 else None)
+                self.bytes += _factor * sent.numel() * sent.element_size()
+                self.counted = True
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+    def ddp_hook(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        buf = bucket.buffer()
+        self.bytes += 2 * (self.world - 1) / self.world * buf.numel() * buf.element_size()
+        self.counted = True
+        return allreduce_hook(None, bucket)
+
+
+def _peak_rss_mib() -> float:
+    # VmHWM, this process's peak resident set: ru_maxrss would carry the parent's peak across the
+    # exec of a spawned process (Linux keeps it), and the parent measured bandwidth over 1 GiB.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _worker(rank: int, world: int, port: int, name: str, a: argparse.Namespace, result: Path) -> None:
@@ -72,7 +119,7 @@ def _worker(rank: int, world: int, port: int, name: str, a: argparse.Namespace, 
 
     from llamaworks.model import ModelArgs, build_model
     from llamaworks.parallel.distributed import clip_grad_norm_
-    from llamaworks.parallel.parallelize import ParallelDims, parallelize
+    from llamaworks.parallel.parallelize import ParallelDims, parallelize, resolve_mp_dtypes
     from llamaworks.train.config import OptimConfig
     from llamaworks.train.optim import build_optimizer
 
@@ -81,26 +128,35 @@ def _worker(rank: int, world: int, port: int, name: str, a: argparse.Namespace, 
     args = ModelArgs.from_name(a.preset, n_layers=a.n_layers)
     dims = ParallelDims(world_size=world, **STRATEGIES[name][1])
     model = build_model(args, seed=0)
-    parallelize(model, dims, "selective", False, dims.build_mesh("cpu") if world > 1 else None)
+    sent = SentBytes(world)
+    param_dtype, reduce_dtype = resolve_mp_dtypes(STRATEGIES[name][2], "float32", "cpu")
+    parallelize(model, dims, "selective", False, dims.build_mesh("cpu") if world > 1 else None,
+                mp_param_dtype=param_dtype, mp_reduce_dtype=reduce_dtype)
+    if name == "ddp":
+        model.register_comm_hook(None, sent.ddp_hook)
     opt = build_optimizer(model, OptimConfig())
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, args.vocab_size, (a.batch, a.seq_len + 1), generator=g)
     per = a.batch // dims.dp
     r = rank // dims.tp
     x, y = batch[r * per:(r + 1) * per, :-1], batch[r * per:(r + 1) * per, 1:]
-    times = []
+    times, step_bytes = [], []
     for _ in range(a.warmup + a.steps):
         if world > 1:
             dist.barrier()
+        sent.bytes = 0
         t = time.perf_counter()
         F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
         clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        step_bytes.append(sent.bytes)
     if rank == 0:
         step_s = statistics.median(times[a.warmup:])
-        result.write_text(json.dumps({"step_s": step_s, "tokens_per_s": a.batch * a.seq_len / step_s}))
+        result.write_text(json.dumps({"step_s": step_s, "tokens_per_s": a.batch * a.seq_len / step_s,
+                                      "measured_bytes": int(step_bytes[-1]) if sent.counted else None,
+                                      "peak_rss_mib": _peak_rss_mib()}))
     if world > 1:
         dist.destroy_process_group()
 
@@ -143,7 +199,7 @@ def main() -> None:
     rows = []
     tmp = Path(a.out).with_suffix(".part")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    for name, (world, _) in STRATEGIES.items():
+    for name, (world, _, _) in STRATEGIES.items():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -151,14 +207,23 @@ def main() -> None:
         r = json.loads(tmp.read_text())
         comm = comm_bytes(name, world, param_bytes, act_bytes, a.n_layers, logits_bytes)
         rows.append({"strategy": name, "processes": world, "tokens_per_s": r["tokens_per_s"],
-                     "step_s": r["step_s"], "comm_bytes_per_rank_per_step": comm})
+                     "step_s": r["step_s"], "comm_bytes_per_rank_per_step": comm,
+                     "measured_comm_bytes_per_rank_per_step": r["measured_bytes"] if world > 1 else 0,
+                     "peak_rss_mib_rank0": r["peak_rss_mib"]})
     tmp.unlink(missing_ok=True)
     print(f"{a.preset} preset, {a.n_layers} layers, {n_params / 1e6:.1f}M parameters ({param_bytes / 2**20:.1f} MiB "
           f"fp32); global batch {a.batch} x {a.seq_len}; CPU gloo, 1 thread per process")
-    print(f"{'strategy':<8} {'procs':>5} {'tokens/s':>10} {'step ms':>9} {'comm MiB/rank/step':>20}")
+    print(f"{'strategy':<10} {'procs':>5} {'tokens/s':>10} {'vs single':>9} {'step ms':>9} "
+          f"{'sent MiB/rank/step: computed':>29} {'measured':>9} {'peak RSS MiB':>13}")
+    single = rows[0]["tokens_per_s"]
     for r in rows:
-        print(f"{r['strategy']:<8} {r['processes']:>5} {r['tokens_per_s']:>10.0f} {1e3 * r['step_s']:>9.1f} "
-              f"{r['comm_bytes_per_rank_per_step'] / 2**20:>20.1f}")
+        measured = r["measured_comm_bytes_per_rank_per_step"]
+        print(f"{r['strategy']:<10} {r['processes']:>5} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / single:>8.2f}x "
+              f"{1e3 * r['step_s']:>9.1f} {r['comm_bytes_per_rank_per_step'] / 2**20:>29.1f} "
+              f"{measured / 2**20 if measured is not None else float('nan'):>9.1f} {r['peak_rss_mib_rank0']:>13.0f}")
+    print("FSDP's computed volume re-gathers every block in backward; by default the last block and the root "
+          "stay gathered after forward (parallel.fsdp_reshard_after_forward), so the measured one is lower. "
+          "TP's DTensor collectives are not measured (nan).")
     gpu = gpu_expectations()
     print(f"\nGPU expectation (llamaworks.plan): {gpu['setting']}: {gpu['tokens_per_gpu_s']:.0f} tokens/s/GPU "
           f"is MFU {gpu['mfu']:.1%}, {gpu['days']:.1f} days; a step of 4M tokens takes {gpu['step_s']:.1f} s in "
