@@ -11,7 +11,7 @@ import pytest
 
 from llamaworks.serve import tools as tools_module
 from llamaworks.serve.protocol import APIError, ChatFormat, ModelInfo, encode_prompt, model_info, parse_chat
-from llamaworks.serve.tools import ReplyReader, Tools, ToolsError, call_deltas, parse_calls, parse_tools
+from llamaworks.serve.tools import ReplyReader, Tools, ToolsError, parse_calls, parse_tools
 from llamaworks.tokenizer import load_tokenizer
 from llamaworks.tokenizer.chat import ChatTemplate
 
@@ -103,26 +103,48 @@ def test_parse_calls(text, expected):
     assert len({c["id"] for c in calls}) == len(calls)
 
 
+def text_of(deltas):
+    return "".join(d.get("content", "") for d in deltas)
+
+
 def test_reader_streams_text_at_once_and_holds_calls():
     auto = Tools((WEATHER, TIME), "auto")
     r = ReplyReader(auto)
-    assert r.push("") == "" and r.push("  ") == "" and r.push("It") == "  It" and r.push(" rains") == " rains"
-    assert r.finish() == ("", None)
+    assert r.push("") == [] and r.push("  ") == [] and text_of(r.push("It")) == "  It"
+    assert r.push(" rains") == [{"content": " rains"}]
+    assert r.finish() == ([], False)
     r = ReplyReader(auto)
-    assert r.push('{"name": "get_time", ') == "" and r.push('"parameters": {}}') == ""
-    held, calls = r.finish()
-    assert held == "" and calls[0]["function"]["name"] == "get_time"
+    assert r.push('{"name": "get_time", ') == [] and r.push('"parameters": {}}') == []
+    deltas, called = r.finish()
+    assert called and deltas[0]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": ""}
     r = ReplyReader(auto)  # looked like a call, was not: the text comes out at the end
-    assert r.push("{not json") == ""
-    assert r.finish() == ("{not json", None)
-    named = Tools((WEATHER, TIME), "function", "get_weather")
+    assert r.push("{not json") == []
+    assert r.finish() == ([{"content": "{not json"}], False)
+    named = Tools((WEATHER, TIME), "function", "get_weather")  # the prompt-prefix fallback
     r = ReplyReader(named)
-    assert r.push('{"city": "Paris"}') == "" and r.push("}") == ""
-    held, calls = r.finish()
-    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
-    deltas = call_deltas(calls)
-    assert deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert r.push('{"city": "Paris"}') == [] and r.push("}") == []
+    deltas, called = r.finish()
+    assert called and deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
     assert deltas[1]["tool_calls"][0] == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
+
+
+def test_constrained_call_streams_its_arguments():
+    r = ReplyReader(Tools((WEATHER, TIME), "required", constrained=True))
+    pieces = ['{"na', 'me":"get_wea', 'ther","parameters":', '{"ci', 'ty":"Par', 'is"', "}", "}"]
+    deltas = [d for p in pieces for d in r.push(p)]
+    more, called = r.finish()
+    deltas += more
+    calls = [c for d in deltas for c in d["tool_calls"]]
+    assert called and calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert calls[0]["id"].startswith("call_") and all(c["index"] == 0 for c in calls)
+    args = [c["function"]["arguments"] for c in calls[1:]]
+    assert len(args) >= 3 and "".join(args) == '{"city":"Paris"}'  # in pieces, as written
+    # Cut short by max_tokens: what was written is sent, and it is not a finished call.
+    r = ReplyReader(Tools((WEATHER,), "required", constrained=True))
+    deltas = r.push('{"name":"get_weather","parameters":{"city":"Pa')
+    more, called = r.finish()
+    assert not called and "".join(c["function"]["arguments"] for d in deltas + more
+                                  for c in d["tool_calls"]) == '{"city":"Pa'
 
 
 @pytest.mark.parametrize("body, param, match", [
@@ -287,6 +309,9 @@ def test_named_function_is_forced(served, client, constrained, monkeypatch):
                                                          stream=True))
             calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
             name, args = calls[0].function.name, "".join(tc.function.arguments or "" for tc in calls)
+            if constrained:  # the arguments stream as they are written
+                assert len(calls) > 2
+            assert chunks[-1].choices[0].finish_reason == "tool_calls"
         else:
             out = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice)
             name, args = out.choices[0].message.tool_calls[0].function.name, \

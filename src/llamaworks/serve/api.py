@@ -43,7 +43,7 @@ from llamaworks.serve.protocol import (
     parse_json,
     sse,
 )
-from llamaworks.serve.tools import ReplyReader, call_deltas, read_reply, with_calls
+from llamaworks.serve.tools import ReplyReader, read_reply, with_calls
 from llamaworks.tokenizer.chat import ChatTemplate
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
@@ -220,6 +220,14 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
         except asyncio.TimeoutError:
             return None
 
+    def delta_chunk(out: Responder, job: Request, delta: dict) -> dict:
+        """A chat stream chunk of `delta` (text, or tool call deltas: tools.ReplyReader's)."""
+        if "content" in delta:
+            return out.chunk(delta["content"], None, job.tokens, job.token_logprobs)
+        chunk = out.chunk(None, None, job.tokens, job.token_logprobs)
+        chunk["choices"][0]["delta"] = delta
+        return chunk
+
     async def stream(jobs: list[Request], outs: list[Responder], events: asyncio.Queue[tuple[int, Event]],
                      deadline: float | None):
         try:
@@ -243,8 +251,9 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
                 if ev.kind == "text":
                     text = out.reply_text(ev.text)
                     if readers[k] is not None:
-                        text = readers[k].push(text)
-                    if text:
+                        for delta in readers[k].push(text):
+                            yield sse(delta_chunk(out, job, delta))
+                    elif text:
                         yield sse(out.chunk(text, None, job.tokens, job.token_logprobs))
                 elif ev.kind == "error":
                     yield sse(APIError(500, ev.text, type="server_error", code="generation_failed").body())
@@ -252,14 +261,10 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
                 else:
                     reason = ev.finish_reason
                     if readers[k] is not None:
-                        held, calls = readers[k].finish()
-                        if held:
-                            yield sse(out.chunk(held, None, job.tokens, job.token_logprobs))
-                        for delta in call_deltas(calls or []):
-                            chunk = out.chunk(None, None, job.tokens, job.token_logprobs)
-                            chunk["choices"][0]["delta"] = delta
-                            yield sse(chunk)
-                        if calls:
+                        deltas, called = readers[k].finish()
+                        for delta in deltas:
+                            yield sse(delta_chunk(out, job, delta))
+                        if called:
                             reason = "tool_calls"
                     yield sse(out.chunk(None, reason, job.tokens, job.token_logprobs))
                     left -= 1

@@ -20,10 +20,11 @@ Reply: Llama 3.1 answers a call as JSON, `{"name": ..., "parameters": {...}}` (s
 "arguments"), optionally after `<|python_tag|>` (a control token, absent from the decoded text),
 several separated by ";". A reply that is wholly such calls, each naming an offered tool, becomes
 `tool_calls` ([{"id": "call_...", "type": "function", "function": {"name", "arguments": JSON text}}])
-with content null and finish_reason "tool_calls"; anything else is content. Streaming: a reply
-whose first non-blank character is "{" is held until it ends (it may be a call), then sent as
-OpenAI streams calls: one chunk per call with its id, type, name and empty arguments, one with
-its arguments; any other reply streams as text at once.
+with content null and finish_reason "tool_calls"; anything else is content. Streaming, in
+OpenAI's call deltas (a chunk with the call's index, id, type, name and empty arguments, then
+chunks of its arguments): a constrained call streams as it is written (ReplyReader); with
+"auto", a reply whose first non-blank character is "{" is held until it ends (it may be a
+call), then sent as calls (or as text); any other reply streams as text at once.
 
 Conversation: an assistant message with `tool_calls` (arguments as JSON text, OpenAI's form)
 goes to the template with the arguments as an object (transformers' form, which Llama 3.1's
@@ -246,35 +247,73 @@ def parse_calls(text: str, names: frozenset[str]) -> list[dict] | None:
             return calls
 
 
+# A constrained call's start, as structured output writes it (compact JSON, keys in the
+# schema's order): once seen, its arguments can stream as they come.
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"parameters"\s*:\s*')
+
+
 class ReplyReader:
-    """One choice's reply, read for tool calls: `push` the text as it comes (returns the text
-    to stream now), `finish` at the end (returns the text still held and the calls, if any)."""
+    """One choice's reply, read for tool calls, as stream deltas: `push` the text as it comes,
+    `finish` at the end; each returns the deltas to send now ({"content": ...} or {"tool_calls":
+    [...]}), finish also whether the reply was calls (finish_reason "tool_calls").
+
+    A reply constrained to a call (Tools.constrained) streams the call as it is written: the
+    id and name once the call's head is in, then its arguments' text as it comes, all but a
+    last "}" (which may close the call rather than the arguments), as OpenAI streams calls.
+    Other replies that may be calls are held to the end (see the module's doc)."""
 
     def __init__(self, tools: Tools):
         self.tools = tools
-        self.prefix = tools.prefix
-        self._held = self.prefix
-        self._holding = bool(self.prefix)  # a forced call: everything is held
-        self._decided = bool(self.prefix)
+        self._held = tools.prefix
+        self._holding = bool(tools.prefix) or tools.constrained  # a forced call: everything is held
+        self._decided = self._holding
+        self._call: dict | None = None  # the constrained call being streamed
+        self._args_at = 0  # where its arguments start in _held
+        self._sent = 0  # characters of its arguments sent
 
-    def push(self, text: str) -> str:
+    def push(self, text: str) -> list[dict]:
         if self._decided and not self._holding:
-            return text
+            return [{"content": text}] if text else []
         self._held += text
         if not self._decided and self._held.strip():
             self._decided = True
             self._holding = self._held.lstrip().startswith(("{", PYTHON_TAG))
             if not self._holding:
                 out, self._held = self._held, ""
-                return out
-        return ""
+                return [{"content": out}]
+        if not self.tools.constrained:
+            return []
+        out = []
+        if self._call is None:
+            m = _CALL_HEAD.match(self._held)
+            if m is None or m[1] not in self.tools.names:
+                return []
+            self._call = {"id": "call_" + uuid.uuid4().hex[:24], "name": m[1]}
+            self._args_at = m.end()
+            out.append({"tool_calls": [{"index": 0, "id": self._call["id"], "type": "function",
+                                        "function": {"name": m[1], "arguments": ""}}]})
+        args = self._held[self._args_at:].rstrip()
+        args = args[:-1] if args.endswith("}") else args  # the last "}" may close the call
+        return out + self._args_delta(args)
 
-    def finish(self) -> tuple[str, list[dict] | None]:
+    def _args_delta(self, args: str) -> list[dict]:
+        new, self._sent = args[self._sent:], max(self._sent, len(args))
+        return [{"tool_calls": [{"index": 0, "function": {"arguments": new}}]}] if new else []
+
+    def finish(self) -> tuple[list[dict], bool]:
         held, self._held = self._held, ""
-        if not self._holding and not held:
-            return "", None
+        if not self._holding:
+            return ([{"content": held}] if held else []), False
         calls = parse_calls(held, self.tools.names)
-        return ("", calls) if calls else (held, None)
+        if self._call is not None:
+            # The call streamed so far: its arguments' text to the end, without the call's "}".
+            args = held[self._args_at:].rstrip()
+            if calls is not None and len(calls) == 1 and args.endswith("}"):
+                return self._args_delta(args[:-1].rstrip()), True
+            return self._args_delta(args), False  # cut short (max_tokens): the rest as it is
+        if calls:
+            return call_deltas(calls), True
+        return ([{"content": held}] if held else []), False
 
 
 def read_reply(tools: Tools, text: str) -> tuple[str, list[dict] | None]:
