@@ -162,7 +162,7 @@ def test_quantize_a_gguf_file(exported, tmp_path):
     from llamaworks.inference.quant import Int8Linear
 
     assert quantize_command(str(exported), str(tmp_path / "q"), "int8") == 0
-    model, _ = load_model(tmp_path / "q")
+    model, _ = load_model(tmp_path / "q", fuse=False)
     assert isinstance(model.layers[0].attention.wq, Int8Linear)
 
 

@@ -129,11 +129,11 @@ def test_adapted_projections_stay_apart_and_unfuse_restores_meta_modules():
         torch.testing.assert_close(fused(TOKENS), model(TOKENS), atol=1e-5, rtol=1e-5)
 
 
-def test_load_model_fuses_on_request_and_saves_the_same_files(tmp_path, tiny_tokenizer):
+def test_load_model_fuses_by_default_and_saves_the_same_files(tmp_path, tiny_tokenizer):
     model = peaked({**SHAPES["gqa"], "vocab_size": tiny_tokenizer.vocab_size})
     src = save_model(model, tiny_tokenizer, tmp_path / "src")
-    loaded, tok = load_model(src, fuse=True)
-    plain, _ = load_model(src)
+    loaded, tok = load_model(src)
+    plain, _ = load_model(src, fuse=False)
     assert is_fused(loaded) and not is_fused(plain)
     with torch.no_grad():
         torch.testing.assert_close(loaded(TOKENS), plain(TOKENS), atol=1e-5, rtol=1e-5)

@@ -567,3 +567,52 @@ def test_merge_over_a_quantised_base_writes_a_plain_directory(tiny_model_dir, ad
     x = torch.randint(3, merged.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel(merged(x), unmerged(x)) < (2e-2 if _amx() else 1e-5)
+
+
+# --- fused models (inference/fuse.py) ----------------------------------------------------------
+
+
+def test_apply_lora_on_a_fused_model_unfuses_it_first(tmp_path):
+    from llamaworks.inference.fuse import fuse_projections, is_fused
+
+    plain, fused = _base(), _base()
+    assert fuse_projections(fused) == 4 and is_fused(fused)
+    cfg = LoraConfig(r=4, alpha=16)
+    a, b = _randomise(apply_lora(plain, cfg)), _randomise(apply_lora(fused, cfg))
+    assert not is_fused(b) and [n for n, _ in lora_layers(b)] == [n for n, _ in lora_layers(a)]
+    x = _tokens(a.args)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), atol=1e-6, rtol=1e-6)
+    # the adapter files keep PEFT's module names, as from the unfused model
+    save_adapter(a, cfg, tmp_path / "a")
+    save_adapter(b, cfg, tmp_path / "b")
+    sa, sb = read_safetensors(tmp_path / "a" / ADAPTER_WEIGHTS), read_safetensors(tmp_path / "b" / ADAPTER_WEIGHTS)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("targets", [DEFAULT_TARGETS, ("wq", "wv", "w2")])
+def test_an_adapter_over_a_fused_model_gives_the_unfused_logits(tiny_model_dir, tmp_path, targets):
+    from llamaworks.inference.fuse import FusedFeedForward, is_fused
+    from llamaworks.inference.generate import generate
+
+    model, _ = load_model(tiny_model_dir, fuse=False)
+    lm = _randomise(apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=targets)), std=0.2)
+    adapter = save_adapter(lm, None, tmp_path / "ad")
+    fused, tok = load_model(tiny_model_dir, adapter=adapter)  # fuse=True is the default
+    plain, _ = load_model(tiny_model_dir, adapter=adapter, fuse=False)
+    assert not is_fused(plain) and len(lora_layers(fused)) == len(lora_layers(plain)) > 0
+    # unadapted projections still fuse: w1/w3 when only wq, wv and w2 carry adapters
+    assert is_fused(fused) == (targets != DEFAULT_TARGETS)
+    assert isinstance(fused.layers[0].feed_forward, FusedFeedForward) == (targets != DEFAULT_TARGETS)
+    # also onto a model fused before the adapter is loaded
+    late, _ = load_model(tiny_model_dir)
+    assert is_fused(late)
+    load_adapter(late, adapter)
+    x = torch.randint(3, plain.args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = plain(x)
+        assert rel(want, load_model(tiny_model_dir)[0](x)) > 1e-2  # the adapter changes the logits
+        torch.testing.assert_close(fused(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(late(x), want, atol=1e-5, rtol=1e-5)
+    outs = [generate(m, tok, ["the king"], max_new_tokens=8, temperature=0)[0].text for m in (fused, plain)]
+    assert outs[0] == outs[1]

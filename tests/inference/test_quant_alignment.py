@@ -85,7 +85,7 @@ def test_kernel_buffers_are_aligned_after_loading(tiny_model, tiny_tokenizer, tm
     elif mode == "int8":  # the kernel reads the stored weight itself, which this file maps misaligned
         assert offsets != {0}, "the reference writer aligned the int8 weights: this case no longer covers " \
             "misaligned ones"
-    model, _ = load_model(tmp_path / "q")
+    model, _ = load_model(tmp_path / "q", fuse=False)  # the 7 projections of each block apart
     n_linear = 7 * model.args.n_layers + 1
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == n_linear
     fed = kernel_fed(model)

@@ -122,7 +122,7 @@ def quantize_command(
         raise ValueError(f"{checkpoint} is already quantised ({QUANT_FILE}); quantise the original model")
     if Path(output).resolve() == Path(checkpoint).resolve():
         raise ValueError("--output must differ from --checkpoint (the original is read while writing)")
-    model, tokenizer = load_model(checkpoint)
+    model, tokenizer = load_model(checkpoint, fuse=False)  # quantize_model finds the projections by name
     quantize_model(model, mode, **options)
     save_quantized(model, tokenizer, output, mode, **options)
     src = Path(checkpoint)
@@ -149,7 +149,7 @@ def merge_command(
     for name, src in (("--checkpoint", checkpoint), ("--adapter", adapter)):
         if dest == Path(src).resolve():
             raise ValueError(f"--out must differ from {name} (it is read while writing)")
-    model, tokenizer = load_model(checkpoint, dtype=dtype, adapter=adapter)
+    model, tokenizer = load_model(checkpoint, dtype=dtype, adapter=adapter, fuse=False)  # writes a plain model
     n = len(lora_layers(model))
     layer = lora_layers(model)[0][1]
     merge_adapter(model)

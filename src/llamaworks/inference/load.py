@@ -5,7 +5,8 @@ the device and in the dtype asked for, in eval mode; a quantised directory gets 
 quantised layers before the integer weights are mapped in. With `adapter`, a LoRA adapter
 directory (PEFT's layout, inference/lora.py) is applied on top, unmerged: over a quantised
 base too. Then the load-time transforms for decoding: with fuse=True q/k/v and gate/up fused
-into one product each (fuse.py; the state dict keeps Meta's names), and on CPU the fp32/bf16 linears
+into one product each (fuse.py; the state dict keeps Meta's names; on by default, so that
+generate, serve, chat and eval decode through the fused products), and on CPU the fp32/bf16 linears
 swapped for the native one-row kernels (kernels.NativeLinear), or where those are not built,
 bf16 ones for torch.mv (kernels.GemvLinear).
 """
@@ -25,7 +26,7 @@ from llamaworks.inference.quant import read_quantization, swap_empty
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-               tokenizer: bool = True, adapter: str | os.PathLike | None = None, fuse: bool = False):
+               tokenizer: bool = True, adapter: str | os.PathLike | None = None, fuse: bool = True):
     """(model, tokenizer) from any checkpoint path; the model is in eval mode.
 
     Weights keep their stored dtype unless `dtype` is given (then converted one tensor at
@@ -33,9 +34,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     directory (adapter_config.json + adapter_model.safetensors) wrapped around the loaded
     projections; its factors keep their stored dtype (fp32 as trained), whatever `dtype` is.
     fuse: q/k/v and w1/w3 as one product each (fuse.fuse_projections; adapted projections stay
-    apart), for decoding. Off by default: callers change loaded models by module name
-    (apply_lora, quantize_model, which would miss the fused wq/wk/wv/w1/w3 without a word);
-    fuse.unfuse undoes it.
+    apart), for decoding. apply_lora and load_adapter unfuse a fused model themselves; a caller
+    that changes the loaded model by other module names (quantize_model, tensor parallelism)
+    passes fuse=False, or calls fuse.unfuse first.
     """
     if adapter is not None:
         read_adapter_config(adapter)  # a wrong adapter directory is named before the model is read

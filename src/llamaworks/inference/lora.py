@@ -21,6 +21,10 @@ rows of q_proj and k_proj for its rotate-half RoPE (convert/hf.py): B's rows are
 features, so lora_B of wq/wk is permuted on the way out and back on the way in; A reads the
 input, whose order is the same in both.
 
+A model whose projections were fused at load (inference/fuse.py: wqkv, w13) is unfused first
+by apply_lora and load_adapter, so adapters keep those names; load_model loads an adapter
+before fusing, and fusion leaves adapted projections apart (the unadapted ones still fuse).
+
 Only the attention and MLP projections take adapters (wq, wk, wv, wo, w1, w2, w3): the
 output layer is read directly by the fused loss (train/loss.py) and by `.weight` elsewhere,
 and embeddings need a different layer.
@@ -43,6 +47,7 @@ from torch import nn
 
 from llamaworks.atomic import atomic_directory, atomic_write_json
 from llamaworks.convert.hf import LAYER_KEYS, key_map, permute_for_hf, unpermute_from_hf
+from llamaworks.inference.fuse import unfuse
 from llamaworks.inference.quant import Int4Linear, Int8Linear, QuantizedLinear, dequantize_int4
 from llamaworks.model import ModelArgs, Transformer
 from llamaworks.paths import require_dir
@@ -243,6 +248,12 @@ def dropout_keep_mask(shape: tuple[int, ...], p: float, device: torch.device) ->
     return (bits.view(torch.int32)[:n] >= round(p * 2**32) - 2**31).view(shape)
 
 
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    # torch.where, not x * keep: a product with a bool tensor first writes a float copy of the
+    # mask (type promotion), which made dropout cost more than the adapters' matmuls on CPU.
+    return x if keep is None else torch.where(keep, x, 0.0)
+
+
 class _LoRAFunction(torch.autograd.Function):
     """LoRALinear's training forward and backward, y = base(x) + s * B A dropout(x), as one node:
 
@@ -275,7 +286,7 @@ class _LoRAFunction(torch.autograd.Function):
             xl = x2.to(ld)
             mask = dropout_keep_mask(xl.shape, p, x.device) if p > 0 else None
             # (tokens, r), scaled; dropout's 1/(1-p) is applied to this small product, not to x.
-            u = torch.mm(xl * mask if mask is not None else xl, lora_A.to(ld).t()) * (s / (1 - p))
+            u = torch.mm(_dropped(xl, mask), lora_A.to(ld).t()) * (s / (1 - p))
             bias = getattr(base, "bias", None)
             if dense and (ld if amp else base.weight.dtype) == ld:
                 # One addmm: (tokens, out) = low-rank update + x W^T (+ bias).
@@ -305,12 +316,12 @@ class _LoRAFunction(torch.autograd.Function):
         grad_a = grad_x = None
         if need_a:
             xl = x.reshape(-1, x.shape[-1]).to(ld)
-            grad_a = (gu.t() @ (xl * mask if mask is not None else xl)).to(lora_A.dtype)  # (r, in)
+            grad_a = (gu.t() @ _dropped(xl, mask)).to(lora_A.dtype)  # (r, in)
             del xl
         if need_x:
             gx = gu @ lora_A.to(ld)  # (tokens, in): the adapter's share
             if mask is not None:
-                gx.mul_(mask)
+                gx.masked_fill_(~mask, 0.0)
             if ctx.fused:
                 gx.addmm_(gl, base.weight.to(ld))  # + the base's share, g W, in place
             else:
@@ -403,6 +414,9 @@ def apply_lora(model: Transformer, config: LoraConfig | None = None, dtype: torc
     Quantise first (quantize_model) for QLoRA. Returns the model."""
     config = config or LoraConfig()
     _no_adapters_yet(model)
+    # Adapters are per projection under Meta's (and PEFT's) names: a fused wqkv / w13 (load-time
+    # fusion, fuse.py) is split back first, else the targets would be missed without a word.
+    unfuse(model)
     targets = _targets(model, config.target_modules)
     if not targets:
         raise ValueError(f"no module named {', '.join(config.target_modules)} in the model's blocks")
@@ -660,12 +674,14 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
 def load_adapter(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoraConfig:
     """Wrap the model's projections with the adapters of a PEFT adapter directory (ours or
     PEFT's) and freeze the rest, as apply_lora does; returns its configuration. Everything is
-    checked before the model is touched. The adapters keep the file's dtype unless `dtype`."""
+    checked before any adapter is applied (a fused model is unfused first, which computes the
+    same). The adapters keep the file's dtype unless `dtype`."""
     _no_adapters_yet(model)
     cfg = read_adapter_config(path)
     file = Path(path) / ADAPTER_WEIGHTS
     state = read_safetensors(file)
     args = model.args
+    unfuse(model)  # the adapters name wq, wk, ... (as apply_lora; load_model fuses what stays unadapted)
     modules = {name: m for name, m in _targets(model, HF_TARGETS) if isinstance(m, (nn.Linear, QuantizedLinear))}
     adapters = _adapter_tensors(state, cfg, args, modules, file)
     model.requires_grad_(False)
