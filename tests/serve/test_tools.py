@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llamaworks.serve import tools as tools_module
 from llamaworks.serve.protocol import APIError, ChatFormat, ModelInfo, encode_prompt, model_info, parse_chat
@@ -105,6 +107,22 @@ def test_parse_calls(text, expected):
 
 def text_of(deltas):
     return "".join(d.get("content", "") for d in deltas)
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                     | st.text(), lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(args=st.lists(st.dictionaries(st.text(), _json, max_size=4), min_size=1, max_size=3),
+       compact=st.booleans(), key=st.sampled_from(["parameters", "arguments"]))
+def test_calls_round_trip(args, compact, key):
+    # Any arguments object, written as Llama 3.1 writes calls, comes back equal.
+    sep = (",", ":") if compact else (", ", ": ")
+    text = "; ".join(json.dumps({"name": "get_weather", key: a}, separators=sep, ensure_ascii=False) for a in args)
+    calls = parse_calls(text, NAMES)
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == args
 
 
 def test_reader_streams_text_at_once_and_holds_calls():
@@ -266,6 +284,18 @@ def test_openai_stream_helper_accumulates_the_calls(served, client):
     (call,) = final.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_n_choices_each_carry_calls(served, client):
+    script(served, {"messages": ASK, "tools": TOOLS}, CALL)
+    out = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, n=2)
+    assert [c.index for c in out.choices] == [0, 1]
+    for c in out.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls[0].function.name == "get_weather"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, n=2, stream=True))
+    for k in (0, 1):
+        calls = [tc for c in chunks for ch in c.choices if ch.index == k for tc in (ch.delta.tool_calls or [])]
+        assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"city": "Paris"}
 
 
 def test_python_tag_call(served, client):
