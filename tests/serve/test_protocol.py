@@ -123,8 +123,14 @@ OPTIONS = {
     "top_p": field(st.floats(0, 1) | edges),
     "top_k": field(st.integers(-2, 600) | edges),
     "seed": field(st.integers(-(2**64), 2**65) | edges),
-    "n": field(st.just(1)),
-    "presence_penalty": field(st.just(0)),
+    "n": field(st.integers(-1, 20) | edges),
+    "presence_penalty": field(st.floats(-3, 3) | edges),
+    "frequency_penalty": field(st.floats(-3, 3) | edges),
+    "repetition_penalty": field(st.floats(-1, 11) | edges),
+    "min_p": field(st.floats(-0.5, 1.5) | edges),
+    "stop_token_ids": field(st.lists(st.integers(-5, 600) | edges, max_size=4)),
+    "grammar": field(st.sampled_from(['root ::= "a" | "b"', "root ::= foo", "", "root ::= [0-9]+"])
+                     | st.text(max_size=20)),
     "max_tokens": field(st.integers(-1, 8) | edges),
     "max_completion_tokens": field(st.integers(-1, 8) | edges),
     "stop": field(st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=5)),
@@ -134,9 +140,12 @@ OPTIONS = {
     "top_logprobs": field(st.integers(-1, 21) | edges),
     "echo": field(st.booleans()),
     "best_of": field(st.just(1)),
-    "logit_bias": field(st.just({})),
+    "logit_bias": field(st.dictionaries(st.integers(-5, 600).map(str) | st.text(max_size=4),
+                                        st.floats(-150, 150) | edges, max_size=4)),
     "tools": field(st.just([])),
-    "response_format": field(st.just({"type": "text"})),
+    "response_format": field(st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"}])
+                             | st.fixed_dictionaries({"type": st.just("json_schema"),
+                                                      "json_schema": st.fixed_dictionaries({"schema": json_values})})),
 }
 options = st.fixed_dictionaries({}, optional=OPTIONS)
 models = field(st.just(MODEL))
@@ -161,6 +170,10 @@ def check(raw: bytes, chat: bool) -> None:
     assert req.seed is None or -(2**63) <= req.seed < 2**64
     assert len(req.stop) <= MAX_STOP_STRINGS + chat and all(len(s) <= MAX_STOP_CHARS for s in req.stop)
     assert isinstance(req.prompt, str) or all(0 <= t < INFO.vocab_size for t in req.prompt)
+    assert 1 <= req.n <= 16 and 0 <= req.min_p <= 1 and 0 < req.repetition_penalty <= 10
+    assert -2 <= req.presence_penalty <= 2 and -2 <= req.frequency_penalty <= 2
+    assert all(0 <= t < INFO.vocab_size and -100 <= b <= 100 for t, b in req.logit_bias)
+    assert all(0 <= t < INFO.vocab_size for t in req.stop_token_ids)
     try:
         req.budget(min(len(req.prompt), 255), INFO.context)
     except APIError as e:
