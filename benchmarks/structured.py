@@ -3,6 +3,11 @@ xgrammar, doing equal work on one 32k-token vocabulary.
 
     python benchmarks/structured.py [--tokenizer PATH] [--label contended]
 
+xgrammar is not a dependency of llamaworks: install it for this script with
+`pip install -c .venv/constraints.txt --no-deps xgrammar apache-tvm-ffi` (its package requires
+triton and transformers, which its CPU grammar engine does not use, and would pull another
+torch stack otherwise).
+
 The vocabulary: `--tokenizer` (any tokenizer file llamaworks reads), by default a 32,000-piece
 SentencePiece BPE with byte fallback (the paper's recipe) trained here on the running Python's
 standard library (cached in --work). Both libraries get the same token bytes (llguidance
