@@ -4,9 +4,9 @@ xgrammar, doing equal work on one 32k-token vocabulary.
     python benchmarks/structured.py [--tokenizer PATH] [--label contended]
 
 xgrammar is not a dependency of llamaworks: install it for this script with
-`pip install -c .venv/constraints.txt --no-deps xgrammar apache-tvm-ffi` (its package requires
-triton and transformers, which its CPU grammar engine does not use, and would pull another
-torch stack otherwise).
+`pip install -c .venv/constraints.txt --no-deps xgrammar apache-tvm-ffi` (its package also
+requires triton, a GPU kernel compiler its CPU masks do not use, and torch and transformers,
+which the venv has).
 
 The vocabulary: `--tokenizer` (any tokenizer file llamaworks reads), by default a 32,000-piece
 SentencePiece BPE with byte fallback (the paper's recipe) trained here on the running Python's
