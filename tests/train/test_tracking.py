@@ -119,3 +119,22 @@ def test_profile_steps_write_a_chrome_trace_of_those_steps(make_config, tmp_path
     assert any(str(n).startswith("aten::mm") for n in names)  # the ops inside the steps
     memory = (folder / "memory_steps_2-3_rank0.txt").read_text()
     assert "CPU Mem" in memory
+
+
+def test_a_resumed_run_logs_each_step_once_to_tensorboard(make_config, tmp_path):
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(tmp_path, log={"tensorboard": True}, eval={"every": 0})
+    train(cfg)
+    first = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r}
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000008")  # as if killed after step 8's line, before its save
+    train(cfg, resume=True)  # from step 6: steps 7 and 8 are logged again
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss")]
+    assert steps == list(range(1, 9)), steps
+    for e in acc.Scalars("loss"):  # the resumed steps reproduce the first run's losses
+        assert e.value == pytest.approx(first[e.step], rel=1e-6)

@@ -38,12 +38,14 @@ def _missing(package: str, key: str, error: ImportError) -> ValueError:
 class TensorBoardTracker:
     """Scalars and the config (as text) in TensorBoard event files under `log_dir`."""
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, resumed_at: int = 0):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise _missing("tensorboard", "tensorboard", e) from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # A resumed run logs the steps after its checkpoint again: purge_step hides what an earlier
+        # process logged from there on, as metrics.jsonl drops those lines.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resumed_at + 1 if resumed_at else None)
         self.log_dir = Path(log_dir)
 
     def log_config(self, config: dict, text: str) -> None:
@@ -123,12 +125,14 @@ def check_backends(log_cfg) -> None:
                 raise _missing(key, key, e) from None
 
 
-def build_trackers(log_cfg, out: Path, config: dict, config_text: str, is_main: bool) -> Trackers:
-    """The backends log.tensorboard / log.wandb ask for, on rank 0, given the resolved config."""
+def build_trackers(log_cfg, out: Path, config: dict, config_text: str, is_main: bool,
+                   resumed_at: int = 0) -> Trackers:
+    """The backends log.tensorboard / log.wandb ask for, on rank 0, given the resolved config;
+    resumed_at: the checkpoint's step when resuming."""
     backends: list[Tracker] = []
     if is_main:
         if getattr(log_cfg, "tensorboard", False):
-            backends.append(TensorBoardTracker(out / "tensorboard"))
+            backends.append(TensorBoardTracker(out / "tensorboard", resumed_at))
         if getattr(log_cfg, "wandb", False):
             backends.append(WandbTracker(out, getattr(log_cfg, "wandb_project", "llamaworks"),
                                          getattr(log_cfg, "wandb_name", "") or out.name))

@@ -531,7 +531,7 @@ def run(t: Trainer) -> dict:
     # Only rank 0 writes metrics, the progress bar, plots and the summary.
     metrics = MetricsLog(t.out / "metrics.jsonl", truncate_after_step=t.step) if t.env.is_main else _NoMetrics()
     # TensorBoard / W&B (log.tensorboard, log.wandb) receive every metrics row, on rank 0.
-    trackers = build_trackers(cfg.log, t.out, dataclasses.asdict(cfg), dumps(cfg), t.env.is_main)
+    trackers = build_trackers(cfg.log, t.out, dataclasses.asdict(cfg), dumps(cfg), t.env.is_main, t.step)
     profile = getattr(cfg, "profile", None)
     profiler = StepProfiler(t.out, profile_window(profile.steps) if profile else None, t.device, t.env.rank)
 
