@@ -123,10 +123,10 @@ class _Slot:
     gen: torch.Generator | None
     stop_ids: frozenset[int]
     # Penalties and logit_bias (when the request has any) and the grammar's state (structured
-    # output), made at the request's first sampling step: options[0] tells whether they are.
+    # output), made at the request's first sampling step.
     sampling: SamplingState | None = None
     matcher: Matcher | None = None
-    options: list[bool] = field(default_factory=lambda: [False])
+    options_made: bool = False
     number: int = 0  # admission order (step_log names requests by it)
     blocks: list[int] = field(default_factory=list)  # physical block of each logical block
     reserved: int = 0  # blocks promised by the pool and not allocated yet
@@ -522,7 +522,7 @@ class Engine:
     def _sample_batch(self, logits: torch.Tensor) -> list[int | Exception | None]:
         """Per row of the decode step's logits (max_batch, vocab): its slot's next token, the
         exception its own sampling raised, or None for a row not decoding."""
-        rows = [i for i, s in enumerate(self._slots) if s is not None and getattr(s, "ready", True)]
+        rows = [i for i, s in enumerate(self._slots) if s is not None and s.ready]
         out: list[int | Exception | None] = [None] * len(self._slots)
         if rows:
             for i, tok in zip(rows, self._sample_slots([self._slots[i] for i in rows], logits[rows])):
@@ -539,7 +539,7 @@ class Engine:
         masks: list[torch.Tensor | None] = []
         for j, s in enumerate(slots):
             try:
-                if not s.options[0]:
+                if not s.options_made:
                     self._make_options(s, logits.shape[-1])
                 masks.append(None if s.matcher is None else s.matcher.allowed())
             except Exception as e:  # noqa: BLE001 - this row's options failed: only its request ends
@@ -563,7 +563,7 @@ class Engine:
 
     def _make_options(self, s: _Slot, vocab: int) -> None:
         req = s.req
-        s.options[0] = True
+        s.options_made = True
         if req.presence_penalty or req.frequency_penalty or req.repetition_penalty != 1 or req.logit_bias:
             s.sampling = SamplingState(vocab, req.prompt_ids, req.presence_penalty, req.frequency_penalty,
                                        req.repetition_penalty, dict(req.logit_bias or {}), device=self.device)
