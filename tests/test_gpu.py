@@ -108,7 +108,9 @@ def _free_port() -> int:
 def one_process_group(device):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+    # NCCL binds the group to one GPU: the current one, by index
+    device_id = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else None
+    dist.init_process_group(backend, rank=0, world_size=1, device_id=device_id)
     yield backend
     dist.destroy_process_group()
 
