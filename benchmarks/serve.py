@@ -385,7 +385,7 @@ def main() -> None:
     src.add_argument("--random", metavar="PRESET", help="random weights in a preset's shape (e.g. small, base)")
     src.add_argument("--url", help="an already running OpenAI-compatible server instead (one column)")
     src.add_argument("--smoke", action="store_true", help="a tiny random model, 4 users x 2 short requests, "
-                     "ours only, no JSON unless --output is given: checks that the script runs")
+                     "ours only (add --llama-server for both), no JSON unless --output is given")
     src.add_argument("--build-llama-server", action="store_true", help="build llama-server into the cache and exit")
     wl = ap.add_argument_group("workloads")
     wl.add_argument("--users", type=int, default=16, help="concurrent clients")
@@ -407,8 +407,8 @@ def main() -> None:
     sv.add_argument("--llamaworks-args", nargs=argparse.REMAINDER, default=[],
                     help="extra `llamaworks serve` options (last on the line), e.g. --prefill-chunk 256")
     sv.add_argument("--llama-server-args", type=str, default="", help="extra llama-server options, one string")
-    sv.add_argument("--llama-server", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run llama-server on the GGUF export (when built)")
+    sv.add_argument("--llama-server", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run llama-server on the GGUF export, when built (default on; --smoke: off)")
     sv.add_argument("--gguf-dtype", choices=["f32", "f16"], default="f32")
     sv.add_argument("--request-timeout", type=float, default=900)
     ap.add_argument("--output", default=None, help="JSON (default benchmarks/results/serve.json; --smoke: none)")
@@ -421,10 +421,12 @@ def main() -> None:
     if sum(bool(x) for x in (a.checkpoint, a.random, a.url, a.smoke)) != 1:
         ap.error("give one of --checkpoint DIR, --random PRESET, --url URL or --smoke")
     if a.smoke:
-        a.users, a.requests, a.max_tokens, a.llama_server = 4, 2, 8, False
+        a.users, a.requests, a.max_tokens = 4, 2, 8
+        a.llama_server = bool(a.llama_server)
         a.system_tokens, a.user_tokens, a.short_tokens, a.long_tokens, a.long_every = 64, 16, 32, 192, 4
-    elif a.output is None:
-        a.output = str(ROOT / "benchmarks" / "results" / "serve.json")
+    else:
+        a.llama_server = a.llama_server is not False
+        a.output = a.output or str(ROOT / "benchmarks" / "results" / "serve.json")
     machine = machine_record(a.label, threads=a.threads)
 
     longest = max([a.system_tokens + a.user_tokens] * ("chat" in a.workloads)

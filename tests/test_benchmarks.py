@@ -96,6 +96,45 @@ def test_serve_smoke(tmp_path):
     assert "llama-server side skipped" in text
 
 
+def llama_tool(name: str):
+    spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))  # serve.py imports machine.py from its folder
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod.find_llama_server(name)
+
+
+@pytest.mark.slow
+def test_serve_smoke_against_llama_server(tmp_path):
+    pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    if llama_tool("llama-server") is None:
+        pytest.skip("llama-server not built (benchmarks/serve.py --build-llama-server)")
+    out = tmp_path / "serve.json"
+    run("serve", "--smoke", "--llama-server", "--output", str(out))
+    d = json.loads(out.read_text())
+    assert [r["server"] for r in d["results"]] == ["llamaworks", "llama-server f32"]
+    theirs = d["results"][1]
+    for wl in ("chat", "mixed"):
+        assert theirs[wl]["errors"] == 0 and theirs[wl]["generated_tokens"] == 8 * d["max_tokens"]
+        assert d["ratios_ours_over_llama_server"][wl]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_decode_llama_cpp_batched(tmp_path):
+    pytest.importorskip("llama_cpp")
+    if llama_tool("llama-batched-bench") is None:
+        pytest.skip("llama-batched-bench not built (benchmarks/serve.py --build-llama-server)")
+    out = tmp_path / "decode.json"
+    run("decode", "--quick", "--batches", "2", "--impls", "llamaworks", "llama.cpp", "--precisions", "fp32",
+        "--out", str(out))
+    impls = {r["impl"] for r in json.loads(out.read_text())["results"]}
+    assert "llama.cpp f32 batched-bench" in impls, impls
+
+
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path):
     out = tmp_path / "train.json"
