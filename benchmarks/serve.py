@@ -92,7 +92,7 @@ def build_llama_server(jobs: int | None = None) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     sdist = CACHE / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.is_file():
-        run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
+        run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
              f"llama-cpp-python=={version}", "-d", str(CACHE)])
     src = CACHE / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     if not src.is_dir():
