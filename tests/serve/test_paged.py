@@ -89,7 +89,7 @@ def test_pool_reserves_shares_and_evicts_least_recent_first():
     # Everything is available again; allocating past the free blocks evicts the chain's tail first.
     assert pool.admit([], 5, 4) == []
     got = [pool.allocate() for _ in range(5)]
-    assert seq[2] in got and seq[1] in got and seq[0] not in got
+    assert seq[2] in got and seq[1] in got and seq[0] not in got and pool.stats()["kv_blocks_evicted"] == 2
     assert pool.match(h) == [seq[0]]
 
 
@@ -216,3 +216,16 @@ def test_eviction_under_a_tiny_budget_never_corrupts_a_running_sequence(tiny_bud
     stats = eng.stats()
     assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_reserved"] == 0
     assert stats["kv_blocks_free"] + stats["kv_blocks_cached"] == stats["kv_blocks_total"]
+
+
+def test_one_request_after_another_evicts_cached_blocks_and_stays_exact(tiny_budget_engine, tiny_model,
+                                                                       tiny_tokenizer):
+    eng = tiny_budget_engine
+    # Prompts sharing little, each leaving several cached blocks: more than the 24 there are.
+    prompts = [" ".join([q] * 3) for q in QUESTIONS]
+    want = [generate(tiny_model, tiny_tokenizer, p, 8, temperature=0)[0].tokens for p in prompts]
+    evicted = eng.stats()["kv_blocks_evicted"]
+    for _ in range(2):
+        for p, w in zip(prompts, want):
+            assert eng.complete(Request(tiny_tokenizer.encode(p), 8), timeout=60).tokens == w
+    assert eng.stats()["kv_blocks_evicted"] > evicted

@@ -59,6 +59,7 @@ class BlockPool:
         self.reserved = 0  # blocks promised to admitted sequences, not allocated yet
         self.queries = 0  # prompt tokens looked up
         self.hits = 0  # of which found cached
+        self.evictions = 0  # cached blocks reused for other content
 
     @property
     def capacity(self) -> int:
@@ -104,6 +105,7 @@ class BlockPool:
         else:
             b, _ = self.idle.popitem(last=False)  # evict the least recently released
             del self.cached[self.block_hash.pop(b)]
+            self.evictions += 1
         assert self.ref[b] == 0, (b, self.ref[b])
         self.ref[b] = 1
         return b
@@ -132,6 +134,6 @@ class BlockPool:
         used = self.capacity - len(self.free) - len(self.idle)
         return {"kv_blocks_total": self.capacity, "kv_blocks_used": used, "kv_blocks_free": len(self.free),
                 "kv_blocks_cached": len(self.idle), "kv_blocks_reserved": self.reserved,
-                "kv_blocks_shared": sum(r > 1 for r in self.ref),
+                "kv_blocks_shared": sum(r > 1 for r in self.ref), "kv_blocks_evicted": self.evictions,
                 "prefix_cache_queries": self.queries, "prefix_cache_hits": self.hits,
                 "prefix_cache_hit_rate": self.hits / self.queries if self.queries else 0.0}
