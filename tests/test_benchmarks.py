@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = ("decode", "gemv", "finetune", "train_throughput", "eval_throughput", "serve", "data_throughput",
-           "distributed")
+           "distributed", "prefix_ttft")
 
 
 def load_machine():
@@ -79,6 +79,17 @@ def run(script: str, *args: str, timeout: int = 1200) -> str:
 
 
 @pytest.mark.slow
+def test_prefix_ttft_smoke(tmp_path):
+    out = tmp_path / "prefix_ttft.json"
+    run("prefix_ttft", "--preset", "tiny", "--smoke", "--out", str(out), "--label", "test")
+    d = json.loads(out.read_text())
+    assert d["tokens_identical"] and d["machine"]["label"] == "test"
+    rows = {r["engine"]: r for r in d["rows"]}
+    assert rows["paged, no prefix cache"]["prompt_tokens_prefilled"] == rows["paged, no prefix cache"]["prompt_tokens"]
+    # The shared 64-token system prompt is prefilled once (in 16-token blocks), the rest per request.
+    assert rows["paged + prefix cache"]["prompt_tokens_prefilled"] == 72 + 3 * 8
+
+
 def test_serve_smoke(tmp_path):
     pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
