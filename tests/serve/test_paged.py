@@ -229,3 +229,22 @@ def test_one_request_after_another_evicts_cached_blocks_and_stays_exact(tiny_bud
         for p, w in zip(prompts, want):
             assert eng.complete(Request(tiny_tokenizer.encode(p), 8), timeout=60).tokens == w
     assert eng.stats()["kv_blocks_evicted"] > evicted
+
+
+@pytest.mark.slow
+def test_compiled_decode_over_the_paged_cache_is_one_graph_and_exact(tiny_model_dir, references):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, tok = _load(tiny_model_dir)
+    # The compiled step reads the whole-context table, rewritten in place: one graph whatever
+    # the sequences' lengths, their blocks or the prefill chunks between steps.
+    eng = Engine(model, tok, max_batch=3, block_size=4, compile=True, prefill_chunk=7).start()
+    try:
+        reqs = _run_all(eng, [Request(list(ids), 16) for ids in references], timeout=600)
+        assert [r.tokens for r in reqs] == list(references.values())
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        eng.stop(cancel=True, timeout=30)
