@@ -78,6 +78,12 @@ LINES = ["The quick brown fox jumps over the lazy dog near the river bank.",
          "The early bird catches the worm, but the second mouse gets the cheese."]
 
 
+def _sentence(rng: random.Random) -> str:
+    """A sentence no other page has (line dedup normalises digits away, so it is made of letters)."""
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(8)]
+    return " ".join(words).capitalize() + "."
+
+
 def _c4_corpus(folder: Path, files: int = 4, docs: int = 12) -> list[Path]:
     """JSONL shards of pages that C4's rules and line dedup partly keep, partly drop."""
     rng = random.Random(0)
@@ -86,7 +92,9 @@ def _c4_corpus(folder: Path, files: int = 4, docs: int = 12) -> list[Path]:
         path = folder / f"part-{f:02d}.jsonl.gz"
         with ShardWriter(path) as w:
             for i in range(docs):
-                lines = rng.sample(LINES, rng.randint(3, 9)) + [f"Unique sentence number {f} {i} ends right here."]
+                lines = rng.sample(LINES, rng.randint(3, 9)) + \
+                    [_sentence(rng) for _ in range(rng.randint(2, 7))]
+                rng.shuffle(lines)
                 w.write(Document(f"{f}-{i}", "\n".join(lines), "c4", {"url": f"http://x/{f}/{i}"}))
         paths.append(path)
     return paths

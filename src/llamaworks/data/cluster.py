@@ -17,6 +17,7 @@ under OUTPUT/.state, so that worker needs no more memory than a local run).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,21 @@ def _import_distributed():
     except ImportError:
         raise ValueError("--cluster needs Dask: pip install 'llamaworks[cluster]' (dask[distributed])") from None
     return distributed
+
+
+def dashboard_line(client) -> str:
+    """Where to watch the run's tasks, workers and memory: the scheduler's dashboard, or why there is none."""
+    services = client.scheduler_info().get("services", {})
+    if "dashboard" not in services:
+        return ("Dask dashboard: not served (the scheduler has no dashboard; pip install 'bokeh>=3.1' where "
+                "the scheduler runs)")
+    link = client.dashboard_link
+    try:
+        import bokeh  # noqa: F401  (the dashboard's plots; without it the scheduler serves only its info pages)
+    except ImportError:
+        return (f"Dask dashboard: {link} (its plots need bokeh>=3.1 where the scheduler runs; workers and tasks: "
+                f"{link.rsplit('/', 1)[0]}/info/main/workers.html)")
+    return f"Dask dashboard: {link}"
 
 
 def parse_cluster(spec: str) -> tuple[str, int | str]:
@@ -80,6 +96,7 @@ class DaskExecutor(Executor):
 
     def run(self, *args, **kwargs) -> dict:
         with self._connect() as client:
+            print(dashboard_line(client), file=sys.stderr, flush=True)
             self._client = client
             try:
                 return super().run(*args, **kwargs)

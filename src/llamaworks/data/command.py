@@ -18,8 +18,12 @@ __all__ = ["run_command"]
 
 def run_command(
     source: Annotated[SourceName, Arg("which source's pipeline to run (section 2.1)", positional=True)],
-    input: Annotated[list[str], Arg("input files or folders in the source's public format", metavar="PATH")],
-    output: Annotated[str, Arg("output folder: documents/, stats.json, DATACARD.md", metavar="DIR")],
+    input: Annotated[list[str], Arg("input files or folders in the source's public format; local paths or URLs "
+                                    "(s3://bucket/prefix, globs allowed; pip install 'llamaworks[remote]')",
+                                    metavar="PATH")],
+    output: Annotated[str, Arg("output folder: documents/, stats.json, DATACARD.md; a local path or a URL "
+                               "(s3://bucket/prefix; endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)",
+                               metavar="DIR")],
     workers: Annotated[int | None, Arg("worker processes (default: all cores)")] = None,
     keep_excluded: Annotated[bool, Arg("write dropped documents with their reason under DIR/excluded/")] = False,
     on_malformed: Annotated[Literal["skip", "stop"], Arg("a malformed input file: skip it, or stop the run")] = "skip",
@@ -58,6 +62,8 @@ def run_command(
     skip_wikiref: Annotated[bool, Arg("commoncrawl: run without the reference classifier (a paper step; the data "
                                       "card records the omission)")] = False,
     min_chars: Annotated[int, Arg("commoncrawl: drop pages shorter than this after line dedup (CCNet)")] = 300,
+    card_examples: Annotated[int, Arg("examples of each removal reason in DIR/DATACARD.md (document id and its first "
+                                      "200 characters, or the removed line)", metavar="N")] = 3,
 ) -> int:
     """Run a source's cleaning pipeline; kept documents go to DIR/documents/ as JSONL shards that
     `llamaworks prepare --input DIR/documents` tokenises. A killed run resumes where it stopped."""
@@ -73,7 +79,7 @@ def run_command(
                              languages=languages, ccnet=ccnet)
     fit_perplexity_cutoffs(reader, steps, input)  # first pass, when percentile cut-offs are asked for
     common = dict(keep_excluded=keep_excluded, on_malformed=on_malformed, compression=compression,
-                  overwrite=overwrite, dedup_memory_mb=dedup_memory_mb)
+                  overwrite=overwrite, dedup_memory_mb=dedup_memory_mb, card_examples=card_examples)
     if cluster is not None:
         if workers is not None:
             raise ValueError("--workers is for local runs; with --cluster the cluster's workers run the shards "

@@ -33,6 +33,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,10 @@ from llamaworks.data.step import Dropped, LinesRemoved, Step
 log = logging.getLogger(__name__)
 
 _MEASURES = ("documents", "lines", "chars", "bytes")
+
+# The data card's examples of each removal reason: how many (the default), and how much text of each.
+CARD_EXAMPLES = 3
+EXAMPLE_CHARS = 200
 
 
 def _measure(doc: Document) -> tuple[int, int, int, int]:
@@ -77,10 +83,23 @@ class StepStats:
     kept: dict[str, int] = field(default_factory=_zero)
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     lines_removed: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Up to `limit` examples per removal reason ({"id", "text"}: the removed line, or the dropped
+    # document's first EXAMPLE_CHARS characters), and dropped documents per document source.
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    dropped_by_source: dict[str, dict[str, int]] = field(default_factory=dict)
+    limit: int = CARD_EXAMPLES
+    last_input: tuple[str, str] | None = None
+
+    def example(self, reason: str, doc_id: str, text: str, kind: str = "document") -> None:
+        """`kind`: "document" (text is the document's start) or "line" (text is a removed line)."""
+        got = self.examples.setdefault(reason, [])
+        if len(got) < self.limit:
+            got.append({"id": doc_id, "kind": kind, "text": text[:EXAMPLE_CHARS]})
 
     def to_json(self) -> dict:
         return {"name": self.name, "description": self.description, "in": self.into, "kept": self.kept,
-                "dropped": self.dropped, "lines_removed": self.lines_removed}
+                "dropped": self.dropped, "lines_removed": self.lines_removed, "examples": self.examples,
+                "dropped_by_source": self.dropped_by_source}
 
 
 class Reader:
@@ -159,8 +178,9 @@ class RunPlan:
     """Everything one shard needs; pickled once into each worker."""
 
     def __init__(self, out: storage.StoragePath, reader: Reader, stages: list[_Stage], keep_excluded: bool,
-                 on_malformed: str, compression: str, world: int, dedup_memory: int | None):
-        self.out, self.reader, self.stages = out, reader, stages
+                 on_malformed: str, compression: str, world: int, dedup_memory: int | None,
+                 examples: int = CARD_EXAMPLES):
+        self.out, self.reader, self.stages, self.examples = out, reader, stages, examples
         self.keep_excluded, self.on_malformed, self.compression = keep_excluded, on_malformed, compression
         self.suffix = shard_suffix(compression)
         self.world, self.dedup_memory = world, dedup_memory
@@ -211,7 +231,7 @@ class RunPlan:
     def run_shard(self, s: int, shard: int, path: storage.StoragePath, steps_state: list[Step] | None = None) -> dict:
         stage = self.stages[s]
         steps = steps_state if steps_state is not None else stage.steps
-        stats = [StepStats(st.name, st.describe()) for st in steps]
+        stats = [StepStats(st.name, st.describe(), limit=self.examples) for st in steps]
         info = {"file": str(path), "documents": 0, "bytes": 0, "malformed": [], "malformed_records": 0,
                 "malformed_record_examples": []}
         name = f"{shard:05d}{self.suffix}"
@@ -282,16 +302,35 @@ def _run_global_steps(run: RunPlan, s: int, steps: list[Step], state: Path, done
 def _counted(docs: Iterable[Document], st: StepStats) -> Iterator[Document]:
     for doc in docs:
         _add(st.into, _measure(doc))
+        st.last_input = (doc.id, doc.text)  # the text before the step: a removed line for the examples
         yield doc
 
 
+def _removed_line(st: StepStats, doc: Document) -> str | None:
+    """The first line of `doc`'s text before the step that its text after lacks (None: not known)."""
+    if st.last_input is None or st.last_input[0] != doc.id:
+        return None
+    kept = set(doc.text.split("\n"))
+    return next((line for line in st.last_input[1].split("\n") if line not in kept), None)
+
+
 def _accounted(events, st: StepStats, step: str, excluded: ShardWriter | None) -> Iterator[Document]:
+    pending: list[LinesRemoved] = []  # a step yields a document's LinesRemoved before the document
     for ev in events:
+        if isinstance(ev, (Document, Dropped)) and pending:
+            doc = ev if isinstance(ev, Document) else ev.doc
+            for lr in pending:
+                line = lr.example or (_removed_line(st, doc) if isinstance(ev, Document) else None)
+                st.example(lr.reason, doc.id, *((line, "line") if line else (doc.text, "document")))
+            pending.clear()
         if isinstance(ev, Document):
             _add(st.kept, _measure(ev))
             yield ev
         elif isinstance(ev, Dropped):
             _add(st.dropped.setdefault(ev.reason, _zero()), _measure(ev.doc))
+            st.example(ev.reason, ev.doc.id, ev.doc.text)
+            by = st.dropped_by_source.setdefault(ev.doc.source or "-", {})
+            by[ev.reason] = by.get(ev.reason, 0) + 1
             if excluded is not None:
                 ev.doc.metadata = {**ev.doc.metadata, "excluded": {"step": step, "reason": ev.reason}}
                 excluded.write(ev.doc)
@@ -299,6 +338,8 @@ def _accounted(events, st: StepStats, step: str, excluded: ShardWriter | None) -
             r = st.lines_removed.setdefault(ev.reason, {"lines": 0, "chars": 0})
             r["lines"] += ev.lines
             r["chars"] += ev.chars
+            if len(st.examples.get(ev.reason, ())) < st.limit:
+                pending.append(ev)
         else:
             raise TypeError(f"step {step!r} yielded {type(ev).__name__}; steps yield Document, Dropped or "
                             "LinesRemoved")
@@ -321,6 +362,9 @@ def _worker_task(task: tuple[int, int, str]) -> dict:
 # count covers every one, a corpus may hold millions.
 MALFORMED_EXAMPLES = 10
 
+# The progress line's rates are over this many seconds of finished shards.
+THROUGHPUT_WINDOW_S = 60.0
+
 # Default memory for one dedup step's state before it spills to disk.
 DEDUP_MEMORY_MB = 2048.0
 
@@ -331,13 +375,17 @@ class Executor:
 
     def __init__(self, output: str | os.PathLike, keep_excluded: bool = False, on_malformed: str = "skip",
                  compression: str = "gzip", progress: bool = True, overwrite: bool = False,
-                 dedup_memory_mb: float | None = DEDUP_MEMORY_MB):
+                 dedup_memory_mb: float | None = DEDUP_MEMORY_MB, card_examples: int = CARD_EXAMPLES):
         if on_malformed not in ("skip", "stop"):
             raise ValueError(f"on_malformed must be 'skip' or 'stop', got {on_malformed!r}")
         if dedup_memory_mb is not None and dedup_memory_mb < 0:
             raise ValueError(f"dedup_memory_mb must be >= 0 (0: dedup state on disk from the start), "
                              f"got {dedup_memory_mb}")
+        if card_examples < 0:
+            raise ValueError(f"card_examples must be >= 0 (examples of each removal reason in the data card), "
+                             f"got {card_examples}")
         self.out, self.keep_excluded = storage.as_path(output), keep_excluded
+        self.card_examples = card_examples
         self.on_malformed, self.compression, self.progress, self.overwrite = \
             on_malformed, compression, progress, overwrite
         self.dedup_memory = None if dedup_memory_mb is None else int(dedup_memory_mb * 2**20)
@@ -373,15 +421,24 @@ class Executor:
             storage.remove_temporaries(storage.join(self.out, sub))
         stages = _stages(steps)
         run = RunPlan(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression,
-                   len(files), self.dedup_memory)
+                      len(files), self.dedup_memory, self.card_examples)
         for stage in stages:
             s = stage.index
             finished = run.done(s)
             done = len(finished)
             desc = f"stage {s}" + (f" ({', '.join(x.name for x in stage.steps)})" if stage.global_state else "")
+            meter, counted = Throughput(THROUGHPUT_WINDOW_S), [done]
             with self._bar(len(files), done, desc) as bar:
-                def after(i: int, s: int = s, bar=bar) -> None:
+                def after(i: int, result: dict | None = None, s: int = s, bar=bar, meter=meter, desc=desc,
+                          counted=counted) -> None:
+                    if result is None:  # a global stage's shard: its stats are in the output
+                        result = json.loads(storage.read_text(storage.join(run.state_dir(s), f"{i:05d}.stats.json")))
+                    now = time.monotonic()
+                    meter.add(now, result["read"]["documents"], result["read"].get("bytes", 0))
+                    bar.set_postfix_str(meter.line(now), refresh=False)
                     bar.update()
+                    counted[0] += 1
+                    log.info("%s: %d/%d shards, %s", desc, counted[0], len(files), meter.line(now))
                     if on_shard:
                         on_shard(s, i)
 
@@ -393,7 +450,7 @@ class Executor:
                 # closing: a failing callback stops the remaining tasks now, not when the generator is collected.
                 with contextlib.closing(self._map(run, todo)) as results:
                     for r in results:
-                        after(r["shard"])
+                        after(r["shard"], r)
         stats = self._collect(run, source, len(files))
         storage.atomic_write_json(storage.join(self.out, "stats.json"), stats)
         storage.atomic_write_text(storage.join(self.out, "DATACARD.md"), data_card(stats))
@@ -426,7 +483,8 @@ class Executor:
                     read["malformed_records"] += r["read"].get("malformed_records", 0)
                     examples = read["malformed_record_examples"] + r["read"].get("malformed_record_examples", [])
                     read["malformed_record_examples"] = examples[:MALFORMED_EXAMPLES]
-                merged = r["steps"] if merged is None else [_merge(a, b) for a, b in zip(merged, r["steps"])]
+                merged = r["steps"] if merged is None else \
+                    [_merge(a, b, run.examples) for a, b in zip(merged, r["steps"])]
             steps += merged or []
         return {"source": source, "read": read, "steps": steps,
                 "output": {"documents_dir": "documents", "excluded_dir": "excluded" if run.keep_excluded else None}}
@@ -453,21 +511,61 @@ class LocalExecutor(Executor):
             yield from pool.imap_unordered(_worker_task, todo)
 
 
-def _merge(a: dict, b: dict) -> dict:
+def _merge(a: dict, b: dict, examples: int = CARD_EXAMPLES) -> dict:
+    """Two shards' stats of one step, `a` the earlier shard (examples are kept in shard order)."""
     out = {"name": a["name"], "description": a["description"]}
     for k in ("in", "kept"):
         out[k] = {m: a[k][m] + b[k][m] for m in _MEASURES}
-    for k in ("dropped", "lines_removed"):
-        out[k] = {r: dict(v) for r, v in a[k].items()}
-        for r, v in b[k].items():
+    # .get: shard stats written before examples and sources were recorded (a resumed run)
+    for k in ("dropped", "lines_removed", "dropped_by_source"):
+        out[k] = {r: dict(v) for r, v in a.get(k, {}).items()}
+        for r, v in b.get(k, {}).items():
             cur = out[k].setdefault(r, dict.fromkeys(v, 0))
             for m, x in v.items():
-                cur[m] += x
+                cur[m] = cur.get(m, 0) + x
+    out["examples"] = {r: list(v) for r, v in a.get("examples", {}).items()}
+    for r, v in b.get("examples", {}).items():
+        got = out["examples"].setdefault(r, [])
+        got += v[:max(0, examples - len(got))]
     return out
+
+
+class Throughput:
+    """Documents/s and bytes/s over the last `window` seconds (since the start while shorter),
+    from finished shards' counts: the executor's rolling progress line."""
+
+    def __init__(self, window: float = 30.0, start: float | None = None):
+        assert window > 0, window
+        self.window = window
+        self.start = time.monotonic() if start is None else start
+        self.events: deque[tuple[float, int, int]] = deque()
+
+    def add(self, t: float, documents: int, nbytes: int) -> None:
+        self.events.append((t, documents, nbytes))
+
+    def rates(self, t: float) -> tuple[float, float]:
+        while self.events and self.events[0][0] <= t - self.window:
+            self.events.popleft()
+        span = min(self.window, t - self.start)
+        if span <= 0:
+            return 0.0, 0.0
+        return sum(e[1] for e in self.events) / span, sum(e[2] for e in self.events) / span
+
+    def line(self, t: float) -> str:
+        docs, nbytes = self.rates(t)
+        rate = f"{nbytes / 1e6:,.2f} MB/s" if nbytes >= 1e5 else f"{nbytes / 1e3:,.2f} kB/s"
+        return f"{docs:,.1f} docs/s, {rate} (last {min(self.window, t - self.start):.3g} s)"
 
 
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _examples(examples: list[dict[str, str]]) -> list[str]:
+    # JSON-quoted: newlines and markup in the text stay visible and cannot break the card's Markdown.
+    what = {"line": "a removed line", "document": "the document starts"}
+    return [f"  - `{e['id']}`, {what.get(e.get('kind', 'document'), 'text')}: "
+            f"{json.dumps(e['text'], ensure_ascii=False)}" for e in examples]
 
 
 def data_card(stats: dict) -> str:
@@ -493,10 +591,19 @@ def data_card(stats: dict) -> str:
         if not st["dropped"] and not st["lines_removed"]:
             continue
         lines += ["", f"## {st['name']}", ""]
+        examples = st.get("examples", {})
         for why, v in sorted(st["dropped"].items(), key=lambda kv: -kv[1]["documents"]):
             lines.append(f"- dropped {v['documents']} documents ({v['chars']} characters): {why}")
+            lines += _examples(examples.get(why, []))
         for why, v in sorted(st["lines_removed"].items(), key=lambda kv: -kv[1]["lines"]):
             lines.append(f"- removed {v['lines']} lines ({v['chars']} characters): {why}")
+            lines += _examples(examples.get(why, []))
+        by_source = st.get("dropped_by_source", {})
+        if len(by_source) > 1:  # a mixed input (the jsonl source): who lost what
+            lines += ["", "Dropped documents by document source:", ""]
+            for src, reasons in sorted(by_source.items()):
+                detail = "; ".join(f"{why}: {n}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+                lines.append(f"- {src}: {sum(reasons.values())} ({detail})")
     if stats["steps"]:
         last = stats["steps"][-1]["kept"]
         lines += ["", f"Kept {last['documents']} documents, {last['chars']} characters, {last['bytes']} bytes "

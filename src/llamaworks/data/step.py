@@ -30,6 +30,7 @@ class LinesRemoved:
     reason: str
     lines: int
     chars: int
+    example: str = ""  # one removed line, for the data card's examples (optional)
 
 
 Event = Document | Dropped | LinesRemoved
@@ -97,7 +98,7 @@ class LineCleaner(Step):
                 continue
             for why, lines in removed.items():
                 if lines:
-                    yield LinesRemoved(why, len(lines), sum(len(x) + 1 for x in lines))
+                    yield LinesRemoved(why, len(lines), sum(len(x) + 1 for x in lines), lines[0])
             if not text.strip():
                 yield Dropped(doc, self.empty_reason)
                 continue
