@@ -304,3 +304,26 @@ def test_paths_keep_their_kind():
     assert storage.as_path("rel/dir") == Path("rel/dir")
     assert storage.name("gs://b/k/f.jsonl.gz") == "f.jsonl.gz"
     assert not storage.is_remote(Path("s3:/x")) and storage.is_remote("hf://datasets/x/y")
+
+
+def test_dask_and_the_cli_run_c4_from_s3_to_s3_like_a_local_run(tmp_path, s3, capsys):
+    """The Dask executor (its global line-dedup stage on a worker, spilling to the worker's local disk)
+    and `llamaworks data run` with URLs write what the local executor writes locally."""
+    distributed = pytest.importorskip("distributed")
+    from llamaworks.cli import main
+    from llamaworks.data.cluster import DaskExecutor
+
+    _c4_corpus(tmp_path / "in", files=3, docs=10)
+    bucket = s3()
+    _upload(tmp_path / "in", f"{bucket}/in")
+    reader, steps = pipeline("c4")
+    LocalExecutor(tmp_path / "out", workers=1, progress=False).run("c4", reader, steps, [tmp_path / "in"])
+    local = _outputs(_tree(tmp_path / "out"))
+    reader, steps = pipeline("c4")
+    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0") as client:
+        DaskExecutor(f"{bucket}/dask", client, progress=False).run("c4", reader, steps, [f"{bucket}/in"])
+    assert _outputs(_download(f"{bucket}/dask")) == local
+    assert main(["data", "run", "c4", "--input", f"{bucket}/in/*.jsonl.gz", "--output", f"{bucket}/cli",
+                 "--workers", "1"]) == 0
+    assert f"see {bucket}/cli/DATACARD.md" in capsys.readouterr().out
+    assert _outputs(_download(f"{bucket}/cli")) == local
