@@ -616,3 +616,28 @@ def test_an_adapter_over_a_fused_model_gives_the_unfused_logits(tiny_model_dir, 
         torch.testing.assert_close(late(x), want, atol=1e-5, rtol=1e-5)
     outs = [generate(m, tok, ["the king"], max_new_tokens=8, temperature=0)[0].text for m in (fused, plain)]
     assert outs[0] == outs[1]
+
+
+def test_a_frozen_base_cast_to_bf16_computes_what_autocast_does():
+    """cast_frozen_base stores the frozen projections under the adapters in bf16 once:
+    under bf16 autocast the loss and the adapters' gradients are those of the fp32 base, exactly."""
+    from llamaworks.inference.lora import cast_frozen_base
+    from llamaworks.train.loss import lm_loss
+
+    lm = _randomise(apply_lora(_base().train(), LoraConfig(r=4, alpha=16)))
+    cast = copy.deepcopy(lm)
+    assert cast_frozen_base(cast, torch.bfloat16) == 14
+    assert cast.layers[0].attention.wq.base_layer.weight.dtype == torch.bfloat16
+    assert cast.output.weight.dtype == torch.float32 and cast.tok_embeddings.weight.dtype == torch.float32
+    assert {p.dtype for p in lora_parameters(cast)} == {torch.float32}
+    x = _tokens(lm.args, (2, 16))
+    results = []
+    for m in (lm, cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(m, x, torch.roll(x, -1, 1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in lora_parameters(m)]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    with torch.no_grad():  # inference without autocast: the bf16 base takes its input in bf16
+        assert cast.eval()(x).isfinite().all()

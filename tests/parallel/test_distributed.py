@@ -7,18 +7,16 @@ splits the model over the processes and completes as one process does."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torchrun import spawn as spawn_fn
+from torchrun import torchrun
 
 from llamaworks.cli import main
 from llamaworks.configfile import dumps
@@ -41,22 +39,12 @@ GLOBAL_BATCH = 8  # sequences of 32 tokens per optimizer step, whatever the worl
 TOL = 1e-5  # fp32; the issue's bound
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg, resume: bool) -> None:
-    # What torchrun would set for this process.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)  # 2 shared cores: one thread per process
+def _worker(rank: int, world: int, cfg, resume: bool) -> None:
     train(cfg, resume=resume)
 
 
 def spawn(cfg, world: int = 2, resume: bool = False) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), cfg, resume), nprocs=world, join=True)
+    spawn_fn(_worker, cfg, resume, world=world)
 
 
 def losses(out: Path, key: str = "loss") -> dict[int, float]:
@@ -124,10 +112,7 @@ def test_tensor_and_sequence_parallel_under_torchrun_matches_one_process(setup, 
     cfg = make(tmp_path, parallel={"tp": 2, "dp_shard": -1})
     config = tmp_path / "job.toml"
     config.write_text(dumps(cfg))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llamaworks", "pretrain",
-                           "--config", str(config)], env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(["pretrain", "--config", str(config)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "applied tensor and sequence parallelism (tp=2) to the model, loss parallel" in proc.stderr
     assert_same_curve(losses(tmp_path), losses(ref), range(1, STEPS + 1))
@@ -199,14 +184,12 @@ class PeakAllocations(TorchDispatchMode):
 INIT_SEED = 5
 
 
-def _init_worker(rank: int, world: int, port: int, parallel: dict, result: Path) -> None:
+def _init_worker(rank: int, world: int, parallel: dict, result: Path) -> None:
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import loss_parallel
 
     from llamaworks.train.loss import lm_loss
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     dims = ParallelDims(world_size=world, **parallel)
     # The trainer's sequence: build on meta, split, allocate this rank's shards, fill them.
@@ -243,7 +226,7 @@ def test_sharded_init_equals_one_process(tmp_path, parallel):
     one.to_empty(device="cpu")
     init_weights(one, INIT_SEED, torch.device("cpu"))
     result = tmp_path / "rank0.pt"
-    mp.spawn(_init_worker, args=(2, _free_port(), parallel, result), nprocs=2, join=True)
+    spawn_fn(_init_worker, parallel, result)
     got = torch.load(result)
     want = dict(one.named_parameters())
     assert got["full"].keys() == want.keys()
@@ -261,11 +244,9 @@ def test_sharded_init_equals_one_process(tmp_path, parallel):
         torch.testing.assert_close(got["loss"], lm_loss(one, x, x, fused=False), rtol=0, atol=1e-5)
 
 
-def _generate_worker(rank: int, world: int, port: int, model_dir: Path, result: Path) -> None:
+def _generate_worker(rank: int, world: int, model_dir: Path, result: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model, _ = load_tensor_parallel(model_dir, init_device_mesh("cpu", (world,)), torch.device("cpu"))
     wq = model.layers[0].attention.wq.weight
@@ -282,7 +263,7 @@ def _generate_worker(rank: int, world: int, port: int, model_dir: Path, result: 
 
 def test_tensor_parallel_generation_splits_the_model_and_matches_one_process(tiny_model_dir, tmp_path):
     result = tmp_path / "rank0.pt"
-    mp.spawn(_generate_worker, args=(2, _free_port(), tiny_model_dir, result), nprocs=2, join=True)
+    spawn_fn(_generate_worker, tiny_model_dir, result)
     got = torch.load(result)
     model, _ = load_model(tiny_model_dir)
     want = torch.cat([c[0] for c in generate_ids(model, [[1, 40, 41], [1, 7]], 12, temperature=0.0)], 1)
@@ -298,9 +279,7 @@ def test_generate_under_torchrun_prints_one_completion_like_one_process(tiny_mod
             "10", "--temperature", "0", "--device", "cpu"]
     assert main(argv) == 0
     want = capsys.readouterr().out
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llamaworks", *argv],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    proc = torchrun(argv, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == want  # rank 0 alone prints, the same completions
     assert proc.stderr.count("prefill:") == 1 and "2 x cpu, tensor parallel" in proc.stderr, proc.stderr[-2000:]

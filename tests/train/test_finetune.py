@@ -6,6 +6,7 @@ documented, and LoRA/QLoRA train the adapters only, over a base left bit for bit
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -366,6 +367,22 @@ def test_lora_resume_refuses_another_base_and_accepts_the_same_one_moved(make_ft
     assert run_finetune(cfg, resume=True)["steps"] == 3
 
 
+def test_bf16_lora_resumes_bitwise_over_its_bf16_frozen_base(make_ft_config, tmp_path):
+    """Under bf16 autocast in one process the frozen projections are stored in bf16 (what autocast
+    computes with); the run trains, checkpoints the fp32 adapters and resumes exactly."""
+    sections = {"train": {"max_steps": 4, "dtype": "bfloat16"}, "schedule": {"decay_steps": 4},
+                "eval": {"every": 0}, "checkpoint": {"every": 2}}
+    ref = tmp_path / "reference"
+    lora_run(make_ft_config, ref, **sections)
+    out = tmp_path / "run"
+    lora_run(make_ft_config, out, **{**sections, "train": {**sections["train"], "max_steps": 2}})
+    assert main(["finetune", "--config", str(out / "config.toml"), "--resume", "--train.max_steps", "4"]) == 0
+    losses = column(ref)
+    assert column(out) == losses and all(math.isfinite(v) for _, v in losses)
+    state = trainable(latest_checkpoint(out))
+    assert {t.dtype for t in state.values()} == {torch.float32}
+
+
 def test_the_base_fingerprint_tells_bases_apart():
     model = build_model(ModelArgs.from_name("tiny", n_layers=1), seed=0)
     state = model.state_dict()
@@ -409,6 +426,39 @@ def test_qlora_trains_adapters_over_a_quantised_frozen_base(make_ft_config, tiny
     assert summary["final_val_loss"] < held_out_loss(tiny_model_dir, instructions)
 
 
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_qlora_model_is_quantised_as_it_is_filled(mode):
+    """finetune's QLoRA model: empty quantised layers with adapters on the meta device (so FSDP/DDP
+    split it like LoRA's), filled by quantising the checkpoint's weights one projection at a time:
+    the blocks quantize_model makes from the float model, without the decode kernels' copies."""
+    from llamaworks.inference.lora import lora_layers
+    from llamaworks.inference.quant import QuantizedLinear
+    from llamaworks.train.finetune import lora_prepare, pretrained_init
+
+    args = ModelArgs.from_name("tiny", n_layers=2)
+    state = build_model(args, seed=0).state_dict()
+    want = build_model(args, seed=0)
+    for block in want.layers:
+        quantize_model(block, mode)
+    config = LoraConfig(r=4, alpha=8, target_modules=["wq", "wv", "w2"])
+    model = build_model(args, device="meta")  # as the Trainer builds it
+    lora_prepare(config, mode)(model)
+    model.to_empty(device="cpu")
+    pretrained_init(dict(state), lora=True, qlora_mode=mode)(model, 0, torch.device("cpu"))
+    assert [n for n, _ in lora_layers(model)] == [f"layers.{i}.{p}" for i in range(2)
+                                                  for p in ("attention.wq", "attention.wv", "feed_forward.w2")]
+    got = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert got.keys() == want.state_dict().keys()
+    for k, v in want.state_dict().items():
+        assert torch.equal(got[k], v), k
+    quantised = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantised) == 14 and model.output.weight.dtype == torch.float32
+    if mode == "int4":
+        assert all(not m.kernel_tensors() for m in quantised)  # no decode layouts beside the weights
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        f"{n}.{ab}" for n, _ in lora_layers(model) for ab in ("lora_A", "lora_B")]
+
+
 def test_qlora_resume_continues_bitwise_identically(make_ft_config, tmp_path):
     """The checkpoint holds the adapters; the resumed run quantises the base again, to the same blocks."""
     sections = {"train": {"max_steps": 4}, "schedule": {"decay_steps": 4}, "eval": {"every": 0},
@@ -424,10 +474,9 @@ def test_qlora_resume_continues_bitwise_identically(make_ft_config, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_qlora_and_tensor_parallel_lora_are_refused_under_torchrun(make_ft_config, tmp_path, monkeypatch):
+def test_tensor_parallel_lora_and_qlora_are_refused_under_torchrun(make_ft_config, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="--method qlora runs in one process"):
-        run_finetune(make_ft_config(tmp_path / "a", finetune={"method": "qlora"}))
-    with pytest.raises(ValueError, match="--method lora does not run with parallel.tp=2"):
-        run_finetune(make_ft_config(tmp_path / "b", finetune={"method": "lora"}, parallel={"tp": 2}))
+    for method in ("lora", "qlora"):
+        with pytest.raises(ValueError, match=f"--method {method} does not run with parallel.tp=2"):
+            run_finetune(make_ft_config(tmp_path / method, finetune={"method": method}, parallel={"tp": 2}))

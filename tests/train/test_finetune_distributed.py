@@ -1,21 +1,20 @@
 """`llamaworks finetune` under FSDP on 2 gloo processes (CPU): full fine-tuning and LoRA (a frozen
 base sharded with its adapters) give one process's loss curve for the same global batch of
 examples, and so does LoRA under DDP; a LoRA run's distributed checkpoint holds the adapters alone
-and resumes in one process (and a one-process checkpoint under FSDP) without changing a loss."""
+and resumes in one process (and a one-process checkpoint under FSDP) without changing a loss. QLoRA
+under FSDP and DDP (the quantised base replicated on every rank, only the adapters' gradients
+averaged) gives one process's QLoRA loss curve."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
+from torchrun import spawn as spawn_fn
+from torchrun import torchrun
 
 from llamaworks.configfile import dumps
 from llamaworks.train.checkpoint import DCP_DIR, TRAINABLE, dcp_to_model_dir, is_dcp_checkpoint, latest_checkpoint
@@ -37,22 +36,12 @@ LORA = {"method": "lora", "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0}
 FSDP = {"parallel": {"dp_shard": 2}, "train": {"micro_batch_size": 4}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg, resume: bool) -> None:
-    # What torchrun would set for this process.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)  # 2 shared cores: one thread per process
+def _worker(rank: int, world: int, cfg, resume: bool) -> None:
     run_finetune(cfg, resume=resume)
 
 
 def spawn(cfg, resume: bool = False) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), cfg, resume), nprocs=2, join=True)
+    spawn_fn(_worker, cfg, resume)
 
 
 def assert_same_curve(got: Path, want: Path, steps) -> None:
@@ -107,10 +96,7 @@ def test_lora_under_torchrun_fsdp_matches_one_process_and_resumes_in_one(make_ft
     out = tmp_path / "fsdp"
     config = tmp_path / "job.toml"
     config.write_text(dumps(make(make_ft_config, out, finetune=LORA, train={"max_steps": 2, "micro_batch_size": 4})))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "llamaworks", "finetune",
-                           "--config", str(config), "--parallel.dp_shard", "2"],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    proc = torchrun(["finetune", "--config", str(config), "--parallel.dp_shard", "2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "applied FSDP" in proc.stderr and "training 0.0471M of the parameters" in proc.stderr, proc.stderr[-2000:]
     assert_same_curve(out, lora_reference, range(1, 3))
@@ -155,3 +141,55 @@ def test_lora_under_ddp_matches_one_process(make_ft_config, lora_reference, tmp_
     spawn(make(make_ft_config, out, finetune=LORA, parallel={"dp_replicate": 2, "dp_shard": 1},
                train={"micro_batch_size": 4}))
     assert_same_curve(out, lora_reference, range(1, STEPS + 1))
+
+
+QLORA = {**LORA, "method": "qlora"}
+
+
+@pytest.fixture(scope="module")
+def qlora_reference(make_ft_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qlora_one")
+    run_finetune(make(make_ft_config, out, finetune=QLORA))
+    return out
+
+
+def test_qlora_under_torchrun_fsdp_matches_one_process(make_ft_config, qlora_reference, tmp_path):
+    """`torchrun ... finetune --method qlora --parallel.dp_shard 2`: FSDP shards the float parameters (the
+    adapters, norms, embedding and output layer) and leaves the int4 blocks whole on each rank, which
+    quantises the same weights to the same blocks; then one process resumes the distributed checkpoint.
+    TOL as for LoRA: the int4 base is the same integers on every rank, so the two runs differ only by the
+    order fp32 sums are taken in (the gradients' reduction over 2 ranks), as fp32 LoRA does."""
+    out = tmp_path / "fsdp"
+    config = tmp_path / "job.toml"
+    config.write_text(dumps(make(make_ft_config, out, finetune=QLORA, train={"max_steps": 2, "micro_batch_size": 4})))
+    proc = torchrun(["finetune", "--config", str(config), "--parallel.dp_shard", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "applied FSDP" in proc.stderr and "training 0.0471M of the parameters" in proc.stderr, proc.stderr[-2000:]
+    assert_same_curve(out, qlora_reference, range(1, 3))
+    ckpt = latest_checkpoint(out)
+    assert is_dcp_checkpoint(ckpt)
+    keys = FileSystemReader(str(ckpt / DCP_DIR)).read_metadata().state_dict_metadata.keys()
+    # the adapters and AdamW's state for them: not the int4 base (buffers, which ignore_frozen_params keeps)
+    model_keys = {k for k in keys if k.startswith("model.")}
+    assert len(model_keys) == 2 * 7 * 2 and all(".lora_A" in k or ".lora_B" in k for k in model_keys), model_keys
+    assert all(".lora_" in k for k in keys if k.startswith("optim.state.")), keys
+    run_finetune(make(make_ft_config, out, finetune=QLORA), resume=True)
+    assert_same_curve(out, qlora_reference, range(1, STEPS + 1))
+    a = read_safetensors(out / "adapter" / "adapter_model.safetensors")
+    b = read_safetensors(qlora_reference / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_qlora_under_ddp_matches_one_process(make_ft_config, qlora_reference, tmp_path):
+    """DDP (parallel.dp_replicate 2) over the adapters: the quantised base is buffers, which DDP
+    neither all-reduces nor broadcasts."""
+    out = tmp_path / "ddp"
+    spawn(make(make_ft_config, out, finetune=QLORA, parallel={"dp_replicate": 2, "dp_shard": 1},
+               train={"micro_batch_size": 4}))
+    assert_same_curve(out, qlora_reference, range(1, STEPS + 1))
+    a = read_safetensors(out / "adapter" / "adapter_model.safetensors")
+    b = read_safetensors(qlora_reference / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)

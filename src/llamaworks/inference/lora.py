@@ -374,7 +374,10 @@ class LoRALinear(nn.Module):
             # recomputes chosen by hand.
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training else 0.0
             return _LoRAFunction.apply(x, self.lora_A, self.lora_B, self, p)
-        result = self.base_layer(x)  # a quantised base passes gradients on (pass_gradients_through_quantized)
+        base_in = x
+        if isinstance(self.base_layer, nn.Linear) and not torch.is_autocast_enabled(x.device.type):
+            base_in = x.to(self.base_layer.weight.dtype)  # a base stored in the compute dtype (cast_frozen_base)
+        result = self.base_layer(base_in)  # a quantised base passes gradients on (pass_gradients_through_quantized)
         h = self.lora_dropout(x.to(self.lora_A.dtype))
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
         return (result + delta).to(result.dtype)
@@ -428,6 +431,23 @@ def apply_lora(model: Transformer, config: LoraConfig | None = None, dtype: torc
     for name, m in targets:
         model.set_submodule(name, LoRALinear(m, config.r, config.alpha, config.dropout, config.use_rslora, dtype))
     return model
+
+
+@torch.no_grad()
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen float projections under the adapters in `dtype` (bf16 for training under
+    bf16 autocast), in place; returns how many. Autocast casts them to that dtype at every product
+    anyway (the same values, rounded the same way): stored so once, the casts are not redone in
+    every forward and backward and their fp32 copies are not kept (half the frozen projections'
+    memory). The adapters stay fp32; norms, embedding and output layer stay as they are (plain
+    modules, which may also run without autocast). Without autocast, LoRALinear gives such a base
+    its input in `dtype`."""
+    n = 0
+    for layer in (m.base_layer for _, m in lora_layers(model)):
+        if type(layer) is nn.Linear and layer.weight.is_floating_point() and layer.weight.dtype != dtype:
+            layer.weight = nn.Parameter(layer.weight.to(dtype), requires_grad=False)
+            n += 1
+    return n
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

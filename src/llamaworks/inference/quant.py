@@ -113,6 +113,10 @@ class QuantizedLinear(nn.Module):
 
     in_features: int
     out_features: int
+    # Whether refresh() builds the few-row decode kernels' copies of the weight (int4's native and
+    # torch layouts). False for a frozen base being fine-tuned (QLoRA, train/finetune.py), whose
+    # many-row products dequantise the portable weight: the layouts would double its memory.
+    decode_layouts: bool = True
 
     def refresh(self) -> None:
         raise NotImplementedError
@@ -279,7 +283,7 @@ class Int4Linear(QuantizedLinear):
         # Built when the weights arrive (loaded or quantised), not on the first call: a model
         # compiled before it ever ran would otherwise trace the repacking into its graph.
         self._packed = self._scales_zeros = self._native = None
-        if not _holds_data(self.weight):
+        if not _holds_data(self.weight) or not self.decode_layouts:
             return
         if native.available():  # group sizes are multiples of 32, the layout's block
             s, z = self.scales.float(), self.zeros.float()
@@ -309,7 +313,7 @@ class Int4Linear(QuantizedLinear):
             w, s, o = self._native
             out = torch.ops.llamaworks.gemv_int4(x.reshape(-1, self.in_features), w, s, o, self.group_size)
             return out.view(*x.shape[:-1], self.out_features)
-        if self.kernel and cpu_kernel(x):
+        if self.kernel and self.decode_layouts and cpu_kernel(x):
             if self._packed is None:  # a module filled in place (copy_) without refresh()
                 self._prepare()
             flat = kernel_rows(x, self.in_features)

@@ -159,6 +159,7 @@ def _save_dcp_checkpoint(path: Path, step: int, model, tokenizer, optimizer, loa
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options(model))
+    model_sd = _trainable_only(model, model_sd)
     with atomic_directory(path, overwrite=True) if is_main() else nullcontext() as tmp:
         shared = [str(tmp) if is_main() else None]
         dist.broadcast_object_list(shared, src=0)
@@ -250,6 +251,13 @@ def _dcp_options(model):
     return StateDictOptions(ignore_frozen_params=partial, strict=not partial)
 
 
+def _trainable_only(model, model_sd: dict) -> dict:
+    """A partly frozen model's state dict without its frozen tensors: ignore_frozen_params drops
+    frozen parameters, not buffers, which is what a quantised frozen base (QLoRA) holds."""
+    trainable = trainable_names(model)
+    return model_sd if trainable is None else {k: v for k, v in model_sd.items() if k in trainable}
+
+
 def _load_dcp_checkpoint(path: Path, model, optimizer, loader, state: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -258,6 +266,7 @@ def _load_dcp_checkpoint(path: Path, model, optimizer, loader, state: dict) -> d
     # back into the (possibly sharded) parameters and optimizer.
     options = _dcp_options(model)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    model_sd = _trainable_only(model, model_sd)
     try:
         _dcp_load({"model": model_sd, "optim": optim_sd}, path / DCP_DIR)
     except Exception as e:

@@ -43,9 +43,12 @@ it; `llamaworks merge` folds it into the base, `generate --adapter` runs it unme
 quantises the blocks' projections (int4 by default: llamaworks' group-wise int4, where QLoRA has
 NF4) and keeps the output layer in float, as transformers keeps lm_head when it loads in 4 bits.
 Their checkpoints hold the adapters, not the frozen base (train/checkpoint.py), with a record of
-the base (`base_fingerprint`) that resume checks. Under torchrun, full and LoRA fine-tuning run
-with FSDP (LoRA layers are added before the model is split: `lora_prepare`); QLoRA runs in one
-process.
+the base (`base_fingerprint`) that resume checks. Under torchrun, full, LoRA and QLoRA fine-tuning
+run with FSDP or DDP: LoRA layers are added before the model is split (`lora_prepare`), for QLoRA
+over empty quantised layers, which the checkpoint's weights fill one projection at a time
+(`quantize_state`: never a float copy of the whole base). FSDP and DDP split and synchronise
+parameters only, so the quantised base (buffers) is replicated whole on every rank, each rank
+quantising the same weights to the same blocks, and only the adapters' gradients are averaged.
 """
 
 from __future__ import annotations
@@ -65,8 +68,15 @@ from llamaworks.atomic import atomic_write_text
 from llamaworks.configfile import load_config, merge, parse_overrides, resolve_config_path
 from llamaworks.convert.formats import load_any
 from llamaworks.data.sft import read_examples, split_examples, tokenize_examples
-from llamaworks.inference.lora import DEFAULT_TARGETS, LoraConfig, apply_lora, lora_layers, save_adapter
-from llamaworks.inference.quant import quantize_model
+from llamaworks.inference.lora import (
+    DEFAULT_TARGETS,
+    LoraConfig,
+    apply_lora,
+    cast_frozen_base,
+    lora_layers,
+    save_adapter,
+)
+from llamaworks.inference.quant import QuantizedLinear, get_mode, swap_empty
 from llamaworks.model import Transformer
 from llamaworks.modeldir import CHAT_TEMPLATE
 from llamaworks.parallel.distributed import is_distributed, is_main
@@ -90,6 +100,7 @@ from llamaworks.train.trainer import (
     check_out_dir,
     launch,
     report_run,
+    resolve_amp,
 )
 
 log = logging.getLogger("llamaworks")
@@ -97,6 +108,7 @@ log = logging.getLogger("llamaworks")
 FULL_LR = 2.0e-5  # Llama 2 section 3.1
 ADAPTER_LR = 2.0e-4  # QLoRA (Dettmers et al. 2023) for 7B and 13B
 DEFAULT_TEMPLATE = "llama2"  # for checkpoints without a chat template of their own (module docstring)
+QLORA_GROUP_SIZE = 128  # int4 columns per scale and zero for qlora's base: quantize's default
 
 
 @dataclass
@@ -265,29 +277,67 @@ def instruction_source(cfg: FinetuneJobConfig, tokenizer, template: ChatTemplate
     return DataSource(tokenizer, train_loader, val_loader, masked=True), len(train_tok.examples)
 
 
-def pretrained_init(state: dict[str, torch.Tensor], lora: bool = False):
+def pretrained_init(state: dict[str, torch.Tensor], lora: bool = False, qlora_mode: str | None = None,
+                    compute_dtype: str = "float32"):
     """ModelSpec.init that copies a checkpoint's weights into the run's (materialised, possibly
     sharded) model; the state is released once copied. lora: the model carries LoRA layers
     (ModelSpec.prepare, `lora_prepare`): the checkpoint's projections become their frozen base
-    layers and the adapters start as `adapter_start` draws them."""
+    layers and the adapters start as `adapter_start` draws them. qlora_mode: the blocks'
+    projections are quantised layers (`lora_prepare`), filled by `quantize_state`. compute_dtype
+    (train.dtype): a LoRA run under bf16/fp16 autocast in one process stores its frozen projections
+    in that dtype (lora.cast_frozen_base: what autocast computes with, without the fp32 copies; FSDP
+    shards a block's parameters in one dtype, so not under torchrun)."""
 
     @torch.no_grad()
     def init(model, seed: int, device: torch.device) -> None:
         if lora:
             state.update(adapter_start(model, state, seed))
+        if qlora_mode is not None:
+            quantize_state(model, state, qlora_mode)
         copy_state(model, state, device)
+        amp = resolve_amp(device, compute_dtype)
+        if lora and qlora_mode is None and amp != torch.float32 and not is_distributed():
+            n = cast_frozen_base(model, amp)
+            log.info("stored the %d frozen projections under the adapters in %s (the autocast dtype)", n, amp)
 
     return init
 
 
-def lora_prepare(config: LoraConfig):
-    """ModelSpec.prepare for --method lora: LoRA layers on the meta-device model, before FSDP splits
-    it, so that each block is sharded with its frozen projections and its adapters together."""
+def lora_prepare(config: LoraConfig, qlora_mode: str | None = None):
+    """ModelSpec.prepare for --method lora / qlora: LoRA layers on the meta-device model, before FSDP
+    or DDP splits it, so that each block is sharded with its frozen projections and its adapters
+    together. qlora_mode: the blocks' projections become empty quantised layers first (the output
+    layer stays float), which FSDP and DDP leave whole on every rank (buffers, not parameters)."""
 
     def prepare(model) -> None:
+        if qlora_mode is not None:
+            for block in model.layers:
+                swap_empty(block, qlora_mode, group_size=QLORA_GROUP_SIZE)
+                for m in block.modules():
+                    if isinstance(m, QuantizedLinear):
+                        # Training's many-row products dequantise the portable weight: no decode
+                        # kernel copies of it (they would double int4's memory).
+                        m.decode_layouts = False
         apply_lora(model, config)
 
     return prepare
+
+
+def quantize_state(model, state: dict[str, torch.Tensor], mode: str) -> None:
+    """Replace, in `state` (in place), the float weight of each of the model's quantised layers by
+    its quantised tensors (quantize_model's, as the layer's state dict names them), one projection
+    at a time: a float copy of the whole base never exists beside the quantised one. Every rank of
+    a distributed run computes the same blocks from the same weights."""
+    spec = get_mode(mode, group_size=QLORA_GROUP_SIZE)
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantizedLinear):
+            continue
+        w = state.pop(f"{name}.weight")
+        with torch.device("meta"):
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=False)
+        linear.weight = torch.nn.Parameter(w, requires_grad=False)
+        spec.check_layer(name, linear)
+        state.update({f"{name}.{k}": t for k, t in spec.quantize(linear).state_dict().items()})
 
 
 def adapter_start(model, state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -326,19 +376,12 @@ def base_fingerprint(path: str, args, state: dict[str, torch.Tensor], samples: i
     return {"path": str(Path(path).resolve()), "params": params, "digest": h.hexdigest()}
 
 
-def adapters(cfg: FinetuneJobConfig) -> tuple:
-    """(ModelSpec.adapt, ModelSpec.save_final) for --method lora / qlora; (None, None) for full.
-    lora's layers are added before the model is split (lora_prepare); qlora's quantised base needs
-    the materialised weights, so qlora adapts the model after init, in one process."""
+def adapter_saver(cfg: FinetuneJobConfig):
+    """ModelSpec.save_final for --method lora / qlora (OUT/adapter, PEFT's layout); None for full."""
     f = cfg.finetune
     if f.method == "full":
-        return None, None
+        return None
     config = cfg.lora_config()
-
-    def adapt(model) -> None:
-        for block in model.layers:  # the blocks' projections; the output layer stays float
-            quantize_model(block, f.qlora_mode)
-        apply_lora(model, config)
 
     def save_final(model, tokenizer, out: Path) -> Path:
         path = out / "adapter"
@@ -359,7 +402,7 @@ def adapters(cfg: FinetuneJobConfig) -> tuple:
             dist.barrier()
         return path
 
-    return (adapt if f.method == "qlora" else None), save_final
+    return save_final
 
 
 def adapter_model(args, config: LoraConfig, adapters_sd: dict[str, torch.Tensor]):
@@ -390,14 +433,10 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
         cfg = replace(cfg, train=replace(t, seq_len=args.max_seq_len))
         t = cfg.train
     dims = check_job(cfg, args.n_heads)
-    if f.method == "qlora" and dims.world_size > 1:
-        raise ValueError("--method qlora runs in one process: its base is quantised from the materialised weights, "
-                         "after FSDP or tensor parallelism would have split them (and FSDP shards float "
-                         "parameters, not int8/int4 blocks); run it without torchrun, or use --method lora under "
-                         "torchrun")
-    if f.method == "lora" and dims.tp > 1:
-        raise ValueError(f"--method lora does not run with parallel.tp={dims.tp}: tensor parallelism splits plain "
-                         "linear layers, not LoRA layers; use data parallelism (parallel.dp_shard, FSDP) instead")
+    if f.method != "full" and dims.tp > 1:
+        raise ValueError(f"--method {f.method} does not run with parallel.tp={dims.tp}: tensor parallelism splits "
+                         "plain linear layers, not LoRA or quantised layers; use data parallelism "
+                         "(parallel.dp_shard, FSDP, or parallel.dp_replicate, DDP) instead")
     if t.seq_len > args.max_seq_len:
         raise ValueError(f"train.seq_len={t.seq_len} exceeds the context of {f.checkpoint} (max_seq_len="
                          f"{args.max_seq_len}); lower train.seq_len to at most {args.max_seq_len}")
@@ -414,13 +453,15 @@ def run_finetune(cfg: FinetuneJobConfig, resume: bool = False) -> dict:
 
 def model_spec(cfg: FinetuneJobConfig, args, state: dict[str, torch.Tensor], name: str) -> ModelSpec:
     """The Trainer's model for cfg.finetune.method, starting from the base weights `state` (plain
-    model names): all of them trained (full), LoRA layers added before the model is split (lora) or
-    after it is materialised and quantised (qlora); adapter runs record the base in checkpoints."""
+    model names): all of them trained (full), or LoRA layers added before the model is split, over
+    the float base (lora) or over its blocks quantised as they are filled (qlora); adapter runs
+    record the base in checkpoints."""
     f = cfg.finetune
-    adapt, save_final = adapters(cfg)
-    lora = cfg.lora_config() if f.method == "lora" else None
-    return ModelSpec(args, name, init=pretrained_init(state, lora=lora is not None),
-                     prepare=lora_prepare(lora) if lora else None, adapt=adapt, save_final=save_final,
+    lora = cfg.lora_config() if f.method != "full" else None
+    qlora_mode = f.qlora_mode if f.method == "qlora" else None
+    return ModelSpec(args, name, init=pretrained_init(state, lora=lora is not None, qlora_mode=qlora_mode,
+                                                      compute_dtype=cfg.train.dtype),
+                     prepare=lora_prepare(lora, qlora_mode) if lora else None, save_final=adapter_saver(cfg),
                      # checkpoints of adapters hold them alone; resume checks they go over this base
                      base=base_fingerprint(f.checkpoint, args, state) if f.method != "full" else None)
 
