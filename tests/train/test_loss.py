@@ -30,6 +30,37 @@ def test_loss_and_gradients_match_cross_entropy(chunk_rows):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
 
 
+def test_rows_without_a_target_get_no_logits():
+    """A fine-tuning prompt's rows are never multiplied by the output layer; the result and the
+    gradients are those of the full logits (zero for those rows)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LogitRows(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.mm and out.shape[-1] == 50:  # (rows, vocab): logits
+                LogitRows.rows += out.shape[0]
+            return out
+
+    torch.manual_seed(3)
+    h = torch.randn(4, 9, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (4, 9))
+    y[:, :5] = -100  # the prompts: 20 of 36 rows
+    with LogitRows():
+        got = fused_linear_cross_entropy(h, w, y, chunk_rows=7)
+    assert LogitRows.rows == 16
+    ref = _reference(h, w, y)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    for g, r in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert torch.equal(torch.autograd.grad(fused_linear_cross_entropy(h, w, y), h)[0][:, :5], torch.zeros(4, 5, 16))
+    y[:] = -100  # no target at all: NaN, as F.cross_entropy gives
+    assert fused_linear_cross_entropy(h, w, y).isnan() and _reference(h, w, y).isnan()
+
+
 def test_gradients_accumulate_and_only_requested_ones_are_computed():
     torch.manual_seed(1)
     h = torch.randn(20, 8, requires_grad=True)

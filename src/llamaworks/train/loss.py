@@ -31,17 +31,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index: int, chunk_rows: int):
         # h: (n, d), weight: (vocab, d), targets: (n,); all gradients computed here.
-        n = h.shape[0]
         valid = targets != ignore_index
-        safe_targets = targets.masked_fill(~valid, 0)
+        n_valid = valid.sum()
+        # Rows whose target is ignored (a fine-tuning prompt, padding) contribute no loss and no
+        # gradient, so their logits are never computed: the rows with a target are gathered first
+        # (an instruction's prompt is often half its tokens, and the output layer is the widest
+        # matmul). All rows valid (pretraining): h itself, no copy.
+        rows_kept = None if bool(valid.all()) else valid.nonzero().squeeze(1)  # (n_valid,)
+        hv = h if rows_kept is None else h.index_select(0, rows_kept)  # (n_valid, d)
+        tv = targets if rows_kept is None else targets.index_select(0, rows_kept)
+        n = hv.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
+        grad_hv = torch.empty_like(hv) if need_h else None
         # fp32 accumulator for the weight gradient whatever the compute dtype.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        # Rows whose target is ignored contribute no loss and no gradient: masking the small
-        # (rows, d) side of each product is cheaper than zeroing rows of the (rows, vocab) block.
-        row_mask = valid.unsqueeze(1).to(h.dtype)
-        h_masked = h * row_mask if need_w else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         # Two block buffers reused by every block: on CPU a fresh 100+ MB tensor per block costs
         # as many page faults as there are 4 KiB pages in it (about 0.1 s per GB).
@@ -51,10 +54,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n))
             m = rows.stop - rows.start
-            logits = torch.mm(h[rows], weight.t(), out=logits_buf[:m])
+            logits = torch.mm(hv[rows], weight.t(), out=logits_buf[:m])
             logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logp_buf[:m])  # (rows, vocab)
-            tgt = safe_targets[rows].unsqueeze(1)
-            loss_sum -= logp.gather(1, tgt).squeeze(1).masked_fill(~valid[rows], 0.0).sum()
+            tgt = tv[rows].unsqueeze(1)
+            loss_sum -= logp.gather(1, tgt).sum()
             if not (need_h or need_w):
                 continue
             # d(loss_sum)/d(logits) = softmax - one_hot(target), built in place in the block.
@@ -62,15 +65,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits.scatter_add_(1, tgt, torch.full_like(tgt, -1.0, dtype=grad_logits.dtype))
             grad_logits = grad_logits.to(h.dtype)  # no copy in fp32
             if need_h:
-                torch.mm(grad_logits, weight, out=grad_h[rows])
+                torch.mm(grad_logits, weight, out=grad_hv[rows])
             if need_w:
                 if grad_w.dtype == grad_logits.dtype:
-                    grad_w.addmm_(grad_logits.T, h_masked[rows])
+                    grad_w.addmm_(grad_logits.T, hv[rows])
                 else:
-                    grad_w += (grad_logits.T @ h_masked[rows]).float()
-        n_valid = valid.sum()
-        if need_h:
-            grad_h *= row_mask
+                    grad_w += (grad_logits.T @ hv[rows]).float()
+        grad_h = grad_hv
+        if need_h and rows_kept is not None:  # zero for the ignored rows
+            grad_h = torch.zeros_like(h).index_copy_(0, rows_kept, grad_hv)
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         ctx.dtypes = h.dtype, weight.dtype
         return loss_sum / n_valid
