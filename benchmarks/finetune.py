@@ -12,7 +12,9 @@ response only). LoRA r=16, alpha 32, dropout --dropout (default 0.05) on the ada
 adapters on every attention and MLP projection (q, k, v, o, gate, up, down), the frozen base
 in fp32. fp32 runs without autocast; bf16 runs the forward under torch.autocast(bfloat16) with
 the fp32 weights (what `finetune --train.dtype bfloat16` does, and transformers' Trainer with
-bf16=True), the same on both sides.
+bf16=True), the same on both sides; llamaworks' finetune then stores the frozen projections under
+the adapters in bf16 once (inference/lora.py cast_frozen_base: the values autocast computes with),
+where PEFT keeps them in fp32 and autocast casts them at every product.
 
 - llamaworks: the code `llamaworks finetune --method lora` runs: the job config
   (FinetuneJobConfig), the ModelSpec that finetune builds (train/finetune.py model_spec: LoRA layers from
@@ -26,7 +28,8 @@ bf16=True), the same on both sides.
   `adamw_torch_fused`, the same hyper-parameters), transformers' causal-LM loss, clipping with
   torch.nn.utils.clip_grad_norm_ as transformers' Trainer does.
 - qlora (memory): llamaworks `finetune --method qlora`: the blocks' projections int4
-  (group-wise, quant.py), the output layer float, the same adapters, fp32 compute by default
+  (group-wise, quant.py; quantised one projection at a time as the weights are copied in, without
+  the decode kernels' layout copies), the output layer float, the same adapters, fp32 compute by default
   (--qlora-precisions). Its peak is compared with fp32 LoRA's at the same configuration, both
   with activation checkpointing --qlora-ac (default full: QLoRA trains with gradient
   checkpointing, and without it the activations, the same for both, dominate both peaks).
