@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import random
 import signal
@@ -327,3 +328,42 @@ def test_dask_and_the_cli_run_c4_from_s3_to_s3_like_a_local_run(tmp_path, s3, ca
                  "--workers", "1"]) == 0
     assert f"see {bucket}/cli/DATACARD.md" in capsys.readouterr().out
     assert _outputs(_download(f"{bucket}/cli")) == local
+
+
+def test_mix_from_s3_sources_to_s3_equals_the_local_mix(tmp_path, s3, tiny_tokenizer, monkeypatch):
+    from llamaworks.data.mix import MixConfig, mix
+
+    monkeypatch.setenv("LLAMAWORKS_MIX_STAGING", str(tmp_path / "staging"))
+    rng = random.Random(3)
+    src = tmp_path / "src"
+    for name, n in (("web", 60), ("wiki", 15)):
+        docs = [Document(f"{name}-{i}", " ".join(_sentence(rng) for _ in range(rng.randint(1, 6))), name)
+                for i in range(n)]
+        for k in range(2):  # the layout `llamaworks data run` writes
+            with ShardWriter(src / name / "documents" / f"{k:05d}.jsonl.gz") as w:
+                for d in docs[k::2]:
+                    w.write(d)
+        (src / name / "stats.json").write_text("{}")
+    bucket = s3()
+    _upload(src, f"{bucket}/runs")
+
+    def config(where, out):
+        sources = {n: {"inputs": [f"{where}/{n}"], "weight": w} for n, w in (("web", 70.0), ("wiki", 30.0))}
+        return MixConfig(tokenizer=str(tiny_tokenizer.path), output=str(out), shard_tokens=500, val_fraction=0.1,
+                         workers=1, sources=sources, seed=7)
+
+    local = mix(config(str(src), tmp_path / "local"), progress=False)
+    remote = mix(config(f"{bucket}/runs", f"{bucket}/mix"), progress=False)
+    assert remote["splits"] == local["splits"]
+    got = _download(f"{bucket}/mix")
+    want = {k: v for k, v in _tree(tmp_path / "local").items() if k.endswith(".bin") and not k.startswith(".")}
+    assert want and {k: v for k, v in got.items() if k.endswith(".bin")} == want  # the same token bytes
+    manifest = json.loads(got["manifest.json"])
+    assert manifest["splits"] == json.loads((tmp_path / "local" / "manifest.json").read_text())["splits"]
+    # a rerun finds the finished mix (nothing re-tokenised or rewritten); another config is refused
+    again = mix(config(f"{bucket}/runs", f"{bucket}/mix"), progress=False)
+    assert again["splits"] == local["splits"]
+    other = config(f"{bucket}/runs", f"{bucket}/mix")
+    other.seed = 8
+    with pytest.raises(ValueError, match="overwrite"):
+        mix(other, progress=False)

@@ -53,6 +53,7 @@ from llamaworks import __version__
 from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_bytes, atomic_write_json
 from llamaworks.configfile import from_dict, load_config, resolve_config_path
+from llamaworks.data import storage
 from llamaworks.data.shards import FORMAT as SHARDS_FORMAT
 from llamaworks.data.shards import (
     ShardWriter,
@@ -215,10 +216,21 @@ class _Cache:
         return np.diff(self.starts[split])  # (documents,) tokens of each document, <s> and </s> included
 
 
-def _resolve_inputs(name: str, inputs: list[str]) -> list[str]:
-    """A `data run` output folder stands for its documents/ (never its stats, data card or excluded/)."""
+def _resolve_inputs(name: str, inputs: list[str], mirrors: Path | None = None) -> list[str]:
+    """A `data run` output folder stands for its documents/ (never its stats, data card or excluded/).
+    A URL (s3://...) is mirrored under `mirrors` first (data/storage.py; unchanged files are kept)."""
     out = []
-    for raw in inputs:
+    for k, raw in enumerate(inputs):
+        if storage.is_remote(raw):
+            if storage.exists(storage.join(raw, "documents")):
+                if not storage.exists(storage.join(raw, "stats.json")):
+                    raise ValueError(f"sources.{name}: the `llamaworks data run` in {raw} has not finished (no "
+                                     "stats.json); rerun that command to complete it, then mix")
+                raw = storage.join(raw, "documents")
+            try:
+                raw = str(storage.mirror(raw, mirrors / name / str(k)))
+            except FileNotFoundError as e:
+                raise ValueError(f"sources.{name}: input {raw} does not exist ({e})") from None
         path = Path(raw)
         if path.is_dir() and (path / "documents").is_dir():
             if not (path / "stats.json").is_file():
@@ -468,9 +480,11 @@ def mix(cfg: MixConfig, *, dry_run: bool = False, overwrite: bool = False, progr
 
     load_tokenizer(cfg.tokenizer)  # a missing or broken tokenizer fails here, before anything is written
     tok_sha = sha256_file(Path(cfg.tokenizer))
+    if storage.is_remote(cfg.output):
+        return _mix_to_store(cfg, dry_run=dry_run, overwrite=overwrite, progress=progress)
     out = Path(cfg.output)
     tokenised = {n: s for n, s in cfg.sources.items() if s.available_tokens is None}
-    inputs = {n: _resolve_inputs(n, s.inputs) for n, s in tokenised.items()}
+    inputs = {n: _resolve_inputs(n, s.inputs, out / ".mix" / "remote") for n, s in tokenised.items()}
     listings = {n: _input_listing(inputs[n]) for n in tokenised}
     if not dry_run and _check_resume(out, _fingerprint(cfg, listings, tok_sha), overwrite):
         report = json.loads((out / "mix.json").read_text())
@@ -517,6 +531,37 @@ def mix(cfg: MixConfig, *, dry_run: bool = False, overwrite: bool = False, progr
         "seconds": round(time.perf_counter() - start, 3),
     }
     atomic_write_json(out / "manifest.json", manifest)  # last: its presence marks the mix complete
+    return report
+
+
+def _staging(url: str) -> Path:
+    """The local folder a mix to object storage is written in first (caches, shards; kept for resume)."""
+    root = os.environ.get("LLAMAWORKS_MIX_STAGING") or Path.home() / ".cache" / "llamaworks" / "mix"
+    return Path(root) / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _mix_to_store(cfg: MixConfig, *, dry_run: bool, overwrite: bool, progress: bool) -> dict:
+    """A mix whose output is a URL: made in a local staging folder (the token caches are memory-mapped),
+    then uploaded: .mix/state.json, the shards, mix.json, and manifest.json last (complete when there)."""
+    url = cfg.output
+    staging = _staging(url)
+    remote_state, local_state = storage.join(url, ".mix", "state.json"), staging / ".mix" / "state.json"
+    if not dry_run and overwrite:
+        storage.rmtree(url)
+    elif not dry_run and not storage.is_empty_dir(url) and not (
+            storage.exists(remote_state) and local_state.is_file()
+            and storage.read_text(remote_state) == local_state.read_text()):
+        raise ValueError(f"{url} is not empty and holds no mix staged here (in {staging}); pass --overwrite to "
+                         "replace it, or choose another output")
+    report = mix(dataclasses.replace(cfg, output=str(staging)), dry_run=dry_run, overwrite=overwrite,
+                 progress=progress)
+    report["config"]["output"] = url
+    if dry_run:
+        return report
+    manifest = json.loads((staging / "manifest.json").read_text())
+    shards = [sh["file"] for split in manifest["splits"].values() for sh in split["shards"]]
+    storage.upload(staging, url, [".mix/state.json", *shards, "mix.json", "manifest.json"])
+    log.info("uploaded the mix to %s (staged in %s)", url, staging)
     return report
 
 

@@ -396,3 +396,56 @@ def remove_temporaries(folder: StoragePath) -> None:
         if leaf.startswith(".") and leaf.endswith(".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(f)
+
+
+def _identity(fs, inner: str) -> list:
+    info = fs.info(inner)
+    return [int(info.get("size") or 0), str(info.get("ETag") or info.get("etag") or info.get("mtime")
+                                            or info.get("LastModified") or "")]
+
+
+def mirror(url: str, dest: Path) -> Path:
+    """A local copy of a remote file or folder at dest/<its name>, for readers that need local files
+    (memory maps, the tokeniser's file walk). Files whose size and ETag are unchanged since the last
+    mirror are kept as they are (same bytes, same mtime), so what depends on them is not redone;
+    files gone from the store are removed. Returns the local path."""
+    fs, inner = filesystem(url)
+    base = inner.rstrip("/")
+    local_root = dest / base.rsplit("/", 1)[-1]
+    index_path = dest / ".mirror.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    if index.get("url") != url:
+        index = {"url": url, "files": {}}
+        rmtree(local_root)
+    files = {}  # path below `url` ("" for a single file) -> key in the store
+    for u in list_files(url):
+        key = fs._strip_protocol(u)
+        files[key.removeprefix(base).lstrip("/")] = key
+    seen = {}
+    for rel, key in sorted(files.items()):
+        ident = _identity(fs, key)
+        target = local_root / rel if rel else local_root
+        if index["files"].get(rel) != ident or not target.is_file():
+            with fs.open(key, "rb", block_size=READ_BLOCK, cache_type="readahead") as src, \
+                    atomic.atomic_open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 2**20)
+        seen[rel] = ident
+    if local_root.is_dir():
+        for f in local_root.rglob("*"):
+            if f.is_file() and f.relative_to(local_root).as_posix() not in seen:
+                f.unlink()
+    atomic.atomic_write_json(index_path, {"url": url, "files": seen})
+    return local_root
+
+
+def upload(local: Path, url: str, names: Iterable[str]) -> None:
+    """Copy the files `names` (relative to `local`, in order) to url/<name>, each atomically;
+    a file already there with the same size is skipped (a resumed upload)."""
+    fs, inner = filesystem(url)
+    for rel in names:
+        key = f"{inner.rstrip('/')}/{rel}"
+        src = local / rel
+        if fs.exists(key) and fs.size(key) == src.stat().st_size and not rel.endswith(".json"):
+            continue  # .json files are small and may change size-preservingly: always rewritten
+        with open(src, "rb") as f, atomic_open(_full(fs, key)) as dst:
+            shutil.copyfileobj(f, dst, 8 * 2**20)
