@@ -367,3 +367,23 @@ def test_mix_from_s3_sources_to_s3_equals_the_local_mix(tmp_path, s3, tiny_token
     other.seed = 8
     with pytest.raises(ValueError, match="overwrite"):
         mix(other, progress=False)
+
+
+def test_stores_without_atomic_puts_write_a_hidden_temporary_then_move_it():
+    """memory:// stands for any fsspec filesystem that is not an object store with atomic PUTs."""
+    base = f"memory://llamaworks-test-{random.getrandbits(32):x}"
+    fs = storage.filesystem(base)[0]
+    with pytest.raises(RuntimeError), ShardWriter(f"{base}/d/0.jsonl.gz") as w:
+        w.write(Document("a", "text", "t"))
+        raise RuntimeError("killed")
+    assert storage.is_empty_dir(f"{base}/d")
+    w = storage.open_writer(f"{base}/d/1.bin")
+    w.write(b"partial")
+    assert [storage.name(f) for f in fs.find(base)] == [f".1.bin.{w.target.rsplit('.', 2)[1]}.tmp"]
+    assert storage.list_files(f"{base}/d") == []  # a temporary is never an input
+    storage.remove_temporaries(f"{base}/d")  # what a resumed run does with a killed run's temporaries
+    assert fs.find(base) == []
+    with ShardWriter(f"{base}/d/0.jsonl.gz") as w:
+        w.write(Document("a", "text", "t"))
+    assert [d.id for d in read_jsonl(f"{base}/d/0.jsonl.gz")] == ["a"]
+    assert storage.names(f"{base}/d") == {"0.jsonl.gz"}

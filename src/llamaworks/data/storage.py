@@ -386,6 +386,10 @@ def remove_temporaries(folder: StoragePath) -> None:
         for tmp in p.rglob(".*.tmp") if p.is_dir() else ():
             tmp.unlink(missing_ok=True)
         return
+    if p.split("://", 1)[0].lower() in _ATOMIC_PUT:
+        # Never any: objects are written under their final key. (An upload a kill interrupted is an
+        # incomplete multipart upload, invisible to listings; a bucket lifecycle rule reclaims it.)
+        return
     fs, inner = filesystem(p)
     try:
         found = fs.find(inner)
