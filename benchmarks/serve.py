@@ -196,7 +196,9 @@ def run_workload(url: str, model: str, users: list[list[list[int]]], a, bias: di
     lock = threading.Lock()
 
     def user(prompts: list[list[int]]) -> None:
-        with httpx.Client(base_url=url, timeout=a.request_timeout) as c:
+        # A connection per request, on both servers: llama-server's HTTP library closes idle
+        # keep-alive connections on its own schedule, and a request sent on one it just closed fails.
+        with httpx.Client(base_url=url, timeout=a.request_timeout, headers={"Connection": "close"}) as c:
             for p in prompts:
                 try:
                     r = one_request(c, model, p, a.max_tokens, bias)
