@@ -49,7 +49,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from machine import add_label_argument, machine_record  # benchmarks/ is on sys.path
+from machine import add_label_argument, loadavg, machine_record  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "shakespeare"
@@ -294,7 +294,9 @@ def measure_server(name: str, start, loads: dict, a, bias: dict | None, warm_pro
         out = {"server": name, "eos_biased_away": bias is not None}
         for wl, users in loads.items():
             print(f"{name}: {wl} workload ...", file=sys.stderr, flush=True)
+            load = loadavg()
             out[wl] = run_workload(url, a.model, users, a, bias)
+            out[wl]["loadavg_before_after"] = [load, loadavg()]  # other jobs during the run (it adds its own)
         return out
     finally:
         if proc is not None:
@@ -491,6 +493,10 @@ def main() -> None:
             if note:
                 print(f"(llama-server side skipped: {note})")
         rat = print_tables(results, a, info)
+        if machine["label"] == "contended" and len(results) > 1:
+            print("(contended machine: llama.cpp's threads spin-wait at their barriers, so a busy core slows it far "
+                  "more than llamaworks (a shared 2-vCPU machine: 600 ms a token instead of 3 ms); quote quiet "
+                  "runs only)")
 
     if a.output:
         out = Path(a.output)
