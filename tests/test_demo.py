@@ -5,8 +5,6 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-import pytest
-
 from llamaworks import demo
 from llamaworks.cli import main
 from llamaworks.demo import stdlib_files
@@ -49,7 +47,6 @@ def test_demo_runs_end_to_end_on_a_folder(tmp_path, corpus_docs, capsys):
                  "--vocab-size", "512", "--resume"]) == 0
 
 
-@pytest.mark.slow  # a pretraining run, then LoRA tuning through finetune: ~60 s here
 def test_demo_instruct_tunes_the_demo_model_and_shows_held_out_answers(tmp_path, corpus_docs, capsys, monkeypatch):
     # test sizes: the demo's batch and held-out sample, smaller
     monkeypatch.setattr(demo, "INSTRUCT_BATCH", 8)
