@@ -130,7 +130,8 @@ def test_kernels_equal_the_reference(isa, kind):
         as_taken = lambda x: x  # noqa: E731
         if (isa, kind) == ("avx512bf16", "int4"):
             as_taken = lambda x: x.bfloat16().float()  # noqa: E731
-        elif kind == "int8" and native.int8_quantises_activations(isa, k):
+        elif (kind == "int8" and native.int8_quantises_activations(isa, k)
+              or kind == "int4" and native.int4_quantises_activations(isa)):
             as_taken = native.quantize_activations_q8
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 19):  # 11, 19: chunks of 8 and a remainder
             x = torch.randn(rows, k, generator=g)
@@ -226,6 +227,8 @@ def test_layers_use_the_kernels_and_fall_back_without_them(native_lib):
                 if mode == "int4" and isa == "avx512bf16" and rows <= 32:
                     taken = x.bfloat16().float()
                 elif mode == "int8" and rows <= native.NATIVE_MAX_ROWS and native.int8_quantises_activations(isa, 96):
+                    taken = native.quantize_activations_q8(x)
+                elif mode == "int4" and rows <= 32 and native.int4_quantises_activations(isa):
                     taken = native.quantize_activations_q8(x)
                 close(layer(x), F.linear(taken, deq[mode]))
     # forced fallback: the same module, PyTorch's paths (the torch kernels take bf16 activations)

@@ -58,7 +58,8 @@ NATIVE_MAX_ROWS = 8
 # rule: quantize_activations_q8) and multiply in integers: AVX2 maddubs (also on avx512, which
 # has no byte sign op at 512 bits), AVX512_VNNI vpdpbusd from avx512vnni up; the float path
 # (x as it is) on scalar and where in_features % 32 != 0. One path for every row count, so a
-# row's result is the same alone or in a batch.
+# row's result is the same alone or in a batch. int4 weights take the same quantised
+# activations and maddubs from avx2 up to avx512vnni (int4_quantises_activations).
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16")
 _AVX512 = frozenset({"avx512f", "avx2", "fma"})
 _VNNI = _AVX512 | {"avx512bw", "avx512vnni"}
@@ -81,6 +82,12 @@ def int8_quantises_activations(isa: str, in_features: int) -> bool:
     """Whether gemv_int8 under `isa` quantises the activations (quantize_activations_q8) for
     integer dot products, rather than multiplying them as they are (ops.cpp's choice)."""
     return ISAS.index(isa) >= ISAS.index("avx2") and in_features % 32 == 0
+
+
+def int4_quantises_activations(isa: str) -> bool:
+    """Whether gemv_int4 under `isa` quantises the activations as gemv_int8 does (from avx2 up
+    to avx512vnni; avx512bf16 rounds them to bf16 for its bf16 dot products instead)."""
+    return isa in ("avx2", "avx512", "avx512vnni")
 
 
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ struct Gemv {
   int64_t group;           // int4 group size (a multiple of 32); else 0
   float* out;              // (M, N)
   const uint16_t* xb;      // x rounded to bf16 (M, K), for avx512bf16_int4 only; else null
-  const float* xsum;       // sums of xb per group (M, K/group), for avx512bf16_int4 only
+  const float* xsum;       // sums of x as taken per group (M, K/group): xb for avx512bf16_int4,
+                           // the dequantised xq for int4_q8_avx2; else null
   // int8 weights with quantised activations (the *_q8 kernels; made by quantize_rows):
   const int8_t* xq = nullptr;    // x in int8 per block of 32 columns (M, K), |q| <= 127
   const float* xd = nullptr;     // each block's scale repeated 8 times (M, K/4): one per 4 columns
@@ -42,6 +43,9 @@ extern const GemvFn avx512bf16_bf16;  // bf16 weights, bf16 activations in Gemv:
 // be a multiple of 32. int8_vnni: AVX512_VNNI vpdpbusd; int8_q8_avx2: AVX2 maddubs (the sign trick).
 extern const GemvFn int8_vnni;
 extern const GemvFn int8_q8_avx2;
+// int4 weights times the same activations (AVX2 maddubs, nibbles as the unsigned operand);
+// needs Gemv::xsum: per row and group, the sum of the dequantised activations.
+extern const GemvFn int4_q8_avx2;
 // The activations as those kernels take them (Gemv::xq, xd, xc): per row and block of 32,
 // d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)) (0 for an all-zero block).
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, int32_t* xc);

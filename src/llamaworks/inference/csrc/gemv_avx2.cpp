@@ -103,9 +103,80 @@ void int8_q8_kernel(const Gemv& g, int64_t n0, int64_t n1) {
     default: return int8_q8_columns<8>(g, n0, n1);
   }
 }
+
+// int4 weights (q in 0..15, gemv_body.h's layout) times the same quantised activations
+// (gemv.h's int4_q8_avx2): 16 bytes of a row are one block of 32 columns in order once the
+// high nibbles are put after the low ones; maddubs takes q as the unsigned operand directly
+// (pairs at most 2 * 15 * 127). Per group: sum_b d_b * dot_b (q, xq), times the scale, and the
+// offset times the group's sum of the dequantised activations (Gemv::xsum).
+template <int M, int NB>
+inline void int4_q8_block(const Gemv& g, int64_t n) {
+  const int64_t K = g.K, half = K / 2, groups = K / g.group;
+  const uint8_t* w = static_cast<const uint8_t*>(g.w) + n * half;
+  const uint8_t* ahead = w + NB * half;  // the next block's rows, as in gemv_body.h's dense_block
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 total[M][NB];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NB; ++j) total[m][j] = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    __m256 acc[M][NB];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+    for (int64_t k = gi * g.group; k < (gi + 1) * g.group; k += 32) {
+      __m256i wv[NB];
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(ahead + k / 2 * NB + j * 16, 0, 3);
+      for (int j = 0; j < NB; ++j) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * half + k / 2));
+        wv[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), low);  // columns k .. k + 31
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.xq + m * K + k));
+        const __m256 d = _mm256_loadu_ps(g.xd + (m * K + k) / 4);
+        for (int j = 0; j < NB; ++j) {
+          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wv[j], xv), ones);
+          acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[m][j]);
+        }
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const __m256 sc = _mm256_set1_ps(g.scales[(n + j) * groups + gi]);
+      for (int m = 0; m < M; ++m) total[m][j] = _mm256_fmadd_ps(acc[m][j], sc, total[m][j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const float* o = g.offsets + (n + j) * groups;
+    for (int m = 0; m < M; ++m) {
+      float off = 0.0f;
+      for (int64_t gi = 0; gi < groups; ++gi) off += o[gi] * g.xsum[m * groups + gi];
+      g.out[m * g.N + n + j] = Isa::hsum(total[m][j]) + off;
+    }
+  }
+}
+
+template <int M>
+void int4_q8_columns(const Gemv& g, int64_t n0, int64_t n1) {
+  constexpr int NB = M == 1 ? 4 : M <= 3 ? 2 : 1;  // as int8_q8_columns
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) int4_q8_block<M, NB>(g, n);
+  for (; n < n1; ++n) int4_q8_block<M, 1>(g, n);
+}
+
+void int4_q8_kernel(const Gemv& g, int64_t n0, int64_t n1) {
+  switch (g.M) {
+    case 1: return int4_q8_columns<1>(g, n0, n1);
+    case 2: return int4_q8_columns<2>(g, n0, n1);
+    case 3: return int4_q8_columns<3>(g, n0, n1);
+    case 4: return int4_q8_columns<4>(g, n0, n1);
+    case 5: return int4_q8_columns<5>(g, n0, n1);
+    case 6: return int4_q8_columns<6>(g, n0, n1);
+    case 7: return int4_q8_columns<7>(g, n0, n1);
+    default: return int4_q8_columns<8>(g, n0, n1);
+  }
+}
 }  // namespace
 
 const GemvFn int8_q8_avx2 = int8_q8_kernel;
+const GemvFn int4_q8_avx2 = int4_q8_kernel;
 
 // Needs AVX2 (every level that runs the *_q8 kernels has it): vectorised, as a scalar loop
 // (a libm call per value to round half to even) cost more than the product at 8 rows. The

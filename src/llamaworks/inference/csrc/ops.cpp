@@ -119,6 +119,31 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
     g.xc = xc.data();
     fn = lvl >= AVX512VNNI ? lw::int8_vnni : lw::int8_q8_avx2;
   }
+  // int4 weights below avx512bf16: the same quantised activations and maddubs (its bf16 dot
+  // products stay ahead where they run), with the group sums of the dequantised activations.
+  if (kind == lw::INT4 && lvl >= AVX2 && lvl < AVX512BF16) {
+    const int64_t groups = K / group;
+    xq.resize(M * K);
+    xd.resize(M * K / 4);
+    xc.resize(M * K / 4);
+    xsum.resize(M * groups);
+    lw::quantize_rows(g.x, M, K, xq.data(), xd.data(), xc.data());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        float sum = 0.0f;  // per block: d * sum(q) = d * -(the block's 8 xc) / 128
+        for (int64_t b = gi * group / 32; b < (gi + 1) * group / 32; ++b) {
+          int32_t q = 0;
+          for (int i = 0; i < 8; ++i) q += xc[(m * K) / 4 + b * 8 + i];
+          sum += xd[(m * K) / 4 + b * 8] * static_cast<float>(-q / 128);
+        }
+        xsum[m * groups + gi] = sum;
+      }
+    g.xq = xq.data();
+    g.xd = xd.data();
+    g.xc = xc.data();
+    g.xsum = xsum.data();
+    fn = lw::int4_q8_avx2;
+  }
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (BLOCK * row_bytes));
   const int64_t slice = M <= lw::MAX_ROWS ? N : std::max<int64_t>(BLOCK, SLICE_BYTES / row_bytes / BLOCK * BLOCK);
