@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from llamaworks.data.document import Document, ShardWriter, read_jsonl  # noqa: 
 from llamaworks.data.executor import JsonlReader, LocalExecutor  # noqa: E402
 from llamaworks.data.sources import pipeline  # noqa: E402
 from llamaworks.data.step import Step  # noqa: E402
+
+from .test_kill import SCRIPT as KILLED_RUN  # noqa: E402
 
 
 def _free_port() -> int:
@@ -157,21 +158,8 @@ def test_local_output_is_unchanged_by_the_storage_layer(tmp_path):
     assert not list(tmp_path.glob(".*"))
 
 
-KILL_SCRIPT = textwrap.dedent("""
-    import sys, time
-    from llamaworks.data.executor import JsonlReader, LocalExecutor
-    from llamaworks.data.step import Step
-
-    class Slow(Step):
-        name = "slow"
-        def run(self, docs, rank=0, world_size=1):
-            for d in docs:
-                time.sleep(float(sys.argv[3]))
-                yield d
-
-    if __name__ == "__main__":
-        LocalExecutor(sys.argv[2], workers=2, progress=False).run("t", JsonlReader(), [Slow()], [sys.argv[1]])
-""")
+# the same slow two-worker run that test_kill.py kills locally
+KILL_SCRIPT = KILLED_RUN
 
 
 class Slow(Step):
