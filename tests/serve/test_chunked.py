@@ -12,6 +12,8 @@ import pytest
 from llamaworks.inference.generate import generate
 from llamaworks.serve.engine import Engine, Request
 
+from .test_paged import _run_all
+
 PROMPTS = ["The king", "Love is", "O fair lady of the night, speak to me of the moon and of the sea", "Thou art"]
 
 
@@ -20,16 +22,6 @@ def _engine(model_dir, **kw):
 
     model, tok = load_model(model_dir)
     return Engine(model.eval(), tok, max_batch=3, block_size=4, **kw).start(), tok
-
-
-def _run_all(eng, reqs, timeout=120):
-    done = queue.Queue()
-    for r in reqs:
-        r.on_event = lambda ev, q=done, user=r.on_event: (user and user(ev), ev.kind in ("done", "error") and q.put(ev))
-        eng.submit(r)
-    events = [done.get(timeout=timeout) for _ in reqs]
-    assert all(ev.kind == "done" for ev in events), [ev.text for ev in events]
-    return reqs
 
 
 @pytest.fixture(scope="module")
