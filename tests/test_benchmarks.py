@@ -15,14 +15,36 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = ("decode", "gemv", "finetune", "train_throughput", "eval_throughput", "serve", "data_throughput",
-           "distributed", "prefix_ttft")
+           "train_distributed", "prefix_ttft")
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as module `bench_NAME`. Scripts import their siblings (machine.py) from their folder,
+    which is on sys.path only while this one loads: left there, benchmarks/serve.py would shadow tests/serve and
+    a spawned worker would import the folder's scripts in place of installed packages."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
 
 
 def load_machine():
-    spec = importlib.util.spec_from_file_location("bench_machine", BENCH / "machine.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("machine")
+
+
+def test_no_script_shadows_an_installed_module():
+    # Running `python benchmarks/X.py` puts benchmarks/ first on sys.path, in the script and in every process it
+    # spawns (Dask workers, torchrun): a script named like a package (distributed.py did) replaces that package.
+    # Asked of a fresh interpreter: this one has tests/ on sys.path and benchmark modules already imported.
+    names = sorted(p.stem for p in BENCH.glob("*.py"))
+    code = "import importlib.util, sys; print(*[n for n in sys.argv[1:] if importlib.util.find_spec(n)])"
+    shadowing = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, check=True,
+                               cwd="/").stdout.split()
+    assert shadowing == [], f"benchmarks/ scripts named like importable modules: {shadowing}; rename them"
 
 
 CPUINFO = """processor\t: 0
@@ -108,14 +130,7 @@ def test_serve_smoke(tmp_path):
 
 
 def llama_tool(name: str):
-    spec = importlib.util.spec_from_file_location("bench_serve", BENCH / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))  # serve.py imports machine.py from its folder
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod.find_llama_server(name)
+    return load_benchmark("serve").find_llama_server(name)
 
 
 @pytest.mark.slow
@@ -188,7 +203,7 @@ def test_eval_throughput_small(tmp_path):
 @pytest.mark.slow
 def test_distributed_tiny(tmp_path):
     out = tmp_path / "dist.json"
-    run("distributed", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq-len", "16",
+    run("train_distributed", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq-len", "16",
         "--out", str(out))
     d = json.loads(out.read_text())
     assert {r["strategy"] for r in d["rows"]} >= {"ddp", "fsdp"} and d["machine"]["threads"] == 1

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_benchmarks import load_benchmark  # tests/ is on sys.path
+
+from llamaworks.model import ModelArgs, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import gpu_check  # noqa: E402  (benchmarks/ is not a package)
-
-from llamaworks.model import ModelArgs, build_model  # noqa: E402
+gpu_check = load_benchmark("gpu_check")
 
 
 @pytest.mark.parametrize("name, key", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100-sxm"),

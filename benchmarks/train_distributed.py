@@ -1,7 +1,7 @@
 """Distributed training throughput on CPU (gloo) and communication volume per step.
 
-    .venv/bin/python benchmarks/distributed.py                  # small preset, 2 layers, 8 x 128 tokens
-    .venv/bin/python benchmarks/distributed.py --steps 5 --preset tiny
+    .venv/bin/python benchmarks/train_distributed.py                  # small preset, 2 layers, 8 x 128 tokens
+    .venv/bin/python benchmarks/train_distributed.py --steps 5 --preset tiny
 
 For each strategy (one process; DDP, FSDP, FSDP with bf16 parameters and TP+SP on 2 processes) a fresh set of
 processes builds the same model, parallelizes it with llamaworks.parallel.parallelize and
