@@ -17,15 +17,14 @@ dedup all have real work. Timed, each in its own process with `--workers` worker
                 (signatures, buckets, clusters, filter) with the same bands x rows and 5-grams
 
 Equal work: a speed ratio is printed only for a pair whose kept documents agree (Jaccard of
-the kept ids >= 0.99; below it the ratio is withheld and the disagreement shown). The C4 rules
-differ by default: datatrove counts sentences with its sentence splitter (spacy) per kept line
-where ours counts terminal-mark runs (a regex) over the page; it also ends lines with "'",
-strips [1]-style citations, and drops a page for "lorem ipsum" or "{" only on a line that
-survived the punctuation and length rules where ours looks at the whole page. The
-"same_rules" row runs datatrove's C4QualityFilter with ours' choices on all four (its
-sentence splitter swapped for ours' regex, its end marks for c4_utils', citations kept, a
-page-level lorem ipsum / "{" check first): it is the ratio's denominator, and its time against
-the default row's is what datatrove's own rules cost, printed beside it.
+the kept ids >= 0.99; below it the ratio is withheld and the disagreement shown). Both sides
+follow c4_utils.clean_page line by line (citations cut, "lorem ipsum" and "{" judged on lines
+that survive the punctuation and length rules); they differ by default in two choices:
+datatrove counts sentences with its sentence splitter (spacy) where ours counts terminal-mark
+runs (a regex), and it also ends lines with "'". The "same_rules" row runs datatrove's
+C4QualityFilter with ours' choices on both (its sentence splitter swapped for ours' regex, its
+end marks for c4_utils'): it is the ratio's denominator, and its time against the default
+row's is what datatrove's own rules cost, printed beside it.
 
 Printed and written to benchmarks/results/data_throughput.json: documents/s and MB/s of
 input, peak RSS (the largest process of the run), kept documents and their Jaccard with the
@@ -181,9 +180,9 @@ def run_datatrove(name: str, corpus: Path, out: Path, workers: int) -> None:
 
 
 def same_rules_c4():
-    """datatrove's C4QualityFilter with ours' (llamaworks/data/c4.py) rules where the two differ:
-    sentences counted by ours' terminal-mark regex instead of datatrove's sentence splitter,
-    c4_utils' end marks (no "'"), no citation stripping, lorem ipsum and "{" checked on the page."""
+    """datatrove's C4QualityFilter with ours' (llamaworks/data/c4.py) choices where the two differ:
+    sentences counted by ours' terminal-mark regex instead of datatrove's sentence splitter, and
+    c4_utils' end marks (no "'")."""
     import re
 
     from datatrove.pipeline.filters import c4_filters
@@ -201,14 +200,9 @@ def same_rules_c4():
         def filter(self, doc):
             # Set here, not at construction: datatrove's workers get the pipeline pickled, not the patch.
             c4_filters.END_PUNCTUATION, c4_filters.split_into_sentences = END_MARKS, split_into_sentences
-            low = doc.text.lower()
-            if "lorem ipsum" in low:
-                return False, "lorem_ipsum"
-            if "{" in doc.text:
-                return False, "curly_bracket"
             return super().filter(doc)
 
-    return SameRulesC4(remove_citations=False)
+    return SameRulesC4()
 
 
 def timed(name: str, corpus: Path, out: Path, workers: int) -> dict:

@@ -49,12 +49,40 @@ def test_c4_drops_pages(text, why):
     assert isinstance(ev, Dropped) and why in ev.reason
 
 
+def test_c4_cuts_citations_as_c4_utils():
+    # tensorflow/datasets c4_utils_test.test_clean_page_citations, its page and its expected text
+    text = ("This page has some text.\nSome lines don't end with punctuation\n"
+            "And some of these lines end with citations.[3]\n"
+            "Or have requested citations[citation needed]. Or the option to edit.[edit]\n")
+    (doc,) = kept(run(C4Filter(min_sentences=1), text))
+    assert doc.text == ("This page has some text.\nAnd some of these lines end with citations.\n"
+                        "Or have requested citations. Or the option to edit.")
+
+
+@pytest.mark.parametrize("extra", [
+    "body { color: red }",  # a brace on a line the punctuation rule removes first
+    "Lorem ipsum dolor",  # placeholder text on a line that is too short and unpunctuated
+    "Please enable javascript { here }.",  # c4_utils tests javascript before the brace: the line goes
+])
+def test_c4_page_rules_only_see_lines_that_survive_the_line_rules(extra):
+    (doc,) = kept(run(C4Filter(), GOOD + "\n" + extra))
+    assert doc.text == GOOD
+
+
+def test_c4_sentences_are_counted_per_kept_line():
+    # Five one-sentence lines ending in a quote: a page-wide regex would merge them into fewer sentences.
+    lines = [f'He said it was number {w}."' for w in ("one", "two", "three", "four", "five")]
+    assert kept(run(C4Filter(), "\n".join(lines)))
+    assert not kept(run(C4Filter(), "\n".join(lines[:4])))
+
+
 def test_c4_badwords(tmp_path):
     (tmp_path / "bad.txt").write_text("frobnicate\ntwo words\n")
     f = C4Filter(badwords=tmp_path / "bad.txt")
     assert isinstance(run(f, GOOD + " We frobnicate.")[0], Dropped)
     assert isinstance(run(f, GOOD + " Two  words.")[0], Document)  # phrase match is on the exact spacing
     assert isinstance(run(f, GOOD + " Frobnicated.")[0], Document)  # whole words only
+    assert kept(run(f, GOOD + "\nfrobnicate menu"))  # only the cleaned page is checked
     with pytest.raises(FileNotFoundError, match="one word or phrase per line"):
         C4Filter(badwords=tmp_path / "missing.txt")
 
