@@ -42,12 +42,13 @@ from dataclasses import dataclass, field
 import torch
 
 from llamaworks.inference.generate import compile_step
-from llamaworks.inference.paged import NULL_BLOCK, BlockTable, block_bytes, setup_paged_caches
+from llamaworks.inference.paged import NULL_BLOCK, BlockTable, block_bytes
 from llamaworks.inference.sampling import SamplingState, apply_states, is_greedy, logit_bias_vector, sample_rows
 from llamaworks.inference.stops import StopMatcher
-from llamaworks.serve.kvpool import BlockPool, blocks_for, prompt_hashes
+from llamaworks.serve.kvpool import BlockPool, blocks_for, chain_hash, prompt_hashes
 from llamaworks.serve.prometheus import Metrics
 from llamaworks.serve.structured import Constraint, Matcher, apply_masks
+from llamaworks.serve.tp import LocalRunner
 from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 
 
@@ -130,7 +131,8 @@ class _Slot:
     number: int = 0  # admission order (step_log names requests by it)
     blocks: list[int] = field(default_factory=list)  # physical block of each logical block
     reserved: int = 0  # blocks promised by the pool and not allocated yet
-    hashes: list[bytes] = field(default_factory=list)  # chain hashes of the prompt's full blocks
+    # Chain hashes of the prompt's full blocks, then (_publish) of those generated tokens filled.
+    hashes: list[bytes] = field(default_factory=list)
     registered: int = 0  # of which published in the prefix cache
     prefilled: int = 0  # prompt tokens whose keys and values are in the cache
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # per chunk, for prompt_logprobs
@@ -157,7 +159,8 @@ def _logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[tuple[f
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  compile: bool = False, kv_cache_gb: float | None = None, block_size: int = 16,
-                 prefix_cache: bool = True, prefill_chunk: int | None = None):
+                 prefix_cache: bool = True, prefill_chunk: int | None = None,
+                 runner=None):
         """kv_cache_gb: the KV cache's memory (default: room for max_batch sequences of the whole
         context, as a static cache); prefill_chunk: prompt tokens prefilled per engine step
         (default: whole prompts); prefix_cache: share cached prompt blocks between requests."""
@@ -187,7 +190,10 @@ class Engine:
                 raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds {num_blocks} blocks of {block_size} tokens "
                                  f"({block_bytes(model, block_size)} bytes each); raise it")
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
-        self._table = (setup_paged_caches(model, num_blocks, block_size, self.context) if paged
+        # Every forward pass of the model goes through the runner: in this process, or on every
+        # tensor-parallel rank under torchrun (serve/tp.py), which also sets up their caches.
+        self.runner = runner if runner is not None else LocalRunner(model)
+        self._table = (self.runner.setup(num_blocks, block_size, self.context, max_batch) if paged
                        else BlockTable(block_size, self.device))
         self._decode_blocks = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long,
                                          device=self.device)
@@ -324,13 +330,19 @@ class Engine:
         return sum(s is None for s in self._slots)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.runner.close()  # under tensor parallelism, the other ranks stop with this thread
+
+    def _serve(self) -> None:
         torch.set_grad_enabled(False)
         if self._compiled:
             self._table.blocks = self._decode_blocks  # every row in the null block
             # Every row is free: a full decode of dummy tokens at position 0, which no request
             # reads before its prefill rewrites it (as in any step with free rows).
             try:
-                self._step(self.model, self._tokens, self._pos)
+                self.runner.decode(self._step, self._tokens, self._pos)
             except Exception:  # noqa: BLE001 - serve uncompiled rather than not at all
                 traceback.print_exc()
                 print("llamaworks serve: torch.compile failed (above); decoding uncompiled", file=sys.stderr)
@@ -459,7 +471,7 @@ class Engine:
         self.step_log.append(("prefill", s.number, start, end, self._steps))
         # Full logits then the last row, exactly as generate() computes them, so that a greedy
         # request served here gets the tokens generate() gives.
-        full = self.model(ids, pos, rows=self._row0)  # (1, end - start, vocab)
+        full = self.runner.forward(ids, pos, self._row0)  # (1, end - start, vocab)
         s.prefilled = end
         for j in range(s.registered, min(end // self.block_size, len(s.hashes))):
             self.pool.register(s.blocks[j], s.hashes[j])  # complete now: later prompts may share it
@@ -493,7 +505,7 @@ class Engine:
             self._table.blocks = torch.tensor(table, dtype=torch.long, device=self.device)  # (max_batch, width)
         self.step_log.append(("decode", tuple(self._slots[i].number for i in rows)))
         try:
-            logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
+            logits = self.runner.decode(self._step, self._tokens, self._pos)  # (max_batch, vocab): fixed shape
             # Every decoded row's next token (or the exception its own sampling raised), in one call.
             greedy = self._sample_batch(logits)
         except Exception as e:  # noqa: BLE001 - the forward is every running request's: none can go on
@@ -573,6 +585,7 @@ class Engine:
     def _accept(self, i: int, tok: int, logits: torch.Tensor) -> None:
         s = self._slots[i]
         req = s.req
+        self._publish(s)
         if tok in s.stop_ids:
             return self._finish(i, "stop")
         req.tokens.append(tok)
@@ -593,6 +606,24 @@ class Engine:
         self._tokens[i, 0] = tok
         self._pos[i, 0] = s.pos
         s.pos += 1
+
+    def _publish(self, s: _Slot) -> None:
+        """Put the blocks of `s` that generated tokens filled into the prefix cache (a next chat
+        turn holds this turn's prompt and answer). Called as a token is accepted, when the
+        sequence's first s.pos positions hold the keys and values of prompt + tokens so far (the
+        last accepted token's are written by the next forward pass)."""
+        full = s.pos // self.block_size
+        if not self.pool.prefix_caching or full <= len(s.hashes):
+            return
+        seq = s.req.prompt_ids + s.req.tokens  # (s.pos,) tokens whose keys and values are cached
+        assert len(seq) == s.pos, (len(seq), s.pos)
+        size, parent = self.block_size, s.hashes[-1] if s.hashes else b""
+        for j in range(len(s.hashes), full):
+            parent = chain_hash(parent, seq[j * size:(j + 1) * size])
+            s.hashes.append(parent)
+        for j in range(s.registered, full):
+            self.pool.register(s.blocks[j], s.hashes[j])
+        s.registered = full
 
     def _finish(self, i: int, reason: str) -> None:
         s = self._slots[i]
