@@ -25,6 +25,12 @@ The engine runs in its own thread; results go back through each request's `on_ev
 callback, called from that thread. A request whose own work raises (its prefill, its
 sampling, its text) fails alone, with an "error" event; only a failure of the batched
 decode forward, which every running request shares, fails them all.
+
+With a draft model (`serve --draft`), the decode step is speculative (_speculate): the draft,
+whose paged cache mirrors the model's block for block, proposes K tokens per row, and the
+model verifies them all in one batched forward; greedy requests get exactly the tokens they
+get without a draft, sampled ones tokens distributed as the model's. Requests with penalties,
+logit_bias or a grammar decode one token per step beside them (_drafts_for).
 """
 
 from __future__ import annotations
@@ -42,13 +48,21 @@ from dataclasses import dataclass, field
 import torch
 
 from llamaworks.inference.generate import compile_step
-from llamaworks.inference.paged import NULL_BLOCK, BlockTable, block_bytes
-from llamaworks.inference.sampling import SamplingState, apply_states, is_greedy, logit_bias_vector, sample_rows
+from llamaworks.inference.paged import NULL_BLOCK, BlockTable, block_bytes, setup_paged_caches
+from llamaworks.inference.sampling import (
+    SamplingState,
+    apply_states,
+    filtered_probabilities,
+    is_greedy,
+    logit_bias_vector,
+    sample_rows,
+)
+from llamaworks.inference.speculative import accept as accept_drafts
+from llamaworks.inference.speculative import greedy_accepted
 from llamaworks.inference.stops import StopMatcher
-from llamaworks.serve.kvpool import BlockPool, blocks_for, chain_hash, prompt_hashes
+from llamaworks.serve.kvpool import BlockPool, blocks_for, prompt_hashes
 from llamaworks.serve.prometheus import Metrics
 from llamaworks.serve.structured import Constraint, Matcher, apply_masks
-from llamaworks.serve.tp import LocalRunner
 from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 
 
@@ -131,8 +145,7 @@ class _Slot:
     number: int = 0  # admission order (step_log names requests by it)
     blocks: list[int] = field(default_factory=list)  # physical block of each logical block
     reserved: int = 0  # blocks promised by the pool and not allocated yet
-    # Chain hashes of the prompt's full blocks, then (_publish) of those generated tokens filled.
-    hashes: list[bytes] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of the prompt's full blocks
     registered: int = 0  # of which published in the prefix cache
     prefilled: int = 0  # prompt tokens whose keys and values are in the cache
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # per chunk, for prompt_logprobs
@@ -140,6 +153,20 @@ class _Slot:
     @property
     def ready(self) -> bool:
         return self.prefilled == len(self.req.prompt_ids)
+
+
+def _check_draft(model, draft, draft_tokens: int, paged: bool) -> None:
+    if not isinstance(draft_tokens, int) or draft_tokens < 1:
+        raise ValueError(f"--draft-tokens must be an integer >= 1 (tokens the draft proposes per step), "
+                         f"got {draft_tokens!r}")
+    if draft is model:
+        raise ValueError("--draft: the draft must be a model instance of its own (load it again), since each "
+                         "model keeps its own KV cache")
+    if not paged or not hasattr(draft, "layers"):
+        raise ValueError("--draft needs transformer models with attention layers (a paged KV cache)")
+    if draft.args.vocab_size != model.args.vocab_size:
+        raise ValueError(f"--draft: the draft model's vocab_size {draft.args.vocab_size} differs from the served "
+                         f"model's {model.args.vocab_size}; pass a draft that uses the served model's tokenizer")
 
 
 def _decode_logits(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -159,11 +186,13 @@ def _logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[tuple[f
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  compile: bool = False, kv_cache_gb: float | None = None, block_size: int = 16,
-                 prefix_cache: bool = True, prefill_chunk: int | None = None,
-                 runner=None):
+                 prefix_cache: bool = True, prefill_chunk: int | None = None, draft=None, draft_tokens: int = 4):
         """kv_cache_gb: the KV cache's memory (default: room for max_batch sequences of the whole
         context, as a static cache); prefill_chunk: prompt tokens prefilled per engine step
-        (default: whole prompts); prefix_cache: share cached prompt blocks between requests."""
+        (default: whole prompts); prefix_cache: share cached prompt blocks between requests;
+        draft: a smaller model of the same tokenizer (its own instance) that proposes
+        `draft_tokens` tokens per running request and step for the model to verify (speculative
+        decoding, see _speculate)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}; it is the number of concurrent sequences")
         if max_queue < 0:
@@ -175,26 +204,35 @@ class Engine:
             raise ValueError(f"kv_cache_gb must be a positive number of GiB, got {kv_cache_gb!r}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        paged = hasattr(model, "layers")  # test stand-ins without attention keep no cache
+        if draft is not None:
+            _check_draft(model, draft, draft_tokens, paged)
         self.model, self.tokenizer = model, tokenizer
+        self.draft, self.draft_tokens = draft, draft_tokens
         self.stop_ids = tokenizer_stop_ids(tokenizer)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len,
+                           *(() if draft is None else (draft.args.max_seq_len,)))
         self.device = model.output.weight.device
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.max_blocks = blocks_for(self.context, block_size)  # a table row spans the context
-        paged = hasattr(model, "layers")  # test stand-ins without attention keep no cache
         num_blocks = max_batch * self.max_blocks + 1  # + the null block
         if kv_cache_gb is not None and paged:
-            num_blocks = int(kv_cache_gb * 2**30) // block_bytes(model, block_size)
+            # The draft's cache mirrors the model's block for block (the same block ids), so a
+            # block costs both models' bytes.
+            per_block = block_bytes(model, block_size) + (0 if draft is None else block_bytes(draft, block_size))
+            num_blocks = int(kv_cache_gb * 2**30) // per_block
             if num_blocks < 2:
                 raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds {num_blocks} blocks of {block_size} tokens "
-                                 f"({block_bytes(model, block_size)} bytes each); raise it")
+                                 f"({per_block} bytes each); raise it")
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
-        # Every forward pass of the model goes through the runner: in this process, or on every
-        # tensor-parallel rank under torchrun (serve/tp.py), which also sets up their caches.
-        self.runner = runner if runner is not None else LocalRunner(model)
-        self._table = (self.runner.setup(num_blocks, block_size, self.context, max_batch) if paged
+        self._table = (setup_paged_caches(model, num_blocks, block_size, self.context) if paged
                        else BlockTable(block_size, self.device))
+        # The draft's table holds the model's block ids: a block of a sequence (or of the prefix
+        # cache) has both models' keys and values at the same index of their own pools.
+        self._draft_table = None if draft is None else setup_paged_caches(draft, num_blocks, block_size,
+                                                                          self.context)
+        self.spec = {"rounds": 0, "drafted": 0, "accepted": 0, "fallback_steps": 0}
         self._decode_blocks = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long,
                                          device=self.device)
         self._row0 = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -322,7 +360,13 @@ class Engine:
     def stats(self) -> dict[str, float]:
         """Numbers for /metrics: KV cache blocks (used, free, cached and evictable, shared) and
         the prefix cache's hits and queries, in prompt tokens."""
-        return {**self.pool.stats(), "kv_block_size": self.block_size}
+        out = {**self.pool.stats(), "kv_block_size": self.block_size}
+        if self.draft is not None:  # speculative decoding: drafts proposed and kept so far
+            spec = dict(self.spec)
+            out.update({f"spec_{k}": v for k, v in spec.items()}, spec_draft_tokens=self.draft_tokens,
+                       spec_acceptance_rate=spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0)
+        return out
+
 
     # --- engine thread ----------------------------------------------------------------------
 
@@ -330,19 +374,13 @@ class Engine:
         return sum(s is None for s in self._slots)
 
     def _run(self) -> None:
-        try:
-            self._serve()
-        finally:
-            self.runner.close()  # under tensor parallelism, the other ranks stop with this thread
-
-    def _serve(self) -> None:
         torch.set_grad_enabled(False)
         if self._compiled:
             self._table.blocks = self._decode_blocks  # every row in the null block
             # Every row is free: a full decode of dummy tokens at position 0, which no request
             # reads before its prefill rewrites it (as in any step with free rows).
             try:
-                self.runner.decode(self._step, self._tokens, self._pos)
+                self._step(self.model, self._tokens, self._pos)
             except Exception:  # noqa: BLE001 - serve uncompiled rather than not at all
                 traceback.print_exc()
                 print("llamaworks serve: torch.compile failed (above); decoding uncompiled", file=sys.stderr)
@@ -364,7 +402,9 @@ class Engine:
                     if s is not None and s.req.cancelled:
                         self._finish(i, "cancelled")
                 self._prefill_step()
-                if any(s is not None and s.ready for s in self._slots):
+                if any(s is not None and s.ready and self._drafts_for(s) for s in self._slots):
+                    self._speculate()
+                elif any(s is not None and s.ready for s in self._slots):
                     self._decode()
             except Exception as e:  # noqa: BLE001 - a bug in no one request's work: end the running ones
                 for s in list(self._slots):
@@ -471,7 +511,10 @@ class Engine:
         self.step_log.append(("prefill", s.number, start, end, self._steps))
         # Full logits then the last row, exactly as generate() computes them, so that a greedy
         # request served here gets the tokens generate() gives.
-        full = self.runner.forward(ids, pos, self._row0)  # (1, end - start, vocab)
+        full = self.model(ids, pos, rows=self._row0)  # (1, end - start, vocab)
+        if self.draft is not None:  # the draft's cache follows the model's, chunk for chunk
+            self._draft_table.blocks = self._table.blocks
+            self.draft(ids, pos, rows=self._row0, return_hidden=True)  # its keys and values only
         s.prefilled = end
         for j in range(s.registered, min(end // self.block_size, len(s.hashes))):
             self.pool.register(s.blocks[j], s.hashes[j])  # complete now: later prompts may share it
@@ -505,7 +548,7 @@ class Engine:
             self._table.blocks = torch.tensor(table, dtype=torch.long, device=self.device)  # (max_batch, width)
         self.step_log.append(("decode", tuple(self._slots[i].number for i in rows)))
         try:
-            logits = self.runner.decode(self._step, self._tokens, self._pos)  # (max_batch, vocab): fixed shape
+            logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
             # Every decoded row's next token (or the exception its own sampling raised), in one call.
             greedy = self._sample_batch(logits)
         except Exception as e:  # noqa: BLE001 - the forward is every running request's: none can go on
@@ -524,6 +567,142 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - this row's work failed: only its request ends
                     self._fail(s.req, e)
         self.metrics.steps += 1
+
+    def _drafts_for(self, s: _Slot) -> bool:
+        """Whether row `s` decodes speculatively: there is a draft, and the request has no
+        penalties, logit_bias or grammar. Those make each position's distribution depend on the
+        tokens before it inside the drafted run (counts, the grammar's state), so verifying all
+        positions from one forward would need the state advanced along the drafts; such a
+        request falls back to one token per step (its row still rides in the verify pass)."""
+        return self.draft is not None and s.options_made and s.sampling is None and s.matcher is None
+
+    def _speculate(self) -> None:
+        """One speculative step of every ready row (Leviathan et al. 2023; Chen et al. 2023):
+        the draft proposes K tokens per row (K small forwards of the whole batch, the first
+        re-reading the row's last two tokens: after a step that kept every draft, the draft has
+        not seen the last one), then the model scores the row's last token and its K drafts in
+        ONE forward (max_batch, K+1) over the paged cache. A greedy row keeps the drafts up to
+        the first that differs from the model's argmax, then the model's own token: exactly the
+        tokens of plain greedy decoding. A sampled row keeps draft x with probability
+        min(1, p(x)/q(x)) of its filtered distributions, and the first rejected one is redrawn
+        from max(0, p - q): its tokens are distributed as the model's. The kept tokens go
+        through _accept one at a time, so stop ids, stop strings and max_tokens end the row
+        mid-run. Rolling back costs nothing: a rejected draft's keys lie past the row's
+        position, masked until overwritten, and blocks holding only such positions go back to
+        the row's reservation. Rows that cannot speculate (_drafts_for) take position 0's
+        logits, as a plain decode step.
+
+        A row writes K+1 positions whatever it may keep (fixed shapes); positions past its last
+        useful one are clamped to the context's last, which no sequence reads unmasked."""
+        k, size = self.draft_tokens, self.block_size
+        rows = [i for i, s in enumerate(self._slots) if s is not None and s.ready]
+        spec = {i: self._drafts_for(self._slots[i]) for i in rows}
+        # Drafts a row may keep: never past max_tokens (its own last token follows them).
+        usable = {i: min(k, self._slots[i].req.max_tokens - len(self._slots[i].req.tokens) - 1) if spec[i] else 0
+                  for i in rows}
+        last = {i: self._slots[i].pos - 1 for i in rows}  # position of the row's last token (fed now)
+        for i in rows:
+            self._grow(self._slots[i], last[i] + usable[i] + 1)
+        width = min(self.max_blocks, 1 << (blocks_for(max(last.values()) + k + 1, size) - 1).bit_length())
+        table = torch.full((self.max_batch, width), NULL_BLOCK, dtype=torch.long)
+        tail = torch.zeros(self.max_batch, 2, dtype=torch.long)  # (max_batch, 2): tokens at last - 1, last
+        start = torch.zeros(self.max_batch, 1, dtype=torch.long)  # free and prefilling rows: position 0
+        for i in rows:
+            s = self._slots[i]
+            table[i, : len(s.blocks)] = torch.tensor(s.blocks)
+            tail[i] = torch.tensor((s.req.prompt_ids + s.req.tokens)[-2:])
+            start[i, 0] = last[i]
+        table, tail, start = table.to(self.device), tail.to(self.device), start.to(self.device)
+        self._table.blocks = self._draft_table.blocks = table  # (max_batch, width)
+        self.step_log.append(("speculate", tuple(self._slots[i].number for i in rows), k))
+        top = self.context - 1
+        try:
+            # Draft: K tokens per row, each from the request's own options and generator.
+            tok, pos = tail, (start - 1 + torch.arange(2, device=self.device)).clamp(0, top)  # (max_batch, 2)
+            drafted, qs = [], []
+            for _ in range(k):
+                d, q = self._propose(rows, spec, self.draft(tok, pos)[:, -1])
+                drafted.append(d)
+                qs.append(q)
+                tok, pos = d.unsqueeze(1), (pos[:, -1:] + 1).clamp(max=top)
+            drafts = torch.stack(drafted, 1)  # (max_batch, k)
+            block = torch.cat([tail[:, -1:], drafts], 1)  # (max_batch, k+1): the last token, then the drafts
+            logits = self.model(block, (start + torch.arange(k + 1, device=self.device)).clamp(max=top))
+            # (max_batch, k+1, vocab)
+            plain = [i for i in rows if not spec[i]]
+            fallback = dict(zip(plain, self._sample_slots([self._slots[i] for i in plain], logits[plain, 0])))
+        except Exception as e:  # noqa: BLE001 - the forwards are every running request's
+            for s in list(self._slots):
+                if s is not None:
+                    self._fail(s.req, e)
+            return
+        drafts_l = drafts.tolist()
+        for i in rows:
+            s = self._slots[i]
+            try:
+                if not spec[i]:
+                    tok = fallback[i]
+                    if isinstance(tok, Exception):
+                        raise tok
+                    new, kept = [tok], 0
+                    self.spec["fallback_steps"] += 1
+                else:
+                    new, kept = self._verify(s, logits[i], drafts_l[i][: usable[i]], [q.get(i) for q in qs])
+                    self.spec["rounds"] += 1
+                    self.spec["drafted"] += usable[i]
+                    self.spec["accepted"] += kept
+                for j, t in enumerate(new):
+                    if not self._accept(i, t, logits[i, j : j + 1]):
+                        break
+                if self._slots[i] is s:  # still running: blocks past its position back to its reservation
+                    while len(s.blocks) > blocks_for(s.pos, size):
+                        self.pool.unallocate(s.blocks.pop())
+                        s.reserved += 1
+            except Exception as e:  # noqa: BLE001 - this row's work failed: only its request ends
+                self._fail(s.req, e)
+        self.metrics.steps += 1
+
+    def _propose(self, rows: list[int], spec: dict[int, bool],
+                 logits: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The draft's next token for every row of its logits (max_batch, vocab): the argmax for
+        greedy rows (and rows that do not speculate: their drafts are ignored), a sample of the
+        filtered distribution q for sampled rows, whose q (vocab,) it returns by row."""
+        tokens = logits.argmax(-1)
+        sampled = [i for i in rows if spec[i] and self._slots[i].gen is not None]
+        qs: dict[int, torch.Tensor] = {}
+        if sampled:
+            q = self._probabilities(sampled, logits[sampled])
+            for j, i in enumerate(sampled):
+                noise = torch.empty_like(q[j]).exponential_(1, generator=self._slots[i].gen)
+                tokens[i] = (q[j] / noise).argmax()
+                qs[i] = q[j]
+        return tokens, qs
+
+    def _probabilities(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """filtered_probabilities with rows' request options, one row of `logits` (len(rows), vocab) each."""
+        reqs = [self._slots[i].req for i in rows]
+
+        def per_row(name: str, off: float) -> torch.Tensor:
+            values = [getattr(r, name) for r in reqs]
+            return torch.tensor([off if v is None else v for v in values], dtype=torch.float32, device=logits.device)
+
+        return filtered_probabilities(logits, per_row("temperature", 1.0), per_row("top_k", 0).long(),
+                                      per_row("top_p", 1.0), per_row("min_p", 0.0))
+
+    def _verify(self, s: _Slot, logits: torch.Tensor, drafted: list[int],
+                qs: list[torch.Tensor | None]) -> tuple[list[int], int]:
+        """The tokens row `s` keeps from the model's logits (k+1, vocab) at its last token and
+        drafts: the accepted drafts then one of the model's; and how many drafts were accepted."""
+        u = len(drafted)
+        if s.gen is None:  # greedy: exactly the model's argmax tokens
+            best = logits[: u + 1].argmax(-1)  # (u+1,)
+            n = int(greedy_accepted(best.unsqueeze(0), torch.tensor([drafted], dtype=torch.long, device=best.device),
+                                    torch.tensor([u], device=best.device))[0]) if u else 0
+            return drafted[:n] + [int(best[n])], n
+        i = self._slots.index(s)
+        p = self._probabilities([i] * (u + 1), logits[: u + 1])  # (u+1, vocab)
+        q = torch.stack(qs[:u]) if u else p[:0]
+        return accept_drafts(p, q, drafted, s.gen)
 
     def _sample(self, s: _Slot, logits: torch.Tensor) -> int:
         tok = self._sample_slots([s], logits)[0]  # logits (1, vocab)
@@ -582,12 +761,13 @@ class Engine:
         if req.constraint is not None:
             s.matcher = Matcher(req.constraint, self.tokenizer, vocab, s.stop_ids)
 
-    def _accept(self, i: int, tok: int, logits: torch.Tensor) -> None:
+    def _accept(self, i: int, tok: int, logits: torch.Tensor) -> bool:
+        """Take `tok` as row i's next token; whether the request goes on."""
         s = self._slots[i]
         req = s.req
-        self._publish(s)
         if tok in s.stop_ids:
-            return self._finish(i, "stop")
+            self._finish(i, "stop")
+            return False
         req.tokens.append(tok)
         if s.sampling is not None:
             s.sampling.update(tok)
@@ -600,30 +780,15 @@ class Engine:
         if delta:
             self._emit(req, Event("text", delta))
         if hit or (s.matcher is not None and s.matcher.done):  # a stop string, or the grammar is complete
-            return self._finish(i, "stop")
+            self._finish(i, "stop")
+            return False
         if len(req.tokens) >= req.max_tokens:
-            return self._finish(i, "length")
+            self._finish(i, "length")
+            return False
         self._tokens[i, 0] = tok
         self._pos[i, 0] = s.pos
         s.pos += 1
-
-    def _publish(self, s: _Slot) -> None:
-        """Put the blocks of `s` that generated tokens filled into the prefix cache (a next chat
-        turn holds this turn's prompt and answer). Called as a token is accepted, when the
-        sequence's first s.pos positions hold the keys and values of prompt + tokens so far (the
-        last accepted token's are written by the next forward pass)."""
-        full = s.pos // self.block_size
-        if not self.pool.prefix_caching or full <= len(s.hashes):
-            return
-        seq = s.req.prompt_ids + s.req.tokens  # (s.pos,) tokens whose keys and values are cached
-        assert len(seq) == s.pos, (len(seq), s.pos)
-        size, parent = self.block_size, s.hashes[-1] if s.hashes else b""
-        for j in range(len(s.hashes), full):
-            parent = chain_hash(parent, seq[j * size:(j + 1) * size])
-            s.hashes.append(parent)
-        for j in range(s.registered, full):
-            self.pool.register(s.blocks[j], s.hashes[j])
-        s.registered = full
+        return True
 
     def _finish(self, i: int, reason: str) -> None:
         s = self._slots[i]

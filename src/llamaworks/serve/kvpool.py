@@ -110,6 +110,14 @@ class BlockPool:
         self.ref[b] = 1
         return b
 
+    def unallocate(self, block: int) -> None:
+        """Give a private, unpublished block back to its sequence's reservation (speculative
+        decoding allocated it for drafts the target rejected; the sequence may need it later)."""
+        assert self.ref[block] == 1 and block not in self.block_hash, (block, self.ref[block])
+        self.ref[block] = 0
+        self.free.appendleft(block)
+        self.reserved += 1
+
     def register(self, block: int, h: bytes) -> None:
         """Publish a sequence's full, computed prompt block under its chain hash (unless another
         block already holds that prefix, as when two equal prompts were prefilled together)."""
