@@ -60,9 +60,10 @@ from llamaworks.inference.sampling import (
 from llamaworks.inference.speculative import accept as accept_drafts
 from llamaworks.inference.speculative import greedy_accepted
 from llamaworks.inference.stops import StopMatcher
-from llamaworks.serve.kvpool import BlockPool, blocks_for, prompt_hashes
+from llamaworks.serve.kvpool import BlockPool, blocks_for, chain_hash, prompt_hashes
 from llamaworks.serve.prometheus import Metrics
 from llamaworks.serve.structured import Constraint, Matcher, apply_masks
+from llamaworks.serve.tp import LocalRunner
 from llamaworks.tokenizer import stop_ids as tokenizer_stop_ids
 
 
@@ -145,7 +146,8 @@ class _Slot:
     number: int = 0  # admission order (step_log names requests by it)
     blocks: list[int] = field(default_factory=list)  # physical block of each logical block
     reserved: int = 0  # blocks promised by the pool and not allocated yet
-    hashes: list[bytes] = field(default_factory=list)  # chain hashes of the prompt's full blocks
+    # Chain hashes of the prompt's full blocks, then (_publish) of those generated tokens filled.
+    hashes: list[bytes] = field(default_factory=list)
     registered: int = 0  # of which published in the prefix cache
     prefilled: int = 0  # prompt tokens whose keys and values are in the cache
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # per chunk, for prompt_logprobs
@@ -186,7 +188,8 @@ def _logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[tuple[f
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  compile: bool = False, kv_cache_gb: float | None = None, block_size: int = 16,
-                 prefix_cache: bool = True, prefill_chunk: int | None = None, draft=None, draft_tokens: int = 4):
+                 prefix_cache: bool = True, prefill_chunk: int | None = None,
+                 runner=None, draft=None, draft_tokens: int = 4):
         """kv_cache_gb: the KV cache's memory (default: room for max_batch sequences of the whole
         context, as a static cache); prefill_chunk: prompt tokens prefilled per engine step
         (default: whole prompts); prefix_cache: share cached prompt blocks between requests;
@@ -226,7 +229,10 @@ class Engine:
                 raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds {num_blocks} blocks of {block_size} tokens "
                                  f"({per_block} bytes each); raise it")
         self.pool = BlockPool(num_blocks, block_size, prefix_cache)
-        self._table = (setup_paged_caches(model, num_blocks, block_size, self.context) if paged
+        # Every forward pass of the model goes through the runner: in this process, or on every
+        # tensor-parallel rank under torchrun (serve/tp.py), which also sets up their caches.
+        self.runner = runner if runner is not None else LocalRunner(model)
+        self._table = (self.runner.setup(num_blocks, block_size, self.context, max_batch) if paged
                        else BlockTable(block_size, self.device))
         # The draft's table holds the model's block ids: a block of a sequence (or of the prefix
         # cache) has both models' keys and values at the same index of their own pools.
@@ -367,20 +373,25 @@ class Engine:
                        spec_acceptance_rate=spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0)
         return out
 
-
     # --- engine thread ----------------------------------------------------------------------
 
     def _free_slots(self) -> int:
         return sum(s is None for s in self._slots)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.runner.close()  # under tensor parallelism, the other ranks stop with this thread
+
+    def _serve(self) -> None:
         torch.set_grad_enabled(False)
         if self._compiled:
             self._table.blocks = self._decode_blocks  # every row in the null block
             # Every row is free: a full decode of dummy tokens at position 0, which no request
             # reads before its prefill rewrites it (as in any step with free rows).
             try:
-                self._step(self.model, self._tokens, self._pos)
+                self.runner.decode(self._step, self._tokens, self._pos)
             except Exception:  # noqa: BLE001 - serve uncompiled rather than not at all
                 traceback.print_exc()
                 print("llamaworks serve: torch.compile failed (above); decoding uncompiled", file=sys.stderr)
@@ -511,7 +522,7 @@ class Engine:
         self.step_log.append(("prefill", s.number, start, end, self._steps))
         # Full logits then the last row, exactly as generate() computes them, so that a greedy
         # request served here gets the tokens generate() gives.
-        full = self.model(ids, pos, rows=self._row0)  # (1, end - start, vocab)
+        full = self.runner.forward(ids, pos, self._row0)  # (1, end - start, vocab)
         if self.draft is not None:  # the draft's cache follows the model's, chunk for chunk
             self._draft_table.blocks = self._table.blocks
             self.draft(ids, pos, rows=self._row0, return_hidden=True)  # its keys and values only
@@ -548,7 +559,7 @@ class Engine:
             self._table.blocks = torch.tensor(table, dtype=torch.long, device=self.device)  # (max_batch, width)
         self.step_log.append(("decode", tuple(self._slots[i].number for i in rows)))
         try:
-            logits = self._step(self.model, self._tokens, self._pos)  # (max_batch, vocab): the fixed-shape step
+            logits = self.runner.decode(self._step, self._tokens, self._pos)  # (max_batch, vocab): fixed shape
             # Every decoded row's next token (or the exception its own sampling raised), in one call.
             greedy = self._sample_batch(logits)
         except Exception as e:  # noqa: BLE001 - the forward is every running request's: none can go on
@@ -765,6 +776,7 @@ class Engine:
         """Take `tok` as row i's next token; whether the request goes on."""
         s = self._slots[i]
         req = s.req
+        self._publish(s)
         if tok in s.stop_ids:
             self._finish(i, "stop")
             return False
@@ -789,6 +801,24 @@ class Engine:
         self._pos[i, 0] = s.pos
         s.pos += 1
         return True
+
+    def _publish(self, s: _Slot) -> None:
+        """Put the blocks of `s` that generated tokens filled into the prefix cache (a next chat
+        turn holds this turn's prompt and answer). Called as a token is accepted, when the
+        sequence's first s.pos positions hold the keys and values of prompt + tokens so far (the
+        last accepted token's are written by the next forward pass)."""
+        full = s.pos // self.block_size
+        if not self.pool.prefix_caching or full <= len(s.hashes):
+            return
+        seq = s.req.prompt_ids + s.req.tokens  # (s.pos,) tokens whose keys and values are cached
+        assert len(seq) == s.pos, (len(seq), s.pos)
+        size, parent = self.block_size, s.hashes[-1] if s.hashes else b""
+        for j in range(len(s.hashes), full):
+            parent = chain_hash(parent, seq[j * size:(j + 1) * size])
+            s.hashes.append(parent)
+        for j in range(s.registered, full):
+            self.pool.register(s.blocks[j], s.hashes[j])
+        s.registered = full
 
     def _finish(self, i: int, reason: str) -> None:
         s = self._slots[i]
