@@ -638,7 +638,7 @@ class Engine:
                 tok, pos = d.unsqueeze(1), (pos[:, -1:] + 1).clamp(max=top)
             drafts = torch.stack(drafted, 1)  # (max_batch, k)
             block = torch.cat([tail[:, -1:], drafts], 1)  # (max_batch, k+1): the last token, then the drafts
-            logits = self.model(block, (start + torch.arange(k + 1, device=self.device)).clamp(max=top))
+            logits = self.runner.forward(block, (start + torch.arange(k + 1, device=self.device)).clamp(max=top))
             # (max_batch, k+1, vocab)
             plain = [i for i in rows if not spec[i]]
             fallback = dict(zip(plain, self._sample_slots([self._slots[i] for i in plain], logits[plain, 0])))
