@@ -14,6 +14,7 @@ from llamaworks.args import Arg
 from llamaworks.device import resolve_device
 from llamaworks.inference.load import load_model
 from llamaworks.inference.quant import Int4Linear, Int8Linear
+from llamaworks.parallel.distributed import close_distributed, env_world_size, init_distributed
 from llamaworks.serve.api import create_app
 from llamaworks.serve.auth import check_api_key
 from llamaworks.serve.engine import Engine
@@ -92,6 +93,8 @@ def serve_command(
     request_timeout: Annotated[float | None, Arg("seconds of wall time a request may take, queueing included; "
                                                  "beyond it it is cancelled and answered 504 (code request_timeout)"
                                                  " (default: no limit)")] = None,
+    tp: Annotated[int, Arg("tensor-parallel processes: launch with torchrun --nproc-per-node N ... --tp N; rank 0 "
+                           "serves HTTP, every rank holds 1/N of the model (and its heads of --kv-cache-gb)")] = 1,
 ) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -110,7 +113,13 @@ def serve_command(
         raise ValueError(f"--request-timeout must be a positive number of seconds, got {request_timeout}")
     limits = Limits(max_body_bytes=max_body_bytes, header_timeout=header_timeout, body_timeout=body_timeout)
     dev, dt = resolve_device(device, dtype)
-    model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
+    env, runner = None, None
+    if _check_tp(tp, adapter, compile) > 1:
+        env, dev, model, tokenizer, runner = _setup_tensor_parallel(checkpoint, dev, dt)
+        if runner is None:  # not rank 0: run rank 0's forward passes until it stops
+            return 0
+    else:
+        model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
     model.eval()
     template = resolve_chat_template(tokenizer, chat_template)  # a bad name or file fails here, before serving
     src = Path(checkpoint).resolve()
@@ -119,12 +128,26 @@ def serve_command(
         compile = default_compile(model)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                     kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
-                    compile=compile)
+                    compile=compile, runner=runner)
+    try:
+        _serve(engine, name, host, port, shutdown_timeout, limits, template, api_key, request_timeout, dev, dt,
+               max_batch, compile, tp)
+    finally:
+        engine.runner.close()  # under --tp, the other ranks stop (if the engine thread never ran)
+        if env is not None:
+            close_distributed(env)
+    print("llamaworks serve: stopped", file=sys.stderr)
+    return 0
+
+
+def _serve(engine, name, host, port, shutdown_timeout, limits, template, api_key, request_timeout, dev, dt, max_batch,
+           compile, tp) -> None:
     server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info", limits=limits,
                                chat_template=template, api_key=api_key, request_timeout=request_timeout)
     bound = sock.getsockname()[1]
     print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {str(dt).removeprefix('torch.')}, "
-          f"{max_batch} slots, context {engine.context}, KV cache {engine.pool.capacity} blocks of "
+          f"{max_batch} slots{f', tensor parallel over {tp} processes' if tp > 1 else ''}, context "
+          f"{engine.context}, KV cache {engine.pool.capacity} blocks of "
           f"{engine.block_size} tokens{', compiled decode' if compile else ''}; "
           f"chat template: {template.where}{'; API key required' if api_key else ''}); chat page: "
           f"http://{host}:{bound}/", file=sys.stderr, flush=True)
@@ -140,5 +163,47 @@ def serve_command(
     finally:
         engine.stop(cancel=True)
         sock.close()
-    print("llamaworks serve: stopped", file=sys.stderr)
-    return 0
+
+
+def _check_tp(tp: int, adapter: str | None, compile: bool | None) -> int:
+    """--tp against the processes torchrun launched; what tensor-parallel serving cannot do."""
+    world = env_world_size()
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"--tp must be an integer >= 1 (tensor-parallel processes), got {tp!r}")
+    if tp != world:
+        if world == 1:
+            raise ValueError(f"--tp {tp} needs {tp} processes: launch with torchrun --nproc-per-node {tp} -m "
+                             f"llamaworks serve ... --tp {tp}")
+        raise ValueError(f"torchrun launched {world} processes but --tp is {tp}: pass --tp {world} (serve splits the "
+                         "model over every process)")
+    if tp > 1 and adapter is not None:
+        raise ValueError("--adapter runs in one process; merge it into the model first (llamaworks merge) to serve "
+                         "with --tp")
+    if tp > 1 and compile:
+        raise ValueError("--compile runs in one process; serve with --tp uncompiled (--no-compile)")
+    return tp
+
+
+def _setup_tensor_parallel(checkpoint: str, dev, dt):
+    """Join torchrun's process group and load this rank's share of the model (parallel/tp_load.py).
+    Rank 0 gets a TPRunner for its engine; the other ranks run serve_worker here, until rank 0
+    stops them, and get None. -> (env, device, model, tokenizer, runner)"""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llamaworks.parallel.tp_load import load_tensor_parallel
+    from llamaworks.serve.tp import TPRunner, control_group, serve_worker
+
+    env, dev = init_distributed(dev)
+    try:
+        mesh = init_device_mesh(dev.type, (env.world_size,), mesh_dim_names=("tp",))
+        model, tokenizer = load_tensor_parallel(checkpoint, mesh, dev, dt)
+        group = control_group()
+        if env.is_main:
+            return env, dev, model, tokenizer, TPRunner(model, group)
+        passes = serve_worker(model, group)
+        print(f"llamaworks serve: rank {env.rank} stopped after {passes} forward passes", file=sys.stderr)
+    except BaseException:
+        close_distributed(env)
+        raise
+    close_distributed(env)
+    return env, dev, model, tokenizer, None
