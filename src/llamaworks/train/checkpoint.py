@@ -30,16 +30,28 @@ it started, and resume refuses a checkpoint whose base record is not the run's:
 
     OUT/checkpoints/step_00001000/
         params.json tokenizer.model trainable.safetensors train_state.pt
+
+With checkpoint.async_mode = "async" (`Checkpointer`) training goes on while a checkpoint is
+written: the save copies what it writes (a snapshot, on CPU), starts the write in a background
+thread and returns; the write still goes to the hidden temporary folder, which is renamed into
+place only once it is whole, so a run killed mid-write resumes from the checkpoint before. At
+most one save is in flight: the next save, and the end of the run, first wait for it. Several
+processes write through DCP's async_save; one process writes the same model directory as the
+blocking save, from its snapshot, in the background thread.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import re
 import shutil
+import sys
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +67,6 @@ from llamaworks.modeldir import (
     read_params,
     read_tokenizer,
     save_model,
-    write_model_files,
     write_tokenizer_files,
 )
 from llamaworks.parallel.distributed import is_distributed, is_main
@@ -112,37 +123,165 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer, loader, extra: dict,
                     keep_last: int) -> Path:
-    root = Path(out_dir) / "checkpoints"
-    path = root / f"step_{step:08d}"
-    if is_distributed():
-        _save_dcp_checkpoint(path, step, model, tokenizer, optimizer, loader, extra)
-        if is_main():
-            _prune(out_dir, root, keep_last)
-        dist.barrier()  # no rank goes on (or lists checkpoints) before the rename and pruning
-        log.info("saved distributed checkpoint %s", path)
+    """Write the checkpoint of `step` and return its path, blocking until it is complete."""
+    return Checkpointer(out_dir, keep_last).save(step, model, tokenizer, optimizer, loader, extra)
+
+
+ASYNC_MODES = ("disabled", "async")
+
+
+class Checkpointer:
+    """A run's checkpoint writer: blocking (async_mode "disabled"), or writing in the background
+    ("async") with at most one save in flight. Every rank of a distributed run makes its own and
+    calls save and wait at the same steps (both are collective then)."""
+
+    def __init__(self, out_dir: str | Path, keep_last: int, async_mode: str = "disabled"):
+        assert async_mode in ASYNC_MODES, async_mode
+        self.out_dir, self.keep_last, self.async_mode = Path(out_dir), keep_last, async_mode
+        self._pending: Future | None = None  # the write in flight: its commit (rename, pruning) included
+        self._executor: ThreadPoolExecutor | None = None
+        self._group = None  # the gloo group DCP's background thread talks over
+
+    def save(self, step: int, model, tokenizer, optimizer, loader, extra: dict) -> Path:
+        """Start (async) or write (disabled) the checkpoint of `step`; the path it has once complete."""
+        self.wait()  # never two in flight: the snapshot memory of one is freed before the next
+        path = self.out_dir / "checkpoints" / f"step_{step:08d}"
+        if is_distributed():
+            write = self._start_dcp(path, step, model, tokenizer, optimizer, loader, extra)
+        else:
+            write = self._start_plain(path, step, model, tokenizer, optimizer, loader, extra)
+        if self.async_mode == "disabled":
+            write()
+            self._finished(path)
+        else:
+            if self._executor is None:
+                # a non-daemon thread: a process that ends (or fails) with a write in flight finishes it first
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaworks-checkpoint")
+            self._pending = self._executor.submit(write)
+            log.info("writing checkpoint %s in the background", path)
         return path
-    trainable = trainable_names(model)
-    with atomic_directory(path, overwrite=True) as tmp:
-        if trainable is None:
-            write_model_files(model, tokenizer, tmp)
-        else:  # the frozen base is the run's starting point, not the checkpoint's to keep
-            write_trainable_files(model, trainable, tokenizer, tmp)
-        state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                 "rng": rng_state(), **extra}
-        torch.save(state, tmp / STATE)
-    _prune(out_dir, root, keep_last)
-    log.info("saved checkpoint %s", path)
-    return path
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight (if any) is complete and visible; its error, if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        path = pending.result()
+        self._finished(path)
+
+    def close(self) -> None:
+        """wait, then end the background thread."""
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _finished(self, path: Path) -> None:
+        if is_distributed():
+            dist.barrier()  # no rank goes on (or lists checkpoints) before the rename and pruning
+        log.info("saved %scheckpoint %s", "distributed " if is_distributed() else "", path)
+
+    def _start_plain(self, path: Path, step: int, model, tokenizer, optimizer, loader,
+                     extra: dict) -> Callable[[], Path]:
+        """Write the small files into the temporary folder now; return the write of the tensors and
+        the training state and the rename, reading a snapshot when the write runs in the background."""
+        snapshot = self.async_mode != "disabled"  # training would change the tensors under the write
+        trainable = trainable_names(model)
+        stack = ExitStack()
+        tmp = stack.enter_context(atomic_directory(path, overwrite=True))
+        try:
+            assert tokenizer is None or tokenizer.vocab_size == model.args.vocab_size, (
+                tokenizer.vocab_size, model.args.vocab_size)
+            atomic_write_json(tmp / PARAMS, {k: v for k, v in model.args.to_params().items() if v is not None})
+            if tokenizer is not None:
+                write_tokenizer_files(tokenizer, tmp)
+            # The frozen base of a partly frozen model is the run's starting point, not the checkpoint's to keep.
+            weights = {k: _cpu(v, snapshot).contiguous() for k, v in model.state_dict().items()
+                       if trainable is None or k in trainable}
+            assert trainable is None or weights.keys() == trainable, sorted(trainable ^ weights.keys())[:5]
+            state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                     "rng": rng_state(), **extra}
+            if snapshot:
+                state = _cpu_copy(state)
+        except BaseException:
+            stack.__exit__(*sys.exc_info())
+            raise
+
+        def write() -> Path:
+            with stack:  # the rename into place on success; the temporary folder removed on an error
+                save_safetensors(weights, tmp / (WEIGHTS if trainable is None else TRAINABLE),
+                                 metadata={"format": "pt"})
+                torch.save(state, tmp / STATE)
+            _prune(self.out_dir, path.parent, self.keep_last)
+            return path
+
+        return write
+
+    def _start_dcp(self, path: Path, step: int, model, tokenizer, optimizer, loader,
+                   extra: dict) -> Callable[[], Path]:
+        """All ranks write their shards into rank 0's temporary folder, which rank 0 renames into
+        place once DCP has written the metadata: dcp.save, or async_save's future, completes on rank
+        0 only after every rank's shards are written (the coordinator gathers their results first)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options(model))
+        model_sd = _trainable_only(model, model_sd)
+        stack = ExitStack()
+        try:
+            tmp = stack.enter_context(atomic_directory(path, overwrite=True)) if is_main() else None
+            shared = [str(tmp) if is_main() else None]
+            dist.broadcast_object_list(shared, src=0)
+            tmp = Path(shared[0])
+            if is_main():
+                # The loader state is global (every rank's position in the one global stream is
+                # the same), so rank 0's stands for all; so does its RNG (training draws none).
+                state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), **extra}
+                torch.save(state, tmp / STATE)
+                atomic_write_json(tmp / PARAMS, {k: v for k, v in model.args.to_params().items() if v is not None})
+                if tokenizer is not None:
+                    write_tokenizer_files(tokenizer, tmp)
+            sd = {"model": model_sd, "optim": optim_sd}
+            if self.async_mode == "disabled":
+                dcp.save(sd, checkpoint_id=tmp / DCP_DIR)
+                future = None
+            else:
+                if self._group is None:
+                    # DCP's background thread runs collectives (plan, gather of the write results);
+                    # on the training's own group they would interleave with FSDP's and TP's.
+                    self._group = dist.new_group(backend="gloo")
+                # async_save copies the state dict to CPU (its default stager) before it returns,
+                # so the optimizer steps that follow do not reach the checkpoint.
+                future = dcp.async_save(sd, checkpoint_id=tmp / DCP_DIR, process_group=self._group)
+        except BaseException:
+            stack.__exit__(*sys.exc_info())
+            raise
+
+        def write() -> Path:
+            with stack:
+                if future is not None:
+                    future.result()
+            if is_main():
+                _prune(self.out_dir, path.parent, self.keep_last)
+            return path
+
+        return write
 
 
-def write_trainable_files(model, trainable: set[str], tokenizer, folder: Path) -> None:
-    """params.json, the tokenizer and the trainable tensors of a partly frozen model."""
-    atomic_write_json(folder / PARAMS, {k: v for k, v in model.args.to_params().items() if v is not None})
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in trainable}
-    assert sd.keys() == trainable, sorted(trainable ^ sd.keys())[:5]
-    save_safetensors(sd, folder / TRAINABLE, metadata={"format": "pt"})
-    if tokenizer is not None:
-        write_tokenizer_files(tokenizer, folder)
+def _cpu(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    return t.detach().to("cpu", copy=copy)
+
+
+def _cpu_copy(obj):
+    """A copy of a (nested) state dict whose tensors are CPU copies: what training does next
+    does not change it."""
+    if isinstance(obj, torch.Tensor):
+        return _cpu(obj, copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _prune(out_dir, root: Path, keep_last: int) -> None:
@@ -150,29 +289,6 @@ def _prune(out_dir, root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step_*"):  # temporary folders of a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _save_dcp_checkpoint(path: Path, step: int, model, tokenizer, optimizer, loader, extra: dict) -> None:
-    """All ranks write their shards into rank 0's temporary folder, which rank 0 renames
-    into place once DCP has written the metadata (dcp.save returns on every rank only then)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options(model))
-    model_sd = _trainable_only(model, model_sd)
-    with atomic_directory(path, overwrite=True) if is_main() else nullcontext() as tmp:
-        shared = [str(tmp) if is_main() else None]
-        dist.broadcast_object_list(shared, src=0)
-        tmp = Path(shared[0])
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_DIR)
-        if is_main():
-            # The loader state is global (every rank's position in the one global stream is
-            # the same), so rank 0's stands for all; so does its RNG (training draws none).
-            state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), **extra}
-            torch.save(state, tmp / STATE)
-            atomic_write_json(tmp / PARAMS, {k: v for k, v in model.args.to_params().items() if v is not None})
-            if tokenizer is not None:
-                write_tokenizer_files(tokenizer, tmp)
 
 
 def load_checkpoint(path: Path, model, optimizer, loader, base: dict | None = None) -> dict:

@@ -109,6 +109,10 @@ class ScheduleConfig:
 class CheckpointConfig:
     every: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = 3
+    # "async": training goes on while a checkpoint is written (a CPU snapshot written by a background
+    # thread; DCP's async_save under torchrun), at most one in flight; "disabled": the step waits.
+    # DCP's pinned-memory mode is not offered: it speeds up device-to-host copies, which CPU runs lack.
+    async_mode: Literal["disabled", "async"] = "disabled"
 
 
 @dataclass

@@ -239,7 +239,8 @@ class Trainer:
     step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # seconds trained by the processes before this one (resume)
-    last_ckpt: Path | None = None
+    last_ckpt: Path | None = None  # with checkpoint.async_mode = "async", possibly still being written
+    checkpointer: ckpt_io.Checkpointer | None = None  # made at the first save
     started: float = field(default_factory=time.perf_counter)  # this process's start of training
 
     @property
@@ -498,10 +499,13 @@ def validate(t: Trainer) -> float | None:
 
 
 def save_checkpoint(t: Trainer) -> Path:
-    t.last_ckpt = ckpt_io.save_checkpoint(t.out, t.step, t.model, t.tokenizer, t.optimizer, t.loader,
-                                          {"tokens": t.tokens_seen, "elapsed_s": t.elapsed(), "config": dumps(t.cfg),
-                                           **({"base": t.base} if t.base is not None else {})},
-                                          t.cfg.checkpoint.keep_last)
+    """Write (or, with checkpoint.async_mode = "async", start writing) the checkpoint of this step."""
+    if t.checkpointer is None:
+        c = t.cfg.checkpoint
+        t.checkpointer = ckpt_io.Checkpointer(t.out, c.keep_last, c.async_mode)
+    t.last_ckpt = t.checkpointer.save(t.step, t.model, t.tokenizer, t.optimizer, t.loader,
+                                      {"tokens": t.tokens_seen, "elapsed_s": t.elapsed(), "config": dumps(t.cfg),
+                                       **({"base": t.base} if t.base is not None else {})})
     return t.last_ckpt
 
 
@@ -593,6 +597,8 @@ def finish(t: Trainer, stop_reason: str, final_loss: float | None, final_val: fl
     6's energy estimate."""
     if t.last_ckpt is None or not t.last_ckpt.name.endswith(f"{t.step:08d}"):
         save_checkpoint(t)
+    if t.checkpointer is not None:
+        t.checkpointer.close()  # the final checkpoint (an async one too) is complete before the run reports
     elapsed = t.elapsed()
     if t.save_final is not None:
         final = t.save_final(t.model, t.tokenizer, t.out)
