@@ -10,15 +10,19 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from llamaworks.args import Arg
 from llamaworks.device import resolve_device
 from llamaworks.inference.load import load_model
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.parallel.distributed import close_distributed, env_world_size, init_distributed
+from llamaworks.parallel.tp_load import load_tensor_parallel
 from llamaworks.serve.api import create_app
 from llamaworks.serve.auth import check_api_key
 from llamaworks.serve.engine import Engine
 from llamaworks.serve.limits import Limits, header_timeout_protocol
+from llamaworks.serve.tp import TPRunner, control_group, serve_worker
 from llamaworks.tokenizer.chat import resolve_chat_template
 
 
@@ -188,11 +192,6 @@ def _setup_tensor_parallel(checkpoint: str, dev, dt):
     """Join torchrun's process group and load this rank's share of the model (parallel/tp_load.py).
     Rank 0 gets a TPRunner for its engine; the other ranks run serve_worker here, until rank 0
     stops them, and get None. -> (env, device, model, tokenizer, runner)"""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from llamaworks.parallel.tp_load import load_tensor_parallel
-    from llamaworks.serve.tp import TPRunner, control_group, serve_worker
-
     env, dev = init_distributed(dev)
     try:
         mesh = init_device_mesh(dev.type, (env.world_size,), mesh_dim_names=("tp",))

@@ -171,6 +171,13 @@ def _check_draft(model, draft, draft_tokens: int, paged: bool) -> None:
                          f"model's {model.args.vocab_size}; pass a draft that uses the served model's tokenizer")
 
 
+# Prompt remainders this short (after a prefix-cache hit, say) are prefilled together, one
+# batched forward for all of them: a forward of a few dozen tokens is bound by reading the
+# weights (on a CPU, and a GPU alike), so k of them cost about what one does; longer ones are
+# bound by compute, gain little and would pad the others.
+SHORT_PREFILL = 64
+
+
 def _decode_logits(model, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return model(tokens, pos)[:, -1]  # (max_batch, vocab)
 
@@ -450,21 +457,35 @@ class Engine:
     def _prefill_step(self) -> None:
         """One step's prefill: `prefill_chunk` prompt tokens at most, of the prompt being
         prefilled and then of the next admissible ones (each prompt's part its own forward
-        pass), or without chunking every admissible prompt whole."""
+        pass), or without chunking every admissible prompt whole. Prompts whose whole rest is
+        short (SHORT_PREFILL) wait for the step's end and are prefilled in one batched pass."""
         budget = self.prefill_chunk
         self._steps += 1
+        short: list[int] = []  # rows whose rest is prefilled together at the end of the step
         while budget is None or budget > 0:
-            i = next((i for i, s in enumerate(self._slots) if s is not None and not s.ready), None)
+            i = next((i for i, s in enumerate(self._slots) if s is not None and not s.ready and i not in short),
+                     None)
             if i is None and (i := self._admit()) is None:
-                return
+                break
             s = self._slots[i]
-            chunk = None if budget is None else min(budget, len(s.req.prompt_ids) - s.prefilled)
-            try:
-                self._prefill(i, chunk)
-            except Exception as e:  # noqa: BLE001 - a failed request must not take others down
-                self._fail(s.req, e)
+            rest = len(s.req.prompt_ids) - s.prefilled
+            chunk = None if budget is None else min(budget, rest)
+            if (chunk is None or chunk == rest) and rest <= SHORT_PREFILL and not s.req.prompt_logprobs:
+                short.append(i)
+            else:
+                try:
+                    self._prefill(i, chunk)
+                except Exception as e:  # noqa: BLE001 - a failed request must not take others down
+                    self._fail(s.req, e)
             if budget is not None:
                 budget -= chunk
+        if len(short) == 1:
+            try:
+                self._prefill(short[0], None)
+            except Exception as e:  # noqa: BLE001 - a failed request must not take others down
+                self._fail(self._slots[short[0]].req, e)
+        elif short:
+            self._prefill_batch(short)
 
     def _admit(self) -> int | None:
         """Give the oldest waiting request a row and its blocks if both are there now (in order:
@@ -526,23 +547,68 @@ class Engine:
         if self.draft is not None:  # the draft's cache follows the model's, chunk for chunk
             self._draft_table.blocks = self._table.blocks
             self.draft(ids, pos, rows=self._row0, return_hidden=True)  # its keys and values only
+        self._prefilled(i, end, full[0])
+
+    def _prefilled(self, i: int, end: int, full: torch.Tensor) -> None:
+        """Row i's prompt is in the cache up to `end`; `full` (tokens of the pass, vocab) its logits."""
+        s = self._slots[i]
+        req = s.req
+        n = len(req.prompt_ids)
         s.prefilled = end
         for j in range(s.registered, min(end // self.block_size, len(s.hashes))):
             self.pool.register(s.blocks[j], s.hashes[j])  # complete now: later prompts may share it
         s.registered = max(s.registered, min(end // self.block_size, len(s.hashes)))
         if req.prompt_logprobs:
-            s.prompt_logits.append(full[0])
+            s.prompt_logits.append(full)
         if end < n:
             return
         if req.prompt_logprobs:  # row i predicts prompt token i + 1
             req.prompt_token_logprobs = _logprobs(torch.cat(s.prompt_logits)[:-1], req.prompt_ids[1:],
                                                   req.logprobs or 0)
             s.prompt_logits.clear()
-        logits = full[:, -1]
+        logits = full[-1:]  # (1, vocab)
         self.metrics.prompt_tokens += n
         req.first_token = time.perf_counter()
         self.metrics.ttft.observe(req.first_token - req.submitted)
         self._accept(i, self._sample(s, logits), logits)
+
+    def _prefill_batch(self, rows: list[int]) -> None:
+        """Prefill the rest of several prompts in one forward pass, (len(rows), longest rest).
+        A shorter rest is padded at its end: the padding's positions follow the prompt's (the
+        context's last at most), where its keys land in the row's own unshared blocks, past
+        anything it reads, and are overwritten before it gets there, or in the null block."""
+        size, top = self.block_size, self.context - 1
+        spans = []
+        for i in rows:
+            s = self._slots[i]
+            start, end = s.prefilled, len(s.req.prompt_ids)
+            self._grow(s, end)
+            spans.append((start, end))
+            self.step_log.append(("prefill", s.number, start, end, self._steps))
+        longest = max(end - start for start, end in spans)
+        pos = torch.tensor([[min(start + j, top) for j in range(longest)] for start, _ in spans], dtype=torch.long)
+        ids = torch.zeros(len(rows), longest, dtype=torch.long)  # (rows, longest): token 0 pads
+        for r, (i, (start, end)) in enumerate(zip(rows, spans)):
+            ids[r, : end - start] = torch.tensor(self._slots[i].req.prompt_ids[start:end])
+        width = self._width(max(blocks_for(int(p[-1]) + 1, size) for p in pos))
+        table = torch.full((len(rows), width), NULL_BLOCK, dtype=torch.long)
+        for r, i in enumerate(rows):
+            blocks = self._slots[i].blocks
+            table[r, : len(blocks)] = torch.tensor(blocks)
+        self._table.blocks = table.to(self.device)  # (rows, width)
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        try:
+            full = self.runner.forward(ids, pos)  # (rows, longest, vocab)
+        except Exception as e:  # noqa: BLE001 - the pass is every one of these requests'
+            for i in rows:
+                if self._slots[i] is not None:
+                    self._fail(self._slots[i].req, e)
+            return
+        for r, (i, (start, end)) in enumerate(zip(rows, spans)):
+            try:
+                self._prefilled(i, end, full[r, : end - start])
+            except Exception as e:  # noqa: BLE001 - this request's work failed: only it ends
+                self._fail(self._slots[i].req, e)
 
     def _decode(self) -> None:
         rows = [i for i, s in enumerate(self._slots) if s is not None and s.ready]
