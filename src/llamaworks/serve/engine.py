@@ -599,6 +599,9 @@ class Engine:
         ids, pos = ids.to(self.device), pos.to(self.device)
         try:
             full = self.runner.forward(ids, pos)  # (rows, longest, vocab)
+            if self.draft is not None:  # the draft's cache follows the model's
+                self._draft_table.blocks = self._table.blocks
+                self.draft(ids, pos, return_hidden=True)
         except Exception as e:  # noqa: BLE001 - the pass is every one of these requests'
             for i in rows:
                 if self._slots[i] is not None:
