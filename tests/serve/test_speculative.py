@@ -9,6 +9,7 @@ import torch
 
 from llamaworks.model import ModelArgs, Transformer
 from llamaworks.serve.engine import Engine, Request
+
 from .conftest import serving
 from .test_paged import _run_all
 

@@ -2,7 +2,9 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream by server-sent
 events with "stream": true; log-probabilities in both forms, echo without streaming), GET /v1/models,
-GET /health, GET /metrics (Prometheus), and the chat page at / (static files in serve/static).
+GET /health, GET /metrics (Prometheus), POST /v1/embeddings (each input's final hidden states,
+after the final norm, mean-pooled over its tokens; Engine.embed), and the chat page at /
+(static files in serve/static).
 The protocol itself (parsing, validation, the chat template, response shapes) is protocol.py;
 this module wires it to HTTP and the engine.
 
@@ -35,18 +37,21 @@ from llamaworks.serve.protocol import (
     Responder,
     check_prompt_tokens,
     choice_seed,
+    embeddings_response,
+    encode_embedding_input,
     encode_prompt,
     merge_choices,
     model_info,
     parse_chat,
     parse_completion,
+    parse_embeddings,
     parse_json,
     sse,
 )
 from llamaworks.serve.tools import ReplyReader, read_reply, with_calls
 from llamaworks.tokenizer.chat import ChatTemplate
 
-ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
 _DISCONNECTED = Event("disconnected")  # put in a request's event queue when its client goes away
 
 
@@ -296,6 +301,35 @@ def create_app(engine: Engine, model_name: str, shutdown_cancels: bool = False, 
         return handle
 
     app.add_route("/v1/completions", route("completions", parse_completion), methods=["POST"])
+    width = getattr(getattr(engine.model, "args", None), "dim", None)
+
+    async def embeddings(http):
+        arrived = loop_time()
+        try:
+            req = parse_embeddings(parse_json(await http.body(), model_name), info, width)
+            # Tokenising off the event loop, as prompts are; the engine thread runs the model.
+            ids = await asyncio.to_thread(lambda: [encode_embedding_input(engine.tokenizer, x, engine.context)
+                                                   for x in req.inputs])
+            left = None if request_timeout is None else max(arrived + request_timeout - loop_time(), 0)
+            try:
+                vectors = await asyncio.to_thread(engine.embed, ids, left)
+            except TimeoutError:
+                engine.metrics.timeouts += 1
+                raise _timed_out(request_timeout) from None
+            except EngineStopped as e:
+                raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+            except ValueError as e:  # the engine's own checks (under --tp: not available)
+                raise APIError(400, str(e), param="input", code="invalid_value") from None
+            count("embeddings", 200)
+            return JSONResponse(embeddings_response(vectors, model_name, req.encoding_format, sum(map(len, ids))))
+        except APIError as e:
+            return error(e, "embeddings")
+        except Exception as e:  # noqa: BLE001 - a bug must still answer in OpenAI's shape
+            traceback.print_exc()
+            return error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error",
+                                  code="internal_error"), "embeddings")
+
+    app.add_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_route("/v1/chat/completions", route("chat", parse_chat), methods=["POST"])
 
     @app.get("/v1/models")

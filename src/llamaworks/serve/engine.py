@@ -157,6 +157,16 @@ class _Slot:
         return self.prefilled == len(self.req.prompt_ids)
 
 
+@dataclass
+class _Embedding:
+    """An embeddings job (Engine.embed): token id lists in, pooled vectors out."""
+
+    inputs: list[list[int]]
+    done: threading.Event = field(default_factory=threading.Event)
+    vectors: torch.Tensor | None = None  # (len(inputs), dim) float32
+    error: Exception | None = None
+
+
 def _check_draft(model, draft, draft_tokens: int, paged: bool) -> None:
     if not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"--draft-tokens must be an integer >= 1 (tokens the draft proposes per step), "
@@ -259,6 +269,7 @@ class Engine:
         self._tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self._pending: collections.deque[Request] = collections.deque()
+        self._embeddings: collections.deque[_Embedding] = collections.deque()
         self._cv = threading.Condition()
         self._accepting = True
         self._cancel_all = False
@@ -362,6 +373,34 @@ class Engine:
             raise RuntimeError(ev.text)
         return req
 
+    def embed(self, inputs: Sequence[Sequence[int]], timeout: float | None = None) -> torch.Tensor:
+        """Embeddings of token id lists, (len(inputs), dim) float32: each input's final hidden
+        states (after the final norm, what the output layer reads) averaged over its tokens.
+        They are computed in the engine thread between its steps (the model is busy otherwise),
+        in batches of max_batch inputs; TimeoutError if not done within `timeout` seconds."""
+        vocab = self.tokenizer.vocab_size
+        if not inputs:
+            raise ValueError("inputs must be a non-empty list of token id lists")
+        for ids in inputs:
+            if not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"each input must be a non-empty list of token ids in [0, {vocab})")
+            if len(ids) > self.context:
+                raise ValueError(f"an input has {len(ids)} tokens, more than the context window of {self.context}")
+        if not hasattr(self.model, "layers") or not isinstance(self.runner, LocalRunner):
+            # Under tensor parallelism every rank would have to run the same pass (serve/tp.py).
+            raise ValueError("embeddings need a model served in one process (not under --tp)")
+        job = _Embedding([list(ids) for ids in inputs])
+        with self._cv:
+            if not self._accepting:
+                raise EngineStopped("the server is shutting down")
+            self._embeddings.append(job)
+            self._cv.notify()
+        if not job.done.wait(timeout):
+            raise TimeoutError(f"the embeddings were not computed within {timeout} s")
+        if job.error is not None:
+            raise job.error
+        return job.vectors
+
     @property
     def queue_length(self) -> int:
         return sum(not r.cancelled for r in self._pending)
@@ -405,20 +444,25 @@ class Engine:
                 self._step = _decode_logits
         while True:
             with self._cv:
-                while self._accepting and not self._pending and not self.active:
+                while self._accepting and not self._pending and not self.active and not self._embeddings:
                     self._cv.wait()
                 if self._cancel_all:
+                    while self._embeddings:
+                        job = self._embeddings.popleft()
+                        job.error = EngineStopped("the server is shutting down")
+                        job.done.set()
                     while self._pending:
                         self._finish_pending(self._pending.popleft())
                     for i, s in enumerate(self._slots):
                         if s is not None:
                             self._finish(i, "cancelled")
-                if not self._accepting and not self._pending and not self.active:
+                if not self._accepting and not self._pending and not self.active and not self._embeddings:
                     break
             try:
                 for i, s in enumerate(self._slots):
                     if s is not None and s.req.cancelled:
                         self._finish(i, "cancelled")
+                self._embed_step()
                 self._prefill_step()
                 if any(s is not None and s.ready and self._drafts_for(s) for s in self._slots):
                     self._speculate()
@@ -453,6 +497,33 @@ class Engine:
         req.finish_reason = "cancelled"
         self.metrics.finished["cancelled"] += 1
         self._emit(req, Event("done", finish_reason="cancelled"))
+
+    def _embed_step(self) -> None:
+        """Run the waiting embeddings jobs (Engine.embed): inputs of similar lengths batched
+        together, right-padded; attention is causal, so the padding after an input changes
+        none of its hidden states, and the mean is over the input's own positions."""
+        with self._cv:
+            jobs, self._embeddings = list(self._embeddings), collections.deque()
+        for job in jobs:
+            try:
+                order = sorted(range(len(job.inputs)), key=lambda j: len(job.inputs[j]))
+                out: list[torch.Tensor | None] = [None] * len(order)
+                for b in range(0, len(order), self.max_batch):
+                    part = order[b : b + self.max_batch]
+                    lengths = torch.tensor([len(job.inputs[j]) for j in part], device=self.device)
+                    tokens = torch.zeros(len(part), int(lengths.max()), dtype=torch.long, device=self.device)
+                    for row, j in enumerate(part):
+                        tokens[row, : len(job.inputs[j])] = torch.tensor(job.inputs[j])
+                    hidden = self.model(tokens, return_hidden=True).float()  # (rows, longest, dim), no cache
+                    keep = torch.arange(tokens.shape[1], device=self.device) < lengths.unsqueeze(1)  # (rows, longest)
+                    pooled = (hidden * keep.unsqueeze(-1)).sum(1) / lengths.unsqueeze(1)  # (rows, dim)
+                    for row, j in enumerate(part):
+                        out[j] = pooled[row].cpu()
+                job.vectors = torch.stack(out)
+            except Exception as e:  # noqa: BLE001 - the job's caller gets it
+                job.error = e
+            finally:
+                job.done.set()
 
     def _prefill_step(self) -> None:
         """One step's prefill: `prefill_chunk` prompt tokens at most, of the prompt being

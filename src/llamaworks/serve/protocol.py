@@ -30,6 +30,7 @@ which stops at "\\nUser:" too. The reply is returned without its leading spaces.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import math
@@ -712,3 +713,85 @@ def merge_choices(responses: list[dict]) -> dict:
     completion = sum(r["usage"]["completion_tokens"] for r in responses)
     out["usage"] = usage(out["usage"]["prompt_tokens"], completion)
     return out
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """A validated /v1/embeddings request: texts to tokenise (bos first, as a completion's
+    prompt) or token id lists, and the vectors' encoding."""
+
+    inputs: tuple[str | tuple[int, ...], ...]
+    encoding_format: str  # "float" (JSON numbers) or "base64" (little-endian float32 bytes)
+
+
+def parse_embeddings(body: dict, info: ModelInfo, dim: int) -> EmbeddingRequest:
+    """`input`: a string, a list of strings, a list of token ids or a list of such lists, as
+    OpenAI's; `encoding_format`; `dimensions` only as the model's own width (no truncation)."""
+    raw = body.get("input")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(_is_int(t) for t in raw[: info.context + 1])):
+        raw = [raw]  # one input
+    if not isinstance(raw, list) or not raw:
+        raise invalid("input", "input must be a string, a non-empty list of strings, a list of token ids or a list "
+                               "of token id lists")
+    if len(raw) > MAX_EMBEDDING_INPUTS:
+        raise invalid("input", f"input holds {len(raw)} items; at most {MAX_EMBEDDING_INPUTS} per request")
+    inputs: list[str | tuple[int, ...]] = []
+    for x in raw:
+        if isinstance(x, str):
+            if not x:
+                raise invalid("input", "input strings must not be empty")
+            _check_prompt_chars(x, "input", info)
+            inputs.append(x)
+        elif isinstance(x, list) and x and all(_is_int(t) for t in x[: info.context + 1]):
+            if len(x) > info.context:
+                raise APIError(400, f"an input has {len(x)} tokens but the context window is {info.context} tokens: "
+                               "shorten it", param="input", code="context_length_exceeded")
+            if not all(0 <= t < info.vocab_size for t in x):
+                raise invalid("input", f"input token ids must be in [0, {info.vocab_size})")
+            inputs.append(tuple(x))
+        else:
+            raise invalid("input", "each input must be a non-empty string or a non-empty list of token ids")
+    fmt = body.get("encoding_format", "float")
+    if fmt is None:
+        fmt = "float"
+    if fmt not in ("float", "base64"):
+        raise invalid("encoding_format", f"encoding_format must be 'float' or 'base64', got {shown(fmt)}")
+    dims = body.get("dimensions")
+    if dims is not None and (not _is_int(dims) or dims != dim):
+        raise invalid("dimensions", f"dimensions: this model's embeddings have {dim} dimensions and are not "
+                                    f"truncated; leave it unset or send {dim}, got {shown(dims)}")
+    return EmbeddingRequest(tuple(inputs), fmt)
+
+
+def encode_embedding_input(tokenizer, x: str | tuple[int, ...], context: int) -> list[int]:
+    """One input's token ids (text with bos first, as a completion's prompt), checked against
+    the context window."""
+    if isinstance(x, tuple):
+        return list(x)
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, which JSON allows and UTF-8 does not
+        raise invalid("input", f"the input is not valid Unicode text: {e.reason} at character {e.start}") from None
+    ids = tokenizer.encode(x, bos=True, eos=False)
+    if len(ids) > context:
+        raise APIError(400, f"an input has {len(ids)} tokens but the context window is {context} tokens: shorten it",
+                       param="input", code="context_length_exceeded")
+    return ids
+
+
+def embeddings_response(vectors, model_name: str, encoding_format: str, prompt_tokens: int) -> dict:
+    """OpenAI's list of embeddings; `vectors` (n, dim) float32 tensor."""
+    data = []
+    for i, v in enumerate(vectors):
+        if encoding_format == "base64":
+            value: Any = base64.b64encode(v.float().numpy().astype("<f4").tobytes()).decode("ascii")
+        else:
+            value = v.float().tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": model_name,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
