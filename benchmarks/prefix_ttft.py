@@ -11,7 +11,10 @@ exactly --max-tokens new tokens (no stop ids). Every engine has --max-batch rows
 admitted at once and TTFT is queueing behind other prompts' prefill plus the request's own.
 "before" is the engine of --before (a commit, default the last one before the paged cache),
 read from git and run on this checkout's model: the static max_batch x context cache,
-each prompt prefilled whole. Each engine is warmed up by one unrelated request first.
+each prompt prefilled whole ("--before none" skips it). --compare COMMIT adds the paged engine
+with prefix caching at COMMIT (default: the last one that prefilled each prompt's rest in a
+forward of its own, before short rests were batched into one pass). --no-uncached skips the
+paged engine without prefix caching. Each engine is warmed up by one unrelated request first.
 
 Reported per engine: TTFT mean/p50/p99/max, wall time for the whole batch, prompt tokens
 actually prefilled (step log), and mean TTFT as a ratio of "before"'s.
@@ -37,6 +40,7 @@ from llamaworks.serve.engine import Engine, Request
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "3a16adf"  # the last commit whose engine has the static cache
+COMPARE = "e97222d"  # the last commit whose engine prefilled each short rest in its own forward
 # "Config A" of the issue tracker (benchmarks/decode.py): ~60M parameters.
 PRESETS = {"A": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048),
            "tiny": dict(ModelArgs.from_name("tiny").to_params(), max_seq_len=2048)}
@@ -55,13 +59,15 @@ class NullTokenizer:
 
 def engine_at(commit: str):
     """serve/engine.py at `commit`, as a module of its own; None where git does not have it (a
-    shallow clone, a source tree without .git)."""
+    shallow clone, a source tree without .git) or for "none"."""
+    if commit.lower() == "none":
+        return None
     try:
         src = subprocess.check_output(["git", "show", f"{commit}:src/llamaworks/serve/engine.py"], cwd=ROOT,
                                       text=True, stderr=subprocess.DEVNULL)
     except (OSError, subprocess.CalledProcessError):
         return None
-    mod = types.ModuleType("engine_before")
+    mod = types.ModuleType(f"engine_{commit}")
     sys.modules[mod.__name__] = mod  # dataclasses look their module up
     exec(compile(src, f"engine.py@{commit}", "exec"), mod.__dict__)
     return mod
@@ -110,7 +116,10 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=256, help="the chunked row's --prefill-chunk")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--before", default=BEFORE, help="the commit whose engine is 'before'")
+    ap.add_argument("--before", default=BEFORE, help="the commit whose engine is 'before' (none: skip it)")
+    ap.add_argument("--compare", default=COMPARE, help="a commit whose paged engine with prefix caching is a row too "
+                    "(none: no such row)")
+    ap.add_argument("--no-uncached", action="store_true", help="skip the paged engine without prefix caching")
     ap.add_argument("--smoke", action="store_true", help="4 requests, 64-token system prompt")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prefix_ttft.json"))
     add_label_argument(ap)
@@ -139,11 +148,15 @@ def main() -> None:
         (f"before ({a.before}: static cache)", lambda: before.Engine(model(), tok, max_batch=a.max_batch,
                                                                       max_seq_len=context), before.Request)]
     if before is None:
-        print(f"no engine at {a.before} in git here: 'before' skipped, ratios are over the paged engine without "
-              "prefix caching")
+        print(f"no engine at {a.before!r} here: 'before' skipped, ratios are over the first row")
+    if not a.no_uncached:
+        runs.append(("paged, no prefix cache", lambda: Engine(model(), tok, max_batch=a.max_batch,
+                                                              max_seq_len=context, prefix_cache=False), Request))
+    compare = engine_at(a.compare)
+    if compare is not None:
+        runs += [(f"paged + prefix cache @{a.compare}", lambda: compare.Engine(model(), tok, max_batch=a.max_batch,
+                                                                               max_seq_len=context), compare.Request)]
     runs += [
-        ("paged, no prefix cache", lambda: Engine(model(), tok, max_batch=a.max_batch, max_seq_len=context,
-                                                  prefix_cache=False), Request),
         ("paged + prefix cache", lambda: Engine(model(), tok, max_batch=a.max_batch, max_seq_len=context), Request),
         (f"paged + prefix cache + chunk {a.prefill_chunk}",
          lambda: Engine(model(), tok, max_batch=a.max_batch, max_seq_len=context, prefill_chunk=a.prefill_chunk),
