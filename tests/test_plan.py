@@ -76,13 +76,13 @@ def test_state_memory_is_16_bytes_per_param_over_shards():
     n = count_parameters(ModelArgs.from_name("7B"))
     p = plan("7B", 64, tp=2)  # FSDP full shard: states over tp x dp = 64 GPUs
     assert (p.dp, p.dp_shard) == (32, 32)
-    assert p.weight_bytes == n * 2 / 64
-    assert p.grad_bytes == n * 2 / 64
-    assert p.optimizer_bytes == n * 12 / 64
+    assert p.weight_bytes == n * 4 / 64  # FSDP2 mixed precision: the fp32 shard is the master copy
+    assert p.grad_bytes == n * 4 / 64
+    assert p.optimizer_bytes == n * 8 / 64
     q = plan("7B", 64, tp=2, dp_shard=4)  # hybrid sharding: 8 shards
     assert q.weight_bytes + q.grad_bytes + q.optimizer_bytes == pytest.approx(n * 16 / 8)
     ddp = plan("7B", 8, dp_shard=1)  # plain data parallel: every GPU holds everything
-    assert ddp.weight_bytes == n * 2 and ddp.gathered_bytes == 0
+    assert ddp.weight_bytes == n * 4 and ddp.gathered_bytes == 0 and ddp.accumulated_grad_bytes == 0
     assert ddp.total_bytes > 80 * GIB and not ddp.fits  # 16 x 6.7e9 = 108 GB: why the paper shards
 
 
@@ -144,7 +144,8 @@ def test_plan_command_prints_paper_figures(capsys):
     plan_command("65B", 2048, "a100-80gb", tokens_per_gpu_s=380)
     out = capsys.readouterr().out
     for figure in ("LLaMA-65B on 2048 x a100-80gb", "65,285,660,672", "380 tokens/s/GPU", "MFU 49.5% implied",
-                   "20.8 days", "fits", "MWh", "tCO2eq"):
+                   "20.8 days", "fits", "MWh", "tCO2eq", "recommended layout for 2048 x a100-80gb: tp ", "why:",
+                   "bubble"):
         assert figure in out, figure
 
 

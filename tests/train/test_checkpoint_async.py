@@ -232,7 +232,6 @@ sys.exit(main(["pretrain", "--config", sys.argv[1]]))
 """
 
 
-@pytest.mark.slow
 def test_a_run_killed_during_an_async_write_resumes_from_the_last_complete_checkpoint(reference, make_config,
                                                                                       tmp_path):
     out = tmp_path / "run"
