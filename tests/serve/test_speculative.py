@@ -180,3 +180,23 @@ def test_metrics_expose_the_acceptance_rate(make, tiny_tokenizer):
     lines = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("llamaworks_engine_spec"))
     assert float(lines["llamaworks_engine_spec_acceptance_rate"]) == 1.0
     assert float(lines["llamaworks_engine_spec_drafted"]) > 0
+
+
+def test_serve_command_loads_the_draft_and_refuses_another_tokenizer(tiny_model_dir, tmp_path, corpus_docs,
+                                                                      monkeypatch):
+    from llamaworks.model import build_model
+    from llamaworks.modeldir import save_model
+    from llamaworks.serve import command
+    from llamaworks.tokenizer import Tokenizer
+
+    served = []
+    monkeypatch.setattr(command, "_serve", lambda engine, *a, **kw: served.append(engine))
+    assert command.serve_command(str(tiny_model_dir), port=0, device="cpu", draft=str(tiny_model_dir),
+                                 draft_tokens=3) == 0
+    (engine,) = served
+    assert engine.draft is not None and engine.draft is not engine.model and engine.draft_tokens == 3
+    tok = Tokenizer.train(tmp_path / "tok.model", documents=corpus_docs[:30], vocab_size=400, seed=0)
+    other = save_model(build_model(ModelArgs.from_name("tiny", vocab_size=400, n_layers=1), seed=0), tok,
+                       tmp_path / "other")
+    with pytest.raises(ValueError, match="does not share the tokenizer.*--draft"):
+        command.serve_command(str(tiny_model_dir), port=0, device="cpu", draft=str(other))

@@ -16,6 +16,7 @@ from llamaworks.args import Arg
 from llamaworks.device import resolve_device
 from llamaworks.inference.load import load_model
 from llamaworks.inference.quant import Int4Linear, Int8Linear
+from llamaworks.inference.speculative import check_same_vocabulary
 from llamaworks.parallel.distributed import close_distributed, env_world_size, init_distributed
 from llamaworks.parallel.tp_load import load_tensor_parallel
 from llamaworks.serve.api import create_app
@@ -99,15 +100,22 @@ def serve_command(
                                                  " (default: no limit)")] = None,
     tp: Annotated[int, Arg("tensor-parallel processes: launch with torchrun --nproc-per-node N ... --tp N; rank 0 "
                            "serves HTTP, every rank holds 1/N of the model (and its heads of --kv-cache-gb)")] = 1,
+    draft: Annotated[str | None, Arg("a smaller model directory with the same tokenizer: speculative decoding, "
+                                     "its proposals verified by the model in one batched pass (greedy replies "
+                                     "unchanged; requests with penalties, logit_bias or a grammar decode as usual)")]
+    = None,
+    draft_tokens: Annotated[int, Arg("tokens the --draft model proposes per request and step")] = 4,
 ) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
     Endpoints: /v1/completions, /v1/chat/completions (streaming with "stream": true),
-    /v1/models, /health, /metrics (Prometheus). Stop with Ctrl-C or SIGTERM: requests in
-    flight finish (up to --shutdown-timeout) before the server exits. Each request is bounded
+    /v1/embeddings (mean-pooled final hidden states), /v1/models, /health, /metrics
+    (Prometheus). Stop with Ctrl-C or SIGTERM: requests in flight finish (up to
+    --shutdown-timeout) before the server exits. Each request is bounded
     (--max-body-bytes, --header-timeout, --body-timeout; prompts by the context window, stop
     strings to 16 of 1,000 characters) and fails alone. --api-key guards /v1; the chat page at /
-    asks for the key. --request-timeout bounds a request's wall time (504 at expiry).
+    asks for the key. --request-timeout bounds a request's wall time (504 at expiry). --draft
+    DIR decodes speculatively with a smaller model of the same tokenizer.
     """
     if api_key is None:
         api_key = os.environ.get("LLAMAWORKS_API_KEY") or None
@@ -130,9 +138,17 @@ def serve_command(
     name = model_name or (src.stem if src.is_file() else src.name)  # a directory, or a .gguf file
     if compile is None:
         compile = default_compile(model)
+    draft_model = None
+    if draft is not None:  # on rank 0 only under --tp: the draft is small and runs there
+        draft_model, draft_tok = load_model(draft, device=dev, dtype=dt)
+        draft_model.eval()
+        check_same_vocabulary(tokenizer, draft_tok, checkpoint, draft)  # ValueError naming --draft
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                     kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
-                    compile=compile, runner=runner)
+                    compile=compile, runner=runner, draft=draft_model, draft_tokens=draft_tokens)
+    if draft is not None:
+        print(f"llamaworks serve: speculative decoding with draft {draft} ({draft_tokens} tokens per step)",
+              file=sys.stderr, flush=True)
     try:
         _serve(engine, name, host, port, shutdown_timeout, limits, template, api_key, request_timeout, dev, dt,
                max_batch, compile, tp)
