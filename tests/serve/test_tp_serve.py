@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun import spawn
 
-from llamaworks.serve.tp import _DECODE, _FORWARD, _pack, _unpack
+from llamaworks.inference.paged import BlockTable
+from llamaworks.serve.command import serve_command
+from llamaworks.serve.tp import _DECODE, _FORWARD, _STOP, TPRunner, _pack, _receive, _unpack, control_group
 
 from .conftest import running_server
 
@@ -36,6 +39,41 @@ def test_a_pass_packs_and_unpacks():
         assert torch.equal(a, b)
     op, t, p, b, r = _unpack(_pack(_DECODE, tokens[:, :1], torch.tensor([[3], [4]]), blocks[:2]), "cpu")
     assert op == _DECODE and r is None and torch.equal(b, blocks[:2]) and p.tolist() == [[3], [4]]
+
+
+def _broadcast_worker(rank: int, world: int, capacity: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        group = control_group()
+        tokens = torch.arange(3 * 40).view(3, 40)  # a pass larger than the capacity: two broadcasts
+        pos, blocks, rows = tokens + 7, torch.arange(12).view(3, 4), torch.tensor([2, 0, 1])
+        if rank == 0:
+            runner = TPRunner(None, group)
+            runner.capacity, runner.table = capacity, BlockTable(4)
+            runner.table.blocks = blocks
+            runner._send(_FORWARD, tokens, pos, rows)
+            runner._send(_DECODE, tokens[:, :1], pos[:, :1])
+            runner.close()
+        else:
+            got = _receive(group, capacity, "cpu")
+            assert got[0] == _FORWARD and all(torch.equal(a, b) for a, b in zip(got[1:], (tokens, pos, blocks, rows)))
+            got = _receive(group, capacity, "cpu")
+            assert got[0] == _DECODE and torch.equal(got[1], tokens[:, :1]) and got[4] is None
+            assert _receive(group, capacity, "cpu")[0] == _STOP
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_pass_larger_than_the_broadcast_buffer_arrives_whole():
+    spawn(_broadcast_worker, 64)
+
+
+@pytest.mark.parametrize(("tp", "match"), [(2, "torchrun --nproc-per-node 2"), (0, "integer >= 1")])
+def test_tp_needs_as_many_processes(tiny_model_dir, tp, match):
+    with pytest.raises(ValueError, match=match):
+        serve_command(str(tiny_model_dir), tp=tp)
 
 
 def _complete_all(url: str) -> list[dict]:
