@@ -85,12 +85,14 @@ def global_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
     """torch's clip_grad_norm_ on the global gradient norm, returned as a plain tensor.
 
     With FSDP or TP the gradients are DTensors holding shards: their norm is a DTensor
     whose full value is the norm over all shards (one all-reduce), the same number one
     process with the whole model computes. DDP's gradients are already all-reduced.
+    pp_group: with pipeline parallelism each rank holds other layers' gradients; the squares
+    of the ranks' norms are summed over the pipeline group (a second all-reduce).
     """
     from torch.distributed.tensor import DTensor
 
@@ -99,5 +101,9 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     total = torch.nn.utils.get_total_norm(grads, 2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()
+    if pp_group is not None:
+        square = total.double() ** 2
+        dist.all_reduce(square, group=pp_group)
+        total = square.sqrt().to(total.dtype)
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

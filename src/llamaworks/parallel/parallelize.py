@@ -2,14 +2,15 @@
 `apply_*` transforms in one fixed order (torchtitan's layout). The model file knows
 nothing of any of this.
 
-Order: tensor/sequence parallel -> activation checkpointing -> compile -> FSDP/DDP.
-AC wraps the (possibly TP-sharded) blocks; compile sees the AC-wrapped blocks; data
-parallelism wraps last so its hooks surround everything else.
+Order: pipeline split -> tensor/sequence parallel -> activation checkpointing -> compile ->
+FSDP/DDP. The pipeline split (parallel/pipeline.py) keeps this rank's stages; each stage is
+then transformed like a whole model. AC wraps the (possibly TP-sharded) blocks; compile sees
+the AC-wrapped blocks; data parallelism wraps last so its hooks surround everything else.
 
 Everything distributed is PyTorch's own: DTensor's `parallelize_module` for tensor and
 sequence parallelism (Megatron-LM's column/row split, Korthikanti et al. 2022 for the
 norms), FSDP2's `fully_shard` and the composable `replicate` (DDP) for data parallelism,
-on a DeviceMesh with the named dimensions ("dp_replicate", "dp_shard", "tp"). The trainer
+on a DeviceMesh with the named dimensions ("pp", "dp_replicate", "dp_shard", "tp"). The trainer
 applies all of it on the meta device and materialises the shards afterwards (train/init.py).
 
 `load_tensor_parallel` is the inference side: a model directory split with `apply_tp` over
@@ -23,9 +24,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from llamaworks.device import DTYPES
+from llamaworks.parallel.pipeline import PipelinePlan, apply_pp
 
 log = logging.getLogger("llamaworks")
 
@@ -36,25 +39,29 @@ class ParallelDims:
     dp_shard: int = 1
     tp: int = 1
     world_size: int = 1
+    pp: int = 1  # pipeline-parallel ranks (parallel/pipeline.py)
 
     @classmethod
     def resolve(cls, dp_replicate: int, dp_shard: int, tp: int, world_size: int,
-                n_heads: int) -> ParallelDims:
-        for name, v in (("parallel.dp_replicate", dp_replicate), ("parallel.tp", tp)):
+                n_heads: int, pp: int = 1) -> ParallelDims:
+        for name, v in (("parallel.dp_replicate", dp_replicate), ("parallel.tp", tp), ("parallel.pp", pp)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if dp_shard == -1:
-            if world_size % (dp_replicate * tp):
-                raise ValueError(f"world size {world_size} is not divisible by parallel.dp_replicate * "
-                                 f"parallel.tp = {dp_replicate * tp}")
-            dp_shard = world_size // (dp_replicate * tp)
-        if dp_replicate * dp_shard * tp != world_size:
-            raise ValueError(f"parallel degrees dp_replicate={dp_replicate} x dp_shard={dp_shard} x tp={tp} "
-                             f"= {dp_replicate * dp_shard * tp} but the world size is {world_size}; make "
-                             "their product equal the number of processes (dp_shard=-1 fills the rest)")
+            if world_size % (pp * dp_replicate * tp):
+                raise ValueError(f"world size {world_size} is not divisible by parallel.pp * parallel.dp_replicate "
+                                 f"* parallel.tp = {pp * dp_replicate * tp}")
+            dp_shard = world_size // (pp * dp_replicate * tp)
+        if pp * dp_replicate * dp_shard * tp != world_size:
+            raise ValueError(f"parallel degrees pp={pp} x dp_replicate={dp_replicate} x dp_shard={dp_shard} x "
+                             f"tp={tp} = {pp * dp_replicate * dp_shard * tp} but the world size is {world_size}; "
+                             "make their product equal the number of processes (dp_shard=-1 fills the rest)")
         if n_heads % tp:
             raise ValueError(f"parallel.tp={tp} does not divide the model's n_heads={n_heads}")
-        return cls(dp_replicate, dp_shard, tp, world_size)
+        if pp > 1 and dp_replicate > 1 and dp_shard == 1:
+            raise ValueError(f"parallel.pp={pp} with DDP (parallel.dp_replicate={dp_replicate}, dp_shard=1) is not "
+                             "supported: shard the data-parallel ranks with FSDP instead (parallel.dp_shard)")
+        return cls(dp_replicate, dp_shard, tp, world_size, pp)
 
     @property
     def dp(self) -> int:
@@ -64,13 +71,19 @@ class ParallelDims:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def dp_rank(self, rank: int) -> int:
+        """The data-parallel rank of global `rank`: the ranks of one tensor-parallel group and of
+        one pipeline read the same batch (the mesh's layout, build_mesh)."""
+        return (rank // self.tp) % self.dp
+
     def build_mesh(self, device_type: str):
-        """The world as a (dp_replicate, dp_shard, tp) DeviceMesh; tp innermost so that a
-        tensor-parallel group is the ranks of one node (tp needs the fastest links)."""
+        """The world as a (pp, dp_replicate, dp_shard, tp) DeviceMesh; tp innermost so that a
+        tensor-parallel group is the ranks of one node (tp needs the fastest links), pp outermost
+        (a pipeline sends one activation per microbatch between neighbours: the slowest links do)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp),
-                                mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+        return init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+                                mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
 
 
 # Ops whose outputs selective AC keeps: the matmuls (linear layers) and attention, which
@@ -94,6 +107,12 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _blocks(model) -> list[nn.Module]:
+    """The TransformerBlocks of a Transformer (a ModuleList) or of a pipeline stage (a ModuleDict
+    keyed by global layer id, parallel/pipeline.py), in order."""
+    return list(model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers)
+
+
 def apply_ac(model, mode: str) -> None:
     """Activation checkpointing per TransformerBlock: 'none', 'full' (keep only the block's
     input, recompute the whole block in backward) or 'selective' (see _SAVE_OPS)."""
@@ -101,22 +120,22 @@ def apply_ac(model, mode: str) -> None:
         return
     if mode not in ("full", "selective"):
         raise ValueError(f"train.activation_checkpointing must be none, full or selective, got {mode!r}")
-    for block in model.layers:
+    for block in _blocks(model):
         kwargs = {"use_reentrant": False}
         if mode == "selective":
             kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
         # Replacing the instance's forward (rather than wrapping the module) keeps the
         # state-dict keys exactly Meta's.
         block.forward = functools.partial(checkpoint, block.forward, **kwargs)
-    log.info("applied %s activation checkpointing to %d blocks", mode, len(model.layers))
+    log.info("applied %s activation checkpointing to %d blocks", mode, len(_blocks(model)))
 
 
 def apply_compile(model) -> None:
     """torch.compile each block separately: one small graph reused n_layers times compiles
     fast and keeps the Python loop (and AC wrappers) outside the graph."""
-    for block in model.layers:
+    for block in _blocks(model):
         block.compile()
-    log.info("compiled %d blocks with torch.compile", len(model.layers))
+    log.info("compiled %d blocks with torch.compile", len(_blocks(model)))
 
 
 def apply_tp(model, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool = False) -> None:
@@ -163,6 +182,8 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool
     }
     if sequence_parallel:
         root["norm"] = SequenceParallel()
+    # A pipeline stage holds some of these (the first the embedding, the last norm and output).
+    root = {name: style for name, style in root.items() if getattr(model, name, None) is not None}
     parallelize_module(model, tp_mesh, root)
     if args.tie_word_embeddings:
         # parallelize_module distributed the one tied tensor twice, as the embedding's and as
@@ -172,9 +193,9 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = True, loss_parallel: bool
         emb, out = model.tok_embeddings.weight, model.output.weight
         assert emb.placements == out.placements and emb.shape == out.shape, (emb.placements, out.placements)
         model.tie_output()
-    if loss_parallel:
+    if loss_parallel and getattr(model, "output", None) is not None:
         model.output.register_forward_hook(_gather_logits_in_eval)
-    for block in model.layers:
+    for block in _blocks(model):
         plan = {
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
@@ -247,7 +268,7 @@ def apply_fsdp(model, dp_mesh, reshard_after_forward: str = "default", param_dty
         raise ValueError(f"parallel.fsdp_reshard_after_forward must be default, always or never, "
                          f"got {reshard_after_forward!r}")
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    blocks = list(model.layers)
+    blocks = _blocks(model)
     for i, block in enumerate(blocks):
         reshard = {"always": True, "never": False}.get(reshard_after_forward, i < len(blocks) - 1)
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
@@ -277,9 +298,12 @@ def apply_ddp(model, dp_mesh) -> None:
 
 def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool = False, mesh=None,
                 fsdp_reshard_after_forward: str = "default", loss_parallel: bool = False,
-                mp_param_dtype: torch.dtype = torch.float32, mp_reduce_dtype: torch.dtype = torch.float32):
-    """Apply TP, AC, compile, then FSDP or DDP, in that order. `mesh` is dims.build_mesh(...)
-    when dims.distributed; with one process none of the distributed steps runs.
+                mp_param_dtype: torch.dtype = torch.float32, mp_reduce_dtype: torch.dtype = torch.float32,
+                pipeline: PipelinePlan | None = None):
+    """Apply the pipeline split, then TP, AC, compile, then FSDP or DDP, in that order, and return
+    the model to train: `model` itself, or with dims.pp > 1 this rank's PipelineModel (its stages,
+    each transformed like a whole model). `mesh` is dims.build_mesh(...) when dims.distributed;
+    with one process none of the distributed steps runs.
 
     The model may be on the meta device (the trainer's sharded initialisation: to_empty and
     train/init.py's init_weights afterwards). loss_parallel (with tp > 1): see apply_tp.
@@ -287,6 +311,7 @@ def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool 
     Data parallelism: dp_shard > 1 shards with FSDP (HSDP, sharded within and replicated
     across groups, when dp_replicate > 1 too); dp_replicate > 1 alone is DDP. mp_param_dtype and
     mp_reduce_dtype: FSDP's mixed precision (apply_fsdp; resolve_mp_dtypes reads the config).
+    pipeline: the stages (parallel/pipeline.py resolve_pipeline), needed when dims.pp > 1.
     """
     if dims.distributed and mesh is None:
         raise ValueError(f"parallel degrees {dims} need a DeviceMesh: pass mesh=dims.build_mesh(device_type) "
@@ -294,14 +319,26 @@ def parallelize(model, dims: ParallelDims, ac_mode: str = "none", compile: bool 
     if dims.dp_replicate > 1 and dims.dp_shard == 1 and dims.tp > 1:
         raise ValueError(f"DDP (parallel.dp_replicate={dims.dp_replicate}, dp_shard=1) cannot be combined "
                          f"with parallel.tp={dims.tp}: set parallel.dp_shard instead of dp_replicate (FSDP x TP)")
-    if dims.tp > 1:
-        apply_tp(model, mesh["tp"], loss_parallel=loss_parallel)
-    apply_ac(model, ac_mode)
-    if compile:
-        apply_compile(model)
-    if dims.dp_shard > 1:
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, fsdp_reshard_after_forward, mp_param_dtype, mp_reduce_dtype)
-    elif dims.dp_replicate > 1:
-        apply_ddp(model, mesh["dp_replicate"])
+    parts = [model]
+    if dims.pp > 1:
+        assert pipeline is not None and pipeline.pp == dims.pp, (pipeline, dims)
+        model = apply_pp(model, mesh["pp"], pipeline)
+        parts = model.stages
+        # Each microbatch runs forward and backward through the stage; resharding after forward
+        # would all-gather every block's weights once more per microbatch.
+        if fsdp_reshard_after_forward == "default":
+            fsdp_reshard_after_forward = "never"
+    for part in parts:
+        if dims.tp > 1:
+            apply_tp(part, mesh["tp"], loss_parallel=loss_parallel)
+            if dims.pp > 1:
+                part.seq_shards = dims.tp  # the hidden states between stages are split along the sequence
+        apply_ac(part, ac_mode)
+        if compile:
+            apply_compile(part)
+        if dims.dp_shard > 1:
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+            apply_fsdp(part, dp_mesh, fsdp_reshard_after_forward, mp_param_dtype, mp_reduce_dtype)
+        elif dims.dp_replicate > 1:
+            apply_ddp(part, mesh["dp_replicate"])
     return model

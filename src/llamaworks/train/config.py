@@ -165,6 +165,18 @@ class ParallelConfig:
     # micro-batch instead of only the last one. The default (False) skips the redundant syncs;
     # with FSDP the skipped micro-batches keep unsharded gradients (ZeRO-1 memory), which this restores.
     sync_every_microbatch: bool = False
+    # Pipeline parallelism (parallel/pipeline.py): the layer stack split into stages over pp ranks.
+    pp: int = 1
+    # torch's schedule names, any case: 1F1B, Interleaved1F1B (several stages per rank), GPipe, LoopedBFS.
+    pp_schedule: str = "1F1B"
+    # Micro-batches (train.micro_batch_size sequences each) per schedule step; 0: all of a step's
+    # micro-batches on a data-parallel rank (the smallest bubble). Must divide them.
+    pp_microbatches: int = 0
+    # Where stages start, e.g. ["layers.4", "layers.8"]; [] = the layers split evenly (the embedding
+    # goes with the first stage, the final norm and output layer with the last).
+    pp_split_points: list[str] = field(default_factory=list)
+    # Stages on each pipeline rank; 0: 1, or 2 for the interleaved schedules.
+    pp_stages_per_rank: int = 0
 
 
 @dataclass

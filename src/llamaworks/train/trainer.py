@@ -35,6 +35,7 @@ from llamaworks.data.shards import open_token_dataset
 from llamaworks.device import default_dtype, parse_dtype, resolve_device
 from llamaworks.eval.during_training import TaskEvaluator
 from llamaworks.model import ModelArgs, build_model
+from llamaworks.modeldir import save_model
 from llamaworks.parallel.distributed import (
     DistEnv,
     clip_grad_norm_,
@@ -44,6 +45,7 @@ from llamaworks.parallel.distributed import (
     init_distributed,
 )
 from llamaworks.parallel.parallelize import ParallelDims, parallelize, resolve_mp_dtypes
+from llamaworks.parallel.pipeline import Pipeline, PipelinePlan, gather_full_model, resolve_pipeline
 from llamaworks.plan import flops_per_token
 from llamaworks.tokenizer import Tokenizer, load_tokenizer
 from llamaworks.train import checkpoint as ckpt_io
@@ -143,6 +145,44 @@ def accumulate_masked_gradients(model, loader, accum: int, device, amp, loss_con
     return loss_sum, round(tokens)
 
 
+def accumulate_pipeline_gradients(pipe: Pipeline, loader, device, amp, loss_context=nullcontext) -> torch.Tensor:
+    """accumulate_gradients through a pipeline: plan.rounds schedule steps of plan.microbatches
+    micro-batches each (the same micro-batches, in the same order, as without the pipeline).
+    Each microbatch's loss is weighted 1 / (rounds x microbatches), so the gradients are those
+    of the step's mean loss; the returned mean loss is the same on every rank of the pipeline."""
+    plan = pipe.plan
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(plan.rounds):
+        batches = [next(loader) for _ in range(plan.microbatches)]
+        x = torch.cat([b[0] for b in batches]).to(device, non_blocking=True)  # (microbatches * mbs, seq)
+        y = torch.cat([b[1] for b in batches]).to(device, non_blocking=True)
+        with loss_context():
+            with amp:
+                loss_sum += pipe.step(x, y)
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate_pipeline(pipe: Pipeline, loader, batches: int, device, amp) -> float | None:
+    """evaluate through a pipeline (pretraining's validation: every target counts): the val
+    loader's first `batches` micro-batches in groups of plan.microbatches, forward only; a last
+    group smaller than that is left out."""
+    loader.rewind()
+    pipe.model.eval()
+    total, n, group = 0.0, 0, []
+    for i, (x, y, *_) in enumerate(loader):
+        if 0 < batches <= i:
+            break
+        group.append((x, y))
+        if len(group) == pipe.plan.microbatches:
+            with amp:
+                total += pipe.step(torch.cat([g[0] for g in group]).to(device),
+                                   torch.cat([g[1] for g in group]).to(device), train=False).item()
+            n, group = n + 1, []
+    pipe.model.train()
+    return total / n if n else None
+
+
 @torch.no_grad()
 def evaluate(model, loader, batches: int, device, amp) -> float | None:
     """Mean loss per target over the first `batches` batches of `loader` (a finite, unshuffled val
@@ -236,6 +276,7 @@ class Trainer:
     masked: bool  # DataSource.masked
     save_final: Callable[[torch.nn.Module, Any, Path], Path] | None  # ModelSpec.save_final
     base: dict | None = None  # ModelSpec.base
+    pipeline: Pipeline | None = None  # with parallel.pp > 1: the schedule over this rank's stages
     step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # seconds trained by the processes before this one (resume)
@@ -296,7 +337,8 @@ def check_job(cfg, n_heads: int) -> ParallelDims:
     section's limits: before any process group, data or model exists, so that a bad mesh is an
     error, not a hang."""
     t_cfg, par = cfg.train, cfg.parallel
-    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, env_world_size(), n_heads)
+    dims = ParallelDims.resolve(par.dp_replicate, par.dp_shard, par.tp, env_world_size(), n_heads,
+                                getattr(par, "pp", 1))
     if t_cfg.seq_len % dims.tp:
         raise ValueError(f"train.seq_len={t_cfg.seq_len} is not divisible by parallel.tp={dims.tp}: sequence "
                          "parallelism splits each sequence across the tensor-parallel ranks")
@@ -323,6 +365,28 @@ def launch(cfg, resume: bool, dims: ParallelDims, data: DataSource, spec: ModelS
         return run(build(cfg, resume, dims, env, device, data, spec, max_steps, warmup_steps))
     finally:
         close_distributed(env)
+
+
+def pipeline_plan(cfg, dims: ParallelDims, args: ModelArgs, data: DataSource, spec: ModelSpec) -> PipelinePlan | None:
+    """The stages of a run with parallel.pp > 1 (parallel/pipeline.py), checked against the model,
+    the batch and what the run does besides training steps; None without a pipeline."""
+    if dims.pp == 1:
+        return None
+    if data.masked or spec.prepare is not None:
+        raise ValueError(f"parallel.pp={dims.pp}: pipeline parallelism trains from scratch on token shards "
+                         "(pretrain); fine-tuning runs use data parallelism (parallel.dp_shard) instead")
+    if cfg.eval.tasks:
+        raise ValueError(f"eval.tasks={cfg.eval.tasks} with parallel.pp={dims.pp}: task scoring runs the whole "
+                         "model on each rank; score the final model instead (llamaworks eval) and set eval.tasks = []")
+    par = cfg.parallel
+    return resolve_pipeline(dims.pp, par.pp_schedule, par.pp_microbatches, par.pp_split_points,
+                            par.pp_stages_per_rank, args.n_layers, cfg.grad_accum_steps(dims.dp),
+                            args.tie_word_embeddings)
+
+
+def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # The last stage's logits (mbs, seq, vocab) against (mbs, seq): the microbatch's mean loss.
+    return cross_entropy(logits, targets)
 
 
 def shard_source(cfg: JobConfig, manifest: dict, tokenizer: Tokenizer) -> DataSource:
@@ -363,6 +427,7 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     # parameter from its own (seed, name) generator (train/init.py): the weights of a
     # 1-process run, which takes the same path, and no rank ever holds the whole model.
     args = spec.args
+    plan = pipeline_plan(cfg, dims, args, data, spec)
     model = build_model(args, device="meta")
     n_params = sum(p.numel() for p in model.parameters())
     if spec.prepare is not None:
@@ -373,9 +438,10 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     if dims.dp_shard == 1 and (mp_param, mp_reduce) != (torch.float32, torch.float32):
         log.info("parallel.mp_param_dtype/mp_reduce_dtype apply to FSDP only (parallel.dp_shard > 1): this run "
                  "computes in train.dtype's autocast")
-    parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile, mesh,
-                par.fsdp_reshard_after_forward, loss_parallel=loss_parallel, mp_param_dtype=mp_param,
-                mp_reduce_dtype=mp_reduce)
+    # With parallel.pp > 1: this rank's stages of the model (a PipelineModel), the rest dropped.
+    model = parallelize(model, dims, t_cfg.activation_checkpointing, t_cfg.compile, mesh,
+                        par.fsdp_reshard_after_forward, loss_parallel=loss_parallel, mp_param_dtype=mp_param,
+                        mp_reduce_dtype=mp_reduce, pipeline=plan)
     model.to_empty(device=device)
     spec.init(model, t_cfg.seed, device)
     if spec.adapt is not None:
@@ -386,9 +452,10 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     else:
         loss_context = nullcontext
     optimizer = build_optimizer(model, cfg.optim)
-    # The tp ranks of one data-parallel replica read the same batch: tp is the mesh's
-    # innermost dimension, so the data-parallel rank is rank // tp.
-    loader = data.train_loader(env.rank // dims.tp, dims.dp)
+    pipe = Pipeline(model, mesh["pp"].get_group(), device, pipeline_loss) if plan else None
+    # The tp ranks of one data-parallel replica, and the ranks of one pipeline, read the same
+    # batch (the first stage uses its inputs, the last its targets).
+    loader = data.train_loader(dims.dp_rank(env.rank), dims.dp)
     ckpt, state = restore(out, resume, model, optimizer, loader, spec.base)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -403,7 +470,7 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
                       val_loader=data.val_loader, task_eval=TaskEvaluator.from_config(cfg.eval),
                       accum=accum, n_params=n_params, flops_per_token=fpt, peak_flops=peak, model_name=spec.name,
                       max_steps=max_steps, warmup_steps=warmup_steps, masked=data.masked,
-                      save_final=spec.save_final, base=spec.base,
+                      save_final=spec.save_final, base=spec.base, pipeline=pipe,
                       step=state.get("step", 0), tokens_seen=state.get("tokens", 0),
                       elapsed_before=state.get("elapsed_s", 0.0), last_ckpt=ckpt)
     log.info("model: %s, %.2fM parameters; %d sequences/step (%d micro-batches of %d x %s%d tokens, dp=%d); "
@@ -470,14 +537,18 @@ def train_step(t: Trainer) -> StepResult:
     # batch's mean loss. The logged loss is that global mean, and the clipping norm is
     # the norm of the whole (sharded) gradient.
     sync_every = getattr(cfg.parallel, "sync_every_microbatch", False)
-    if t.masked:
+    if t.pipeline is not None:  # the schedule synchronises the gradients once per schedule step
+        loss, tokens = accumulate_pipeline_gradients(t.pipeline, t.loader, t.device, t.amp,
+                                                     t.loss_context), t.tokens_per_step
+    elif t.masked:
         loss, tokens = accumulate_masked_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context,
                                                    t.dims.dp, sync_every)
     else:
         loss, tokens = accumulate_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context,
                                             sync_every), t.tokens_per_step
     loss = global_mean(loss).item()
-    grad_norm = clip_grad_norm_(t.model.parameters(), cfg.optim.grad_clip).item()
+    grad_norm = clip_grad_norm_(t.model.parameters(), cfg.optim.grad_clip,
+                                t.pipeline.group if t.pipeline else None).item()
     # A finite loss with an inf/nan gradient would still poison the weights (and every
     # later checkpoint) once the optimizer steps, so both are checked before it does.
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -495,6 +566,8 @@ def train_step(t: Trainer) -> StepResult:
 
 
 def validate(t: Trainer) -> float | None:
+    if t.pipeline is not None:
+        return evaluate_pipeline(t.pipeline, t.val_loader, t.cfg.eval.batches, t.device, t.amp)
     return evaluate(t.model, t.val_loader, t.cfg.eval.batches, t.device, t.amp)
 
 
@@ -602,6 +675,11 @@ def finish(t: Trainer, stop_reason: str, final_loss: float | None, final_val: fl
     elapsed = t.elapsed()
     if t.save_final is not None:
         final = t.save_final(t.model, t.tokenizer, t.out)
+    elif t.pipeline is not None:  # the stages' weights gathered on rank 0
+        whole, final = gather_full_model(t.model, t.pipeline.group), t.out / "model"
+        if t.env.is_main:
+            save_model(whole.eval(), t.tokenizer, final)
+        torch.distributed.barrier()
     else:
         final = ckpt_io.save_model_dir(t.model, t.tokenizer, t.out / "model")
     curve = None if not t.env.is_main else plot_loss_curve(
