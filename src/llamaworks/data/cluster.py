@@ -11,7 +11,9 @@ for what is a list of independent file-to-file tasks.
 
 Parallel stages run shard by shard on the workers; a global stage (cross-document dedup)
 runs as one task on one worker, streaming its shards in order (its state spills to disk
-under OUTPUT/.state, so that worker needs no more memory than a local run).
+under OUTPUT/.state, so that worker needs no more memory than a local run), or, with
+`dedup_partitions`, as index / reduce / merge / filter tasks spread over every worker
+(data/dedup_partitioned.py).
 """
 
 from __future__ import annotations
@@ -117,6 +119,21 @@ class DaskExecutor(Executor):
                 yield fut.result()
         finally:
             client.cancel(futures)  # an error or an interrupted caller leaves no shard task running
+
+    def _map_tasks(self, run, fn, args):
+        if not args:
+            return
+        from distributed import as_completed
+
+        client, tag = self._client, uuid.uuid4().hex[:8]
+        shared = client.scatter(run, broadcast=True, hash=False)
+        futures = [client.submit(fn, shared, *a, key=f"llamaworks-{tag}-{fn.__name__}-{'-'.join(map(str, a))}",
+                                 pure=False) for a in args]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        finally:
+            client.cancel(futures)
 
     def _run_global(self, run, s, after_shard):
         fut = self._client.submit(run_global_stage, run, s, key=f"llamaworks-{uuid.uuid4().hex[:8]}-stage{s}",

@@ -39,7 +39,7 @@ from llamaworks.data.step import Dropped, LinesRemoved, Step
 _SQL_VARS = 500  # bound parameters per query (SQLite's limit is 999 in old builds)
 
 
-def _digest(text: str) -> int:
+def content_hash(text: str) -> int:
     # Signed: SQLite integers are signed 64-bit.
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8).digest(),
                           "little", signed=True)
@@ -245,7 +245,7 @@ class ExactDedup(_HashSetDedup):
 
     def run(self, docs, rank=0, world_size=1):
         for doc in docs:
-            if self.seen.add_new([_digest(doc.text)])[0]:
+            if self.seen.add_new([content_hash(doc.text)])[0]:
                 yield doc
             else:
                 yield Dropped(doc, "exact duplicate of an earlier document")
@@ -284,7 +284,7 @@ class LineDedup(_HashSetDedup):
             lines = doc.text.split("\n")
             norms = [normalize_line(line) for line in lines]
             # Blank or punctuation-only lines are layout, not content: always kept, never hashed.
-            new = iter(self.seen.add_new([_digest(n) for n in norms if n]))
+            new = iter(self.seen.add_new([content_hash(n) for n in norms if n]))
             kept, removed, removed_chars = [], 0, 0
             for line, norm in zip(lines, norms):
                 if not norm or next(new):
@@ -397,7 +397,7 @@ class MinHashDedup(_GlobalDedup):
     def parallel_part(self) -> Step:
         return MinHashSignatures(self.a, self.b, self.ngram)
 
-    def _take_signature(self, doc) -> np.ndarray | None:
+    def take_signature(self, doc) -> np.ndarray | None:
         # Computed by MinHashSignatures on the workers of the stage before (the costly part:
         # shingling and num_perm hashes per shingle); computed here for documents that come
         # without one (a resumed stage's restore, or the step run on its own).
@@ -415,7 +415,7 @@ class MinHashDedup(_GlobalDedup):
     def run(self, docs, rank=0, world_size=1):
         index = self.index
         for doc in docs:
-            sig = self._take_signature(doc)
+            sig = self.take_signature(doc)
             if sig is None:
                 yield doc  # too short to shingle: nothing to compare
                 continue

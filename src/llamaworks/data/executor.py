@@ -17,6 +17,10 @@ every shard of the previous stage through one process, in shard order, its state
 memory up to `dedup_memory_mb` and on disk (.state/stageS/state/) beyond. Both kinds
 resume shard by shard: a global step rebuilds its state from the documents it kept on
 the finished shards (`Step.restore`), or, if it cannot, its stage is redone whole.
+With `dedup_partitions` P > 0, a dedup stage runs split instead (data/dedup_partitioned.py):
+index tasks per shard, reduce tasks per partition, a merge task (MinHash), filter tasks per
+shard, all on the workers, with the same kept documents; each task's files and marker live
+under .state/stageS/{index,reduce,merge}/, so a killed run resumes per shard and partition.
 Every file lands under a temporary name and is renamed into place; a shard's marker is
 written last, so a killed run never leaves a shard that looks finished.
 
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamaworks.data import storage
+from llamaworks.data.dedup_partitioned import PartitionedDedup, partitioned
 from llamaworks.data.document import (
     Document,
     MalformedInput,
@@ -179,8 +184,9 @@ class RunPlan:
 
     def __init__(self, out: storage.StoragePath, reader: Reader, stages: list[_Stage], keep_excluded: bool,
                  on_malformed: str, compression: str, world: int, dedup_memory: int | None,
-                 examples: int = CARD_EXAMPLES):
+                 examples: int = CARD_EXAMPLES, partitions: int = 0):
         self.out, self.reader, self.stages, self.examples = out, reader, stages, examples
+        self.partitions = partitions
         self.keep_excluded, self.on_malformed, self.compression = keep_excluded, on_malformed, compression
         self.suffix = shard_suffix(compression)
         self.world, self.dedup_memory = world, dedup_memory
@@ -299,6 +305,66 @@ def _run_global_steps(run: RunPlan, s: int, steps: list[Step], state: Path, done
     return ran
 
 
+# --- a dedup stage split into tasks (data/dedup_partitioned.py); each returns a small dict ---
+
+def _plan(run: RunPlan, s: int) -> PartitionedDedup | None:
+    steps = run.stages[s].steps
+    return partitioned(steps[0], run.partitions) if run.partitions and len(steps) == 1 else None
+
+
+def _phase(run: RunPlan, s: int, phase: str, name: str = "") -> storage.StoragePath:
+    folder = storage.join(run.state_dir(s), phase)
+    return storage.join(folder, name) if name else folder
+
+
+def _markers(run: RunPlan, s: int, phase: str) -> set[int]:
+    return {int(n.removesuffix(".done")) for n in storage.names(_phase(run, s, phase))
+            if n.endswith(".done") and n.removesuffix(".done").isdigit()}
+
+
+def index_task(run: RunPlan, s: int, shard: int) -> dict:
+    payloads, side = _plan(run, s).index(read_jsonl(run.shard_path(s - 1, shard)), shard)
+    for p, data in enumerate(payloads):
+        storage.atomic_write_bytes(_phase(run, s, "index", f"{shard:05d}-{p:05d}.npy"), data)
+    if side is not None:
+        storage.atomic_write_bytes(_phase(run, s, "index", f"{shard:05d}.side"), side)
+    storage.atomic_write_text(_phase(run, s, "index", f"{shard:05d}.done"), "")  # last: the shard is indexed
+    return {"shard": shard}
+
+
+def reduce_task(run: RunPlan, s: int, p: int) -> dict:
+    payloads = [storage.read_bytes(_phase(run, s, "index", f"{i:05d}-{p:05d}.npy")) for i in range(run.world)]
+    outputs, stats = _plan(run, s).reduce(p, payloads, run.world)
+    for i, data in enumerate(outputs):
+        storage.atomic_write_bytes(_phase(run, s, "reduce", f"{p:05d}-{i:05d}.npy"), data)
+    stats = {"partition": p, **stats}
+    storage.atomic_write_json(_phase(run, s, "reduce", f"{p:05d}.done"), stats)  # last
+    return stats
+
+
+def merge_task(run: RunPlan, s: int) -> dict:
+    plan = _plan(run, s)
+    stats: dict = {}
+    for i, data, so_far in plan.merge(
+            lambda i: [storage.read_bytes(_phase(run, s, "reduce", f"{p:05d}-{i:05d}.npy"))
+                       for p in range(plan.partitions)],
+            lambda i: storage.read_bytes(_phase(run, s, "index", f"{i:05d}.side")), run.world):
+        storage.atomic_write_bytes(_phase(run, s, "merge", f"{i:05d}.json"), data)
+        stats = so_far
+    storage.atomic_write_json(_phase(run, s, "merge", "merge.json"), stats)  # last: the merge is complete
+    return stats
+
+
+def filter_task(run: RunPlan, s: int, shard: int) -> dict:
+    plan = _plan(run, s)
+    if plan.has_merge:
+        decisions = [storage.read_bytes(_phase(run, s, "merge", f"{shard:05d}.json"))]
+    else:
+        decisions = [storage.read_bytes(_phase(run, s, "reduce", f"{p:05d}-{shard:05d}.npy"))
+                     for p in range(plan.partitions)]
+    return run.run_shard(s, shard, run.shard_path(s - 1, shard), steps_state=[plan.filter(decisions)])
+
+
 def _counted(docs: Iterable[Document], st: StepStats) -> Iterator[Document]:
     for doc in docs:
         _add(st.into, _measure(doc))
@@ -358,6 +424,11 @@ def _worker_task(task: tuple[int, int, str]) -> dict:
     return _WORKER.run_shard(s, shard, storage.as_path(path))
 
 
+def _worker_call(task: tuple[Callable, tuple]) -> dict:
+    fn, args = task
+    return fn(_WORKER, *args)
+
+
 # Malformed records (MalformedRecord) logged and kept in the stats per shard, and in all: the
 # count covers every one, a corpus may hold millions.
 MALFORMED_EXAMPLES = 10
@@ -375,7 +446,8 @@ class Executor:
 
     def __init__(self, output: str | os.PathLike, keep_excluded: bool = False, on_malformed: str = "skip",
                  compression: str = "gzip", progress: bool = True, overwrite: bool = False,
-                 dedup_memory_mb: float | None = DEDUP_MEMORY_MB, card_examples: int = CARD_EXAMPLES):
+                 dedup_memory_mb: float | None = DEDUP_MEMORY_MB, card_examples: int = CARD_EXAMPLES,
+                 dedup_partitions: int = 0):
         if on_malformed not in ("skip", "stop"):
             raise ValueError(f"on_malformed must be 'skip' or 'stop', got {on_malformed!r}")
         if dedup_memory_mb is not None and dedup_memory_mb < 0:
@@ -389,11 +461,18 @@ class Executor:
         self.on_malformed, self.compression, self.progress, self.overwrite = \
             on_malformed, compression, progress, overwrite
         self.dedup_memory = None if dedup_memory_mb is None else int(dedup_memory_mb * 2**20)
+        if dedup_partitions < 0:
+            raise ValueError(f"dedup_partitions must be >= 0 (0: each dedup step in one process; P: split into P "
+                             f"hash partitions across the workers, e.g. 4 x workers), got {dedup_partitions}")
+        self.dedup_partitions = dedup_partitions
 
     def _fingerprint(self, source: str, reader: Reader, steps: list[Step], files: list[storage.StoragePath]) -> dict:
-        return {"source": source, "reader": reader.describe(), "steps": [s.describe() for s in steps],
-                "inputs": [str(f) for f in files], "compression": self.compression,
-                "keep_excluded": self.keep_excluded}
+        fp = {"source": source, "reader": reader.describe(), "steps": [s.describe() for s in steps],
+              "inputs": [str(f) for f in files], "compression": self.compression,
+              "keep_excluded": self.keep_excluded}
+        if self.dedup_partitions:  # the partition files of a run with another P cannot be resumed
+            fp["dedup_partitions"] = self.dedup_partitions
+        return fp
 
     def _check_resume(self, fp: dict) -> None:
         state = storage.join(self.out, ".state", "pipeline.json")
@@ -421,7 +500,7 @@ class Executor:
             storage.remove_temporaries(storage.join(self.out, sub))
         stages = _stages(steps)
         run = RunPlan(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression,
-                      len(files), self.dedup_memory, self.card_examples)
+                      len(files), self.dedup_memory, self.card_examples, self.dedup_partitions)
         for stage in stages:
             s = stage.index
             finished = run.done(s)
@@ -442,6 +521,9 @@ class Executor:
                     if on_shard:
                         on_shard(s, i)
 
+                if stage.global_state and _plan(run, s) is not None:
+                    self._run_partitioned(run, s, after)
+                    continue
                 if stage.global_state:
                     self._run_global(run, s, after)
                     continue
@@ -462,6 +544,44 @@ class Executor:
 
     def _run_global(self, run: RunPlan, s: int, after_shard: Callable[[int], None]) -> None:
         run_global_stage(run, s, after_shard)
+
+    def _map_tasks(self, run: RunPlan, fn: Callable[..., dict], args: list[tuple]) -> Iterator[dict]:
+        """Run `fn(run, *a)` for each `a` on the workers; yield each result as it finishes."""
+        raise NotImplementedError
+
+    def _run_partitioned(self, run: RunPlan, s: int, after_shard: Callable[[int, dict], None]) -> None:
+        """A dedup stage as index / reduce / merge / filter tasks (module docstring); each phase
+        skips the tasks whose marker is there."""
+        plan, n, name = _plan(run, s), run.world, run.stages[s].steps[0].name
+        for phase in ("index", "reduce", "merge"):
+            storage.remove_temporaries(_phase(run, s, phase))
+        if len(run.done(s)) < n:
+            indexed = _markers(run, s, "index")
+            for _ in self._map_tasks(run, index_task, [(s, i) for i in range(n) if i not in indexed]):
+                pass
+            log.info("stage %d (%s): %d shards indexed into %d partitions", s, name, n, plan.partitions)
+            reduced = _markers(run, s, "reduce")
+            for r in self._map_tasks(run, reduce_task, [(s, p) for p in range(plan.partitions) if p not in reduced]):
+                reduced.add(r["partition"])
+                log.info("stage %d (%s): partition %d done (%d/%d), %s", s, name, r["partition"], len(reduced),
+                         plan.partitions, ", ".join(f"{k} {v}" for k, v in r.items() if k != "partition"))
+            if plan.has_merge and not storage.exists(_phase(run, s, "merge", "merge.json")):
+                for r in self._map_tasks(run, merge_task, [(s,)]):
+                    log.info("stage %d (%s): merged: %s", s, name, ", ".join(f"{k} {v}" for k, v in r.items()))
+            finished = run.done(s)
+            for r in self._map_tasks(run, filter_task, [(s, i) for i in range(n) if i not in finished]):
+                after_shard(r["shard"], r)
+        summary: dict = {"partitions": plan.partitions, "partitions_done": 0}
+        for p in range(plan.partitions):
+            r = json.loads(storage.read_text(_phase(run, s, "reduce", f"{p:05d}.done")))
+            summary["partitions_done"] += 1
+            for k, v in r.items():
+                if k != "partition":
+                    summary[k] = summary.get(k, 0) + v
+        if plan.has_merge:
+            summary.update(json.loads(storage.read_text(_phase(run, s, "merge", "merge.json"))))
+        log.info("stage %d (%s): %s", s, name, ", ".join(f"{k} {v}" for k, v in summary.items()))
+        storage.atomic_write_json(storage.join(run.state_dir(s), "partitioned.json"), summary)
 
     def _bar(self, total: int, done: int, desc: str):
         from tqdm import tqdm
@@ -485,6 +605,9 @@ class Executor:
                     read["malformed_record_examples"] = examples[:MALFORMED_EXAMPLES]
                 merged = r["steps"] if merged is None else \
                     [_merge(a, b, run.examples) for a, b in zip(merged, r["steps"])]
+            summary = storage.join(run.state_dir(stage.index), "partitioned.json")
+            if merged and stage.global_state and run.partitions and storage.exists(summary):
+                merged[0]["partitioned"] = json.loads(storage.read_text(summary))
             steps += merged or []
         return {"source": source, "read": read, "steps": steps,
                 "output": {"documents_dir": "documents", "excluded_dir": "excluded" if run.keep_excluded else None}}
@@ -509,6 +632,15 @@ class LocalExecutor(Executor):
         with multiprocessing.get_context("fork").Pool(min(self.workers, len(todo)), _init_worker, (run,),
                                                       maxtasksperchild=1) as pool:
             yield from pool.imap_unordered(_worker_task, todo)
+
+    def _map_tasks(self, run, fn, args):
+        if self.workers == 1 or len(args) <= 1:
+            for a in args:
+                yield fn(run, *a)
+            return
+        with multiprocessing.get_context("fork").Pool(min(self.workers, len(args)), _init_worker, (run,),
+                                                      maxtasksperchild=1) as pool:
+            yield from pool.imap_unordered(_worker_call, [(fn, a) for a in args])
 
 
 def _merge(a: dict, b: dict, examples: int = CARD_EXAMPLES) -> dict:
@@ -592,6 +724,9 @@ def data_card(stats: dict) -> str:
             continue
         lines += ["", f"## {st['name']}", ""]
         examples = st.get("examples", {})
+        if "partitioned" in st:  # the dedup ran split across the workers (data/dedup_partitioned.py)
+            lines.append("- ran in hash partitions: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                                  for k, v in st["partitioned"].items()))
         for why, v in sorted(st["dropped"].items(), key=lambda kv: -kv[1]["documents"]):
             lines.append(f"- dropped {v['documents']} documents ({v['chars']} characters): {why}")
             lines += _examples(examples.get(why, []))
