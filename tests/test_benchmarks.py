@@ -226,3 +226,13 @@ def test_finetune_tiny(tmp_path):
         "--seq-len", "32", "--qlora-configs", "--out", str(out))
     d = json.loads(out.read_text())
     assert d["complete"] and d["machine"]["cpu_model"]
+
+
+def test_speculative_serve_smoke(tmp_path):
+    out = tmp_path / "speculative_serve.json"
+    run("speculative_serve", "--preset", "tiny", "--smoke", "--self-draft", "--out", str(out), "--label", "test")
+    d = json.loads(out.read_text())
+    assert d["machine"]["label"] == "test"
+    drafted = [r for r in d["rows"] if r["draft"]]
+    assert len(drafted) == 4 and all(r["identical"] for r in drafted)  # greedy replies equal without the draft
+    assert [r["acceptance_rate"] for r in drafted if r["draft"] == "the target itself"] == [1.0, 1.0]
