@@ -108,7 +108,7 @@ def _children(pid: int) -> dict[int, int]:
 @pytest.mark.parametrize("stop", ["rank0", "torchrun"])
 def test_tp2_serve_answers_as_one_process_and_stops_every_rank(tiny_model_dir, tmp_path, stop):
     with running_server(tiny_model_dir, max_batch=4) as served:
-        want = _complete_all(served.url)
+        want = _complete_all(served.url) + _complete_all(served.url)  # the second round hits the prefix cache
     log = tmp_path / "serve.log"
     launcher = Path(sys.executable).with_name("torchrun")
     argv = [str(launcher), "--standalone", "--nproc-per-node", "2", "-m", "llamaworks", "serve", "--checkpoint",
@@ -129,7 +129,9 @@ def test_tp2_serve_answers_as_one_process_and_stops_every_rank(tiny_model_dir, t
             except httpx.TransportError:
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
-        got = _complete_all(url)
+        got = _complete_all(url) + _complete_all(url)
+        hits = re.search(r"^llamaworks_engine_prefix_cache_hits (\S+)$", httpx.get(url + "/metrics").text, re.M)
+        assert hits and float(hits.group(1)) > 0
         ranks = _children(proc.pid)
         assert sorted(ranks) == [0, 1], ranks
         # Rank 0 drains and stops the others (kill RANK0), or torchrun passes SIGTERM to every rank,
