@@ -78,6 +78,9 @@ def assert_matches_reference(out: Path, ref: Path) -> None:
     # 2 stages per rank; 2 microbatches per schedule step, 2 schedule steps per optimizer step
     ("interleaved", 2, 2, {"pp": 2, "pp_schedule": "interleaved1f1b", "pp_microbatches": 2}),
     ("1f1b_x_fsdp", 4, 2, {"pp": 2, "dp_shard": 2}),  # the 3-D mesh: 2 stages x 2 FSDP shards
+    # tensor + sequence parallel stages with loss parallelism: the hidden states sent between
+    # stages are split along the sequence
+    ("1f1b_x_tp", 4, 2, {"pp": 2, "tp": 2, "dp_shard": 1}),
 ])
 def test_pipeline_matches_one_process(setup, tmp_path, name, world, micro, parallel):
     make, ref = setup

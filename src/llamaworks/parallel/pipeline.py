@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llamaworks.model import Transformer
 
@@ -279,6 +280,8 @@ class Pipeline:
         run = self.schedule.step if train else self.schedule.eval
         run(*args, target=target, losses=losses if self.model.has_last else None, return_outputs=False)
         if self.model.has_last:
+            # Under loss parallelism each loss is a replicated DTensor over the tensor-parallel ranks.
+            losses = [loss.full_tensor() if isinstance(loss, DTensor) else loss for loss in losses]
             total = torch.stack([loss.detach().float() for loss in losses]).sum()
         else:
             total = torch.zeros((), device=y.device)
