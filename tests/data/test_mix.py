@@ -10,7 +10,6 @@ import pytest
 
 from llamaworks import cli
 from llamaworks.data import mix as mixmod
-from llamaworks.data import shards
 from llamaworks.data.mix import MixConfig, _Draw, _interleave, load_mix_config, mix, plan_mix
 from llamaworks.data.shards import open_token_dataset
 from llamaworks.train.loader import TokenLoader
@@ -269,20 +268,20 @@ def test_same_seed_same_bytes_and_rerun_is_a_no_op(mixed, corpus, tiny_tokenizer
 def test_a_killed_mix_resumes_to_the_same_bytes(mixed, corpus, tiny_tokenizer, tmp_path, monkeypatch):
     out, _ = mixed
     crashed = tmp_path / "crashed"
-    read, calls = shards.TokenStream.read, []
+    take, calls = mixmod._SplitTokens.take, []
 
-    def dying_read(self, start, count):  # the process "dies" in the middle of the train split
+    def dying_take(self, positions):  # the process "dies" in the middle of the train split
         calls.append(1)
-        if len(calls) == 150:
+        if len(calls) == 40:
             raise KeyboardInterrupt
-        return read(self, start, count)
+        return take(self, positions)
 
-    monkeypatch.setattr(shards.TokenStream, "read", dying_read)
+    monkeypatch.setattr(mixmod._SplitTokens, "take", dying_take)
     # Small interleaving windows, so shards are written between reads (the order does not depend on them).
     monkeypatch.setattr(mixmod, "_WINDOW_TOKENS", 300)
     with pytest.raises(KeyboardInterrupt):
         mix(_config(corpus, tiny_tokenizer, crashed), progress=False)
-    monkeypatch.setattr(shards.TokenStream, "read", read)
+    monkeypatch.setattr(mixmod._SplitTokens, "take", take)
     assert not (crashed / "manifest.json").exists()  # incomplete, and it says so
     done = sorted((crashed / "train").glob("*.bin"))
     assert len(done) >= 3 and list((crashed / "train").glob("*.tmp"))  # finished shards + an interrupted one

@@ -180,11 +180,13 @@ def golden_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("workers, window", [(1, None), (2, 3000)])
-def test_mix_bytes_equal_the_golden(golden_inputs, tmp_path, monkeypatch, case, workers, window):
+@pytest.mark.parametrize("workers, window, cache_shard", [(1, None, None), (2, 3000, 7001)])
+def test_mix_bytes_equal_the_golden(golden_inputs, tmp_path, monkeypatch, case, workers, window, cache_shard):
     inputs, tok = golden_inputs
     if window:  # many interleaving windows: the output must not depend on them
         monkeypatch.setattr(mixmod, "_WINDOW_TOKENS", window)
+    if cache_shard:  # token caches in many files, documents straddling them: nor on these
+        monkeypatch.setattr(mixmod, "_CACHE_SHARD_TOKENS", cache_shard)
     cfg = config(case, inputs, tok, tmp_path / "out")
     cfg.workers = workers
     mix(cfg, progress=False)

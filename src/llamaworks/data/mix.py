@@ -57,7 +57,6 @@ from llamaworks.data import storage
 from llamaworks.data.shards import FORMAT as SHARDS_FORMAT
 from llamaworks.data.shards import (
     ShardWriter,
-    TokenStream,
     input_files,
     load_tokenizer,
     prepare,
@@ -391,6 +390,55 @@ def _finished_shards(out: Path, split: str, shard_tokens: int, itemsize: int) ->
     return done
 
 
+class _SplitTokens:
+    """A source cache's split as one token array spread over its shard files (memory-mapped, opened
+    when first read): `take(positions)` gathers any positions of the stream in one call."""
+
+    def __init__(self, cache: _Cache, split: str):
+        shards = cache.manifest["splits"][split]["shards"]
+        self.dtype = np.dtype(cache.manifest["dtype"])
+        self._files = [cache.root / sh["file"] for sh in shards]
+        self._bounds = np.cumsum([0] + [sh["tokens"] for sh in shards])  # (shards + 1,) stream offset of each
+        self._maps: dict[int, np.memmap] = {}
+
+    def _map(self, i: int) -> np.memmap:
+        if i not in self._maps:
+            if len(self._maps) >= 64:  # bounded: each map holds a file descriptor
+                self._maps.pop(next(iter(self._maps)))
+            self._maps[i] = np.memmap(self._files[i], dtype=self.dtype, mode="r")
+        return self._maps[i]
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        if len(self._files) == 1:
+            return self._map(0)[positions]
+        shard = np.searchsorted(self._bounds, positions, side="right") - 1  # (positions,) the file of each
+        out = np.empty(len(positions), self.dtype)
+        for i in np.unique(shard).tolist():
+            at = shard == i
+            out[at] = self._map(i)[positions[at] - self._bounds[i]]
+        return out
+
+
+def _ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """concatenate(arange(s, s + n) for s, n in zip(starts, counts)), without a Python loop."""
+    ends = np.cumsum(counts)
+    # (sum(counts),): each position's offset within its segment, plus the segment's start
+    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
+
+
+def _window_tokens(tokens: list[_SplitTokens], starts: list[np.ndarray], source: np.ndarray, docs: np.ndarray,
+                   head: np.ndarray, count: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The tokens of documents (source, docs) from `head` on, `count` of each, concatenated in order:
+    one gather per source instead of a read per document."""
+    out = np.empty(int(count.sum()), dtype)
+    at = np.cumsum(count) - count  # (documents,) where each document's tokens go in out
+    for s in np.unique(source).tolist():
+        mine = source == s
+        begin = np.asarray(starts[s][docs[mine]], dtype=np.int64) + head[mine]  # (mine,) first token in the cache
+        out[_ragged_arange(at[mine], count[mine])] = tokens[s].take(_ragged_arange(begin, count[mine]))
+    return out
+
+
 def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_Draw], dtype: np.dtype,
                  progress: bool) -> list[dict]:
     """Write the split's stream into shards, resuming after the full shards already on disk."""
@@ -400,7 +448,8 @@ def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_
     done = _finished_shards(out, split, cfg.shard_tokens, dtype.itemsize)
     skip = len(done) * cfg.shard_tokens  # stream tokens already on disk
     writer = ShardWriter(out, split, dtype, cfg.shard_tokens, shards=done)
-    streams = [TokenStream(c.root, c.manifest, split) for c in caches]
+    tokens = [_SplitTokens(c, split) for c in caches]
+    starts = [c.starts[split] for c in caches]
     pos = 0  # stream offset of the current window's first document
     total = sum(d.budget for d in draws)
     with tqdm(total=total, initial=min(skip, total), desc=f"mix {split}", unit="tok", unit_scale=True,
@@ -408,13 +457,11 @@ def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_
         for source, docs, lens in _interleave(draws):
             ends = pos + np.cumsum(lens)  # (documents,) stream offset after each document
             first = int(np.searchsorted(ends, skip, side="right"))  # first document not fully on disk
-            pieces = []
-            for s, d, n, e in zip(source[first:].tolist(), docs[first:].tolist(), lens[first:].tolist(),
-                                  ends[first:].tolist()):
-                head = max(0, skip - (e - n))  # tokens of a document straddling the resume point already written
-                pieces.append(streams[s].read(int(caches[s].starts[split][d]) + head, n - head))
-            if pieces:
-                chunk = np.concatenate(pieces)
+            if first < len(lens):
+                # tokens of a document straddling the resume point that are already written
+                head = np.maximum(0, skip - (ends[first:] - lens[first:]))
+                chunk = _window_tokens(tokens, starts, source[first:], docs[first:], head, lens[first:] - head,
+                                       dtype)
                 writer.write(chunk)
                 bar.update(len(chunk))
             if len(lens):
