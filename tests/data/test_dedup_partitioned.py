@@ -184,3 +184,62 @@ def test_a_failed_run_resumes_per_partition(tmp_path, corpus, references, fail_i
 def test_partitions_must_not_be_negative(tmp_path):
     with pytest.raises(ValueError, match="dedup_partitions"):
         LocalExecutor(tmp_path, dedup_partitions=-1)
+
+
+KILLED_RUN = """
+import sys, time
+from llamaworks.data import dedup_partitioned
+from llamaworks.data.dedup import MinHashDedup
+from llamaworks.data.executor import JsonlReader, LocalExecutor
+
+reduce = dedup_partitioned.MinHashPartitioned.reduce
+
+def slow(self, *a, **k):
+    time.sleep(float(sys.argv[3]))
+    return reduce(self, *a, **k)
+
+dedup_partitioned.MinHashPartitioned.reduce = slow
+if __name__ == "__main__":
+    LocalExecutor(sys.argv[2], workers=2, progress=False, keep_excluded=True, dedup_partitions=8).run(
+        "web", JsonlReader(), [MinHashDedup(threshold=0.6, num_perm=64)], [sys.argv[1]])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_reduce_then_resume(tmp_path, corpus, references):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), str(corpus), str(out), "0.4"], start_new_session=True)
+    reduce = out / ".state" / "stage1" / "reduce"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(reduce.glob("*.done")) if reduce.is_dir() else []) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, mid-partition
+    proc.wait()
+    done = {p: p.stat().st_mtime_ns for p in reduce.glob("*.done")}
+    assert 2 <= len(done) < 8
+    subprocess.run([sys.executable, str(script), str(corpus), str(out), "0"], check=True)
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished partitions were not redone
+    assert len(list(reduce.glob("*.done"))) == 8 and not list(out.rglob(".*.tmp"))
+    ref_root, ref_stats = references["minhash"]
+    assert outputs(out) == outputs(ref_root)
+    assert without_partitioned(json.loads((out / "stats.json").read_text())) == ref_stats
+
+
+def test_dask_local_cluster_with_processes_equals_single_process(tmp_path, corpus, references):
+    pytest.importorskip("distributed", reason="dask[distributed] absent (pip install 'llamaworks[cluster]')")
+    from llamaworks.data.cluster import DaskExecutor
+
+    ref_root, ref_stats = references["all"]
+    stats = DaskExecutor(tmp_path / "out", "local:2", keep_excluded=True, progress=False, dedup_partitions=6).run(
+        "web", JsonlReader(), PIPELINES["all"](), [corpus])
+    assert without_partitioned(stats) == ref_stats
+    assert outputs(tmp_path / "out") == outputs(ref_root)
+    assert [st["partitioned"]["partitions_done"] for st in stats["steps"] if "partitioned" in st] == [6, 6, 6]

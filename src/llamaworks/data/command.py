@@ -38,6 +38,9 @@ def run_command(
                                        metavar="ADDRESS")] = None,
     dedup_memory_mb: Annotated[float, Arg("memory per dedup step before its state spills to disk under DIR/.state "
                                           "(0: on disk from the start)", metavar="MB")] = 2048.0,
+    dedup_partitions: Annotated[int, Arg("split each dedup step into P hash partitions whose tasks run on every "
+                                         "worker (same kept documents; e.g. 4 x workers); 0: one process per "
+                                         "dedup step", metavar="P")] = 0,
     lid_model: Annotated[str | None, Arg("commoncrawl (required), c4 (optional): fastText language-id model, e.g. "
                                          "the public lid.176.bin", metavar="FILE")] = None,
     lid_languages: Annotated[list[str] | None, Arg("languages to keep, fastText labels without __label__ "
@@ -79,7 +82,8 @@ def run_command(
                              languages=languages, ccnet=ccnet)
     fit_perplexity_cutoffs(reader, steps, input)  # first pass, when percentile cut-offs are asked for
     common = dict(keep_excluded=keep_excluded, on_malformed=on_malformed, compression=compression,
-                  overwrite=overwrite, dedup_memory_mb=dedup_memory_mb, card_examples=card_examples)
+                  overwrite=overwrite, dedup_memory_mb=dedup_memory_mb, card_examples=card_examples,
+                  dedup_partitions=dedup_partitions)
     if cluster is not None:
         if workers is not None:
             raise ValueError("--workers is for local runs; with --cluster the cluster's workers run the shards "
