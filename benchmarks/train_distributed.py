@@ -3,12 +3,14 @@
     .venv/bin/python benchmarks/train_distributed.py                  # small preset, 2 layers, 8 x 128 tokens
     .venv/bin/python benchmarks/train_distributed.py --steps 5 --preset tiny
 
-For each strategy (one process; DDP, FSDP, FSDP with bf16 parameters and TP+SP on 2 processes) a fresh set of
-processes builds the same model, parallelizes it with llamaworks.parallel.parallelize and
+For each strategy (one process; DDP, FSDP, FSDP with bf16 parameters, TP+SP and a 1F1B pipeline on 2
+processes) a fresh set of processes builds the same model on the meta device, parallelizes it with
+llamaworks.parallel.parallelize, allocates each rank's part only (as the trainer does) and
 times full training steps (forward, loss, backward, global-norm clipping, AdamW) on the
-same global batch of random tokens: the 2-process runs each take half of it (DDP, FSDP) or
-all of it split by heads and sequence (TP). tokens/s is the global batch over the median
-step time after --warmup steps. One thread per process.
+same global batch of random tokens: the 2-process runs each take half of it (DDP, FSDP),
+all of it split by heads and sequence (TP), or all of it in --pp-microbatches microbatches
+through two stages of --n-layers / 2 layers (PP). tokens/s is the global batch over the median
+step time after --warmup steps; peak memory is each rank's peak resident set. One thread per process.
 
 Communication per step (bytes one rank sends, ring algorithms, W ranks, P parameter bytes,
 A = micro_batch * seq_len * dim * activation bytes, L layers), without gradient accumulation:
@@ -20,6 +22,11 @@ A = micro_batch * seq_len * dim * activation bytes, L layers), without gradient 
                                                           8 L (W-1)/W * A + ...
   FSDP + mixed precision (parallel.mp_param_dtype = bf16, the "fsdp_bf16" row): the all-gathers
         move bf16 parameters, the reduce-scatter fp32 gradients: 2 (W-1)/W * P/2 + (W-1)/W * P
+  PP    each of the S-1 stage boundaries carries every microbatch's hidden states forward and
+        their gradient back, batch * seq_len * dim activation bytes in all each way, spread over
+        the W ranks:                                      2 (S-1)/W * A
+        Its cost is the bubble instead: with p ranks, v stages per rank and m microbatches a
+        rank idles (p-1)/(v m + p-1) of the step (Narayanan et al. 2021); the row gives that figure.
 With gradient accumulation DDP and FSDP reduce once per step (the last micro-batch's backward;
 parallel.sync_every_microbatch = true reduces after each), while FSDP still gathers per
 micro-batch; TP's volume scales with tokens. "measured" counts the bytes the collectives were
@@ -57,6 +64,7 @@ STRATEGIES = {  # name -> (world size, ParallelDims fields, FSDP parameter dtype
     "fsdp": (2, dict(dp_replicate=1, dp_shard=2, tp=1), "float32"),
     "fsdp_bf16": (2, dict(dp_replicate=1, dp_shard=2, tp=1), "bfloat16"),
     "tp": (2, dict(dp_replicate=1, dp_shard=1, tp=2), "float32"),
+    "pp": (2, dict(dp_replicate=1, dp_shard=1, tp=1, pp=2), "float32"),  # 1F1B, --pp-microbatches
 }
 
 
@@ -68,7 +76,8 @@ def comm_bytes(name: str, world: int, param_bytes: int, act_bytes: int, n_layers
     f = (world - 1) / world
     return int({"single": 0, "ddp": 2 * f * param_bytes, "fsdp": 3 * f * param_bytes,
                 "fsdp_bf16": 2 * f * param_bytes / 2 + f * param_bytes,
-                "tp": 8 * n_layers * f * act_bytes + 2 * f * logits_bytes}[name])
+                "tp": 8 * n_layers * f * act_bytes + 2 * f * logits_bytes,
+                "pp": 2 * (2 - 1) / world * act_bytes}[name])  # two stages
 
 
 class SentBytes:
@@ -120,25 +129,35 @@ def _worker(rank: int, world: int, port: int, name: str, a: argparse.Namespace, 
     from llamaworks.model import ModelArgs, build_model
     from llamaworks.parallel.distributed import clip_grad_norm_
     from llamaworks.parallel.parallelize import ParallelDims, parallelize, resolve_mp_dtypes
+    from llamaworks.parallel.pipeline import Pipeline, resolve_pipeline
     from llamaworks.train.config import OptimConfig
+    from llamaworks.train.init import init_weights
     from llamaworks.train.optim import build_optimizer
 
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     args = ModelArgs.from_name(a.preset, n_layers=a.n_layers)
     dims = ParallelDims(world_size=world, **STRATEGIES[name][1])
-    model = build_model(args, seed=0)
+    mesh = dims.build_mesh("cpu") if world > 1 else None
+    # One schedule step of --pp-microbatches microbatches per optimizer step.
+    plan = resolve_pipeline(dims.pp, "1F1B", a.pp_microbatches, [], 0, args.n_layers,
+                            a.pp_microbatches) if dims.pp > 1 else None
+    model = build_model(args, device="meta")  # each rank allocates its own part only, as the trainer
     sent = SentBytes(world)
     param_dtype, reduce_dtype = resolve_mp_dtypes(STRATEGIES[name][2], "float32", "cpu")
-    parallelize(model, dims, "selective", False, dims.build_mesh("cpu") if world > 1 else None,
-                mp_param_dtype=param_dtype, mp_reduce_dtype=reduce_dtype)
+    model = parallelize(model, dims, "selective", False, mesh, mp_param_dtype=param_dtype,
+                        mp_reduce_dtype=reduce_dtype, pipeline=plan)
+    model.to_empty(device="cpu")
+    init_weights(model, 0, torch.device("cpu"))
+    pipe = Pipeline(model, mesh["pp"].get_group(), torch.device("cpu"),
+                    lambda out, tgt: F.cross_entropy(out.flatten(0, 1), tgt.flatten())) if plan else None
     if name == "ddp":
         model.register_comm_hook(None, sent.ddp_hook)
     opt = build_optimizer(model, OptimConfig())
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, args.vocab_size, (a.batch, a.seq_len + 1), generator=g)
     per = a.batch // dims.dp
-    r = rank // dims.tp
+    r = dims.dp_rank(rank)
     x, y = batch[r * per:(r + 1) * per, :-1], batch[r * per:(r + 1) * per, 1:]
     times, step_bytes = [], []
     for _ in range(a.warmup + a.steps):
@@ -146,17 +165,24 @@ def _worker(rank: int, world: int, port: int, name: str, a: argparse.Namespace, 
             dist.barrier()
         sent.bytes = 0
         t = time.perf_counter()
-        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-        clip_grad_norm_(model.parameters(), 1.0)
+        if pipe is not None:
+            pipe.step(x, y)
+        else:
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        clip_grad_norm_(model.parameters(), 1.0, pipe.group if pipe else None)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         step_bytes.append(sent.bytes)
+    rss = [_peak_rss_mib()] * world
+    if world > 1:
+        dist.all_gather_object(rss, rss[0])
     if rank == 0:
         step_s = statistics.median(times[a.warmup:])
         result.write_text(json.dumps({"step_s": step_s, "tokens_per_s": a.batch * a.seq_len / step_s,
                                       "measured_bytes": int(step_bytes[-1]) if sent.counted else None,
-                                      "peak_rss_mib": _peak_rss_mib()}))
+                                      "peak_rss_mib": rss,
+                                      "bubble_fraction": plan.bubble_fraction() if plan else None}))
     if world > 1:
         dist.destroy_process_group()
 
@@ -184,6 +210,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--pp-microbatches", type=int, default=4, help="microbatches of the pp row (divides --batch)")
     p.add_argument("--out", default="benchmarks/results/distributed.json")
     add_label_argument(p)
     a = p.parse_args()
@@ -209,21 +236,25 @@ def main() -> None:
         rows.append({"strategy": name, "processes": world, "tokens_per_s": r["tokens_per_s"],
                      "step_s": r["step_s"], "comm_bytes_per_rank_per_step": comm,
                      "measured_comm_bytes_per_rank_per_step": r["measured_bytes"] if world > 1 else 0,
-                     "peak_rss_mib_rank0": r["peak_rss_mib"]})
+                     "peak_rss_mib_per_rank": r["peak_rss_mib"],
+                     "bubble_fraction_computed": r["bubble_fraction"]})
     tmp.unlink(missing_ok=True)
     print(f"{a.preset} preset, {a.n_layers} layers, {n_params / 1e6:.1f}M parameters ({param_bytes / 2**20:.1f} MiB "
           f"fp32); global batch {a.batch} x {a.seq_len}; CPU gloo, 1 thread per process")
     print(f"{'strategy':<10} {'procs':>5} {'tokens/s':>10} {'vs single':>9} {'step ms':>9} "
-          f"{'sent MiB/rank/step: computed':>29} {'measured':>9} {'peak RSS MiB':>13}")
+          f"{'sent MiB/rank/step: computed':>29} {'measured':>9} {'peak RSS MiB/rank':>17} {'bubble':>6}")
     single = rows[0]["tokens_per_s"]
     for r in rows:
         measured = r["measured_comm_bytes_per_rank_per_step"]
         print(f"{r['strategy']:<10} {r['processes']:>5} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / single:>8.2f}x "
               f"{1e3 * r['step_s']:>9.1f} {r['comm_bytes_per_rank_per_step'] / 2**20:>29.1f} "
-              f"{measured / 2**20 if measured is not None else float('nan'):>9.1f} {r['peak_rss_mib_rank0']:>13.0f}")
+              f"{measured / 2**20 if measured is not None else float('nan'):>9.1f} "
+              f"{' / '.join(f'{m:.0f}' for m in r['peak_rss_mib_per_rank']):>17} "
+              f"{r['bubble_fraction_computed'] if r['bubble_fraction_computed'] is not None else float('nan'):>6.2f}")
     print("FSDP's computed volume re-gathers every block in backward; by default the last block and the root "
           "stay gathered after forward (parallel.fsdp_reshard_after_forward), so the measured one is lower. "
-          "TP's DTensor collectives are not measured (nan).")
+          "TP's DTensor collectives and PP's send/recv are not measured (nan). PP's bubble is the ideal "
+          "(p-1)/(m+p-1) of its 1F1B schedule (p ranks, m microbatches).")
     gpu = gpu_expectations()
     print(f"\nGPU expectation (llamaworks.plan): {gpu['setting']}: {gpu['tokens_per_gpu_s']:.0f} tokens/s/GPU "
           f"is MFU {gpu['mfu']:.1%}, {gpu['days']:.1f} days; a step of 4M tokens takes {gpu['step_s']:.1f} s in "
