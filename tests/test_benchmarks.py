@@ -190,6 +190,12 @@ def test_data_throughput_smoke(tmp_path):
         assert "ours_c4filter/datatrove_c4filter_same_rules" in d["ratio_docs_per_s"]
     else:
         assert "datatrove not installed" in text
+    if "ours_minhash_dask@2" in d["runs"]:  # dask installed (the cluster extra): the partitioned dedup
+        assert d["partitioned_keeps_the_single_process_documents"] == {"ours_minhash_dask@2": True}
+        assert d["simulated_64_worker_layout"]["index_bytes_total"] > 0
+    mix = d["mix"]
+    assert mix["runs"]["mix_after"]["mb_per_s"] > 0 and 0 < mix["runs"]["mix_after"]["tokenising_share"] <= 1
+    assert mix["tokenizer_alone"]["same_ids"] and mix["tokenizer_alone"]["word_cache_refusal"] is None
 
 
 @pytest.mark.slow

@@ -155,28 +155,59 @@ def _batches(docs: Iterator[tuple[str, str, str]], batch_chars: int) -> Iterator
         yield batch
 
 
+_POOL: tuple[tuple, ProcessPoolExecutor] | None = None
+
+
+def _pool(workers: int, worker_arg) -> tuple[ProcessPoolExecutor, bool]:
+    """(pool, shared): encoding processes kept across `prepare` calls with the same tokenizer file, so
+    that `data mix`, which tokenises its sources one after another, spawns them once and their word
+    caches stay warm. A tokenizer object gets a pool of its own (shared False: the caller closes it)."""
+    global _POOL
+    # spawn: workers import only numpy and this module (not torch), and it behaves the same on
+    # every OS; callers' scripts need the usual `if __name__ == "__main__":` guard. An executor,
+    # not a Pool: a worker that cannot load the tokenizer breaks it with an error instead of a hang.
+    context = multiprocessing.get_context("spawn")
+    if not isinstance(worker_arg, (str, os.PathLike)):
+        return ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)), False
+    st = os.stat(worker_arg)
+    key = (workers, os.path.abspath(worker_arg), st.st_size, st.st_mtime_ns)  # a rewritten file: new workers
+    if _POOL is not None and _POOL[0] != key:
+        _drop_pool()
+    if _POOL is None:
+        _POOL = (key, ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)))
+    return _POOL[1], True
+
+
+def _drop_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL[1].shutdown(cancel_futures=True)
+        _POOL = None
+
+
 def _encoded(batches, tokenizer, worker_arg, workers: int):
     """(ids and sources, (tokens, lengths)) per batch, in input order whatever the worker count."""
     if workers == 1:
         for batch in batches:
             yield [d[:2] for d in batch], _encode([d[2] for d in batch], tokenizer)
         return
-    # spawn: workers import only numpy and this module (not torch), and it behaves the same on
-    # every OS; callers' scripts need the usual `if __name__ == "__main__":` guard. An executor,
-    # not a Pool: a worker that cannot load the tokenizer breaks it with an error instead of a hang.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)) as pool:
-        pending: deque = deque()  # bounded, so documents are read only a few batches ahead
-        try:
-            for batch in batches:
-                pending.append(([d[:2] for d in batch], pool.submit(_encode, [d[2] for d in batch])))
-                if len(pending) > 2 * workers:
-                    meta, future = pending.popleft()
-                    yield meta, future.result()
-            for meta, future in pending:
+    pool, shared = _pool(workers, worker_arg)
+    pending: deque = deque()  # bounded, so documents are read only a few batches ahead
+    finished = False
+    try:
+        for batch in batches:
+            pending.append(([d[:2] for d in batch], pool.submit(_encode, [d[2] for d in batch])))
+            if len(pending) > 2 * workers:
+                meta, future = pending.popleft()
                 yield meta, future.result()
-        finally:
+        for meta, future in pending:
+            yield meta, future.result()
+        finished = True
+    finally:
+        if not shared:
             pool.shutdown(cancel_futures=True)
+        elif not finished:  # an error or an abandoned run: no worker keeps running its tasks
+            _drop_pool()
 
 
 # ---------------------------------------------------------------------------- writing shards
