@@ -12,9 +12,11 @@ acceptance rates that mean something; prompts are then --prompt-tokens tokens of
 --text (default: a file of Python's standard library, the demo's corpus). Without them the
 weights are random (nothing is downloaded) and the prompts random ids, so the acceptance rate
 is a property of the drafts built here: the target's own first --draft-layers layers with its
-embeddings, final norm and output layer (a truncated "self-speculative" draft), and the target
-itself (--self-draft: every draft accepted, the draft as costly as the target: the verify
-pass's overhead without any gain).
+embeddings, final norm and output layer (a truncated "self-speculative" draft), the target's
+weights quantised (--quantized-draft int8/int4: a cheaper copy that mostly agrees), and the
+target itself (--self-draft: every draft accepted, the draft as costly as the target: the
+verify pass's overhead without any gain). Every model gets serve's load-time transforms
+(fused projections, the native CPU kernels), as load_model gives them.
 Workload: each batch size's requests at once (engine --max-batch = the batch), greedy, exactly
 --max-tokens new tokens (no stop ids); every engine is warmed up by one request first.
 Decode tokens/s counts the tokens after each request's first over the time from the first
@@ -35,6 +37,9 @@ from pathlib import Path
 import torch
 from machine import add_label_argument, machine_record  # benchmarks/ is on sys.path
 
+from llamaworks.inference.fuse import fuse_projections
+from llamaworks.inference.kernels import use_native_kernels
+from llamaworks.inference.quant import quantize_model
 from llamaworks.model import ModelArgs, Transformer, build_model
 from llamaworks.serve.engine import Engine, Request
 
@@ -55,12 +60,19 @@ class NullTokenizer:
         return types.SimpleNamespace(push=lambda token: "", flush=lambda: "")
 
 
+def prepared(model: Transformer) -> Transformer:
+    """serve's load-time transforms (inference/load.py): fused projections, native kernels."""
+    fuse_projections(model)
+    use_native_kernels(model)
+    return model.eval()
+
+
 def truncated(target: Transformer, layers: int) -> Transformer:
-    """The target's first `layers` layers, its embeddings, final norm and output layer."""
+    """The (unprepared) target's first `layers` layers, its embeddings, final norm and output layer."""
     draft = Transformer(ModelArgs(**{**target.args.to_params(), "n_layers": layers})).eval()
     draft.load_state_dict({k: v for k, v in target.state_dict().items()
                            if not k.startswith("layers.") or int(k.split(".")[1]) < layers})
-    return draft
+    return prepared(draft)
 
 
 def text_prompts(tokenizer, path: Path, n: int, length: int) -> list[list[int]]:
@@ -113,6 +125,8 @@ def main() -> None:
     ap.add_argument("--draft-layers", type=int, nargs="+", default=[1, 2], help="truncated drafts to run")
     ap.add_argument("--draft-tokens", type=int, default=4, help="K: tokens the draft proposes per step")
     ap.add_argument("--self-draft", action="store_true", help="also the target itself as its draft")
+    ap.add_argument("--quantized-draft", nargs="*", default=[], choices=["int8", "int4"],
+                    help="also the target's weights quantised as its draft")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--smoke", action="store_true", help="batch 1 and 2, 8 new tokens")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speculative_serve.json"))
@@ -135,15 +149,17 @@ def main() -> None:
         args = load_model(a.checkpoint)[0].args
         drafts = [(f"{Path(a.draft).name} ({load_model(a.draft)[0].args.n_layers} layers)", a.draft)]
 
-        def target() -> Transformer:
-            return load_model(a.checkpoint)[0].eval()
+        def target(raw: bool = False) -> Transformer:  # raw: unfused, for quantize_model
+            return load_model(a.checkpoint, fuse=not raw)[0].eval()
     else:
         args = ModelArgs(**PRESETS[a.preset])
         tok = NullTokenizer(args.vocab_size)
         drafts = [(f"first {n} of {args.n_layers} layers", n) for n in a.draft_layers]
 
-        def target() -> Transformer:
-            return build_model(args, seed=0).eval()  # the same weights every time, a cache of its own
+        def target(raw: bool = False) -> Transformer:
+            model = build_model(args, seed=0).eval()  # the same weights every time, a cache of its own
+            return model if raw else prepared(model)
+    drafts += [(f"the target in {mode}", mode) for mode in a.quantized_draft]
     if a.self_draft:
         drafts.append(("the target itself", None))
     rows = []
@@ -163,12 +179,14 @@ def main() -> None:
             t = target()
             if layers is None:
                 draft = target()
+            elif layers in ("int8", "int4"):
+                draft = prepared(quantize_model(target(raw=True), layers, 32))
             elif isinstance(layers, str):
                 from llamaworks.inference.load import load_model
 
                 draft = load_model(layers)[0].eval()
             else:
-                draft = truncated(t, layers)
+                draft = truncated(target(raw=True), layers)
             row = measure(Engine(t, tok, max_batch=batch, draft=draft,
                                  draft_tokens=a.draft_tokens), prompts, a.max_tokens, warm)
             row.update(batch=batch, draft=name, draft_tokens=a.draft_tokens,
