@@ -288,6 +288,18 @@ def read_bytes(path: StoragePath) -> bytes:
     return fs.cat_file(inner)
 
 
+def read_range(path: StoragePath, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file: one ranged GET on an object store (a partition's slice of a
+    shard's dedup index, without reading the rest)."""
+    p = as_path(path)
+    if isinstance(p, Path):
+        with open(p, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    fs, inner = filesystem(p)
+    return fs.cat_file(inner, start=start, end=end)
+
+
 def read_text(path: StoragePath) -> str:
     return read_bytes(path).decode("utf-8")
 
