@@ -17,7 +17,8 @@ forward of its own, before short rests were batched into one pass). --no-uncache
 paged engine without prefix caching. Each engine is warmed up by one unrelated request first.
 
 Reported per engine: TTFT mean/p50/p99/max, wall time for the whole batch, prompt tokens
-actually prefilled (step log), and mean TTFT as a ratio of "before"'s.
+actually prefilled (step log), and mean TTFT as a ratio of the first row's; with --repeat N,
+of the engine's best turn (lowest mean TTFT) of N taken in rotation.
 JSON: benchmarks/results/prefix_ttft.json with the machine (benchmarks/machine.py).
 """
 
@@ -120,6 +121,8 @@ def main() -> None:
     ap.add_argument("--compare", default=COMPARE, help="a commit whose paged engine with prefix caching is a row too "
                     "(none: no such row)")
     ap.add_argument("--no-uncached", action="store_true", help="skip the paged engine without prefix caching")
+    ap.add_argument("--repeat", type=int, default=1, help="turns per engine, taken in rotation; each row is the "
+                    "engine's turn with the lowest mean TTFT")
     ap.add_argument("--smoke", action="store_true", help="4 requests, 64-token system prompt")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prefix_ttft.json"))
     add_label_argument(ap)
@@ -162,22 +165,33 @@ def main() -> None:
          lambda: Engine(model(), tok, max_batch=a.max_batch, max_seq_len=context, prefill_chunk=a.prefill_chunk),
          Request),
     ]
+    # --repeat N: the engines take turns N times (a burst of load on a shared machine hits one
+    # turn, not one engine), and each engine's row is its turn with the lowest mean TTFT.
+    turns: list[list[dict]] = [[] for _ in runs]
+    for rep in range(a.repeat):
+        for k, (name, make, req_cls) in enumerate(runs):
+            with torch.no_grad():
+                turns[k].append(measure(name, make(), req_cls, prompts, warm, a.max_tokens))
+            r = turns[k][-1]
+            print(f"{name:40s} TTFT mean {r['ttft_mean_s']:7.3f} s  p50 {r['ttft_p50_s']:7.3f}  p99 "
+                  f"{r['ttft_p99_s']:7.3f}  wall {r['wall_s']:7.2f} s  prefilled {r['prompt_tokens_prefilled']}/"
+                  f"{r['prompt_tokens']} tokens  (turn {rep + 1})", flush=True)
     rows = []
-    for name, make, req_cls in runs:
-        with torch.no_grad():
-            rows.append(measure(name, make(), req_cls, prompts, warm, a.max_tokens))
-        r = rows[-1]
-        print(f"{name:40s} TTFT mean {r['ttft_mean_s']:7.3f} s  p50 {r['ttft_p50_s']:7.3f}  p99 {r['ttft_p99_s']:7.3f}"
-              f"  wall {r['wall_s']:7.2f} s  prefilled {r['prompt_tokens_prefilled']}/{r['prompt_tokens']} tokens"
-              f"  mean TTFT vs {rows[0]['engine']}: {rows[0]['ttft_mean_s'] / r['ttft_mean_s']:.2f}x", flush=True)
-    same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
+    for ts in turns:
+        best = dict(min(ts, key=lambda r: r["ttft_mean_s"]))
+        best["ttft_mean_s_each_turn"] = [r["ttft_mean_s"] for r in ts]
+        rows.append(best)
+    for r in rows:
+        print(f"{r['engine']:40s} best of {a.repeat}: TTFT mean {r['ttft_mean_s']:7.3f} s  p99 {r['ttft_p99_s']:7.3f}"
+              f"  mean TTFT vs {rows[0]['engine']}: {rows[0]['ttft_mean_s'] / r['ttft_mean_s']:.2f}x")
+    same = all(r["tokens"] == turns[0][0]["tokens"] for ts in turns for r in ts)
     print(f"greedy tokens identical across engines: {same}")
     for r in rows:
         r["ttft_mean_speedup_vs_first_row"] = rows[0]["ttft_mean_s"] / r["ttft_mean_s"]
         del r["tokens"]
     out = {"benchmark": "prefix_ttft", "preset": a.preset, "model": PRESETS[a.preset], "requests": a.requests,
            "system_tokens": a.system_tokens, "user_tokens": a.user_tokens, "max_tokens": a.max_tokens,
-           "max_batch": a.max_batch, "tokens_identical": same, "rows": rows,
+           "max_batch": a.max_batch, "repeat": a.repeat, "tokens_identical": same, "rows": rows,
            "machine": machine_record(a.label, bandwidth=False, threads=torch.get_num_threads())}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")

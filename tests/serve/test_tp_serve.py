@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun import spawn
+from torchrun import spawn, torchrun
 
 from llamaworks.inference.paged import BlockTable
 from llamaworks.serve.command import serve_command
@@ -66,6 +66,7 @@ def _broadcast_worker(rank: int, world: int, capacity: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes: 12-23 s on the shared machine
 def test_a_pass_larger_than_the_broadcast_buffer_arrives_whole():
     spawn(_broadcast_worker, 64)
 
@@ -152,3 +153,14 @@ def test_tp2_serve_answers_as_one_process_and_stops_every_rank(tiny_model_dir, t
         assert a["logprobs"]["token_logprobs"] == pytest.approx(b["logprobs"]["token_logprobs"], abs=1e-4)
         for ta, tb in zip(a["logprobs"]["top_logprobs"], b["logprobs"]["top_logprobs"]):
             assert ta.keys() == tb.keys() and list(ta.values()) == pytest.approx(list(tb.values()), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_tp2_serve_that_fails_to_start_stops_every_rank(tiny_model_dir):
+    # The engine refuses the cache size on rank 0, before its setup: the worker is told to stop.
+    proc = torchrun(["serve", "--checkpoint", str(tiny_model_dir), "--port", "0", "--tp", "2", "--device", "cpu",
+                     "--kv-cache-gb", "1e-9"], timeout=240)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "raise it" in text, text
+    assert "rank 1 stopped after 0 forward passes" in text, text
+    assert not re.search(r'File "[^"]*/llamaworks/serve/tp\.py"', text), text  # the worker did not fail

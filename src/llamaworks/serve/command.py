@@ -132,28 +132,29 @@ def serve_command(
             return 0
     else:
         model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
-    model.eval()
-    template = resolve_chat_template(tokenizer, chat_template)  # a bad name or file fails here, before serving
-    src = Path(checkpoint).resolve()
-    name = model_name or (src.stem if src.is_file() else src.name)  # a directory, or a .gguf file
-    if compile is None:
-        compile = default_compile(model)
-    draft_model = None
-    if draft is not None:  # on rank 0 only under --tp: the draft is small and runs there
-        draft_model, draft_tok = load_model(draft, device=dev, dtype=dt)
-        draft_model.eval()
-        check_same_vocabulary(tokenizer, draft_tok, checkpoint, draft)  # ValueError naming --draft
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
-                    kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
-                    compile=compile, runner=runner, draft=draft_model, draft_tokens=draft_tokens)
-    if draft is not None:
-        print(f"llamaworks serve: speculative decoding with draft {draft} ({draft_tokens} tokens per step)",
-              file=sys.stderr, flush=True)
     try:
+        model.eval()
+        template = resolve_chat_template(tokenizer, chat_template)  # a bad name or file fails here, before serving
+        src = Path(checkpoint).resolve()
+        name = model_name or (src.stem if src.is_file() else src.name)  # a directory, or a .gguf file
+        if compile is None:
+            compile = default_compile(model)
+        draft_model = None
+        if draft is not None:  # on rank 0 only under --tp: the draft is small and runs there
+            draft_model, draft_tok = load_model(draft, device=dev, dtype=dt)
+            draft_model.eval()
+            check_same_vocabulary(tokenizer, draft_tok, checkpoint, draft)  # ValueError naming --draft
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
+                        kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
+                        compile=compile, runner=runner, draft=draft_model, draft_tokens=draft_tokens)
+        if draft is not None:
+            print(f"llamaworks serve: speculative decoding with draft {draft} ({draft_tokens} tokens per step)",
+                  file=sys.stderr, flush=True)
         _serve(engine, name, host, port, shutdown_timeout, limits, template, api_key, request_timeout, dev, dt,
                max_batch, compile, tp)
     finally:
-        engine.runner.close()  # under --tp, the other ranks stop (if the engine thread never ran)
+        if runner is not None:  # under --tp the other ranks stop, whether the engine ran or not
+            runner.close()
         if env is not None:
             close_distributed(env)
     print("llamaworks serve: stopped", file=sys.stderr)

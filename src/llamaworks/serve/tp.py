@@ -134,11 +134,15 @@ class TPRunner:
         return step(self.model, tokens, pos)
 
     def close(self) -> None:
-        """End the workers' loop (once; the engine thread's end, or the server's if the engine
-        never ran)."""
-        if not self.closed and self.capacity:
-            self.closed = True
+        """End the workers' loop (once: at the engine thread's end, or the server's). Before
+        setup (the engine failed to start: a bad option), an empty setup stops them there."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.capacity:
             self._send(_STOP)
+        else:
+            dist.broadcast(torch.zeros(_SETUP, dtype=torch.int64), 0, group=self.group)
 
 
 def _receive(group, capacity: int, device) -> tuple:
@@ -164,6 +168,8 @@ def serve_worker(model, group=None) -> int:
     setup = torch.empty(_SETUP, dtype=torch.int64)
     dist.broadcast(setup, 0, group=group)
     num_blocks, block_size, context, capacity, version = setup.tolist()
+    if num_blocks == 0:  # rank 0 stopped before its engine started
+        return 0
     assert version == _VERSION, (version, _VERSION)
     device = model.output.weight.device
     table = setup_paged_caches(model, num_blocks, block_size, context)
