@@ -49,8 +49,8 @@ class ParallelDims:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if dp_shard == -1:
             if world_size % (pp * dp_replicate * tp):
-                raise ValueError(f"world size {world_size} is not divisible by parallel.pp * parallel.dp_replicate "
-                                 f"* parallel.tp = {pp * dp_replicate * tp}")
+                names = ("parallel.pp * " if pp > 1 else "") + "parallel.dp_replicate * parallel.tp"
+                raise ValueError(f"world size {world_size} is not divisible by {names} = {pp * dp_replicate * tp}")
             dp_shard = world_size // (pp * dp_replicate * tp)
         if pp * dp_replicate * dp_shard * tp != world_size:
             raise ValueError(f"parallel degrees pp={pp} x dp_replicate={dp_replicate} x dp_shard={dp_shard} x "
