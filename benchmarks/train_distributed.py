@@ -42,6 +42,14 @@ paper's ~380 tokens/s/GPU is ~49% MFU and ~21 days for 1.4T tokens; per micro-ba
 all-gathers/reduce-scatters its tp slice of the weights over InfiniBand (FSDP) and moves
 activations over NVLink (TP). TP's volume per micro-batch is of the order of FSDP's while
 NVLink is ~24x faster than a GPU's share of InfiniBand: the reason tp stays within a node.
+
+Checkpoints (`--checkpoint-only` runs just these rows; `--checkpoint-preset ""` skips them): how
+long a save keeps training from going on, blocking (checkpoint.async_mode = "disabled") against
+async (the CPU snapshot, then a background write), for one process (model directory) and FSDP on
+2 processes (DCP, async_save); the same model, optimizer state and files either way. Also the
+step that runs while the async write does (on 2 shared cores the write competes with it; on a
+GPU node it would use the host's CPUs only) and how long the end of that step still waits for
+the write ("then waits": 0 when the write hid behind it).
 """
 
 from __future__ import annotations
@@ -187,6 +195,96 @@ def _worker(rank: int, world: int, port: int, name: str, a: argparse.Namespace, 
         dist.destroy_process_group()
 
 
+class _LoaderState:
+    def state_dict(self) -> dict:
+        return {"position": 0}
+
+
+def _checkpoint_worker(rank: int, world: int, port: int, mode: str, a: argparse.Namespace, result: Path) -> None:
+    """Train a step (so that AdamW has state), time a plain step, then save (async_mode = mode; after a first,
+    untimed save, as in a long run), time the step that follows and the wait for the write to finish."""
+    import shutil
+    import tempfile
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from llamaworks.model import ModelArgs, build_model
+    from llamaworks.parallel.parallelize import ParallelDims, parallelize
+    from llamaworks.train.checkpoint import Checkpointer
+    from llamaworks.train.config import OptimConfig
+    from llamaworks.train.optim import build_optimizer
+
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    args = ModelArgs.from_name(a.checkpoint_preset)
+    model = build_model(args, seed=0)
+    if world > 1:
+        dims = ParallelDims(world_size=world, dp_replicate=1, dp_shard=world, tp=1)
+        parallelize(model, dims, "selective", False, dims.build_mesh("cpu"))
+    opt = build_optimizer(model, OptimConfig())
+    x = torch.randint(0, args.vocab_size, (a.batch // world, a.seq_len + 1), generator=torch.Generator().manual_seed(0))
+
+    def step() -> float:
+        t = time.perf_counter()
+        F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    step()
+    plain = step()
+    folder = [tempfile.mkdtemp(prefix="llamaworks-ckpt-bench-") if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(folder, src=0)
+        dist.barrier()
+    writer = Checkpointer(folder[0], keep_last=1, async_mode=mode)
+    writer.save(0, model, None, opt, _LoaderState(), {})  # once: the gloo group async_save talks over
+    writer.wait()
+    t0 = time.perf_counter()
+    path = writer.save(1, model, None, opt, _LoaderState(), {})
+    stall = time.perf_counter() - t0
+    during = step()
+    t1 = time.perf_counter()
+    writer.close()
+    waited = time.perf_counter() - t1  # ~0 when the write hid behind the step
+    if rank == 0:
+        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        result.write_text(json.dumps({"stall_s": stall, "wait_after_step_s": waited, "plain_step_s": plain,
+                                      "step_during_write_s": during, "bytes": size}))
+        shutil.rmtree(folder[0], ignore_errors=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def checkpoint_rows(a: argparse.Namespace, tmp: Path) -> list[dict]:
+    rows = []
+    for world in (1, 2):
+        for mode in ("disabled", "async"):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.spawn(_checkpoint_worker, args=(world, port, mode, a, tmp), nprocs=world, join=True)
+            rows.append({"processes": world, "format": "DCP (FSDP)" if world > 1 else "model directory",
+                         "async_mode": mode, **json.loads(tmp.read_text())})
+    return rows
+
+
+def print_checkpoint_rows(a: argparse.Namespace, rows: list[dict]) -> None:
+    print(f"\ncheckpoint of the {a.checkpoint_preset} preset with AdamW state ({rows[0]['bytes'] / 2**20:.0f} MiB), "
+          "time training waits for the save (contended CPU, 1 thread per process)")
+    print(f"{'procs':>5} {'async_mode':>10} {'stall s':>8} {'vs blocking':>11} {'plain step s':>12} "
+          f"{'next step s':>11} {'then waits s':>12}")
+    blocking = {r["processes"]: r["stall_s"] for r in rows if r["async_mode"] == "disabled"}
+    for r in rows:
+        print(f"{r['processes']:>5} {r['async_mode']:>10} {r['stall_s']:>8.2f} "
+              f"{r['stall_s'] / blocking[r['processes']]:>10.2f}x {r['plain_step_s']:>12.2f} "
+              f"{r['step_during_write_s']:>11.2f} {r['wait_after_step_s']:>12.2f}")
+
+
 def gpu_expectations(preset: str = "65B", gpus: int = 2048, tp: int = 8, tokens_per_gpu_s: float = 380.0) -> dict:
     """The paper's cluster through llamaworks.plan: throughput, MFU, days, bytes per GPU."""
     from llamaworks.plan import plan
@@ -212,10 +310,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--pp-microbatches", type=int, default=4, help="microbatches of the pp row (at most --batch)")
     p.add_argument("--out", default="benchmarks/results/distributed.json")
+    p.add_argument("--checkpoint-preset", default="small", help="model of the checkpoint rows; '' skips them")
+    p.add_argument("--checkpoint-only", action="store_true", help="only the checkpoint rows (default --out: "
+                   "benchmarks/results/checkpoint_async.json)")
     add_label_argument(p)
     a = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     machine = machine_record(a.label, threads=1)
+    if a.checkpoint_only:
+        out = Path("benchmarks/results/checkpoint_async.json" if a.out == p.get_default("out") else a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ckpt = checkpoint_rows(a, out.with_suffix(".part"))
+        out.with_suffix(".part").unlink(missing_ok=True)
+        print_checkpoint_rows(a, ckpt)
+        out.write_text(json.dumps({"config": vars(a), "checkpoint": ckpt, "machine": machine}, indent=1))
+        return
 
     from llamaworks.model import ModelArgs, count_parameters
 
@@ -238,6 +347,7 @@ def main() -> None:
                      "measured_comm_bytes_per_rank_per_step": r["measured_bytes"] if world > 1 else 0,
                      "peak_rss_mib_per_rank": r["peak_rss_mib"],
                      "bubble_fraction_computed": r["bubble_fraction"]})
+    ckpt = checkpoint_rows(a, tmp) if a.checkpoint_preset else []
     tmp.unlink(missing_ok=True)
     print(f"{a.preset} preset, {a.n_layers} layers, {n_params / 1e6:.1f}M parameters ({param_bytes / 2**20:.1f} MiB "
           f"fp32); global batch {a.batch} x {a.seq_len}; CPU gloo, 1 thread per process")
@@ -261,8 +371,10 @@ def main() -> None:
           f"{gpu['micro_batches']} micro-batches, each moving {gpu['fsdp_bytes_per_gpu_per_micro_batch'] / 1e9:.1f} GB "
           f"of FSDP traffic (InfiniBand) and {gpu['tp_bytes_per_gpu_per_micro_batch'] / 1e9:.1f} GB of TP "
           "activations (NVLink) per GPU")
+    if ckpt:
+        print_checkpoint_rows(a, ckpt)
     Path(a.out).write_text(json.dumps({"config": vars(a), "params": n_params, "rows": rows, "gpu": gpu,
-                                       "machine": machine}, indent=1))
+                                       "checkpoint": ckpt, "machine": machine}, indent=1))
 
 
 if __name__ == "__main__":
