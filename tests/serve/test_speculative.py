@@ -200,3 +200,17 @@ def test_serve_command_loads_the_draft_and_refuses_another_tokenizer(tiny_model_
                        tmp_path / "other")
     with pytest.raises(ValueError, match="does not share the tokenizer.*--draft"):
         command.serve_command(str(tiny_model_dir), port=0, device="cpu", draft=str(other))
+
+
+def test_above_draft_max_batch_steps_decode_plainly_and_the_draft_catches_up(make, tiny_tokenizer, plain):
+    # Six requests in three rows: full batches decode one token per step, and as requests end
+    # the last ones speculate, their draft first fed the tokens decoded without it.
+    reqs, stats = _serve(make("target"), tiny_tokenizer, _mixed(tiny_tokenizer), draft=make("target"),
+                         draft_tokens=3, draft_max_batch=1)
+    for want, got in zip(plain, reqs):
+        assert (got.tokens, got.text, got.finish_reason) == (want.tokens, want.text, want.finish_reason)
+    assert stats["spec_rounds"] > 0
+    # The draft is the model and caught up: every draft accepted, as if it had run every step.
+    assert stats["spec_acceptance_rate"] == 1.0
+    with pytest.raises(ValueError, match="--draft-max-batch"):
+        Engine(make("target"), tiny_tokenizer, draft=make("small"), draft_max_batch=0)

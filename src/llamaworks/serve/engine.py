@@ -151,6 +151,9 @@ class _Slot:
     registered: int = 0  # of which published in the prefix cache
     prefilled: int = 0  # prompt tokens whose keys and values are in the cache
     prompt_logits: list[torch.Tensor] = field(default_factory=list)  # per chunk, for prompt_logprobs
+    # Positions whose keys and values the draft's cache holds (past the prompt, which every
+    # prefill gives it): behind after steps decoded without the draft (_speculate catches up).
+    drafted_to: int = 0
 
     @property
     def ready(self) -> bool:
@@ -206,13 +209,14 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  compile: bool = False, kv_cache_gb: float | None = None, block_size: int = 16,
                  prefix_cache: bool = True, prefill_chunk: int | None = None,
-                 runner=None, draft=None, draft_tokens: int = 4):
+                 runner=None, draft=None, draft_tokens: int = 4, draft_max_batch: int | None = None):
         """kv_cache_gb: the KV cache's memory (default: room for max_batch sequences of the whole
         context, as a static cache); prefill_chunk: prompt tokens prefilled per engine step
         (default: whole prompts); prefix_cache: share cached prompt blocks between requests;
         draft: a smaller model of the same tokenizer (its own instance) that proposes
         `draft_tokens` tokens per running request and step for the model to verify (speculative
-        decoding, see _speculate)."""
+        decoding, see _speculate), while at most `draft_max_batch` requests decode (None: any
+        number; larger batches decode one token per step, which costs less there)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}; it is the number of concurrent sequences")
         if max_queue < 0:
@@ -228,7 +232,10 @@ class Engine:
         if draft is not None:
             _check_draft(model, draft, draft_tokens, paged)
         self.model, self.tokenizer = model, tokenizer
-        self.draft, self.draft_tokens = draft, draft_tokens
+        if draft_max_batch is not None and (not isinstance(draft_max_batch, int) or draft_max_batch < 1):
+            raise ValueError(f"--draft-max-batch must be an integer >= 1 (decoding requests up to which the draft "
+                             f"runs), got {draft_max_batch!r}")
+        self.draft, self.draft_tokens, self.draft_max_batch = draft, draft_tokens, draft_max_batch
         self.stop_ids = tokenizer_stop_ids(tokenizer)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len,
@@ -464,7 +471,8 @@ class Engine:
                         self._finish(i, "cancelled")
                 self._embed_step()
                 self._prefill_step()
-                if any(s is not None and s.ready and self._drafts_for(s) for s in self._slots):
+                ready = [s for s in self._slots if s is not None and s.ready]
+                if any(self._drafts_for(s) for s in ready) and len(ready) <= (self.draft_max_batch or len(ready)):
                     self._speculate()
                 elif any(s is not None and s.ready for s in self._slots):
                     self._decode()
@@ -768,6 +776,14 @@ class Engine:
         self.step_log.append(("speculate", tuple(self._slots[i].number for i in rows), k))
         top = self.context - 1
         try:
+            for i in rows:  # tokens decoded without the draft (above draft_max_batch): into its cache first
+                s = self._slots[i]
+                behind = max(s.drafted_to, len(s.req.prompt_ids))
+                if spec[i] and behind < last[i] - 1:
+                    ids = (s.req.prompt_ids + s.req.tokens)[behind : last[i] - 1]
+                    self.draft(torch.tensor([ids], device=self.device),
+                               torch.arange(behind, last[i] - 1, device=self.device).unsqueeze(0),
+                               rows=torch.tensor([i], device=self.device), return_hidden=True)
             # Draft: K tokens per row, each from the request's own options and generator.
             tok, pos = tail, (start - 1 + torch.arange(2, device=self.device)).clamp(0, top)  # (max_batch, 2)
             drafted, qs = [], []
@@ -799,6 +815,8 @@ class Engine:
                     self.spec["fallback_steps"] += 1
                 else:
                     new, kept = self._verify(s, logits[i], drafts_l[i][: usable[i]], [q.get(i) for q in qs])
+                    # The draft fed the tail and its first k - 1 drafts: valid up to the kept ones.
+                    s.drafted_to = last[i] + 1 + min(kept, k - 1)
                     self.spec["rounds"] += 1
                     self.spec["drafted"] += usable[i]
                     self.spec["accepted"] += kept
