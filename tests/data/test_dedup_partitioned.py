@@ -177,7 +177,7 @@ def test_a_failed_run_resumes_per_partition(tmp_path, corpus, references, fail_i
     stats = run()
     assert ran["index"] == []  # finished tasks are not redone
     assert len(ran["reduce"]) == (3 if fail_in == "reduce" else 0)
-    assert all(p.stat().st_mtime_ns == t for p, t in files.items() if p.suffix in (".done", ".npy"))
+    assert all(p.stat().st_mtime_ns == t for p, t in files.items() if p.suffix in (".done", ".bin"))
     assert without_partitioned(stats) == ref_stats and outputs(tmp_path / "out") == outputs(ref_root)
 
 

@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from llamaworks.data import storage
 from llamaworks.data.dedup_partitioned import PartitionedDedup, partitioned
 from llamaworks.data.document import (
@@ -322,33 +324,52 @@ def _markers(run: RunPlan, s: int, phase: str) -> set[int]:
             if n.endswith(".done") and n.removesuffix(".done").isdigit()}
 
 
+def _write_segments(path: storage.StoragePath, segments: list[bytes]) -> None:
+    """One file of many payloads: a header of len(segments) + 1 little-endian uint64 offsets
+    (from the end of the header), then the payloads; each is read back alone (`_read_segment`).
+    One file per task, not one per (task, partition): fewer writes and syncs, fewer objects."""
+    offsets = np.cumsum([0] + [len(x) for x in segments], dtype="<u8")
+    storage.atomic_write_bytes(path, offsets.tobytes() + b"".join(segments))
+
+
+def _read_segment(path: storage.StoragePath, k: int, count: int) -> bytes:
+    head = 8 * (count + 1)
+    lo, hi = np.frombuffer(storage.read_range(path, 8 * k, 8 * (k + 2)), dtype="<u8")
+    return storage.read_range(path, head + int(lo), head + int(hi)) if hi > lo else b""
+
+
 def index_task(run: RunPlan, s: int, shard: int) -> dict:
-    payloads, side = _plan(run, s).index(read_jsonl(run.shard_path(s - 1, shard)), shard)
-    for p, data in enumerate(payloads):
-        storage.atomic_write_bytes(_phase(run, s, "index", f"{shard:05d}-{p:05d}.npy"), data)
-    if side is not None:
-        storage.atomic_write_bytes(_phase(run, s, "index", f"{shard:05d}.side"), side)
+    plan = _plan(run, s)
+    payloads, side = plan.index(read_jsonl(run.shard_path(s - 1, shard)), shard)
+    # Segments: one per partition, then the side payload.
+    _write_segments(_phase(run, s, "index", f"{shard:05d}.bin"), [*payloads, side or b""])
     storage.atomic_write_text(_phase(run, s, "index", f"{shard:05d}.done"), "")  # last: the shard is indexed
     return {"shard": shard}
 
 
 def reduce_task(run: RunPlan, s: int, p: int) -> dict:
-    payloads = [storage.read_bytes(_phase(run, s, "index", f"{i:05d}-{p:05d}.npy")) for i in range(run.world)]
-    outputs, stats = _plan(run, s).reduce(p, payloads, run.world)
-    for i, data in enumerate(outputs):
-        storage.atomic_write_bytes(_phase(run, s, "reduce", f"{p:05d}-{i:05d}.npy"), data)
+    plan = _plan(run, s)
+    payloads = [_read_segment(_phase(run, s, "index", f"{i:05d}.bin"), p, plan.partitions + 1)
+                for i in range(run.world)]
+    outputs, stats = plan.reduce(p, payloads, run.world)
+    _write_segments(_phase(run, s, "reduce", f"{p:05d}.bin"), outputs)  # one segment per shard
     stats = {"partition": p, **stats}
     storage.atomic_write_json(_phase(run, s, "reduce", f"{p:05d}.done"), stats)  # last
     return stats
+
+
+def _reduced(run: RunPlan, s: int, plan: PartitionedDedup, shard: int) -> list[bytes]:
+    """Every partition's decisions about one shard."""
+    return [_read_segment(_phase(run, s, "reduce", f"{p:05d}.bin"), shard, run.world) for p in range(plan.partitions)]
 
 
 def merge_task(run: RunPlan, s: int) -> dict:
     plan = _plan(run, s)
     stats: dict = {}
     for i, data, so_far in plan.merge(
-            lambda i: [storage.read_bytes(_phase(run, s, "reduce", f"{p:05d}-{i:05d}.npy"))
-                       for p in range(plan.partitions)],
-            lambda i: storage.read_bytes(_phase(run, s, "index", f"{i:05d}.side")), run.world):
+            lambda i: _reduced(run, s, plan, i),
+            lambda i: _read_segment(_phase(run, s, "index", f"{i:05d}.bin"), plan.partitions, plan.partitions + 1),
+            run.world):
         storage.atomic_write_bytes(_phase(run, s, "merge", f"{i:05d}.json"), data)
         stats = so_far
     storage.atomic_write_json(_phase(run, s, "merge", "merge.json"), stats)  # last: the merge is complete
@@ -360,8 +381,7 @@ def filter_task(run: RunPlan, s: int, shard: int) -> dict:
     if plan.has_merge:
         decisions = [storage.read_bytes(_phase(run, s, "merge", f"{shard:05d}.json"))]
     else:
-        decisions = [storage.read_bytes(_phase(run, s, "reduce", f"{p:05d}-{shard:05d}.npy"))
-                     for p in range(plan.partitions)]
+        decisions = _reduced(run, s, plan, shard)
     return run.run_shard(s, shard, run.shard_path(s - 1, shard), steps_state=[plan.filter(decisions)])
 
 
