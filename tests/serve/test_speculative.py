@@ -192,9 +192,10 @@ def test_serve_command_loads_the_draft_and_refuses_another_tokenizer(tiny_model_
     served = []
     monkeypatch.setattr(command, "_serve", lambda engine, *a, **kw: served.append(engine))
     assert command.serve_command(str(tiny_model_dir), port=0, device="cpu", draft=str(tiny_model_dir),
-                                 draft_tokens=3) == 0
+                                 draft_tokens=3, draft_max_batch=2) == 0
     (engine,) = served
-    assert engine.draft is not None and engine.draft is not engine.model and engine.draft_tokens == 3
+    assert engine.draft is not None and engine.draft is not engine.model
+    assert (engine.draft_tokens, engine.draft_max_batch) == (3, 2)
     tok = Tokenizer.train(tmp_path / "tok.model", documents=corpus_docs[:30], vocab_size=400, seed=0)
     other = save_model(build_model(ModelArgs.from_name("tiny", vocab_size=400, n_layers=1), seed=0), tok,
                        tmp_path / "other")

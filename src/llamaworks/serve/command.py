@@ -105,6 +105,8 @@ def serve_command(
                                      "unchanged; requests with penalties, logit_bias or a grammar decode as usual)")]
     = None,
     draft_tokens: Annotated[int, Arg("tokens the --draft model proposes per request and step")] = 4,
+    draft_max_batch: Annotated[int | None, Arg("--draft runs while at most this many requests decode; larger "
+                                               "batches decode one token per step (default: always)")] = None,
 ) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 
@@ -146,7 +148,8 @@ def serve_command(
             check_same_vocabulary(tokenizer, draft_tok, checkpoint, draft)  # ValueError naming --draft
         engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                         kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
-                        compile=compile, runner=runner, draft=draft_model, draft_tokens=draft_tokens)
+                        compile=compile, runner=runner, draft=draft_model, draft_tokens=draft_tokens,
+                        draft_max_batch=draft_max_batch)
         if draft is not None:
             print(f"llamaworks serve: speculative decoding with draft {draft} ({draft_tokens} tokens per step)",
                   file=sys.stderr, flush=True)
