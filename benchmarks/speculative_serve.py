@@ -18,7 +18,8 @@ target itself (--self-draft: every draft accepted, the draft as costly as the ta
 verify pass's overhead without any gain). Every model gets serve's load-time transforms
 (fused projections, the native CPU kernels), as load_model gives them.
 Workload: each batch size's requests at once (engine --max-batch = the batch), greedy, exactly
---max-tokens new tokens (no stop ids); every engine is warmed up by one request first.
+--max-tokens new tokens (no stop ids); every engine is built and warmed up by one request
+first, then --repeats rounds each run every engine once (interleaved, medians reported).
 Decode tokens/s counts the tokens after each request's first over the time from the first
 request's first token to the last request's end (prefill excluded).
 Greedy replies must be identical with and without the draft (checked: equal work).
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import statistics
 import time
 import types
 from pathlib import Path
@@ -83,34 +85,37 @@ def text_prompts(tokenizer, path: Path, n: int, length: int) -> list[list[int]]:
     return [[tokenizer.bos_id] + ids[i * step : i * step + length - 1] for i in range(n)]
 
 
-def measure(engine: Engine, prompts: list[list[int]], max_tokens: int, warm: list[int]) -> dict:
-    engine.start()
-    try:
-        engine.complete(Request(warm, 4, stop_ids=()), timeout=3600)
-        before = dict(engine.stats())
-        done: queue.Queue = queue.Queue()
-        reqs = [Request(list(p), max_tokens, stop_ids=(), on_event=lambda ev, q=done: ev.kind != "text" and q.put(ev))
-                for p in prompts]
-        t0 = time.perf_counter()
-        for r in reqs:
-            engine.submit(r)
-        events = [done.get(timeout=3600) for _ in reqs]
-        end = time.perf_counter()
-        assert all(ev.kind == "done" for ev in events), [ev.text for ev in events]
-        first = min(r.first_token for r in reqs)
-        decoded = sum(len(r.tokens) - 1 for r in reqs)
-        stats = engine.stats()
-        row = {"wall_s": end - t0, "tokens": sum(len(r.tokens) for r in reqs),
-               "tokens_per_s": sum(len(r.tokens) for r in reqs) / (end - t0),
-               "decode_tokens_per_s": decoded / (end - first), "replies": [r.tokens for r in reqs]}
-        if "spec_drafted" in stats:
-            drafted = stats["spec_drafted"] - before["spec_drafted"]
-            accepted = stats["spec_accepted"] - before["spec_accepted"]
-            row.update(acceptance_rate=accepted / drafted if drafted else 0.0, drafted=drafted, accepted=accepted,
-                       verify_steps=stats["spec_rounds"] - before["spec_rounds"])
-        return row
-    finally:
-        engine.stop(cancel=True)
+def run_once(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """The workload once on a started engine: throughput, the replies and the draft's counts."""
+    before = dict(engine.stats())
+    done: queue.Queue = queue.Queue()
+    reqs = [Request(list(p), max_tokens, stop_ids=(), on_event=lambda ev, q=done: ev.kind != "text" and q.put(ev))
+            for p in prompts]
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.submit(r)
+    events = [done.get(timeout=3600) for _ in reqs]
+    end = time.perf_counter()
+    assert all(ev.kind == "done" for ev in events), [ev.text for ev in events]
+    first = min(r.first_token for r in reqs)
+    row = {"tokens_per_s": sum(len(r.tokens) for r in reqs) / (end - t0),
+           "decode_tokens_per_s": sum(len(r.tokens) - 1 for r in reqs) / (end - first),
+           "replies": [r.tokens for r in reqs]}
+    stats = engine.stats()
+    if "spec_drafted" in stats:
+        row.update({k: stats[f"spec_{k}"] - before[f"spec_{k}"] for k in ("drafted", "accepted", "rounds")})
+    return row
+
+
+def summary(runs: list[dict]) -> dict:
+    """Medians over the repeats (each run's figures kept too), the acceptance over all of them."""
+    out = {key: statistics.median(r[key] for r in runs) for key in ("tokens_per_s", "decode_tokens_per_s")}
+    out["runs_decode_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs]
+    if "drafted" in runs[0]:
+        drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
+        out.update(acceptance_rate=accepted / drafted if drafted else 0.0, drafted=drafted, accepted=accepted,
+                   verify_steps=sum(r["rounds"] for r in runs))
+    return out
 
 
 def main() -> None:
@@ -122,18 +127,19 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--draft-layers", type=int, nargs="+", default=[1, 2], help="truncated drafts to run")
+    ap.add_argument("--draft-layers", type=int, nargs="*", default=[1, 2], help="truncated drafts to run")
     ap.add_argument("--draft-tokens", type=int, default=4, help="K: tokens the draft proposes per step")
     ap.add_argument("--self-draft", action="store_true", help="also the target itself as its draft")
     ap.add_argument("--quantized-draft", nargs="*", default=[], choices=["int8", "int4"],
                     help="also the target's weights quantised as its draft")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of every engine (medians reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--smoke", action="store_true", help="batch 1 and 2, 8 new tokens")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speculative_serve.json"))
     add_label_argument(ap)
     a = ap.parse_args()
     if a.smoke:
-        a.batches, a.prompt_tokens, a.max_tokens, a.draft_layers = [1, 2], 16, 8, [1]
+        a.batches, a.prompt_tokens, a.max_tokens, a.draft_layers, a.repeats = [1, 2], 16, 8, [1], 1
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
@@ -171,12 +177,10 @@ def main() -> None:
             prompts = [torch.randint(3, args.vocab_size, (a.prompt_tokens,), generator=gen).tolist()
                        for _ in range(batch)]
             warm = torch.randint(3, args.vocab_size, (8,), generator=gen).tolist()
-        base = measure(Engine(target(), tok, max_batch=batch), prompts, a.max_tokens, warm)
-        rows.append({"batch": batch, "draft": None, **base})
-        print(f"batch {batch}: no draft {base['decode_tokens_per_s']:.1f} decode tokens/s "
-              f"({base['tokens_per_s']:.1f} with prefill)", flush=True)
+        # Every engine built, started and warmed up, then the runs interleaved: each repeat runs
+        # every engine once, so load that changes during the run touches them all alike.
+        engines = [(None, Engine(target(), tok, max_batch=batch))]
         for name, layers in drafts:
-            t = target()
             if layers is None:
                 draft = target()
             elif layers in ("int8", "int4"):
@@ -187,23 +191,37 @@ def main() -> None:
                 draft = load_model(layers)[0].eval()
             else:
                 draft = truncated(target(raw=True), layers)
-            row = measure(Engine(t, tok, max_batch=batch, draft=draft,
-                                 draft_tokens=a.draft_tokens), prompts, a.max_tokens, warm)
-            row.update(batch=batch, draft=name, draft_tokens=a.draft_tokens,
-                       identical=row["replies"] == base["replies"],
-                       decode_speedup=row["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+            engines.append((name, Engine(target(), tok, max_batch=batch, draft=draft, draft_tokens=a.draft_tokens)))
+        runs: dict = {name: [] for name, _ in engines}
+        try:
+            for _, engine in engines:
+                engine.start().complete(Request(warm, 4, stop_ids=()), timeout=3600)
+            for _ in range(a.repeats):
+                for name, engine in engines:
+                    runs[name].append(run_once(engine, prompts, a.max_tokens))
+        finally:
+            for _, engine in engines:
+                engine.stop(cancel=True)
+        base = summary(runs[None])
+        rows.append({"batch": batch, "draft": None, **base})
+        print(f"batch {batch}: no draft {base['decode_tokens_per_s']:.1f} decode tokens/s "
+              f"({base['tokens_per_s']:.1f} with prefill), median of {a.repeats}", flush=True)
+        for name, _ in engines[1:]:
+            identical = all(r["replies"] == runs[None][0]["replies"] for r in runs[name])
+            row = {"batch": batch, "draft": name, "draft_tokens": a.draft_tokens, **summary(runs[name]),
+                   "identical": identical}
+            row.update(decode_speedup=row["decode_tokens_per_s"] / base["decode_tokens_per_s"],
                        speedup=row["tokens_per_s"] / base["tokens_per_s"])
             rows.append(row)
             print(f"batch {batch}: draft = {name}, K={a.draft_tokens}: {row['decode_tokens_per_s']:.1f} decode "
                   f"tokens/s = {row['decode_speedup']:.2f}x no draft (with prefill {row['speedup']:.2f}x), "
                   f"acceptance {100 * row['acceptance_rate']:.1f}%, replies identical: {row['identical']}",
                   flush=True)
-            assert row["identical"], "greedy replies differ with the draft: not equal work"
-    for r in rows:
-        r.pop("replies")
+            assert identical, "greedy replies differ with the draft: not equal work"
     out = {"benchmark": "speculative decoding in the serving engine", "weights": a.checkpoint or "random",
            "draft": a.draft, "preset": None if a.checkpoint else a.preset, "draft_tokens": a.draft_tokens,
-           "model": args.to_params(), "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens, "rows": rows,
+           "model": args.to_params(), "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
+           "repeats": a.repeats, "rows": rows,
            "machine": machine_record(a.label, bandwidth=False, threads=torch.get_num_threads())}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
