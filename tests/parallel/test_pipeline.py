@@ -122,3 +122,24 @@ def test_stages_in_order_are_the_model(schedule, stages_per_rank):
     keys = [k for p in parts for k in p.state_dict()]
     assert sorted(keys) == sorted(model.state_dict())
     assert parts[0].has_first and not parts[0].has_last and parts[1].has_last
+
+
+@pytest.mark.parametrize("parallel, sections, match", [
+    ({"pp": 2, "pp_schedule": "interleaved1f1b", "pp_stages_per_rank": 1}, {}, "parallel.pp_stages_per_rank = 2"),
+    ({"pp": 2, "pp_microbatches": 3}, {}, "parallel.pp_microbatches=3"),  # the step has 4 micro-batches
+    ({"pp": 2}, {"eval": {"tasks": ["arc_easy"]}}, "eval.tasks"),
+    ({"pp": 2, "dp_shard": 2}, {}, "world size is 2"),
+])
+def test_bad_pipeline_is_an_error_before_any_process_group(make_config, tmp_path, monkeypatch, parallel, sections,
+                                                           match):
+    import torch.distributed as dist
+
+    from llamaworks.train.trainer import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = make_config(tmp_path / "run", model={"n_layers": 4}, parallel=parallel,
+                      train={"micro_batch_size": 1}, **sections)  # 4 x 32 tokens: 4 micro-batches a step
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+    assert not dist.is_initialized()

@@ -359,6 +359,7 @@ def launch(cfg, resume: bool, dims: ParallelDims, data: DataSource, spec: ModelS
     """Join the process group (under torchrun), build the run and train it to max_steps; the
     summary. `cfg` is any job config with the sections the Trainer reads (run, train, optim,
     schedule, checkpoint, eval, log, parallel, hardware) and grad_accum_steps(dp)."""
+    pipeline_plan(cfg, dims, spec.args, data, spec)  # a bad pipeline is an error before any process group
     device, _ = resolve_device(cfg.train.device)
     env, device = init_distributed(device)
     try:
