@@ -24,9 +24,9 @@ class Recorder(LocalRunner):
         super().__init__(model)
         self.prefills: list[tuple[int, int]] = []
 
-    def forward(self, tokens, pos, rows=None):
+    def forward(self, tokens, pos, rows=None, last=None):
         self.prefills.append(tuple(tokens.shape))
-        return super().forward(tokens, pos, rows)
+        return super().forward(tokens, pos, rows, last)
 
 
 def _burst(eng, reqs, timeout=120):

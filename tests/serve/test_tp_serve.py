@@ -33,12 +33,15 @@ def test_a_pass_packs_and_unpacks():
     tokens, pos = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.tensor([[0, 1, 2], [3, 4, 5]])
     blocks = torch.tensor([[1, 2], [3, 0], [0, 0]])  # three table rows, two sequences (rows picks them)
     rows = torch.tensor([0, 1])
-    got = _unpack(_pack(_FORWARD, tokens, pos, blocks, rows), "cpu")
+    last = torch.tensor([2, 1])
+    got = _unpack(_pack(_FORWARD, tokens, pos, blocks, rows, last), "cpu")
     assert got[0] == _FORWARD
-    for a, b in zip(got[1:], (tokens, pos, blocks, rows)):
+    for a, b in zip(got[1:], (tokens, pos, blocks, rows, last)):
         assert torch.equal(a, b)
-    op, t, p, b, r = _unpack(_pack(_DECODE, tokens[:, :1], torch.tensor([[3], [4]]), blocks[:2]), "cpu")
-    assert op == _DECODE and r is None and torch.equal(b, blocks[:2]) and p.tolist() == [[3], [4]]
+    op, t, p, b, r, lst = _unpack(_pack(_DECODE, tokens[:, :1], torch.tensor([[3], [4]]), blocks[:2]), "cpu")
+    assert op == _DECODE and r is None and lst is None and torch.equal(b, blocks[:2]) and p.tolist() == [[3], [4]]
+    got = _unpack(_pack(_FORWARD, tokens, pos, blocks, None, last), "cpu")
+    assert got[4] is None and torch.equal(got[5], last)
 
 
 def _broadcast_worker(rank: int, world: int, capacity: int) -> None:
@@ -53,12 +56,13 @@ def _broadcast_worker(rank: int, world: int, capacity: int) -> None:
             runner = TPRunner(None, group)
             runner.capacity, runner.table = capacity, BlockTable(4)
             runner.table.blocks = blocks
-            runner._send(_FORWARD, tokens, pos, rows)
+            runner._send(_FORWARD, tokens, pos, rows, torch.tensor([39, 0, 5]))
             runner._send(_DECODE, tokens[:, :1], pos[:, :1])
             runner.close()
         else:
             got = _receive(group, capacity, "cpu")
-            assert got[0] == _FORWARD and all(torch.equal(a, b) for a, b in zip(got[1:], (tokens, pos, blocks, rows)))
+            want = (tokens, pos, blocks, rows, torch.tensor([39, 0, 5]))
+            assert got[0] == _FORWARD and all(torch.equal(a, b) for a, b in zip(got[1:], want))
             got = _receive(group, capacity, "cpu")
             assert got[0] == _DECODE and torch.equal(got[1], tokens[:, :1]) and got[4] is None
             assert _receive(group, capacity, "cpu")[0] == _STOP

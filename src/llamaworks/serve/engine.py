@@ -60,6 +60,7 @@ from llamaworks.inference.sampling import (
 from llamaworks.inference.speculative import accept as accept_drafts
 from llamaworks.inference.speculative import greedy_accepted
 from llamaworks.inference.stops import StopMatcher
+from llamaworks.model import Transformer
 from llamaworks.serve.kvpool import BlockPool, blocks_for, chain_hash, prompt_hashes
 from llamaworks.serve.prometheus import Metrics
 from llamaworks.serve.structured import Constraint, Matcher, apply_masks
@@ -256,6 +257,9 @@ class Engine:
         # Every forward pass of the model goes through the runner: in this process, or on every
         # tensor-parallel rank under torchrun (serve/tp.py), which also sets up their caches.
         self.runner = runner if runner is not None else LocalRunner(model)
+        # Prefills compute only the logits they use: on the model's hidden states (test stand-ins
+        # that wrap or replace the model take the whole forward).
+        self._last_only = isinstance(model, Transformer)
         self._table = (self.runner.setup(num_blocks, block_size, self.context, max_batch) if paged
                        else BlockTable(block_size, self.device))
         # The draft's table holds the model's block ids: a block of a sequence (or of the prefix
@@ -620,9 +624,11 @@ class Engine:
         ids = torch.tensor([req.prompt_ids[start:end]], dtype=torch.long, device=self.device)
         pos = torch.arange(start, end, device=self.device).unsqueeze(0)
         self.step_log.append(("prefill", s.number, start, end, self._steps))
-        # Full logits then the last row, exactly as generate() computes them, so that a greedy
-        # request served here gets the tokens generate() gives.
-        full = self.runner.forward(ids, pos, self._row0)  # (1, end - start, vocab)
+        # The last position's logits only (the answer's first token), every position's for
+        # prompt_logprobs (and for stand-in models without hidden states).
+        last = (None if req.prompt_logprobs or not self._last_only
+                else torch.tensor([end - start - 1], device=self.device))
+        full = self.runner.forward(ids, pos, self._row0, last)  # (1, end - start or 1, vocab)
         if self.draft is not None:  # the draft's cache follows the model's, chunk for chunk
             self._draft_table.blocks = self._table.blocks
             self.draft(ids, pos, rows=self._row0, return_hidden=True)  # its keys and values only
@@ -677,7 +683,10 @@ class Engine:
         self._table.blocks = table.to(self.device)  # (rows, width)
         ids, pos = ids.to(self.device), pos.to(self.device)
         try:
-            full = self.runner.forward(ids, pos)  # (rows, longest, vocab)
+            # (rows, 1, vocab): each row's last position's logits (every position's for a stand-in)
+            last = (torch.tensor([end - start - 1 for start, end in spans], device=self.device) if self._last_only
+                    else None)
+            full = self.runner.forward(ids, pos, None, last)
             if self.draft is not None:  # the draft's cache follows the model's
                 self._draft_table.blocks = self._table.blocks
                 self.draft(ids, pos, return_hidden=True)
@@ -688,7 +697,7 @@ class Engine:
             return
         for r, (i, (start, end)) in enumerate(zip(rows, spans)):
             try:
-                self._prefilled(i, end, full[r, : end - start])
+                self._prefilled(i, end, full[r] if last is not None else full[r, : end - start])
             except Exception as e:  # noqa: BLE001 - this request's work failed: only it ends
                 self._fail(self._slots[i].req, e)
 

@@ -30,12 +30,24 @@ from llamaworks.inference.paged import BlockTable, setup_paged_caches
 
 # The packed broadcast: HEADER int64s, then the payload they describe.
 _STOP, _FORWARD, _DECODE = 0, 1, 2
-_HEADER = 7  # op, bsz, seq, table rows, table width, has rows, payload length
+_HEADER = 8  # op, bsz, seq, table rows, table width, has rows, has last, payload length
 _SETUP = 5  # num_blocks, block_size, context, packed capacity, protocol version
-_VERSION = 1
+_VERSION = 2
 # A worker idles in a broadcast until the next request arrives, for as long as the server
 # runs: the control group's timeout must not end an idle server (gloo's default is 30 min).
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+
+def forward(model, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
+            last: torch.Tensor | None = None) -> torch.Tensor:
+    """model(tokens, pos, rows=rows): logits (bsz, seq, vocab); with `last` (bsz,), only those of
+    position last[b] of each row, (bsz, 1, vocab): a prefill needs no more, and the output
+    layer is a third of a small model's work per token."""
+    if last is None:
+        return model(tokens, pos, rows=rows)
+    h = model(tokens, pos, rows=rows, return_hidden=True)  # (bsz, seq, dim), after the final norm
+    h = h[torch.arange(h.shape[0], device=h.device), last].unsqueeze(1)  # (bsz, 1, dim)
+    return model.output(h).float()
 
 
 class LocalRunner:
@@ -48,8 +60,9 @@ class LocalRunner:
         """Give the model its paged KV cache (inference/paged.py); the table the engine fills."""
         return setup_paged_caches(self.model, num_blocks, block_size, context)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(tokens, pos, rows=rows)  # (bsz, seq, vocab)
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        return forward(self.model, tokens, pos, rows, last)  # (bsz, seq or 1, vocab)
 
     def decode(self, step, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return step(self.model, tokens, pos)  # (bsz, vocab)
@@ -64,7 +77,7 @@ def control_group():
     return dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
 
 
-def _pack(op: int, tokens=None, pos=None, blocks=None, rows=None) -> torch.Tensor:
+def _pack(op: int, tokens=None, pos=None, blocks=None, rows=None, last=None) -> torch.Tensor:
     if op == _STOP:
         return torch.tensor([_STOP] + [0] * (_HEADER - 1), dtype=torch.int64)
     bsz, seq = tokens.shape
@@ -72,16 +85,20 @@ def _pack(op: int, tokens=None, pos=None, blocks=None, rows=None) -> torch.Tenso
     parts = [tokens.reshape(-1), pos.expand(bsz, seq).reshape(-1), blocks.reshape(-1)]
     if rows is not None:
         parts.append(rows.reshape(-1))
+    if last is not None:
+        parts.append(last.reshape(-1))
     payload = torch.cat([p.to("cpu", torch.int64) for p in parts])
-    header = torch.tensor([op, bsz, seq, n_rows, width, rows is not None, payload.numel()], dtype=torch.int64)
+    header = torch.tensor([op, bsz, seq, n_rows, width, rows is not None, last is not None, payload.numel()],
+                          dtype=torch.int64)
     return torch.cat([header, payload])
 
 
 def _unpack(packed: torch.Tensor, device) -> tuple:
-    """(op, tokens (bsz, seq), pos (bsz, seq), blocks (table rows, width), rows (bsz,) or None)."""
-    op, bsz, seq, n_rows, width, has_rows, _ = packed[:_HEADER].tolist()
+    """(op, tokens (bsz, seq), pos (bsz, seq), blocks (table rows, width), rows (bsz,) or None,
+    last (bsz,) or None)."""
+    op, bsz, seq, n_rows, width, has_rows, has_last, _ = packed[:_HEADER].tolist()
     if op == _STOP:
-        return op, None, None, None, None
+        return op, None, None, None, None, None
     at = _HEADER
     tokens = packed[at:at + bsz * seq].view(bsz, seq)
     at += bsz * seq
@@ -90,7 +107,9 @@ def _unpack(packed: torch.Tensor, device) -> tuple:
     blocks = packed[at:at + n_rows * width].view(n_rows, width)
     at += n_rows * width
     rows = packed[at:at + bsz] if has_rows else None
-    return tuple([op] + [None if t is None else t.to(device) for t in (tokens, pos, blocks, rows)])
+    at += bsz if has_rows else 0
+    last = packed[at:at + bsz] if has_last else None
+    return tuple([op] + [None if t is None else t.to(device) for t in (tokens, pos, blocks, rows, last)])
 
 
 class TPRunner:
@@ -114,8 +133,8 @@ class TPRunner:
         self.table = setup_paged_caches(self.model, num_blocks, block_size, context)
         return self.table
 
-    def _send(self, op: int, tokens=None, pos=None, rows=None) -> None:
-        packed = _pack(op, tokens, pos, None if op == _STOP else self.table.blocks, rows)
+    def _send(self, op: int, tokens=None, pos=None, rows=None, last=None) -> None:
+        packed = _pack(op, tokens, pos, None if op == _STOP else self.table.blocks, rows, last)
         buf = torch.zeros(self.capacity, dtype=torch.int64)
         n = min(packed.numel(), self.capacity)
         buf[:n] = packed[:n]
@@ -123,9 +142,10 @@ class TPRunner:
         if packed.numel() > self.capacity:  # the rest, whose length the header gave
             dist.broadcast(packed[self.capacity:].contiguous(), 0, group=self.group)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        self._send(_FORWARD, tokens, pos, rows)
-        return self.model(tokens, pos, rows=rows)
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        self._send(_FORWARD, tokens, pos, rows, last)
+        return forward(self.model, tokens, pos, rows, last)
 
     def decode(self, step, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         # The workers run model(tokens, pos)[:, -1], the uncompiled step (serve refuses
@@ -176,12 +196,12 @@ def serve_worker(model, group=None) -> int:
     passes = 0
     with torch.no_grad():
         while True:
-            op, tokens, pos, blocks, rows = _receive(group, capacity, device)
+            op, tokens, pos, blocks, rows, last = _receive(group, capacity, device)
             if op == _STOP:
                 return passes
             table.blocks = blocks
             if op == _FORWARD:
-                model(tokens, pos, rows=rows)
+                forward(model, tokens, pos, rows, last)
             else:
                 assert op == _DECODE, op
                 model(tokens, pos)
