@@ -235,17 +235,20 @@ def pass_gradients_through_quantized(model: nn.Module) -> int:
 
 def dropout_keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """A bool mask of `shape`, each entry True (kept) with probability 1 - p, independently: what
-    nn.Dropout draws. On CPU from 32-bit random integers against a threshold (p exact to 2^-32,
-    finer than the float uniforms bernoulli_ compares): torch.randint over the full int64 range
-    gives two such integers per draw, 4x faster than bernoulli_ on CPU, where LoRA dropout cost
-    more than the adapters' matmuls (config A: 7 masks per block, each as large as the input)."""
+    nn.Dropout draws. On CPU from 16-bit random integers against a threshold, so p is rounded to a
+    multiple of 2^-16 (within 7.7e-6 of it: 0.05 becomes 0.0500031), a difference no training run
+    can see. torch.randint over the full int64 range gives four 16-bit integers per 64-bit draw:
+    half the generator's work of 32-bit integers, and bernoulli_ costs as much as those (a
+    2048 x 5632 mask, config B's w2 input: 25 ms of CPU against 55 and 58 ms, 2 threads). LoRA
+    dropout cost more than the adapters' matmuls on CPU (7 masks per block, each as large as the
+    projection's input), and drawing the masks was the larger part of it."""
     assert 0 < p < 1, p
     if device.type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - p)
     n = math.prod(shape)
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
-    # int32 halves uniform on [-2^31, 2^31): below the threshold with probability p.
-    return (bits.view(torch.int32)[:n] >= round(p * 2**32) - 2**31).view(shape)
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    # int16 quarters uniform on [-2^15, 2^15): below the threshold with probability p (rounded).
+    return (bits.view(torch.int16)[:n] >= round(p * 2**16) - 2**15).view(shape)
 
 
 def _dropped(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -321,7 +324,7 @@ class _LoRAFunction(torch.autograd.Function):
         if need_x:
             gx = gu @ lora_A.to(ld)  # (tokens, in): the adapter's share
             if mask is not None:
-                gx.masked_fill_(~mask, 0.0)
+                gx = torch.where(mask, gx, 0.0)  # one pass (masked_fill_ of ~mask is two)
             if ctx.fused:
                 gx.addmm_(gl, base.weight.to(ld))  # + the base's share, g W, in place
             else:
