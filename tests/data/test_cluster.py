@@ -122,3 +122,18 @@ def c4_pipeline():
     from llamaworks.data.sources import pipeline
 
     return pipeline("c4")
+
+
+def test_cli_dedup_partitions_match_the_single_process_run(tmp_path, reference):
+    from llamaworks.cli import main
+
+    root, _ = reference
+    ref = LocalExecutor(tmp_path / "ref", workers=1, progress=False).run("c4", *c4_pipeline(), [root / "in"])
+    assert main(["data", "run", "c4", "--input", str(root / "in"), "--output", str(tmp_path / "out"),
+                 "--workers", "2", "--dedup-partitions", "3"]) == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    (line,) = [st for st in stats["steps"] if st["name"] == "line_dedup"]
+    assert line.pop("partitioned")["partitions_done"] == 3 and line["lines_removed"]
+    assert stats == ref
+    assert files(tmp_path / "out" / "documents") == files(tmp_path / "ref" / "documents")
+    assert "ran in hash partitions" in (tmp_path / "out" / "DATACARD.md").read_text()

@@ -353,7 +353,8 @@ def reduce_task(run: RunPlan, s: int, p: int) -> dict:
                 for i in range(run.world)]
     outputs, stats = plan.reduce(p, payloads, run.world)
     _write_segments(_phase(run, s, "reduce", f"{p:05d}.bin"), outputs)  # one segment per shard
-    stats = {"partition": p, **stats}
+    # bytes_in: what this partition's task read from every shard's index (the shuffle a cluster pays).
+    stats = {"partition": p, **stats, "bytes_in": sum(map(len, payloads)), "bytes_out": sum(map(len, outputs))}
     storage.atomic_write_json(_phase(run, s, "reduce", f"{p:05d}.done"), stats)  # last
     return stats
 
