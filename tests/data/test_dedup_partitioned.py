@@ -243,3 +243,16 @@ def test_dask_local_cluster_with_processes_equals_single_process(tmp_path, corpu
     assert without_partitioned(stats) == ref_stats
     assert outputs(tmp_path / "out") == outputs(ref_root)
     assert [st["partitioned"]["partitions_done"] for st in stats["steps"] if "partitioned" in st] == [6, 6, 6]
+
+
+def test_the_exchange_of_a_run_is_read_back_from_its_files(tmp_path, corpus):
+    from llamaworks.data.executor import partition_exchange
+
+    stats = LocalExecutor(tmp_path / "out", workers=1, progress=False, dedup_partitions=4).run(
+        "web", JsonlReader(), PIPELINES["minhash"](), [corpus])
+    (stage,) = partition_exchange(tmp_path / "out").values()
+    assert stage["partitions"] == 4 and stage["shards"] == 5
+    assert len(stage["index"]) == 5 and all(len(x) == 4 for x in stage["index"])
+    assert len(stage["reduce"]) == 4 and all(len(x) == 5 for x in stage["reduce"])
+    part = stats["steps"][-1]["partitioned"]
+    assert sum(map(sum, stage["index"])) == part["bytes_in"] and sum(map(sum, stage["reduce"])) == part["bytes_out"]

@@ -338,6 +338,31 @@ def _read_segment(path: storage.StoragePath, k: int, count: int) -> bytes:
     return storage.read_range(path, head + int(lo), head + int(hi)) if hi > lo else b""
 
 
+def _segment_sizes(path: storage.StoragePath, count: int) -> list[int]:
+    return np.diff(np.frombuffer(storage.read_range(path, 0, 8 * (count + 1)), dtype="<u8")).astype(int).tolist()
+
+
+def partition_exchange(output: str | os.PathLike) -> dict[int, dict]:
+    """The shuffle of a run's partitioned dedup stages, from their files' headers: per stage,
+    `index[shard][p]`, the bytes shard's index task wrote for partition p (what the reduce task of
+    p reads), and `reduce[p][shard]`, what p's reduce task wrote for the shard's filter (or the
+    merge). For laying a measured run out on other cluster sizes (benchmarks/data_throughput.py)."""
+    out = storage.as_path(output)
+    partitions = json.loads(storage.read_text(storage.join(out, ".state", "pipeline.json"))).get("dedup_partitions", 0)
+    found: dict[int, dict[str, list]] = {}
+    for f in storage.list_files(storage.join(out, ".state"), ["*.bin"]):
+        stage, phase = str(f).rsplit("/", 3)[-3:-1]
+        found.setdefault(int(stage.removeprefix("stage")), {}).setdefault(phase, []).append(f)
+    result = {}
+    for s, phases in sorted(found.items()):
+        index = sorted(phases.get("index", []), key=storage.name)
+        reduce = sorted(phases.get("reduce", []), key=storage.name)
+        result[s] = {"partitions": partitions, "shards": len(index),
+                     "index": [_segment_sizes(f, partitions + 1)[:partitions] for f in index],
+                     "reduce": [_segment_sizes(f, len(index)) for f in reduce]}
+    return result
+
+
 def index_task(run: RunPlan, s: int, shard: int) -> dict:
     plan = _plan(run, s)
     payloads, side = plan.index(read_jsonl(run.shard_path(s - 1, shard)), shard)
