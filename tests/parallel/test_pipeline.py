@@ -128,6 +128,7 @@ def test_stages_in_order_are_the_model(schedule, stages_per_rank):
     ({"pp": 2, "pp_schedule": "interleaved1f1b", "pp_stages_per_rank": 1}, {}, "parallel.pp_stages_per_rank = 2"),
     ({"pp": 2, "pp_microbatches": 3}, {}, "parallel.pp_microbatches=3"),  # the step has 4 micro-batches
     ({"pp": 2}, {"eval": {"tasks": ["arc_easy"]}}, "eval.tasks"),
+    ({"pp": 2}, {"eval": {"every": 4, "batches": 2}}, "eval.batches=2"),
     ({"pp": 2, "dp_shard": 2}, {}, "world size is 2"),
 ])
 def test_bad_pipeline_is_an_error_before_any_process_group(make_config, tmp_path, monkeypatch, parallel, sections,

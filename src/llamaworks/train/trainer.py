@@ -380,9 +380,14 @@ def pipeline_plan(cfg, dims: ParallelDims, args: ModelArgs, data: DataSource, sp
         raise ValueError(f"eval.tasks={cfg.eval.tasks} with parallel.pp={dims.pp}: task scoring runs the whole "
                          "model on each rank; score the final model instead (llamaworks eval) and set eval.tasks = []")
     par = cfg.parallel
-    return resolve_pipeline(dims.pp, par.pp_schedule, par.pp_microbatches, par.pp_split_points,
+    plan = resolve_pipeline(dims.pp, par.pp_schedule, par.pp_microbatches, par.pp_split_points,
                             par.pp_stages_per_rank, args.n_layers, cfg.grad_accum_steps(dims.dp),
                             args.tie_word_embeddings)
+    if cfg.eval.every > 0 and 0 < cfg.eval.batches < plan.microbatches:
+        raise ValueError(f"eval.batches={cfg.eval.batches} is fewer than the {plan.microbatches} micro-batches of one "
+                         f"schedule step (parallel.pp_microbatches): validation runs whole schedule steps; raise "
+                         f"eval.batches to a multiple of {plan.microbatches} (0: the whole val split)")
+    return plan
 
 
 def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
