@@ -84,7 +84,8 @@ def assert_matches_reference(out: Path, ref: Path) -> None:
 ])
 def test_pipeline_matches_one_process(setup, tmp_path, name, world, micro, parallel):
     make, ref = setup
-    spawn(make(tmp_path, micro=micro, parallel=parallel), world)
+    # selective AC on the stages' blocks: recomputation gives the same numbers as the reference's none
+    spawn(make(tmp_path, micro=micro, parallel=parallel, train={"activation_checkpointing": "selective"}), world)
     assert_matches_reference(tmp_path, ref)
 
 
