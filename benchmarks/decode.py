@@ -384,6 +384,8 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                     m = quantized_copy(model, mode, a.group_size)
                     if a.fuse:
                         fuse_projections(m)
+                    if torch.device(a.device).type == "cpu":
+                        use_native_kernels(m)  # as load_model: the decode attention (the layers are quantised)
                     return (lambda p: time_llamaworks(m, p, a.new_tokens, compile)), bytes_per_step(m)
                 label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
                 variants.append((label, prec, None, False, make_q))

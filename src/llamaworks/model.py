@@ -149,14 +149,19 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (bsz, n_kv_heads, seq, head_dim)
         q = q.transpose(1, 2)  # (bsz, heads, seq, head_dim)
+        out = self.attend(q, k, v, mask)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seq, dim)
+        return self.wo(out)
+
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(head_dim)) v: q (bsz, heads, seq, head_dim), k and v (bsz, n_kv_heads,
+        keys, head_dim), mask (True: attend) or None (causal); the seam where inference/kernels.py
+        puts a decode kernel."""
         if mask is None:
             # Memory-efficient causal attention (section 2.4): SDPA's fused kernels keep no
             # attention matrix, and the flash kernels skip the blocks the causal mask hides.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seq, dim)
-        return self.wo(out)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class FeedForward(nn.Module):

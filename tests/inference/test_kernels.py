@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from peaked import sharpen
 
 from llamaworks.inference import native
+from llamaworks.inference.fuse import FusedAttention, fuse_projections, unfuse
 from llamaworks.inference.generate import generate_ids
-from llamaworks.inference.kernels import GemvLinear, NativeLinear, use_gemv, use_native_kernels
+from llamaworks.inference.kernels import (
+    GemvLinear,
+    NativeAttention,
+    NativeLinear,
+    use_gemv,
+    use_native_attention,
+    use_native_kernels,
+)
 from llamaworks.inference.quant import (
     Int4Linear,
     Int8Linear,
@@ -33,7 +41,7 @@ from llamaworks.inference.quant import (
     quantize_int8,
     quantize_model,
 )
-from llamaworks.model import ModelArgs, build_model
+from llamaworks.model import Attention, ModelArgs, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -252,10 +260,10 @@ def test_use_native_kernels_swaps_float_linears_only(native_lib):
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=96, multiple_of=16, max_seq_len=32,
                      tie_word_embeddings=True)
     model = build_model(args)
-    assert use_native_kernels(model) == 8  # wq wk wv wo w1 w2 w3 output
+    assert use_native_kernels(model) == 9  # wq wk wv wo w1 w2 w3 output, and the attention
     assert model.output.weight is model.tok_embeddings.weight  # tied: the same parameter
     bf = build_model(args).to(torch.bfloat16)
-    assert use_gemv(bf) == 8 and use_native_kernels(bf) == 8  # GemvLinear is taken over
+    assert use_gemv(bf) == 8 and use_native_kernels(bf) == 9  # GemvLinear is taken over
     assert all(type(m) is NativeLinear for m in bf.modules() if isinstance(m, torch.nn.Linear))
     skip = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8, bias=False).half())
     assert use_native_kernels(skip) == 0  # a bias, fp16
@@ -265,9 +273,10 @@ def test_use_native_kernels_swaps_float_linears_only(native_lib):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_tokens_equal_eager(native_lib, dtype):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=64)
-    eager = sharpen(build_model(args)).to(dtype)
+    fp32 = sharpen(build_model(args))
+    eager = copy.deepcopy(fp32).to(dtype)
     fast = copy.deepcopy(eager)
-    assert use_native_kernels(fast) == 15
+    assert use_native_kernels(fast) == 17  # 7 Linear per block, the output, an attention per block
     prompts = [[1, 5, 9, 23], [1, 77, 3], [1], [1, 2, 3, 4, 5, 6, 7], [1, 9]]  # batch 5: 5-row products
 
     def run(model):
@@ -276,8 +285,14 @@ def test_greedy_tokens_equal_eager(native_lib, dtype):
     want, got = run(eager), run(fast)
     if dtype == torch.float32:
         assert torch.equal(got, want)
-    else:  # bf16 outputs rounded after different fp32 sums: allow a late divergence, not an early one
-        assert torch.equal(got[:, :8], want[:, :8])
+    else:
+        # bf16 outputs rounded after different fp32 sums (and attention in fp32, where bf16 SDPA
+        # rounds its intermediates): as close to the fp32 model's tokens as bf16 eager is, over
+        # the first 8 (a late divergence is rounding, an early one a bug).
+        ref = run(fp32)
+        for i in range(len(prompts)):
+            if torch.equal(want[i, :8], ref[i, :8]):
+                assert torch.equal(got[i, :8], ref[i, :8]), i
 
 
 def test_operators_trace_into_compiled_graphs(native_lib):
@@ -432,3 +447,60 @@ def test_operators_under_inductor_give_eager_results(native_lib):
     for rows in (1, 8):
         x = torch.randn(rows, 128)
         assert torch.equal(compiled(x), step(x))
+
+
+@pytest.mark.parametrize("isa", native.ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa(isa, dtype):
+    g = torch.Generator().manual_seed(0)
+    # (bsz, heads, kv heads, query rows, keys, head_dim): GQA, several query rows, head_dim 16..128
+    cases = ((1, 8, 8, 1, 256, 64), (3, 8, 2, 2, 100, 32), (2, 4, 4, 3, 16, 128), (2, 2, 1, 1, 5, 16))
+    for b, h, hkv, s, n, d in cases:
+        q = torch.randn(b, s, h, d, generator=g).to(dtype).transpose(1, 2)  # the model's strides
+        k, v = (torch.randn(b, hkv, n, d, generator=g).to(dtype) for _ in range(2))
+        pos = torch.randint(0, n, (b, s), generator=g)
+        mask = torch.arange(n).view(1, 1, 1, -1) <= pos.unsqueeze(1).unsqueeze(-1)  # (b, 1, s, n): broadcast heads
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=h != hkv)
+        got = ops.decode_attention(q, k, v, mask)
+        assert got.dtype == dtype and got.shape == (b, h, s, d)
+        if dtype == torch.float32:
+            close(got, want)
+        else:  # fp32 inside, the output rounded to bf16 once
+            torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+        # a cache slice with gaps between rows (a larger cache's first keys) reads the same
+        big_k, big_v = (torch.cat([t, t], dim=2) for t in (k, v))
+        close(ops.decode_attention(q, big_k[:, :, :n], big_v[:, :, :n], mask).float(), got.float())
+
+
+def test_decode_attention_checks_its_operands_and_traces(native_lib):
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    mask = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="bool"):
+        ops.decode_attention(q, k, v, mask.float())
+    with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
+        ops.decode_attention(q, k.bfloat16(), v, mask)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        ops.decode_attention(q[..., :8], k[..., :8], v[..., :8], mask)
+    torch.library.opcheck(ops.decode_attention, (q, k, v, mask), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_native_attention_survives_fusion_and_gives_the_same_logits(native_lib):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16, max_seq_len=32)
+    ref = build_model(args).eval()
+    model = copy.deepcopy(ref)
+    assert use_native_attention(model) == 2 and use_native_attention(model) == 0  # once
+    atts = [m for m in model.modules() if isinstance(m, Attention)]
+    assert all(isinstance(m, NativeAttention) for m in atts)
+    assert fuse_projections(model) == 4  # fused after use_native_attention too, and still native
+    assert all(isinstance(m, NativeAttention) and isinstance(m, FusedAttention) for m in atts)
+    tokens = torch.tensor([[1, 5, 9, 23, 4]])
+    with torch.no_grad():
+        for m in (ref, model):
+            m.setup_caches(1, 16)
+        want = [ref(tokens[:, :3], torch.arange(3))] + [ref(tokens[:, i:i + 1], torch.tensor([i])) for i in (3, 4)]
+        got = [model(tokens[:, :3], torch.arange(3))] + [model(tokens[:, i:i + 1], torch.tensor([i])) for i in (3, 4)]
+    for a, b in zip(got, want):
+        close(a, b)
+    assert unfuse(model) == 4
+    assert all(isinstance(m, NativeAttention) and not isinstance(m, FusedAttention)
+               for m in model.modules() if isinstance(m, Attention))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaworks.inference.kernels import GemvLinear, NativeLinear
+from llamaworks.inference.kernels import GemvLinear, NativeAttention, NativeLinear, native_attention_class
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.model import Attention, FeedForward
 
@@ -186,8 +186,10 @@ def fuse_projections(model: nn.Module, attention: bool = True, feed_forward: boo
     after adapters are applied, and before torch.compile."""
     n = 0
     for m in list(model.modules()):
-        if attention and type(m) is Attention:
-            n += _fuse_module(m, FusedAttention)
+        if attention and type(m) in (Attention, native_attention_class(Attention)):
+            # the native decode attention (kernels.use_native_attention) stays on
+            native = isinstance(m, NativeAttention)
+            n += _fuse_module(m, native_attention_class(FusedAttention) if native else FusedAttention)
         elif feed_forward and type(m) is FeedForward:
             n += _fuse_module(m, FusedFeedForward)
     return n
@@ -200,7 +202,7 @@ def unfuse(model: nn.Module) -> int:
     for m in list(model.modules()):
         if not isinstance(m, FusedProjections):
             continue
-        fused = m._modules[m.fused_name]
+        fused, native = m._modules[m.fused_name], isinstance(m, NativeAttention)
         parts = dict(zip(m.parts, split_linear(fused, m.sizes)))
         children = {k: v for k, v in m._modules.items() if k != m.fused_name}
         m._modules.clear()
@@ -211,6 +213,8 @@ def unfuse(model: nn.Module) -> int:
         m._state_dict_pre_hooks.clear()
         m._load_state_dict_pre_hooks.clear()
         m.__class__ = Attention if isinstance(m, FusedAttention) else FeedForward
+        if isinstance(m, Attention) and native:
+            m.__class__ = native_attention_class(Attention)
         del m.sizes
         n += 1
     return n

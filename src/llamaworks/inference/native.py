@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ops.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp",
            "gemv_scalar.cpp")
-HEADERS = ("gemv.h", "gemv_body.h")
+HEADERS = ("gemv.h", "gemv_body.h", "attn_body.h")
 NAME = "llamaworks_native"
 # No -march: the instruction sets are chosen per file, at run time. -fopenmp: at::parallel_for is
 # inline OpenMP code in the headers (torch's CPU backend), so without it the kernels ran on one
@@ -224,6 +224,8 @@ def _register_fakes() -> None:
         return
     for op in ("gemv_f32", "gemv_bf16", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"llamaworks::{op}")(fake)
+    # decode_attention: q's shape (bsz, heads, seq, head_dim), contiguous
+    torch.library.register_fake("llamaworks::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
     _state.fakes = True
 
 

@@ -51,4 +51,26 @@ extern const GemvFn int4_q8_avx2;
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, int32_t* xc);
 void avx512bf16_int4_prepare(const float* x, int64_t M, int64_t K, int64_t group, uint16_t* xb, float* xsum);
 
+// Decode attention (attn_body.h): out (B, H, S, D) = softmax(q k^T / sqrt(D), masked) v for
+// S query rows per sequence and head against L cached keys, each query row reading only the
+// keys its mask lets it see. q, k, v and out all fp32 or all bf16, last dimension contiguous,
+// other strides in elements; GQA: head h reads cache head h / (H / Hkv).
+constexpr int64_t MAX_HEAD_DIM = 256;
+struct Attention {
+  const void* q;           // (B, H, S, D), strides qs
+  const void* k;           // (B, Hkv, L, D), strides ks
+  const void* v;           // (B, Hkv, L, D), strides vs
+  const bool* mask;        // (B, 1 or H, S, L) broadcast, strides ms (0 where broadcast)
+  void* out;               // (B, H, S, D), contiguous
+  bool bf16;
+  int64_t B, H, Hkv, S, L, D;
+  int64_t qs[3], ks[3], vs[3], ms[4];
+  float scale;
+};
+// Query rows [r0, r1) of B * H * S (row (b * H + h) * S + s); scores: L floats of scratch.
+using AttentionFn = void (*)(const Attention&, int64_t r0, int64_t r1, float* scores);
+extern const AttentionFn scalar_attention;
+extern const AttentionFn avx2_attention;
+extern const AttentionFn avx512_attention;
+
 }  // namespace lw

@@ -46,6 +46,8 @@ struct Isa {
 
 #define LW_KERNELS avx2_kernels
 #include "gemv_body.h"
+#define LW_ATTENTION avx2_attention
+#include "attn_body.h"
 
 // int8 weights times activations quantised per block of 32 (gemv.h's int8_q8_avx2): one 32-byte
 // vector is one block. maddubs multiplies unsigned by signed bytes and adds pairs into int16,

@@ -45,6 +45,8 @@ struct Isa {
 
 #define LW_KERNELS avx512_kernels
 #include "gemv_body.h"
+#define LW_ATTENTION avx512_attention
+#include "attn_body.h"
 }  // namespace lw
 
 #if defined(__clang__)

@@ -31,4 +31,6 @@ struct Isa {
 
 #define LW_KERNELS scalar_kernels
 #include "gemv_body.h"
+#define LW_ATTENTION scalar_attention
+#include "attn_body.h"
 }  // namespace lw

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -211,6 +212,47 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return run(lw::INT4, x, w, K, w.size(1), scales.data_ptr<float>(), offsets.data_ptr<float>(), group_size);
 }
 
+// decode_attention(q, k, v, mask): SDPA with a boolean mask (True: attend) and the default
+// scale 1 / sqrt(head_dim), for decode (gemv.h's Attention). q (B, H, S, D); k, v (B, Hkv, L, D);
+// mask broadcastable to (B, H, S, L); all fp32 or all bf16.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const at::Tensor& mask) {
+  // Any other strides are read as they are; a last dimension with gaps is copied first.
+  const auto rows = [](const at::Tensor& t) { return t.dim() == 4 && t.stride(3) != 1 ? t.contiguous() : t; };
+  const at::Tensor q = rows(q_in), k = rows(k_in), v = rows(v_in);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "llamaworks decode_attention: q, k, v must be 4-d");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && mask.device().is_cpu(),
+              "llamaworks decode_attention: CPU tensors only");
+  const at::ScalarType dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
+              "llamaworks decode_attention: q, k, v must all be float32 or all bfloat16");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "llamaworks decode_attention: the mask must be bool");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == L && k.size(3) == D &&
+                  v.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "llamaworks decode_attention: shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes());
+  TORCH_CHECK(D % 16 == 0 && D <= lw::MAX_HEAD_DIM, "llamaworks decode_attention: head_dim ", D,
+              " must be a multiple of 16 up to ", lw::MAX_HEAD_DIM);
+  const at::Tensor m = mask.expand({B, H, S, L});
+  at::Tensor out = at::empty({B, H, S, D}, q.options());
+  if (out.numel() == 0) return out;
+  lw::Attention a{q.data_ptr(), k.data_ptr(), v.data_ptr(), m.data_ptr<bool>(), out.data_ptr(), dt == at::kBFloat16,
+                  B, H, Hkv, S, L, D,
+                  {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
+                  {v.stride(0), v.stride(1), v.stride(2)}, {m.stride(0), m.stride(1), m.stride(2), m.stride(3)},
+                  1.0f / std::sqrt(static_cast<float>(D))};
+  const int lvl = level.load(std::memory_order_relaxed);
+  const lw::AttentionFn fn = lvl >= AVX512 ? lw::avx512_attention : lvl == AVX2 ? lw::avx2_attention
+                                                                                 : lw::scalar_attention;
+  // A row is about L * D multiply-adds twice: below ~2^18 per thread a fork/join costs more.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, L * D));
+  at::parallel_for(0, B * H * S, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> scores(L);
+    fn(a, r0, r1, scores.data());
+  });
+  return out;
+}
+
 }  // namespace
 
 // Plain C entry points for the instruction-set choice (native.py calls them through ctypes).
@@ -230,6 +272,7 @@ TORCH_LIBRARY(llamaworks, m) {
   m.def("gemv_bf16(Tensor x, Tensor weight) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor weight, Tensor scales, Tensor offsets, int group_size) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
@@ -237,4 +280,5 @@ TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("decode_attention", &decode_attention);
 }
