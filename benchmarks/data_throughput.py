@@ -158,37 +158,30 @@ def run_ours(name: str, corpus: Path, out: Path, workers: int, partitions: int =
     LocalExecutor(out, workers=workers, progress=False).run("web", reader, steps, [corpus])
 
 
-def _segment_sizes(path: Path, segments: int) -> list[int]:
-    """Payload sizes of one of the executor's segment files (a header of segments + 1 uint64 offsets)."""
-    with open(path, "rb") as f:
-        offsets = np.frombuffer(f.read(8 * (segments + 1)), dtype="<u8").astype(np.int64)
-    return np.diff(offsets).tolist()
-
-
 def layout_64(out: Path, workers: int = 64) -> dict:
-    """The exchange of a partitioned MinHash run (.state/stage*/index and reduce files, measured sizes) laid
+    """The exchange of a partitioned MinHash run (executor.partition_exchange: measured payload sizes) laid
     out on `workers` workers: partition p reduced on worker p % workers, input shard i indexed on i % workers."""
-    summary = next(out.glob(".state/stage*/partitioned.json"), None)
-    if summary is None:
+    from llamaworks.data.executor import partition_exchange
+
+    stages = partition_exchange(out)
+    if not stages:
         return {}
-    partitions = json.loads(summary.read_text())["partitions"]
-    index = sorted(summary.parent.glob("index/*.bin"))  # one per input shard: P payloads + the shard's ids
+    ex = stages[max(stages)]  # the MinHash stage (the only partitioned one)
+    partitions = ex["partitions"]
     received = [0] * workers
     sent: dict[int, int] = {}
-    for f in index:
-        sizes = _segment_sizes(f, partitions + 1)[:partitions]
+    for shard, sizes in enumerate(ex["index"]):
         for p, n in enumerate(sizes):
             received[p % workers] += n
-        shard = int(f.stem)
         sent[shard % workers] = sent.get(shard % workers, 0) + sum(sizes)
     total = sum(received)
     mean = total / workers
-    return {"workers": workers, "partitions": partitions, "input_shards": len(index),
+    return {"workers": workers, "partitions": partitions, "input_shards": ex["shards"],
             "index_bytes_total": total, "received_per_worker_max": max(received),
             "received_per_worker_mean": round(mean),
             "received_skew_max_over_mean": round(max(received) / mean, 3) if mean else None,
             "sent_per_worker_max": max(sent.values()), "workers_sending": len(sent),
-            "merge_reads_bytes": sum(f.stat().st_size for f in summary.parent.glob("reduce/*.bin")),
+            "merge_reads_bytes": sum(sum(r) for r in ex["reduce"]),
             "note": "measured payload sizes of this run; with fewer input shards than workers, only "
                     "workers_sending workers index: cut the corpus into >= 64 files at that scale"}
 
