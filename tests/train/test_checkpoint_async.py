@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,26 +77,28 @@ class Timeline:
         return watched
 
     def hold(self, write):
+        """`write` (a function given the checkpoint's path, or a DCP writer whose .path is in it), held until
+        the step after the checkpoint's has started, or the loop waits for the write."""
+
         def held(*args, **kwargs):
+            where = " ".join(str(x) for x in args) + str(getattr(args[0], "path", ""))
+            step = int(re.search(r"step_(\d{8})", where).group(1))  # the checkpoint's step
             with self.stepped:
-                at = self.steps
-                self.events.append(("write starts", at))
-                self.stepped.wait_for(lambda: self.steps > at or self.waiting, timeout=WAIT_S)
+                self.events.append(("write starts", step))
+                self.stepped.wait_for(lambda: self.steps > step or self.waiting, timeout=WAIT_S)
             result = write(*args, **kwargs)
-            self.events.append(("write ends", at))
+            with self.stepped:
+                self.events.append(("write ends", step))
             return result
 
         return held
 
     def overlapped(self) -> list[int]:
-        """The steps after which a write was still running when the next optimizer step began."""
-        found = []
-        for i, (what, at) in enumerate(self.events):
-            if what == "write starts":
-                end = self.events.index(("write ends", at), i)
-                if ("step", at + 1) in self.events[i:end]:
-                    found.append(at)
-        return found
+        """The checkpoints whose write was still running when the optimizer step after theirs began
+        (the write may have started after that step did: DCP plans in the background first)."""
+        return [step for what, step in self.events if what == "write starts"
+                and ("step", step + 1) in self.events
+                and self.events.index(("step", step + 1)) < self.events.index(("write ends", step))]
 
 
 # ---------------------------------------------------------------------------- one process
