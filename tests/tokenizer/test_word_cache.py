@@ -91,3 +91,27 @@ def test_a_mismatch_on_the_first_batch_turns_the_cache_off(tiny_tokenizer, monke
     ids, _ = enc.encode(["the king"], True, True)
     assert enc.refusal.startswith("its ids differed") and "word cache is off" in caplog.text
     assert ids.tolist() == tiny_tokenizer.encode("the king", bos=True, eos=True)
+
+
+def test_the_model_settings_are_read_without_protobuf(tmp_path, tiny_tokenizer, monkeypatch):
+    # protobuf is not a dependency: the refusal reads the model file by hand (spm_proto.read_message).
+    import sys
+
+    from llamaworks.tokenizer.spm_proto import read_message
+
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)  # any import of protobuf now fails
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
+    assert word_cache_refusal(tiny_tokenizer) is None
+    (tmp_path / "docs.txt").write_text("the king and the queen\n" * 50 + "a b c d e f g h\n")
+    for option, refusal in (("add_dummy_prefix", "needs add_dummy_prefix"),
+                            ("remove_extra_whitespaces", "needs add_dummy_prefix")):
+        # identity normalisation, each setting in turn against the word cache's need
+        value = option == "remove_extra_whitespaces"
+        kwargs = {"remove_extra_whitespaces": False, option: value}
+        spm.SentencePieceTrainer.train(input=str(tmp_path / "docs.txt"), model_prefix=str(tmp_path / option),
+                                       vocab_size=40, model_type="bpe", normalization_rule_name="identity",
+                                       minloglevel=2, **kwargs)
+        assert word_cache_refusal(Tokenizer(tmp_path / f"{option}.model")).startswith(refusal), option
+    model = read_message(tiny_tokenizer.processor.serialized_model_proto())
+    assert len(model[1]) == tiny_tokenizer.processor.get_piece_size()  # every piece, field 1 repeated
+    assert read_message(model[3][-1])[1] == [b"identity"]

@@ -1,5 +1,6 @@
-"""A SentencePiece ModelProto written by hand (sentencepiece_model.proto field numbers), so that
-protobuf is not a dependency: a vocabulary from elsewhere (a GGUF file) becomes a `.model`."""
+"""A SentencePiece ModelProto written and read by hand (sentencepiece_model.proto field numbers), so
+that protobuf is not a dependency: a vocabulary from elsewhere (a GGUF file) becomes a `.model`, and
+the word cache (word_cache.py) reads a model's normaliser settings."""
 
 from __future__ import annotations
 
@@ -24,6 +25,40 @@ def _pb(field: int, value) -> bytes:
         return _varint(field << 3) + _varint(int(value))
     data = value.encode("utf-8") if isinstance(value, str) else value
     return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        byte = data[i]
+        i += 1
+        n |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return n, i
+
+
+def read_message(data: bytes) -> dict[int, list]:
+    """One protobuf message's fields: number -> its values in order (varints as int; length-delimited,
+    fixed32 and fixed64 as bytes). A singular field's value is the last one (protobuf's rule)."""
+    fields: dict[int, list] = {}
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _read_varint(data, i)
+        elif wire == 2:
+            size, i = _read_varint(data, i)
+            value, i = data[i:i + size], i + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = data[i:i + size], i + size
+        else:
+            raise ValueError(f"protobuf wire type {wire} (groups) is not used by sentencepiece_model.proto: "
+                             "not a SentencePiece model file")
+        fields.setdefault(key >> 3, []).append(value)
+    return fields
 
 
 def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int], unk_id: int, bos_id: int,

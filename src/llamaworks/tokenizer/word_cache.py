@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llamaworks.tokenizer.spm_proto import read_message
+
 log = logging.getLogger(__name__)
 
 SPACE = "\u2581"
@@ -49,18 +51,21 @@ def word_cache_refusal(tokenizer) -> str | None:
     sp = getattr(tokenizer, "processor", None)
     if sp is None or not hasattr(sp, "serialized_model_proto"):
         return "not a SentencePiece model"
-    try:
-        from sentencepiece import sentencepiece_model_pb2  # needs protobuf
-    except ImportError:
-        return "the sentencepiece model schema (protobuf) is not installed"
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
-    norm = proto.normalizer_spec
-    if norm.name != "identity" or norm.precompiled_charsmap:
-        return f"normaliser {norm.name!r} (not identity) may change text across chunks"
-    if not norm.add_dummy_prefix or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
+    # Read by hand (spm_proto.read_message): sentencepiece_model_pb2 would need protobuf installed.
+    model = read_message(sp.serialized_model_proto())
+    norm = read_message(model.get(3, [b""])[-1])  # ModelProto.normalizer_spec
+    trainer = read_message(model.get(2, [b""])[-1])  # ModelProto.trainer_spec
+
+    def flag(message: dict, field: int, default: bool) -> bool:  # proto2 defaults of sentencepiece_model.proto
+        return bool(message[field][-1]) if field in message else default
+
+    name = norm.get(1, [b""])[-1].decode("utf-8")
+    if name != "identity" or norm.get(2, [b""])[-1]:  # name, precompiled_charsmap
+        return f"normaliser {name!r} (not identity) may change text across chunks"
+    # add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces
+    if not flag(norm, 3, True) or flag(norm, 4, True) or not flag(norm, 5, True):
         return "needs add_dummy_prefix, escaped whitespace and extra whitespace kept"
-    if proto.trainer_spec.treat_whitespace_as_suffix:
+    if flag(trainer, 24, False):  # treat_whitespace_as_suffix
         return "whitespace as suffix"
     for i in range(sp.get_piece_size()):
         if _CROSSES.search(sp.id_to_piece(i)):
