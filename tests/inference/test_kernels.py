@@ -133,13 +133,12 @@ def test_kernels_equal_the_reference(isa, kind):
             packed, s, z, args = int4_args(w, group)
             ref_w = dequantize_int4(packed, s, z, group)
             call = lambda x, args=args, group=group: ops.gemv_int4(x, *args, group)  # noqa: E731
-        # avx512bf16's int4 kernel takes the activations rounded to bf16 (bf16 dot products), the
-        # int8 ones from avx2 up quantised per block of 32 (integer dot products)
+        # int4 kernels take the activations rounded to bf16 or quantised (native.int4_activations),
+        # the int8 ones from avx2 up quantised per block of 32 (integer dot products)
         as_taken = lambda x: x  # noqa: E731
-        if (isa, kind) == ("avx512bf16", "int4"):
-            as_taken = lambda x: x.bfloat16().float()  # noqa: E731
-        elif (kind == "int8" and native.int8_quantises_activations(isa, k)
-              or kind == "int4" and native.int4_quantises_activations(isa)):
+        if kind == "int4":
+            as_taken = lambda x, group=group: native.int4_activations_as_taken(x, isa, group)  # noqa: E731
+        elif kind == "int8" and native.int8_quantises_activations(isa, k):
             as_taken = native.quantize_activations_q8
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 19):  # 11, 19: chunks of 8 and a remainder
             x = torch.randn(rows, k, generator=g)
@@ -232,11 +231,9 @@ def test_layers_use_the_kernels_and_fall_back_without_them(native_lib):
             for mode, layer in quantised.items():
                 isa, rows = native.current_isa(), x.numel() // 96
                 taken = x
-                if mode == "int4" and isa == "avx512bf16" and rows <= 32:
-                    taken = x.bfloat16().float()
+                if mode == "int4" and rows <= 32:
+                    taken = native.int4_activations_as_taken(x, isa, 32)
                 elif mode == "int8" and rows <= native.NATIVE_MAX_ROWS and native.int8_quantises_activations(isa, 96):
-                    taken = native.quantize_activations_q8(x)
-                elif mode == "int4" and rows <= 32 and native.int4_quantises_activations(isa):
                     taken = native.quantize_activations_q8(x)
                 close(layer(x), F.linear(taken, deq[mode]))
     # forced fallback: the same module, PyTorch's paths (the torch kernels take bf16 activations)

@@ -58,8 +58,10 @@ NATIVE_MAX_ROWS = 8
 # rule: quantize_activations_q8) and multiply in integers: AVX2 maddubs (also on avx512, which
 # has no byte sign op at 512 bits), AVX512_VNNI vpdpbusd from avx512vnni up; the float path
 # (x as it is) on scalar and where in_features % 32 != 0. One path for every row count, so a
-# row's result is the same alone or in a batch. int4 weights take the same quantised
-# activations and maddubs from avx2 up to avx512vnni (int4_quantises_activations).
+# row's result is the same alone or in a batch. int4 weights in groups of 128, 256, ... take the
+# activations quantised per block of 128 and vpdpbusd from avx512vnni up; other groups the
+# int8 activations and maddubs from avx2 up to avx512vnni, bf16 dot products on avx512bf16
+# (int4_activations).
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16")
 _AVX512 = frozenset({"avx512f", "avx2", "fma"})
 _VNNI = _AVX512 | {"avx512bw", "avx512vnni"}
@@ -84,18 +86,36 @@ def int8_quantises_activations(isa: str, in_features: int) -> bool:
     return ISAS.index(isa) >= ISAS.index("avx2") and in_features % 32 == 0
 
 
-def int4_quantises_activations(isa: str) -> bool:
-    """Whether gemv_int4 under `isa` quantises the activations as gemv_int8 does (from avx2 up
-    to avx512vnni; avx512bf16 rounds them to bf16 for its bf16 dot products instead)."""
-    return isa in ("avx2", "avx512", "avx512vnni")
+def int4_activations(isa: str, group_size: int) -> str:
+    """How gemv_int4 under `isa` takes the activations (ops.cpp's choice): "q8_128" quantised per
+    block of 128 columns for VNNI integer dot products (avx512vnni and up, groups of 128, 256, ...),
+    "bf16" rounded for bf16 dot products (avx512bf16, other groups), "q8_32" quantised as for
+    int8 for AVX2 maddubs (avx2 to avx512vnni), "fp32" as they are (scalar)."""
+    level = ISAS.index(isa)
+    if level >= ISAS.index("avx512vnni") and group_size % 128 == 0:
+        return "q8_128"
+    if isa == "avx512bf16":
+        return "bf16"
+    return "q8_32" if level >= ISAS.index("avx2") else "fp32"
 
 
-def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
-    """x (..., K) as the int8 kernels take it, dequantised: per block of 32 columns,
-    d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)), in fp32 as ops.cpp's
-    quantize_rows computes them; returns q * d (the reference for the kernels' results)."""
-    assert x.shape[-1] % 32 == 0, f"in_features {x.shape[-1]} is not a multiple of 32"
-    blocks = x.float().reshape(*x.shape[:-1], -1, 32)  # (..., K/32, 32)
+def int4_activations_as_taken(x: torch.Tensor, isa: str, group_size: int) -> torch.Tensor:
+    """x (..., K) as gemv_int4 under `isa` takes it (int4_activations), in fp32: the reference
+    the kernel's result equals up to fp32 summation order."""
+    how = int4_activations(isa, group_size)
+    if how == "bf16":
+        return x.bfloat16().float()
+    if how == "fp32":
+        return x.float()
+    return quantize_activations_q8(x, 128 if how == "q8_128" else 32)
+
+
+def quantize_activations_q8(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x (..., K) as the int8 kernels take it, dequantised: per block of `block` columns (32;
+    128 for int4_vnni), d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)), in fp32
+    as ops.cpp's quantize_rows computes them; returns q * d (the reference for the kernels' results)."""
+    assert x.shape[-1] % block == 0, f"in_features {x.shape[-1]} is not a multiple of {block}"
+    blocks = x.float().reshape(*x.shape[:-1], -1, block)  # (..., K/block, block)
     amax = blocks.abs().amax(-1, keepdim=True)
     # torch.div of two tensors: `127.0 / amax` is reciprocal-then-multiply, another rounding
     inv = torch.where(amax > 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))

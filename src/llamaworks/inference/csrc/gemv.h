@@ -46,6 +46,13 @@ extern const GemvFn int8_q8_avx2;
 // int4 weights times the same activations (AVX2 maddubs, nibbles as the unsigned operand);
 // needs Gemv::xsum: per row and group, the sum of the dequantised activations.
 extern const GemvFn int4_q8_avx2;
+// int4 weights times activations quantised per block of 128 columns (quantize_rows_q8_128) with
+// AVX512_VNNI vpdpbusd (nibbles as the unsigned operand), for group sizes that are multiples of
+// 128; Gemv::xd holds one scale per block (M, K/128) and Gemv::xsum the group sums as above.
+extern const GemvFn int4_vnni;
+// Per row and block of 128: d = max|x| / 127, q = round-half-even(x * (127 / max|x|)), in the
+// column order int4_vnni reads (see there); xsum (M, K/group): sum of d * q per group.
+void quantize_rows_q8_128(const float* x, int64_t M, int64_t K, int64_t group, int8_t* xq, float* xd, float* xsum);
 // The activations as those kernels take them (Gemv::xq, xd, xc): per row and block of 32,
 // d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)) (0 for an all-zero block).
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, int32_t* xc);
