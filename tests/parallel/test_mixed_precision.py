@@ -118,6 +118,7 @@ def test_resolve_mp_dtypes():
     assert resolve_mp_dtypes("auto", "float32", "cuda") == (torch.bfloat16, torch.float32)
     assert resolve_mp_dtypes("auto", "fp32", "cpu") == (torch.float32, torch.float32)
     assert resolve_mp_dtypes("bf16", "bfloat16", "cpu") == (torch.bfloat16, torch.bfloat16)
+    assert resolve_mp_dtypes("BF16", "Float32", "cpu") == resolve_mp_dtypes("AUTO", "fp32", "cuda")  # any case
     with pytest.raises(ValueError, match="parallel.mp_param_dtype='half'"):
         resolve_mp_dtypes("half", "float32", "cpu")
     with pytest.raises(ValueError, match="parallel.mp_reduce_dtype"):

@@ -57,6 +57,9 @@ def test_bubble_fraction_is_the_papers():
     (dict(pp=1), "parallel.pp"),
     (dict(microbatches=3), "parallel.pp_microbatches"),  # does not divide accum = 4
     (dict(microbatches=1), "1F1B needs at least one microbatch per stage"),
+    (dict(microbatches=-1), "parallel.pp_microbatches=-1 must be >= 0"),
+    (dict(stages_per_rank=-1), "parallel.pp_stages_per_rank=-1 must be >= 0"),
+    (dict(schedule="ZBVZeroBubble"), "choose one of GPipe, 1F1B, Interleaved1F1B, LoopedBFS"),  # not wired
     (dict(schedule="interleaved1f1b", stages_per_rank=1), "parallel.pp_stages_per_rank = 2"),
     (dict(stages_per_rank=2), "parallel.pp_stages_per_rank = 1"),
     (dict(pp=8), "the model has 4 layers"),
@@ -130,6 +133,8 @@ def test_stages_in_order_are_the_model(schedule, stages_per_rank):
     ({"pp": 2}, {"eval": {"tasks": ["arc_easy"]}}, "eval.tasks"),
     ({"pp": 2}, {"eval": {"every": 4, "batches": 2}}, "eval.batches=2"),
     ({"pp": 2, "dp_shard": 2}, {}, "world size is 2"),
+    # without a pipeline the schedule is unused, but a typo in it is still an error now
+    ({"pp": 1, "pp_schedule": "zigzag"}, {}, "parallel.pp_schedule='zigzag' is not a schedule"),
 ])
 def test_bad_pipeline_is_an_error_before_any_process_group(make_config, tmp_path, monkeypatch, parallel, sections,
                                                            match):

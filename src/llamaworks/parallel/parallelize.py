@@ -237,12 +237,15 @@ def resolve_mp_dtypes(param_dtype: str, reduce_dtype: str, device_type: str) -> 
     sum of many bf16 gradients loses their low bits.
     """
     def parse(option: str, name: str) -> torch.dtype:
-        if name not in DTYPES:
+        # any case, like parallel.pp_schedule: "BF16" is no less clear than "bf16"
+        key = name.lower() if isinstance(name, str) else name
+        if key not in DTYPES:
             raise ValueError(f"parallel.{option}={name!r} is not a dtype; choose one of {', '.join(DTYPES)}"
-                             f"{' or auto' if option == 'mp_param_dtype' else ''}")
-        return DTYPES[name]
+                             f"{' or auto' if option == 'mp_param_dtype' else ''} (any case)")
+        return DTYPES[key]
 
-    param = ("bfloat16" if device_type == "cuda" else "float32") if param_dtype == "auto" else param_dtype
+    auto = isinstance(param_dtype, str) and param_dtype.lower() == "auto"
+    param = ("bfloat16" if device_type == "cuda" else "float32") if auto else param_dtype
     return parse("mp_param_dtype", param), parse("mp_reduce_dtype", reduce_dtype)
 
 

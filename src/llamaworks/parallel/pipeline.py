@@ -100,6 +100,16 @@ def split_at(n_layers: int, points: list[str]) -> list[tuple[int, ...]]:
     return [tuple(range(a, b)) for a, b in zip(bounds, bounds[1:])]
 
 
+def schedule_name(schedule: str) -> str:
+    """torch's name of `parallel.pp_schedule` (any case), or a ValueError listing the choices.
+    Checked even without a pipeline, so that a typo fails on the laptop, not when pp > 1 on the cluster."""
+    name = SCHEDULES.get(schedule.lower()) if isinstance(schedule, str) else None
+    if name is None:
+        raise ValueError(f"parallel.pp_schedule={schedule!r} is not a schedule; choose one of "
+                         f"{', '.join(SCHEDULES.values())} (any case)")
+    return name
+
+
 def resolve_pipeline(pp: int, schedule: str, microbatches: int, split_points: list[str], stages_per_rank: int,
                      n_layers: int, accum: int, tied_embeddings: bool = False) -> PipelinePlan:
     """The pipeline the [parallel] keys describe, or a ValueError that names the key and the fix.
@@ -110,10 +120,10 @@ def resolve_pipeline(pp: int, schedule: str, microbatches: int, split_points: li
     """
     if pp < 2:
         raise ValueError(f"parallel.pp={pp}: a pipeline needs at least 2 ranks (pp = 1 is no pipeline)")
-    name = SCHEDULES.get(schedule.lower())
-    if name is None:
-        raise ValueError(f"parallel.pp_schedule={schedule!r} is not a schedule; choose one of "
-                         f"{', '.join(SCHEDULES.values())} (any case)")
+    name = schedule_name(schedule)
+    for key, value in (("pp_microbatches", microbatches), ("pp_stages_per_rank", stages_per_rank)):
+        if value < 0:
+            raise ValueError(f"parallel.{key}={value} must be >= 0 (0: the default)")
     if tied_embeddings:
         raise ValueError("parallel.pp > 1 with a tied output layer (model.tie_word_embeddings): the embedding "
                          "and the output layer would sit on different stages; train without pipeline "

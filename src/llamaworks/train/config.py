@@ -158,7 +158,7 @@ class ParallelConfig:
     loss_parallel: bool = True
     # FSDP mixed precision: the dtype parameters are all-gathered and computed in (auto: bfloat16
     # on CUDA, float32 on CPU; the optimizer's shards stay float32) and the dtype gradients are
-    # reduce-scattered in. Names: float32/fp32, bfloat16/bf16, float16/fp16.
+    # reduce-scattered in. Names (any case): float32/fp32, bfloat16/bf16, float16/fp16.
     mp_param_dtype: str = "auto"
     mp_reduce_dtype: str = "float32"
     # Gradient accumulation: synchronise (reduce-scatter/all-reduce) gradients after every

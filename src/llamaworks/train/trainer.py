@@ -45,7 +45,13 @@ from llamaworks.parallel.distributed import (
     init_distributed,
 )
 from llamaworks.parallel.parallelize import ParallelDims, parallelize, resolve_mp_dtypes
-from llamaworks.parallel.pipeline import Pipeline, PipelinePlan, gather_full_model, resolve_pipeline
+from llamaworks.parallel.pipeline import (
+    Pipeline,
+    PipelinePlan,
+    gather_full_model,
+    resolve_pipeline,
+    schedule_name,
+)
 from llamaworks.plan import flops_per_token
 from llamaworks.tokenizer import Tokenizer, load_tokenizer
 from llamaworks.train import checkpoint as ckpt_io
@@ -344,6 +350,7 @@ def check_job(cfg, n_heads: int) -> ParallelDims:
                          "parallelism splits each sequence across the tensor-parallel ranks")
     cfg.grad_accum_steps(dims.dp)  # a batch below one micro-batch per rank is an error now
     resolve_mp_dtypes(par.mp_param_dtype, par.mp_reduce_dtype, "cpu")  # a bad dtype name is an error now
+    schedule_name(getattr(par, "pp_schedule", "1F1B"))  # a typo is an error with pp = 1 too, not on the day pp > 1
     if hasattr(cfg, "profile"):
         profile_window(cfg.profile.steps)
     check_backends(cfg.log)
