@@ -40,6 +40,21 @@ def test_the_ids_are_sentencepieces(tiny_tokenizer, bos, eos):
     assert enc.refusal is None and len(enc._index) > 100
 
 
+def test_ordinary_texts_split_on_spaces_give_the_same_ids(tiny_tokenizer):
+    # No leading, doubled or "▁" space: a text's chunks come from str.split (the fast path), other texts'
+    # from the chunk regex, both in one batch. Both agree with SentencePiece.
+    rng = random.Random(7)
+    plain = ["the king", "a", "caf\u00e9 \u4e2d\u6587\ttab\nnew line", "ends with a space ", "x\u3000y z",
+             "12345 678.", "<s> and </s> as text", "\U0001f600\U0001f600 x", "nul\x00byte end"]
+    enc = FlatEncoder(tiny_tokenizer)
+    for batch in (plain, plain[:3] + ["  doubled"], [" leading"] + plain, plain + [""], plain + ["a\u2581b"],
+                  [" ".join(rng.choice(["the", "king", "and", "queen", "x\ny"]) for _ in range(rng.randint(1, 30)))
+                   for _ in range(200)]):
+        for _ in range(2):
+            got = enc.encode(batch, True, True)
+            assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, batch, True, True))), batch
+
+
 def test_a_full_cache_is_emptied_and_stays_exact(tiny_tokenizer):
     enc = FlatEncoder(tiny_tokenizer, max_words=50)
     for seed in range(4):

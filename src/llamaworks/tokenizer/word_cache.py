@@ -73,6 +73,15 @@ def word_cache_refusal(tokenizer) -> str | None:
     return None
 
 
+def _keys(text: str) -> list[str]:
+    """The cache keys of `text`'s chunks: each chunk without its first "▁"."""
+    if text and text[0] != " " and "  " not in text and SPACE not in text:
+        # Ordinary text (no leading or doubled space, no "▁"): the chunks are "▁" + each " "-separated
+        # word (a trailing space: the lone "▁", key ""). One str.split, not a regex over every character.
+        return text.split(" ")
+    return [c[1:] for c in _CHUNK.findall(SPACE + text.replace(" ", SPACE))] if text else []
+
+
 class FlatEncoder:
     """`encode(texts, bos, eos)` -> (ids, lengths): every text's ids concatenated (int64) and each one's count.
 
@@ -116,15 +125,16 @@ class FlatEncoder:
                         self.refusal)
 
     def _add(self, chunks: list[str]) -> None:
-        """Encode `chunks` (distinct, not cached) with SentencePiece and store them."""
+        """Encode `chunks` (distinct keys, not cached) with SentencePiece and store them. A chunk's key
+        is its text without the first "▁": what SentencePiece encodes it from (it adds that "▁")."""
         if len(self._index) + len(chunks) > self.max_words:
             self._clear()
         sp = self.tokenizer.processor
-        # A chunk "▁▁x" is the text " x" encoded alone (SentencePiece adds the first "▁"). A lone "▁"
-        # would be the empty text: it is the ids that " " adds after a character.
-        ids = sp.encode([c[1:] for c in chunks], num_threads=self.threads)
+        # The chunk "▁▁x" (key "▁x") is the text " x" encoded alone. The lone "▁" (key "") would be
+        # the empty text: it is the ids that " " adds after a character.
+        ids = sp.encode(chunks, num_threads=self.threads)
         for k, c in enumerate(chunks):
-            if c == SPACE:
+            if not c:
                 with_space, without = sp.encode("a "), sp.encode("a")
                 assert with_space[:len(without)] == without, (with_space, without)
                 ids[k] = with_space[len(without):]
@@ -144,8 +154,8 @@ class FlatEncoder:
         self._index.update(zip(chunks, range(first, need_words)))
 
     def _cached(self, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
-        # (documents,) lists of chunks; the empty text has none (SentencePiece adds no dummy prefix to it)
-        per_doc = [_CHUNK.findall(SPACE + t.replace(" ", SPACE)) if t else [] for t in texts]
+        # (documents,) lists of chunk keys; the empty text has none (SentencePiece adds no dummy prefix to it)
+        per_doc = [_keys(t) for t in texts]
         words = list(itertools.chain.from_iterable(per_doc))
         n_words = np.fromiter(map(len, per_doc), np.int64, len(per_doc))  # (documents,)
         index = self._index
