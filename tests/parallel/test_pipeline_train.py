@@ -32,6 +32,21 @@ def spawn(cfg, world: int, resume: bool = False) -> None:
     spawn_fn(_worker, cfg, resume, world=world)
 
 
+def _counting_worker(rank: int, world: int, cfg, counts: Path) -> None:
+    """train(cfg), counting the reduce-scatters FSDP2 issues (torch.distributed.reduce_scatter_single)."""
+    import torch.distributed as dist
+
+    calls, original = [0], dist.reduce_scatter_single
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted
+    train(cfg)
+    (counts / f"{rank}.txt").write_text(str(calls[0]))
+
+
 def metric(out: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(out / "metrics.jsonl") if key in r}
 
@@ -78,6 +93,9 @@ def assert_matches_reference(out: Path, ref: Path) -> None:
     # 2 stages per rank; 2 microbatches per schedule step, 2 schedule steps per optimizer step
     ("interleaved", 2, 2, {"pp": 2, "pp_schedule": "interleaved1f1b", "pp_microbatches": 2}),
     ("1f1b_x_fsdp", 4, 2, {"pp": 2, "dp_shard": 2}),  # the 3-D mesh: 2 stages x 2 FSDP shards
+    # GPipe, 2 micro-batches per data-parallel rank in 2 schedule steps of 1: gradients accumulate
+    # unreduced over the first schedule step and are reduce-scattered once, after the second
+    ("gpipe_x_fsdp_2_rounds", 4, 2, {"pp": 2, "dp_shard": 2, "pp_schedule": "GPipe", "pp_microbatches": 1}),
     # tensor + sequence parallel stages with loss parallelism: the hidden states sent between
     # stages are split along the sequence
     ("1f1b_x_tp", 4, 2, {"pp": 2, "tp": 2, "dp_shard": 1}),
@@ -87,6 +105,24 @@ def test_pipeline_matches_one_process(setup, tmp_path, name, world, micro, paral
     # selective AC on the stages' blocks: recomputation gives the same numbers as the reference's none
     spawn(make(tmp_path, micro=micro, parallel=parallel, train={"activation_checkpointing": "selective"}), world)
     assert_matches_reference(tmp_path, ref)
+
+
+def test_pipeline_with_fsdp_reduces_gradients_once_per_optimizer_step(setup, tmp_path):
+    """2 schedule steps per optimizer step: one reduce-scatter per FSDP group a step, half as many
+    as with parallel.sync_every_microbatch (which reduces after each schedule step), same losses."""
+    make, _ = setup
+    runs = {}
+    for every in (False, True):
+        out = tmp_path / str(every)
+        counts = tmp_path / f"counts_{every}"
+        counts.mkdir()
+        cfg = make(out, micro=1, train={"max_steps": 2}, eval={"every": 0}, checkpoint={"every": 100},
+                   parallel={"pp": 2, "dp_shard": 2, "pp_microbatches": 2, "sync_every_microbatch": every})
+        spawn_fn(_counting_worker, cfg, counts, world=4)
+        runs[every] = ([int((counts / f"{r}.txt").read_text()) for r in range(4)], metric(out))
+    (once, loss_once), (each, loss_each) = runs[False], runs[True]
+    assert min(once) > 0 and each == [2 * n for n in once], (once, each)
+    assert_same(loss_once, loss_each, [1, 2])
 
 
 def test_pipeline_resumes_exactly_and_its_checkpoint_loads_without_pipeline(setup, tmp_path):

@@ -263,11 +263,24 @@ class Pipeline:
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import get_schedule_class
 
+        class Stage(PipelineStage):
+            # torch reduces a stage's FSDP gradients at the end of every schedule step
+            # (perform_reduce_grad: FSDP's post-backward with gradient sync on). With several
+            # schedule steps per optimizer step (plan.rounds) all but the last skip it: their
+            # unsharded gradients (the stage's backward ran with sync off) accumulate and the
+            # last round reduce-scatters the sum once, as accumulate_gradients does without a pipeline.
+            sync_grads = True
+
+            def perform_reduce_grad(self, grad_scale_factor: int) -> None:
+                if self.sync_grads:
+                    super().perform_reduce_grad(grad_scale_factor)
+
         plan = model.plan
         self.model, self.plan, self.group, self.loss_fn = model, plan, pp_group, loss_fn
         self.weight = 1.0  # each microbatch loss's share of what step() returns
-        stages = [PipelineStage(m, s, plan.num_stages, device, group=pp_group)
-                  for m, s in zip(model.stages, model.stage_ids)]
+        self.stages = [Stage(m, s, plan.num_stages, device, group=pp_group)
+                       for m, s in zip(model.stages, model.stage_ids)]
+        stages = self.stages
         cls = get_schedule_class(plan.schedule)
         # scale_grads=False: torch would divide the parameters' whole .grad by the microbatches
         # after each schedule step, earlier rounds' gradients included; the loss is weighted instead.
@@ -277,13 +290,16 @@ class Pipeline:
     def _weighted_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(output, target) * self.weight
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, train: bool = True) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor, train: bool = True, sync: bool = True) -> torch.Tensor:
         """x, y: (microbatches * micro_batch_size, seq), this data-parallel rank's. Training: the
         microbatch losses weighted 1 / (rounds x microbatches), so that the gradients of a whole
         optimizer step's rounds are those of its mean loss, and their sum (this round's share of
         that mean) is returned; forward only (train=False): their mean. The same 0-dim detached
-        value on every rank of the pipeline."""
+        value on every rank of the pipeline. sync=False: the gradients stay unreduced across the
+        data-parallel ranks (every round of an optimizer step but the last)."""
         self.weight = 1 / (self.plan.microbatches * (self.plan.rounds if train else 1))
+        for stage in self.stages:
+            stage.sync_grads = sync
         losses: list[torch.Tensor] = []
         args = (x,) if self.model.has_first else ()
         target = y if self.model.has_last else None

@@ -151,20 +151,24 @@ def accumulate_masked_gradients(model, loader, accum: int, device, amp, loss_con
     return loss_sum, round(tokens)
 
 
-def accumulate_pipeline_gradients(pipe: Pipeline, loader, device, amp, loss_context=nullcontext) -> torch.Tensor:
+def accumulate_pipeline_gradients(pipe: Pipeline, loader, device, amp, loss_context=nullcontext,
+                                  sync_every_microbatch: bool = False) -> torch.Tensor:
     """accumulate_gradients through a pipeline: plan.rounds schedule steps of plan.microbatches
     micro-batches each (the same micro-batches, in the same order, as without the pipeline).
     Each microbatch's loss is weighted 1 / (rounds x microbatches), so the gradients are those
-    of the step's mean loss; the returned mean loss is the same on every rank of the pipeline."""
+    of the step's mean loss; the returned mean loss is the same on every rank of the pipeline.
+    Gradients are synchronised across data-parallel ranks once, after the last schedule step
+    (torch's schedule already does so once per schedule step, not per microbatch), or after
+    each with sync_every_microbatch."""
     plan = pipe.plan
     loss_sum = torch.zeros((), device=device)
-    for _ in range(plan.rounds):
+    for sync in grad_sync_schedule(plan.rounds, sync_every_microbatch):
         batches = [next(loader) for _ in range(plan.microbatches)]
         x = torch.cat([b[0] for b in batches]).to(device, non_blocking=True)  # (microbatches * mbs, seq)
         y = torch.cat([b[1] for b in batches]).to(device, non_blocking=True)
         with loss_context():
             with amp:
-                loss_sum += pipe.step(x, y)
+                loss_sum += pipe.step(x, y, sync=sync)
     return loss_sum
 
 
@@ -550,9 +554,9 @@ def train_step(t: Trainer) -> StepResult:
     # batch's mean loss. The logged loss is that global mean, and the clipping norm is
     # the norm of the whole (sharded) gradient.
     sync_every = getattr(cfg.parallel, "sync_every_microbatch", False)
-    if t.pipeline is not None:  # the schedule synchronises the gradients once per schedule step
+    if t.pipeline is not None:  # gradients synchronised after the last schedule step of the optimizer step
         loss, tokens = accumulate_pipeline_gradients(t.pipeline, t.loader, t.device, t.amp,
-                                                     t.loss_context), t.tokens_per_step
+                                                     t.loss_context, sync_every), t.tokens_per_step
     elif t.masked:
         loss, tokens = accumulate_masked_gradients(t.model, t.loader, t.accum, t.device, t.amp, t.loss_context,
                                                    t.dims.dp, sync_every)
