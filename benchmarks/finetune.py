@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/finetune.py                          # configs A and B, fp32 and bf16
     .venv/bin/python benchmarks/finetune.py --configs A --steps 3    # config A only (minutes)
-    .venv/bin/python benchmarks/finetune.py --configs B --steps 2 --warmup 1 --no-interleave
+    .venv/bin/python benchmarks/finetune.py --configs B --steps 1 --warmup 1 --repeats 2   # B: alternating repeats
     .venv/bin/python benchmarks/finetune.py --configs A --precisions fp32 --profile llamaworks
 
 What one step is, on both sides: forward, loss, backward, gradient clipping to norm 1.0,
@@ -36,9 +36,14 @@ where PEFT keeps them in fp32 and autocast casts them at every product.
 
 Each (configuration, precision, implementation) runs in a fresh subprocess, so peaks are not
 shared. By default the two implementations of one (configuration, precision) run side by side
-and step in turn (round-robin), so a change in background load hits both alike; --no-interleave
-runs them one after the other (needed where two copies of the model do not fit in memory: B
-needs about 2 x 14 GB at fp32). Timing: --warmup steps dropped, the median of --steps steps.
+and step in turn (round-robin), so a change in background load hits both alike. Where two copies
+of the model do not fit in memory (B needs about 2 x 14 GB at fp32), or with --no-interleave, they
+run one after the other in --repeats rounds (default 2) of fresh processes whose order alternates
+(llamaworks, peft, then peft, llamaworks: ABBA), and the speed ratio is the geometric mean of each
+round's ratio: a load that rises or falls steadily slows the first side of one round and the
+second side of the next, and cancels to first order (one round alone, as before, compared the
+two sides under whatever the load did in between). Each step's CPU time is recorded beside its
+wall time. Timing: --warmup steps dropped, the median of --steps steps (per round).
 Memory: VmHWM from /proc, the peak resident set size (RSS: Python and torch themselves
 included); "setup" is the peak while the weights are built and copied in (two copies for a
 moment on both sides), then the high-water mark is reset (/proc/self/clear_refs) and "steps" is
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -255,21 +261,21 @@ def child(a) -> None:
 
                 prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
                 prof.__enter__()
-            t = clock()
+            t, c = clock(), time.process_time()
             loss = run.step()
-            dt = clock() - t
+            dt, cpu = clock() - t, time.process_time() - c
             if prof is not None:
                 prof.__exit__(None, None, None)
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile_rows)
                 sys.stderr.write(f"--- profile of one {a.child} step ({a.config} {a.precision}) ---\n{table}\n")
                 prof = None
-            emit({"dt": dt, "loss": loss})
+            emit({"dt": dt, "cpu_s": cpu, "loss": loss})
         emit({"peak_steps": proc_status_bytes("VmHWM"), "rss_end": proc_status_bytes("VmRSS")})
 
 
 class Child:
-    def __init__(self, impl: str, config: str, precision: str, a, ac: str):
-        self.impl, self.config, self.precision, self.ac = impl, config, precision, ac
+    def __init__(self, impl: str, config: str, precision: str, a, ac: str, repeat: int = 0):
+        self.impl, self.config, self.precision, self.ac, self.repeat = impl, config, precision, ac, repeat
         cmd = [sys.executable, __file__, "--child", impl, "--config", config, "--precision", precision,
                "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--dropout",
                str(a.dropout), "--ac", ac, "--clock", a.clock, "--profile-rows", str(a.profile_rows)]
@@ -283,6 +289,7 @@ class Child:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info: dict = {}
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.losses: list[float] = []
 
     def read(self) -> dict:
@@ -303,6 +310,7 @@ class Child:
         self.losses.append(r["loss"])
         if timed:
             self.times.append(r["dt"])
+            self.cpu_times.append(r["cpu_s"])
         return r["dt"]
 
     def end(self) -> None:
@@ -311,23 +319,52 @@ class Child:
         self.info.update(self.read())
         self.proc.wait()
 
-    def result(self, tokens_per_step: int) -> dict:
-        med = statistics.median(self.times) if self.times else None
-        return {"impl": self.impl, "config": self.config, "precision": self.precision, "ac": self.ac, "step_s": med,
-                "tokens_per_s": tokens_per_step / med if med else None, "step_times": self.times,
-                "losses": self.losses, "first_loss": self.losses[0] if self.losses else None,
-                "trainable_params": self.info["trainable"], "setup_s": self.info["setup_s"],
-                "peak_rss": self.info["peak_steps"], "peak_rss_setup": self.info["peak_setup"],
-                "rss_ready": self.info["rss_ready"], "peak_reset": self.info["peak_reset"]}
+
+def result(runs: list[Child], tokens_per_step: int) -> dict:
+    """One implementation's row from its runs (one, or one per repeat, in repeat order): the median
+    over all timed steps, each repeat's median, the peaks' maximum, the first run's losses."""
+    c0 = runs[0]
+    times = [t for c in runs for t in c.times]
+    med = statistics.median(times) if times else None
+    return {"impl": c0.impl, "config": c0.config, "precision": c0.precision, "ac": c0.ac, "step_s": med,
+            "tokens_per_s": tokens_per_step / med if med else None, "step_times": times,
+            "step_cpu_s": [t for c in runs for t in c.cpu_times],
+            "repeat_step_s": [statistics.median(c.times) if c.times else None for c in runs],
+            "losses": c0.losses, "first_loss": c0.losses[0] if c0.losses else None,
+            "trainable_params": c0.info["trainable"], "setup_s": c0.info["setup_s"],
+            "peak_rss": max(c.info["peak_steps"] for c in runs),
+            "peak_rss_setup": max(c.info["peak_setup"] for c in runs),
+            "rss_ready": c0.info["rss_ready"], "peak_reset": all(c.info["peak_reset"] for c in runs)}
 
 
-def run_group(impls: list[str], config: str, precision: str, a, interleave: bool, ac: str | None = None) -> list[Child]:
-    """Run `impls` at one (config, precision): side by side in round-robin, or one after the other."""
+def alternating_orders(impls: list[str], repeats: int) -> list[list[str]]:
+    """The order of the implementations in each of `repeats` rounds run one after the other:
+    as given, then reversed, and so on (ABBA), so a steady drift of the load favours neither."""
+    return [list(impls) if r % 2 == 0 else list(reversed(impls)) for r in range(repeats)]
+
+
+def repeat_ratio(r: dict, p: dict) -> float:
+    """r's tokens/s over p's: the geometric mean of the rounds' ratios where both ran in alternating
+    rounds (repeat_step_s), else the ratio of the medians."""
+    rs, ps = r.get("repeat_step_s") or [], p.get("repeat_step_s") or []
+    if len(rs) > 1 and len(rs) == len(ps) and all(rs) and all(ps):
+        return math.exp(statistics.fmean(math.log(b / a) for a, b in zip(rs, ps)))
+    return r["tokens_per_s"] / p["tokens_per_s"]
+
+
+def run_group(impls: list[str], config: str, precision: str, a, interleave: bool, ac: str | None = None) -> list[dict]:
+    """Run `impls` at one (config, precision): side by side in round-robin, or one after the other
+    in --repeats rounds of alternating order; one result row per implementation."""
     rounds = a.warmup + a.steps
-    groups = [impls] if interleave else [[i] for i in impls]
+    if interleave or len(impls) == 1:
+        groups = [(0, impls)]
+    else:
+        groups = [(rep, [i]) for rep, order in enumerate(alternating_orders(impls, a.repeats)) for i in order]
     done = []
-    for group in groups:
-        children = [Child(impl, config, precision, a, ac or a.ac) for impl in group]
+    for rep, group in groups:
+        if len(groups) > 1:
+            print(f"  {config} {precision}: round {rep + 1}/{a.repeats}, {group[0]}", file=sys.stderr, flush=True)
+        children = [Child(impl, config, precision, a, ac or a.ac, rep) for impl in group]
         for c in children:
             c.ready()
         for r in range(rounds):
@@ -338,7 +375,8 @@ def run_group(impls: list[str], config: str, precision: str, a, interleave: bool
         for c in children:
             c.end()
         done += children
-    return done
+    return [result(sorted((c for c in done if c.impl == impl), key=lambda c: c.repeat), a.batch * a.seq_len)
+            for impl in impls]
 
 
 # --- the machine ----------------------------------------------------------------------------------
@@ -372,10 +410,12 @@ def summarise(results: list[dict], a) -> dict:
         if impl == "llamaworks" and (config, precision, "peft", ac) in by:
             p = by[(config, precision, "peft", ac)]
             out[key] = {
-                "speedup_vs_peft": r["tokens_per_s"] / p["tokens_per_s"],
+                "speedup_vs_peft": repeat_ratio(r, p),
+                "speedup_rounds": [b / a for a, b in zip(r["repeat_step_s"], p["repeat_step_s"])]
+                if len(r["repeat_step_s"]) > 1 else None,
                 "memory_vs_peft": r["peak_rss"] / p["peak_rss"],
                 "first_loss_diff": r["first_loss"] - p["first_loss"],
-                "target_speed_1.3x": r["tokens_per_s"] / p["tokens_per_s"] >= 1.3,
+                "target_speed_1.3x": repeat_ratio(r, p) >= 1.3,
                 "target_memory_no_more": r["peak_rss"] <= p["peak_rss"],
             }
         if impl == "qlora" and (config, "fp32", "llamaworks", ac) in by:
@@ -392,7 +432,7 @@ def print_table(config: str, results: list[dict], a, fpt: float) -> None:
     rows = [r for r in results if r["config"] == config]
     if not rows:
         return
-    peft_tps = {(r["precision"], r["ac"]): r["tokens_per_s"] for r in rows if r["impl"] == "peft"}
+    peft = {(r["precision"], r["ac"]): r for r in rows if r["impl"] == "peft"}
     peft_mem = {(r["precision"], r["ac"]): r["peak_rss"] for r in rows if r["impl"] == "peft"}
     fp32_lora = {r["ac"]: r["peak_rss"] for r in rows if r["impl"] == "llamaworks" and r["precision"] == "fp32"}
     n = count_parameters(ModelArgs(**CONFIGS[config]))
@@ -404,7 +444,7 @@ def print_table(config: str, results: list[dict], a, fpt: float) -> None:
         name = f"{r['impl']} {r['precision']}" + (" int4" if r["impl"] == "qlora" else "") + \
             (f" (ac {r['ac']})" if r["ac"] != a.ac else "")
         tps, mem, k = r["tokens_per_s"], r["peak_rss"], (r["precision"], r["ac"])
-        vs_t = f"{tps / peft_tps[k]:.2f}x" if r["impl"] != "peft" and k in peft_tps else ""
+        vs_t = f"{repeat_ratio(r, peft[k]):.2f}x" if r["impl"] != "peft" and k in peft else ""
         vs_m = f"{mem / peft_mem[k]:.2f}x" if r["impl"] != "peft" and k in peft_mem else ""
         vs_f = f"{mem / fp32_lora[r['ac']]:.0%}" if r["impl"] == "qlora" and r["ac"] in fp32_lora else ""
         print(f"{name:<32}{r['step_s']:>9.2f}{tps:>10.1f}{vs_t:>9}{mem / MIB:>10.0f}{vs_m:>9}{vs_f:>14}"
@@ -437,6 +477,9 @@ def main():
     ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                     help="run llamaworks and peft side by side, stepping in turn (default: where two copies fit "
                          "in memory)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds of fresh processes, in alternating order, where the implementations run one after "
+                         "the other (not side by side); the speed ratio is the geometric mean of the rounds'")
     ap.add_argument("--mmap-threshold", action=argparse.BooleanOptionalAction, default=True,
                     help="children with MALLOC_MMAP_THRESHOLD_=1MiB (RSS follows live memory)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -456,8 +499,8 @@ def main():
         torch.set_num_threads(a.threads)
     if a.child:
         return child(a)
-    if a.steps < 1 or a.warmup < 0:
-        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if a.steps < 1 or a.warmup < 0 or a.repeats < 1:
+        ap.error("--steps and --repeats must be >= 1 and --warmup >= 0")
 
     import peft
     import transformers
@@ -486,7 +529,7 @@ def main():
             "optimizer": {"name": "torch.optim.AdamW (fused)", "lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
                           "weight_decay": 0.1, "clip": 1.0},
             "activation_checkpointing": a.ac, "qlora_activation_checkpointing": a.qlora_ac, "compile": a.compile,
-            "warmup_steps": a.warmup, "timed_steps": a.steps, "clock": a.clock,
+            "warmup_steps": a.warmup, "timed_steps": a.steps, "clock": a.clock, "repeats_when_sequential": a.repeats,
             "malloc_mmap_threshold": "1MiB" if a.mmap_threshold else "glibc default",
             "memory_measure": "VmHWM of the training steps in a fresh process per run (reset after setup)",
             "machine": {**machine, "loadavg_now": loadavg()},
@@ -496,15 +539,16 @@ def main():
         }, indent=2) + "\n")
         return summary
 
-    def record(children: list[Child]) -> None:
-        results.extend(c.result(a.batch * a.seq_len) for c in children)
+    def record(rows: list[dict]) -> None:
+        results.extend(rows)
         write(False)
 
     for config in a.configs:
         for precision in a.precisions:
             impls = ["llamaworks"] + ([] if a.skip_peft else ["peft"])
             interleave = a.interleave if a.interleave is not None else fits_twice(config, precision)
-            print(f"{config} {precision}: {', '.join(impls)} {'side by side' if interleave and len(impls) > 1 else ''}",
+            how = "" if len(impls) == 1 else "side by side" if interleave else f"{a.repeats} alternating rounds"
+            print(f"{config} {precision}: {', '.join(impls)} {how}",
                   file=sys.stderr, flush=True)
             record(run_group(impls, config, precision, a, interleave))
         if config in (a.qlora_configs or []):

@@ -209,10 +209,15 @@ def test_eval_throughput_small(tmp_path):
 @pytest.mark.slow
 def test_distributed_tiny(tmp_path):
     out = tmp_path / "dist.json"
-    run("train_distributed", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq-len", "16",
-        "--out", str(out))
+    run("train_distributed", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch", "4", "--seq-len", "16",
+        "--pp-microbatches", "2", "--checkpoint-preset", "", "--out", str(out))
     d = json.loads(out.read_text())
-    assert {r["strategy"] for r in d["rows"]} >= {"ddp", "fsdp"} and d["machine"]["threads"] == 1
+    assert {r["strategy"] for r in d["rows"]} >= {"ddp", "fsdp", "fsdp_x_tp", "pp_x_fsdp"}
+    assert d["machine"]["threads"] == 1
+    for r in d["rows"][1:]:  # every strategy's volume is measured, by kind, near the computed one
+        assert r["measured_comm_bytes_by_kind"].keys() >= r["comm_bytes_by_kind"].keys(), r
+        for kind, computed in r["comm_bytes_by_kind"].items():
+            assert 0.5 < r["measured_comm_bytes_by_kind"][kind] / computed < 2, (r["strategy"], kind, r)
 
 
 @pytest.mark.slow
@@ -242,3 +247,19 @@ def test_speculative_serve_smoke(tmp_path):
     drafted = [r for r in d["rows"] if r["draft"]]
     assert len(drafted) == 4 and all(r["identical"] for r in drafted)  # greedy replies equal without the draft
     assert [r["acceptance_rate"] for r in drafted if r["draft"] == "the target itself"] == [1.0, 1.0]
+
+
+def test_finetune_sequential_rounds_alternate_and_cancel_a_steady_drift():
+    # Config B's two sides do not fit in memory together: they run in rounds of fresh processes,
+    # llamaworks first, then peft first (ABBA), and the ratio is the geometric mean of the rounds'.
+    ft = load_benchmark("finetune")
+    assert ft.alternating_orders(["llamaworks", "peft"], 3) == [["llamaworks", "peft"], ["peft", "llamaworks"],
+                                                               ["llamaworks", "peft"]]
+    # A load that slows every run 20% more than the one before (1.0, 1.2, 1.44, 1.728), true ratio 1.5:
+    # order L P | P L. Each round alone is off (1.8 and 1.25); their geometric mean is 1.5.
+    lw = {"repeat_step_s": [1.0 * 1.0, 1.0 * 1.728], "tokens_per_s": 1.0}
+    pf = {"repeat_step_s": [1.5 * 1.2, 1.5 * 1.44], "tokens_per_s": 1.0}
+    assert abs(ft.repeat_ratio(lw, pf) - 1.5) < 1e-12
+    # One round (side by side): the ratio of the medians' tokens/s.
+    assert ft.repeat_ratio({"repeat_step_s": [2.0], "tokens_per_s": 3.0},
+                           {"repeat_step_s": [1.0], "tokens_per_s": 2.0}) == 1.5
