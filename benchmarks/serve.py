@@ -28,12 +28,24 @@ or a llama-server on PATH are used first. It serves the checkpoint's GGUF export
 f32 by default, the precision llamaworks serves on CPU) with -c = --parallel x the context our
 server gets per sequence, --parallel = our --max-batch, -t/-tb = the same threads; without the
 binary that side is skipped with a note saying how to build it.
+
+The engine before issue 18 ("the current engine" of its TTFT target): --before COMMIT (default
+3a16adf, the last commit whose engine has the static max_batch x context cache, no prefix
+caching, each prompt prefilled whole; the commit benchmarks/prefix_ttft.py's "before" row runs
+too) adds a third column: `llamaworks serve` from that commit's src/ (git archive into the
+temporary folder, first on PYTHONPATH), same checkpoint, options and requests, without
+--llamaworks-args (its CLI predates them). It refuses logit_bias, so its requests may end at
+eos early (TTFT is unaffected: it is the first token). --before none skips it (--smoke: off).
+The JSON's "targets" block holds the issue's figures: tokens/s and p99 TBT over llama-server's
+per workload (target >= 1.5x and >= 1x) and the chat workload's TTFT p50/p99, the before
+engine's over ours (target >= 3x).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import io
 import json
 import os
 import random
@@ -54,6 +66,7 @@ from machine import add_label_argument, loadavg, machine_record  # benchmarks/ i
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "shakespeare"
 CACHE = Path(os.environ.get("LLAMAWORKS_CACHE", Path.home() / ".cache" / "llamaworks")) / "llama-server"
+BEFORE = "3a16adf"  # the last commit whose engine has the static slot cache (benchmarks/prefix_ttft.py's too)
 EOS_BIAS = -100.0  # logit_bias on eos: every request generates exactly max_tokens tokens on both servers
 
 
@@ -251,14 +264,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_llamaworks(a, checkpoint: Path, context: int, log: Path) -> tuple[subprocess.Popen, str]:
+def source_at(commit: str, folder: Path) -> Path | None:
+    """The src/ folder of `commit`, extracted under `folder` (git archive); None where git
+    does not have the commit (a shallow clone, a source tree without .git)."""
+    try:
+        tar_bytes = subprocess.run(["git", "archive", "--format=tar", commit, "src"], cwd=ROOT,
+                                   capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "src"
+
+
+def start_llamaworks(a, checkpoint: Path, context: int, log: Path,
+                     src: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """This checkout's server, or (src) the package in an older commit's src/ folder."""
     port = free_port()
     cmd = [sys.executable, "-m", "llamaworks", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
            "--max-batch", str(a.parallel), "--max-queue", str(max(64, a.users)), "--model-name", a.model,
-           "--max-seq-len", str(context), *a.llamaworks_args]
+           "--max-seq-len", str(context), *([] if src else a.llamaworks_args)]
     if a.compile is not None:
         cmd.append("--compile" if a.compile else "--no-compile")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    if src is not None:  # PYTHONPATH comes before the editable install's path entry
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}"
@@ -326,26 +356,46 @@ def ratios(ours: dict, theirs: dict) -> dict:
     return out
 
 
-def print_tables(results: list[dict], a, workload_info: dict) -> dict:
-    all_ratios = {}
+def print_tables(results: list[dict], a, workload_info: dict) -> tuple[dict, dict]:
+    """The tables; returns ours over llama-server's and ours over the before engine's ratios."""
+    all_ratios, before_ratios = {}, {}
     for wl, info in workload_info.items():
         print(f"\n{wl}: {info}; {a.users} users x {a.requests} requests, {a.max_tokens} new tokens each, greedy, "
               f"{a.parallel} sequences at once, {a.threads} threads")
         cols = [r for r in results if wl in r]
         theirs = next((r for r in cols if r["server"].startswith("llama-server")), None)
-        head = f"{'':<18}" + "".join(f"{r['server']:>20}" for r in cols)
-        print(head + (f"{'ours/llama-server':>20}" if theirs and len(cols) > 1 else ""))
+        before = next((r for r in cols if r["server"].startswith("llamaworks before")), None)
         rat = ratios(cols[0][wl], theirs[wl]) if theirs and cols[0] is not theirs else {}
+        brat = ratios(cols[0][wl], before[wl]) if before and cols[0] is not before else {}
+        head = f"{'':<18}" + "".join(f"{r['server'][:22]:>24}" for r in cols)
+        print(head + (f"{'ours/llama-server':>20}" if rat else "") + (f"{'ours/before':>14}" if brat else ""))
         for label, key, fmt, _ in ROWS:
             scale = 1000 if "(ms)" in label else 1
-            line = f"{label:<18}" + "".join(f"{fmt.format(r[wl][key] * scale):>20}" for r in cols)
-            if key in rat:
-                line += f"{rat[key]:>19.2f}x"
+            line = f"{label:<18}" + "".join(f"{fmt.format(r[wl][key] * scale):>24}" for r in cols)
+            if rat:
+                line += f"{rat[key]:>19.2f}x" if key in rat else " " * 20
+            if key in brat:
+                line += f"{brat[key]:>13.2f}x"
             print(line)
-        if rat:
-            print("(ratios: above 1 is better for llamaworks; for times it is llama-server's over ours)")
-        all_ratios[wl] = rat
-    return all_ratios
+        if rat or brat:
+            print("(ratios: above 1 is better for llamaworks; for times it is the other server's over ours)")
+        all_ratios[wl], before_ratios[wl] = rat, brat
+    return all_ratios, before_ratios
+
+
+def targets(rat: dict, brat: dict) -> dict:
+    """Issue 18's benchmark targets from the ratios (above 1 better for llamaworks)."""
+    out = {}
+    for wl, r in rat.items():
+        if r:
+            out[f"{wl}_tokens_per_s_over_llama_server"] = {"value": r.get("tokens_per_s"), "target": 1.5}
+            out[f"{wl}_tbt_p99_llama_server_over_ours"] = {"value": r.get("tbt_p99_s"), "target": 1.0}
+    if brat.get("chat"):
+        out["chat_ttft_p50_before_over_ours"] = {"value": brat["chat"].get("ttft_p50_s"), "target": 3.0}
+        out["chat_ttft_p99_before_over_ours"] = {"value": brat["chat"].get("ttft_p99_s"), "target": 3.0}
+    for t in out.values():
+        t["met"] = t["value"] is not None and t["value"] >= t["target"]
+    return out
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -414,6 +464,8 @@ def main() -> None:
     sv.add_argument("--llama-server", action=argparse.BooleanOptionalAction, default=None,
                     help="also run llama-server on the GGUF export, when built (default on; --smoke: off)")
     sv.add_argument("--gguf-dtype", choices=["f32", "f16"], default="f32")
+    sv.add_argument("--before", default=None, help=f"a commit whose `llamaworks serve` is a column too: the engine "
+                    f"before issue 18 (default {BEFORE}, the static slot cache; none: skip; --smoke: none)")
     sv.add_argument("--request-timeout", type=float, default=900)
     ap.add_argument("--output", default=None, help="JSON (default benchmarks/results/serve.json; --smoke: none)")
     add_label_argument(ap)
@@ -428,9 +480,11 @@ def main() -> None:
         a.users, a.requests, a.max_tokens = 4, 2, 8
         a.llama_server = bool(a.llama_server)
         a.system_tokens, a.user_tokens, a.short_tokens, a.long_tokens, a.long_every = 64, 16, 32, 192, 4
+        a.before = a.before or "none"
     else:
         a.llama_server = a.llama_server is not False
         a.output = a.output or str(ROOT / "benchmarks" / "results" / "serve.json")
+    a.before = None if (a.before or BEFORE).lower() == "none" else (a.before or BEFORE)
     machine = machine_record(a.label, threads=a.threads)
 
     longest = max([a.system_tokens + a.user_tokens] * ("chat" in a.workloads)
@@ -472,6 +526,15 @@ def main() -> None:
                 proc.log = tmp / "llamaworks.log"
                 return proc, url
             results.append(measure_server("llamaworks", ours, loads, a, bias, warm))
+            before_src = source_at(a.before, tmp / "before") if a.before else None
+            if a.before and before_src is None:
+                print(f"(no commit {a.before!r} in git here: the before column is skipped)")
+            if before_src is not None:
+                def before():
+                    proc, url = start_llamaworks(a, checkpoint, context, tmp / "before.log", src=before_src)
+                    proc.log = tmp / "before.log"
+                    return proc, url
+                results.append(measure_server(f"llamaworks before {a.before}", before, loads, a, bias, warm))
             binary = find_llama_server() if a.llama_server else None
             if not a.llama_server:
                 note = "llama-server not run (--no-llama-server or --smoke)"
@@ -492,7 +555,11 @@ def main() -> None:
                     results.append(measure_server(f"llama-server {a.gguf_dtype}", theirs, loads, a, bias, warm))
             if note:
                 print(f"(llama-server side skipped: {note})")
-        rat = print_tables(results, a, info)
+        rat, brat = print_tables(results, a, info)
+        goals = targets(rat, brat)
+        for name, t in goals.items():
+            print(f"target {name}: {t['value'] if t['value'] is None else round(t['value'], 2)} "
+                  f"(>= {t['target']}: {'met' if t['met'] else 'not met'})")
         if machine["label"] == "contended" and len(results) > 1:
             print("(contended machine: llama.cpp's threads spin-wait at their barriers, so a busy core slows it far "
                   "more than llamaworks (a shared 2-vCPU machine: 600 ms a token instead of 3 ms); quote quiet "
@@ -508,7 +575,8 @@ def main() -> None:
             "threads": a.threads, "gguf_dtype": a.gguf_dtype, "workloads": info,
             "llama_server": str(find_llama_server()) if a.llama_server else None, "llama_server_note": note,
             "llama_cpp_python": llama_cpp_python_version(), "results": results,
-            "ratios_ours_over_llama_server": rat,
+            "ratios_ours_over_llama_server": rat, "before": a.before, "ratios_ours_over_before": brat,
+            "targets": goals,
             "ratio_convention": "above 1 is better for llamaworks (for times: llama-server's over ours)",
         }, indent=2) + "\n")
         print(f"wrote {out}")
