@@ -17,7 +17,9 @@ dedup all have real work. Timed, each in its own process:
                 `--partitions` hash partitions (data/dedup_partitioned.py) on a Dask LocalCluster
                 of 1, 2 and 4 worker processes (`--dask-workers`), and datatrove's 4 MinHash
                 stages (signatures, buckets, clusters, filter) with its own local executor at
-                the same worker counts, the same bands x rows and 5-grams
+                the same worker counts, the same bands x rows and 5-grams: once computing ours'
+                signatures in its stage 1 (datatrove_minhash_same, the ratio's denominator) and
+                once its own (datatrove_minhash, at `--datatrove-default-workers`: shown beside)
     (c) mix:    `data mix` of seven sources (Table 1's names and shares of `--mix-mb`, the same
                 kind of pages) with a 32k SentencePiece model trained on the Shakespeare text:
                 this tree against the mixer of `--mix-baseline` (a git revision, run from its own
@@ -34,6 +36,17 @@ C4QualityFilter with ours' choices on both (its sentence splitter swapped for ou
 end marks for c4_utils'): it is the ratio's denominator, and its time against the default
 row's is what datatrove's own rules cost, printed beside it. The partitioned MinHash rows must
 keep exactly the documents of the single-process one (printed).
+
+MinHash, equal work: with 5 bands x 25 rows (ours' LSH shape for threshold 0.9) a pair at
+Jaccard 0.9 shares a band with probability 0.31, so which near-copies are caught depends on the
+hash family: two runs with different shingles and permutations disagree on ~2% of the kept
+documents however exact each is (datatrove with its own signatures against datatrove with ours':
+Jaccard 0.980-0.981 on this corpus). With ours' signatures in datatrove's stage 1 (same shingles,
+hashes, permutations and band keys) the kept sets agree at >= 0.994; what remains is the
+algorithm: datatrove drops every document of a connected group of band collisions except its
+union-by-size root (no check of the full signature), ours drops a document whose signature agrees
+on >= 90% of the permutations with an earlier kept one. The time datatrove's own signatures cost
+(its word tokenizer mostly) is printed beside, as for C4.
 
 The simulated 64-worker layout is computed from the partitioned run's own files: with P =
 `--partitions` (64 by default) each of 64 workers reduces one partition, so the bytes it
@@ -216,11 +229,15 @@ def run_datatrove(name: str, corpus: Path, out: Path, workers: int) -> None:
     from llamaworks.data.dedup import MinHashDedup
 
     ours = MinHashDedup()  # the same LSH shape and shingle size as ours
-    # sha1: datatrove 0.10's xxhash path passes str, which xxhash >= 4 rejects.
+    # sha1: datatrove 0.10's xxhash path passes str, which xxhash >= 4 rejects. 32 bits: ours' values
+    # (mod 2^32 - 5) in the "same signatures" variant.
+    same = name == "datatrove_minhash_same"
     cfg = MinhashConfig(n_grams=ours.ngram, num_buckets=ours.bands, hashes_per_bucket=ours.rows,
-                        hash_config=HashConfig(hash_fc="sha1"))
+                        hash_config=HashConfig(hash_fc="sha1", precision=32 if same else 64))
+    signature = (same_signature_stage(ours) if same else MinhashDedupSignature)(output_folder=str(out / "sigs"),
+                                                                                config=cfg)
     stages = [
-        ([reader(), MinhashDedupSignature(output_folder=str(out / "sigs"), config=cfg)], tasks),
+        ([reader(), signature], tasks),
         ([MinhashDedupBuckets(input_folder=str(out / "sigs"), output_folder=str(out / "buckets"), config=cfg)],
          cfg.num_buckets),
         ([MinhashDedupCluster(input_folder=str(out / "buckets"), output_folder=str(out / "remove"), config=cfg)], 1),
@@ -229,6 +246,37 @@ def run_datatrove(name: str, corpus: Path, out: Path, workers: int) -> None:
     ]
     for i, (pipe, n) in enumerate(stages):
         LocalPipelineExecutor(pipeline=pipe, tasks=n, logging_dir=str(out / f"logs{i}"), **common).run()
+
+
+def same_signature_stage(ours):
+    """datatrove's MinHash stage 1 computing ours' signatures (llamaworks/data/dedup.py): shingles of
+    lowercased `\\w+` words hashed by blake2b-32, permutations (a h + b) mod 2^32 - 5 with ours' a and b,
+    where datatrove's own are words of simplify_text (numbers -> 0, punctuation and diacritics removed)
+    split by its word tokenizer, sha1 hashes and (a h + b) mod 2^61 - 1. With LSH at 5 bands x 25 rows a
+    pair at Jaccard 0.9 collides with probability 0.31: which borderline pairs each side finds is decided
+    by its hash family, so only the same signatures make the kept sets comparable. Its stages 2-4 then
+    see ours' band keys; what remains different is the algorithm (printed beside the ratio): datatrove
+    drops every member of a connected group of band collisions but its union-by-size root, ours drops a
+    document whose signature agrees on >= threshold of the permutations with an earlier *kept* one."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+
+    from llamaworks.data.dedup import _PRIME, shingles
+
+    class SameSignature(MinhashDedupSignature):
+        name = "MinHash stage 1 (ours' signatures)"
+
+        def get_shingles(self, text):
+            return shingles(text, ours.ngram).reshape(-1, 1)
+
+        def get_signature(self, h):
+            # minhash_signature's arithmetic (chunks bound the temporaries, as there)
+            sig = np.full(ours.a.size, np.iinfo(np.uint64).max, dtype=np.uint64)
+            for c in range(0, h.shape[0], 8192):
+                sig = np.minimum(sig, ((np.outer(h[c:c + 8192, 0], ours.a) + ours.b) % _PRIME).min(axis=0))
+            # The first bands x rows permutations are the band keys (ours' last num_perm % bands verify only).
+            return [x.tolist() for x in np.split(sig[:ours.bands * ours.rows].astype(np.uint32), ours.bands)]
+
+    return SameSignature
 
 
 def same_rules_c4():
@@ -393,6 +441,9 @@ def main() -> None:
     ap.add_argument("--dask-workers", type=int, nargs="+", default=None,
                     help="Dask worker processes of the partitioned MinHash rows, and datatrove's at the same counts "
                          "(default 1 2 4; --smoke: 2)")
+    ap.add_argument("--datatrove-default-workers", type=int, nargs="*", default=None,
+                    help="worker counts at which datatrove's MinHash also runs with its own signatures (shown beside, "
+                         "no ratio; default: every --dask-workers count)")
     ap.add_argument("--partitions", type=int, default=64, help="hash partitions of the partitioned dedup (default 64)")
     ap.add_argument("--mix-mb", type=float, default=None, help="size of the mix corpus in MiB (default: --mb)")
     ap.add_argument("--mix-vocab", type=int, default=None, help="SentencePiece pieces (default 32000; --smoke 2000)")
@@ -427,6 +478,8 @@ def main() -> None:
     elif args.json is None:
         args.json = str(ROOT / "benchmarks" / "results" / "data_throughput.json")
     args.dask_workers = args.dask_workers or [1, 2, 4]
+    if args.datatrove_default_workers is None:
+        args.datatrove_default_workers = args.dask_workers
     args.mix_mb = args.mix_mb or args.mb
     args.mix_vocab = args.mix_vocab or 32000
     args.mix_baseline = args.mix_baseline or MIX_BASELINE
@@ -462,7 +515,9 @@ def main() -> None:
             variants.append(("minhash", "ours_minhash", "ours_minhash", args.workers))
             for w in args.dask_workers:
                 variants.append(("minhash", f"ours_minhash_dask@{w}", "ours_minhash_dask", w))
-                variants.append(("minhash", f"datatrove_minhash@{w}", "datatrove_minhash", w))
+                variants.append(("minhash", f"datatrove_minhash_same@{w}", "datatrove_minhash_same", w))
+                if w in args.datatrove_default_workers:
+                    variants.append(("minhash", f"datatrove_minhash@{w}", "datatrove_minhash", w))
         for group, row, variant, workers in variants:
             if variant.startswith("datatrove") and not have_datatrove or variant.endswith("dask") and not have_dask:
                 continue
@@ -479,10 +534,15 @@ def main() -> None:
         if "mix" not in args.skip:
             mix_result = bench_mix(work / "mix", args)
 
-    pairs = [("ours_c4filter", "datatrove_c4filter_same_rules"), ("ours_minhash", f"datatrove_minhash@{args.workers}")]
-    pairs += [(f"ours_minhash_dask@{w}", f"datatrove_minhash@{w}") for w in args.dask_workers]
+    pairs = [("ours_c4filter", "datatrove_c4filter_same_rules"),
+             ("ours_minhash", f"datatrove_minhash_same@{args.workers}")]
+    pairs += [(f"ours_minhash_dask@{w}", f"datatrove_minhash_same@{w}") for w in args.dask_workers]
+    # Shown, never a ratio: datatrove's own rules / signatures against ours'.
+    shown = [("ours_c4filter", "datatrove_c4filter")]
+    shown += [(f"ours_minhash_dask@{w}", f"datatrove_minhash@{w}") for w in args.dask_workers]
+    shown += [(f"datatrove_minhash_same@{w}", f"datatrove_minhash@{w}") for w in args.dask_workers]
     ratios, agreement = {}, {}
-    for ours, theirs in pairs + [("ours_c4filter", "datatrove_c4filter")]:
+    for ours, theirs in pairs + shown:
         if ours not in rows or theirs not in rows:
             continue
         a, b = ids[ours], ids[theirs]
@@ -514,6 +574,13 @@ def main() -> None:
               f"mean {layout['received_per_worker_mean'] / 2**20:.2f} MiB "
               f"(skew {layout['received_skew_max_over_mean']}) of {layout['index_bytes_total'] / 2**20:.1f} MiB "
               f"shuffled; the merge reads {layout['merge_reads_bytes'] / 2**20:.2f} MiB")
+    own_signature_cost = {w: round(rows[f"datatrove_minhash@{w}"]["seconds"] /
+                                   rows[f"datatrove_minhash_same@{w}"]["seconds"], 3)
+                          for w in args.dask_workers
+                          if f"datatrove_minhash@{w}" in rows and f"datatrove_minhash_same@{w}" in rows}
+    for w, v in own_signature_cost.items():
+        print(f"datatrove's own MinHash signatures (its word tokenizer, sha1, mod 2^61 - 1) take {v:.2f}x the time of "
+              f"its 4 stages with ours' signatures at {w} workers")
     rules_cost = None
     if "datatrove_c4filter" in rows and "datatrove_c4filter_same_rules" in rows:
         rules_cost = round(rows["datatrove_c4filter"]["seconds"] / rows["datatrove_c4filter_same_rules"]["seconds"], 3)
@@ -524,7 +591,8 @@ def main() -> None:
               "min_jaccard_for_a_ratio": MIN_JACCARD, "ratio_docs_per_s": ratios,
               "partitioned_keeps_the_single_process_documents": same_as_single,
               "partitioned_speedup_over_fewest_workers": scaling, "simulated_64_worker_layout": layout,
-              "datatrove_default_over_same_rules_time": rules_cost, "mix": mix_result, "machine": machine}
+              "datatrove_default_over_same_rules_time": rules_cost,
+              "datatrove_own_over_same_signatures_time": own_signature_cost, "mix": mix_result, "machine": machine}
     if args.json is None:
         return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
