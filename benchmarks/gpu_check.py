@@ -6,7 +6,7 @@
 
 1. runs the tests marked `gpu` (tests/test_gpu.py: bf16 autocast forward/backward, the flash
    SDPA kernel, torch.compile of a block, an NCCL one-process group, an FSDP2 mixed-precision
-   step) with pytest, and records each outcome;
+   step, profile.steps' trace and CUDA memory snapshot) with pytest, and records each outcome;
 2. measures training throughput of the ~1B preset (llama3.2-1b: 1.24B parameters) in bf16
    autocast, eager and with compiled blocks: tokens/s and MFU, against the datasheet's dense
    bf16 peak (plan.py's GPU table) and against a measured bf16 matmul peak, and peak memory;

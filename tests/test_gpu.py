@@ -1,5 +1,6 @@
 """The GPU path, marked `gpu`: bf16 autocast training step, the flash SDPA kernel, torch.compile
-of a block, an NCCL process group, an FSDP2 mixed-precision step. benchmarks/gpu_check.py runs
+of a block, an NCCL process group, an FSDP2 mixed-precision step, a profiled step's trace and
+memory snapshot. benchmarks/gpu_check.py runs
 these on a GPU; without one they skip, except under LLAMAWORKS_GPU_CHECK_DEVICE=cpu (the
 script's --device cpu smoke mode), where each runs its CPU counterpart (gloo, the CPU flash
 kernel, compile with the aot_eager backend) so that the script and these tests cannot rot.
@@ -151,3 +152,27 @@ def test_fsdp_mixed_precision_step(device, one_process_group):
     for p in model.parameters():  # the optimizer's shards stay fp32
         assert isinstance(p, DTensor) and p.dtype == torch.float32
     assert losses[-1] < losses[0], losses
+
+
+def test_profiled_steps_write_a_trace_and_a_memory_snapshot(device, tmp_path):
+    """profile.steps on the device: the Chrome trace and the memory profile, and on CUDA the
+    allocator snapshot (pytorch.org/memory_viz), which no CPU run writes."""
+    import json
+    import pickle
+
+    from llamaworks.train.profiling import StepProfiler
+
+    model = _model(device)
+    tokens = _batch(device, seq=32)
+    prof = StepProfiler(tmp_path, (2, 2), device)
+    for n in (1, 2, 3):
+        with prof.step(n):
+            lm_loss(model, tokens[:, :-1], tokens[:, 1:]).backward()
+    names = {e.get("name") for e in json.loads((tmp_path / "profile" / "trace_steps_2-2_rank0.json").read_text())
+             ["traceEvents"]}
+    assert "step 2" in names and not names & {"step 1", "step 3"}
+    assert (tmp_path / "profile" / "memory_steps_2-2_rank0.txt").stat().st_size > 0
+    snapshot = tmp_path / "profile" / "memory_snapshot_steps_2-2_rank0.pickle"
+    assert snapshot.exists() == (device.type == "cuda")
+    if device.type == "cuda":
+        assert pickle.loads(snapshot.read_bytes())["segments"]  # the allocator's memory while profiling

@@ -47,9 +47,10 @@ def test_cpu_smoke_mode_runs_the_gpu_tests_and_writes_the_json(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     tests = result["tests"]
-    assert tests["passed"] == 5 and tests["failed"] == tests["error"] == tests["skipped"] == 0, tests
+    assert tests["passed"] == 6 and tests["failed"] == tests["error"] == tests["skipped"] == 0, tests
     assert {"test_flash_sdpa_backend_is_selected", "test_fsdp_mixed_precision_step",
-            "test_single_process_group_all_reduce"} <= set(tests["tests"])
+            "test_single_process_group_all_reduce",
+            "test_profiled_steps_write_a_trace_and_a_memory_snapshot"} <= set(tests["tests"])
     (train,), (decode,) = result["train"], result["decode"]
     assert train["preset"] == "tiny" and train["tokens_per_s"] > 0 and 0 < train["mfu_vs_measured"]
     assert train["mfu_vs_datasheet"] is None  # no GPU, no datasheet
@@ -57,7 +58,7 @@ def test_cpu_smoke_mode_runs_the_gpu_tests_and_writes_the_json(tmp_path):
     assert result["machine"]["label"] == "contended (test)"
     # the markdown it prints is the README section rendered from the JSON
     markdown = gpu_check.render_markdown(result)
-    assert markdown in proc.stdout and "CPU smoke mode" in markdown and "5 passed" in markdown
+    assert markdown in proc.stdout and "CPU smoke mode" in markdown and "6 passed" in markdown
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## GPU\n\n{gpu_check.BEGIN}\nold\n{gpu_check.END}\n\nafter\n")
     gpu_check.update_readme(markdown, readme)
