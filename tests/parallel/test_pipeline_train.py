@@ -99,6 +99,8 @@ def assert_matches_reference(out: Path, ref: Path) -> None:
     # tensor + sequence parallel stages with loss parallelism: the hidden states sent between
     # stages are split along the sequence
     ("1f1b_x_tp", 4, 2, {"pp": 2, "tp": 2, "dp_shard": 1}),
+    # all three: 2 stages x 2 FSDP shards x 2 tensor-parallel ranks on 8 processes
+    ("1f1b_x_fsdp_x_tp", 8, 2, {"pp": 2, "dp_shard": 2, "tp": 2}),
 ])
 def test_pipeline_matches_one_process(setup, tmp_path, name, world, micro, parallel):
     make, ref = setup
