@@ -137,3 +137,21 @@ def test_cli_dedup_partitions_match_the_single_process_run(tmp_path, reference):
     assert stats == ref
     assert files(tmp_path / "out" / "documents") == files(tmp_path / "ref" / "documents")
     assert "ran in hash partitions" in (tmp_path / "out" / "DATACARD.md").read_text()
+
+
+def _worker_malloc_trim():
+    import os
+
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+@pytest.mark.slow
+def test_local_cluster_workers_start_without_malloc_trim(tmp_path, monkeypatch):
+    # Dask's nanny would set it (and leave it in this process's environment for the next cluster):
+    # it makes large numpy temporaries mmap'ed per call, MinHash signatures 2-3x slower.
+    import os
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as an earlier cluster of this process leaves it
+    with DaskExecutor(tmp_path / "out", "local:1", progress=False)._connect() as client:
+        assert client.submit(_worker_malloc_trim, pure=False).result() is None
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment as it was
