@@ -21,7 +21,8 @@ Equal work at each precision: every table has transformers both as it runs by de
 rows are grouped by precision: fp32 beside llama.cpp f32, bf16 beside f16, int8 beside Q8_0 and
 int4 beside Q4_0. llamaworks runs as `llamaworks generate` loads it: q/k/v and gate/up fused
 (inference/fuse.py; --no-fuse for Meta's separate products) and the native one-row kernels where
-they are built (kernels.use_native_kernels; LLAMAWORKS_NATIVE=0 turns them off).
+they are built (kernels.use_native_kernels; LLAMAWORKS_NATIVE=0 turns them off), the weights in
+transparent huge pages (inference/hugepages.py; --no-hugepages for 4 KiB pages).
 
 llama.cpp runs through llama-cpp-python on the same weights exported to GGUF f32 and f16
 (convert/gguf.py), Q8_0 and Q4_0 (llama.cpp's own quantiser), with llama.cpp's repacked CPU
@@ -61,6 +62,7 @@ from llamaworks.convert.command import llama_cpp_generate
 from llamaworks.inference import native
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.generate import generate_ids
+from llamaworks.inference.hugepages import use_hugepages
 from llamaworks.inference.kernels import use_gemv, use_native_kernels
 from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
 
@@ -122,7 +124,7 @@ def quantized_copy(model: Transformer, mode: str, group_size: int = 128) -> Tran
     return quantize_model(copy.deepcopy(model, memo), mode, group_size)
 
 
-def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str) -> Transformer:
+def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str, hugepages: bool = True) -> Transformer:
     """The model as `llamaworks generate` loads it, in `dtype`: fused projections (fuse), then the
     native one-row kernels on CPU where built (else bf16 takes GemvLinear). Shares the weights
     with `model` where nothing changes them (fp32, unfused)."""
@@ -134,6 +136,8 @@ def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str)
         fuse_projections(m)
     if torch.device(device).type == "cpu" and not use_native_kernels(m):
         use_gemv(m)
+    if hugepages:
+        use_hugepages(m)  # as load_model; fp32 weights shared with `model` are moved once, for all copies
     return m
 
 
@@ -372,7 +376,8 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
         for prec in a.precisions:
             if prec in ("fp32", "bf16"):
                 def make_float(prec=prec, compile=False):
-                    m = decode_copy(model, torch.float32 if prec == "fp32" else torch.bfloat16, a.fuse, a.device)
+                    m = decode_copy(model, torch.float32 if prec == "fp32" else torch.bfloat16, a.fuse, a.device,
+                                    a.hugepages)
                     return lambda p: time_llamaworks(m, p, a.new_tokens, compile)
                 nbytes = fp32_bytes if prec == "fp32" else fp32_bytes // 2
                 variants.append((f"llamaworks {prec}", prec, nbytes, False, make_float))
@@ -386,6 +391,8 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
                         fuse_projections(m)
                     if torch.device(a.device).type == "cpu":
                         use_native_kernels(m)  # as load_model: the decode attention (the layers are quantised)
+                        if a.hugepages:
+                            use_hugepages(m)
                     return (lambda p: time_llamaworks(m, p, a.new_tokens, compile)), bytes_per_step(m)
                 label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
                 variants.append((label, prec, None, False, make_q))
@@ -542,6 +549,9 @@ def main():
     ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                     help="llamaworks with q/k/v and gate/up fused at load (inference/fuse.py), as `llamaworks "
                          "generate` runs (default on)")
+    ap.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
+                    help="llamaworks' CPU weights in transparent huge pages (inference/hugepages.py), as "
+                         "load_model does (default on)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke test: defaults become the small preset, prompt 16, 8 new tokens, 1 run, no "
                          "compile, and no JSON unless --out is given")
@@ -565,6 +575,7 @@ def main():
               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "machine": machine_record(a.label, bandwidth=False, device=a.device, native_kernels=(
                   native.current_isa() if native.available() else None)), "device": a.device, "fuse": a.fuse,
+              "hugepages": a.hugepages,
               "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
               "prompt_len": a.prompt_len,
               "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs}}

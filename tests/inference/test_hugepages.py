@@ -1,0 +1,147 @@
+"""Weights in transparent huge pages (inference/hugepages.py): the arena's layout, the moved
+weights (same values, same Parameter objects, ties and shared memory kept, aligned, advised as
+huge pages), greedy tokens unchanged through fusion and the native kernels, bf16 and int8, a
+second call moving nothing, load_model doing it, and nothing done where THP is off."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from llamaworks.inference import hugepages
+from llamaworks.inference.fuse import fuse_projections
+from llamaworks.inference.generate import generate_ids
+from llamaworks.inference.hugepages import arena_layout, thp_mode, use_hugepages
+from llamaworks.inference.kernels import KERNEL_ALIGN, use_native_kernels
+from llamaworks.inference.load import load_model
+from llamaworks.inference.quant import quantize_model
+from llamaworks.model import ModelArgs, build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32, max_seq_len=128)
+needs_thp = pytest.mark.skipif(not hugepages.hugepages_supported(), reason="no transparent huge pages (Linux only)")
+
+
+def model(**over) -> torch.nn.Module:
+    m = build_model(ModelArgs(**{**ARGS, **over}), seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # larger than init weights: well-separated logits, greedy tokens compare the code
+        for name, p in m.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    return m
+
+
+def greedy(m, n=10):
+    return torch.cat([t for t, _ in generate_ids(m, [[1, 17, 250, 3], [1, 5]], n, temperature=0.0)], 1).tolist()
+
+
+def thp_eligible(addr: int) -> bool:
+    """Whether the mapping holding `addr` may get huge pages (/proc/self/smaps: THPeligible)."""
+    text = open("/proc/self/smaps").read()
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
+        lo, hi = (int(v, 16) for v in block.split()[0].split("-"))
+        if lo <= addr < hi:
+            m = re.search(r"THPeligible:\s+(\d)", block)
+            return m is not None and m.group(1) == "1"
+    raise AssertionError(f"{addr:#x} is in no mapping")
+
+
+def test_thp_mode_reads_the_marked_word():
+    assert thp_mode("always [madvise] never") == "madvise"
+    assert thp_mode("[always] madvise never") == "always"
+    assert thp_mode("always madvise [never]\n") == "never"
+    assert thp_mode("") == ""
+
+
+def test_arena_layout_aligns_each_tensor_without_overlap():
+    offsets, total = arena_layout([10, 64, 1, 200], align=64)
+    assert offsets == [0, 64, 128, 192] and total == 392
+    assert arena_layout([], align=64) == ([], 0)
+    offsets, total = arena_layout([100, 100], align=4096)
+    assert offsets == [0, 4096] and total == 4196
+
+
+@needs_thp
+def test_arena_is_aligned_and_advised_as_huge_pages():
+    arena = hugepages.hugepage_arena(5 << 20)
+    assert arena.numel() == 5 << 20 and arena.data_ptr() % hugepages.HUGE_PAGE == 0
+    assert thp_eligible(arena.data_ptr())
+    plain = torch.empty(5 << 20, dtype=torch.uint8)  # the check can fail: torch's own allocation is not advised
+    assert not thp_eligible(plain.data_ptr()) or hugepages.thp_mode(hugepages.THP_SETTING.read_text()) == "always"
+
+
+@needs_thp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_move_with_values_objects_and_ties_kept(dtype):
+    m = model(tie_word_embeddings=True).to(dtype)
+    m.init_rope()
+    fuse_projections(m)
+    use_native_kernels(m)
+    want_tokens = greedy(m)
+    before = {name: (p, p.detach().clone()) for name, p in m.named_parameters()}
+    moved = use_hugepages(m, min_bytes=0)
+    assert moved >= sum(p.numel() * p.element_size() for p, _ in before.values())
+    for name, p in m.named_parameters():
+        obj, value = before[name]
+        assert p is obj, name  # the same Parameter: ties and outside references hold
+        assert torch.equal(p, value) and p.dtype == dtype, name
+        assert p.data_ptr() % KERNEL_ALIGN == 0, name
+        assert p.untyped_storage().data_ptr() in hugepages._arenas, name
+    assert m.output.weight is m.tok_embeddings.weight
+    assert greedy(m) == want_tokens
+    assert use_hugepages(m, min_bytes=0) == 0  # already there: nothing copied again
+
+
+@needs_thp
+def test_quantised_buffers_move_and_tokens_stay():
+    m = quantize_model(model(), "int8")
+    fuse_projections(m)
+    use_native_kernels(m)
+    want = greedy(m)
+    w = m.layers[0].attention.wqkv.weight
+    value = w.clone()
+    assert use_hugepages(m, min_bytes=0) > 0
+    w2 = m.layers[0].attention.wqkv.weight
+    assert w2.data_ptr() != w.data_ptr() and torch.equal(w2, value)
+    assert greedy(m) == want
+
+
+@needs_thp
+def test_shared_memory_is_copied_once():
+    m = model()
+    m.layers[1].feed_forward.w2.weight = m.layers[0].feed_forward.w2.weight  # one tensor, two modules
+    use_hugepages(m, min_bytes=0)
+    assert m.layers[1].feed_forward.w2.weight.data_ptr() == m.layers[0].feed_forward.w2.weight.data_ptr()
+
+
+@needs_thp
+def test_small_models_and_kv_caches_stay():
+    m = model()
+    assert use_hugepages(m) == 0  # under one huge page: cache-resident anyway
+    m.setup_caches(1, 32)
+    cache = m.layers[0].attention.kv_cache.k
+    use_hugepages(m, min_bytes=0)
+    assert m.layers[0].attention.kv_cache.k is cache
+
+
+def test_nothing_moves_without_thp(monkeypatch):
+    monkeypatch.setattr(hugepages, "hugepages_supported", lambda: False)
+    m = model()
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    assert use_hugepages(m, min_bytes=0) == 0
+    assert [p.data_ptr() for p in m.parameters()] == ptrs
+
+
+@needs_thp
+def test_load_model_moves_the_weights(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(hugepages, "HUGE_PAGE", 4096)  # the tiny model counts as large enough
+    loaded, _ = load_model(tiny_model_dir)
+    assert all(p.untyped_storage().data_ptr() in hugepages._arenas for p in loaded.parameters())
+    monkeypatch.setattr(hugepages, "hugepages_supported", lambda: False)
+    plain, _ = load_model(tiny_model_dir)
+    assert not any(p.untyped_storage().data_ptr() in hugepages._arenas for p in plain.parameters())
+    assert greedy(loaded) == greedy(plain)
