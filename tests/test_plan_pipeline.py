@@ -162,3 +162,12 @@ def test_recommendation_explains_its_choice():
     small = recommend("65B", 256, "a100-40gb")
     assert small and small[0][0].pp > 1
     assert f"pp {small[0][0].pp}: its bubble is" in explain_recommendation(small)
+
+
+def test_pp_schedule_takes_torchs_names_in_any_case(capsys):
+    from llamaworks.plan import plan_command
+
+    assert plan("65B", 2048, pp=4, pp_schedule="Interleaved1F1B") == plan("65B", 2048, pp=4,
+                                                                          pp_schedule="interleaved1f1b")
+    assert plan_command("65B", 2048, pp=4, pp_schedule="1F1B") == 0  # the CLI does not restrict the case
+    assert "tp 1 x pp 4 x dp 512" in capsys.readouterr().out

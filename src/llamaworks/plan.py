@@ -530,7 +530,8 @@ def plan_command(
     = "selective",
     micro_batch: Annotated[int, Arg("sequences per GPU per forward pass")] = 1,
     pp: Annotated[int, Arg("pipeline parallel size (stages over ranks)")] = 1,
-    pp_schedule: Annotated[Literal["1f1b", "interleaved1f1b"], Arg("pipeline schedule")] = "1f1b",
+    pp_schedule: Annotated[str, Arg("pipeline schedule: 1f1b or interleaved1f1b (torch's names, any case, "
+                                    "as parallel.pp_schedule)")] = "1f1b",
     stages_per_rank: Annotated[int | None, Arg("pipeline stages per rank (default 1; 2 interleaved)")] = None,
     mp_param_dtype: Annotated[Literal["bf16", "fp32"], Arg("the dtype FSDP gathers weights and computes in")]
     = "bf16",
