@@ -303,10 +303,12 @@ def llama_cpp_batched(paths: dict, a, batches: list[int], name: str, n_params: i
             cmd += ["-nr"] if "no repack" in q else []  # --no-repack: its plain kernels, as the batch-1 row
             times = []
             for _ in range(a.repeats):
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+                # stdin closed: with stdin an open pipe, llama-batched-bench prints no results (seen with 0.3.36)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
                 lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("{")]
                 if proc.returncode or not lines:
-                    print(f"(llama.cpp {q} batch {bsz}: llama-batched-bench failed: {proc.stderr[-500:]})")
+                    print(f"(llama.cpp {q} batch {bsz}: llama-batched-bench failed, exit {proc.returncode}: "
+                          f"{proc.stderr[-500:]})")
                     break
                 res = json.loads(lines[-1])
                 times.append(res["t_pp"] + res["t_tg"])
