@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from peaked import sharpen
 
 from llamaworks.inference import hugepages
 from llamaworks.inference.fuse import fuse_projections
@@ -26,13 +27,8 @@ needs_thp = pytest.mark.skipif(not hugepages.hugepages_supported(), reason="no t
 
 
 def model(**over) -> torch.nn.Module:
-    m = build_model(ModelArgs(**{**ARGS, **over}), seed=0).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # larger than init weights: well-separated logits, greedy tokens compare the code
-        for name, p in m.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-    return m
+    # Larger than init weights (tests/peaked.py): well-separated logits, greedy tokens compare the code.
+    return sharpen(build_model(ModelArgs(**{**ARGS, **over}), seed=0), seed=1, std=0.15, norm_std=0.0)
 
 
 def greedy(m, n=10):
