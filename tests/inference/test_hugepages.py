@@ -5,6 +5,8 @@ second call moving nothing, load_model doing it, and nothing done where THP is o
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import re
 
 import pytest
@@ -66,8 +68,14 @@ def test_arena_is_aligned_and_advised_as_huge_pages():
     arena = hugepages.hugepage_arena(5 << 20)
     assert arena.numel() == 5 << 20 and arena.data_ptr() % hugepages.HUGE_PAGE == 0
     assert thp_eligible(arena.data_ptr())
-    plain = torch.empty(5 << 20, dtype=torch.uint8)  # the check can fail: torch's own allocation is not advised
-    assert not thp_eligible(plain.data_ptr()) or hugepages.thp_mode(hugepages.THP_SETTING.read_text()) == "always"
+    # The control is a fresh anonymous mapping, never advised (not torch.empty: glibc may hand back
+    # heap memory that an earlier arena advised, and then it is eligible too, as CI once saw).
+    plain = mmap.mmap(-1, 5 << 20)
+    view = ctypes.c_char.from_buffer(plain)
+    eligible = thp_eligible(ctypes.addressof(view))
+    del view  # the buffer export must go before the mapping can close
+    plain.close()
+    assert not eligible or hugepages.thp_mode(hugepages.THP_SETTING.read_text()) == "always"
 
 
 @needs_thp
