@@ -34,7 +34,8 @@ import types
 from pathlib import Path
 
 import torch
-from machine import add_label_argument, machine_record  # benchmarks/ is on sys.path
+from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
+from machine import add_label_argument, machine_record
 
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.serve.engine import Engine, Request
@@ -42,20 +43,6 @@ from llamaworks.serve.engine import Engine, Request
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "3a16adf"  # the last commit whose engine has the static cache
 COMPARE = "e97222d"  # the last commit whose engine prefilled each short rest in its own forward
-# "Config A" of the issue tracker (benchmarks/decode.py): ~60M parameters.
-PRESETS = {"A": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048),
-           "tiny": dict(ModelArgs.from_name("tiny").to_params(), max_seq_len=2048)}
-
-
-class NullTokenizer:
-    """What the engine reads of a tokenizer, for random token ids: no text, eos never sampled
-    (requests pass stop_ids=())."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size, self.eos_id, self.bos_id = vocab_size, 2, 1
-
-    def stream_decoder(self, prefix_ids=()):
-        return types.SimpleNamespace(push=lambda token: "", flush=lambda: "")
 
 
 def engine_at(commit: str):

@@ -33,11 +33,11 @@ import json
 import queue
 import statistics
 import time
-import types
 from pathlib import Path
 
 import torch
-from machine import add_label_argument, machine_record  # benchmarks/ is on sys.path
+from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
+from machine import add_label_argument, machine_record
 
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_native_kernels
@@ -46,20 +46,6 @@ from llamaworks.model import ModelArgs, Transformer, build_model
 from llamaworks.serve.engine import Engine, Request
 
 ROOT = Path(__file__).resolve().parents[1]
-# "Config A" of the issue tracker (benchmarks/decode.py): ~60M parameters.
-PRESETS = {"A": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=2048),
-           "tiny": dict(ModelArgs.from_name("tiny").to_params(), max_seq_len=2048)}
-
-
-class NullTokenizer:
-    """What the engine reads of a tokenizer, for random token ids: no text; requests pass
-    stop_ids=() so eos is never sampled as an end."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size, self.eos_id, self.bos_id = vocab_size, 2, 1
-
-    def stream_decoder(self, prefix_ids=()):
-        return types.SimpleNamespace(push=lambda token: "", flush=lambda: "")
 
 
 def prepared(model: Transformer) -> Transformer:
