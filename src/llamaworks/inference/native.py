@@ -246,6 +246,7 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"llamaworks::{op}")(fake)
     # decode_attention: q's shape (bsz, heads, seq, head_dim), contiguous
     torch.library.register_fake("llamaworks::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
+    torch.library.register_fake("llamaworks::paged_attention")(lambda q, k, v, blocks, pos: q.new_empty(q.shape))
     _state.fakes = True
 
 

@@ -80,4 +80,26 @@ extern const AttentionFn scalar_attention;
 extern const AttentionFn avx2_attention;
 extern const AttentionFn avx512_attention;
 
+// Paged decode attention (attn_body.h): the same, with keys and values read through a block
+// table from one layer's pools (inference/paged.py) instead of a contiguous cache, each query
+// over its own sequence's keys only: no gather copy, no key past the query's position read.
+struct PagedAttention {
+  const void* q;           // (B, H, S, D), strides qs
+  const void* k;           // pool (Hkv, N, Bs, D), contiguous: N blocks of Bs positions
+  const void* v;           // the same for values
+  const int64_t* blocks;   // (B, W), contiguous: physical block of each logical block
+  const int64_t* pos;      // (B, S), contiguous: query s of sequence b sees keys 0..pos[b, s]
+  void* out;               // (B, H, S, D), contiguous
+  bool bf16;
+  int64_t B, H, Hkv, S, D, N, Bs, W;
+  int64_t qs[3];
+  float scale;
+};
+// Query rows [r0, r1) of H * B * S, head first (row (h * B + b) * S + s): an even split over
+// threads then gives each thread a share of every sequence, long or short. scores: Bs floats.
+using PagedAttentionFn = void (*)(const PagedAttention&, int64_t r0, int64_t r1, float* scores);
+extern const PagedAttentionFn scalar_attention_paged;
+extern const PagedAttentionFn avx2_attention_paged;
+extern const PagedAttentionFn avx512_attention_paged;
+
 }  // namespace lw

@@ -268,6 +268,69 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   return out;
 }
 
+// paged_attention(q, k_pool, v_pool, blocks, pos): decode_attention over a paged cache
+// (inference/paged.py), read through the block table: q (B, H, S, D); k_pool, v_pool (Hkv, N,
+// Bs, D) contiguous; blocks (B, W) int64 physical block ids; pos (B, S) int64, query s of row b
+// attending keys 0..pos[b, s] (the model's mask), all fp32 or all bf16. Equals
+// decode_attention(q, gathered keys, gathered values, key position <= pos) without the gather.
+at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& blocks_in, const at::Tensor& pos_in) {
+  const at::Tensor q = q_in.dim() == 4 && q_in.stride(3) != 1 ? q_in.contiguous() : q_in;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "llamaworks paged_attention: q and the pools must be 4-d");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && blocks_in.device().is_cpu() &&
+                  pos_in.device().is_cpu(),
+              "llamaworks paged_attention: CPU tensors only");
+  const at::ScalarType dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
+              "llamaworks paged_attention: q and the pools must all be float32 or all bfloat16");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(),
+              "llamaworks paged_attention: the pools must be contiguous and of one shape, got ", k.sizes(), " ",
+              v.sizes());
+  TORCH_CHECK(blocks_in.scalar_type() == at::kLong && pos_in.scalar_type() == at::kLong && blocks_in.dim() == 2 &&
+                  pos_in.dim() == 2,
+              "llamaworks paged_attention: blocks (B, W) and pos (B, S) must be int64");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(0), N = k.size(1), Bs = k.size(2), W = blocks_in.size(1);
+  TORCH_CHECK(k.size(3) == D && Hkv > 0 && H % Hkv == 0 && blocks_in.size(0) == B && pos_in.size(0) == B &&
+                  pos_in.size(1) == S && Bs > 0,
+              "llamaworks paged_attention: shapes q ", q.sizes(), " pools ", k.sizes(), " blocks ", blocks_in.sizes(),
+              " pos ", pos_in.sizes());
+  TORCH_CHECK(D % 16 == 0 && D <= lw::MAX_HEAD_DIM, "llamaworks paged_attention: head_dim ", D,
+              " must be a multiple of 16 up to ", lw::MAX_HEAD_DIM);
+  const at::Tensor blocks = blocks_in.contiguous(), pos = pos_in.contiguous();
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  // Every block a query reads must lie in the pool (a wrong id would read outside it).
+  int64_t keys = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t last = -1;
+    for (int64_t s = 0; s < S; ++s) last = std::max(last, pp[b * S + s]);
+    const int64_t n = std::min(last + 1, W * Bs);
+    keys += std::max<int64_t>(0, n);
+    for (int64_t j = 0; j * Bs < n; ++j)
+      TORCH_CHECK(bp[b * W + j] >= 0 && bp[b * W + j] < N, "llamaworks paged_attention: block id ", bp[b * W + j],
+                  " of row ", b, " outside the pool's ", N, " blocks");
+  }
+  at::Tensor out = at::empty({B, H, S, D}, q.options());
+  if (out.numel() == 0) return out;
+  lw::PagedAttention a{q.data_ptr(), k.data_ptr(), v.data_ptr(), bp, pp, out.data_ptr(), dt == at::kBFloat16,
+                       B, H, Hkv, S, D, N, Bs, W, {q.stride(0), q.stride(1), q.stride(2)},
+                       1.0f / std::sqrt(static_cast<float>(D))};
+  const int lvl = level.load(std::memory_order_relaxed);
+  const lw::PagedAttentionFn fn = lvl >= AVX512 ? lw::avx512_attention_paged
+                                  : lvl == AVX2 ? lw::avx2_attention_paged
+                                                : lw::scalar_attention_paged;
+  // As decode_attention: below ~2^18 multiply-adds per thread a fork/join costs more. Rows
+  // differ in length, so the grain comes from the mean.
+  const int64_t rows = B * H * S, per_row = std::max<int64_t>(1, keys / B * D);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_row);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> scores(Bs);
+    fn(a, r0, r1, scores.data());
+  });
+  return out;
+}
+
 }  // namespace
 
 // Plain C entry points for the instruction-set choice (native.py calls them through ctypes).
@@ -288,6 +351,7 @@ TORCH_LIBRARY(llamaworks, m) {
   m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor weight, Tensor scales, Tensor offsets, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor blocks, Tensor pos) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
@@ -296,4 +360,5 @@ TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
   m.impl("decode_attention", &decode_attention);
+  m.impl("paged_attention", &paged_attention);
 }
