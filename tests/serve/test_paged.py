@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llamaworks.inference import native
 from llamaworks.inference.generate import generate
 from llamaworks.inference.paged import block_bytes, setup_paged_caches
 from llamaworks.model import ModelArgs, build_model
@@ -24,14 +25,19 @@ QUESTIONS = ["The king", "Love is", "O fair lady of the night, speak", "Thou art
 # --- the paged cache against the static one, one forward at a time ---------------------------
 
 
+@pytest.mark.parametrize("reads_table", [True, False])
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
-def test_paged_cache_gives_the_static_caches_logits(n_kv_heads):
+def test_paged_cache_gives_the_static_caches_logits(n_kv_heads, reads_table, monkeypatch):
+    # reads_table: decode through the block table (llamaworks::paged_attention, where the native
+    # kernels are built), or the gather path (LLAMAWORKS_PAGED_ATTENTION=0).
+    monkeypatch.setenv("LLAMAWORKS_PAGED_ATTENTION", "1" if reads_table else "0")
     args = ModelArgs.from_name("tiny", n_layers=2, n_kv_heads=n_kv_heads)
     static = build_model(args, seed=0).eval()
     paged = build_model(args, seed=0).eval()
     static.setup_caches(2, 64)
     size = 4
     table = setup_paged_caches(paged, 40, size, 64)
+    assert paged.layers[0].attention.kv_cache.reads_table == (reads_table and native.available())
     # Two sequences in scattered, interleaved physical blocks; a third table row for a
     # sequence that is not there (the null block), as the engine's free rows.
     blocks = [[7, 3, 30, 12, 5, 22, 9, 17, 1, 33, 2, 25], [11, 8, 39, 4, 26, 16, 6, 34, 13, 20, 19, 38]]
@@ -148,6 +154,26 @@ def test_greedy_equals_generate_with_the_prefix_cache_on_and_off(tiny_model_dir,
         assert (stats["prefix_cache_hits"] > 0) == prefix_cache
     finally:
         eng.stop(cancel=True, timeout=30)
+
+
+def test_rows_of_very_different_lengths_decode_alike_through_the_table_and_the_gather(tiny_model_dir, tiny_tokenizer,
+                                                                                     references, monkeypatch):
+    # A long prompt (the system prompt repeated) beside the short ones, sharing prefix blocks,
+    # with free rows (null blocks): the same greedy tokens with the paged kernel and the gather.
+    long_ids = tiny_tokenizer.encode(SYSTEM * 4 + QUESTIONS[0])[:200]
+    prompts = [long_ids] + [list(ids) for ids in references]
+    got = {}
+    for reads_table in (True, False):
+        monkeypatch.setenv("LLAMAWORKS_PAGED_ATTENTION", "1" if reads_table else "0")
+        model, tok = _load(tiny_model_dir)
+        eng = Engine(model, tok, max_batch=8, block_size=4, prefill_chunk=16).start()
+        try:
+            got[reads_table] = [r.tokens for r in _run_all(eng, [Request(list(p), 16) for p in prompts])]
+        finally:
+            eng.stop(cancel=True, timeout=30)
+        assert model.layers[0].attention.kv_cache.reads_table == (reads_table and native.available())
+    assert got[True] == got[False]
+    assert got[True][1:] == list(references.values())
 
 
 def test_a_shared_system_prompt_is_prefilled_once(tiny_model_dir, tiny_tokenizer, references):
