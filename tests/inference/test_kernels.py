@@ -257,10 +257,10 @@ def test_use_native_kernels_swaps_float_linears_only(native_lib):
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=96, multiple_of=16, max_seq_len=32,
                      tie_word_embeddings=True)
     model = build_model(args)
-    assert use_native_kernels(model) == 9  # wq wk wv wo w1 w2 w3 output, and the attention
+    assert use_native_kernels(model) == 12  # wq wk wv wo w1 w2 w3 output, the attention, 3 RMSNorm
     assert model.output.weight is model.tok_embeddings.weight  # tied: the same parameter
     bf = build_model(args).to(torch.bfloat16)
-    assert use_gemv(bf) == 8 and use_native_kernels(bf) == 9  # GemvLinear is taken over
+    assert use_gemv(bf) == 8 and use_native_kernels(bf) == 12  # GemvLinear is taken over
     assert all(type(m) is NativeLinear for m in bf.modules() if isinstance(m, torch.nn.Linear))
     skip = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8, bias=False).half())
     assert use_native_kernels(skip) == 0  # a bias, fp16
@@ -273,7 +273,7 @@ def test_greedy_tokens_equal_eager(native_lib, dtype):
     fp32 = sharpen(build_model(args))
     eager = copy.deepcopy(fp32).to(dtype)
     fast = copy.deepcopy(eager)
-    assert use_native_kernels(fast) == 17  # 7 Linear per block, the output, an attention per block
+    assert use_native_kernels(fast) == 22  # per block 7 Linear, an attention, 2 RMSNorm; the output and last norm
     prompts = [[1, 5, 9, 23], [1, 77, 3], [1], [1, 2, 3, 4, 5, 6, 7], [1, 9]]  # batch 5: 5-row products
 
     def run(model):

@@ -22,9 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaworks.inference.kernels import GemvLinear, NativeAttention, NativeLinear, native_attention_class
+from llamaworks.inference.kernels import (
+    GemvLinear,
+    NativeAttention,
+    NativeLinear,
+    eager_native_step,
+    native_attention_class,
+)
 from llamaworks.inference.quant import Int4Linear, Int8Linear
+from llamaworks.kvcache import KVCache
 from llamaworks.model import Attention, FeedForward
+
+_NO_ROWS = torch.empty(0, dtype=torch.long)  # rope_cache's "rows 0..bsz-1"
 
 FLOAT_LINEARS = (nn.Linear, GemvLinear, NativeLinear)
 
@@ -136,9 +145,30 @@ class FusedProjections:
 
 
 class FusedAttention(FusedProjections, Attention):
-    """Attention with wq, wk and wv as one product, wqkv (n_heads + 2 n_kv_heads head_dims wide)."""
+    """Attention with wq, wk and wv as one product, wqkv (n_heads + 2 n_kv_heads head_dims wide).
+
+    In eager decoding with the native kernels, the RoPE of q and k and the cache write are one
+    call (llamaworks::rope_cache, csrc/step.cpp) instead of some 40 small operators per layer
+    (apply_rotary_emb twice, KVCache.update), with the same results bit for bit; compiled
+    graphs, training and a cache of another kind (paged.py's) take Attention.forward."""
 
     fused_name, parts, order = "wqkv", ("wq", "wk", "wv"), ("wq", "wk", "wv", "wo")
+
+    def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
+        cache = self.kv_cache
+        if (input_pos is None or type(cache) is not KVCache or freqs.dtype != torch.float32
+                or not eager_native_step(x, cache.k, cache.v)):
+            return super().forward(x, freqs, input_pos, mask, rows)
+        bsz, seqlen, _ = x.shape
+        qkv = self.wqkv(x)  # (bsz, seq, (heads + 2 kv_heads) * head_dim)
+        if qkv.dtype != cache.k.dtype:
+            return super().forward(x, freqs, input_pos, mask, rows)
+        heads, kv_heads = self.sizes[0] // self.head_dim, self.sizes[1] // self.head_dim
+        q = torch.ops.llamaworks.rope_cache(qkv, freqs, input_pos, _NO_ROWS if rows is None else rows,
+                                            cache.k, cache.v, heads, kv_heads)  # (bsz, heads, seq, head_dim)
+        k, v = (cache.k[:bsz], cache.v[:bsz]) if rows is None else (cache.k[rows], cache.v[rows])
+        out = self.attend(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def project(self, x):
         bsz, seqlen, _ = x.shape

@@ -36,7 +36,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp",
+SOURCES = ("ops.cpp", "step.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp",
            "gemv_scalar.cpp")
 HEADERS = ("gemv.h", "gemv_body.h", "attn_body.h")
 NAME = "llamaworks_native"
