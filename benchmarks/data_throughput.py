@@ -250,7 +250,8 @@ def run_datatrove(name: str, corpus: Path, out: Path, workers: int) -> None:
 
 def same_signature_stage(ours):
     """datatrove's MinHash stage 1 computing ours' signatures (llamaworks/data/dedup.py): shingles of
-    lowercased `\\w+` words hashed by blake2b-32, permutations (a h + b) mod 2^32 - 5 with ours' a and b,
+    lowercased `\\w+` words hashed by blake2b-64 and n-grams of them mixed to 32 bits, permutations
+    ((a h + b) mod 2^64) >> 32 with ours' a and b,
     where datatrove's own are words of simplify_text (numbers -> 0, punctuation and diacritics removed)
     split by its word tokenizer, sha1 hashes and (a h + b) mod 2^61 - 1. With LSH at 5 bands x 25 rows a
     pair at Jaccard 0.9 collides with probability 0.31: which borderline pairs each side finds is decided
@@ -260,7 +261,7 @@ def same_signature_stage(ours):
     document whose signature agrees on >= threshold of the permutations with an earlier *kept* one."""
     from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
-    from llamaworks.data.dedup import _PRIME, shingles
+    from llamaworks.data.dedup import shingles
 
     class SameSignature(MinhashDedupSignature):
         name = "MinHash stage 1 (ours' signatures)"
@@ -269,10 +270,12 @@ def same_signature_stage(ours):
             return shingles(text, ours.ngram).reshape(-1, 1)
 
         def get_signature(self, h):
-            # minhash_signature's arithmetic (chunks bound the temporaries, as there)
+            # minhash_signatures' arithmetic, one document at a time as datatrove's stage 1 goes:
+            # ((a h + b) mod 2^64) >> 32, the minimum over the shingles (blocks bound the temporaries).
             sig = np.full(ours.a.size, np.iinfo(np.uint64).max, dtype=np.uint64)
             for c in range(0, h.shape[0], 8192):
-                sig = np.minimum(sig, ((np.outer(h[c:c + 8192, 0], ours.a) + ours.b) % _PRIME).min(axis=0))
+                sig = np.minimum(sig, (np.multiply.outer(h[c:c + 8192, 0], ours.a) + ours.b).min(axis=0))
+            sig >>= np.uint64(32)
             # The first bands x rows permutations are the band keys (ours' last num_perm % bands verify only).
             return [x.tolist() for x in np.split(sig[:ours.bands * ours.rows].astype(np.uint32), ours.bands)]
 

@@ -45,9 +45,10 @@ from llamaworks.data.dedup import (
     MinHashDedup,
     content_hash,
     normalize_line,
+    without_lines,
 )
 from llamaworks.data.document import Document
-from llamaworks.data.step import Dropped, LinesRemoved, Step
+from llamaworks.data.step import Dropped, Step
 
 _POS_BITS = 32  # global document index: shard << 32 | position in the shard
 
@@ -198,21 +199,7 @@ class _LineFilter(_Applied):
         # LineDedup.run's events, with "seen earlier" read from the decisions.
         for pos, doc in enumerate(docs):
             lines = doc.text.split("\n")
-            kept, removed, removed_chars = [], 0, 0
-            for i, line in enumerate(lines):
-                if pos << 32 | i in self.removed:
-                    removed += 1
-                    removed_chars += len(line) + 1
-                else:
-                    kept.append(line)
-            if removed:
-                yield LinesRemoved("line seen earlier in the shard group (CCNet)", removed, removed_chars)
-            text = "\n".join(kept)
-            if not normalize_line(text):
-                yield Dropped(doc, "no lines left after line dedup")
-                continue
-            doc.text = text
-            yield doc
+            yield from without_lines(doc, lines, ((pos << 32 | i) in self.removed for i in range(len(lines))))
 
 
 # --- MinHash: candidate pairs per partition, the greedy pass in one merge ---
