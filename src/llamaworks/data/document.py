@@ -107,7 +107,9 @@ class ShardWriter:
     (data/storage.py): the object is committed at `close()` only.
     """
 
-    def __init__(self, path: str | os.PathLike, compression: str = "gzip"):
+    def __init__(self, path: str | os.PathLike, compression: str = "gzip", scratch: bool = False):
+        # scratch: a file only the next stage of the run reads (executor `.stages/`): the fastest
+        # level (gzip 1 compresses ~3x faster than 6, for ~15% more bytes on disk), same format.
         if compression not in ("gzip", "zstd"):
             raise ValueError(f"compression must be 'gzip' or 'zstd', got {compression!r}")
         self.path = storage.as_path(path)
@@ -120,10 +122,11 @@ class ShardWriter:
         if compression == "gzip":
             # mtime=0 and the final name (not the temporary one, which holds the pid): identical
             # documents give byte-identical shards (reproducible runs).
-            self._f = gzip.GzipFile(filename=storage.name(self.path), fileobj=self._raw, mode="wb", compresslevel=6,
-                                    mtime=0)
+            self._f = gzip.GzipFile(filename=storage.name(self.path), fileobj=self._raw, mode="wb",
+                                    compresslevel=1 if scratch else 6, mtime=0)
         else:
-            self._f = zstandard_module().ZstdCompressor(level=3).stream_writer(self._raw, closefd=False)
+            level = 1 if scratch else 3
+            self._f = zstandard_module().ZstdCompressor(level=level).stream_writer(self._raw, closefd=False)
         self.count = 0
 
     def write(self, doc: Document) -> None:

@@ -247,7 +247,8 @@ class RunPlan:
             if self.keep_excluded else None
         rank, world = (0, 1) if stage.global_state else (shard, self.world)
         try:
-            with ShardWriter(storage.join(self.stage_dir(s), name), self.compression) as writer:
+            with ShardWriter(storage.join(self.stage_dir(s), name), self.compression,
+                             scratch=s < len(self.stages) - 1) as writer:
                 stream: Iterator = self._read(s, path, info)
                 for step, st in zip(steps, stats):
                     stream = _accounted(step.run(_counted(stream, st), rank, world), st, step.name, excluded)
