@@ -90,16 +90,29 @@ def hugepage_arena(nbytes: int) -> torch.Tensor:
     return arena
 
 
+def _movable(t) -> bool:
+    return (isinstance(t, torch.Tensor) and type(t.data) is torch.Tensor and t.device.type == "cpu"
+            and t.is_contiguous() and t.numel() > 0)
+
+
 def _slots(model: nn.Module):
-    """(module, kind, name, tensor) for every CPU weight tensor of `model` (not the KV caches)."""
+    """(module, kind, name, tensor) for every CPU weight tensor of `model` (not the KV caches):
+    parameters, buffers, and the plain attributes a module names in `hugepage_attrs` (derived
+    kernel layouts such as Int4Linear's, which decode reads instead of its buffers): a tensor, or
+    a tuple of tensors (name then (attribute, index))."""
     for m in model.modules():
         if isinstance(m, KVCache):
             continue
         for kind in ("_parameters", "_buffers"):
             for name, t in getattr(m, kind).items():
-                if (t is not None and type(t.data) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous()
-                        and t.numel() > 0):
+                if t is not None and _movable(t):
                     yield m, kind, name, t
+        for attr in getattr(m, "hugepage_attrs", ()):
+            value = getattr(m, attr, None)
+            if isinstance(value, tuple):
+                yield from ((m, "attr", (attr, i), t) for i, t in enumerate(value) if _movable(t))
+            elif _movable(value):
+                yield m, "attr", attr, value
 
 
 @torch.no_grad()
@@ -132,6 +145,12 @@ def use_hugepages(model: nn.Module, min_bytes: int | None = None) -> int:
     for m, kind, name, t, key in slots:
         if kind == "_parameters":
             t.data = moved[key]  # the Parameter object stays: ties and optimiser references hold
-        else:
+        elif kind == "_buffers":
             m._buffers[name] = moved[key]
+        elif isinstance(name, tuple):
+            attr, i = name
+            value = getattr(m, attr)
+            setattr(m, attr, (*value[:i], moved[key], *value[i + 1:]))
+        else:
+            setattr(m, name, moved[key])
     return total

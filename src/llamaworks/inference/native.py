@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ops.cpp", "step.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp",
-           "gemv_scalar.cpp")
+           "gemv_scalar.cpp", "int4_tiles.cpp")
 HEADERS = ("gemv.h", "gemv_body.h", "attn_body.h")
 NAME = "llamaworks_native"
 # No -march: the instruction sets are chosen per file, at run time. -fopenmp: at::parallel_for is
@@ -244,6 +244,9 @@ def _register_fakes() -> None:
         return
     for op in ("gemv_f32", "gemv_bf16", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"llamaworks::{op}")(fake)
+    # gemv_int4_tiles: the weight is (out_features / 16, 8 * in_features)
+    torch.library.register_fake("llamaworks::gemv_int4_tiles")(
+        lambda x, w, *_: x.new_empty(x.shape[0], w.shape[0] * 16))
     # decode_attention: q's shape (bsz, heads, seq, head_dim), contiguous
     torch.library.register_fake("llamaworks::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
     torch.library.register_fake("llamaworks::paged_attention")(lambda q, k, v, blocks, pos: q.new_empty(q.shape))
