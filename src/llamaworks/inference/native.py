@@ -244,9 +244,9 @@ def _register_fakes() -> None:
         return
     for op in ("gemv_f32", "gemv_bf16", "gemv_int8", "gemv_int4"):
         torch.library.register_fake(f"llamaworks::{op}")(fake)
-    # gemv_int4_tiles: the weight is (out_features / 16, 8 * in_features)
+    # gemv_int4_tiles: x (..., in_features), the weight (out_features / 16, 8 * in_features)
     torch.library.register_fake("llamaworks::gemv_int4_tiles")(
-        lambda x, w, *_: x.new_empty(x.shape[0], w.shape[0] * 16))
+        lambda x, w, *_: x.new_empty(*x.shape[:-1], w.shape[0] * 16))
     # decode_attention: q's shape (bsz, heads, seq, head_dim), contiguous
     torch.library.register_fake("llamaworks::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
     torch.library.register_fake("llamaworks::paged_attention")(lambda q, k, v, blocks, pos: q.new_empty(q.shape))

@@ -364,9 +364,10 @@ class Int4Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None and native_rows(x, self.in_features, KERNEL_MAX_ROWS):
             # Up to 8 rows in one pass over the weight, more in chunks of 8 over cache-sized slices.
+            if self._tiled:  # takes x (..., in) as it is: one operator call, nothing around it
+                return torch.ops.llamaworks.gemv_int4_tiles(x, *self._native, self.group_size)
             w, s, o = self._native
-            op = torch.ops.llamaworks.gemv_int4_tiles if self._tiled else torch.ops.llamaworks.gemv_int4
-            out = op(x.reshape(-1, self.in_features), w, s, o, self.group_size)
+            out = torch.ops.llamaworks.gemv_int4(x.reshape(-1, self.in_features), w, s, o, self.group_size)
             return out.view(*x.shape[:-1], self.out_features)
         if self.kernel and self.decode_layouts and cpu_kernel(x):
             if self._packed is None:  # a module filled in place (copy_) without refresh()

@@ -210,9 +210,9 @@ constexpr int64_t GRAIN_BYTES = 1 << 16;
 // every chunk of 8 rows while it is in the L2 cache (as ops.cpp's SLICE_BYTES).
 constexpr int64_t SLICE_BYTES = 1 << 16;
 
-// gemv_int4_tiles(x, weight, scales, offsets, group_size): x (M, K) fp32 or bf16; weight
-// (N/16, 8K) uint8 in tiles (see the top of this file); scales, offsets (N/16, K/group, 16)
-// fp32. Returns (M, N) in x's dtype.
+// gemv_int4_tiles(x, weight, scales, offsets, group_size): x (..., K) fp32 or bf16, at most
+// a few rows in all (decode: more run in chunks of MAX_ROWS); weight (N/16, 8K) uint8 in tiles
+// (see the top of this file); scales, offsets (N/16, K/group, 16) fp32. Returns (..., N) in x's dtype.
 at::Tensor gemv_int4_tiles(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales,
                            const at::Tensor& offsets, int64_t group) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) % 1024 == 0,
@@ -226,15 +226,19 @@ at::Tensor gemv_int4_tiles(const at::Tensor& x_in, const at::Tensor& w, const at
                     t->size(1) == K / group && t->size(2) == lw::TILE,
                 "llamaworks gemv_int4_tiles: scales and offsets must be contiguous float32 (", w.size(0), ", ",
                 K / group, ", 16), got ", t->scalar_type(), " ", t->sizes());
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "llamaworks gemv_int4_tiles: x must be (rows, ", K, "), got ",
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K, "llamaworks gemv_int4_tiles: x must be (..., ", K, "), got ",
               x_in.sizes());
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "llamaworks gemv_int4_tiles: x must be float32 or bfloat16, got ", x_in.scalar_type());
   TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu() && scales.device().is_cpu() && offsets.device().is_cpu(),
               "llamaworks gemv_int4_tiles: CPU tensors only");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  // Any leading dimensions, flattened here rather than by the caller: Int4Linear.forward passes
+  // x as it comes (a reshape and a view fewer per call in eager decode).
+  const at::Tensor x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x.size(0), groups = K / group;
-  at::Tensor out = at::empty({M, N}, x.options());
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
   if (M == 0 || N == 0) return out.to(x_in.scalar_type());
   const float* xp = x.data_ptr<float>();
   lw::Tiles g{w.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), M, K, N, group,
