@@ -98,6 +98,14 @@ CONFIGS = {
     "B": dict(dim=2048, n_layers=22, n_heads=32, vocab_size=32000, multiple_of=512, max_seq_len=2048),
 }
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def config_args(config: str, layers: int | None = None) -> ModelArgs:
+    """The ModelArgs of a configuration, with `layers` blocks instead of its own where given
+    (--layers): every block is the same work at the same shapes, so a shallower model times the
+    same per-block products in a fraction of the time (only the embedding, output layer and loss,
+    the same at any depth, weigh more in it)."""
+    return ModelArgs(**{**CONFIGS[config], **({"n_layers": layers} if layers else {})})
 IMPLS = ("llamaworks", "peft", "qlora")
 RANK, ALPHA = 16, 32
 LR = 2e-4  # finetune's default for adapters (QLoRA's); the same on both sides
@@ -240,7 +248,7 @@ def child(a) -> None:
     """One implementation at one (config, precision): set up, then one step per 'step' line on
     stdin, answering each with its time and loss; 'end' answers with the peaks and exits."""
     clock = time.process_time if a.clock == "cpu" else time.perf_counter
-    args = ModelArgs(**CONFIGS[a.config])
+    args = config_args(a.config, a.layers[0] if a.layers else None)
     x, y = random_batch(args, a.batch, a.seq_len, a.seed)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
@@ -274,13 +282,16 @@ def child(a) -> None:
 
 
 class Child:
-    def __init__(self, impl: str, config: str, precision: str, a, ac: str, repeat: int = 0):
+    def __init__(self, impl: str, config: str, precision: str, a, ac: str, repeat: int = 0, layers: int | None = None):
         self.impl, self.config, self.precision, self.ac, self.repeat = impl, config, precision, ac, repeat
+        self.n_layers = config_args(config, layers).n_layers
         cmd = [sys.executable, __file__, "--child", impl, "--config", config, "--precision", precision,
                "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--dropout",
                str(a.dropout), "--ac", ac, "--clock", a.clock, "--profile-rows", str(a.profile_rows)]
         if a.compile:
             cmd.append("--compile")
+        if layers:
+            cmd += ["--layers", str(layers)]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -326,7 +337,8 @@ def result(runs: list[Child], tokens_per_step: int) -> dict:
     c0 = runs[0]
     times = [t for c in runs for t in c.times]
     med = statistics.median(times) if times else None
-    return {"impl": c0.impl, "config": c0.config, "precision": c0.precision, "ac": c0.ac, "step_s": med,
+    return {"impl": c0.impl, "config": c0.config, "n_layers": c0.n_layers, "precision": c0.precision, "ac": c0.ac,
+            "step_s": med,
             "tokens_per_s": tokens_per_step / med if med else None, "step_times": times,
             "step_cpu_s": [t for c in runs for t in c.cpu_times],
             "repeat_step_s": [statistics.median(c.times) if c.times else None for c in runs],
@@ -352,7 +364,8 @@ def repeat_ratio(r: dict, p: dict) -> float:
     return r["tokens_per_s"] / p["tokens_per_s"]
 
 
-def run_group(impls: list[str], config: str, precision: str, a, interleave: bool, ac: str | None = None) -> list[dict]:
+def run_group(impls: list[str], config: str, precision: str, a, interleave: bool, ac: str | None = None,
+              layers: int | None = None) -> list[dict]:
     """Run `impls` at one (config, precision): side by side in round-robin, or one after the other
     in --repeats rounds of alternating order; one result row per implementation."""
     rounds = a.warmup + a.steps
@@ -364,13 +377,14 @@ def run_group(impls: list[str], config: str, precision: str, a, interleave: bool
     for rep, group in groups:
         if len(groups) > 1:
             print(f"  {config} {precision}: round {rep + 1}/{a.repeats}, {group[0]}", file=sys.stderr, flush=True)
-        children = [Child(impl, config, precision, a, ac or a.ac, rep) for impl in group]
+        children = [Child(impl, config, precision, a, ac or a.ac, rep, layers) for impl in group]
         for c in children:
             c.ready()
         for r in range(rounds):
             dts = [c.step(r >= a.warmup, profile=(r == rounds - 1 and c.impl in a.profile)) for c in children]
             kind = "timed" if r >= a.warmup else "warm-up"
-            print(f"  {config} {precision} (ac {ac or a.ac}) round {r + 1}/{rounds} ({kind}): "
+            depth = f" ({layers} layers)" if layers else ""
+            print(f"  {config}{depth} {precision} (ac {ac or a.ac}) round {r + 1}/{rounds} ({kind}): "
                   + ", ".join(f"{c.impl} {dt:.2f} s" for c, dt in zip(children, dts)), file=sys.stderr, flush=True)
         for c in children:
             c.end()
@@ -391,11 +405,11 @@ def mem_total() -> int | None:
     return None
 
 
-def fits_twice(config: str, precision: str) -> bool:
+def fits_twice(config: str, precision: str, layers: int | None = None) -> bool:
     """Whether two implementations of `config` fit in memory side by side: an estimate, 3x the fp32
     weights each (weights, the moment both copies exist at setup, activations of 4 x 512 tokens)."""
     total = mem_total()
-    return total is not None and 2 * 3 * 4 * count_parameters(ModelArgs(**CONFIGS[config])) < 0.8 * total
+    return total is not None and 2 * 3 * 4 * count_parameters(config_args(config, layers)) < 0.8 * total
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -403,12 +417,14 @@ def fits_twice(config: str, precision: str) -> bool:
 def summarise(results: list[dict], a) -> dict:
     """Ratios: llamaworks / peft tokens/s and peak memory per (config, precision); qlora's peak
     over fp32 LoRA's (llamaworks) per config."""
-    by = {(r["config"], r["precision"], r["impl"], r["ac"]): r for r in results}
+    by = {(r["config"], r["precision"], r["impl"], r["ac"], r["n_layers"]): r for r in results}
     out = {}
-    for (config, precision, impl, ac), r in by.items():
-        key = f"{config} {precision}" + (f" ac {ac}" if ac != a.ac else "")
-        if impl == "llamaworks" and (config, precision, "peft", ac) in by:
-            p = by[(config, precision, "peft", ac)]
+    for (config, precision, impl, ac, layers), r in by.items():
+        full = CONFIGS[config]["n_layers"]
+        key = (f"{config} {precision}" + (f" {layers} layers" if layers != full else "")
+               + (f" ac {ac}" if ac != a.ac else ""))
+        if impl == "llamaworks" and (config, precision, "peft", ac, layers) in by:
+            p = by[(config, precision, "peft", ac, layers)]
             out[key] = {
                 "speedup_vs_peft": repeat_ratio(r, p),
                 "speedup_rounds": [b / a for a, b in zip(r["repeat_step_s"], p["repeat_step_s"])]
@@ -418,35 +434,88 @@ def summarise(results: list[dict], a) -> dict:
                 "target_speed_1.3x": repeat_ratio(r, p) >= 1.3,
                 "target_memory_no_more": r["peak_rss"] <= p["peak_rss"],
             }
-        if impl == "qlora" and (config, "fp32", "llamaworks", ac) in by:
-            f = by[(config, "fp32", "llamaworks", ac)]
-            out.setdefault(f"{config} qlora-int4 {precision} ac {ac}", {}).update({
+        if impl == "qlora" and (config, "fp32", "llamaworks", ac, layers) in by:
+            f = by[(config, "fp32", "llamaworks", ac, layers)]
+            out.setdefault(f"{config} qlora-int4 {precision}" + (f" {layers} layers" if layers != full else "")
+                           + f" ac {ac}", {}).update({
                 "peak_vs_fp32_lora": r["peak_rss"] / f["peak_rss"],
                 "target_at_most_45pct": r["peak_rss"] / f["peak_rss"] <= 0.45,
                 "first_loss_diff_vs_fp32_lora": r["first_loss"] - f["first_loss"],
             })
+    # Several depths of one configuration: each side's step time and peak memory as a line in the
+    # depth (the embedding, output layer and loss, then the same work per block), extrapolated to
+    # the configuration's own depth.
+    groups: dict = {}
+    for (config, precision, impl, ac, layers), r in by.items():
+        groups.setdefault((config, precision, ac), {}).setdefault(impl, {})[layers] = r
+    for (config, precision, ac), sides in groups.items():
+        lw, pf = sides.get("llamaworks", {}), sides.get("peft", {})
+        depths = sorted(set(lw) & set(pf))
+        full = CONFIGS[config]["n_layers"]
+        if len(depths) < 2 or full in depths:
+            continue
+        t_lw = depth_fit(depths, [lw[n]["step_s"] for n in depths])
+        t_pf = depth_fit(depths, [pf[n]["step_s"] for n in depths])
+        if t_lw[1] <= 0 or t_pf[1] <= 0:  # noise larger than a block's time: no extrapolation
+            out[f"{config} {precision} at {full} layers"] = {"fit": "deeper model not slower: too noisy to fit"}
+            continue
+        m_lw = depth_fit(depths, [lw[n]["peak_rss"] for n in depths])
+        m_pf = depth_fit(depths, [pf[n]["peak_rss"] for n in depths])
+
+        def at(fit, full=full):
+            return fit[0] + full * fit[1]
+
+        out[f"{config} {precision} at {full} layers, fitted from {depths}" + (f" ac {ac}" if ac != a.ac else "")] = {
+            "speedup_vs_peft": at(t_pf) / at(t_lw),
+            "speedup_per_block": t_pf[1] / t_lw[1],
+            "memory_vs_peft": at(m_lw) / at(m_pf),
+            "step_s_llamaworks": at(t_lw), "step_s_peft": at(t_pf),
+            "peak_rss_llamaworks": at(m_lw), "peak_rss_peft": at(m_pf),
+            "fixed_s_llamaworks": t_lw[0], "fixed_s_peft": t_pf[0],
+            "block_s_llamaworks": t_lw[1], "block_s_peft": t_pf[1],
+            "target_speed_1.3x": at(t_pf) / at(t_lw) >= 1.3,
+            "target_memory_no_more": at(m_lw) <= at(m_pf),
+        }
     return out
+
+
+def depth_fit(depths: list[int], values: list[float]) -> tuple[float, float]:
+    """(fixed, per_block): the least-squares line value = fixed + per_block * depth through the
+    measurements at >= 2 depths. A block is the same work at any depth, so a configuration's
+    full-depth step time (or peak memory) is fixed + per_block * n_layers; the fixed part
+    (embedding, output layer, loss) weighs more in a shallow model, which is why a ratio
+    measured at a reduced depth alone is not the full-depth ratio."""
+    if len(depths) < 2 or len(set(depths)) != len(depths) or len(values) != len(depths):
+        raise ValueError(f"depth_fit needs >= 2 distinct depths with one value each, got {depths} and {values}")
+    mx, my = statistics.fmean(depths), statistics.fmean(values)
+    slope = (sum((x - mx) * (y - my) for x, y in zip(depths, values))
+             / sum((x - mx) ** 2 for x in depths))
+    return my - slope * mx, slope
 
 
 def print_table(config: str, results: list[dict], a, fpt: float) -> None:
     rows = [r for r in results if r["config"] == config]
     if not rows:
         return
-    peft = {(r["precision"], r["ac"]): r for r in rows if r["impl"] == "peft"}
-    peft_mem = {(r["precision"], r["ac"]): r["peak_rss"] for r in rows if r["impl"] == "peft"}
-    fp32_lora = {r["ac"]: r["peak_rss"] for r in rows if r["impl"] == "llamaworks" and r["precision"] == "fp32"}
-    n = count_parameters(ModelArgs(**CONFIGS[config]))
-    print(f"\nconfig {config} ({n / 1e6:.0f}M parameters), batch {a.batch} x {a.seq_len}, LoRA r={RANK} alpha={ALPHA} "
+    peft = {(r["precision"], r["ac"], r["n_layers"]): r for r in rows if r["impl"] == "peft"}
+    peft_mem = {k: r["peak_rss"] for k, r in peft.items()}
+    fp32_lora = {(r["ac"], r["n_layers"]): r["peak_rss"] for r in rows
+                 if r["impl"] == "llamaworks" and r["precision"] == "fp32"}
+    n = count_parameters(config_args(config))
+    print(f"\nconfig {config} ({n / 1e6:.0f}M parameters at {CONFIGS[config]['n_layers']} layers), "
+          f"batch {a.batch} x {a.seq_len}, LoRA r={RANK} alpha={ALPHA} "
           f"dropout {a.dropout}, every projection; activation checkpointing {a.ac}{', compiled' if a.compile else ''}")
     print(f"{'implementation':<32}{'step s':>9}{'tokens/s':>10}{'vs peft':>9}{'peak MiB':>10}{'vs peft':>9}"
           f"{'vs fp32 LoRA':>14}{'setup peak':>12}{'first loss':>12}")
     for r in rows:
         name = f"{r['impl']} {r['precision']}" + (" int4" if r["impl"] == "qlora" else "") + \
-            (f" (ac {r['ac']})" if r["ac"] != a.ac else "")
-        tps, mem, k = r["tokens_per_s"], r["peak_rss"], (r["precision"], r["ac"])
+            (f" (ac {r['ac']})" if r["ac"] != a.ac else "") + \
+            (f" {r['n_layers']} layers" if r["n_layers"] != CONFIGS[config]["n_layers"] else "")
+        tps, mem, k = r["tokens_per_s"], r["peak_rss"], (r["precision"], r["ac"], r["n_layers"])
         vs_t = f"{repeat_ratio(r, peft[k]):.2f}x" if r["impl"] != "peft" and k in peft else ""
         vs_m = f"{mem / peft_mem[k]:.2f}x" if r["impl"] != "peft" and k in peft_mem else ""
-        vs_f = f"{mem / fp32_lora[r['ac']]:.0%}" if r["impl"] == "qlora" and r["ac"] in fp32_lora else ""
+        fk = (r["ac"], r["n_layers"])
+        vs_f = f"{mem / fp32_lora[fk]:.0%}" if r["impl"] == "qlora" and fk in fp32_lora else ""
         print(f"{name:<32}{r['step_s']:>9.2f}{tps:>10.1f}{vs_t:>9}{mem / MIB:>10.0f}{vs_m:>9}{vs_f:>14}"
               f"{r['peak_rss_setup'] / MIB:>12.0f}{r['first_loss']:>12.5f}")
 
@@ -467,6 +536,11 @@ def main():
     ap.add_argument("--qlora-ac", choices=("none", "full", "selective"), default="full",
                     help="activation checkpointing of the QLoRA run and of the fp32 LoRA run it is compared with "
                          "(default full, as QLoRA trains: without it the activations, the same for both, dominate)")
+    ap.add_argument("--layers", type=int, nargs="+", default=None,
+                    help="run each configuration at these depths (blocks) instead of its own: its per-block shapes "
+                         "in minutes, both sides side by side in memory; with two or more depths each side's step "
+                         "time and peak memory are fitted as a line in the depth and the ratios given at the "
+                         "configuration's own depth (e.g. B: --layers 2 4)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides")
@@ -501,6 +575,8 @@ def main():
         return child(a)
     if a.steps < 1 or a.warmup < 0 or a.repeats < 1:
         ap.error("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if a.layers is not None and (min(a.layers) < 1 or len(set(a.layers)) != len(a.layers)):
+        ap.error(f"--layers takes distinct depths >= 1, got {a.layers}")
 
     import peft
     import transformers
@@ -520,8 +596,8 @@ def main():
         """The JSON so far (rewritten after each run, so an interrupted benchmark keeps what it measured)."""
         summary = summarise(results, a)
         out.write_text(json.dumps({
-            "label": a.label, "complete": done, "configs": {k: CONFIGS[k] for k in a.configs},
-            "params": {k: count_parameters(ModelArgs(**CONFIGS[k])) for k in a.configs},
+            "label": a.label, "complete": done, "configs": {k: CONFIGS[k] for k in a.configs}, "layers": a.layers,
+            "params": {k: count_parameters(config_args(k)) for k in a.configs},
             "batch": a.batch, "seq_len": a.seq_len, "tokens_per_step": a.batch * a.seq_len,
             "masked_targets": "first quarter of each row",
             "lora": {"r": RANK, "alpha": ALPHA, "dropout": a.dropout, "targets": "q,k,v,o,gate,up,down (wq..w3)"},
@@ -544,19 +620,20 @@ def main():
         write(False)
 
     for config in a.configs:
-        for precision in a.precisions:
-            impls = ["llamaworks"] + ([] if a.skip_peft else ["peft"])
-            interleave = a.interleave if a.interleave is not None else fits_twice(config, precision)
-            how = "" if len(impls) == 1 else "side by side" if interleave else f"{a.repeats} alternating rounds"
-            print(f"{config} {precision}: {', '.join(impls)} {how}",
-                  file=sys.stderr, flush=True)
-            record(run_group(impls, config, precision, a, interleave))
-        if config in (a.qlora_configs or []):
-            # QLoRA's memory beside fp32 LoRA's, both with activation checkpointing --qlora-ac.
-            if a.qlora_ac != a.ac or "fp32" not in a.precisions:
-                record(run_group(["llamaworks"], config, "fp32", a, False, a.qlora_ac))
-            for precision in a.qlora_precisions:
-                record(run_group(["qlora"], config, precision, a, False, a.qlora_ac))
+        for layers in a.layers or [None]:
+            for precision in a.precisions:
+                impls = ["llamaworks"] + ([] if a.skip_peft else ["peft"])
+                interleave = a.interleave if a.interleave is not None else fits_twice(config, precision, layers)
+                how = "" if len(impls) == 1 else "side by side" if interleave else f"{a.repeats} alternating rounds"
+                print(f"{config}{f' at {layers} layers' if layers else ''} {precision}: {', '.join(impls)} {how}",
+                      file=sys.stderr, flush=True)
+                record(run_group(impls, config, precision, a, interleave, layers=layers))
+            if config in (a.qlora_configs or []):
+                # QLoRA's memory beside fp32 LoRA's, both with activation checkpointing --qlora-ac.
+                if a.qlora_ac != a.ac or "fp32" not in a.precisions:
+                    record(run_group(["llamaworks"], config, "fp32", a, False, a.qlora_ac, layers))
+                for precision in a.qlora_precisions:
+                    record(run_group(["qlora"], config, precision, a, False, a.qlora_ac, layers))
     summary = write(True)
 
     print(f"\nLoRA fine-tuning: {cpu} ({', '.join(flags)}), {torch.get_num_threads()} threads, read bandwidth "
@@ -566,7 +643,7 @@ def main():
     print(f"median of {a.steps} steps after {a.warmup} warm-up ({a.clock} clock); peak MiB: VmHWM of the training "
           "steps in a fresh process (RSS, Python and torch included)")
     for config in a.configs:
-        print_table(config, results, a, flops_per_token(ModelArgs(**CONFIGS[config]), a.seq_len))
+        print_table(config, results, a, flops_per_token(config_args(config), a.seq_len))
     for key, s in summary.items():
         print(f"{key}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
     print(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")

@@ -3,6 +3,7 @@ benchmarks/machine.py, the one machine record they all write."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import re
@@ -263,3 +264,28 @@ def test_finetune_sequential_rounds_alternate_and_cancel_a_steady_drift():
     # One round (side by side): the ratio of the medians' tokens/s.
     assert ft.repeat_ratio({"repeat_step_s": [2.0], "tokens_per_s": 3.0},
                            {"repeat_step_s": [1.0], "tokens_per_s": 2.0}) == 1.5
+
+
+def test_finetune_depth_fit_extrapolates_to_the_full_depth():
+    # --layers 2 4: each side's step time is fixed + per_block * depth; the full-depth ratio comes
+    # from the fitted lines, not from the shallow runs' ratio, which the fixed part (embedding,
+    # output layer, loss: cheaper on our side) inflates.
+    ft = load_benchmark("finetune")
+    fixed, block = ft.depth_fit([2, 4, 6], [1.0 + 2 * 3.0, 1.0 + 4 * 3.0, 1.0 + 6 * 3.0])
+    assert fixed == pytest.approx(1.0) and block == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="distinct depths"):
+        ft.depth_fit([2, 2], [1.0, 2.0])
+    row = {"config": "B", "precision": "fp32", "ac": "none", "repeat_step_s": [0.0], "step_times": [],
+           "first_loss": 1.0}
+    results = []
+    for n in (2, 4):  # ours: 1 s fixed + 3 s a block; peft's: 3 s fixed + 3.6 s a block
+        results.append({**row, "impl": "llamaworks", "n_layers": n, "step_s": 1 + 3 * n, "peak_rss": 100 + 10 * n,
+                        "tokens_per_s": 1 / (1 + 3 * n), "repeat_step_s": [1 + 3 * n]})
+        results.append({**row, "impl": "peft", "n_layers": n, "step_s": 3 + 3.6 * n, "peak_rss": 100 + 20 * n,
+                        "tokens_per_s": 1 / (3 + 3.6 * n), "repeat_step_s": [3 + 3.6 * n]})
+    summary = ft.summarise(results, argparse.Namespace(ac="none"))
+    assert summary["B fp32 2 layers"]["speedup_vs_peft"] == pytest.approx(10.2 / 7)  # shallow: 1.46x
+    fit = summary["B fp32 at 22 layers, fitted from [2, 4]"]
+    assert fit["speedup_vs_peft"] == pytest.approx((3 + 3.6 * 22) / (1 + 3 * 22))  # full depth: 1.23x
+    assert fit["speedup_per_block"] == pytest.approx(1.2)
+    assert fit["memory_vs_peft"] == pytest.approx(320 / 540) and fit["target_memory_no_more"]
