@@ -144,10 +144,11 @@ class NativeRMSNorm(RMSNorm):
     """RMSNorm as one native call in eager decoding (llamaworks::rms_norm) instead of seven
     operators (x.float(), pow, mean, add, rsqrt, mul, type_as, mul): 18 -> 4 us per call on
     Zen 4, twice per block and step. Compiled graphs, training and other dtypes keep RMSNorm's
-    code. Same parameter and state-dict key."""
+    code, and so do more than NATIVE_MAX_ROWS rows (prefill: its vectorised kernels are ahead
+    there, 0.05 against 0.11 ms at 128 x 768). Same parameter and state-dict key."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if eager_native_step(x, self.weight):
+        if x.numel() <= native.NATIVE_MAX_ROWS * x.shape[-1] and eager_native_step(x, self.weight):
             return torch.ops.llamaworks.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
