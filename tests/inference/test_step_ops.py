@@ -13,7 +13,7 @@ import pytest
 import torch
 from peaked import sharpen
 
-from llamaworks.inference import native
+from llamaworks.inference import generate, native
 from llamaworks.inference.fuse import FusedAttention, fuse_projections
 from llamaworks.inference.generate import decode_step, generate_ids
 from llamaworks.inference.kernels import NativeRMSNorm, use_native_kernels
@@ -168,3 +168,36 @@ def test_compiled_step_and_gradients_keep_pytorch_code(native_lib):
     step = torch.compile(decode_step, dynamic=False, fullgraph=True)
     with torch.no_grad():
         step(fast, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[2]]), None, 0.0, None, 1.0)
+
+
+def test_native_rms_norm_takes_decode_rows_only(native_lib):
+    norm = NativeRMSNorm(32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 32))
+    for rows, native_call in ((8, True), (9, False)):  # prefill: RMSNorm's vectorised kernels
+        x = torch.randn(1, rows, 32)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            got = norm(x)
+        called = any(e.key == "llamaworks::rms_norm" for e in prof.key_averages())
+        assert called == native_call, rows
+        torch.testing.assert_close(got, RMSNorm.forward(norm, x), rtol=2e-6, atol=1e-6)
+
+
+def test_compiled_steps_without_guard_checks_stay_with_their_model(native_lib, monkeypatch):
+    # generate's decode loop calls the warmed-up step with only the guards that tell its compiled
+    # graphs apart (generate.warmed_step): models of the same shapes, another dtype, another
+    # cache length, in turn in one process, each still gives its own tokens (fp32: eager's; bf16,
+    # which inductor rounds differently: the compiled step's with every guard checked).
+    a = _fused_fast(sharpen(build_model(ARGS), seed=1))
+    b = _fused_fast(sharpen(build_model(ARGS), seed=2))
+    c = _fused_fast(sharpen(build_model(ARGS), seed=3).to(torch.bfloat16))
+    prompts = PROMPTS[:2]
+    want = {name: _tokens(m, prompts) for name, m in (("a", a), ("b", b))}
+    with monkeypatch.context() as patch:
+        patch.setattr(generate, "warmed_step", lambda step: step)
+        want["c"] = _tokens(c, prompts, compile=True)
+    assert not torch.equal(want["a"], want["b"])
+    for name, m in (("a", a), ("b", b), ("c", c), ("a", a), ("b", b)):
+        assert torch.equal(_tokens(m, prompts, compile=True), want[name]), name
+    long = torch.cat([t for t, _ in generate_ids(a, [[1, 5, 9]], 40, temperature=0.0, compile=True)], 1)
+    assert torch.equal(long, torch.cat([t for t, _ in generate_ids(a, [[1, 5, 9]], 40, temperature=0.0)], 1))

@@ -140,6 +140,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
         _warm_up(step_fn, model, lens, temperature, top_k, top_p, stop_t)
         if stats is not None:
             stats["compile_s"] = time.perf_counter() - t0
+        step_fn = warmed_step(step_fn)
 
     # Prefill: one causal pass over the right-padded prompts; pad positions write keys that
     # no real query can see (they lie beyond its position) and are overwritten later.
@@ -170,6 +171,22 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, *, temper
             out_tok, out_lp = [], []
             if done is not None and bool(done.all()):  # the only host look at the stop flags
                 return
+
+
+def warmed_step(step_fn):
+    """The compiled step after _warm_up, called with only the guards that tell its compiled
+    graphs apart (torch.compiler.set_stance's skip_guard_eval_unsafe): checking all of them,
+    one per module attribute and tensor the step reads, took 0.2-0.4 ms a step on Zen 4 (small
+    fp32: 2.0 -> 1.8 ms a step; base int8 4.5 -> 4.3). Safe here because the loop calls it
+    with the inputs _warm_up compiled it for: the same model, cache, shapes and options, so no
+    guard can fail between steps. Scoped to each call: the caller's own compiled code between
+    steps keeps its guards."""
+
+    def step(*args):
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return step_fn(*args)
+
+    return step
 
 
 def _warm_up(step_fn, model, lens: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
