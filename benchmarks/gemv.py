@@ -8,6 +8,8 @@ beside torch's own paths and an inductor-compiled reduction, in GB/s of weights 
 Per precision (weights fp32, bf16, int8 per output channel, int4 in groups of --group-size):
   native     llamaworks::gemv_* (fp32 activations; bf16 ones for bf16 weights, as a bf16 model has;
              int8 quantises the activations per block of 32 for integer dot products, as Q8_0)
+  tiles      int4 only, AVX512_VNNI, groups of 128+: llamaworks::gemv_int4_tiles, the 16-row tiles
+             Int4Linear uses there (csrc/int4_tiles.cpp); "native" is then gemv_int4's row layout
   torch      what llamaworks ran before: F.linear (fp32, bf16; torch.mv for one bf16 row, GemvLinear),
              aten._weight_int8pack_mm and aten._weight_int4pack_mm_for_cpu with bf16 activations
   compiled   torch.compile of the product written as multiply-and-sum (fp32, bf16, int8 dequantised
@@ -36,7 +38,14 @@ import torch.nn.functional as F
 from machine import add_label_argument, machine_record, measure_bandwidth  # benchmarks/ is on sys.path
 
 from llamaworks.inference import native
-from llamaworks.inference.quant import native_int4_layout, quantize_int4, quantize_int8, unpack_int4
+from llamaworks.inference.quant import (
+    int4_tiles,
+    int4_tiles_apply,
+    native_int4_layout,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 
 SHAPES = ("512x512", "1536x512", "32000x512", "4096x4096", "128256x2048")  # out x in
 KINDS = ("fp32", "bf16", "int8", "int4")
@@ -112,6 +121,9 @@ def variants(kind: str, w: torch.Tensor, group_size: int, x: torch.Tensor, want_
         lay, off = native_int4_layout(packed), (z - 8 * s).contiguous()
         nbytes = lay.numel() + s.numel() * 4 + off.numel() * 4
         out["native"] = ((lay, s.contiguous(), off), lambda t: ops.gemv_int4(x, *t, group_size))
+        if int4_tiles_apply(native.current_isa(), n, group_size):
+            # Int4Linear's layout here: 16-row tiles (csrc/int4_tiles.cpp); same bytes
+            out["tiles"] = (int4_tiles(packed, s, z), lambda t: ops.gemv_int4_tiles(x, *t, group_size))
         if n % 16 == 0:
             tpacked = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 8)
             sz = torch.stack([s, z], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
