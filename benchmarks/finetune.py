@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/finetune.py                          # configs A and B, fp32 and bf16
     .venv/bin/python benchmarks/finetune.py --configs A --steps 3    # config A only (minutes)
     .venv/bin/python benchmarks/finetune.py --configs B --steps 1 --warmup 1 --repeats 2   # B: alternating repeats
+    .venv/bin/python benchmarks/finetune.py --configs B --layers 1 3 --steps 2 --qlora-configs   # B fitted to 22 layers
     .venv/bin/python benchmarks/finetune.py --configs A --precisions fp32 --profile llamaworks
 
 What one step is, on both sides: forward, loss, backward, gradient clipping to norm 1.0,
@@ -44,6 +45,13 @@ round's ratio: a load that rises or falls steadily slows the first side of one r
 second side of the next, and cancels to first order (one round alone, as before, compared the
 two sides under whatever the load did in between). Each step's CPU time is recorded beside its
 wall time. Timing: --warmup steps dropped, the median of --steps steps (per round).
+--layers N M ...: each configuration at these depths instead of its own (B at 1 and 3 blocks fits
+side by side, stepping in turn, in minutes, where B itself takes 75-95 s a step and one side at a
+time). Every block is the same work at the same shapes, so each side's step time and peak memory
+are a line in the depth, fixed + per_block * depth (fixed: the embedding, the output layer and the
+loss, where the two sides differ most, so a shallow model's ratio alone overstates the full one);
+the summary fits that line per side through the depths (least squares) and gives the speed and
+memory ratios at the configuration's own depth, with the per-block ratio beside them.
 Memory: VmHWM from /proc, the peak resident set size (RSS: Python and torch themselves
 included); "setup" is the peak while the weights are built and copied in (two copies for a
 moment on both sides), then the high-water mark is reset (/proc/self/clear_refs) and "steps" is
