@@ -17,7 +17,7 @@ from llamaworks.inference import hugepages, native
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.generate import generate_ids
 from llamaworks.inference.hugepages import use_hugepages
-from llamaworks.inference.kernels import KERNEL_ALIGN, use_native_kernels
+from llamaworks.inference.kernels import KERNEL_ALIGN, KERNEL_MAX_ROWS, use_native_kernels
 from llamaworks.inference.quant import (
     Int4Linear,
     dequantize_int4,
@@ -132,6 +132,23 @@ def test_int4linear_takes_the_tiles_where_they_apply_with_gemv_int4s_results(nat
         native.configure()
     layer.refresh()
     assert layer._tiled == int4_tiles_apply(best, 48, 128)
+
+
+def test_int4linear_takes_prompts_of_any_length_through_the_tiles(native_lib):
+    # Prefill too (more than KERNEL_MAX_ROWS rows): the integer product in slices, not a dequantised
+    # weight and an fp32 matmul; each row gets the bits it gets alone, as a decode step computes it.
+    torch.manual_seed(0)
+    layer = quantize_model(torch.nn.Sequential(torch.nn.Linear(256, 48, bias=False)), "int4", group_size=128)[0]
+    if not layer._tiled:
+        pytest.skip(f"no tiled layout under {native.current_isa()}")
+    x = torch.randn(2, 40, 256)  # 80 rows > KERNEL_MAX_ROWS
+    assert x.numel() // 256 > KERNEL_MAX_ROWS
+    with torch.no_grad():
+        got = layer(x)
+        assert got.shape == (2, 40, 48) and torch.equal(got, ops.gemv_int4_tiles(x, *layer._native, 128))
+        assert torch.equal(got[1, 7], layer(x[1, 7:8])[0])
+        close(got.reshape(-1, 48), q8_128_reference(x.reshape(-1, 256), layer.weight, layer.scales, layer.zeros,
+                                                    128).float())
 
 
 def test_the_operator_traces_with_its_fake(native_lib):

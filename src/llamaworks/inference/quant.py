@@ -272,6 +272,12 @@ INT4_TILE = 16
 INT4_TILED_ISAS = ("avx512vnni", "avx512bf16")
 
 
+# Rows the tiled kernel takes in one call: every prefill too. It multiplies 8 rows at a time over
+# cache-sized slices of the weight in integers (vpdpbusd), where the other path dequantises the
+# whole weight to fp32 on every call (several passes over 4x its bytes) before an fp32 matmul.
+INT4_TILES_MAX_ROWS = 1 << 20
+
+
 def int4_tiles_apply(isa: str, out_features: int, group_size: int) -> bool:
     """Whether Int4Linear builds the tiled layout (int4_tiles) under the kernels' `isa`."""
     return isa in INT4_TILED_ISAS and out_features % INT4_TILE == 0 and group_size % 128 == 0
@@ -362,7 +368,8 @@ class Int4Linear(QuantizedLinear):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._native is not None and native_rows(x, self.in_features, KERNEL_MAX_ROWS):
+        if self._native is not None and native_rows(x, self.in_features,
+                                                    INT4_TILES_MAX_ROWS if self._tiled else KERNEL_MAX_ROWS):
             # Up to 8 rows in one pass over the weight, more in chunks of 8 over cache-sized slices.
             if self._tiled:  # takes x (..., in) as it is: one operator call, nothing around it
                 return torch.ops.llamaworks.gemv_int4_tiles(x, *self._native, self.group_size)
