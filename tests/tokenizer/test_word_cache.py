@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llamaworks.tokenizer import Tokenizer
-from llamaworks.tokenizer.word_cache import FlatEncoder, flat_encoder, word_cache_refusal
+from llamaworks.tokenizer.word_cache import (
+    FlatEncoder,
+    flat_encoder,
+    isolated_bytes,
+    split_chunks,
+    word_cache_refusal,
+)
 
 ODD = ["", " ", "  ", "a", " a", "a ", "a  b ", "\u2581", "\u2581a", "a\u2581", "\u2581 \u2581", "\n", " \n ",
        "12345 678", "\U0001f600\U0001f600 x", "\t tab", "<s> and </s> as text", "caf\u00e9 \u4e2d\u6587",
@@ -37,7 +46,7 @@ def test_the_ids_are_sentencepieces(tiny_tokenizer, bos, eos):
         ids, lengths = enc.encode(texts, bos=bos, eos=eos)
         ref_ids, ref_lengths = reference(tiny_tokenizer, texts, bos, eos)
         assert np.array_equal(lengths, ref_lengths) and np.array_equal(ids, ref_ids)
-    assert enc.refusal is None and len(enc._index) > 100
+    assert enc.refusal is None and len(enc) > 100
 
 
 def test_ordinary_texts_split_on_spaces_give_the_same_ids(tiny_tokenizer):
@@ -61,7 +70,7 @@ def test_a_full_cache_is_emptied_and_stays_exact(tiny_tokenizer):
         texts = random_texts(300, seed)
         assert all(np.array_equal(a, b) for a, b in zip(enc.encode(texts, True, True),
                                                        reference(tiny_tokenizer, texts, True, True)))
-        assert len(enc._index) <= max(50, len({w for t in texts for w in t.split()}) * 4)
+        assert len(enc) <= max(50, len({w for t in texts for w in t.split()}) * 4)
 
 
 def test_the_encoder_is_kept_across_loads_of_one_model(tiny_tokenizer):
@@ -130,3 +139,101 @@ def test_the_model_settings_are_read_without_protobuf(tmp_path, tiny_tokenizer, 
     model = read_message(tiny_tokenizer.processor.serialized_model_proto())
     assert len(model[1]) == tiny_tokenizer.processor.get_piece_size()  # every piece, field 1 repeated
     assert read_message(model[3][-1])[1] == [b"identity"]
+
+
+def chunk_keys(texts: list[str], isolated: bytes = b"") -> list[list[bytes]]:
+    buf, start, length, per_text = split_chunks(texts, isolated)
+    keys = [buf[s:s + n] for s, n in zip(start.tolist(), length.tolist())]
+    bounds = np.concatenate([[0], np.cumsum(per_text)]).tolist()
+    return [keys[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def test_chunks_are_cut_at_runs_of_spaces_after_the_dummy_prefix():
+    # A key is its chunk without the first "▁"; "▁" in the text counts as a space (both normalise to "▁").
+    assert chunk_keys(["the king", "", " a", "a ", "a  b", "x\u2581y", "\u2581", "caf\u00e9\nnew"]) == [
+        [b"the", b"king"], [], [b" a"], [b"a", b""], [b"a", b" b"], [b"x", b"y"], [b" "], ["caf\u00e9\nnew".encode()]]
+    assert chunk_keys([]) == []
+    # An isolated character (no merge touches it) starts a chunk of its own and stays in its key.
+    assert chunk_keys(["a\nb 12", "\n", " \n"], b"\n12") == [[b"a", b"\nb", b"", b"1", b"2"], [b"", b"\n"],
+                                                              [b" ", b"\n"]]
+
+
+def test_isolated_characters_are_those_no_piece_joins(tmp_path, tiny_tokenizer):
+    alone = isolated_bytes(tiny_tokenizer)
+    assert b"\n" in alone and b" " not in alone and b"e" not in alone  # "\n": byte fallback, in no piece
+    (tmp_path / "docs.txt").write_text("the king and the queen 9z 9z\n" * 50 + "a b c d e f g h 1 2 3\n")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "docs.txt"), model_prefix=str(tmp_path / "ud"),
+                                   vocab_size=300, model_type="bpe", normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, byte_fallback=True, split_digits=True,
+                                   user_defined_symbols=["9z"], minloglevel=2)
+    tok = Tokenizer(tmp_path / "ud.model")
+    alone = isolated_bytes(tok)
+    assert b"9" not in alone and b"z" not in alone and b"1" in alone  # "9z" is a piece: 9 and z may join
+    texts = ["9z 19z9 z9z\n9\n\nz", "1 2 3 123 9z", "the 9zking\n and"] + random_texts(300, seed=9)
+    got = FlatEncoder(tok).encode(texts, True, True)
+    assert all(np.array_equal(a, b) for a, b in zip(got, reference(tok, texts, True, True)))
+
+
+def test_keys_that_differ_past_eight_bytes_or_in_trailing_nuls_stay_apart(tiny_tokenizer):
+    # Short keys are looked up as their bytes packed in two uint64 plus the length; long ones by their bytes.
+    words = ["a", "a\x00", "a\x00\x00", "abcdefgh", "abcdefgi", "abcdefghX", "abcdefghY", "p" * 16, "p" * 15 + "q",
+             "p" * 17, "p" * 16 + "q", "\U0001f600" * 4, "\U0001f600" * 5, "x" * 100, "x" * 99 + "y"]
+    texts = [" ".join(random.Random(k).choices(words, k=12)) for k in range(200)] + words
+    enc = FlatEncoder(tiny_tokenizer)
+    for _ in range(2):
+        got = enc.encode(texts, True, True)
+        assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, texts, True, True)))
+
+
+def test_the_table_grows_and_stays_exact(tiny_tokenizer):
+    # Tens of thousands of distinct short keys: the open-addressing table doubles several times.
+    rng = random.Random(3)
+    texts = [" ".join("".join(rng.choices("abcdefghijklmnop\u00e9", k=rng.randint(1, 12))) for _ in range(50))
+             for _ in range(800)]
+    enc = FlatEncoder(tiny_tokenizer)
+    for part in (texts[:400], texts[400:], texts):
+        got = enc.encode(part, True, False)
+        assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, part, True, False)))
+    assert len(enc) > 20000 and len(enc._table) >= 2 * 20000
+
+
+HOSTILE = st.lists(st.sampled_from(list("ab e 9 0 1\u2581\n\t\r\x00\u3000\u00e9\u4e2d\U0001f600\U0001f9d1\u200d"
+                                        "\U000e0001\ufeff\uffff.,<>") + ["  ", "    ", "the", "king", "1234567",
+                                                                        "\u2581\u2581", "<s>", "</s>", "x" * 9]),
+                   max_size=40).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(HOSTILE, max_size=8))
+def test_property_any_texts_give_sentencepieces_ids(tiny_tokenizer, texts):
+    # Digits, emoji and ZWJ sequences, characters outside the vocabulary (byte fallback), whitespace
+    # runs, NUL, "▁" typed in the text, empty texts: the ids SentencePiece gives each text alone.
+    enc = flat_encoder(tiny_tokenizer)  # one cache across examples, as across a corpus
+    for bos, eos in ((True, True), (False, False)):
+        got = enc.encode(texts, bos, eos)
+        assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, texts, bos, eos))), texts
+
+
+def test_unpaired_surrogates_are_refused_as_by_sentencepiece(tiny_tokenizer):
+    # A lone surrogate (JSON can spell one, "\\ud800") is no UTF-8: both encoders raise, neither guesses.
+    bad = ["fine", "half \ud800 a pair"]
+    with pytest.raises(UnicodeEncodeError):
+        FlatEncoder(tiny_tokenizer).encode(bad, True, True)
+    with pytest.raises((UnicodeEncodeError, TypeError, RuntimeError)):
+        reference(tiny_tokenizer, bad, True, True)
+
+
+CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
+
+
+@pytest.mark.slow
+def test_every_corpus_file_gives_sentencepieces_ids(tiny_tokenizer):
+    files = sorted(p for p in CORPORA.rglob("*") if p.is_file()) if CORPORA.is_dir() else []
+    if not files:
+        pytest.skip(f"{CORPORA} is absent (a clone without ../shared)")
+    enc = FlatEncoder(tiny_tokenizer)
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        texts = [text, *text.split("\n\n")[:2000]]  # the whole file, and its paragraphs as documents
+        got = enc.encode(texts, True, True)
+        assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, texts, True, True))), f

@@ -8,15 +8,20 @@ encodes each word on its own, so the corpus can be encoded from a cache of words
   normalisation, extra whitespace kept), then merges BPE pieces over the whole string;
 - when no piece joins a character to a following "▁" (true of every LLaMA-style model: pieces
   are "▁▁", "▁the", "ing"; never "e▁"), no merge crosses the start of a "▁+[^▁]*" chunk, so the
-  text's ids are the concatenation of its chunks' ids, each chunk encoded alone.
+  text's ids are the concatenation of its chunks' ids, each chunk encoded alone;
+- a "▁" typed in the text and a " " normalise to the same "▁", so the text with every "▁" written
+  as " " has the same ids: chunks are cut at runs of spaces, in UTF-8 bytes.
 
-`FlatEncoder` splits the documents into such chunks, looks them up in a dictionary, encodes only
-the unseen ones, with SentencePiece itself in one multi-threaded batch call, and assembles the
+`FlatEncoder` cuts a batch of documents into chunks with numpy (one byte buffer, documents
+separated by 0xFF, a byte UTF-8 never holds), looks the chunks up in a cache, encodes only the
+unseen ones, with SentencePiece itself in one multi-threaded batch call, and assembles the
 documents' ids with numpy gathers. SentencePiece stays the authority on every id; the cache only
-avoids asking it twice. Models outside those conditions (another normaliser, whitespace as
-suffix, a piece with an inner "▁" after a character), and every other tokenizer, go through
-their own `encode_batch`. The conditions are read from the model file, and the first batch is
-also checked against plain SentencePiece (a mismatch turns the cache off, with a warning).
+avoids asking it twice. The lookup is exact, never a bare hash: a chunk key of up to 16 bytes is
+held as its bytes packed in two uint64 (plus its length) in an open-addressing table probed with
+numpy, a longer one in a dict of its bytes. Models outside those conditions (another normaliser,
+whitespace as suffix, a piece with an inner "▁" after a character), and every other tokenizer, go
+through their own `encode_batch`. The conditions are read from the model file, and the first
+batch is also checked against plain SentencePiece (a mismatch turns the cache off, with a warning).
 """
 
 from __future__ import annotations
@@ -34,8 +39,13 @@ from llamaworks.tokenizer.spm_proto import read_message
 log = logging.getLogger(__name__)
 
 SPACE = "\u2581"
-_CHUNK = re.compile(f"{SPACE}+[^{SPACE}]*")  # one chunk: a run of "▁" and the characters up to the next "▁"
 _CROSSES = re.compile(f"[^{SPACE}]{SPACE}")  # a piece that joins a character to a following "▁"
+# Before each document: 0xFF (never in UTF-8: the documents' boundary) and the dummy-prefix space.
+_DOC = b"\xff "
+_SHORT = 16  # keys of up to this many bytes are held packed in two uint64; longer ones in a dict
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)  # [k]: a mask of the low k bytes
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9),
+        np.uint64(0xBF58476D1CE4E5B9))
 
 
 def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -73,13 +83,76 @@ def word_cache_refusal(tokenizer) -> str | None:
     return None
 
 
-def _keys(text: str) -> list[str]:
-    """The cache keys of `text`'s chunks: each chunk without its first "▁"."""
-    if text and text[0] != " " and "  " not in text and SPACE not in text:
-        # Ordinary text (no leading or doubled space, no "▁"): the chunks are "▁" + each " "-separated
-        # word (a trailing space: the lone "▁", key ""). One str.split, not a regex over every character.
-        return text.split(" ")
-    return [c[1:] for c in _CHUNK.findall(SPACE + text.replace(" ", SPACE))] if text else []
+def isolated_bytes(tokenizer) -> bytes:
+    """The ASCII characters no merge can touch: no piece of two or more characters holds one, and
+    each encodes alone (a piece of its own, or its byte with byte fallback). BPE never merges across
+    one, so a text's ids are also the concatenation of the ids of its parts cut before each (digits
+    with split_digits, "\n" in most models: far fewer distinct chunks in text of many lines)."""
+    sp = tokenizer.processor
+    model = read_message(sp.serialized_model_proto())
+    byte_fallback = bool(read_message(model.get(2, [b""])[-1]).get(35, [0])[-1])  # TrainerSpec.byte_fallback
+    joined = set()
+    for i in range(sp.get_piece_size()):
+        if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)):
+            piece = sp.id_to_piece(i)
+            if len(piece) > 1:
+                joined.update(piece)
+    alone = [c for c in map(chr, range(0x80)) if c != " " and c not in joined
+             and (byte_fallback or not sp.is_unknown(sp.piece_to_id(c)))]
+    return "".join(alone).encode("ascii")
+
+
+def split_chunks(texts: Sequence[str], isolated: bytes = b"") -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """(buffer, start, length, chunks per text): each chunk's key is buffer[start:start + length].
+
+    A chunk is a run of spaces and the bytes up to the next space (its key: the bytes after its first
+    space, the one "▁" SentencePiece adds back when it encodes the key alone); a text's first chunk
+    starts at its dummy prefix. An `isolated` byte (isolated_bytes) also starts a chunk, whose key
+    starts with it. The empty text has none (SentencePiece adds no prefix to it). A text holding an
+    unpaired surrogate is no UTF-8: UnicodeEncodeError, as from SentencePiece itself.
+    """
+    if not len(texts):
+        return b"", np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    encoded = [t.encode("utf-8") for t in texts]
+    buf = _DOC + _DOC.join(encoded)
+    if SPACE.encode() in buf:  # "▁" and " " normalise alike (see the module docstring)
+        buf = buf.replace(SPACE.encode(), b" ")
+    a = np.frombuffer(buf, np.uint8)
+    space, doc = a == 0x20, a == 0xFF
+    cut = doc.copy()  # (bytes,) where a document or a chunk starts
+    cut[1:] |= space[1:] & ~space[:-1]  # the first space of a run (a[0] is 0xFF)
+    if isolated:
+        alone = np.zeros(256, bool)
+        alone[np.frombuffer(isolated, np.uint8)] = True
+        cut |= alone[a]
+    at = np.flatnonzero(cut)
+    is_doc = doc[at]
+    end = np.append(at[1:], len(a))
+    which = np.cumsum(is_doc) - 1  # (cuts,) the text each cut belongs to
+    empty = np.fromiter(map(len, encoded), np.int64, len(encoded)) == 0
+    keep = ~is_doc & ~empty[which]  # an empty text's lone dummy-prefix space is no chunk
+    start = at[keep] + space[at[keep]]  # after the first space; an isolated byte stays in its key
+    return buf, start, end[keep] - start, np.bincount(which[keep], minlength=len(texts))
+
+
+def _packed(buf: bytes, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi): bytes 0-7 and 8-15 of each key as little-endian uint64, zero past its length
+    (with the length, an exact stand-in for keys of up to 16 bytes)."""
+    padded = np.zeros(len(buf) + 16, np.uint8)
+    padded[:len(buf)] = np.frombuffer(buf, np.uint8)
+    # (bytes + 9,) the 8 bytes from every offset: an overlapping, unaligned view, not a copy
+    words = np.ndarray((len(buf) + 9,), "<u8", padded, 0, (1,))
+    lo = words[start] & _LOW_BYTES[np.minimum(length, 8)]
+    hi = words[start + 8] & _LOW_BYTES[np.clip(length - 8, 0, 8)]
+    return lo, hi
+
+
+def _hash(lo: np.ndarray, hi: np.ndarray, length: np.ndarray) -> np.ndarray:
+    # Only spreads keys over the table's slots; equality is always checked on (lo, hi, length).
+    h = lo * _MIX[0] ^ hi * _MIX[1] ^ length.astype(np.uint64) * _MIX[2]
+    h ^= h >> np.uint64(29)
+    h *= _MIX[3]
+    return h ^ (h >> np.uint64(32))
 
 
 class FlatEncoder:
@@ -94,15 +167,26 @@ class FlatEncoder:
         self.max_words = max_words
         self.threads = threads or os.cpu_count() or 1
         self.refusal = word_cache_refusal(tokenizer)
+        self.isolated = isolated_bytes(tokenizer) if self.refusal is None else b""
         self._checked = False
         self._clear()
 
+    def __len__(self) -> int:
+        """Distinct chunks in the cache."""
+        return self._words
+
     def _clear(self) -> None:
-        self._index: dict[str, int] = {}
+        self._words = 0  # chunks cached, numbered 0..: the rows of the arrays below
         self._tokens = np.zeros(1 << 16, np.int32)  # every cached chunk's ids, back to back
-        self._start = np.zeros(1 << 12, np.int64)  # chunk index -> its first id in _tokens
-        self._count = np.zeros(1 << 12, np.int64)  # chunk index -> how many ids
+        self._start = np.zeros(1 << 12, np.int64)  # chunk -> its first id in _tokens
+        self._count = np.zeros(1 << 12, np.int64)  # chunk -> how many ids
+        self._lo = np.zeros(1 << 12, np.uint64)  # chunk -> its key packed (_packed); long keys: unused
+        self._hi = np.zeros(1 << 12, np.uint64)
+        self._len = np.zeros(1 << 12, np.int64)  # chunk -> its key's length in bytes
         self._used = 0  # ids stored in _tokens
+        self._table = np.full(1 << 13, -1, np.int32)  # open addressing (linear probing): slot -> chunk or -1
+        self._in_table = 0
+        self._long: dict[bytes, int] = {}  # keys over _SHORT bytes -> chunk
 
     def encode(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
         if self.refusal is None and not self._checked:
@@ -124,63 +208,143 @@ class FlatEncoder:
             log.warning("the word cache is off for %s: %s", getattr(self.tokenizer, "path", "this tokenizer"),
                         self.refusal)
 
-    def _add(self, chunks: list[str]) -> None:
-        """Encode `chunks` (distinct keys, not cached) with SentencePiece and store them. A chunk's key
-        is its text without the first "▁": what SentencePiece encodes it from (it adds that "▁")."""
-        if len(self._index) + len(chunks) > self.max_words:
-            self._clear()
+    # ------------------------------------------------------------------------ the table of short keys
+
+    def _probe(self, lo, hi, length) -> np.ndarray:
+        """(keys,) the chunk of each short key, or -1 where it is not cached."""
+        mask = len(self._table) - 1
+        slot = (_hash(lo, hi, length) & np.uint64(mask)).astype(np.int64)
+        found = np.full(len(lo), -1, np.int64)
+        todo = np.arange(len(lo))
+        while len(todo):  # each round: one slot further for the keys that met another key
+            chunk = self._table[slot[todo]].astype(np.int64)
+            taken = chunk >= 0
+            row = np.where(taken, chunk, 0)
+            hit = taken & (self._lo[row] == lo[todo]) & (self._hi[row] == hi[todo]) & (self._len[row] == length[todo])
+            found[todo[hit]] = chunk[hit]
+            todo = todo[taken & ~hit]
+            slot[todo] = (slot[todo] + 1) & mask
+        return found
+
+    def _place(self, chunks: np.ndarray) -> None:
+        """Put `chunks` (short keys, distinct, not in the table yet) into the table."""
+        if 2 * (self._in_table + len(chunks)) > len(self._table):  # load <= 1/2: short probe runs
+            size = len(self._table)
+            while 2 * (self._in_table + len(chunks)) > size:
+                size *= 2
+            self._table = np.full(size, -1, np.int32)
+            chunks = np.concatenate([np.flatnonzero(self._len[:self._words] <= _SHORT), chunks])
+            chunks = np.unique(chunks)  # the new ones are numbered already, so may be among the old
+            self._in_table = 0
+        mask = len(self._table) - 1
+        slot = (_hash(self._lo[chunks], self._hi[chunks], self._len[chunks]) & np.uint64(mask)).astype(np.int64)
+        todo = np.arange(len(chunks))
+        while len(todo):  # each round: every free slot wanted goes to its first claimant; the rest move on
+            free = todo[self._table[slot[todo]] < 0]
+            _, first = np.unique(slot[free], return_index=True)
+            won = free[first]
+            self._table[slot[won]] = chunks[won]
+            placed = np.zeros(len(chunks), bool)
+            placed[won] = True
+            todo = todo[~placed[todo]]
+            slot[todo] = (slot[todo] + 1) & mask
+        self._in_table += len(chunks)
+
+    # ------------------------------------------------------------------------ adding chunks
+
+    def _grow(self, words: int, tokens: int) -> None:
+        if words > len(self._start):
+            size = max(words, 2 * len(self._start))
+            for name in ("_start", "_count", "_lo", "_hi", "_len"):
+                setattr(self, name, np.resize(getattr(self, name), size))
+        if tokens > len(self._tokens):
+            self._tokens = np.resize(self._tokens, max(tokens, 2 * len(self._tokens)))
+
+    def _add(self, keys: list[bytes], lo: np.ndarray, hi: np.ndarray, length: np.ndarray) -> int:
+        """Encode `keys` (distinct, not cached) with SentencePiece and store them; return the first's chunk
+        number (the others follow in order). A key is its chunk without the first "▁": what SentencePiece
+        encodes it from (it adds that "▁")."""
         sp = self.tokenizer.processor
-        # The chunk "▁▁x" (key "▁x") is the text " x" encoded alone. The lone "▁" (key "") would be
+        # The chunk "▁▁x" (key " x") is the text " x" encoded alone. The lone "▁" (key "") would be
         # the empty text: it is the ids that " " adds after a character.
-        ids = sp.encode(chunks, num_threads=self.threads)
-        for k, c in enumerate(chunks):
-            if not c:
-                with_space, without = sp.encode("a "), sp.encode("a")
-                assert with_space[:len(without)] == without, (with_space, without)
-                ids[k] = with_space[len(without):]
+        with_space, without = sp.encode("a "), sp.encode("a")
+        assert with_space[:len(without)] == without, (with_space, without)
+        lone = with_space[len(without):]
+        ids = sp.encode([k.decode("utf-8") for k in keys], num_threads=self.threads)
+        for k, key in enumerate(keys):
+            if not key:
+                ids[k] = lone
+            elif key[0] in self.isolated:
+                # A chunk cut before an isolated character has no "▁" of its own: SentencePiece's dummy
+                # prefix, which no merge joins to that character, is dropped.
+                assert ids[k][:len(lone)] == lone, (key, ids[k], lone)
+                ids[k] = ids[k][len(lone):]
         counts = np.fromiter(map(len, ids), np.int64, len(ids))
-        first = len(self._index)
-        need_words, need_tokens = first + len(chunks), self._used + int(counts.sum())
-        if need_words > len(self._start):
-            size = max(need_words, 2 * len(self._start))
-            self._start, self._count = np.resize(self._start, size), np.resize(self._count, size)
-        if need_tokens > len(self._tokens):
-            self._tokens = np.resize(self._tokens, max(need_tokens, 2 * len(self._tokens)))
+        first = self._words
+        need_words, need_tokens = first + len(keys), self._used + int(counts.sum())
+        self._grow(need_words, need_tokens)
         self._tokens[self._used:need_tokens] = np.fromiter(itertools.chain.from_iterable(ids), np.int32,
                                                            need_tokens - self._used)
         self._count[first:need_words] = counts
         self._start[first:need_words] = self._used + np.cumsum(counts) - counts
-        self._used = need_tokens
-        self._index.update(zip(chunks, range(first, need_words)))
+        self._lo[first:need_words], self._hi[first:need_words], self._len[first:need_words] = lo, hi, length
+        self._used, self._words = need_tokens, need_words
+        numbers = np.arange(first, need_words)
+        short = length <= _SHORT
+        self._place(numbers[short])
+        self._long.update((k, n) for k, n, s in zip(keys, numbers.tolist(), short.tolist()) if not s)
+        return first
+
+    def _lookup(self, buf, start, length, lo, hi) -> np.ndarray:
+        """(chunks,) the cache number of each chunk; -1 where not cached."""
+        found = np.full(len(start), -1, np.int64)
+        short = length <= _SHORT
+        at = np.flatnonzero(short)
+        found[at] = self._probe(lo[at], hi[at], length[at])
+        if not short.all():
+            at = np.flatnonzero(~short)
+            keys = [buf[s:s + n] for s, n in zip(start[at].tolist(), length[at].tolist())]
+            found[at] = np.fromiter(map(self._long.get, keys, itertools.repeat(-1)), np.int64, len(keys))
+        return found
+
+    def _fill(self, buf, start, length, lo, hi, found: np.ndarray) -> None:
+        """Cache the chunks `found` lacks (-1) and write their numbers into it."""
+
+        def unseen(missing: np.ndarray) -> tuple[list[bytes], dict[bytes, int]]:
+            keys = [buf[s:s + n] for s, n in zip(start[missing].tolist(), length[missing].tolist())]
+            first_seen: dict[bytes, int] = {}  # each new key -> its first occurrence among the chunks
+            for key, at in zip(keys, missing.tolist()):
+                first_seen.setdefault(key, at)
+            return keys, first_seen
+
+        missing = np.flatnonzero(found < 0)
+        keys, first_seen = unseen(missing)
+        if self._words + len(first_seen) > self.max_words:  # the batch's own chunks must survive a clear
+            self._clear()
+            missing = np.arange(len(found))
+            keys, first_seen = unseen(missing)
+        rows = np.fromiter(first_seen.values(), np.int64, len(first_seen))
+        first = self._add(list(first_seen), lo[rows], hi[rows], length[rows])
+        number = dict(zip(first_seen, range(first, first + len(first_seen))))
+        found[missing] = np.fromiter(map(number.__getitem__, keys), np.int64, len(keys))
 
     def _cached(self, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
-        # (documents,) lists of chunk keys; the empty text has none (SentencePiece adds no dummy prefix to it)
-        per_doc = [_keys(t) for t in texts]
-        words = list(itertools.chain.from_iterable(per_doc))
-        n_words = np.fromiter(map(len, per_doc), np.int64, len(per_doc))  # (documents,)
-        index = self._index
-        ids = np.fromiter(map(index.get, words, itertools.repeat(-1)), np.int64, len(words))  # (words,)
-        missing = np.flatnonzero(ids < 0)
-        if len(missing):
-            unseen = [words[i] for i in missing.tolist()]
-            new = list(dict.fromkeys(unseen))
-            if len(index) + len(new) > self.max_words:  # the batch's own chunks must survive a clear
-                self._clear()
-                self._add(list(dict.fromkeys(words)))
-                ids = np.fromiter(map(self._index.__getitem__, words), np.int64, len(words))
-            else:
-                self._add(new)
-                ids[missing] = np.fromiter(map(self._index.__getitem__, unseen), np.int64, len(unseen))
-        counts = self._count[ids]  # (words,) ids per chunk
-        body = self._tokens[_ragged_arange(self._start[ids], counts)]  # (body tokens,) every chunk's ids in order
-        cum = np.concatenate([[0], np.cumsum(counts)])  # (words + 1,) body tokens before each chunk
+        if not len(texts):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        buf, start, length, n_words = split_chunks(texts, self.isolated)
+        lo, hi = _packed(buf, start, length)
+        found = self._lookup(buf, start, length, lo, hi)
+        if (found < 0).any():
+            self._fill(buf, start, length, lo, hi, found)
+        counts = self._count[found]  # (chunks,) ids per chunk
+        body = self._tokens[_ragged_arange(self._start[found], counts)]  # (body tokens,) every chunk's ids in order
+        cum = np.concatenate([[0], np.cumsum(counts)])  # (chunks + 1,) body tokens before each chunk
         doc_end = np.cumsum(n_words)  # (documents,) chunks up to the end of each document
         doc_body = cum[doc_end] - cum[doc_end - n_words]  # (documents,) body tokens of each document
         lengths = doc_body + int(bos) + int(eos)
         out = np.empty(int(lengths.sum()), np.int64)
         doc_start = np.cumsum(lengths) - lengths  # (documents,) where each document begins in out
-        body_pos = _ragged_arange(doc_start + int(bos), doc_body)
-        out[body_pos] = body
+        out[_ragged_arange(doc_start + int(bos), doc_body)] = body
         if bos:
             out[doc_start] = self.tokenizer.bos_id
         if eos:
