@@ -183,8 +183,9 @@ class FlatEncoder:
         self._lo = np.zeros(1 << 12, np.uint64)  # chunk -> its key packed (_packed); long keys: unused
         self._hi = np.zeros(1 << 12, np.uint64)
         self._len = np.zeros(1 << 12, np.int64)  # chunk -> its key's length in bytes
+        self._len[-1] = -1  # the last row is never a chunk (_grow keeps it spare): what an empty slot reads
         self._used = 0  # ids stored in _tokens
-        self._table = np.full(1 << 13, -1, np.int32)  # open addressing (linear probing): slot -> chunk or -1
+        self._table = np.full(1 << 13, -1, np.int64)  # open addressing (linear probing): slot -> chunk or -1
         self._in_table = 0
         self._long: dict[bytes, int] = {}  # keys over _SHORT bytes -> chunk
 
@@ -213,17 +214,18 @@ class FlatEncoder:
     def _probe(self, lo, hi, length) -> np.ndarray:
         """(keys,) the chunk of each short key, or -1 where it is not cached."""
         mask = len(self._table) - 1
-        slot = (_hash(lo, hi, length) & np.uint64(mask)).astype(np.int64)
-        found = np.full(len(lo), -1, np.int64)
-        todo = np.arange(len(lo))
+        slot = _hash(lo, hi, length).view(np.int64) & mask
+        # An empty slot (-1) reads the arrays' last row, whose length -1 matches no key: no special case.
+        chunk = self._table[slot]
+        hit = (self._len[chunk] == length) & (self._lo[chunk] == lo) & (self._hi[chunk] == hi)
+        found = np.where(hit, chunk, -1)
+        todo = np.flatnonzero(~hit & (chunk >= 0))
         while len(todo):  # each round: one slot further for the keys that met another key
-            chunk = self._table[slot[todo]].astype(np.int64)
-            taken = chunk >= 0
-            row = np.where(taken, chunk, 0)
-            hit = taken & (self._lo[row] == lo[todo]) & (self._hi[row] == hi[todo]) & (self._len[row] == length[todo])
-            found[todo[hit]] = chunk[hit]
-            todo = todo[taken & ~hit]
             slot[todo] = (slot[todo] + 1) & mask
+            chunk = self._table[slot[todo]]
+            hit = (self._len[chunk] == length[todo]) & (self._lo[chunk] == lo[todo]) & (self._hi[chunk] == hi[todo])
+            found[todo[hit]] = chunk[hit]
+            todo = todo[~hit & (chunk >= 0)]
         return found
 
     def _place(self, chunks: np.ndarray) -> None:
@@ -232,7 +234,7 @@ class FlatEncoder:
             size = len(self._table)
             while 2 * (self._in_table + len(chunks)) > size:
                 size *= 2
-            self._table = np.full(size, -1, np.int32)
+            self._table = np.full(size, -1, np.int64)
             chunks = np.concatenate([np.flatnonzero(self._len[:self._words] <= _SHORT), chunks])
             chunks = np.unique(chunks)  # the new ones are numbered already, so may be among the old
             self._in_table = 0
@@ -253,10 +255,11 @@ class FlatEncoder:
     # ------------------------------------------------------------------------ adding chunks
 
     def _grow(self, words: int, tokens: int) -> None:
-        if words > len(self._start):
-            size = max(words, 2 * len(self._start))
+        if words >= len(self._start):
+            size = max(words + 1, 2 * len(self._start))
             for name in ("_start", "_count", "_lo", "_hi", "_len"):
                 setattr(self, name, np.resize(getattr(self, name), size))
+            self._len[-1] = -1
         if tokens > len(self._tokens):
             self._tokens = np.resize(self._tokens, max(tokens, 2 * len(self._tokens)))
 
