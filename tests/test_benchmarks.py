@@ -299,3 +299,28 @@ def test_finetune_depth_fit_extrapolates_to_the_full_depth():
     assert fit["speedup_vs_peft"] == pytest.approx((3 + 3.6 * 22) / (1 + 3 * 22))  # full depth: 1.23x
     assert fit["speedup_per_block"] == pytest.approx(1.2)
     assert fit["memory_vs_peft"] == pytest.approx(320 / 540) and fit["target_memory_no_more"]
+
+
+def test_paged_decode_smoke(tmp_path):
+    from llamaworks.inference import native
+
+    if not native.available():
+        pytest.skip("the native kernels are not built (python -m llamaworks.inference.native build)")
+    out = tmp_path / "paged_decode.json"
+    run("paged_decode", "--preset", "tiny", "--max-batch", "2", "--lengths", "40,8", "--chat-lengths", "",
+        "--steps", "2", "--rounds", "1", "--requests", "4", "--short-tokens", "8", "--long-tokens", "40",
+        "--long-every", "2", "--max-tokens", "3", "--output", str(out), "--label", "test")
+    d = json.loads(out.read_text())
+    assert d["machine"]["label"] == "test" and d["steps"]["mixed"]["greedy_tokens_equal"]
+    assert d["engine_tokens_equal"] and all(r["generated_tokens"] == 4 * 3 for r in d["engine"])
+
+
+@pytest.mark.slow
+def test_prefill_smoke(tmp_path):
+    out = tmp_path / "prefill.json"
+    run("prefill", "--smoke", "--output", str(out), "--label", "test")
+    d = json.loads(out.read_text())
+    assert d["machine"]["label"] == "test" and d["engine_tokens_equal"]
+    assert {r["prefill_chunk"] for r in d["engine"]} == {None, 64}
+    for case in d["passes"].values():  # the split prefill attention gives the gather path's logits
+        assert case["max_abs_logit_diff"] < 1e-3 and case["parts"]["split"]["linear_ms"] > 0

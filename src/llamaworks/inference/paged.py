@@ -12,13 +12,20 @@ each forward pass; every layer's cache reads that one table. Two ways to read:
   (PagedAttention, mixed in by setup_paged_caches) runs llamaworks::paged_attention, which
   reads each sequence's own blocks up to each query's position through the table: no copy,
   and a short sequence batched with a 2k-token one reads its own keys only;
-- otherwise (prefill chunks, other devices, gradients): the sequence's `width` blocks are
-  gathered into contiguous keys (bsz, heads, width*B, head_dim) for one SDPA call, the torch
-  path. The model's mask hides every key past the query's position, so table entries past a
-  sequence's end may name any block.
-Both compute key position <= query position over the same keys. Block 0 is the null block:
+- prefill (longer passes whose rows all hold the same positions start..start+seq-1: one prompt's
+  chunk, on CPU): update() returns a PrefillRead, the chunk's own keys and values as computed and
+  those of its earlier positions, and the attention (prefill_attention) runs SDPA causal over the
+  chunk (the flash kernel skips the hidden half) and, after a cached prefix or an earlier chunk,
+  unmasked over the prefix, the two merged by their log-sum-exp: no (seq, width*B) mask, no key
+  past the chunk computed, and no gather at all for a prompt's first chunk;
+- otherwise (batched prompt rests at different positions, other devices, gradients): the
+  sequence's `width` blocks are gathered into contiguous keys (bsz, heads, width*B, head_dim) for
+  one SDPA call, the torch path. The model's mask hides every key past the query's position, so
+  table entries past a sequence's end may name any block.
+All compute key position <= query position over the same keys. Block 0 is the null block:
 padding and rows with no sequence point there, and what they write there is never read
-unmasked. LLAMAWORKS_PAGED_ATTENTION=0 keeps the gather path everywhere (for A/B runs).
+unmasked. LLAMAWORKS_PAGED_ATTENTION=0 keeps the gather path for decode, LLAMAWORKS_PAGED_PREFILL=0
+for prefill (for A/B runs).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import os
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llamaworks.inference import native
@@ -48,6 +56,14 @@ class PagedRead(NamedTuple):
     pos: torch.Tensor  # (bsz, seq): query s of sequence b sees keys 0..pos[b, s]
 
 
+class PrefillRead(NamedTuple):
+    """What PagedKVCache.update returns instead of keys or values for a prefill pass whose rows
+    all hold positions start..start+seq-1 (prefill_attention reads it)."""
+
+    prefix: torch.Tensor  # (bsz, n_kv_heads, start, head_dim): positions 0..start-1, from the blocks
+    chunk: torch.Tensor  # (bsz, n_kv_heads, seq, head_dim): the pass's own, as written to the cache
+
+
 def gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """The keys (or values) of each sequence's blocks, contiguous: pool (heads, num_blocks, B,
     head_dim), blocks (bsz, width) -> (bsz, heads, width*B, head_dim)."""
@@ -67,6 +83,52 @@ def paged_attention_reference(q: torch.Tensor, k: PagedRead, v: PagedRead) -> to
                                                             enable_gqa=keys.shape[1] != q.shape[1])
 
 
+def prefix_keys(pool: torch.Tensor, blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Positions 0..start-1 of each sequence's blocks, (bsz, heads, start, head_dim): a view of
+    the pool when every sequence's prefix is in the same blocks (one sequence, or prompts after
+    a shared cached system prompt) lying in order side by side (a fresh pool hands them out so),
+    else a gather of the blocks that hold them."""
+    heads, _, size, head_dim = pool.shape
+    bsz, n = blocks.shape[0], -(-start // size)
+    if n == 0:
+        return pool.new_empty(bsz, heads, 0, head_dim)
+    first = int(blocks[0, 0])
+    if torch.equal(blocks[:, :n], torch.arange(first, first + n, device=blocks.device).expand(bsz, n)):
+        one = pool[:, first:first + n].reshape(heads, n * size, head_dim)[:, :start]  # a view
+        return one.unsqueeze(0).expand(bsz, heads, start, head_dim)
+    return gather(pool, blocks[:, :n])[:, :, :start]
+
+
+def merge_attention(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two sets of keys from its two parts: each part's output
+    (bsz, heads, seq, head_dim) and log-sum-exp of its scaled scores (bsz, heads, seq), weighted
+    by each part's share of the softmax's denominator (computed in fp32)."""
+    top = torch.maximum(lse, lse2)
+    w, w2 = torch.exp(lse - top), torch.exp(lse2 - top)
+    total = w + w2
+    merged = out.float() * (w / total).unsqueeze(-1) + out2.float() * (w2 / total).unsqueeze(-1)
+    return merged.to(out.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> torch.Tensor:
+    """Causal attention of a chunk of queries at positions start..start+seq-1 over the keys up to
+    each one's position, q (bsz, heads, seq, head_dim) -> (bsz, heads, seq, head_dim): SDPA causal
+    over the chunk's own keys (the flash kernel skips the blocks the causal mask hides) and, with
+    a prefix, unmasked over its keys, merged by the two parts' log-sum-exp (merge_attention)."""
+    gqa = k.chunk.shape[1] != q.shape[1]
+    if k.prefix.shape[2] == 0:
+        return F.scaled_dot_product_attention(q, k.chunk, v.chunk, is_causal=True, enable_gqa=gqa)
+    keys, values = (k.prefix, k.chunk), (v.prefix, v.chunk)
+    if gqa:  # the CPU flash operator with its log-sum-exp takes as many key heads as query heads
+        group = q.shape[1] // k.chunk.shape[1]
+        keys = tuple(t.repeat_interleave(group, dim=1) for t in keys)
+        values = tuple(t.repeat_interleave(group, dim=1) for t in values)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = flash(q, keys[0], values[0])
+    out2, lse2 = flash(q, keys[1], values[1], is_causal=True)
+    return merge_attention(out, lse, out2, lse2)
+
+
 def paged_kernel_applies(q: torch.Tensor, pool: torch.Tensor) -> bool:
     """Whether llamaworks::paged_attention takes this pass: on CPU, at most PAGED_MAX_QUERIES
     query positions, q and the pool both fp32 or both bf16, a head_dim the kernel has (a
@@ -79,10 +141,12 @@ def paged_kernel_applies(q: torch.Tensor, pool: torch.Tensor) -> bool:
 
 class PagedAttention:
     """Mixed into an Attention class (setup_paged_caches): a PagedRead from the cache is read
-    through the block table by the native kernel (the torch path where that cannot run);
-    anything else goes to the class's own attend."""
+    through the block table by the native kernel (the torch path where that cannot run), a
+    PrefillRead by prefill_attention; anything else goes to the class's own attend."""
 
     def attend(self, q, k, v, mask):
+        if isinstance(k, PrefillRead):
+            return prefill_attention(q, k, v)
         if isinstance(k, PagedRead):
             if paged_kernel_applies(q, k.pool):
                 return torch.ops.llamaworks.paged_attention(q, k.pool, v.pool, k.blocks, k.pos)
@@ -125,9 +189,11 @@ class PagedKVCache(nn.Module):
         shape = (n_kv_heads, num_blocks, table.block_size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # Whether decode passes read through the table (PagedRead): set by setup_paged_caches,
-        # where the attention module reads PagedReads; False keeps the gather path.
+        # Whether decode passes read through the table (PagedRead), and prefill passes split their
+        # attention (PrefillRead): set by setup_paged_caches, where the attention module reads
+        # them; False keeps the gather path.
         self.reads_table = False
+        self.splits_prefill = False
 
     @property
     def seq_len(self) -> int:
@@ -145,10 +211,31 @@ class PagedKVCache(nn.Module):
         # is (heads, bsz, seq, head_dim).
         self.k[:, phys, off] = k.permute(2, 0, 1, 3).to(self.k.dtype)
         self.v[:, phys, off] = v.permute(2, 0, 1, 3).to(self.v.dtype)
+        grad = torch.is_grad_enabled() and k.requires_grad
         if (self.reads_table and k.shape[1] <= PAGED_MAX_QUERIES and k.dtype == self.k.dtype
-                and k.device.type == "cpu" and not (torch.is_grad_enabled() and k.requires_grad)):
+                and k.device.type == "cpu" and not grad):
             return PagedRead(self.k, blocks, input_pos), PagedRead(self.v, blocks, input_pos)
+        start = self.prefill_start(input_pos) if self.splits_prefill and not grad else None
+        if start is not None:
+            # The chunk's own keys as the cache now holds them (its dtype), heads first.
+            chunk_k = k.to(self.k.dtype).transpose(1, 2)
+            chunk_v = v.to(self.v.dtype).transpose(1, 2)
+            return (PrefillRead(prefix_keys(self.k, blocks, start), chunk_k),
+                    PrefillRead(prefix_keys(self.v, blocks, start), chunk_v))
         return gather(self.k, blocks), gather(self.v, blocks)
+
+    def prefill_start(self, input_pos: torch.Tensor) -> int | None:
+        """The first position of a pass whose rows all hold positions start..start+seq-1 and that
+        does not read through the table (longer than PAGED_MAX_QUERIES, or no native kernels), on
+        CPU; None for any other pass (rows at different positions: the gather path)."""
+        bsz, seq = input_pos.shape
+        # Compiled graphs (the decode step) keep the gather path: the start is a host value.
+        if (self.k.device.type != "cpu" or (self.reads_table and seq <= PAGED_MAX_QUERIES)
+                or torch.compiler.is_compiling()):
+            return None
+        start = int(input_pos[0, 0])
+        want = torch.arange(start, start + seq, device=input_pos.device)
+        return start if torch.equal(input_pos, want.expand(bsz, seq)) else None
 
 
 def block_bytes(model, block_size: int, dtype: torch.dtype | None = None) -> int:
@@ -170,13 +257,20 @@ def setup_paged_caches(model, num_blocks: int, block_size: int, max_seq_len: int
         model.init_rope(model.freqs_cis.device, max_seq_len)
     table = BlockTable(block_size, device)
     reads_table = reads_through_table(device, dtype, model.layers[0].attention.head_dim) if model.layers else False
+    splits = splits_prefill(device)
     for layer in model.layers:
         att = layer.attention
         att.kv_cache = PagedKVCache(table, num_blocks, att.n_kv_heads, att.head_dim, dtype, device)
-        if reads_table:
+        if reads_table or splits:
             att.__class__ = paged_attention_class(type(att))
-            att.kv_cache.reads_table = True
+            att.kv_cache.reads_table, att.kv_cache.splits_prefill = reads_table, splits
     return table
+
+
+def splits_prefill(device) -> bool:
+    """Whether prefill passes over a paged cache on `device` attend through prefill_attention:
+    on CPU (its log-sum-exp comes from the CPU flash operator), unless LLAMAWORKS_PAGED_PREFILL is 0."""
+    return os.environ.get("LLAMAWORKS_PAGED_PREFILL", "1") != "0" and torch.device(device).type == "cpu"
 
 
 def reads_through_table(device, dtype, head_dim: int) -> bool:

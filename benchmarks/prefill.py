@@ -1,0 +1,291 @@
+"""The engine's prefill over the paged KV cache (issue 18): where a prompt's forward pass spends
+its time, and prefill throughput in an in-process engine, with the prefill attention of
+inference/paged.py (prefill_attention: SDPA causal over the chunk's own keys, unmasked over its
+prefix, merged) against the gather path it replaced (every layer copies the sequence's blocks
+into new keys for one SDPA call under a (chunk, width*B) mask; LLAMAWORKS_PAGED_PREFILL=0).
+
+    .venv/bin/python benchmarks/prefill.py --label contended
+    .venv/bin/python benchmarks/prefill.py --smoke --output /tmp/prefill.json
+
+Part 1 (passes): random weights of --preset (the serve benchmark's "small" by default), loaded as
+`llamaworks serve` loads them (fused projections, native kernels), a paged cache; the forward
+passes that prefill a --long-tokens prompt whole, the same prompt in --chunk-token chunks (each
+after the ones before it), and --short-tokens prompts one by one and --batch of them in one
+batched pass. The two attention paths alternate, --rounds rounds each; the median wall time per
+case is reported per path, with prompt tokens/s. Then one more run of each case, timed by parts:
+the linear products (with their GFLOP/s), attention, the cache update (the write, and the
+gather or prefix view inside it), norms, RoPE and the rest (embedding, SwiGLU's product,
+residuals, the mask, Python between operators) = wall - parts. Logits of both paths are compared.
+
+Part 2 (engine): the mixed workload of benchmarks/serve.py in process (--requests requests at
+once, every --long-every'th --long-tokens tokens, the rest --short-tokens; --max-tokens each,
+greedy) for each --prefill-chunks value and both paths: wall time, generated tokens/s, seconds
+in prefill steps and in decode steps; greedy tokens of every run compared.
+JSON: benchmarks/results/prefill.json (--output), with the machine (benchmarks/machine.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
+from machine import add_label_argument, machine_record
+
+import llamaworks.model
+from llamaworks.inference import paged
+from llamaworks.inference.fuse import fuse_projections
+from llamaworks.inference.kernels import use_native_kernels
+from llamaworks.model import ModelArgs, RMSNorm, build_model
+from llamaworks.serve.engine import Engine, Request, table_width
+from llamaworks.serve.kvpool import blocks_for
+
+LOCAL_PRESETS = {**PRESETS, "small": dict(ModelArgs.from_name("small").to_params(), max_seq_len=2176),
+                 "tiny": dict(ModelArgs.from_name("tiny").to_params(), max_seq_len=512)}
+SIZE = 16  # tokens per block, the engine's default
+
+
+def make_model(preset: str):
+    model = build_model(ModelArgs(**LOCAL_PRESETS[preset]), seed=0).eval()
+    fuse_projections(model)
+    use_native_kernels(model)
+    return model
+
+
+def set_path(model, split: bool) -> None:
+    for layer in model.layers:
+        layer.attention.kv_cache.splits_prefill = split
+
+
+def cases(a, vocab: int) -> dict[str, list[tuple[list[list[int]], int]]]:
+    """Per case, its passes: (token ids per row, first position)."""
+    g = torch.Generator().manual_seed(0)
+    long = torch.randint(3, vocab, (a.long_tokens,), generator=g).tolist()
+    shorts = [torch.randint(3, vocab, (a.short_tokens,), generator=g).tolist() for _ in range(a.batch)]
+    return {"long_whole": [([long], 0)],
+            "long_chunked": [([long[s:s + a.chunk]], s) for s in range(0, a.long_tokens, a.chunk)],
+            "short_one_by_one": [([p], 0) for p in shorts],
+            "short_batched": [(shorts, 0)]}
+
+
+def run_case(model, table, passes, rows_blocks) -> torch.Tensor:
+    """The passes in order, each row in its own blocks; the last position's logits of each pass."""
+    out = []
+    for ids, start in passes:
+        n = len(ids[0])
+        width = table_width(blocks_for(start + n, SIZE), rows_blocks.shape[1], False)
+        table.blocks = rows_blocks[: len(ids), :width]
+        h = model(torch.tensor(ids), torch.arange(start, start + n).expand(len(ids), n), return_hidden=True)
+        out.append(model.output(h[:, -1]).float())
+    return torch.cat(out)
+
+
+class Parts:
+    """Wall time by kind of work, from wrappers around the model's calls (CPU work is synchronous)."""
+
+    def __init__(self):
+        self.t = collections.defaultdict(float)
+        self.linear_flop = 0.0
+
+    def wrap(self, name, fn, flop=None):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.t[name] += time.perf_counter() - t0
+                if flop is not None:
+                    self.linear_flop += flop(*args)
+        return wrapper
+
+
+def by_parts(model, table, passes, rows_blocks) -> dict:
+    """One run of `passes` with every kind of call timed (the wrappers cost ~1 us a call)."""
+    p = Parts()
+    saved = {"linear": F.linear, "rope": llamaworks.model.apply_rotary_emb, "gather": paged.gather,
+             "prefix": paged.prefix_keys}
+    F.linear = p.wrap("linear", saved["linear"], lambda x, w, *_: 2.0 * x.numel() * w.shape[0])  # 2 rows out in
+    llamaworks.model.apply_rotary_emb = p.wrap("rope", saved["rope"])
+    paged.gather = p.wrap("gather", saved["gather"])
+    paged.prefix_keys = p.wrap("prefix_view_or_gather", saved["prefix"])
+    patched = []
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.forward = p.wrap("norm", m.forward)
+            patched.append(m)
+    for layer in model.layers:
+        att = layer.attention
+        att.attend = p.wrap("attention", att.attend)
+        att.kv_cache.update = p.wrap("cache_update", att.kv_cache.update)
+        patched += [att, att.kv_cache]
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run_case(model, table, passes, rows_blocks)
+        wall = time.perf_counter() - t0
+    finally:
+        F.linear, llamaworks.model.apply_rotary_emb = saved["linear"], saved["rope"]
+        paged.gather, paged.prefix_keys = saved["gather"], saved["prefix"]
+        for m in patched:
+            for name in ("forward", "attend", "update"):
+                m.__dict__.pop(name, None)
+    t = dict(p.t)
+    inner = t.get("gather", 0.0) + t.get("prefix_view_or_gather", 0.0)
+    t["cache_write_and_rest_of_update"] = t.pop("cache_update", 0.0) - inner
+    out = {"wall_ms": wall * 1e3, **{f"{k}_ms": v * 1e3 for k, v in sorted(t.items())}}
+    out["rest_ms"] = (wall - sum(t.values())) * 1e3
+    out["linear_gflop_per_s"] = p.linear_flop / t["linear"] / 1e9 if t.get("linear") else None
+    return out
+
+
+def pass_bench(a, model) -> dict:
+    rows = max(a.batch, 1)
+    max_blocks = blocks_for(model.args.max_seq_len, SIZE)
+    table = paged.setup_paged_caches(model, rows * max_blocks + 1, SIZE, model.args.max_seq_len)
+    if not model.layers[0].attention.kv_cache.splits_prefill:
+        sys.exit("the prefill attention is off here: leave LLAMAWORKS_PAGED_PREFILL unset (CPU only)")
+    # Each row's blocks in order side by side, as a fresh pool hands them out (the prefix is a view),
+    # or (--scattered) interleaved with the other rows' (the prefix is gathered).
+    ids = torch.arange(1, rows * max_blocks + 1)
+    rows_blocks = (ids.view(max_blocks, rows).t() if a.scattered else ids.view(rows, max_blocks)).contiguous()
+    out = {}
+    for name, passes in cases(a, model.args.vocab_size).items():
+        tokens = sum(len(r) for ids_, _ in passes for r in ids_)
+        times = {"split": [], "gather": []}
+        logits = {}
+        with torch.no_grad():
+            for _ in range(a.rounds):
+                for path in ("split", "gather"):
+                    set_path(model, path == "split")
+                    t0 = time.perf_counter()
+                    logits[path] = run_case(model, table, passes, rows_blocks)
+                    times[path].append(time.perf_counter() - t0)
+        med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
+        parts = {}
+        for path in ("split", "gather"):
+            set_path(model, path == "split")
+            parts[path] = by_parts(model, table, passes, rows_blocks)
+        set_path(model, True)
+        diff = (logits["split"] - logits["gather"]).abs().max().item()
+        out[name] = {"passes": len(passes), "prompt_tokens": tokens, "wall_ms_median": med,
+                     "tokens_per_s": {p: tokens / m * 1e3 for p, m in med.items()},
+                     "gather_over_split": med["gather"] / med["split"], "parts": parts,
+                     "max_abs_logit_diff": diff,
+                     "argmax_equal": bool(torch.equal(logits["split"].argmax(-1), logits["gather"].argmax(-1)))}
+        print(f"{name}: {len(passes)} passes, {tokens} tokens: split {med['split']:.1f} ms, gather "
+              f"{med['gather']:.1f} ms ({med['gather'] / med['split']:.2f}x); max |logit diff| {diff:.2e}")
+        for path in ("split", "gather"):
+            print(f"  {path} by parts: " + ", ".join(f"{k[:-3] if k.endswith('_ms') else k} "
+                                                    f"{v:.1f}" for k, v in parts[path].items() if v is not None))
+    return out
+
+
+def engine_bench(a, split: bool, chunk: int | None) -> dict:
+    os.environ["LLAMAWORKS_PAGED_PREFILL"] = "1" if split else "0"
+    try:
+        model = make_model(a.preset)
+        eng = Engine(model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256,
+                     prefill_chunk=chunk)
+    finally:
+        os.environ.pop("LLAMAWORKS_PAGED_PREFILL", None)
+    parts = {"prefill": 0.0, "decode": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                parts[name] += time.perf_counter() - t0
+        return wrapper
+
+    eng._prefill_step = timed("prefill", eng._prefill_step)
+    eng._decode = timed("decode", eng._decode)
+    g = torch.Generator().manual_seed(0)
+    reqs = []
+    for i in range(a.requests):
+        n = a.long_tokens if i % a.long_every == 0 else a.short_tokens  # serve.py's order: the first is long
+        reqs.append(Request(torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist(), a.max_tokens,
+                            stop_ids=()))
+    eng.start()
+    try:
+        eng.complete(Request([1, 5, 9], 4, stop_ids=()), timeout=600)  # warm-up
+        for k in parts:
+            parts[k] = 0.0
+        t0 = time.perf_counter()
+        for r in reqs:
+            eng.submit(r)
+        for r in reqs:
+            while r.finish_reason is None:
+                time.sleep(0.002)
+        wall = time.perf_counter() - t0
+    finally:
+        eng.stop(cancel=True, timeout=60)
+    gen = sum(len(r.tokens) for r in reqs)
+    prompt = sum(len(r.prompt_ids) for r in reqs)
+    return {"split": split, "prefill_chunk": chunk, "wall_s": wall, "generated_tokens": gen,
+            "tokens_per_s": gen / wall, "prompt_tokens": prompt, "prefill_s": parts["prefill"],
+            "prefill_tokens_per_s": prompt / parts["prefill"] if parts["prefill"] else None,
+            "decode_s": parts["decode"], "other_s": wall - parts["prefill"] - parts["decode"],
+            "tokens": [r.tokens for r in reqs]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", choices=sorted(LOCAL_PRESETS))
+    ap.add_argument("--long-tokens", type=int, default=2049, help="serve.py's long prompt: BOS + 2048")
+    ap.add_argument("--short-tokens", type=int, default=129)
+    ap.add_argument("--chunk", type=int, default=512, help="part 1's chunk (llama-server's n_ubatch)")
+    ap.add_argument("--batch", type=int, default=7, help="short prompts in part 1")
+    ap.add_argument("--scattered", action="store_true", help="part 1: rows' blocks interleaved (prefix gathered)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-engine", action="store_true", help="part 1 only")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--long-every", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prefill-chunks", default="none,512", help="part 2's engines (comma-separated; none: whole)")
+    ap.add_argument("--smoke", action="store_true", help="the tiny preset, short prompts, one round, a few requests")
+    ap.add_argument("--output", default="benchmarks/results/prefill.json")
+    add_label_argument(ap)
+    a = ap.parse_args()
+    if a.smoke:
+        a.preset, a.long_tokens, a.short_tokens, a.chunk, a.batch, a.rounds = "tiny", 200, 20, 64, 3, 1
+        a.requests, a.long_every, a.max_tokens, a.max_batch, a.prefill_chunks = 4, 2, 4, 2, "none,64"
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    machine = machine_record(a.label, bandwidth=False)
+    out = {"command": "prefill.py " + " ".join(sys.argv[1:]), "machine": machine, "preset": a.preset,
+           "threads": torch.get_num_threads(), "passes": pass_bench(a, make_model(a.preset))}
+    if not a.no_engine:
+        runs = []
+        for chunk in [None if c.strip().lower() == "none" else int(c) for c in a.prefill_chunks.split(",")]:
+            for split in (True, False):
+                r = engine_bench(a, split, chunk)
+                runs.append(r)
+                print(f"engine, mixed, prefill_chunk {chunk}, {'split' if split else 'gather'}: "
+                      f"{r['tokens_per_s']:.1f} tok/s, wall {r['wall_s']:.2f} s: prefill {r['prefill_s']:.2f} s "
+                      f"({r['prefill_tokens_per_s'] or 0:.0f} prompt tok/s), decode {r['decode_s']:.2f} s, "
+                      f"other {r['other_s']:.2f} s")
+        out["engine_tokens_equal"] = all(r["tokens"] == runs[0]["tokens"] for r in runs)
+        for r in runs:
+            del r["tokens"]
+        out["engine"] = runs
+        print(f"engine greedy tokens equal across runs: {out['engine_tokens_equal']}")
+    path = Path(a.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
