@@ -16,8 +16,8 @@ encodes each word on its own, so the corpus can be encoded from a cache of words
 separated by 0xFF, a byte UTF-8 never holds), looks the chunks up in a cache, encodes only the
 unseen ones, with SentencePiece itself in one multi-threaded batch call, and assembles the
 documents' ids with numpy gathers. SentencePiece stays the authority on every id; the cache only
-avoids asking it twice. The lookup is exact, never a bare hash: a chunk key of up to 16 bytes is
-held as its bytes packed in two uint64 (plus its length) in an open-addressing table probed with
+avoids asking it twice. The lookup is exact, never a bare hash: a chunk key of up to 15 bytes is
+held as its bytes and its length packed in two uint64 in an open-addressing table probed with
 numpy, a longer one in a dict of its bytes. Models outside those conditions (another normaliser,
 whitespace as suffix, a piece with an inner "▁" after a character), and every other tokenizer, go
 through their own `encode_batch`. The conditions are read from the model file, and the first
@@ -42,10 +42,10 @@ SPACE = "\u2581"
 _CROSSES = re.compile(f"[^{SPACE}]{SPACE}")  # a piece that joins a character to a following "▁"
 # Before each document: 0xFF (never in UTF-8: the documents' boundary) and the dummy-prefix space.
 _DOC = b"\xff "
-_SHORT = 16  # keys of up to this many bytes are held packed in two uint64; longer ones in a dict
+_SHORT = 15  # keys of up to this many bytes are held packed in two uint64 (_packed); longer ones in a dict
 _LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)  # [k]: a mask of the low k bytes
-_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9),
-        np.uint64(0xBF58476D1CE4E5B9))
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0xBF58476D1CE4E5B9))
+_NO_KEY = np.uint64(0xFF << 56)  # a packed hi whose length byte (255) no short key has
 
 
 def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -136,22 +136,22 @@ def split_chunks(texts: Sequence[str], isolated: bytes = b"") -> tuple[bytes, np
 
 
 def _packed(buf: bytes, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi): bytes 0-7 and 8-15 of each key as little-endian uint64, zero past its length
-    (with the length, an exact stand-in for keys of up to 16 bytes)."""
+    """(lo, hi): bytes 0-7 and 8-14 of each key as little-endian uint64, zero past its length, and the
+    length in hi's top byte: an exact stand-in for keys of up to 15 bytes (_SHORT)."""
     padded = np.zeros(len(buf) + 16, np.uint8)
     padded[:len(buf)] = np.frombuffer(buf, np.uint8)
     # (bytes + 9,) the 8 bytes from every offset: an overlapping, unaligned view, not a copy
     words = np.ndarray((len(buf) + 9,), "<u8", padded, 0, (1,))
     lo = words[start] & _LOW_BYTES[np.minimum(length, 8)]
-    hi = words[start + 8] & _LOW_BYTES[np.clip(length - 8, 0, 8)]
+    hi = words[start + 8] & _LOW_BYTES[np.clip(length - 8, 0, 7)] | length.astype(np.uint64) << np.uint64(56)
     return lo, hi
 
 
-def _hash(lo: np.ndarray, hi: np.ndarray, length: np.ndarray) -> np.ndarray:
-    # Only spreads keys over the table's slots; equality is always checked on (lo, hi, length).
-    h = lo * _MIX[0] ^ hi * _MIX[1] ^ length.astype(np.uint64) * _MIX[2]
+def _hash(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    # Only spreads keys over the table's slots; equality is always checked on (lo, hi).
+    h = lo * _MIX[0] ^ hi * _MIX[1]
     h ^= h >> np.uint64(29)
-    h *= _MIX[3]
+    h *= _MIX[2]
     return h ^ (h >> np.uint64(32))
 
 
@@ -183,7 +183,7 @@ class FlatEncoder:
         self._lo = np.zeros(1 << 12, np.uint64)  # chunk -> its key packed (_packed); long keys: unused
         self._hi = np.zeros(1 << 12, np.uint64)
         self._len = np.zeros(1 << 12, np.int64)  # chunk -> its key's length in bytes
-        self._len[-1] = -1  # the last row is never a chunk (_grow keeps it spare): what an empty slot reads
+        self._hi[-1] = _NO_KEY  # the last row is never a chunk (_grow keeps it spare): what an empty slot reads
         self._used = 0  # ids stored in _tokens
         self._table = np.full(1 << 13, -1, np.int64)  # open addressing (linear probing): slot -> chunk or -1
         self._in_table = 0
@@ -211,19 +211,19 @@ class FlatEncoder:
 
     # ------------------------------------------------------------------------ the table of short keys
 
-    def _probe(self, lo, hi, length) -> np.ndarray:
+    def _probe(self, lo, hi) -> np.ndarray:
         """(keys,) the chunk of each short key, or -1 where it is not cached."""
         mask = len(self._table) - 1
-        slot = _hash(lo, hi, length).view(np.int64) & mask
-        # An empty slot (-1) reads the arrays' last row, whose length -1 matches no key: no special case.
+        slot = _hash(lo, hi).view(np.int64) & mask
+        # An empty slot (-1) reads the arrays' last row, whose hi matches no key: no special case.
         chunk = self._table[slot]
-        hit = (self._len[chunk] == length) & (self._lo[chunk] == lo) & (self._hi[chunk] == hi)
+        hit = (self._hi[chunk] == hi) & (self._lo[chunk] == lo)
         found = np.where(hit, chunk, -1)
         todo = np.flatnonzero(~hit & (chunk >= 0))
         while len(todo):  # each round: one slot further for the keys that met another key
             slot[todo] = (slot[todo] + 1) & mask
             chunk = self._table[slot[todo]]
-            hit = (self._len[chunk] == length[todo]) & (self._lo[chunk] == lo[todo]) & (self._hi[chunk] == hi[todo])
+            hit = (self._hi[chunk] == hi[todo]) & (self._lo[chunk] == lo[todo])
             found[todo[hit]] = chunk[hit]
             todo = todo[~hit & (chunk >= 0)]
         return found
@@ -239,7 +239,7 @@ class FlatEncoder:
             chunks = np.unique(chunks)  # the new ones are numbered already, so may be among the old
             self._in_table = 0
         mask = len(self._table) - 1
-        slot = (_hash(self._lo[chunks], self._hi[chunks], self._len[chunks]) & np.uint64(mask)).astype(np.int64)
+        slot = _hash(self._lo[chunks], self._hi[chunks]).view(np.int64) & mask
         todo = np.arange(len(chunks))
         while len(todo):  # each round: every free slot wanted goes to its first claimant; the rest move on
             free = todo[self._table[slot[todo]] < 0]
@@ -259,7 +259,7 @@ class FlatEncoder:
             size = max(words + 1, 2 * len(self._start))
             for name in ("_start", "_count", "_lo", "_hi", "_len"):
                 setattr(self, name, np.resize(getattr(self, name), size))
-            self._len[-1] = -1
+            self._hi[-1] = _NO_KEY
         if tokens > len(self._tokens):
             self._tokens = np.resize(self._tokens, max(tokens, 2 * len(self._tokens)))
 
@@ -303,7 +303,7 @@ class FlatEncoder:
         found = np.full(len(start), -1, np.int64)
         short = length <= _SHORT
         at = np.flatnonzero(short)
-        found[at] = self._probe(lo[at], hi[at], length[at])
+        found[at] = self._probe(lo[at], hi[at])
         if not short.all():
             at = np.flatnonzero(~short)
             keys = [buf[s:s + n] for s, n in zip(start[at].tolist(), length[at].tolist())]
