@@ -26,6 +26,7 @@ batch is also checked against plain SentencePiece (a mismatch turns the cache of
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -102,6 +103,12 @@ def isolated_bytes(tokenizer) -> bytes:
     return "".join(alone).encode("ascii")
 
 
+@functools.lru_cache(maxsize=8)
+def _flags(isolated: bytes) -> bytes:
+    """A bytes.translate table: 1 for the bytes of `isolated`, 0 for every other."""
+    return bytes(int(b in isolated) for b in range(256))
+
+
 def split_chunks(texts: Sequence[str], isolated: bytes = b"") -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
     """(buffer, start, length, chunks per text): each chunk's key is buffer[start:start + length].
 
@@ -121,10 +128,8 @@ def split_chunks(texts: Sequence[str], isolated: bytes = b"") -> tuple[bytes, np
     space, doc = a == 0x20, a == 0xFF
     cut = doc.copy()  # (bytes,) where a document or a chunk starts
     cut[1:] |= space[1:] & ~space[:-1]  # the first space of a run (a[0] is 0xFF)
-    if isolated:
-        alone = np.zeros(256, bool)
-        alone[np.frombuffer(isolated, np.uint8)] = True
-        cut |= alone[a]
+    if isolated:  # bytes.translate: one C pass, several times faster than a numpy lookup per byte
+        cut |= np.frombuffer(buf.translate(_flags(isolated)), np.bool_)
     at = np.flatnonzero(cut)
     is_doc = doc[at]
     end = np.append(at[1:], len(a))
@@ -343,16 +348,15 @@ class FlatEncoder:
         body = self._tokens[_ragged_arange(self._start[found], counts)]  # (body tokens,) every chunk's ids in order
         cum = np.concatenate([[0], np.cumsum(counts)])  # (chunks + 1,) body tokens before each chunk
         doc_end = np.cumsum(n_words)  # (documents,) chunks up to the end of each document
-        doc_body = cum[doc_end] - cum[doc_end - n_words]  # (documents,) body tokens of each document
-        lengths = doc_body + int(bos) + int(eos)
-        out = np.empty(int(lengths.sum()), np.int64)
-        doc_start = np.cumsum(lengths) - lengths  # (documents,) where each document begins in out
-        out[_ragged_arange(doc_start + int(bos), doc_body)] = body
-        if bos:
-            out[doc_start] = self.tokenizer.bos_id
-        if eos:
-            out[doc_start + lengths - 1] = self.tokenizer.eos_id
-        return out, lengths
+        first, last = cum[doc_end - n_words], cum[doc_end]  # (documents,) each one's span of body
+        lengths = last - first + int(bos) + int(eos)
+        marks = [(first, self.tokenizer.bos_id)] * bos + [(last, self.tokenizer.eos_id)] * eos
+        if not marks:
+            return body.astype(np.int64), lengths
+        # (documents * marks,) where <s> and </s> go in body, nondecreasing: one document's </s> comes
+        # before the next one's <s> at the same place (np.insert keeps equal places in order)
+        where = np.stack([m[0] for m in marks], axis=1).reshape(-1)
+        return np.insert(body.astype(np.int64), where, [m[1] for m in marks] * len(first)), lengths
 
 
 _LAST: tuple[object, FlatEncoder] | None = None
