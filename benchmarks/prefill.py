@@ -43,7 +43,7 @@ from machine import add_label_argument, machine_record
 import llamaworks.model
 from llamaworks.inference import paged
 from llamaworks.inference.fuse import fuse_projections
-from llamaworks.inference.kernels import use_native_kernels
+from llamaworks.inference.kernels import use_bf16_prefill, use_native_kernels
 from llamaworks.model import ModelArgs, RMSNorm, build_model
 from llamaworks.serve.engine import Engine, Request, table_width
 from llamaworks.serve.kvpool import blocks_for
@@ -53,10 +53,12 @@ LOCAL_PRESETS = {**PRESETS, "small": dict(ModelArgs.from_name("small").to_params
 SIZE = 16  # tokens per block, the engine's default
 
 
-def make_model(preset: str):
+def make_model(preset: str, bf16: bool = False):
     model = build_model(ModelArgs(**LOCAL_PRESETS[preset]), seed=0).eval()
     fuse_projections(model)
     use_native_kernels(model)
+    if bf16:  # serve --prefill-bf16
+        use_bf16_prefill(model)
     return model
 
 
@@ -188,10 +190,10 @@ def pass_bench(a, model) -> dict:
     return out
 
 
-def engine_bench(a, split: bool, chunk: int | None) -> dict:
+def engine_bench(a, split: bool, chunk: int | None, bf16: bool = False) -> dict:
     os.environ["LLAMAWORKS_PAGED_PREFILL"] = "1" if split else "0"
     try:
-        model = make_model(a.preset)
+        model = make_model(a.preset, bf16)
         eng = Engine(model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256,
                      prefill_chunk=chunk)
     finally:
@@ -231,7 +233,7 @@ def engine_bench(a, split: bool, chunk: int | None) -> dict:
         eng.stop(cancel=True, timeout=60)
     gen = sum(len(r.tokens) for r in reqs)
     prompt = sum(len(r.prompt_ids) for r in reqs)
-    return {"split": split, "prefill_chunk": chunk, "wall_s": wall, "generated_tokens": gen,
+    return {"split": split, "prefill_bf16": bf16, "prefill_chunk": chunk, "wall_s": wall, "generated_tokens": gen,
             "tokens_per_s": gen / wall, "prompt_tokens": prompt, "prefill_s": parts["prefill"],
             "prefill_tokens_per_s": prompt / parts["prefill"] if parts["prefill"] else None,
             "decode_s": parts["decode"], "other_s": wall - parts["prefill"] - parts["decode"],
@@ -249,11 +251,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-engine", action="store_true", help="part 1 only")
+    ap.add_argument("--no-passes", action="store_true", help="part 2 only")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--long-every", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prefill-chunks", default="none,512", help="part 2's engines (comma-separated; none: whole)")
+    ap.add_argument("--prefill-chunks", default="none,512", help="part 2's engines (comma-separated; none: whole; "
+                    "repeat a value to interleave repeated runs)")
+    ap.add_argument("--prefill-bf16", action="store_true", help="part 2: a third engine per chunk value, the split "
+                    "attention with prompt products in bf16 (serve --prefill-bf16)")
     ap.add_argument("--smoke", action="store_true", help="the tiny preset, short prompts, one round, a few requests")
     ap.add_argument("--output", default="benchmarks/results/prefill.json")
     add_label_argument(ap)
@@ -265,22 +271,29 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     machine = machine_record(a.label, bandwidth=False)
     out = {"command": "prefill.py " + " ".join(sys.argv[1:]), "machine": machine, "preset": a.preset,
-           "threads": torch.get_num_threads(), "passes": pass_bench(a, make_model(a.preset))}
+           "threads": torch.get_num_threads(),
+           "passes": None if a.no_passes else pass_bench(a, make_model(a.preset))}
     if not a.no_engine:
         runs = []
         for chunk in [None if c.strip().lower() == "none" else int(c) for c in a.prefill_chunks.split(",")]:
-            for split in (True, False):
-                r = engine_bench(a, split, chunk)
+            for split, bf16 in [(True, False), (False, False)] + [(True, True)] * a.prefill_bf16:
+                r = engine_bench(a, split, chunk, bf16)
                 runs.append(r)
-                print(f"engine, mixed, prefill_chunk {chunk}, {'split' if split else 'gather'}: "
+                print(f"engine, mixed, prefill_chunk {chunk}, {'split' if split else 'gather'}"
+                      f"{' + bf16 prefill' if bf16 else ''}: "
                       f"{r['tokens_per_s']:.1f} tok/s, wall {r['wall_s']:.2f} s: prefill {r['prefill_s']:.2f} s "
                       f"({r['prefill_tokens_per_s'] or 0:.0f} prompt tok/s), decode {r['decode_s']:.2f} s, "
                       f"other {r['other_s']:.2f} s")
-        out["engine_tokens_equal"] = all(r["tokens"] == runs[0]["tokens"] for r in runs)
+        fp32 = [r for r in runs if not r["prefill_bf16"]]
+        out["engine_tokens_equal"] = all(r["tokens"] == fp32[0]["tokens"] for r in fp32)
+        for r in runs:  # bf16 prefill: the share of requests whose greedy tokens are fp32's
+            if r["prefill_bf16"]:
+                r["requests_equal_to_fp32"] = sum(x == y for x, y in zip(r["tokens"], fp32[0]["tokens"])) / len(
+                    r["tokens"])
         for r in runs:
             del r["tokens"]
         out["engine"] = runs
-        print(f"engine greedy tokens equal across runs: {out['engine_tokens_equal']}")
+        print(f"engine greedy tokens equal across fp32 runs: {out['engine_tokens_equal']}")
     path = Path(a.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -102,12 +102,11 @@ def prefix_keys(pool: torch.Tensor, blocks: torch.Tensor, start: int) -> torch.T
 def merge_attention(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
     """Attention over the union of two sets of keys from its two parts: each part's output
     (bsz, heads, seq, head_dim) and log-sum-exp of its scaled scores (bsz, heads, seq), weighted
-    by each part's share of the softmax's denominator (computed in fp32)."""
-    top = torch.maximum(lse, lse2)
-    w, w2 = torch.exp(lse - top), torch.exp(lse2 - top)
-    total = w + w2
-    merged = out.float() * (w / total).unsqueeze(-1) + out2.float() * (w2 / total).unsqueeze(-1)
-    return merged.to(out.dtype)
+    by each part's share of the softmax's denominator, e^lse / (e^lse + e^lse2) = sigmoid(lse - lse2)
+    for the first (computed in fp32). Three operators: on a busy 2-core machine each parallel
+    operator of a prefill chunk may wait for a descheduled thread."""
+    share = torch.sigmoid(lse - lse2).unsqueeze(-1)  # (bsz, heads, seq, 1)
+    return torch.lerp(out2.float(), out.float(), share).to(out.dtype)
 
 
 def prefill_attention(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> torch.Tensor:

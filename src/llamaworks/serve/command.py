@@ -14,8 +14,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from llamaworks.args import Arg
 from llamaworks.device import resolve_device
+from llamaworks.inference.kernels import use_bf16_prefill
 from llamaworks.inference.load import load_model
-from llamaworks.inference.quant import Int4Linear, Int8Linear
+from llamaworks.inference.quant import Int4Linear, Int8Linear, bf16_matmul
 from llamaworks.inference.speculative import check_same_vocabulary
 from llamaworks.parallel.distributed import close_distributed, env_world_size, init_distributed
 from llamaworks.parallel.tp_load import load_tensor_parallel
@@ -73,6 +74,9 @@ def serve_command(
                                              "(default: whole prompts)")] = None,
     prefix_cache: Annotated[bool, Arg("share cached prompt blocks between requests: a repeated system prompt is "
                                       "prefilled once (--no-prefix-cache: every prompt prefilled whole)")] = True,
+    prefill_bf16: Annotated[bool, Arg("fp32 models on CPUs with bf16 products (AVX512_BF16, AMX): prompts' "
+                                      "matrix products in bf16, 2.2x faster, with half the weights' memory "
+                                      "again; greedy answers may differ from fp32's at near-ties")] = False,
     max_seq_len: Annotated[int | None, Arg("context window served (default: the model's)")] = None,
     model_name: Annotated[str | None, Arg("the model id clients pass (default: the directory's name)")] = None,
     adapter: Annotated[str | None, Arg("a LoRA adapter directory (PEFT layout) applied unmerged")] = None,
@@ -128,12 +132,16 @@ def serve_command(
     limits = Limits(max_body_bytes=max_body_bytes, header_timeout=header_timeout, body_timeout=body_timeout)
     dev, dt = resolve_device(device, dtype)
     env, runner = None, None
+    if prefill_bf16 and tp > 1:
+        raise ValueError("--prefill-bf16 runs in one process; serve with --tp without it")
     if _check_tp(tp, adapter, compile) > 1:
         env, dev, model, tokenizer, runner = _setup_tensor_parallel(checkpoint, dev, dt)
         if runner is None:  # not rank 0: run rank 0's forward passes until it stops
             return 0
     else:
         model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
+    if prefill_bf16:
+        _prefill_bf16(model)
     try:
         model.eval()
         template = resolve_chat_template(tokenizer, chat_template)  # a bad name or file fails here, before serving
@@ -187,6 +195,16 @@ def _serve(engine, name, host, port, shutdown_timeout, limits, template, api_key
     finally:
         engine.stop(cancel=True)
         sock.close()
+
+
+def _prefill_bf16(model) -> None:
+    """--prefill-bf16: the fp32 products of prompts in bf16 (kernels.Bf16PrefillLinear)."""
+    if not bf16_matmul():
+        raise ValueError("--prefill-bf16 needs a CPU that multiplies bf16 in hardware (AVX512_BF16 or AMX); "
+                         "elsewhere it is slower than fp32: serve without it")
+    if not use_bf16_prefill(model):
+        raise ValueError("--prefill-bf16 found no fp32 linear layer with the native kernels (an fp32 model on CPU, "
+                         "the kernels built: python -m llamaworks.inference.native build); serve without it")
 
 
 def _check_tp(tp: int, adapter: str | None, compile: bool | None) -> int:
