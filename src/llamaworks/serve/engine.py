@@ -211,8 +211,8 @@ SHORT_PREFILL = 64
 # after the same cached system prompt) at least half as long: such a pass attends without a mask
 # or a gather (inference/paged.py's prefill_attention), its padding costs at most as much as its
 # tokens, and its products run on more rows: 7 prompts of 129 tokens of the `small` preset took
-# 8% less in one pass than in seven (benchmarks/prefill.py, 1 thread, contended; the products
-# at 75 against 54 GFLOP/s).
+# 1-8% less in one pass than in seven (benchmarks/prefill.py, 1 thread, contended, two runs; the
+# products at 67-75 against 53-54 GFLOP/s).
 BATCH_PREFILL = 256
 
 
