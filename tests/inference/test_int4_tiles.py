@@ -32,7 +32,7 @@ from llamaworks.model import ModelArgs, build_model
 from . import test_kernels as base
 from .test_kernels_q8 import q8_128_reference
 
-close, native_lib, isa = base.close, base.native_lib, base.isa
+close, isa = base.close, base.isa
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

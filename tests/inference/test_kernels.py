@@ -49,21 +49,6 @@ ops = torch.ops.llamaworks
 SHAPES = [(33, 77), (64, 512), (5, 96), (16, 1000)]  # (out, in): odd, tails of every width, int4-able
 
 
-@pytest.fixture(scope="module")
-def native_lib():
-    if os.environ.get("LLAMAWORKS_NATIVE") == "0":
-        pytest.skip("LLAMAWORKS_NATIVE=0: the suite runs the PyTorch paths")
-    try:
-        native.build()
-    except (RuntimeError, OSError, ImportError) as e:  # no compiler or ninja on this machine
-        pytest.skip(f"native kernels cannot be built here: {e}")
-    native.reset()
-    assert native.load(), "built but not loaded"
-    yield
-    native.reset()
-    native.configure()
-
-
 @pytest.fixture
 def isa(request, native_lib):
     """Run the test under instruction set `request.param` (skipped where the CPU lacks it)."""

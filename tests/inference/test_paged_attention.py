@@ -24,19 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 ops = torch.ops.llamaworks
 
 
-@pytest.fixture(scope="module")
-def native_lib():
-    try:
-        native.build()
-    except (RuntimeError, OSError, ImportError) as e:  # no compiler or ninja on this machine
-        pytest.skip(f"native kernels cannot be built here: {e}")
-    native.reset()
-    if not native.load():
-        pytest.skip("native kernels off (LLAMAWORKS_NATIVE=0)")
-    yield
-    native.configure()
-
-
 @pytest.fixture
 def isa(request, native_lib):
     best = native.choose_isa(native.cpu_features())

@@ -7,13 +7,12 @@ other caches keep the PyTorch code."""
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from peaked import sharpen
 
-from llamaworks.inference import generate, native
+from llamaworks.inference import generate
 from llamaworks.inference.fuse import FusedAttention, fuse_projections
 from llamaworks.inference.generate import decode_step, generate_ids
 from llamaworks.inference.kernels import NativeRMSNorm, use_native_kernels
@@ -23,20 +22,6 @@ from llamaworks.model import ModelArgs, RMSNorm, apply_rotary_emb, build_model, 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ops = torch.ops.llamaworks
-
-
-@pytest.fixture(scope="module")
-def native_lib():
-    if os.environ.get("LLAMAWORKS_NATIVE") == "0":
-        pytest.skip("LLAMAWORKS_NATIVE=0: the suite runs the PyTorch paths")
-    try:
-        native.build()
-    except (RuntimeError, OSError, ImportError) as e:  # no compiler or ninja on this machine
-        pytest.skip(f"native kernels cannot be built here: {e}")
-    native.reset()
-    assert native.load(), "built but not loaded"
-    yield
-    native.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
