@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import add_label_argument, machine_record, measure_bandwidth  # benchmarks/ is on sys.path
+from machine import add_label_argument, machine_record, measure_bandwidth, write_result  # benchmarks/ is on sys.path
 
 from llamaworks.convert.command import llama_cpp_generate
 from llamaworks.inference import native
@@ -594,10 +594,8 @@ def main():
             result["results"] += run_config(name, a, bandwidth)
     if a.out is None:
         return
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    print()
+    write_result(a.out, result)
 
 
 if __name__ == "__main__":

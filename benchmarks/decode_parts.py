@@ -23,7 +23,6 @@ quantises (its decode speed is benchmarks/decode.py's).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -37,7 +36,7 @@ from decode import (  # benchmarks/ is on sys.path
     export_gguf,
     quantized_copy,
 )
-from machine import add_label_argument, machine_record, measure_bandwidth
+from machine import add_label_argument, machine_record, measure_bandwidth, write_result
 
 from llamaworks.inference import native, quant
 from llamaworks.inference.fuse import fuse_projections
@@ -242,10 +241,7 @@ def main():
                     rec["llama.cpp"] = types
                 result["runs"].append(rec)
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result(a.out, result)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from machine import add_label_argument, machine_record  # noqa: E402 - benchmarks/ is on sys.path
+from machine import add_label_argument, machine_record, write_result  # noqa: E402 - benchmarks/ is on sys.path
 
 WARMUP = 4  # questions run untimed before each row
 WORDS = ("the a man woman child dog ball kitchen knife bowl water rope wall climbs holds pours cuts throws runs "
@@ -169,9 +169,7 @@ def main() -> int:
            "rows": [{"backend": n, "seconds": dt, "examples_per_s": a.n / dt, "speedup_vs_hflm": base / dt,
                      "acc_norm": acc, "all_seconds": times[n]} for n, dt, acc in rows],
            "max_abs_loglik_diff": agree, "target_speedup": 2.0}
-    Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.output).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {a.output}")
+    write_result(a.output, out)
     if max(agree.values()) > 1e-3:
         print("log-likelihoods disagree by more than 1e-3: the speeds do not compare the same computation")
         return 1

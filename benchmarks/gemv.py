@@ -28,14 +28,12 @@ instruction set) is recorded in the JSON beside the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import add_label_argument, machine_record, measure_bandwidth  # benchmarks/ is on sys.path
+from machine import add_label_argument, machine_record, measure_bandwidth, write_result  # benchmarks/ is on sys.path
 
 from llamaworks.inference import native
 from llamaworks.inference.quant import (
@@ -215,10 +213,7 @@ def main():
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}")
     result["results"] = run(a, bandwidth)
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+        write_result(a.out, result)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,15 @@ if __name__ == "__main__":
     ap.add_argument("--libraries", nargs="*", default=[], help="more distributions whose versions to record")
     a = ap.parse_args()
     print(json.dumps(machine_record(a.label, threads=a.threads, libraries=tuple(a.libraries)), indent=2))
+
+
+def write_result(path: str | Path, result: dict) -> Path:
+    """Write a benchmark's JSON (with its machine record) atomically: a run cut short leaves the
+    previous file whole, not half of a new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path

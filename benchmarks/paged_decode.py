@@ -24,16 +24,14 @@ JSON: benchmarks/results/paged_decode.json (--output), with the machine (benchma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
-from machine import add_label_argument, machine_record
+from machine import add_label_argument, machine_record, write_result
 
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_native_kernels
@@ -199,10 +197,7 @@ def main() -> None:
             del r["tokens"]
         out["engine"] = runs
         print(f"engine greedy tokens equal: {out['engine_tokens_equal']}")
-    path = Path(a.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(a.output, out)
 
 
 if __name__ == "__main__":

@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
-from machine import add_label_argument, machine_record
+from machine import add_label_argument, machine_record, write_result
 
 import llamaworks.model
 from llamaworks.inference import paged
@@ -294,10 +292,7 @@ def main() -> None:
             del r["tokens"]
         out["engine"] = runs
         print(f"engine greedy tokens equal across fp32 runs: {out['engine_tokens_equal']}")
-    path = Path(a.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_result(a.output, out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ JSON: benchmarks/results/prefix_ttft.json with the machine (benchmarks/machine.p
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
-from machine import add_label_argument, machine_record
+from machine import add_label_argument, machine_record, write_result
 
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.serve.engine import Engine, Request
@@ -180,9 +179,7 @@ def main() -> None:
            "system_tokens": a.system_tokens, "user_tokens": a.user_tokens, "max_tokens": a.max_tokens,
            "max_batch": a.max_batch, "repeat": a.repeat, "tokens_identical": same, "rows": rows,
            "machine": machine_record(a.label, bandwidth=False, threads=torch.get_num_threads())}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_result(a.out, out)
 
 
 if __name__ == "__main__":

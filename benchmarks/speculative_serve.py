@@ -29,7 +29,6 @@ JSON: benchmarks/results/speculative_serve.json with the machine (benchmarks/mac
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import statistics
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
-from machine import add_label_argument, machine_record
+from machine import add_label_argument, machine_record, write_result
 
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_native_kernels
@@ -209,9 +208,7 @@ def main() -> None:
            "model": args.to_params(), "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
            "repeats": a.repeats, "rows": rows,
            "machine": machine_record(a.label, bandwidth=False, threads=torch.get_num_threads())}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_result(a.out, out)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,17 @@ def test_machine_record_fields():
     assert auto["label_source"].startswith("derived")
 
 
+def test_write_result_is_atomic_and_whole(tmp_path, monkeypatch):
+    m = load_machine()
+    out = tmp_path / "sub" / "r.json"
+    m.write_result(out, {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1} and [p.name for p in out.parent.iterdir()] == ["r.json"]
+    # A result that cannot be serialised leaves the previous file whole.
+    with pytest.raises(TypeError):
+        m.write_result(out, {"a": object()})
+    assert json.loads(out.read_text()) == {"a": 1}
+
+
 # The scripts a user runs (a __main__ block); modules they import (machine.py, engine_fixtures.py) are not timed.
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py")
                  if p.stem != "machine" and 'if __name__ == "__main__":' in p.read_text())
