@@ -14,6 +14,7 @@ from llamaworks.inference.paged import (
     NULL_BLOCK,
     PagedAttention,
     PagedRead,
+    PrefillRead,
     paged_attention_reference,
     setup_paged_caches,
 )
@@ -139,15 +140,22 @@ def _model_and_table(reads_table: bool, monkeypatch):
     return model, setup_paged_caches(model, 40, 4, 64)
 
 
-def test_the_cache_reads_decode_through_the_table_and_gathers_prefill(native_lib, monkeypatch):
+@pytest.mark.parametrize("split_prefill", [True, False])
+def test_the_cache_reads_decode_through_the_table_and_prefill_by_parts_or_gathered(native_lib, monkeypatch,
+                                                                                   split_prefill):
+    monkeypatch.setenv("LLAMAWORKS_PAGED_PREFILL", "1" if split_prefill else "0")
     model, table = _model_and_table(True, monkeypatch)
     cache = model.layers[0].attention.kv_cache
     assert cache.reads_table and isinstance(model.layers[0].attention, PagedAttention)
+    assert cache.splits_prefill == split_prefill
     table.blocks = torch.tensor([[5, 9, 2, 31, 7]])
     kv = torch.zeros(1, 9, 2, 16)
     with torch.no_grad():
-        k, _ = cache.update(torch.arange(9).view(1, 9), kv, kv)  # a 9-token prefill: gathered
-        assert isinstance(k, torch.Tensor) and k.shape == (1, 2, 20, 16)
+        k, _ = cache.update(torch.arange(9).view(1, 9), kv, kv)  # a 9-token prefill
+        if split_prefill:  # its own keys and an empty prefix (prefill_attention)
+            assert isinstance(k, PrefillRead) and k.prefix.shape == (1, 2, 0, 16) and k.chunk.shape == (1, 2, 9, 16)
+        else:  # gathered over the row's blocks
+            assert isinstance(k, torch.Tensor) and k.shape == (1, 2, 20, 16)
         k, _ = cache.update(torch.tensor([[9]]), kv[:, :1], kv[:, :1])  # decode: through the table
         assert isinstance(k, PagedRead) and k.pool is cache.k
     off, _ = _model_and_table(False, monkeypatch)

@@ -24,7 +24,7 @@ from llamaworks.configfile import dumps, load_config, resolve_config_path
 from llamaworks.data.sft import read_examples, split_examples, tokenize_examples
 from llamaworks.inference.load import load_model as load_any_model
 from llamaworks.inference.lora import LoraConfig, apply_lora, load_lora_state_dict
-from llamaworks.inference.quant import quantize_model
+from llamaworks.inference.quant import QuantizedLinear, quantize_model
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import load_model, save_model
 from llamaworks.tokenizer.chat import LLAMA2_TEMPLATE, ChatTemplate
@@ -417,6 +417,10 @@ def test_qlora_trains_adapters_over_a_quantised_frozen_base(make_ft_config, tiny
     base, tok = load_model(tiny_model_dir)
     for block in base.layers:
         quantize_model(block, "int4")
+        for m in block.modules():  # as training computes them: the dequantised weight, no decode
+            if isinstance(m, QuantizedLinear):  # kernels (those round a prompt's activations)
+                m.decode_layouts = False
+                m.refresh()
     apply_lora(base, LoraConfig(r=8, alpha=16.0))
     load_lora_state_dict(base, state)
     assert base.layers[0].attention.wq.base_layer.weight.dtype == torch.uint8
