@@ -274,3 +274,27 @@ def test_compiled_decode_over_the_paged_cache_is_one_graph_and_exact(tiny_model_
         assert counters["stats"]["unique_graphs"] == 1
     finally:
         eng.stop(cancel=True, timeout=30)
+
+
+
+def test_requests_arriving_together_share_the_system_prompt_they_have_in_common(tiny_model_dir, references):
+    # Waiting before the engine's first step: their short rests would be prefilled in one batched
+    # pass, before any of them had cached the shared blocks. The engine prefills the first ones
+    # before admitting a request whose first block is theirs, so the later ones hit the cache.
+    model, tok = _load(tiny_model_dir)
+    eng = Engine(model, tok, max_batch=4, block_size=4)
+    ids = [list(k) for k in references][:3]
+    common = min(next((j for j, (a, b) in enumerate(zip(ids[0], other)) if a != b), len(other)) for other in ids[1:])
+    shared_blocks = common // 4
+    assert shared_blocks > 0
+    done = queue.Queue()
+    reqs = [Request(p, 16, on_event=lambda ev: ev.kind in ("done", "error") and done.put(ev)) for p in ids]
+    for r in reqs:
+        eng.submit(r)
+    eng.start()
+    try:
+        assert all(done.get(timeout=120).kind == "done" for _ in reqs)
+        assert [r.tokens for r in reqs] == [references[tuple(p)] for p in ids]
+        assert eng.stats()["prefix_cache_hits"] >= shared_blocks * 4 * (len(reqs) - 1)
+    finally:
+        eng.stop(cancel=True, timeout=30)

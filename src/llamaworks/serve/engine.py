@@ -588,9 +588,15 @@ class Engine:
         budget = self.prefill_chunk
         self._steps += 1
         short: list[int] = []  # rows whose rest is prefilled together at the end of the step
+        pending_blocks: set[bytes] = set()  # the prompt blocks they will compute (prefix caching)
         while budget is None or budget > 0:
             i = next((i for i, s in enumerate(self._slots) if s is not None and not s.ready and i not in short),
                      None)
+            if i is None and short and self._head_shares(pending_blocks):
+                # The next request's prompt shares blocks that deferred ones are yet to compute:
+                # prefill those first, so that it is admitted onto their cached blocks.
+                self._prefill_short(short)
+                short, pending_blocks = [], set()
             if i is None and (i := self._admit()) is None:
                 break
             s = self._slots[i]
@@ -598,6 +604,9 @@ class Engine:
             chunk = None if budget is None else min(budget, rest)
             if (chunk is None or chunk == rest) and rest <= BATCH_PREFILL and not s.req.prompt_logprobs:
                 short.append(i)
+                if self.pool.prefix_caching:
+                    computed = s.prefilled // self.block_size  # blocks already cached for it
+                    pending_blocks.update(prompt_hashes(s.req.prompt_ids, self.block_size)[computed:])
             else:
                 try:
                     self._prefill(i, chunk)
@@ -605,6 +614,18 @@ class Engine:
                     self._fail(s.req, e)
             if budget is not None:
                 budget -= chunk
+        self._prefill_short(short)
+
+    def _head_shares(self, blocks: set[bytes]) -> bool:
+        """Whether the oldest waiting request's prompt holds one of `blocks` (chain hashes)."""
+        if not blocks:
+            return False
+        with self._cv:
+            head = self._pending[0] if self._pending else None
+        return head is not None and not blocks.isdisjoint(prompt_hashes(head.prompt_ids, self.block_size))
+
+    def _prefill_short(self, short: list[int]) -> None:
+        """Prefill the deferred short rests of `short`'s rows in batched passes (prefill_groups)."""
         rests = [(self._slots[i].prefilled, len(self._slots[i].req.prompt_ids) - self._slots[i].prefilled)
                  for i in short]
         for group in prefill_groups(rests):
