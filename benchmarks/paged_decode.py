@@ -30,14 +30,14 @@ import sys
 import time
 
 import torch
-from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
+from engine_fixtures import PRESETS, NullTokenizer, mixed_requests, run_workload, timed  # benchmarks/ is on sys.path
 from machine import add_label_argument, machine_record, write_result
 
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_native_kernels
 from llamaworks.inference.paged import NULL_BLOCK, setup_paged_caches
 from llamaworks.model import ModelArgs, build_model
-from llamaworks.serve.engine import Engine, Request, table_width
+from llamaworks.serve.engine import Engine, table_width
 from llamaworks.serve.kvpool import blocks_for
 
 LOCAL_PRESETS = {**PRESETS, "small": dict(ModelArgs.from_name("small").to_params(), max_seq_len=2176)}
@@ -104,41 +104,12 @@ def engine_bench(a, model, reads_table: bool) -> dict:
     eng = Engine(model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256)
     parts = {"decode_forward": 0.0, "decode_total": 0.0, "prefill": 0.0}
     runner = eng.runner
-
-    def timed(name, fn):
-        def wrapper(*args, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                parts[name] += time.perf_counter() - t0
-        return wrapper
-
-    runner.decode = timed("decode_forward", runner.decode)
-    eng._decode = timed("decode_total", eng._decode)
-    eng._prefill_step = timed("prefill", eng._prefill_step)
-    g = torch.Generator().manual_seed(0)
-    reqs = []
-    for i in range(a.requests):
-        n = a.long_tokens if i % a.long_every == a.long_every - 1 else a.short_tokens
-        reqs.append(Request(torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist(), a.max_tokens,
-                            stop_ids=()))
-    eng.start()
-    try:
-        eng.complete(Request([1, 5, 9], 4, stop_ids=()), timeout=600)  # warm-up
-        for k in parts:
-            parts[k] = 0.0
-        steps0 = eng.metrics.steps
-        t0 = time.perf_counter()
-        for r in reqs:
-            eng.submit(r)
-        for r in reqs:
-            while r.finish_reason is None:
-                time.sleep(0.005)
-        wall = time.perf_counter() - t0
-        steps = eng.metrics.steps - steps0
-    finally:
-        eng.stop(cancel=True, timeout=60)
+    runner.decode = timed(parts, "decode_forward", runner.decode)
+    eng._decode = timed(parts, "decode_total", eng._decode)
+    eng._prefill_step = timed(parts, "prefill", eng._prefill_step)
+    reqs = mixed_requests(model.args.vocab_size, a.requests, a.short_tokens, a.long_tokens, a.long_every,
+                          a.max_tokens, long_first=False)
+    wall, steps = run_workload(eng, reqs, parts)
     os.environ.pop("LLAMAWORKS_PAGED_ATTENTION", None)
     gen = sum(len(r.tokens) for r in reqs)
     return {"reads_table": reads_table, "wall_s": wall, "generated_tokens": gen, "tokens_per_s": gen / wall,

@@ -35,7 +35,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from engine_fixtures import PRESETS, NullTokenizer  # benchmarks/ is on sys.path
+from engine_fixtures import PRESETS, NullTokenizer, mixed_requests, run_workload, timed  # benchmarks/ is on sys.path
 from machine import add_label_argument, machine_record, write_result
 
 import llamaworks.model
@@ -43,7 +43,7 @@ from llamaworks.inference import paged
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_bf16_prefill, use_native_kernels
 from llamaworks.model import ModelArgs, RMSNorm, build_model
-from llamaworks.serve.engine import Engine, Request, table_width
+from llamaworks.serve.engine import Engine, table_width
 from llamaworks.serve.kvpool import blocks_for
 
 LOCAL_PRESETS = {**PRESETS, "small": dict(ModelArgs.from_name("small").to_params(), max_seq_len=2176),
@@ -197,38 +197,11 @@ def engine_bench(a, split: bool, chunk: int | None, bf16: bool = False) -> dict:
     finally:
         os.environ.pop("LLAMAWORKS_PAGED_PREFILL", None)
     parts = {"prefill": 0.0, "decode": 0.0}
-
-    def timed(name, fn):
-        def wrapper(*args, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                parts[name] += time.perf_counter() - t0
-        return wrapper
-
-    eng._prefill_step = timed("prefill", eng._prefill_step)
-    eng._decode = timed("decode", eng._decode)
-    g = torch.Generator().manual_seed(0)
-    reqs = []
-    for i in range(a.requests):
-        n = a.long_tokens if i % a.long_every == 0 else a.short_tokens  # serve.py's order: the first is long
-        reqs.append(Request(torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist(), a.max_tokens,
-                            stop_ids=()))
-    eng.start()
-    try:
-        eng.complete(Request([1, 5, 9], 4, stop_ids=()), timeout=600)  # warm-up
-        for k in parts:
-            parts[k] = 0.0
-        t0 = time.perf_counter()
-        for r in reqs:
-            eng.submit(r)
-        for r in reqs:
-            while r.finish_reason is None:
-                time.sleep(0.002)
-        wall = time.perf_counter() - t0
-    finally:
-        eng.stop(cancel=True, timeout=60)
+    eng._prefill_step = timed(parts, "prefill", eng._prefill_step)
+    eng._decode = timed(parts, "decode", eng._decode)
+    reqs = mixed_requests(model.args.vocab_size, a.requests, a.short_tokens, a.long_tokens, a.long_every,
+                          a.max_tokens, long_first=True)  # serve.py's order: the first is long
+    wall, _ = run_workload(eng, reqs, parts)
     gen = sum(len(r.tokens) for r in reqs)
     prompt = sum(len(r.prompt_ids) for r in reqs)
     return {"split": split, "prefill_bf16": bf16, "prefill_chunk": chunk, "wall_s": wall, "generated_tokens": gen,
