@@ -604,9 +604,8 @@ class Engine:
             chunk = None if budget is None else min(budget, rest)
             if (chunk is None or chunk == rest) and rest <= BATCH_PREFILL and not s.req.prompt_logprobs:
                 short.append(i)
-                if self.pool.prefix_caching:
-                    computed = s.prefilled // self.block_size  # blocks already cached for it
-                    pending_blocks.update(prompt_hashes(s.req.prompt_ids, self.block_size)[computed:])
+                # Its prompt blocks' hashes (none without prefix caching) past those already cached.
+                pending_blocks.update(s.hashes[s.prefilled // self.block_size:])
             else:
                 try:
                     self._prefill(i, chunk)
