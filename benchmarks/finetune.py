@@ -72,6 +72,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,7 @@ from llamaworks.train.finetune import (
     FinetuneTrainConfig,
     model_spec,
 )
+from llamaworks.train.heap import keep_freed_memory, libc_name, skip_reason
 from llamaworks.train.metrics_log import measure_peak_flops
 from llamaworks.train.optim import build_optimizer
 from llamaworks.train.trainer import DataSource, build, check_job, train_step
@@ -114,7 +116,9 @@ def config_args(config: str, layers: int | None = None) -> ModelArgs:
     same per-block products in a fraction of the time (only the embedding, output layer and loss,
     the same at any depth, weigh more in it)."""
     return ModelArgs(**{**CONFIGS[config], **({"n_layers": layers} if layers else {})})
-IMPLS = ("llamaworks", "peft", "qlora")
+# llamaworks-nokeep: llamaworks with train.keep_freed_memory = false (freed memory back to the system
+# each step, train/heap.py); peft-keep: PEFT in a process given the same glibc setting (equal work).
+IMPLS = ("llamaworks", "llamaworks-nokeep", "peft", "peft-keep", "qlora")
 RANK, ALPHA = 16, 32
 LR = 2e-4  # finetune's default for adapters (QLoRA's); the same on both sides
 MIB = 2**20
@@ -152,7 +156,7 @@ class FixedLoader:
 
 # --- the two sides ------------------------------------------------------------------------------
 
-def job_config(a, method: str, out_dir: str) -> FinetuneJobConfig:
+def job_config(a, method: str, out_dir: str, keep_freed: bool = True) -> FinetuneJobConfig:
     """finetune's job config for this benchmark: one micro-batch per step, no validation,
     no checkpoints, the peak FLOP/s given (not measured: the Trainer only logs MFU with it)."""
     return FinetuneJobConfig(
@@ -161,7 +165,8 @@ def job_config(a, method: str, out_dir: str) -> FinetuneJobConfig:
                                 lora_alpha=ALPHA, lora_dropout=a.dropout, qlora_mode="int4"),
         train=FinetuneTrainConfig(seed=a.seed, max_steps=10_000, batch_size=a.batch, micro_batch_size=a.batch,
                                   seq_len=a.seq_len, device="cpu", dtype=PRECISIONS[a.precision],
-                                  compile=a.compile, activation_checkpointing=a.ac),
+                                  compile=a.compile, activation_checkpointing=a.ac,
+                                  keep_freed_memory=keep_freed),
         optim=FinetuneOptimConfig(lr=LR),
         checkpoint=CheckpointConfig(every=10_000, keep_last=1),
         eval=EvalConfig(every=0),
@@ -172,7 +177,8 @@ def job_config(a, method: str, out_dir: str) -> FinetuneJobConfig:
 
 class LlamaworksRun:
     def __init__(self, a, args: ModelArgs, x, y, out_dir: str):
-        cfg = job_config(a, "qlora" if a.child == "qlora" else "lora", out_dir)
+        cfg = job_config(a, "qlora" if a.child == "qlora" else "lora", out_dir, a.child != "llamaworks-nokeep")
+        self.keeps_freed = skip_reason(cfg.train.keep_freed_memory, os.environ, libc_name()) is None
         state = build_model(args, seed=a.seed).state_dict()
         dims = check_job(cfg, args.n_heads)
         data = DataSource(None, lambda rank, world: FixedLoader(x, y), None, masked=True)
@@ -190,6 +196,9 @@ class PeftRun:
     def __init__(self, a, args: ModelArgs, x, y, out_dir: str):
         import peft
         from transformers import LlamaConfig, LlamaForCausalLM
+
+        # peft-keep: the glibc setting llamaworks' trainer makes (train/heap.py), which any process can make.
+        self.keeps_freed = keep_freed_memory() if a.child == "peft-keep" else False
 
         from llamaworks.convert.hf import hf_config_dict, to_hf_state_dict
 
@@ -260,13 +269,13 @@ def child(a) -> None:
     x, y = random_batch(args, a.batch, a.seq_len, a.seed)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as tmp:
-        run = PeftRun(a, args, x, y, tmp) if a.child == "peft" else LlamaworksRun(a, args, x, y, tmp)
+        run = PeftRun(a, args, x, y, tmp) if a.child.startswith("peft") else LlamaworksRun(a, args, x, y, tmp)
         setup_s = time.perf_counter() - t0
         trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
         peak_setup, rss_ready = proc_status_bytes("VmHWM"), proc_status_bytes("VmRSS")
         reset = reset_peak()
         emit({"ready": True, "setup_s": setup_s, "trainable": trainable, "peak_setup": peak_setup,
-              "rss_ready": rss_ready, "peak_reset": reset})
+              "rss_ready": rss_ready, "peak_reset": reset, "keeps_freed_memory": run.keeps_freed})
         prof = None
         for line in sys.stdin:
             cmd = line.strip()
@@ -277,15 +286,18 @@ def child(a) -> None:
 
                 prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
                 prof.__enter__()
-            t, c = clock(), time.process_time()
+            t, c, u0 = clock(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
             loss = run.step()
-            dt, cpu = clock() - t, time.process_time() - c
+            dt, cpu, u1 = clock() - t, time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF)
             if prof is not None:
                 prof.__exit__(None, None, None)
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile_rows)
                 sys.stderr.write(f"--- profile of one {a.child} step ({a.config} {a.precision}) ---\n{table}\n")
                 prof = None
-            emit({"dt": dt, "cpu_s": cpu, "loss": loss})
+            # Where the CPU time went: the kernel's share (page faults: zeroing and mapping) and the faults.
+            emit({"dt": dt, "cpu_s": cpu, "loss": loss, "user_s": u1.ru_utime - u0.ru_utime,
+                  "sys_s": u1.ru_stime - u0.ru_stime, "minflt": u1.ru_minflt - u0.ru_minflt,
+                  "majflt": u1.ru_majflt - u0.ru_majflt})
         emit({"peak_steps": proc_status_bytes("VmHWM"), "rss_end": proc_status_bytes("VmRSS")})
 
 
@@ -309,6 +321,7 @@ class Child:
         self.info: dict = {}
         self.times: list[float] = []
         self.cpu_times: list[float] = []
+        self.usage: list[dict] = []  # user_s, sys_s, minflt, majflt of each timed step
         self.losses: list[float] = []
 
     def read(self) -> dict:
@@ -330,6 +343,7 @@ class Child:
         if timed:
             self.times.append(r["dt"])
             self.cpu_times.append(r["cpu_s"])
+            self.usage.append({k: r[k] for k in ("user_s", "sys_s", "minflt", "majflt")})
         return r["dt"]
 
     def end(self) -> None:
@@ -349,6 +363,8 @@ def result(runs: list[Child], tokens_per_step: int) -> dict:
             "step_s": med,
             "tokens_per_s": tokens_per_step / med if med else None, "step_times": times,
             "step_cpu_s": [t for c in runs for t in c.cpu_times],
+            "step_usage": [u for c in runs for u in c.usage],
+            "keeps_freed_memory": [c.info["keeps_freed_memory"] for c in runs],
             "repeat_step_s": [statistics.median(c.times) if c.times else None for c in runs],
             "losses": c0.losses, "first_loss": c0.losses[0] if c0.losses else None,
             "trainable_params": c0.info["trainable"], "setup_s": c0.info["setup_s"],
@@ -431,9 +447,13 @@ def summarise(results: list[dict], a) -> dict:
         full = CONFIGS[config]["n_layers"]
         key = (f"{config} {precision}" + (f" {layers} layers" if layers != full else "")
                + (f" ac {ac}" if ac != a.ac else ""))
-        if impl == "llamaworks" and (config, precision, "peft", ac, layers) in by:
-            p = by[(config, precision, "peft", ac, layers)]
-            out[key] = {
+        for base in ("peft", "peft-keep"):
+            if impl not in ("llamaworks", "llamaworks-nokeep") or (config, precision, base, ac, layers) not in by:
+                continue
+            p = by[(config, precision, base, ac, layers)]
+            # llamaworks vs peft keeps its old key; the allocator variants (IMPLS) are named.
+            pair = "" if (impl, base) == ("llamaworks", "peft") else f" {impl} vs {base}"
+            out[key + pair] = {
                 "speedup_vs_peft": repeat_ratio(r, p),
                 "speedup_rounds": [b / a for a, b in zip(r["repeat_step_s"], p["repeat_step_s"])]
                 if len(r["repeat_step_s"]) > 1 else None,
@@ -537,6 +557,10 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run; the figure is their median")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation happens there)")
     ap.add_argument("--skip-peft", action="store_true", help="llamaworks (and qlora) only")
+    ap.add_argument("--impls", nargs="+", default=["llamaworks", "peft"], choices=IMPLS[:4],
+                    help="the LoRA implementations compared: llamaworks (its default: freed memory kept for the next "
+                         "step, train/heap.py), llamaworks-nokeep (train.keep_freed_memory=false), peft (glibc's "
+                         "defaults), peft-keep (PEFT's process given the same glibc setting as llamaworks)")
     ap.add_argument("--qlora-precisions", nargs="*", default=["fp32"], choices=list(PRECISIONS),
                     help="QLoRA int4 runs (memory against fp32 LoRA); none: no QLoRA run")
     ap.add_argument("--qlora-configs", nargs="*", default=["B"], choices=list(CONFIGS),
@@ -562,8 +586,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds of fresh processes, in alternating order, where the implementations run one after "
                          "the other (not side by side); the speed ratio is the geometric mean of the rounds'")
-    ap.add_argument("--mmap-threshold", action=argparse.BooleanOptionalAction, default=True,
-                    help="children with MALLOC_MMAP_THRESHOLD_=1MiB (RSS follows live memory)")
+    ap.add_argument("--mmap-threshold", action=argparse.BooleanOptionalAction, default=False,
+                    help="children with MALLOC_MMAP_THRESHOLD_=1MiB (RSS follows live memory; the sessions before 12 "
+                         "measured so): every block over 1 MiB is mapped afresh and faulted in at each step, and "
+                         "llamaworks then leaves glibc's malloc as the environment sets it (train/heap.py)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: time steps by the child's CPU time (a development aid on a shared machine)")
     ap.add_argument("--threads", type=int, default=None)
@@ -630,7 +656,7 @@ def main():
     for config in a.configs:
         for layers in a.layers or [None]:
             for precision in a.precisions:
-                impls = ["llamaworks"] + ([] if a.skip_peft else ["peft"])
+                impls = [i for i in a.impls if not (a.skip_peft and i.startswith("peft"))]
                 interleave = a.interleave if a.interleave is not None else fits_twice(config, precision, layers)
                 how = "" if len(impls) == 1 else "side by side" if interleave else f"{a.repeats} alternating rounds"
                 print(f"{config}{f' at {layers} layers' if layers else ''} {precision}: {', '.join(impls)} {how}",

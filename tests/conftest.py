@@ -18,6 +18,10 @@ from llamaworks.modeldir import save_model
 from llamaworks.tokenizer import Tokenizer
 from llamaworks.train.config import JobConfig
 
+# The trainer has glibc keep freed memory for the next step (train/heap.py): in one pytest process that
+# runs hundreds of trainings it would keep every test's peak. tests/train/test_heap.py tests the setting.
+os.environ.setdefault("LLAMAWORKS_KEEP_FREED_MEMORY", "0")
+
 
 def pytest_sessionstart(session):
     # CI (.ci/run) sets LLAMAWORKS_REQUIRE_LLAMA_CPP=1: there the llama.cpp parity tests must run, so

@@ -200,6 +200,69 @@ def test_decode_quick(tmp_path):
     assert d["machine"]["read_bandwidth"] > 0
 
 
+class FakeGroup:
+    """A row group's worker for decode.time_variants: records the commands in `log`."""
+
+    def __init__(self, group, log):
+        self.group, self.log = group, log
+        log.append(("open", group))
+
+    def call(self, cmd, *args):
+        self.log.append((cmd, *args))
+        return {"bytes_per_step": 1, "weights_in_huge_pages": None} if cmd == "prepare" else (
+            (0.5, [[len(self.log)]]) if cmd == "run" else None)
+
+    def close(self):
+        self.log.append(("close", self.group))
+
+
+def decode_variants(decode):
+    return [decode.Variant(label, "fp32", group, 1, batch1_only, None)
+            for label, group, batch1_only in (("ours", "g1", False), ("ours+compile", "g1", False),
+                                              ("theirs", "g2", True))]
+
+
+def test_decode_process_isolation_runs_each_group_alone():
+    decode = load_benchmark("decode")
+    log = []
+    a = argparse.Namespace(isolate="process", batches=[1, 8], repeats=2)
+    out = decode.time_variants(decode_variants(decode), a, lambda g: FakeGroup(g, log))
+    assert set(out) == {("ours", 1), ("ours", 8), ("ours+compile", 1), ("ours+compile", 8), ("theirs", 1)}
+    assert all(len(times) == 2 for _, times, _ in out.values())
+    # g1 is closed before g2 opens; a variant is dropped after its last batch size, before the next is built
+    assert log.index(("close", "g1")) < log.index(("open", "g2"))
+    assert log.index(("drop", "ours")) < log.index(("prepare", "ours+compile", 1))
+    assert log.index(("run", "ours", 8)) < log.index(("drop", "ours"))
+
+
+def test_decode_interleave_builds_everything_then_round_robins():
+    decode = load_benchmark("decode")
+    log = []
+    a = argparse.Namespace(isolate="interleave", batches=[1], repeats=3)
+    out = decode.time_variants(decode_variants(decode), a, lambda g: FakeGroup(g, log))
+    cmds = [c for c in log if c[0] in ("prepare", "run")]
+    assert [c[0] for c in cmds[:3]] == ["prepare"] * 3
+    assert [c[1] for c in cmds[3:]] == ["ours", "ours+compile", "theirs"] * 3
+    assert all(len(times) == 3 for _, times, _ in out.values())
+    assert log[-2:] == [("close", "g1"), ("close", "g2")]
+
+
+@pytest.mark.slow
+def test_decode_isolated_rows_agree_with_in_process(tmp_path):
+    # The workers rebuild the model from the seed (checked against the parent's weights): the same greedy tokens
+    # as rows timed in the parent's process, in every isolation mode.
+    tokens = {}
+    for mode in ("none", "process", "interleave"):
+        out = tmp_path / f"{mode}.json"
+        run("decode", "--quick", "--impls", "llamaworks", "--precisions", "fp32", "int8", "--isolate", mode,
+            "--out", str(out))
+        d = json.loads(out.read_text())
+        assert d["isolation"] == mode and {r["isolation"] for r in d["results"]} == {mode}
+        tokens[mode] = [(r["impl"], r["same_tokens"]) for r in d["results"]]
+        assert tokens[mode][0] == ("llamaworks fp32", 8)
+    assert tokens["none"] == tokens["process"] == tokens["interleave"]
+
+
 @pytest.mark.slow
 def test_data_throughput_smoke(tmp_path):
     out = tmp_path / "data.json"
@@ -310,6 +373,21 @@ def test_finetune_depth_fit_extrapolates_to_the_full_depth():
     assert fit["speedup_vs_peft"] == pytest.approx((3 + 3.6 * 22) / (1 + 3 * 22))  # full depth: 1.23x
     assert fit["speedup_per_block"] == pytest.approx(1.2)
     assert fit["memory_vs_peft"] == pytest.approx(320 / 540) and fit["target_memory_no_more"]
+
+
+def test_finetune_compares_each_allocator_variant_with_each_peft_side():
+    # --impls llamaworks llamaworks-nokeep peft peft-keep: glibc keeping freed memory (train/heap.py) is a
+    # process setting PEFT's process can have too, so ours is compared with PEFT with and without it.
+    ft = load_benchmark("finetune")
+    row = {"config": "B", "precision": "fp32", "ac": "none", "n_layers": 22, "first_loss": 1.0}
+    step = {"llamaworks": 70.0, "llamaworks-nokeep": 80.0, "peft": 98.0, "peft-keep": 91.0}
+    results = [{**row, "impl": impl, "step_s": s, "tokens_per_s": 1 / s, "repeat_step_s": [s], "peak_rss": 10 + s}
+               for impl, s in step.items()]
+    summary = ft.summarise(results, argparse.Namespace(ac="none"))
+    assert summary["B fp32"]["speedup_vs_peft"] == pytest.approx(98 / 70)  # the key quoted so far
+    assert summary["B fp32 llamaworks vs peft-keep"]["speedup_vs_peft"] == pytest.approx(91 / 70)
+    assert summary["B fp32 llamaworks-nokeep vs peft"]["speedup_vs_peft"] == pytest.approx(98 / 80)
+    assert not any(k.startswith("B fp32 peft") for k in summary)
 
 
 def test_paged_decode_smoke(tmp_path):

@@ -56,6 +56,7 @@ from llamaworks.plan import flops_per_token
 from llamaworks.tokenizer import Tokenizer, load_tokenizer
 from llamaworks.train import checkpoint as ckpt_io
 from llamaworks.train.config import JobConfig
+from llamaworks.train.heap import keep_freed_memory
 from llamaworks.train.init import init_weights
 from llamaworks.train.init_from import load_init_from
 from llamaworks.train.loader import TokenLoader
@@ -437,6 +438,8 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     t_cfg, par = cfg.train, cfg.parallel
     amp_dtype = resolve_amp(device, t_cfg.dtype)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    if device.type == "cpu":  # each step's activations reuse the last step's pages instead of faulting in new ones
+        keep_freed_memory(t_cfg.keep_freed_memory)
 
     torch.manual_seed(t_cfg.seed)
     # Sharded initialisation: the model is built on the meta device (no memory), split as

@@ -1,0 +1,110 @@
+"""train/heap.py: glibc keeps freed memory for the next step, where it is glibc and nobody opted out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import llamaworks.train.trainer
+from llamaworks.train.heap import (
+    M_MMAP_MAX,
+    M_TRIM_THRESHOLD,
+    OPT_OUT_ENV,
+    keep_freed_memory,
+    libc_name,
+    skip_reason,
+)
+from llamaworks.train.trainer import train
+
+GLIBC = "glibc 2.36"
+
+
+def test_applied_on_glibc_with_a_plain_environment():
+    assert skip_reason(True, {"PATH": "/usr/bin", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}, GLIBC) is None
+
+
+@pytest.mark.parametrize("enabled, environ, libc, why", [
+    (False, {}, GLIBC, "train.keep_freed_memory is false"),
+    (True, {OPT_OUT_ENV: "0"}, GLIBC, f"{OPT_OUT_ENV}=0"),
+    (True, {}, "", "not glibc (unknown)"),  # musl, macOS, Windows: no CS_GNU_LIBC_VERSION
+    (True, {"MALLOC_MMAP_THRESHOLD_": "1048576"}, GLIBC, "MALLOC_MMAP_THRESHOLD_"),
+    (True, {"MALLOC_TRIM_THRESHOLD_": "0"}, GLIBC, "MALLOC_TRIM_THRESHOLD_"),
+    (True, {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.cpu.x=1"}, GLIBC, "glibc.malloc.mmap_max"),
+])
+def test_skipped_where_not_ours_to_set(enabled, environ, libc, why):
+    reason = skip_reason(enabled, environ, libc)
+    assert reason is not None and why in reason
+
+
+def test_an_opt_out_env_other_than_0_keeps_it_on():
+    assert skip_reason(True, {OPT_OUT_ENV: "1"}, GLIBC) is None
+
+
+def test_sets_no_mmap_and_no_trim():
+    calls = []
+    assert keep_freed_memory(True, {}, GLIBC, lambda p, v: calls.append((p, v)) or 1)
+    assert calls == [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)]
+
+
+def test_skipping_calls_nothing_and_says_why(caplog):
+    calls = []
+    with caplog.at_level(logging.INFO, logger="llamaworks"):
+        assert not keep_freed_memory(True, {}, "musl", lambda p, v: calls.append((p, v)) or 1)
+    assert calls == [] and "not glibc" in caplog.text
+
+
+def test_a_refused_setting_is_reported(caplog):
+    assert not keep_freed_memory(True, {}, GLIBC, lambda p, v: 0)
+    assert "mallopt refused" in caplog.text
+
+
+# A 64 MiB block freed and allocated again: without the setting glibc mmaps it afresh and every
+# page faults again (16,384 of 4 KiB); with it the heap's pages are reused.
+REFAULTS = textwrap.dedent("""
+    import ctypes, resource, sys
+    from llamaworks.train.heap import keep_freed_memory
+    applied = keep_freed_memory(sys.argv[1] == "on")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = (ctypes.c_void_p,)
+    n = 64 << 20
+    def touch():
+        p = libc.malloc(n)
+        ctypes.memset(p, 1, n)
+        return p
+    libc.free(touch())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    libc.free(touch())
+    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+@pytest.mark.skipif(not libc_name().startswith("glibc"), reason="glibc's mallopt")
+def test_a_freed_block_is_reused_without_faulting_again():
+    env = {k: v for k, v in os.environ.items() if k != OPT_OUT_ENV and not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", REFAULTS, mode], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], int(out[1])
+
+    applied, kept = faults("on")
+    skipped, returned = faults("off")
+    assert (applied, skipped) == ("True", "False")
+    assert returned > 10_000, returned  # each 4 KiB page of 64 MiB faulted in again
+    assert kept < 1_000, kept
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_trainer_applies_train_keep_freed_memory(make_config, tmp_path, monkeypatch, keep):
+    seen = []
+    monkeypatch.setattr(llamaworks.train.trainer, "keep_freed_memory", seen.append)
+    train(make_config(tmp_path / "run", train={"max_steps": 1, "keep_freed_memory": keep},
+                      eval={"every": 0}, checkpoint={"every": 10}))
+    assert seen == [keep]
