@@ -1,8 +1,10 @@
-"""Fixtures of the data tests: real English lines (the CCNet steps and the n-gram estimator)."""
+"""Fixtures of the data tests: real English lines (the CCNet steps and the n-gram estimator); `text_kernels`
+runs a test on the compiled and the numpy paths (tests/text_kernels.py)."""
 
 from __future__ import annotations
 
 import pytest
+from text_kernels import text_kernels  # noqa: F401  (tests/ is on sys.path: a fixture shared with tests/tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -268,20 +268,20 @@ def test_same_seed_same_bytes_and_rerun_is_a_no_op(mixed, corpus, tiny_tokenizer
 def test_a_killed_mix_resumes_to_the_same_bytes(mixed, corpus, tiny_tokenizer, tmp_path, monkeypatch):
     out, _ = mixed
     crashed = tmp_path / "crashed"
-    take, calls = mixmod._SplitTokens.take, []
+    copy_runs, calls = mixmod._SplitTokens.copy_runs, []
 
-    def dying_take(self, positions):  # the process "dies" in the middle of the train split
+    def dying_copy(self, *args):  # the process "dies" in the middle of the train split
         calls.append(1)
         if len(calls) == 40:
             raise KeyboardInterrupt
-        return take(self, positions)
+        return copy_runs(self, *args)
 
-    monkeypatch.setattr(mixmod._SplitTokens, "take", dying_take)
+    monkeypatch.setattr(mixmod._SplitTokens, "copy_runs", dying_copy)
     # Small interleaving windows, so shards are written between reads (the order does not depend on them).
     monkeypatch.setattr(mixmod, "_WINDOW_TOKENS", 300)
     with pytest.raises(KeyboardInterrupt):
         mix(_config(corpus, tiny_tokenizer, crashed), progress=False)
-    monkeypatch.setattr(mixmod._SplitTokens, "take", take)
+    monkeypatch.setattr(mixmod._SplitTokens, "copy_runs", copy_runs)
     assert not (crashed / "manifest.json").exists()  # incomplete, and it says so
     done = sorted((crashed / "train").glob("*.bin"))
     assert len(done) >= 3 and list((crashed / "train").glob("*.tmp"))  # finished shards + an interrupted one

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from llamaworks.data import mix as mixmod
+from llamaworks.data import shards
 from llamaworks.data.mix import MixConfig, mix
 from llamaworks.tokenizer import Tokenizer
 
@@ -181,15 +182,22 @@ def golden_inputs(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("workers, window, cache_shard", [(1, None, None), (2, 3000, 7001)])
-def test_mix_bytes_equal_the_golden(golden_inputs, tmp_path, monkeypatch, case, workers, window, cache_shard):
+def test_mix_bytes_equal_the_golden(text_kernels, golden_inputs, tmp_path, monkeypatch, case, workers, window,
+                                    cache_shard):
     inputs, tok = golden_inputs
+    # The tokenising workers (spawned, kept across mixes) take the same path: new ones, told by the environment.
+    monkeypatch.setenv("LLAMAWORKS_NATIVE", "1" if text_kernels == "compiled" else "0")
+    shards._drop_pool()
     if window:  # many interleaving windows: the output must not depend on them
         monkeypatch.setattr(mixmod, "_WINDOW_TOKENS", window)
     if cache_shard:  # token caches in many files, documents straddling them: nor on these
         monkeypatch.setattr(mixmod, "_CACHE_SHARD_TOKENS", cache_shard)
     cfg = config(case, inputs, tok, tmp_path / "out")
     cfg.workers = workers
-    mix(cfg, progress=False)
+    try:
+        mix(cfg, progress=False)
+    finally:
+        shards._drop_pool()
     assert output_hashes(tmp_path / "out") == GOLDEN[case]
 
 

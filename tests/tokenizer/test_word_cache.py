@@ -1,4 +1,5 @@
-"""The word cache in front of SentencePiece gives SentencePiece's own ids, document for document."""
+"""The word cache in front of SentencePiece gives SentencePiece's own ids, document for document (the tests
+taking `text_kernels` run with the compiled chunk kernels and with the numpy passes)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def reference(tok, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("bos, eos", [(True, True), (True, False), (False, False)])
-def test_the_ids_are_sentencepieces(tiny_tokenizer, bos, eos):
+def test_the_ids_are_sentencepieces(text_kernels, tiny_tokenizer, bos, eos):
     assert word_cache_refusal(tiny_tokenizer) is None
     enc = FlatEncoder(tiny_tokenizer)
     texts = ODD + random_texts(2000, seed=1)
@@ -64,7 +65,7 @@ def test_ordinary_texts_split_on_spaces_give_the_same_ids(tiny_tokenizer):
             assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, batch, True, True))), batch
 
 
-def test_a_full_cache_is_emptied_and_stays_exact(tiny_tokenizer):
+def test_a_full_cache_is_emptied_and_stays_exact(text_kernels, tiny_tokenizer):
     enc = FlatEncoder(tiny_tokenizer, max_words=50)
     for seed in range(4):
         texts = random_texts(300, seed)
@@ -158,7 +159,7 @@ def test_chunks_are_cut_at_runs_of_spaces_after_the_dummy_prefix():
                                                               [b" ", b"\n"]]
 
 
-def test_isolated_characters_are_those_no_piece_joins(tmp_path, tiny_tokenizer):
+def test_isolated_characters_are_those_no_piece_joins(text_kernels, tmp_path, tiny_tokenizer):
     alone = isolated_bytes(tiny_tokenizer)
     assert b"\n" in alone and b" " not in alone and b"e" not in alone  # "\n": byte fallback, in no piece
     (tmp_path / "docs.txt").write_text("the king and the queen 9z 9z\n" * 50 + "a b c d e f g h 1 2 3\n")
@@ -174,7 +175,7 @@ def test_isolated_characters_are_those_no_piece_joins(tmp_path, tiny_tokenizer):
     assert all(np.array_equal(a, b) for a, b in zip(got, reference(tok, texts, True, True)))
 
 
-def test_keys_that_differ_past_eight_bytes_or_in_trailing_nuls_stay_apart(tiny_tokenizer):
+def test_keys_that_differ_past_eight_bytes_or_in_trailing_nuls_stay_apart(text_kernels, tiny_tokenizer):
     # Short keys are looked up as their bytes packed in two uint64 plus the length; long ones by their bytes.
     words = ["a", "a\x00", "a\x00\x00", "abcdefgh", "abcdefgi", "abcdefghX", "abcdefghY", "p" * 16, "p" * 15 + "q",
              "p" * 17, "p" * 16 + "q", "\U0001f600" * 4, "\U0001f600" * 5, "x" * 100, "x" * 99 + "y"]
@@ -185,7 +186,7 @@ def test_keys_that_differ_past_eight_bytes_or_in_trailing_nuls_stay_apart(tiny_t
         assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, texts, True, True)))
 
 
-def test_the_table_grows_and_stays_exact(tiny_tokenizer):
+def test_the_table_grows_and_stays_exact(text_kernels, tiny_tokenizer):
     # Tens of thousands of distinct short keys: the open-addressing table doubles several times.
     rng = random.Random(3)
     texts = [" ".join("".join(rng.choices("abcdefghijklmnop\u00e9", k=rng.randint(1, 12))) for _ in range(50))
@@ -205,7 +206,7 @@ HOSTILE = st.lists(st.sampled_from(list("ab e 9 0 1\u2581\n\t\r\x00\u3000\u00e9\
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(HOSTILE, max_size=8))
-def test_property_any_texts_give_sentencepieces_ids(tiny_tokenizer, texts):
+def test_property_any_texts_give_sentencepieces_ids(text_kernels, tiny_tokenizer, texts):
     # Digits, emoji and ZWJ sequences, characters outside the vocabulary (byte fallback), whitespace
     # runs, NUL, "▁" typed in the text, empty texts: the ids SentencePiece gives each text alone.
     enc = flat_encoder(tiny_tokenizer)  # one cache across examples, as across a corpus
@@ -214,7 +215,7 @@ def test_property_any_texts_give_sentencepieces_ids(tiny_tokenizer, texts):
         assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, texts, bos, eos))), texts
 
 
-def test_unpaired_surrogates_are_refused_as_by_sentencepiece(tiny_tokenizer):
+def test_unpaired_surrogates_are_refused_as_by_sentencepiece(text_kernels, tiny_tokenizer):
     # A lone surrogate (JSON can spell one, "\\ud800") is no UTF-8: both encoders raise, neither guesses.
     bad = ["fine", "half \ud800 a pair"]
     with pytest.raises(UnicodeEncodeError):
@@ -227,7 +228,7 @@ CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
 
 
 @pytest.mark.slow
-def test_every_corpus_file_gives_sentencepieces_ids(tiny_tokenizer):
+def test_every_corpus_file_gives_sentencepieces_ids(text_kernels, tiny_tokenizer):
     files = sorted(p for p in CORPORA.rglob("*") if p.is_file()) if CORPORA.is_dir() else []
     if not files:
         pytest.skip(f"{CORPORA} is absent (a clone without ../shared)")

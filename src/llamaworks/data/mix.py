@@ -71,6 +71,7 @@ from llamaworks.data.shards import (
     sha256_file,
     window_order,
 )
+from llamaworks.tokenizer import native
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ def _finished_shards(out: Path, split: str, shard_tokens: int, itemsize: int) ->
 
 class _SplitTokens:
     """A source cache's split as one token array spread over its shard files (memory-mapped, opened
-    when first read): `take(positions)` gathers any positions of the stream in one call."""
+    when first read): `copy_runs` gathers runs of the stream (documents) in one call."""
 
     def __init__(self, cache: _Cache, split: str):
         shards = cache.manifest["splits"][split]["shards"]
@@ -416,15 +417,27 @@ class _SplitTokens:
             self._maps[i] = np.memmap(self._files[i], dtype=self.dtype, mode="r")
         return self._maps[i]
 
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        if len(self._files) == 1:
-            return self._map(0)[positions]
-        shard = np.searchsorted(self._bounds, positions, side="right") - 1  # (positions,) the file of each
-        out = np.empty(len(positions), self.dtype)
-        for i in np.unique(shard).tolist():
-            at = shard == i
-            out[at] = self._map(i)[positions[at] - self._bounds[i]]
-        return out
+    def copy_runs(self, begin: np.ndarray, count: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+        """out[at[k]:at[k] + count[k]] = stream[begin[k]:begin[k] + count[k]] for every k: one memcpy per
+        run with the compiled kernel (tokenizer/native.py), else an index per token. A run crossing
+        from one file into the next is cut in pieces, one per file."""
+        first = np.searchsorted(self._bounds, begin, side="right") - 1  # (runs,) the file of each run's start
+        last = np.searchsorted(self._bounds, begin + np.maximum(count, 1) - 1, side="right") - 1
+        pieces = last - first + 1  # (runs,) files each run spans: 1 but where a document straddles files
+        if (pieces > 1).any():
+            run = np.repeat(np.arange(len(begin)), pieces)  # (pieces,) the run of each piece
+            file = _ragged_arange(first, pieces)
+            lo = np.maximum(begin[run], self._bounds[file])
+            hi = np.minimum(begin[run] + count[run], self._bounds[file + 1])
+            begin, count, at, first = lo, hi - lo, at[run] + (lo - begin[run]), file
+        lib = native.library()
+        for i in np.unique(first).tolist():
+            mine = first == i
+            src, start = self._map(i), begin[mine] - self._bounds[i]
+            if lib is not None:
+                native.copy_runs(lib, src, start, count[mine], out, at[mine])
+            else:
+                out[_ragged_arange(at[mine], count[mine])] = src[_ragged_arange(start, count[mine])]
 
 
 def _ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -443,7 +456,7 @@ def _window_tokens(tokens: list[_SplitTokens], starts: list[np.ndarray], source:
     for s in np.unique(source).tolist():
         mine = source == s
         begin = np.asarray(starts[s][docs[mine]], dtype=np.int64) + head[mine]  # (mine,) first token in the cache
-        out[_ragged_arange(at[mine], count[mine])] = tokens[s].take(_ragged_arange(begin, count[mine]))
+        tokens[s].copy_runs(begin, count[mine], out, at[mine])
     return out
 
 

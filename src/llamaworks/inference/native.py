@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from llamaworks.tokenizer import native as text_native
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -259,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m llamaworks.inference.native build [--verbose] | info", file=sys.stderr)
         return 2
     if argv[0] == "build":
+        text_native.main(["build"])  # the data pipeline's text kernels too (a plain C library, no torch)
         try:
             path = build(verbose="--verbose" in argv)
         except (RuntimeError, OSError, ImportError) as e:  # no compiler, no ninja, a compile error

@@ -22,6 +22,11 @@ numpy, a longer one in a dict of its bytes. Models outside those conditions (ano
 whitespace as suffix, a piece with an inner "▁" after a character), and every other tokenizer, go
 through their own `encode_batch`. The conditions are read from the model file, and the first
 batch is also checked against plain SentencePiece (a mismatch turns the cache off, with a warning).
+
+Where the compiled text kernels are built (tokenizer/native.py), the cut, the packing, the probe
+and the gather of the ids are each one C++ pass (`_compiled`) over the same buffer and the same
+table; the numpy passes below remain the reference and the fallback. SentencePiece on new chunks
+and the cache's bookkeeping of them stay here.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llamaworks.tokenizer import native
 from llamaworks.tokenizer.spm_proto import read_message
 
 log = logging.getLogger(__name__)
@@ -109,6 +115,18 @@ def _flags(isolated: bytes) -> bytes:
     return bytes(int(b in isolated) for b in range(256))
 
 
+def _utf8(texts: Sequence[str]) -> list[bytes]:
+    return [t.encode("utf-8") for t in texts]  # an unpaired surrogate raises, as in SentencePiece
+
+
+def _joined(encoded: list[bytes]) -> bytes:
+    """The texts' UTF-8 in one buffer, each after 0xFF and its dummy-prefix space, "▁" as " "."""
+    buf = _DOC + _DOC.join(encoded)
+    if SPACE.encode() in buf:  # "▁" and " " normalise alike (see the module docstring)
+        buf = buf.replace(SPACE.encode(), b" ")
+    return buf
+
+
 def split_chunks(texts: Sequence[str], isolated: bytes = b"") -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
     """(buffer, start, length, chunks per text): each chunk's key is buffer[start:start + length].
 
@@ -120,10 +138,8 @@ def split_chunks(texts: Sequence[str], isolated: bytes = b"") -> tuple[bytes, np
     """
     if not len(texts):
         return b"", np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    encoded = [t.encode("utf-8") for t in texts]
-    buf = _DOC + _DOC.join(encoded)
-    if SPACE.encode() in buf:  # "▁" and " " normalise alike (see the module docstring)
-        buf = buf.replace(SPACE.encode(), b" ")
+    encoded = _utf8(texts)
+    buf = _joined(encoded)
     a = np.frombuffer(buf, np.uint8)
     space, doc = a == 0x20, a == 0xFF
     cut = doc.copy()  # (bytes,) where a document or a chunk starts
@@ -158,6 +174,31 @@ def _hash(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     h ^= h >> np.uint64(29)
     h *= _MIX[2]
     return h ^ (h >> np.uint64(32))
+
+
+def _distinct(buf: bytes, start: np.ndarray, length: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+              chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, which): the first of `chunks` holding each distinct key, in order, and for each of `chunks`
+    its key's index in rows. Short keys are told apart by (lo, hi) with np.unique (exact: _packed), long
+    ones by their bytes: Python sees each new key once, not each of its occurrences in a batch."""
+    short = length[chunks] <= _SHORT
+    at_short, at_long = np.flatnonzero(short), np.flatnonzero(~short)
+    pairs = np.stack([lo[chunks[at_short]], hi[chunks[at_short]]], axis=1)
+    _, first, inverse = np.unique(pairs.view(np.dtype((np.void, 16))).reshape(-1), return_index=True,
+                                  return_inverse=True)
+    keys = [buf[s:s + n] for s, n in zip(start[chunks[at_long]].tolist(), length[chunks[at_long]].tolist())]
+    seen: dict[bytes, int] = {}  # each long key -> its number among the distinct long keys
+    long_which = np.fromiter((seen.setdefault(k, len(seen)) for k in keys), np.int64, len(keys))
+    long_first = np.zeros(len(seen), np.int64)
+    long_first[long_which[::-1]] = at_long[::-1]  # the last write wins: each key's first occurrence
+    rows = np.concatenate([chunks[at_short[first]], chunks[long_first]])
+    which = np.empty(len(chunks), np.int64)
+    which[at_short] = inverse.reshape(-1)
+    which[at_long] = len(first) + long_which
+    order = np.argsort(rows, kind="stable")  # numbered in order of first occurrence, as they are met
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rows[order], rank[which]
 
 
 class FlatEncoder:
@@ -195,7 +236,7 @@ class FlatEncoder:
         self._long: dict[bytes, int] = {}  # keys over _SHORT bytes -> chunk
 
     def encode(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        if self.refusal is None and not self._checked:
+        if self.refusal is None and not self._checked and len(texts):
             self._checked = True
             self._check(texts[:64])
         if self.refusal is not None:
@@ -317,28 +358,21 @@ class FlatEncoder:
 
     def _fill(self, buf, start, length, lo, hi, found: np.ndarray) -> None:
         """Cache the chunks `found` lacks (-1) and write their numbers into it."""
-
-        def unseen(missing: np.ndarray) -> tuple[list[bytes], dict[bytes, int]]:
-            keys = [buf[s:s + n] for s, n in zip(start[missing].tolist(), length[missing].tolist())]
-            first_seen: dict[bytes, int] = {}  # each new key -> its first occurrence among the chunks
-            for key, at in zip(keys, missing.tolist()):
-                first_seen.setdefault(key, at)
-            return keys, first_seen
-
         missing = np.flatnonzero(found < 0)
-        keys, first_seen = unseen(missing)
-        if self._words + len(first_seen) > self.max_words:  # the batch's own chunks must survive a clear
+        rows, which = _distinct(buf, start, length, lo, hi, missing)
+        if self._words + len(rows) > self.max_words:  # the batch's own chunks must survive a clear
             self._clear()
             missing = np.arange(len(found))
-            keys, first_seen = unseen(missing)
-        rows = np.fromiter(first_seen.values(), np.int64, len(first_seen))
-        first = self._add(list(first_seen), lo[rows], hi[rows], length[rows])
-        number = dict(zip(first_seen, range(first, first + len(first_seen))))
-        found[missing] = np.fromiter(map(number.__getitem__, keys), np.int64, len(keys))
+            rows, which = _distinct(buf, start, length, lo, hi, missing)
+        keys = [buf[s:s + n] for s, n in zip(start[rows].tolist(), length[rows].tolist())]
+        found[missing] = self._add(keys, lo[rows], hi[rows], length[rows]) + which
 
     def _cached(self, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
         if not len(texts):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        lib = native.library()
+        if lib is not None:
+            return self._compiled(lib, texts, bos, eos)
         buf, start, length, n_words = split_chunks(texts, self.isolated)
         lo, hi = _packed(buf, start, length)
         found = self._lookup(buf, start, length, lo, hi)
@@ -357,6 +391,20 @@ class FlatEncoder:
         # before the next one's <s> at the same place (np.insert keeps equal places in order)
         where = np.stack([m[0] for m in marks], axis=1).reshape(-1)
         return np.insert(body.astype(np.int64), where, [m[1] for m in marks] * len(first)), lengths
+
+    def _compiled(self, lib, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
+        """_cached's numpy passes as compiled ones (tokenizer/native.py): the same chunks, keys and ids."""
+        buf = _joined(_utf8(texts))
+        start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(self.isolated), len(texts),
+                                                               self._table, self._lo, self._hi)
+        long = np.flatnonzero(found == -2)  # keys over _SHORT bytes: looked up by their bytes
+        if len(long):
+            keys = [buf[s:s + n] for s, n in zip(start[long].tolist(), length[long].tolist())]
+            found[long] = np.fromiter(map(self._long.get, keys, itertools.repeat(-1)), np.int64, len(keys))
+        if (found < 0).any():
+            self._fill(buf, start, length, lo, hi, found)
+        return native.assemble(lib, found, per_text, self._start, self._count, self._tokens,
+                               self.tokenizer.bos_id if bos else None, self.tokenizer.eos_id if eos else None)
 
 
 _LAST: tuple[object, FlatEncoder] | None = None

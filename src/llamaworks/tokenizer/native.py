@@ -1,0 +1,190 @@
+"""The data pipeline's compiled text kernels (csrc/text_kernels.cpp): building, loading, calling.
+
+The word cache's hot loop (tokenizer/word_cache.py: cutting a batch into chunks, packing and
+probing their keys, gathering the ids), MinHash's shingles and minima (data/dedup.py) and the
+mix's gather of documents' tokens (data/mix.py) are numpy passes over every byte, shingle or
+token; compiled, each is one pass (a memcpy per document for the gather). The numpy code stays
+the reference and the fallback: the kernels return its results bit for bit (the tests compare).
+
+A plain C library loaded with ctypes, not a torch extension: the tokenising workers of `prepare`
+and `data mix` import numpy and the tokenizer, never torch. Built by an explicit step, never while
+a command runs:
+    python -m llamaworks.tokenizer.native build      (python -m llamaworks.inference.native build runs it)
+into a folder keyed by the source and the compiler's flags (beside the inference kernels: under
+the virtual environment, or LLAMAWORKS_NATIVE_DIR). Not built, or LLAMAWORKS_NATIVE=0: the numpy paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "text_kernels.cpp"
+NAME = "llamaworks_text"
+# No -march: the MinHash loop picks AVX-512DQ / AVX2 / plain x86-64 at run time (target_clones).
+CFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno"]
+
+_i64, _u64, _ptr = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
+
+
+def compiler() -> list[str]:
+    """The C++ compiler command: $CXX, else Python's own, else c++."""
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    return shlex.split(cxx)
+
+
+def library_path() -> Path:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{platform.machine()} {' '.join(compiler() + CFLAGS)}".encode())
+    root = os.environ.get("LLAMAWORKS_NATIVE_DIR")
+    if root:
+        base = Path(root)
+    elif sys.prefix != sys.base_prefix:  # a virtual environment: keep the build with it
+        base = Path(sys.prefix) / "llamaworks-native"
+    else:
+        base = Path.home() / ".cache" / "llamaworks" / "native"
+    return base / f"text-{h.hexdigest()[:16]}" / f"{NAME}.so"
+
+
+def build() -> Path:
+    """Compile the library unless this version is built; returns its path. Raises OSError (no
+    compiler) or subprocess.CalledProcessError (a compile error)."""
+    path = library_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{NAME}.{os.getpid()}.tmp.so")  # renamed into place: never half a library
+    subprocess.run([*compiler(), *CFLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True)
+    os.replace(tmp, path)
+    _state.update(lib=None, tried=False)
+    return path
+
+
+_state: dict = {"lib": None, "tried": False}
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None (not built, or LLAMAWORKS_NATIVE=0): callers take their numpy path."""
+    if _state["tried"]:
+        return _state["lib"]
+    _state["tried"] = True
+    if os.environ.get("LLAMAWORKS_NATIVE", "1") == "0":
+        return None
+    path = library_path()
+    if not path.exists():
+        log.info("text kernels not built (python -m llamaworks.tokenizer.native build): numpy paths")
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.lw_chunks.restype = _i64
+    lib.lw_chunks.argtypes = [ctypes.c_char_p, _i64, ctypes.c_char_p, _i64, _ptr, _i64, _ptr, _ptr,
+                              _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
+    lib.lw_doc_lengths.restype = _i64
+    lib.lw_doc_lengths.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr]
+    lib.lw_assemble.restype = None
+    lib.lw_assemble.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]
+    lib.lw_copy_runs.restype = None
+    lib.lw_copy_runs.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
+    lib.lw_minhash.restype = None
+    lib.lw_minhash.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr]
+    _state["lib"] = lib
+    return lib
+
+
+def set_enabled(on: bool) -> None:
+    """Use the kernels (when built) or the numpy paths, for the rest of the process (tests, A/B runs)."""
+    _state.update(tried=not on, lib=None)
+
+
+def _p(a: np.ndarray, dtype) -> int:
+    assert a.dtype == dtype and a.flags.c_contiguous, (a.dtype, dtype)
+    return a.ctypes.data
+
+
+def chunks(lib, buf: bytes, flags: bytes, texts: int, table: np.ndarray, key_lo: np.ndarray,
+           key_hi: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(start, length, lo, hi, found, per_text) of word_cache's chunks of `buf` (lw_chunks): found is
+    the cached chunk, -1 when not cached, -2 for a key over 15 bytes (not in the table)."""
+    n = len(buf)
+    out = np.empty((3, n), np.int64)  # start, length, found; (lo, hi) below
+    words = np.empty((2, n), np.uint64)
+    per_text = np.zeros(texts, np.int64)
+    k = lib.lw_chunks(buf, n, flags, texts, _p(table, np.int64), len(table) - 1, _p(key_lo, np.uint64),
+                      _p(key_hi, np.uint64), out[0].ctypes.data, out[1].ctypes.data, words[0].ctypes.data,
+                      words[1].ctypes.data, out[2].ctypes.data, per_text.ctypes.data)
+    assert k >= 0, "the buffer's documents are not `texts`: 0xFF inside a text?"
+    return out[0, :k], out[1, :k], words[0, :k], words[1, :k], out[2, :k], per_text
+
+
+def assemble(lib, found: np.ndarray, per_text: np.ndarray, first: np.ndarray, count: np.ndarray,
+             tokens: np.ndarray, bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, lengths): each text's <s> (bos not None), its chunks' ids, </s> (eos not None)."""
+    found = np.ascontiguousarray(found, np.int64)
+    lengths = np.empty(len(per_text), np.int64)
+    total = lib.lw_doc_lengths(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _p(count, np.int64),
+                               int(bos is not None) + int(eos is not None), lengths.ctypes.data)
+    ids = np.empty(total, np.int64)
+    lib.lw_assemble(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _p(first, np.int64),
+                    _p(count, np.int64), _p(tokens, np.int32), bos is not None, bos or 0, eos is not None, eos or 0,
+                    ids.ctypes.data)
+    return ids, lengths
+
+
+def copy_runs(lib, src: np.ndarray, src_at: np.ndarray, count: np.ndarray, dst: np.ndarray,
+              dst_at: np.ndarray) -> None:
+    """dst[dst_at[r]:dst_at[r] + count[r]] = src[src_at[r]:src_at[r] + count[r]] for every r (lw_copy_runs);
+    the caller keeps every run inside both arrays."""
+    assert src.dtype == dst.dtype and src.flags.c_contiguous and dst.flags.c_contiguous and src.ndim == dst.ndim == 1
+    src_at, count, dst_at = (np.ascontiguousarray(x, np.int64) for x in (src_at, count, dst_at))
+    assert len(src_at) == len(count) == len(dst_at)
+    if len(count):
+        assert (count >= 0).all() and src_at.min() >= 0 and dst_at.min() >= 0
+        assert (src_at + count).max() <= len(src) and (dst_at + count).max() <= len(dst), "a run out of bounds"
+    lib.lw_copy_runs(src.ctypes.data, src_at.ctypes.data, count.ctypes.data, dst_at.ctypes.data, len(count),
+                     src.itemsize, dst.ctypes.data)
+
+
+def minhash(lib, word_hash: np.ndarray, words: np.ndarray, mult: np.ndarray, a: np.ndarray,
+            b: np.ndarray) -> np.ndarray:
+    """(texts, perms) uint32 MinHash signatures from the texts' word hashes (lw_minhash); a text
+    without a shingle reads all ones."""
+    word_hash = np.ascontiguousarray(word_hash, np.uint64)
+    words = np.ascontiguousarray(words, np.int64)
+    a, b, mult = (np.ascontiguousarray(x, np.uint64) for x in (a, b, mult))
+    assert int(words.sum()) == len(word_hash), (int(words.sum()), len(word_hash))
+    sig = np.empty((len(words), len(a)), np.uint32)
+    scratch = np.empty(len(a), np.uint64)
+    lib.lw_minhash(word_hash.ctypes.data, words.ctypes.data, len(words), mult.ctypes.data, len(mult),
+                   a.ctypes.data, b.ctypes.data, len(a), scratch.ctypes.data, sig.ctypes.data)
+    return sig
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv != ["build"]:
+        print("usage: python -m llamaworks.tokenizer.native build", file=sys.stderr)
+        return 2
+    try:
+        path = build()
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        print(f"text kernels not built ({e}) {detail.decode(errors='replace')[-2000:]}; numpy paths will be used",
+              file=sys.stderr)
+        return 1
+    print(f"text kernels: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

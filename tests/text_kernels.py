@@ -1,0 +1,29 @@
+"""The `text_kernels` fixture (registered by tests/tokenizer/conftest.py and tests/data/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from llamaworks.tokenizer import native
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def text_kernels(request):
+    """The test once with the compiled text kernels (tokenizer/native.py: the word cache's chunks, MinHash, the
+    mix's gather; skipped where they cannot be built) and once with the numpy paths they stand in for."""
+    if request.param == "compiled":
+        if os.environ.get("LLAMAWORKS_NATIVE") == "0":
+            pytest.skip("LLAMAWORKS_NATIVE=0: the numpy paths only")
+        try:
+            native.build()
+        except OSError as e:  # no compiler on this machine
+            pytest.skip(f"the text kernels cannot be built here: {e}")
+        except subprocess.CalledProcessError as e:  # a compile error is a failure, never a skip
+            pytest.fail(f"the text kernels do not compile:\n{e.stderr.decode(errors='replace')[-3000:]}")
+    native.set_enabled(request.param == "compiled")
+    assert (native.library() is not None) == (request.param == "compiled")
+    yield request.param
+    native.set_enabled(True)

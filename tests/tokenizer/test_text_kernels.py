@@ -1,0 +1,139 @@
+"""The compiled text kernels (tokenizer/native.py) against the numpy passes they replace, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llamaworks.tokenizer import native
+from llamaworks.tokenizer.word_cache import (
+    FlatEncoder,
+    _flags,
+    _hash,
+    _joined,
+    _packed,
+    isolated_bytes,
+    split_chunks,
+)
+
+from .test_word_cache import HOSTILE, ODD, random_texts, reference
+
+
+@pytest.fixture
+def lib():
+    """The kernels themselves (built here when they are not; skipped without a compiler)."""
+    try:
+        native.build()
+    except OSError as e:
+        pytest.skip(f"the text kernels cannot be built here: {e}")
+    native.set_enabled(True)
+    if native.library() is None:
+        pytest.skip("LLAMAWORKS_NATIVE=0")
+    return native.library()
+
+
+def numpy_chunks(texts, isolated, enc: FlatEncoder):
+    """split_chunks, _packed and FlatEncoder._lookup: what lw_chunks returns in one pass."""
+    buf, start, length, per_text = split_chunks(texts, isolated)
+    lo, hi = _packed(buf, start, length)
+    found = enc._lookup(buf, start, length, lo, hi)
+    return buf, start, length, lo, hi, found, per_text
+
+
+def compiled_chunks(lib, texts, isolated, enc: FlatEncoder):
+    buf = _joined([t.encode("utf-8") for t in texts])
+    start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(isolated), len(texts), enc._table,
+                                                           enc._lo, enc._hi)
+    return buf, start, length, lo, hi, found, per_text
+
+
+def assert_same_chunks(lib, texts, isolated, enc):
+    want = numpy_chunks(texts, isolated, enc)
+    got = compiled_chunks(lib, texts, isolated, enc)
+    assert got[0] == want[0]
+    short = want[2] <= 15  # a long key's (lo, hi) is unused (looked up by its bytes): only the short ones must agree
+    for name, g, w in zip(("start", "length"), got[1:3], want[1:3]):
+        assert np.array_equal(g, w), (name, texts)
+    assert np.array_equal(got[3][short], want[3][short]) and np.array_equal(got[4][short], want[4][short]), texts
+    # found: a hit or -1 for short keys; -2 for every long key (the caller's dict lookup)
+    assert np.array_equal(got[5][short], want[5][short]) and (got[5][~short] == -2).all(), texts
+    assert np.array_equal(got[6], want[6]), texts
+
+
+@pytest.mark.parametrize("isolated", [b"", b"\n12", None])
+def test_chunks_keys_and_probes_are_the_numpy_passes(lib, tiny_tokenizer, isolated):
+    isolated = isolated_bytes(tiny_tokenizer) if isolated is None else isolated
+    enc = FlatEncoder(tiny_tokenizer)
+    texts = ODD + random_texts(500, seed=2) + ["p" * 15, "p" * 16, "\U0001f600" * 4, "\u2581" * 6 + "x"]
+    assert_same_chunks(lib, texts, isolated, enc)  # an empty table: every probe misses
+    enc.encode(texts[: len(texts) // 2])  # half of the chunks cached: hits, misses and probe runs
+    assert_same_chunks(lib, texts, isolated, enc)
+    assert_same_chunks(lib, [""], isolated, enc)
+    assert_same_chunks(lib, ["", "", "a"], isolated, enc)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(HOSTILE, min_size=1, max_size=8))
+def test_property_chunks_are_the_numpy_passes(lib, tiny_tokenizer, texts):
+    enc = FlatEncoder(tiny_tokenizer)
+    enc.encode(["the king 12 \n and \u00e9"])
+    assert_same_chunks(lib, texts, isolated_bytes(tiny_tokenizer), enc)
+
+
+def test_the_probe_follows_linear_probing_runs(lib, tiny_tokenizer):
+    # Keys whose slots collide in a small table: the compiled probe walks the same runs as _probe.
+    enc = FlatEncoder(tiny_tokenizer)
+    words = [f"w{i}" for i in range(3000)]
+    enc.encode([" ".join(words[:1500])])
+    buf = _joined([" ".join(words).encode()])
+    _, start, length, _ = split_chunks([" ".join(words)], enc.isolated)
+    slots = _hash(*_packed(buf, start, length)).view(np.int64) & (len(enc._table) - 1)
+    assert len(np.unique(slots)) < len(slots)  # collisions do happen
+    assert_same_chunks(lib, [" ".join(words)], enc.isolated, enc)
+
+
+def test_more_documents_than_texts_are_refused(lib):
+    table, keys = np.full(8, -1, np.int64), np.zeros(2, np.uint64)
+    with pytest.raises(AssertionError, match="0xFF"):
+        native.chunks(lib, b"\xff a\xff b", _flags(b""), 1, table, keys, keys)
+
+
+def test_the_encoder_gives_sentencepieces_ids_on_both_paths(text_kernels, tiny_tokenizer):
+    texts = ODD + random_texts(1000, seed=4)
+    for max_words in (1 << 21, 60):  # 60: the cache is emptied in the middle of a batch
+        enc = FlatEncoder(tiny_tokenizer, max_words=max_words)
+        for bos, eos in ((True, True), (False, True), (False, False), (True, True)):
+            got = enc.encode(texts, bos, eos)
+            want = reference(tiny_tokenizer, texts, bos, eos)
+            assert got[0].dtype == np.int64 and all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert enc.refusal is None
+
+
+def test_not_built_or_turned_off_is_the_numpy_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMAWORKS_NATIVE_DIR", str(tmp_path))  # nothing built there
+    native.set_enabled(True)
+    try:
+        assert native.library() is None
+        monkeypatch.delenv("LLAMAWORKS_NATIVE_DIR")
+        monkeypatch.setenv("LLAMAWORKS_NATIVE", "0")
+        native.set_enabled(True)
+        assert native.library() is None
+    finally:
+        monkeypatch.undo()
+        native.set_enabled(True)
+
+
+def test_copy_runs_copies_each_run_and_refuses_one_out_of_bounds(lib):
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint16, np.uint32):
+        src = rng.integers(0, 60000, 10_000).astype(dtype)
+        count = rng.integers(0, 50, 300)
+        src_at = rng.integers(0, len(src) - 50, 300)
+        dst_at = np.cumsum(count) - count
+        dst = np.zeros(int(count.sum()), dtype)
+        native.copy_runs(lib, src, src_at, count, dst, dst_at)
+        assert np.array_equal(dst, np.concatenate([src[a:a + n] for a, n in zip(src_at, count)]))
+    with pytest.raises(AssertionError, match="out of bounds"):
+        native.copy_runs(lib, src, np.array([len(src) - 5]), np.array([6]), np.zeros(6, src.dtype), np.array([0]))
