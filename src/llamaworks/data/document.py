@@ -41,15 +41,26 @@ def open_read(path: str | os.PathLike):
 
 def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line of a (compressed) JSONL file."""
+    for lineno, line in raw_lines(path):
+        yield lineno, parse_line(path, lineno, line)
+
+
+def raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each non-blank line of a (compressed) JSONL file, unparsed: `prepare`
+    reads them in the main process and parses them in its workers (parse_line)."""
     with open_read(path) as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                why = e.msg if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
-                raise MalformedInput(f"{path}:{lineno}: malformed JSON ({why}); fix or delete the line") from None
+            if line.strip():
+                yield lineno, line
+
+
+def parse_line(path: str | os.PathLike, lineno: int, line: bytes) -> Any:
+    """Line `lineno` of JSONL file `path` parsed; MalformedInput naming both when it is not JSON."""
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "invalid UTF-8"
+        raise MalformedInput(f"{path}:{lineno}: malformed JSON ({why}); fix or delete the line") from None
 
 
 @dataclass

@@ -39,7 +39,7 @@ import numpy as np
 from llamaworks import __version__
 from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json
-from llamaworks.data.document import json_lines
+from llamaworks.data.document import parse_line, raw_lines
 from llamaworks.tokenizer import load_tokenizer as load_tokenizer_file
 from llamaworks.tokenizer.word_cache import flat_encoder
 
@@ -75,36 +75,43 @@ def input_files(inputs: Iterable[str]) -> Iterator[tuple[Path, str, str]]:
                 yield file, source, f"{source}/{file.relative_to(path).as_posix()}"
 
 
-def _jsonl_documents(file: Path, source: str, name: str) -> Iterator[tuple[str, str, str]]:
-    for lineno, record in json_lines(file):
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{file}:{lineno}: record has no string `text` field; every JSONL line "
-                             'must be an object like {"id": ..., "text": "...", "source": ...}')
-        # A record id keeps the split stable when files are re-sharded; else file and line.
-        doc_id = str(record["id"]) if record.get("id") is not None else f"{name}:{lineno}"
-        yield doc_id, str(record.get("source") or source), record["text"]
+# A record of the corpus as the main process reads it: (file, source, name, line number, payload). For a
+# JSONL line (line number >= 1) the payload is the line's raw bytes, parsed into a document by the encoding
+# worker (_document_of), so JSON decoding runs in parallel; for a text file (0) it is the text itself.
+Record = tuple[str, str, str, int, Any]
 
 
-def _documents(inputs: Iterable[str], stats: dict[str, int]) -> Iterator[tuple[str, str, str]]:
-    """(document id, source, text), one document at a time: the corpus is never held whole."""
+def _records(inputs: Iterable[str], stats: dict[str, int]) -> Iterator[Record]:
+    """The corpus's records in order, one at a time: the corpus is never held whole."""
     for file, source, name in input_files(inputs):
         stats["files"] += 1
         if name.lower().endswith(_JSONL):
-            docs = _jsonl_documents(file, source, name)
-        else:
-            try:
-                text = file.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                text = None
-            if text is None or "\0" in text:  # NUL: decodes, yet binary (images, archives, weights)
-                stats["skipped_files"] += 1
-                continue
-            docs = iter([(name, source, text)])
-        for doc in docs:
-            if doc[2].strip():
-                yield doc
-            else:
-                stats["empty_documents"] += 1
+            path = str(file)
+            for lineno, line in raw_lines(file):
+                yield path, source, name, lineno, line
+            continue
+        try:
+            text = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or "\0" in text:  # NUL: decodes, yet binary (images, archives, weights)
+            stats["skipped_files"] += 1
+            continue
+        yield str(file), source, name, 0, text
+
+
+def _document_of(record: Record) -> tuple[str, str, str]:
+    """(document id, source, text) of a record."""
+    file, source, name, lineno, payload = record
+    if not lineno:
+        return name, source, payload
+    parsed = parse_line(file, lineno, payload)
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("text"), str):
+        raise ValueError(f"{file}:{lineno}: record has no string `text` field; every JSONL line "
+                         'must be an object like {"id": ..., "text": "...", "source": ...}')
+    # A record id keeps the split stable when files are re-sharded; else file and line.
+    doc_id = str(parsed["id"]) if parsed.get("id") is not None else f"{name}:{lineno}"
+    return doc_id, str(parsed.get("source") or source), parsed["text"]
 
 
 def _in_val(doc_id: str, seed: int, val_fraction: float) -> bool:
@@ -137,17 +144,27 @@ def _init_worker(tokenizer) -> None:
     _WORKER_TOKENIZER = load_tokenizer(tokenizer)
 
 
-def _encode(texts: list[str], tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+def _encode(records: list[Record], seed: int, val_fraction: float, tokenizer=None) -> tuple:
+    """A batch of records parsed, split and encoded: (document ids and sources, in val, empty documents,
+    (tokens, lengths)). Runs in the workers: JSON, the val-split hashes and the encoder in parallel."""
+    docs = [_document_of(r) for r in records]
+    kept = [d for d in docs if d[2].strip()]  # an empty document is counted, never encoded
+    meta = [d[:2] for d in kept]
+    val = np.fromiter((_in_val(doc_id, seed, val_fraction) for doc_id, _ in meta), bool, len(meta))
     # SentencePiece models of LLaMA's kind go through a word cache (same ids, several times faster);
     # any other tokenizer through its encode_batch. Arrays, not lists: far cheaper to send back from a worker.
-    return flat_encoder(_WORKER_TOKENIZER if tokenizer is None else tokenizer).encode(texts, bos=True, eos=True)
+    flat, lengths = flat_encoder(_WORKER_TOKENIZER if tokenizer is None else tokenizer).encode(
+        [d[2] for d in kept], bos=True, eos=True)
+    if len(flat) and 0 <= flat.min() and flat.max() < 2**31:  # half the bytes to send back; prepare checks the range
+        flat = flat.astype(np.int32)
+    return meta, val, len(docs) - len(kept), (flat, lengths)
 
 
-def _batches(docs: Iterator[tuple[str, str, str]], batch_chars: int) -> Iterator[list[tuple[str, str, str]]]:
+def _batches(records: Iterator[Record], batch_chars: int) -> Iterator[list[Record]]:
     batch, chars = [], 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc[2])
+    for record in records:
+        batch.append(record)
+        chars += len(record[4])
         if chars >= batch_chars:
             yield batch
             batch, chars = [], 0
@@ -185,23 +202,22 @@ def _drop_pool() -> None:
         _POOL = None
 
 
-def _encoded(batches, tokenizer, worker_arg, workers: int):
-    """(ids and sources, (tokens, lengths)) per batch, in input order whatever the worker count."""
+def _encoded(batches, tokenizer, worker_arg, workers: int, seed: int, val_fraction: float):
+    """_encode's result per batch, in input order whatever the worker count."""
     if workers == 1:
         for batch in batches:
-            yield [d[:2] for d in batch], _encode([d[2] for d in batch], tokenizer)
+            yield _encode(batch, seed, val_fraction, tokenizer)
         return
     pool, shared = _pool(workers, worker_arg)
     pending: deque = deque()  # bounded, so documents are read only a few batches ahead
     finished = False
     try:
         for batch in batches:
-            pending.append(([d[:2] for d in batch], pool.submit(_encode, [d[2] for d in batch])))
+            pending.append(pool.submit(_encode, batch, seed, val_fraction))
             if len(pending) > 2 * workers:
-                meta, future = pending.popleft()
-                yield meta, future.result()
-        for meta, future in pending:
-            yield meta, future.result()
+                yield pending.popleft().result()
+        for future in pending:
+            yield future.result()
         finished = True
     finally:
         if not shared:
@@ -305,14 +321,14 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
     writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
     sources: dict[str, dict[str, int]] = {}
-    batches = _batches(_documents(inputs, stats), batch_chars)
-    encoded = _encoded(batches, tok, tokenizer if is_path else tok, workers)
+    batches = _batches(_records(inputs, stats), batch_chars)
+    encoded = _encoded(batches, tok, tokenizer if is_path else tok, workers, seed, val_fraction)
     with contextlib.closing(encoded):  # on any failure, shut the worker pool down at once
-        for meta, (flat, lengths) in encoded:
+        for meta, val, empty, (flat, lengths) in encoded:
+            stats["empty_documents"] += empty
             if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
                 raise ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} (max "
                                  f"{int(flat.max())}), unfit for {dtype.name} shards; check the tokenizer")
-            val = np.fromiter((_in_val(doc_id, seed, val_fraction) for doc_id, _ in meta), bool, len(meta))
             mask = np.repeat(val, lengths)  # (tokens,): True where the token's document is held out
             writers["val"].write(flat[mask])
             writers["train"].write(flat[~mask])
