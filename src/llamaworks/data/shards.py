@@ -332,10 +332,18 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
             mask = np.repeat(val, lengths)  # (tokens,): True where the token's document is held out
             writers["val"].write(flat[mask])
             writers["train"].write(flat[~mask])
-            for (_, source), n, v in zip(meta, lengths.tolist(), val.tolist()):
-                for c in (sources.setdefault(source, {"documents": 0, "tokens": 0}), counts[SPLITS[v]]):
-                    c["documents"] += 1
-                    c["tokens"] += n
+            # Counted with numpy per split and per source (a batch is mostly one source), not per document.
+            for split, mine in (("train", ~val), ("val", val)):
+                counts[split]["documents"] += int(mine.sum())
+                counts[split]["tokens"] += int(lengths[mine].sum())
+            names = [source for _, source in meta]
+            distinct = set(names)
+            for source in distinct:
+                mine = np.fromiter((n == source for n in names), bool, len(names)) if len(distinct) > 1 else \
+                    np.ones(len(names), bool)
+                c = sources.setdefault(source, {"documents": 0, "tokens": 0})
+                c["documents"] += int(mine.sum())
+                c["tokens"] += int(lengths[mine].sum())
     for w in writers.values():
         w.close()
     if stats["files"] == 0:

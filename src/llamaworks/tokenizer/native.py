@@ -112,13 +112,29 @@ def _p(a: np.ndarray, dtype) -> int:
     return a.ctypes.data
 
 
+class Scratch:
+    """lw_chunks' per-chunk outputs, kept by their caller across calls: fresh arrays of a batch's size
+    each call cost their page faults (several ms per MiB of text), reused ones none."""
+
+    def __init__(self):
+        self.ints = np.empty((3, 0), np.int64)  # start, length, found
+        self.words = np.empty((2, 0), np.uint64)  # lo, hi
+
+    def ensure(self, n: int) -> None:
+        if self.ints.shape[1] < n:
+            size = max(n, 2 * self.ints.shape[1])
+            self.ints, self.words = np.empty((3, size), np.int64), np.empty((2, size), np.uint64)
+
+
 def chunks(lib, buf: bytes, flags: bytes, texts: int, table: np.ndarray, key_lo: np.ndarray,
-           key_hi: np.ndarray) -> tuple[np.ndarray, ...]:
+           key_hi: np.ndarray, scratch: Scratch | None = None) -> tuple[np.ndarray, ...]:
     """(start, length, lo, hi, found, per_text) of word_cache's chunks of `buf` (lw_chunks): found is
-    the cached chunk, -1 when not cached, -2 for a key over 15 bytes (not in the table)."""
+    the cached chunk, -1 when not cached, -2 for a key over 15 bytes (not in the table). With `scratch`
+    the first five are views of its arrays, valid until its next use."""
     n = len(buf)
-    out = np.empty((3, n), np.int64)  # start, length, found; (lo, hi) below
-    words = np.empty((2, n), np.uint64)
+    scratch = scratch or Scratch()
+    scratch.ensure(n)  # a chunk starts at a distinct byte: at most n of them
+    out, words = scratch.ints, scratch.words
     per_text = np.zeros(texts, np.int64)
     k = lib.lw_chunks(buf, n, flags, texts, _p(table, np.int64), len(table) - 1, _p(key_lo, np.uint64),
                       _p(key_hi, np.uint64), out[0].ctypes.data, out[1].ctypes.data, words[0].ctypes.data,
@@ -131,6 +147,7 @@ def assemble(lib, found: np.ndarray, per_text: np.ndarray, first: np.ndarray, co
              tokens: np.ndarray, bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, lengths): each text's <s> (bos not None), its chunks' ids, </s> (eos not None)."""
     found = np.ascontiguousarray(found, np.int64)
+    assert not len(found) or (found.min() >= 0 and found.max() < len(count)), "a chunk not cached"
     lengths = np.empty(len(per_text), np.int64)
     total = lib.lw_doc_lengths(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _p(count, np.int64),
                                int(bos is not None) + int(eos is not None), lengths.ctypes.data)

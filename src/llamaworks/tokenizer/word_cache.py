@@ -215,6 +215,7 @@ class FlatEncoder:
         self.refusal = word_cache_refusal(tokenizer)
         self.isolated = isolated_bytes(tokenizer) if self.refusal is None else b""
         self._checked = False
+        self._scratch = native.Scratch()  # the compiled cut's outputs, reused batch after batch
         self._clear()
 
     def __len__(self) -> int:
@@ -396,7 +397,7 @@ class FlatEncoder:
         """_cached's numpy passes as compiled ones (tokenizer/native.py): the same chunks, keys and ids."""
         buf = _joined(_utf8(texts))
         start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(self.isolated), len(texts),
-                                                               self._table, self._lo, self._hi)
+                                                               self._table, self._lo, self._hi, self._scratch)
         long = np.flatnonzero(found == -2)  # keys over _SHORT bytes: looked up by their bytes
         if len(long):
             keys = [buf[s:s + n] for s, n in zip(start[long].tolist(), length[long].tolist())]
@@ -414,6 +415,8 @@ def flat_encoder(tokenizer) -> FlatEncoder:
     """The FlatEncoder of `tokenizer`, kept across calls and across loads of the same model file
     (its cache warms up over a corpus, not over one source of it)."""
     global _LAST
+    if _LAST is not None and _LAST[1].tokenizer is tokenizer:  # the same object: no model serialised (~1 ms)
+        return _LAST[1]
     sp = getattr(tokenizer, "processor", None)
     key = (type(tokenizer), sp.serialized_model_proto()) if hasattr(sp, "serialized_model_proto") else tokenizer
     if _LAST is None or not (_LAST[0] is key or (isinstance(key, tuple) and _LAST[0] == key)):

@@ -46,21 +46,16 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
     kind[0x20] = SPACE;
     kind[0xFF] = DOC;
     int64_t chunks = 0, text = -1, open = -1;  // open: the current chunk's key start, -1 when none
+    // Pass 1, the cut: each chunk's key, packed, and its home slot (in `found` until pass 2).
     auto close = [&](int64_t end) {
         const int64_t len = end - open;
         const uint8_t* p = buf + open;
         uint64_t lo, hi;
-        int64_t hit = LONG_KEY;
+        int64_t slot = LONG_KEY;
         if (len <= SHORT_KEY) {
             lo = low_bytes(p, len < 8 ? len : 8);
             hi = (len > 8 ? low_bytes(p + 8, len - 8) : 0) | static_cast<uint64_t>(len) << 56;
-            uint64_t slot = slot_hash(lo, hi) & static_cast<uint64_t>(mask);
-            for (;;) {
-                const int64_t c = table[slot];
-                if (c < 0) { hit = -1; break; }
-                if (key_lo[c] == lo && key_hi[c] == hi) { hit = c; break; }
-                slot = (slot + 1) & static_cast<uint64_t>(mask);
-            }
+            slot = static_cast<int64_t>(slot_hash(lo, hi) & static_cast<uint64_t>(mask));
         } else {  // not in the table: word_cache looks it up by its bytes
             lo = low_bytes(p, 8);
             hi = low_bytes(p + 8, 7) | static_cast<uint64_t>(len) << 56;
@@ -69,7 +64,7 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
         length[chunks] = len;
         lo_out[chunks] = lo;
         hi_out[chunks] = hi;
-        found[chunks] = hit;
+        found[chunks] = slot;
         ++chunks;
         ++per_text[text];
     };
@@ -104,16 +99,54 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
         prev = b;
     }
     if (open >= 0) close(n);
-    return text + 1 == texts ? chunks : -1;  // -1: buf did not hold `texts` documents
+    if (text + 1 != texts) return -1;  // buf did not hold `texts` documents
+    // Passes 2 and 3, the probe, as separate loops over the chunks so that the table's and the keys'
+    // cache misses overlap (each prefetched PREFETCH chunks ahead): one chunk's probe at a time
+    // waited on two or three misses in turn, the cut's loop leaving no room to overlap them.
+    constexpr int64_t PREFETCH = 16;
+    for (int64_t c = 0; c < chunks; ++c) {  // home slot -> the chunk in it (-1: empty)
+        if (c + PREFETCH < chunks && found[c + PREFETCH] >= 0) __builtin_prefetch(table + found[c + PREFETCH]);
+        if (found[c] >= 0) found[c] = table[found[c]];
+        else found[c] = LONG_KEY - 1;  // a long key, told apart from an empty slot's -1 until pass 3
+    }
+    for (int64_t c = 0; c < chunks; ++c) {  // the chunk in the home slot holds this key, or probe on
+        if (c + PREFETCH < chunks && found[c + PREFETCH] >= 0) {
+            __builtin_prefetch(key_lo + found[c + PREFETCH]);
+            __builtin_prefetch(key_hi + found[c + PREFETCH]);
+        }
+        int64_t hit = found[c];
+        if (hit == LONG_KEY - 1) { found[c] = LONG_KEY; continue; }
+        if (hit < 0 || (key_lo[hit] == lo_out[c] && key_hi[hit] == hi_out[c])) continue;  // a miss, or found
+        uint64_t slot = slot_hash(lo_out[c], hi_out[c]) & static_cast<uint64_t>(mask);
+        for (;;) {  // linear probing past the home slot, another key's
+            slot = (slot + 1) & static_cast<uint64_t>(mask);
+            hit = table[slot];
+            if (hit < 0 || (key_lo[hit] == lo_out[c] && key_hi[hit] == hi_out[c])) break;
+        }
+        found[c] = hit;
+    }
+    return chunks;
 }
+
+namespace {
+int64_t all_chunks(const int64_t* per_text, int64_t texts) {
+    int64_t all = 0;
+    for (int64_t t = 0; t < texts; ++t) all += per_text[t];
+    return all;
+}
+}  // namespace
 
 // Each text's id count (its chunks' counts, plus `marks` for <s> and </s>); returns their sum.
 int64_t lw_doc_lengths(const int64_t* found, const int64_t* per_text, int64_t texts, const int64_t* count,
                        int64_t marks, int64_t* lengths) {
+    const int64_t chunks = all_chunks(per_text, texts);
     int64_t total = 0, c = 0;
     for (int64_t t = 0; t < texts; ++t) {
         int64_t len = marks;
-        for (int64_t k = 0; k < per_text[t]; ++k, ++c) len += count[found[c]];
+        for (int64_t k = 0; k < per_text[t]; ++k, ++c) {
+            if (c + 16 < chunks) __builtin_prefetch(count + found[c + 16]);
+            len += count[found[c]];
+        }
         lengths[t] = len;
         total += len;
     }
@@ -124,10 +157,12 @@ int64_t lw_doc_lengths(const int64_t* found, const int64_t* per_text, int64_t te
 void lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const int64_t* first,
                  const int64_t* count, const int32_t* tokens, int64_t with_bos, int64_t bos, int64_t with_eos,
                  int64_t eos, int64_t* out) {
+    const int64_t chunks = all_chunks(per_text, texts);
     int64_t c = 0;
     for (int64_t t = 0; t < texts; ++t) {
         if (with_bos) *out++ = bos;
         for (int64_t k = 0; k < per_text[t]; ++k, ++c) {
+            if (c + 16 < chunks) __builtin_prefetch(tokens + first[found[c + 16]]);  // first[]: warm from the pass before
             const int32_t* ids = tokens + first[found[c]];
             for (int64_t j = 0, m = count[found[c]]; j < m; ++j) *out++ = ids[j];
         }
