@@ -184,7 +184,7 @@ def test_prefill_groups_batch_short_rests_anywhere_and_longer_ones_at_one_start(
 def test_fresh_prompts_longer_than_short_rests_are_prefilled_in_one_pass_and_stay_exact(tiny_model_dir):
     model, tok = _load(tiny_model_dir)
     runner = Recorder(model)
-    eng = Engine(model, tok, max_batch=4, block_size=SIZE, runner=runner).start()
+    eng = Engine(model, tok, max_batch=4, block_size=SIZE, runner=runner, ragged=False).start()  # separate passes
     gen = torch.Generator().manual_seed(3)
     lengths = [SHORT_PREFILL + 30, SHORT_PREFILL + 10, SHORT_PREFILL + 30]
     prompts = [torch.randint(3, tok.vocab_size, (n,), generator=gen).tolist() for n in lengths]

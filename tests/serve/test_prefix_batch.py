@@ -1,6 +1,8 @@
 """Short prefills after a prefix-cache hit go in one batched forward pass (issue 18): requests
 whose uncached rest is short (engine.SHORT_PREFILL) are prefilled together, padded to the
-longest, and each gets exactly the tokens (and log-probabilities) it gets served alone."""
+longest, and each gets exactly the tokens (and log-probabilities) it gets served alone. These
+are the separate passes (Engine(ragged=False): a draft model, a compiled decode step, tensor
+parallelism); the default one-pass step lays rests side by side unpadded (test_ragged.py)."""
 
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def test_short_rests_after_a_cache_hit_are_prefilled_in_one_pass(tiny_model_dir)
     assert len(system) > SHORT_PREFILL  # the first prompt's prefill is long: alone
     users = ["The king", "Love is", "O fair lady of the night, speak", "Thou art", "A"]
     runner = Recorder(model)
-    eng = Engine(model, tok, max_batch=8, block_size=SIZE, runner=runner).start()
+    eng = Engine(model, tok, max_batch=8, block_size=SIZE, runner=runner, ragged=False).start()  # separate passes
     try:
         eng.complete(Request(system, 1, stop_ids=()), timeout=60)  # caches the system prompt
         runner.prefills.clear()
@@ -86,7 +88,7 @@ def test_a_batch_padded_past_the_context_end_stays_exact(tiny_model_dir):
     # tokens, positions 36..65, clamped to the context's last (39).
     model, tok = _load(tiny_model_dir)
     runner = Recorder(model)
-    eng = Engine(model, tok, max_batch=4, block_size=SIZE, max_seq_len=40, runner=runner).start()
+    eng = Engine(model, tok, max_batch=4, block_size=SIZE, max_seq_len=40, runner=runner, ragged=False).start()
     gen = torch.Generator().manual_seed(0)
     base, other = (torch.randint(3, tok.vocab_size, (n,), generator=gen).tolist() for n in (38, 30))
     try:
@@ -104,7 +106,7 @@ def test_a_batch_padded_past_the_context_end_stays_exact(tiny_model_dir):
 def test_a_long_rest_is_prefilled_on_its_own(tiny_model_dir, chunk):
     model, tok = _load(tiny_model_dir)
     runner = Recorder(model)
-    eng = Engine(model, tok, max_batch=4, block_size=SIZE, prefill_chunk=chunk, runner=runner)
+    eng = Engine(model, tok, max_batch=4, block_size=SIZE, prefill_chunk=chunk, runner=runner, ragged=False)
     gen = torch.Generator().manual_seed(1)
     long = torch.randint(3, tok.vocab_size, (SHORT_PREFILL + 5,), generator=gen).tolist()
     reqs = [Request(long, 3, stop_ids=()), Request(long[-5:], 3, stop_ids=())]  # nothing in common

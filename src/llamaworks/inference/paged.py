@@ -18,6 +18,13 @@ each forward pass; every layer's cache reads that one table. Two ways to read:
   chunk (the flash kernel skips the hidden half) and, after a cached prefix or an earlier chunk,
   unmasked over the prefix, the two merged by their log-sum-exp: no (seq, width*B) mask, no key
   past the chunk computed, and no gather at all for a prompt's first chunk;
+- ragged (serve/engine.py's step, CPU: the engine sets BlockTable.ragged): one row of tokens
+  (1, T) holding several sequences' runs of consecutive positions side by side (a token of each
+  decoding sequence, a prompt's chunk, other prompts' rests), so that every product of the pass
+  reads the weights once for all of them; update() writes each token where `Ragged.slots` says
+  and returns a RaggedRead, and the attention (ragged_attention) runs per group of runs
+  (ragged_groups): runs of up to PAGED_MAX_QUERIES tokens through the paged kernel, longer runs
+  at the same positions through prefill_attention;
 - otherwise (batched prompt rests at different positions, other devices, gradients): the
   sequence's `width` blocks are gathered into contiguous keys (bsz, heads, width*B, head_dim) for
   one SDPA call, the torch path. The model's mask hides every key past the query's position, so
@@ -31,6 +38,7 @@ for prefill (for A/B runs).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -62,6 +70,61 @@ class PrefillRead(NamedTuple):
 
     prefix: torch.Tensor  # (bsz, n_kv_heads, start, head_dim): positions 0..start-1, from the blocks
     chunk: torch.Tensor  # (bsz, n_kv_heads, seq, head_dim): the pass's own, as written to the cache
+
+
+class RaggedGroup(NamedTuple):
+    """Runs of a ragged pass that attend in one call: `runs` runs of `length` tokens each, side by
+    side from token `first` of the pass, the sequences of table rows row..row+runs-1; `start`
+    their common first position (prefill_attention), or None: runs of at most PAGED_MAX_QUERIES
+    tokens at any positions, each query over its own sequence's keys (the paged kernel)."""
+
+    first: int
+    row: int
+    runs: int
+    length: int
+    start: int | None
+
+
+class Ragged(NamedTuple):
+    """The layout of a ragged pass, which BlockTable.ragged holds while it runs: `slots` (T,) int64,
+    where each token's keys and values go in a layer's pool (physical block * block_size + offset,
+    the pool seen as (heads, num_blocks * block_size, head_dim)), and the attention's groups in
+    token order (ragged_groups). The table's rows are the runs' sequences, in the runs' order."""
+
+    slots: torch.Tensor
+    groups: tuple[RaggedGroup, ...]
+
+
+class RaggedRead(NamedTuple):
+    """What PagedKVCache.update returns in a ragged pass: the layer's pool, the table, each token's
+    position (T,), the pass's own keys (or values) as written (T, n_kv_heads, head_dim), the groups."""
+
+    pool: torch.Tensor
+    blocks: torch.Tensor
+    pos: torch.Tensor
+    new: torch.Tensor
+    groups: tuple[RaggedGroup, ...]
+
+
+def ragged_groups(runs: Sequence[tuple[int, int]]) -> tuple[list[int], list[RaggedGroup]]:
+    """How a ragged pass lays out runs of (first position, tokens) and attends over them: the
+    runs' order in the pass (indices into `runs`), and the groups of runs side by side that attend
+    in one call, in that order. Runs of at most PAGED_MAX_QUERIES tokens (decoding rows, short
+    rests) group by length (the paged kernel takes each query's own position); longer runs by
+    first position and length (prefill_attention's rows share positions and the prefix's view).
+    Groups keep the order of their first run."""
+    keyed: dict[tuple, list[int]] = {}
+    for i, (start, n) in enumerate(runs):
+        assert n >= 1, runs
+        key = ("paged", n) if n <= PAGED_MAX_QUERIES else ("prefill", start, n)
+        keyed.setdefault(key, []).append(i)
+    order, groups, first = [], [], 0
+    for key, members in keyed.items():
+        n = runs[members[0]][1]
+        groups.append(RaggedGroup(first, len(order), len(members), n, None if key[0] == "paged" else key[1]))
+        order += members
+        first += n * len(members)
+    return order, groups
 
 
 def gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -138,18 +201,51 @@ def paged_kernel_applies(q: torch.Tensor, pool: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and q.requires_grad))
 
 
+def paged_read(q: torch.Tensor, k: PagedRead, v: PagedRead) -> torch.Tensor:
+    """Attention through the block table: the native kernel, or the torch path where it cannot run."""
+    if paged_kernel_applies(q, k.pool):
+        return torch.ops.llamaworks.paged_attention(q, k.pool, v.pool, k.blocks, k.pos)
+    return paged_attention_reference(q, k, v)
+
+
+def ragged_attention(q: torch.Tensor, k: RaggedRead, v: RaggedRead) -> torch.Tensor:
+    """The attention of a ragged pass, q (1, heads, T, head_dim) -> (1, heads, T, head_dim): per
+    group of runs (ragged_groups), its queries as (runs, heads, length, head_dim), through the
+    paged kernel (short runs, each query over its sequence's keys up to its position) or
+    prefill_attention (runs at the same positions: causal over their own keys, then the prefix)."""
+    heads, head_dim = q.shape[1], q.shape[3]
+    # Written token-major, (1, T, heads, hd), and returned as its (1, heads, T, hd) view: the
+    # attention's caller transposes it back to token-major without a copy.
+    out = q.new_empty(1, q.shape[2], heads, head_dim)
+    for g in k.groups:
+        a, b = g.first, g.first + g.runs * g.length
+        qg = q[0, :, a:b].reshape(heads, g.runs, g.length, head_dim).transpose(0, 1)  # (runs, heads, length, hd)
+        blocks = k.blocks[g.row:g.row + g.runs]
+        if g.start is None:
+            pos = k.pos[a:b].view(g.runs, g.length)
+            o = paged_read(qg.contiguous(), PagedRead(k.pool, blocks, pos), PagedRead(v.pool, blocks, pos))
+        else:
+            # The group's own keys and values, (T, kv_heads, hd) -> (runs, kv_heads, length, hd).
+            ck, cv = (t[a:b].view(g.runs, g.length, t.shape[1], head_dim).transpose(1, 2) for t in (k.new, v.new))
+            o = prefill_attention(qg, PrefillRead(prefix_keys(k.pool, blocks, g.start), ck),
+                                  PrefillRead(prefix_keys(v.pool, blocks, g.start), cv))
+        out[0, a:b] = o.transpose(1, 2).reshape(b - a, heads, head_dim)
+    return out.transpose(1, 2)
+
+
 class PagedAttention:
     """Mixed into an Attention class (setup_paged_caches): a PagedRead from the cache is read
     through the block table by the native kernel (the torch path where that cannot run), a
-    PrefillRead by prefill_attention; anything else goes to the class's own attend."""
+    PrefillRead by prefill_attention, a RaggedRead by ragged_attention; anything else goes to
+    the class's own attend."""
 
     def attend(self, q, k, v, mask):
         if isinstance(k, PrefillRead):
             return prefill_attention(q, k, v)
         if isinstance(k, PagedRead):
-            if paged_kernel_applies(q, k.pool):
-                return torch.ops.llamaworks.paged_attention(q, k.pool, v.pool, k.blocks, k.pos)
-            return paged_attention_reference(q, k, v)
+            return paged_read(q, k, v)
+        if isinstance(k, RaggedRead):
+            return ragged_attention(q, k, v)
         return super().attend(q, k, v, mask)
 
 
@@ -174,6 +270,7 @@ class BlockTable:
         assert block_size >= 1, block_size
         self.block_size = block_size
         self.blocks = torch.zeros(1, 1, dtype=torch.long, device=device)  # (bsz, width) physical ids
+        self.ragged: Ragged | None = None  # the layout of a ragged pass, while one runs
 
 
 class PagedKVCache(nn.Module):
@@ -196,20 +293,24 @@ class PagedKVCache(nn.Module):
 
     @property
     def seq_len(self) -> int:
-        return self.table.blocks.shape[1] * self.table.block_size
+        # A ragged pass reads no mask: a length of 1 keeps the model from building a (T, keys) one.
+        return 1 if self.table.ragged is not None else self.table.blocks.shape[1] * self.table.block_size
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
         # input_pos: (bsz, seq); k, v: (bsz, seq, n_kv_heads, head_dim); rows: (bsz,) rows of the
         # block table (default: all of them, one per sequence).
+        ragged = self.table.ragged
+        if ragged is not None:  # (1, T): each token to its slot
+            new_k, new_v = k[0].to(self.k.dtype), v[0].to(self.v.dtype)  # (T, n_kv_heads, head_dim)
+            self.write(ragged.slots, new_k, new_v)
+            pos = input_pos[0]
+            return (RaggedRead(self.k, self.table.blocks, pos, new_k, ragged.groups),
+                    RaggedRead(self.v, self.table.blocks, pos, new_v, ragged.groups))
         blocks = self.table.blocks if rows is None else self.table.blocks[rows]  # (bsz, width)
         assert blocks.shape[0] == k.shape[0], (blocks.shape, k.shape)
         size = self.table.block_size
-        phys = blocks.gather(1, input_pos // size)  # (bsz, seq) physical block of each token
-        off = input_pos % size
-        # The two index tensors select (bsz, seq) around the leading heads slice: the indexed view
-        # is (heads, bsz, seq, head_dim).
-        self.k[:, phys, off] = k.permute(2, 0, 1, 3).to(self.k.dtype)
-        self.v[:, phys, off] = v.permute(2, 0, 1, 3).to(self.v.dtype)
+        slots = blocks.gather(1, input_pos // size) * size + input_pos % size  # (bsz, seq): block * B + offset
+        self.write(slots.reshape(-1), k.flatten(0, 1), v.flatten(0, 1))
         grad = torch.is_grad_enabled() and k.requires_grad
         if (self.reads_table and k.shape[1] <= PAGED_MAX_QUERIES and k.dtype == self.k.dtype
                 and k.device.type == "cpu" and not grad):
@@ -222,6 +323,16 @@ class PagedKVCache(nn.Module):
             return (PrefillRead(prefix_keys(self.k, blocks, start), chunk_k),
                     PrefillRead(prefix_keys(self.v, blocks, start), chunk_v))
         return gather(self.k, blocks), gather(self.v, blocks)
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys and values (tokens, n_kv_heads, head_dim) at `slots` (tokens,) of the pools
+        seen as (heads, num_blocks * block_size, head_dim): one index_copy_ along the slots each.
+        The same write as an index_put around the heads slice (pool[:, block, offset] = ...) took
+        1-12 ms per call for 8 tokens on a 2-core Zen 4 (torch 2.13), index_copy_ 5 us: the
+        index_put was most of a small model's decode step."""
+        heads, num_blocks, size, head_dim = self.k.shape
+        self.k.view(heads, num_blocks * size, head_dim).index_copy_(1, slots, k.transpose(0, 1).to(self.k.dtype))
+        self.v.view(heads, num_blocks * size, head_dim).index_copy_(1, slots, v.transpose(0, 1).to(self.v.dtype))
 
     def prefill_start(self, input_pos: torch.Tensor) -> int | None:
         """The first position of a pass whose rows all hold positions start..start+seq-1 and that

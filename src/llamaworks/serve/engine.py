@@ -9,11 +9,13 @@ caching): a request whose prompt starts with a cached prefix prefills only the r
 last prompt token at least, whose logits start its answer).
 
 Each engine iteration prefills at most `prefill_chunk` prompt tokens (of one prompt or of
-several short ones in turn; without it, every admissible prompt whole; each prompt before the
-next is admitted, so that it finds the blocks the previous one cached) and then runs one
-decode step of the running rows: a long prompt arriving never stalls the running requests
-for more than a chunk. The order
-of these forward passes is recorded in `step_log`.
+several short ones in turn; without it, every admissible prompt whole) and decodes one token
+of every running row: a long prompt arriving never stalls the running requests for more than
+a chunk. On a CPU with the paged cache (the default, _ragged_step) both are ONE forward pass:
+the decoding rows' tokens and the step's prompt runs side by side in one row of tokens, each
+product reading the weights once for all of them, as llama.cpp's server batches; elsewhere
+(a draft model, a compiled decode step, tensor parallelism) the prompts' passes come first,
+then the decode step's own. The order of the passes' parts is recorded in `step_log`.
 
 The decode step always runs the full batch (free rows, and rows whose prompt is still being
 prefilled, decode a dummy token at position 0 into the null block, which no sequence reads).
@@ -49,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamaworks.inference.generate import compile_step
-from llamaworks.inference.paged import NULL_BLOCK, BlockTable, block_bytes, setup_paged_caches
+from llamaworks.inference.paged import NULL_BLOCK, BlockTable, Ragged, block_bytes, ragged_groups, setup_paged_caches
 from llamaworks.inference.sampling import (
     SamplingState,
     apply_states,
@@ -216,6 +218,12 @@ SHORT_PREFILL = 64
 BATCH_PREFILL = 256
 
 
+# A ragged step without --prefill-chunk (whole prompts) adds prompts to its pass while it holds
+# fewer tokens than this (llama.cpp's default n_batch): the pass's activations stay bounded,
+# and a prompt longer than it is still prefilled whole, in a pass of its own.
+PASS_TOKENS = 4096
+
+
 def prefill_groups(rests: Sequence[tuple[int, int]]) -> list[list[int]]:
     """Which of a step's prompt rests, (start, tokens) each, are prefilled in one batched pass:
     lists of their indices, longest rest first. Rests of at most SHORT_PREFILL tokens go together
@@ -252,14 +260,18 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  compile: bool = False, kv_cache_gb: float | None = None, block_size: int = 16,
                  prefix_cache: bool = True, prefill_chunk: int | None = None,
-                 runner=None, draft=None, draft_tokens: int = 4, draft_max_batch: int | None = None):
+                 runner=None, draft=None, draft_tokens: int = 4, draft_max_batch: int | None = None,
+                 ragged: bool = True):
         """kv_cache_gb: the KV cache's memory (default: room for max_batch sequences of the whole
         context, as a static cache); prefill_chunk: prompt tokens prefilled per engine step
         (default: whole prompts); prefix_cache: share cached prompt blocks between requests;
         draft: a smaller model of the same tokenizer (its own instance) that proposes
         `draft_tokens` tokens per running request and step for the model to verify (speculative
         decoding, see _speculate), while at most `draft_max_batch` requests decode (None: any
-        number; larger batches decode one token per step, which costs less there)."""
+        number; larger batches decode one token per step, which costs less there); ragged: each
+        step one forward pass for the decoding rows and the prompt tokens (_ragged_step), where
+        it applies (one process, a paged CPU cache, no draft, an eager decode step); False: a
+        pass per prompt (or batch of rests), then the decode step's own pass."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}; it is the number of concurrent sequences")
         if max_queue < 0:
@@ -309,6 +321,9 @@ class Engine:
         self._draft_table = None if draft is None else setup_paged_caches(draft, num_blocks, block_size,
                                                                           self.context)
         self.spec = {"rounds": 0, "drafted": 0, "accepted": 0, "fallback_steps": 0}
+        self._ragged = bool(ragged and paged and self._last_only and isinstance(self.runner, LocalRunner)
+                            and draft is None and not compile and model.layers
+                            and model.layers[0].attention.kv_cache.splits_prefill)
         self._decode_blocks = torch.full((max_batch, self.max_blocks), NULL_BLOCK, dtype=torch.long,
                                          device=self.device)
         self._row0 = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -516,6 +531,9 @@ class Engine:
                     if s is not None and s.req.cancelled:
                         self._finish(i, "cancelled")
                 self._embed_step()
+                if self._ragged:
+                    self._ragged_step()
+                    continue
                 self._prefill_step()
                 ready = [s for s in self._slots if s is not None and s.ready]
                 if any(self._drafts_for(s) for s in ready) and len(ready) <= (self.draft_max_batch or len(ready)):
@@ -614,6 +632,116 @@ class Engine:
             if budget is not None:
                 budget -= chunk
         self._prefill_short(short)
+
+    def _plan_prefill(self) -> list[tuple[int, int, int]]:
+        """The prompt runs of a ragged step, (row, start, end) each: `prefill_chunk` tokens at
+        most, of the prompt being prefilled and then of the next admissible ones, or without
+        chunking whole prompts while the pass holds fewer than PASS_TOKENS. Admission stops
+        at a waiting request whose prompt shares blocks these runs are yet to compute: it is
+        admitted at the next step, onto their cached blocks (requests arriving together with
+        one system prompt compute it once)."""
+        budget = self.prefill_chunk
+        plan: list[tuple[int, int, int]] = []
+        pending: set[bytes] = set()  # chain hashes of the prompt blocks the runs will compute
+        size, tokens = self.block_size, 0
+        while (budget > 0) if budget is not None else tokens < PASS_TOKENS:
+            i = next((i for i, s in enumerate(self._slots)
+                      if s is not None and not s.ready and all(i != r[0] for r in plan)), None)
+            if i is None and (self._head_shares(pending) or (i := self._admit()) is None):
+                break
+            s = self._slots[i]
+            start, n = s.prefilled, len(s.req.prompt_ids)
+            end = n if budget is None else min(n, start + budget)
+            plan.append((i, start, end))
+            pending.update(s.hashes[start // size:end // size])
+            tokens += end - start
+            if budget is not None:
+                budget -= end - start
+        return plan
+
+    def _ragged_step(self) -> None:
+        """One engine step as one forward pass: a token of every decoding row and the prompt runs
+        of _plan_prefill, side by side in one row of tokens (paged.Ragged), so that every product
+        reads the weights once for all of them (llama.cpp's server batches so too): a long prompt
+        chunked by --prefill-chunk costs the running requests a chunk's pass per token, and a
+        decode step riding in a prompt's pass costs a few more rows. Attention runs per group of
+        runs (paged.ragged_attention). A row whose prompt completes here samples its first token;
+        it decodes from the next step on. The pass's logits are those of the decoding rows and
+        of each run that ends a prompt (every position's with prompt_logprobs)."""
+        self._steps += 1
+        plan = self._plan_prefill()
+        decoding = [i for i, s in enumerate(self._slots) if s is not None and s.ready]
+        if not plan and not decoding:
+            return
+        size = self.block_size
+        # Runs: (row, first position, tokens); decoding rows feed the token _accept left at pos - 1.
+        runs = [(i, self._slots[i].pos - 1, 1) for i in decoding] + [(i, a, b - a) for i, a, b in plan]
+        for i, a, n in runs:
+            self._grow(self._slots[i], a + n)
+        order, groups = ragged_groups([(a, n) for _, a, n in runs])
+        runs = [runs[j] for j in order]
+        width = self._width(max(len(self._slots[i].blocks) for i, _, _ in runs))
+        # Built as Python lists, then one tensor each: a decode step's pass holds a few tokens.
+        table: list[list[int]] = []
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []  # each token's place in the pool: block * size + offset
+        picks: list[int] = []  # tokens of the pass whose logits are computed
+        where: dict[int, tuple[int, int]] = {}  # row -> its picks' span
+        for i, a, n in runs:
+            s = self._slots[i]
+            table.append(s.blocks + [NULL_BLOCK] * (width - len(s.blocks)))
+            at = len(ids)
+            if s.ready:  # a decoding row: its last accepted token
+                ids.append(s.req.tokens[-1])
+                want = [at]
+            else:
+                ids += s.req.prompt_ids[a:a + n]
+                want = list(range(at, at + n)) if s.req.prompt_logprobs else [at + n - 1] if a + n == len(
+                    s.req.prompt_ids) else []
+                self.step_log.append(("prefill", s.number, a, a + n, self._steps))
+            pos += range(a, a + n)
+            slots += [s.blocks[p // size] * size + p % size for p in range(a, a + n)]
+            where[i] = (len(picks), len(picks) + len(want))
+            picks += want
+        if decoding:
+            self.step_log.append(("decode", tuple(self._slots[i].number for i in decoding)))
+        self._table.blocks = torch.tensor(table, dtype=torch.long, device=self.device)  # (runs, width)
+        self._table.ragged = Ragged(torch.tensor(slots, dtype=torch.long, device=self.device), tuple(groups))
+        involved, where_decoding = [i for i, _, _ in runs], set(decoding)
+        try:
+            logits = self.runner.forward(torch.tensor([ids], device=self.device),
+                                         torch.tensor([pos], dtype=torch.long, device=self.device), None,
+                                         torch.tensor([picks], dtype=torch.long, device=self.device))[0]
+            # (picks, vocab): the decoding rows' next tokens, sampled together
+            toks = self._sample_slots([self._slots[i] for i in decoding], logits[[where[i][0] for i in decoding]])
+        except Exception as e:  # noqa: BLE001 - the pass is every one of these requests'
+            for i in involved:
+                if self._slots[i] is not None:
+                    self._fail(self._slots[i].req, e)
+            return
+        finally:
+            self._table.ragged = None
+        for i, a, n in runs:
+            s = self._slots[i]
+            if i in where_decoding:
+                continue
+            try:
+                self._prefilled(i, a + n, logits[where[i][0]:where[i][1]])
+            except Exception as e:  # noqa: BLE001 - this request's work failed: only it ends
+                self._fail(s.req, e)
+        for i, tok in zip(decoding, toks):
+            s = self._slots[i]
+            if s is None:
+                continue
+            try:
+                if isinstance(tok, Exception):
+                    raise tok
+                self._accept(i, tok, logits[where[i][0]:where[i][1]])
+            except Exception as e:  # noqa: BLE001 - this row's work failed: only its request ends
+                self._fail(s.req, e)
+        if decoding:
+            self.metrics.steps += 1
 
     def _head_shares(self, blocks: set[bytes]) -> bool:
         """Whether the oldest waiting request's prompt holds one of `blocks` (chain hashes)."""

@@ -42,11 +42,12 @@ def forward(model, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor |
             last: torch.Tensor | None = None) -> torch.Tensor:
     """model(tokens, pos, rows=rows): logits (bsz, seq, vocab); with `last` (bsz,), only those of
     position last[b] of each row, (bsz, 1, vocab): a prefill needs no more, and the output
-    layer is a third of a small model's work per token."""
+    layer is a third of a small model's work per token; with `last` (bsz, k), those of k
+    positions per row, (bsz, k, vocab) (a ragged pass: a decoding row's token, a prompt's last)."""
     if last is None:
         return model(tokens, pos, rows=rows)
     h = model(tokens, pos, rows=rows, return_hidden=True)  # (bsz, seq, dim), after the final norm
-    h = h[torch.arange(h.shape[0], device=h.device), last].unsqueeze(1)  # (bsz, 1, dim)
+    h = h[torch.arange(h.shape[0], device=h.device).unsqueeze(-1), last.view(h.shape[0], -1)]  # (bsz, k, dim)
     return model.output(h).float()
 
 
