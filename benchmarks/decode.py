@@ -38,6 +38,17 @@ bandwidth, torch, transformers and llama-cpp-python versions, a contended/quiet 
 and the native kernels' instruction set.
 --ppl-model prints the perplexity of a trained model on held-out text for fp32, int8 and int4
 (llama.cpp's quantisation table).
+
+Rows do not share a process (--isolate, recorded in the JSON with each row): each implementation at
+each precision (its eager and compiled rows) is built and timed in a fresh spawned process, one
+after another, on weights rebuilt from the same seed (checked against the parent's) with the same
+threads; the parent only builds the model, writes the GGUF files and collects the rows. Timed in one
+process, a row paid for what ran before it (the allocator's state, whether the weights got huge
+pages, compiler and thread-pool state, llama.cpp's quantiser): ours bf16 compiled at config A ran at
+297 tok/s in the full command and at 335-344 in a command of its own (session 12, quiet).
+--isolate interleave keeps every row's process alive and runs the repeats round-robin (drift of a
+shared machine falls on all rows alike; the memory of all of them at once); --isolate none is the
+old single process.
 """
 
 from __future__ import annotations
@@ -52,7 +63,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +76,7 @@ from llamaworks.convert.command import llama_cpp_generate
 from llamaworks.inference import native
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.generate import generate_ids
-from llamaworks.inference.hugepages import use_hugepages
+from llamaworks.inference.hugepages import huge_page_fraction, use_hugepages
 from llamaworks.inference.kernels import use_gemv, use_native_kernels
 from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
 
@@ -334,31 +348,60 @@ def same_prefix(a: list[list[int]], b: list[list[int]]) -> int:
     return n
 
 
-def run_config(name: str, a, bandwidth: float) -> list[dict]:
+class Variant(NamedTuple):
+    """One implementation at one precision as a table row (per batch size): `factory()` builds it and
+    returns its runner (prompts -> (seconds, tokens)), or (runner, bytes per step) where the bytes are
+    known only once built. `group` names the process that builds and times it under isolation."""
+
+    label: str
+    precision: str
+    group: str
+    nbytes: int | None
+    batch1_only: bool
+    factory: Callable
+
+
+# How rows share processes (--isolate). Rows timed one after another in one process were not
+# independent: in the same full command (session 12, quiet) ours bf16 compiled ran at 297 tok/s after
+# ours fp32, the GGUF export and llama.cpp's quantiser had run in that process, and at 335-344 in a
+# command of its own; every row paid for whatever ran before it.
+ISOLATION = {
+    "process": "each (implementation, precision) in a fresh process of its own (spawned: no inherited threads, "
+               "allocator, huge-page or compiler state), one after another; same weights (checked), same threads",
+    "interleave": "each (implementation, precision) in a fresh process of its own, all built and warmed up first, "
+                  "then the repeats round-robin over the rows (one process runs at a time, the others wait on a "
+                  "pipe): drift of a shared machine falls on every row alike; memory of all of them at once",
+    "none": "every row in this one process, one after another (decode.py before session 12)",
+}
+
+
+def weights_fingerprint(model) -> float:
+    """A sum over every weight: equal in the processes that rebuild the model from the same seed."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def plan_variants(name: str, a, model_fn: Callable, paths: dict) -> list[Variant]:
+    """The rows of config `name` for a's implementations and precisions, nothing built yet:
+    model_fn() gives the fp32 model (built on first use), paths the GGUF files (export_gguf)."""
     args = ModelArgs(**CONFIGS[name])
-    n_params = count_parameters(args)
-    model = build_model(args, seed=0).eval().to(a.device)  # the same random weights on every device
-    g = torch.Generator().manual_seed(0)
-    max_batch = max(a.batches)
-    prompts = torch.randint(3, args.vocab_size, (max_batch, a.prompt_len), generator=g).tolist()
-    fp32_bytes = bytes_per_step(model)
+    with torch.device("meta"):  # bytes per step from the shapes, without building the weights
+        fp32_bytes = bytes_per_step(Transformer(args))
     per_weight = fp32_bytes / 4
-
-    variants = []  # (label, precision, bytes per step, batch-1 only, factory -> runner or (runner, bytes))
+    variants = []
     if "transformers" in a.impls:
-        from transformers import LlamaConfig, LlamaForCausalLM
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        from llamaworks.convert.hf import hf_config_dict, to_hf_state_dict
-
         def hf_factory(dtype, best=False):
             def make():
+                from transformers import LlamaConfig, LlamaForCausalLM
+                from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+                from llamaworks.convert.hf import hf_config_dict, to_hf_state_dict
+
                 cfg = LlamaConfig(**hf_config_dict(args))
                 cfg._attn_implementation = "sdpa"
                 with torch.device("meta"):  # no random init of a second copy (seconds and GB for 1b)
                     hf = LlamaForCausalLM(cfg)
                 # A tied model has no lm_head in its state dict: load the rest, then tie as HF does.
-                hf.load_state_dict({k: v.to(dtype) for k, v in to_hf_state_dict(model.state_dict(), args).items()},
+                hf.load_state_dict({k: v.to(dtype) for k, v in to_hf_state_dict(model_fn().state_dict(), args).items()},
                                    assign=True, strict=not args.tie_word_embeddings)
                 if args.tie_word_embeddings:
                     hf.lm_head.weight = hf.model.embed_tokens.weight
@@ -370,36 +413,229 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
             return make
         for prec, dtype, nbytes in (("fp32", torch.float32, fp32_bytes), ("bf16", torch.bfloat16, fp32_bytes // 2)):
             if prec in a.precisions:
-                variants.append((f"transformers {prec}", prec, nbytes, False, hf_factory(dtype)))
+                group = f"transformers {prec}"
+                variants.append(Variant(f"transformers {prec}", prec, group, nbytes, False, hf_factory(dtype)))
                 if a.compile:
-                    variants.append((f"transformers {prec} static+compile", prec, nbytes, False,
-                                     hf_factory(dtype, best=True)))
+                    variants.append(Variant(f"transformers {prec} static+compile", prec, group, nbytes, False,
+                                            hf_factory(dtype, best=True)))
     if "llamaworks" in a.impls:
         for prec in a.precisions:
+            group = f"llamaworks {prec}"
             if prec in ("fp32", "bf16"):
                 def make_float(prec=prec, compile=False):
-                    m = decode_copy(model, torch.float32 if prec == "fp32" else torch.bfloat16, a.fuse, a.device,
+                    m = decode_copy(model_fn(), torch.float32 if prec == "fp32" else torch.bfloat16, a.fuse, a.device,
                                     a.hugepages)
-                    return lambda p: time_llamaworks(m, p, a.new_tokens, compile)
+                    return _with_model(lambda p: time_llamaworks(m, p, a.new_tokens, compile), m)
                 nbytes = fp32_bytes if prec == "fp32" else fp32_bytes // 2
-                variants.append((f"llamaworks {prec}", prec, nbytes, False, make_float))
+                variants.append(Variant(f"llamaworks {prec}", prec, group, nbytes, False, make_float))
                 if a.compile:
-                    variants.append((f"llamaworks {prec}+compile", prec, nbytes, False,
-                                     lambda prec=prec: make_float(prec, True)))
+                    variants.append(Variant(f"llamaworks {prec}+compile", prec, group, nbytes, False,
+                                            lambda prec=prec: make_float(prec, True)))
             else:
                 def make_q(mode=prec, compile=False):
-                    m = quantized_copy(model, mode, a.group_size)
+                    m = quantized_copy(model_fn(), mode, a.group_size)
                     if a.fuse:
                         fuse_projections(m)
                     if torch.device(a.device).type == "cpu":
                         use_native_kernels(m)  # as load_model: the decode attention (the layers are quantised)
                         if a.hugepages:
                             use_hugepages(m)
-                    return (lambda p: time_llamaworks(m, p, a.new_tokens, compile)), bytes_per_step(m)
+                    return _with_model(lambda p: time_llamaworks(m, p, a.new_tokens, compile), m), bytes_per_step(m)
                 label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
-                variants.append((label, prec, None, False, make_q))
+                variants.append(Variant(label, prec, group, None, False, make_q))
                 if a.compile:
-                    variants.append((label + "+compile", prec, None, False, lambda mode=prec: make_q(mode, True)))
+                    variants.append(Variant(label + "+compile", prec, group, None, False,
+                                            lambda mode=prec: make_q(mode, True)))
+    by_format = {v: k for k, v in LLAMA_CPP_FORMAT.items()}
+    wanted = tuple(LLAMA_CPP_FORMAT[p] for p in a.precisions)
+    for q, path in paths.items():
+        fmt = q.split()[0]
+        if fmt not in wanted:
+            continue
+        def make_cpp(path=path, extra_bufts="no repack" not in q):
+            llm = open_llama_cpp(path, extra_bufts, n_ctx=a.prompt_len + a.new_tokens + 8,
+                                 n_threads=torch.get_num_threads(), n_batch=512)
+            return lambda p: time_llama_cpp(llm, p, a.new_tokens)
+        variants.append(Variant(f"llama.cpp {q}", by_format[fmt], f"llama.cpp {q}",
+                                int(per_weight * LLAMA_CPP_BYTES[fmt]), True, make_cpp))
+    return variants
+
+
+def _with_model(run: Callable, model) -> Callable:
+    run.model = model  # for RowTimer's huge-page check
+    return run
+
+
+class RowTimer:
+    """Builds variants and times them on the prompts, in this process: what an isolated worker runs
+    (and, with --isolate none, the main process)."""
+
+    def __init__(self, variants: list[Variant], prompts: list[list[int]]):
+        self.variants = {v.label: v for v in variants}
+        self.prompts = prompts
+        self.built: dict[str, tuple[Callable, int | None]] = {}
+
+    def prepare(self, label: str, bsz: int) -> dict:
+        """Build `label` (once) and warm it up (compile) at batch bsz: its bytes per step, and the
+        fraction of its weights in huge pages (ours; None for the others)."""
+        with torch.inference_mode():
+            if label not in self.built:
+                # Every variant compiles generate's one decode_step function: dynamo's per-function cache
+                # (8 entries) would otherwise fill up over models and batch sizes and fall back to eager.
+                torch._dynamo.reset()
+                v = self.variants[label]
+                run, nbytes = v.factory(), v.nbytes
+                if isinstance(run, tuple):  # quantised: bytes known once built
+                    run, nbytes = run
+                self.built[label] = (run, nbytes)
+            run, nbytes = self.built[label]
+            run(self.prompts[:bsz])  # warm-up (and compilation)
+        model = getattr(run, "model", None)
+        return {"bytes_per_step": nbytes,
+                "weights_in_huge_pages": None if model is None else huge_page_fraction(model.output.weight)}
+
+    def run(self, label: str, bsz: int) -> tuple[float, list[list[int]]]:
+        with torch.inference_mode():
+            return self.built[label][0](self.prompts[:bsz])
+
+    def drop(self, label: str) -> None:
+        self.built.pop(label, None)
+
+
+def _worker(conn, spec: dict) -> None:
+    """A row group's process (spawned): rebuild the model from the seed, check it is the parent's,
+    then run RowTimer's commands from the pipe until "close"."""
+    try:
+        a = argparse.Namespace(**spec["args"])
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        model = None
+
+        def model_fn():
+            nonlocal model
+            if model is None:
+                model = build_model(ModelArgs(**CONFIGS[spec["config"]]), seed=0).eval().to(a.device)
+                got = weights_fingerprint(model)
+                if abs(got - spec["fingerprint"]) > 1e-9 * max(1.0, abs(spec["fingerprint"])):
+                    raise RuntimeError(f"the worker's weights differ from the parent's (sum {got!r} vs "
+                                       f"{spec['fingerprint']!r}): the seed no longer gives the same model")
+            return model
+
+        paths = {q: Path(p) for q, p in spec["paths"].items()}
+        variants = [v for v in plan_variants(spec["config"], a, model_fn, paths) if v.group == spec["group"]]
+        timer = RowTimer(variants, spec["prompts"])
+        conn.send(("ok", os.getpid()))
+        while True:
+            cmd, args = conn.recv()
+            if cmd == "close":
+                break
+            conn.send(("ok", getattr(timer, cmd)(*args)))
+    except BaseException:  # noqa: BLE001 - the parent reports it with the worker's traceback
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class _Worker:
+    """The parent's end of one row group's process."""
+
+    def __init__(self, spec: dict):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's state
+        self.group = spec["group"]
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, spec), name=f"decode {self.group}")
+        self.proc.start()
+        child.close()
+        self._reply()
+
+    def _reply(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.proc.join(10)
+            raise RuntimeError(f"the process timing {self.group} ended (exit code {self.proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"the process timing {self.group} failed:\n{value}")
+        return value
+
+    def call(self, cmd: str, *args):
+        self.conn.send((cmd, args))
+        return self._reply()
+
+    def close(self):
+        if self.proc.is_alive():
+            with contextlib.suppress(OSError):
+                self.conn.send(("close", ()))
+            self.proc.join(60)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+class _InProcess:
+    """--isolate none: the same commands, run here."""
+
+    def __init__(self, timer: RowTimer):
+        self.timer = timer
+
+    def call(self, cmd: str, *args):
+        return getattr(self.timer, cmd)(*args)
+
+    def close(self):
+        pass
+
+
+def time_variants(variants: list[Variant], a, open_group: Callable) -> dict:
+    """Warm-up and a.repeats timed runs of every (variant, batch) job, each group's in the worker
+    open_group(group) returns, isolated as a.isolate says: (label, bsz) -> (info, times, tokens)."""
+    groups = list(dict.fromkeys(v.group for v in variants))
+    jobs = {g: [(v.label, bsz) for v in variants if v.group == g for bsz in a.batches
+                if not (v.batch1_only and bsz > 1)] for g in groups}
+    out = {}
+    if a.isolate == "interleave":
+        workers = {}
+        try:
+            for g in groups:  # built and warmed up one after another: no compile under another's timing
+                workers[g] = open_group(g)
+                for job in jobs[g]:
+                    out[job] = (workers[g].call("prepare", *job), [], None)
+            for _ in range(a.repeats):
+                for g in groups:
+                    for job in jobs[g]:
+                        dt, toks = workers[g].call("run", *job)
+                        out[job] = (out[job][0], out[job][1] + [dt], toks)
+        finally:
+            for w in workers.values():
+                w.close()
+        return out
+    for g in groups:
+        w = open_group(g)
+        try:
+            for i, job in enumerate(jobs[g]):
+                info, times, toks = w.call("prepare", *job), [], None
+                for _ in range(a.repeats):
+                    dt, toks = w.call("run", *job)
+                    times.append(dt)
+                out[job] = (info, times, toks)
+                if all(other[0] != job[0] for other in jobs[g][i + 1:]):
+                    w.call("drop", job[0])  # its last batch size: free it before the next variant
+        finally:
+            w.close()
+    return out
+
+
+def run_config(name: str, a, bandwidth: float) -> list[dict]:
+    args = ModelArgs(**CONFIGS[name])
+    n_params = count_parameters(args)
+    model = build_model(args, seed=0).eval().to(a.device)  # the same random weights on every device
+    g = torch.Generator().manual_seed(0)
+    max_batch = max(a.batches)
+    prompts = torch.randint(3, args.vocab_size, (max_batch, a.prompt_len), generator=g).tolist()
+    fp32_bytes = bytes_per_step(model)
+
     tmp, paths = None, {}
     if "llama.cpp" in a.impls and torch.device(a.device).type != "cpu":
         print(f"(llama.cpp rows skipped on {a.device}: llama-cpp-python from PyPI is built for the CPU)")
@@ -413,17 +649,6 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
             tmp = tempfile.TemporaryDirectory(prefix="decode_bench_")
             wanted = tuple(LLAMA_CPP_FORMAT[p] for p in a.precisions)
             paths = export_gguf(model, Path(tmp.name), tuple(q for q in wanted if q.startswith("q")))
-            by_format = {v: k for k, v in LLAMA_CPP_FORMAT.items()}
-            for q, path in paths.items():
-                fmt = q.split()[0]
-                if fmt not in wanted:
-                    continue
-                def make_cpp(path=path, extra_bufts="no repack" not in q):
-                    llm = open_llama_cpp(path, extra_bufts, n_ctx=a.prompt_len + a.new_tokens + 8,
-                                         n_threads=torch.get_num_threads(), n_batch=512)
-                    return lambda p: time_llama_cpp(llm, p, a.new_tokens)
-                variants.append((f"llama.cpp {q}", by_format[fmt], int(per_weight * LLAMA_CPP_BYTES[fmt]), True,
-                                 make_cpp))
 
     out_bytes = model.output.weight.numel() * model.output.weight.element_size()
     print(f"\n{name}: the output projection ({args.vocab_size} x {args.dim}) is {out_bytes / 1e6:.0f} of "
@@ -436,33 +661,32 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
         print(f"  its one-row fp32 product alone takes {t_out * 1e3:.2f} ms "
               f"({out_bytes / t_out / 1e9:.1f} GB/s of weights)")
 
+    variants = plan_variants(name, a, lambda: model, paths)
+    if a.isolate == "none":
+        timer = _InProcess(RowTimer(variants, prompts))
+        timed = time_variants(variants, a, lambda group: timer)
+    else:
+        spec = {"config": name, "args": vars(a), "prompts": prompts, "fingerprint": weights_fingerprint(model),
+                "paths": {q: str(p) for q, p in paths.items()}}
+        model = None  # the workers build their own: not two copies of a large model at once
+        timed = time_variants(variants, a, lambda group: _Worker({**spec, "group": group}))
     rows = []
-    with torch.inference_mode():
-        for label, prec, nbytes, batch1_only, factory in variants:
-            # Every variant compiles generate's one decode_step function: dynamo's per-function cache
-            # (8 entries) would otherwise fill up over models and batch sizes and fall back to eager.
-            torch._dynamo.reset()
-            run = factory()
-            if isinstance(run, tuple):  # quantised: bytes known once built
-                run, nbytes = run
-            for bsz in a.batches:
-                if batch1_only and bsz > 1:
-                    continue
-                prompt = prompts[:bsz]
-                run(prompt)  # warm-up (and compilation)
-                times, toks = [], None
-                for _ in range(a.repeats):
-                    dt, toks = run(prompt)
-                    times.append(dt)
-                med = statistics.median(times)
-                tps = bsz * a.new_tokens / med
-                rows.append({"config": name, "params": n_params, "batch": bsz, "impl": label, "precision": prec,
-                             "llama_cpp_repacked": (None if not label.startswith("llama.cpp")
-                                                    else "no repack" not in label),
-                             "seconds": med,
-                             "runs": times, "tokens_per_s": tps, "bytes_per_step": nbytes,
-                             "roofline": (tps / bsz) * nbytes / bandwidth, "tokens": toks})
-            del run
+    for v in variants:
+        for bsz in a.batches:
+            if (v.label, bsz) not in timed:
+                continue
+            info, times, toks = timed[(v.label, bsz)]
+            med = statistics.median(times)
+            tps = bsz * a.new_tokens / med
+            nbytes = info["bytes_per_step"]
+            rows.append({"config": name, "params": n_params, "batch": bsz, "impl": v.label, "precision": v.precision,
+                         "llama_cpp_repacked": (None if not v.label.startswith("llama.cpp")
+                                                else "no repack" not in v.label),
+                         "seconds": med,
+                         "runs": times, "tokens_per_s": tps, "bytes_per_step": nbytes,
+                         "roofline": (tps / bsz) * nbytes / bandwidth, "tokens": toks, "isolation": a.isolate,
+                         "weights_in_huge_pages": info["weights_in_huge_pages"]})
+    per_weight = fp32_bytes / 4
     batched = [b for b in a.batches if b > 1]
     if paths and batched:
         rows += llama_cpp_batched(paths, a, batched, name, n_params, per_weight, bandwidth)
@@ -480,7 +704,7 @@ def run_config(name: str, a, bandwidth: float) -> list[dict]:
               f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
         print(f"{'implementation':<34}{'tokens/s':>10}{'vs transformers':>17}{'vs ours fp32':>14}"
               f"{'MB/step':>9}{'roofline':>10}{'same':>11}")
-        if bsz > 1 and any(batch1_only for _, _, _, batch1_only, _ in variants):
+        if bsz > 1 and any(v.batch1_only for v in variants):
             print("(llama.cpp at batch > 1: llama-batched-bench, llama.cpp's own batched decode of random tokens "
                   "(its Python API decodes one sequence at a time): no tokens to compare)"
                   if any(r["impl"].endswith("batched-bench") for r in table) else
@@ -554,6 +778,9 @@ def main():
     ap.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
                     help="llamaworks' CPU weights in transparent huge pages (inference/hugepages.py), as "
                          "load_model does (default on)")
+    ap.add_argument("--isolate", choices=list(ISOLATION), default="process",
+                    help="how rows share processes: " + "; ".join(f"{k}: {v}" for k, v in ISOLATION.items())
+                    + " (default process)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke test: defaults become the small preset, prompt 16, 8 new tokens, 1 run, no "
                          "compile, and no JSON unless --out is given")
@@ -577,7 +804,7 @@ def main():
               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "machine": machine_record(a.label, bandwidth=False, device=a.device, native_kernels=(
                   native.current_isa() if native.available() else None)), "device": a.device, "fuse": a.fuse,
-              "hugepages": a.hugepages,
+              "hugepages": a.hugepages, "isolation": a.isolate, "isolation_note": ISOLATION[a.isolate],
               "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
               "prompt_len": a.prompt_len,
               "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs}}

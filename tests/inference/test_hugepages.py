@@ -149,3 +149,37 @@ def test_load_model_moves_the_weights(tiny_model_dir, monkeypatch):
     plain, _ = load_model(tiny_model_dir)
     assert not any(p.untyped_storage().data_ptr() in hugepages._arenas for p in plain.parameters())
     assert greedy(loaded) == greedy(plain)
+
+
+SMAPS = """55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]
+Size:                132 kB
+Rss:                 100 kB
+AnonHugePages:         0 kB
+VmFlags: rd wr mr mw me ac sd
+7f0000000000-7f0000600000 rw-p 00000000 00:00 0
+Size:               6144 kB
+Rss:                6144 kB
+AnonHugePages:      4096 kB
+VmFlags: rd wr mr mw me ac sd hg
+7f0000600000-7f0000700000 r--p 00000000 fd:01 42                         /usr/lib/libc.so.6
+Size:               1024 kB
+Rss:                   0 kB
+AnonHugePages:         0 kB
+"""
+
+
+def test_smaps_huge_fraction_reads_the_mapping_that_holds_the_address():
+    assert hugepages.smaps_huge_fraction(SMAPS, 0x7F0000000000 + 123) == pytest.approx(4096 / 6144)
+    assert hugepages.smaps_huge_fraction(SMAPS, 0x55D0C0000010) == 0.0
+    assert hugepages.smaps_huge_fraction(SMAPS, 0x7F0000650000) is None  # nothing resident
+    assert hugepages.smaps_huge_fraction(SMAPS, 0x1000) is None  # no mapping holds it
+
+
+@needs_thp
+def test_huge_page_fraction_of_moved_weights():
+    # Whether the kernel grants huge pages depends on the machine's free memory: only the range is certain,
+    # and a fraction is reported for the arena (the address is found in this process's mappings).
+    m = model(dim=512, vocab_size=4096)
+    assert use_hugepages(m) > 0
+    frac = hugepages.huge_page_fraction(m.output.weight)
+    assert frac is not None and 0.0 <= frac <= 1.0

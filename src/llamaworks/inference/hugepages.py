@@ -61,6 +61,38 @@ def hugepages_supported() -> bool:
         return False
 
 
+def smaps_huge_fraction(smaps: str, address: int) -> float | None:
+    """From the text of /proc/PID/smaps: the fraction of the resident memory of the mapping that
+    holds `address` which is in anonymous huge pages (AnonHugePages / Rss); None when no mapping
+    holds it or none of it is resident."""
+    inside, rss, huge = False, 0, 0
+    for line in smaps.splitlines():
+        head = line.split(maxsplit=1)[0] if line.strip() else ""
+        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms offset dev inode [path]"
+            if inside:
+                break
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside:
+            key, _, value = line.partition(":")
+            if key == "Rss":
+                rss = int(value.split()[0])
+            elif key == "AnonHugePages":
+                huge = int(value.split()[0])
+    return huge / rss if inside and rss else None
+
+
+def huge_page_fraction(t: torch.Tensor) -> float | None:
+    """How much of the memory mapping that holds `t` is in huge pages (smaps_huge_fraction of this
+    process): whether use_hugepages got them, which the kernel may refuse when memory is
+    fragmented (the copy then falls back to 4 KiB pages without an error). None off Linux."""
+    try:
+        smaps = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    return smaps_huge_fraction(smaps, t.data_ptr())
+
+
 def arena_layout(nbytes: list[int], align: int = KERNEL_ALIGN) -> tuple[list[int], int]:
     """Offsets of tensors of `nbytes` bytes packed in order, each at a multiple of `align`, and
     the bytes the arena needs."""
