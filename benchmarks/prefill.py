@@ -19,8 +19,11 @@ residuals, the mask, Python between operators) = wall - parts. Logits of both pa
 
 Part 2 (engine): the mixed workload of benchmarks/serve.py in process (--requests requests at
 once, every --long-every'th --long-tokens tokens, the rest --short-tokens; --max-tokens each,
-greedy) for each --prefill-chunks value and both paths: wall time, generated tokens/s, seconds
-in prefill steps and in decode steps; greedy tokens of every run compared.
+greedy) for each --prefill-chunks value: the engine's default step (one ragged forward pass of
+the decoding rows and the step's prompt runs, engine._ragged_step), separate passes (each prompt
+or batch of rests its own pass, then the decode step: Engine(ragged=False)) and the gather path
+(separate passes): wall time, generated tokens/s, seconds in steps (ragged) or in prefill and
+decode steps, and the forward passes; greedy tokens of every run compared.
 JSON: benchmarks/results/prefill.json (--output), with the machine (benchmarks/machine.py).
 """
 
@@ -188,27 +191,38 @@ def pass_bench(a, model) -> dict:
     return out
 
 
-def engine_bench(a, split: bool, chunk: int | None, bf16: bool = False) -> dict:
+def engine_bench(a, split: bool, chunk: int | None, bf16: bool = False, ragged: bool = True) -> dict:
     os.environ["LLAMAWORKS_PAGED_PREFILL"] = "1" if split else "0"
     try:
         model = make_model(a.preset, bf16)
         eng = Engine(model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256,
-                     prefill_chunk=chunk)
+                     prefill_chunk=chunk, ragged=ragged)
     finally:
         os.environ.pop("LLAMAWORKS_PAGED_PREFILL", None)
-    parts = {"prefill": 0.0, "decode": 0.0}
+    parts = {"prefill": 0.0, "decode": 0.0, "ragged_step": 0.0, "passes": 0.0}
     eng._prefill_step = timed(parts, "prefill", eng._prefill_step)
     eng._decode = timed(parts, "decode", eng._decode)
+    eng._ragged_step = timed(parts, "ragged_step", eng._ragged_step)
+    forward, decode = eng.runner.forward, eng.runner.decode
+
+    def count(fn):
+        def wrapper(*args, **kw):
+            parts["passes"] += 1
+            return fn(*args, **kw)
+        return wrapper
+    eng.runner.forward, eng.runner.decode = count(forward), count(decode)
     reqs = mixed_requests(model.args.vocab_size, a.requests, a.short_tokens, a.long_tokens, a.long_every,
                           a.max_tokens, long_first=True)  # serve.py's order: the first is long
     wall, _ = run_workload(eng, reqs, parts)
     gen = sum(len(r.tokens) for r in reqs)
     prompt = sum(len(r.prompt_ids) for r in reqs)
-    return {"split": split, "prefill_bf16": bf16, "prefill_chunk": chunk, "wall_s": wall, "generated_tokens": gen,
-            "tokens_per_s": gen / wall, "prompt_tokens": prompt, "prefill_s": parts["prefill"],
+    steps = parts["prefill"] + parts["decode"] + parts["ragged_step"]
+    return {"split": split, "prefill_bf16": bf16, "prefill_chunk": chunk, "ragged": eng._ragged, "wall_s": wall,
+            "generated_tokens": gen, "tokens_per_s": gen / wall, "prompt_tokens": prompt,
+            "prefill_s": parts["prefill"],
             "prefill_tokens_per_s": prompt / parts["prefill"] if parts["prefill"] else None,
-            "decode_s": parts["decode"], "other_s": wall - parts["prefill"] - parts["decode"],
-            "tokens": [r.tokens for r in reqs]}
+            "decode_s": parts["decode"], "ragged_step_s": parts["ragged_step"], "other_s": wall - steps,
+            "forward_passes": int(parts["passes"]), "tokens": [r.tokens for r in reqs]}
 
 
 def main() -> None:
@@ -247,14 +261,17 @@ def main() -> None:
     if not a.no_engine:
         runs = []
         for chunk in [None if c.strip().lower() == "none" else int(c) for c in a.prefill_chunks.split(",")]:
-            for split, bf16 in [(True, False), (False, False)] + [(True, True)] * a.prefill_bf16:
-                r = engine_bench(a, split, chunk, bf16)
+            for split, bf16, ragged in ([(True, False, True), (True, False, False), (False, False, False)]
+                                        + [(True, True, True)] * a.prefill_bf16):
+                r = engine_bench(a, split, chunk, bf16, ragged)
                 runs.append(r)
                 print(f"engine, mixed, prefill_chunk {chunk}, {'split' if split else 'gather'}"
+                      f"{', one pass per step' if r['ragged'] else ', separate passes'}"
                       f"{' + bf16 prefill' if bf16 else ''}: "
-                      f"{r['tokens_per_s']:.1f} tok/s, wall {r['wall_s']:.2f} s: prefill {r['prefill_s']:.2f} s "
-                      f"({r['prefill_tokens_per_s'] or 0:.0f} prompt tok/s), decode {r['decode_s']:.2f} s, "
-                      f"other {r['other_s']:.2f} s")
+                      f"{r['tokens_per_s']:.1f} tok/s, wall {r['wall_s']:.2f} s: "
+                      f"ragged steps {r['ragged_step_s']:.2f} s, "
+                      f"prefill {r['prefill_s']:.2f} s, decode {r['decode_s']:.2f} s, other {r['other_s']:.2f} s, "
+                      f"{r['forward_passes']} passes")
         fp32 = [r for r in runs if not r["prefill_bf16"]]
         out["engine_tokens_equal"] = all(r["tokens"] == fp32[0]["tokens"] for r in fp32)
         for r in runs:  # bf16 prefill: the share of requests whose greedy tokens are fp32's

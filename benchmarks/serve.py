@@ -24,10 +24,16 @@ llama-server: built from the llama.cpp sources vendored in the llama-cpp-python 
 installed version (pip download --no-binary :all:), cmake -DLLAMA_CURL=OFF, target llama-server
 (and llama-batched-bench, which benchmarks/decode.py uses), cached under
 ~/.cache/llamaworks/llama-server/build-<version>/bin. --build-llama-server does that; $LLAMA_SERVER
-or a llama-server on PATH are used first. It serves the checkpoint's GGUF export (--gguf-dtype
-f32 by default, the precision llamaworks serves on CPU) with -c = --parallel x the context our
-server gets per sequence, --parallel = our --max-batch, -t/-tb = the same threads; without the
-binary that side is skipped with a note saying how to build it.
+or a llama-server on PATH are used first. It serves the checkpoint's GGUF export (--dtype below)
+with -c = --parallel x the context our server gets per sequence, --parallel = our --max-batch,
+-t/-tb = the same threads; without the binary that side is skipped with a note saying how to
+build it.
+
+Precision (--dtype): both servers run the same precision class from the same weights. fp32 (the
+default): ours in float32 (what `serve` loads on CPU), llama-server on an f32 GGUF. bf16: ours
+`serve --dtype bfloat16`, llama-server on an f16 GGUF (llama.cpp's usual 16-bit export; the
+weights of a bf16 model fit f16's range). --gguf-dtype overrides llama-server's side. The JSON
+records both ("dtype", "llamaworks_dtype", "gguf_dtype").
 
 The engine before issue 18 ("the current engine" of its TTFT target): --before COMMIT (default
 3a16adf, the last commit whose engine has the static max_batch x context cache, no prefix
@@ -67,6 +73,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "corpora" / "shakespeare"
 CACHE = Path(os.environ.get("LLAMAWORKS_CACHE", Path.home() / ".cache" / "llamaworks")) / "llama-server"
 BEFORE = "3a16adf"  # the last commit whose engine has the static slot cache (benchmarks/prefix_ttft.py's too)
+# --dtype: ours (`serve --dtype`) and llama-server's GGUF export (--gguf-dtype's default) per precision class.
+OUR_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+GGUF_DTYPES = {"fp32": "f32", "bf16": "f16"}
 EOS_BIAS = -100.0  # logit_bias on eos: every request generates exactly max_tokens tokens on both servers
 
 
@@ -283,7 +292,9 @@ def start_llamaworks(a, checkpoint: Path, context: int, log: Path,
     port = free_port()
     cmd = [sys.executable, "-m", "llamaworks", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
            "--max-batch", str(a.parallel), "--max-queue", str(max(64, a.users)), "--model-name", a.model,
-           "--max-seq-len", str(context), *([] if src else a.llamaworks_args)]
+           "--max-seq-len", str(context),
+           # fp32 is serve's own default on CPU (and a quantised checkpoint keeps its layers): no flag
+           *(["--dtype", OUR_DTYPES[a.dtype]] if a.dtype != "fp32" else []), *([] if src else a.llamaworks_args)]
     if a.compile is not None:
         cmd.append("--compile" if a.compile else "--no-compile")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -361,7 +372,8 @@ def print_tables(results: list[dict], a, workload_info: dict) -> tuple[dict, dic
     all_ratios, before_ratios = {}, {}
     for wl, info in workload_info.items():
         print(f"\n{wl}: {info}; {a.users} users x {a.requests} requests, {a.max_tokens} new tokens each, greedy, "
-              f"{a.parallel} sequences at once, {a.threads} threads")
+              f"{a.parallel} sequences at once, {a.threads} threads; llamaworks {OUR_DTYPES[a.dtype]}, "
+              f"llama-server GGUF {a.gguf_dtype}")
         cols = [r for r in results if wl in r]
         theirs = next((r for r in cols if r["server"].startswith("llama-server")), None)
         before = next((r for r in cols if r["server"].startswith("llamaworks before")), None)
@@ -463,7 +475,11 @@ def main() -> None:
     sv.add_argument("--llama-server-args", type=str, default="", help="extra llama-server options, one string")
     sv.add_argument("--llama-server", action=argparse.BooleanOptionalAction, default=None,
                     help="also run llama-server on the GGUF export, when built (default on; --smoke: off)")
-    sv.add_argument("--gguf-dtype", choices=["f32", "f16"], default="f32")
+    sv.add_argument("--dtype", choices=sorted(OUR_DTYPES), default="fp32",
+                    help="precision class of both servers: fp32 (ours float32, llama-server f32 GGUF) or bf16 (ours "
+                    "bfloat16, llama-server f16 GGUF)")
+    sv.add_argument("--gguf-dtype", choices=["f32", "f16"], default=None,
+                    help="llama-server's GGUF export (default: --dtype's, f32 or f16)")
     sv.add_argument("--before", default=None, help=f"a commit whose `llamaworks serve` is a column too: the engine "
                     f"before issue 18 (default {BEFORE}, the static slot cache; none: skip; --smoke: none)")
     sv.add_argument("--request-timeout", type=float, default=900)
@@ -471,6 +487,7 @@ def main() -> None:
     add_label_argument(ap)
     a = ap.parse_args()
     a.llama_server_args = a.llama_server_args.split()
+    a.gguf_dtype = a.gguf_dtype or GGUF_DTYPES[a.dtype]
     if a.build_llama_server:
         build_llama_server()
         return
@@ -572,7 +589,8 @@ def main() -> None:
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine,
             "model": str(a.checkpoint or a.random or a.url or "smoke (tiny, random)"), "context_per_sequence": context,
             "users": a.users, "requests_per_user": a.requests, "max_tokens": a.max_tokens, "parallel": a.parallel,
-            "threads": a.threads, "gguf_dtype": a.gguf_dtype, "workloads": info,
+            "threads": a.threads, "dtype": a.dtype, "llamaworks_dtype": OUR_DTYPES[a.dtype],
+            "gguf_dtype": a.gguf_dtype, "workloads": info,
             "llama_server": str(find_llama_server()) if a.llama_server else None, "llama_server_note": note,
             "llama_cpp_python": llama_cpp_python_version(), "results": results,
             "ratios_ours_over_llama_server": rat, "before": a.before, "ratios_ours_over_before": brat,
