@@ -78,6 +78,39 @@ def test_arena_is_aligned_and_advised_as_huge_pages():
     assert not eligible or hugepages.thp_mode(hugepages.THP_SETTING.read_text()) == "always"
 
 
+def resident_kib(addr: int) -> int:
+    """Rss of the mapping that holds addr (/proc/self/smaps)."""
+    text = open("/proc/self/smaps").read()
+    frac = hugepages.smaps_huge_fraction(text, addr)  # None when nothing of it is resident
+    if frac is None:
+        return 0
+    inside = False
+    for line in text.splitlines():
+        head = line.split(maxsplit=1)[0] if line.strip() else ""
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    return 0
+
+
+@needs_thp
+def test_arena_is_fresh_memory_after_heap_churn():
+    # Freeing large blocks raises glibc's mmap threshold (up to 32 MiB), after which an 8 MiB torch.empty comes
+    # from heap memory already faulted in as 4 KiB pages, which madvise cannot make huge. The arena must be
+    # untouched memory of its own: nothing of its mapping resident before it is written, huge once written.
+    for _ in range(3):
+        big = torch.ones(24 << 20, dtype=torch.uint8)
+        del big
+        churn = [torch.ones(8 << 20, dtype=torch.uint8) for _ in range(3)]
+        del churn
+    arena = hugepages.hugepage_arena(8 << 20)
+    assert resident_kib(arena.data_ptr()) == 0
+    arena.fill_(1)
+    assert int(arena[::4096].sum()) == (8 << 20) // 4096  # writable, and kept alive by the tensor alone
+
+
 @needs_thp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weights_move_with_values_objects_and_ties_kept(dtype):

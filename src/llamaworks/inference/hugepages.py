@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import sys
 from pathlib import Path
 
@@ -111,9 +112,17 @@ def _madvise_hugepage(addr: int, length: int) -> bool:
 
 
 def hugepage_arena(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 tensor of `nbytes` at a HUGE_PAGE boundary, its pages advised as
-    huge before anything touches them (glibc maps a fresh region for an allocation this large)."""
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    """A zeroed uint8 tensor of `nbytes` at a HUGE_PAGE boundary, in an anonymous
+    mapping of its own whose pages are advised as huge before anything touches them. Not
+    torch.empty: below 32 MiB glibc may serve it from heap memory already faulted in as 4 KiB pages
+    (its mmap threshold rises to the size of each large block freed, as building and quantising a
+    model free many), which madvise no longer turns into huge pages: `small`'s int8 and int4 weights
+    (14 and 8 MB) got 0% and 9% huge pages in a process that had built other copies first, 90-94% in
+    a fresh one (benchmarks/decode.py, session 12)."""
+    # Private: an anonymous shared mapping is shmem, which madvise cannot give huge pages. The tensor
+    # holds the mapping (torch.frombuffer keeps the buffer's owner) for as long as it lives.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
     skip = -raw.data_ptr() % HUGE_PAGE
     arena = raw[skip: skip + nbytes]
     length = -(-nbytes // 4096) * 4096  # madvise takes whole base pages; the slack is inside raw
