@@ -1,4 +1,5 @@
-"""Where a batch-1 decode run's time goes, by parts (issue 16): llamaworks int4/int8 beside llama.cpp Q4_0/Q8_0.
+"""Where a batch-1 decode run's time goes, by parts (issue 16): llamaworks int4/int8/bf16/fp32 beside llama.cpp
+Q4_0/Q8_0/f16/f32.
 
     .venv/bin/python benchmarks/decode_parts.py --configs A --precisions int4 --threads 1 2 --label contended
 
@@ -33,6 +34,7 @@ import torch
 from decode import (  # benchmarks/ is on sys.path
     CONFIGS,
     LLAMA_CPP_FORMAT,
+    decode_copy,
     export_gguf,
     quantized_copy,
 )
@@ -42,17 +44,20 @@ from llamaworks.inference import native, quant
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.generate import compile_step, decode_step, warmed_step
 from llamaworks.inference.hugepages import use_hugepages
-from llamaworks.inference.kernels import use_native_kernels
+from llamaworks.inference.kernels import NativeLinear, use_native_kernels
 from llamaworks.inference.quant import QuantizedLinear
 from llamaworks.model import ModelArgs, build_model
 
-PRODUCT_OPS = ("llamaworks::gemv_int4_tiles", "llamaworks::gemv_int4", "llamaworks::gemv_int8")
+PRODUCT_OPS = ("llamaworks::gemv_int4_tiles", "llamaworks::gemv_int4", "llamaworks::gemv_int8", "llamaworks::gemv_bf16",
+               "llamaworks::gemv_f32")
 OTHER_OPS = {"llamaworks::decode_attention": "attention", "llamaworks::rms_norm": "rms_norm",
              "llamaworks::rope_cache": "rope_cache"}
 
 
 def build(name: str, precision: str, group_size: int):
     model = build_model(ModelArgs.from_params(CONFIGS[name]), seed=0).eval()
+    if precision in ("fp32", "bf16"):  # as decode.py: fused, NativeLinear, huge pages
+        return model, decode_copy(model, torch.float32 if precision == "fp32" else torch.bfloat16, True, "cpu")
     m = quantized_copy(model, precision, group_size)
     fuse_projections(m)
     use_native_kernels(m)
@@ -64,7 +69,10 @@ def layer_names(m) -> dict[tuple[int, int], tuple[str, int]]:
     """(out, in) of each product -> (its name without the block index, bytes per call)."""
     out = {}
     for name, mod in m.named_modules():
-        if isinstance(mod, QuantizedLinear):
+        if isinstance(mod, NativeLinear):
+            out[(mod.out_features, mod.in_features)] = (name.rsplit(".", 1)[-1],
+                                                        mod.weight.numel() * mod.weight.element_size())
+        elif isinstance(mod, QuantizedLinear):
             kt = mod.kernel_tensors()
             if "native weight" in kt:  # int4: the layout, scales and offsets the kernel reads
                 nbytes = sum(t.numel() * t.element_size() for k, t in kt.items() if k.startswith("native"))
@@ -196,7 +204,7 @@ def llama_cpp_types(model, precision: str) -> dict:
         return {"skipped": str(e)}
     fmt = LLAMA_CPP_FORMAT[precision]
     with tempfile.TemporaryDirectory(prefix="decode_parts_") as tmp:
-        paths = export_gguf(model, Path(tmp), (fmt,))
+        paths = export_gguf(model, Path(tmp), (fmt,) if fmt.startswith("q") else ())  # f32, f16: always written
         key = next((k for k in paths if k.split()[0] == fmt), None)
         if key is None:
             return {"skipped": f"no {fmt} file"}
@@ -213,7 +221,7 @@ def llama_cpp_types(model, precision: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["A"], choices=list(CONFIGS))
-    ap.add_argument("--precisions", nargs="+", default=["int4"], choices=["int8", "int4"])
+    ap.add_argument("--precisions", nargs="+", default=["int4"], choices=["fp32", "bf16", "int8", "int4"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)
