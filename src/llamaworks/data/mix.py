@@ -13,13 +13,14 @@ source (Wikipedia, Books) is seen more than once and the large ones about once. 
    subset for the fraction) until its budget is met, interleaves the sources and writes
    the trainer's packed shards (train/, val/, manifest.json) plus mix.json (the report).
 
-Where the time goes: tokenising, about 80% of the CPU time even now. It runs in `workers`
-processes (one pool for every source, so their caches stay warm), each through a word cache in
-front of SentencePiece (tokenizer/word_cache.py: the same ids, the model asked once per distinct
-chunk, the chunks cut and looked up with numpy, about 30-45 MB/s per core warm). Reading the
-JSONL (~200 MB/s per core), the val-split hashes and sending texts to the workers are the rest.
-Drawing and interleaving work on arrays of document lengths, and each interleaving window's
-tokens are gathered from the caches with one numpy take per source and written in bulk.
+Where the time goes: tokenising, about 90% of the CPU time (docs/data.md has the stages). It runs
+in `workers` processes (one pool for every source, so their caches stay warm), each parsing its
+batch of JSONL lines and encoding it through a word cache in front of SentencePiece
+(tokenizer/word_cache.py: the same ids, the model asked once per distinct chunk, the chunks cut
+and looked up by compiled kernels, about 110 MB/s per core warm; numpy where they are not built).
+This process reads the lines and writes the shards. Drawing and interleaving work on arrays of
+document lengths, and each interleaving window's tokens are gathered from the caches with one
+memcpy per document (`_SplitTokens.copy_runs`) and written in bulk.
 
 Output (a directory `TokenLoader` / `open_token_dataset` read as is):
 
