@@ -43,9 +43,11 @@ Rows do not share a process (--isolate, recorded in the JSON with each row): eac
 each precision (its eager and compiled rows) is built and timed in a fresh spawned process, one
 after another, on weights rebuilt from the same seed (checked against the parent's) with the same
 threads; the parent only builds the model, writes the GGUF files and collects the rows. Timed in one
-process, a row paid for what ran before it (the allocator's state, whether the weights got huge
-pages, compiler and thread-pool state, llama.cpp's quantiser): ours bf16 compiled at config A ran at
-297 tok/s in the full command and at 335-344 in a command of its own (session 12, quiet).
+process, rows were not independent: ours bf16 compiled at config A ran at 297 tok/s in the full
+command and at 335-344 in a command of its own (session 12, quiet), and `small`'s int8/int4 weights
+got 0%/9% huge pages after the other rows' copies (90%/94% in a fresh process; the arena is now a
+mapping of its own). No llama.cpp thread used CPU during our rows, nor changed an affinity
+(docs/inference.md).
 --isolate interleave keeps every row's process alive and runs the repeats round-robin (drift of a
 shared machine falls on all rows alike; the memory of all of them at once); --isolate none is the
 old single process.
@@ -362,9 +364,7 @@ class Variant(NamedTuple):
 
 
 # How rows share processes (--isolate). Rows timed one after another in one process were not
-# independent: in the same full command (session 12, quiet) ours bf16 compiled ran at 297 tok/s after
-# ours fp32, the GGUF export and llama.cpp's quantiser had run in that process, and at 335-344 in a
-# command of its own; every row paid for whatever ran before it.
+# independent (the module docstring): each carried the allocator's state the rows before it left.
 ISOLATION = {
     "process": "each (implementation, precision) in a fresh process of its own (spawned: no inherited threads, "
                "allocator, huge-page or compiler state), one after another; same weights (checked), same threads",
