@@ -201,11 +201,40 @@ def layout_64(out: Path, workers: int = 64) -> dict:
                     "workers_sending workers index: cut the corpus into >= 64 files at that scale"}
 
 
+# Equal work at the end of both pipelines: gzip at ours' level (data/document.py ShardWriter). datatrove's
+# JsonlWriter writes gzip through fsspec, whose GzipFile defaults to level 9 (isal, fsspec's faster
+# gzip, is not installed here): ~2x ours' CPU per byte written, so it is set to ours' level. Its
+# workers (a forkserver) re-import this file, hence the environment variable read at import below.
+OUTPUT_GZIP_LEVEL = 6
+_DATATROVE_GZIP_ENV = "LLAMAWORKS_BENCH_DATATROVE_GZIP_LEVEL"
+
+
+def datatrove_gzip_level(level: int) -> None:
+    import gzip
+
+    from fsspec.compression import register_compression
+
+    os.environ[_DATATROVE_GZIP_ENV] = str(level)
+    register_compression("gzip", lambda f, **kw: gzip.GzipFile(fileobj=f, compresslevel=level, **kw), "gz",
+                         force=True)
+
+
+if os.environ.get(_DATATROVE_GZIP_ENV):
+    datatrove_gzip_level(int(os.environ[_DATATROVE_GZIP_ENV]))
+
+
+def gzip_levels(folder: Path) -> list[str]:
+    """The deflate level class of each .gz file (the header's XFL byte, as Python's gzip writes it)."""
+    xfl = {2: "9 (best)", 4: "1 (fastest)", 0: "2-8"}
+    return sorted({xfl.get(p.read_bytes()[8], "?") for p in folder.rglob("*.gz")})
+
+
 def run_datatrove(name: str, corpus: Path, out: Path, workers: int) -> None:
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
+    datatrove_gzip_level(OUTPUT_GZIP_LEVEL)
     tasks = len(list(corpus.glob("*.jsonl")))
     common = {"workers": workers, "skip_completed": False}
 
@@ -545,6 +574,7 @@ def main() -> None:
             r = timed(variant, work / "corpus", out, workers, args.partitions if variant.endswith("dask") else 0)
             ids[row] = kept_ids(out)
             r.update(group=group, workers=workers, kept=len(ids[row]), **rate(info, r))
+            r["output_gzip_level"] = gzip_levels(out / "documents")  # equal work at the end: the same level
             if variant.endswith("dask"):
                 r["partitions"] = args.partitions
                 layout = layout_64(out)  # the same exchange at every worker count: the last is kept
@@ -612,7 +642,12 @@ def main() -> None:
               "partitioned_keeps_the_single_process_documents": same_as_single,
               "partitioned_speedup_over_fewest_workers": scaling, "simulated_64_worker_layout": layout,
               "datatrove_default_over_same_rules_time": rules_cost,
-              "datatrove_own_over_same_signatures_time": own_signature_cost, "mix": mix_result, "machine": machine}
+              "datatrove_own_over_same_signatures_time": own_signature_cost, "mix": mix_result,
+              "output_compression": f"both write their kept documents as gzip level {OUTPUT_GZIP_LEVEL}: ours' "
+                                    "ShardWriter default; datatrove's JsonlWriter (gzip through fsspec's GzipFile, "
+                                    "level 9 by default) set to the same level here (rows' output_gzip_level: the "
+                                    "files' header class)",
+              "machine": machine}
     if args.json is None:
         return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

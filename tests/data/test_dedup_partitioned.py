@@ -256,3 +256,27 @@ def test_the_exchange_of_a_run_is_read_back_from_its_files(tmp_path, corpus):
     assert len(stage["reduce"]) == 4 and all(len(x) == 5 for x in stage["reduce"])
     part = stats["steps"][-1]["partitioned"]
     assert sum(map(sum, stage["index"])) == part["bytes_in"] and sum(map(sum, stage["reduce"])) == part["bytes_out"]
+
+
+def test_the_signature_stage_keeps_no_documents_and_the_filter_rereads_the_input(tmp_path, corpus):
+    # MinHash's signature stage before a partitioned MinHash writes one signature file per shard, not
+    # its documents again; the filter phase reads the input again through the reader, so a record it
+    # skips (malformed) must be skipped there too for the positions to line up.
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sorted(corpus.glob("*.jsonl.gz")):
+        (src / p.name).write_bytes(p.read_bytes())
+    with ShardWriter(src / "in9.jsonl.gz") as w:  # a malformed record between duplicates
+        w._f.write(b'{"id": "x", "text": 5}\n')
+        for i in range(4):
+            w.write(Document(f"9-{i}", "the same words in the same order " * 8, "web"))
+    runs = {}
+    for partitions in (0, 4):
+        out = tmp_path / f"out{partitions}"
+        runs[partitions] = LocalExecutor(out, workers=1, keep_excluded=True, progress=False,
+                                         dedup_partitions=partitions).run(
+            "web", JsonlReader(), [MinHashDedup(threshold=0.6, num_perm=64)], [src])
+    assert without_partitioned(runs[4]) == runs[0] and runs[0]["read"]["malformed_records"] == 1
+    assert outputs(tmp_path / "out4") == outputs(tmp_path / "out0")
+    scratch = sorted(p.name for p in (tmp_path / "out4" / ".stages" / "0").iterdir())
+    assert scratch == [f"{i:05d}.signatures.bin" for i in range(6)]

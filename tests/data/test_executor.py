@@ -51,6 +51,20 @@ def test_shard_writer_is_atomic(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_local_scratch_shards_are_stored_gzip_and_outputs_compressed(tmp_path):
+    # A scratch shard (read once by the next stage) is written at gzip level 0 on a local disk: the
+    # same format, no deflate CPU; the run's outputs stay at level 6.
+    docs = [Document(str(i), "the same words again and again " * 20, "s") for i in range(50)]
+    raw = sum(len(d.to_json().encode()) + 1 for d in docs)
+    for name, scratch in (("scratch.jsonl.gz", True), ("out.jsonl.gz", False)):
+        with ShardWriter(tmp_path / name, scratch=scratch) as w:
+            for d in docs:
+                w.write(d)
+        assert list(read_jsonl(tmp_path / name)) == docs
+    assert (tmp_path / "scratch.jsonl.gz").stat().st_size > raw  # stored blocks: no smaller than the JSON
+    assert (tmp_path / "out.jsonl.gz").stat().st_size < raw // 10
+
+
 def test_zstd_roundtrip(tmp_path):
     pytest.importorskip("zstandard")
     with ShardWriter(tmp_path / "a.jsonl.zst", compression="zstd") as w:

@@ -32,6 +32,7 @@ partition's records: P sets the scale, not the corpus.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -230,15 +231,38 @@ class MinHashPartitioned(PartitionedDedup):
         return (h % np.uint64(self.partitions)).astype(np.int64)
 
     def index(self, docs, shard):
-        ids, doc_idx, sigs = [], [], []
+        ids, positions, sigs = [], [], []
         for pos, doc in enumerate(docs):
             ids.append(doc.id)
             sig = self.step.take_signature(doc)
             if sig is not None:
-                doc_idx.append(shard << _POS_BITS | pos)
+                positions.append(pos)
                 sigs.append(sig)
-        sig_arr = np.array(sigs, dtype=np.uint32).reshape(len(sigs), self.num_perm)
-        n = len(sigs)
+        return self._index_arrays(ids, np.array(positions, dtype=np.uint32),
+                                  np.array(sigs, dtype=np.uint32).reshape(len(sigs), self.num_perm), shard)
+
+    # The signature stage before the index phase (executor: a stage of MinHashSignatures alone)
+    # keeps only this per shard instead of every document again with its signature: the
+    # positions of the documents that have one, their signatures, and every document's id.
+    # The filter phase then reads the stage's input again (datatrove's shape), so no document
+    # is serialised between the stages.
+
+    def pack_signatures(self, ids: list[str], encoded: list[str]) -> list[bytes]:
+        """Segments of a signature file, from MinHashSignatures' metadata values ("": none)."""
+        positions = np.array([i for i, e in enumerate(encoded) if e], dtype=np.uint32)
+        raw = b"".join(base64.b64decode(e) for e in encoded if e)
+        sigs = np.frombuffer(raw, dtype="<u4").reshape(positions.size, self.num_perm)
+        return [_to_bytes(positions), _to_bytes(sigs), json.dumps(ids, ensure_ascii=False).encode("utf-8")]
+
+    def index_signatures(self, segments: list[bytes], shard: int) -> tuple[list[bytes], bytes]:
+        """`index` from a signature file's segments (`pack_signatures`)."""
+        positions, sigs, ids = _from_bytes(segments[0]), _from_bytes(segments[1]), segments[2]
+        return self._index_arrays(json.loads(ids.decode("utf-8")), positions, sigs, shard)
+
+    def _index_arrays(self, ids: list[str], positions: np.ndarray, sig_arr: np.ndarray,
+                      shard: int) -> tuple[list[bytes], bytes]:
+        doc_idx = np.uint64(shard) << np.uint64(_POS_BITS) | positions.astype(np.uint64)
+        n = positions.size
         recs = np.zeros(n * self.bands, dtype=self.record)
         parts = np.zeros(n * self.bands, dtype=np.int64)
         for b in range(self.bands):  # record b*n + k: document k's band b

@@ -8,7 +8,8 @@ and completion markers. Layout of OUTPUT:
     excluded/SS-NNNNN.jsonl.gz    dropped documents with metadata.excluded = {step, reason}
     stats.json, DATACARD.md       written at the end from the per-shard stats
     .state/                       markers and per-shard stats; hidden so `prepare` skips it
-    .stages/S/                    outputs of intermediate stages
+    .stages/S/                    outputs of intermediate stages (a stage of MinHash signatures alone
+                                  before a partitioned MinHash: NNNNN.signatures.bin, no documents)
 
 Steps run in stages: consecutive ordinary steps form a parallel stage (each shard on
 its own worker, streaming, so memory is bounded by one document per step per worker);
@@ -46,7 +47,8 @@ from pathlib import Path
 import numpy as np
 
 from llamaworks.data import storage
-from llamaworks.data.dedup_partitioned import PartitionedDedup, partitioned
+from llamaworks.data.dedup import SIGNATURE_KEY, MinHashSignatures
+from llamaworks.data.dedup_partitioned import MinHashPartitioned, PartitionedDedup, partitioned
 from llamaworks.data.document import (
     Document,
     MalformedInput,
@@ -192,6 +194,7 @@ class RunPlan:
         self.keep_excluded, self.on_malformed, self.compression = keep_excluded, on_malformed, compression
         self.suffix = shard_suffix(compression)
         self.world, self.dedup_memory = world, dedup_memory
+        self.files: list[str] = []  # stage 0's input files (set by Executor.run)
 
     def shard_path(self, s: int, shard: int) -> storage.StoragePath:
         return storage.join(self.stage_dir(s), f"{shard:05d}{self.suffix}")
@@ -203,6 +206,21 @@ class RunPlan:
     def state_dir(self, s: int) -> storage.StoragePath:
         return storage.join(self.out, ".state", f"stage{s}")
 
+    def input_path(self, s: int, shard: int) -> storage.StoragePath:
+        """The file stage `s` reads for `shard`."""
+        return storage.as_path(self.files[shard]) if s == 0 else self.shard_path(s - 1, shard)
+
+    def signatures_only(self, s: int) -> bool:
+        """Stage `s` is MinHash's signatures alone before a partitioned MinHash stage: it writes a
+        signature file per shard (`signature_path`) instead of its documents, and the filter phase
+        of stage s + 1 reads stage s's input again (dedup_partitioned.MinHashPartitioned)."""
+        if s + 1 >= len(self.stages) or [type(x) for x in self.stages[s].steps] != [MinHashSignatures]:
+            return False
+        return isinstance(_plan(self, s + 1), MinHashPartitioned)
+
+    def signature_path(self, s: int, shard: int) -> storage.StoragePath:
+        return storage.join(self.stage_dir(s), f"{shard:05d}.signatures.bin")
+
     def marker(self, s: int, shard: int) -> storage.StoragePath:
         return storage.join(self.state_dir(s), f"{shard:05d}.done")
 
@@ -212,6 +230,7 @@ class RunPlan:
                 if n.endswith(".done") and n.removesuffix(".done").isdigit()}
 
     def _read(self, s: int, path: storage.StoragePath, info: dict) -> Iterator[Document]:
+        """The documents of `path` as stage `s` reads them (stage 0 through the reader)."""
         for item in self._read_file(s, path, info):
             if isinstance(item, MalformedRecord):
                 if self.on_malformed == "stop":
@@ -236,7 +255,9 @@ class RunPlan:
             log.warning("skipping the rest of malformed input %s", msg)
             info["malformed"].append(msg)
 
-    def run_shard(self, s: int, shard: int, path: storage.StoragePath, steps_state: list[Step] | None = None) -> dict:
+    def run_shard(self, s: int, shard: int, path: storage.StoragePath, steps_state: list[Step] | None = None,
+                  read_as: int | None = None) -> dict:
+        """`read_as`: read `path` as that stage would (default `s`)."""
         stage = self.stages[s]
         steps = steps_state if steps_state is not None else stage.steps
         stats = [StepStats(st.name, st.describe(), limit=self.examples) for st in steps]
@@ -247,9 +268,10 @@ class RunPlan:
             if self.keep_excluded else None
         rank, world = (0, 1) if stage.global_state else (shard, self.world)
         try:
-            with ShardWriter(storage.join(self.stage_dir(s), name), self.compression,
-                             scratch=s < len(self.stages) - 1) as writer:
-                stream: Iterator = self._read(s, path, info)
+            sink = _SignatureSink(self, s, shard) if steps_state is None and self.signatures_only(s) else \
+                ShardWriter(storage.join(self.stage_dir(s), name), self.compression, scratch=s < len(self.stages) - 1)
+            with sink as writer:
+                stream: Iterator = self._read(s if read_as is None else read_as, path, info)
                 for step, st in zip(steps, stats):
                     stream = _accounted(step.run(_counted(stream, st), rank, world), st, step.name, excluded)
                 for doc in stream:
@@ -264,6 +286,27 @@ class RunPlan:
         storage.atomic_write_json(storage.join(self.state_dir(s), f"{shard:05d}.stats.json"), result)
         storage.atomic_write_text(self.marker(s, shard), "")  # last: the shard is complete
         return result
+
+
+class _SignatureSink:
+    """In place of a stage's ShardWriter when the stage is signatures only (RunPlan.signatures_only):
+    keeps each document's id and signature and writes them as one file at close."""
+
+    def __init__(self, run: RunPlan, s: int, shard: int):
+        self.path, self.plan = run.signature_path(s, shard), _plan(run, s + 1)
+        self.ids: list[str] = []
+        self.encoded: list[str] = []
+
+    def write(self, doc: Document) -> None:
+        self.ids.append(doc.id)
+        self.encoded.append(doc.metadata[SIGNATURE_KEY])
+
+    def __enter__(self) -> _SignatureSink:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            _write_segments(self.path, self.plan.pack_signatures(self.ids, self.encoded))
 
 
 def run_global_stage(run: RunPlan, s: int, after_shard: Callable[[int], None] | None = None) -> list[int]:
@@ -366,7 +409,11 @@ def partition_exchange(output: str | os.PathLike) -> dict[int, dict]:
 
 def index_task(run: RunPlan, s: int, shard: int) -> dict:
     plan = _plan(run, s)
-    payloads, side = plan.index(read_jsonl(run.shard_path(s - 1, shard)), shard)
+    if run.signatures_only(s - 1):
+        sig_file = run.signature_path(s - 1, shard)
+        payloads, side = plan.index_signatures([_read_segment(sig_file, k, 3) for k in range(3)], shard)
+    else:
+        payloads, side = plan.index(read_jsonl(run.shard_path(s - 1, shard)), shard)
     # Segments: one per partition, then the side payload.
     _write_segments(_phase(run, s, "index", f"{shard:05d}.bin"), [*payloads, side or b""])
     storage.atomic_write_text(_phase(run, s, "index", f"{shard:05d}.done"), "")  # last: the shard is indexed
@@ -409,7 +456,10 @@ def filter_task(run: RunPlan, s: int, shard: int) -> dict:
         decisions = [storage.read_bytes(_phase(run, s, "merge", f"{shard:05d}.json"))]
     else:
         decisions = _reduced(run, s, plan, shard)
-    return run.run_shard(s, shard, run.shard_path(s - 1, shard), steps_state=[plan.filter(decisions)])
+    steps = [plan.filter(decisions)]
+    if run.signatures_only(s - 1):  # stage s - 1 kept no documents: its input is read again
+        return run.run_shard(s, shard, run.input_path(s - 1, shard), steps_state=steps, read_as=s - 1)
+    return run.run_shard(s, shard, run.shard_path(s - 1, shard), steps_state=steps)
 
 
 def _counted(docs: Iterable[Document], st: StepStats) -> Iterator[Document]:
@@ -548,6 +598,7 @@ class Executor:
         stages = _stages(steps)
         run = RunPlan(self.out, reader, stages, self.keep_excluded, self.on_malformed, self.compression,
                       len(files), self.dedup_memory, self.card_examples, self.dedup_partitions)
+        run.files = [str(f) for f in files]
         for stage in stages:
             s = stage.index
             finished = run.done(s)
