@@ -280,3 +280,32 @@ def test_the_signature_stage_keeps_no_documents_and_the_filter_rereads_the_input
     assert outputs(tmp_path / "out4") == outputs(tmp_path / "out0")
     scratch = sorted(p.name for p in (tmp_path / "out4" / ".stages" / "0").iterdir())
     assert scratch == [f"{i:05d}.signatures.bin" for i in range(6)]
+
+
+def test_a_run_begun_with_documents_in_the_signature_stage_resumes(tmp_path, corpus, references, monkeypatch):
+    # Before signature files, the signature stage wrote its documents (with their signatures): a run
+    # killed then, after that stage, is resumed from those documents.
+    from llamaworks.data import dedup_partitioned
+    from llamaworks.data.document import read_jsonl
+
+    ref_root, ref_stats = references["minhash"]
+    orig = dedup_partitioned.MinHashPartitioned.index_signatures
+
+    def failing(self, *a, **k):
+        raise Boom
+
+    monkeypatch.setattr(dedup_partitioned.MinHashPartitioned, "index_signatures", failing)
+    run = lambda: LocalExecutor(tmp_path / "out", workers=1, keep_excluded=True, progress=False,  # noqa: E731
+                                dedup_partitions=3).run("web", JsonlReader(), PIPELINES["minhash"](), [corpus])
+    with pytest.raises(Boom):
+        run()
+    step = PIPELINES["minhash"]()[0].parallel_part()
+    stage = tmp_path / "out" / ".stages" / "0"
+    for i, f in enumerate(sorted(corpus.glob("*.jsonl.gz"))):  # the old layout: documents, no signature file
+        (stage / f"{i:05d}.signatures.bin").unlink()
+        with ShardWriter(stage / f"{i:05d}.jsonl.gz", scratch=True) as w:
+            for doc in step.run(read_jsonl(f)):
+                w.write(doc)
+    monkeypatch.setattr(dedup_partitioned.MinHashPartitioned, "index_signatures", orig)
+    stats = run()
+    assert without_partitioned(stats) == ref_stats and outputs(tmp_path / "out") == outputs(ref_root)

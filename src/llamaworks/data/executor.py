@@ -409,8 +409,9 @@ def partition_exchange(output: str | os.PathLike) -> dict[int, dict]:
 
 def index_task(run: RunPlan, s: int, shard: int) -> dict:
     plan = _plan(run, s)
-    if run.signatures_only(s - 1):
-        sig_file = run.signature_path(s - 1, shard)
+    sig_file = run.signature_path(s - 1, shard)
+    # A run begun before signature files (its stage s - 1 wrote documents) resumes from those.
+    if run.signatures_only(s - 1) and not storage.exists(run.shard_path(s - 1, shard)):
         payloads, side = plan.index_signatures([_read_segment(sig_file, k, 3) for k in range(3)], shard)
     else:
         payloads, side = plan.index(read_jsonl(run.shard_path(s - 1, shard)), shard)
