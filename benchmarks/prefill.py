@@ -54,8 +54,8 @@ LOCAL_PRESETS = {**PRESETS, "small": dict(ModelArgs.from_name("small").to_params
 SIZE = 16  # tokens per block, the engine's default
 
 
-def make_model(preset: str, bf16: bool = False):
-    model = build_model(ModelArgs(**LOCAL_PRESETS[preset]), seed=0).eval()
+def make_model(preset: str, bf16: bool = False, dtype: torch.dtype = torch.float32):
+    model = build_model(ModelArgs(**LOCAL_PRESETS[preset]), seed=0).eval().to(dtype)  # serve --dtype
     fuse_projections(model)
     use_native_kernels(model)
     if bf16:  # serve --prefill-bf16
@@ -63,9 +63,15 @@ def make_model(preset: str, bf16: bool = False):
     return model
 
 
-def set_path(model, split: bool) -> None:
+def set_path(model, path: str) -> None:
+    """split: prefill_attention (the native kernel where it applies); split_sdpa: the same without
+    the kernel (LLAMAWORKS_PREFILL_KERNEL=0: SDPA's parts merged); gather: the gather path."""
     for layer in model.layers:
-        layer.attention.kv_cache.splits_prefill = split
+        layer.attention.kv_cache.splits_prefill = path != "gather"
+    if path == "split_sdpa":
+        os.environ["LLAMAWORKS_PREFILL_KERNEL"] = "0"
+    else:
+        os.environ.pop("LLAMAWORKS_PREFILL_KERNEL", None)
 
 
 def cases(a, vocab: int) -> dict[str, list[tuple[list[list[int]], int]]]:
@@ -160,32 +166,34 @@ def pass_bench(a, model) -> dict:
     ids = torch.arange(1, rows * max_blocks + 1)
     rows_blocks = (ids.view(max_blocks, rows).t() if a.scattered else ids.view(rows, max_blocks)).contiguous()
     out = {}
+    paths = ("split", "split_sdpa" if a.attention_ab else "gather")
+    other = paths[1]
     for name, passes in cases(a, model.args.vocab_size).items():
         tokens = sum(len(r) for ids_, _ in passes for r in ids_)
-        times = {"split": [], "gather": []}
+        times = {p: [] for p in paths}
         logits = {}
         with torch.no_grad():
             for _ in range(a.rounds):
-                for path in ("split", "gather"):
-                    set_path(model, path == "split")
+                for path in paths:
+                    set_path(model, path)
                     t0 = time.perf_counter()
                     logits[path] = run_case(model, table, passes, rows_blocks)
                     times[path].append(time.perf_counter() - t0)
         med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
         parts = {}
-        for path in ("split", "gather"):
-            set_path(model, path == "split")
+        for path in paths:
+            set_path(model, path)
             parts[path] = by_parts(model, table, passes, rows_blocks)
-        set_path(model, True)
-        diff = (logits["split"] - logits["gather"]).abs().max().item()
+        set_path(model, "split")
+        diff = (logits["split"] - logits[other]).abs().max().item()
         out[name] = {"passes": len(passes), "prompt_tokens": tokens, "wall_ms_median": med,
                      "tokens_per_s": {p: tokens / m * 1e3 for p, m in med.items()},
-                     "gather_over_split": med["gather"] / med["split"], "parts": parts,
+                     f"{other}_over_split": med[other] / med["split"], "parts": parts,
                      "max_abs_logit_diff": diff,
-                     "argmax_equal": bool(torch.equal(logits["split"].argmax(-1), logits["gather"].argmax(-1)))}
-        print(f"{name}: {len(passes)} passes, {tokens} tokens: split {med['split']:.1f} ms, gather "
-              f"{med['gather']:.1f} ms ({med['gather'] / med['split']:.2f}x); max |logit diff| {diff:.2e}")
-        for path in ("split", "gather"):
+                     "argmax_equal": bool(torch.equal(logits["split"].argmax(-1), logits[other].argmax(-1)))}
+        print(f"{name}: {len(passes)} passes, {tokens} tokens: split {med['split']:.1f} ms, {other} "
+              f"{med[other]:.1f} ms ({med[other] / med['split']:.2f}x); max |logit diff| {diff:.2e}")
+        for path in paths:
             print(f"  {path} by parts: " + ", ".join(f"{k[:-3] if k.endswith('_ms') else k} "
                                                     f"{v:.1f}" for k, v in parts[path].items() if v is not None))
     return out
@@ -245,6 +253,10 @@ def main() -> None:
                     "repeat a value to interleave repeated runs)")
     ap.add_argument("--prefill-bf16", action="store_true", help="part 2: a third engine per chunk value, the split "
                     "attention with prompt products in bf16 (serve --prefill-bf16)")
+    ap.add_argument("--attention-ab", action="store_true", help="part 1: the split path with the native prefill "
+                    "kernel against without it (LLAMAWORKS_PREFILL_KERNEL=0) instead of against the gather path")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="part 1's model and cache (serve --dtype)")
     ap.add_argument("--smoke", action="store_true", help="the tiny preset, short prompts, one round, a few requests")
     ap.add_argument("--output", default="benchmarks/results/prefill.json")
     add_label_argument(ap)
@@ -257,7 +269,8 @@ def main() -> None:
     machine = machine_record(a.label, bandwidth=False)
     out = {"command": "prefill.py " + " ".join(sys.argv[1:]), "machine": machine, "preset": a.preset,
            "threads": torch.get_num_threads(),
-           "passes": None if a.no_passes else pass_bench(a, make_model(a.preset))}
+           "dtype": a.dtype, "passes": None if a.no_passes else pass_bench(
+               a, make_model(a.preset, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32))}
     if not a.no_engine:
         runs = []
         for chunk in [None if c.strip().lower() == "none" else int(c) for c in a.prefill_chunks.split(",")]:

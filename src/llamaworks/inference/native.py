@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ops.cpp", "step.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp",
-           "gemv_scalar.cpp", "int4_tiles.cpp")
-HEADERS = ("gemv.h", "gemv_body.h", "attn_body.h")
+           "gemv_scalar.cpp", "int4_tiles.cpp", "prefill_attn.cpp")
+HEADERS = ("gemv.h", "gemv_body.h", "attn_body.h", "prefill_body.h")
 NAME = "llamaworks_native"
 # No -march: the instruction sets are chosen per file, at run time. -fopenmp: at::parallel_for is
 # inline OpenMP code in the headers (torch's CPU backend), so without it the kernels ran on one
@@ -252,6 +252,7 @@ def _register_fakes() -> None:
     # decode_attention: q's shape (bsz, heads, seq, head_dim), contiguous
     torch.library.register_fake("llamaworks::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
     torch.library.register_fake("llamaworks::paged_attention")(lambda q, k, v, blocks, pos: q.new_empty(q.shape))
+    torch.library.register_fake("llamaworks::prefill_attention")(lambda q, k, v, kp, vp: q.new_empty(q.shape))
     _state.fakes = True
 
 

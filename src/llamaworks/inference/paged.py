@@ -174,9 +174,12 @@ def merge_attention(out: torch.Tensor, lse: torch.Tensor, out2: torch.Tensor, ls
 
 def prefill_attention(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> torch.Tensor:
     """Causal attention of a chunk of queries at positions start..start+seq-1 over the keys up to
-    each one's position, q (bsz, heads, seq, head_dim) -> (bsz, heads, seq, head_dim): SDPA causal
+    each one's position, q (bsz, heads, seq, head_dim) -> (bsz, heads, seq, head_dim): the native
+    kernel where it applies (prefill_kernel_applies), else SDPA causal
     over the chunk's own keys (the flash kernel skips the blocks the causal mask hides) and, with
     a prefix, unmasked over its keys, merged by the two parts' log-sum-exp (merge_attention)."""
+    if prefill_kernel_applies(q, k, v):
+        return torch.ops.llamaworks.prefill_attention(q, k.chunk, v.chunk, k.prefix, v.prefix)
     gqa = k.chunk.shape[1] != q.shape[1]
     if k.prefix.shape[2] == 0:
         return F.scaled_dot_product_attention(q, k.chunk, v.chunk, is_causal=True, enable_gqa=gqa)
@@ -189,6 +192,19 @@ def prefill_attention(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> torch.
     out, lse = flash(q, keys[0], values[0])
     out2, lse2 = flash(q, keys[1], values[1], is_causal=True)
     return merge_attention(out, lse, out2, lse2)
+
+
+def prefill_kernel_applies(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> bool:
+    """Whether llamaworks::prefill_attention (csrc/prefill_attn.cpp: the chunk's causal keys and the
+    prefix in one pass, tiles of keys shared by many query rows) takes this prefill: on CPU, q and
+    every key and value part of one dtype, fp32 or bf16, a head_dim the kernel has (a multiple of
+    16 up to 256), the library loaded, no gradient, and LLAMAWORKS_PREFILL_KERNEL not 0 (A/B runs)."""
+    parts = (k.chunk, v.chunk, k.prefix, v.prefix)
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and all(t.device.type == "cpu" and t.dtype == q.dtype for t in parts)
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
+            and os.environ.get("LLAMAWORKS_PREFILL_KERNEL", "1") != "0" and native.available()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, *parts))))
 
 
 def paged_kernel_applies(q: torch.Tensor, pool: torch.Tensor) -> bool:
