@@ -319,9 +319,15 @@ def llama_cpp_batched(paths: dict, a, batches: list[int], name: str, n_params: i
             cmd += ["-nr"] if "no repack" in q else []  # --no-repack: its plain kernels, as the batch-1 row
             times = []
             for _ in range(a.repeats):
-                # stdin closed: with stdin an open pipe, llama-batched-bench prints no results (seen with 0.3.36)
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
-                lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("{")]
+                # stdin closed: with stdin an open pipe, llama-batched-bench prints no results (seen with 0.3.36).
+                # Its results go through llama.cpp's asynchronous log thread, which exit can cut off before it
+                # prints them (exit 0 and no JSON line in 1 to 4 of 6 runs here): such a run is repeated, up to 5 times.
+                for _attempt in range(5):
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                                          stdin=subprocess.DEVNULL)
+                    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("{")]
+                    if proc.returncode or lines:
+                        break
                 if proc.returncode or not lines:
                     print(f"(llama.cpp {q} batch {bsz}: llama-batched-bench failed, exit {proc.returncode}: "
                           f"{proc.stderr[-500:]})")
