@@ -130,14 +130,7 @@ def build_dir() -> Path:
     for name in (*SOURCES, *HEADERS):
         h.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
     h.update(f"{torch.__version__} {sys.version} {platform.machine()} {' '.join(CFLAGS + LDFLAGS)}".encode())
-    root = os.environ.get("LLAMAWORKS_NATIVE_DIR")
-    if root:
-        base = Path(root)
-    elif sys.prefix != sys.base_prefix:  # a virtual environment: keep the build with it
-        base = Path(sys.prefix) / "llamaworks-native"
-    else:
-        base = Path.home() / ".cache" / "llamaworks" / "native"
-    return base / h.hexdigest()[:16]
+    return text_native.native_root() / h.hexdigest()[:16]
 
 
 def library_path() -> Path:

@@ -45,17 +45,21 @@ def compiler() -> list[str]:
     return shlex.split(cxx)
 
 
+def native_root() -> Path:
+    """Where every native build of llamaworks lives (this library and inference/native.py's):
+    LLAMAWORKS_NATIVE_DIR, else beside the virtual environment, else the user's cache."""
+    root = os.environ.get("LLAMAWORKS_NATIVE_DIR")
+    if root:
+        return Path(root)
+    if sys.prefix != sys.base_prefix:  # a virtual environment: keep the build with it
+        return Path(sys.prefix) / "llamaworks-native"
+    return Path.home() / ".cache" / "llamaworks" / "native"
+
+
 def library_path() -> Path:
     h = hashlib.sha256(SOURCE.read_bytes())
     h.update(f"{platform.machine()} {' '.join(compiler() + CFLAGS)}".encode())
-    root = os.environ.get("LLAMAWORKS_NATIVE_DIR")
-    if root:
-        base = Path(root)
-    elif sys.prefix != sys.base_prefix:  # a virtual environment: keep the build with it
-        base = Path(sys.prefix) / "llamaworks-native"
-    else:
-        base = Path.home() / ".cache" / "llamaworks" / "native"
-    return base / f"text-{h.hexdigest()[:16]}" / f"{NAME}.so"
+    return native_root() / f"text-{h.hexdigest()[:16]}" / f"{NAME}.so"
 
 
 def build() -> Path:
