@@ -9,6 +9,7 @@ import torch
 from llamaworks.inference.load import load_model
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import PARAMS, TOKENIZER, WEIGHTS, save_model
+from llamaworks.modeldir import load_model as modeldir_load_model
 from llamaworks.weights import read_safetensors
 
 
@@ -38,12 +39,32 @@ def test_weights_are_memory_mapped_not_copied(tmp_path, tiny_tokenizer):
             return int(f.read().split()[1]) * 4096
 
     before = rss()
-    model, _ = load_model(path, fuse=False)  # fusion (on by default) concatenates wq/wk/wv, w1/w3: copies
+    model, _ = modeldir_load_model(path)
     grown = rss() - before
     assert grown < size / 4, (grown, size)
     w = model.layers[0].attention.wq.weight
     w_again = read_safetensors(path / WEIGHTS)["layers.0.attention.wq.weight"]
     assert torch.equal(w, w_again)
+    del model, w
+
+
+def test_inference_load_holds_one_copy_of_the_weights(tmp_path, tiny_tokenizer):
+    # inference.load_model moves the mapped weights into one huge-page arena where the kernel has
+    # transparent huge pages (inference/hugepages.py): one copy, never the file's pages and the arena both.
+    args = ModelArgs(dim=512, n_layers=4, n_heads=8, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=64)
+    path = save_model(build_model(args, seed=0), tiny_tokenizer, tmp_path / "m")
+    size = (path / WEIGHTS).stat().st_size
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    before = rss()
+    model, _ = load_model(path, fuse=False)  # fusion (on by default) concatenates wq/wk/wv, w1/w3: copies
+    grown = rss() - before
+    assert grown < size * 1.25, (grown, size)
+    assert torch.equal(model.layers[0].attention.wq.weight,
+                       read_safetensors(path / WEIGHTS)["layers.0.attention.wq.weight"])
 
 
 def test_dtype_conversion_on_load(tiny_model_dir):
