@@ -1,5 +1,5 @@
 """Fixtures of the inference tests that need the native kernels (test_kernels*, test_step_ops,
-test_paged_attention, test_int4_tiles)."""
+test_paged_attention, test_prefill_kernel, test_int4_tiles)."""
 
 import os
 
@@ -22,4 +22,17 @@ def native_lib():
     assert native.load(), "built but not loaded"
     yield
     native.reset()
+    native.configure()
+
+
+@pytest.fixture
+def isa(request, native_lib):
+    """Run the test under instruction set `request.param` (indirect parametrisation; skipped where
+    the CPU lacks it), then go back to the CPU's own."""
+    best = native.choose_isa(native.cpu_features())
+    if native.ISAS.index(request.param) > native.ISAS.index(best):
+        pytest.skip(f"this CPU cannot run {request.param}")
+    native.configure(limit=request.param)
+    assert native.current_isa() == request.param
+    yield request.param
     native.configure()

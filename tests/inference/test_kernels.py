@@ -49,18 +49,6 @@ ops = torch.ops.llamaworks
 SHAPES = [(33, 77), (64, 512), (5, 96), (16, 1000)]  # (out, in): odd, tails of every width, int4-able
 
 
-@pytest.fixture
-def isa(request, native_lib):
-    """Run the test under instruction set `request.param` (skipped where the CPU lacks it)."""
-    best = native.choose_isa(native.cpu_features())
-    if native.ISAS.index(request.param) > native.ISAS.index(best):
-        pytest.skip(f"this CPU cannot run {request.param}")
-    native.configure(limit=request.param)
-    assert native.current_isa() == request.param
-    yield request.param
-    native.configure()
-
-
 def int4_args(w: torch.Tensor, group: int):
     packed, s, z = quantize_int4(w, group)
     return packed, s, z, (native_int4_layout(packed), s.contiguous(), (z - 8 * s).contiguous())

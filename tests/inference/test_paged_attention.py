@@ -25,16 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 ops = torch.ops.llamaworks
 
 
-@pytest.fixture
-def isa(request, native_lib):
-    best = native.choose_isa(native.cpu_features())
-    if native.ISAS.index(request.param) > native.ISAS.index(best):
-        pytest.skip(f"this CPU cannot run {request.param}")
-    native.configure(limit=request.param)
-    yield request.param
-    native.configure()
-
-
 def paged_case(g, dtype, bsz, heads, kv_heads, seq, head_dim, size, lengths, num_blocks=64, width=None):
     """Pools of random keys and values, a table whose rows hold `lengths` tokens in scattered
     blocks (rows 0 and 1 share their first block when both have one), entries past a row's end

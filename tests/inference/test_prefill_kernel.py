@@ -16,16 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 ops = torch.ops.llamaworks
 
 
-@pytest.fixture
-def isa(request, native_lib):
-    best = native.choose_isa(native.cpu_features())
-    if native.ISAS.index(request.param) > native.ISAS.index(best):
-        pytest.skip(f"this CPU cannot run {request.param}")
-    native.configure(limit=request.param)
-    yield request.param
-    native.configure()
-
-
 def case(g, dtype, bsz, heads, kv_heads, seq, start, head_dim):
     """q (bsz, heads, seq, head_dim); the chunk's keys and values as the cache's update hands them
     over, a (bsz, seq, kv_heads, head_dim) tensor transposed (strided); a prefix of `start` positions."""
