@@ -28,43 +28,39 @@ def test_round_trip_same_logits(tiny_model, tiny_model_dir):
     assert params["dim"] == 128 and "n_layers" in params and "ffn_dim_multiplier" not in params  # Meta's keys
 
 
-def test_weights_are_memory_mapped_not_copied(tmp_path, tiny_tokenizer):
-    # ~37 MB of fp32 weights: loading must not read them into fresh memory.
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.fixture
+def mid_model_dir(tmp_path, tiny_tokenizer):
+    """A model directory with ~37 MB of fp32 weights: enough to tell a copy from a mapping."""
     args = ModelArgs(dim=512, n_layers=4, n_heads=8, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=64)
-    path = save_model(build_model(args, seed=0), tiny_tokenizer, tmp_path / "m")
-    size = (path / WEIGHTS).stat().st_size
+    return save_model(build_model(args, seed=0), tiny_tokenizer, tmp_path / "m")
 
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
 
-    before = rss()
-    model, _ = modeldir_load_model(path)
-    grown = rss() - before
+def test_weights_are_memory_mapped_not_copied(mid_model_dir):
+    # Loading must not read the weights into fresh memory.
+    size = (mid_model_dir / WEIGHTS).stat().st_size
+    before = _rss()
+    model, _ = modeldir_load_model(mid_model_dir)
+    grown = _rss() - before
     assert grown < size / 4, (grown, size)
-    w = model.layers[0].attention.wq.weight
-    w_again = read_safetensors(path / WEIGHTS)["layers.0.attention.wq.weight"]
-    assert torch.equal(w, w_again)
-    del model, w
+    w_again = read_safetensors(mid_model_dir / WEIGHTS)["layers.0.attention.wq.weight"]
+    assert torch.equal(model.layers[0].attention.wq.weight, w_again)
 
 
-def test_inference_load_holds_one_copy_of_the_weights(tmp_path, tiny_tokenizer):
+def test_inference_load_holds_one_copy_of_the_weights(mid_model_dir):
     # inference.load_model moves the mapped weights into one huge-page arena where the kernel has
     # transparent huge pages (inference/hugepages.py): one copy, never the file's pages and the arena both.
-    args = ModelArgs(dim=512, n_layers=4, n_heads=8, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=64)
-    path = save_model(build_model(args, seed=0), tiny_tokenizer, tmp_path / "m")
-    size = (path / WEIGHTS).stat().st_size
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    before = rss()
-    model, _ = load_model(path, fuse=False)  # fusion (on by default) concatenates wq/wk/wv, w1/w3: copies
-    grown = rss() - before
+    size = (mid_model_dir / WEIGHTS).stat().st_size
+    before = _rss()
+    model, _ = load_model(mid_model_dir, fuse=False)  # fusion (on by default) concatenates wq/wk/wv, w1/w3: copies
+    grown = _rss() - before
     assert grown < size * 1.25, (grown, size)
-    assert torch.equal(model.layers[0].attention.wq.weight,
-                       read_safetensors(path / WEIGHTS)["layers.0.attention.wq.weight"])
+    w_again = read_safetensors(mid_model_dir / WEIGHTS)["layers.0.attention.wq.weight"]
+    assert torch.equal(model.layers[0].attention.wq.weight, w_again)
 
 
 def test_dtype_conversion_on_load(tiny_model_dir):
