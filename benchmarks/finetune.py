@@ -315,7 +315,7 @@ class Child:
         if a.threads:
             cmd += ["--threads", str(a.threads)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if a.mmap_threshold:
+        if a.mmap_threshold or impl in a.mmap_threshold_for:
             env["MALLOC_MMAP_THRESHOLD_"] = str(1 * MIB)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info: dict = {}
@@ -590,6 +590,10 @@ def main():
                     help="children with MALLOC_MMAP_THRESHOLD_=1MiB (RSS follows live memory; the sessions before 12 "
                          "measured so): every block over 1 MiB is mapped afresh and faulted in at each step, and "
                          "llamaworks then leaves glibc's malloc as the environment sets it (train/heap.py)")
+    ap.add_argument("--mmap-threshold-for", nargs="+", default=[], metavar="IMPL",
+                    help="the 1 MiB MALLOC_MMAP_THRESHOLD_ for these implementations' children only (e.g. peft: at "
+                         "config B fp32 with glibc's defaults PEFT's process grew past 24 GiB and was killed, where "
+                         "at 1 MiB it peaks near 17 GiB)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: time steps by the child's CPU time (a development aid on a shared machine)")
     ap.add_argument("--threads", type=int, default=None)
@@ -641,6 +645,7 @@ def main():
             "activation_checkpointing": a.ac, "qlora_activation_checkpointing": a.qlora_ac, "compile": a.compile,
             "warmup_steps": a.warmup, "timed_steps": a.steps, "clock": a.clock, "repeats_when_sequential": a.repeats,
             "malloc_mmap_threshold": "1MiB" if a.mmap_threshold else "glibc default",
+            "malloc_mmap_threshold_1mib_for": a.mmap_threshold_for,
             "memory_measure": "VmHWM of the training steps in a fresh process per run (reset after setup)",
             "machine": {**machine, "loadavg_now": loadavg()},
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
