@@ -91,6 +91,11 @@ struct Scalar {
   static V exp(V x) { return std::exp(x); }
 };
 
+namespace portable {
+using I = Scalar;
+#include "prefill_body.h"
+}  // namespace portable
+
 }  // namespace
 }  // namespace lw
 
@@ -146,40 +151,15 @@ struct Avx512 {
   }
 };
 
-}  // namespace
-}  // namespace lw
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-namespace lw {
-namespace {
-
-namespace portable {
-using I = Scalar;
-#include "prefill_body.h"
-}  // namespace portable
-
-}  // namespace
-}  // namespace lw
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-#endif
-namespace lw {
-namespace {
+// The kernel body at 16 lanes, compiled for the same target as its vector type.
 namespace wide {
 using I = Avx512;
 #include "prefill_body.h"
 }  // namespace wide
+
 }  // namespace
 }  // namespace lw
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
