@@ -32,7 +32,7 @@ from llamaworks.model import ModelArgs, build_model
 from . import test_kernels as base
 from .test_kernels_q8 import q8_128_reference
 
-close, isa = base.close, base.isa
+close = base.close  # the `isa` fixture is in conftest.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

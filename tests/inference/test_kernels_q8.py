@@ -30,7 +30,7 @@ from llamaworks.model import ModelArgs, build_model
 from . import test_kernels as base
 
 # test_kernels' helpers and fixtures (the library built once, an instruction set forced)
-close, int4_args, isa = base.close, base.int4_args, base.isa
+close, int4_args = base.close, base.int4_args  # the `isa` fixture is in conftest.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
