@@ -45,10 +45,11 @@ def test_an_opt_out_env_other_than_0_keeps_it_on():
     assert skip_reason(True, {OPT_OUT_ENV: "1"}, GLIBC) is None
 
 
-def test_sets_no_mmap_and_no_trim():
+def test_gives_back_what_was_freed_then_sets_no_mmap_and_no_trim():
     calls = []
-    assert keep_freed_memory(True, {}, GLIBC, lambda p, v: calls.append((p, v)) or 1)
-    assert calls == [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)]
+    assert keep_freed_memory(True, {}, GLIBC, lambda p, v: calls.append((p, v)) or 1,
+                             lambda pad: calls.append(("trim", pad)) or 1)
+    assert calls == [("trim", 0), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)]
 
 
 def test_skipping_calls_nothing_and_says_why(caplog):
@@ -59,7 +60,7 @@ def test_skipping_calls_nothing_and_says_why(caplog):
 
 
 def test_a_refused_setting_is_reported(caplog):
-    assert not keep_freed_memory(True, {}, GLIBC, lambda p, v: 0)
+    assert not keep_freed_memory(True, {}, GLIBC, lambda p, v: 0, lambda pad: 1)
     assert "mallopt refused" in caplog.text
 
 
@@ -99,6 +100,40 @@ def test_a_freed_block_is_reused_without_faulting_again():
     assert (applied, skipped) == ("True", "False")
     assert returned > 10_000, returned  # each 4 KiB page of 64 MiB faulted in again
     assert kept < 1_000, kept
+
+
+# The set-up's freed memory: 2,000 blocks of 96 KiB (under the mmap threshold, so from the heap),
+# written and freed but for the last one, which pins the heap's top (the automatic trim cannot
+# give back what lies below a live block). Applying the setting returns them (malloc_trim).
+SETUP_FREED = textwrap.dedent("""
+    import ctypes, sys
+    from llamaworks.train.heap import keep_freed_memory
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = (ctypes.c_void_p,)
+    blocks = []
+    for _ in range(2000):
+        p = libc.malloc(96 << 10)
+        ctypes.memset(p, 1, 96 << 10)
+        blocks.append(p)
+    for p in blocks[:-1]:
+        libc.free(p)
+    before = rss()
+    applied = keep_freed_memory(True)
+    print(applied, before - rss())
+""")
+
+
+@pytest.mark.skipif(not libc_name().startswith("glibc"), reason="glibc's malloc_trim")
+def test_what_the_set_up_freed_goes_back_before_the_heap_is_kept():
+    env = {k: v for k, v in os.environ.items() if k != OPT_OUT_ENV and not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run([sys.executable, "-c", SETUP_FREED], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "True"
+    assert int(out[1]) > 150 << 20, out  # ~187 MiB freed by the set-up, resident until trimmed
 
 
 @pytest.mark.parametrize("keep", [True, False])

@@ -19,7 +19,11 @@ libraries other than glibc (macOS, musl, Windows), an environment that sets glib
 glibc.malloc.* in GLIBC_TUNABLES: the user's choice wins), LLAMAWORKS_KEEP_FREED_MEMORY=0 in the
 environment (the test suite sets it, so one pytest process does not keep every test's peak), and
 train.keep_freed_memory = false in the job config. mallopt is process-wide and one-way here: the
-trainer applies it at `build`, on the CPU only (GPU tensors come from torch's caching allocator).
+trainer applies it at `build` once the weights are in place, on the CPU only (GPU tensors come from
+torch's caching allocator), and first gives back what the set-up freed (malloc_trim): a fine-tune
+reads its base in fp32 and frees it as it quantises (QLoRA) or casts it, and a heap that is never
+trimmed would keep those gigabytes resident for the whole run (QLoRA at config B: 7.1 GiB instead
+of 2.5).
 """
 
 from __future__ import annotations
@@ -74,15 +78,27 @@ def _glibc_mallopt() -> Callable[[int, int], int]:
     return libc.mallopt
 
 
+def _glibc_malloc_trim() -> Callable[[int], int]:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    libc.malloc_trim.restype = ctypes.c_int
+    return libc.malloc_trim
+
+
 def keep_freed_memory(enabled: bool = True, environ: Mapping[str, str] | None = None, libc: str | None = None,
-                      mallopt: Callable[[int, int], int] | None = None) -> bool:
-    """Have glibc keep freed memory in the process for reuse (module docstring); True when
-    applied. `environ`, `libc` and `mallopt` default to the process's (tests pass their own)."""
+                      mallopt: Callable[[int, int], int] | None = None,
+                      malloc_trim: Callable[[int], int] | None = None) -> bool:
+    """Have glibc keep freed memory in the process for reuse (module docstring), after giving back
+    what was freed so far; True when applied. `environ`, `libc`, `mallopt` and `malloc_trim`
+    default to the process's (tests pass their own)."""
     reason = skip_reason(enabled, os.environ if environ is None else environ,
                          libc_name() if libc is None else libc)
     if reason is not None:
         log.info("freed memory goes back to the system after each step: %s", reason)
         return False
+    # What the set-up freed (float weights read, then quantised or cast) goes back before the heap
+    # stops being trimmed; from here on it holds the steps' own blocks only.
+    (malloc_trim or _glibc_malloc_trim())(0)
     mallopt = mallopt or _glibc_mallopt()
     # mallopt returns 1 on success; a partial setting (heap blocks, still trimmed) would only move the cost.
     if not all(mallopt(param, value) == 1 for param, value in SETTINGS):

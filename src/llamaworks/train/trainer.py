@@ -438,9 +438,6 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     t_cfg, par = cfg.train, cfg.parallel
     amp_dtype = resolve_amp(device, t_cfg.dtype)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    if device.type == "cpu":  # each step's activations reuse the last step's pages instead of faulting in new ones
-        keep_freed_memory(t_cfg.keep_freed_memory)
-
     torch.manual_seed(t_cfg.seed)
     # Sharded initialisation: the model is built on the meta device (no memory), split as
     # cfg.parallel says, and only then are this rank's shards allocated and filled, each
@@ -467,6 +464,8 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     if spec.adapt is not None:
         spec.adapt(model)
     model.train()
+    if device.type == "cpu":  # each step's activations reuse the last step's pages instead of faulting in new ones
+        keep_freed_memory(t_cfg.keep_freed_memory)  # after the weights: what their set-up freed is given back
     if loss_parallel:
         from torch.distributed.tensor.parallel import loss_parallel as loss_context
     else:
