@@ -460,6 +460,23 @@ def test_decode_attention_checks_its_operands_and_traces(native_lib):
     torch.library.opcheck(ops.decode_attention, (q, k, v, mask), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_splits_heads_over_threads_with_the_same_bits(native_lib, dtype):
+    # The base preset's decode shape (12 heads of 64, a cache of 256): its rows now go to both
+    # threads, each with scratch of its own; a row is one thread's work, so the bits cannot move.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 12, 64, generator=g).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(1, 12, 256, 64, generator=g).to(dtype) for _ in range(2))
+    mask = (torch.arange(256) <= 150).view(1, 1, 1, -1)
+    one = ops.decode_attention(q, k, v, mask)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(ops.decode_attention(q, k, v, mask), one)
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_native_attention_survives_fusion_and_gives_the_same_logits(native_lib):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16, max_seq_len=32)
     ref = build_model(args).eval()

@@ -259,8 +259,12 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const int lvl = level.load(std::memory_order_relaxed);
   const lw::AttentionFn fn = lvl >= AVX512 ? lw::avx512_attention : lvl == AVX2 ? lw::avx2_attention
                                                                                  : lw::scalar_attention;
-  // A row is about L * D multiply-adds twice: below ~2^18 per thread a fork/join costs more.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, L * D));
+  // A row reads up to L keys and values of D elements. In a decode step the cache is cold (the
+  // step's weights, streamed since this layer's last call, evicted it), so the rows wait on
+  // memory, and two threads read it about twice as fast: from 2^15 elements a row's share of
+  // the cache outweighs a fork/join. (It was 2^18, which kept the A, small and base presets'
+  // 8-12 heads on one thread at a cache of 256.)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, L * D));
   at::parallel_for(0, B * H * S, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> scores(L);
     fn(a, r0, r1, scores.data());
