@@ -413,3 +413,22 @@ def test_prefill_smoke(tmp_path):
     assert {r["prefill_chunk"] for r in d["engine"]} == {None, 64}
     for case in d["passes"].values():  # the split prefill attention gives the gather path's logits
         assert case["max_abs_logit_diff"] < 1e-3 and case["parts"]["split"]["linear_ms"] > 0
+
+
+@pytest.mark.slow
+def test_serve_split_smoke(tmp_path):
+    from llamaworks.inference import native
+
+    if not native.available():
+        pytest.skip("the native kernels are not built (python -m llamaworks.inference.native build)")
+    out = tmp_path / "serve_split.json"
+    run("serve_split", "--smoke", "--ab", "--output", str(out), "--label", "test")
+    d = json.loads(out.read_text())
+    assert d["machine"]["label"] == "test" and [r["changes_on"] for r in d["runs"]] == [True, False]
+    layers = 4  # the tiny preset
+    for r in d["runs"]:
+        split = r["split"]
+        assert split["prompt"]["passes"] >= 1 and split["decode"]["passes"] >= 1
+        assert split["prompt"]["parts_s"]["prefill_attention"] > 0 and split["decode"]["parts_s"]["paged_attention"] > 0
+        # RoPE and the pool write: one call per layer with the changes on, three (RoPE of q, of k, the write) off
+        assert split["decode"]["calls_per_pass"]["rope_cache_write"] == layers * (1 if r["changes_on"] else 3)

@@ -122,3 +122,54 @@ def test_prefill_attention_takes_the_kernel_unless_switched_off(native_lib, monk
     monkeypatch.delenv("LLAMAWORKS_PREFILL_KERNEL")
     with torch.enable_grad():
         assert not paged.prefill_kernel_applies(q.requires_grad_(), kr, vr)
+
+
+# bf16 on AVX512_BF16 CPUs (the avx512bf16 level): vdpbf16ps for q.k (exact products, fp32 sums) and
+# p.v (the probabilities rounded to bf16, normalised by the sum of the rounded values).
+U = 2.0**-8  # bf16's unit roundoff: 8 significant bits, round to nearest
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16"], indirect=True)
+@pytest.mark.parametrize("shape", [
+    (1, 4, 4, 70, 13, 64),   # odd tiles (13 prefix keys, 70 chunk keys), past a query tile of 64
+    (2, 6, 2, 33, 40, 128),  # GQA, two sequences, head_dim 128
+    (1, 2, 1, 1, 0, 16),     # one query, one key: a pair with its second half missing
+])
+def test_bf16_dot_products_stay_within_the_probabilities_rounding(isa, shape, monkeypatch):
+    # With p~_j = p_j (1 + d_j), |d_j| <= U, out~ = sum p~ v / sum p~ differs from fp32 math's out by
+    # sum p_j d_j (v_j - out) / sum p~ (the sum p_j (v_j - out) is 0), at most U max_j |v_j - out| / (1 - U);
+    # then out~ is rounded to bf16 (U |out|). The scores' fp32 sums of exact products move the probabilities
+    # by ~1e-6 relative. So |got - want| <= U (max |v - want| + |want|) + 1e-5 per element, with max |v - want|
+    # bounded by max |v| + |want|. Values offset by 3: a common offset the normalisation must cancel.
+    bsz, heads, kv_heads, seq, start, head_dim = shape
+    g = torch.Generator().manual_seed(seq + start)
+    q, k, v, kp, vp = case(g, torch.bfloat16, bsz, heads, kv_heads, seq, start, head_dim)
+    v, vp = (v.float() + 3).bfloat16(), (vp.float() + 3).bfloat16()
+    got = ops.prefill_attention(q, k, v, kp, vp).float()
+    want = reference(q, k, v, kp, vp)
+    vmax = max(v.float().abs().max().item(), vp.float().abs().max().item() if start else 0.0)
+    bound = U * (vmax + 2 * want.abs()) / (1 - U) + 1e-5
+    assert ((got - want).abs() <= bound).all(), ((got - want).abs() - bound).max()
+    # The dot-product path ran: the widening path (LLAMAWORKS_PREFILL_DOT=0, avx512's code) rounds only
+    # the output, so it is closer to fp32 math and not the same bits.
+    monkeypatch.setenv("LLAMAWORKS_PREFILL_DOT", "0")
+    widened = ops.prefill_attention(q, k, v, kp, vp).float()
+    assert ((widened - want).abs() <= U * want.abs() + 1e-5).all()
+    if shape[3] > 1:  # one key: p = 1, exact in bf16 either way
+        assert not torch.equal(widened, got)
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16"], indirect=True)
+def test_bf16_dot_products_mask_exactly_the_causal_keys(isa):
+    # As test_causal_edges_each_query_sees_exactly_its_keys, in bf16: zero queries give every seen key
+    # p = 1 (exact in bf16), one-hot values, so each output is 1 / (keys seen) or 0, rounded to bf16.
+    start, seq = 5, 40
+    n = start + seq
+    q = torch.zeros(1, 1, seq, 64, dtype=torch.bfloat16)
+    keys = torch.randn(1, 1, n, 64).bfloat16()
+    values = torch.zeros(1, 1, n, 64, dtype=torch.bfloat16)
+    values[0, 0, torch.arange(n), torch.arange(n)] = 1.0
+    out = ops.prefill_attention(q, keys[:, :, start:], values[:, :, start:], keys[:, :, :start], values[:, :, :start])
+    seen = torch.arange(64).view(1, -1) <= (start + torch.arange(seq)).view(-1, 1)  # (seq, 64)
+    want = (seen.float() / (start + torch.arange(seq) + 1).view(-1, 1)).bfloat16()
+    assert torch.equal(out[0, 0], want)

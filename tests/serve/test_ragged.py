@@ -11,14 +11,19 @@ import time
 import pytest
 import torch
 
+from llamaworks.inference import native
+from llamaworks.inference.load import load_model
 from llamaworks.inference.paged import (
     PAGED_MAX_QUERIES,
+    PagedKVCache,
     PagedRead,
+    Ragged,
     RaggedGroup,
     RaggedRead,
     paged_attention_reference,
     ragged_attention,
     ragged_groups,
+    setup_paged_caches,
 )
 from llamaworks.serve import engine as engine_module
 from llamaworks.serve.engine import Engine, Request
@@ -70,7 +75,12 @@ def test_ragged_attention_equals_each_runs_masked_gather(dtype, kv_heads):
     got = ragged_attention(q, RaggedRead(pool_k, blocks, pos, new_k, tuple(groups)),
                            RaggedRead(pool_v, blocks, pos, new_v, tuple(groups)))
     assert got.shape == q.shape and got.dtype == dtype
+    # Without `new` (PagedKVCache.rope_update), the runs' own keys are read back at their slots: the same.
+    read_back = ragged_attention(q, RaggedRead(pool_k, blocks, pos, None, tuple(groups), slots),
+                                 RaggedRead(pool_v, blocks, pos, None, tuple(groups), slots))
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    # The native kernels read any strides alike; SDPA (not built) may sum in another order.
+    torch.testing.assert_close(read_back, got, **(dict(atol=0, rtol=0) if native.available() else tol))
     at = 0
     for r, (a, n) in enumerate(runs):
         p = torch.arange(a, a + n).unsqueeze(0)
@@ -206,3 +216,55 @@ def test_the_ragged_pass_is_off_where_it_cannot_run(tiny_model_dir):
     finally:
         eng.stop(cancel=True, timeout=30)
     assert eng._table.ragged is None  # cleared after each pass: other passes read the table as before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_write_in_one_call_equal_the_operators_bit_for_bit(tiny_model_dir, dtype, monkeypatch):
+    # A ragged pass of the fused attention takes PagedKVCache.rope_update (llamaworks::rope_cache on the
+    # pool seen as one row, q token-major): logits and both pools after the pass are those of
+    # apply_rotary_emb + update's write (rope_in_one off), bit for bit; runs of one token (decoding
+    # rows), a prompt from 0, a rest after a prefix, and a short rest.
+    if not native.available():
+        pytest.skip("the native kernels are not built here")
+    model, _ = load_model(tiny_model_dir, dtype=dtype, tokenizer=False)
+    size, width = 4, 8
+    table = setup_paged_caches(model, 64, size, model.args.max_seq_len)
+    g = torch.Generator().manual_seed(1)
+    runs = [(13, 1), (0, 11), (5, 1), (8, 10), (9, 3)]
+    order, groups = ragged_groups(runs)
+    runs = [runs[j] for j in order]
+    blocks = (torch.randperm(63, generator=g) + 1)[: len(runs) * width].view(len(runs), width)
+    pos = torch.cat([torch.arange(a, a + n) for a, n in runs])
+    row_of = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor([n for _, n in runs]))
+    slots = blocks[row_of, pos // size] * size + pos % size
+    ids = torch.randint(3, model.args.vocab_size, (1, len(pos)), generator=g)
+    start = [(c.k.clone(), c.v.clone()) for c in (layer.attention.kv_cache for layer in model.layers)]
+    for k, v in start:  # the earlier positions' keys: anything, the same for both passes
+        k.copy_(torch.randn(k.shape, generator=g))
+        v.copy_(torch.randn(v.shape, generator=g))
+    calls = []
+    real = PagedKVCache.rope_update
+    monkeypatch.setattr(PagedKVCache, "rope_update", lambda self, *a: calls.append(1) or real(self, *a))
+
+    def run(in_one: bool):
+        for layer, (k, v) in zip(model.layers, start):
+            cache = layer.attention.kv_cache
+            cache.rope_in_one = in_one
+            cache.k.copy_(k)
+            cache.v.copy_(v)
+        table.blocks, table.ragged = blocks, Ragged(slots, tuple(groups))
+        try:
+            with torch.no_grad():
+                logits = model(ids, pos.unsqueeze(0))
+        finally:
+            table.ragged = None
+        return logits, [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone())
+                        for layer in model.layers]
+
+    want, want_pools = run(False)
+    assert calls == []
+    got, got_pools = run(True)
+    assert len(calls) == len(model.layers)
+    assert torch.equal(got, want)
+    for (k, v), (wk, wv) in zip(got_pools, want_pools):
+        assert torch.equal(k, wk) and torch.equal(v, wv)

@@ -29,6 +29,7 @@ from llamaworks.inference.kernels import (
     eager_native_step,
     native_attention_class,
 )
+from llamaworks.inference.paged import PagedKVCache
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
 from llamaworks.model import Attention, FeedForward
@@ -149,14 +150,16 @@ class FusedAttention(FusedProjections, Attention):
 
     In eager decoding with the native kernels, the RoPE of q and k and the cache write are one
     call (llamaworks::rope_cache, csrc/step.cpp) instead of some 40 small operators per layer
-    (apply_rotary_emb twice, KVCache.update), with the same results bit for bit; compiled
-    graphs, training and a cache of another kind (paged.py's) take Attention.forward."""
+    (apply_rotary_emb twice, KVCache.update), with the same results bit for bit; so too in the
+    serving engine's ragged passes over a paged cache (PagedKVCache.rope_update). Compiled
+    graphs, training and other paged passes take Attention.forward."""
 
     fused_name, parts, order = "wqkv", ("wq", "wk", "wv"), ("wq", "wk", "wv", "wo")
 
     def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
         cache = self.kv_cache
-        if (input_pos is None or type(cache) is not KVCache or freqs.dtype != torch.float32
+        ragged = type(cache) is PagedKVCache and cache.table.ragged is not None and cache.rope_in_one
+        if (input_pos is None or not (type(cache) is KVCache or ragged) or freqs.dtype != torch.float32
                 or not eager_native_step(x, cache.k, cache.v)):
             return super().forward(x, freqs, input_pos, mask, rows)
         bsz, seqlen, _ = x.shape
@@ -164,9 +167,12 @@ class FusedAttention(FusedProjections, Attention):
         if qkv.dtype != cache.k.dtype:
             return super().forward(x, freqs, input_pos, mask, rows)
         heads, kv_heads = self.sizes[0] // self.head_dim, self.sizes[1] // self.head_dim
-        q = torch.ops.llamaworks.rope_cache(qkv, freqs, input_pos, _NO_ROWS if rows is None else rows,
-                                            cache.k, cache.v, heads, kv_heads)  # (bsz, heads, seq, head_dim)
-        k, v = (cache.k[:bsz], cache.v[:bsz]) if rows is None else (cache.k[rows], cache.v[rows])
+        if ragged:
+            q, k, v = cache.rope_update(qkv, freqs, input_pos, heads, kv_heads)  # q (1, heads, T, head_dim)
+        else:
+            q = torch.ops.llamaworks.rope_cache(qkv, freqs, input_pos, _NO_ROWS if rows is None else rows,
+                                                cache.k, cache.v, heads, kv_heads)  # (bsz, heads, seq, head_dim)
+            k, v = (cache.k[:bsz], cache.v[:bsz]) if rows is None else (cache.k[rows], cache.v[rows])
         out = self.attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 

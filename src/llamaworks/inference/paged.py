@@ -24,7 +24,8 @@ each forward pass; every layer's cache reads that one table. Two ways to read:
   reads the weights once for all of them; update() writes each token where `Ragged.slots` says
   and returns a RaggedRead, and the attention (ragged_attention) runs per group of runs
   (ragged_groups): runs of up to PAGED_MAX_QUERIES tokens through the paged kernel, longer runs
-  at the same positions through prefill_attention;
+  at the same positions through prefill_attention; a fused attention's RoPE and the write are
+  one native call instead (rope_update);
 - otherwise (batched prompt rests at different positions, other devices, gradients): the
   sequence's `width` blocks are gathered into contiguous keys (bsz, heads, width*B, head_dim) for
   one SDPA call, the torch path. The model's mask hides every key past the query's position, so
@@ -48,6 +49,7 @@ from torch import nn
 from llamaworks.inference import native
 
 NULL_BLOCK = 0
+_ROW0 = torch.zeros(1, dtype=torch.long)  # rope_update's cache row of every token, expanded
 
 # Query positions per sequence up to which a pass reads through the table (decode: 1; a
 # speculative verify: draft tokens + 1). Longer passes (prefill chunks) are compute-bound
@@ -97,13 +99,27 @@ class Ragged(NamedTuple):
 
 class RaggedRead(NamedTuple):
     """What PagedKVCache.update returns in a ragged pass: the layer's pool, the table, each token's
-    position (T,), the pass's own keys (or values) as written (T, n_kv_heads, head_dim), the groups."""
+    position (T,), the pass's own keys (or values) as written (T, n_kv_heads, head_dim), the groups.
+    `new` None (PagedKVCache.rope_update, which writes the pool without returning the keys): the
+    pass's own keys are read back from the pool at `slots` (T,), Ragged.slots, by the groups that
+    need them (runs longer than PAGED_MAX_QUERIES)."""
 
     pool: torch.Tensor
     blocks: torch.Tensor
     pos: torch.Tensor
-    new: torch.Tensor
+    new: torch.Tensor | None
     groups: tuple[RaggedGroup, ...]
+    slots: torch.Tensor | None = None
+
+    def run_keys(self, group: RaggedGroup, head_dim: int) -> torch.Tensor:
+        """The pass's own keys (or values) of `group`'s runs, (runs, n_kv_heads, length, head_dim)."""
+        a, b = group.first, group.first + group.runs * group.length
+        if self.new is not None:
+            return self.new[a:b].view(group.runs, group.length, self.new.shape[1], head_dim).transpose(1, 2)
+        heads = self.pool.shape[0]
+        # A copy of the group's tokens only (T x n_kv_heads x head_dim), beside attention over them.
+        flat = self.pool.view(heads, -1, head_dim).index_select(1, self.slots[a:b])  # (n_kv_heads, b - a, hd)
+        return flat.view(heads, group.runs, group.length, head_dim).transpose(0, 1)
 
 
 def ragged_groups(runs: Sequence[tuple[int, int]]) -> tuple[list[int], list[RaggedGroup]]:
@@ -241,8 +257,7 @@ def ragged_attention(q: torch.Tensor, k: RaggedRead, v: RaggedRead) -> torch.Ten
             pos = k.pos[a:b].view(g.runs, g.length)
             o = paged_read(qg.contiguous(), PagedRead(k.pool, blocks, pos), PagedRead(v.pool, blocks, pos))
         else:
-            # The group's own keys and values, (T, kv_heads, hd) -> (runs, kv_heads, length, hd).
-            ck, cv = (t[a:b].view(g.runs, g.length, t.shape[1], head_dim).transpose(1, 2) for t in (k.new, v.new))
+            ck, cv = k.run_keys(g, head_dim), v.run_keys(g, head_dim)  # (runs, kv_heads, length, hd)
             o = prefill_attention(qg, PrefillRead(prefix_keys(k.pool, blocks, g.start), ck),
                                   PrefillRead(prefix_keys(v.pool, blocks, g.start), cv))
         out[0, a:b] = o.transpose(1, 2).reshape(b - a, heads, head_dim)
@@ -303,9 +318,11 @@ class PagedKVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # Whether decode passes read through the table (PagedRead), and prefill passes split their
         # attention (PrefillRead): set by setup_paged_caches, where the attention module reads
-        # them; False keeps the gather path.
+        # them; False keeps the gather path. rope_in_one: ragged passes of a fused attention
+        # take rope_update (LLAMAWORKS_RAGGED_ROPE=0 turns it off, for A/B runs).
         self.reads_table = False
         self.splits_prefill = False
+        self.rope_in_one = False
 
     @property
     def seq_len(self) -> int:
@@ -339,6 +356,32 @@ class PagedKVCache(nn.Module):
             return (PrefillRead(prefix_keys(self.k, blocks, start), chunk_k),
                     PrefillRead(prefix_keys(self.v, blocks, start), chunk_v))
         return gather(self.k, blocks), gather(self.v, blocks)
+
+    def rope_update(self, qkv: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor, n_heads: int,
+                    n_kv_heads: int) -> tuple[torch.Tensor, RaggedRead, RaggedRead]:
+        """A ragged pass's RoPE of q and k and its cache write as one native call per layer
+        (llamaworks::rope_cache, csrc/step.cpp), for fuse.py's FusedAttention, instead of
+        apply_rotary_emb twice and update's write: some 30 operators per layer, a few us each,
+        which on a small model were a large part of a decode step. qkv (1, T, (H + 2 Hkv) * hd)
+        is the fused projection's output, freqs (1, T, hd/2, 2) its rows' angles. rope_cache's
+        cache is (rows, Hkv, L, hd) at (row, position): the pool seen as one row (Hkv,
+        num_blocks * B, hd) with each token at its slot (Ragged.slots) is that, and each token
+        a sequence of its own (T, 1, ...) gives q token-major, (T, H, 1, hd). q is returned as
+        the (1, H, T, hd) view the attention takes, in which a group of one-token runs is that
+        contiguous (T, H, 1, hd) again, as the paged kernel takes it, with no copy. Keys and
+        values written as update writes them, rotated bit for bit as apply_rotary_emb does;
+        the RaggedReads carry no `new`: runs that need their own keys read them at their slots."""
+        ragged = self.table.ragged
+        heads, num_blocks, size, head_dim = self.k.shape
+        tokens = qkv.shape[1]
+        q = torch.ops.llamaworks.rope_cache(
+            qkv.view(tokens, 1, -1), freqs.view(tokens, 1, head_dim // 2, 2), ragged.slots.view(tokens, 1),
+            _ROW0.expand(tokens), self.k.view(1, heads, num_blocks * size, head_dim),
+            self.v.view(1, heads, num_blocks * size, head_dim), n_heads, n_kv_heads)  # (T, H, 1, hd)
+        q = q.view(tokens, n_heads, head_dim).transpose(0, 1).unsqueeze(0)  # (1, H, T, hd), a view
+        pos = input_pos[0]
+        return (q, RaggedRead(self.k, self.table.blocks, pos, None, ragged.groups, ragged.slots),
+                RaggedRead(self.v, self.table.blocks, pos, None, ragged.groups, ragged.slots))
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write keys and values (tokens, n_kv_heads, head_dim) at `slots` (tokens,) of the pools
@@ -390,6 +433,7 @@ def setup_paged_caches(model, num_blocks: int, block_size: int, max_seq_len: int
         if reads_table or splits:
             att.__class__ = paged_attention_class(type(att))
             att.kv_cache.reads_table, att.kv_cache.splits_prefill = reads_table, splits
+        att.kv_cache.rope_in_one = os.environ.get("LLAMAWORKS_RAGGED_ROPE", "1") != "0"
     return table
 
 

@@ -15,6 +15,19 @@
 // Work item: (sequence b, key head hk, tile of QT query positions); items are taken from a shared
 // counter, latest query tiles (the most keys) first, so two threads stay balanced under the
 // causal mask. Below avx512 the same algorithm runs on plain floats (W = 1).
+//
+// bf16 on CPUs with AVX512_BF16 (the avx512bf16 level: Zen 4, Cooper Lake, Sapphire Rapids):
+// both products as bf16 dot products (vdpbf16ps: two bf16 products summed into each fp32 lane),
+// prefill_item_dot below, instead of widening every key and value to fp32 for an FMA each (the
+// widening path made bf16 prefill attention no faster than fp32). Scores q.k pair up head
+// dimensions: a lane holds (q[2e], q[2e+1]) of its query row and the key's pair is broadcast, so
+// the keys are read from the cache as they are, no widening. Outputs p.v pair up keys: the
+// probabilities are rounded to bf16 (as flash attention's bf16 kernels do) and a tile's values
+// interleaved pairwise ((v[2i][d], v[2i+1][d]) per 32 bits) once per tile for every row block.
+// The products are exact and the sums fp32; what differs from fp32 math is the probabilities'
+// rounding (2^-9 relative): the softmax's denominator sums the rounded values, so the weights
+// still sum to 1 and the output is off by at most 2^-9 max|v - out| before its own bf16 rounding
+// (tests/inference/test_prefill_kernel.py). The widening path stays for lower levels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -23,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -33,7 +47,7 @@ extern "C" int lw_level();  // ops.cpp: the instruction set in use (native.py's 
 namespace lw {
 namespace {
 
-constexpr int LEVEL_AVX512 = 2;  // ops.cpp's Level
+constexpr int LEVEL_AVX512 = 2, LEVEL_AVX512BF16 = 4;  // ops.cpp's Level
 constexpr int64_t QT = 64;       // query positions per work item
 constexpr int KT = 32;           // keys per tile (one softmax update)
 constexpr int RB = 32;           // query rows per row block: 2 vectors at 16 lanes
@@ -71,7 +85,17 @@ struct Scratch {
   std::vector<float> m, l;    // (blocks, RB): running maximum and sum per row
   std::vector<float> kt, vt;  // (KT, D): a bf16 tile's keys and values widened
   std::vector<float> s;       // (KT, RB): a tile's scores
+  // The bf16 dot-product path (prefill_item_dot), 32-bit pairs of bf16 values:
+  std::vector<uint32_t> qb;   // (blocks, D/2, RB): queries, head dimensions 2e, 2e+1 per lane
+  std::vector<uint32_t> pb;   // (KT/2, RB): probabilities, keys 2i, 2i+1 per lane
+  std::vector<uint32_t> vb;   // (KT/2, D): values, keys 2i, 2i+1 per head dimension
 };
+
+inline uint32_t load_pair(const uint16_t* p) {  // two bf16 values, any alignment
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 // Scalar "vector" for the portable level: one lane.
 struct Scalar {
@@ -166,7 +190,173 @@ using I = Avx512;
 #pragma GCC pop_options
 #endif
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16,avx2,fma")
+#endif
+
+namespace lw {
 namespace {
+
+// 16 fp32 values rounded to bf16 (nearest even), zero-extended into the low half of 32-bit lanes.
+inline __m512i bf16_lanes(__m512 x) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)); }
+
+// prefill_body.h's work item for bf16 inputs with vdpbf16ps (see the top of this file): the same
+// tiles, masks and online softmax (Avx512's exp), the two products as bf16 dot products.
+void prefill_item_dot(const Prefill& a, int64_t b, int64_t hk, int64_t s0, Scratch& sc) {
+  using I = Avx512;
+  using V = __m512;
+  constexpr int W = 16, NR = RB / W, KJ = 8, DJ = 8;
+  const int64_t D = a.D, DP = D / 2, group = a.H / a.Hkv, nq = std::min(QT, a.S - s0);
+  const int64_t per_head = (nq + RB - 1) / RB, blocks = group * per_head;
+  const uint16_t* q16 = static_cast<const uint16_t*>(a.q);
+  // Queries as they are (bf16), pairs of head dimensions per lane; the scale goes on the scores.
+  for (int64_t x = 0; x < blocks; ++x) {
+    const int64_t h = hk * group + x / per_head, p0 = s0 + (x % per_head) * RB;
+    uint32_t* qb = sc.qb.data() + x * DP * RB;
+    for (int r = 0; r < RB; ++r) {
+      if (p0 + r < s0 + nq) {
+        const uint16_t* qp = q16 + b * a.qs[0] + h * a.qs[1] + (p0 + r) * a.qs[2];
+        for (int64_t e = 0; e < DP; ++e) qb[e * RB + r] = load_pair(qp + 2 * e);
+      } else {
+        for (int64_t e = 0; e < DP; ++e) qb[e * RB + r] = 0u;
+      }
+    }
+    std::fill(sc.ot.begin() + x * D * RB, sc.ot.begin() + (x + 1) * D * RB, 0.0f);
+    std::fill(sc.m.begin() + x * RB, sc.m.begin() + (x + 1) * RB, -INFINITY);
+    std::fill(sc.l.begin() + x * RB, sc.l.begin() + (x + 1) * RB, 0.0f);
+  }
+  const V scale = I::set1(a.scale);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t prefix_tiles = (a.P + KT - 1) / KT, chunk_end = s0 + nq;
+  const int64_t tiles = prefix_tiles + (chunk_end + KT - 1) / KT;
+  float* s = sc.s.data();
+  uint32_t* pb = sc.pb.data();
+  uint32_t* vb = sc.vb.data();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const bool prefix = t < prefix_tiles;
+    const int64_t c0 = prefix ? t * KT : (t - prefix_tiles) * KT;
+    const int64_t n = std::min<int64_t>(KT, (prefix ? a.P : chunk_end) - c0), pairs = (n + 1) / 2;
+    const int64_t* ks = prefix ? a.kps : a.kcs;
+    const int64_t* vs = prefix ? a.vps : a.vcs;
+    const uint16_t* kr = static_cast<const uint16_t*>(prefix ? a.kp : a.kc) + b * ks[0] + hk * ks[1] + c0 * ks[2];
+    const uint16_t* vr = static_cast<const uint16_t*>(prefix ? a.vp : a.vc) + b * vs[0] + hk * vs[1] + c0 * vs[2];
+    // The tile's values interleaved by pairs of keys; a missing odd key's half is 0.
+    for (int64_t i = 0; i < pairs; ++i) {
+      const uint16_t* v0 = vr + 2 * i * vs[2];
+      const uint16_t* v1 = 2 * i + 1 < n ? v0 + vs[2] : nullptr;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
+        const __m512i hi = v1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d)))
+                              : _mm512_setzero_si512();
+        _mm512_storeu_si512(vb + i * D + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+    for (int64_t x = 0; x < blocks; ++x) {
+      const int64_t p0 = s0 + (x % per_head) * RB;
+      if (!prefix && p0 + RB - 1 < c0) continue;  // no row of the block sees a key of this tile
+      const uint32_t* qb = sc.qb.data() + x * DP * RB;
+      float* ot = sc.ot.data() + x * D * RB;
+      float* m = sc.m.data() + x * RB;
+      float* l = sc.l.data() + x * RB;
+      // Scores, KJ keys at a time (past the tile's end: the last key again, not used).
+      for (int64_t j0 = 0; j0 < n; j0 += KJ) {
+        const uint16_t* kj[KJ];
+        for (int u = 0; u < KJ; ++u) kj[u] = kr + std::min<int64_t>(j0 + u, n - 1) * ks[2];
+        V acc[KJ][NR];
+        for (int u = 0; u < KJ; ++u)
+          for (int w = 0; w < NR; ++w) acc[u][w] = I::zero();
+        for (int64_t e = 0; e < DP; ++e) {
+          __m512i qv[NR];
+          for (int w = 0; w < NR; ++w) qv[w] = _mm512_loadu_si512(qb + e * RB + w * W);
+          for (int u = 0; u < KJ; ++u) {
+            const __m512i kb = _mm512_set1_epi32(static_cast<int>(load_pair(kj[u] + 2 * e)));
+            for (int w = 0; w < NR; ++w) acc[u][w] = _mm512_dpbf16_ps(acc[u][w], (__m512bh)qv[w], (__m512bh)kb);
+          }
+        }
+        for (int u = 0; u < KJ && j0 + u < KT; ++u)
+          for (int w = 0; w < NR; ++w) I::store(s + (j0 + u) * RB + w * W, I::mul(acc[u][w], scale));
+      }
+      const bool diagonal = !prefix && c0 + n - 1 > p0;
+      V pos[NR];
+      for (int w = 0; w < NR; ++w) pos[w] = I::iota(static_cast<float>(p0 + w * W));
+      V mx[NR];
+      for (int w = 0; w < NR; ++w) mx[w] = I::load(m + w * W);
+      for (int64_t j = 0; j < n; ++j)
+        for (int w = 0; w < NR; ++w) {
+          V v = I::load(s + j * RB + w * W);
+          if (diagonal) {
+            v = I::mask_below(v, pos[w], static_cast<float>(c0 + j));
+            I::store(s + j * RB + w * W, v);
+          }
+          mx[w] = I::max(mx[w], v);
+        }
+      V corr[NR], sum[NR];
+      for (int w = 0; w < NR; ++w) {
+        corr[w] = I::exp(I::sub(I::load(m + w * W), mx[w]));
+        I::store(m + w * W, mx[w]);
+        sum[w] = I::zero();
+      }
+      // Probabilities rounded to bf16 in pairs of keys; the sum is of the rounded values.
+      for (int64_t i = 0; i < pairs; ++i)
+        for (int w = 0; w < NR; ++w) {
+          const V e0 = I::exp(I::sub(I::load(s + 2 * i * RB + w * W), mx[w]));
+          const V e1 = 2 * i + 1 < n ? I::exp(I::sub(I::load(s + (2 * i + 1) * RB + w * W), mx[w])) : I::zero();
+          const __m512i pair = _mm512_or_si512(bf16_lanes(e0), _mm512_slli_epi32(bf16_lanes(e1), 16));
+          _mm512_storeu_si512(pb + i * RB + w * W, pair);
+          sum[w] = I::add(sum[w], I::add(_mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)),
+                                         _mm512_castsi512_ps(_mm512_and_si512(pair, high))));
+        }
+      for (int w = 0; w < NR; ++w) I::store(l + w * W, I::fma(I::load(l + w * W), corr[w], sum[w]));
+      // ot = ot * corr + sum_i (p[2i] v[2i] + p[2i+1] v[2i+1]), DJ head dimensions at a time.
+      for (int64_t d0 = 0; d0 < D; d0 += DJ) {
+        V o[DJ][NR];
+        for (int u = 0; u < DJ; ++u)
+          for (int w = 0; w < NR; ++w) o[u][w] = I::mul(I::load(ot + (d0 + u) * RB + w * W), corr[w]);
+        for (int64_t i = 0; i < pairs; ++i) {
+          __m512i p[NR];
+          for (int w = 0; w < NR; ++w) p[w] = _mm512_loadu_si512(pb + i * RB + w * W);
+          const uint32_t* vi = vb + i * D + d0;
+          for (int u = 0; u < DJ; ++u) {
+            const __m512i vv = _mm512_set1_epi32(static_cast<int>(vi[u]));
+            for (int w = 0; w < NR; ++w) o[u][w] = _mm512_dpbf16_ps(o[u][w], (__m512bh)p[w], (__m512bh)vv);
+          }
+        }
+        for (int u = 0; u < DJ; ++u)
+          for (int w = 0; w < NR; ++w) I::store(ot + (d0 + u) * RB + w * W, o[u][w]);
+      }
+    }
+  }
+  for (int64_t x = 0; x < blocks; ++x) {
+    const int64_t h = hk * group + x / per_head, p0 = s0 + (x % per_head) * RB;
+    const float* ot = sc.ot.data() + x * D * RB;
+    for (int r = 0; r < RB && p0 + r < s0 + nq; ++r) {
+      const float lr = sc.l[x * RB + r], inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+      uint16_t* out = static_cast<uint16_t*>(a.out) + ((b * a.H + h) * a.S + p0 + r) * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = to_bf16(ot[d * RB + r] * inv);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lw
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+// LLAMAWORKS_PREFILL_DOT=0 keeps bf16 on the widening path at the avx512bf16 level (A/B runs):
+// read per call, as paged.py reads LLAMAWORKS_PREFILL_KERNEL, so one process can time both.
+bool dot_allowed() {
+  const char* e = std::getenv("LLAMAWORKS_PREFILL_DOT");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
 
 void check_part(const at::Tensor& t, const at::Tensor& q, int64_t B, int64_t Hkv, int64_t D, const char* what) {
   TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && t.scalar_type() == q.scalar_type(),
@@ -205,7 +395,8 @@ at::Tensor prefill_attention(const at::Tensor& q_in, const at::Tensor& k_in, con
                 {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
                 {v.stride(0), v.stride(1), v.stride(2)}, {kp.stride(0), kp.stride(1), kp.stride(2)},
                 {vp.stride(0), vp.stride(1), vp.stride(2)}, 1.0f / std::sqrt(static_cast<float>(D))};
-  const bool wide = lw_level() >= lw::LEVEL_AVX512;
+  const int level = lw_level();
+  const bool wide = level >= lw::LEVEL_AVX512, dot = a.bf16 && level >= lw::LEVEL_AVX512BF16 && dot_allowed();
   const int64_t tiles = (S + lw::QT - 1) / lw::QT, items = B * Hkv * tiles;
   const int64_t blocks = (H / Hkv) * ((lw::QT + lw::RB - 1) / lw::RB);
   // Item i: the latest query tiles first (they see the most keys), so that threads taking items
@@ -221,9 +412,16 @@ at::Tensor prefill_attention(const at::Tensor& q_in, const at::Tensor& k_in, con
     sc.kt.resize(lw::KT * D);
     sc.vt.resize(lw::KT * D);
     sc.s.resize(lw::KT * lw::RB);
+    if (dot) {
+      sc.qb.resize(blocks * D / 2 * lw::RB);
+      sc.pb.resize(lw::KT / 2 * lw::RB);
+      sc.vb.resize(lw::KT / 2 * D);
+    }
     for (int64_t i = next++; i < items; i = next++) {
       const int64_t t = tiles - 1 - i / (B * Hkv), bh = i % (B * Hkv);
-      if (wide)
+      if (dot)
+        lw::prefill_item_dot(a, bh / Hkv, bh % Hkv, t * lw::QT, sc);
+      else if (wide)
         lw::wide::prefill_item(a, bh / Hkv, bh % Hkv, t * lw::QT, sc);
       else
         lw::portable::prefill_item(a, bh / Hkv, bh % Hkv, t * lw::QT, sc);
