@@ -55,7 +55,8 @@ SIZE = 16  # tokens per block, the engine's default
 
 
 def make_model(preset: str, bf16: bool = False, dtype: torch.dtype = torch.float32):
-    model = build_model(ModelArgs(**LOCAL_PRESETS[preset]), seed=0).eval().to(dtype)  # serve --dtype
+    # build_model recomputes the RoPE table in fp32 after the cast, as serve's loading does
+    model = build_model(ModelArgs(**LOCAL_PRESETS[preset]), seed=0, dtype=dtype).eval()  # serve --dtype
     fuse_projections(model)
     use_native_kernels(model)
     if bf16:  # serve --prefill-bf16
