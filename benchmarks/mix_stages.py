@@ -1,5 +1,5 @@
 """Where `data mix` spends its CPU seconds, stage by stage (issue 20), with the compiled text kernels
-(tokenizer/native.py) and with the numpy passes they replace.
+(tokenizer/native.py) and orjson, and with the reference paths they replace (numpy passes, json).
 
     .venv/bin/python benchmarks/mix_stages.py --mix-mb 200 --label quiet \
         --json benchmarks/results/mix_stages_quiet.json
@@ -37,8 +37,8 @@ from pathlib import Path
 from data_throughput import make_mix_corpus  # benchmarks/ is on sys.path
 from machine import add_label_argument, record_in_child, write_result
 
+from llamaworks.data import document, shards
 from llamaworks.data import mix as mix_module
-from llamaworks.data import shards
 from llamaworks.tokenizer import native, word_cache
 
 
@@ -128,7 +128,7 @@ def profiled_mix(corpus: Path, out: Path) -> dict:
     saved = []
     targets = [(shards, "_records", "read JSONL lines (decompress, split)", None, True),
                (shards, "_document_of", "parse JSON", None, False),
-               (shards, "_in_val", "val-split hashes", None, False),
+               (shards, "_val_mask", "val-split hashes", None, False),
                (shards.ShardWriter, "write", "shard writes", None, False),
                (shards, "_encode", "encode: the rest (on the numpy path the id gather too)", None, False),
                (word_cache, "_utf8", "encode: texts to UTF-8", None, False),
@@ -216,7 +216,9 @@ def main() -> None:
         for _ in range(args.repeats):  # round robin: each row's fastest run
             for path in paths:
                 native.set_enabled(path == "compiled")
+                document.set_fast_json(path == "compiled")  # the reference path parses with json alone
                 os.environ["LLAMAWORKS_NATIVE"] = "1" if path == "compiled" else "0"  # the spawned workers too
+                os.environ["LLAMAWORKS_FAST_JSON"] = os.environ["LLAMAWORKS_NATIVE"]
                 rows = result["paths"][path]
                 for key, run in (("one_process", lambda out: profiled_mix(work / "corpus", out)),
                                  (f"{args.workers}_workers", lambda out: pooled_mix(work / "corpus", out,
@@ -228,6 +230,7 @@ def main() -> None:
                     if key not in rows or r["wall_s"] < rows[key]["wall_s"]:
                         rows[key] = r
         native.set_enabled(True)
+        document.set_fast_json(True)
     for path, rows in result["paths"].items():
         one = rows["one_process"]
         print(f"\n{path}: one process {one['wall_s']:.2f} s wall, {one['cpu_s']:.2f} s CPU "

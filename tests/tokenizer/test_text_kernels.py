@@ -42,16 +42,21 @@ def numpy_chunks(texts, isolated, enc: FlatEncoder):
     return buf, start, length, lo, hi, found, per_text
 
 
-def compiled_chunks(lib, texts, isolated, enc: FlatEncoder):
+def compiled_chunks(lib, texts, isolated, enc: FlatEncoder, isa: str | None = None):
     buf = _joined([t.encode("utf-8") for t in texts])
     start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(isolated), len(texts), enc._table,
-                                                           enc._lo, enc._hi)
+                                                           enc._lo, enc._hi, isa=isa)
     return buf, start, length, lo, hi, found, per_text
 
 
 def assert_same_chunks(lib, texts, isolated, enc):
+    """lw_chunks with every byte classification this CPU runs (portable, AVX2, AVX-512BW) = the numpy passes."""
     want = numpy_chunks(texts, isolated, enc)
-    got = compiled_chunks(lib, texts, isolated, enc)
+    for isa in native.chunk_isas(lib):
+        assert_same_as(want, compiled_chunks(lib, texts, isolated, enc, isa), texts)
+
+
+def assert_same_as(want, got, texts):
     assert got[0] == want[0]
     short = want[2] <= 15  # a long key's (lo, hi) is unused (looked up by its bytes): only the short ones must agree
     for name, g, w in zip(("start", "length"), got[1:3], want[1:3]):
@@ -92,6 +97,45 @@ def test_the_probe_follows_linear_probing_runs(lib, tiny_tokenizer):
     slots = _hash(*_packed(buf, start, length)).view(np.int64) & (len(enc._table) - 1)
     assert len(np.unique(slots)) < len(slots)  # collisions do happen
     assert_same_chunks(lib, [" ".join(words)], enc.isolated, enc)
+
+
+def test_isas_are_listed_and_an_unknown_one_refused(lib):
+    isas = native.chunk_isas(lib)
+    assert isas[0] == "portable"
+    table, keys = np.full(8, -1, np.int64), np.zeros(2, np.uint64)
+    missing = [name for name in native.ISAS if name not in isas]
+    for name in missing:  # an ISA this CPU lacks is refused, never run
+        with pytest.raises(AssertionError, match="cannot run"):
+            native.chunks(lib, b"\xff a", _flags(b""), 1, table, keys, keys, isa=name)
+
+
+@pytest.mark.parametrize("isolated", [b"", b"\n12", b"\x00\x7f!"])
+def test_chunks_across_words_and_blocks_are_the_numpy_passes(lib, tiny_tokenizer, isolated):
+    # The vector classifications work on 64-byte words in 4096-byte blocks: space runs, isolated bytes,
+    # documents and empty documents on both sides of every boundary, and buffers ending mid-word.
+    enc = FlatEncoder(tiny_tokenizer)
+    enc.encode(["ab cd 12 \n e"])
+    rng = np.random.default_rng(5)
+    for total in (62, 63, 64, 65, 127, 4093, 4094, 4095, 4096, 4097, 8191, 8200):
+        for _ in range(3):
+            texts, size = [], 2  # _joined: 2 bytes before each text
+            while size < total:
+                n = int(rng.integers(0, min(300, total - size) + 1))
+                texts.append("".join(rng.choice(["a", "b", " ", "  ", "\n", "1", "\x00", "!", "\u00e9"],
+                                                size=n).tolist())[:n])
+                size += len(texts[-1].encode()) + 2
+            assert_same_chunks(lib, texts, isolated, enc)
+    # A space run of 200 bytes over a word boundary, then one over a block boundary.
+    assert_same_chunks(lib, ["x" * 50 + " " * 200 + "y", "z" * 4000 + " " * 300 + "w"], isolated, enc)
+
+
+def test_a_non_ascii_isolated_byte_takes_the_portable_classes(lib, tiny_tokenizer):
+    # The vector classes hold isolated ASCII bytes only (a nibble bitmap); any other set is classified
+    # per byte, the same chunks as numpy's. 0xC3 (the lead byte of "é") as isolated: never from a model.
+    enc = FlatEncoder(tiny_tokenizer)
+    texts = ["caf\u00e9 au lait \u00e9\u00e9", "\n\u00e9x", ""] * 40
+    assert split_chunks(texts, b"\n\xc3")[3].sum() > split_chunks(texts, b"\n")[3].sum()  # 0xC3 does cut
+    assert_same_chunks(lib, texts, b"\n\xc3", enc)
 
 
 def test_more_documents_than_texts_are_refused(lib):

@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -120,6 +121,15 @@ def _in_val(doc_id: str, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") < val_fraction * 2**64
 
 
+def _val_mask(doc_ids: list[str], seed: int, val_fraction: float) -> np.ndarray:
+    """[_in_val(i, seed, val_fraction) for i in doc_ids] as a bool array: the digests joined and compared
+    as one uint64 array, not an int and a float comparison per document. Exact: for an integer h,
+    h < f (a float) holds when h < ceil(f), an integer below 2**64 here."""
+    prefix = f"{seed}\0".encode()
+    digests = b"".join([hashlib.blake2b(prefix + i.encode(), digest_size=8).digest() for i in doc_ids])
+    return np.frombuffer(digests, "<u8") < np.uint64(math.ceil(val_fraction * 2**64))
+
+
 # ---------------------------------------------------------------------------- encoding
 
 
@@ -145,19 +155,22 @@ def _init_worker(tokenizer) -> None:
 
 
 def _encode(records: list[Record], seed: int, val_fraction: float, tokenizer=None) -> tuple:
-    """A batch of records parsed, split and encoded: (document ids and sources, in val, empty documents,
-    (tokens, lengths)). Runs in the workers: JSON, the val-split hashes and the encoder in parallel."""
+    """A batch of records parsed, split and encoded: ((the batch's sources, each document's index in
+    them), in val, empty documents, (tokens, lengths)). Runs in the workers: JSON, the val-split hashes
+    and the encoder in parallel. The ids stay here (the split is decided here); the sources go back
+    as names and an index array, not a string per document."""
     docs = [_document_of(r) for r in records]
     kept = [d for d in docs if d[2].strip()]  # an empty document is counted, never encoded
-    meta = [d[:2] for d in kept]
-    val = np.fromiter((_in_val(doc_id, seed, val_fraction) for doc_id, _ in meta), bool, len(meta))
+    names: dict[str, int] = {}
+    which = np.fromiter((names.setdefault(d[1], len(names)) for d in kept), np.int64, len(kept))
+    val = _val_mask([d[0] for d in kept], seed, val_fraction)
     # SentencePiece models of LLaMA's kind go through a word cache (same ids, several times faster);
     # any other tokenizer through its encode_batch. Arrays, not lists: far cheaper to send back from a worker.
     flat, lengths = flat_encoder(_WORKER_TOKENIZER if tokenizer is None else tokenizer).encode(
         [d[2] for d in kept], bos=True, eos=True)
     if len(flat) and 0 <= flat.min() and flat.max() < 2**31:  # half the bytes to send back; prepare checks the range
         flat = flat.astype(np.int32)
-    return meta, val, len(docs) - len(kept), (flat, lengths)
+    return (list(names), which), val, len(docs) - len(kept), (flat, lengths)
 
 
 def _batches(records: Iterator[Record], batch_chars: int) -> Iterator[list[Record]]:
@@ -336,11 +349,9 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
             for split, mine in (("train", ~val), ("val", val)):
                 counts[split]["documents"] += int(mine.sum())
                 counts[split]["tokens"] += int(lengths[mine].sum())
-            names = [source for _, source in meta]
-            distinct = set(names)
-            for source in distinct:
-                mine = np.fromiter((n == source for n in names), bool, len(names)) if len(distinct) > 1 else \
-                    np.ones(len(names), bool)
+            names, which = meta
+            for k, source in enumerate(names):
+                mine = which == k
                 c = sources.setdefault(source, {"documents": 0, "tokens": 0})
                 c["documents"] += int(mine.sum())
                 c["tokens"] += int(lengths[mine].sum())

@@ -93,7 +93,9 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     lib.lw_chunks.restype = _i64
     lib.lw_chunks.argtypes = [ctypes.c_char_p, _i64, ctypes.c_char_p, _i64, _ptr, _i64, _ptr, _ptr,
-                              _ptr, _ptr, _ptr, _ptr, _ptr, _ptr]
+                              _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
+    lib.lw_isas.restype = _i64
+    lib.lw_isas.argtypes = []
     lib.lw_doc_lengths.restype = _i64
     lib.lw_doc_lengths.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr]
     lib.lw_assemble.restype = None
@@ -130,11 +132,22 @@ class Scratch:
             self.ints, self.words = np.empty((3, size), np.int64), np.empty((2, size), np.uint64)
 
 
+# lw_chunks' byte classification (csrc/text_kernels.cpp, ISA_*): the portable one is the reference.
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+
+
+def chunk_isas(lib) -> list[str]:
+    """The ISAs lw_chunks can classify bytes with on this CPU, by name (tests run each)."""
+    have = lib.lw_isas()
+    return [name for name, k in ISAS.items() if have >> k & 1]
+
+
 def chunks(lib, buf: bytes, flags: bytes, texts: int, table: np.ndarray, key_lo: np.ndarray,
-           key_hi: np.ndarray, scratch: Scratch | None = None) -> tuple[np.ndarray, ...]:
+           key_hi: np.ndarray, scratch: Scratch | None = None, isa: str | None = None) -> tuple[np.ndarray, ...]:
     """(start, length, lo, hi, found, per_text) of word_cache's chunks of `buf` (lw_chunks): found is
     the cached chunk, -1 when not cached, -2 for a key over 15 bytes (not in the table). With `scratch`
-    the first five are views of its arrays, valid until its next use."""
+    the first five are views of its arrays, valid until its next use. `isa` (a key of ISAS): classify
+    the bytes with that one (None: the widest this CPU runs)."""
     n = len(buf)
     scratch = scratch or Scratch()
     scratch.ensure(n)  # a chunk starts at a distinct byte: at most n of them
@@ -142,7 +155,8 @@ def chunks(lib, buf: bytes, flags: bytes, texts: int, table: np.ndarray, key_lo:
     per_text = np.zeros(texts, np.int64)
     k = lib.lw_chunks(buf, n, flags, texts, _p(table, np.int64), len(table) - 1, _p(key_lo, np.uint64),
                       _p(key_hi, np.uint64), out[0].ctypes.data, out[1].ctypes.data, words[0].ctypes.data,
-                      words[1].ctypes.data, out[2].ctypes.data, per_text.ctypes.data)
+                      words[1].ctypes.data, out[2].ctypes.data, per_text.ctypes.data, -1 if isa is None else ISAS[isa])
+    assert k != -3, f"lw_chunks cannot run isa {isa!r} here (it has {chunk_isas(lib)})"
     assert k >= 0, "the buffer's documents are not `texts`: 0xFF inside a text?"
     return out[0, :k], out[1, :k], words[0, :k], words[1, :k], out[2, :k], per_text
 

@@ -3,10 +3,13 @@
 //
 // lw_chunks/lw_doc_lengths/lw_assemble: the word cache's hot loop (tokenizer/word_cache.py), the
 // numpy passes of split_chunks, _packed, _hash, _probe and the id gather done in one pass each.
-// lw_minhash: word-shingle MinHash signatures (data/dedup.py's minhash_signatures) from the
+// lw_isas: the ISAs lw_chunks can be asked for. lw_minhash: word-shingle MinHash signatures (data/dedup.py's minhash_signatures) from the
 // texts' word hashes. lw_copy_runs: the mix's gather of documents' tokens (data/mix.py). Every result is the numpy path's, bit for bit (the tests compare them).
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -27,24 +30,147 @@ inline uint64_t slot_hash(uint64_t lo, uint64_t hi) {  // word_cache._hash
     return h ^ (h >> 32);
 }
 
-enum : uint8_t { PLAIN = 0, SPACE = 1, ISOLATED = 2, DOC = 3 };
+// lw_chunks' byte classes, as 64-bit masks per 64 bytes of a block: a bit for every byte that starts
+// something (an event): the first space of a run, an isolated byte, a document's 0xFF. The portable
+// masks read a table per byte and are the reference; the AVX2 and AVX-512BW ones compare 32 / 64
+// bytes at a time, isolated bytes found by a nibble bitmap (two byte shuffles: exact for any set of
+// ASCII bytes). tests/tokenizer/test_text_kernels.py runs every ISA this CPU has against numpy.
+enum : int64_t { ISA_BEST = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+constexpr int64_t BLOCK = 4096;  // bytes classified per call: their masks stay in L1
+
+struct Classes {
+    uint8_t iso[256];      // 1 for an isolated byte (never the space or 0xFF, which are classes of their own)
+    uint8_t nibbles[16];   // [low nibble]: bit h set when byte (h << 4 | low nibble) is isolated (h < 8)
+    bool ascii_only;       // every isolated byte is ASCII: the nibble bitmap holds the whole set
+    explicit Classes(const uint8_t* isolated) : nibbles{}, ascii_only(true) {
+        for (int b = 0; b < 256; ++b) {
+            iso[b] = (isolated[b] && b != 0x20 && b != 0xFF) ? 1 : 0;
+            if (!iso[b]) continue;
+            if (b < 0x80) nibbles[b & 15] |= static_cast<uint8_t>(1u << (b >> 4));
+            else ascii_only = false;
+        }
+    }
+};
+
+// ev[w]: the events among bytes 64w .. 64w+63 of p[0:len] (len <= BLOCK; bits past len clear);
+// *carry: whether the byte before p is a space, updated to p's last byte.
+using MaskFn = void (*)(const uint8_t*, int64_t, const Classes&, uint64_t*, uint64_t*);
+
+inline uint64_t first_of_runs(uint64_t space, uint64_t* carry) {  // the spaces not after a space
+    const uint64_t runs = space & ~((space << 1) | *carry);
+    *carry = space >> 63;
+    return runs;
+}
+
+void masks_portable(const uint8_t* p, int64_t len, const Classes& cls, uint64_t* ev, uint64_t* carry) {
+    for (int64_t w = 0; w * 64 < len; ++w) {
+        const int64_t m = len - 64 * w < 64 ? len - 64 * w : 64;
+        uint64_t space = 0, other = 0;
+        for (int64_t j = 0; j < m; ++j) {
+            const uint8_t b = p[64 * w + j];
+            space |= static_cast<uint64_t>(b == 0x20) << j;
+            other |= static_cast<uint64_t>(cls.iso[b] | (b == 0xFF)) << j;
+        }
+        ev[w] = first_of_runs(space, carry) | other;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) void masks_avx2(const uint8_t* p, int64_t len, const Classes& cls, uint64_t* ev,
+                                                 uint64_t* carry) {
+    const __m256i nibbles = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cls.nibbles)));
+    const __m256i bits = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0,
+                                          1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), space = _mm256_set1_epi8(0x20), doc = _mm256_set1_epi8(-1);
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t w = 0; w * 64 < len; ++w) {
+        alignas(32) uint8_t tail[64];
+        const uint8_t* q = p + 64 * w;
+        const int64_t m = len - 64 * w < 64 ? len - 64 * w : 64;
+        if (m < 64) {  // the block's last bytes: copied, padded with a byte of no class
+            std::memset(tail, 'a', sizeof tail);
+            std::memcpy(tail, q, static_cast<size_t>(m));
+            q = tail;
+        }
+        uint64_t sp = 0, other = 0;
+        for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * h));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            const __m256i hit = _mm256_and_si256(_mm256_shuffle_epi8(nibbles, lo), _mm256_shuffle_epi8(bits, hi));
+            const uint32_t iso = ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(hit, zero)));
+            const uint32_t s = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, space)));
+            const uint32_t d = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, doc)));
+            sp |= static_cast<uint64_t>(s) << (32 * h);
+            other |= static_cast<uint64_t>(iso | d) << (32 * h);
+        }
+        const uint64_t valid = m == 64 ? ~0ull : (1ull << m) - 1;
+        ev[w] = (first_of_runs(sp & valid, carry) | other) & valid;
+    }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void masks_avx512(const uint8_t* p, int64_t len, const Classes& cls,
+                                                              uint64_t* ev, uint64_t* carry) {
+    const __m512i nibbles = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cls.nibbles)));
+    const __m512i bits = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 0, 0, 0, 0, 0, 0, 0, 0));
+    const __m512i low4 = _mm512_set1_epi8(0x0F), space = _mm512_set1_epi8(0x20), doc = _mm512_set1_epi8(-1);
+    for (int64_t w = 0; w * 64 < len; ++w) {
+        const int64_t m = len - 64 * w < 64 ? len - 64 * w : 64;
+        const uint64_t valid = m == 64 ? ~0ull : (1ull << m) - 1;
+        const __m512i v = _mm512_maskz_loadu_epi8(valid, p + 64 * w);  // past len: zeros, masked off below
+        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        const uint64_t iso = _mm512_test_epi8_mask(_mm512_shuffle_epi8(nibbles, lo), _mm512_shuffle_epi8(bits, hi));
+        const uint64_t sp = _mm512_cmpeq_epi8_mask(v, space) & valid;
+        const uint64_t d = _mm512_cmpeq_epi8_mask(v, doc);
+        ev[w] = (first_of_runs(sp, carry) | iso | d) & valid;
+    }
+}
+#endif
+
+int64_t isas() {  // bit k: ISA k runs here
+    static const int64_t have = [] {
+        int64_t bits = 1 << ISA_PORTABLE;
+#if defined(__x86_64__) && defined(__GNUC__)
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2")) bits |= 1 << ISA_AVX2;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) bits |= 1 << ISA_AVX512;
+#endif
+        return bits;
+    }();
+    return have;
+}
+
+MaskFn mask_fn(const Classes& cls, int64_t isa) {  // nullptr: that isa is not available
+    const int64_t have = isas();
+    if (isa == ISA_BEST) isa = (have >> ISA_AVX512 & 1) ? ISA_AVX512 : (have >> ISA_AVX2 & 1) ? ISA_AVX2 : ISA_PORTABLE;
+    if (isa < 0 || isa > ISA_AVX512 || !(have >> isa & 1)) return nullptr;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (cls.ascii_only && isa == ISA_AVX512) return masks_avx512;
+    if (cls.ascii_only && isa == ISA_AVX2) return masks_avx2;
+#endif
+    return masks_portable;  // also for a non-ASCII isolated byte, which the nibble bitmap cannot hold
+}
 
 }  // namespace
 
 extern "C" {
 
+// Bit k set: lw_chunks runs with isa k here (ISA_PORTABLE, ISA_AVX2, ISA_AVX512).
+int64_t lw_isas() { return isas(); }
+
 // Cut buf (documents each after "\xff ", "▁" already written as " ": word_cache._joined) into
 // chunks as split_chunks does, pack each key as _packed does, probe the table as _probe does.
 // Per chunk: key start and length in buf, (lo, hi), found (the cached chunk, -1 when not cached,
 // LONG_KEY for a key of more than 15 bytes); per_text[t]: chunks of text t. The outputs hold at
-// least n entries (a chunk starts at a distinct byte). Returns the number of chunks.
+// least n entries (a chunk starts at a distinct byte). isa: how the bytes are classified (ISA_*
+// below; ISA_BEST picks the widest this CPU runs). Returns the number of chunks, -1 when buf does
+// not hold `texts` documents, -3 for an isa this CPU or build cannot run.
 int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_t texts, const int64_t* table,
                   int64_t mask, const uint64_t* key_lo, const uint64_t* key_hi, int64_t* start, int64_t* length,
-                  uint64_t* lo_out, uint64_t* hi_out, int64_t* found, int64_t* per_text) {
-    uint8_t kind[256];
-    for (int b = 0; b < 256; ++b) kind[b] = isolated[b] ? ISOLATED : PLAIN;
-    kind[0x20] = SPACE;
-    kind[0xFF] = DOC;
+                  uint64_t* lo_out, uint64_t* hi_out, int64_t* found, int64_t* per_text, int64_t isa) {
+    Classes cls(isolated);
+    const MaskFn masks = mask_fn(cls, isa);
+    if (masks == nullptr) return -3;
+    if (n > 0 && buf[0] != 0xFF) return -1;  // every byte belongs to a document
     int64_t chunks = 0, text = -1, open = -1;  // open: the current chunk's key start, -1 when none
     // Pass 1, the cut: each chunk's key, packed, and its home slot (in `found` until pass 2).
     auto close = [&](int64_t end) {
@@ -68,35 +194,33 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
         ++chunks;
         ++per_text[text];
     };
-    uint8_t prev = 0xFF;
-    for (int64_t i = 0; i < n; ++i) {
-        const uint8_t b = buf[i];
-        switch (kind[b]) {
-            case PLAIN:
-                break;
-            case SPACE:
-                if (prev != 0x20) {  // the first space of a run starts a chunk; its key is after it
-                    if (open >= 0) close(i);
+    // The bytes where something starts (events: masks_*), a block at a time, then a branch per
+    // event rather than per byte: chunks average ~6 bytes, and the byte loop's switch mispredicted
+    // at every chunk boundary (3.7 ns a byte).
+    uint64_t ev[BLOCK / 64];
+    uint64_t carry = 0;  // the byte before the block is a space
+    int64_t skip = -1;   // the lone dummy-prefix space of an empty text: no chunk
+    for (int64_t at = 0; at < n; at += BLOCK) {
+        const int64_t len = n - at < BLOCK ? n - at : BLOCK;
+        masks(buf + at, len, cls, ev, &carry);
+        for (int64_t w = 0; w < (len + 63) / 64; ++w) {
+            for (uint64_t m = ev[w]; m; m &= m - 1) {
+                const int64_t i = at + 64 * w + __builtin_ctzll(m);
+                if (i == skip) continue;
+                const uint8_t b = buf[i];
+                if (open >= 0) close(i);
+                if (b == 0x20) {  // the first space of a run starts a chunk; its key is after it
                     open = i + 1;
+                } else if (b == 0xFF) {  // a text starts after its dummy-prefix space
+                    open = -1;
+                    if (text + 1 == texts) return -1;  // more documents than texts: never from UTF-8
+                    per_text[++text] = 0;
+                    if (i + 2 >= n || buf[i + 2] == 0xFF) skip = i + 1;  // the empty text has no chunk
+                } else {  // an isolated byte starts a chunk whose key starts with it
+                    open = i;
                 }
-                break;
-            case ISOLATED:  // starts a chunk whose key starts with it
-                if (open >= 0) close(i);
-                open = i;
-                break;
-            default:  // DOC: a text starts after its dummy-prefix space; the empty text has no chunk
-                if (open >= 0) close(i);
-                open = -1;
-                if (text + 1 == texts) return -1;  // more documents than texts: never from UTF-8
-                per_text[++text] = 0;
-                if (i + 2 >= n || buf[i + 2] == 0xFF) {
-                    i += 1;  // skip the empty text's lone space
-                    prev = 0x20;
-                    continue;
-                }
-                break;
+            }
         }
-        prev = b;
     }
     if (open >= 0) close(n);
     if (text + 1 != texts) return -1;  // buf did not hold `texts` documents
