@@ -29,7 +29,14 @@ from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import load_model, save_model
 from llamaworks.tokenizer.chat import LLAMA2_TEMPLATE, ChatTemplate
 from llamaworks.train.checkpoint import STATE, TRAINABLE, latest_checkpoint, list_checkpoints
-from llamaworks.train.finetune import FinetuneJobConfig, base_fingerprint, chat_template_for, run_finetune
+from llamaworks.train.finetune import (
+    FinetuneConfig,
+    FinetuneJobConfig,
+    FinetuneTrainConfig,
+    base_fingerprint,
+    chat_template_for,
+    run_finetune,
+)
 from llamaworks.train.metrics_log import read_metrics
 from llamaworks.train.sft import SFTLoader
 from llamaworks.train.trainer import evaluate
@@ -232,6 +239,17 @@ def test_the_default_config_file_lists_the_defaults():
     assert (cfg.optim.lr, cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay, cfg.optim.grad_clip) == (
         2e-5, 0.9, 0.95, 0.1, 1.0)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.schedule.warmup_ratio) == (2, 64, 0.03)
+
+
+@pytest.mark.parametrize("method, keep, expected", [
+    ("full", None, True), ("lora", None, True), ("qlora", None, False),  # QLoRA is chosen for memory
+    ("qlora", True, True), ("lora", False, False),  # a value given is kept
+])
+def test_freed_memory_is_kept_for_speed_but_returned_for_qlora(method, keep, expected):
+    cfg = FinetuneJobConfig(finetune=FinetuneConfig(method=method), train=FinetuneTrainConfig(keep_freed_memory=keep))
+    assert cfg.train.keep_freed_memory is expected
+    resolved = load_config(FinetuneJobConfig, resolve_config_path("finetune_default"), {"finetune": {"method": method}})
+    assert resolved.train.keep_freed_memory is (method != "qlora")
 
 
 def test_flags_set_their_keys_beside_section_overrides(tiny_model_dir, instructions, tmp_path, capsys):

@@ -86,7 +86,8 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto = bf16 on GPU, fp32 on CPU
     compile: bool = False
     activation_checkpointing: Literal["none", "full", "selective"] = "selective"  # section 2.4
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed activations' pages for the next step (train/heap.py)
+    # CPU: glibc keeps freed activations' pages for the next step; false: returns them (train/heap.py)
+    keep_freed_memory: bool = True
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Keep the memory a training step frees for the next step (glibc's malloc, CPU training).
+"""What glibc's malloc does with the memory a CPU training step frees: keep it for the next step
+(speed) or give it back at once (memory).
 
 A step on the CPU allocates its activations and gradients afresh and frees them by its end. glibc
 serves every block above its mmap threshold (128 KiB, raised as large blocks are freed but never
@@ -6,24 +7,31 @@ above 32 MiB) with a fresh mmap and returns it with munmap when it is freed, and
 top of its heap back too (trim threshold). So each step faults those pages in again, 4 KiB at a
 time, every page zeroed by the kernel first: at config B (1.26B, batch 4 x 512) most activations
 are (2048, 2048) or (2048, 5632) fp32 tensors of 17 and 46 MB, gigabytes a step (docs/finetune.md
-has the counts and times).
+has the counts and times). And once the threshold has risen, blocks below it come from the heap,
+where a free block between live ones stays resident: glibc's defaults are neither policy.
 
-`keep_freed_memory` sets M_MMAP_MAX to 0 (every block from the heap, none mmapped on its own)
-and M_TRIM_THRESHOLD to -1 (the heap is never trimmed): the second step reuses the pages of the
-first. The process's resident memory is then its heap's high-water mark, free blocks between live
-ones included, instead of the live memory: what docs/finetune.md's peak figures are measured with.
+`keep_freed_memory(True)` (train.keep_freed_memory = true, the default but for QLoRA) sets
+M_MMAP_MAX to 0 (every block from the heap, none mmapped on its own) and M_TRIM_THRESHOLD to -1
+(the heap is never trimmed): the second step reuses the pages of the first. The process's resident
+memory is then its heap's high-water mark, free blocks between live ones included.
 
-It does nothing (and says why) where the setting does not exist or is not ours to make: C
+`keep_freed_memory(False)` (train.keep_freed_memory = false, finetune's default for --method qlora,
+whose point is memory) fixes M_MMAP_THRESHOLD at 1 MiB (RETURN_THRESHOLD), which also stops glibc
+raising it: every block of 1 MiB and more is mapped on its own and unmapped when freed, so the
+resident memory follows the live memory, at the price of faulting each step's activations in
+afresh. QLoRA at config B: 2.4 GiB peak this way, 7.0 GiB with glibc's defaults, 7.4 GiB with the
+heap kept (docs/finetune.md).
+
+Either does nothing (and says why) where the setting does not exist or is not ours to make: C
 libraries other than glibc (macOS, musl, Windows), an environment that sets glibc's malloc itself
 (MALLOC_MMAP_THRESHOLD_, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ or
-glibc.malloc.* in GLIBC_TUNABLES: the user's choice wins), LLAMAWORKS_KEEP_FREED_MEMORY=0 in the
-environment (the test suite sets it, so one pytest process does not keep every test's peak), and
-train.keep_freed_memory = false in the job config. mallopt is process-wide and one-way here: the
-trainer applies it at `build` once the weights are in place, on the CPU only (GPU tensors come from
-torch's caching allocator), and first gives back what the set-up freed (malloc_trim): a fine-tune
-reads its base in fp32 and frees it as it quantises (QLoRA) or casts it, and a heap that is never
-trimmed would keep those gigabytes resident for the whole run (QLoRA at config B: 7.1 GiB instead
-of 2.5).
+glibc.malloc.* in GLIBC_TUNABLES: the user's choice wins) and LLAMAWORKS_KEEP_FREED_MEMORY=0 in the
+environment (glibc's defaults: the test suite sets it, so one pytest process keeps its allocator
+as it is). mallopt is process-wide and one-way here: the trainer applies it at `build` once the
+weights are in place, on the CPU only (GPU tensors come from torch's caching allocator), and both
+first give back what the set-up freed (malloc_trim): a fine-tune reads its base in fp32 and frees
+it as it quantises (QLoRA) or casts it, and a heap that is never trimmed would keep those gigabytes
+resident for the whole run.
 """
 
 from __future__ import annotations
@@ -43,8 +51,13 @@ GLIBC_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.mmap_max", "glibc
                   "glibc.malloc.top_pad")
 # <malloc.h>
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
-SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # no mmapped blocks; -1: never trim the heap
+KEEP_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # no mmapped blocks; -1: never trim the heap
+# Blocks from 1 MiB up mapped on their own: a step's activations (MBs each at any real size) go back
+# when freed; smaller ones, mostly long-lived, stay in the heap. As MALLOC_MMAP_THRESHOLD_=1048576.
+RETURN_THRESHOLD = 1 << 20
+RETURN_SETTINGS = ((M_MMAP_THRESHOLD, RETURN_THRESHOLD),)
 
 
 def libc_name() -> str:
@@ -55,11 +68,9 @@ def libc_name() -> str:
         return ""
 
 
-def skip_reason(enabled: bool, environ: Mapping[str, str], libc: str) -> str | None:
-    """Why the setting is not applied, or None to apply it: the opt-outs first, then a C library
-    without it, then an environment that configures glibc's malloc itself."""
-    if not enabled:
-        return "train.keep_freed_memory is false"
+def skip_reason(environ: Mapping[str, str], libc: str) -> str | None:
+    """Why neither setting (keep or return) is applied, or None to apply one: the opt-out first,
+    then a C library without it, then an environment that configures glibc's malloc itself."""
     if environ.get(OPT_OUT_ENV, "1").strip() == "0":
         return f"{OPT_OUT_ENV}=0"
     if not libc.startswith("glibc"):
@@ -88,22 +99,28 @@ def _glibc_malloc_trim() -> Callable[[int], int]:
 def keep_freed_memory(enabled: bool = True, environ: Mapping[str, str] | None = None, libc: str | None = None,
                       mallopt: Callable[[int, int], int] | None = None,
                       malloc_trim: Callable[[int], int] | None = None) -> bool:
-    """Have glibc keep freed memory in the process for reuse (module docstring), after giving back
-    what was freed so far; True when applied. `environ`, `libc`, `mallopt` and `malloc_trim`
-    default to the process's (tests pass their own)."""
-    reason = skip_reason(enabled, os.environ if environ is None else environ,
-                         libc_name() if libc is None else libc)
+    """Have glibc keep freed memory in the process for reuse (`enabled`) or return every block of
+    RETURN_THRESHOLD and more when it is freed (module docstring), after giving back what was freed
+    so far; True when the memory is kept. `environ`, `libc`, `mallopt` and `malloc_trim` default to
+    the process's (tests pass their own)."""
+    reason = skip_reason(os.environ if environ is None else environ, libc_name() if libc is None else libc)
     if reason is not None:
-        log.info("freed memory goes back to the system after each step: %s", reason)
+        log.info("glibc's malloc left as it is (freed memory neither kept nor returned at once): %s", reason)
         return False
-    # What the set-up freed (float weights read, then quantised or cast) goes back before the heap
-    # stops being trimmed; from here on it holds the steps' own blocks only.
+    # What the set-up freed (float weights read, then quantised or cast) goes back first; from here
+    # on the heap holds the steps' own blocks (and the long-lived small ones).
     (malloc_trim or _glibc_malloc_trim())(0)
     mallopt = mallopt or _glibc_mallopt()
+    settings = KEEP_SETTINGS if enabled else RETURN_SETTINGS
     # mallopt returns 1 on success; a partial setting (heap blocks, still trimmed) would only move the cost.
-    if not all(mallopt(param, value) == 1 for param, value in SETTINGS):
-        log.warning("mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD=-1: freed memory goes back to the system")
+    if not all(mallopt(param, value) == 1 for param, value in settings):
+        log.warning("mallopt refused %s: glibc's malloc left as it is",
+                    "M_MMAP_MAX=0 / M_TRIM_THRESHOLD=-1" if enabled else f"M_MMAP_THRESHOLD={RETURN_THRESHOLD}")
         return False
-    log.info("freed memory stays in the process for the next step (glibc M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1; "
-             "train.keep_freed_memory=false or %s=0 to return it)", OPT_OUT_ENV)
-    return True
+    if enabled:
+        log.info("freed memory stays in the process for the next step (glibc M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1; "
+                 "train.keep_freed_memory=false returns it, %s=0 leaves glibc's defaults)", OPT_OUT_ENV)
+    else:
+        log.info("freed memory goes back to the system as it is freed (glibc M_MMAP_THRESHOLD=%d: resident memory "
+                 "follows live memory; train.keep_freed_memory=true keeps it for speed)", RETURN_THRESHOLD)
+    return enabled
