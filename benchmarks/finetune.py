@@ -183,6 +183,10 @@ class LlamaworksRun:
         cfg = job_config(a, "qlora" if a.child == "qlora" else "lora", out_dir,
                          False if a.child == "llamaworks-nokeep" else None)  # None: finetune's default
         self.keeps_freed = cfg.train.keep_freed_memory and skip_reason(os.environ, libc_name()) is None
+        if not cfg.train.keep_freed_memory:
+            # As the trainer does before the weights are filled in; here before this stand-in for the
+            # checkpoint (finetune maps a checkpoint's file, this builds it in the heap's reach).
+            keep_freed_memory(False)
         state = build_model(args, seed=a.seed).state_dict()
         dims = check_job(cfg, args.n_heads)
         data = DataSource(None, lambda rank, world: FixedLoader(x, y), None, masked=True)

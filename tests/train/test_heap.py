@@ -53,11 +53,11 @@ def test_gives_back_what_was_freed_then_sets_no_mmap_and_no_trim():
     assert calls == [("trim", 0), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)]
 
 
-def test_returning_gives_back_what_was_freed_then_fixes_the_mmap_threshold_at_1_mib():
+def test_returning_gives_back_what_was_freed_then_fixes_the_mmap_threshold_at_128_kib():
     calls = []
     assert not keep_freed_memory(False, {}, GLIBC, lambda p, v: calls.append((p, v)) or 1,
                                  lambda pad: calls.append(("trim", pad)) or 1)
-    assert calls == [("trim", 0), (M_MMAP_THRESHOLD, 1 << 20)]
+    assert calls == [("trim", 0), (M_MMAP_THRESHOLD, 128 << 10)]
 
 
 def test_skipping_calls_nothing_and_says_why(caplog):
@@ -114,7 +114,7 @@ def test_a_freed_block_is_reused_without_faulting_again():
 
 # glibc's defaults after one 16 MiB block is freed: its mmap threshold rises to 16 MiB, so 48 blocks of
 # 8 MiB come from the heap, and once they are freed under a small live block at the heap's top they
-# stay resident (384 MiB). With the memory returned (M_MMAP_THRESHOLD fixed at 1 MiB) each is unmapped.
+# stay resident (384 MiB). With the memory returned (M_MMAP_THRESHOLD fixed at 128 KiB) each is unmapped.
 RESIDENT_AFTER_FREE = textwrap.dedent("""
     import ctypes, sys
     from llamaworks.train.heap import keep_freed_memory

@@ -16,11 +16,12 @@ M_MMAP_MAX to 0 (every block from the heap, none mmapped on its own) and M_TRIM_
 memory is then its heap's high-water mark, free blocks between live ones included.
 
 `keep_freed_memory(False)` (train.keep_freed_memory = false, finetune's default for --method qlora,
-whose point is memory) fixes M_MMAP_THRESHOLD at 1 MiB (RETURN_THRESHOLD), which also stops glibc
-raising it: every block of 1 MiB and more is mapped on its own and unmapped when freed, so the
-resident memory follows the live memory, at the price of faulting each step's activations in
-afresh. QLoRA at config B: 2.4 GiB peak this way, 7.0 GiB with glibc's defaults, 7.4 GiB with the
-heap kept (docs/finetune.md).
+whose point is memory) fixes M_MMAP_THRESHOLD at 128 KiB (RETURN_THRESHOLD, glibc's starting
+value), which also stops glibc raising it: every block of 128 KiB and more is mapped on its own and
+unmapped when freed, so the resident memory follows the live memory, at the price of faulting each
+step's activations in afresh. At 1 MiB the heap still grew by ~18 MiB a block of config B in a QLoRA
+step (its blocks between 128 KiB and 1 MiB, freed between live ones); at 128 KiB it did not grow.
+QLoRA at config B: docs/finetune.md has the peaks with each setting.
 
 Either does nothing (and says why) where the setting does not exist or is not ours to make: C
 libraries other than glibc (macOS, musl, Windows), an environment that sets glibc's malloc itself
@@ -54,9 +55,10 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 KEEP_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # no mmapped blocks; -1: never trim the heap
-# Blocks from 1 MiB up mapped on their own: a step's activations (MBs each at any real size) go back
-# when freed; smaller ones, mostly long-lived, stay in the heap. As MALLOC_MMAP_THRESHOLD_=1048576.
-RETURN_THRESHOLD = 1 << 20
+# Blocks from 128 KiB up mapped on their own and unmapped when freed: a step's activations and its
+# mid-sized temporaries (LoRA's (tokens, r) products, gradients) go back; the heap keeps the small
+# ones. As MALLOC_MMAP_THRESHOLD_=131072, which also fixes the threshold where glibc would raise it.
+RETURN_THRESHOLD = 128 << 10
 RETURN_SETTINGS = ((M_MMAP_THRESHOLD, RETURN_THRESHOLD),)
 
 

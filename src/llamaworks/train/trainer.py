@@ -439,6 +439,11 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     amp_dtype = resolve_amp(device, t_cfg.dtype)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
     torch.manual_seed(t_cfg.seed)
+    if device.type == "cpu" and not t_cfg.keep_freed_memory:
+        # Freed memory returned (train/heap.py) from before the weights are filled in: set after, the
+        # set-up's blocks would already sit in the heap under the threshold glibc raised, and the
+        # steps' small blocks would fault their holes in again (QLoRA at B: +18 MiB a block).
+        keep_freed_memory(False)
     # Sharded initialisation: the model is built on the meta device (no memory), split as
     # cfg.parallel says, and only then are this rank's shards allocated and filled, each
     # parameter from its own (seed, name) generator (train/init.py): the weights of a
@@ -464,8 +469,8 @@ def build(cfg, resume: bool, dims: ParallelDims, env: DistEnv, device: torch.dev
     if spec.adapt is not None:
         spec.adapt(model)
     model.train()
-    if device.type == "cpu":  # each step's activations reuse the last step's pages instead of faulting in new ones
-        keep_freed_memory(t_cfg.keep_freed_memory)  # after the weights: what their set-up freed is given back
+    if device.type == "cpu" and t_cfg.keep_freed_memory:  # each step's activations reuse the last step's pages
+        keep_freed_memory(True)  # after the weights: what their set-up freed is given back first
     if loss_parallel:
         from torch.distributed.tensor.parallel import loss_parallel as loss_context
     else:
