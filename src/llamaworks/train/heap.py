@@ -19,18 +19,20 @@ memory is then its heap's high-water mark, free blocks between live ones include
 whose point is memory) fixes M_MMAP_THRESHOLD at 128 KiB (RETURN_THRESHOLD, glibc's starting
 value), which also stops glibc raising it: every block of 128 KiB and more is mapped on its own and
 unmapped when freed, so the resident memory follows the live memory, at the price of faulting each
-step's activations in afresh. At 1 MiB the heap still grew by ~18 MiB a block of config B in a QLoRA
-step (its blocks between 128 KiB and 1 MiB, freed between live ones); at 128 KiB it did not grow.
-QLoRA at config B: docs/finetune.md has the peaks with each setting.
+step's activations in afresh. The trainer makes this setting before the weights are filled in: made
+after, the set-up's blocks already sit in the heap (under the threshold glibc had raised on its
+own), and the steps' small blocks fault the holes between them in again (a QLoRA step at config B
+grew the heap by ~18 MiB a block). QLoRA at config B: 2,481 MiB peak this way, 40% of fp32 LoRA's
+with the same setting; 7.0 GiB at glibc's defaults, 7.4 GiB with the heap kept (docs/finetune.md).
 
 Either does nothing (and says why) where the setting does not exist or is not ours to make: C
 libraries other than glibc (macOS, musl, Windows), an environment that sets glibc's malloc itself
 (MALLOC_MMAP_THRESHOLD_, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ or
 glibc.malloc.* in GLIBC_TUNABLES: the user's choice wins) and LLAMAWORKS_KEEP_FREED_MEMORY=0 in the
 environment (glibc's defaults: the test suite sets it, so one pytest process keeps its allocator
-as it is). mallopt is process-wide and one-way here: the trainer applies it at `build` once the
-weights are in place, on the CPU only (GPU tensors come from torch's caching allocator), and both
-first give back what the set-up freed (malloc_trim): a fine-tune reads its base in fp32 and frees
+as it is). mallopt is process-wide and one-way here: the trainer applies it at `build` (keeping once
+the weights are in place, returning before), on the CPU only (GPU tensors come from torch's caching
+allocator), and both first give back what was freed so far (malloc_trim): a fine-tune reads its base in fp32 and frees
 it as it quantises (QLoRA) or casts it, and a heap that is never trimmed would keep those gigabytes
 resident for the whole run.
 """
