@@ -100,6 +100,38 @@ def test_state_dict_keys_stay_metas(base_model, mode):
     model.load_state_dict(base_model.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_lora_gradients_are_the_same_under_every_policy(base_model, batch, quant):
+    # Selective AC keeps the mm outputs and hands those same tensors back when a block is recomputed:
+    # code that changes such an output in place (a quantised base's output plus the low-rank update,
+    # once written as y.add_(low)) would add twice in the recompute. Every policy must give no-AC's grads.
+    from llamaworks.inference.lora import LoraConfig, apply_lora
+    from llamaworks.inference.quant import quantize_model
+
+    grads = {}
+    for mode in MODES:
+        model = copy.deepcopy(base_model)
+        if quant:
+            quantize_model(model, quant, group_size=32)
+            for m in model.modules():
+                if hasattr(m, "decode_layouts"):  # as training builds it: no decode kernels' layouts
+                    m.decode_layouts = False
+                    m.refresh()
+        apply_lora(model, LoraConfig(r=4, alpha=8))
+        torch.manual_seed(0)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.05)  # B starts at zero: a nonzero update is what the recompute must repeat
+        apply_ac(model, mode)
+        model.train()
+        x, y = batch
+        F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for mode in ("full", "selective"):
+        for n, g in grads["none"].items():
+            torch.testing.assert_close(grads[mode][n], g, rtol=0, atol=1e-6, msg=lambda m: f"{mode} {n}: {m}")
+
+
 def test_unknown_policy_is_rejected(base_model):
     with pytest.raises(ValueError, match="train.activation_checkpointing must be none, full or selective"):
         apply_ac(copy.deepcopy(base_model), "some")

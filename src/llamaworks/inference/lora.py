@@ -162,7 +162,7 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.
     if callable(getattr(layer, "dequantize", None)):
         return layer.dequantize(dtype)
     if isinstance(layer, Int8Linear):
-        return layer.weight.to(dtype).mul_(layer.scales.to(dtype).unsqueeze(1))  # one (out, in) tensor
+        return layer.weight.to(dtype) * layer.scales.to(dtype).unsqueeze(1)
     if isinstance(layer, Int4Linear):
         return dequantize_int4(layer.weight, layer.scales, layer.zeros, layer.group_size, dtype)
     raise ValueError(f"cannot read the weight of a {type(layer).__name__}: give the quantisation mode's layer a "
@@ -300,9 +300,7 @@ class _LoRAFunction(torch.autograd.Function):
                 low, fused = torch.mm(u, lora_B.to(ld).t()), False
         if not fused:  # a quantised base or another dtype: its own forward, then the sum as the module path
             y = base(x).reshape(-1, layer.out_features)
-            # In place where the dtypes agree (the base's output is its own fresh tensor): one (tokens, out)
-            # tensor fewer, the same rounding.
-            y = y.add_(low) if y.dtype == low.dtype else (y + low).to(y.dtype)
+            y = (y + low).to(y.dtype)
         ctx.save_for_backward(x, lora_A, lora_B, u, mask)
         ctx.layer, ctx.p, ctx.ld, ctx.fused = layer, p, ld, fused
         return y.view(*x.shape[:-1], layer.out_features)
@@ -329,8 +327,8 @@ class _LoRAFunction(torch.autograd.Function):
                 gx = torch.where(mask, gx, 0.0)  # one pass (masked_fill_ of ~mask is two)
             if ctx.fused:
                 gx.addmm_(gl, base.weight.to(ld))  # + the base's share, g W, in place
-            else:  # the base's share g W added in place, W dequantised for this product only
-                gx = gx.to(g.dtype).addmm_(g, dense_weight(base, g.dtype))
+            else:
+                gx = gx.to(g.dtype) + g @ dense_weight(base, g.dtype)
             grad_x = gx.to(x.dtype).view(x.shape)
         return grad_x, grad_a, grad_b, None, None
 
