@@ -22,7 +22,7 @@ unmapped when freed, so the resident memory follows the live memory, at the pric
 step's activations in afresh. The trainer makes this setting before the weights are filled in: made
 after, the set-up's blocks already sit in the heap (under the threshold glibc had raised on its
 own), and the steps' small blocks fault the holes between them in again (a QLoRA step at config B
-grew the heap by ~18 MiB a block). QLoRA at config B: 2,481 MiB peak this way, 40% of fp32 LoRA's
+grew the heap by ~18 MiB a block). QLoRA at config B: 2,492 MiB peak this way, 41% of fp32 LoRA's
 with the same setting; 7.0 GiB at glibc's defaults, 7.4 GiB with the heap kept (docs/finetune.md).
 
 Either does nothing (and says why) where the setting does not exist or is not ours to make: C
