@@ -129,7 +129,8 @@ def test_lora_gradients_are_the_same_under_every_policy(base_model, batch, quant
         grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for mode in ("full", "selective"):
         for n, g in grads["none"].items():
-            torch.testing.assert_close(grads[mode][n], g, rtol=0, atol=1e-6, msg=lambda m: f"{mode} {n}: {m}")
+            torch.testing.assert_close(grads[mode][n], g, rtol=0, atol=1e-6,
+                                       msg=lambda m, mode=mode, n=n: f"{mode} {n}: {m}")
 
 
 def test_unknown_policy_is_rejected(base_model):
