@@ -115,18 +115,21 @@ def _document_of(record: Record) -> tuple[str, str, str]:
     return doc_id, str(parsed.get("source") or source), parsed["text"]
 
 
-def _in_val(doc_id: str, seed: int, val_fraction: float) -> bool:
+def _split_digest(doc_id: str, seed: int) -> bytes:
     # A hash of the id (not a position or an RNG draw) so adding data never moves a document.
-    h = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") < val_fraction * 2**64
+    return hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
+
+
+def _in_val(doc_id: str, seed: int, val_fraction: float) -> bool:
+    """The split's rule for one document (what _val_mask computes for a batch)."""
+    return int.from_bytes(_split_digest(doc_id, seed), "little") < val_fraction * 2**64
 
 
 def _val_mask(doc_ids: list[str], seed: int, val_fraction: float) -> np.ndarray:
     """[_in_val(i, seed, val_fraction) for i in doc_ids] as a bool array: the digests joined and compared
     as one uint64 array, not an int and a float comparison per document. Exact: for an integer h,
     h < f (a float) holds when h < ceil(f), an integer below 2**64 here."""
-    prefix = f"{seed}\0".encode()
-    digests = b"".join([hashlib.blake2b(prefix + i.encode(), digest_size=8).digest() for i in doc_ids])
+    digests = b"".join([_split_digest(i, seed) for i in doc_ids])
     return np.frombuffer(digests, "<u8") < np.uint64(math.ceil(val_fraction * 2**64))
 
 

@@ -192,7 +192,7 @@ class FinetuneJobConfig:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
         if self.checkpoint.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
-        if t.keep_freed_memory is None:  # QLoRA is chosen for memory: 2.4 GiB at config B, 7.4 with the heap kept
+        if t.keep_freed_memory is None:  # QLoRA is chosen for memory: 2.5 GiB at config B, 7.4 with the heap kept
             t.keep_freed_memory = self.finetune.method != "qlora"
         if self.optim.lr is None:
             self.optim.lr = FULL_LR if self.finetune.method == "full" else ADAPTER_LR

@@ -32,9 +32,9 @@ glibc.malloc.* in GLIBC_TUNABLES: the user's choice wins) and LLAMAWORKS_KEEP_FR
 environment (glibc's defaults: the test suite sets it, so one pytest process keeps its allocator
 as it is). mallopt is process-wide and one-way here: the trainer applies it at `build` (keeping once
 the weights are in place, returning before), on the CPU only (GPU tensors come from torch's caching
-allocator), and both first give back what was freed so far (malloc_trim): a fine-tune reads its base in fp32 and frees
-it as it quantises (QLoRA) or casts it, and a heap that is never trimmed would keep those gigabytes
-resident for the whole run.
+allocator), and both first give back what was freed so far (malloc_trim): a fine-tune reads its base
+in fp32 and frees it as it quantises (QLoRA) or casts it, and a heap that is never trimmed would keep
+those gigabytes resident for the whole run.
 """
 
 from __future__ import annotations
