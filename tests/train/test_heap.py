@@ -72,6 +72,13 @@ def test_a_refused_setting_is_reported(caplog):
     assert "mallopt refused" in caplog.text
 
 
+def _plain_env() -> dict[str, str]:
+    """This environment without the opt-out and glibc's malloc settings: a child where the setting applies."""
+    env = {k: v for k, v in os.environ.items() if k != OPT_OUT_ENV and not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
 # A 64 MiB block freed and allocated again: without the setting glibc mmaps it afresh and every
 # page faults again (16,384 of 4 KiB); with it the heap's pages are reused.
 REFAULTS = textwrap.dedent("""
@@ -95,8 +102,7 @@ REFAULTS = textwrap.dedent("""
 
 @pytest.mark.skipif(not libc_name().startswith("glibc"), reason="glibc's mallopt")
 def test_a_freed_block_is_reused_without_faulting_again():
-    env = {k: v for k, v in os.environ.items() if k != OPT_OUT_ENV and not k.startswith("MALLOC_")}
-    env.pop("GLIBC_TUNABLES", None)
+    env = _plain_env()
 
     def faults(mode: str) -> tuple[str, int]:
         out = subprocess.run([sys.executable, "-c", REFAULTS, mode], env=env, capture_output=True, text=True,
@@ -141,8 +147,7 @@ RESIDENT_AFTER_FREE = textwrap.dedent("""
 
 @pytest.mark.skipif(not libc_name().startswith("glibc"), reason="glibc's mallopt")
 def test_returned_memory_leaves_the_resident_set_where_glibc_keeps_it():
-    env = {k: v for k, v in os.environ.items() if k != OPT_OUT_ENV and not k.startswith("MALLOC_")}
-    env.pop("GLIBC_TUNABLES", None)
+    env = _plain_env()
 
     def resident(mode: str) -> int:
         return int(subprocess.run([sys.executable, "-c", RESIDENT_AFTER_FREE, mode], env=env, capture_output=True,
@@ -178,8 +183,7 @@ SETUP_FREED = textwrap.dedent("""
 
 @pytest.mark.skipif(not libc_name().startswith("glibc"), reason="glibc's malloc_trim")
 def test_what_the_set_up_freed_goes_back_before_the_heap_is_kept():
-    env = {k: v for k, v in os.environ.items() if k != OPT_OUT_ENV and not k.startswith("MALLOC_")}
-    env.pop("GLIBC_TUNABLES", None)
+    env = _plain_env()
     out = subprocess.run([sys.executable, "-c", SETUP_FREED], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out[0] == "True"
