@@ -6,7 +6,7 @@ phase, in process (no HTTP), with the engine's one pass per step (engine._ragged
     .venv/bin/python benchmarks/serve_split.py --smoke --output /tmp/split.json
 
 Random weights of --preset (serve.py's "small"), loaded as `llamaworks serve --dtype` loads them
-(fused projections, native kernels), an engine of --max-batch rows; --requests requests at once,
+(fused projections, native kernels, huge pages), an engine of --max-batch rows; --requests requests at once,
 every --long-every'th a --long-tokens prompt (the first of each run, serve.py's order), the rest
 --short-tokens; --max-tokens each, greedy. Each engine step is one forward pass, timed as a
 "prompt" pass (it holds prompt tokens, and usually the decoding rows' too) or a "decode" pass
@@ -49,7 +49,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import llamaworks.model
 from llamaworks.inference import paged
 from llamaworks.inference.fuse import fuse_projections
+from llamaworks.inference.hugepages import use_hugepages
 from llamaworks.inference.kernels import use_native_kernels
+from llamaworks.inference.threads import run_in_own_thread
 from llamaworks.model import ModelArgs, RMSNorm, build_model
 from llamaworks.serve.engine import Engine, Request
 
@@ -63,6 +65,7 @@ def make_model(preset: str, dtype: torch.dtype):
     model = build_model(ModelArgs(**PRESETS[preset]), seed=0, dtype=dtype).eval()  # serve --dtype
     fuse_projections(model)
     use_native_kernels(model)
+    use_hugepages(model)  # as load_model: the weights in 2 MiB pages (inference/hugepages.py)
     return model
 
 
@@ -178,7 +181,7 @@ class Split:
 def run_once(a, model, on: bool, count_ops: bool = False) -> dict:
     """The workload on a fresh engine with this session's changes on or off; its split and tokens
     (count_ops: the aten operators of each pass counted instead, an untimed run)."""
-    eng = Engine(model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256)
+    eng = run_in_own_thread(Engine, model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256)
     assert eng._ragged, "the one-pass step is off here (it needs the CPU and the paged prefill)"
     for layer in model.layers:
         layer.attention.kv_cache.rope_in_one = on
@@ -247,7 +250,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    model = make_model(a.preset, dtype)
+    model = run_in_own_thread(make_model, a.preset, dtype)  # as serve: the engine's the only OpenMP team
     runs, counted = [], {}
     with torch.no_grad():
         for on in ((True, False) if a.ab else (True,)) if a.count_ops else ():

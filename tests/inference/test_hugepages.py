@@ -216,3 +216,22 @@ def test_huge_page_fraction_of_moved_weights():
     assert use_hugepages(m) > 0
     frac = hugepages.huge_page_fraction(m.output.weight)
     assert frac is not None and 0.0 <= frac <= 1.0
+
+
+@needs_thp
+def test_paged_kv_pool_is_zeroed_resident_and_advised_as_huge_pages():
+    from llamaworks.inference.paged import BlockTable, PagedKVCache
+
+    cache = PagedKVCache(BlockTable(16), num_blocks=160, n_kv_heads=4, head_dim=64, dtype=torch.float32)
+    for pool in (cache.k, cache.v):  # 2.5 MiB each (heads, blocks, block size, head_dim): a huge page fits
+        assert pool.shape == (4, 160, 16, 64) and pool.dtype == torch.float32 and not pool.any()
+        assert pool.data_ptr() % hugepages.HUGE_PAGE == 0 and thp_eligible(pool.data_ptr())
+        assert resident_kib(pool.data_ptr()) >= pool.numel() * 4 // 1024  # faulted in at set-up, not by requests
+
+
+def test_paged_kv_pool_is_plain_zeros_without_thp(monkeypatch):
+    from llamaworks.inference.paged import BlockTable, PagedKVCache
+
+    monkeypatch.setattr(hugepages, "hugepages_supported", lambda: False)
+    cache = PagedKVCache(BlockTable(16), num_blocks=4, n_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+    assert cache.k.shape == (2, 4, 16, 16) and cache.v.dtype == torch.bfloat16 and not cache.v.any()

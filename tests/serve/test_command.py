@@ -74,6 +74,33 @@ def test_serve_command_end_to_end(tiny_model_dir, tiny_model, tiny_tokenizer):
             proc.wait()
 
 
+def test_set_up_runs_in_threads_that_end_before_serving(tiny_model_dir, monkeypatch):
+    """The model is loaded and the engine built in threads that exit, so that the engine's thread
+    holds the process's only OpenMP team (inference/threads.py: a second one throttles both)."""
+    import threading
+
+    import llamaworks.serve.command as command
+
+    seen = {}
+    real_load, real_engine = command.load_model, command.Engine
+
+    def load(*args, **kwargs):
+        seen["load"] = threading.current_thread()
+        return real_load(*args, **kwargs)
+
+    def engine(*args, **kwargs):
+        seen["engine"] = threading.current_thread()
+        return real_engine(*args, **kwargs)
+
+    monkeypatch.setattr(command, "load_model", load)
+    monkeypatch.setattr(command, "Engine", engine)
+    monkeypatch.setattr(command, "_serve", lambda eng, *args: seen.setdefault("served", eng))
+    assert command.serve_command(str(tiny_model_dir), device="cpu", kv_cache_gb=0.01) == 0
+    assert isinstance(seen["served"], real_engine)
+    for step in ("load", "engine"):
+        assert seen[step] is not threading.main_thread() and not seen[step].is_alive(), step
+
+
 def test_compile_by_default_only_for_quantised_models(tiny_model):
     import copy
 

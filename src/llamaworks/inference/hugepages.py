@@ -131,6 +131,23 @@ def hugepage_arena(nbytes: int) -> torch.Tensor:
     return arena
 
 
+def hugepage_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor in a huge-page arena of its own, every page faulted in now: for a
+    serving KV pool (paged.PagedKVCache), which a decode step streams like the weights, a
+    block of 4 KiB or so at a time, each block anywhere in the pool. In 4 KiB pages each block is
+    a TLB miss (a two-level walk in a VM) and the paged attention of `small` at batch 8 ran 12%
+    slower (benchmarks/serve_split.py, Sapphire Rapids, session 14). Touched here so that no
+    request pays the faults (torch.zeros touches its pages too). Plain torch.zeros where huge
+    pages are not available."""
+    if not hugepages_supported():
+        return torch.zeros(shape, dtype=dtype)
+    n = 1
+    for d in shape:
+        n *= d
+    t = hugepage_arena(n * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
+    return t.zero_()
+
+
 def _movable(t) -> bool:
     return (isinstance(t, torch.Tensor) and type(t.data) is torch.Tensor and t.device.type == "cpu"
             and t.is_contiguous() and t.numel() > 0)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaworks.inference import native
+from llamaworks.inference.hugepages import hugepage_zeros
 
 NULL_BLOCK = 0
 _ROW0 = torch.zeros(1, dtype=torch.long)  # rope_update's cache row of every token, expanded
@@ -314,8 +315,10 @@ class PagedKVCache(nn.Module):
         assert num_blocks >= 2, num_blocks  # the null block and at least one for a sequence
         self.table = table
         shape = (n_kv_heads, num_blocks, table.block_size, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        for name in ("k", "v"):  # on CPU in huge pages: decode streams the pool block by block
+            pool = (hugepage_zeros(shape, dtype) if torch.device(device or "cpu").type == "cpu"
+                    else torch.zeros(shape, dtype=dtype, device=device))
+            self.register_buffer(name, pool, persistent=False)
         # Whether decode passes read through the table (PagedRead), and prefill passes split their
         # attention (PrefillRead): set by setup_paged_caches, where the attention module reads
         # them; False keeps the gather path. rope_in_one: ragged passes of a fused attention

@@ -18,6 +18,7 @@ from llamaworks.inference.kernels import use_bf16_prefill
 from llamaworks.inference.load import load_model
 from llamaworks.inference.quant import Int4Linear, Int8Linear, bf16_matmul
 from llamaworks.inference.speculative import check_same_vocabulary
+from llamaworks.inference.threads import run_in_own_thread
 from llamaworks.parallel.distributed import close_distributed, env_world_size, init_distributed
 from llamaworks.parallel.tp_load import load_tensor_parallel
 from llamaworks.serve.api import create_app
@@ -139,9 +140,11 @@ def serve_command(
         if runner is None:  # not rank 0: run rank 0's forward passes until it stops
             return 0
     else:
-        model, tokenizer = load_model(checkpoint, device=dev, dtype=dt, adapter=adapter)
+        # Every set-up step that runs torch's parallel operators on CPU runs in a thread that
+        # exits, so that the engine's thread holds the only OpenMP team (inference/threads.py).
+        model, tokenizer = run_in_own_thread(load_model, checkpoint, device=dev, dtype=dt, adapter=adapter)
     if prefill_bf16:
-        _prefill_bf16(model)
+        run_in_own_thread(_prefill_bf16, model)
     try:
         model.eval()
         template = resolve_chat_template(tokenizer, chat_template)  # a bad name or file fails here, before serving
@@ -151,13 +154,13 @@ def serve_command(
             compile = default_compile(model)
         draft_model = None
         if draft is not None:  # on rank 0 only under --tp: the draft is small and runs there
-            draft_model, draft_tok = load_model(draft, device=dev, dtype=dt)
+            draft_model, draft_tok = run_in_own_thread(load_model, draft, device=dev, dtype=dt)
             draft_model.eval()
             check_same_vocabulary(tokenizer, draft_tok, checkpoint, draft)  # ValueError naming --draft
-        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
-                        kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
-                        compile=compile, runner=runner, draft=draft_model, draft_tokens=draft_tokens,
-                        draft_max_batch=draft_max_batch)
+        engine = run_in_own_thread(Engine, model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                                   max_seq_len=max_seq_len, kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk,
+                                   prefix_cache=prefix_cache, compile=compile, runner=runner, draft=draft_model,
+                                   draft_tokens=draft_tokens, draft_max_batch=draft_max_batch)
         if draft is not None:
             print(f"llamaworks serve: speculative decoding with draft {draft} ({draft_tokens} tokens per step)",
                   file=sys.stderr, flush=True)
@@ -233,7 +236,7 @@ def _setup_tensor_parallel(checkpoint: str, dev, dt):
     env, dev = init_distributed(dev)
     try:
         mesh = init_device_mesh(dev.type, (env.world_size,), mesh_dim_names=("tp",))
-        model, tokenizer = load_tensor_parallel(checkpoint, mesh, dev, dt)
+        model, tokenizer = run_in_own_thread(load_tensor_parallel, checkpoint, mesh, dev, dt)  # inference/threads.py
         group = control_group()
         if env.is_main:
             return env, dev, model, tokenizer, TPRunner(model, group)
