@@ -58,6 +58,13 @@ _ROW0 = torch.zeros(1, dtype=torch.long)  # rope_update's cache row of every tok
 PAGED_MAX_QUERIES = 8
 
 
+def kernel_dtypes(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """Whether the native attention kernels take queries of q_dtype over keys and values of
+    kv_dtype: both fp32 or both bf16, or an fp32 model over a bf16 cache (serve --kv-dtype)."""
+    return (q_dtype == kv_dtype and q_dtype in (torch.float32, torch.bfloat16)) or (
+        q_dtype == torch.float32 and kv_dtype == torch.bfloat16)
+
+
 class PagedRead(NamedTuple):
     """What PagedKVCache.update returns instead of keys or values when the pass reads through
     the block table: the layer's pool, the pass's table rows and its query positions."""
@@ -156,7 +163,7 @@ def gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 def paged_attention_reference(q: torch.Tensor, k: PagedRead, v: PagedRead) -> torch.Tensor:
     """The torch path of what llamaworks::paged_attention computes: gather, mask key position <=
     query position, SDPA (GQA). q (bsz, heads, seq, head_dim) -> (bsz, heads, seq, head_dim)."""
-    keys, values = gather(k.pool, k.blocks), gather(v.pool, v.blocks)
+    keys, values = gather(k.pool, k.blocks).to(q.dtype), gather(v.pool, v.blocks).to(q.dtype)  # a bf16 cache widened
     key_pos = torch.arange(keys.shape[2], device=q.device)
     mask = key_pos.view(1, 1, 1, -1) <= k.pos.unsqueeze(1).unsqueeze(-1)  # (bsz, 1, seq, width*B)
     return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
@@ -197,6 +204,8 @@ def prefill_attention(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> torch.
     a prefix, unmasked over its keys, merged by the two parts' log-sum-exp (merge_attention)."""
     if prefill_kernel_applies(q, k, v):
         return torch.ops.llamaworks.prefill_attention(q, k.chunk, v.chunk, k.prefix, v.prefix)
+    if k.chunk.dtype != q.dtype:  # a bf16 cache under an fp32 model, where the kernel cannot run
+        k, v = (PrefillRead(_widened(r.prefix, q.dtype), r.chunk.to(q.dtype)) for r in (k, v))
     gqa = k.chunk.shape[1] != q.shape[1]
     if k.prefix.shape[2] == 0:
         return F.scaled_dot_product_attention(q, k.chunk, v.chunk, is_causal=True, enable_gqa=gqa)
@@ -211,14 +220,22 @@ def prefill_attention(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> torch.
     return merge_attention(out, lse, out2, lse2)
 
 
+def _widened(prefix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """prefix (bsz, heads, start, head_dim) in dtype; one copy when its rows are one view expanded."""
+    if prefix.shape[0] > 1 and prefix.stride(0) == 0:
+        return prefix[:1].to(dtype).expand_as(prefix)
+    return prefix.to(dtype)
+
+
 def prefill_kernel_applies(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> bool:
     """Whether llamaworks::prefill_attention (csrc/prefill_attn.cpp: the chunk's causal keys and the
     prefix in one pass, tiles of keys shared by many query rows) takes this prefill: on CPU, q and
-    every key and value part of one dtype, fp32 or bf16, a head_dim the kernel has (a multiple of
-    16 up to 256), the library loaded, no gradient, and LLAMAWORKS_PREFILL_KERNEL not 0 (A/B runs)."""
+    every key and value part of one dtype, q's (fp32 or bf16) or bf16 under an fp32 q, a head_dim the
+    kernel has (a multiple of 16 up to 256), the library loaded, no gradient, and
+    LLAMAWORKS_PREFILL_KERNEL not 0 (A/B runs)."""
     parts = (k.chunk, v.chunk, k.prefix, v.prefix)
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and all(t.device.type == "cpu" and t.dtype == q.dtype for t in parts)
+    return (q.device.type == "cpu" and kernel_dtypes(q.dtype, k.chunk.dtype)
+            and all(t.device.type == "cpu" and t.dtype == k.chunk.dtype for t in parts)
             and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
             and os.environ.get("LLAMAWORKS_PREFILL_KERNEL", "1") != "0" and native.available()
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, *parts))))
@@ -226,10 +243,10 @@ def prefill_kernel_applies(q: torch.Tensor, k: PrefillRead, v: PrefillRead) -> b
 
 def paged_kernel_applies(q: torch.Tensor, pool: torch.Tensor) -> bool:
     """Whether llamaworks::paged_attention takes this pass: on CPU, at most PAGED_MAX_QUERIES
-    query positions, q and the pool both fp32 or both bf16, a head_dim the kernel has (a
-    multiple of 16 up to 256), the library loaded, no gradient to record."""
+    query positions, q and the pool both fp32 or both bf16 (or an fp32 q over a bf16 pool), a
+    head_dim the kernel has (a multiple of 16 up to 256), the library loaded, no gradient to record."""
     return (q.device.type == "cpu" and pool.device.type == "cpu" and q.shape[2] <= PAGED_MAX_QUERIES
-            and q.dtype == pool.dtype and q.dtype in (torch.float32, torch.bfloat16)
+            and kernel_dtypes(q.dtype, pool.dtype)
             and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and native.available()
             and not (torch.is_grad_enabled() and q.requires_grad))
 
@@ -348,7 +365,7 @@ class PagedKVCache(nn.Module):
         slots = blocks.gather(1, input_pos // size) * size + input_pos % size  # (bsz, seq): block * B + offset
         self.write(slots.reshape(-1), k.flatten(0, 1), v.flatten(0, 1))
         grad = torch.is_grad_enabled() and k.requires_grad
-        if (self.reads_table and k.shape[1] <= PAGED_MAX_QUERIES and k.dtype == self.k.dtype
+        if (self.reads_table and k.shape[1] <= PAGED_MAX_QUERIES and kernel_dtypes(k.dtype, self.k.dtype)
                 and k.device.type == "cpu" and not grad):
             return PagedRead(self.k, blocks, input_pos), PagedRead(self.v, blocks, input_pos)
         start = self.prefill_start(input_pos) if self.splits_prefill and not grad else None
@@ -358,7 +375,8 @@ class PagedKVCache(nn.Module):
             chunk_v = v.to(self.v.dtype).transpose(1, 2)
             return (PrefillRead(prefix_keys(self.k, blocks, start), chunk_k),
                     PrefillRead(prefix_keys(self.v, blocks, start), chunk_v))
-        return gather(self.k, blocks), gather(self.v, blocks)
+        # A bf16 cache under an fp32 model is read widened (the torch path's SDPA takes one dtype).
+        return gather(self.k, blocks).to(k.dtype), gather(self.v, blocks).to(v.dtype)
 
     def rope_update(self, qkv: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor, n_heads: int,
                     n_kv_heads: int) -> tuple[torch.Tensor, RaggedRead, RaggedRead]:

@@ -13,7 +13,7 @@ from typing import Annotated
 from torch.distributed.device_mesh import init_device_mesh
 
 from llamaworks.args import Arg
-from llamaworks.device import resolve_device
+from llamaworks.device import parse_dtype, resolve_device
 from llamaworks.inference.kernels import use_bf16_prefill
 from llamaworks.inference.load import load_model
 from llamaworks.inference.quant import Int4Linear, Int8Linear, bf16_matmul
@@ -89,6 +89,10 @@ def serve_command(
                                            "cancelled")] = 30.0,
     device: Annotated[str, Arg("cpu, cuda, cuda:N or auto")] = "auto",
     dtype: Annotated[str | None, Arg("float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on GPU)")] = None,
+    kv_dtype: Annotated[str | None, Arg("the KV cache's dtype: the model's (default), or bfloat16 under a float32 "
+                                        "model: half the cache's memory and the bytes each decode step reads from it "
+                                        "(llama.cpp's default cache is f16); keys and values rounded to bf16, so "
+                                        "replies may differ from fp32's at near-ties")] = None,
     compile: Annotated[bool | None, Arg("torch.compile the decode step at start (default: only for int8/int4 "
                                         "model directories, where it was measured to help; see default_compile)")]
     = None,
@@ -160,7 +164,8 @@ def serve_command(
         engine = run_in_own_thread(Engine, model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                                    max_seq_len=max_seq_len, kv_cache_gb=kv_cache_gb, prefill_chunk=prefill_chunk,
                                    prefix_cache=prefix_cache, compile=compile, runner=runner, draft=draft_model,
-                                   draft_tokens=draft_tokens, draft_max_batch=draft_max_batch)
+                                   draft_tokens=draft_tokens, draft_max_batch=draft_max_batch,
+                                   kv_dtype=_kv_dtype(kv_dtype))
         if draft is not None:
             print(f"llamaworks serve: speculative decoding with draft {draft} ({draft_tokens} tokens per step)",
                   file=sys.stderr, flush=True)
@@ -183,7 +188,8 @@ def _serve(engine, name, host, port, shutdown_timeout, limits, template, api_key
     print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {str(dt).removeprefix('torch.')}, "
           f"{max_batch} slots{f', tensor parallel over {tp} processes' if tp > 1 else ''}, context "
           f"{engine.context}, KV cache {engine.pool.capacity} blocks of "
-          f"{engine.block_size} tokens{', compiled decode' if compile else ''}; "
+          f"{engine.block_size} tokens{'' if engine.kv_dtype == dt else ' in ' + _name(engine.kv_dtype)}"
+          f"{', compiled decode' if compile else ''}; "
           f"chat template: {template.where}{'; API key required' if api_key else ''}); chat page: "
           f"http://{host}:{bound}/", file=sys.stderr, flush=True)
     engine.start()
@@ -198,6 +204,18 @@ def _serve(engine, name, host, port, shutdown_timeout, limits, template, api_key
     finally:
         engine.stop(cancel=True)
         sock.close()
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _kv_dtype(name: str | None):
+    """--kv-dtype: None (the model's), or the dtype it names; the engine checks it against the model."""
+    try:
+        return parse_dtype(name)
+    except ValueError as e:
+        raise ValueError(f"--kv-dtype: {e}") from None
 
 
 def _prefill_bf16(model) -> None:

@@ -261,7 +261,7 @@ class Engine:
                  compile: bool = False, kv_cache_gb: float | None = None, block_size: int = 16,
                  prefix_cache: bool = True, prefill_chunk: int | None = None,
                  runner=None, draft=None, draft_tokens: int = 4, draft_max_batch: int | None = None,
-                 ragged: bool = True):
+                 ragged: bool = True, kv_dtype: torch.dtype | None = None):
         """kv_cache_gb: the KV cache's memory (default: room for max_batch sequences of the whole
         context, as a static cache); prefill_chunk: prompt tokens prefilled per engine step
         (default: whole prompts); prefix_cache: share cached prompt blocks between requests;
@@ -271,7 +271,10 @@ class Engine:
         number; larger batches decode one token per step, which costs less there); ragged: each
         step one forward pass for the decoding rows and the prompt tokens (_ragged_step), where
         it applies (one process, a paged CPU cache, no draft, an eager decode step); False: a
-        pass per prompt (or batch of rests), then the decode step's own pass."""
+        pass per prompt (or batch of rests), then the decode step's own pass; kv_dtype: the KV
+        cache's dtype (None: the model's; bf16 under an fp32 model halves the cache's memory and
+        the bytes a decode step reads from it, as llama.cpp's default f16 cache does, at the cost
+        of rounding the keys and values to bf16: replies may differ from fp32's at near-ties)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}; it is the number of concurrent sequences")
         if max_queue < 0:
@@ -283,6 +286,13 @@ class Engine:
             raise ValueError(f"kv_cache_gb must be a positive number of GiB, got {kv_cache_gb!r}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        model_dtype = model.tok_embeddings.weight.dtype if hasattr(model, "tok_embeddings") else None
+        if kv_dtype is not None and not (kv_dtype == model_dtype or (kv_dtype, model_dtype) == (torch.bfloat16,
+                                                                                               torch.float32)):
+            raise ValueError(f"--kv-dtype {str(kv_dtype).removeprefix('torch.')} under a "
+                             f"{str(model_dtype).removeprefix('torch.')} model: the cache is the model's dtype, or "
+                             f"bfloat16 under a float32 model; leave --kv-dtype out or pick one of those")
+        self.kv_dtype = kv_dtype or model_dtype
         paged = hasattr(model, "layers")  # test stand-ins without attention keep no cache
         if draft is not None:
             _check_draft(model, draft, draft_tokens, paged)
@@ -302,7 +312,8 @@ class Engine:
         if kv_cache_gb is not None and paged:
             # The draft's cache mirrors the model's block for block (the same block ids), so a
             # block costs both models' bytes.
-            per_block = block_bytes(model, block_size) + (0 if draft is None else block_bytes(draft, block_size))
+            per_block = (block_bytes(model, block_size, kv_dtype)
+                         + (0 if draft is None else block_bytes(draft, block_size, kv_dtype)))
             num_blocks = int(kv_cache_gb * 2**30) // per_block
             if num_blocks < 2:
                 raise ValueError(f"--kv-cache-gb {kv_cache_gb} holds {num_blocks} blocks of {block_size} tokens "
@@ -314,12 +325,12 @@ class Engine:
         # Prefills compute only the logits they use: on the model's hidden states (test stand-ins
         # that wrap or replace the model take the whole forward).
         self._last_only = isinstance(model, Transformer)
-        self._table = (self.runner.setup(num_blocks, block_size, self.context, max_batch) if paged
+        self._table = (self.runner.setup(num_blocks, block_size, self.context, max_batch, kv_dtype) if paged
                        else BlockTable(block_size, self.device))
         # The draft's table holds the model's block ids: a block of a sequence (or of the prefix
         # cache) has both models' keys and values at the same index of their own pools.
         self._draft_table = None if draft is None else setup_paged_caches(draft, num_blocks, block_size,
-                                                                          self.context)
+                                                                          self.context, dtype=kv_dtype)
         self.spec = {"rounds": 0, "drafted": 0, "accepted": 0, "fallback_steps": 0}
         self._ragged = bool(ragged and paged and self._last_only and isinstance(self.runner, LocalRunner)
                             and draft is None and not compile and model.layers

@@ -31,8 +31,9 @@ from llamaworks.inference.paged import BlockTable, setup_paged_caches
 # The packed broadcast: HEADER int64s, then the payload they describe.
 _STOP, _FORWARD, _DECODE = 0, 1, 2
 _HEADER = 8  # op, bsz, seq, table rows, table width, has rows, has last, payload length
-_SETUP = 5  # num_blocks, block_size, context, packed capacity, protocol version
-_VERSION = 2
+_SETUP = 6  # num_blocks, block_size, context, packed capacity, protocol version, KV dtype (_KV_DTYPES)
+_VERSION = 3
+_KV_DTYPES = (None, torch.float32, torch.bfloat16)  # None: the model's
 # A worker idles in a broadcast until the next request arrives, for as long as the server
 # runs: the control group's timeout must not end an idle server (gloo's default is 30 min).
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
@@ -57,9 +58,11 @@ class LocalRunner:
     def __init__(self, model):
         self.model = model
 
-    def setup(self, num_blocks: int, block_size: int, context: int, max_batch: int) -> BlockTable:
-        """Give the model its paged KV cache (inference/paged.py); the table the engine fills."""
-        return setup_paged_caches(self.model, num_blocks, block_size, context)
+    def setup(self, num_blocks: int, block_size: int, context: int, max_batch: int,
+              kv_dtype: torch.dtype | None = None) -> BlockTable:
+        """Give the model its paged KV cache (inference/paged.py) in kv_dtype (None: the model's);
+        the table the engine fills."""
+        return setup_paged_caches(self.model, num_blocks, block_size, context, dtype=kv_dtype)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
                 last: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,13 +128,15 @@ class TPRunner:
         self.capacity = 0
         self.closed = False
 
-    def setup(self, num_blocks: int, block_size: int, context: int, max_batch: int) -> BlockTable:
+    def setup(self, num_blocks: int, block_size: int, context: int, max_batch: int,
+              kv_dtype: torch.dtype | None = None) -> BlockTable:
         # Room for a decode step's inputs (and short prefills) in the one broadcast: the table
         # is (max_batch, blocks of the context) at most.
         width = -(-context // block_size)
         self.capacity = _HEADER + 4 * max(max_batch, 256) + max_batch * (width + 1)
-        dist.broadcast(torch.tensor([num_blocks, block_size, context, self.capacity, _VERSION]), 0, group=self.group)
-        self.table = setup_paged_caches(self.model, num_blocks, block_size, context)
+        dist.broadcast(torch.tensor([num_blocks, block_size, context, self.capacity, _VERSION,
+                                     _KV_DTYPES.index(kv_dtype)]), 0, group=self.group)
+        self.table = setup_paged_caches(self.model, num_blocks, block_size, context, dtype=kv_dtype)
         return self.table
 
     def _send(self, op: int, tokens=None, pos=None, rows=None, last=None) -> None:
@@ -188,12 +193,12 @@ def serve_worker(model, group=None) -> int:
         signal.signal(sig, signal.SIG_IGN)
     setup = torch.empty(_SETUP, dtype=torch.int64)
     dist.broadcast(setup, 0, group=group)
-    num_blocks, block_size, context, capacity, version = setup.tolist()
+    num_blocks, block_size, context, capacity, version, kv = setup.tolist()
     if num_blocks == 0:  # rank 0 stopped before its engine started
         return 0
     assert version == _VERSION, (version, _VERSION)
     device = model.output.weight.device
-    table = setup_paged_caches(model, num_blocks, block_size, context)
+    table = setup_paged_caches(model, num_blocks, block_size, context, dtype=_KV_DTYPES[kv])
     passes = 0
     with torch.no_grad():
         while True:

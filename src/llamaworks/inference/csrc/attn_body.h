@@ -94,18 +94,19 @@ void attention(const Attention& a, int64_t r0, int64_t r1, float* scores) {
 // Paged: query rows [r0, r1) of (H * B * S), row r = (h * B + b) * S + s. One pass over the
 // sequence's blocks with an online softmax (Milakov & Gimelshein 2018): per block of Bs keys,
 // the scores, the new running maximum, the running sum and output rescaled once, then the
-// block's values added. fp32 throughout; `scores` holds Bs floats.
-template <bool BF16>
+// block's values added. fp32 throughout; `scores` holds Bs floats. BF16: q and out in bf16;
+// KV_BF16: the pools (an fp32 model may keep a bf16 cache: serve --kv-dtype).
+template <bool BF16, bool KV_BF16>
 void paged_rows(const PagedAttention& a, int64_t r0, int64_t r1, float* scores) {
   constexpr int64_t MAXV = MAX_HEAD_DIM / W;
   const int64_t nv = a.D / W, group = a.H / a.Hkv;
-  const int elt = BF16 ? 2 : 4;
+  const int elt = BF16 ? 2 : 4, kelt = KV_BF16 ? 2 : 4;
   const int64_t block_elems = a.Bs * a.D, head_elems = a.N * block_elems, seen_max = a.W * a.Bs;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t s = r % a.S, b = (r / a.S) % a.B, h = r / (a.S * a.B), hk = h / group;
     const char* qp = static_cast<const char*>(a.q) + (b * a.qs[0] + h * a.qs[1] + s * a.qs[2]) * elt;
-    const char* kh = static_cast<const char*>(a.k) + hk * head_elems * elt;
-    const char* vh = static_cast<const char*>(a.v) + hk * head_elems * elt;
+    const char* kh = static_cast<const char*>(a.k) + hk * head_elems * kelt;
+    const char* vh = static_cast<const char*>(a.v) + hk * head_elems * kelt;
     const int64_t* table = a.blocks + b * a.W;
     // Keys 0..pos seen, as the model's mask (key position <= query position) over W * Bs keys.
     int64_t n = a.pos[b * a.S + s] + 1;
@@ -117,19 +118,19 @@ void paged_rows(const PagedAttention& a, int64_t r0, int64_t r1, float* scores) 
     }
     float mx = -__builtin_inff(), sum = 0.0f;
     for (int64_t j0 = 0; j0 < n; j0 += a.Bs) {
-      const int64_t off = table[j0 / a.Bs] * block_elems * elt, m = n - j0 < a.Bs ? n - j0 : a.Bs;
+      const int64_t off = table[j0 / a.Bs] * block_elems * kelt, m = n - j0 < a.Bs ? n - j0 : a.Bs;
       const char* kb = kh + off;
       const char* vb = vh + off;
       float bmx = mx;
       for (int64_t t = 0; t < m; ++t) {
-        const char* kj = kb + t * a.D * elt;
+        const char* kj = kb + t * a.D * kelt;
         V acc0 = Isa::zero(), acc1 = Isa::zero();
         int64_t i = 0;
         for (; i + 1 < nv; i += 2) {
-          acc0 = Isa::fma(qv[i], load_act<BF16>(kj, i * W), acc0);
-          acc1 = Isa::fma(qv[i + 1], load_act<BF16>(kj, (i + 1) * W), acc1);
+          acc0 = Isa::fma(qv[i], load_act<KV_BF16>(kj, i * W), acc0);
+          acc1 = Isa::fma(qv[i + 1], load_act<KV_BF16>(kj, (i + 1) * W), acc1);
         }
-        if (i < nv) acc0 = Isa::fma(qv[i], load_act<BF16>(kj, i * W), acc0);
+        if (i < nv) acc0 = Isa::fma(qv[i], load_act<KV_BF16>(kj, i * W), acc0);
         const float sc = Isa::hsum(Isa::fma(acc0, Isa::set1(1.0f), acc1));
         scores[t] = sc;
         bmx = sc > bmx ? sc : bmx;
@@ -144,8 +145,8 @@ void paged_rows(const PagedAttention& a, int64_t r0, int64_t r1, float* scores) 
         const float p = __builtin_expf(scores[t] - mx);
         sum += p;
         const V pv = Isa::set1(p);
-        const char* vj = vb + t * a.D * elt;
-        for (int64_t i = 0; i < nv; ++i) o[i] = Isa::fma(pv, load_act<BF16>(vj, i * W), o[i]);
+        const char* vj = vb + t * a.D * kelt;
+        for (int64_t i = 0; i < nv; ++i) o[i] = Isa::fma(pv, load_act<KV_BF16>(vj, i * W), o[i]);
       }
     }
     // A query that sees no key (a negative position: never in the engine) gives zeros.
@@ -167,9 +168,11 @@ void paged_rows(const PagedAttention& a, int64_t r0, int64_t r1, float* scores) 
 
 void paged_attention(const PagedAttention& a, int64_t r0, int64_t r1, float* scores) {
   if (a.bf16)
-    paged_rows<true>(a, r0, r1, scores);
+    paged_rows<true, true>(a, r0, r1, scores);  // ops.cpp: a bf16 q comes with bf16 pools
+  else if (a.kv_bf16)
+    paged_rows<false, true>(a, r0, r1, scores);
   else
-    paged_rows<false>(a, r0, r1, scores);
+    paged_rows<false, false>(a, r0, r1, scores);
 }
 
 }  // namespace

@@ -90,7 +90,8 @@ struct PagedAttention {
   const int64_t* blocks;   // (B, W), contiguous: physical block of each logical block
   const int64_t* pos;      // (B, S), contiguous: query s of sequence b sees keys 0..pos[b, s]
   void* out;               // (B, H, S, D), contiguous
-  bool bf16;
+  bool bf16;               // q and out bf16 (else fp32)
+  bool kv_bf16;            // the pools bf16 (else fp32): a bf16 cache under an fp32 model too
   int64_t B, H, Hkv, S, D, N, Bs, W;
   int64_t qs[3];
   float scale;

@@ -284,9 +284,11 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && blocks_in.device().is_cpu() &&
                   pos_in.device().is_cpu(),
               "llamaworks paged_attention: CPU tensors only");
-  const at::ScalarType dt = q.scalar_type();
-  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
-              "llamaworks paged_attention: q and the pools must all be float32 or all bfloat16");
+  const at::ScalarType dt = q.scalar_type(), kt = k.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && (kt == dt || (dt == at::kFloat && kt == at::kBFloat16)) &&
+                  v.scalar_type() == kt,
+              "llamaworks paged_attention: q and the pools must all be float32 or all bfloat16, or q float32 with "
+              "bfloat16 pools");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes(),
               "llamaworks paged_attention: the pools must be contiguous and of one shape, got ", k.sizes(), " ",
               v.sizes());
@@ -318,7 +320,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   at::Tensor out = at::empty({B, H, S, D}, q.options());
   if (out.numel() == 0) return out;
   lw::PagedAttention a{q.data_ptr(), k.data_ptr(), v.data_ptr(), bp, pp, out.data_ptr(), dt == at::kBFloat16,
-                       B, H, Hkv, S, D, N, Bs, W, {q.stride(0), q.stride(1), q.stride(2)},
+                       kt == at::kBFloat16, B, H, Hkv, S, D, N, Bs, W, {q.stride(0), q.stride(1), q.stride(2)},
                        1.0f / std::sqrt(static_cast<float>(D))};
   const int lvl = level.load(std::memory_order_relaxed);
   const lw::PagedAttentionFn fn = lvl >= AVX512 ? lw::avx512_attention_paged

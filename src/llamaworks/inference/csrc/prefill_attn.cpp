@@ -1,7 +1,8 @@
 // llamaworks::prefill_attention: a prefill chunk's attention (inference/paged.py's
 // prefill_attention), queries at positions start..start+S-1 over the prefix's keys 0..start-1
 // (every query sees all of them) and the chunk's own keys (causal), in one pass with an online
-// softmax in fp32 (Milakov & Gimelshein 2018), GQA, q / keys / values all fp32 or all bf16.
+// softmax in fp32 (Milakov & Gimelshein 2018), GQA, q / keys / values all fp32 or all bf16, or an
+// fp32 q over bf16 keys and values (a bf16 cache under an fp32 model: serve --kv-dtype).
 //
 // Why not SDPA's CPU flash kernel: in bf16 it is no faster than in fp32 (a 2049-token prompt of
 // the `small` preset at 1 thread: 425-584 ms of attention in both), and after a prefix it needs
@@ -59,7 +60,8 @@ struct Prefill {
   const void* kp;           // the prefix's keys (B, Hkv, P, D), strides kps
   const void* vp;           // strides vps
   void* out;                // (B, H, S, D), contiguous
-  bool bf16;
+  bool bf16;                // q and out bf16 (else fp32)
+  bool kv_bf16;             // keys and values bf16 (else fp32): a bf16 cache under an fp32 model too
   int64_t B, H, Hkv, S, P, D;
   int64_t qs[3], kcs[3], vcs[3], kps[3], vps[3];
   float scale;
@@ -363,9 +365,9 @@ bool dot_allowed() {
   return e == nullptr || std::strcmp(e, "0") != 0;
 }
 
-void check_part(const at::Tensor& t, const at::Tensor& q, int64_t B, int64_t Hkv, int64_t D, const char* what) {
-  TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && t.scalar_type() == q.scalar_type(),
-              "llamaworks prefill_attention: ", what, " must be a 4-d CPU tensor of q's dtype");
+void check_part(const at::Tensor& t, at::ScalarType kt, int64_t B, int64_t Hkv, int64_t D, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.device().is_cpu() && t.scalar_type() == kt,
+              "llamaworks prefill_attention: ", what, " must be a 4-d CPU tensor of k's dtype");
   TORCH_CHECK(t.size(0) == B && t.size(1) == Hkv && t.size(3) == D && t.stride(3) == 1,
               "llamaworks prefill_attention: ", what, " has shape ", t.sizes(), ", want (", B, ", ", Hkv,
               ", *, ", D, ") with a contiguous last dimension");
@@ -384,10 +386,13 @@ at::Tensor prefill_attention(const at::Tensor& q_in, const at::Tensor& k_in, con
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "llamaworks prefill_attention: float32 or bfloat16 only");
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.dim() == 4 ? k.size(1) : 0;
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "llamaworks prefill_attention: ", H, " query heads for ", Hkv, " key heads");
-  check_part(k, q, B, Hkv, D, "k");
-  check_part(v, q, B, Hkv, D, "v");
-  check_part(kp, q, B, Hkv, D, "k_prefix");
-  check_part(vp, q, B, Hkv, D, "v_prefix");
+  const at::ScalarType kt = k.scalar_type();
+  TORCH_CHECK(kt == dt || (dt == at::kFloat && kt == at::kBFloat16),
+              "llamaworks prefill_attention: keys and values must be of q's dtype, or bfloat16 under a float32 q");
+  check_part(k, kt, B, Hkv, D, "k");
+  check_part(v, kt, B, Hkv, D, "v");
+  check_part(kp, kt, B, Hkv, D, "k_prefix");
+  check_part(vp, kt, B, Hkv, D, "v_prefix");
   TORCH_CHECK(k.size(2) == S && v.size(2) == S && vp.size(2) == kp.size(2),
               "llamaworks prefill_attention: the chunk's keys and values must have q's length, the prefix's one length");
   TORCH_CHECK(D % 16 == 0 && D <= lw::MAX_HEAD_DIM, "llamaworks prefill_attention: head_dim ", D,
@@ -396,7 +401,7 @@ at::Tensor prefill_attention(const at::Tensor& q_in, const at::Tensor& k_in, con
   if (out.numel() == 0) return out;
   const int64_t P = kp.size(2);
   lw::Prefill a{q.data_ptr(), k.data_ptr(), v.data_ptr(), kp.data_ptr(), vp.data_ptr(), out.data_ptr(),
-                dt == at::kBFloat16, B, H, Hkv, S, P, D,
+                dt == at::kBFloat16, kt == at::kBFloat16, B, H, Hkv, S, P, D,
                 {q.stride(0), q.stride(1), q.stride(2)}, {k.stride(0), k.stride(1), k.stride(2)},
                 {v.stride(0), v.stride(1), v.stride(2)}, {kp.stride(0), kp.stride(1), kp.stride(2)},
                 {vp.stride(0), vp.stride(1), vp.stride(2)}, 1.0f / std::sqrt(static_cast<float>(D))};

@@ -29,7 +29,7 @@ void prefill_item(const Prefill& a, int64_t b, int64_t hk, int64_t s0, Scratch& 
   constexpr int W = I::W, NR = RB / W, KJ = 8, DJ = 8;
   const int64_t D = a.D, group = a.H / a.Hkv, nq = std::min(QT, a.S - s0);
   const int64_t per_head = (nq + RB - 1) / RB, blocks = group * per_head;
-  const bool bf = a.bf16;
+  const bool bf = a.bf16;  // q and out; the keys and values: a.kv_bf16 (tile_rows)
   const int elt = bf ? 2 : 4;
   // Block x = g * per_head + i: query head hk * group + g, positions s0 + i * RB ... (fewer at the end).
   for (int64_t x = 0; x < blocks; ++x) {
@@ -57,8 +57,10 @@ void prefill_item(const Prefill& a, int64_t b, int64_t hk, int64_t s0, Scratch& 
     const int64_t c0 = prefix ? t * KT : (t - prefix_tiles) * KT;  // first key of the tile in its part
     const int64_t n = std::min<int64_t>(KT, (prefix ? a.P : chunk_end) - c0);
     int64_t kst, vst;
-    const float* kr = tile_rows(prefix ? a.kp : a.kc, prefix ? a.kps : a.kcs, b, hk, c0, n, D, bf, sc.kt.data(), kst);
-    const float* vr = tile_rows(prefix ? a.vp : a.vc, prefix ? a.vps : a.vcs, b, hk, c0, n, D, bf, sc.vt.data(), vst);
+    const float* kr = tile_rows(prefix ? a.kp : a.kc, prefix ? a.kps : a.kcs, b, hk, c0, n, D, a.kv_bf16,
+                                sc.kt.data(), kst);
+    const float* vr = tile_rows(prefix ? a.vp : a.vc, prefix ? a.vps : a.vcs, b, hk, c0, n, D, a.kv_bf16,
+                                sc.vt.data(), vst);
     for (int64_t x = 0; x < blocks; ++x) {
       const int64_t p0 = s0 + (x % per_head) * RB;
       if (!prefix && p0 + RB - 1 < c0) continue;  // no row of the block sees a key of this tile

@@ -13,7 +13,8 @@
 //   qkv (B, S, (H + 2 Hkv) * D): the fused product's output, q then k then v per token
 //   freqs (B or 1, S, D/2, 2) fp32: cos and sin of each pair's angle (Transformer.freqs_cis rows)
 //   input_pos (B, S) int64: each token's position; rows (B,) int64 cache rows, or empty: 0..B-1
-//   k_cache, v_cache (rows, Hkv, L, D), contiguous, qkv's dtype (fp32 or bf16): written in place
+//   k_cache, v_cache (rows, Hkv, L, D), contiguous, qkv's dtype (fp32 or bf16), or bf16 under an
+//                    fp32 qkv (serve --kv-dtype): written in place, rounded to the cache's dtype
 // Returns q rotated, (B, H, S, D) contiguous (the layout attention takes). The arithmetic is
 // apply_rotary_emb's, operation for operation in fp32 (x0 c + x1 (-s), x1 c + x0 s, each
 // product and the sum rounded: no fused multiply-add), rounded to the dtype at the end, so the
@@ -32,20 +33,21 @@ inline float load(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
-// fp-contract=off: apply_rotary_emb rounds each product before the sum (separate kernels).
-template <typename T>
-__attribute__((optimize("fp-contract=off"))) void rotate(const T* x, const float* f, int64_t D, T* out) {
+// fp-contract=off: apply_rotary_emb rounds each product before the sum (separate kernels). The
+// sum is rounded once to the output's type (a bf16 cache: as `.to(torch.bfloat16)` of fp32's).
+template <typename T, typename O>
+__attribute__((optimize("fp-contract=off"))) void rotate(const T* x, const float* f, int64_t D, O* out) {
   for (int64_t i = 0; i < D / 2; ++i) {
     const float c = f[2 * i], s = f[2 * i + 1];
     const float x0 = load(x, 2 * i), x1 = load(x, 2 * i + 1);
     const float a = x0 * c, b = x1 * -s;  // out[2i] = x0 c + x1 (-s)
     const float d = x1 * c, e = x0 * s;   // out[2i+1] = x1 c + x0 s
-    out[2 * i] = static_cast<T>(a + b);
-    out[2 * i + 1] = static_cast<T>(d + e);
+    out[2 * i] = static_cast<O>(a + b);
+    out[2 * i + 1] = static_cast<O>(d + e);
   }
 }
 
-template <typename T>
+template <typename T, typename C>
 void run(const at::Tensor& qkv, const at::Tensor& freqs, const at::Tensor& pos, const int64_t* rows,
          at::Tensor& kc, at::Tensor& vc, int64_t H, int64_t Hkv, at::Tensor& q) {
   const int64_t B = qkv.size(0), S = qkv.size(1), D = kc.size(3), L = kc.size(2);
@@ -53,8 +55,8 @@ void run(const at::Tensor& qkv, const at::Tensor& freqs, const at::Tensor& pos, 
   const float* fr = freqs.data_ptr<float>();
   const int64_t* ps = pos.data_ptr<int64_t>();
   T* qo = q.data_ptr<T>();
-  T* kd = kc.data_ptr<T>();
-  T* vd = vc.data_ptr<T>();
+  C* kd = kc.data_ptr<C>();
+  C* vd = vc.data_ptr<C>();
   const int64_t width = (H + 2 * Hkv) * D, fb = freqs.size(0) == 1 ? 0 : S * D;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t row = rows ? rows[b] : b;
@@ -68,7 +70,7 @@ void run(const at::Tensor& qkv, const at::Tensor& freqs, const at::Tensor& pos, 
         const int64_t at = ((row * Hkv + h) * L + p) * D;
         rotate(x + (H + h) * D, f, D, kd + at);
         const T* v = x + (H + Hkv + h) * D;
-        for (int64_t i = 0; i < D; ++i) vd[at + i] = v[i];
+        for (int64_t i = 0; i < D; ++i) vd[at + i] = static_cast<C>(static_cast<float>(v[i]));
       }
     }
   }
@@ -80,10 +82,11 @@ at::Tensor rope_cache(const at::Tensor& qkv_in, const at::Tensor& freqs_in, cons
   const at::Tensor freqs = freqs_in.dim() == 3 ? freqs_in.unsqueeze(0).contiguous() : freqs_in.contiguous();
   TORCH_CHECK(qkv.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "llamaworks rope_cache: CPU tensors only");
-  const at::ScalarType dt = qkv.scalar_type();
-  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k_cache.scalar_type() == dt &&
-                  v_cache.scalar_type() == dt,
-              "llamaworks rope_cache: qkv and the caches must all be float32 or all bfloat16");
+  const at::ScalarType dt = qkv.scalar_type(), ct = k_cache.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && (ct == dt || (dt == at::kFloat && ct == at::kBFloat16)) &&
+                  v_cache.scalar_type() == ct,
+              "llamaworks rope_cache: qkv and the caches must all be float32 or all bfloat16, or qkv float32 with "
+              "bfloat16 caches");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   v_cache.sizes() == k_cache.sizes() && Hkv > 0 && H % Hkv == 0 && k_cache.size(1) == Hkv,
               "llamaworks rope_cache: caches (rows, ", Hkv, ", L, D), contiguous, got ", k_cache.sizes());
@@ -109,10 +112,12 @@ at::Tensor rope_cache(const at::Tensor& qkv_in, const at::Tensor& freqs_in, cons
   }
   at::Tensor q = at::empty({B, H, S, D}, qkv.options());
   const int64_t* r = has_rows ? rows.data_ptr<int64_t>() : nullptr;
-  if (dt == at::kFloat)
-    run<float>(qkv, freqs, pos, r, k_cache, v_cache, H, Hkv, q);
+  if (dt == at::kBFloat16)
+    run<c10::BFloat16, c10::BFloat16>(qkv, freqs, pos, r, k_cache, v_cache, H, Hkv, q);
+  else if (ct == at::kBFloat16)
+    run<float, c10::BFloat16>(qkv, freqs, pos, r, k_cache, v_cache, H, Hkv, q);
   else
-    run<c10::BFloat16>(qkv, freqs, pos, r, k_cache, v_cache, H, Hkv, q);
+    run<float, float>(qkv, freqs, pos, r, k_cache, v_cache, H, Hkv, q);
   return q;
 }
 
