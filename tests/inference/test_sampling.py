@@ -162,3 +162,17 @@ def test_penalties_steer_sampling_away_from_repeats():
         out.append(tok)
         state.update(tok)
     assert sorted(out) == list(range(8))
+
+
+def test_updates_land_in_the_tensors_and_a_bias_alone_adds_exactly():
+    from llamaworks.inference.sampling import SamplingState, apply_states, logit_bias_vector
+
+    state = SamplingState(10, [2], bias={1: 5.0})
+    state.update(4)
+    state.update(4)
+    assert state.counts.tolist() == [0, 0, 0, 0, 2, 0, 0, 0, 0, 0]
+    assert state.seen.nonzero().flatten().tolist() == [2, 4]
+    assert not state.penalised and SamplingState(10, [], repetition=1.3).penalised
+    logits = _rows(6, bsz=2, vocab=10)
+    got = apply_states(logits, [state, None])
+    assert torch.equal(got[0], logits[0] + logit_bias_vector({1: 5.0}, 10)) and torch.equal(got[1], logits[1])

@@ -114,3 +114,21 @@ def test_dtypes_the_cache_cannot_take_are_refused_by_name(tiny_model_dir):
     with pytest.raises(ValueError, match="--kv-dtype: unknown dtype 'int8'"):
         _kv_dtype("int8")
     assert _kv_dtype(None) is None and _kv_dtype("bf16") == torch.bfloat16
+
+
+@needs_native
+def test_one_pass_steps_rotate_and_write_a_bf16_cache_in_one_call(tiny_model_dir, monkeypatch):
+    """The fused attention's rope_cache path (fuse.py) takes an fp32 model over a bf16 pool, rather
+    than falling back to apply_rotary_emb and a separate write."""
+    from llamaworks.inference.paged import PagedKVCache
+
+    calls = []
+    real = PagedKVCache.rope_update
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.k.dtype)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PagedKVCache, "rope_update", counted)
+    eng, reqs = _serve(tiny_model_dir, _requests, kv_dtype=torch.bfloat16)
+    assert eng._ragged and calls and set(calls) == {torch.bfloat16}

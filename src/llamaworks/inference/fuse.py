@@ -29,7 +29,7 @@ from llamaworks.inference.kernels import (
     eager_native_step,
     native_attention_class,
 )
-from llamaworks.inference.paged import PagedKVCache
+from llamaworks.inference.paged import PagedKVCache, kernel_dtypes
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
 from llamaworks.model import Attention, FeedForward
@@ -159,12 +159,14 @@ class FusedAttention(FusedProjections, Attention):
     def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
         cache = self.kv_cache
         ragged = type(cache) is PagedKVCache and cache.table.ragged is not None and cache.rope_in_one
+        # The cache in x's dtype, or bf16 under fp32 (serve --kv-dtype): rope_cache rounds k and v to it.
         if (input_pos is None or not (type(cache) is KVCache or ragged) or freqs.dtype != torch.float32
-                or not eager_native_step(x, cache.k, cache.v)):
+                or not eager_native_step(x) or not eager_native_step(cache.k, cache.v)
+                or not kernel_dtypes(x.dtype, cache.k.dtype)):
             return super().forward(x, freqs, input_pos, mask, rows)
         bsz, seqlen, _ = x.shape
         qkv = self.wqkv(x)  # (bsz, seq, (heads + 2 kv_heads) * head_dim)
-        if qkv.dtype != cache.k.dtype:
+        if not kernel_dtypes(qkv.dtype, cache.k.dtype):
             return super().forward(x, freqs, input_pos, mask, rows)
         heads, kv_heads = self.sizes[0] // self.head_dim, self.sizes[1] // self.head_dim
         if ragged:

@@ -169,10 +169,23 @@ class SamplingState:
         if prompt_ids:
             self.seen[torch.tensor(prompt_ids, dtype=torch.long, device=device)] = True
         self.bias = logit_bias_vector(bias, vocab_size).to(device) if bias else None
+        # On CPU the update goes through numpy views of the same memory: indexing a tensor with
+        # a Python int is a few aten operators (~30 us per token and request, 6% of a `small`
+        # decode step at batch 8), a numpy element update ~0.2 us.
+        self._np = (self.counts.numpy(), self.seen.numpy()) if self.counts.device.type == "cpu" else None
 
     def update(self, token: int) -> None:
-        self.counts[token] += 1
-        self.seen[token] = True
+        if self._np is not None:
+            self._np[0][token] += 1
+            self._np[1][token] = True
+        else:
+            self.counts[token] += 1
+            self.seen[token] = True
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty is on (a logit_bias alone needs neither counts nor seen)."""
+        return self.repetition != 1.0 or self.presence != 0.0 or self.frequency != 0.0
 
 
 def apply_states(logits: torch.Tensor, states: list[SamplingState | None]) -> torch.Tensor:
@@ -185,19 +198,21 @@ def apply_states(logits: torch.Tensor, states: list[SamplingState | None]) -> to
     live = [s for s in states if s is not None]
     size = live[0].counts.shape[0]
     assert size <= vocab, (size, vocab)  # a padded output layer may have more rows than the tokenizer
-    zeros_i = torch.zeros(size, dtype=torch.int32, device=logits.device)
-    zeros_b = torch.zeros(size, dtype=torch.bool, device=logits.device)
-    counts = torch.stack([zeros_i if s is None else s.counts for s in states])  # (bsz, size)
-    seen = torch.stack([zeros_b if s is None else s.seen for s in states])
-    if size < vocab:
-        counts = torch.nn.functional.pad(counts, (0, vocab - size))
-        seen = torch.nn.functional.pad(seen, (0, vocab - size))
 
     def per_row(name: str, off: float) -> torch.Tensor:
         return torch.tensor([off if s is None else getattr(s, name) for s in states], device=logits.device)
 
-    logits = apply_repetition_penalty(logits, seen, per_row("repetition", 1.0))
-    logits = apply_presence_frequency(logits, counts, per_row("presence", 0.0), per_row("frequency", 0.0))
+    # With every penalty off (a logit_bias alone) the penalties change nothing: skipped.
+    if any(s.penalised for s in live):
+        zeros_i = torch.zeros(size, dtype=torch.int32, device=logits.device)
+        zeros_b = torch.zeros(size, dtype=torch.bool, device=logits.device)
+        counts = torch.stack([zeros_i if s is None else s.counts for s in states])  # (bsz, size)
+        seen = torch.stack([zeros_b if s is None else s.seen for s in states])
+        if size < vocab:
+            counts = torch.nn.functional.pad(counts, (0, vocab - size))
+            seen = torch.nn.functional.pad(seen, (0, vocab - size))
+        logits = apply_repetition_penalty(logits, seen, per_row("repetition", 1.0))
+        logits = apply_presence_frequency(logits, counts, per_row("presence", 0.0), per_row("frequency", 0.0))
     if any(s is not None and s.bias is not None for s in states):
         zeros_f = torch.zeros(size, dtype=torch.float32, device=logits.device)
         bias = torch.stack([zeros_f if s is None or s.bias is None else s.bias for s in states])

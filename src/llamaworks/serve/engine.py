@@ -347,6 +347,10 @@ class Engine:
         self._slots: list[_Slot | None] = [None] * max_batch
         self._tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        # Rows are set one token at a time (_set_row): on CPU through numpy views of the same
+        # memory, ~0.2 us where a tensor element write with a Python index is ~15 us (two per
+        # accepted token: 0.25 ms of a batch-8 decode step).
+        self._rows_np = (self._tokens.numpy(), self._pos.numpy()) if self.device.type == "cpu" else None
         self._pending: collections.deque[Request] = collections.deque()
         self._embeddings: collections.deque[_Embedding] = collections.deque()
         self._cv = threading.Condition()
@@ -573,8 +577,7 @@ class Engine:
         if s is not None:
             self.pool.release(s.blocks, s.reserved)
         self._slots[i] = None
-        self._tokens[i, 0] = 0
-        self._pos[i, 0] = 0
+        self._set_row(i, 0, 0)
 
     def _finish_pending(self, req: Request) -> None:
         req.finish_reason = "cancelled"
@@ -1168,10 +1171,16 @@ class Engine:
         if len(req.tokens) >= req.max_tokens:
             self._finish(i, "length")
             return False
-        self._tokens[i, 0] = tok
-        self._pos[i, 0] = s.pos
+        self._set_row(i, tok, s.pos)
         s.pos += 1
         return True
+
+    def _set_row(self, i: int, tok: int, pos: int) -> None:
+        """Row i of the decode step's inputs: token `tok` at position `pos`."""
+        if self._rows_np is not None:
+            self._rows_np[0][i, 0], self._rows_np[1][i, 0] = tok, pos
+        else:
+            self._tokens[i, 0], self._pos[i, 0] = tok, pos
 
     def _publish(self, s: _Slot) -> None:
         """Put the blocks of `s` that generated tokens filled into the prefix cache (a next chat
