@@ -145,13 +145,15 @@ def test_c4_from_s3_to_s3_equals_the_local_run(tmp_path, s3):
 
 def test_local_output_is_unchanged_by_the_storage_layer(tmp_path):
     """The local path writes the same shard bytes as the writer before remote storage existed:
-    a gzip member named after the shard, mtime 0, level 6."""
+    a gzip member named after the shard, mtime 0, level 6 (through the pipeline's gzip module:
+    zlib-ng's where installed, tests/data/test_gzip_shards.py)."""
     docs = [Document(str(i), f"text {i}", "t", {"k": i}) for i in range(50)]
     with ShardWriter(tmp_path / "00000.jsonl.gz") as w:
         for d in docs:
             w.write(d)
     buf = io.BytesIO()
-    with gzip.GzipFile(filename="00000.jsonl.gz", fileobj=buf, mode="wb", compresslevel=6, mtime=0) as g:
+    with storage.gzip_module().GzipFile(filename="00000.jsonl.gz", fileobj=buf, mode="wb", compresslevel=6,
+                                        mtime=0) as g:
         for d in docs:
             g.write(d.to_json().encode() + b"\n")
     assert (tmp_path / "00000.jsonl.gz").read_bytes() == buf.getvalue()

@@ -6,7 +6,6 @@ One JSON object per line: {"id", "text", "source", "metadata"} — the same layo
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -169,8 +168,9 @@ class ShardWriter:
         if compression == "gzip":
             # mtime=0 and the final name (not the temporary one, which holds the pid): identical
             # documents give byte-identical shards (reproducible runs).
-            self._f = gzip.GzipFile(filename=storage.name(self.path), fileobj=self._raw, mode="wb",
-                                    compresslevel=(0 if self._tmp is not None else 1) if scratch else 6, mtime=0)
+            level = (0 if self._tmp is not None else 1) if scratch else 6
+            self._f = storage.gzip_module().GzipFile(filename=storage.name(self.path), fileobj=self._raw, mode="wb",
+                                                     compresslevel=level, mtime=0)
         else:
             level = 1 if scratch else 3
             self._f = zstandard_module().ZstdCompressor(level=level).stream_writer(self._raw, closefd=False)
