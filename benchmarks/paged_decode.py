@@ -36,6 +36,7 @@ from machine import add_label_argument, machine_record, write_result
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_native_kernels
 from llamaworks.inference.paged import NULL_BLOCK, setup_paged_caches
+from llamaworks.inference.threads import run_in_own_thread
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.serve.engine import Engine, table_width
 from llamaworks.serve.kvpool import blocks_for
@@ -101,7 +102,7 @@ def step_bench(a, model) -> dict:
 
 def engine_bench(a, model, reads_table: bool) -> dict:
     os.environ["LLAMAWORKS_PAGED_ATTENTION"] = "1" if reads_table else "0"
-    eng = Engine(model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256)
+    eng = run_in_own_thread(Engine, model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256)
     parts = {"decode_forward": 0.0, "decode_total": 0.0, "prefill": 0.0}
     runner = eng.runner
     runner.decode = timed(parts, "decode_forward", runner.decode)
@@ -143,13 +144,15 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     machine = machine_record(a.label, bandwidth=False)
-    model = make_model(a.preset)
+    # Models, the step loops and engines are built and run in threads that exit, as `serve` does, so
+    # that an engine's thread holds the only OpenMP team (inference/threads.py).
+    model = run_in_own_thread(make_model, a.preset)
     out = {"command": "paged_decode.py " + " ".join(sys.argv[1:]), "machine": machine,
            "preset": a.preset, "threads": torch.get_num_threads(), "steps": {}}
     cases = {"mixed": a.lengths, **({"chat": a.chat_lengths} if a.chat_lengths else {})}
     for name, lengths in cases.items():
         a.lengths = lengths
-        r = step_bench(a, model)
+        r = run_in_own_thread(step_bench, a, model)
         out["steps"][name] = r
         print(f"decode step, {name} rows {r['lengths']}: through the table {r['step_ms_median']['table']:.2f} ms, "
               f"gather {r['step_ms_median']['gather']:.2f} ms ({r['gather_over_table']:.2f}x), "
@@ -157,7 +160,7 @@ def main() -> None:
     if not a.no_engine:
         runs = []
         for reads_table in (True, False):
-            runs.append(engine_bench(a, make_model(a.preset), reads_table))
+            runs.append(engine_bench(a, run_in_own_thread(make_model, a.preset), reads_table))
             r = runs[-1]
             print(f"engine, mixed, {'through the table' if reads_table else 'gather'}: {r['tokens_per_s']:.1f} tok/s, "
                   f"{r['decode_steps']} decode steps: forward {r['decode_forward_ms_per_step']:.2f} ms/step, "

@@ -45,6 +45,7 @@ import llamaworks.model
 from llamaworks.inference import paged
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_bf16_prefill, use_native_kernels
+from llamaworks.inference.threads import run_in_own_thread
 from llamaworks.model import ModelArgs, RMSNorm, build_model
 from llamaworks.serve.engine import Engine, table_width
 from llamaworks.serve.kvpool import blocks_for
@@ -203,9 +204,11 @@ def pass_bench(a, model) -> dict:
 def engine_bench(a, split: bool, chunk: int | None, bf16: bool = False, ragged: bool = True) -> dict:
     os.environ["LLAMAWORKS_PAGED_PREFILL"] = "1" if split else "0"
     try:
-        model = make_model(a.preset, bf16)
-        eng = Engine(model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch, max_queue=256,
-                     prefill_chunk=chunk, ragged=ragged)
+        # Built in threads that exit, as `serve` does: the engine's thread then holds the only
+        # OpenMP team (inference/threads.py; a second one throttles both).
+        model = run_in_own_thread(make_model, a.preset, bf16)
+        eng = run_in_own_thread(Engine, model, NullTokenizer(model.args.vocab_size), max_batch=a.max_batch,
+                                max_queue=256, prefill_chunk=chunk, ragged=ragged)
     finally:
         os.environ.pop("LLAMAWORKS_PAGED_PREFILL", None)
     parts = {"prefill": 0.0, "decode": 0.0, "ragged_step": 0.0, "passes": 0.0}
@@ -270,8 +273,10 @@ def main() -> None:
     machine = machine_record(a.label, bandwidth=False)
     out = {"command": "prefill.py " + " ".join(sys.argv[1:]), "machine": machine, "preset": a.preset,
            "threads": torch.get_num_threads(),
-           "dtype": a.dtype, "passes": None if a.no_passes else pass_bench(
-               a, make_model(a.preset, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32))}
+           "dtype": a.dtype, "passes": None}
+    if not a.no_passes:  # in a thread whose OpenMP team ends with it, before the engines run
+        dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        out["passes"] = run_in_own_thread(lambda: pass_bench(a, make_model(a.preset, dtype=dtype)))
     if not a.no_engine:
         runs = []
         for chunk in [None if c.strip().lower() == "none" else int(c) for c in a.prefill_chunks.split(",")]:
