@@ -49,16 +49,21 @@ def test_ragged_groups_lay_out_runs_by_kind():
     assert ragged_groups([(5, PAGED_MAX_QUERIES)])[1][0].start is None
 
 
+# Sequences of runs: two decoding rows, two prompts from 0, a short rest, a rest after a prefix
+# whose blocks are scattered; each sequence in its own blocks. Or a decode pass: one token a row
+# (ragged_attention's one-call path).
+MIXED_RUNS = [(13, 1), (0, 11), (5, 1), (0, 11), (9, 3), (8, 10)]
+DECODE_RUNS = [(13, 1), (5, 1), (20, 1), (2, 1)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_ragged_attention_equals_each_runs_masked_gather(dtype, kv_heads):
+@pytest.mark.parametrize("runs", [MIXED_RUNS, DECODE_RUNS], ids=["mixed", "decode"])
+def test_ragged_attention_equals_each_runs_masked_gather(dtype, kv_heads, runs):
     g = torch.Generator().manual_seed(kv_heads)
     size, heads, head_dim, num_blocks = 4, 4, 16, 64
     pool_k = torch.randn(kv_heads, num_blocks, size, head_dim, generator=g).to(dtype)
     pool_v = torch.randn(kv_heads, num_blocks, size, head_dim, generator=g).to(dtype)
-    # Sequences of runs: two decoding rows, two prompts from 0, a short rest, a rest after a prefix
-    # whose blocks are scattered; each sequence in its own blocks.
-    runs = [(13, 1), (0, 11), (5, 1), (0, 11), (9, 3), (8, 10)]
     order, groups = ragged_groups(runs)
     runs = [runs[j] for j in order]
     width = 6

@@ -264,6 +264,15 @@ def ragged_attention(q: torch.Tensor, k: RaggedRead, v: RaggedRead) -> torch.Ten
     paged kernel (short runs, each query over its sequence's keys up to its position) or
     prefill_attention (runs at the same positions: causal over their own keys, then the prefix)."""
     heads, head_dim = q.shape[1], q.shape[3]
+    if len(k.groups) == 1 and k.groups[0].start is None and k.groups[0].length == 1:
+        # A decode pass (one token a row): the paged kernel's (T, heads, 1, hd) output is token-major
+        # already; returned as its (1, heads, T, hd) view, without the buffer and copy below (each
+        # small operator costs 15-40 us in a decode step whose weights just went through the caches).
+        g = k.groups[0]
+        o = paged_read(q[0].reshape(heads, g.runs, 1, head_dim).transpose(0, 1).contiguous(),
+                       PagedRead(k.pool, k.blocks, k.pos.view(g.runs, 1)),
+                       PagedRead(v.pool, v.blocks, v.pos.view(g.runs, 1)))  # (T, heads, 1, hd)
+        return o.view(1, g.runs, heads, head_dim).transpose(1, 2)
     # Written token-major, (1, T, heads, hd), and returned as its (1, heads, T, hd) view: the
     # attention's caller transposes it back to token-major without a copy.
     out = q.new_empty(1, q.shape[2], heads, head_dim)
