@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 import sys
 from pathlib import Path
@@ -141,10 +142,7 @@ def hugepage_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     pages are not available."""
     if not hugepages_supported():
         return torch.zeros(shape, dtype=dtype)
-    n = 1
-    for d in shape:
-        n *= d
-    t = hugepage_arena(n * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
+    t = hugepage_arena(math.prod(shape) * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
     return t.zero_()
 
 

@@ -185,7 +185,7 @@ def _serve(engine, name, host, port, shutdown_timeout, limits, template, api_key
     server, sock = make_server(engine, name, host, port, shutdown_timeout, log_level="info", limits=limits,
                                chat_template=template, api_key=api_key, request_timeout=request_timeout)
     bound = sock.getsockname()[1]
-    print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {str(dt).removeprefix('torch.')}, "
+    print(f"llamaworks serve: model {name!r} on http://{host}:{bound}/v1 ({dev}, {_name(dt)}, "
           f"{max_batch} slots{f', tensor parallel over {tp} processes' if tp > 1 else ''}, context "
           f"{engine.context}, KV cache {engine.pool.capacity} blocks of "
           f"{engine.block_size} tokens{'' if engine.kv_dtype == dt else ' in ' + _name(engine.kv_dtype)}"

@@ -51,7 +51,15 @@ from dataclasses import dataclass, field
 import torch
 
 from llamaworks.inference.generate import compile_step
-from llamaworks.inference.paged import NULL_BLOCK, BlockTable, Ragged, block_bytes, ragged_groups, setup_paged_caches
+from llamaworks.inference.paged import (
+    NULL_BLOCK,
+    BlockTable,
+    Ragged,
+    block_bytes,
+    kernel_dtypes,
+    ragged_groups,
+    setup_paged_caches,
+)
 from llamaworks.inference.sampling import (
     SamplingState,
     apply_states,
@@ -287,8 +295,8 @@ class Engine:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         model_dtype = model.tok_embeddings.weight.dtype if hasattr(model, "tok_embeddings") else None
-        if kv_dtype is not None and not (kv_dtype == model_dtype or (kv_dtype, model_dtype) == (torch.bfloat16,
-                                                                                               torch.float32)):
+        # The cache in the model's dtype, or one the kernels read under it (paged.kernel_dtypes: bf16 under fp32).
+        if kv_dtype is not None and kv_dtype != model_dtype and not kernel_dtypes(model_dtype, kv_dtype):
             raise ValueError(f"--kv-dtype {str(kv_dtype).removeprefix('torch.')} under a "
                              f"{str(model_dtype).removeprefix('torch.')} model: the cache is the model's dtype, or "
                              f"bfloat16 under a float32 model; leave --kv-dtype out or pick one of those")
