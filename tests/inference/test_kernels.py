@@ -499,3 +499,36 @@ def test_native_attention_survives_fusion_and_gives_the_same_logits(native_lib):
     assert unfuse(model) == 4
     assert all(isinstance(m, NativeAttention) and not isinstance(m, FusedAttention)
                for m in model.modules() if isinstance(m, Attention))
+
+
+@pytest.mark.parametrize("block_bytes", [None, 4 * 96 * 7])  # one block; blocks of 7 rows (the last short)
+def test_bf16_prompt_products_widen_the_weight_where_bf16_is_not_in_hardware(monkeypatch, native_lib, block_bytes):
+    # Without hardware bf16 (AVX2-only) a bf16 model's prompt products go through fp32 GEMMs on the
+    # widened weight (kernels.bf16_prompt_linear): the exact fp32 product of the bf16 values, the output
+    # rounded to bf16 once; NativeLinear and GemvLinear take it for more rows than the native kernels.
+    from llamaworks.inference import kernels
+
+    if block_bytes is not None:
+        monkeypatch.setattr(kernels, "UPCAST_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(33, 96, generator=g).bfloat16()
+    x = torch.randn(2, 20, 96, generator=g).bfloat16()
+    want = (x.double() @ w.double().T).to(torch.bfloat16)  # one rounding of the exact product
+    got = kernels.bf16_prompt_linear(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 20, 33)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.0079, atol=1e-3)  # half a bf16 ulp either way
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda: False)
+    calls = []
+    real = kernels.bf16_prompt_linear
+    monkeypatch.setattr(kernels, "bf16_prompt_linear", lambda a, b: calls.append(a.shape) or real(a, b))
+    for cls in (NativeLinear, GemvLinear):
+        layer = cls(96, 33, bias=False).to(torch.bfloat16)
+        layer.weight.data.copy_(w)
+        with torch.no_grad():
+            assert torch.equal(layer(x), got)  # many rows: widened
+            layer(x[:, :1])  # one row a sequence: the decode kernels
+    assert calls == [x.shape, x.shape]
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda: True)
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 2  # hardware bf16: oneDNN's own bf16 matmul

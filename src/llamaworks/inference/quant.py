@@ -54,10 +54,12 @@ from torch import nn
 
 from llamaworks.atomic import atomic_directory, atomic_write_json
 from llamaworks.inference import native
-from llamaworks.inference.kernels import (
+from llamaworks.inference.kernels import (  # noqa: F401 (bf16_matmul: quant's own name too)
     INT8_KERNEL_ROW_MULTIPLE,
     KERNEL_MAX_ROWS,
+    _has_amx,
     aligned,
+    bf16_matmul,
     cpu_kernel,
     kernel_rows,
     native_rows,
@@ -95,20 +97,6 @@ def fold_factor(out_features: int, in_features: int) -> int:
     r = -(-FOLD_ROW_BYTES // in_features)
     r = 1 << (r - 1).bit_length()  # next power of two
     return r if r <= FOLD_MAX and out_features % r == 0 else 1
-
-
-def _has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
-
-
-def bf16_matmul() -> bool:
-    """Whether Int8Linear's many-row products (prefill) run as a bf16 matmul: on CPUs whose
-    oneDNN multiplies bf16 in hardware, AMX or AVX512_BF16 dot products. Zen 4, 128 x 768 x 4096,
-    one thread: 5.1 ms of CPU against 11.1 for the int8 -> fp32 cast and fp32 matmul (the cast
-    alone 12 ms: a 4-byte copy of every weight; to bf16 it is 0.4 ms)."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return _has_amx() or bool(probe and probe())
 
 
 def _holds_data(t: torch.Tensor) -> bool:
