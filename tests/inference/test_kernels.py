@@ -532,3 +532,28 @@ def test_bf16_prompt_products_widen_the_weight_where_bf16_is_not_in_hardware(mon
     with torch.no_grad():
         layer(x)
     assert len(calls) == 2  # hardware bf16: oneDNN's own bf16 matmul
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_dequant_int4_widens_the_decode_layout_as_the_kernels_read_it(monkeypatch, native_lib, group):
+    # Prompts over the kernels' rows widen the repacked weight in one native pass (ops.dequant_int4),
+    # q * scale + offset: the portable dequantisation up to the rounding of that formula.
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(5))
+    packed, s, z, native_args = int4_args(w, group)
+    got = ops.dequant_int4(*native_args, group)
+    want = dequantize_int4(packed, s, z, group, torch.float32)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+    with pytest.raises(RuntimeError, match="group size"):
+        ops.dequant_int4(*native_args, 48)
+    layer = quantize_model(torch.nn.Sequential(torch.nn.Linear(256, 48, bias=False)), "int4", group_size=group)[0]
+    if layer._tiled:
+        pytest.skip("the tiled int4 layout takes prompts itself here")
+    use_native_kernels(layer)
+    x = torch.randn(3, 40, 256)  # 120 rows: a prompt
+    wq = dequantize_int4(layer.weight, layer.scales, layer.zeros, group, torch.float32)
+    from llamaworks.inference import quant
+
+    monkeypatch.setattr(quant, "dequantize_int4", None)  # the PyTorch widening is not called
+    with torch.no_grad():
+        close(layer(x), F.linear(x, wq))

@@ -242,6 +242,9 @@ def _register_fakes() -> None:
     # gemv_int4_tiles: x (..., in_features), the weight (out_features / 16, 8 * in_features)
     torch.library.register_fake("llamaworks::gemv_int4_tiles")(
         lambda x, w, *_: x.new_empty(*x.shape[:-1], w.shape[0] * 16))
+    # dequant_int4: the weight widened, (out_features, in_features) fp32
+    torch.library.register_fake("llamaworks::dequant_int4")(lambda w, *_: w.new_empty(w.shape[0], w.shape[1] * 2,
+                                                                                     dtype=torch.float32))
     # decode_attention: q's shape (bsz, heads, seq, head_dim), contiguous
     torch.library.register_fake("llamaworks::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
     torch.library.register_fake("llamaworks::paged_attention")(lambda q, k, v, blocks, pos: q.new_empty(q.shape))
