@@ -83,6 +83,22 @@ def test_greedy_kv_cache_equals_full_forward(model):
     assert got_lp[0] == pytest.approx(want_lp, abs=1e-4)
 
 
+def test_prefill_projects_only_the_prompts_last_positions(model):
+    # The output projection of the prefill sees each prompt's last position alone (bsz rows, not
+    # bsz x longest), and the first token and its logprob are still the full forward's.
+    prompts = [[1, 5, 9, 200, 17], [1, 300]]
+    seen = []
+    hook = model.output.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        got, got_lp = run_ids(model, prompts, 1, temperature=0.0)
+    finally:
+        hook.remove()
+    assert seen == [(2, 1, model.args.dim)]
+    for p, tok, lp in zip(prompts, got, got_lp):
+        want, want_lp = greedy_reference(model, p, 1)
+        assert tok == want and lp == pytest.approx(want_lp, abs=1e-5)
+
+
 def test_batch_of_different_lengths_equals_each_alone(model):
     prompts = [[1, 5, 9, 200], [1, 300], [1, 44, 45, 46, 47, 48, 49, 50, 51], [1, 7, 7]]
     batch, _ = run_ids(model, prompts, 24, temperature=0.0)
