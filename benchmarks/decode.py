@@ -79,7 +79,7 @@ from llamaworks.inference import native
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.generate import generate_ids
 from llamaworks.inference.hugepages import huge_page_fraction, use_hugepages
-from llamaworks.inference.kernels import use_gemv, use_native_kernels
+from llamaworks.inference.kernels import use_fp32_activations, use_gemv, use_native_kernels
 from llamaworks.model import ModelArgs, Transformer, build_model, count_parameters
 
 # "Config A" of the issue tracker: about 60M parameters, the shape of the paper's models.
@@ -152,6 +152,7 @@ def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str,
         fuse_projections(m)
     if torch.device(device).type == "cpu" and not use_native_kernels(m):
         use_gemv(m)
+    use_fp32_activations(m)  # as load_model: where the CPU has no bf16, a bf16 model computes in fp32
     if hugepages:
         use_hugepages(m)  # as load_model; fp32 weights shared with `model` are moved once, for all copies
     return m

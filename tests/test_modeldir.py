@@ -63,9 +63,16 @@ def test_inference_load_holds_one_copy_of_the_weights(mid_model_dir):
     assert torch.equal(model.layers[0].attention.wq.weight, w_again)
 
 
-def test_dtype_conversion_on_load(tiny_model_dir):
+@pytest.mark.parametrize("hardware_bf16", [True, False])
+def test_dtype_conversion_on_load(monkeypatch, tiny_model_dir, hardware_bf16):
+    from llamaworks.inference import kernels, native
+
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda: hardware_bf16)
     model, _ = load_model(tiny_model_dir, dtype="bfloat16")
     assert model.output.weight.dtype == torch.bfloat16 and model.freqs_cis.dtype == torch.float32
+    # Without hardware bf16 (and with the native kernels) the activations are fp32: use_fp32_activations
+    fp32_activations = not hardware_bf16 and native.available()
+    assert model.tok_embeddings.weight.dtype == (torch.float32 if fp32_activations else torch.bfloat16)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 

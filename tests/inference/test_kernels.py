@@ -557,3 +557,36 @@ def test_dequant_int4_widens_the_decode_layout_as_the_kernels_read_it(monkeypatc
     monkeypatch.setattr(quant, "dequantize_int4", None)  # the PyTorch widening is not called
     with torch.no_grad():
         close(layer(x), F.linear(x, wq))
+
+
+def test_bf16_models_compute_in_fp32_where_bf16_is_not_in_hardware(monkeypatch, native_lib):
+    # kernels.use_fp32_activations: the projections keep their bf16 weights, the embedding table and the
+    # norms are widened, so activations and the KV cache are fp32: the model computes what an fp32 model
+    # with the bf16-rounded projection weights computes; a no-op where bf16 is in hardware or on models
+    # with other layers (quantised).
+    from llamaworks.inference import kernels
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
+    fp32 = sharpen(build_model(args))
+    reference = copy.deepcopy(fp32)
+    for p in reference.parameters():  # the weights as the bf16 model holds them, computed in fp32
+        p.data = p.data.bfloat16().float()
+    model = copy.deepcopy(fp32).to(torch.bfloat16)
+    model.init_rope(torch.device("cpu"))
+    fuse_projections(model)
+    use_native_kernels(model)
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda: True)
+    assert kernels.use_fp32_activations(model) == 0  # AVX512_BF16 / AMX: bf16 throughout
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda: False)
+    assert kernels.use_fp32_activations(copy.deepcopy(quantize_model(copy.deepcopy(fp32), "int8"))) == 0
+    assert kernels.use_fp32_activations(model) == 1 + 2 * args.n_layers + 1  # embedding, 2 norms a layer, norm
+    assert model.tok_embeddings.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
+    assert all(m.weight.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    prompts = [[1, 5, 9, 23], [1, 77, 3]]
+    with torch.no_grad():
+        tokens = torch.tensor([prompts[0]])
+        close(model(tokens), reference(tokens))  # prompt products: the widened weights (bf16_prompt_linear)
+    got = torch.cat([t for t, _ in generate_ids(model, prompts, 12, temperature=0.0)], 1)
+    assert model.layers[0].attention.kv_cache.k.dtype == torch.float32
+    want = torch.cat([t for t, _ in generate_ids(reference, prompts, 12, temperature=0.0)], 1)
+    assert torch.equal(got, want)

@@ -280,6 +280,30 @@ def use_native_kernels(model: nn.Module) -> int:
     return n
 
 
+def use_fp32_activations(model: nn.Module) -> int:
+    """On a CPU without hardware bf16 (bf16_matmul() False: AVX2-only, AVX-512 before Cooper Lake), a
+    bf16 model whose every linear layer is a NativeLinear computes in fp32, as llama.cpp's f16 models
+    compute in f32: the projections keep their bf16 weights (the bytes a decode step streams; gemv_bf16
+    takes fp32 activations), the embedding table and the norms' weights are widened, so the activations,
+    the KV cache (setup_caches and the engine follow tok_embeddings' dtype) and every elementwise
+    operator run in fp32, which such CPUs compute natively where bf16 is converted operator by operator.
+    Returns how many tensors were widened: 0 (nothing done) with hardware bf16, without the native
+    kernels, for another dtype, or with other linear layers (quantised, LoRA, sharded) or a tied output.
+    Meant for load time, after use_native_kernels."""
+    emb = getattr(model, "tok_embeddings", None)
+    if (emb is None or emb.weight.dtype != torch.bfloat16 or emb.weight.device.type != "cpu" or bf16_matmul()
+            or not native.available() or model.output.weight is emb.weight):
+        return 0
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears or any(type(m) is not NativeLinear for m in linears):
+        return 0
+    projections = {id(m.weight) for m in linears}
+    widened = [p for p in model.parameters() if p.dtype == torch.bfloat16 and id(p) not in projections]
+    for p in widened:
+        p.data = p.data.float()
+    return len(widened)
+
+
 def use_gemv(model: nn.Module) -> int:
     """Turn the bf16 CPU nn.Linear layers of `model` into GemvLinear in place (no copy: the
     class changes, the parameters stay); returns how many. DTensor (sharded) weights and

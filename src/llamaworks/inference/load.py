@@ -8,7 +8,8 @@ base too. Then the load-time transforms for decoding: with fuse=True q/k/v and g
 into one product each (fuse.py; the state dict keeps Meta's names; on by default, so that
 generate, serve, chat and eval decode through the fused products), and on CPU the fp32/bf16 linears
 swapped for the native one-row kernels (kernels.NativeLinear), or where those are not built,
-bf16 ones for torch.mv (kernels.GemvLinear); last, the CPU weights moved into transparent huge
+bf16 ones for torch.mv (kernels.GemvLinear); a bf16 model's activations in fp32 on CPUs without
+hardware bf16 (kernels.use_fp32_activations); last, the CPU weights moved into transparent huge
 pages (hugepages.use_hugepages).
 """
 
@@ -22,7 +23,7 @@ import torch
 from llamaworks.convert.formats import load_any
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.hugepages import use_hugepages
-from llamaworks.inference.kernels import use_gemv, use_native_kernels
+from llamaworks.inference.kernels import use_fp32_activations, use_gemv, use_native_kernels
 from llamaworks.inference.lora import load_adapter, read_adapter_config
 from llamaworks.inference.quant import read_quantization, swap_empty
 
@@ -51,5 +52,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         fuse_projections(model)
     if model.output.weight.device.type == "cpu" and not use_native_kernels(model):
         use_gemv(model)  # no native kernels: bf16 weights take torch.mv's faster one-row product
+    use_fp32_activations(model)  # bf16 weights, fp32 arithmetic where the CPU has no bf16 (kernels.py)
     use_hugepages(model)  # decode streams every weight: 2 MiB pages spare a TLB miss per 4 KiB (hugepages.py)
     return model.eval(), tok
