@@ -30,7 +30,8 @@ KERNEL_ALIGN = 64
 INT8_KERNEL_ROW_MULTIPLE = 16
 
 
-def _has_amx() -> bool:
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles (torch's probe; False where torch has none)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
 
@@ -43,7 +44,7 @@ def bf16_matmul() -> bool:
     F.linear is 5-8x an fp32 one (Zen 3, 128 x 384 x 1152: 8.6 against 1.1 ms), so bf16 weights
     take their prompts through fp32 (bf16_prompt_linear)."""
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return _has_amx() or bool(probe and probe())
+    return has_amx() or bool(probe and probe())
 
 
 # The fp32 copy of a bf16 weight that bf16_prompt_linear makes at a time: a block of output rows.

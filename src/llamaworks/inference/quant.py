@@ -57,10 +57,10 @@ from llamaworks.inference import native
 from llamaworks.inference.kernels import (  # noqa: F401 (bf16_matmul: quant's own name too)
     INT8_KERNEL_ROW_MULTIPLE,
     KERNEL_MAX_ROWS,
-    _has_amx,
     aligned,
     bf16_matmul,
     cpu_kernel,
+    has_amx,
     kernel_rows,
     native_rows,
 )
@@ -148,7 +148,7 @@ class Int8Linear(QuantizedLinear):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
-        self._amx = _has_amx()  # a plain bool: compiled graphs guard on it as a constant
+        self._amx = has_amx()  # a plain bool: compiled graphs guard on it as a constant
         self._bf16_matmul = bf16_matmul()
         self.kernel = in_features % INT8_KERNEL_ROW_MULTIPLE == 0  # else rows break the kernel's alignment
         self.fold = fold_factor(out_features, in_features) if self.kernel else 1
