@@ -19,6 +19,10 @@ struct Isa {
   // 16 vector registers: at most 8 accumulators.
   static constexpr int nb(int m) { return m == 1 ? 4 : m <= 3 ? 2 : 1; }
   static constexpr int nb4(int m) { return nb(m); }
+  // Dense rows of 4 KiB or more are left to the hardware prefetchers (dense_block): on Zen 3, 4096 x
+  // 4096 reads at 31-32 GB/s without the software prefetch against 23-28 with it, while rows of
+  // 0.75-2 KiB fall to 10-15 GB/s without it (benchmarks/gemv.py, 2 threads).
+  static constexpr int64_t PREFETCH_ROWS_BELOW = 4096;
   static inline V zero() { return _mm256_setzero_ps(); }
   static inline V set1(float v) { return _mm256_set1_ps(v); }
   static inline V load(const float* p) { return _mm256_loadu_ps(p); }

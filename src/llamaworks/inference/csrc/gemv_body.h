@@ -51,12 +51,14 @@ inline void dense_block(const Gemv& g, int64_t n) {
     for (int j = 0; j < NB; ++j) acc[m][j] = Isa::zero();
   // The next block's rows, prefetched in address order at the pace this block is read: the
   // hardware prefetchers lose track of NB short interleaved streams (rows of 2 KB: 32000x512
-  // read at 11 GB/s without this).
+  // read at 11 GB/s without this). Long rows, where the ISA says so, are left to them.
   const char* ahead = reinterpret_cast<const char*>(w + NB * K);
+  const bool prefetch = K * static_cast<int64_t>(sizeof(T)) < Isa::PREFETCH_ROWS_BELOW;
   int64_t k = 0;
   for (; k + W <= K; k += W) {
     V wv[NB];
-    for (int j = 0; j < NB; ++j) __builtin_prefetch(ahead + (k * NB + j * W) * sizeof(T), 0, 3);
+    if (prefetch)
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(ahead + (k * NB + j * W) * sizeof(T), 0, 3);
     for (int j = 0; j < NB; ++j) wv[j] = Dense<KIND>::load(w + j * K + k);
     for (int m = 0; m < M; ++m) {
       const V xv = Isa::load(g.x + m * K + k);

@@ -10,6 +10,7 @@ struct Isa {
   static constexpr int W = 1;
   static constexpr int nb(int m) { return m == 1 ? 4 : 2; }
   static constexpr int nb4(int m) { return nb(m); }
+  static constexpr int64_t PREFETCH_ROWS_BELOW = INT64_MAX;
   static inline V zero() { return 0.0f; }
   static inline V set1(float v) { return v; }
   static inline V load(const float* p) { return *p; }
