@@ -38,6 +38,7 @@ import torch
 from machine import add_label_argument, machine_record, measure_bandwidth  # benchmarks/ is on sys.path
 
 from llamaworks.inference.generate import generate_ids
+from llamaworks.inference.kernels import bf16_matmul
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.parallel.parallelize import apply_compile
 from llamaworks.plan import GPUS, flops_per_token
@@ -242,7 +243,7 @@ def render_markdown(result: dict) -> str:
     p = result["peaks"]
     lines += ["", f"Peaks: datasheet {p['datasheet_flops'] / 1e12:.0f} TFLOP/s bf16 and "
               f"{p['datasheet_bandwidth'] / 1e12:.2f} TB/s ({p['gpu_key']}); " if p.get("datasheet_flops") else "",
-              f"measured {_flops(p['measured_flops'])} (bf16 matmul), "
+              f"measured {_flops(p['measured_flops'])} ({p.get('measured_flops_dtype', 'bfloat16')} matmul), "
               f"{p['measured_bandwidth'] / 1e9:.0f} GB/s (x.sum() over 1 GiB). JSON: `{result.get('out', '')}`."]
     return "\n".join(x for x in lines if x is not None).replace("\n\n\n", "\n\n")
 
@@ -263,9 +264,13 @@ def check(device: torch.device, label: str | None, compile: bool, out: str) -> d
     key, sheet_flops, sheet_bw = datasheet(gpu_name) if gpu_name else (None, None, None)
     tests = run_gpu_tests(device)
     bandwidth = measure_bandwidth(device=str(device))
-    measured_flops = measure_peak_flops(device, torch.bfloat16)
+    # bf16 on GPUs and on CPUs that multiply it in hardware; elsewhere (AVX2-only) oneDNN emulates a
+    # bf16 matmul on one core, and the 2048^3 peak of the CPU smoke mode took minutes: fp32 there.
+    peak_dtype = torch.bfloat16 if device.type == "cuda" or bf16_matmul() else torch.float32
+    measured_flops = measure_peak_flops(device, peak_dtype)
     peaks = {"gpu_key": key, "datasheet_flops": sheet_flops, "datasheet_bandwidth": sheet_bw,
-             "measured_flops": measured_flops, "measured_bandwidth": bandwidth}
+             "measured_flops": measured_flops, "measured_flops_dtype": str(peak_dtype).removeprefix("torch."),
+             "measured_bandwidth": bandwidth}
     flops = {"datasheet": sheet_flops, "measured": measured_flops}
     bws = {"datasheet": sheet_bw, "measured": bandwidth}
     modes = [False, True] if compile and device.type == "cuda" else [False]

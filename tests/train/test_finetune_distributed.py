@@ -116,8 +116,9 @@ def test_lora_under_torchrun_fsdp_matches_one_process_and_resumes_in_one(make_ft
     a = read_safetensors(out / "adapter" / "adapter_model.safetensors")
     b = read_safetensors(lora_reference / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    for k in a:  # as above: where a gradient is ~0, summation order (2 shards or one process; the CPU's
+        # GEMM kernels) sets the sign of an Adam step; up to 1.1e-5 of 3.1e-3 measured on an AVX2-only Zen 3
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-5, msg=k)
 
 
 def test_a_one_process_lora_checkpoint_resumes_under_fsdp(make_ft_config, lora_reference, tmp_path):
