@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("tokenizers")
@@ -297,6 +297,7 @@ TRICKS = {
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(alphabet=st.sampled_from(list("<|sep>/sabcxSEPABC \ue000")), max_size=30),
        st.sampled_from(sorted(TRICKS)))
+@example("a|b", "split")  # found by this test on session 15: the split and join made "ab" from user text
 def test_no_template_trick_turns_user_text_into_control_ids(text, trick):
     tok = CharTokenizer()
     template = ChatTemplate("{{ bos_token }}{% for m in messages %}" + TRICKS[trick] + "<|sep|>{% endfor %}",

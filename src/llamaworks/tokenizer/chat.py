@@ -459,9 +459,12 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: Sequence[Mapping[st
                          template)
     alternatives = "|".join(re.escape(t) for t in sorted(controls, key=len, reverse=True))
     pattern = re.compile(alternatives)
-    # Message text is broken in any letter case: a template's upper/lower/title filter must not
-    # turn "<|EOT_ID|>" into "<|eot_id|>".
-    anycase = re.compile(alternatives, re.IGNORECASE)
+    # Message text is broken in any letter case (a template's upper/lower/title filter must not turn
+    # "<|EOT_ID|>" into "<|eot_id|>") and after every character a control token starts with, not only
+    # inside whole tokens: a template that deletes characters (`split('|') | join('')` on "a|b")
+    # must not join user text into a token that the text never spelled.
+    firsts = sorted({c for t in controls if len(t) > 1 for c in {t[0].lower(), t[0].upper()}})
+    anycase = re.compile("|".join(re.escape(c) for c in firsts) or "(?!)")
     # Private-use characters no template can know: case filters leave them alone, and a template
     # that slices through one still cannot join the two halves of a token it broke.
     mark = "".join(chr(0xE000 + secrets.randbelow(0x1900)) for _ in range(8))
@@ -505,15 +508,11 @@ def _encode_text(tokenizer, text: str, control_ids: set[int], allow_special: boo
     return ids
 
 
-def _break_tokens(text: str, pattern: re.Pattern, mark: str) -> str:
-    # A mark after the first character of every control token; repeated because breaking one
-    # token may leave an overlapping one whole ("ab" broken in "abc" leaves "bc").
-    for _ in range(16):
-        broken = pattern.sub(lambda m: m[0][0] + mark + m[0][1:], text)
-        if broken == text:
-            return text
-        text = broken
-    raise ValueError("a message holds control tokens nested too deeply to encode as text; remove them")
+def _break_tokens(text: str, firsts: re.Pattern, mark: str) -> str:
+    # A mark after every character that starts a control token (any letter case): no run of the
+    # text, nor of what a template cuts and joins from it, holds a whole token ("abc" with "ab" and
+    # "bc" becomes "a·b·c"). The marks are taken out of the rendered text before it is encoded.
+    return firsts.sub(lambda m: m[0] + mark, text)
 
 
 def _break_all(value: Any, pattern: re.Pattern, mark: str) -> Any:
