@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from llamaworks.cli import main as cli_main
 from llamaworks.convert.hf import hf_config_dict, permute_for_hf, to_hf_state_dict
 from llamaworks.inference.command import merge_command, quantize_command
+from llamaworks.inference.kernels import bf16_matmul
 from llamaworks.inference.load import load_model
 from llamaworks.inference.lora import (
     ADAPTER_CONFIG,
@@ -34,7 +35,7 @@ from llamaworks.inference.lora import (
     merge_adapter,
     save_adapter,
 )
-from llamaworks.inference.quant import QuantizedLinear, bf16_matmul, quantize_model
+from llamaworks.inference.quant import QuantizedLinear, quantize_model
 from llamaworks.model import ModelArgs, build_model
 from llamaworks.modeldir import QUANT_FILE
 from llamaworks.weights import read_safetensors, save_safetensors

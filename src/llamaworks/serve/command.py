@@ -14,9 +14,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from llamaworks.args import Arg
 from llamaworks.device import parse_dtype, resolve_device
-from llamaworks.inference.kernels import use_bf16_prefill
+from llamaworks.inference.kernels import bf16_matmul, use_bf16_prefill
 from llamaworks.inference.load import load_model
-from llamaworks.inference.quant import Int4Linear, Int8Linear, bf16_matmul
+from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.inference.speculative import check_same_vocabulary
 from llamaworks.inference.threads import run_in_own_thread
 from llamaworks.parallel.distributed import close_distributed, env_world_size, init_distributed

@@ -463,14 +463,13 @@ def encode_chat(tokenizer, template: ChatTemplate, messages: Sequence[Mapping[st
     # "<|EOT_ID|>" into "<|eot_id|>") and after every character a control token starts with, not only
     # inside whole tokens: a template that deletes characters (`split('|') | join('')` on "a|b")
     # must not join user text into a token that the text never spelled.
-    firsts = sorted({c for t in controls if len(t) > 1 for c in {t[0].lower(), t[0].upper()}})
-    anycase = re.compile("|".join(re.escape(c) for c in firsts) or "(?!)")
+    starts = re.compile("|".join(re.escape(t[0]) for t in controls if len(t) > 1) or "(?!)", re.IGNORECASE)
     # Private-use characters no template can know: case filters leave them alone, and a template
     # that slices through one still cannot join the two halves of a token it broke.
     mark = "".join(chr(0xE000 + secrets.randbelow(0x1900)) for _ in range(8))
     # Tool calls and ids are message text too: broken the same way.
-    marked = [{**_break_all(m, anycase, mark), "role": m["role"]} for m in msgs]
-    text = template._render(marked, add_generation_prompt, _break_all(extra, anycase, mark))
+    marked = [{**_break_all(m, starts, mark), "role": m["role"]} for m in msgs]
+    text = template._render(marked, add_generation_prompt, _break_all(extra, starts, mark))
     control_ids = set(controls.values())
     allow = _takes_allow_special(tokenizer)
     ids: list[int] = []

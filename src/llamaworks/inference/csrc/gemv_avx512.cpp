@@ -21,8 +21,8 @@ struct Isa {
   // of weights for 5-8 activation rows: 20% more per core at 8 rows than 2); int4 also keeps
   // a scale and an offset per weight row.
   static constexpr int nb(int m) { return m <= 4 ? 4 : 3; }
-  static constexpr int64_t PREFETCH_ROWS_BELOW = INT64_MAX;  // every row (measured on Zen 4 and Intel)
   static constexpr int nb4(int m) { return m <= 4 ? 4 : 2; }
+  static constexpr int64_t PREFETCH_ROWS_BELOW = INT64_MAX;  // every row (measured on Zen 4 and Intel)
   static inline V zero() { return _mm512_setzero_ps(); }
   static inline V set1(float v) { return _mm512_set1_ps(v); }
   static inline V load(const float* p) { return _mm512_loadu_ps(p); }
