@@ -76,6 +76,7 @@ from machine import add_label_argument, machine_record, measure_bandwidth, write
 
 from llamaworks.convert.command import llama_cpp_generate
 from llamaworks.inference import native
+from llamaworks.inference.block import use_native_blocks
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.generate import generate_ids
 from llamaworks.inference.hugepages import huge_page_fraction, use_hugepages
@@ -140,9 +141,11 @@ def quantized_copy(model: Transformer, mode: str, group_size: int = 128) -> Tran
     return quantize_model(copy.deepcopy(model, memo), mode, group_size)
 
 
-def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str, hugepages: bool = True) -> Transformer:
+def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str, hugepages: bool = True,
+                blocks: bool = True) -> Transformer:
     """The model as `llamaworks generate` loads it, in `dtype`: fused projections (fuse), then the
-    native one-row kernels on CPU where built (else bf16 takes GemvLinear). Shares the weights
+    native one-row kernels on CPU where built (else bf16 takes GemvLinear) and, with `blocks`, each block of
+    an eager decode step as one native call (inference/block.py). Shares the weights
     with `model` where nothing changes them (fp32, unfused)."""
     memo = {id(p): p for p in model.parameters()} if dtype == torch.float32 else {}
     m = copy.deepcopy(model, memo)
@@ -150,8 +153,12 @@ def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str,
         m.to(dtype).init_rope(torch.device(device))
     if fuse:
         fuse_projections(m)
-    if torch.device(device).type == "cpu" and not use_native_kernels(m):
-        use_gemv(m)
+    if torch.device(device).type == "cpu":
+        if use_native_kernels(m):
+            if blocks:
+                use_native_blocks(m)  # as load_model: one native call per block of an eager decode step
+        else:
+            use_gemv(m)
     use_fp32_activations(m)  # as load_model: where the CPU has no bf16, a bf16 model computes in fp32
     if hugepages:
         use_hugepages(m)  # as load_model; fp32 weights shared with `model` are moved once, for all copies
@@ -426,30 +433,39 @@ def plan_variants(name: str, a, model_fn: Callable, paths: dict) -> list[Variant
                     variants.append(Variant(f"transformers {prec} static+compile", prec, group, nbytes, False,
                                             hf_factory(dtype, best=True)))
     if "llamaworks" in a.impls:
+        # --native-blocks both: each eager row also without the block calls (" modules"), an A/B in one run
+        block_modes = {"on": (True,), "off": (False,), "both": (True, False)}[a.native_blocks]
         for prec in a.precisions:
             group = f"llamaworks {prec}"
             if prec in ("fp32", "bf16"):
-                def make_float(prec=prec, compile=False):
+                def make_float(prec=prec, compile=False, blocks=True):
                     m = decode_copy(model_fn(), torch.float32 if prec == "fp32" else torch.bfloat16, a.fuse, a.device,
-                                    a.hugepages)
+                                    a.hugepages, blocks)
                     return _with_model(lambda p: time_llamaworks(m, p, a.new_tokens, compile), m)
                 nbytes = fp32_bytes if prec == "fp32" else fp32_bytes // 2
-                variants.append(Variant(f"llamaworks {prec}", prec, group, nbytes, False, make_float))
+                for blocks in block_modes:
+                    label = f"llamaworks {prec}" + ("" if blocks or len(block_modes) == 1 else " modules")
+                    variants.append(Variant(label, prec, group, nbytes, False,
+                                            lambda prec=prec, b=blocks: make_float(prec, False, b)))
                 if a.compile:
                     variants.append(Variant(f"llamaworks {prec}+compile", prec, group, nbytes, False,
                                             lambda prec=prec: make_float(prec, True)))
             else:
-                def make_q(mode=prec, compile=False):
+                def make_q(mode=prec, compile=False, blocks=True):
                     m = quantized_copy(model_fn(), mode, a.group_size)
                     if a.fuse:
                         fuse_projections(m)
                     if torch.device(a.device).type == "cpu":
-                        use_native_kernels(m)  # as load_model: the decode attention (the layers are quantised)
+                        # as load_model: the decode attention (the layers are quantised), one call per block
+                        if use_native_kernels(m) and blocks:
+                            use_native_blocks(m)
                         if a.hugepages:
                             use_hugepages(m)
                     return _with_model(lambda p: time_llamaworks(m, p, a.new_tokens, compile), m), bytes_per_step(m)
                 label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
-                variants.append(Variant(label, prec, group, None, False, make_q))
+                for blocks in block_modes:
+                    variants.append(Variant(label + ("" if blocks or len(block_modes) == 1 else " modules"), prec,
+                                            group, None, False, lambda mode=prec, b=blocks: make_q(mode, False, b)))
                 if a.compile:
                     variants.append(Variant(label + "+compile", prec, group, None, False,
                                             lambda mode=prec: make_q(mode, True)))
@@ -785,6 +801,10 @@ def main():
     ap.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
                     help="llamaworks' CPU weights in transparent huge pages (inference/hugepages.py), as "
                          "load_model does (default on)")
+    ap.add_argument("--native-blocks", choices=("on", "off", "both"), default="on",
+                    help="llamaworks' eager rows with each transformer block of a decode step as one native call "
+                         "(inference/block.py), as load_model does (on, the default), without (off), or both rows "
+                         "(the one without labelled 'modules')")
     ap.add_argument("--isolate", choices=list(ISOLATION), default="process",
                     help="how rows share processes: " + "; ".join(f"{k}: {v}" for k, v in ISOLATION.items())
                     + " (default process)")
@@ -811,7 +831,8 @@ def main():
               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "machine": machine_record(a.label, bandwidth=False, device=a.device, native_kernels=(
                   native.current_isa() if native.available() else None)), "device": a.device, "fuse": a.fuse,
-              "hugepages": a.hugepages, "isolation": a.isolate, "isolation_note": ISOLATION[a.isolate],
+              "hugepages": a.hugepages,
+              "native_blocks": a.native_blocks, "isolation": a.isolate, "isolation_note": ISOLATION[a.isolate],
               "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
               "prompt_len": a.prompt_len,
               "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs}}

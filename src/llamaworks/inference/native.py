@@ -38,8 +38,8 @@ from llamaworks.tokenizer import native as text_native
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "step.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp", "gemv_avx2.cpp",
-           "gemv_scalar.cpp", "int4_tiles.cpp", "prefill_attn.cpp")
+SOURCES = ("ops.cpp", "step.cpp", "block.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp",
+           "gemv_avx2.cpp", "gemv_scalar.cpp", "int4_tiles.cpp", "prefill_attn.cpp")
 HEADERS = ("gemv.h", "gemv_body.h", "attn_body.h", "prefill_body.h")
 NAME = "llamaworks_native"
 # No -march: the instruction sets are chosen per file, at run time. -fopenmp: at::parallel_for is
@@ -249,6 +249,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("llamaworks::decode_attention")(lambda q, k, v, mask: q.new_empty(q.shape))
     torch.library.register_fake("llamaworks::paged_attention")(lambda q, k, v, blocks, pos: q.new_empty(q.shape))
     torch.library.register_fake("llamaworks::prefill_attention")(lambda q, k, v, kp, vp: q.new_empty(q.shape))
+    # decode_block: the block's output, x's shape (the caches are written in place)
+    torch.library.register_fake("llamaworks::decode_block")(lambda x, *_: x.new_empty(x.shape))
     _state.fakes = True
 
 

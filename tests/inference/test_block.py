@@ -1,0 +1,182 @@
+"""inference/block.py: a transformer block of an eager decode step as one native call
+(llamaworks::decode_block) equals the modules' path bit for bit, and steps aside wherever a part
+has no native kernel."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llamaworks.inference import native
+from llamaworks.inference.block import INT4, INT4_TILES, NativeBlock, projection, use_native_blocks
+from llamaworks.inference.fuse import fuse_projections, unfuse
+from llamaworks.inference.generate import generate_ids
+from llamaworks.inference.kernels import use_native_kernels
+from llamaworks.inference.quant import Int4Linear, quantize_model
+from llamaworks.model import ModelArgs, TransformerBlock, build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread", "native_lib")
+
+# head_dim 32 (the native attention takes multiples of 16); GQA; dim 128 so int4 groups of 128 (the
+# tiled layout on AVX-512 VNNI/BF16) fit.
+ARGS = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=128, max_seq_len=64)
+PRECISIONS = {"fp32": (torch.float32, None, 0), "bf16": (torch.bfloat16, None, 0), "int8": (torch.float32, "int8", 0),
+              "int4_g32": (torch.float32, "int4", 32), "int4_g128": (torch.float32, "int4", 128)}
+
+
+def decode_model(precision: str, blocks: bool):
+    dtype, mode, group = PRECISIONS[precision]
+    m = build_model(ModelArgs(**ARGS), seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():  # larger than init: well-separated logits
+            if not name.endswith("norm.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    if mode:
+        quantize_model(m, mode, group_size=group)
+    if dtype != torch.float32:
+        m.to(dtype).init_rope()
+    fuse_projections(m)
+    use_native_kernels(m)
+    if blocks:
+        assert use_native_blocks(m) == ARGS["n_layers"]
+    return m
+
+
+def steps(model, rows=None, bsz=2, cache_rows=2):
+    """Prefill 5 tokens per sequence, then 6 decode steps of 1 token and one of 3 (a speculative
+    verification); each step's logits and the caches after."""
+    g = torch.Generator().manual_seed(2)
+    model.setup_caches(cache_rows, 32)
+    out = []
+    with torch.no_grad():
+        tokens = torch.randint(0, 300, (bsz, 5), generator=g)
+        out.append(model(tokens, torch.arange(5), rows=rows))
+        pos = 5
+        for n in (1, 1, 1, 1, 1, 1, 3):
+            tokens = torch.randint(0, 300, (bsz, n), generator=g)
+            out.append(model(tokens, torch.arange(pos, pos + n), rows=rows))
+            pos += n
+    caches = [t for layer in model.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+    return out, caches
+
+
+def native_calls(model, monkeypatch) -> list[int]:
+    """Count the blocks' native calls (NativeBlock._native_call returning a call)."""
+    calls = []
+    real = NativeBlock._native_call
+
+    def spy(self, *a):
+        call = real(self, *a)
+        calls.append(call is not None)
+        return call
+
+    monkeypatch.setattr(NativeBlock, "_native_call", spy)
+    return calls
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_native_blocks_equal_the_modules_bit_for_bit(precision, monkeypatch):
+    want_logits, want_caches = steps(decode_model(precision, blocks=False))
+    model = decode_model(precision, blocks=True)
+    for m in model.layers.modules():  # the block takes int4 in the layout the ISA gave it: 16-row tiles or not
+        if isinstance(m, Int4Linear):
+            assert projection(m)[0] == (INT4_TILES if m._tiled else INT4)
+    calls = native_calls(model, monkeypatch)
+    got_logits, got_caches = steps(model)
+    # the prompt (10 rows) takes the modules' path, the 7 decode steps the native block (6 and 2 rows)
+    assert calls == [False] * 2 + [True] * 14
+    for want, got in zip(want_logits, got_logits):
+        assert torch.equal(got, want)
+    for want, got in zip(want_caches, got_caches):
+        assert torch.equal(got, want)
+
+
+def test_cache_rows_are_written_and_read_as_the_modules_do(monkeypatch):
+    rows = torch.tensor([2, 0])  # a server's slots, out of order, row 1 untouched
+    want = steps(decode_model("fp32", blocks=False), rows=rows, cache_rows=3)
+    model = decode_model("fp32", blocks=True)
+    calls = native_calls(model, monkeypatch)
+    got = steps(model, rows=rows, cache_rows=3)
+    assert sum(calls) == 14
+    for a, b in zip(want[0] + want[1], got[0] + got[1]):
+        assert torch.equal(a, b)
+    assert not got[1][0][1].any()  # row 1 of the first layer's keys was never written
+
+
+def test_greedy_batch_decoding_through_generate_matches(monkeypatch):
+    prompts = [[1, 17, 250, 3], [1, 5]]
+    want = [t for t, _ in generate_ids(decode_model("int8", blocks=False), prompts, 10, temperature=0.0)]
+    model = decode_model("int8", blocks=True)
+    calls = native_calls(model, monkeypatch)
+    got = [t for t, _ in generate_ids(model, prompts, 10, temperature=0.0)]
+    assert torch.equal(torch.cat(got, 1), torch.cat(want, 1)) and sum(calls) > 0
+
+
+def test_blocks_step_aside_where_a_part_has_no_native_kernel(monkeypatch):
+    model = decode_model("fp32", blocks=True)
+    calls = native_calls(model, monkeypatch)
+    # a forward hook on a block's module must see it run
+    seen = []
+    handle = model.layers[0].feed_forward.register_forward_hook(lambda *a: seen.append(1))
+    steps(model)
+    handle.remove()
+    assert len(seen) == 8 and calls[2:] == [False, True] * 7
+    # unfused projections (as apply_lora leaves them): the modules' path, the same numbers
+    want = steps(decode_model("fp32", blocks=False))
+    calls.clear()
+    unfuse(model)
+    got = steps(model)
+    assert not any(calls)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    # a bf16 cache under fp32 activations (serve --kv-dtype), gradients, more than 8 rows: the modules' path
+    model = decode_model("fp32", blocks=True)
+    block = model.layers[0]
+    pos = torch.zeros(2, 1, dtype=torch.long)
+    x, freqs, mask = torch.randn(2, 1, 128), model.freqs_cis[pos], torch.ones(2, 1, 1, 32, dtype=torch.bool)
+    model.setup_caches(2, 32)
+    with torch.no_grad():
+        assert block._native_call(x, freqs, pos, mask, None) is not None
+        assert block._native_call(torch.randn(3, 3, 128), freqs, pos, mask, None) is None
+    assert block._native_call(x, freqs, pos, mask, None) is None  # weights that record gradients
+    model.setup_caches(2, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert block._native_call(x, freqs, pos, mask, None) is None
+
+
+def test_use_native_blocks_changes_the_class_only():
+    plain = decode_model("int4_g32", blocks=False)
+    model = copy.deepcopy(plain)
+    assert use_native_blocks(model) == 2 and use_native_blocks(model) == 0  # once
+    assert all(type(b) is NativeBlock and isinstance(b, TransformerBlock) for b in model.layers)
+    want, got = plain.state_dict(), model.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    native.disable("test")
+    try:
+        assert use_native_blocks(copy.deepcopy(plain)) == 0
+    finally:
+        native.reset()
+
+
+def test_decode_block_names_a_wrong_call():
+    model = decode_model("fp32", blocks=True)
+    model.setup_caches(1, 32)
+    block = model.layers[0]
+    x = torch.randn(1, 1, 128)
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        call = list(block._native_call(x, model.freqs_cis[pos], pos, torch.ones(1, 1, 1, 32, dtype=torch.bool), None))
+    bad = list(call)
+    bad[5] = bad[5][:-1]  # one tensor short
+    with pytest.raises(RuntimeError, match="take 4 tensors, got 3"):
+        torch.ops.llamaworks.decode_block(*bad)
+    bad = list(call)
+    bad[4] = [0, 0, 9, 0]
+    with pytest.raises(RuntimeError, match="unknown projection kind 9"):
+        torch.ops.llamaworks.decode_block(*bad)
+    bad = list(call)
+    bad[0] = torch.randn(3, 3, 128)
+    with pytest.raises(RuntimeError, match="B \\* S <= 8"):
+        torch.ops.llamaworks.decode_block(*bad)
