@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from llamaworks.inference import native
-from llamaworks.inference.block import INT4, INT4_TILES, NativeBlock, projection, use_native_blocks
+from llamaworks.inference.block import INT4, INT4_TILES, NativeBlock, NativeTransformer, projection, use_native_blocks
 from llamaworks.inference.fuse import fuse_projections, unfuse
 from llamaworks.inference.generate import generate_ids
 from llamaworks.inference.kernels import use_native_kernels
 from llamaworks.inference.quant import Int4Linear, quantize_model
-from llamaworks.model import ModelArgs, TransformerBlock, build_model
+from llamaworks.model import ModelArgs, Transformer, TransformerBlock, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread", "native_lib")
 
@@ -26,7 +26,7 @@ PRECISIONS = {"fp32": (torch.float32, None, 0), "bf16": (torch.bfloat16, None, 0
               "int4_g32": (torch.float32, "int4", 32), "int4_g128": (torch.float32, "int4", 128)}
 
 
-def decode_model(precision: str, blocks: bool):
+def decode_model(precision: str, blocks: bool, whole_step: bool = True):
     dtype, mode, group = PRECISIONS[precision]
     m = build_model(ModelArgs(**ARGS), seed=0).eval()
     g = torch.Generator().manual_seed(1)
@@ -41,7 +41,9 @@ def decode_model(precision: str, blocks: bool):
     fuse_projections(m)
     use_native_kernels(m)
     if blocks:
-        assert use_native_blocks(m) == ARGS["n_layers"]
+        assert use_native_blocks(m) == ARGS["n_layers"] and type(m) is NativeTransformer
+        if not whole_step:
+            m.__class__ = Transformer  # the blocks one call each, from model.py's forward
     return m
 
 
@@ -63,44 +65,48 @@ def steps(model, rows=None, bsz=2, cache_rows=2):
     return out, caches
 
 
-def native_calls(model, monkeypatch) -> list[int]:
-    """Count the blocks' native calls (NativeBlock._native_call returning a call)."""
+def native_calls(model, monkeypatch, whole_step: bool = False) -> list[bool]:
+    """Record whether each block call (NativeBlock._native_call) or, with whole_step, each decode step
+    that may run natively (NativeTransformer._decode_plan) runs natively."""
     calls = []
-    real = NativeBlock._native_call
+    cls, name = (NativeTransformer, "_decode_plan") if whole_step else (NativeBlock, "_native_call")
+    real = getattr(cls, name)
 
     def spy(self, *a):
         call = real(self, *a)
         calls.append(call is not None)
         return call
 
-    monkeypatch.setattr(NativeBlock, "_native_call", spy)
+    monkeypatch.setattr(cls, name, spy)
     return calls
 
 
+@pytest.mark.parametrize("whole_step", [True, False], ids=["step", "blocks"])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
-def test_native_blocks_equal_the_modules_bit_for_bit(precision, monkeypatch):
+def test_native_blocks_equal_the_modules_bit_for_bit(precision, whole_step, monkeypatch):
     want_logits, want_caches = steps(decode_model(precision, blocks=False))
-    model = decode_model(precision, blocks=True)
+    model = decode_model(precision, blocks=True, whole_step=whole_step)
     for m in model.layers.modules():  # the block takes int4 in the layout the ISA gave it: 16-row tiles or not
         if isinstance(m, Int4Linear):
             assert projection(m)[0] == (INT4_TILES if m._tiled else INT4)
-    calls = native_calls(model, monkeypatch)
+    calls = native_calls(model, monkeypatch, whole_step)
     got_logits, got_caches = steps(model)
-    # the prompt (10 rows) takes the modules' path, the 7 decode steps the native block (6 and 2 rows)
-    assert calls == [False] * 2 + [True] * 14
+    # the prompt (10 rows) takes the modules' path, the 7 decode steps (2 and 6 rows) the native step or blocks
+    assert calls == ([True] * 7 if whole_step else [False] * 2 + [True] * 14)
     for want, got in zip(want_logits, got_logits):
         assert torch.equal(got, want)
     for want, got in zip(want_caches, got_caches):
         assert torch.equal(got, want)
 
 
-def test_cache_rows_are_written_and_read_as_the_modules_do(monkeypatch):
+@pytest.mark.parametrize("whole_step", [True, False], ids=["step", "blocks"])
+def test_cache_rows_are_written_and_read_as_the_modules_do(whole_step, monkeypatch):
     rows = torch.tensor([2, 0])  # a server's slots, out of order, row 1 untouched
     want = steps(decode_model("fp32", blocks=False), rows=rows, cache_rows=3)
-    model = decode_model("fp32", blocks=True)
-    calls = native_calls(model, monkeypatch)
+    model = decode_model("fp32", blocks=True, whole_step=whole_step)
+    calls = native_calls(model, monkeypatch, whole_step)
     got = steps(model, rows=rows, cache_rows=3)
-    assert sum(calls) == 14
+    assert sum(calls) == (7 if whole_step else 14)
     for a, b in zip(want[0] + want[1], got[0] + got[1]):
         assert torch.equal(a, b)
     assert not got[1][0][1].any()  # row 1 of the first layer's keys was never written
@@ -110,20 +116,22 @@ def test_greedy_batch_decoding_through_generate_matches(monkeypatch):
     prompts = [[1, 17, 250, 3], [1, 5]]
     want = [t for t, _ in generate_ids(decode_model("int8", blocks=False), prompts, 10, temperature=0.0)]
     model = decode_model("int8", blocks=True)
-    calls = native_calls(model, monkeypatch)
+    calls = native_calls(model, monkeypatch, whole_step=True)
     got = [t for t, _ in generate_ids(model, prompts, 10, temperature=0.0)]
     assert torch.equal(torch.cat(got, 1), torch.cat(want, 1)) and sum(calls) > 0
 
 
 def test_blocks_step_aside_where_a_part_has_no_native_kernel(monkeypatch):
     model = decode_model("fp32", blocks=True)
+    steps_native = native_calls(model, monkeypatch, whole_step=True)
     calls = native_calls(model, monkeypatch)
     # a forward hook on a block's module must see it run
     seen = []
     handle = model.layers[0].feed_forward.register_forward_hook(lambda *a: seen.append(1))
     steps(model)
     handle.remove()
-    assert len(seen) == 8 and calls[2:] == [False, True] * 7
+    # no whole step (a module has a hook: its plan is None), the other block natively
+    assert len(seen) == 8 and calls[2:] == [False, True] * 7 and steps_native == [False] * 7
     # unfused projections (as apply_lora leaves them): the modules' path, the same numbers
     want = steps(decode_model("fp32", blocks=False))
     calls.clear()
@@ -170,7 +178,7 @@ def test_decode_block_names_a_wrong_call():
         call = list(block._native_call(x, model.freqs_cis[pos], pos, torch.ones(1, 1, 1, 32, dtype=torch.bool), None))
     bad = list(call)
     bad[5] = bad[5][:-1]  # one tensor short
-    with pytest.raises(RuntimeError, match="take 4 tensors, got 3"):
+    with pytest.raises(RuntimeError, match="take more tensors than the 3 given"):
         torch.ops.llamaworks.decode_block(*bad)
     bad = list(call)
     bad[4] = [0, 0, 9, 0]
@@ -180,3 +188,49 @@ def test_decode_block_names_a_wrong_call():
     bad[0] = torch.randn(3, 3, 128)
     with pytest.raises(RuntimeError, match="B \\* S <= 8"):
         torch.ops.llamaworks.decode_block(*bad)
+
+
+def test_compiled_steps_call_the_block_and_write_the_caches_in_place():
+    from torch._inductor.utils import run_and_get_code
+
+    want_logits, want_caches = steps(decode_model("int4_g32", blocks=True))
+    model = decode_model("int4_g32", blocks=True)
+    model.setup_caches(2, 32)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        tokens = torch.randint(0, 300, (2, 5), generator=g)
+        logits = [model(tokens, torch.arange(5))]  # the prompt: eager
+        tokens = torch.randint(0, 300, (2, 1), generator=g)
+        out, (code, *_) = run_and_get_code(compiled, tokens, torch.arange(5, 6))
+        logits.append(out)
+    # one extern call per block, on the caches themselves: no functional copy of them
+    assert code.count("= torch.ops.llamaworks.decode_block.default(") == ARGS["n_layers"] and "copy_" not in code
+    torch.testing.assert_close(logits[1], want_logits[1], atol=1e-5, rtol=1e-5)  # inductor's norm and output
+    caches = [t for layer in model.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+    for want, got in zip(want_caches, caches):  # position 5 written as the eager blocks wrote it
+        assert torch.equal(got[:, :, :6], want[:, :, :6])
+
+
+def test_the_step_plan_follows_the_caches_and_names_a_freed_plan():
+    model = decode_model("int8", blocks=True)
+    tokens, pos = torch.tensor([[3], [4]]), torch.tensor([0])
+    with torch.no_grad():
+        model.setup_caches(2, 32)
+        first = model(tokens, pos)
+        handle = model._plan.handle
+        assert handle is not None and model(tokens, pos) is not None and model._plan.handle == handle  # reused
+        # new weights and new caches (the next generate call): planned again, the new weights used
+        for b in model.layers:
+            b.ffn_norm.weight.mul_(0.5)
+        want = decode_model("int8", blocks=False)
+        for b in want.layers:
+            b.ffn_norm.weight.mul_(0.5)
+        model.setup_caches(2, 32)
+        want.setup_caches(2, 32)
+        got = model(tokens, pos)
+        assert model._plan.handle != handle and torch.equal(got, want(tokens, pos)) and not torch.equal(got, first)
+        with pytest.raises(RuntimeError, match=f"no plan {handle} \\(freed"):
+            torch.ops.llamaworks.decode_step(handle, tokens, pos, torch.empty(0, dtype=torch.long))
+        with pytest.raises(IndexError):  # a token outside the vocabulary, as the embedding names it
+            model(torch.tensor([[300], [4]]), torch.tensor([1]))

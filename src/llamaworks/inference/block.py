@@ -1,4 +1,4 @@
-"""Load-time block swap: each transformer block of an eager decode step as one native call.
+"""Load-time block swap: each transformer block of a decode step as one native call.
 
 A decode step at small sizes is bound by the cost of each operator call, not by the bytes it
 reads: small's int4 weights (8 MB) are read in about 0.2 ms, while its step took about 1 ms on
@@ -10,14 +10,19 @@ the module path's bit for bit (tests/inference/test_block.py).
 
 It applies where every part of the block has its native kernel: q/k/v and w1/w3 fused
 (fuse.py), native decode attention and norms and native projections (kernels.use_native_kernels;
-int8 and int4 layers with their native layouts), a static KVCache in the activations' dtype,
-eager, no gradient, at most NATIVE_MAX_ROWS rows (batch-1 to batch-8 decode, short speculative
-verifications), and no forward hooks on the block's modules. Anything else (prefill, compiled
-graphs, training, a paged cache, LoRA-adapted or sharded projections) takes the modules' path,
-decided per call. The state dict and module tree are TransformerBlock's: only the class changes.
+int8 and int4 layers with their native layouts), a static KVCache in the activations' dtype, no
+gradient, at most NATIVE_MAX_ROWS rows (batch-1 to batch-8 decode, short speculative
+verifications), and no forward hooks on the block's modules. Anything else (prefill, training, a
+paged cache, LoRA-adapted or sharded projections) takes the modules' path, decided per call.
+Compiled decode steps (generate --compile) call it too, as one extern kernel per block between
+inductor's fused code (the embedding, mask, final norm, sampling): inductor writes the caches in
+place (decode_block's schema marks them mutated; no copy, checked in tests/inference/test_block.py).
+The state dict and module tree are TransformerBlock's: only the class changes.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -28,7 +33,7 @@ from llamaworks.inference.fuse import FusedAttention, FusedFeedForward
 from llamaworks.inference.kernels import NativeAttention, NativeLinear, NativeRMSNorm
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
-from llamaworks.model import TransformerBlock
+from llamaworks.model import Transformer, TransformerBlock
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)  # decode_block's "rows 0..bsz-1", as rope_cache's
 
@@ -63,7 +68,7 @@ def _hooked(modules) -> bool:
 
 
 class NativeBlock(TransformerBlock):
-    """TransformerBlock whose eager decode steps run as one llamaworks::decode_block call where
+    """TransformerBlock whose decode steps run as one llamaworks::decode_block call where
     every part has a native kernel (module docstring); otherwise TransformerBlock.forward."""
 
     def forward(self, x, freqs, input_pos=None, mask=None, rows=None):
@@ -74,11 +79,22 @@ class NativeBlock(TransformerBlock):
 
     def _native_call(self, x, freqs, input_pos, mask, rows):
         """decode_block's arguments for this call, or None where a part has no native kernel."""
-        if (input_pos is None or mask is None or mask.dtype != torch.bool or torch.compiler.is_compiling()
+        if (input_pos is None or mask is None or mask.dtype != torch.bool
                 or x.dim() != 3 or x.shape[0] * x.shape[1] > native.NATIVE_MAX_ROWS or freqs.dtype != torch.float32
                 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and x.requires_grad)):
             return None
+        parts = self.native_parts(x.dtype)
+        if parts is None:
+            return None
+        norm1, norm2, eps, cache_k, cache_v, kinds, tensors, groups, heads, kv_heads = parts
+        return (x, norm1, norm2, eps, kinds, tensors, groups, freqs, input_pos, _NO_ROWS if rows is None else rows,
+                cache_k, cache_v, mask, heads, kv_heads)
+
+    def native_parts(self, dtype: torch.dtype):
+        """What decode_block takes of this block for activations of `dtype`: (attention_norm weight,
+        ffn_norm weight, eps, k cache, v cache, kinds, projection tensors, group sizes, heads, kv heads),
+        or None where a part has no native kernel or a module has a forward hook."""
         mods = self._modules
         att, ffn, norm1, norm2 = mods["attention"], mods["feed_forward"], mods["attention_norm"], mods["ffn_norm"]
         if not (isinstance(att, FusedAttention) and isinstance(att, NativeAttention) and type(ffn) is FusedFeedForward
@@ -88,24 +104,89 @@ class NativeBlock(TransformerBlock):
         w1, w2 = norm1._parameters["weight"], norm2._parameters["weight"]
         am, fm = att._modules, ffn._modules
         cache, projections = am.get("kv_cache"), (am["wqkv"], am["wo"], fm["w13"], fm["w2"])
-        if (w1.dtype != x.dtype or w2.dtype != x.dtype or type(cache) is not KVCache
-                or cache._buffers["k"].dtype != x.dtype or not native.available()
+        if (w1.dtype != dtype or w2.dtype != dtype or type(cache) is not KVCache
+                or cache._buffers["k"].dtype != dtype or not native.available()
                 or _hooked((self, att, ffn, norm1, norm2, *projections))):
             return None
         parts = [projection(m) for m in projections]
         if None in parts:
             return None
         d = att.head_dim
-        return (x, w1, w2, norm1.eps, [p[0] for p in parts], [t for p in parts for t in p[1]], [p[2] for p in parts],
-                freqs, input_pos, _NO_ROWS if rows is None else rows, cache._buffers["k"], cache._buffers["v"], mask,
-                att.sizes[0] // d, att.sizes[1] // d)
+        return (w1, w2, norm1.eps, cache._buffers["k"], cache._buffers["v"], [p[0] for p in parts],
+                [t for p in parts for t in p[1]], [p[2] for p in parts], att.sizes[0] // d, att.sizes[1] // d)
+
+
+class DecodePlan:
+    """A llamaworks::decode_plan (csrc/block.cpp): the whole model's decode-step tensors, held by the
+    library under `handle` (None: the model has a part without a native kernel) for the caches `cache`
+    (the first block's KVCache) and the RoPE table `freqs`; freed with this object."""
+
+    def __init__(self, handle: int | None, cache: nn.Module | None, freqs: torch.Tensor):
+        self.handle, self.cache, self.freqs = handle, cache, freqs
+        if handle is not None:
+            # Not at exit: the process's memory goes anyway, and torch may be torn down by then.
+            weakref.finalize(self, torch.ops.llamaworks.decode_plan_free, handle).atexit = False
+
+
+class NativeTransformer(Transformer):
+    """Transformer whose eager decode steps (input_pos given, at most NATIVE_MAX_ROWS tokens, logits
+    out, no gradient) run as one llamaworks::decode_step call: the embedding, every block as
+    decode_block runs it, the final norm and the output layer, over a plan of the model's tensors
+    made once per KV cache (setup_caches makes new caches for each generate call, so a changed model
+    is planned again). The logits equal Transformer.forward's bit for bit. Checked when the plan is
+    made: every block native (NativeBlock.native_parts), no forward hook on any module; per call: no
+    global forward hooks, gradients off, the same caches and RoPE table. Anything else, and compiled
+    graphs (which call the blocks one by one), take Transformer.forward."""
+
+    def forward(self, tokens, input_pos=None, *, rows=None, doc_ids=None, return_hidden=False):
+        if (input_pos is not None and doc_ids is None and not return_hidden and not torch.is_grad_enabled()
+                and tokens.dim() == 2 and tokens.numel() <= native.NATIVE_MAX_ROWS and tokens.device.type == "cpu"
+                and not torch.compiler.is_compiling()
+                and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)):
+            handle = self._decode_plan()
+            if handle is not None:
+                return torch.ops.llamaworks.decode_step(handle, tokens, input_pos, _NO_ROWS if rows is None else rows)
+        return super().forward(tokens, input_pos, rows=rows, doc_ids=doc_ids, return_hidden=return_hidden)
+
+    def _decode_plan(self) -> int | None:
+        layers = self._modules["layers"]._modules
+        cache = layers["0"]._modules["attention"]._modules.get("kv_cache") if layers else None
+        freqs = self._buffers["freqs_cis"]
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan.cache is not cache or plan.freqs is not freqs:
+            plan = self._plan = DecodePlan(self._make_plan(), cache, freqs)
+        return plan.handle
+
+    def _make_plan(self) -> int | None:
+        mods = self._modules
+        emb, norm, out = mods["tok_embeddings"], mods["norm"], mods["output"]
+        w = emb._parameters["weight"]
+        blocks = list(mods["layers"])
+        if (not blocks or type(emb) is not nn.Embedding or type(norm) is not NativeRMSNorm
+                or norm._parameters["weight"].dtype != w.dtype or w.device.type != "cpu"
+                or any(type(b) is not NativeBlock for b in blocks) or _hooked((self, emb, norm, out, *mods["layers"]))):
+            return None
+        parts = [b.native_parts(w.dtype) for b in blocks]
+        output = projection(out)
+        if None in parts or output is None:
+            return None
+        if len({(p[2], p[8], p[9]) for p in parts} | {(norm.eps, *parts[0][8:])}) > 1:
+            return None  # the plan keeps one eps and one head layout for the whole model
+        tensors = [w, norm._parameters["weight"], self._buffers["freqs_cis"]]
+        tensors += [t for p in parts for t in p[:2] + p[3:5]]
+        tensors += [t for p in parts for t in p[6]] + list(output[1])
+        kinds = [k for p in parts for k in p[5]] + [output[0]]
+        groups = [g for p in parts for g in p[7]] + [output[2]]
+        return torch.ops.llamaworks.decode_plan(tensors, [len(blocks), parts[0][8], parts[0][9], *kinds, *groups],
+                                                norm.eps)
 
 
 def use_native_blocks(model: nn.Module) -> int:
-    """Make every TransformerBlock of `model` a NativeBlock in place (the class changes, nothing
-    else); returns how many. A no-op returning 0 without the native kernels. Meant for load time,
-    after fusion and use_native_kernels; whether a block's call runs natively is decided per call,
-    so later changes (unfuse, LoRA, a paged cache) only send it down the modules' path."""
+    """Make every TransformerBlock of `model` a NativeBlock and a Transformer a NativeTransformer in
+    place (the class changes, nothing else); returns how many blocks. A no-op returning 0 without
+    the native kernels. Meant for load time, after fusion and use_native_kernels; whether a call runs
+    natively is decided per call (per cache for the whole step), so later changes (unfuse, LoRA, a
+    paged cache) only send it down the modules' path."""
     if not native.available():
         return 0
     n = 0
@@ -113,4 +194,6 @@ def use_native_blocks(model: nn.Module) -> int:
         if type(m) is TransformerBlock:
             m.__class__ = NativeBlock
             n += 1
+        elif type(m) is Transformer:
+            m.__class__ = NativeTransformer
     return n

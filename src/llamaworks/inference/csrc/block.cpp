@@ -24,6 +24,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
 namespace {
 
 enum Kind { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3, INT4_TILES = 4 };
@@ -72,6 +77,52 @@ T linear(int64_t kind, const at::Tensor* w, int64_t group, const T& x) {
   return out.view({B, S, out.size(1)});
 }
 
+// One projection's kind, tensors and int4 group.
+struct Proj {
+  int64_t kind = F32;
+  const at::Tensor* w = nullptr;
+  int64_t group = 0;
+};
+
+// The block's parts: the norms' weights, the four projections (wqkv, wo, w13, w2), the caches.
+struct Block {
+  at::Tensor attention_norm, ffn_norm, k_cache, v_cache;
+  Proj p[4];
+};
+
+// Reads `kinds` (4 per block) and `groups`, taking each projection's tensors from `weights` at `used`.
+void read_projections(at::IntArrayRef kinds, at::IntArrayRef groups, at::TensorList weights, int64_t& used,
+                      Proj* out, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(kinds[i] >= F32 && kinds[i] <= INT4_TILES, "llamaworks decode_block: unknown projection kind ",
+                kinds[i]);
+    TORCH_CHECK(used + TENSORS[kinds[i]] <= static_cast<int64_t>(weights.size()), "llamaworks decode_block: kinds ",
+                kinds, " take more tensors than the ", weights.size(), " given");
+    out[i] = Proj{kinds[i], weights.data() + used, groups[i]};
+    used += TENSORS[kinds[i]];
+  }
+}
+
+// TransformerBlock.forward for decode rows (the header's formula). Runs below the autograd keys.
+T block(const Block& b, CT x, double eps, CT freqs, CT input_pos, CT rows, CT mask, int64_t H, int64_t Hkv) {
+  const Ops& o = ops();
+  const int64_t B = x.size(0), S = x.size(1);
+  // Attention (FusedAttention.forward with NativeAttention.attend)
+  const T qkv = linear(b.p[0].kind, b.p[0].w, b.p[0].group, o.rms_norm.call(x, b.attention_norm, eps));
+  const T q = o.rope_cache.call(qkv, freqs, input_pos, rows, b.k_cache, b.v_cache, H, Hkv);  // (B, H, S, D)
+  const bool all_rows = rows.numel() == 0;
+  const T k = all_rows ? b.k_cache.narrow(0, 0, B) : b.k_cache.index_select(0, rows);  // (B, Hkv, L, D)
+  const T v = all_rows ? b.v_cache.narrow(0, 0, B) : b.v_cache.index_select(0, rows);
+  const T att = o.attention.call(q, k, v, mask).transpose(1, 2).reshape({B, S, -1});  // (B, S, H * D)
+  const T h = x + linear(b.p[1].kind, b.p[1].w, b.p[1].group, att);
+  // SwiGLU (FusedFeedForward.forward): w2(silu(a) * b)
+  const T ab = linear(b.p[2].kind, b.p[2].w, b.p[2].group, o.rms_norm.call(h, b.ffn_norm, eps));  // (B, S, 2 hidden)
+  TORCH_CHECK(ab.size(2) % 2 == 0, "llamaworks decode_block: w13's output ", ab.size(2), " is not two halves");
+  const int64_t hidden = ab.size(2) / 2;
+  const T g = at::silu(ab.narrow(2, 0, hidden)) * ab.narrow(2, hidden, hidden);
+  return h + linear(b.p[3].kind, b.p[3].w, b.p[3].group, g);
+}
+
 T decode_block(CT x, CT attention_norm, CT ffn_norm, double eps, at::IntArrayRef kinds, at::TensorList weights,
                at::IntArrayRef groups, CT freqs, CT input_pos, CT rows, T k_cache, T v_cache, CT mask, int64_t H,
                int64_t Hkv) {
@@ -79,35 +130,101 @@ T decode_block(CT x, CT attention_norm, CT ffn_norm, double eps, at::IntArrayRef
               "B * S <= 8, got ", x.sizes());
   TORCH_CHECK(kinds.size() == 4 && groups.size() == 4, "llamaworks decode_block: 4 projections (wqkv, wo, w13, ",
               "w2), got ", kinds.size(), " kinds and ", groups.size(), " group sizes");
-  const at::Tensor* w[4];
+  Block b{attention_norm, ffn_norm, k_cache, v_cache, {}};
   int64_t used = 0;
-  for (size_t i = 0; i < 4; ++i) {
-    TORCH_CHECK(kinds[i] >= F32 && kinds[i] <= INT4_TILES, "llamaworks decode_block: unknown projection kind ",
-                kinds[i]);
-    w[i] = weights.data() + used;
-    used += TENSORS[kinds[i]];
-  }
+  read_projections(kinds, groups, weights, used, b.p, 4);
   TORCH_CHECK(used == static_cast<int64_t>(weights.size()), "llamaworks decode_block: kinds ", kinds, " take ",
               used, " tensors, got ", weights.size());
   // The inner calls skip the autograd keys (nothing here records gradients: NativeBlock calls this without
   // them), a few us of dispatch spared on each of the block's ~20 calls.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return block(b, x, eps, freqs, input_pos, rows, mask, H, Hkv);
+}
+
+// decode_plan / decode_step / decode_plan_free: a whole decode step (Transformer.forward with input_pos,
+// logits out) in one call, over a plan built once per cache (inference/block.py's NativeTransformer):
+// the per-block Python (module calls, the checks, the arguments' conversion: ~15 us a block on Zen 4)
+// goes too. The plan holds references to the model's tensors (weights, caches, RoPE table) until freed.
+struct Plan {
+  at::Tensor embedding, norm, freqs;  // tok_embeddings.weight (V, dim), norm.weight, freqs_cis (P, D/2, 2)
+  double eps = 1e-6;
+  int64_t H = 0, Hkv = 0;
+  std::vector<Block> blocks;
+  std::vector<at::Tensor> weights;  // every projection's tensors: the Proj pointers point into it
+  Proj output;
+};
+
+std::mutex plans_lock;
+std::unordered_map<int64_t, std::shared_ptr<Plan>> plans;
+int64_t next_plan = 1;
+
+// tensors: embedding, norm, freqs, then per block attention_norm, ffn_norm, k_cache, v_cache, then every
+// projection's tensors (block by block, wqkv wo w13 w2, then the output layer's). meta: n_layers, n_heads,
+// n_kv_heads, then kinds (4 per block, then the output's), then as many group sizes.
+int64_t decode_plan(at::TensorList tensors, at::IntArrayRef meta, double eps) {
+  TORCH_CHECK(meta.size() >= 3, "llamaworks decode_plan: meta starts with n_layers, n_heads, n_kv_heads");
+  const int64_t L = meta[0], n = 4 * L + 1;
+  TORCH_CHECK(L >= 0 && static_cast<int64_t>(meta.size()) == 3 + 2 * n, "llamaworks decode_plan: meta must hold ",
+              3 + 2 * n, " values for ", L, " layers, got ", meta.size());
+  TORCH_CHECK(static_cast<int64_t>(tensors.size()) >= 3 + 4 * L, "llamaworks decode_plan: ", tensors.size(),
+              " tensors for ", L, " layers");
+  auto plan = std::make_shared<Plan>();
+  plan->embedding = tensors[0];
+  plan->norm = tensors[1];
+  plan->freqs = tensors[2];
+  plan->eps = eps;
+  plan->H = meta[1];
+  plan->Hkv = meta[2];
+  const at::IntArrayRef kinds = meta.slice(3, n), groups = meta.slice(3 + n, n);
+  plan->weights.assign(tensors.begin() + 3 + 4 * L, tensors.end());
+  plan->blocks.resize(L);
+  int64_t used = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    Block& b = plan->blocks[l];
+    b.attention_norm = tensors[3 + 4 * l];
+    b.ffn_norm = tensors[4 + 4 * l];
+    b.k_cache = tensors[5 + 4 * l];
+    b.v_cache = tensors[6 + 4 * l];
+    read_projections(kinds.slice(4 * l, 4), groups.slice(4 * l, 4), plan->weights, used, b.p, 4);
+  }
+  read_projections(kinds.slice(4 * L, 1), groups.slice(4 * L, 1), plan->weights, used, &plan->output, 1);
+  TORCH_CHECK(used == static_cast<int64_t>(plan->weights.size()), "llamaworks decode_plan: the kinds take ", used,
+              " projection tensors, got ", plan->weights.size());
+  std::lock_guard<std::mutex> guard(plans_lock);
+  plans[next_plan] = std::move(plan);
+  return next_plan++;
+}
+
+void decode_plan_free(int64_t id) {
+  std::lock_guard<std::mutex> guard(plans_lock);
+  plans.erase(id);
+}
+
+// tokens (B, S) int64, B * S <= 8; input_pos (B, S) or (S,) int64; rows (B,) int64 or empty -> logits
+// (B, S, V) fp32, equal to Transformer.forward's over the plan's modules.
+T decode_step(int64_t id, CT tokens, CT input_pos_in, CT rows) {
+  std::shared_ptr<Plan> plan;
+  {
+    std::lock_guard<std::mutex> guard(plans_lock);
+    auto it = plans.find(id);
+    TORCH_CHECK(it != plans.end(), "llamaworks decode_step: no plan ", id, " (freed, or never made)");
+    plan = it->second;
+  }
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) * tokens.size(1) <= 8 && tokens.scalar_type() == at::kLong,
+              "llamaworks decode_step: tokens must be int64 (B, S) with B * S <= 8, got ", tokens.sizes());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Ops& o = ops();
-  const int64_t B = x.size(0), S = x.size(1);
-  // Attention (FusedAttention.forward with NativeAttention.attend)
-  const T qkv = linear(kinds[0], w[0], groups[0], o.rms_norm.call(x, attention_norm, eps));
-  const T q = o.rope_cache.call(qkv, freqs, input_pos, rows, k_cache, v_cache, H, Hkv);  // (B, H, S, D)
-  const bool all_rows = rows.numel() == 0;
-  const T k = all_rows ? k_cache.narrow(0, 0, B) : k_cache.index_select(0, rows);  // (B, Hkv, L, D)
-  const T v = all_rows ? v_cache.narrow(0, 0, B) : v_cache.index_select(0, rows);
-  const T att = o.attention.call(q, k, v, mask).transpose(1, 2).reshape({B, S, -1});  // (B, S, H * D)
-  const T h = x + linear(kinds[1], w[1], groups[1], att);
-  // SwiGLU (FusedFeedForward.forward): w2(silu(a) * b)
-  const T ab = linear(kinds[2], w[2], groups[2], o.rms_norm.call(h, ffn_norm, eps));  // (B, S, 2 * hidden)
-  TORCH_CHECK(ab.size(2) % 2 == 0, "llamaworks decode_block: w13's output ", ab.size(2), " is not two halves");
-  const int64_t hidden = ab.size(2) / 2;
-  const T g = at::silu(ab.narrow(2, 0, hidden)) * ab.narrow(2, hidden, hidden);
-  return h + linear(kinds[3], w[3], groups[3], g);
+  const int64_t B = tokens.size(0), S = tokens.size(1);
+  const T input_pos = (input_pos_in.dim() == 1 ? input_pos_in.expand({B, S}) : input_pos_in).contiguous();
+  const T flat = tokens.reshape({-1});
+  T h = plan->embedding.index_select(0, flat).view({B, S, -1});  // (B, S, dim); checks the ids' range
+
+  const T freqs = plan->freqs.index_select(0, input_pos.reshape({-1})).view({B, S, plan->freqs.size(1), 2});
+  const int64_t L = plan->blocks.empty() ? 0 : plan->blocks[0].k_cache.size(2);
+  const T mask = at::arange(L, input_pos.options()).view({1, 1, 1, L}).le(input_pos.view({B, 1, S, 1}));
+  for (const Block& b : plan->blocks) h = block(b, h, plan->eps, freqs, input_pos, rows, mask, plan->H, plan->Hkv);
+  h = o.rms_norm.call(h, plan->norm, plan->eps);
+  return linear(plan->output.kind, plan->output.w, plan->output.group, h).to(at::kFloat);
 }
 
 }  // namespace
@@ -116,6 +233,12 @@ TORCH_LIBRARY_FRAGMENT(llamaworks, m) {
   m.def("decode_block(Tensor x, Tensor attention_norm, Tensor ffn_norm, float eps, int[] kinds, Tensor[] weights, "
         "int[] group_sizes, Tensor freqs, Tensor input_pos, Tensor rows, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor mask, int n_heads, int n_kv_heads) -> Tensor");
+  m.def("decode_step(int plan, Tensor tokens, Tensor input_pos, Tensor rows) -> Tensor");
+  m.def("decode_plan(Tensor[] tensors, int[] meta, float eps) -> int", &decode_plan);
+  m.def("decode_plan_free(int plan) -> ()", &decode_plan_free);
 }
 
-TORCH_LIBRARY_IMPL(llamaworks, CPU, m) { m.impl("decode_block", &decode_block); }
+TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
+  m.impl("decode_block", &decode_block);
+  m.impl("decode_step", &decode_step);
+}
