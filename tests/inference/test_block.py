@@ -234,3 +234,9 @@ def test_the_step_plan_follows_the_caches_and_names_a_freed_plan():
             torch.ops.llamaworks.decode_step(handle, tokens, pos, torch.empty(0, dtype=torch.long))
         with pytest.raises(IndexError):  # a token outside the vocabulary, as the embedding names it
             model(torch.tensor([[300], [4]]), torch.tensor([1]))
+        # a copy made after decoding runs on its own weights and caches, not through the original's plan
+        twin = copy.deepcopy(model)
+        for b in twin.layers:
+            b.ffn_norm.weight.mul_(2.0)
+        assert torch.equal(twin(tokens, pos), first) and twin._plan.handle not in (None, model._plan.handle)
+        assert torch.equal(model(tokens, pos), got)

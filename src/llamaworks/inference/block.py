@@ -127,6 +127,10 @@ class DecodePlan:
             # Not at exit: the process's memory goes anyway, and torch may be torn down by then.
             weakref.finalize(self, torch.ops.llamaworks.decode_plan_free, handle).atexit = False
 
+    def __reduce__(self):
+        # A copied or pickled model plans itself again: the handle names the original's tensors.
+        return DecodePlan, (None, None, None)
+
 
 class NativeTransformer(Transformer):
     """Transformer whose eager decode steps (input_pos given, at most NATIVE_MAX_ROWS tokens, logits
