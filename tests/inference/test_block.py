@@ -5,6 +5,7 @@ has no native kernel."""
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -240,3 +241,7 @@ def test_the_step_plan_follows_the_caches_and_names_a_freed_plan():
             b.ffn_norm.weight.mul_(2.0)
         assert torch.equal(twin(tokens, pos), first) and twin._plan.handle not in (None, model._plan.handle)
         assert torch.equal(model(tokens, pos), got)
+        # clearing the caches frees them: the plan that held them goes too
+        cache = weakref.ref(model.layers[0].attention.kv_cache.k)
+        model.clear_caches()
+        assert "_plan" not in model.__dict__ and cache() is None

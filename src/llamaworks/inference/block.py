@@ -152,6 +152,14 @@ class NativeTransformer(Transformer):
                 return torch.ops.llamaworks.decode_step(handle, tokens, input_pos, _NO_ROWS if rows is None else rows)
         return super().forward(tokens, input_pos, rows=rows, doc_ids=doc_ids, return_hidden=return_hidden)
 
+    def setup_caches(self, *args, **kwargs):
+        self.__dict__.pop("_plan", None)  # the plan holds the old caches: freed with them, not at the next step
+        return super().setup_caches(*args, **kwargs)
+
+    def clear_caches(self):
+        self.__dict__.pop("_plan", None)
+        return super().clear_caches()
+
     def _decode_plan(self) -> int | None:
         layers = self._modules["layers"]._modules
         cache = layers["0"]._modules["attention"]._modules.get("kv_cache") if layers else None
