@@ -9,7 +9,8 @@ Each is compiled three times (AVX-512F, AVX2+FMA, portable) into one library, wi
 dot-product versions of int4 and bf16 x bf16 for AVX512_BF16 CPUs, integer int8 x int8 ones
 (activations quantised per block of 32, as llama.cpp's Q8_0) for AVX2 and AVX512_VNNI, and picked at run time from
 what the CPU reports, so one build runs on AVX2-only, AVX-512 and AMX machines. Layers reach
-them through kernels.NativeLinear (use_native_kernels at load time) and quant.py's layers.
+them through kernels.NativeLinear (use_native_kernels at load time) and quant.py's layers; whole
+transformer blocks and whole decode steps through block.py (llamaworks::decode_block, decode_step).
 
 The library is built by an explicit step, never during a decode:
     python -m llamaworks.inference.native build     (./dev.sh setup runs it)
