@@ -241,6 +241,11 @@ def test_the_step_plan_follows_the_caches_and_names_a_freed_plan():
             b.ffn_norm.weight.mul_(2.0)
         assert torch.equal(twin(tokens, pos), first) and twin._plan.handle not in (None, model._plan.handle)
         assert torch.equal(model(tokens, pos), got)
+        # a state dict loaded between steps over the same caches is planned again (int4 rebuilds its layouts)
+        handle = model._plan.handle
+        model.load_state_dict(twin.state_dict())
+        assert "_plan" not in model.__dict__ and torch.equal(model(tokens, pos), first)
+        assert model._plan.handle != handle
         # clearing the caches frees them: the plan that held them goes too
         cache = weakref.ref(model.layers[0].attention.kv_cache.k)
         model.clear_caches()

@@ -137,10 +137,12 @@ class NativeTransformer(Transformer):
     out, no gradient) run as one llamaworks::decode_step call: the embedding, every block as
     decode_block runs it, the final norm and the output layer, over a plan of the model's tensors
     made once per KV cache (setup_caches makes new caches for each generate call, so a changed model
-    is planned again). The logits equal Transformer.forward's bit for bit. Checked when the plan is
-    made: every block native (NativeBlock.native_parts), no forward hook on any module; per call: no
-    global forward hooks, gradients off, the same caches and RoPE table. Anything else, and compiled
-    graphs (which call the blocks one by one), take Transformer.forward."""
+    is planned again, as after load_state_dict or a conversion such as to()). The logits equal
+    Transformer.forward's bit for bit. Checked when the plan is made: every block native
+    (NativeBlock.native_parts), no forward hook on any module; per call: no global forward hooks,
+    gradients off, the same caches and RoPE table. So a change of the model's modules between two
+    steps over the same caches (fuse.unfuse, LoRA, a hook) takes effect at the next setup_caches.
+    Anything else, and compiled graphs (which call the blocks one by one), take Transformer.forward."""
 
     def forward(self, tokens, input_pos=None, *, rows=None, doc_ids=None, return_hidden=False):
         if (input_pos is not None and doc_ids is None and not return_hidden and not torch.is_grad_enabled()
@@ -159,6 +161,16 @@ class NativeTransformer(Transformer):
     def clear_caches(self):
         self.__dict__.pop("_plan", None)
         return super().clear_caches()
+
+    # New weights from a state dict or a conversion (to(), a dtype cast) may be new tensors, and
+    # quantised layers rebuild their kernel layouts then (QuantizedLinear.refresh): planned again.
+    def load_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_plan", None)
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_plan", None)
+        return super()._apply(fn, recurse)
 
     def _decode_plan(self) -> int | None:
         layers = self._modules["layers"]._modules
