@@ -250,3 +250,20 @@ def test_the_step_plan_follows_the_caches_and_names_a_freed_plan():
         cache = weakref.ref(model.layers[0].attention.kv_cache.k)
         model.clear_caches()
         assert "_plan" not in model.__dict__ and cache() is None
+
+
+def test_int32_ids_positions_and_rows_take_the_modules_path(monkeypatch):
+    """The operators take int64; the model's forward also takes int32 ids, positions and rows (before this,
+    int32 positions crashed the fused attention's rope_cache, blocks or not)."""
+    want = decode_model("fp32", blocks=False)
+    model = decode_model("fp32", blocks=True)
+    for m in (want, model):
+        m.setup_caches(3, 32)
+    plans = native_calls(model, monkeypatch, whole_step=True)
+    with torch.no_grad():
+        i32 = torch.int32
+        for tokens, pos, rows in ((torch.tensor([[3], [4]], dtype=i32), torch.tensor([0]), None),
+                                  (torch.tensor([[3], [4]]), torch.tensor([1], dtype=i32), None),
+                                  (torch.tensor([[3], [4]]), torch.tensor([2]), torch.tensor([2, 0], dtype=i32))):
+            assert torch.equal(model(tokens, pos, rows=rows), want(tokens, pos, rows=rows))
+    assert plans == []  # none reached the plan

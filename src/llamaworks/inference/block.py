@@ -87,7 +87,8 @@ class NativeBlock(TransformerBlock):
         if (input_pos is None or mask is None or mask.dtype != torch.bool
                 or x.dim() != 3 or x.shape[0] * x.shape[1] > native.NATIVE_MAX_ROWS or freqs.dtype != torch.float32
                 or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and x.requires_grad)):
+                or (torch.is_grad_enabled() and x.requires_grad) or input_pos.dtype != torch.long
+                or not (rows is None or rows.dtype == torch.long)):
             return None
         parts = self.native_parts(x.dtype)
         if parts is None:
@@ -152,6 +153,8 @@ class NativeTransformer(Transformer):
     def forward(self, tokens, input_pos=None, *, rows=None, doc_ids=None, return_hidden=False):
         if (input_pos is not None and doc_ids is None and not return_hidden and not torch.is_grad_enabled()
                 and tokens.dim() == 2 and tokens.numel() <= native.NATIVE_MAX_ROWS and tokens.device.type == "cpu"
+                # the operators take int64 ids and positions; others (int32) take the modules, which cast them
+                and tokens.dtype == input_pos.dtype == torch.long and (rows is None or rows.dtype == torch.long)
                 and not torch.compiler.is_compiling()
                 and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)):
             handle = self._decode_plan()

@@ -160,7 +160,9 @@ class FusedAttention(FusedProjections, Attention):
         cache = self.kv_cache
         ragged = type(cache) is PagedKVCache and cache.table.ragged is not None and cache.rope_in_one
         # The cache in x's dtype, or bf16 under fp32 (serve --kv-dtype): rope_cache rounds k and v to it.
-        if (input_pos is None or not (type(cache) is KVCache or ragged) or freqs.dtype != torch.float32
+        # rope_cache takes int64 positions and rows; int32 ones take Attention.forward (its indexing casts them)
+        if (input_pos is None or input_pos.dtype != torch.long or not (rows is None or rows.dtype == torch.long)
+                or not (type(cache) is KVCache or ragged) or freqs.dtype != torch.float32
                 or not eager_native_step(x) or not eager_native_step(cache.k, cache.v)
                 or not kernel_dtypes(x.dtype, cache.k.dtype)):
             return super().forward(x, freqs, input_pos, mask, rows)
