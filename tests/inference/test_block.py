@@ -267,3 +267,18 @@ def test_int32_ids_positions_and_rows_take_the_modules_path(monkeypatch):
                                   (torch.tensor([[3], [4]]), torch.tensor([2]), torch.tensor([2, 0], dtype=i32))):
             assert torch.equal(model(tokens, pos, rows=rows), want(tokens, pos, rows=rows))
     assert plans == []  # none reached the plan
+
+
+BAD_STEPS = {"negative position": ([[1]], [-1]), "position past the cache": ([[1]], [32]),
+             "negative id": ([[-1]], [0]), "id past the vocabulary": ([[300]], [0]),
+             "more rows than the cache": ([[1], [2], [3]], [0])}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS))
+def test_bad_steps_raise_as_the_modules_do(case):
+    tokens, pos = (torch.tensor(t) for t in BAD_STEPS[case])
+    for blocks in (True, False):  # an error naming the problem on both paths, never a crash
+        model = decode_model("int4_g128", blocks=blocks)
+        model.setup_caches(2, 32)
+        with torch.no_grad(), pytest.raises((RuntimeError, IndexError)):
+            model(tokens, pos)
