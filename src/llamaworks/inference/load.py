@@ -7,8 +7,8 @@ directory (PEFT's layout, inference/lora.py) is applied on top, unmerged: over a
 base too. Then the load-time transforms for decoding: with fuse=True q/k/v and gate/up fused
 into one product each (fuse.py; the state dict keeps Meta's names; on by default, so that
 generate, serve, chat and eval decode through the fused products), and on CPU the fp32/bf16 linears
-swapped for the native one-row kernels (kernels.NativeLinear) and each block of an eager decode step
-made one native call (block.NativeBlock), or where those are not built,
+swapped for the native one-row kernels (kernels.NativeLinear) and each decode step made one native
+call (block.py: the whole eager step, or a call per block in compiled steps), or where those are not built,
 bf16 ones for torch.mv (kernels.GemvLinear); a bf16 model's activations in fp32 on CPUs without
 hardware bf16 (kernels.use_fp32_activations); last, the CPU weights moved into transparent huge
 pages (hugepages.use_hugepages).
@@ -54,7 +54,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         fuse_projections(model)
     if model.output.weight.device.type == "cpu":
         if use_native_kernels(model):
-            use_native_blocks(model)  # each block of an eager decode step as one native call (block.py)
+            use_native_blocks(model)  # an eager decode step as one native call (block.py)
         else:
             use_gemv(model)  # no native kernels: bf16 weights take torch.mv's faster one-row product
     use_fp32_activations(model)  # bf16 weights, fp32 arithmetic where the CPU has no bf16 (kernels.py)
