@@ -114,13 +114,14 @@ T block(const Block& b, CT x, double eps, CT freqs, CT input_pos, CT rows, CT ma
   const T k = all_rows ? b.k_cache.narrow(0, 0, B) : b.k_cache.index_select(0, rows);  // (B, Hkv, L, D)
   const T v = all_rows ? b.v_cache.narrow(0, 0, B) : b.v_cache.index_select(0, rows);
   const T att = o.attention.call(q, k, v, mask).transpose(1, 2).reshape({B, S, -1});  // (B, S, H * D)
-  const T h = x + linear(b.p[1].kind, b.p[1].w, b.p[1].group, att);
+  // The residual adds in place on the products' fresh outputs (x + y and y + x round alike): no new tensor.
+  const T h = linear(b.p[1].kind, b.p[1].w, b.p[1].group, att).add_(x);
   // SwiGLU (FusedFeedForward.forward): w2(silu(a) * b)
   const T ab = linear(b.p[2].kind, b.p[2].w, b.p[2].group, o.rms_norm.call(h, b.ffn_norm, eps));  // (B, S, 2 hidden)
   TORCH_CHECK(ab.size(2) % 2 == 0, "llamaworks decode_block: w13's output ", ab.size(2), " is not two halves");
   const int64_t hidden = ab.size(2) / 2;
-  const T g = at::silu(ab.narrow(2, 0, hidden)) * ab.narrow(2, hidden, hidden);
-  return h + linear(b.p[3].kind, b.p[3].w, b.p[3].group, g);
+  const T g = at::silu(ab.narrow(2, 0, hidden)).mul_(ab.narrow(2, hidden, hidden));
+  return linear(b.p[3].kind, b.p[3].w, b.p[3].group, g).add_(h);
 }
 
 T decode_block(CT x, CT attention_norm, CT ffn_norm, double eps, at::IntArrayRef kinds, at::TensorList weights,
