@@ -144,8 +144,8 @@ def quantized_copy(model: Transformer, mode: str, group_size: int = 128) -> Tran
 def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str, hugepages: bool = True,
                 blocks: bool = True) -> Transformer:
     """The model as `llamaworks generate` loads it, in `dtype`: fused projections (fuse), then the
-    native one-row kernels on CPU where built (else bf16 takes GemvLinear) and, with `blocks`, each block of
-    an eager decode step as one native call (inference/block.py). Shares the weights
+    native one-row kernels on CPU where built (else bf16 takes GemvLinear) and, with `blocks`, an eager
+    decode step as one native call (inference/block.py). Shares the weights
     with `model` where nothing changes them (fp32, unfused)."""
     memo = {id(p): p for p in model.parameters()} if dtype == torch.float32 else {}
     m = copy.deepcopy(model, memo)
@@ -156,7 +156,7 @@ def decode_copy(model: Transformer, dtype: torch.dtype, fuse: bool, device: str,
     if torch.device(device).type == "cpu":
         if use_native_kernels(m):
             if blocks:
-                use_native_blocks(m)  # as load_model: one native call per block of an eager decode step
+                use_native_blocks(m)  # as load_model: an eager decode step as one native call
         else:
             use_gemv(m)
     use_fp32_activations(m)  # as load_model: where the CPU has no bf16, a bf16 model computes in fp32
@@ -435,6 +435,10 @@ def plan_variants(name: str, a, model_fn: Callable, paths: dict) -> list[Variant
     if "llamaworks" in a.impls:
         # --native-blocks both: each eager row also without the block calls (" modules"), an A/B in one run
         block_modes = {"on": (True,), "off": (False,), "both": (True, False)}[a.native_blocks]
+
+        def row(label: str, blocks: bool) -> str:
+            return label if blocks or len(block_modes) == 1 else label + " modules"
+
         for prec in a.precisions:
             group = f"llamaworks {prec}"
             if prec in ("fp32", "bf16"):
@@ -444,8 +448,7 @@ def plan_variants(name: str, a, model_fn: Callable, paths: dict) -> list[Variant
                     return _with_model(lambda p: time_llamaworks(m, p, a.new_tokens, compile), m)
                 nbytes = fp32_bytes if prec == "fp32" else fp32_bytes // 2
                 for blocks in block_modes:
-                    label = f"llamaworks {prec}" + ("" if blocks or len(block_modes) == 1 else " modules")
-                    variants.append(Variant(label, prec, group, nbytes, False,
+                    variants.append(Variant(row(f"llamaworks {prec}", blocks), prec, group, nbytes, False,
                                             lambda prec=prec, b=blocks: make_float(prec, False, b)))
                 if a.compile:
                     variants.append(Variant(f"llamaworks {prec}+compile", prec, group, nbytes, False,
@@ -456,7 +459,7 @@ def plan_variants(name: str, a, model_fn: Callable, paths: dict) -> list[Variant
                     if a.fuse:
                         fuse_projections(m)
                     if torch.device(a.device).type == "cpu":
-                        # as load_model: the decode attention (the layers are quantised), one call per block
+                        # as load_model: the decode attention (the layers are quantised), one call per step
                         if use_native_kernels(m) and blocks:
                             use_native_blocks(m)
                         if a.hugepages:
@@ -464,8 +467,8 @@ def plan_variants(name: str, a, model_fn: Callable, paths: dict) -> list[Variant
                     return _with_model(lambda p: time_llamaworks(m, p, a.new_tokens, compile), m), bytes_per_step(m)
                 label = "llamaworks int8" if prec == "int8" else f"llamaworks int4 g{a.group_size}"
                 for blocks in block_modes:
-                    variants.append(Variant(label + ("" if blocks or len(block_modes) == 1 else " modules"), prec,
-                                            group, None, False, lambda mode=prec, b=blocks: make_q(mode, False, b)))
+                    variants.append(Variant(row(label, blocks), prec, group, None, False,
+                                            lambda mode=prec, b=blocks: make_q(mode, False, b)))
                 if a.compile:
                     variants.append(Variant(label + "+compile", prec, group, None, False,
                                             lambda mode=prec: make_q(mode, True)))
@@ -802,8 +805,8 @@ def main():
                     help="llamaworks' CPU weights in transparent huge pages (inference/hugepages.py), as "
                          "load_model does (default on)")
     ap.add_argument("--native-blocks", choices=("on", "off", "both"), default="on",
-                    help="llamaworks' eager rows with each transformer block of a decode step as one native call "
-                         "(inference/block.py), as load_model does (on, the default), without (off), or both rows "
+                    help="llamaworks' eager rows with each decode step as one native call (inference/block.py's "
+                         "use_native_blocks), as load_model does (on, the default), without (off), or both rows "
                          "(the one without labelled 'modules')")
     ap.add_argument("--isolate", choices=list(ISOLATION), default="process",
                     help="how rows share processes: " + "; ".join(f"{k}: {v}" for k, v in ISOLATION.items())

@@ -28,19 +28,18 @@ The state dict and module tree are TransformerBlock's: only the class changes.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
 from llamaworks.inference import native
-from llamaworks.inference.fuse import FusedAttention, FusedFeedForward
+from llamaworks.inference.fuse import NO_ROWS, FusedAttention, FusedFeedForward
 from llamaworks.inference.kernels import NativeAttention, NativeLinear, NativeRMSNorm
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
 from llamaworks.model import Transformer, TransformerBlock
-
-_NO_ROWS = torch.empty(0, dtype=torch.long)  # decode_block's "rows 0..bsz-1", as rope_cache's
 
 # decode_block's projection kinds (csrc/block.cpp's Kind).
 F32, BF16, INT8, INT4, INT4_TILES = range(5)
@@ -63,6 +62,21 @@ def projection(m: nn.Module) -> tuple[int, tuple[torch.Tensor, ...], int] | None
     if t is Int4Linear and m._native is not None:
         return (INT4_TILES if m._tiled else INT4), m._native, m.group_size
     return None
+
+
+class BlockParts(NamedTuple):
+    """What decode_block (and decode_plan, per block) takes of a NativeBlock."""
+
+    attention_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    eps: float
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    kinds: list[int]  # wqkv, wo, w13, w2 (projection's kinds)
+    tensors: list[torch.Tensor]  # their tensors in that order
+    groups: list[int]
+    heads: int
+    kv_heads: int
 
 
 def _hooked(modules) -> bool:
@@ -90,17 +104,15 @@ class NativeBlock(TransformerBlock):
                 or (torch.is_grad_enabled() and x.requires_grad) or input_pos.dtype != torch.long
                 or not (rows is None or rows.dtype == torch.long)):
             return None
-        parts = self.native_parts(x.dtype)
-        if parts is None:
+        p = self.native_parts(x.dtype)
+        if p is None:
             return None
-        norm1, norm2, eps, cache_k, cache_v, kinds, tensors, groups, heads, kv_heads = parts
-        return (x, norm1, norm2, eps, kinds, tensors, groups, freqs, input_pos, _NO_ROWS if rows is None else rows,
-                cache_k, cache_v, mask, heads, kv_heads)
+        return (x, p.attention_norm, p.ffn_norm, p.eps, p.kinds, p.tensors, p.groups, freqs, input_pos,
+                NO_ROWS if rows is None else rows, p.k_cache, p.v_cache, mask, p.heads, p.kv_heads)
 
-    def native_parts(self, dtype: torch.dtype):
-        """What decode_block takes of this block for activations of `dtype`: (attention_norm weight,
-        ffn_norm weight, eps, k cache, v cache, kinds, projection tensors, group sizes, heads, kv heads),
-        or None where a part has no native kernel or a module has a forward hook."""
+    def native_parts(self, dtype: torch.dtype) -> BlockParts | None:
+        """What decode_block takes of this block for activations of `dtype`, or None where a part has
+        no native kernel or a module has a forward hook."""
         mods = self._modules
         att, ffn, norm1, norm2 = mods["attention"], mods["feed_forward"], mods["attention_norm"], mods["ffn_norm"]
         if not (isinstance(att, FusedAttention) and isinstance(att, NativeAttention) and type(ffn) is FusedFeedForward
@@ -118,8 +130,8 @@ class NativeBlock(TransformerBlock):
         if None in parts:
             return None
         d = att.head_dim
-        return (w1, w2, norm1.eps, cache._buffers["k"], cache._buffers["v"], [p[0] for p in parts],
-                [t for p in parts for t in p[1]], [p[2] for p in parts], att.sizes[0] // d, att.sizes[1] // d)
+        return BlockParts(w1, w2, norm1.eps, cache._buffers["k"], cache._buffers["v"], [p[0] for p in parts],
+                          [t for p in parts for t in p[1]], [p[2] for p in parts], att.sizes[0] // d, att.sizes[1] // d)
 
 
 class DecodePlan:
@@ -159,7 +171,7 @@ class NativeTransformer(Transformer):
                 and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)):
             handle = self._decode_plan()
             if handle is not None:
-                return torch.ops.llamaworks.decode_step(handle, tokens, input_pos, _NO_ROWS if rows is None else rows)
+                return torch.ops.llamaworks.decode_step(handle, tokens, input_pos, NO_ROWS if rows is None else rows)
         return super().forward(tokens, input_pos, rows=rows, doc_ids=doc_ids, return_hidden=return_hidden)
 
     def setup_caches(self, *args, **kwargs):
@@ -202,15 +214,15 @@ class NativeTransformer(Transformer):
         output = projection(out)
         if None in parts or output is None:
             return None
-        if len({(p[2], p[8], p[9]) for p in parts} | {(norm.eps, *parts[0][8:])}) > 1:
+        if {(p.eps, p.heads, p.kv_heads) for p in parts} != {(norm.eps, parts[0].heads, parts[0].kv_heads)}:
             return None  # the plan keeps one eps and one head layout for the whole model
         tensors = [w, norm._parameters["weight"], self._buffers["freqs_cis"]]
-        tensors += [t for p in parts for t in p[:2] + p[3:5]]
-        tensors += [t for p in parts for t in p[6]] + list(output[1])
-        kinds = [k for p in parts for k in p[5]] + [output[0]]
-        groups = [g for p in parts for g in p[7]] + [output[2]]
-        return torch.ops.llamaworks.decode_plan(tensors, [len(blocks), parts[0][8], parts[0][9], *kinds, *groups],
-                                                norm.eps)
+        tensors += [t for p in parts for t in (p.attention_norm, p.ffn_norm, p.k_cache, p.v_cache)]
+        tensors += [t for p in parts for t in p.tensors] + list(output[1])
+        kinds = [k for p in parts for k in p.kinds] + [output[0]]
+        groups = [g for p in parts for g in p.groups] + [output[2]]
+        return torch.ops.llamaworks.decode_plan(tensors, [len(blocks), parts[0].heads, parts[0].kv_heads, *kinds,
+                                                          *groups], norm.eps)
 
 
 def use_native_blocks(model: nn.Module) -> int:

@@ -34,7 +34,7 @@ from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
 from llamaworks.model import Attention, FeedForward
 
-_NO_ROWS = torch.empty(0, dtype=torch.long)  # rope_cache's "rows 0..bsz-1"
+NO_ROWS = torch.empty(0, dtype=torch.long)  # rope_cache's (and block.py's operators') "rows 0..bsz-1"
 
 FLOAT_LINEARS = (nn.Linear, GemvLinear, NativeLinear)
 
@@ -174,7 +174,7 @@ class FusedAttention(FusedProjections, Attention):
         if ragged:
             q, k, v = cache.rope_update(qkv, freqs, input_pos, heads, kv_heads)  # q (1, heads, T, head_dim)
         else:
-            q = torch.ops.llamaworks.rope_cache(qkv, freqs, input_pos, _NO_ROWS if rows is None else rows,
+            q = torch.ops.llamaworks.rope_cache(qkv, freqs, input_pos, NO_ROWS if rows is None else rows,
                                                 cache.k, cache.v, heads, kv_heads)  # (bsz, heads, seq, head_dim)
             k, v = (cache.k[:bsz], cache.v[:bsz]) if rows is None else (cache.k[rows], cache.v[rows])
         out = self.attend(q, k, v, mask)

@@ -61,22 +61,6 @@ const Ops& ops() {
   return o;
 }
 
-// One projection: x (B, S, in) -> (B, S, out), as the layer's module computes it.
-T linear(int64_t kind, const at::Tensor* w, int64_t group, const T& x) {
-  const Ops& o = ops();
-  const int64_t B = x.size(0), S = x.size(1);
-  T out;
-  switch (kind) {
-    case F32: out = o.f32.call(x.reshape({-1, x.size(2)}), w[0]); break;
-    case BF16: out = o.bf16.call(x.reshape({-1, x.size(2)}), w[0]); break;
-    case INT8: out = o.int8.call(x.reshape({-1, x.size(2)}), w[0], w[1]); break;
-    case INT4: out = o.int4.call(x.reshape({-1, x.size(2)}), w[0], w[1], w[2], group); break;
-    case INT4_TILES: return o.int4_tiles.call(x, w[0], w[1], w[2], group);  // takes x (..., in) as it is
-    default: TORCH_CHECK(false, "llamaworks decode_block: unknown projection kind ", kind);
-  }
-  return out.view({B, S, out.size(1)});
-}
-
 // One projection's kind, tensors and int4 group.
 struct Proj {
   int64_t kind = F32;
@@ -89,6 +73,22 @@ struct Block {
   at::Tensor attention_norm, ffn_norm, k_cache, v_cache;
   Proj p[4];
 };
+
+// One projection: x (B, S, in) -> (B, S, out), as the layer's module computes it.
+T linear(const Proj& p, const T& x) {
+  const Ops& o = ops();
+  if (p.kind == INT4_TILES) return o.int4_tiles.call(x, p.w[0], p.w[1], p.w[2], p.group);  // takes x as it is
+  const T flat = x.reshape({-1, x.size(2)});  // (B * S, in)
+  T out;
+  switch (p.kind) {
+    case F32: out = o.f32.call(flat, p.w[0]); break;
+    case BF16: out = o.bf16.call(flat, p.w[0]); break;
+    case INT8: out = o.int8.call(flat, p.w[0], p.w[1]); break;
+    case INT4: out = o.int4.call(flat, p.w[0], p.w[1], p.w[2], p.group); break;
+    default: TORCH_CHECK(false, "llamaworks decode_block: unknown projection kind ", p.kind);
+  }
+  return out.view({x.size(0), x.size(1), out.size(1)});
+}
 
 // Reads `kinds` (4 per block) and `groups`, taking each projection's tensors from `weights` at `used`.
 void read_projections(at::IntArrayRef kinds, at::IntArrayRef groups, at::TensorList weights, int64_t& used,
@@ -108,20 +108,20 @@ T block(const Block& b, CT x, double eps, CT freqs, CT input_pos, CT rows, CT ma
   const Ops& o = ops();
   const int64_t B = x.size(0), S = x.size(1);
   // Attention (FusedAttention.forward with NativeAttention.attend)
-  const T qkv = linear(b.p[0].kind, b.p[0].w, b.p[0].group, o.rms_norm.call(x, b.attention_norm, eps));
+  const T qkv = linear(b.p[0], o.rms_norm.call(x, b.attention_norm, eps));
   const T q = o.rope_cache.call(qkv, freqs, input_pos, rows, b.k_cache, b.v_cache, H, Hkv);  // (B, H, S, D)
   const bool all_rows = rows.numel() == 0;
   const T k = all_rows ? b.k_cache.narrow(0, 0, B) : b.k_cache.index_select(0, rows);  // (B, Hkv, L, D)
   const T v = all_rows ? b.v_cache.narrow(0, 0, B) : b.v_cache.index_select(0, rows);
   const T att = o.attention.call(q, k, v, mask).transpose(1, 2).reshape({B, S, -1});  // (B, S, H * D)
   // The residual adds in place on the products' fresh outputs (x + y and y + x round alike): no new tensor.
-  const T h = linear(b.p[1].kind, b.p[1].w, b.p[1].group, att).add_(x);
+  const T h = linear(b.p[1], att).add_(x);
   // SwiGLU (FusedFeedForward.forward): w2(silu(a) * b)
-  const T ab = linear(b.p[2].kind, b.p[2].w, b.p[2].group, o.rms_norm.call(h, b.ffn_norm, eps));  // (B, S, 2 hidden)
+  const T ab = linear(b.p[2], o.rms_norm.call(h, b.ffn_norm, eps));  // (B, S, 2 hidden)
   TORCH_CHECK(ab.size(2) % 2 == 0, "llamaworks decode_block: w13's output ", ab.size(2), " is not two halves");
   const int64_t hidden = ab.size(2) / 2;
   const T g = at::silu(ab.narrow(2, 0, hidden)).mul_(ab.narrow(2, hidden, hidden));
-  return linear(b.p[3].kind, b.p[3].w, b.p[3].group, g).add_(h);
+  return linear(b.p[3], g).add_(h);
 }
 
 T decode_block(CT x, CT attention_norm, CT ffn_norm, double eps, at::IntArrayRef kinds, at::TensorList weights,
@@ -219,13 +219,12 @@ T decode_step(int64_t id, CT tokens, CT input_pos_in, CT rows) {
   const T input_pos = (input_pos_in.dim() == 1 ? input_pos_in.expand({B, S}) : input_pos_in).contiguous();
   const T flat = tokens.reshape({-1});
   T h = plan->embedding.index_select(0, flat).view({B, S, -1});  // (B, S, dim); checks the ids' range
-
   const T freqs = plan->freqs.index_select(0, input_pos.reshape({-1})).view({B, S, plan->freqs.size(1), 2});
   const int64_t L = plan->blocks.empty() ? 0 : plan->blocks[0].k_cache.size(2);
   const T mask = at::arange(L, input_pos.options()).view({1, 1, 1, L}).le(input_pos.view({B, 1, S, 1}));
   for (const Block& b : plan->blocks) h = block(b, h, plan->eps, freqs, input_pos, rows, mask, plan->H, plan->Hkv);
   h = o.rms_norm.call(h, plan->norm, plan->eps);
-  return linear(plan->output.kind, plan->output.w, plan->output.group, h).to(at::kFloat);
+  return linear(plan->output, h).to(at::kFloat);
 }
 
 }  // namespace
