@@ -315,6 +315,21 @@ def test_gemv_quick():
 
 
 @pytest.mark.slow
+def test_prompt_gemm_quick():
+    # small and A's prompt products and prefills with both libraries (kernels.prompt_gemm); no JSON
+    if not torch_has_onednn():
+        pytest.skip("this torch has no oneDNN linear")
+    out = run("prompt_gemm", "--quick", "--configs", "small", "--precisions", "fp32", "--min-s", "0.01")
+    assert "prefill  small fp32" in out and "oneDNN" in out, out
+
+
+def torch_has_onednn() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@pytest.mark.slow
 def test_finetune_tiny(tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "ft.json"

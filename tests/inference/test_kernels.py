@@ -590,3 +590,53 @@ def test_bf16_models_compute_in_fp32_where_bf16_is_not_in_hardware(monkeypatch, 
     assert model.layers[0].attention.kv_cache.k.dtype == torch.float32
     want = torch.cat([t for t, _ in generate_ids(reference, prompts, 12, temperature=0.0)], 1)
     assert torch.equal(got, want)
+
+
+def test_prompt_gemm_choice_follows_the_vendor_and_the_setting():
+    from llamaworks.inference.kernels import choose_prompt_gemm
+
+    assert choose_prompt_gemm(None, "AuthenticAMD", True) == "onednn"  # MKL's generic path there
+    assert choose_prompt_gemm(None, "GenuineIntel", True) == "torch"  # MKL's own tuned path
+    assert choose_prompt_gemm(None, "", True) == "torch"  # unknown (no /proc/cpuinfo): as before
+    assert choose_prompt_gemm(None, "AuthenticAMD", False) == "torch"  # a torch without oneDNN
+    assert choose_prompt_gemm("onednn", "GenuineIntel", True) == "onednn"
+    assert choose_prompt_gemm("torch", "AuthenticAMD", True) == "torch"
+    with pytest.raises(ValueError, match="LLAMAWORKS_PROMPT_GEMM='mkl'.*onednn, torch"):
+        choose_prompt_gemm("mkl", "AuthenticAMD", True)
+    with pytest.raises(ValueError, match="no oneDNN"):
+        choose_prompt_gemm("onednn", "AuthenticAMD", False)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_prompt_products_through_onednn_equal_f_linear(monkeypatch, native_lib):
+    # Many-row fp32 products at inference (NativeLinear's prompts, Int8Linear's and Int4Linear's
+    # widened weights) take the library set_prompt_gemm picks: the same product up to fp32 summation
+    # order, for 2-D, 3-D and non-contiguous activations; decode rows keep the native kernels and
+    # gradients keep F.linear (oneDNN's linear has no derivative).
+    from llamaworks.inference import kernels
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 96, generator=g)
+    x = torch.randn(2, 40, 96, generator=g)
+    layer = NativeLinear(96, 300, bias=False)
+    layer.weight.data.copy_(w)
+    models = {mode: quantize_model(torch.nn.Sequential(copy.deepcopy(layer)), mode, 32) for mode in ("int8", "int4")}
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
+    try:
+        want = {}
+        for name in ("torch", "onednn"):
+            assert kernels.set_prompt_gemm(name) == name
+            with torch.no_grad():
+                for a in (x, x[0], x.transpose(0, 1)):
+                    close(layer(a), F.linear(a, w))
+                for mode, q in models.items():
+                    want.setdefault(mode, q(x))
+                    close(q(x), want[mode])
+                layer(x[:, :1])  # decode rows: the native kernels
+            assert len(calls) == (0 if name == "torch" else 5), calls
+        out = layer(x.clone().requires_grad_())  # autograd: F.linear, whatever the choice
+        assert out.requires_grad and len(calls) == 5
+    finally:
+        kernels.set_prompt_gemm(None)

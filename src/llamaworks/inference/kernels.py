@@ -4,6 +4,8 @@ route float products to them (NativeLinear, GemvLinear)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,70 @@ def bf16_matmul() -> bool:
     return has_amx() or bool(probe and probe())
 
 
+# Who multiplies fp32 products of many rows (prefill, batches above the native kernels' rows) at
+# inference: "onednn" (torch.ops.mkldnn._linear_pointwise, oneDNN's JIT GEMM, the library torch
+# already calls for bf16) or "torch" (F.linear: MKL's sgemm in torch's x86 wheels). MKL picks its
+# code by CPU vendor and takes a generic path on AMD: there oneDNN is 1.1-1.6x faster at small's and
+# A's prompt shapes and 1.7-3.9x at B's (2 threads, Zen 4, benchmarks/prompt_gemm.py), so a
+# 128-token prefill of config B takes 1.7 s instead of 2.7-3.0 s. On Intel MKL is Intel's own tuned
+# path (and what inductor picks for fp32 linears): kept. LLAMAWORKS_PROMPT_GEMM=onednn|torch overrides.
+PROMPT_GEMMS = ("onednn", "torch")
+_prompt_gemm: list[str] = []  # the decision, made once
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor the kernel reports ("GenuineIntel", "AuthenticAMD", ...); "" where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def choose_prompt_gemm(setting: str | None, vendor: str, onednn: bool) -> str:
+    """The library for fp32 prompt products (PROMPT_GEMMS): `setting` (LLAMAWORKS_PROMPT_GEMM) if
+    given, else oneDNN where torch has it and the CPU is not Intel's (see PROMPT_GEMMS)."""
+    if setting:
+        if setting not in PROMPT_GEMMS:
+            raise ValueError(f"LLAMAWORKS_PROMPT_GEMM={setting!r} is not one of {', '.join(PROMPT_GEMMS)}; "
+                             "unset it for the default")
+        if setting == "onednn" and not onednn:
+            raise ValueError("LLAMAWORKS_PROMPT_GEMM=onednn but this torch has no oneDNN (mkldnn) linear; "
+                             "unset it or set it to torch")
+        return setting
+    return "onednn" if onednn and vendor not in ("GenuineIntel", "") else "torch"
+
+
+def set_prompt_gemm(name: str | None = None) -> str:
+    """Use `name` (one of PROMPT_GEMMS) for fp32 prompt products from now on, or decide from the
+    machine and LLAMAWORKS_PROMPT_GEMM (None, what the first prompt_gemm() call does); returns the
+    choice. Named, for A/B runs and tests."""
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    choice = choose_prompt_gemm(name or os.environ.get("LLAMAWORKS_PROMPT_GEMM") or None, cpu_vendor(), onednn)
+    _prompt_gemm[:] = [choice]
+    return choice
+
+
+def prompt_gemm() -> str:
+    """The library fp32 prompt products use in this process (set_prompt_gemm), decided once."""
+    return _prompt_gemm[0] if _prompt_gemm else set_prompt_gemm()
+
+
+def prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T without bias at inference, through the library prompt_gemm() picks where x and w are
+    fp32 CPU tensors, eager and with no gradient to record (oneDNN's linear has no derivative;
+    compiled graphs keep F.linear for inductor); F.linear otherwise. The same product to fp32
+    rounding (another summation order)."""
+    if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+            and x.dim() >= 2 and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and prompt_gemm() == "onednn"):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
+
+
 # The fp32 copy of a bf16 weight that bf16_prompt_linear makes at a time: a block of output rows.
 UPCAST_BLOCK_BYTES = 32 << 20
 
@@ -59,7 +125,7 @@ def bf16_prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     emulated bf16 one is 5-8x (Zen 3, 128 rows of small's products)."""
     x32 = x.float()
     rows = max(1, UPCAST_BLOCK_BYTES // (4 * w.shape[1]))
-    parts = [F.linear(x32, w[n: n + rows].float()) for n in range(0, w.shape[0], rows)]
+    parts = [prompt_linear(x32, w[n: n + rows].float()) for n in range(0, w.shape[0], rows)]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return out.to(x.dtype)
 
@@ -152,6 +218,8 @@ class NativeLinear(nn.Linear):
             return out.view(*x.shape[:-1], self.out_features)
         if self.bias is None and upcasts_bf16_prompt(x, w):
             return bf16_prompt_linear(x, w)
+        if self.bias is None:
+            return prompt_linear(x, w)
         return F.linear(x, w, self.bias)
 
 

@@ -63,6 +63,7 @@ from llamaworks.inference.kernels import (
     has_amx,
     kernel_rows,
     native_rows,
+    prompt_linear,
 )
 from llamaworks.modeldir import QUANT_FILE, write_model_files
 from llamaworks.weights import read_json_file
@@ -214,7 +215,7 @@ class Int8Linear(QuantizedLinear):
             # fp32 cast and matmul on Zen 4 (bf16_matmul).
             out = F.linear(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
             return out.to(x.dtype) * self.scales.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return prompt_linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -376,8 +377,8 @@ class Int4Linear(QuantizedLinear):
         if self._native is not None and not self._tiled and x.device.type == "cpu":
             # Many rows (prefill) without the tiles: the weight widened in one native pass (dequant_int4:
             # small's 128-token prefill 54.6 -> 33.4 ms on Zen 3), then one matmul.
-            return F.linear(x, torch.ops.llamaworks.dequant_int4(*self._native, self.group_size).to(x.dtype))
-        return F.linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))
+            return prompt_linear(x, torch.ops.llamaworks.dequant_int4(*self._native, self.group_size).to(x.dtype))
+        return prompt_linear(x, dequantize_int4(self.weight, self.scales, self.zeros, self.group_size, x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
