@@ -157,3 +157,48 @@ def test_fused_quantised_directory_keeps_kernel_buffers_aligned(tmp_path, tiny_t
     assert len({k.split(":")[0] for k in fed}) == len(layers) and all(is_aligned(t) for t in fed.values())
     with torch.no_grad():
         torch.testing.assert_close(fused(TOKENS[:, :1]), model(TOKENS[:, :1]), atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_start_reads_contiguous_positions_only():
+    from llamaworks.inference.fuse import prompt_start
+
+    assert prompt_start(torch.arange(5, 17).expand(3, 12)) == 5
+    assert prompt_start(torch.arange(0, 9).view(1, 9)) == 0
+    assert prompt_start(torch.tensor([[0, 1, 2], [1, 2, 3]])) is None  # rows at their own positions
+    assert prompt_start(torch.tensor([[0, 1, 3]])) is None  # a gap
+    assert prompt_start(torch.tensor([[2, 1, 0]])) is None
+    assert prompt_start(torch.empty(1, 0, dtype=torch.long)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["mha", "gqa"])
+def test_prompts_in_the_native_prefill_kernel_equal_sdpa_under_the_mask(monkeypatch, shape, dtype):
+    # A prompt at positions start..start+seq-1 of every row (a prefill, or a chunk after a cached one)
+    # takes paged.prefill_attention (the native kernel) over the cache's earlier keys and its own; rows
+    # at their own positions (and decode steps) keep SDPA under the mask. Logits and cache agree.
+    from llamaworks.inference import fuse, native
+
+    if not native.load():
+        pytest.skip("native kernels not built")
+    model = peaked(SHAPES[shape]).to(dtype)
+    model.init_rope(torch.device("cpu"))
+    fuse_projections(model)
+    use_native_kernels(model)
+    calls = []
+    real = fuse.prefill_attention
+    monkeypatch.setattr(fuse, "prefill_attention", lambda q, k, v: calls.append(k.prefix.shape[2]) or real(q, k, v))
+    tokens = torch.randint(3, 300, (2, 30), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for use_kernel in (True, False):
+        if not use_kernel:
+            monkeypatch.setattr(fuse, "prompt_start", lambda p: None)
+        model.setup_caches(2, 64)
+        with torch.no_grad():
+            first = model(tokens[:, :18], torch.arange(18))  # a prompt
+            second = model(tokens[:, 18:], torch.arange(18, 30))  # a chunk after it
+            staggered = model(tokens[:, :10], torch.stack([torch.arange(10), torch.arange(5, 15)]))
+        runs[use_kernel] = (first, second, staggered, model.layers[0].attention.kv_cache.k.clone())
+    assert calls == [0, 0, 18, 18]  # two layers, two chunks; never the staggered rows
+    tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for got, want in zip(runs[True], runs[False]):
+        torch.testing.assert_close(got.float(), want.float(), **tol)

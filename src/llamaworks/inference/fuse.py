@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamaworks.inference import native
 from llamaworks.inference.kernels import (
     GemvLinear,
     NativeAttention,
@@ -29,7 +30,7 @@ from llamaworks.inference.kernels import (
     eager_native_step,
     native_attention_class,
 )
-from llamaworks.inference.paged import PagedKVCache, kernel_dtypes
+from llamaworks.inference.paged import PagedKVCache, PrefillRead, kernel_dtypes, prefill_attention
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
 from llamaworks.model import Attention, FeedForward
@@ -145,6 +146,16 @@ class FusedProjections:
                 state[f"{prefix}{self.fused_name}.{leaf}"] = torch.cat([state.pop(k) for k in keys])
 
 
+def prompt_start(input_pos: torch.Tensor) -> int | None:
+    """The first position of a prompt that sits at positions start..start+seq-1 in every row of
+    input_pos (bsz, seq), or None where the rows differ or skip (on CPU: reading it costs no sync)."""
+    if input_pos.device.type != "cpu" or input_pos.dim() != 2 or input_pos.shape[1] == 0:
+        return None
+    start = int(input_pos[0, 0])
+    steps = torch.arange(start, start + input_pos.shape[1], dtype=input_pos.dtype)
+    return start if bool((input_pos == steps).all()) else None
+
+
 class FusedAttention(FusedProjections, Attention):
     """Attention with wq, wk and wv as one product, wqkv (n_heads + 2 n_kv_heads head_dims wide).
 
@@ -176,6 +187,14 @@ class FusedAttention(FusedProjections, Attention):
         else:
             q = torch.ops.llamaworks.rope_cache(qkv, freqs, input_pos, NO_ROWS if rows is None else rows,
                                                 cache.k, cache.v, heads, kv_heads)  # (bsz, heads, seq, head_dim)
+            start = prompt_start(input_pos) if rows is None and seqlen > native.NATIVE_MAX_ROWS else None
+            if start is not None:
+                # A prompt at positions start..start+seq-1 of every row (prefill): the native prefill
+                # kernel over the cache's earlier keys and the prompt's own (causal), not SDPA under
+                # the mask over the whole cache (small, 128 tokens, 6 heads: 0.13 against 0.61 ms a layer).
+                k, v = (PrefillRead(t[:bsz, :, :start], t[:bsz, :, start:start + seqlen]) for t in (cache.k, cache.v))
+                out = prefill_attention(q, k, v)
+                return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
             k, v = (cache.k[:bsz], cache.v[:bsz]) if rows is None else (cache.k[rows], cache.v[rows])
         out = self.attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
