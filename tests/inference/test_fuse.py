@@ -160,7 +160,7 @@ def test_fused_quantised_directory_keeps_kernel_buffers_aligned(tmp_path, tiny_t
 
 
 def test_prompt_start_reads_contiguous_positions_only():
-    from llamaworks.inference.fuse import prompt_start
+    from llamaworks.inference.paged import prompt_start
 
     assert prompt_start(torch.arange(5, 17).expand(3, 12)) == 5
     assert prompt_start(torch.arange(0, 9).view(1, 9)) == 0

@@ -30,7 +30,7 @@ from llamaworks.inference.kernels import (
     eager_native_step,
     native_attention_class,
 )
-from llamaworks.inference.paged import PagedKVCache, PrefillRead, kernel_dtypes, prefill_attention
+from llamaworks.inference.paged import PagedKVCache, PrefillRead, kernel_dtypes, prefill_attention, prompt_start
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
 from llamaworks.model import Attention, FeedForward
@@ -146,16 +146,6 @@ class FusedProjections:
                 state[f"{prefix}{self.fused_name}.{leaf}"] = torch.cat([state.pop(k) for k in keys])
 
 
-def prompt_start(input_pos: torch.Tensor) -> int | None:
-    """The first position of a prompt that sits at positions start..start+seq-1 in every row of
-    input_pos (bsz, seq), or None where the rows differ or skip (on CPU: reading it costs no sync)."""
-    if input_pos.device.type != "cpu" or input_pos.dim() != 2 or input_pos.shape[1] == 0:
-        return None
-    start = int(input_pos[0, 0])
-    steps = torch.arange(start, start + input_pos.shape[1], dtype=input_pos.dtype)
-    return start if bool((input_pos == steps).all()) else None
-
-
 class FusedAttention(FusedProjections, Attention):
     """Attention with wq, wk and wv as one product, wqkv (n_heads + 2 n_kv_heads head_dims wide).
 
@@ -187,7 +177,8 @@ class FusedAttention(FusedProjections, Attention):
         else:
             q = torch.ops.llamaworks.rope_cache(qkv, freqs, input_pos, NO_ROWS if rows is None else rows,
                                                 cache.k, cache.v, heads, kv_heads)  # (bsz, heads, seq, head_dim)
-            start = prompt_start(input_pos) if rows is None and seqlen > native.NATIVE_MAX_ROWS else None
+            start = (prompt_start(input_pos) if rows is None and seqlen > native.NATIVE_MAX_ROWS
+                     and input_pos.device.type == "cpu" else None)
             if start is not None:
                 # A prompt at positions start..start+seq-1 of every row (prefill): the native prefill
                 # kernel over the cache's earlier keys and the prompt's own (causal), not SDPA under

@@ -65,6 +65,17 @@ def kernel_dtypes(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
         q_dtype == torch.float32 and kv_dtype == torch.bfloat16)
 
 
+def prompt_start(input_pos: torch.Tensor) -> int | None:
+    """The first position of a pass whose every row holds positions start..start+seq-1 of
+    input_pos (bsz, seq) (a prompt, or a chunk of one after the cached part), or None where rows
+    differ or skip. Reads a host value: meant for CPU tensors (no device sync) outside compiled graphs."""
+    if input_pos.dim() != 2 or input_pos.shape[1] == 0:
+        return None
+    start = int(input_pos[0, 0])
+    want = torch.arange(start, start + input_pos.shape[1], device=input_pos.device, dtype=input_pos.dtype)
+    return start if bool((input_pos == want).all()) else None
+
+
 class PagedRead(NamedTuple):
     """What PagedKVCache.update returns instead of keys or values when the pass reads through
     the block table: the layer's pool, the pass's table rows and its query positions."""
@@ -427,14 +438,12 @@ class PagedKVCache(nn.Module):
         """The first position of a pass whose rows all hold positions start..start+seq-1 and that
         does not read through the table (longer than PAGED_MAX_QUERIES, or no native kernels), on
         CPU; None for any other pass (rows at different positions: the gather path)."""
-        bsz, seq = input_pos.shape
+        seq = input_pos.shape[1]
         # Compiled graphs (the decode step) keep the gather path: the start is a host value.
         if (self.k.device.type != "cpu" or (self.reads_table and seq <= PAGED_MAX_QUERIES)
                 or torch.compiler.is_compiling()):
             return None
-        start = int(input_pos[0, 0])
-        want = torch.arange(start, start + seq, device=input_pos.device)
-        return start if torch.equal(input_pos, want.expand(bsz, seq)) else None
+        return prompt_start(input_pos)
 
 
 def block_bytes(model, block_size: int, dtype: torch.dtype | None = None) -> int:
