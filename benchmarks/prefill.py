@@ -123,7 +123,12 @@ def by_parts(model, table, passes, rows_blocks) -> dict:
     p = Parts()
     saved = {"linear": F.linear, "rope": llamaworks.model.apply_rotary_emb, "gather": paged.gather,
              "prefix": paged.prefix_keys}
-    F.linear = p.wrap("linear", saved["linear"], lambda x, w, *_: 2.0 * x.numel() * w.shape[0])  # 2 rows out in
+    flop = lambda x, w, *_: 2.0 * x.numel() * w.shape[0]  # noqa: E731 (2 * rows * out * in)
+    F.linear = p.wrap("linear", saved["linear"], flop)
+    # fp32 prompt products where kernels.prompt_gemm() picks oneDNN (non-Intel CPUs) go there instead
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if onednn is not None:
+        torch.ops.mkldnn._linear_pointwise = p.wrap("linear", onednn, flop)
     llamaworks.model.apply_rotary_emb = p.wrap("rope", saved["rope"])
     paged.gather = p.wrap("gather", saved["gather"])
     paged.prefix_keys = p.wrap("prefix_view_or_gather", saved["prefix"])
@@ -144,6 +149,8 @@ def by_parts(model, table, passes, rows_blocks) -> dict:
         wall = time.perf_counter() - t0
     finally:
         F.linear, llamaworks.model.apply_rotary_emb = saved["linear"], saved["rope"]
+        if onednn is not None:
+            torch.ops.mkldnn._linear_pointwise = onednn
         paged.gather, paged.prefix_keys = saved["gather"], saved["prefix"]
         for m in patched:
             for name in ("forward", "attend", "update"):

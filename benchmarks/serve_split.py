@@ -24,10 +24,11 @@ outside any step (the engine thread waiting, admission). Wrappers cost ~1 us a c
 Times are wall seconds of the engine thread (the operators run on --threads threads); the
 process's CPU seconds are recorded beside them.
 
---ab: the same workload with this session's changes off too (LLAMAWORKS_PREFILL_DOT=0: bf16
+--ab: the same workload with session 13's and 17's changes off too (LLAMAWORKS_PREFILL_DOT=0: bf16
 prefill attention widened to fp32 instead of vdpbf16ps; rope_in_one off: RoPE and the pool
-write as separate operators), --rounds rounds alternating on and off, so that both see the same
-machine drift: compare only within one run. Greedy tokens are compared (in bf16 the dot
+write as separate operators, and so a decode pass through the modules instead of one native call,
+llamaworks::decode_step_paged, which needs rope_in_one), --rounds rounds alternating on and off,
+so that both see the same machine drift: compare only within one run. Greedy tokens are compared (in bf16 the dot
 products round the probabilities, so random weights' flat logits can pick other tokens).
 JSON: benchmarks/results/serve_split.json (--output), with the machine (benchmarks/machine.py).
 """
@@ -48,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import llamaworks.model
 from llamaworks.inference import paged
+from llamaworks.inference.block import use_native_blocks
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.hugepages import use_hugepages
 from llamaworks.inference.kernels import use_native_kernels
@@ -64,7 +66,8 @@ def make_model(preset: str, dtype: torch.dtype):
     # build_model recomputes the RoPE table in fp32 after the cast, as serve's loading does
     model = build_model(ModelArgs(**PRESETS[preset]), seed=0, dtype=dtype).eval()  # serve --dtype
     fuse_projections(model)
-    use_native_kernels(model)
+    if use_native_kernels(model):
+        use_native_blocks(model)  # as load_model: a decode pass as one native call (decode_step_paged)
     use_hugepages(model)  # as load_model: the weights in 2 MiB pages (inference/hugepages.py)
     return model
 

@@ -282,3 +282,63 @@ def test_bad_steps_raise_as_the_modules_do(case):
         model.setup_caches(2, 32)
         with torch.no_grad(), pytest.raises((RuntimeError, IndexError)):
             model(tokens, pos)
+
+
+def paged_passes(model, kv_dtype=None, hidden=False, rope_in_one=True):
+    """The serving engine's passes over a paged cache (inference/paged.py): a ragged prompt pass of two
+    sequences (the modules' path, more than 8 tokens), then 5 ragged decode passes of 3 sequences at
+    their own positions, one token each; each pass's output (logits, or the normed hidden state) and
+    the pools after."""
+    from llamaworks.inference.paged import Ragged, RaggedGroup, setup_paged_caches
+
+    table = setup_paged_caches(model, 40, 4, 64, dtype=kv_dtype)
+    for layer in model.layers:
+        layer.attention.kv_cache.rope_in_one &= rope_in_one
+    g = torch.Generator().manual_seed(3)
+    n, width, size = 3, 8, 4
+    blocks = torch.arange(1, 1 + n * width).view(n, width)  # each sequence its own blocks (0 is the null block)
+    outs = []
+    with torch.no_grad():
+        # sequences 0 and 2 start with a prompt of 6 tokens; 1 decodes at positions 9.. over keys never written
+        table.blocks = blocks[[0, 2]]
+        pos = torch.arange(6).repeat(2)
+        table.ragged = Ragged(table.blocks[torch.arange(2).repeat_interleave(6), pos // size] * size + pos % size,
+                              (RaggedGroup(0, 0, 2, 6, 0),))
+        outs.append(model(torch.randint(0, 300, (1, 12), generator=g), pos.view(1, -1), return_hidden=hidden))
+        for t in range(5):
+            pos = torch.tensor([6 + t, 9 + t, 6 + t])
+            table.blocks = blocks
+            slots = blocks[torch.arange(n), pos // size] * size + pos % size
+            table.ragged = Ragged(slots, (RaggedGroup(0, 0, n, 1, None),))
+            outs.append(model(torch.randint(0, 300, (1, n), generator=g), pos.view(1, n), return_hidden=hidden))
+        table.ragged = None
+    return outs, [t for layer in model.layers for t in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+
+
+@pytest.mark.parametrize("precision,kv_dtype,hidden", [(p, None, False) for p in PRECISIONS]
+                         + [("fp32", torch.bfloat16, False), ("int4_g128", None, True)])
+def test_a_paged_decode_pass_is_one_native_call_equal_to_the_modules(precision, kv_dtype, hidden, monkeypatch):
+    # The serving engine's decode passes (one token per sequence, a paged pool) as one native call,
+    # llamaworks::decode_step_paged: logits (or the hidden state the engine takes) and pool writes equal
+    # the modules' (PagedKVCache.rope_update, paged.ragged_attention) bit for bit, for every precision and
+    # a bf16 pool under an fp32 model (serve --kv-dtype); the prompt pass keeps the modules.
+    want, want_pools = paged_passes(decode_model(precision, blocks=False), kv_dtype, hidden)
+    model = decode_model(precision, blocks=True)
+    calls = []
+    real = torch.ops.llamaworks.decode_step_paged
+    monkeypatch.setattr(torch.ops.llamaworks, "decode_step_paged", lambda *a: calls.append(a[1].shape) or real(*a))
+    got, got_pools = paged_passes(model, kv_dtype, hidden)
+    assert calls == [(1, 3)] * 5
+    for a, b in zip(want + want_pools, got + got_pools):
+        assert torch.equal(a, b)
+
+
+def test_paged_decode_steps_aside_where_it_cannot_run(monkeypatch):
+    # rope_in_one off (LLAMAWORKS_RAGGED_ROPE=0: RoPE and the pool write as separate operators): every
+    # pass through the modules, the same numbers
+    calls = []
+    real = torch.ops.llamaworks.decode_step_paged
+    monkeypatch.setattr(torch.ops.llamaworks, "decode_step_paged", lambda *a: calls.append(1) or real(*a))
+    want = paged_passes(decode_model("fp32", blocks=False))[0]
+    got = paged_passes(decode_model("fp32", blocks=True), rope_in_one=False)[0]
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(want, got))

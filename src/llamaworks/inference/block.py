@@ -37,6 +37,7 @@ from torch.nn.modules import module as nn_module
 from llamaworks.inference import native
 from llamaworks.inference.fuse import NO_ROWS, FusedAttention, FusedFeedForward
 from llamaworks.inference.kernels import NativeAttention, NativeLinear, NativeRMSNorm
+from llamaworks.inference.paged import BlockTable, PagedKVCache, kernel_dtypes
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
 from llamaworks.model import Transformer, TransformerBlock
@@ -77,6 +78,7 @@ class BlockParts(NamedTuple):
     groups: list[int]
     heads: int
     kv_heads: int
+    paged: bool  # k_cache and v_cache are a PagedKVCache's pools (the serving engine's), not a KVCache's
 
 
 def _hooked(modules) -> bool:
@@ -105,14 +107,16 @@ class NativeBlock(TransformerBlock):
                 or not (rows is None or rows.dtype == torch.long)):
             return None
         p = self.native_parts(x.dtype)
-        if p is None:
+        if p is None or p.paged:  # decode_block reads a static cache; a paged pass takes the whole step
             return None
         return (x, p.attention_norm, p.ffn_norm, p.eps, p.kinds, p.tensors, p.groups, freqs, input_pos,
                 NO_ROWS if rows is None else rows, p.k_cache, p.v_cache, mask, p.heads, p.kv_heads)
 
     def native_parts(self, dtype: torch.dtype) -> BlockParts | None:
-        """What decode_block takes of this block for activations of `dtype`, or None where a part has
-        no native kernel or a module has a forward hook."""
+        """What decode_block (a static KVCache in `dtype`) or decode_step_paged (a PagedKVCache whose
+        ragged passes run RoPE, the write and the reads in the native kernels, its pool in `dtype` or
+        bf16 under fp32) takes of this block for activations of `dtype`, or None where a part has no
+        native kernel or a module has a forward hook."""
         mods = self._modules
         att, ffn, norm1, norm2 = mods["attention"], mods["feed_forward"], mods["attention_norm"], mods["ffn_norm"]
         if not (isinstance(att, FusedAttention) and isinstance(att, NativeAttention) and type(ffn) is FusedFeedForward
@@ -122,8 +126,12 @@ class NativeBlock(TransformerBlock):
         w1, w2 = norm1._parameters["weight"], norm2._parameters["weight"]
         am, fm = att._modules, ffn._modules
         cache, projections = am.get("kv_cache"), (am["wqkv"], am["wo"], fm["w13"], fm["w2"])
-        if (w1.dtype != dtype or w2.dtype != dtype or type(cache) is not KVCache
-                or cache._buffers["k"].dtype != dtype or not native.available()
+        paged = type(cache) is PagedKVCache
+        if paged:
+            fits = cache.rope_in_one and cache.reads_table and kernel_dtypes(dtype, cache._buffers["k"].dtype)
+        else:
+            fits = type(cache) is KVCache and cache._buffers["k"].dtype == dtype
+        if (w1.dtype != dtype or w2.dtype != dtype or not fits or not native.available()
                 or _hooked((self, att, ffn, norm1, norm2, *projections))):
             return None
         parts = [projection(m) for m in projections]
@@ -131,7 +139,20 @@ class NativeBlock(TransformerBlock):
             return None
         d = att.head_dim
         return BlockParts(w1, w2, norm1.eps, cache._buffers["k"], cache._buffers["v"], [p[0] for p in parts],
-                          [t for p in parts for t in p[1]], [p[2] for p in parts], att.sizes[0] // d, att.sizes[1] // d)
+                          [t for p in parts for t in p[1]], [p[2] for p in parts], att.sizes[0] // d, att.sizes[1] // d,
+                          paged)
+
+
+def decode_pass(table: BlockTable, tokens: torch.Tensor, input_pos: torch.Tensor) -> bool:
+    """Whether a pass over a paged cache is a ragged decode pass that decode_step_paged takes: one
+    row of n tokens, each a sequence of its own (paged.Ragged with one group of n one-token runs at
+    their own positions), input_pos (1, n), the table one row per token."""
+    ragged, n = table.ragged, tokens.shape[-1]
+    if (ragged is None or tokens.shape[0] != 1 or input_pos.shape != tokens.shape or len(ragged.groups) != 1
+            or table.blocks.shape[0] != n or ragged.slots.shape != (n,)):
+        return False
+    g = ragged.groups[0]
+    return g.start is None and g.length == 1 and g.runs == n and g.first == 0 and g.row == 0
 
 
 class DecodePlan:
@@ -163,7 +184,7 @@ class NativeTransformer(Transformer):
     Anything else, and compiled graphs (which call the blocks one by one), take Transformer.forward."""
 
     def forward(self, tokens, input_pos=None, *, rows=None, doc_ids=None, return_hidden=False):
-        if (input_pos is not None and doc_ids is None and not return_hidden and not torch.is_grad_enabled()
+        if (input_pos is not None and doc_ids is None and not torch.is_grad_enabled()
                 and tokens.dim() == 2 and tokens.numel() <= native.NATIVE_MAX_ROWS and tokens.device.type == "cpu"
                 # the operators take int64 ids and positions; others (int32) take the modules, which cast them
                 and tokens.dtype == input_pos.dtype == torch.long and (rows is None or rows.dtype == torch.long)
@@ -171,7 +192,15 @@ class NativeTransformer(Transformer):
                 and not (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)):
             handle = self._decode_plan()
             if handle is not None:
-                return torch.ops.llamaworks.decode_step(handle, tokens, input_pos, NO_ROWS if rows is None else rows)
+                cache = self.__dict__["_plan"].cache
+                if type(cache) is PagedKVCache:
+                    table = cache.table
+                    if rows is None and decode_pass(table, tokens, input_pos):
+                        return torch.ops.llamaworks.decode_step_paged(handle, tokens, input_pos, table.ragged.slots,
+                                                                      table.blocks, return_hidden)
+                elif not return_hidden:
+                    rows = NO_ROWS if rows is None else rows
+                    return torch.ops.llamaworks.decode_step(handle, tokens, input_pos, rows)
         return super().forward(tokens, input_pos, rows=rows, doc_ids=doc_ids, return_hidden=return_hidden)
 
     def setup_caches(self, *args, **kwargs):
@@ -214,15 +243,16 @@ class NativeTransformer(Transformer):
         output = projection(out)
         if None in parts or output is None:
             return None
-        if {(p.eps, p.heads, p.kv_heads) for p in parts} != {(norm.eps, parts[0].heads, parts[0].kv_heads)}:
-            return None  # the plan keeps one eps and one head layout for the whole model
+        if {(p.eps, p.heads, p.kv_heads, p.paged) for p in parts} != {(norm.eps, parts[0].heads, parts[0].kv_heads,
+                                                                         parts[0].paged)}:
+            return None  # the plan keeps one eps, one head layout and one kind of cache for the whole model
         tensors = [w, norm._parameters["weight"], self._buffers["freqs_cis"]]
         tensors += [t for p in parts for t in (p.attention_norm, p.ffn_norm, p.k_cache, p.v_cache)]
         tensors += [t for p in parts for t in p.tensors] + list(output[1])
         kinds = [k for p in parts for k in p.kinds] + [output[0]]
         groups = [g for p in parts for g in p.groups] + [output[2]]
-        return torch.ops.llamaworks.decode_plan(tensors, [len(blocks), parts[0].heads, parts[0].kv_heads, *kinds,
-                                                          *groups], norm.eps)
+        meta = [len(blocks), parts[0].heads, parts[0].kv_heads, int(parts[0].paged), *kinds, *groups]
+        return torch.ops.llamaworks.decode_plan(tensors, meta, norm.eps)
 
 
 def use_native_blocks(model: nn.Module) -> int:

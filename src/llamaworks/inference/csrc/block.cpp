@@ -54,6 +54,8 @@ struct Ops {
   c10::TypedOperatorHandle<T(CT, CT, CT, CT, T, T, int64_t, int64_t)> rope_cache =
       op<T(CT, CT, CT, CT, T, T, int64_t, int64_t)>("llamaworks::rope_cache");
   c10::TypedOperatorHandle<T(CT, CT, CT, CT)> attention = op<T(CT, CT, CT, CT)>("llamaworks::decode_attention");
+  c10::TypedOperatorHandle<T(CT, CT, CT, CT, CT)> paged_attention =
+      op<T(CT, CT, CT, CT, CT)>("llamaworks::paged_attention");
 };
 
 const Ops& ops() {
@@ -103,17 +105,44 @@ void read_projections(at::IntArrayRef kinds, at::IntArrayRef groups, at::TensorL
   }
 }
 
-// TransformerBlock.forward for decode rows (the header's formula). Runs below the autograd keys.
-T block(const Block& b, CT x, double eps, CT freqs, CT input_pos, CT rows, CT mask, int64_t H, int64_t Hkv) {
+// Where a step's keys and values live, and what its attention reads. A static cache (B, Hkv, L, D) per
+// layer: positions input_pos (B, S), cache rows `rows` (empty: 0..B-1), the mask (B or 1, 1, S, L). Or a
+// paged pool (Hkv, num_blocks, block_size, D) per layer (inference/paged.py), a ragged decode pass of n
+// tokens in one row (B = 1, S = n, one token a sequence): each token's pool slot `slots` (n, 1), its
+// sequence's table row `blocks` (n, width), its position `pos` (n, 1), and `row0` (n,) zeros.
+struct StepAttention {
+  bool paged = false;
+  T input_pos, rows, mask;
+  T slots, blocks, pos, row0;
+};
+
+// RoPE, the cache write and attention: qkv (B, S, (H + 2 Hkv) * D) -> (B, S, H * D).
+T attend(const Block& b, CT qkv, CT freqs, const StepAttention& a, int64_t H, int64_t Hkv) {
   const Ops& o = ops();
-  const int64_t B = x.size(0), S = x.size(1);
-  // Attention (FusedAttention.forward with NativeAttention.attend)
+  const int64_t B = qkv.size(0), S = qkv.size(1);
+  if (a.paged) {
+    // PagedKVCache.rope_update and paged.ragged_attention's one-group decode pass: the pool seen as one
+    // cache row of num_blocks * block_size positions, each token a sequence of its own at its slot.
+    const int64_t D = b.k_cache.size(3), n = B * S;
+    const T k = b.k_cache.view({1, Hkv, -1, D}), v = b.v_cache.view({1, Hkv, -1, D});
+    const T q = o.rope_cache.call(qkv.view({n, 1, -1}), freqs.view({n, 1, D / 2, 2}), a.slots, a.row0, k, v, H,
+                                  Hkv);  // (n, H, 1, D)
+    // (n, H, 1, D), token-major: read as (B, S, H * D) without a copy
+    return o.paged_attention.call(q, b.k_cache, b.v_cache, a.blocks, a.pos).view({B, S, -1});
+  }
+  const T q = o.rope_cache.call(qkv, freqs, a.input_pos, a.rows, b.k_cache, b.v_cache, H, Hkv);  // (B, H, S, D)
+  const bool all_rows = a.rows.numel() == 0;
+  const T k = all_rows ? b.k_cache.narrow(0, 0, B) : b.k_cache.index_select(0, a.rows);  // (B, Hkv, L, D)
+  const T v = all_rows ? b.v_cache.narrow(0, 0, B) : b.v_cache.index_select(0, a.rows);
+  return o.attention.call(q, k, v, a.mask).transpose(1, 2).reshape({B, S, -1});  // (B, S, H * D)
+}
+
+// TransformerBlock.forward for decode rows (the header's formula). Runs below the autograd keys.
+T block(const Block& b, CT x, double eps, CT freqs, const StepAttention& a, int64_t H, int64_t Hkv) {
+  const Ops& o = ops();
+  // Attention (FusedAttention.forward with NativeAttention.attend, or PagedAttention's ragged read)
   const T qkv = linear(b.p[0], o.rms_norm.call(x, b.attention_norm, eps));
-  const T q = o.rope_cache.call(qkv, freqs, input_pos, rows, b.k_cache, b.v_cache, H, Hkv);  // (B, H, S, D)
-  const bool all_rows = rows.numel() == 0;
-  const T k = all_rows ? b.k_cache.narrow(0, 0, B) : b.k_cache.index_select(0, rows);  // (B, Hkv, L, D)
-  const T v = all_rows ? b.v_cache.narrow(0, 0, B) : b.v_cache.index_select(0, rows);
-  const T att = o.attention.call(q, k, v, mask).transpose(1, 2).reshape({B, S, -1});  // (B, S, H * D)
+  const T att = attend(b, qkv, freqs, a, H, Hkv);  // (B, S, H * D)
   // The residual adds in place on the products' fresh outputs (x + y and y + x round alike): no new tensor.
   const T h = linear(b.p[1], att).add_(x);
   // SwiGLU (FusedFeedForward.forward): w2(silu(a) * b)
@@ -139,7 +168,11 @@ T decode_block(CT x, CT attention_norm, CT ffn_norm, double eps, at::IntArrayRef
   // The inner calls skip the autograd keys (nothing here records gradients: NativeBlock calls this without
   // them), a few us of dispatch spared on each of the block's ~20 calls.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return block(b, x, eps, freqs, input_pos, rows, mask, H, Hkv);
+  StepAttention a;
+  a.input_pos = input_pos;
+  a.rows = rows;
+  a.mask = mask;
+  return block(b, x, eps, freqs, a, H, Hkv);
 }
 
 // decode_plan / decode_step / decode_plan_free: a whole decode step (Transformer.forward with input_pos,
@@ -150,6 +183,7 @@ struct Plan {
   at::Tensor embedding, norm, freqs;  // tok_embeddings.weight (V, dim), norm.weight, freqs_cis (P, D/2, 2)
   double eps = 1e-6;
   int64_t H = 0, Hkv = 0;
+  bool paged = false;  // the blocks' caches are paged pools (decode_step_paged), else static (decode_step)
   std::vector<Block> blocks;
   std::vector<at::Tensor> weights;  // every projection's tensors: the Proj pointers point into it
   Proj output;
@@ -159,14 +193,16 @@ std::mutex plans_lock;
 std::unordered_map<int64_t, std::shared_ptr<Plan>> plans;
 int64_t next_plan = 1;
 
-// tensors: embedding, norm, freqs, then per block attention_norm, ffn_norm, k_cache, v_cache, then every
-// projection's tensors (block by block, wqkv wo w13 w2, then the output layer's). meta: n_layers, n_heads,
-// n_kv_heads, then kinds (4 per block, then the output's), then as many group sizes.
+// tensors: embedding, norm, freqs, then per block attention_norm, ffn_norm, k_cache, v_cache (paged: the
+// key and value pools), then every projection's tensors (block by block, wqkv wo w13 w2, then the output
+// layer's). meta: n_layers, n_heads, n_kv_heads, paged (0 or 1), then kinds (4 per block, then the
+// output's), then as many group sizes.
 int64_t decode_plan(at::TensorList tensors, at::IntArrayRef meta, double eps) {
-  TORCH_CHECK(meta.size() >= 3, "llamaworks decode_plan: meta starts with n_layers, n_heads, n_kv_heads");
+  TORCH_CHECK(meta.size() >= 4, "llamaworks decode_plan: meta starts with n_layers, n_heads, n_kv_heads, paged");
   const int64_t L = meta[0], n = 4 * L + 1;
-  TORCH_CHECK(L >= 0 && static_cast<int64_t>(meta.size()) == 3 + 2 * n, "llamaworks decode_plan: meta must hold ",
-              3 + 2 * n, " values for ", L, " layers, got ", meta.size());
+  TORCH_CHECK(L >= 0 && static_cast<int64_t>(meta.size()) == 4 + 2 * n, "llamaworks decode_plan: meta must hold ",
+              4 + 2 * n, " values for ", L, " layers, got ", meta.size());
+  TORCH_CHECK(meta[3] == 0 || meta[3] == 1, "llamaworks decode_plan: paged must be 0 or 1, got ", meta[3]);
   TORCH_CHECK(static_cast<int64_t>(tensors.size()) >= 3 + 4 * L, "llamaworks decode_plan: ", tensors.size(),
               " tensors for ", L, " layers");
   auto plan = std::make_shared<Plan>();
@@ -176,7 +212,8 @@ int64_t decode_plan(at::TensorList tensors, at::IntArrayRef meta, double eps) {
   plan->eps = eps;
   plan->H = meta[1];
   plan->Hkv = meta[2];
-  const at::IntArrayRef kinds = meta.slice(3, n), groups = meta.slice(3 + n, n);
+  plan->paged = meta[3] == 1;
+  const at::IntArrayRef kinds = meta.slice(4, n), groups = meta.slice(4 + n, n);
   plan->weights.assign(tensors.begin() + 3 + 4 * L, tensors.end());
   plan->blocks.resize(L);
   int64_t used = 0;
@@ -201,30 +238,70 @@ void decode_plan_free(int64_t id) {
   plans.erase(id);
 }
 
+std::shared_ptr<Plan> find_plan(int64_t id, bool paged, const char* what) {
+  std::lock_guard<std::mutex> guard(plans_lock);
+  auto it = plans.find(id);
+  TORCH_CHECK(it != plans.end(), "llamaworks ", what, ": no plan ", id, " (freed, or never made)");
+  TORCH_CHECK(it->second->paged == paged, "llamaworks ", what, ": plan ", id, " was made over ",
+              paged ? "static caches" : "paged pools");
+  return it->second;
+}
+
+// The embedding, every block, the final norm; then the output layer's fp32 logits, or (hidden) the
+// normed hidden state in the model's dtype, as Transformer.forward(..., return_hidden=True) returns it.
+T run_step(const Plan& plan, CT tokens, CT input_pos, const StepAttention& a, bool hidden) {
+  const int64_t B = tokens.size(0), S = tokens.size(1);
+  T h = plan.embedding.index_select(0, tokens.reshape({-1})).view({B, S, -1});  // (B, S, dim); checks the ids' range
+  const T freqs = plan.freqs.index_select(0, input_pos.reshape({-1})).view({B, S, plan.freqs.size(1), 2});
+  for (const Block& b : plan.blocks) h = block(b, h, plan.eps, freqs, a, plan.H, plan.Hkv);
+  h = ops().rms_norm.call(h, plan.norm, plan.eps);
+  return hidden ? h : linear(plan.output, h).to(at::kFloat);
+}
+
+void check_tokens(CT tokens, const char* what) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) * tokens.size(1) <= 8 && tokens.scalar_type() == at::kLong,
+              "llamaworks ", what, ": tokens must be int64 (B, S) with B * S <= 8, got ", tokens.sizes());
+}
+
 // tokens (B, S) int64, B * S <= 8; input_pos (B, S) or (S,) int64; rows (B,) int64 or empty -> logits
 // (B, S, V) fp32, equal to Transformer.forward's over the plan's modules.
 T decode_step(int64_t id, CT tokens, CT input_pos_in, CT rows) {
-  std::shared_ptr<Plan> plan;
-  {
-    std::lock_guard<std::mutex> guard(plans_lock);
-    auto it = plans.find(id);
-    TORCH_CHECK(it != plans.end(), "llamaworks decode_step: no plan ", id, " (freed, or never made)");
-    plan = it->second;
-  }
-  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) * tokens.size(1) <= 8 && tokens.scalar_type() == at::kLong,
-              "llamaworks decode_step: tokens must be int64 (B, S) with B * S <= 8, got ", tokens.sizes());
+  const std::shared_ptr<Plan> plan = find_plan(id, false, "decode_step");
+  check_tokens(tokens, "decode_step");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Ops& o = ops();
   const int64_t B = tokens.size(0), S = tokens.size(1);
-  const T input_pos = (input_pos_in.dim() == 1 ? input_pos_in.expand({B, S}) : input_pos_in).contiguous();
-  const T flat = tokens.reshape({-1});
-  T h = plan->embedding.index_select(0, flat).view({B, S, -1});  // (B, S, dim); checks the ids' range
-  const T freqs = plan->freqs.index_select(0, input_pos.reshape({-1})).view({B, S, plan->freqs.size(1), 2});
+  StepAttention a;
+  a.input_pos = (input_pos_in.dim() == 1 ? input_pos_in.expand({B, S}) : input_pos_in).contiguous();
+  a.rows = rows;
   const int64_t L = plan->blocks.empty() ? 0 : plan->blocks[0].k_cache.size(2);
-  const T mask = at::arange(L, input_pos.options()).view({1, 1, 1, L}).le(input_pos.view({B, 1, S, 1}));
-  for (const Block& b : plan->blocks) h = block(b, h, plan->eps, freqs, input_pos, rows, mask, plan->H, plan->Hkv);
-  h = o.rms_norm.call(h, plan->norm, plan->eps);
-  return linear(plan->output, h).to(at::kFloat);
+  a.mask = at::arange(L, a.input_pos.options()).view({1, 1, 1, L}).le(a.input_pos.view({B, 1, S, 1}));
+  return run_step(*plan, tokens, a.input_pos, a, false);
+}
+
+// A ragged decode pass over paged pools (the serving engine's step when every row decodes one token):
+// tokens and input_pos (1, n) int64, n <= 8, a sequence per token; slots (n,) each token's pool slot
+// (block * block_size + offset); blocks (n, width) each token's sequence's table row -> logits (1, n, V)
+// fp32, or the normed hidden state (hidden), equal to Transformer.forward's over the plan's modules
+// with the table's Ragged layout of one group of one-token runs.
+T decode_step_paged(int64_t id, CT tokens, CT input_pos, CT slots, CT blocks, bool hidden) {
+  const std::shared_ptr<Plan> plan = find_plan(id, true, "decode_step_paged");
+  check_tokens(tokens, "decode_step_paged");
+  const int64_t n = tokens.numel();
+  TORCH_CHECK(tokens.size(0) == 1 && input_pos.sizes() == tokens.sizes() && input_pos.scalar_type() == at::kLong,
+              "llamaworks decode_step_paged: tokens and input_pos must both be int64 (1, n), got ", tokens.sizes(),
+              " and ", input_pos.sizes());
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == n && slots.scalar_type() == at::kLong && blocks.dim() == 2 &&
+                  blocks.size(0) == n && blocks.scalar_type() == at::kLong,
+              "llamaworks decode_step_paged: slots (n,) and blocks (n, width) int64 for n = ", n, " tokens, got ",
+              slots.sizes(), " and ", blocks.sizes());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  StepAttention a;
+  a.paged = true;
+  a.slots = slots.view({n, 1});
+  a.blocks = blocks;
+  a.pos = input_pos.contiguous().view({n, 1});
+  a.row0 = at::zeros({1}, slots.options()).expand({n});
+  return run_step(*plan, tokens, a.pos, a, hidden);
 }
 
 }  // namespace
@@ -234,6 +311,8 @@ TORCH_LIBRARY_FRAGMENT(llamaworks, m) {
         "int[] group_sizes, Tensor freqs, Tensor input_pos, Tensor rows, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor mask, int n_heads, int n_kv_heads) -> Tensor");
   m.def("decode_step(int plan, Tensor tokens, Tensor input_pos, Tensor rows) -> Tensor");
+  m.def("decode_step_paged(int plan, Tensor tokens, Tensor input_pos, Tensor slots, Tensor blocks, bool hidden) -> "
+        "Tensor");
   m.def("decode_plan(Tensor[] tensors, int[] meta, float eps) -> int", &decode_plan);
   m.def("decode_plan_free(int plan) -> ()", &decode_plan_free);
 }
@@ -241,4 +320,5 @@ TORCH_LIBRARY_FRAGMENT(llamaworks, m) {
 TORCH_LIBRARY_IMPL(llamaworks, CPU, m) {
   m.impl("decode_block", &decode_block);
   m.impl("decode_step", &decode_step);
+  m.impl("decode_step_paged", &decode_step_paged);
 }
