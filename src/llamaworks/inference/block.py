@@ -17,8 +17,10 @@ It applies where every part of the block has its native kernel: q/k/v and w1/w3 
 (fuse.py), native decode attention and norms and native projections (kernels.use_native_kernels;
 int8 and int4 layers with their native layouts), a static KVCache in the activations' dtype, no
 gradient, at most NATIVE_MAX_ROWS rows (batch-1 to batch-8 decode, short speculative
-verifications), and no forward hooks on the block's modules. Anything else (prefill, training, a
-paged cache, LoRA-adapted or sharded projections) takes the modules' path, decided per call.
+verifications), and no forward hooks on the block's modules. The serving engine's decode passes over
+its paged pools (paged.Ragged: one token per sequence) run as llamaworks::decode_step_paged over the
+same kind of plan, made over the pools. Anything else (prefill, training, a prompt's ragged pass,
+LoRA-adapted or sharded projections) takes the modules' path, decided per call.
 Compiled decode steps (generate --compile) call it too, as one extern kernel per block between
 inductor's fused code (the embedding, mask, final norm, sampling): inductor writes the caches in
 place (decode_block's schema marks them mutated; no copy, checked in tests/inference/test_block.py).
@@ -181,7 +183,10 @@ class NativeTransformer(Transformer):
     (NativeBlock.native_parts), no forward hook on any module; per call: no global forward hooks,
     gradients off, the same caches and RoPE table. So a change of the model's modules between two
     steps over the same caches (fuse.unfuse, LoRA, a hook) takes effect at the next setup_caches.
-    Anything else, and compiled graphs (which call the blocks one by one), take Transformer.forward."""
+    Over a paged cache (the serving engine's, inference/paged.py) the plan holds the pools and a ragged
+    decode pass (decode_pass) runs as llamaworks::decode_step_paged, returning the logits or, for the
+    engine's picks, the normed hidden state (return_hidden). Anything else, and compiled graphs (which
+    call the blocks one by one), take Transformer.forward."""
 
     def forward(self, tokens, input_pos=None, *, rows=None, doc_ids=None, return_hidden=False):
         if (input_pos is not None and doc_ids is None and not torch.is_grad_enabled()
@@ -259,8 +264,8 @@ def use_native_blocks(model: nn.Module) -> int:
     """Make every TransformerBlock of `model` a NativeBlock and a Transformer a NativeTransformer in
     place (the class changes, nothing else); returns how many blocks. A no-op returning 0 without
     the native kernels. Meant for load time, after fusion and use_native_kernels; whether a call runs
-    natively is decided per call (per cache for the whole step), so later changes (unfuse, LoRA, a
-    paged cache) only send it down the modules' path."""
+    natively is decided per call (per cache for the whole step), so later changes (unfuse, LoRA) only
+    send it down the modules' path."""
     if not native.available():
         return 0
     n = 0
