@@ -187,7 +187,7 @@ def measure_decode(device: torch.device, preset: str, prompt: int, new: int, com
         _sync(device)
         t0 = time.perf_counter()
         n = 0
-        for toks, _ in generate_ids(model, ids, new, temperature=0.0, compile=compile, stats=stats):
+        for toks, _ in generate_ids(model, ids, new, temperature=0.0, compile=compile, stats=stats, logprobs=False):
             n += toks.shape[1]  # each chunk holds the tokens since the previous one
         _sync(device)
         assert n == new, (n, new)

@@ -43,6 +43,7 @@ from machine import add_label_argument, machine_record, write_result
 
 import llamaworks.model
 from llamaworks.inference import paged
+from llamaworks.inference.block import use_native_blocks
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_bf16_prefill, use_native_kernels
 from llamaworks.inference.threads import run_in_own_thread
@@ -59,7 +60,8 @@ def make_model(preset: str, bf16: bool = False, dtype: torch.dtype = torch.float
     # build_model recomputes the RoPE table in fp32 after the cast, as serve's loading does
     model = build_model(ModelArgs(**LOCAL_PRESETS[preset]), seed=0, dtype=dtype).eval()  # serve --dtype
     fuse_projections(model)
-    use_native_kernels(model)
+    if use_native_kernels(model):
+        use_native_blocks(model)  # as load_model: decode passes as one call, prompts' products as serve runs them
     if bf16:  # serve --prefill-bf16
         use_bf16_prefill(model)
     return model

@@ -338,7 +338,7 @@ def answer(model, tokenizer, template: ChatTemplate, prompts: list[str], max_new
     ids = [encode_chat(tokenizer, template, [{"role": "user", "content": p}]) for p in prompts]
     stops = tokenizer_stop_ids(tokenizer) | frozenset(stop_token_ids(tokenizer, template))
     rows = CompletionBuilder(tokenizer, ids, (), None, stop_ids=stops)
-    for chunk, _ in generate_ids(model, ids, max_new_tokens, temperature=0.0, stop_ids=stops):
+    for chunk, _ in generate_ids(model, ids, max_new_tokens, temperature=0.0, stop_ids=stops, logprobs=False):
         for i, row in enumerate(chunk.tolist()):
             rows.take(i, row)
     return [rows.completion(i).text.strip() for i in range(len(prompts))]

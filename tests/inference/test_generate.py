@@ -134,6 +134,16 @@ def test_compiled_decode_step_gives_the_same_tokens(model):
     assert compiled == eager
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_generation_without_logprobs_yields_none_and_the_same_tokens(model, compile):
+    # logprobs=False skips the log-softmax a step (the decode benchmark's and the CLI's plain generation)
+    prompts = [[1, 37, 99, 250], [1, 5]]
+    want, _ = run_ids(model, prompts, 9, temperature=0.0, sync_every=4)
+    chunks = list(generate_ids(model, prompts, 9, temperature=0.0, sync_every=4, logprobs=False, compile=compile))
+    assert all(lp is None for _, lp in chunks) and [c[0].shape[1] for c in chunks] == [1, 4, 4]
+    assert torch.cat([c[0] for c in chunks], 1).tolist() == want
+
+
 def test_compiled_prefill_gives_the_same_tokens(model):
     pytest.importorskip("torch._dynamo")
     prompts = [[1, 37, 99, 250], [1, 5, 6, 7, 8, 9, 10]]  # different lengths: dynamic shapes

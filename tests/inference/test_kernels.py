@@ -609,10 +609,10 @@ def test_prompt_gemm_choice_follows_the_vendor_and_the_setting():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 def test_prompt_products_through_onednn_equal_f_linear(monkeypatch, native_lib):
-    # Many-row fp32 products at inference (NativeLinear's prompts, Int8Linear's and Int4Linear's
-    # widened weights) take the library set_prompt_gemm picks: the same product up to fp32 summation
-    # order, for 2-D, 3-D and non-contiguous activations; decode rows keep the native kernels and
-    # gradients keep F.linear (oneDNN's linear has no derivative).
+    # Many-row fp32 products in passes over a KV cache (kernels.cache_pass: NativeLinear's prompts,
+    # Int8Linear's and Int4Linear's widened weights) take the library set_prompt_gemm picks: the same
+    # product up to fp32 summation order, for 2-D, 3-D and non-contiguous activations; plain forwards,
+    # decode rows (the native kernels) and gradients (oneDNN's linear has no derivative) do not.
     from llamaworks.inference import kernels
 
     g = torch.Generator().manual_seed(5)
@@ -626,9 +626,12 @@ def test_prompt_products_through_onednn_equal_f_linear(monkeypatch, native_lib):
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
     try:
         want = {}
+        with torch.no_grad():  # outside a pass over a KV cache: F.linear, whatever the choice
+            kernels.set_prompt_gemm("onednn")
+            assert torch.equal(layer(x), F.linear(x, w)) and calls == []
         for name in ("torch", "onednn"):
             assert kernels.set_prompt_gemm(name) == name
-            with torch.no_grad():
+            with torch.no_grad(), kernels.cache_pass():
                 for a in (x, x[0], x.transpose(0, 1)):
                     close(layer(a), F.linear(a, w))
                 for mode, q in models.items():
@@ -636,7 +639,8 @@ def test_prompt_products_through_onednn_equal_f_linear(monkeypatch, native_lib):
                     close(q(x), want[mode])
                 layer(x[:, :1])  # decode rows: the native kernels
             assert len(calls) == (0 if name == "torch" else 5), calls
-        out = layer(x.clone().requires_grad_())  # autograd: F.linear, whatever the choice
+        with kernels.cache_pass():
+            out = layer(x.clone().requires_grad_())  # autograd: F.linear, whatever the choice
         assert out.requires_grad and len(calls) == 5
     finally:
         kernels.set_prompt_gemm(None)

@@ -38,7 +38,7 @@ from torch.nn.modules import module as nn_module
 
 from llamaworks.inference import native
 from llamaworks.inference.fuse import NO_ROWS, FusedAttention, FusedFeedForward
-from llamaworks.inference.kernels import NativeAttention, NativeLinear, NativeRMSNorm
+from llamaworks.inference.kernels import NativeAttention, NativeLinear, NativeRMSNorm, cache_pass
 from llamaworks.inference.paged import BlockTable, PagedKVCache, kernel_dtypes
 from llamaworks.inference.quant import Int4Linear, Int8Linear
 from llamaworks.kvcache import KVCache
@@ -206,7 +206,10 @@ class NativeTransformer(Transformer):
                 elif not return_hidden:
                     rows = NO_ROWS if rows is None else rows
                     return torch.ops.llamaworks.decode_step(handle, tokens, input_pos, rows)
-        return super().forward(tokens, input_pos, rows=rows, doc_ids=doc_ids, return_hidden=return_hidden)
+        if input_pos is None:
+            return super().forward(tokens, input_pos, rows=rows, doc_ids=doc_ids, return_hidden=return_hidden)
+        with cache_pass():  # a prompt over the cache: its fp32 products may take oneDNN (kernels.prompt_linear)
+            return super().forward(tokens, input_pos, rows=rows, doc_ids=doc_ids, return_hidden=return_hidden)
 
     def setup_caches(self, *args, **kwargs):
         self.__dict__.pop("_plan", None)  # the plan holds the old caches: freed with them, not at the next step

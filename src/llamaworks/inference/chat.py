@@ -82,7 +82,8 @@ class ChatSession:
                                     stop_ids=self.stop_ids)
         try:
             for chunk, _ in generate_ids(self.model, [ids], self.max_new_tokens, temperature=self.temperature,
-                                         top_p=self.top_p, stop_ids=self.stop_ids, seed=self.seed, sync_every=1):
+                                         top_p=self.top_p, stop_ids=self.stop_ids, seed=self.seed, sync_every=1,
+                                         logprobs=False):
                 builder.take(0, chunk[0].tolist())
                 if builder.finished[0]:
                     break

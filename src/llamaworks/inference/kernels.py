@@ -4,7 +4,9 @@ route float products to them (NativeLinear, GemvLinear)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +51,32 @@ def bf16_matmul() -> bool:
     return has_amx() or bool(probe and probe())
 
 
-# Who multiplies fp32 products of many rows (prefill, batches above the native kernels' rows) at
-# inference: "onednn" (torch.ops.mkldnn._linear_pointwise, oneDNN's JIT GEMM, the library torch
-# already calls for bf16) or "torch" (F.linear: MKL's sgemm in torch's x86 wheels). MKL picks its
-# code by CPU vendor and takes a generic path on AMD: there oneDNN is 1.1-1.6x faster at small's and
-# A's prompt shapes and 1.7-3.9x at B's (2 threads, Zen 4, benchmarks/prompt_gemm.py), so a
-# 128-token prefill of config B takes 1.7 s instead of 2.7-3.0 s. On Intel MKL is Intel's own tuned
-# path (and what inductor picks for fp32 linears): kept. LLAMAWORKS_PROMPT_GEMM=onednn|torch overrides.
+# Who multiplies fp32 products of many rows in passes over a KV cache (prefill, the serving engine's
+# passes above the native kernels' rows): "onednn" (torch.ops.mkldnn._linear_pointwise, oneDNN's JIT
+# GEMM, the library torch already calls for bf16) or "torch" (F.linear: MKL's sgemm in torch's x86
+# wheels). MKL picks its code by CPU vendor and takes a generic path on AMD: there oneDNN is 1.2-1.6x
+# faster at small's, A's and base's prompt shapes and 1.6-4.1x at B's and at 9-32 rows (2 threads, Zen 4,
+# benchmarks/prompt_gemm.py), so a 128-token prefill of config B takes 1.6 s instead of 2.8 s. On Intel
+# MKL is Intel's own tuned path (and what inductor picks for fp32 linears): kept.
+# LLAMAWORKS_PROMPT_GEMM=onednn|torch overrides.
 PROMPT_GEMMS = ("onednn", "torch")
 _prompt_gemm: list[str] = []  # the decision, made once
+# Whether this thread runs a pass over a KV cache (cache_pass): only those take the library above. A
+# plain forward (scoring, a loaded model checked against the one saved) keeps F.linear's bits exactly.
+_cache_pass = threading.local()
+
+
+@contextlib.contextmanager
+def cache_pass():
+    """Mark the passes run inside as passes over a KV cache (a prompt's prefill, the serving engine's
+    passes), whose fp32 products of many rows prompt_linear may run in oneDNN (NativeTransformer.forward
+    enters it whenever input_pos is given)."""
+    before = getattr(_cache_pass, "on", False)
+    _cache_pass.on = True
+    try:
+        yield
+    finally:
+        _cache_pass.on = before
 
 
 def cpu_vendor() -> str:
@@ -103,11 +122,11 @@ def prompt_gemm() -> str:
 
 def prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w.T without bias at inference, through the library prompt_gemm() picks where x and w are
-    fp32 CPU tensors, eager and with no gradient to record (oneDNN's linear has no derivative;
-    compiled graphs keep F.linear for inductor); F.linear otherwise. The same product to fp32
-    rounding (another summation order)."""
+    fp32 CPU tensors, in a pass over a KV cache (cache_pass), eager and with no gradient to record
+    (oneDNN's linear has no derivative; compiled graphs keep F.linear for inductor); F.linear
+    otherwise. The same product to fp32 rounding (another summation order)."""
     if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
-            and x.dim() >= 2 and not torch.compiler.is_compiling()
+            and x.dim() >= 2 and getattr(_cache_pass, "on", False) and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and prompt_gemm() == "onednn"):
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
