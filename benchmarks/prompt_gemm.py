@@ -27,6 +27,7 @@ from decode import CONFIGS, decode_copy, quantized_copy  # benchmarks/ is on sys
 from machine import add_label_argument, machine_record, write_result
 
 from llamaworks.inference import kernels
+from llamaworks.inference.block import use_native_blocks
 from llamaworks.inference.fuse import fuse_projections
 from llamaworks.inference.kernels import use_native_kernels
 from llamaworks.model import ModelArgs, build_model
@@ -91,7 +92,8 @@ def prefill_rows(configs, precisions, prompt_len, repeats) -> list[dict]:
             else:  # as decode.py's integer rows and load_model: quantised, fused, native kernels
                 model = quantized_copy(base, precision)
                 fuse_projections(model)
-                use_native_kernels(model)
+                if use_native_kernels(model):
+                    use_native_blocks(model)  # as load_model (its prompts run inside kernels.cache_pass)
             model.setup_caches(1, prompt_len)
             tokens = torch.randint(3, base.args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
             pos = torch.arange(prompt_len)
