@@ -16,7 +16,7 @@ from llamaworks.inference.fuse import fuse_projections, unfuse
 from llamaworks.inference.generate import generate_ids
 from llamaworks.inference.kernels import use_native_kernels
 from llamaworks.inference.quant import Int4Linear, quantize_model
-from llamaworks.model import ModelArgs, Transformer, TransformerBlock, build_model
+from llamaworks.model import ModelArgs, TransformerBlock, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread", "native_lib")
 
@@ -41,10 +41,14 @@ def decode_model(precision: str, blocks: bool, whole_step: bool = True):
         m.to(dtype).init_rope()
     fuse_projections(m)
     use_native_kernels(m)
-    if blocks:
-        assert use_native_blocks(m) == ARGS["n_layers"] and type(m) is NativeTransformer
-        if not whole_step:
-            m.__class__ = Transformer  # the blocks one call each, from model.py's forward
+    # A NativeTransformer either way, as load_model makes it: its passes over a cache run their prompt
+    # products in the library kernels.prompt_gemm picks (kernels.cache_pass), so both sides prefill alike.
+    assert use_native_blocks(m) == ARGS["n_layers"] and type(m) is NativeTransformer
+    if not blocks:
+        for layer in m.layers:
+            layer.__class__ = TransformerBlock  # the modules' blocks: no plan, Transformer.forward
+    elif not whole_step:
+        m._make_plan = lambda: None  # no whole-step plan: the blocks one call each, from model.py's forward
     return m
 
 
