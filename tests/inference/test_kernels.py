@@ -644,3 +644,28 @@ def test_prompt_products_through_onednn_equal_f_linear(monkeypatch, native_lib):
         assert out.requires_grad and len(calls) == 5
     finally:
         kernels.set_prompt_gemm(None)
+
+
+def test_a_compiled_pass_over_the_cache_does_not_guard_on_the_eager_passes_flag():
+    # NativeTransformer.forward enters cache_pass whenever positions are given, compiled decode steps
+    # included: tracing it must not guard on the thread's flag, which the engine's first eager
+    # prefill sets (a guard on it recompiled the serving engine's decode step: a second graph).
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from llamaworks.inference import kernels
+
+    def step(x):
+        with kernels.cache_pass():
+            return x * 2 + 1
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend="eager")
+    x = torch.ones(3)
+    assert torch.equal(compiled(x), x * 3)
+    with kernels.cache_pass():  # an eager prefill between two steps
+        pass
+    assert torch.equal(compiled(x), x * 3)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

@@ -70,7 +70,11 @@ _cache_pass = threading.local()
 def cache_pass():
     """Mark the passes run inside as passes over a KV cache (a prompt's prefill, the serving engine's
     passes), whose fp32 products of many rows prompt_linear may run in oneDNN (NativeTransformer.forward
-    enters it whenever input_pos is given)."""
+    enters it whenever input_pos is given). Nothing under torch.compile: compiled graphs keep F.linear,
+    and a guard on the thread's flag would recompile the decode step after the first eager prefill."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     before = getattr(_cache_pass, "on", False)
     _cache_pass.on = True
     try:
@@ -126,7 +130,7 @@ def prompt_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     (oneDNN's linear has no derivative; compiled graphs keep F.linear for inductor); F.linear
     otherwise. The same product to fp32 rounding (another summation order)."""
     if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
-            and x.dim() >= 2 and getattr(_cache_pass, "on", False) and not torch.compiler.is_compiling()
+            and x.dim() >= 2 and not torch.compiler.is_compiling() and getattr(_cache_pass, "on", False)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and prompt_gemm() == "onednn"):
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
