@@ -93,10 +93,26 @@ def test_property_the_fast_path_parses_as_json(line):
     b'{"text": NaN}', b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "\\ud800"}', b'{"text": "a"} x',
     b'{"text": "\x01"}', b'{"text": "\xed\xa0\x80"}', b'[' * 5000 + b']' * 5000, b'"just a string"',
     b'{"id": 20000000000000000000, "text": "x"}', b'{"id": -9223372036854775809}',  # orjson: floats; json: ints
+    b'{"meta": {"ids": [1, [{"n": 20000000000000000000}]]}, "text": "x"}',  # nested
+    b'{"text": "call 12345678901234567890123", "score": 1.5}',  # a float and a digit run in the text
+    b'[' * 1000 + b'1e999' + b']' * 1000 + b'\n',  # orjson's deepest value, an infinite float in it
 ])
 def test_the_fast_path_gives_jsons_objects_and_errors(line):
     a, b = parsed(line, True), parsed(line, False)
     assert a[0] == b[0] and (same(a[1], b[1]) if a[0] == "ok" else a[1] == b[1]), (a, b)
+
+
+def test_a_records_digits_do_not_send_it_to_json(monkeypatch):
+    # A document with a run of 19 digits in its text (phone numbers, hashes, tables) and no float
+    # stays on orjson: json is asked only where orjson made a float that could be a long integer.
+    def refuse(line):
+        raise AssertionError(f"json.loads called on {line!r}")
+
+    monkeypatch.setattr(json, "loads", refuse)
+    line = b'{"id": "a", "text": "card 1234567890123456789012 and 20000000000000000000", "n": [1, 2]}\n'
+    assert parse_line("f.jsonl", 1, line)["text"].startswith("card 1234567890123456789012")
+    with pytest.raises(AssertionError, match="json.loads called"):
+        parse_line("f.jsonl", 2, b'{"id": 20000000000000000000, "text": "x"}\n')
 
 
 def test_the_fast_path_can_be_turned_off(monkeypatch):
