@@ -285,6 +285,23 @@ def test_workers_give_identical_shards(tmp_path, tok):
             assert (tmp_path / "w1" / s["file"]).read_bytes() == (tmp_path / "w2" / s["file"]).read_bytes()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_document_lengths_are_the_shards_documents(tmp_path, tok, workers):
+    # `data mix` indexes its source caches by these lengths instead of scanning the shards for <s>:
+    # per split, in shard order, whatever the batches, shard boundaries and worker count.
+    write_docs(tmp_path / "d", make_docs(200, seed=3) + ["", "  "])
+    lengths = {}
+    m = prepare([str(tmp_path / "d")], tok, tmp_path / "out", val_fraction=0.2, shard_tokens=333, batch_chars=250,
+                workers=workers, document_lengths=lengths)
+    for split in ("train", "val"):
+        tokens = stream(tmp_path / "out", split)
+        starts = np.flatnonzero(tokens == tok.bos_id)
+        want = np.diff(np.append(starts, len(tokens)))
+        assert lengths[split].dtype == np.int64 and np.array_equal(lengths[split], want), split
+        assert len(want) == m["splits"][split]["documents"] > 0
+    assert m["empty_documents"] == 2
+
+
 def test_cli_prepare_reports_errors(tmp_path, capsys):
     write_docs(tmp_path / "d", ["abc"])
     assert cli.main(["prepare", "--input", str(tmp_path / "d"), "--tokenizer", "nope.model",

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,11 @@ def s3():
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    counter = iter(range(10**6))
 
     def bucket() -> str:
-        name = f"bucket{next(counter)}"
+        # moto keeps its buckets per process, not per server: the fixture of another test module (test_dedup_s3
+        # imports it) made "bucket0" before, so names are unique in the process.
+        name = f"bucket-{uuid.uuid4().hex[:16]}"
         fs, _ = storage.filesystem(f"s3://{name}")
         fs.mkdir(name)
         return f"s3://{name}"

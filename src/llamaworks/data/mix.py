@@ -258,16 +258,13 @@ def _input_listing(inputs: list[str]) -> list[list]:
     return out
 
 
-def _document_starts(root: Path, manifest: dict, split: str) -> np.ndarray:
-    parts, offset = [], 0
-    for shard in manifest["splits"][split]["shards"]:
-        tokens = np.memmap(root / shard["file"], dtype=manifest["dtype"], mode="r")
-        parts.append(np.flatnonzero(tokens == manifest["bos_id"]) + offset)  # every document opens with <s>
-        offset += shard["tokens"]
-    starts = np.concatenate([*parts, np.array([offset])]).astype(np.int64)
-    docs = manifest["splits"][split]["documents"]
-    # The tokenizer never emits <s> inside a text, so the <s> count is the document count.
-    assert len(starts) == docs + 1 and (docs == 0 or starts[0] == 0), (root, split, len(starts), docs)
+def _document_starts(lengths: np.ndarray, manifest: dict, split: str) -> np.ndarray:
+    """(documents + 1,) each document's first token in the split's stream, then the stream's end: from
+    the lengths `prepare` reports (a scan of the written shards for <s> cost 0.57 s of a 1 GiB mix,
+    serial, between sources)."""
+    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths, dtype=np.int64)])
+    info = manifest["splits"][split]
+    assert len(starts) == info["documents"] + 1 and starts[-1] == info["tokens"], (split, len(starts), info)
     return starts
 
 
@@ -286,14 +283,16 @@ def _source_cache(cfg: MixConfig, name: str, inputs: list[str], listing: list, t
         return _load_cache(root)
     marker.unlink(missing_ok=True)  # first: a rebuild interrupted half-way must not read as valid
     log.info("tokenising source %s (%d files)", name, len(listing))
+    lengths: dict[str, np.ndarray] = {}
     try:
         manifest = prepare(inputs, cfg.tokenizer, root, val_fraction=cfg.val_fraction, seed=_SPLIT_SEED,
-                           shard_tokens=_CACHE_SHARD_TOKENS, workers=cfg.workers, overwrite=True)
+                           shard_tokens=_CACHE_SHARD_TOKENS, workers=cfg.workers, overwrite=True,
+                           document_lengths=lengths)
     except ValueError as e:
         raise ValueError(f"sources.{name}: {e}") from None
     for split in ("train", "val"):
         buf = io.BytesIO()
-        np.save(buf, _document_starts(root, manifest, split))
+        np.save(buf, _document_starts(lengths[split], manifest, split))
         atomic_write_bytes(root / f"{split}.starts.npy", buf.getvalue())
     atomic_write_json(marker, key)  # last: the cache is complete
     return _load_cache(root)

@@ -295,13 +295,14 @@ def sha256_file(path: Path) -> str:
 
 def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fraction: float = 0.005,
             shard_tokens: int = 2**27, seed: int = 0, workers: int | None = None, overwrite: bool = False,
-            batch_chars: int = 1 << 20) -> dict[str, Any]:
+            batch_chars: int = 1 << 20, document_lengths: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Tokenise documents into packed shards under `output_dir`; return the manifest.
 
     `tokenizer` is a tokenizer file's path (SentencePiece .model, Llama 3's tiktoken
     tokenizer.model, tokenizer.json) or any object with encode_batch, bos_id, eos_id
     and vocab_size (picklable when workers > 1). Documents go to the encoder in batches of about
-    `batch_chars` characters.
+    `batch_chars` characters. `document_lengths`, when given a dict, receives each split's document
+    lengths in tokens, in shard order (int64 arrays; `data mix` indexes its source caches by them).
     """
     workers = _default_workers() if workers is None else workers
     if not 0 <= val_fraction < 1:
@@ -337,6 +338,7 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
     writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
     sources: dict[str, dict[str, int]] = {}
+    doc_lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     batches = _batches(_records(inputs, stats), batch_chars)
     encoded = _encoded(batches, tok, tokenizer if is_path else tok, workers, seed, val_fraction)
     with contextlib.closing(encoded):  # on any failure, shut the worker pool down at once
@@ -352,6 +354,8 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
             for split, mine in (("train", ~val), ("val", val)):
                 counts[split]["documents"] += int(mine.sum())
                 counts[split]["tokens"] += int(lengths[mine].sum())
+                if document_lengths is not None:
+                    doc_lengths[split].append(lengths[mine].astype(np.int64, copy=False))
             names, which = meta
             for k, source in enumerate(names):
                 mine = which == k
@@ -360,6 +364,9 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
                 c["tokens"] += int(lengths[mine].sum())
     for w in writers.values():
         w.close()
+    if document_lengths is not None:
+        document_lengths.update({s: np.concatenate([np.zeros(0, np.int64), *parts])
+                                 for s, parts in doc_lengths.items()})
     if stats["files"] == 0:
         raise ValueError(f"no input files found in {inputs}; {_HELP_INPUTS}")
     if not sources:
