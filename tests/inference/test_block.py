@@ -217,6 +217,37 @@ def test_compiled_steps_call_the_block_and_write_the_caches_in_place():
         assert torch.equal(got[:, :, :6], want[:, :, :6])
 
 
+def test_generate_compiles_the_step_of_a_loaded_model_once_and_never_during_decode():
+    # `llamaworks generate --compile` on a model as load_model makes it (NativeTransformer): the step is
+    # compiled before the prefill, and the eager prefill between (inside kernels.cache_pass) must not
+    # invalidate it: a guard on cache_pass's flag recompiled it at the first decode step. In a thread of
+    # its own, as a server's or a notebook's: the flag is per thread, unset until a first prefill.
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    model = decode_model("fp32", blocks=True)
+    want = [c[0] for c in generate_ids(model, [[1, 37, 99], [1, 5]], 6, temperature=0.0, logprobs=False)]
+    torch._dynamo.reset()
+    counters.clear()
+    got, graphs = [], []
+
+    def run():
+        gen = generate_ids(model, [[1, 37, 99], [1, 5]], 6, temperature=0.0, compile=True, sync_every=1,
+                           logprobs=False)
+        got.append(next(gen)[0])
+        graphs.append(counters["stats"]["unique_graphs"])
+        got.extend(c[0] for c in gen)
+        graphs.append(counters["stats"]["unique_graphs"])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert graphs == [1, 1], (graphs, dict(counters["stats"]))
+    assert torch.cat(got, 1).tolist() == torch.cat(want, 1).tolist()
+    torch._dynamo.reset()
+
+
 def test_the_step_plan_follows_the_caches_and_names_a_freed_plan():
     model = decode_model("int8", blocks=True)
     tokens, pos = torch.tensor([[3], [4]]), torch.tensor([0])
