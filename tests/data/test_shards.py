@@ -18,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llamaworks import cli
+from llamaworks.data import shards
+from llamaworks.data.document import raw_lines
 from llamaworks.data.shards import open_token_dataset, prepare, window_order
 from llamaworks.train.loader import TokenLoader
 
@@ -159,6 +161,98 @@ def test_jsonl_gz_records_sources_and_skipped_files(tmp_path, tok):
     per_source = {k: v["documents"] for k, v in m["sources"].items()}
     assert per_source == {"cc": 1, "corpus": 1, "wiki": 1, "one.txt": 1}
     assert m["skipped_files"] == 2 and m["empty_documents"] == 1
+
+
+# A JSONL file with what line splitting can get wrong: blank and whitespace-only lines, CRLF, a line
+# longer than any span, UTF-8 of several bytes, no newline at the end.
+AWKWARD_JSONL = (json.dumps({"text": "the king"}) + "\n\n   \n" + json.dumps({"text": "café über"}, ensure_ascii=False)
+                 + "\r\n" + json.dumps({"id": 5, "text": "sail " * 300}) + "\n\n" + json.dumps({"text": "north"}))
+
+
+@pytest.mark.parametrize("span_bytes", [1, 7, 64, 1 << 20])
+def test_spans_read_the_records_raw_lines_reads(tmp_path, span_bytes):
+    # The workers read local .jsonl files as spans of lines: the same records (line numbers included,
+    # which name documents without an id) as the main process reading line by line.
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(AWKWARD_JSONL.encode())
+    spans = list(shards._spans(path, "src", "a.jsonl", span_bytes))
+    assert spans[0].start == 0 and spans[-1].end == path.stat().st_size
+    assert all(a.end == b.start for a, b in zip(spans, spans[1:]))
+    assert all(s.end - s.start >= span_bytes or s is spans[-1] for s in spans)
+    got = [r for s in spans for r in shards._span_records(s)]
+    want = [(str(path), "src", "a.jsonl", n, line) for n, line in raw_lines(path)]
+    # raw_lines keeps each line's "\n"; a span's line ends before it (JSON ignores either).
+    assert [(*r[:4], r[4]) for r in got] == [(*w[:4], w[4].removesuffix(b"\n")) for w in want]
+    assert [r[3] for r in got] == [1, 4, 5, 7]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert list(shards._spans(empty, "src", "empty.jsonl", span_bytes)) == []
+
+
+def test_a_span_of_a_file_that_shrank_is_an_error(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(AWKWARD_JSONL.encode())
+    (span,) = shards._spans(path, "src", "a.jsonl", 1 << 20)
+    path.write_bytes(AWKWARD_JSONL.encode()[:40])
+    with pytest.raises(ValueError, match="changed while it was being read"):
+        list(shards._span_records(span))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_spans_give_the_shards_of_lines_read_one_by_one(tmp_path, tok, workers, monkeypatch):
+    # Plain .jsonl goes to the workers as spans; read line by line in this process (as .jsonl.gz is)
+    # it gives the same documents, ids from line numbers, val split and shards, whatever the batch size.
+    lines = [json.dumps({"text": d}) if i % 3 else json.dumps({"id": f"d{i}", "text": d})
+             for i, d in enumerate(make_docs(300, seed=9))]
+    lines[10:10] = ["", "  "]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "c.jsonl").write_text("\n".join(lines) + "\n")
+    kw = dict(val_fraction=0.2, shard_tokens=777, workers=workers)
+    by_span = {b: prepare([str(tmp_path / "corpus")], tok, tmp_path / f"s{b}", batch_chars=b, **kw)
+               for b in (97, 1 << 20)}
+    records = shards._records
+    monkeypatch.setattr(shards, "_records", lambda inputs, stats, span_bytes=0: records(inputs, stats))
+    by_line = prepare([str(tmp_path / "corpus")], tok, tmp_path / "lines", batch_chars=97, **kw)
+    for b, manifest in by_span.items():
+        assert manifest["splits"] == by_line["splits"] and manifest["splits"]["val"]["documents"] > 0
+        for split in ("train", "val"):
+            assert np.array_equal(stream(tmp_path / f"s{b}", split), stream(tmp_path / "lines", split))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.booleans()), max_size=150))
+def test_split_tokens_is_the_mask_over_tokens(docs):
+    lengths = np.array([n for n, _ in docs], np.int64)
+    val = np.array([v for _, v in docs], bool)
+    flat = np.arange(int(lengths.sum()), dtype=np.uint16)
+    train, held = shards._split_tokens(flat, lengths, val)
+    mask = np.repeat(val, lengths)
+    assert np.array_equal(train, flat[~mask]) and np.array_equal(held, flat[mask])
+    assert train.dtype == held.dtype == np.uint16
+
+
+def test_dropping_written_output_from_the_page_cache_keeps_the_bytes(tmp_path, monkeypatch):
+    # The mix's output writer syncs and drops what it wrote every DROP_BYTES (page cache recycled);
+    # the shards are the same bytes as without.
+    if not hasattr(shards.os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this OS: drop_cache does nothing")
+    dropped = []
+    fadvise = shards.os.posix_fadvise
+    monkeypatch.setattr(shards.os, "posix_fadvise", lambda fd, *a: (dropped.append(a), fadvise(fd, *a)))
+    monkeypatch.setattr(shards.ShardWriter, "DROP_BYTES", 100)
+    tokens = np.random.default_rng(0).integers(0, 60000, 5000).astype(np.uint16)
+    files = {}
+    for drop in (False, True):
+        (tmp_path / str(drop) / "train").mkdir(parents=True)
+        w = shards.ShardWriter(tmp_path / str(drop), "train", np.dtype(np.uint16), 1500, drop_cache=drop)
+        for part in np.array_split(tokens, 37):
+            w.write(part)
+        w.close()
+        files[drop] = [(tmp_path / str(drop) / s["file"]).read_bytes() for s in w.shards]
+        assert w.shards == [{"file": f"train/{k:05d}.bin", "tokens": n} for k, n in enumerate([1500] * 3 + [500])]
+        assert (len(dropped) > 10) if drop else not dropped, len(dropped)  # ~270 bytes a write: a drop each
+    assert files[False] == files[True] and b"".join(files[True]) == tokens.tobytes()
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_dtype_follows_vocab_size(tmp_path):

@@ -468,7 +468,8 @@ def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_
     out = Path(cfg.output)
     done = _finished_shards(out, split, cfg.shard_tokens, dtype.itemsize)
     skip = len(done) * cfg.shard_tokens  # stream tokens already on disk
-    writer = ShardWriter(out, split, dtype, cfg.shard_tokens, shards=done)
+    # The output is never read back here: its pages are recycled as it is written (ShardWriter's drop_cache).
+    writer = ShardWriter(out, split, dtype, cfg.shard_tokens, shards=done, drop_cache=True)
     tokens = [_SplitTokens(c, split) for c in caches]
     starts = [c.starts[split] for c in caches]
     pos = 0  # stream offset of the current window's first document
