@@ -127,6 +127,8 @@ def profiled_mix(corpus: Path, out: Path) -> dict:
     prof = Profile()
     saved = []
     targets = [(shards, "_records", "read JSONL lines (decompress, split)", None, True),
+               (shards, "_span_records", "read JSONL lines (decompress, split)", None, True),  # in the workers
+               (shards, "_split_tokens", "train/val split of the ids", None, False),
                (shards, "_document_of", "parse JSON", None, False),
                (shards, "_val_mask", "val-split hashes", None, False),
                (shards.ShardWriter, "write", "shard writes", None, False),

@@ -43,7 +43,7 @@ def numpy_chunks(texts, isolated, enc: FlatEncoder):
 
 
 def compiled_chunks(lib, texts, isolated, enc: FlatEncoder, isa: str | None = None):
-    buf = _joined([t.encode("utf-8") for t in texts])
+    buf = _joined([t.encode("utf-8") for t in texts], texts)
     start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(isolated), len(texts), enc._table,
                                                            enc._lo, enc._hi, isa=isa)
     return buf, start, length, lo, hi, found, per_text
@@ -92,7 +92,7 @@ def test_the_probe_follows_linear_probing_runs(lib, tiny_tokenizer):
     enc = FlatEncoder(tiny_tokenizer)
     words = [f"w{i}" for i in range(3000)]
     enc.encode([" ".join(words[:1500])])
-    buf = _joined([" ".join(words).encode()])
+    buf = _joined([" ".join(words).encode()], [" ".join(words)])
     _, start, length, _ = split_chunks([" ".join(words)], enc.isolated)
     slots = _hash(*_packed(buf, start, length)).view(np.int64) & (len(enc._table) - 1)
     assert len(np.unique(slots)) < len(slots)  # collisions do happen

@@ -50,7 +50,7 @@ def raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
     reads them in the main process and parses them in its workers (parse_line)."""
     with open_read(path) as f:
         for lineno, line in enumerate(f, 1):
-            if line.strip():
+            if line and not line.isspace():  # a blank line (`line.strip()` without its copy)
                 yield lineno, line
 
 

@@ -124,7 +124,7 @@ def _span_records(span: Span) -> Iterator[Record]:
         raise ValueError(f"{span.file} changed while it was being read (shorter than {span.end} bytes); "
                          "run again on files that nothing writes to")
     for lineno, line in enumerate(data.split(b"\n"), span.lineno):
-        if line.strip():
+        if line and not line.isspace():  # raw_lines' test, without strip()'s copy of the line
             yield span.file, span.source, span.name, lineno, line
 
 
@@ -216,7 +216,8 @@ def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: n
     as names and an index array, not a string per document."""
     records = itertools.chain.from_iterable(_span_records(i) if isinstance(i, Span) else (i,) for i in items)
     docs = [_document_of(r) for r in records]
-    kept = [d for d in docs if d[2].strip()]  # an empty document is counted, never encoded
+    # An empty document is counted, never encoded (`not text.strip()`, without strip()'s copy of a text).
+    kept = [d for d in docs if d[2] and not d[2].isspace()]
     names: dict[str, int] = {}
     which = np.fromiter((names.setdefault(d[1], len(names)) for d in kept), np.int64, len(kept))
     val = _val_mask([d[0] for d in kept], seed, val_fraction)

@@ -23,6 +23,30 @@ inline uint64_t low_bytes(const uint8_t* p, int64_t n) {  // the n <= 8 bytes at
     return v;
 }
 
+inline uint64_t load8(const uint8_t* p) {  // the 8 bytes at p, little-endian, one unaligned load
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+inline uint64_t low_mask(int64_t k) {  // the low k bytes (0 <= k <= 8) of a word
+    return k >= 8 ? ~0ull : (1ull << (8 * k)) - 1;
+}
+
+// A chunk key's (lo, hi) as word_cache._packed: its first 8 bytes (zero-padded) in lo, the next ones
+// and its length in hi. Where 16 bytes can be read at p, two whole loads and masks: low_bytes' copy of
+// n bytes into a word, then reading the word, stalled on store forwarding (a quarter of lw_chunks).
+inline void pack_key(const uint8_t* p, int64_t len, bool whole, uint64_t* lo, uint64_t* hi) {
+    const int64_t tail = len > 15 ? 7 : len > 8 ? len - 8 : 0;  // key bytes in hi (a long key: its bytes 8..14)
+    if (whole) {
+        *lo = load8(p) & low_mask(len);
+        *hi = (load8(p + 8) & low_mask(tail)) | static_cast<uint64_t>(len) << 56;
+    } else {
+        *lo = low_bytes(p, len < 8 ? len : 8);
+        *hi = (tail ? low_bytes(p + 8, tail) : 0) | static_cast<uint64_t>(len) << 56;
+    }
+}
+
 inline uint64_t slot_hash(uint64_t lo, uint64_t hi) {  // word_cache._hash
     uint64_t h = (lo * MIX0) ^ (hi * MIX1);
     h ^= h >> 29;
@@ -175,17 +199,11 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
     // Pass 1, the cut: each chunk's key, packed, and its home slot (in `found` until pass 2).
     auto close = [&](int64_t end) {
         const int64_t len = end - open;
-        const uint8_t* p = buf + open;
         uint64_t lo, hi;
-        int64_t slot = LONG_KEY;
-        if (len <= SHORT_KEY) {
-            lo = low_bytes(p, len < 8 ? len : 8);
-            hi = (len > 8 ? low_bytes(p + 8, len - 8) : 0) | static_cast<uint64_t>(len) << 56;
-            slot = static_cast<int64_t>(slot_hash(lo, hi) & static_cast<uint64_t>(mask));
-        } else {  // not in the table: word_cache looks it up by its bytes
-            lo = low_bytes(p, 8);
-            hi = low_bytes(p + 8, 7) | static_cast<uint64_t>(len) << 56;
-        }
+        pack_key(buf + open, len, open + 16 <= n, &lo, &hi);
+        // A long key is not in the table: word_cache looks it up by its bytes.
+        const int64_t slot = len <= SHORT_KEY ? static_cast<int64_t>(slot_hash(lo, hi) & static_cast<uint64_t>(mask))
+                                              : LONG_KEY;
         start[chunks] = open;
         length[chunks] = len;
         lo_out[chunks] = lo;
@@ -286,7 +304,10 @@ void lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts, c
     for (int64_t t = 0; t < texts; ++t) {
         if (with_bos) *out++ = bos;
         for (int64_t k = 0; k < per_text[t]; ++k, ++c) {
-            if (c + 16 < chunks) __builtin_prefetch(tokens + first[found[c + 16]]);  // first[]: warm from the pass before
+            // Two steps ahead: a chunk's row of first[] 32 chunks ahead, its ids 16 ahead (their row
+            // prefetched by then). Reading first[] for the ids' prefetch missed and stalled the loop.
+            if (c + 32 < chunks) __builtin_prefetch(first + found[c + 32]);
+            if (c + 16 < chunks) __builtin_prefetch(tokens + first[found[c + 16]]);
             const int32_t* ids = tokens + first[found[c]];
             for (int64_t j = 0, m = count[found[c]]; j < m; ++j) *out++ = ids[j];
         }
