@@ -14,6 +14,7 @@ from llamaworks.tokenizer.word_cache import (
     _hash,
     _joined,
     _packed,
+    _tag,
     isolated_bytes,
     split_chunks,
 )
@@ -45,7 +46,7 @@ def numpy_chunks(texts, isolated, enc: FlatEncoder):
 def compiled_chunks(lib, texts, isolated, enc: FlatEncoder, isa: str | None = None):
     buf = _joined([t.encode("utf-8") for t in texts], texts)
     start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(isolated), len(texts), enc._table,
-                                                           enc._lo, enc._hi, isa=isa)
+                                                           enc._keys, isa=isa)
     return buf, start, length, lo, hi, found, per_text
 
 
@@ -99,14 +100,43 @@ def test_the_probe_follows_linear_probing_runs(lib, tiny_tokenizer):
     assert_same_chunks(lib, [" ".join(words)], enc.isolated, enc)
 
 
+def test_a_tag_shared_by_another_key_is_not_a_hit(lib, tiny_tokenizer):
+    # A table entry's tag is 23 bits of its key's hash: once in 2^23 another key has the same. Forged
+    # here: before a cached key's entry, and at an uncached key's home slot, an entry with the key's
+    # tag and another chunk. Both probes compare the key itself: the cached key is still found one
+    # slot on, the uncached one is still a miss, and the ids are still SentencePiece's.
+    enc = FlatEncoder(tiny_tokenizer)
+    enc.encode(["alpha beta gamma delta"])
+    texts = ["gamma lemon"]
+    buf = _joined([t.encode() for t in texts], texts)
+    _, start, length, _ = split_chunks(texts, enc.isolated)
+    lo, hi = _packed(buf, start, length)
+    h = _hash(lo, hi)
+    mask = len(enc._table) - 1
+    gamma, lemon = enc._probe(lo, hi)
+    assert gamma >= 0 and lemon == -1
+    other = enc._probe(*_packed(*split_chunks(["alpha"], enc.isolated)[:3]))[0]
+    table = np.full_like(enc._table, -1)
+    home = h.view(np.int64) & mask
+    assert home[0] != home[1] and (home[0] + 1) & mask != home[1]
+    table[home[0]] = other | _tag(h[:1])[0]  # gamma's tag, alpha's chunk
+    table[(home[0] + 1) & mask] = gamma | _tag(h[:1])[0]
+    table[home[1]] = other | _tag(h[1:])[0]  # lemon's tag, alpha's chunk
+    enc._table = table
+    assert enc._probe(lo, hi).tolist() == [gamma, -1]
+    got = native.chunks(lib, buf, _flags(enc.isolated), 1, enc._table, enc._keys)[4]
+    assert got.tolist() == [gamma, -1]
+    assert np.array_equal(enc.encode(texts, bos=True, eos=True)[0], reference(tiny_tokenizer, texts, True, True)[0])
+
+
 def test_isas_are_listed_and_an_unknown_one_refused(lib):
     isas = native.chunk_isas(lib)
     assert isas[0] == "portable"
-    table, keys = np.full(8, -1, np.int64), np.zeros(2, np.uint64)
+    table, keys = np.full(8, -1, np.int64), np.zeros(2, native.KEY)
     missing = [name for name in native.ISAS if name not in isas]
     for name in missing:  # an ISA this CPU lacks is refused, never run
         with pytest.raises(AssertionError, match="cannot run"):
-            native.chunks(lib, b"\xff a", _flags(b""), 1, table, keys, keys, isa=name)
+            native.chunks(lib, b"\xff a", _flags(b""), 1, table, keys, isa=name)
 
 
 @pytest.mark.parametrize("isolated", [b"", b"\n12", b"\x00\x7f!"])
@@ -139,9 +169,9 @@ def test_a_non_ascii_isolated_byte_takes_the_portable_classes(lib, tiny_tokenize
 
 
 def test_more_documents_than_texts_are_refused(lib):
-    table, keys = np.full(8, -1, np.int64), np.zeros(2, np.uint64)
+    table, keys = np.full(8, -1, np.int64), np.zeros(2, native.KEY)
     with pytest.raises(AssertionError, match="0xFF"):
-        native.chunks(lib, b"\xff a\xff b", _flags(b""), 1, table, keys, keys)
+        native.chunks(lib, b"\xff a\xff b", _flags(b""), 1, table, keys)
 
 
 def test_the_encoder_gives_sentencepieces_ids_on_both_paths(text_kernels, tiny_tokenizer):

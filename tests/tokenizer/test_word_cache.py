@@ -72,6 +72,9 @@ def test_a_full_cache_is_emptied_and_stays_exact(text_kernels, tiny_tokenizer):
         assert all(np.array_equal(a, b) for a, b in zip(enc.encode(texts, True, True),
                                                        reference(tiny_tokenizer, texts, True, True)))
         assert len(enc) <= max(50, len({w for t in texts for w in t.split()}) * 4)
+    for bad in (0, 1 << 40):  # a table entry numbers its chunk in 40 bits
+        with pytest.raises(ValueError, match="max_words"):
+            FlatEncoder(tiny_tokenizer, max_words=bad)
 
 
 def test_the_encoder_is_kept_across_loads_of_one_model(tiny_tokenizer):

@@ -92,14 +92,14 @@ def library() -> ctypes.CDLL | None:
         return None
     lib = ctypes.CDLL(str(path))
     lib.lw_chunks.restype = _i64
-    lib.lw_chunks.argtypes = [ctypes.c_char_p, _i64, ctypes.c_char_p, _i64, _ptr, _i64, _ptr, _ptr,
+    lib.lw_chunks.argtypes = [ctypes.c_char_p, _i64, ctypes.c_char_p, _i64, _ptr, _i64, _ptr,
                               _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
     lib.lw_isas.restype = _i64
     lib.lw_isas.argtypes = []
     lib.lw_doc_lengths.restype = _i64
     lib.lw_doc_lengths.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr]
     lib.lw_assemble.restype = None
-    lib.lw_assemble.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]
+    lib.lw_assemble.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr]
     lib.lw_copy_runs.restype = None
     lib.lw_copy_runs.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
     lib.lw_minhash.restype = None
@@ -142,37 +142,50 @@ def chunk_isas(lib) -> list[str]:
     return [name for name, k in ISAS.items() if have >> k & 1]
 
 
-def chunks(lib, buf: bytes, flags: bytes, texts: int, table: np.ndarray, key_lo: np.ndarray,
-           key_hi: np.ndarray, scratch: Scratch | None = None, isa: str | None = None) -> tuple[np.ndarray, ...]:
+# The word cache's rows of its chunks (word_cache.FlatEncoder): each key packed (lo, hi), read by
+# lw_chunks' probe, and each chunk's span of ids (first, count), read by the gather; the kernels see
+# them as structs of two int64.
+KEY = np.dtype([("lo", "<u8"), ("hi", "<u8")])
+SPAN = np.dtype([("start", "<i8"), ("count", "<i8")])
+
+
+def _rows(rows: np.ndarray, dtype: np.dtype) -> int:
+    assert rows.dtype == dtype and rows.flags.c_contiguous, (rows.dtype, rows.flags.c_contiguous)
+    return rows.ctypes.data
+
+
+def chunks(lib, buf: bytes, flags: bytes, texts: int, table: np.ndarray, keys: np.ndarray,
+           scratch: Scratch | None = None, isa: str | None = None) -> tuple[np.ndarray, ...]:
     """(start, length, lo, hi, found, per_text) of word_cache's chunks of `buf` (lw_chunks): found is
-    the cached chunk, -1 when not cached, -2 for a key over 15 bytes (not in the table). With `scratch`
-    the first five are views of its arrays, valid until its next use. `isa` (a key of ISAS): classify
-    the bytes with that one (None: the widest this CPU runs)."""
+    the cached chunk, -1 when not cached, -2 for a key over 15 bytes (not in the table). `table`:
+    slot -> entry (word_cache._tag; -1 empty); `keys`: the chunks' keys (KEY). With `scratch` the first five are views
+    of its arrays, valid until its next use. `isa` (a key of ISAS): classify the bytes with that one
+    (None: the widest this CPU runs)."""
     n = len(buf)
     scratch = scratch or Scratch()
     scratch.ensure(n)  # a chunk starts at a distinct byte: at most n of them
     out, words = scratch.ints, scratch.words
     per_text = np.zeros(texts, np.int64)
-    k = lib.lw_chunks(buf, n, flags, texts, _p(table, np.int64), len(table) - 1, _p(key_lo, np.uint64),
-                      _p(key_hi, np.uint64), out[0].ctypes.data, out[1].ctypes.data, words[0].ctypes.data,
+    k = lib.lw_chunks(buf, n, flags, texts, _p(table, np.int64), len(table) - 1, _rows(keys, KEY),
+                      out[0].ctypes.data, out[1].ctypes.data, words[0].ctypes.data,
                       words[1].ctypes.data, out[2].ctypes.data, per_text.ctypes.data, -1 if isa is None else ISAS[isa])
     assert k != -3, f"lw_chunks cannot run isa {isa!r} here (it has {chunk_isas(lib)})"
     assert k >= 0, "the buffer's documents are not `texts`: 0xFF inside a text?"
     return out[0, :k], out[1, :k], words[0, :k], words[1, :k], out[2, :k], per_text
 
 
-def assemble(lib, found: np.ndarray, per_text: np.ndarray, first: np.ndarray, count: np.ndarray,
-             tokens: np.ndarray, bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, lengths): each text's <s> (bos not None), its chunks' ids, </s> (eos not None)."""
+def assemble(lib, found: np.ndarray, per_text: np.ndarray, spans: np.ndarray, tokens: np.ndarray,
+             bos: int | None, eos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, lengths): each text's <s> (bos not None), its chunks' ids (their SPAN in `tokens`), </s>
+    (eos not None)."""
     found = np.ascontiguousarray(found, np.int64)
-    assert not len(found) or (found.min() >= 0 and found.max() < len(count)), "a chunk not cached"
+    assert not len(found) or (found.min() >= 0 and found.max() < len(spans)), "a chunk not cached"
     lengths = np.empty(len(per_text), np.int64)
-    total = lib.lw_doc_lengths(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _p(count, np.int64),
+    total = lib.lw_doc_lengths(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _rows(spans, SPAN),
                                int(bos is not None) + int(eos is not None), lengths.ctypes.data)
     ids = np.empty(total, np.int64)
-    lib.lw_assemble(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _p(first, np.int64),
-                    _p(count, np.int64), _p(tokens, np.int32), bos is not None, bos or 0, eos is not None, eos or 0,
-                    ids.ctypes.data)
+    lib.lw_assemble(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _rows(spans, SPAN),
+                    _p(tokens, np.int32), bos is not None, bos or 0, eos is not None, eos or 0, ids.ctypes.data)
     return ids, lengths
 
 

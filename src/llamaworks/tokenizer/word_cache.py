@@ -55,6 +55,13 @@ _MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(
 _NO_KEY = np.uint64(0xFF << 56)  # a packed hi whose length byte (255) no short key has
 
 
+def _aligned_rows(n: int, dtype: np.dtype) -> np.ndarray:
+    """(n,) zeroed rows of `dtype` (16 bytes) from a 64-byte boundary: no row across two cache lines."""
+    raw = np.zeros(n * dtype.itemsize + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip:skip + n * dtype.itemsize].view(dtype)
+
+
 def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """concatenate(arange(s, s + n) for s, n in zip(starts, lengths)), without a Python loop."""
     total = int(lengths.sum())
@@ -178,6 +185,22 @@ def _hash(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(32))
 
 
+# A table entry: the chunk in bits 0..39 and a tag, bits 41..63 of its key's hash, in bits 40..62 (never
+# negative: -1 is an empty slot). A probe compares tags before it reads a chunk's key: a slot holding
+# another key is passed over without a read of that key's row (a cache miss each, in the kernels).
+_CHUNK = np.int64((1 << 40) - 1)
+
+
+def _tag(h: np.ndarray) -> np.ndarray:
+    """(keys,) int64: the table entries' tag bits of keys hashing to `h` (_hash)."""
+    return ((h >> np.uint64(41)) << np.uint64(40)).view(np.int64)
+
+
+def _entry_chunk(entry: np.ndarray) -> np.ndarray:
+    """The chunk of each table entry, -1 for an empty slot."""
+    return np.where(entry >= 0, entry & _CHUNK, -1)
+
+
 def _distinct(buf: bytes, start: np.ndarray, length: np.ndarray, lo: np.ndarray, hi: np.ndarray,
               chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, which): the first of `chunks` holding each distinct key, in order, and for each of `chunks`
@@ -212,6 +235,8 @@ class FlatEncoder:
 
     def __init__(self, tokenizer, max_words: int = 1 << 21, threads: int | None = None):
         self.tokenizer = tokenizer
+        if not 0 < max_words < 1 << 40:  # a table entry holds its chunk's number in 40 bits (_tag)
+            raise ValueError(f"max_words must be in [1, 2**40), got {max_words}")
         self.max_words = max_words
         self.threads = threads or os.cpu_count() or 1
         self.refusal = word_cache_refusal(tokenizer)
@@ -224,17 +249,24 @@ class FlatEncoder:
         """Distinct chunks in the cache."""
         return self._words
 
+    # The fields of the rows (strided views).
+    _lo = property(lambda self: self._keys["lo"])
+    _hi = property(lambda self: self._keys["hi"])
+    _start = property(lambda self: self._spans["start"])
+    _count = property(lambda self: self._spans["count"])
+
     def _clear(self) -> None:
         self._words = 0  # chunks cached, numbered 0..: the rows of the arrays below
         self._tokens = np.zeros(1 << 16, np.int32)  # every cached chunk's ids, back to back
-        self._start = np.zeros(1 << 12, np.int64)  # chunk -> its first id in _tokens
-        self._count = np.zeros(1 << 12, np.int64)  # chunk -> how many ids
-        self._lo = np.zeros(1 << 12, np.uint64)  # chunk -> its key packed (_packed); long keys: unused
-        self._hi = np.zeros(1 << 12, np.uint64)
+        # chunk -> its key packed (_packed; long keys: unused), read by a probe; chunk -> its first id in
+        # _tokens and how many ids, read by the gather: rows of 16 bytes, a cache line each where an
+        # array per field was a miss per field.
+        self._keys = _aligned_rows(1 << 12, native.KEY)
+        self._spans = _aligned_rows(1 << 12, native.SPAN)
         self._len = np.zeros(1 << 12, np.int64)  # chunk -> its key's length in bytes
         self._hi[-1] = _NO_KEY  # the last row is never a chunk (_grow keeps it spare): what an empty slot reads
         self._used = 0  # ids stored in _tokens
-        self._table = np.full(1 << 13, -1, np.int64)  # open addressing (linear probing): slot -> chunk or -1
+        self._table = np.full(1 << 13, -1, np.int64)  # open addressing (linear probing): slot -> entry or -1
         self._in_table = 0
         self._long: dict[bytes, int] = {}  # keys over _SHORT bytes -> chunk
 
@@ -263,18 +295,18 @@ class FlatEncoder:
     def _probe(self, lo, hi) -> np.ndarray:
         """(keys,) the chunk of each short key, or -1 where it is not cached."""
         mask = len(self._table) - 1
-        slot = _hash(lo, hi).view(np.int64) & mask
-        # An empty slot (-1) reads the arrays' last row, whose hi matches no key: no special case.
-        chunk = self._table[slot]
-        hit = (self._hi[chunk] == hi) & (self._lo[chunk] == lo)
-        found = np.where(hit, chunk, -1)
-        todo = np.flatnonzero(~hit & (chunk >= 0))
-        while len(todo):  # each round: one slot further for the keys that met another key
-            slot[todo] = (slot[todo] + 1) & mask
-            chunk = self._table[slot[todo]]
-            hit = (self._hi[chunk] == hi[todo]) & (self._lo[chunk] == lo[todo])
+        h = _hash(lo, hi)
+        slot, tag = h.view(np.int64) & mask, _tag(h)
+        todo = np.arange(len(lo))
+        found = np.full(len(lo), -1, np.int64)
+        while len(todo):  # each round: one slot further for the keys whose slot held another key
+            entry = self._table[slot[todo]]
+            chunk = _entry_chunk(entry)
+            # An empty slot's chunk (-1) reads the rows' last one, whose hi matches no key: no special case.
+            hit = ((entry & ~_CHUNK) == tag[todo]) & (self._hi[chunk] == hi[todo]) & (self._lo[chunk] == lo[todo])
             found[todo[hit]] = chunk[hit]
-            todo = todo[~hit & (chunk >= 0)]
+            todo = todo[~hit & (entry >= 0)]
+            slot[todo] = (slot[todo] + 1) & mask
         return found
 
     def _place(self, chunks: np.ndarray) -> None:
@@ -288,13 +320,14 @@ class FlatEncoder:
             chunks = np.unique(chunks)  # the new ones are numbered already, so may be among the old
             self._in_table = 0
         mask = len(self._table) - 1
-        slot = _hash(self._lo[chunks], self._hi[chunks]).view(np.int64) & mask
+        h = _hash(self._lo[chunks], self._hi[chunks])
+        slot, entries = h.view(np.int64) & mask, chunks | _tag(h)
         todo = np.arange(len(chunks))
         while len(todo):  # each round: every free slot wanted goes to its first claimant; the rest move on
             free = todo[self._table[slot[todo]] < 0]
             _, first = np.unique(slot[free], return_index=True)
             won = free[first]
-            self._table[slot[won]] = chunks[won]
+            self._table[slot[won]] = entries[won]
             placed = np.zeros(len(chunks), bool)
             placed[won] = True
             todo = todo[~placed[todo]]
@@ -304,10 +337,14 @@ class FlatEncoder:
     # ------------------------------------------------------------------------ adding chunks
 
     def _grow(self, words: int, tokens: int) -> None:
-        if words >= len(self._start):
-            size = max(words + 1, 2 * len(self._start))
-            for name in ("_start", "_count", "_lo", "_hi", "_len"):
-                setattr(self, name, np.resize(getattr(self, name), size))
+        if words >= len(self._keys):
+            size = max(words + 1, 2 * len(self._keys))
+            for name in ("_keys", "_spans"):
+                old = getattr(self, name)
+                rows = _aligned_rows(size, old.dtype)
+                rows[:len(old)] = old
+                setattr(self, name, rows)
+            self._len = np.resize(self._len, size)
             self._hi[-1] = _NO_KEY
         if tokens > len(self._tokens):
             self._tokens = np.resize(self._tokens, max(tokens, 2 * len(self._tokens)))
@@ -399,14 +436,14 @@ class FlatEncoder:
         """_cached's numpy passes as compiled ones (tokenizer/native.py): the same chunks, keys and ids."""
         buf = _joined(_utf8(texts), texts)
         start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(self.isolated), len(texts),
-                                                               self._table, self._lo, self._hi, self._scratch)
+                                                               self._table, self._keys, self._scratch)
         long = np.flatnonzero(found == -2)  # keys over _SHORT bytes: looked up by their bytes
         if len(long):
             keys = [buf[s:s + n] for s, n in zip(start[long].tolist(), length[long].tolist())]
             found[long] = np.fromiter(map(self._long.get, keys, itertools.repeat(-1)), np.int64, len(keys))
         if (found < 0).any():
             self._fill(buf, start, length, lo, hi, found)
-        return native.assemble(lib, found, per_text, self._start, self._count, self._tokens,
+        return native.assemble(lib, found, per_text, self._spans, self._tokens,
                                self.tokenizer.bos_id if bos else None, self.tokenizer.eos_id if eos else None)
 
 

@@ -13,8 +13,21 @@
 
 namespace {
 
+// A cached chunk is a row in two arrays (word_cache.KEY, .SPAN): its key packed as (lo, hi), read by
+// the probe, and its first id in the ids array and their count, read by the gather. A row of 16 bytes
+// is one cache line where two arrays of 8 were two misses.
+struct Key {
+    uint64_t lo, hi;
+};
+struct Span {
+    int64_t start, count;
+};
+static_assert(sizeof(Key) == 16 && sizeof(Span) == 16, "word_cache's KEY and SPAN rows are 16 bytes");
+
 constexpr uint64_t MIX0 = 0x9E3779B97F4A7C15ull, MIX1 = 0xC2B2AE3D27D4EB4Full, MIX2 = 0xBF58476D1CE4E5B9ull;
 constexpr int64_t SHORT_KEY = 15;  // word_cache._SHORT
+// A table entry (word_cache._tag): the chunk in bits 0..39, bits 41..63 of its key's hash in bits 40..62.
+constexpr int64_t CHUNK_BITS = (int64_t{1} << 40) - 1, TAG_BITS = ((int64_t{1} << 23) - 1) << 40;
 constexpr int64_t LONG_KEY = -2;   // lw_chunks' `found` for a key over SHORT_KEY bytes (looked up in Python)
 
 inline uint64_t low_bytes(const uint8_t* p, int64_t n) {  // the n <= 8 bytes at p, little-endian
@@ -53,6 +66,7 @@ inline uint64_t slot_hash(uint64_t lo, uint64_t hi) {  // word_cache._hash
     h *= MIX2;
     return h ^ (h >> 32);
 }
+
 
 // lw_chunks' byte classes, as 64-bit masks per 64 bytes of a block: a bit for every byte that starts
 // something (an event): the first space of a run, an isolated byte, a document's 0xFF. The portable
@@ -189,7 +203,7 @@ int64_t lw_isas() { return isas(); }
 // below; ISA_BEST picks the widest this CPU runs). Returns the number of chunks, -1 when buf does
 // not hold `texts` documents, -3 for an isa this CPU or build cannot run.
 int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_t texts, const int64_t* table,
-                  int64_t mask, const uint64_t* key_lo, const uint64_t* key_hi, int64_t* start, int64_t* length,
+                  int64_t mask, const Key* keys, int64_t* start, int64_t* length,
                   uint64_t* lo_out, uint64_t* hi_out, int64_t* found, int64_t* per_text, int64_t isa) {
     Classes cls(isolated);
     const MaskFn masks = mask_fn(cls, isa);
@@ -201,14 +215,11 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
         const int64_t len = end - open;
         uint64_t lo, hi;
         pack_key(buf + open, len, open + 16 <= n, &lo, &hi);
-        // A long key is not in the table: word_cache looks it up by its bytes.
-        const int64_t slot = len <= SHORT_KEY ? static_cast<int64_t>(slot_hash(lo, hi) & static_cast<uint64_t>(mask))
-                                              : LONG_KEY;
         start[chunks] = open;
         length[chunks] = len;
         lo_out[chunks] = lo;
         hi_out[chunks] = hi;
-        found[chunks] = slot;
+        found[chunks] = static_cast<int64_t>(slot_hash(lo, hi));  // its slot and tag, until pass 2 (a long key: unused)
         ++chunks;
         ++per_text[text];
     };
@@ -244,26 +255,36 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
     if (text + 1 != texts) return -1;  // buf did not hold `texts` documents
     // Passes 2 and 3, the probe, as separate loops over the chunks so that the table's and the keys'
     // cache misses overlap (each prefetched PREFETCH chunks ahead): one chunk's probe at a time
-    // waited on two or three misses in turn, the cut's loop leaving no room to overlap them.
-    constexpr int64_t PREFETCH = 16;
-    for (int64_t c = 0; c < chunks; ++c) {  // home slot -> the chunk in it (-1: empty)
-        if (c + PREFETCH < chunks && found[c + PREFETCH] >= 0) __builtin_prefetch(table + found[c + PREFETCH]);
-        if (found[c] >= 0) found[c] = table[found[c]];
-        else found[c] = LONG_KEY - 1;  // a long key, told apart from an empty slot's -1 until pass 3
-    }
-    for (int64_t c = 0; c < chunks; ++c) {  // the chunk in the home slot holds this key, or probe on
-        if (c + PREFETCH < chunks && found[c + PREFETCH] >= 0) {
-            __builtin_prefetch(key_lo + found[c + PREFETCH]);
-            __builtin_prefetch(key_hi + found[c + PREFETCH]);
+    // waited on two or three misses in turn, the cut's loop leaving no room to overlap them. A table
+    // entry holds its chunk and a tag of its key's hash (word_cache._tag), so pass 2 walks the table
+    // alone, slots holding other keys passed over by their tags, to one candidate per key, and pass 3
+    // reads only the candidates' keys: reading the key of every chunk met on the way, one miss each
+    // and not prefetched past the home slot, was a third of lw_chunks in a 1 GiB `data mix`.
+    constexpr int64_t PREFETCH = 64;
+    const uint64_t umask = static_cast<uint64_t>(mask);
+    for (int64_t c = 0; c < chunks; ++c) {  // key hash -> a candidate chunk (its tag's), or -1
+        if (c + PREFETCH < chunks) __builtin_prefetch(table + (found[c + PREFETCH] & mask));
+        if (length[c] > SHORT_KEY) { found[c] = LONG_KEY; continue; }  // not in the table: looked up by its bytes
+        const uint64_t h = static_cast<uint64_t>(found[c]);
+        const int64_t tag = static_cast<int64_t>(h >> 41 << 40);
+        int64_t entry;
+        for (uint64_t slot = h & umask;; slot = (slot + 1) & umask) {  // linear probing
+            entry = table[slot];
+            if (entry < 0 || (entry & TAG_BITS) == tag) break;
         }
+        found[c] = entry < 0 ? -1 : entry & CHUNK_BITS;
+    }
+    for (int64_t c = 0; c < chunks; ++c) {  // the candidate holds this key (once in 2^23 not: probe again)
+        if (c + PREFETCH < chunks && found[c + PREFETCH] >= 0) __builtin_prefetch(keys + found[c + PREFETCH]);
         int64_t hit = found[c];
-        if (hit == LONG_KEY - 1) { found[c] = LONG_KEY; continue; }
-        if (hit < 0 || (key_lo[hit] == lo_out[c] && key_hi[hit] == hi_out[c])) continue;  // a miss, or found
-        uint64_t slot = slot_hash(lo_out[c], hi_out[c]) & static_cast<uint64_t>(mask);
-        for (;;) {  // linear probing past the home slot, another key's
-            slot = (slot + 1) & static_cast<uint64_t>(mask);
-            hit = table[slot];
-            if (hit < 0 || (key_lo[hit] == lo_out[c] && key_hi[hit] == hi_out[c])) break;
+        if (hit < 0 || (keys[hit].lo == lo_out[c] && keys[hit].hi == hi_out[c])) continue;  // found, a miss, long
+        const uint64_t h = slot_hash(lo_out[c], hi_out[c]);
+        const int64_t tag = static_cast<int64_t>(h >> 41 << 40);
+        for (uint64_t slot = h & umask;; slot = (slot + 1) & umask) {  // every key of the tag compared
+            const int64_t entry = table[slot];
+            if (entry < 0) { hit = -1; break; }
+            hit = entry & CHUNK_BITS;
+            if ((entry & TAG_BITS) == tag && keys[hit].lo == lo_out[c] && keys[hit].hi == hi_out[c]) break;
         }
         found[c] = hit;
     }
@@ -279,15 +300,15 @@ int64_t all_chunks(const int64_t* per_text, int64_t texts) {
 }  // namespace
 
 // Each text's id count (its chunks' counts, plus `marks` for <s> and </s>); returns their sum.
-int64_t lw_doc_lengths(const int64_t* found, const int64_t* per_text, int64_t texts, const int64_t* count,
+int64_t lw_doc_lengths(const int64_t* found, const int64_t* per_text, int64_t texts, const Span* spans,
                        int64_t marks, int64_t* lengths) {
     const int64_t chunks = all_chunks(per_text, texts);
     int64_t total = 0, c = 0;
     for (int64_t t = 0; t < texts; ++t) {
         int64_t len = marks;
         for (int64_t k = 0; k < per_text[t]; ++k, ++c) {
-            if (c + 16 < chunks) __builtin_prefetch(count + found[c + 16]);
-            len += count[found[c]];
+            if (c + 64 < chunks) __builtin_prefetch(spans + found[c + 64]);
+            len += spans[found[c]].count;
         }
         lengths[t] = len;
         total += len;
@@ -296,20 +317,20 @@ int64_t lw_doc_lengths(const int64_t* found, const int64_t* per_text, int64_t te
 }
 
 // Every text's ids: bos (when with_bos), its chunks' cached ids in order, eos (when with_eos).
-void lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const int64_t* first,
-                 const int64_t* count, const int32_t* tokens, int64_t with_bos, int64_t bos, int64_t with_eos,
-                 int64_t eos, int64_t* out) {
+void lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const Span* spans,
+                 const int32_t* tokens, int64_t with_bos, int64_t bos, int64_t with_eos, int64_t eos, int64_t* out) {
     const int64_t chunks = all_chunks(per_text, texts);
     int64_t c = 0;
     for (int64_t t = 0; t < texts; ++t) {
         if (with_bos) *out++ = bos;
         for (int64_t k = 0; k < per_text[t]; ++k, ++c) {
-            // Two steps ahead: a chunk's row of first[] 32 chunks ahead, its ids 16 ahead (their row
-            // prefetched by then). Reading first[] for the ids' prefetch missed and stalled the loop.
-            if (c + 32 < chunks) __builtin_prefetch(first + found[c + 32]);
-            if (c + 16 < chunks) __builtin_prefetch(tokens + first[found[c + 16]]);
-            const int32_t* ids = tokens + first[found[c]];
-            for (int64_t j = 0, m = count[found[c]]; j < m; ++j) *out++ = ids[j];
+            // Two steps ahead: a chunk's span 64 chunks ahead, its ids 32 ahead (their span read by then).
+            // Reading the span for the ids' prefetch, a miss, stalled the loop.
+            if (c + 64 < chunks) __builtin_prefetch(spans + found[c + 64]);
+            if (c + 32 < chunks) __builtin_prefetch(tokens + spans[found[c + 32]].start);
+            const Span& span = spans[found[c]];
+            const int32_t* ids = tokens + span.start;
+            for (int64_t j = 0, m = span.count; j < m; ++j) *out++ = ids[j];
         }
         if (with_eos) *out++ = eos;
     }
