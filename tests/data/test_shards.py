@@ -6,6 +6,8 @@ import json
 import logging
 import random
 import sys
+import threading
+import time
 import types
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -253,6 +255,34 @@ def test_dropping_written_output_from_the_page_cache_keeps_the_bytes(tmp_path, m
         assert (len(dropped) > 10) if drop else not dropped, len(dropped)  # ~270 bytes a write: a drop each
     assert files[False] == files[True] and b"".join(files[True]) == tokens.tobytes()
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_write_behind_writes_every_item_in_order_and_raises_its_errors():
+    seen = []
+    with shards.WriteBehind(seen.append, depth=1) as behind:
+        for i in range(50):
+            behind.put(i)
+    assert seen == list(range(50))
+
+    def failing(item):
+        if item == 3:
+            raise OSError("disk full")
+        seen.append(item)
+
+    seen.clear()
+    with pytest.raises(OSError, match="disk full"), shards.WriteBehind(failing) as behind:
+        for i in range(100):  # put raises once the thread has failed, or leaving the block does
+            behind.put(i)
+    assert seen == [0, 1, 2]  # nothing written after the failure
+
+    # The caller's own error: the items not yet written are dropped, the thread ends, the error goes on.
+    seen.clear()
+    with pytest.raises(KeyError), shards.WriteBehind(lambda x: (time.sleep(0.01), seen.append(x))) as behind:
+        for i in range(10):
+            behind.put(i)
+        raise KeyError("stop")
+    assert len(seen) < 10 and seen == list(range(len(seen)))
+    assert not [t for t in threading.enumerate() if t.name == "write-behind"]
 
 
 def test_dtype_follows_vocab_size(tmp_path):

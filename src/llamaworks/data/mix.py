@@ -66,6 +66,7 @@ from llamaworks.data import storage
 from llamaworks.data.shards import FORMAT as SHARDS_FORMAT
 from llamaworks.data.shards import (
     ShardWriter,
+    WriteBehind,
     input_files,
     load_tokenizer,
     prepare,
@@ -474,8 +475,9 @@ def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_
     starts = [c.starts[split] for c in caches]
     pos = 0  # stream offset of the current window's first document
     total = sum(d.budget for d in draws)
+    # Each window is written in a thread of its own while the next one is drawn and gathered.
     with tqdm(total=total, initial=min(skip, total), desc=f"mix {split}", unit="tok", unit_scale=True,
-              disable=not progress) as bar:
+              disable=not progress) as bar, WriteBehind(writer.write) as behind:
         for source, docs, lens in _interleave(draws):
             ends = pos + np.cumsum(lens)  # (documents,) stream offset after each document
             first = int(np.searchsorted(ends, skip, side="right"))  # first document not fully on disk
@@ -484,11 +486,11 @@ def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_
                 head = np.maximum(0, skip - (ends[first:] - lens[first:]))
                 chunk = _window_tokens(tokens, starts, source[first:], docs[first:], head, lens[first:] - head,
                                        dtype)
-                writer.write(chunk)
+                behind.put(chunk)
                 bar.update(len(chunk))
             if len(lens):
                 pos = int(ends[-1])
-        writer.close()
+    writer.close()  # every window written (a failed one raised above): the last shard, even if short
     assert pos == sum(d.tokens for d in draws), (split, pos, [d.tokens for d in draws])
     return writer.shards
 

@@ -28,6 +28,8 @@ import mmap
 import multiprocessing
 import os
 import pickle
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -380,6 +382,51 @@ class ShardWriter:
     def close(self) -> None:
         if self._file is not None:
             self._finish()
+
+
+class WriteBehind:
+    """`put(item)` hands item to `write` in a thread of its own, at most `depth` items behind, so that
+    the caller makes the next item while this one is written (write releases the GIL: numpy's tofile,
+    fdatasync). `close()` waits for every item and raises the thread's error, if any; leaving the
+    `with` block on an error drops the items not yet written instead (the caller's error goes on)."""
+
+    _DONE = object()
+
+    def __init__(self, write, depth: int = 2):
+        self._write, self._error, self._abandoned = write, None, False
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._DONE:
+            if self._error is None and not self._abandoned:
+                try:
+                    self._write(item)
+                except BaseException as e:  # re-raised in the caller's thread
+                    self._error = e
+
+    def put(self, item) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def close(self) -> None:
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if kind is None:
+            self.close()
+            return
+        self._abandoned = True
+        self._queue.put(self._DONE)
+        self._thread.join()
 
 
 def sha256_file(path: Path) -> str:
