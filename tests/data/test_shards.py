@@ -257,6 +257,47 @@ def test_dropping_written_output_from_the_page_cache_keeps_the_bytes(tmp_path, m
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_workers_share_new_chunks_through_the_word_log(tmp_path, sp_path, tok):
+    # prepare's workers send back the chunks they gave SentencePiece; this process appends them to the
+    # pool's word log, and each worker reads the others' before its next batch. The log lives as long
+    # as the pool, the shards are those of one worker.
+    write_docs(tmp_path / "d", make_docs(400, seed=8))
+    kw = dict(val_fraction=0.1, shard_tokens=900, batch_chars=400)
+    one = prepare([str(tmp_path / "d")], sp_path, tmp_path / "w1", workers=1, **kw)
+    two = prepare([str(tmp_path / "d")], sp_path, tmp_path / "w2", workers=2, **kw)
+    log = shards._POOL.words
+    try:
+        assert Path(log).stat().st_size > 0
+        assert one["splits"] == two["splits"]
+        for split in ("train", "val"):
+            assert np.array_equal(stream(tmp_path / "w1", split), stream(tmp_path / "w2", split))
+    finally:
+        shards._drop_pool()
+    assert not Path(log).exists()
+
+
+def test_a_worker_reads_the_word_log_once_up_to_the_size_it_is_given(tmp_path, tok):
+    from llamaworks.tokenizer import Tokenizer
+    from llamaworks.tokenizer.word_cache import FlatEncoder
+
+    sp = Tokenizer(tok.path)
+    a, b = FlatEncoder(sp), FlatEncoder(sp)
+    a.sharing = True
+    a.encode(make_docs(50, seed=1))
+    first, cached = a.take_new(), len(a)
+    a.encode(make_docs(50, seed=2) + ["apple pear plum quince"])  # four new chunks
+    second = a.take_new()
+    assert 0 < cached < len(a)
+    log = tmp_path / "words.bin"
+    log.write_bytes(first + second)
+    shards._read_words(b, str(log), len(first))  # the size when its batch was sent: the first record
+    assert len(b) == cached
+    shards._read_words(b, str(log), len(first))  # nothing new below that size
+    assert len(b) == cached
+    shards._read_words(b, str(log), len(first) + len(second))
+    assert len(b) == len(a)
+
+
 def test_write_behind_writes_every_item_in_order_and_raises_its_errors():
     seen = []
     with shards.WriteBehind(seen.append, depth=1) as behind:

@@ -241,3 +241,29 @@ def test_every_corpus_file_gives_sentencepieces_ids(text_kernels, tiny_tokenizer
         texts = [text, *text.split("\n\n")[:2000]]  # the whole file, and its paragraphs as documents
         got = enc.encode(texts, True, True)
         assert all(np.array_equal(a, b) for a, b in zip(got, reference(tiny_tokenizer, texts, True, True))), f
+
+
+def test_new_chunks_taken_from_one_encoder_spare_another_sentencepiece(text_kernels, tiny_tokenizer, monkeypatch):
+    # The workers of `prepare` share the chunks each sent to SentencePiece (take_new -> put_new): the
+    # taker encodes them from its cache, with SentencePiece's ids, and asks SentencePiece only the rest.
+    texts = ODD + random_texts(400, seed=11) + ["x" * 40 + " " + "y" * 20]  # long keys too
+    a, b = FlatEncoder(tiny_tokenizer), FlatEncoder(tiny_tokenizer)
+    assert a.take_new() == b""  # not sharing: nothing kept
+    a.sharing = True
+    a.encode(texts[:200], True, True)
+    records = a.take_new()
+    assert records and a.take_new() == b""  # each chunk handed out once
+    a.encode(texts[200:], True, True)
+    records += a.take_new()
+    assert b.put_new(records + records) == len(a) == len(b)  # a chunk in two records: cached once
+    asked = []
+    add = FlatEncoder._add
+    monkeypatch.setattr(FlatEncoder, "_add", lambda self, keys, *x: (asked.append(len(keys)), add(self, keys, *x))[1])
+    got = b.encode(texts, True, True)
+    assert asked == [] and all(np.array_equal(x, y) for x, y in zip(got, reference(tiny_tokenizer, texts, True, True)))
+    assert b.put_new(records) == 0
+    full = FlatEncoder(tiny_tokenizer, max_words=10)
+    assert full.put_new(records) == 0 and len(full) == 0  # a cache that cannot hold them takes none
+    more = ["zz qq " + t for t in random_texts(50, seed=12)]
+    got = b.encode(more, True, True)  # chunks nobody shared still go to SentencePiece
+    assert asked and all(np.array_equal(x, y) for x, y in zip(got, reference(tiny_tokenizer, more, True, True)))

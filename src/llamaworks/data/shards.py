@@ -17,6 +17,7 @@ manifest.json: {"format", "documents", "tokens", "splits": {"train"|"val": {"doc
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import hashlib
@@ -29,6 +30,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import tempfile
 import threading
 import time
 from collections import deque
@@ -214,12 +216,14 @@ def _init_worker(tokenizer) -> None:
 
 
 def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: np.dtype, vocab_size: int,
-            tokenizer=None) -> tuple:
+            tokenizer=None, words: tuple[str, int] | None = None) -> tuple:
     """A batch of records (and spans of them) parsed, split and encoded: ((the batch's sources, each
-    document's index in them), in val, empty documents, lengths, train tokens, val tokens), the tokens
-    in the shards' `dtype`. Runs in the workers: JSON, the val-split hashes, the encoder, the range
-    check and the split in parallel; this process only writes what comes back. The sources go back
-    as names and an index array, not a string per document."""
+    document's index in them), in val, empty documents, lengths, train tokens, val tokens, the word
+    cache's new chunks), the tokens in the shards' `dtype`. Runs in the workers: JSON, the val-split
+    hashes, the encoder, the range check and the split in parallel; this process only writes what
+    comes back. The sources go back as names and an index array, not a string per document.
+    `words`: the word log (_encoded) and its size; its new part is read first, the batch's new
+    chunks come back last (b"" without a log)."""
     records = itertools.chain.from_iterable(_span_records(i) if isinstance(i, Span) else (i,) for i in items)
     docs = [_document_of(r) for r in records]
     # An empty document is counted, never encoded (`not text.strip()`, without strip()'s copy of a text).
@@ -229,13 +233,32 @@ def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: n
     val = _val_mask([d[0] for d in kept], seed, val_fraction)
     # SentencePiece models of LLaMA's kind go through a word cache (same ids, several times faster);
     # any other tokenizer through its encode_batch. Arrays, not lists: far cheaper to send back from a worker.
-    flat, lengths = flat_encoder(_WORKER_TOKENIZER if tokenizer is None else tokenizer).encode(
-        [d[2] for d in kept], bos=True, eos=True)
+    encoder = flat_encoder(_WORKER_TOKENIZER if tokenizer is None else tokenizer)
+    if words is not None:
+        encoder.sharing = True
+        _read_words(encoder, *words)
+    flat, lengths = encoder.encode([d[2] for d in kept], bos=True, eos=True)
     if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
         raise ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} (max "
                          f"{int(flat.max())}), unfit for {np.dtype(dtype).name} shards; check the tokenizer")
     train, held = _split_tokens(flat.astype(dtype), lengths, val)
-    return (list(names), which), val, len(docs) - len(kept), lengths, train, held
+    new = encoder.take_new() if words is not None else b""
+    return (list(names), which), val, len(docs) - len(kept), lengths, train, held, new
+
+
+_WORDS_READ: dict[str, int] = {}  # per word log, the bytes of it this worker has taken
+
+
+def _read_words(encoder, path: str, size: int) -> None:
+    """The other workers' new chunks: the word log from where this worker left it up to `size` (whole
+    records: the log grows a record at a time, and `size` was read between two)."""
+    at = _WORDS_READ.get(path, 0)
+    if size <= at:
+        return
+    with open(path, "rb") as f:
+        f.seek(at)
+        encoder.put_new(f.read(size - at))
+    _WORDS_READ[path] = size
 
 
 def _split_tokens(flat: np.ndarray, lengths: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -265,56 +288,96 @@ def _batches(items: Iterator[Record | Span], batch_chars: int) -> Iterator[list[
         yield batch
 
 
-_POOL: tuple[tuple, ProcessPoolExecutor] | None = None
+class _Pool(NamedTuple):
+    key: tuple
+    executor: ProcessPoolExecutor
+    words: str  # the word log: new chunks the workers' word caches met, for the other workers
 
 
-def _pool(workers: int, worker_arg) -> tuple[ProcessPoolExecutor, bool]:
-    """(pool, shared): encoding processes kept across `prepare` calls with the same tokenizer file, so
-    that `data mix`, which tokenises its sources one after another, spawns them once and their word
-    caches stay warm. A tokenizer object gets a pool of its own (shared False: the caller closes it)."""
-    global _POOL
+_POOL: _Pool | None = None
+
+
+def _new_pool(workers: int, worker_arg, key: tuple = ()) -> _Pool:
     # spawn: workers import only numpy and this module (not torch), and it behaves the same on
     # every OS; callers' scripts need the usual `if __name__ == "__main__":` guard. An executor,
     # not a Pool: a worker that cannot load the tokenizer breaks it with an error instead of a hang.
     context = multiprocessing.get_context("spawn")
+    fd, words = tempfile.mkstemp(prefix="llamaworks-words-", suffix=".bin")
+    os.close(fd)
+    atexit.register(_remove, words)  # the log outlives no process that made it
+    return _Pool(key, ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)), words)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _pool(workers: int, worker_arg) -> tuple[_Pool, bool]:
+    """(pool, shared): encoding processes kept across `prepare` calls with the same tokenizer file, so
+    that `data mix`, which tokenises its sources one after another, spawns them once and their word
+    caches stay warm. A tokenizer object gets a pool of its own (shared False: the caller closes it)."""
+    global _POOL
     if not isinstance(worker_arg, (str, os.PathLike)):
-        return ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)), False
+        return _new_pool(workers, worker_arg), False
     st = os.stat(worker_arg)
     key = (workers, os.path.abspath(worker_arg), st.st_size, st.st_mtime_ns)  # a rewritten file: new workers
-    if _POOL is not None and _POOL[0] != key:
+    if _POOL is not None and _POOL.key != key:
         _drop_pool()
     if _POOL is None:
-        _POOL = (key, ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)))
-    return _POOL[1], True
+        _POOL = _new_pool(workers, worker_arg, key)
+    return _POOL, True
+
+
+def _close(pool: _Pool) -> None:
+    pool.executor.shutdown(cancel_futures=True)
+    _remove(pool.words)
 
 
 def _drop_pool() -> None:
     global _POOL
     if _POOL is not None:
-        _POOL[1].shutdown(cancel_futures=True)
+        _close(_POOL)
         _POOL = None
 
 
 def _encoded(batches, tokenizer, worker_arg, workers: int, *args):
-    """_encode(batch, *args)'s result per batch, in input order whatever the worker count."""
+    """_encode(batch, *args)'s result per batch, in input order whatever the worker count.
+
+    With workers, each batch also carries the word log's size when it is sent, and each result the
+    chunks its worker newly sent to SentencePiece, appended to the log here: a worker takes the
+    others' chunks from the log before it encodes (word_cache's put_new), so each new chunk is
+    encoded about once between the workers instead of once per worker (~3 us each: 218k of them in
+    a 200 MiB mix, paid again by every worker's cold cache)."""
     if workers == 1:
         for batch in batches:
-            yield _encode(batch, *args, tokenizer)
+            yield _encode(batch, *args, tokenizer)[:-1]
         return
     pool, shared = _pool(workers, worker_arg)
     pending: deque = deque()  # bounded, so documents are read only a few batches ahead
     finished = False
+    logged = os.path.getsize(pool.words)
+
+    def result(future):
+        nonlocal logged
+        *out, new = future.result()
+        if new:
+            with open(pool.words, "ab") as f:
+                f.write(new)
+            logged += len(new)
+        return tuple(out)
+
     try:
         for batch in batches:
-            pending.append(pool.submit(_encode, batch, *args))
+            pending.append(pool.executor.submit(_encode, batch, *args, None, (pool.words, logged)))
             if len(pending) > 2 * workers:
-                yield pending.popleft().result()
+                yield result(pending.popleft())
         for future in pending:
-            yield future.result()
+            yield result(future)
         finished = True
     finally:
         if not shared:
-            pool.shutdown(cancel_futures=True)
+            _close(pool)
         elif not finished:  # an error or an abandoned run: no worker keeps running its tasks
             _drop_pool()
 

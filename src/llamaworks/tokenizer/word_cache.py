@@ -242,6 +242,8 @@ class FlatEncoder:
         self.refusal = word_cache_refusal(tokenizer)
         self.isolated = isolated_bytes(tokenizer) if self.refusal is None else b""
         self._checked = False
+        self.sharing = False  # keep the chunks sent to SentencePiece for take_new
+        self._new: list[tuple] = []
         self._scratch = native.Scratch()  # the compiled cut's outputs, reused batch after batch
         self._clear()
 
@@ -369,11 +371,19 @@ class FlatEncoder:
                 assert ids[k][:len(lone)] == lone, (key, ids[k], lone)
                 ids[k] = ids[k][len(lone):]
         counts = np.fromiter(map(len, ids), np.int64, len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(counts.sum()))
+        if self.sharing:
+            self._new.append((length.astype(np.int64), b"".join(keys), counts, flat))
+        return self._store(keys, lo, hi, length, counts, flat)
+
+    def _store(self, keys: list[bytes], lo: np.ndarray, hi: np.ndarray, length: np.ndarray, counts: np.ndarray,
+               flat: np.ndarray) -> int:
+        """Cache `keys` (distinct, not cached) with their ids (`counts` of them each, back to back in
+        `flat`); return the first's chunk number (the others follow in order)."""
         first = self._words
-        need_words, need_tokens = first + len(keys), self._used + int(counts.sum())
+        need_words, need_tokens = first + len(keys), self._used + len(flat)
         self._grow(need_words, need_tokens)
-        self._tokens[self._used:need_tokens] = np.fromiter(itertools.chain.from_iterable(ids), np.int32,
-                                                           need_tokens - self._used)
+        self._tokens[self._used:need_tokens] = flat
         self._count[first:need_words] = counts
         self._start[first:need_words] = self._used + np.cumsum(counts) - counts
         self._lo[first:need_words], self._hi[first:need_words], self._len[first:need_words] = lo, hi, length
@@ -383,6 +393,53 @@ class FlatEncoder:
         self._place(numbers[short])
         self._long.update((k, n) for k, n, s in zip(keys, numbers.tolist(), short.tolist()) if not s)
         return first
+
+    # ------------------------------------------------------------------------ sharing new chunks
+
+    def take_new(self) -> bytes:
+        """The chunks this encoder sent to SentencePiece since the last call (with `sharing` on), as one
+        record for another encoder of the same model to `put_new` (b"" when none): encoding processes
+        that each meet the same new words pay SentencePiece once between them instead of once each."""
+        if not self._new:
+            return b""
+        new, self._new = self._new, []
+        lengths, counts, ids = (np.concatenate([x[k] for x in new]) for k in (0, 2, 3))
+        keys = b"".join(x[1] for x in new)
+        head = np.array([len(lengths), len(keys), len(ids)], np.int64)
+        return b"".join([head.tobytes(), lengths.astype("<i8").tobytes(), keys, counts.astype("<i8").tobytes(),
+                         ids.astype("<i4").tobytes()])
+
+    def put_new(self, records: bytes) -> int:
+        """Cache the chunks of `take_new` records (back to back) that this encoder lacks, without
+        SentencePiece; return how many. Only for records of an encoder of the same model file."""
+        if self.refusal is not None or not records:
+            return 0
+        parts, at = [], 0
+        while at < len(records):  # each record: its sizes, then its arrays
+            n, key_bytes, n_ids = np.frombuffer(records, "<i8", 3, at).tolist()
+            at += 24
+            length = np.frombuffer(records, "<i8", n, at)
+            keys = records[at + 8 * n:at + 8 * n + key_bytes]
+            at += 8 * n + key_bytes
+            counts = np.frombuffer(records, "<i8", n, at)
+            ids = np.frombuffer(records, "<i4", n_ids, at + 8 * n)
+            at += 8 * n + 4 * n_ids
+            parts.append((length, keys, counts, ids))
+        length = np.concatenate([x[0] for x in parts]).astype(np.int64)
+        buf = b"".join(x[1] for x in parts)
+        counts = np.concatenate([x[2] for x in parts]).astype(np.int64)
+        ids = np.concatenate([x[3] for x in parts])
+        start = np.cumsum(length) - length
+        lo, hi = _packed(buf, start, length)
+        missing = np.flatnonzero(self._lookup(buf, start, length, lo, hi) < 0)
+        rows, _ = _distinct(buf, start, length, lo, hi, missing)  # a chunk both of two others encoded: once
+        if not len(rows) or self._words + len(rows) > self.max_words:  # a full cache takes none
+            return 0
+        keys = [buf[s:s + n] for s, n in zip(start[rows].tolist(), length[rows].tolist())]
+        first_id = np.cumsum(counts) - counts
+        self._store(keys, lo[rows], hi[rows], length[rows], counts[rows],
+                    ids[_ragged_arange(first_id[rows], counts[rows])])
+        return len(rows)
 
     def _lookup(self, buf, start, length, lo, hi) -> np.ndarray:
         """(chunks,) the cache number of each chunk; -1 where not cached."""
