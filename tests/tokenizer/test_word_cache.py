@@ -12,9 +12,10 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamaworks.tokenizer import Tokenizer
+from llamaworks.tokenizer import Tokenizer, native
 from llamaworks.tokenizer.word_cache import (
     FlatEncoder,
+    _fitted,
     flat_encoder,
     isolated_bytes,
     split_chunks,
@@ -113,9 +114,8 @@ def test_other_models_and_tokenizers_use_their_own_encoder(tmp_path, tiny_tokeni
 
 def test_a_mismatch_on_the_first_batch_turns_the_cache_off(tiny_tokenizer, monkeypatch, caplog):
     enc = FlatEncoder(tiny_tokenizer)
-    real = enc._cached
-    monkeypatch.setattr(enc, "_cached", lambda texts, bos, eos: (real(texts, bos, eos)[0] + 1, real(texts, bos,
-                                                                                                   eos)[1]))
+    real = enc._word_cached
+    monkeypatch.setattr(enc, "_word_cached", lambda *a: (real(*a)[0] + 1, real(*a)[1]))
     ids, _ = enc.encode(["the king"], True, True)
     assert enc.refusal.startswith("its ids differed") and "word cache is off" in caplog.text
     assert ids.tolist() == tiny_tokenizer.encode("the king", bos=True, eos=True)
@@ -267,3 +267,26 @@ def test_new_chunks_taken_from_one_encoder_spare_another_sentencepiece(text_kern
     more = ["zz qq " + t for t in random_texts(50, seed=12)]
     got = b.encode(more, True, True)  # chunks nobody shared still go to SentencePiece
     assert asked and all(np.array_equal(x, y) for x, y in zip(got, reference(tiny_tokenizer, more, True, True)))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_ids_come_in_the_dtype_asked_for(text_kernels, tiny_tokenizer, dtype):
+    # prepare asks for its shards' uint16: the gather writes it, no int64 array in between.
+    enc = FlatEncoder(tiny_tokenizer)
+    texts = ODD + random_texts(300, seed=4)
+    ids, lengths = enc.encode(texts, True, True, dtype=dtype)
+    want, want_lengths = reference(tiny_tokenizer, texts, True, True)
+    assert ids.dtype == dtype and np.array_equal(ids, want) and np.array_equal(lengths, want_lengths)
+
+
+def test_ids_that_do_not_fit_the_dtype_are_refused(text_kernels, tiny_tokenizer):
+    enc = FlatEncoder(tiny_tokenizer)
+    enc.encode(["the king"])
+    if native.library() is not None:  # the gather checks the largest id the cache holds
+        enc._max_id = 70000  # as if a piece had an id past uint16
+        with pytest.raises(ValueError, match="does not fit uint16"):
+            enc.encode(["the king"], dtype=np.uint16)
+    with pytest.raises(ValueError, match="do not fit uint16"):  # the other paths check the ids themselves
+        _fitted(np.array([5, 70000]), np.array([2]), np.dtype(np.uint16))
+    with pytest.raises(ValueError, match="dtype must be"):
+        enc.encode(["the king"], dtype=np.float32)

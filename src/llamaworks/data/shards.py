@@ -237,13 +237,24 @@ def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: n
     if words is not None:
         encoder.sharing = True
         _read_words(encoder, *words)
-    flat, lengths = encoder.encode([d[2] for d in kept], bos=True, eos=True)
+    # The ids in the shards' dtype from the encoder itself (an id that does not fit it: ValueError).
+    try:
+        flat, lengths = encoder.encode([d[2] for d in kept], bos=True, eos=True, dtype=_encoded_dtype(dtype))
+    except ValueError as e:
+        raise ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} ({e}), unfit for "
+                         f"{np.dtype(dtype).name} shards; check the tokenizer") from None
     if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
         raise ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} (max "
                          f"{int(flat.max())}), unfit for {np.dtype(dtype).name} shards; check the tokenizer")
-    train, held = _split_tokens(flat.astype(dtype), lengths, val)
+    train, held = _split_tokens(flat.astype(dtype, copy=False), lengths, val)
     new = encoder.take_new() if words is not None else b""
     return (list(names), which), val, len(docs) - len(kept), lengths, train, held, new
+
+
+def _encoded_dtype(dtype: np.dtype) -> np.dtype:
+    """What the encoder writes for `dtype` shards: uint16 ones as is (most vocabularies), else int64
+    (converted after the range check)."""
+    return np.dtype(np.uint16) if np.dtype(dtype) == np.uint16 else np.dtype(np.int64)
 
 
 _WORDS_READ: dict[str, int] = {}  # per word log, the bytes of it this worker has taken

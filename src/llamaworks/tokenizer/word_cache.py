@@ -53,6 +53,17 @@ _SHORT = 15  # keys of up to this many bytes are held packed in two uint64 (_pac
 _LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)  # [k]: a mask of the low k bytes
 _MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0xBF58476D1CE4E5B9))
 _NO_KEY = np.uint64(0xFF << 56)  # a packed hi whose length byte (255) no short key has
+_INT64 = np.dtype(np.int64)
+
+
+def _fitted(ids: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(ids as dtype, lengths); ValueError when an id is outside dtype's range."""
+    if dtype != ids.dtype and len(ids):
+        info = np.iinfo(dtype)
+        if ids.min() < info.min or ids.max() > info.max:
+            raise ValueError(f"token ids {int(ids.min())}..{int(ids.max())} do not fit {dtype.name}; "
+                             "encode with a wider dtype")
+    return ids.astype(dtype, copy=False), lengths
 
 
 def _aligned_rows(n: int, dtype: np.dtype) -> np.ndarray:
@@ -268,17 +279,30 @@ class FlatEncoder:
         self._len = np.zeros(1 << 12, np.int64)  # chunk -> its key's length in bytes
         self._hi[-1] = _NO_KEY  # the last row is never a chunk (_grow keeps it spare): what an empty slot reads
         self._used = 0  # ids stored in _tokens
+        self._max_id = 0  # the largest of them
         self._table = np.full(1 << 13, -1, np.int64)  # open addressing (linear probing): slot -> entry or -1
         self._in_table = 0
         self._long: dict[bytes, int] = {}  # keys over _SHORT bytes -> chunk
 
-    def encode(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
+               dtype: np.dtype | type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, lengths): every text's ids back to back, as `dtype` (int64, int32 or uint16: ValueError
+        when an id does not fit it), and each text's count."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.int64, np.int32, np.uint16):
+            raise ValueError(f"dtype must be int64, int32 or uint16, got {dtype}")
         if self.refusal is None and not self._checked and len(texts):
             self._checked = True
             self._check(texts[:64])
         if self.refusal is not None:
-            return self._plain(texts, bos, eos)
-        return self._cached(texts, bos, eos)
+            return _fitted(*self._plain(texts, bos, eos), dtype)
+        return self._word_cached(texts, bos, eos, dtype)
+
+    def _word_cached(self, texts, bos, eos, dtype: np.dtype = _INT64) -> tuple[np.ndarray, np.ndarray]:
+        lib = native.library()
+        if lib is None or not len(texts):
+            return _fitted(*self._cached(texts, bos, eos), dtype)
+        return self._compiled(lib, texts, bos, eos, dtype)
 
     def _plain(self, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tokenizer.encode_batch(list(texts), bos=bos, eos=eos)
@@ -286,7 +310,7 @@ class FlatEncoder:
         return np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths
 
     def _check(self, texts) -> None:
-        fast, reference = self._cached(texts, True, True), self._plain(texts, True, True)
+        fast, reference = self._word_cached(texts, True, True), self._plain(texts, True, True)
         if not all(np.array_equal(a, b) for a, b in zip(fast, reference)):
             self.refusal = "its ids differed from SentencePiece's on the first documents"
             log.warning("the word cache is off for %s: %s", getattr(self.tokenizer, "path", "this tokenizer"),
@@ -388,6 +412,7 @@ class FlatEncoder:
         self._start[first:need_words] = self._used + np.cumsum(counts) - counts
         self._lo[first:need_words], self._hi[first:need_words], self._len[first:need_words] = lo, hi, length
         self._used, self._words = need_tokens, need_words
+        self._max_id = max(self._max_id, int(flat.max(initial=0)))
         numbers = np.arange(first, need_words)
         short = length <= _SHORT
         self._place(numbers[short])
@@ -465,11 +490,9 @@ class FlatEncoder:
         found[missing] = self._add(keys, lo[rows], hi[rows], length[rows]) + which
 
     def _cached(self, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
+        """The numpy path of the word cache (the compiled one: _compiled)."""
         if not len(texts):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        lib = native.library()
-        if lib is not None:
-            return self._compiled(lib, texts, bos, eos)
         buf, start, length, n_words = split_chunks(texts, self.isolated)
         lo, hi = _packed(buf, start, length)
         found = self._lookup(buf, start, length, lo, hi)
@@ -489,8 +512,9 @@ class FlatEncoder:
         where = np.stack([m[0] for m in marks], axis=1).reshape(-1)
         return np.insert(body.astype(np.int64), where, [m[1] for m in marks] * len(first)), lengths
 
-    def _compiled(self, lib, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
-        """_cached's numpy passes as compiled ones (tokenizer/native.py): the same chunks, keys and ids."""
+    def _compiled(self, lib, texts, bos, eos, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """_cached's numpy passes as compiled ones (tokenizer/native.py): the same chunks, keys and ids,
+        written as `dtype` by the gather itself."""
         buf = _joined(_utf8(texts), texts)
         start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(self.isolated), len(texts),
                                                                self._table, self._keys, self._scratch)
@@ -500,8 +524,11 @@ class FlatEncoder:
             found[long] = np.fromiter(map(self._long.get, keys, itertools.repeat(-1)), np.int64, len(keys))
         if (found < 0).any():
             self._fill(buf, start, length, lo, hi, found)
-        return native.assemble(lib, found, per_text, self._spans, self._tokens,
-                               self.tokenizer.bos_id if bos else None, self.tokenizer.eos_id if eos else None)
+        bos_id, eos_id = self.tokenizer.bos_id if bos else None, self.tokenizer.eos_id if eos else None
+        top = max(self._max_id, bos_id or 0, eos_id or 0)  # every id the gather can write
+        if top > np.iinfo(dtype).max:
+            raise ValueError(f"token id {top} does not fit {dtype.name}; encode with a wider dtype")
+        return native.assemble(lib, found, per_text, self._spans, self._tokens, bos_id, eos_id, dtype)
 
 
 _LAST: tuple[object, FlatEncoder] | None = None

@@ -316,13 +316,15 @@ int64_t lw_doc_lengths(const int64_t* found, const int64_t* per_text, int64_t te
     return total;
 }
 
-// Every text's ids: bos (when with_bos), its chunks' cached ids in order, eos (when with_eos).
-void lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const Span* spans,
-                 const int32_t* tokens, int64_t with_bos, int64_t bos, int64_t with_eos, int64_t eos, int64_t* out) {
+extern "C++" {  // a template: C++ linkage inside the C block
+namespace {
+template <typename Out>
+void assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const Span* spans, const int32_t* tokens,
+              int64_t with_bos, int64_t bos, int64_t with_eos, int64_t eos, Out* out) {
     const int64_t chunks = all_chunks(per_text, texts);
     int64_t c = 0;
     for (int64_t t = 0; t < texts; ++t) {
-        if (with_bos) *out++ = bos;
+        if (with_bos) *out++ = static_cast<Out>(bos);
         for (int64_t k = 0; k < per_text[t]; ++k, ++c) {
             // Two steps ahead: a chunk's span 64 chunks ahead, its ids 32 ahead (their span read by then).
             // Reading the span for the ids' prefetch, a miss, stalled the loop.
@@ -330,9 +332,30 @@ void lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts, c
             if (c + 32 < chunks) __builtin_prefetch(tokens + spans[found[c + 32]].start);
             const Span& span = spans[found[c]];
             const int32_t* ids = tokens + span.start;
-            for (int64_t j = 0, m = span.count; j < m; ++j) *out++ = ids[j];
+            for (int64_t j = 0, m = span.count; j < m; ++j) *out++ = static_cast<Out>(ids[j]);
         }
-        if (with_eos) *out++ = eos;
+        if (with_eos) *out++ = static_cast<Out>(eos);
+    }
+}
+}  // namespace
+}  // extern "C++"
+
+// Every text's ids: bos (when with_bos), its chunks' cached ids in order, eos (when with_eos), written
+// as `itemsize`-byte integers (2: uint16, 4: int32, 8: int64; the caller knows every id fits). Writing
+// the shards' uint16 here spares `prepare` an int64 array four times the size and a conversion.
+// Returns -1 for another itemsize.
+int64_t lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const Span* spans,
+                    const int32_t* tokens, int64_t with_bos, int64_t bos, int64_t with_eos, int64_t eos, void* out,
+                    int64_t itemsize) {
+    auto run = [&](auto* typed) {
+        assemble(found, per_text, texts, spans, tokens, with_bos, bos, with_eos, eos, typed);
+        return int64_t{0};
+    };
+    switch (itemsize) {
+        case 2: return run(static_cast<uint16_t*>(out));
+        case 4: return run(static_cast<int32_t*>(out));
+        case 8: return run(static_cast<int64_t*>(out));
+        default: return -1;
     }
 }
 
