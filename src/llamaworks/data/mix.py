@@ -14,13 +14,15 @@ source (Wikipedia, Books) is seen more than once and the large ones about once. 
    the trainer's packed shards (train/, val/, manifest.json) plus mix.json (the report).
 
 Where the time goes: tokenising, about 90% of the CPU time (docs/data.md has the stages). It runs
-in `workers` processes (one pool for every source, so their caches stay warm), each parsing its
-batch of JSONL lines and encoding it through a word cache in front of SentencePiece
-(tokenizer/word_cache.py: the same ids, the model asked once per distinct chunk, the chunks cut
-and looked up by compiled kernels, about 110 MB/s per core warm; numpy where they are not built).
-This process reads the lines and writes the shards. Drawing and interleaving work on arrays of
-document lengths, and each interleaving window's tokens are gathered from the caches with one
-memcpy per document (`_SplitTokens.copy_runs`) and written in bulk.
+in `workers` processes (one pool for every source, so their caches stay warm), each reading its
+batch of JSONL lines (a byte span of a local .jsonl; compressed files come as lines), parsing and
+encoding it through a word cache in front of SentencePiece (tokenizer/word_cache.py: the same ids,
+the model asked about once per distinct chunk between the workers, the chunks cut and looked up by
+compiled kernels, about 150-200 MB/s per core warm; numpy where they are not built) and splitting
+it into train and val ids of the shards' dtype. This process cuts the spans and writes the shards.
+Drawing and interleaving work on arrays of document lengths, and each interleaving window's tokens
+are gathered from the caches with one memcpy per document (`_SplitTokens.copy_runs`) and written in
+bulk, a window behind, into page cache recycled as it goes (ShardWriter's drop_cache).
 
 Output (a directory `TokenLoader` / `open_token_dataset` read as is):
 

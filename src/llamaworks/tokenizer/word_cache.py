@@ -26,7 +26,8 @@ batch is also checked against plain SentencePiece (a mismatch turns the cache of
 Where the compiled text kernels are built (tokenizer/native.py), the cut, the packing, the probe
 and the gather of the ids are each one C++ pass (`_compiled`) over the same buffer and the same
 table; the numpy passes below remain the reference and the fallback. SentencePiece on new chunks
-and the cache's bookkeeping of them stay here.
+and the cache's bookkeeping of them stay here. Encoders of the same model in several processes
+(`prepare`'s workers) can share the chunks each sent to SentencePiece (`take_new` / `put_new`).
 """
 
 from __future__ import annotations
