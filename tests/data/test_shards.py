@@ -276,6 +276,32 @@ def test_workers_share_new_chunks_through_the_word_log(tmp_path, sp_path, tok):
     assert not Path(log).exists()
 
 
+@pytest.mark.parametrize("broken", ["make", "append"])
+def test_a_word_log_that_cannot_be_made_or_written_only_stops_the_sharing(tmp_path, sp_path, monkeypatch, caplog,
+                                                                          broken):
+    # A full or read-only temporary folder: the workers each encode their own new chunks, same shards.
+    write_docs(tmp_path / "d", make_docs(300, seed=9))
+    kw = dict(val_fraction=0.1, shard_tokens=900, batch_chars=400)
+    one = prepare([str(tmp_path / "d")], sp_path, tmp_path / "w1", workers=1, **kw)
+    shards._drop_pool()
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards, "_make_log" if broken == "make" else "_append", fail)
+    try:
+        with caplog.at_level(logging.WARNING, logger="llamaworks.data.shards"):
+            two = prepare([str(tmp_path / "d")], sp_path, tmp_path / "w2", workers=2, **kw)
+            again = prepare([str(tmp_path / "d")], sp_path, tmp_path / "w3", workers=2, **kw)  # the same pool
+        assert shards._POOL.words is None
+    finally:
+        shards._drop_pool()
+    assert "do not share new chunks" in caplog.text and "No space left" in caplog.text
+    assert one["splits"] == two["splits"] == again["splits"]
+    for split in ("train", "val"):
+        assert np.array_equal(stream(tmp_path / "w1", split), stream(tmp_path / "w2", split))
+
+
 def test_a_worker_reads_the_word_log_once_up_to_the_size_it_is_given(tmp_path, tok):
     from llamaworks.tokenizer import Tokenizer
     from llamaworks.tokenizer.word_cache import FlatEncoder

@@ -302,7 +302,7 @@ def _batches(items: Iterator[Record | Span], batch_chars: int) -> Iterator[list[
 class _Pool(NamedTuple):
     key: tuple
     executor: ProcessPoolExecutor
-    words: str  # the word log: new chunks the workers' word caches met, for the other workers
+    words: str | None  # the word log: new chunks the workers' word caches met, for the others (None: off)
 
 
 _POOL: _Pool | None = None
@@ -313,15 +313,40 @@ def _new_pool(workers: int, worker_arg, key: tuple = ()) -> _Pool:
     # every OS; callers' scripts need the usual `if __name__ == "__main__":` guard. An executor,
     # not a Pool: a worker that cannot load the tokenizer breaks it with an error instead of a hang.
     context = multiprocessing.get_context("spawn")
-    fd, words = tempfile.mkstemp(prefix="llamaworks-words-", suffix=".bin")
-    os.close(fd)
-    atexit.register(_remove, words)  # the log outlives no process that made it
+    try:
+        words = _make_log()
+    except OSError as e:
+        words = _no_words(None, e)
     return _Pool(key, ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)), words)
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def _make_log() -> str:
+    fd, path = tempfile.mkstemp(prefix="llamaworks-words-", suffix=".bin")
+    os.close(fd)
+    atexit.register(_remove, path)  # the log outlives no process that made it
+    return path
+
+
+def _remove(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _no_words(pool: _Pool | None, why: Exception) -> None:
+    """Sharing new chunks is only a saving: a word log that cannot be made or written turns it off (the
+    workers each encode their own, the same ids) instead of failing the run."""
+    global _POOL
+    log.warning("prepare's workers do not share new chunks (%s: %s): each encodes its own", type(why).__name__, why)
+    if pool is not None:
+        _remove(pool.words)
+        if _POOL is pool:
+            _POOL = pool._replace(words=None)
+
+
+def _append(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
 
 
 def _pool(workers: int, worker_arg) -> tuple[_Pool, bool]:
@@ -367,20 +392,23 @@ def _encoded(batches, tokenizer, worker_arg, workers: int, *args):
     pool, shared = _pool(workers, worker_arg)
     pending: deque = deque()  # bounded, so documents are read only a few batches ahead
     finished = False
-    logged = os.path.getsize(pool.words)
+    words, logged = pool.words, os.path.getsize(pool.words) if pool.words else 0
 
     def result(future):
-        nonlocal logged
+        nonlocal words, logged
         *out, new = future.result()
-        if new:
-            with open(pool.words, "ab") as f:
-                f.write(new)
-            logged += len(new)
+        if new and words:
+            try:
+                _append(words, new)
+                logged += len(new)
+            except OSError as e:  # a full disk: a record may be cut short, so the log goes
+                _no_words(pool, e)
+                words = None
         return tuple(out)
 
     try:
         for batch in batches:
-            pending.append(pool.executor.submit(_encode, batch, *args, None, (pool.words, logged)))
+            pending.append(pool.executor.submit(_encode, batch, *args, None, words and (words, logged)))
             if len(pending) > 2 * workers:
                 yield result(pending.popleft())
         for future in pending:
