@@ -352,6 +352,19 @@ def test_write_behind_writes_every_item_in_order_and_raises_its_errors():
     assert not [t for t in threading.enumerate() if t.name == "write-behind"]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_text_that_is_no_unicode_keeps_its_own_error(tmp_path, sp_path, workers):
+    # JSON may hold a lone surrogate ("\\ud800"); SentencePiece refuses such a text, and so does prepare,
+    # with the encoder's UnicodeEncodeError (not a word about the vocabulary).
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "the king"}\n{"text": "bad \\ud800 text"}\n')
+    try:
+        with pytest.raises(UnicodeEncodeError):
+            prepare([str(tmp_path / "d")], sp_path, tmp_path / "out", workers=workers)
+    finally:
+        shards._drop_pool()
+
+
 def test_dtype_follows_vocab_size(tmp_path):
     write_docs(tmp_path / "d", ["abc", "xyz"])
     small = prepare([str(tmp_path / "d")], FakeTokenizer(65536), tmp_path / "a", val_fraction=0, workers=1)

@@ -47,7 +47,7 @@ from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json
 from llamaworks.data.document import parse_line, raw_lines
 from llamaworks.tokenizer import load_tokenizer as load_tokenizer_file
-from llamaworks.tokenizer.word_cache import flat_encoder
+from llamaworks.tokenizer.word_cache import IdOverflow, flat_encoder
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +237,11 @@ def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: n
     if words is not None:
         encoder.sharing = True
         _read_words(encoder, *words)
-    # The ids in the shards' dtype from the encoder itself (an id that does not fit it: ValueError).
+    # The ids in the shards' dtype from the encoder itself (an id that does not fit it: IdOverflow; any
+    # other error, such as a text with an unpaired surrogate, goes on as it is).
     try:
         flat, lengths = encoder.encode([d[2] for d in kept], bos=True, eos=True, dtype=_encoded_dtype(dtype))
-    except ValueError as e:
+    except IdOverflow as e:
         raise ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} ({e}), unfit for "
                          f"{np.dtype(dtype).name} shards; check the tokenizer") from None
     if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):

@@ -57,12 +57,16 @@ _NO_KEY = np.uint64(0xFF << 56)  # a packed hi whose length byte (255) no short 
 _INT64 = np.dtype(np.int64)
 
 
+class IdOverflow(ValueError):
+    """An id that the dtype `FlatEncoder.encode` was asked for cannot hold."""
+
+
 def _fitted(ids: np.ndarray, lengths: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(ids as dtype, lengths); ValueError when an id is outside dtype's range."""
+    """(ids as dtype, lengths); IdOverflow when an id is outside dtype's range."""
     if dtype != ids.dtype and len(ids):
         info = np.iinfo(dtype)
         if ids.min() < info.min or ids.max() > info.max:
-            raise ValueError(f"token ids {int(ids.min())}..{int(ids.max())} do not fit {dtype.name}; "
+            raise IdOverflow(f"token ids {int(ids.min())}..{int(ids.max())} do not fit {dtype.name}; "
                              "encode with a wider dtype")
     return ids.astype(dtype, copy=False), lengths
 
@@ -287,7 +291,7 @@ class FlatEncoder:
 
     def encode(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
                dtype: np.dtype | type = np.int64) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, lengths): every text's ids back to back, as `dtype` (int64, int32 or uint16: ValueError
+        """(ids, lengths): every text's ids back to back, as `dtype` (int64, int32 or uint16: IdOverflow
         when an id does not fit it), and each text's count."""
         dtype = np.dtype(dtype)
         if dtype not in (np.int64, np.int32, np.uint16):
@@ -528,7 +532,7 @@ class FlatEncoder:
         bos_id, eos_id = self.tokenizer.bos_id if bos else None, self.tokenizer.eos_id if eos else None
         top = max(self._max_id, bos_id or 0, eos_id or 0)  # every id the gather can write
         if top > np.iinfo(dtype).max:
-            raise ValueError(f"token id {top} does not fit {dtype.name}; encode with a wider dtype")
+            raise IdOverflow(f"token id {top} does not fit {dtype.name}; encode with a wider dtype")
         return native.assemble(lib, found, per_text, self._spans, self._tokens, bos_id, eos_id, dtype)
 
 
