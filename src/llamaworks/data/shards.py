@@ -239,14 +239,16 @@ def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: n
         _read_words(encoder, *words)
     # The ids in the shards' dtype from the encoder itself (an id that does not fit it: IdOverflow; any
     # other error, such as a text with an unpaired surrogate, goes on as it is).
+    def outside(detail: str) -> ValueError:
+        return ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} ({detail}), unfit "
+                          f"for {np.dtype(dtype).name} shards; check the tokenizer")
+
     try:
         flat, lengths = encoder.encode([d[2] for d in kept], bos=True, eos=True, dtype=_encoded_dtype(dtype))
     except IdOverflow as e:
-        raise ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} ({e}), unfit for "
-                         f"{np.dtype(dtype).name} shards; check the tokenizer") from None
+        raise outside(str(e)) from None
     if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
-        raise ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} (max "
-                         f"{int(flat.max())}), unfit for {np.dtype(dtype).name} shards; check the tokenizer")
+        raise outside(f"max {int(flat.max())}")
     train, held = _split_tokens(flat.astype(dtype, copy=False), lengths, val)
     new = encoder.take_new() if words is not None else b""
     return (list(names), which), val, len(docs) - len(kept), lengths, train, held, new
@@ -317,7 +319,8 @@ def _new_pool(workers: int, worker_arg, key: tuple = ()) -> _Pool:
     try:
         words = _make_log()
     except OSError as e:
-        words = _no_words(None, e)
+        _no_words(None, e)
+        words = None
     return _Pool(key, ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)), words)
 
 

@@ -67,6 +67,9 @@ inline uint64_t slot_hash(uint64_t lo, uint64_t hi) {  // word_cache._hash
     return h ^ (h >> 32);
 }
 
+inline int64_t tag_of(uint64_t h) {  // a table entry's tag bits for a key hashing to h (word_cache._tag)
+    return static_cast<int64_t>(h >> 41 << 40);
+}
 
 // lw_chunks' byte classes, as 64-bit masks per 64 bytes of a block: a bit for every byte that starts
 // something (an event): the first space of a run, an isolated byte, a document's 0xFF. The portable
@@ -266,7 +269,7 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
         if (c + PREFETCH < chunks) __builtin_prefetch(table + (found[c + PREFETCH] & mask));
         if (length[c] > SHORT_KEY) { found[c] = LONG_KEY; continue; }  // not in the table: looked up by its bytes
         const uint64_t h = static_cast<uint64_t>(found[c]);
-        const int64_t tag = static_cast<int64_t>(h >> 41 << 40);
+        const int64_t tag = tag_of(h);
         int64_t entry;
         for (uint64_t slot = h & umask;; slot = (slot + 1) & umask) {  // linear probing
             entry = table[slot];
@@ -279,7 +282,7 @@ int64_t lw_chunks(const uint8_t* buf, int64_t n, const uint8_t* isolated, int64_
         int64_t hit = found[c];
         if (hit < 0 || (keys[hit].lo == lo_out[c] && keys[hit].hi == hi_out[c])) continue;  // found, a miss, long
         const uint64_t h = slot_hash(lo_out[c], hi_out[c]);
-        const int64_t tag = static_cast<int64_t>(h >> 41 << 40);
+        const int64_t tag = tag_of(h);
         for (uint64_t slot = h & umask;; slot = (slot + 1) & umask) {  // every key of the tag compared
             const int64_t entry = table[slot];
             if (entry < 0) { hit = -1; break; }
