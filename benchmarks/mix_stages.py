@@ -128,6 +128,8 @@ def profiled_mix(corpus: Path, out: Path) -> dict:
     saved = []
     targets = [(shards, "_records", "read JSONL lines (decompress, split)", None, True),
                (shards, "_span_records", "read JSONL lines (decompress, split)", None, True),  # in the workers
+               (shards, "_span_bytes", "read JSONL lines (decompress, split)", None, False),
+               (native, "jsonl_docs", "JSONL records to documents (compiled)", None, False),
                (shards, "_split_tokens", "train/val split of the ids", None, False),
                (shards, "_document_of", "parse JSON", None, False),
                (shards, "_val_mask", "val-split hashes", None, False),

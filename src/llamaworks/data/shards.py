@@ -47,7 +47,8 @@ from llamaworks.args import Arg
 from llamaworks.atomic import atomic_write_json
 from llamaworks.data.document import parse_line, raw_lines
 from llamaworks.tokenizer import load_tokenizer as load_tokenizer_file
-from llamaworks.tokenizer.word_cache import IdOverflow, flat_encoder
+from llamaworks.tokenizer import native
+from llamaworks.tokenizer.word_cache import IdOverflow, flat_encoder, joined_utf8
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,20 @@ def _spans(file: Path, source: str, name: str, span_bytes: int) -> Iterator[Span
             del data  # the map cannot close while an array views it
 
 
-def _span_records(span: Span) -> Iterator[Record]:
-    """raw_lines' (line number, bytes) of the span's non-blank lines, as records (in the worker)."""
+def _span_bytes(span: Span) -> bytes:
     with open(span.file, "rb") as f:
         f.seek(span.start)
         data = f.read(span.end - span.start)
     if len(data) != span.end - span.start:
         raise ValueError(f"{span.file} changed while it was being read (shorter than {span.end} bytes); "
                          "run again on files that nothing writes to")
+    return data
+
+
+def _span_records(span: Span, data: bytes | None = None) -> Iterator[Record]:
+    """raw_lines' (line number, bytes) of the span's non-blank lines, as records (in the worker);
+    `data`: the span's bytes when read already."""
+    data = _span_bytes(span) if data is None else data
     for lineno, line in enumerate(data.split(b"\n"), span.lineno):
         if line and not line.isspace():  # raw_lines' test, without strip()'s copy of the line
             yield span.file, span.source, span.name, lineno, line
@@ -215,6 +222,84 @@ def _init_worker(tokenizer) -> None:
     _WORKER_TOKENIZER = load_tokenizer(tokenizer)
 
 
+class _Documents:
+    """A batch's documents, parsed in order: the kept ones' texts (a list of str, or with `joined` one
+    word_cache buffer of them), val flags and sources (names, and an index per document), and how many
+    were empty. `joined`: local JSONL spans are read by the compiled kernel (native.jsonl_docs), any other
+    record and any line it leaves by _document_of."""
+
+    def __init__(self, seed: int, val_fraction: float, lib=None):
+        self.seed, self.val_fraction, self.lib = seed, val_fraction, lib
+        self.seed_prefix = f"{seed}\0".encode()
+        self.threshold = math.ceil(val_fraction * 2**64)  # _val_mask's
+        self.names: dict[str, int] = {}
+        self.texts: list = []  # str texts, or (joined) pieces of the buffer
+        self.val: list[np.ndarray] = []
+        self.which: list[np.ndarray] = []
+        self.kept = self.empty = 0
+        self.records: list[Record] = []  # for _document_of, in order, not yet added
+
+    def add(self, item: Record | Span) -> None:
+        if not isinstance(item, Span):
+            self.records.append(item)
+            return
+        data = _span_bytes(item)
+        name = _utf8_or_none(item.name)
+        if self.lib is None or name is None:  # a name no UTF-8 holds: _document_of raises where it is needed
+            self.records.extend(_span_records(item, data))
+            return
+        at, lineno = 0, item.lineno
+        while at < len(data):
+            part = native.jsonl_docs(self.lib, data, at, lineno, name, self.seed_prefix, self.threshold)
+            self._flush()  # the records before it go first
+            if len(part.val):
+                names = [item.source, *part.sources]
+                used = np.unique(part.source, return_index=True)  # (local numbers, first use): named in that order
+                lut = np.zeros(len(names), np.int64)
+                for k in used[0][np.argsort(used[1])].tolist():
+                    lut[k] = self.names.setdefault(names[k], len(self.names))
+                self._part(part.text, len(part.val), part.val, lut[part.source])
+            self.empty += part.empty
+            at, lineno = part.at, part.lineno
+            if part.stop >= 0:  # a line the kernel leaves to _document_of (its error, or an id it cannot name)
+                self.records.append((item.file, item.source, item.name, lineno, data[at:at + part.stop]))
+                at, lineno = at + part.stop + 1, lineno + 1
+
+    def _part(self, texts, kept: int, val: np.ndarray, which: np.ndarray) -> None:
+        self.texts.append(texts) if self.lib is not None else self.texts.extend(texts)
+        self.kept += kept
+        self.val.append(val)
+        self.which.append(which)
+
+    def _flush(self) -> None:
+        if not self.records:
+            return
+        docs = [_document_of(r) for r in self.records]
+        self.records = []
+        # An empty document is counted, never encoded (`not text.strip()`, without strip()'s copy of a text).
+        kept = [d for d in docs if d[2] and not d[2].isspace()]
+        self.empty += len(docs) - len(kept)
+        which = np.fromiter((self.names.setdefault(d[1], len(self.names)) for d in kept), np.int64, len(kept))
+        texts = [d[2] for d in kept]
+        if self.lib is not None:  # word_cache's buffer, as the kernel writes it
+            texts = joined_utf8(texts)
+        self._part(texts, len(kept), _val_mask([d[0] for d in kept], self.seed, self.val_fraction), which)
+
+    def done(self) -> tuple[list | bytes, np.ndarray, np.ndarray]:
+        """(texts, val, which) of the kept documents."""
+        self._flush()
+        texts = self.texts if self.lib is None else self.texts[0] if len(self.texts) == 1 else b"".join(self.texts)
+        return (texts, np.concatenate([np.zeros(0, bool), *self.val]),
+                np.concatenate([np.zeros(0, np.int64), *self.which]))
+
+
+def _utf8_or_none(text: str) -> bytes | None:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
 def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: np.dtype, vocab_size: int,
             tokenizer=None, words: tuple[str, int] | None = None) -> tuple:
     """A batch of records (and spans of them) parsed, split and encoded: ((the batch's sources, each
@@ -224,34 +309,36 @@ def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: n
     comes back. The sources go back as names and an index array, not a string per document.
     `words`: the word log (_encoded) and its size; its new part is read first, the batch's new
     chunks come back last (b"" without a log)."""
-    records = itertools.chain.from_iterable(_span_records(i) if isinstance(i, Span) else (i,) for i in items)
-    docs = [_document_of(r) for r in records]
-    # An empty document is counted, never encoded (`not text.strip()`, without strip()'s copy of a text).
-    kept = [d for d in docs if d[2] and not d[2].isspace()]
-    names: dict[str, int] = {}
-    which = np.fromiter((names.setdefault(d[1], len(names)) for d in kept), np.int64, len(kept))
-    val = _val_mask([d[0] for d in kept], seed, val_fraction)
     # SentencePiece models of LLaMA's kind go through a word cache (same ids, several times faster);
     # any other tokenizer through its encode_batch. Arrays, not lists: far cheaper to send back from a worker.
     encoder = flat_encoder(_WORKER_TOKENIZER if tokenizer is None else tokenizer)
     if words is not None:
         encoder.sharing = True
         _read_words(encoder, *words)
+    # A word cache that takes word_cache's buffer: the compiled kernel reads JSONL spans straight into it.
+    documents = _Documents(seed, val_fraction, native.library() if encoder.takes_joined else None)
+    for item in items:
+        documents.add(item)
+    texts, val, which = documents.done()
     # The ids in the shards' dtype from the encoder itself (an id that does not fit it: IdOverflow; any
     # other error, such as a text with an unpaired surrogate, goes on as it is).
     def outside(detail: str) -> ValueError:
         return ValueError(f"the tokenizer produced an id outside its vocab_size {vocab_size} ({detail}), unfit "
                           f"for {np.dtype(dtype).name} shards; check the tokenizer")
 
+    encoded_dtype = _encoded_dtype(dtype)
     try:
-        flat, lengths = encoder.encode([d[2] for d in kept], bos=True, eos=True, dtype=_encoded_dtype(dtype))
+        if documents.lib is None:
+            flat, lengths = encoder.encode(texts, bos=True, eos=True, dtype=encoded_dtype)
+        else:
+            flat, lengths = encoder.encode_joined(texts, documents.kept, bos=True, eos=True, dtype=encoded_dtype)
     except IdOverflow as e:
         raise outside(str(e)) from None
     if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
         raise outside(f"max {int(flat.max())}")
     train, held = _split_tokens(flat.astype(dtype, copy=False), lengths, val)
     new = encoder.take_new() if words is not None else b""
-    return (list(names), which), val, len(docs) - len(kept), lengths, train, held, new
+    return (list(documents.names), which), val, documents.empty, lengths, train, held, new
 
 
 def _encoded_dtype(dtype: np.dtype) -> np.dtype:

@@ -1,10 +1,12 @@
-"""The data pipeline's compiled text kernels (csrc/text_kernels.cpp): building, loading, calling.
+"""The data pipeline's compiled text kernels (csrc/text_kernels.cpp, csrc/jsonl.cpp): building, loading, calling.
 
 The word cache's hot loop (tokenizer/word_cache.py: cutting a batch into chunks, packing and
 probing their keys, gathering the ids), MinHash's shingles and minima (data/dedup.py) and the
 mix's gather of documents' tokens (data/mix.py) are numpy passes over every byte, shingle or
-token; compiled, each is one pass (a memcpy per document for the gather). The numpy code stays
-the reference and the fallback: the kernels return its results bit for bit (the tests compare).
+token; compiled, each is one pass (a memcpy per document for the gather). JSONL lines become the
+word cache's buffer in one pass too (jsonl_docs: data/shards.py's parse, split hash and join per
+document). The numpy and Python code stays the reference and the fallback: the kernels return its
+results bit for bit (the tests compare).
 
 A plain C library loaded with ctypes, not a torch extension: the tokenising workers of `prepare`
 and `data mix` import numpy and the tokenizer, never torch. Built by an explicit step, never while
@@ -26,12 +28,13 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "text_kernels.cpp"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("text_kernels.cpp", "jsonl.cpp")]
 NAME = "llamaworks_text"
 # No -march: the MinHash loop picks AVX-512DQ / AVX2 / plain x86-64 at run time (target_clones).
 CFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno"]
@@ -57,7 +60,7 @@ def native_root() -> Path:
 
 
 def library_path() -> Path:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     h.update(f"{platform.machine()} {' '.join(compiler() + CFLAGS)}".encode())
     return native_root() / f"text-{h.hexdigest()[:16]}" / f"{NAME}.so"
 
@@ -70,7 +73,7 @@ def build() -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{NAME}.{os.getpid()}.tmp.so")  # renamed into place: never half a library
-    subprocess.run([*compiler(), *CFLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True)
+    subprocess.run([*compiler(), *CFLAGS, *map(str, SOURCES), "-o", str(tmp)], check=True, capture_output=True)
     os.replace(tmp, path)
     _state.update(lib=None, tried=False)
     return path
@@ -104,6 +107,11 @@ def library() -> ctypes.CDLL | None:
     lib.lw_copy_runs.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
     lib.lw_minhash.restype = None
     lib.lw_minhash.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr]
+    lib.lw_jsonl_docs.restype = _i64
+    lib.lw_jsonl_docs.argtypes = [_ptr, _i64, _i64, ctypes.c_char_p, _i64, ctypes.c_char_p, _i64, _u64, _ptr, _ptr,
+                                  _ptr, _ptr, _ptr, _ptr]
+    lib.lw_blake2b_64.restype = _u64
+    lib.lw_blake2b_64.argtypes = [ctypes.c_char_p, _i64]
     _state["lib"] = lib
     return lib
 
@@ -220,6 +228,48 @@ def minhash(lib, word_hash: np.ndarray, words: np.ndarray, mult: np.ndarray, a: 
     lib.lw_minhash(word_hash.ctypes.data, words.ctypes.data, len(words), mult.ctypes.data, len(mult),
                    a.ctypes.data, b.ctypes.data, len(a), scratch.ctypes.data, sig.ctypes.data)
     return sig
+
+
+class JsonlDocs(NamedTuple):
+    """lw_jsonl_docs' answer for data[at:]: the kept documents as word_cache's joined buffer (`text`),
+    their val flags and source numbers (0: the file's; k: sources[k - 1]), the empty documents, and
+    where it stopped: `at` (the end, or a line for the Python path, `stop` bytes long) and its line number."""
+
+    text: bytes
+    val: np.ndarray
+    source: np.ndarray
+    sources: list[str]
+    empty: int
+    at: int
+    lineno: int
+    stop: int  # the length of the line at `at` that the Python path reads, -1 at the end of the data
+
+
+def jsonl_docs(lib, data: bytes, at: int, lineno: int, name: bytes, seed: bytes, threshold: int) -> JsonlDocs:
+    """The JSONL documents of data[at:] (whole lines, the first numbered `lineno`) up to the first line
+    the Python path must read (csrc/jsonl.cpp). `name` is the file's name in default ids, `seed` the
+    split's "{seed}\\0" prefix, `threshold` the val split's (shards._val_mask), below 2**64."""
+    assert 0 <= at <= len(data) and 0 <= threshold < 1 << 64, (at, len(data), threshold)
+    n = len(data) - at
+    docs = n // 11 + 2  # a kept document's line holds at least {"text":"x"}: 12 bytes
+    text = np.empty(n + 2 * docs, np.uint8)  # its text is never longer than its line; 0xFF and " " before it
+    val, source = np.empty(docs, np.uint8), np.empty(docs, np.int32)
+    source_bytes, source_ends = np.empty(n + 1, np.uint8), np.empty(docs, np.int64)
+    result = np.zeros(7, np.int64)
+    base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + at
+    lib.lw_jsonl_docs(base, n, lineno, name, len(name), seed, len(seed), threshold, text.ctypes.data, val.ctypes.data,
+                      source.ctypes.data, source_bytes.ctypes.data, source_ends.ctypes.data, result.ctypes.data)
+    used, lineno, kept, empty, size, distinct, stop = result.tolist()
+    assert kept <= docs and size <= len(text), (kept, docs, size, len(text))
+    ends = source_ends[:distinct].tolist()
+    sources = [source_bytes[a:b].tobytes().decode("utf-8") for a, b in zip([0, *ends], ends)]
+    return JsonlDocs(text[:size].tobytes(), val[:kept].view(np.bool_), source[:kept], sources, empty, at + used,
+                     lineno, stop)
+
+
+def blake2b_64(lib, data: bytes) -> int:
+    """hashlib.blake2b(data, digest_size=8)'s digest as a little-endian integer (lw_blake2b_64)."""
+    return lib.lw_blake2b_64(data, len(data))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,6 +152,12 @@ def _joined(encoded: list[bytes], texts: Sequence[str]) -> bytes:
     return buf
 
 
+def joined_utf8(texts: Sequence[str]) -> bytes:
+    """The buffer FlatEncoder.encode_joined takes: each text's UTF-8 after 0xFF and " ", "▁" as " "
+    (what the compiled JSONL reader, native.jsonl_docs, writes); b"" for no text."""
+    return _joined(_utf8(texts), texts) if len(texts) else b""
+
+
 def split_chunks(texts: Sequence[str], isolated: bytes = b"") -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
     """(buffer, start, length, chunks per text): each chunk's key is buffer[start:start + length].
 
@@ -303,11 +309,27 @@ class FlatEncoder:
             return _fitted(*self._plain(texts, bos, eos), dtype)
         return self._word_cached(texts, bos, eos, dtype)
 
+    @property
+    def takes_joined(self) -> bool:
+        """Whether encode_joined can be called: the word cache is on, checked, and compiled."""
+        return self.refusal is None and self._checked and native.library() is not None
+
+    def encode_joined(self, buf: bytes, texts: int, bos: bool = True, eos: bool = False,
+                      dtype: np.dtype | type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+        """encode() of the `texts` texts that `buf` holds as joined_utf8 writes them (only when
+        takes_joined: the texts as str are not at hand for SentencePiece's own encoder)."""
+        assert self.takes_joined, "encode_joined needs the word cache on, checked by encode() and compiled"
+        dtype = np.dtype(dtype)
+        assert dtype in (np.int64, np.int32, np.uint16), dtype
+        if not texts:
+            return np.zeros(0, dtype), np.zeros(0, np.int64)
+        return self._compiled(native.library(), buf, texts, bos, eos, dtype)
+
     def _word_cached(self, texts, bos, eos, dtype: np.dtype = _INT64) -> tuple[np.ndarray, np.ndarray]:
         lib = native.library()
         if lib is None or not len(texts):
             return _fitted(*self._cached(texts, bos, eos), dtype)
-        return self._compiled(lib, texts, bos, eos, dtype)
+        return self._compiled(lib, _joined(_utf8(texts), texts), len(texts), bos, eos, dtype)
 
     def _plain(self, texts, bos, eos) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tokenizer.encode_batch(list(texts), bos=bos, eos=eos)
@@ -517,11 +539,10 @@ class FlatEncoder:
         where = np.stack([m[0] for m in marks], axis=1).reshape(-1)
         return np.insert(body.astype(np.int64), where, [m[1] for m in marks] * len(first)), lengths
 
-    def _compiled(self, lib, texts, bos, eos, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """_cached's numpy passes as compiled ones (tokenizer/native.py): the same chunks, keys and ids,
-        written as `dtype` by the gather itself."""
-        buf = _joined(_utf8(texts), texts)
-        start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(self.isolated), len(texts),
+    def _compiled(self, lib, buf: bytes, texts: int, bos, eos, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """_cached's numpy passes as compiled ones (tokenizer/native.py) over `texts` texts joined in `buf`
+        (_joined): the same chunks, keys and ids, written as `dtype` by the gather itself."""
+        start, length, lo, hi, found, per_text = native.chunks(lib, buf, _flags(self.isolated), texts,
                                                                self._table, self._keys, self._scratch)
         long = np.flatnonzero(found == -2)  # keys over _SHORT bytes: looked up by their bytes
         if len(long):
