@@ -179,3 +179,14 @@ def test_a_file_name_no_utf8_holds_goes_to_the_python_path(lib, tmp_path):
     got = documents(lib, tmp_path / "a.jsonl", [b'{"text": "a"}'], name="bad\udcffname")
     assert got[0] is UnicodeEncodeError
     assert documents(lib, tmp_path / "a.jsonl", [b'{"text": "a", "id": "k"}'], name="bad\udcffname")[4] == 1
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([b"a", b" ", b"~", b"\x7f", b'"', b"\\", b"\x1f", b"\x00", b"\x80", b"\xff", b"x" * 31,
+                                 b"y" * 64]), max_size=40).map(b"".join))
+def test_plain_runs_end_at_the_first_byte_a_string_scan_must_read(lib, data):
+    want = next((i for i, b in enumerate(data) if b < 0x20 or b >= 0x80 or b in b'"\\'), len(data))
+    for isa in native.ISAS:
+        got = native.plain_run(lib, data, isa)
+        assert got in (None, want), (isa, got, want)
+    assert native.plain_run(lib, data, "portable") == want

@@ -1,11 +1,12 @@
-"""The data pipeline's compiled text kernels (csrc/text_kernels.cpp, csrc/jsonl.cpp): building, loading, calling.
+"""The data pipeline's compiled text kernels (csrc/text_kernels.cpp, jsonl.cpp, bpe.cpp): building, loading, calling.
 
 The word cache's hot loop (tokenizer/word_cache.py: cutting a batch into chunks, packing and
 probing their keys, gathering the ids), MinHash's shingles and minima (data/dedup.py) and the
 mix's gather of documents' tokens (data/mix.py) are numpy passes over every byte, shingle or
 token; compiled, each is one pass (a memcpy per document for the gather). JSONL lines become the
 word cache's buffer in one pass too (jsonl_docs: data/shards.py's parse, split hash and join per
-document). The numpy and Python code stays the reference and the fallback: the kernels return its
+document), and the word cache's new chunks are encoded by SentencePiece's BPE written out (bpe_encode).
+The numpy, Python and SentencePiece code stays the reference and the fallback: the kernels return its
 results bit for bit (the tests compare).
 
 A plain C library loaded with ctypes, not a torch extension: the tokenising workers of `prepare`
@@ -34,7 +35,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("text_kernels.cpp", "jsonl.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("text_kernels.cpp", "jsonl.cpp", "bpe.cpp")]
 NAME = "llamaworks_text"
 # No -march: the MinHash loop picks AVX-512DQ / AVX2 / plain x86-64 at run time (target_clones).
 CFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno"]
@@ -110,6 +111,14 @@ def library() -> ctypes.CDLL | None:
     lib.lw_jsonl_docs.restype = _i64
     lib.lw_jsonl_docs.argtypes = [_ptr, _i64, _i64, ctypes.c_char_p, _i64, ctypes.c_char_p, _i64, _u64, _ptr, _ptr,
                                   _ptr, _ptr, _ptr, _ptr]
+    lib.lw_plain_run.restype = _i64
+    lib.lw_plain_run.argtypes = [ctypes.c_char_p, _i64, _i64]
+    lib.lw_bpe_new.restype = _ptr
+    lib.lw_bpe_new.argtypes = [ctypes.c_char_p, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, ctypes.c_char_p]
+    lib.lw_bpe_free.restype = None
+    lib.lw_bpe_free.argtypes = [_ptr]
+    lib.lw_bpe_encode.restype = _i64
+    lib.lw_bpe_encode.argtypes = [_ptr, ctypes.c_char_p, _ptr, _ptr, _i64, _ptr, _i64, _ptr]
     lib.lw_blake2b_64.restype = _u64
     lib.lw_blake2b_64.argtypes = [ctypes.c_char_p, _i64]
     _state["lib"] = lib
@@ -245,26 +254,84 @@ class JsonlDocs(NamedTuple):
     stop: int  # the length of the line at `at` that the Python path reads, -1 at the end of the data
 
 
-def jsonl_docs(lib, data: bytes, at: int, lineno: int, name: bytes, seed: bytes, threshold: int) -> JsonlDocs:
+_JSONL_SCRATCH: dict[str, np.ndarray] = {}  # jsonl_docs' outputs, reused call after call (no fresh pages each)
+
+
+def _scratch(name: str, n: int, dtype) -> np.ndarray:
+    a = _JSONL_SCRATCH.get(name)
+    if a is None or len(a) < n:
+        a = _JSONL_SCRATCH[name] = np.empty(max(n, 2 * (0 if a is None else len(a))), dtype)
+    return a
+
+
+def jsonl_docs(lib, data: bytes | np.ndarray, at: int, lineno: int, name: bytes, seed: bytes,
+               threshold: int) -> JsonlDocs:
     """The JSONL documents of data[at:] (whole lines, the first numbered `lineno`) up to the first line
     the Python path must read (csrc/jsonl.cpp). `name` is the file's name in default ids, `seed` the
     split's "{seed}\\0" prefix, `threshold` the val split's (shards._val_mask), below 2**64."""
     assert 0 <= at <= len(data) and 0 <= threshold < 1 << 64, (at, len(data), threshold)
+    if isinstance(data, np.ndarray):
+        assert data.dtype == np.uint8 and data.flags.c_contiguous, (data.dtype, data.flags.c_contiguous)
+        base = data.ctypes.data + at
+    else:
+        base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + at
     n = len(data) - at
     docs = n // 11 + 2  # a kept document's line holds at least {"text":"x"}: 12 bytes
-    text = np.empty(n + 2 * docs, np.uint8)  # its text is never longer than its line; 0xFF and " " before it
-    val, source = np.empty(docs, np.uint8), np.empty(docs, np.int32)
-    source_bytes, source_ends = np.empty(n + 1, np.uint8), np.empty(docs, np.int64)
+    text = _scratch("text", n + 2 * docs, np.uint8)  # a text is never longer than its line; 0xFF and " " before it
+    val, source = _scratch("val", docs, np.uint8), _scratch("source", docs, np.int32)
+    source_bytes, source_ends = _scratch("source_bytes", n + 1, np.uint8), _scratch("source_ends", docs, np.int64)
     result = np.zeros(7, np.int64)
-    base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + at
     lib.lw_jsonl_docs(base, n, lineno, name, len(name), seed, len(seed), threshold, text.ctypes.data, val.ctypes.data,
                       source.ctypes.data, source_bytes.ctypes.data, source_ends.ctypes.data, result.ctypes.data)
     used, lineno, kept, empty, size, distinct, stop = result.tolist()
-    assert kept <= docs and size <= len(text), (kept, docs, size, len(text))
+    assert kept <= docs and size <= n + 2 * docs, (kept, docs, size, n)
     ends = source_ends[:distinct].tolist()
     sources = [source_bytes[a:b].tobytes().decode("utf-8") for a, b in zip([0, *ends], ends)]
-    return JsonlDocs(text[:size].tobytes(), val[:kept].view(np.bool_), source[:kept], sources, empty, at + used,
-                     lineno, stop)
+    return JsonlDocs(text[:size].tobytes(), val[:kept].astype(np.bool_), source[:kept].copy(), sources, empty,
+                     at + used, lineno, stop)
+
+
+def plain_run(lib, data: bytes, isa: str) -> int | None:
+    """How many bytes at the start of `data` a JSON string scan copies as they are (no '"', '\\\\', control
+    or non-ASCII byte), found with `isa` (a key of ISAS); None where it does not run here."""
+    k = lib.lw_plain_run(data, len(data), ISAS[isa])
+    return None if k < 0 else k
+
+
+class BpeModel:
+    """A SentencePiece BPE model in the kernel (csrc/bpe.cpp): its normal pieces with ids and scores, the
+    byte pieces' ids, the lone "▁"'s ids and the isolated bytes (word_cache). Freed with the object."""
+
+    def __init__(self, lib, pieces: list[bytes], ids: list[int], scores: list[float], byte_ids: list[int],
+                 lone: list[int], isolated: bytes):
+        assert len(pieces) == len(ids) == len(scores) and len(byte_ids) == 256 and len(isolated) == 256
+        ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
+        ids_a, scores_a = np.asarray(ids, np.int32), np.asarray(scores, np.float32)
+        bytes_a, lone_a = np.asarray(byte_ids, np.int32), np.asarray(lone, np.int32)
+        self.lib = lib
+        self.handle = lib.lw_bpe_new(b"".join(pieces), ends.ctypes.data, ids_a.ctypes.data, scores_a.ctypes.data,
+                                     len(pieces), bytes_a.ctypes.data, lone_a.ctypes.data, len(lone_a), isolated)
+
+    def __del__(self):
+        if getattr(self, "handle", None):
+            self.lib.lw_bpe_free(self.handle)
+            self.handle = None
+
+    def encode(self, buf: bytes, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids, counts) of the keys buf[start[k]:start[k] + length[k]] as word_cache's FlatEncoder._add
+        gives them; None when one needs SentencePiece itself (a character without a byte piece)."""
+        start, length = np.ascontiguousarray(start, np.int64), np.ascontiguousarray(length, np.int64)
+        assert len(start) == len(length) and (not len(start) or (start + length).max() <= len(buf))
+        counts = np.empty(len(start), np.int64)
+        cap = 2 * len(buf) + 8 * len(start) + 16  # "▁" + a key: at most its bytes + 1 symbols, 3 ids on the lone "▁"
+        while True:
+            ids = np.empty(cap, np.int32)
+            n = self.lib.lw_bpe_encode(self.handle, buf, start.ctypes.data, length.ctypes.data, len(start),
+                                       ids.ctypes.data, cap, counts.ctypes.data)
+            if n != -1:
+                break
+            cap *= 2
+        return None if n < 0 else (ids[:n], counts)
 
 
 def blake2b_64(lib, data: bytes) -> int:

@@ -37,6 +37,7 @@ import itertools
 import logging
 import os
 import re
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -130,6 +131,49 @@ def isolated_bytes(tokenizer) -> bytes:
     alone = [c for c in map(chr, range(0x80)) if c != " " and c not in joined
              and (byte_fallback or not sp.is_unknown(sp.piece_to_id(c)))]
     return "".join(alone).encode("ascii")
+
+
+# SentencePiece's piece types (sentencepiece_model.proto) the compiled BPE handles.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _pieces(tokenizer) -> tuple[dict, list[tuple[bytes, float, int]]]:
+    """(TrainerSpec fields, [(piece, score, type)]) of the tokenizer's model file."""
+    model = read_message(tokenizer.processor.serialized_model_proto())
+    pieces = []
+    for raw in model.get(1, []):  # ModelProto.pieces: SentencePiece {piece = 1, score = 2, type = 3}
+        p = read_message(raw)
+        score = struct.unpack("<f", p[2][-1])[0] if 2 in p else 0.0
+        pieces.append((p.get(1, [b""])[-1], score, p.get(3, [_NORMAL])[-1]))
+    return read_message(model.get(2, [b""])[-1]), pieces
+
+
+def bpe_refusal(tokenizer) -> str | None:
+    """Why the compiled BPE (csrc/bpe.cpp) cannot encode `tokenizer`'s new chunks, or None when it can (on
+    top of word_cache_refusal's conditions): a BPE model with byte fallback and a piece for every byte,
+    no user-defined or unused pieces (SentencePiece matches or splits those apart from the merges)."""
+    trainer, pieces = _pieces(tokenizer)
+    if trainer.get(3, [1])[-1] != 2:  # TrainerSpec.model_type: UNIGRAM = 1, BPE = 2
+        return "not a BPE model"
+    if not trainer.get(35, [0])[-1]:  # TrainerSpec.byte_fallback
+        return "no byte fallback"
+    odd = {t for _, _, t in pieces} - {_NORMAL, _UNKNOWN, _CONTROL, _BYTE}
+    if odd:
+        return f"piece types {sorted(odd)} (user-defined or unused pieces)"
+    if sum(t == _BYTE for _, _, t in pieces) != 256:
+        return "not every byte has a piece"
+    return None
+
+
+def bpe_model(tokenizer) -> tuple[list[bytes], list[int], list[float], list[int]]:
+    """(normal pieces, their ids, their scores, each byte's piece id) for native.BpeModel."""
+    _, pieces = _pieces(tokenizer)
+    normal = [(p, i, s) for i, (p, s, t) in enumerate(pieces) if t == _NORMAL]
+    byte_ids = [-1] * 256
+    for i, (p, _, t) in enumerate(pieces):
+        if t == _BYTE:  # "<0x41>"
+            byte_ids[int(p[3:-1], 16)] = i
+    return [p for p, _, _ in normal], [i for _, i, _ in normal], [s for _, _, s in normal], byte_ids
 
 
 @functools.lru_cache(maxsize=8)
@@ -267,6 +311,7 @@ class FlatEncoder:
         self.sharing = False  # keep the chunks sent to SentencePiece for take_new
         self._new: list[tuple] = []
         self._scratch = native.Scratch()  # the compiled cut's outputs, reused batch after batch
+        self._bpe: native.BpeModel | bool | None = None  # the compiled BPE; None: not made yet; False: off
         self._clear()
 
     def __len__(self) -> int:
@@ -403,15 +448,21 @@ class FlatEncoder:
             self._tokens = np.resize(self._tokens, max(tokens, 2 * len(self._tokens)))
 
     def _add(self, keys: list[bytes], lo: np.ndarray, hi: np.ndarray, length: np.ndarray) -> int:
-        """Encode `keys` (distinct, not cached) with SentencePiece and store them; return the first's chunk
-        number (the others follow in order). A key is its chunk without the first "▁": what SentencePiece
-        encodes it from (it adds that "▁")."""
+        """Encode `keys` (distinct, not cached) and store them; return the first's chunk number (the others
+        follow in order). A key is its chunk without the first "▁": what SentencePiece encodes it from (it
+        adds that "▁"). The compiled BPE (native.BpeModel) where the model allows it, else SentencePiece."""
+        got = self._compiled_bpe(keys) if self._bpe is not False else None
+        counts, flat = got if got is not None else self._sentencepiece(keys)
+        if self.sharing:
+            self._new.append((length.astype(np.int64), b"".join(keys), counts, flat))
+        return self._store(keys, lo, hi, length, counts, flat)
+
+    def _sentencepiece(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, ids) of `keys` from SentencePiece itself, back to back."""
         sp = self.tokenizer.processor
         # The chunk "▁▁x" (key " x") is the text " x" encoded alone. The lone "▁" (key "") would be
         # the empty text: it is the ids that " " adds after a character.
-        with_space, without = sp.encode("a "), sp.encode("a")
-        assert with_space[:len(without)] == without, (with_space, without)
-        lone = with_space[len(without):]
+        lone = self._lone()
         ids = sp.encode([k.decode("utf-8") for k in keys], num_threads=self.threads)
         for k, key in enumerate(keys):
             if not key:
@@ -422,10 +473,43 @@ class FlatEncoder:
                 assert ids[k][:len(lone)] == lone, (key, ids[k], lone)
                 ids[k] = ids[k][len(lone):]
         counts = np.fromiter(map(len, ids), np.int64, len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(counts.sum()))
-        if self.sharing:
-            self._new.append((length.astype(np.int64), b"".join(keys), counts, flat))
-        return self._store(keys, lo, hi, length, counts, flat)
+        return counts, np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(counts.sum()))
+
+    def _lone(self) -> list[int]:
+        sp = self.tokenizer.processor
+        with_space, without = sp.encode("a "), sp.encode("a")
+        assert with_space[:len(without)] == without, (with_space, without)
+        return with_space[len(without):]
+
+    _CHECKED_KEYS = 8  # keys of each call to the compiled BPE also encoded by SentencePiece and compared
+
+    def _compiled_bpe(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(counts, ids) of `keys` from the compiled BPE, or None where it cannot run (not built, another
+        kind of model, a key it leaves to SentencePiece). A few keys of every call are also encoded by
+        SentencePiece: a difference turns the compiled BPE off for good, with a warning."""
+        if self._bpe is None:
+            lib = native.library()
+            refusal = "the text kernels are not built" if lib is None else bpe_refusal(self.tokenizer)
+            self._bpe = False if refusal else native.BpeModel(lib, *bpe_model(self.tokenizer), self._lone(),
+                                                              _flags(self.isolated))
+            if refusal:
+                log.info("word cache: new chunks go to SentencePiece (%s)", refusal)
+                return None
+        lengths = np.fromiter(map(len, keys), np.int64, len(keys))
+        got = self._bpe.encode(b"".join(keys), np.cumsum(lengths) - lengths, lengths)
+        if got is None:
+            return None
+        ids, counts = got
+        check = np.unique(np.linspace(0, len(keys) - 1, min(len(keys), self._CHECKED_KEYS)).astype(np.int64))
+        want_counts, want = self._sentencepiece([keys[i] for i in check.tolist()])
+        first = np.cumsum(counts) - counts
+        mine = ids[_ragged_arange(first[check], counts[check])]
+        if not (np.array_equal(counts[check], want_counts) and np.array_equal(mine, want)):
+            log.warning("word cache: the compiled BPE differed from SentencePiece on %r; SentencePiece encodes "
+                        "from now on", [keys[i] for i in check.tolist()])
+            self._bpe = False
+            return None
+        return counts, ids
 
     def _store(self, keys: list[bytes], lo: np.ndarray, hi: np.ndarray, length: np.ndarray, counts: np.ndarray,
                flat: np.ndarray) -> int:

@@ -13,6 +13,9 @@
 // parses it or names its error. The tests compare both paths on generated and hostile lines.
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -86,12 +89,67 @@ constexpr int MAX_DEPTH = 64;           // deeper nesting goes to Python (json's
 
 inline uint64_t has_zero(uint64_t w) { return (w - 0x0101010101010101ull) & ~w & 0x8080808080808080ull; }
 
-// Any byte of w that a string scan must look at: '"', '\\', a control byte (< 0x20) or a non-ASCII one.
-inline bool plain8(uint64_t w) {
+// The run of plain bytes at p, at most n: bytes a string scan copies as they are, not '"', '\\', a control
+// byte (< 0x20) or a non-ASCII one. Most of a text: found 8 bytes at a time (portable), 32 (AVX2) or 64
+// (AVX-512BW). tests/data/test_jsonl_documents.py runs each ISA this CPU has against Python.
+enum : int64_t { ISA_BEST = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+using PlainFn = size_t (*)(const uint8_t*, size_t);
+
+size_t plain_portable(const uint8_t* p, size_t n) {
     const uint64_t ones = 0x0101010101010101ull;
-    const uint64_t special = has_zero(w ^ (ones * '"')) | has_zero(w ^ (ones * '\\')) |
-                             ((w - ones * 0x20) & ~w) | w;  // (w - 0x20..) & ~w: a byte below 0x20
-    return !(special & 0x8080808080808080ull);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        std::memcpy(&w, p + i, 8);
+        // (w - 0x20..) & ~w: a byte below 0x20 (exact as a test of any: no borrow reaches a byte >= 0x20)
+        const uint64_t special = has_zero(w ^ (ones * '"')) | has_zero(w ^ (ones * '\\')) | ((w - ones * 0x20) & ~w) | w;
+        if (special & 0x8080808080808080ull) break;
+    }
+    while (i < n && p[i] >= 0x20 && p[i] < 0x80 && p[i] != '"' && p[i] != '\\') ++i;
+    return i;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) size_t plain_avx2(const uint8_t* p, size_t n) {
+    const __m256i quote = _mm256_set1_epi8('"'), backslash = _mm256_set1_epi8('\\'), control = _mm256_set1_epi8(0x1F);
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+        const __m256i low = _mm256_cmpeq_epi8(_mm256_max_epu8(v, control), control);  // v <= 0x1F
+        const __m256i hit = _mm256_or_si256(_mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpeq_epi8(v, backslash)), low);
+        const uint32_t m = static_cast<uint32_t>(_mm256_movemask_epi8(hit)) | static_cast<uint32_t>(_mm256_movemask_epi8(v));
+        if (m) return i + __builtin_ctz(m);
+    }
+    return i + plain_portable(p + i, n - i);
+}
+
+__attribute__((target("avx512f,avx512bw"))) size_t plain_avx512(const uint8_t* p, size_t n) {
+    const __m512i quote = _mm512_set1_epi8('"'), backslash = _mm512_set1_epi8('\\'), control = _mm512_set1_epi8(0x1F);
+    for (size_t i = 0; i < n; i += 64) {
+        const uint64_t valid = n - i >= 64 ? ~0ull : (1ull << (n - i)) - 1;
+        const __m512i v = _mm512_maskz_loadu_epi8(valid, p + i);  // past n: zeros (control bytes), masked off
+        const uint64_t m = (_mm512_cmpeq_epi8_mask(v, quote) | _mm512_cmpeq_epi8_mask(v, backslash) |
+                            _mm512_cmple_epu8_mask(v, control) | _mm512_movepi8_mask(v)) & valid;
+        if (m) return i + __builtin_ctzll(m);
+    }
+    return n;
+}
+#endif
+
+PlainFn plain_fn(int64_t isa) {  // nullptr: that isa does not run here
+    int64_t have = 1 << ISA_PORTABLE;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) have |= 1 << ISA_AVX2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) have |= 1 << ISA_AVX512;
+#endif
+    if (isa == ISA_BEST) isa = (have >> ISA_AVX512 & 1) ? ISA_AVX512 : (have >> ISA_AVX2 & 1) ? ISA_AVX2 : ISA_PORTABLE;
+    if (isa < 0 || isa > ISA_AVX512 || !(have >> isa & 1)) return nullptr;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (isa == ISA_AVX512) return plain_avx512;
+    if (isa == ISA_AVX2) return plain_avx2;
+#endif
+    return plain_portable;
 }
 
 // Where a decoded string goes: nowhere (a value skipped, only checked), a std::string (keys, ids,
@@ -166,6 +224,7 @@ inline int hex4(const uint8_t* p) {  // the 4 hex digits at p, or -1
 struct Parser {
     const uint8_t* p;  // the next byte of the line
     const uint8_t* e;  // the line's end
+    PlainFn plain;
 
     void ws() {
         while (p < e && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n')) ++p;
@@ -176,12 +235,10 @@ struct Parser {
     bool string(Sink& sink) {
         ++p;
         for (;;) {
-            while (e - p >= 8) {  // 8 plain ASCII bytes at a time (most of a text)
-                uint64_t w;
-                std::memcpy(&w, p, 8);
-                if (!plain8(w)) break;
-                sink.bytes(p, 8);
-                p += 8;
+            const size_t run = plain(p, static_cast<size_t>(e - p));
+            if (run) {
+                sink.bytes(p, run);
+                p += run;
             }
             if (p >= e) return false;  // no closing quote on the line
             const uint8_t c = *p;
@@ -314,8 +371,8 @@ struct Line {
     std::string id, source;  // source "" (absent, null or ""): the file's
 };
 
-bool parse_line(const uint8_t* p, const uint8_t* e, uint8_t* text, Line* out, std::string* key) {
-    Parser in{p, e};
+bool parse_line(const uint8_t* p, const uint8_t* e, uint8_t* text, Line* out, std::string* key, PlainFn plain) {
+    Parser in{p, e, plain};
     in.ws();
     if (in.p >= e || *in.p != '{') return false;
     ++in.p;
@@ -398,6 +455,7 @@ extern "C" {
 int64_t lw_jsonl_docs(const uint8_t* data, int64_t n, int64_t lineno, const uint8_t* name, int64_t name_len,
                       const uint8_t* seed, int64_t seed_len, uint64_t threshold, uint8_t* text, uint8_t* val,
                       int32_t* source, uint8_t* source_bytes, int64_t* source_ends, int64_t* result) {
+    static const PlainFn plain = plain_fn(ISA_BEST);
     const uint8_t* p = data;
     const uint8_t* end = data + n;
     uint8_t* out = text;
@@ -413,7 +471,7 @@ int64_t lw_jsonl_docs(const uint8_t* data, int64_t n, int64_t lineno, const uint
             line.has_text = line.has_id = line.has_source = false;
             line.default_id = true;
             line.id.clear(), line.source.clear();
-            if (!parse_line(p, e, out, &line, &key)) {
+            if (!parse_line(p, e, out, &line, &key, plain)) {
                 stop = e - p;
                 break;
             }
@@ -450,6 +508,12 @@ int64_t lw_jsonl_docs(const uint8_t* data, int64_t n, int64_t lineno, const uint
     result[0] = p - data, result[1] = lineno, result[2] = kept, result[3] = empty;
     result[4] = out - text, result[5] = static_cast<int64_t>(sources.size()), result[6] = stop;
     return stop >= 0;
+}
+
+// The length of the run of plain string bytes at data[0:n) found with `isa`, or -1 when it does not run here.
+int64_t lw_plain_run(const uint8_t* data, int64_t n, int64_t isa) {
+    const PlainFn plain = plain_fn(isa);
+    return plain ? static_cast<int64_t>(plain(data, static_cast<size_t>(n))) : -1;
 }
 
 // hashlib.blake2b(data, digest_size=8) as a little-endian uint64 (tests compare them).
