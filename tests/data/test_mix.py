@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from llamaworks import cli
 from llamaworks.data import mix as mixmod
+from llamaworks.data import shards
 from llamaworks.data.mix import MixConfig, _Draw, _interleave, load_mix_config, mix, plan_mix
 from llamaworks.data.shards import open_token_dataset
 from llamaworks.train.loader import TokenLoader
@@ -263,6 +265,25 @@ def test_same_seed_same_bytes_and_rerun_is_a_no_op(mixed, corpus, tiny_tokenizer
     other = tmp_path / "seed1"
     mix(_config(corpus, tiny_tokenizer, other, seed=1), progress=False)
     assert _shard_bytes(other) != _shard_bytes(out)
+
+
+def test_windows_gathered_while_earlier_ones_are_written_keep_their_bytes(mixed, corpus, tiny_tokenizer, tmp_path,
+                                                                          monkeypatch):
+    # The gather fills buffers in turn while a thread writes earlier windows: a slow writer lets it run as
+    # far ahead as it may; a buffer reused too soon would change the bytes written.
+    out, _ = mixed
+    write = shards.ShardWriter.write
+
+    def slow_write(self, tokens):
+        time.sleep(0.003)
+        before = tokens.copy()
+        write(self, tokens)
+        assert np.array_equal(tokens, before), "a window's buffer changed while it was written"
+
+    monkeypatch.setattr(shards.ShardWriter, "write", slow_write)
+    monkeypatch.setattr(mixmod, "_WINDOW_TOKENS", 300)
+    mix(_config(corpus, tiny_tokenizer, tmp_path / "slow"), progress=False)
+    assert _shard_bytes(tmp_path / "slow") == _shard_bytes(out)
 
 
 def test_a_killed_mix_resumes_to_the_same_bytes(mixed, corpus, tiny_tokenizer, tmp_path, monkeypatch):

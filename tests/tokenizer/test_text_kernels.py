@@ -185,6 +185,26 @@ def test_the_encoder_gives_sentencepieces_ids_on_both_paths(text_kernels, tiny_t
         assert enc.refusal is None
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.int64])
+def test_the_gather_in_one_pass_within_its_bound_or_in_two_past_it(lib, tiny_tokenizer, dtype):
+    enc = FlatEncoder(tiny_tokenizer)
+    texts = ["", " ", *random_texts(200, seed=5), "x"]
+    enc.encode(texts, True, True)  # every chunk cached
+    buf = _joined([t.encode("utf-8") for t in texts], texts)
+    start, length, _, _, found, per_text = native.chunks(lib, buf, _flags(enc.isolated), len(texts), enc._table,
+                                                         enc._keys)
+    found = found.copy()
+    for c in np.flatnonzero(found == -2).tolist():  # keys over 15 bytes: the encoder looks them up by their bytes
+        found[c] = enc._long[buf[start[c]:start[c] + length[c]]]
+    want = native.assemble(lib, found, per_text, enc._spans, enc._tokens, 1, 2, dtype)  # sized by a first pass
+    total = len(want[0])
+    assert total == int(want[1].sum()) and want[1][0] == 2  # the empty text: <s> </s>
+    for bound in (0, 1, total - 1, total, total + 7, len(buf) + len(texts)):
+        ids, lengths = native.assemble(lib, found, per_text, enc._spans, enc._tokens, 1, 2, dtype, bound=bound)
+        assert np.array_equal(ids, want[0]) and np.array_equal(lengths, want[1]) and ids.dtype == dtype
+    assert total <= len(buf) + len(texts)  # the bound the encoder gives
+
+
 def test_not_built_or_turned_off_is_the_numpy_path(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMAWORKS_NATIVE_DIR", str(tmp_path))  # nothing built there
     native.set_enabled(True)

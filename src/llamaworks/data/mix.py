@@ -451,10 +451,13 @@ def _ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _window_tokens(tokens: list[_SplitTokens], starts: list[np.ndarray], source: np.ndarray, docs: np.ndarray,
-                   head: np.ndarray, count: np.ndarray, dtype: np.dtype) -> np.ndarray:
+                   head: np.ndarray, count: np.ndarray, dtype: np.dtype, into: np.ndarray | None = None) -> np.ndarray:
     """The tokens of documents (source, docs) from `head` on, `count` of each, concatenated in order:
-    one gather per source instead of a read per document."""
-    out = np.empty(int(count.sum()), dtype)
+    one gather per source instead of a read per document. `into`: an array to write them to, at least
+    that long (its first part is returned)."""
+    n = int(count.sum())
+    out = np.empty(n, dtype) if into is None else into[:n]
+    assert len(out) == n and out.dtype == dtype, (len(out), n, out.dtype, dtype)
     at = np.cumsum(count) - count  # (documents,) where each document's tokens go in out
     for s in np.unique(source).tolist():
         mine = source == s
@@ -477,18 +480,27 @@ def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_
     starts = [c.starts[split] for c in caches]
     pos = 0  # stream offset of the current window's first document
     total = sum(d.budget for d in draws)
-    # Each window is written in a thread of its own while the next one is drawn and gathered.
+    # Each window is written in a thread of its own while the next one is drawn and gathered, into
+    # buffers used in turn: a window is gathered into the buffer of the one put `depth` + 2 before it, written
+    # by then (at most `depth` wait and one is being written). A fresh array per window cost its page
+    # faults: ~0.5 GB of new pages per GiB of corpus (docs/data.md on such costs).
+    depth, puts = 2, 0
+    buffers = [np.empty(0, dtype) for _ in range(depth + 2)]
     with tqdm(total=total, initial=min(skip, total), desc=f"mix {split}", unit="tok", unit_scale=True,
-              disable=not progress) as bar, WriteBehind(writer.write) as behind:
+              disable=not progress) as bar, WriteBehind(writer.write, depth) as behind:
         for source, docs, lens in _interleave(draws):
             ends = pos + np.cumsum(lens)  # (documents,) stream offset after each document
             first = int(np.searchsorted(ends, skip, side="right"))  # first document not fully on disk
             if first < len(lens):
                 # tokens of a document straddling the resume point that are already written
                 head = np.maximum(0, skip - (ends[first:] - lens[first:]))
-                chunk = _window_tokens(tokens, starts, source[first:], docs[first:], head, lens[first:] - head,
-                                       dtype)
+                count = lens[first:] - head
+                k = puts % len(buffers)
+                if len(buffers[k]) < int(count.sum()):
+                    buffers[k] = np.empty(int(count.sum()), dtype)
+                chunk = _window_tokens(tokens, starts, source[first:], docs[first:], head, count, dtype, buffers[k])
                 behind.put(chunk)
+                puts += 1
                 bar.update(len(chunk))
             if len(lens):
                 pos = int(ends[-1])

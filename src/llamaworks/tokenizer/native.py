@@ -103,7 +103,7 @@ def library() -> ctypes.CDLL | None:
     lib.lw_doc_lengths.restype = _i64
     lib.lw_doc_lengths.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr]
     lib.lw_assemble.restype = _i64
-    lib.lw_assemble.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64]
+    lib.lw_assemble.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr]
     lib.lw_copy_runs.restype = None
     lib.lw_copy_runs.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
     lib.lw_minhash.restype = None
@@ -192,22 +192,32 @@ def chunks(lib, buf: bytes, flags: bytes, texts: int, table: np.ndarray, keys: n
 
 
 def assemble(lib, found: np.ndarray, per_text: np.ndarray, spans: np.ndarray, tokens: np.ndarray,
-             bos: int | None, eos: int | None, dtype: np.dtype | type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+             bos: int | None, eos: int | None, dtype: np.dtype | type = np.int64,
+             bound: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, lengths): each text's <s> (bos not None), its chunks' ids (their SPAN in `tokens`), </s>
-    (eos not None), the ids written as `dtype` (uint16, int32 or int64; the caller knows they fit)."""
+    (eos not None), the ids written as `dtype` (uint16, int32 or int64; the caller knows they fit).
+    `bound`: at most that many ids (a view of an array that size is returned), written in one pass;
+    without it, or past it, a first pass over the spans sizes the array."""
     found = np.ascontiguousarray(found, np.int64)
     dtype = np.dtype(dtype)
     assert dtype in (np.uint16, np.int32, np.int64), dtype
     assert not len(found) or (found.min() >= 0 and found.max() < len(spans)), "a chunk not cached"
     lengths = np.empty(len(per_text), np.int64)
-    total = lib.lw_doc_lengths(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _rows(spans, SPAN),
-                               int(bos is not None) + int(eos is not None), lengths.ctypes.data)
-    ids = np.empty(total, dtype)
-    done = lib.lw_assemble(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _rows(spans, SPAN),
-                           _p(tokens, np.int32), bos is not None, bos or 0, eos is not None, eos or 0, ids.ctypes.data,
-                           dtype.itemsize)
-    assert done == 0, dtype
-    return ids, lengths
+    marks = int(bos is not None) + int(eos is not None)
+    if bound is None:
+        bound = lib.lw_doc_lengths(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _rows(spans, SPAN),
+                                   marks, lengths.ctypes.data)
+    for _ in range(2):
+        ids = np.empty(bound, dtype)
+        done = lib.lw_assemble(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _rows(spans, SPAN),
+                               _p(tokens, np.int32), bos is not None, bos or 0, eos is not None, eos or 0,
+                               ids.ctypes.data, dtype.itemsize, bound, lengths.ctypes.data)
+        if done != -2:
+            break
+        bound = lib.lw_doc_lengths(_p(found, np.int64), _p(per_text, np.int64), len(per_text), _rows(spans, SPAN),
+                                   marks, lengths.ctypes.data)
+    assert done >= 0, (done, dtype)
+    return ids[:done], lengths
 
 
 def copy_runs(lib, src: np.ndarray, src_at: np.ndarray, count: np.ndarray, dst: np.ndarray,

@@ -638,7 +638,10 @@ class FlatEncoder:
         top = max(self._max_id, bos_id or 0, eos_id or 0)  # every id the gather can write
         if top > np.iinfo(dtype).max:
             raise IdOverflow(f"token id {top} does not fit {dtype.name}; encode with a wider dtype")
-        return native.assemble(lib, found, per_text, self._spans, self._tokens, bos_id, eos_id, dtype)
+        # A piece covers at least one byte (a byte-fallback id exactly one): a text's ids are at most its
+        # bytes, its dummy prefix's "▁" included, plus <s> and </s>: fewer than len(buf) + texts.
+        return native.assemble(lib, found, per_text, self._spans, self._tokens, bos_id, eos_id, dtype,
+                               bound=len(buf) + texts)
 
 
 _LAST: tuple[object, FlatEncoder] | None = None

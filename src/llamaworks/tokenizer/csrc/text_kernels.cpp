@@ -322,11 +322,15 @@ int64_t lw_doc_lengths(const int64_t* found, const int64_t* per_text, int64_t te
 extern "C++" {  // a template: C++ linkage inside the C block
 namespace {
 template <typename Out>
-void assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const Span* spans, const int32_t* tokens,
-              int64_t with_bos, int64_t bos, int64_t with_eos, int64_t eos, Out* out) {
+int64_t assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const Span* spans, const int32_t* tokens,
+                 int64_t with_bos, int64_t bos, int64_t with_eos, int64_t eos, Out* out, int64_t capacity,
+                 int64_t* lengths) {
     const int64_t chunks = all_chunks(per_text, texts);
+    Out* const first = out;
     int64_t c = 0;
     for (int64_t t = 0; t < texts; ++t) {
+        Out* const doc = out;
+        if (out - first + with_bos + with_eos > capacity) return -2;  // room checked before every write
         if (with_bos) *out++ = static_cast<Out>(bos);
         for (int64_t k = 0; k < per_text[t]; ++k, ++c) {
             // Two steps ahead: a chunk's span 64 chunks ahead, its ids 32 ahead (their span read by then).
@@ -334,25 +338,30 @@ void assemble(const int64_t* found, const int64_t* per_text, int64_t texts, cons
             if (c + 64 < chunks) __builtin_prefetch(spans + found[c + 64]);
             if (c + 32 < chunks) __builtin_prefetch(tokens + spans[found[c + 32]].start);
             const Span& span = spans[found[c]];
+            if (out - first + span.count + with_eos > capacity) return -2;
             const int32_t* ids = tokens + span.start;
             for (int64_t j = 0, m = span.count; j < m; ++j) *out++ = static_cast<Out>(ids[j]);
         }
         if (with_eos) *out++ = static_cast<Out>(eos);
+        lengths[t] = out - doc;
     }
+    return out - first;
 }
 }  // namespace
 }  // extern "C++"
 
 // Every text's ids: bos (when with_bos), its chunks' cached ids in order, eos (when with_eos), written
-// as `itemsize`-byte integers (2: uint16, 4: int32, 8: int64; the caller knows every id fits). Writing
-// the shards' uint16 here spares `prepare` an int64 array four times the size and a conversion.
-// Returns -1 for another itemsize.
+// as `itemsize`-byte integers (2: uint16, 4: int32, 8: int64; the caller knows every id fits), and each
+// text's count into lengths. Writing the shards' uint16 here spares `prepare` an int64 array four times
+// the size and a conversion; counting as it writes spares a pass over the chunks' spans (random reads)
+// to size `out` first: the caller gives room for `capacity` ids, a bound (word_cache: one id per byte).
+// Returns the ids written, -1 for another itemsize, -2 when they would pass `capacity` (nothing past it
+// is written; the caller sizes `out` with lw_doc_lengths and calls again).
 int64_t lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts, const Span* spans,
                     const int32_t* tokens, int64_t with_bos, int64_t bos, int64_t with_eos, int64_t eos, void* out,
-                    int64_t itemsize) {
+                    int64_t itemsize, int64_t capacity, int64_t* lengths) {
     auto run = [&](auto* typed) {
-        assemble(found, per_text, texts, spans, tokens, with_bos, bos, with_eos, eos, typed);
-        return int64_t{0};
+        return assemble(found, per_text, texts, spans, tokens, with_bos, bos, with_eos, eos, typed, capacity, lengths);
     };
     switch (itemsize) {
         case 2: return run(static_cast<uint16_t*>(out));
