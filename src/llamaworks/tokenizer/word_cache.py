@@ -93,7 +93,7 @@ def word_cache_refusal(tokenizer) -> str | None:
     if sp is None or not hasattr(sp, "serialized_model_proto"):
         return "not a SentencePiece model"
     # Read by hand (spm_proto.read_message): sentencepiece_model_pb2 would need protobuf installed.
-    model = read_message(sp.serialized_model_proto())
+    model = _model_message(sp.serialized_model_proto())
     norm = read_message(model.get(3, [b""])[-1])  # ModelProto.normalizer_spec
     trainer = read_message(model.get(2, [b""])[-1])  # ModelProto.trainer_spec
 
@@ -108,9 +108,9 @@ def word_cache_refusal(tokenizer) -> str | None:
         return "needs add_dummy_prefix, escaped whitespace and extra whitespace kept"
     if flag(trainer, 24, False):  # treat_whitespace_as_suffix
         return "whitespace as suffix"
-    for i in range(sp.get_piece_size()):
-        if _CROSSES.search(sp.id_to_piece(i)):
-            return f"piece {sp.id_to_piece(i)!r} joins a character to a following {SPACE!r}"
+    for piece in sp.id_to_piece(list(range(sp.get_piece_size()))):  # one call: ~1 us a piece one by one
+        if _CROSSES.search(piece):
+            return f"piece {piece!r} joins a character to a following {SPACE!r}"
     return None
 
 
@@ -120,14 +120,14 @@ def isolated_bytes(tokenizer) -> bytes:
     one, so a text's ids are also the concatenation of the ids of its parts cut before each (digits
     with split_digits, "\n" in most models: far fewer distinct chunks in text of many lines)."""
     sp = tokenizer.processor
-    model = read_message(sp.serialized_model_proto())
+    model = _model_message(sp.serialized_model_proto())
     byte_fallback = bool(read_message(model.get(2, [b""])[-1]).get(35, [0])[-1])  # TrainerSpec.byte_fallback
     joined = set()
-    for i in range(sp.get_piece_size()):
-        if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)):
-            piece = sp.id_to_piece(i)
-            if len(piece) > 1:
-                joined.update(piece)
+    ids = list(range(sp.get_piece_size()))
+    for piece, byte, control, unknown in zip(sp.id_to_piece(ids), sp.is_byte(ids), sp.is_control(ids),
+                                             sp.is_unknown(ids)):
+        if len(piece) > 1 and not (byte or control or unknown):
+            joined.update(piece)
     alone = [c for c in map(chr, range(0x80)) if c != " " and c not in joined
              and (byte_fallback or not sp.is_unknown(sp.piece_to_id(c)))]
     return "".join(alone).encode("ascii")
@@ -137,22 +137,38 @@ def isolated_bytes(tokenizer) -> bytes:
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
+@functools.lru_cache(maxsize=4)
+def _model_message(proto: bytes) -> dict[int, list]:
+    """A serialized ModelProto's fields (read once for the word cache's several questions about it)."""
+    return read_message(proto)
+
+
+def _piece(raw: bytes) -> tuple[bytes, float, int]:
+    """(piece, score, type) of a serialized ModelProto.SentencePiece {piece = 1, score = 2, type = 3}."""
+    n = raw[1] if len(raw) > 1 else 0x80
+    end = 2 + n
+    if raw[0] == 0x0A and n < 0x80 and raw[end:end + 1] == b"\x15":  # the usual layout, read without a parser
+        if len(raw) == end + 5:
+            return raw[2:end], struct.unpack_from("<f", raw, end + 1)[0], _NORMAL
+        if len(raw) == end + 7 and raw[end + 5] == 0x18 and raw[end + 6] < 0x80:
+            return raw[2:end], struct.unpack_from("<f", raw, end + 1)[0], raw[end + 6]
+    p = read_message(raw)
+    return p.get(1, [b""])[-1], struct.unpack("<f", p[2][-1])[0] if 2 in p else 0.0, p.get(3, [_NORMAL])[-1]
+
+
 def _pieces(tokenizer) -> tuple[dict, list[tuple[bytes, float, int]]]:
     """(TrainerSpec fields, [(piece, score, type)]) of the tokenizer's model file."""
-    model = read_message(tokenizer.processor.serialized_model_proto())
-    pieces = []
-    for raw in model.get(1, []):  # ModelProto.pieces: SentencePiece {piece = 1, score = 2, type = 3}
-        p = read_message(raw)
-        score = struct.unpack("<f", p[2][-1])[0] if 2 in p else 0.0
-        pieces.append((p.get(1, [b""])[-1], score, p.get(3, [_NORMAL])[-1]))
+    model = _model_message(tokenizer.processor.serialized_model_proto())
+    pieces = [_piece(raw) for raw in model.get(1, [])]  # ModelProto.pieces
     return read_message(model.get(2, [b""])[-1]), pieces
 
 
-def bpe_refusal(tokenizer) -> str | None:
+def bpe_refusal(tokenizer, parsed: tuple | None = None) -> str | None:
     """Why the compiled BPE (csrc/bpe.cpp) cannot encode `tokenizer`'s new chunks, or None when it can (on
     top of word_cache_refusal's conditions): a BPE model with byte fallback and a piece for every byte,
-    no user-defined or unused pieces (SentencePiece matches or splits those apart from the merges)."""
-    trainer, pieces = _pieces(tokenizer)
+    no user-defined or unused pieces (SentencePiece matches or splits those apart from the merges).
+    `parsed`: _pieces(tokenizer), when read already (~0.1 s for 32k pieces)."""
+    trainer, pieces = parsed or _pieces(tokenizer)
     if trainer.get(3, [1])[-1] != 2:  # TrainerSpec.model_type: UNIGRAM = 1, BPE = 2
         return "not a BPE model"
     if not trainer.get(35, [0])[-1]:  # TrainerSpec.byte_fallback
@@ -165,9 +181,9 @@ def bpe_refusal(tokenizer) -> str | None:
     return None
 
 
-def bpe_model(tokenizer) -> tuple[list[bytes], list[int], list[float], list[int]]:
+def bpe_model(tokenizer, parsed: tuple | None = None) -> tuple[list[bytes], list[int], list[float], list[int]]:
     """(normal pieces, their ids, their scores, each byte's piece id) for native.BpeModel."""
-    _, pieces = _pieces(tokenizer)
+    _, pieces = parsed or _pieces(tokenizer)
     normal = [(p, i, s) for i, (p, s, t) in enumerate(pieces) if t == _NORMAL]
     byte_ids = [-1] * 256
     for i, (p, _, t) in enumerate(pieces):
@@ -489,8 +505,9 @@ class FlatEncoder:
         SentencePiece: a difference turns the compiled BPE off for good, with a warning."""
         if self._bpe is None:
             lib = native.library()
-            refusal = "the text kernels are not built" if lib is None else bpe_refusal(self.tokenizer)
-            self._bpe = False if refusal else native.BpeModel(lib, *bpe_model(self.tokenizer), self._lone(),
+            parsed = _pieces(self.tokenizer) if lib is not None else None
+            refusal = "the text kernels are not built" if lib is None else bpe_refusal(self.tokenizer, parsed)
+            self._bpe = False if refusal else native.BpeModel(lib, *bpe_model(self.tokenizer, parsed), self._lone(),
                                                               _flags(self.isolated))
             if refusal:
                 log.info("word cache: new chunks go to SentencePiece (%s)", refusal)
