@@ -328,6 +328,7 @@ class FlatEncoder:
         self._new: list[tuple] = []
         self._scratch = native.Scratch()  # the compiled cut's outputs, reused batch after batch
         self._bpe: native.BpeModel | bool | None = None  # the compiled BPE; None: not made yet; False: off
+        self._lone_ids: list[int] | None = None
         self._clear()
 
     def __len__(self) -> int:
@@ -479,7 +480,9 @@ class FlatEncoder:
         # The chunk "▁▁x" (key " x") is the text " x" encoded alone. The lone "▁" (key "") would be
         # the empty text: it is the ids that " " adds after a character.
         lone = self._lone()
-        ids = sp.encode([k.decode("utf-8") for k in keys], num_threads=self.threads)
+        texts = [k.decode("utf-8") for k in keys]
+        # A few keys (the compiled BPE's check) one call each: a batch call costs ~80 us before its first key.
+        ids = sp.encode(texts, num_threads=self.threads) if len(keys) > 64 else [sp.encode(t) for t in texts]
         for k, key in enumerate(keys):
             if not key:
                 ids[k] = lone
@@ -492,10 +495,13 @@ class FlatEncoder:
         return counts, np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(counts.sum()))
 
     def _lone(self) -> list[int]:
-        sp = self.tokenizer.processor
-        with_space, without = sp.encode("a "), sp.encode("a")
-        assert with_space[:len(without)] == without, (with_space, without)
-        return with_space[len(without):]
+        """The ids " " adds after a character: a lone "▁" chunk's (asked of SentencePiece once)."""
+        if self._lone_ids is None:
+            sp = self.tokenizer.processor
+            with_space, without = sp.encode("a "), sp.encode("a")
+            assert with_space[:len(without)] == without, (with_space, without)
+            self._lone_ids = with_space[len(without):]
+        return self._lone_ids
 
     _CHECKED_KEYS = 8  # keys of each call to the compiled BPE also encoded by SentencePiece and compared
 
