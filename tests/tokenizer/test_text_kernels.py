@@ -205,6 +205,28 @@ def test_the_gather_in_one_pass_within_its_bound_or_in_two_past_it(lib, tiny_tok
     assert total <= len(buf) + len(texts)  # the bound the encoder gives
 
 
+def test_the_compiled_insert_gives_the_lookups_of_the_numpy_rounds(lib, tiny_tokenizer, monkeypatch):
+    # Many keys sharing home slots in a small table, inserted in batches that make it grow: every key is
+    # then found by the numpy probe, as its chunk, on the table of either insert, and held once.
+    texts = random_texts(600, seed=7)
+    tables = {}
+    for path in ("compiled", "numpy"):
+        native.set_enabled(path == "compiled")
+        enc = FlatEncoder(tiny_tokenizer)
+        for k in range(0, len(texts), 50):
+            enc.encode(texts[k:k + 50], True, True)
+        tables[path] = enc
+    native.set_enabled(True)
+    a, b = tables["compiled"], tables["numpy"]
+    short = np.flatnonzero(a._len[:len(a)] <= 15)
+    assert len(a) == len(b) and len(short) > 300
+    assert np.array_equal(a._keys[:len(a)], b._keys[:len(b)])  # the same chunks, numbered alike
+    for enc in (a, b):
+        assert np.array_equal(enc._probe(enc._lo[short], enc._hi[short]), short)
+        entries = enc._table[enc._table >= 0]
+        assert sorted((entries & ((1 << 40) - 1)).tolist()) == short.tolist()  # each once
+
+
 def test_not_built_or_turned_off_is_the_numpy_path(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMAWORKS_NATIVE_DIR", str(tmp_path))  # nothing built there
     native.set_enabled(True)

@@ -104,6 +104,8 @@ def library() -> ctypes.CDLL | None:
     lib.lw_doc_lengths.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr]
     lib.lw_assemble.restype = _i64
     lib.lw_assemble.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr]
+    lib.lw_place.restype = None
+    lib.lw_place.argtypes = [_ptr, _i64, _ptr, _ptr, _i64]
     lib.lw_copy_runs.restype = None
     lib.lw_copy_runs.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr]
     lib.lw_minhash.restype = None
@@ -218,6 +220,14 @@ def assemble(lib, found: np.ndarray, per_text: np.ndarray, spans: np.ndarray, to
                                    marks, lengths.ctypes.data)
     assert done >= 0, (done, dtype)
     return ids[:done], lengths
+
+
+def place(lib, table: np.ndarray, keys: np.ndarray, chunks: np.ndarray) -> None:
+    """Insert `chunks` (their keys short, distinct and not in `table`) into the table (lw_place): the caller
+    keeps the table at most half full and its size a power of two."""
+    chunks = np.ascontiguousarray(chunks, np.int64)
+    assert (len(table) & (len(table) - 1)) == 0 and (not len(chunks) or chunks.max() < len(keys)), (len(table), len(keys))
+    lib.lw_place(_p(table, np.int64), len(table) - 1, _rows(keys, KEY), chunks.ctypes.data, len(chunks))
 
 
 def copy_runs(lib, src: np.ndarray, src_at: np.ndarray, count: np.ndarray, dst: np.ndarray,

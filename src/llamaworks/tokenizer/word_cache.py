@@ -434,6 +434,11 @@ class FlatEncoder:
             chunks = np.concatenate([np.flatnonzero(self._len[:self._words] <= _SHORT), chunks])
             chunks = np.unique(chunks)  # the new ones are numbered already, so may be among the old
             self._in_table = 0
+        lib = native.library()
+        if lib is not None:  # one linear-probing insert per chunk (the same lookups as the rounds below)
+            native.place(lib, self._table, self._keys, chunks)
+            self._in_table += len(chunks)
+            return
         mask = len(self._table) - 1
         h = _hash(self._lo[chunks], self._hi[chunks])
         slot, entries = h.view(np.int64) & mask, chunks | _tag(h)

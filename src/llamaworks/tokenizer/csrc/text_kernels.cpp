@@ -371,6 +371,26 @@ int64_t lw_assemble(const int64_t* found, const int64_t* per_text, int64_t texts
     }
 }
 
+// word_cache.FlatEncoder._place's insertion: each of `n` chunks (short keys, distinct, not in the table)
+// into the first empty slot from its key's home slot (linear probing), with its tag, in order. The numpy
+// rounds (each free slot to its first claimant, the others one slot on) may lay the table out otherwise;
+// every lookup answers the same. The home slots 16 chunks ahead are prefetched (the table is tens of MB).
+void lw_place(int64_t* table, int64_t mask, const Key* keys, const int64_t* chunks, int64_t n) {
+    const uint64_t umask = static_cast<uint64_t>(mask);
+    constexpr int64_t AHEAD = 16;
+    for (int64_t i = 0; i < n; ++i) {
+        if (i + AHEAD < n) {
+            const Key& ahead = keys[chunks[i + AHEAD]];
+            __builtin_prefetch(table + (slot_hash(ahead.lo, ahead.hi) & umask), 1);
+        }
+        const Key& key = keys[chunks[i]];
+        const uint64_t h = slot_hash(key.lo, key.hi);
+        uint64_t slot = h & umask;
+        while (table[slot] >= 0) slot = (slot + 1) & umask;
+        table[slot] = chunks[i] | tag_of(h);
+    }
+}
+
 // The mix's gather (data/mix.py): dst[dst_at[r]:][:count[r]] = src[src_at[r]:][:count[r]] for every run r,
 // in items of `itemsize` bytes: one memcpy per document instead of an index per token.
 void lw_copy_runs(const uint8_t* src, const int64_t* src_at, const int64_t* count, const int64_t* dst_at,
