@@ -226,7 +226,8 @@ def place(lib, table: np.ndarray, keys: np.ndarray, chunks: np.ndarray) -> None:
     """Insert `chunks` (their keys short, distinct and not in `table`) into the table (lw_place): the caller
     keeps the table at most half full and its size a power of two."""
     chunks = np.ascontiguousarray(chunks, np.int64)
-    assert (len(table) & (len(table) - 1)) == 0 and (not len(chunks) or chunks.max() < len(keys)), (len(table), len(keys))
+    assert (len(table) & (len(table) - 1)) == 0, len(table)
+    assert not len(chunks) or chunks.max() < len(keys), (int(chunks.max()), len(keys))
     lib.lw_place(_p(table, np.int64), len(table) - 1, _rows(keys, KEY), chunks.ctypes.data, len(chunks))
 
 
