@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from llamaworks.tokenizer import native
 from llamaworks.tokenizer.word_cache import (
     FlatEncoder,
+    _distinct,
     _flags,
     _hash,
     _joined,
@@ -225,6 +226,37 @@ def test_the_compiled_insert_gives_the_lookups_of_the_numpy_rounds(lib, tiny_tok
         assert np.array_equal(enc._probe(enc._lo[short], enc._hi[short]), short)
         entries = enc._table[enc._table >= 0]
         assert sorted((entries & ((1 << 40) - 1)).tolist()) == short.tolist()  # each once
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([b"", b"a", b"ab", b"the", b"x" * 15, b"x" * 16, b"y" * 40, b"y" * 41, b"\x00",
+                                 b"\x00\x00", b"a\x00", b"12345678", b"123456789", b"z" * 15 + b"a",
+                                 b"z" * 15 + b"b"]), max_size=60),
+       st.data())
+def test_distinct_keys_are_the_numpy_passes(lib, keys, data):
+    # Duplicates, keys equal but for trailing NULs, short and long keys: rows in order of first use.
+    buf = b"".join(keys)
+    length = np.fromiter(map(len, keys), np.int64, len(keys))
+    start = np.cumsum(length) - length
+    lo, hi = _packed(buf, start, length)
+    chunks = np.array(sorted(data.draw(st.sets(st.integers(0, max(0, len(keys) - 1)), max_size=len(keys)))),
+                      np.int64)[:len(keys)]
+    got = native.distinct(lib, buf, start, length, lo, hi, chunks)
+    native.set_enabled(False)
+    try:
+        want = _distinct(buf, start, length, lo, hi, chunks)
+    finally:
+        native.set_enabled(True)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_distinct_long_keys_are_told_apart_by_their_bytes(lib):
+    keys = [b"z" * 15 + b"a", b"the", b"z" * 15 + b"b", b"z" * 15 + b"a", b"the"]  # one packing, two keys
+    length = np.fromiter(map(len, keys), np.int64, len(keys))
+    start = np.cumsum(length) - length
+    lo, hi = _packed(b"".join(keys), start, length)
+    rows, which = native.distinct(lib, b"".join(keys), start, length, lo, hi, np.arange(len(keys)))
+    assert rows.tolist() == [0, 1, 2] and which.tolist() == [0, 1, 2, 0, 1]
 
 
 def test_not_built_or_turned_off_is_the_numpy_path(monkeypatch, tmp_path):

@@ -104,6 +104,8 @@ def library() -> ctypes.CDLL | None:
     lib.lw_doc_lengths.argtypes = [_ptr, _ptr, _i64, _ptr, _i64, _ptr]
     lib.lw_assemble.restype = _i64
     lib.lw_assemble.argtypes = [_ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr]
+    lib.lw_distinct.restype = _i64
+    lib.lw_distinct.argtypes = [ctypes.c_char_p, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr]
     lib.lw_place.restype = None
     lib.lw_place.argtypes = [_ptr, _i64, _ptr, _ptr, _i64]
     lib.lw_copy_runs.restype = None
@@ -220,6 +222,19 @@ def assemble(lib, found: np.ndarray, per_text: np.ndarray, spans: np.ndarray, to
                                    marks, lengths.ctypes.data)
     assert done >= 0, (done, dtype)
     return ids[:done], lengths
+
+
+def distinct(lib, buf: bytes, start: np.ndarray, length: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+             chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """word_cache._distinct by lw_distinct: (rows, which), the first of `chunks` holding each distinct key in
+    order, and each chunk's key's index in rows."""
+    start, length, chunks = (np.ascontiguousarray(x, np.int64) for x in (start, length, chunks))
+    lo, hi = np.ascontiguousarray(lo, np.uint64), np.ascontiguousarray(hi, np.uint64)
+    assert len(start) == len(length) == len(lo) == len(hi) and (not len(chunks) or chunks.max() < len(start))
+    rows, which = np.empty(len(chunks), np.int64), np.empty(len(chunks), np.int64)
+    n = lib.lw_distinct(buf, start.ctypes.data, length.ctypes.data, lo.ctypes.data, hi.ctypes.data, chunks.ctypes.data,
+                        len(chunks), rows.ctypes.data, which.ctypes.data)
+    return rows[:n], which
 
 
 def place(lib, table: np.ndarray, keys: np.ndarray, chunks: np.ndarray) -> None:

@@ -287,7 +287,11 @@ def _distinct(buf: bytes, start: np.ndarray, length: np.ndarray, lo: np.ndarray,
               chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, which): the first of `chunks` holding each distinct key, in order, and for each of `chunks`
     its key's index in rows. Short keys are told apart by (lo, hi) with np.unique (exact: _packed), long
-    ones by their bytes: Python sees each new key once, not each of its occurrences in a batch."""
+    ones by their bytes: Python sees each new key once, not each of its occurrences in a batch. The
+    compiled kernel (native.distinct) where built: one hash-map pass, the same answer."""
+    lib = native.library()
+    if lib is not None:
+        return native.distinct(lib, buf, start, length, lo, hi, chunks)
     short = length[chunks] <= _SHORT
     at_short, at_long = np.flatnonzero(short), np.flatnonzero(~short)
     pairs = np.stack([lo[chunks[at_short]], hi[chunks[at_short]]], axis=1)

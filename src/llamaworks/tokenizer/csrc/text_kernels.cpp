@@ -7,6 +7,9 @@
 // texts' word hashes. lw_copy_runs: the mix's gather of documents' tokens (data/mix.py). Every result is the numpy path's, bit for bit (the tests compare them).
 #include <cstdint>
 #include <cstring>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -389,6 +392,37 @@ void lw_place(int64_t* table, int64_t mask, const Key* keys, const int64_t* chun
         while (table[slot] >= 0) slot = (slot + 1) & umask;
         table[slot] = chunks[i] | tag_of(h);
     }
+}
+
+// word_cache._distinct: of the chunks `chunks` (positions into start/length/lo/hi, increasing), the first
+// holding each distinct key, in order (rows), and for each chunk its key's index in rows (which). Short
+// keys (<= SHORT_KEY bytes) are told apart by (lo, hi), exact (word_cache._packed); longer ones by their
+// bytes. Returns the number of rows.
+int64_t lw_distinct(const uint8_t* buf, const int64_t* start, const int64_t* length, const uint64_t* lo,
+                    const uint64_t* hi, const int64_t* chunks, int64_t n, int64_t* rows, int64_t* which) {
+    struct PairHash {
+        size_t operator()(const std::pair<uint64_t, uint64_t>& k) const { return slot_hash(k.first, k.second); }
+    };
+    std::unordered_map<std::pair<uint64_t, uint64_t>, int64_t, PairHash> shorts;
+    std::unordered_map<std::string_view, int64_t> longs;
+    shorts.reserve(static_cast<size_t>(n));
+    int64_t distinct = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t c = chunks[i];
+        int64_t k;
+        bool added;
+        if (length[c] <= SHORT_KEY) {
+            const auto got = shorts.emplace(std::make_pair(lo[c], hi[c]), distinct);
+            k = got.first->second, added = got.second;
+        } else {
+            const auto key = std::string_view(reinterpret_cast<const char*>(buf) + start[c], static_cast<size_t>(length[c]));
+            const auto got = longs.emplace(key, distinct);
+            k = got.first->second, added = got.second;
+        }
+        if (added) rows[distinct++] = c;
+        which[i] = k;
+    }
+    return distinct;
 }
 
 // The mix's gather (data/mix.py): dst[dst_at[r]:][:count[r]] = src[src_at[r]:][:count[r]] for every run r,
