@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import random
 import sys
 import threading
@@ -322,6 +323,22 @@ def test_a_worker_reads_the_word_log_once_up_to_the_size_it_is_given(tmp_path, t
     assert len(b) == cached
     shards._read_words(b, str(log), len(first) + len(second))
     assert len(b) == len(a)
+
+
+@pytest.mark.parametrize("chosen", [None, "3"])
+def test_workers_start_with_one_blas_thread_unless_the_caller_chose(sp_path, monkeypatch, chosen):
+    # Idle OpenBLAS threads spin ~0.1 s of CPU in each process as it starts; the workers never use them.
+    if chosen is None:
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", chosen)
+    pool = shards._new_pool(2, sp_path)
+    try:
+        seen = {pool.executor.submit(os.getenv, "OPENBLAS_NUM_THREADS").result() for _ in range(4)}
+        assert seen == {chosen or "1"} and len(pool.executor._processes) == 2  # both started at once
+        assert os.environ.get("OPENBLAS_NUM_THREADS") == chosen  # this process's own setting is kept
+    finally:
+        shards._close(pool)
 
 
 def test_write_behind_writes_every_item_in_order_and_raises_its_errors():

@@ -422,7 +422,23 @@ def _new_pool(workers: int, worker_arg, key: tuple = ()) -> _Pool:
     except OSError as e:
         _no_words(None, e)
         words = None
-    return _Pool(key, ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,)), words)
+    executor = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(worker_arg,))
+    # Every worker started now (the executor starts one per task while none is idle), each with one BLAS
+    # thread unless the caller chose: the workers never multiply matrices, and each idle OpenBLAS thread
+    # spins ~0.1 s of CPU in a process that has just started, beside the workers' own start.
+    saved = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        for _ in range(workers):
+            executor.submit(_started)
+    finally:
+        if saved is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+    return _Pool(key, executor, words)
+
+
+def _started() -> None:
+    """A task that only starts a worker (_new_pool)."""
 
 
 def _make_log() -> str:
