@@ -1,4 +1,4 @@
-"""The `text_kernels` fixture (registered by tests/tokenizer/conftest.py and tests/data/conftest.py)."""
+"""The `text_kernels` and `lib` fixtures (registered by tests/tokenizer/conftest.py and tests/data/conftest.py)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,17 @@ def text_kernels(request):
     yield request.param
     native.set_enabled(True)
     document.set_fast_json(True)
+
+
+@pytest.fixture
+def lib():
+    """The compiled text kernels themselves (built here when they are not; skipped without a compiler or with
+    LLAMAWORKS_NATIVE=0; a compile error fails)."""
+    try:
+        native.build()
+    except OSError as e:
+        pytest.skip(f"the text kernels cannot be built here: {e}")
+    native.set_enabled(True)
+    if native.library() is None:
+        pytest.skip("LLAMAWORKS_NATIVE=0")
+    return native.library()

@@ -4,7 +4,7 @@ runs a test on the compiled and the numpy paths (tests/text_kernels.py)."""
 from __future__ import annotations
 
 import pytest
-from text_kernels import text_kernels  # noqa: F401  (tests/ is on sys.path: a fixture shared with tests/tokenizer)
+from text_kernels import lib, text_kernels  # noqa: F401  (tests/ is on sys.path: a fixture shared with tests/tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,6 @@ from llamaworks.tokenizer import native
 from llamaworks.tokenizer.word_cache import joined_utf8
 
 
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        native.build()
-    except OSError as e:
-        pytest.skip(f"the text kernels cannot be built here: {e}")
-    native.set_enabled(True)
-    if native.library() is None:
-        pytest.skip("LLAMAWORKS_NATIVE=0")
-    return native.library()
-
-
 def documents(lib, path, lines: list[bytes], seed=3, val_fraction=0.3, lineno=1, name="dir/a.jsonl"):
     """_Documents' (texts as joined_utf8 writes them, val, which, names, kept, empty) of the lines as one span
     of `path`, read by the kernel (lib) or by the Python path (None); or the exception raised."""

@@ -16,18 +16,6 @@ from llamaworks.tokenizer import load_tokenizer, native, word_cache
 from llamaworks.tokenizer.word_cache import FlatEncoder, _flags, bpe_model, bpe_refusal
 
 
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        native.build()
-    except OSError as e:
-        pytest.skip(f"the text kernels cannot be built here: {e}")
-    native.set_enabled(True)
-    if native.library() is None:
-        pytest.skip("LLAMAWORKS_NATIVE=0")
-    return native.library()
-
-
 def train(tmp_path_factory, docs: list[str], **options):
     model = io.BytesIO()
     kw = dict(model_type="bpe", vocab_size=1000, byte_fallback=True, split_digits=True,

@@ -23,19 +23,6 @@ from llamaworks.tokenizer.word_cache import (
 from .test_word_cache import HOSTILE, ODD, random_texts, reference
 
 
-@pytest.fixture
-def lib():
-    """The kernels themselves (built here when they are not; skipped without a compiler)."""
-    try:
-        native.build()
-    except OSError as e:
-        pytest.skip(f"the text kernels cannot be built here: {e}")
-    native.set_enabled(True)
-    if native.library() is None:
-        pytest.skip("LLAMAWORKS_NATIVE=0")
-    return native.library()
-
-
 def numpy_chunks(texts, isolated, enc: FlatEncoder):
     """split_chunks, _packed and FlatEncoder._lookup: what lw_chunks returns in one pass."""
     buf, start, length, per_text = split_chunks(texts, isolated)

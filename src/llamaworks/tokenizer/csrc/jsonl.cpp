@@ -20,6 +20,8 @@
 #include <unordered_map>
 #include <vector>
 
+extern "C" int64_t lw_isas();
+
 namespace {
 
 // ---------------------------------------------------------------------------- BLAKE2b (RFC 7693)
@@ -92,6 +94,7 @@ inline uint64_t has_zero(uint64_t w) { return (w - 0x0101010101010101ull) & ~w &
 // The run of plain bytes at p, at most n: bytes a string scan copies as they are, not '"', '\\', a control
 // byte (< 0x20) or a non-ASCII one. Most of a text: found 8 bytes at a time (portable), 32 (AVX2) or 64
 // (AVX-512BW). tests/data/test_jsonl_documents.py runs each ISA this CPU has against Python.
+// The numbering and the CPU check of text_kernels.cpp's lw_isas (bit k: ISA k runs here), in the same library.
 enum : int64_t { ISA_BEST = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 using PlainFn = size_t (*)(const uint8_t*, size_t);
 
@@ -137,12 +140,7 @@ __attribute__((target("avx512f,avx512bw"))) size_t plain_avx512(const uint8_t* p
 #endif
 
 PlainFn plain_fn(int64_t isa) {  // nullptr: that isa does not run here
-    int64_t have = 1 << ISA_PORTABLE;
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) have |= 1 << ISA_AVX2;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) have |= 1 << ISA_AVX512;
-#endif
+    const int64_t have = lw_isas();
     if (isa == ISA_BEST) isa = (have >> ISA_AVX512 & 1) ? ISA_AVX512 : (have >> ISA_AVX2 & 1) ? ISA_AVX2 : ISA_PORTABLE;
     if (isa < 0 || isa > ISA_AVX512 || !(have >> isa & 1)) return nullptr;
 #if defined(__x86_64__) && defined(__GNUC__)
