@@ -124,17 +124,24 @@ def _spans(file: Path, source: str, name: str, span_bytes: int) -> Iterator[Span
             del data  # the map cannot close while an array views it
 
 
-def _span_bytes(span: Span, into: np.ndarray | None = None) -> bytes | np.ndarray:
-    """The span's bytes; with `into`, read into it (grown when short) and returned as a view of it: a fresh
-    buffer per span costs its page faults (a third of reading a span on a VM that reports freed pages)."""
+_SPAN_BUFFER = np.empty(0, np.uint8)  # this process's buffer of a span's bytes, reused span after span
+
+
+def _span_bytes(span: Span, reuse: bool = False) -> bytes | np.ndarray:
+    """The span's bytes; with `reuse`, read into this process's span buffer (grown when short) and returned
+    as a view of it, valid until the next such read: a fresh buffer per span costs its page faults (a
+    third of reading a span on a VM that reports freed pages)."""
+    global _SPAN_BUFFER
     n = span.end - span.start
+    if reuse and len(_SPAN_BUFFER) < n:
+        _SPAN_BUFFER = np.empty(max(n, 2 * len(_SPAN_BUFFER)), np.uint8)
     with open(span.file, "rb") as f:
         f.seek(span.start)
-        if into is None:
+        if not reuse:
             data = f.read(n)
             got = len(data)
         else:
-            data = into[:n]
+            data = _SPAN_BUFFER[:n]
             got = f.readinto(memoryview(data))
     if got != n:
         raise ValueError(f"{span.file} changed while it was being read (shorter than {span.end} bytes); "
@@ -142,11 +149,9 @@ def _span_bytes(span: Span, into: np.ndarray | None = None) -> bytes | np.ndarra
     return data
 
 
-def _span_records(span: Span, data: bytes | None = None) -> Iterator[Record]:
-    """raw_lines' (line number, bytes) of the span's non-blank lines, as records (in the worker);
-    `data`: the span's bytes when read already."""
-    data = _span_bytes(span) if data is None else data
-    for lineno, line in enumerate(data.split(b"\n"), span.lineno):
+def _span_records(span: Span) -> Iterator[Record]:
+    """raw_lines' (line number, bytes) of the span's non-blank lines, as records (in the worker)."""
+    for lineno, line in enumerate(_span_bytes(span).split(b"\n"), span.lineno):
         if line and not line.isspace():  # raw_lines' test, without strip()'s copy of the line
             yield span.file, span.source, span.name, lineno, line
 
@@ -203,7 +208,12 @@ def _val_mask(doc_ids: list[str], seed: int, val_fraction: float) -> np.ndarray:
     as one uint64 array, not an int and a float comparison per document. Exact: for an integer h,
     h < f (a float) holds when h < ceil(f), an integer below 2**64 here."""
     digests = b"".join([_split_digest(i, seed) for i in doc_ids])
-    return np.frombuffer(digests, "<u8") < np.uint64(math.ceil(val_fraction * 2**64))
+    return np.frombuffer(digests, "<u8") < np.uint64(_val_threshold(val_fraction))
+
+
+def _val_threshold(val_fraction: float) -> int:
+    """The digests below which a document is held out (_val_mask; below 2**64 for val_fraction < 1)."""
+    return math.ceil(val_fraction * 2**64)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -230,9 +240,6 @@ def _init_worker(tokenizer) -> None:
     _WORKER_TOKENIZER = load_tokenizer(tokenizer)
 
 
-_SPAN_BUFFER = [np.empty(0, np.uint8)]  # this process's buffer of a span's bytes, reused span after span
-
-
 class _Documents:
     """A batch's documents, parsed in order: the kept ones' texts (a list of str, or with `joined` one
     word_cache buffer of them), val flags and sources (names, and an index per document), and how many
@@ -242,7 +249,7 @@ class _Documents:
     def __init__(self, seed: int, val_fraction: float, lib=None):
         self.seed, self.val_fraction, self.lib = seed, val_fraction, lib
         self.seed_prefix = f"{seed}\0".encode()
-        self.threshold = math.ceil(val_fraction * 2**64)  # _val_mask's
+        self.threshold = _val_threshold(val_fraction)
         self.names: dict[str, int] = {}
         self.texts: list = []  # str texts, or (joined) pieces of the buffer
         self.val: list[np.ndarray] = []
@@ -258,10 +265,7 @@ class _Documents:
         if self.lib is None or name is None:  # a name no UTF-8 holds: _document_of raises where it is needed
             self.records.extend(_span_records(item))
             return
-        size = item.end - item.start
-        if len(_SPAN_BUFFER[0]) < size:
-            _SPAN_BUFFER[0] = np.empty(max(size, 2 * len(_SPAN_BUFFER[0])), np.uint8)
-        data = _span_bytes(item, _SPAN_BUFFER[0])
+        data = _span_bytes(item, reuse=True)
         at, lineno = 0, item.lineno
         while at < len(data):
             part = native.jsonl_docs(self.lib, data, at, lineno, name, self.seed_prefix, self.threshold)

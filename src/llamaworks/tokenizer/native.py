@@ -140,17 +140,19 @@ def _p(a: np.ndarray, dtype) -> int:
 
 
 class Scratch:
-    """lw_chunks' per-chunk outputs, kept by their caller across calls: fresh arrays of a batch's size
+    """Kernels' output arrays kept by their caller across calls, by name: fresh arrays of a batch's size
     each call cost their page faults (several ms per MiB of text), reused ones none."""
 
     def __init__(self):
-        self.ints = np.empty((3, 0), np.int64)  # start, length, found
-        self.words = np.empty((2, 0), np.uint64)  # lo, hi
+        self._arrays: dict[str, np.ndarray] = {}
 
-    def ensure(self, n: int) -> None:
-        if self.ints.shape[1] < n:
-            size = max(n, 2 * self.ints.shape[1])
-            self.ints, self.words = np.empty((3, size), np.int64), np.empty((2, size), np.uint64)
+    def get(self, name: str, n: int, dtype, rows: int = 1) -> np.ndarray:
+        """The array `name`, (rows, >= n) of `dtype` ((>= n,) for one row), grown (doubling) when short."""
+        a = self._arrays.get(name)
+        if a is None or a.shape[-1] < n:
+            size = max(n, 2 * (0 if a is None else a.shape[-1]))
+            a = self._arrays[name] = np.empty((rows, size) if rows > 1 else size, dtype)
+        return a
 
 
 # lw_chunks' byte classification (csrc/text_kernels.cpp, ISA_*): the portable one is the reference.
@@ -184,8 +186,9 @@ def chunks(lib, buf: bytes, flags: bytes, texts: int, table: np.ndarray, keys: n
     (None: the widest this CPU runs)."""
     n = len(buf)
     scratch = scratch or Scratch()
-    scratch.ensure(n)  # a chunk starts at a distinct byte: at most n of them
-    out, words = scratch.ints, scratch.words
+    # a chunk starts at a distinct byte: at most n of them
+    out = scratch.get("ints", n, np.int64, rows=3)  # start, length, found
+    words = scratch.get("words", n, np.uint64, rows=2)  # lo, hi
     per_text = np.zeros(texts, np.int64)
     k = lib.lw_chunks(buf, n, flags, texts, _p(table, np.int64), len(table) - 1, _rows(keys, KEY),
                       out[0].ctypes.data, out[1].ctypes.data, words[0].ctypes.data,
@@ -290,14 +293,7 @@ class JsonlDocs(NamedTuple):
     stop: int  # the length of the line at `at` that the Python path reads, -1 at the end of the data
 
 
-_JSONL_SCRATCH: dict[str, np.ndarray] = {}  # jsonl_docs' outputs, reused call after call (no fresh pages each)
-
-
-def _scratch(name: str, n: int, dtype) -> np.ndarray:
-    a = _JSONL_SCRATCH.get(name)
-    if a is None or len(a) < n:
-        a = _JSONL_SCRATCH[name] = np.empty(max(n, 2 * (0 if a is None else len(a))), dtype)
-    return a
+_JSONL_SCRATCH = Scratch()  # jsonl_docs' outputs, reused call after call
 
 
 def jsonl_docs(lib, data: bytes | np.ndarray, at: int, lineno: int, name: bytes, seed: bytes,
@@ -313,9 +309,10 @@ def jsonl_docs(lib, data: bytes | np.ndarray, at: int, lineno: int, name: bytes,
         base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + at
     n = len(data) - at
     docs = n // 11 + 2  # a kept document's line holds at least {"text":"x"}: 12 bytes
-    text = _scratch("text", n + 2 * docs, np.uint8)  # a text is never longer than its line; 0xFF and " " before it
-    val, source = _scratch("val", docs, np.uint8), _scratch("source", docs, np.int32)
-    source_bytes, source_ends = _scratch("source_bytes", n + 1, np.uint8), _scratch("source_ends", docs, np.int64)
+    scratch = _JSONL_SCRATCH
+    text = scratch.get("text", n + 2 * docs, np.uint8)  # a text is never longer than its line; 0xFF and " " before it
+    val, source = scratch.get("val", docs, np.uint8), scratch.get("source", docs, np.int32)
+    source_bytes, source_ends = scratch.get("source_bytes", n + 1, np.uint8), scratch.get("source_ends", docs, np.int64)
     result = np.zeros(7, np.int64)
     lib.lw_jsonl_docs(base, n, lineno, name, len(name), seed, len(seed), threshold, text.ctypes.data, val.ctypes.data,
                       source.ctypes.data, source_bytes.ctypes.data, source_ends.ctypes.data, result.ctypes.data)

@@ -8,13 +8,13 @@
 // the text "▁" + key, every " " as "▁", is cut into characters; the adjacent pair whose concatenation is
 // a normal piece of the highest score is merged, the leftmost on a tie, until no pair is a piece; each
 // symbol left is its piece's id, or (a character outside the vocabulary) the ids of its UTF-8 bytes'
-// <0xXX> pieces. word_cache checks the model's conditions, compares every batch's first chunks with
+// <0xXX> pieces. word_cache checks the model's conditions, compares a sample of every call's keys with
 // SentencePiece, and the tests compare random and hostile keys with it on several models.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <queue>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 namespace {

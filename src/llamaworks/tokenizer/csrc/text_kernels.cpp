@@ -2,7 +2,8 @@
 // no torch, no Python headers, so the tokenising worker processes load it without importing torch).
 //
 // lw_chunks/lw_doc_lengths/lw_assemble: the word cache's hot loop (tokenizer/word_cache.py), the
-// numpy passes of split_chunks, _packed, _hash, _probe and the id gather done in one pass each.
+// numpy passes of split_chunks, _packed, _hash, _probe and the id gather done in one pass each;
+// lw_distinct/lw_place: its bookkeeping of new chunks (_distinct, _place).
 // lw_isas: the ISAs lw_chunks can be asked for. lw_minhash: word-shingle MinHash signatures (data/dedup.py's minhash_signatures) from the
 // texts' word hashes. lw_copy_runs: the mix's gather of documents' tokens (data/mix.py). Every result is the numpy path's, bit for bit (the tests compare them).
 #include <cstdint>
