@@ -325,6 +325,81 @@ def test_a_worker_reads_the_word_log_once_up_to_the_size_it_is_given(tmp_path, t
     assert len(b) == len(a)
 
 
+def _batches_of(folder: Path, batch_chars: int) -> list:
+    return list(shards._batches(shards._records([str(folder)], {"files": 0, "skipped_files": 0},
+                                                span_bytes=batch_chars), batch_chars))
+
+
+def test_results_come_back_through_slots_or_the_pipe_alike(tmp_path, sp_path):
+    # The workers write each batch's tokens into a result slot this process maps (the pipe carried them
+    # pickled); one too large for its slot still comes through the pipe. Either way: the one-process result.
+    docs = make_docs(300, seed=12) + ["the king " * 400]  # a batch of its own, far past a small slot
+    write_docs(tmp_path / "d", docs)
+    batches = _batches_of(tmp_path / "d", 500)
+    args = (0, 0.1, np.dtype(np.uint16), 512)
+    want = [shards._encode(b, *args, shards.load_tokenizer(sp_path))[:-1] for b in batches]
+    sizes = sorted(r[4].nbytes + r[5].nbytes for r in want)
+    try:
+        for slot_bytes in (0, sizes[len(sizes) // 2], 1 << 20):  # none, half of them fit, all fit
+            got = []
+            for r in shards._encoded(iter(batches), None, sp_path, 2, *args, slot_bytes=slot_bytes):
+                got.append([x.copy() if isinstance(x, np.ndarray) else x for x in r])  # views: valid until the next
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g[0][0] == w[0][0] and np.array_equal(g[0][1], w[0][1]) and g[2] == w[2]
+                for k in (1, 3, 4, 5):
+                    assert g[k].dtype == w[k].dtype and np.array_equal(g[k], w[k]), (slot_bytes, k)
+            slots = shards._POOL.slots
+            assert len(slots.maps) == (6 if slot_bytes else 0) and all(Path(p).is_file() for p, _ in slots.maps)
+        paths = [p for p, _ in slots.maps]
+    finally:
+        shards._drop_pool()
+    assert not any(Path(p).exists() for p in paths)  # the slots go with the pool
+
+
+def test_a_slot_holds_one_batch_at_a_time(tmp_path, sp_path, monkeypatch):
+    # Each result's tokens are views of its slot, read after the workers ran ahead: a slot given to a
+    # second batch before its first one's result was taken is overwritten by then.
+    write_docs(tmp_path / "d", make_docs(400, seed=13))
+    batches = _batches_of(tmp_path / "d", 300)
+    args = (0, 0.0, np.dtype(np.uint16), 512)
+    want = [shards._encode(b, *args, shards.load_tokenizer(sp_path))[4] for b in batches]
+    given = []
+    arg = shards._Slots.arg
+    monkeypatch.setattr(shards._Slots, "arg", lambda self, slot: (given.append(slot), arg(self, slot))[1])
+    try:
+        for k, r in enumerate(shards._encoded(iter(batches), None, sp_path, 2, *args, slot_bytes=1 << 16)):
+            time.sleep(0.002)  # the workers run ahead meanwhile
+            assert np.array_equal(r[4], want[k]), k
+    finally:
+        shards._drop_pool()
+    assert len(given) == len(batches) > 10 and set(given) == set(range(6))
+
+
+def test_slots_that_cannot_be_made_leave_the_tokens_to_the_pipe(tmp_path, sp_path, monkeypatch, caplog):
+    # A full /dev/shm: fallocate fails when the slots are made (never a SIGBUS in a worker), with a warning.
+    write_docs(tmp_path / "d", make_docs(300, seed=14))
+    kw = dict(val_fraction=0.1, shard_tokens=900, batch_chars=400)
+    one = prepare([str(tmp_path / "d")], sp_path, tmp_path / "w1", workers=1, **kw)
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards.os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(shards.os, "ftruncate", full)
+    try:
+        with caplog.at_level(logging.WARNING, logger="llamaworks.data.shards"):
+            two = prepare([str(tmp_path / "d")], sp_path, tmp_path / "w2", workers=2, **kw)
+        assert shards._POOL.slots.off and not shards._POOL.slots.maps
+    finally:
+        shards._drop_pool()
+    assert "through a pipe" in caplog.text and "No space left" in caplog.text
+    assert one["splits"] == two["splits"]
+    for split in ("train", "val"):
+        assert np.array_equal(stream(tmp_path / "w1", split), stream(tmp_path / "w2", split))
+    assert not [p for p in Path(shards.tempfile.gettempdir()).glob(f"llamaworks-tokens-{os.getpid()}-*")]
+
+
 @pytest.mark.parametrize("chosen", [None, "3"])
 def test_workers_start_with_one_blas_thread_unless_the_caller_chose(sp_path, monkeypatch, chosen):
     # Idle OpenBLAS threads spin ~0.1 s of CPU in each process as it starts; the workers never use them.

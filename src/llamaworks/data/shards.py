@@ -319,14 +319,15 @@ def _utf8_or_none(text: str) -> bytes | None:
 
 
 def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: np.dtype, vocab_size: int,
-            tokenizer=None, words: tuple[str, int] | None = None) -> tuple:
+            tokenizer=None, words: tuple[str, int] | None = None, slot: tuple[str, int] | None = None) -> tuple:
     """A batch of records (and spans of them) parsed, split and encoded: ((the batch's sources, each
     document's index in them), in val, empty documents, lengths, train tokens, val tokens, the word
     cache's new chunks), the tokens in the shards' `dtype`. Runs in the workers: JSON, the val-split
     hashes, the encoder, the range check and the split in parallel; this process only writes what
     comes back. The sources go back as names and an index array, not a string per document.
     `words`: the word log (_encoded) and its size; its new part is read first, the batch's new
-    chunks come back last (b"" without a log)."""
+    chunks come back last (b"" without a log). `slot`: a result slot's file and size (_Slots); tokens
+    that fit it are written there and come back as an _InSlot in place of the train tokens (val: None)."""
     # SentencePiece models of LLaMA's kind go through a word cache (same ids, several times faster);
     # any other tokenizer through its encode_batch. Arrays, not lists: far cheaper to send back from a worker.
     encoder = flat_encoder(_WORKER_TOKENIZER if tokenizer is None else tokenizer)
@@ -356,6 +357,8 @@ def _encode(items: list[Record | Span], seed: int, val_fraction: float, dtype: n
         raise outside(f"max {int(flat.max())}")
     train, held = _split_tokens(flat.astype(dtype, copy=False), lengths, val)
     new = encoder.take_new() if words is not None else b""
+    if slot is not None and train.nbytes + held.nbytes <= slot[1]:
+        train, held = _to_slot(slot[0], slot[1], train, held), None
     return (list(documents.names), which), val, documents.empty, lengths, train, held, new
 
 
@@ -407,10 +410,102 @@ def _batches(items: Iterator[Record | Span], batch_chars: int) -> Iterator[list[
         yield batch
 
 
+class _InSlot(NamedTuple):
+    """A batch's tokens in its result slot: `train` tokens, then `held` ones, of dtype `dtype` (a numpy str)."""
+
+    train: int
+    held: int
+    dtype: str
+
+
+_SLOT_MAPS: dict[str, mmap.mmap] = {}  # in a worker: the result slots it has written to, mapped once
+
+
+def _to_slot(path: str, size: int, train: np.ndarray, held: np.ndarray) -> _InSlot:
+    """train's and held's tokens written into the result slot at `path` (in the worker)."""
+    if path not in _SLOT_MAPS:
+        if len(_SLOT_MAPS) >= 64:  # bounded: slots replaced by larger ones (_Slots.reserve) are let go
+            _SLOT_MAPS.pop(next(iter(_SLOT_MAPS))).close()
+        with open(path, "r+b") as f:
+            _SLOT_MAPS[path] = mmap.mmap(f.fileno(), size)
+    out = np.frombuffer(_SLOT_MAPS[path], train.dtype, len(train) + len(held))
+    out[:len(train)], out[len(train):] = train, held
+    del out  # a map cannot close while an array views it
+    return _InSlot(len(train), len(held), train.dtype.str)
+
+
+_SLOT_NAMES = itertools.count()
+
+
+class _Slots:
+    """Result slots: files (in /dev/shm where there is one) that the workers write each batch's tokens
+    into and this process reads through memory maps, so that the tokens skip the result pipe. Through
+    the pipe a 1 GiB `data mix` paid ~0.5 GB of tokens pickled in the workers, copied into and out of a
+    64 KiB pipe (this process woken per 64 KiB) and unpickled, ~0.6 s of wall time on 2 cores
+    (docs/data.md). A slot is reused batch after batch (its pages stay), given to one batch at a time by
+    _encoded; a result larger than its slot comes through the pipe as before. The files are reserved
+    (fallocate) when made: a full /dev/shm is a warning and the pipe here, not a SIGBUS in a worker."""
+
+    def __init__(self):
+        self.maps: list[tuple[str, mmap.mmap]] = []
+        self.size = 0
+        self.free: deque[int] = deque()
+        self.off = False  # could not be made: the pipe carries every result
+        atexit.register(self.close)
+
+    def reserve(self, count: int, size: int) -> bool:
+        """At least `count` slots of `size` bytes, all free; False when they cannot be made."""
+        if self.off:
+            return False
+        if count > len(self.maps) or size > self.size:
+            self.close()
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            try:
+                for _ in range(count):
+                    # Named by this process and a count too: a worker maps a slot by its name, once.
+                    fd, path = tempfile.mkstemp(prefix=f"llamaworks-tokens-{os.getpid()}-{next(_SLOT_NAMES)}-",
+                                                suffix=".bin", dir=folder)
+                    try:
+                        self.maps.append((path, None))
+                        if hasattr(os, "posix_fallocate"):
+                            os.posix_fallocate(fd, 0, size)
+                        else:
+                            os.ftruncate(fd, size)
+                        self.maps[-1] = (path, mmap.mmap(fd, size))
+                    finally:
+                        os.close(fd)
+            except OSError as e:
+                self.close()
+                self.off = True
+                log.warning("prepare's workers send their tokens through a pipe (no result slots: %s: %s)",
+                            type(e).__name__, e)
+                return False
+            self.size = size
+        self.free = deque(range(len(self.maps)))
+        return True
+
+    def arg(self, slot: int) -> tuple[str, int]:
+        return self.maps[slot][0], self.size
+
+    def tokens(self, slot: int, where: _InSlot) -> tuple[np.ndarray, np.ndarray]:
+        """(train, held) tokens of the batch in `slot`: views, valid until the slot is given out again."""
+        both = np.frombuffer(self.maps[slot][1], np.dtype(where.dtype), where.train + where.held)
+        return both[:where.train], both[where.train:]
+
+    def close(self) -> None:
+        for path, mm in self.maps:
+            if mm is not None:
+                with contextlib.suppress(BufferError):  # an array still views it: unmapped when collected
+                    mm.close()
+            _remove(path)
+        self.maps, self.size, self.free = [], 0, deque()
+
+
 class _Pool(NamedTuple):
     key: tuple
     executor: ProcessPoolExecutor
     words: str | None  # the word log: new chunks the workers' word caches met, for the others (None: off)
+    slots: _Slots  # where the workers write their batches' tokens
 
 
 _POOL: _Pool | None = None
@@ -438,7 +533,7 @@ def _new_pool(workers: int, worker_arg, key: tuple = ()) -> _Pool:
     finally:
         if saved is None:
             del os.environ["OPENBLAS_NUM_THREADS"]
-    return _Pool(key, executor, words)
+    return _Pool(key, executor, words, _Slots())
 
 
 def _started() -> None:
@@ -493,6 +588,7 @@ def _pool(workers: int, worker_arg) -> tuple[_Pool, bool]:
 def _close(pool: _Pool) -> None:
     pool.executor.shutdown(cancel_futures=True)
     _remove(pool.words)
+    pool.slots.close()
 
 
 def _drop_pool() -> None:
@@ -502,24 +598,34 @@ def _drop_pool() -> None:
         _POOL = None
 
 
-def _encoded(batches, tokenizer, worker_arg, workers: int, *args):
+def _encoded(batches, tokenizer, worker_arg, workers: int, *args, slot_bytes: int = 0):
     """_encode(batch, *args)'s result per batch, in input order whatever the worker count.
 
     With workers, each batch also carries the word log's size when it is sent, and each result the
     chunks its worker newly sent to SentencePiece, appended to the log here: a worker takes the
     others' chunks from the log before it encodes (word_cache's put_new), so each new chunk is
     encoded about once between the workers instead of once per worker (~3 us each: 218k of them in
-    a 200 MiB mix, paid again by every worker's cold cache)."""
+    a 200 MiB mix, paid again by every worker's cold cache). With `slot_bytes`, each batch also gets
+    a result slot of that size (_Slots) for its tokens: then a result's train and val tokens are views
+    of it, valid until the next result is asked for."""
     if workers == 1:
         for batch in batches:
             yield _encode(batch, *args, tokenizer)[:-1]
         return
     pool, shared = _pool(workers, worker_arg)
-    pending: deque = deque()  # bounded, so documents are read only a few batches ahead
+    # At most 2 * workers + 1 batches are out when one is sent, and the one the caller holds is back by then.
+    slots = pool.slots if slot_bytes and pool.slots.reserve(2 * workers + 2, slot_bytes) else None
+    pending: deque = deque()  # (future, slot): bounded, so documents are read only a few batches ahead
     finished = False
     words, logged = pool.words, os.path.getsize(pool.words) if pool.words else 0
 
-    def result(future):
+    def submit(batch) -> None:
+        slot = slots.free.popleft() if slots else None
+        future = pool.executor.submit(_encode, batch, *args, None, words and (words, logged),
+                                      slots and slots.arg(slot))
+        pending.append((future, slot))
+
+    def result(future, slot):
         nonlocal words, logged
         *out, new = future.result()
         if new and words:
@@ -529,15 +635,20 @@ def _encoded(batches, tokenizer, worker_arg, workers: int, *args):
             except OSError as e:  # a full disk: a record may be cut short, so the log goes
                 _no_words(pool, e)
                 words = None
+        if isinstance(out[4], _InSlot):
+            out[4:6] = slots.tokens(slot, out[4])
         return tuple(out)
 
     try:
         for batch in batches:
-            pending.append(pool.executor.submit(_encode, batch, *args, None, words and (words, logged)))
+            submit(batch)
             if len(pending) > 2 * workers:
-                yield result(pending.popleft())
-        for future in pending:
-            yield result(future)
+                future, slot = pending.popleft()
+                yield result(future, slot)
+                if slots:  # the caller asked for the next result: done with this one's tokens
+                    slots.free.append(slot)
+        while pending:
+            yield result(*pending.popleft())
         finished = True
     finally:
         if not shared:
@@ -666,14 +777,16 @@ def sha256_file(path: Path) -> str:
 
 def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fraction: float = 0.005,
             shard_tokens: int = 2**27, seed: int = 0, workers: int | None = None, overwrite: bool = False,
-            batch_chars: int = 1 << 20, document_lengths: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+            batch_chars: int = 1 << 22, document_lengths: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Tokenise documents into packed shards under `output_dir`; return the manifest.
 
     `tokenizer` is a tokenizer file's path (SentencePiece .model, Llama 3's tiktoken
     tokenizer.model, tokenizer.json) or any object with encode_batch, bos_id, eos_id
     and vocab_size (picklable when workers > 1). Documents go to the encoder in batches of about
-    `batch_chars` characters. `document_lengths`, when given a dict, receives each split's document
-    lengths in tokens, in shard order (int64 arrays; `data mix` indexes its source caches by them).
+    `batch_chars` characters (4 MiB: a batch's fixed costs, such as the workers' sharing of new chunks,
+    took ~1 ms of each 1 MiB batch's ~9; docs/data.md). `document_lengths`, when given a dict, receives
+    each split's document lengths in tokens, in shard order (int64 arrays; `data mix` indexes its source
+    caches by them).
     """
     workers = _default_workers() if workers is None else workers
     if not 0 <= val_fraction < 1:
@@ -712,7 +825,10 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
     doc_lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     # Local uncompressed JSONL goes to the workers as spans of lines they read themselves.
     batches = _batches(_records(inputs, stats, span_bytes=batch_chars), batch_chars)
-    encoded = _encoded(batches, tok, tokenizer if is_path else tok, workers, seed, val_fraction, dtype, vocab_size)
+    # Each batch's tokens come back through a result slot with room for a token per 2 characters (LLaMA's
+    # tokenizer: ~0.25-0.3 on text and code); a denser batch's come through the pipe.
+    encoded = _encoded(batches, tok, tokenizer if is_path else tok, workers, seed, val_fraction, dtype, vocab_size,
+                       slot_bytes=batch_chars * dtype.itemsize // 2)
     with contextlib.closing(encoded):  # on any failure, shut the worker pool down at once
         for meta, val, empty, lengths, train, held in encoded:
             stats["empty_documents"] += empty
