@@ -376,6 +376,51 @@ def test_a_slot_holds_one_batch_at_a_time(tmp_path, sp_path, monkeypatch):
     assert len(given) == len(batches) > 10 and set(given) == set(range(6))
 
 
+def test_prepares_in_two_threads_each_get_their_own_tokens(tmp_path, sp_path, monkeypatch):
+    # The shared pool (its result slots, its word log) serves one prepare at a time; another thread's
+    # prepare meanwhile gets a pool of its own, closed when it is done.
+    for k in range(2):
+        write_docs(tmp_path / f"d{k}", make_docs(300, seed=20 + k))
+    kw = dict(val_fraction=0.1, shard_tokens=900, batch_chars=300)
+    want = [prepare([str(tmp_path / f"d{k}")], sp_path, tmp_path / f"one{k}", workers=1, **kw) for k in range(2)]
+    batches, both_in = shards._batches, threading.Barrier(2, timeout=60)
+
+    def overlapping(items, n):  # each prepare, its pool taken, waits after its first batch for the other
+        for k, batch in enumerate(batches(items, n)):
+            yield batch
+            if k == 0:
+                both_in.wait()
+
+    new_pool, pools = shards._new_pool, []
+    monkeypatch.setattr(shards, "_batches", overlapping)
+    monkeypatch.setattr(shards, "_new_pool", lambda *a: pools.append(new_pool(*a)) or pools[-1])
+    got, errors = {}, []
+
+    def run(k):
+        try:
+            got[k] = prepare([str(tmp_path / f"d{k}")], sp_path, tmp_path / f"two{k}", workers=2, **kw)
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert len(pools) == 2 and sum(p is shards._POOL for p in pools) == 1  # one shared, one of its own
+        private = next(p for p in pools if p is not shards._POOL)
+        assert private.executor._shutdown_thread and not private.slots.maps  # closed with its prepare
+    finally:
+        shards._drop_pool()
+    for k in range(2):
+        assert got[k]["splits"] == want[k]["splits"]
+        for split in ("train", "val"):
+            assert np.array_equal(stream(tmp_path / f"one{k}", split), stream(tmp_path / f"two{k}", split))
+    assert not shards._POOL_BUSY.locked()
+
+
 def test_slots_that_cannot_be_made_leave_the_tokens_to_the_pipe(tmp_path, sp_path, monkeypatch, caplog):
     # A full /dev/shm: fallocate fails when the slots are made (never a SIGBUS in a worker), with a warning.
     write_docs(tmp_path / "d", make_docs(300, seed=14))

@@ -569,19 +569,28 @@ def _append(path: str, data: bytes) -> None:
         f.write(data)
 
 
+_POOL_BUSY = threading.Lock()  # held while a `prepare` uses the shared pool (its slots, its word log)
+
+
 def _pool(workers: int, worker_arg) -> tuple[_Pool, bool]:
     """(pool, shared): encoding processes kept across `prepare` calls with the same tokenizer file, so
     that `data mix`, which tokenises its sources one after another, spawns them once and their word
-    caches stay warm. A tokenizer object gets a pool of its own (shared False: the caller closes it)."""
+    caches stay warm. A tokenizer object gets a pool of its own (shared False: the caller closes it),
+    and so does a `prepare` while another thread's uses the shared one (their result slots would mix).
+    shared True: the caller holds _POOL_BUSY and releases it when done."""
     global _POOL
-    if not isinstance(worker_arg, (str, os.PathLike)):
+    if not isinstance(worker_arg, (str, os.PathLike)) or not _POOL_BUSY.acquire(blocking=False):
         return _new_pool(workers, worker_arg), False
-    st = os.stat(worker_arg)
-    key = (workers, os.path.abspath(worker_arg), st.st_size, st.st_mtime_ns)  # a rewritten file: new workers
-    if _POOL is not None and _POOL.key != key:
-        _drop_pool()
-    if _POOL is None:
-        _POOL = _new_pool(workers, worker_arg, key)
+    try:
+        st = os.stat(worker_arg)
+        key = (workers, os.path.abspath(worker_arg), st.st_size, st.st_mtime_ns)  # a rewritten file: new workers
+        if _POOL is not None and _POOL.key != key:
+            _drop_pool()
+        if _POOL is None:
+            _POOL = _new_pool(workers, worker_arg, key)
+    except BaseException:
+        _POOL_BUSY.release()
+        raise
     return _POOL, True
 
 
@@ -653,8 +662,10 @@ def _encoded(batches, tokenizer, worker_arg, workers: int, *args, slot_bytes: in
     finally:
         if not shared:
             _close(pool)
-        elif not finished:  # an error or an abandoned run: no worker keeps running its tasks
-            _drop_pool()
+        else:
+            if not finished:  # an error or an abandoned run: no worker keeps running its tasks
+                _drop_pool()
+            _POOL_BUSY.release()
 
 
 # ---------------------------------------------------------------------------- writing shards
