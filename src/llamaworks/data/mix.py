@@ -19,7 +19,8 @@ batch of JSONL lines (a byte span of a local .jsonl; compressed files come as li
 encoding it through a word cache in front of SentencePiece (tokenizer/word_cache.py: the same ids,
 the model asked about once per distinct chunk between the workers, the chunks cut and looked up by
 compiled kernels, about 150-200 MB/s per core warm; numpy where they are not built) and splitting
-it into train and val ids of the shards' dtype. This process cuts the spans and writes the shards.
+it into train and val ids of the shards' dtype, written into a shared result slot (shards._Slots).
+This process cuts the spans and writes the shards from the slots.
 Drawing and interleaving work on arrays of document lengths, and each interleaving window's tokens
 are gathered from the caches with one memcpy per document (`_SplitTokens.copy_runs`) and written in
 bulk, a window behind, into page cache recycled as it goes (ShardWriter's drop_cache).
