@@ -421,6 +421,26 @@ def test_prepares_in_two_threads_each_get_their_own_tokens(tmp_path, sp_path, mo
     assert not shards._POOL_BUSY.locked()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="stale slots are found by pid on POSIX only")
+def test_slot_files_of_processes_that_died_are_removed(tmp_path):
+    # A killed mix leaves its slot files (no atexit); /dev/shm keeps their pages until they are removed.
+    import subprocess
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        names = {who: tmp_path / f"llamaworks-tokens-{pid}-0-abc.bin" for who, pid in
+                 (("dead", int(dead.stdout)), ("alive", alive.pid), ("me", os.getpid()))}
+        other = tmp_path / "llamaworks-words-1.bin"
+        for path in [*names.values(), other]:
+            path.write_bytes(b"x")
+        shards._remove_stale_slots(str(tmp_path))
+        assert not names["dead"].exists() and names["alive"].exists() and names["me"].exists() and other.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_slots_that_cannot_be_made_leave_the_tokens_to_the_pipe(tmp_path, sp_path, monkeypatch, caplog):
     # A full /dev/shm: fallocate fails when the slots are made (never a SIGBUS in a worker), with a warning.
     write_docs(tmp_path / "d", make_docs(300, seed=14))

@@ -460,6 +460,7 @@ class _Slots:
         if count > len(self.maps) or size > self.size:
             self.close()
             folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            _remove_stale_slots(folder or tempfile.gettempdir())
             try:
                 for _ in range(count):
                     # Named by this process and a count too: a worker maps a slot by its name, once.
@@ -499,6 +500,25 @@ class _Slots:
                     mm.close()
             _remove(path)
         self.maps, self.size, self.free = [], 0, deque()
+
+
+def _remove_stale_slots(folder: str) -> None:
+    """Slot files left by processes that no longer run (killed: no atexit), whose pages /dev/shm keeps
+    until they are removed. A file named by a process that runs (or a reused pid) is left alone. POSIX
+    only: on Windows os.kill(pid, 0) would end that process."""
+    if os.name != "posix":
+        return
+    for path in Path(folder).glob("llamaworks-tokens-*-*-*.bin"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        except (PermissionError, OSError):  # another user's process, or no such check here (Windows)
+            continue
 
 
 class _Pool(NamedTuple):
