@@ -134,6 +134,7 @@ def profiled_mix(corpus: Path, out: Path) -> dict:
                (shards, "_document_of", "parse JSON", None, False),
                (shards, "_val_mask", "val-split hashes", None, False),
                (shards.ShardWriter, "write", "shard writes", None, False),
+               (shards, "_pwrite_all", "shard writes", None, False),  # the mix's windows (write_window)
                (shards, "_encode", "encode: the rest (on the numpy path the id gather too)", None, False),
                (word_cache, "_utf8", "encode: texts to UTF-8", None, False),
                (word_cache, "split_chunks", "encode: cut chunks (numpy)", None, False),
@@ -145,7 +146,7 @@ def profiled_mix(corpus: Path, out: Path) -> dict:
                (word_cache.FlatEncoder, "_fill", "encode: new chunks' bookkeeping", None, False),
                (word_cache.FlatEncoder, "_add", "encode: SentencePiece on new chunks", None, False),
                (mix_module, "_document_starts", "documents' start offsets", None, False),
-               (mix_module._SplitTokens, "copy_runs", "gather documents' tokens", None, False),
+               (shards.TokenFiles, "copy_runs", "gather documents' tokens", None, False),
                (mix_module, "_source_cache", "other", "tokenise: ", False),
                (mix_module, "_write_split", "draw + interleave", "mix: ", False)]
     for owner, name, stage, phase, generator in targets:

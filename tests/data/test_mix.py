@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +184,7 @@ WEIGHTS = {"web": 50.0, "code": 30.0, "wiki": 20.0}
 def _config(corpus, tokenizer, out: Path, **kw) -> MixConfig:
     sources = {n: {"inputs": corpus["inputs"][n], "weight": w} for n, w in WEIGHTS.items()}
     return MixConfig(tokenizer=str(tokenizer.path), output=str(out), shard_tokens=1000, val_fraction=0.1,
-                     workers=1, sources=sources, **kw)
+                     sources=sources, **{"workers": 1, **kw})
 
 
 def _stream(out: Path, split: str = "train") -> np.ndarray:
@@ -267,29 +269,61 @@ def test_same_seed_same_bytes_and_rerun_is_a_no_op(mixed, corpus, tiny_tokenizer
     assert _shard_bytes(other) != _shard_bytes(out)
 
 
-def test_windows_gathered_while_earlier_ones_are_written_keep_their_bytes(mixed, corpus, tiny_tokenizer, tmp_path,
-                                                                          monkeypatch):
-    # The gather fills buffers in turn while a thread writes earlier windows: a slow writer lets it run as
-    # far ahead as it may; a buffer reused too soon would change the bytes written.
+def test_windows_written_out_of_order_make_the_same_shards(mixed, corpus, tiny_tokenizer, tmp_path, monkeypatch):
+    # The workers write windows at their offsets in any order; a shard is sealed (renamed) only once every
+    # window in it is written. Four threads that finish windows late and out of order, small windows
+    # straddling shards: the same bytes, and no shard renamed while a window of it is still unwritten.
     out, _ = mixed
-    write = shards.ShardWriter.write
+    rng, written, sealed = random.Random(0), [], []
 
-    def slow_write(self, tokens):
-        time.sleep(0.003)
-        before = tokens.copy()
-        write(self, tokens)
-        assert np.array_equal(tokens, before), "a window's buffer changed while it was written"
+    def late(key, streams, dtype, window, folder, *args):
+        time.sleep(rng.random() * 0.004)
+        n = shards.write_window(key, streams, dtype, window, folder, *args)
+        written.append((folder, window.at, window.at + n))
+        return n
 
-    monkeypatch.setattr(shards.ShardWriter, "write", slow_write)
+    seal = mixmod._seal
+
+    def checked_seal(out_, split, shard, tokens, itemsize):
+        lo, hi = shard * 1000, shard * 1000 + tokens
+        covered = sorted((a, b) for f, a, b in list(written) if f.endswith(split) and a < hi and b > lo)
+        assert covered and covered[0][0] <= lo and covered[-1][1] >= hi, (split, shard, covered)
+        assert all(x[1] >= y[0] for x, y in zip(covered, covered[1:])), (split, shard, covered)  # no hole
+        sealed.append((split, shard))
+        return seal(out_, split, shard, tokens, itemsize)
+
+    @contextlib.contextmanager
+    def threads(workers, tokenizer):
+        with ThreadPoolExecutor(4) as ex:
+            yield ex
+
+    monkeypatch.setattr(mixmod, "write_window", late)
+    monkeypatch.setattr(mixmod, "_seal", checked_seal)
+    monkeypatch.setattr(mixmod, "pool_executor", threads)
     monkeypatch.setattr(mixmod, "_WINDOW_TOKENS", 300)
-    mix(_config(corpus, tiny_tokenizer, tmp_path / "slow"), progress=False)
-    assert _shard_bytes(tmp_path / "slow") == _shard_bytes(out)
+    mix(_config(corpus, tiny_tokenizer, tmp_path / "late", workers=2), progress=False)
+    assert _shard_bytes(tmp_path / "late") == _shard_bytes(out)
+    assert len(sealed) == len(_shard_bytes(out)) > 10
+    starts = [a for _, a, _ in written]
+    assert starts != sorted(starts)  # some windows did finish out of order
+
+
+def test_prepares_workers_write_the_mix(mixed, corpus, tiny_tokenizer, tmp_path, monkeypatch):
+    # With workers, the windows are gathered and written by prepare's (shared) pool: the same bytes.
+    out, _ = mixed
+    monkeypatch.setattr(mixmod, "_WINDOW_TOKENS", 300)
+    try:
+        mix(_config(corpus, tiny_tokenizer, tmp_path / "pool", workers=2), progress=False)
+    finally:
+        shards._drop_pool()
+    assert _shard_bytes(tmp_path / "pool") == _shard_bytes(out)
+    assert not list((tmp_path / "pool").rglob("*.tmp"))
 
 
 def test_a_killed_mix_resumes_to_the_same_bytes(mixed, corpus, tiny_tokenizer, tmp_path, monkeypatch):
     out, _ = mixed
     crashed = tmp_path / "crashed"
-    copy_runs, calls = mixmod._SplitTokens.copy_runs, []
+    copy_runs, calls = shards.TokenFiles.copy_runs, []
 
     def dying_copy(self, *args):  # the process "dies" in the middle of the train split
         calls.append(1)
@@ -297,12 +331,12 @@ def test_a_killed_mix_resumes_to_the_same_bytes(mixed, corpus, tiny_tokenizer, t
             raise KeyboardInterrupt
         return copy_runs(self, *args)
 
-    monkeypatch.setattr(mixmod._SplitTokens, "copy_runs", dying_copy)
+    monkeypatch.setattr(shards.TokenFiles, "copy_runs", dying_copy)
     # Small interleaving windows, so shards are written between reads (the order does not depend on them).
     monkeypatch.setattr(mixmod, "_WINDOW_TOKENS", 300)
     with pytest.raises(KeyboardInterrupt):
         mix(_config(corpus, tiny_tokenizer, crashed), progress=False)
-    monkeypatch.setattr(mixmod._SplitTokens, "copy_runs", copy_runs)
+    monkeypatch.setattr(shards.TokenFiles, "copy_runs", copy_runs)
     assert not (crashed / "manifest.json").exists()  # incomplete, and it says so
     done = sorted((crashed / "train").glob("*.bin"))
     assert len(done) >= 3 and list((crashed / "train").glob("*.tmp"))  # finished shards + an interrupted one

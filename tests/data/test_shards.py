@@ -234,28 +234,37 @@ def test_split_tokens_is_the_mask_over_tokens(docs):
     assert train.dtype == held.dtype == np.uint16
 
 
-def test_dropping_written_output_from_the_page_cache_keeps_the_bytes(tmp_path, monkeypatch):
-    # The mix's output writer syncs and drops what it wrote every DROP_BYTES (page cache recycled);
-    # the shards are the same bytes as without.
-    if not hasattr(shards.os, "posix_fadvise"):
-        pytest.skip("no posix_fadvise on this OS: drop_cache does nothing")
+def test_windows_written_in_any_order_with_or_without_dropping_their_pages_keep_the_bytes(tmp_path, monkeypatch):
+    # write_window gathers runs of a stream of token files (some runs crossing from one file into the next)
+    # and writes them at their offsets of the shard files (some windows crossing shards): in any order, by
+    # any thread, with the written pages dropped from the page cache (drop_cache) or not, the same bytes.
+    rng = np.random.default_rng(0)
+    files = []
+    for k, n in enumerate([700, 1300]):
+        rng.integers(0, 60000, n).astype(np.uint16).tofile(tmp_path / f"c{k}.bin")
+        files.append((str(tmp_path / f"c{k}.bin"), n))
+    stream = np.concatenate([np.fromfile(f, np.uint16) for f, _ in files])
+    begin = rng.integers(0, 1990, 80)
+    count = np.minimum(rng.integers(1, 120, 80), 2000 - begin)
+    source = np.zeros(80, np.int64)
+    want = np.concatenate([stream[b:b + c] for b, c in zip(begin, count)])
+    cuts = [0, 7, 19, 20, 45, 60, 80]  # windows of 7, 12, 1, 25, 15 and 20 runs
+    at = np.concatenate([[0], np.cumsum(count)])[cuts]
+    windows = [shards.Window(source[a:b], begin[a:b], count[a:b], int(at[k]))
+               for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
     dropped = []
-    fadvise = shards.os.posix_fadvise
-    monkeypatch.setattr(shards.os, "posix_fadvise", lambda fd, *a: (dropped.append(a), fadvise(fd, *a)))
-    monkeypatch.setattr(shards.ShardWriter, "DROP_BYTES", 100)
-    tokens = np.random.default_rng(0).integers(0, 60000, 5000).astype(np.uint16)
-    files = {}
+    if hasattr(shards.os, "posix_fadvise"):
+        fadvise = shards.os.posix_fadvise
+        monkeypatch.setattr(shards.os, "posix_fadvise", lambda fd, *a: (dropped.append(a), fadvise(fd, *a)))
     for drop in (False, True):
-        (tmp_path / str(drop) / "train").mkdir(parents=True)
-        w = shards.ShardWriter(tmp_path / str(drop), "train", np.dtype(np.uint16), 1500, drop_cache=drop)
-        for part in np.array_split(tokens, 37):
-            w.write(part)
-        w.close()
-        files[drop] = [(tmp_path / str(drop) / s["file"]).read_bytes() for s in w.shards]
-        assert w.shards == [{"file": f"train/{k:05d}.bin", "tokens": n} for k, n in enumerate([1500] * 3 + [500])]
-        assert (len(dropped) > 10) if drop else not dropped, len(dropped)  # ~270 bytes a write: a drop each
-    assert files[False] == files[True] and b"".join(files[True]) == tokens.tobytes()
-    assert not list(tmp_path.rglob("*.tmp"))
+        folder = tmp_path / f"out{drop}"
+        folder.mkdir()
+        for k in rng.permutation(len(windows)).tolist():
+            assert shards.write_window(f"w{drop}", [files], "<u2", windows[k], str(folder), 1000, drop) == \
+                int(windows[k].count.sum())
+        got = [(folder / f"{k:05d}.bin.tmp").read_bytes() for k in range(-(-len(want) // 1000))]
+        assert [len(g) for g in got[:-1]] == [2000] * (len(got) - 1) and b"".join(got) == want.tobytes()
+        assert bool(dropped) == (drop and hasattr(shards.os, "posix_fadvise")), len(dropped)
 
 
 def test_workers_share_new_chunks_through_the_word_log(tmp_path, sp_path, tok):
@@ -479,34 +488,6 @@ def test_workers_start_with_one_blas_thread_unless_the_caller_chose(sp_path, mon
         assert os.environ.get("OPENBLAS_NUM_THREADS") == chosen  # this process's own setting is kept
     finally:
         shards._close(pool)
-
-
-def test_write_behind_writes_every_item_in_order_and_raises_its_errors():
-    seen = []
-    with shards.WriteBehind(seen.append, depth=1) as behind:
-        for i in range(50):
-            behind.put(i)
-    assert seen == list(range(50))
-
-    def failing(item):
-        if item == 3:
-            raise OSError("disk full")
-        seen.append(item)
-
-    seen.clear()
-    with pytest.raises(OSError, match="disk full"), shards.WriteBehind(failing) as behind:
-        for i in range(100):  # put raises once the thread has failed, or leaving the block does
-            behind.put(i)
-    assert seen == [0, 1, 2]  # nothing written after the failure
-
-    # The caller's own error: the items not yet written are dropped, the thread ends, the error goes on.
-    seen.clear()
-    with pytest.raises(KeyError), shards.WriteBehind(lambda x: (time.sleep(0.01), seen.append(x))) as behind:
-        for i in range(10):
-            behind.put(i)
-        raise KeyError("stop")
-    assert len(seen) < 10 and seen == list(range(len(seen)))
-    assert not [t for t in threading.enumerate() if t.name == "write-behind"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

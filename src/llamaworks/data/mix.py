@@ -21,9 +21,10 @@ the model asked about once per distinct chunk between the workers, the chunks cu
 compiled kernels, about 150-200 MB/s per core warm; numpy where they are not built) and splitting
 it into train and val ids of the shards' dtype, written into a shared result slot (shards._Slots).
 This process cuts the spans and writes the shards from the slots.
-Drawing and interleaving work on arrays of document lengths, and each interleaving window's tokens
-are gathered from the caches with one memcpy per document (`_SplitTokens.copy_runs`) and written in
-bulk, a window behind, into page cache recycled as it goes (ShardWriter's drop_cache).
+Drawing and interleaving work on arrays of document lengths here; each interleaving window goes to
+the same workers, which gather its tokens from the caches with one memcpy per document
+(shards.TokenFiles) and write them at their offset of the output shards, several windows at once, into
+page cache recycled as it goes (shards.write_window).
 
 Output (a directory `TokenLoader` / `open_token_dataset` read as is):
 
@@ -52,6 +53,7 @@ import re
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -68,15 +70,16 @@ from llamaworks.configfile import from_dict, load_config, resolve_config_path
 from llamaworks.data import storage
 from llamaworks.data.shards import FORMAT as SHARDS_FORMAT
 from llamaworks.data.shards import (
-    ShardWriter,
-    WriteBehind,
+    Window,
+    default_workers,
     input_files,
     load_tokenizer,
+    pool_executor,
     prepare,
     sha256_file,
     window_order,
+    write_window,
 )
-from llamaworks.tokenizer import native
 
 log = logging.getLogger(__name__)
 
@@ -403,111 +406,84 @@ def _finished_shards(out: Path, split: str, shard_tokens: int, itemsize: int) ->
     return done
 
 
-class _SplitTokens:
-    """A source cache's split as one token array spread over its shard files (memory-mapped, opened
-    when first read): `copy_runs` gathers runs of the stream (documents) in one call."""
-
-    def __init__(self, cache: _Cache, split: str):
-        shards = cache.manifest["splits"][split]["shards"]
-        self.dtype = np.dtype(cache.manifest["dtype"])
-        self._files = [cache.root / sh["file"] for sh in shards]
-        self._bounds = np.cumsum([0] + [sh["tokens"] for sh in shards])  # (shards + 1,) stream offset of each
-        self._maps: dict[int, np.memmap] = {}
-
-    def _map(self, i: int) -> np.memmap:
-        if i not in self._maps:
-            if len(self._maps) >= 64:  # bounded: each map holds a file descriptor
-                self._maps.pop(next(iter(self._maps)))
-            self._maps[i] = np.memmap(self._files[i], dtype=self.dtype, mode="r")
-        return self._maps[i]
-
-    def copy_runs(self, begin: np.ndarray, count: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
-        """out[at[k]:at[k] + count[k]] = stream[begin[k]:begin[k] + count[k]] for every k: one memcpy per
-        run with the compiled kernel (tokenizer/native.py), else an index per token. A run crossing
-        from one file into the next is cut in pieces, one per file."""
-        first = np.searchsorted(self._bounds, begin, side="right") - 1  # (runs,) the file of each run's start
-        last = np.searchsorted(self._bounds, begin + np.maximum(count, 1) - 1, side="right") - 1
-        pieces = last - first + 1  # (runs,) files each run spans: 1 but where a document straddles files
-        if (pieces > 1).any():
-            run = np.repeat(np.arange(len(begin)), pieces)  # (pieces,) the run of each piece
-            file = _ragged_arange(first, pieces)
-            lo = np.maximum(begin[run], self._bounds[file])
-            hi = np.minimum(begin[run] + count[run], self._bounds[file + 1])
-            begin, count, at, first = lo, hi - lo, at[run] + (lo - begin[run]), file
-        lib = native.library()
-        for i in np.unique(first).tolist():
-            mine = first == i
-            src, start = self._map(i), begin[mine] - self._bounds[i]
-            if lib is not None:
-                native.copy_runs(lib, src, start, count[mine], out, at[mine])
-            else:
-                out[_ragged_arange(at[mine], count[mine])] = src[_ragged_arange(start, count[mine])]
+def _stream_files(cache: _Cache, split: str) -> list[tuple[str, int]]:
+    """A source cache's split as (shard file, tokens) in stream order (shards.TokenFiles reads them)."""
+    return [(str(cache.root / sh["file"]), sh["tokens"]) for sh in cache.manifest["splits"][split]["shards"]]
 
 
-def _ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """concatenate(arange(s, s + n) for s, n in zip(starts, counts)), without a Python loop."""
-    ends = np.cumsum(counts)
-    # (sum(counts),): each position's offset within its segment, plus the segment's start
-    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
-
-
-def _window_tokens(tokens: list[_SplitTokens], starts: list[np.ndarray], source: np.ndarray, docs: np.ndarray,
-                   head: np.ndarray, count: np.ndarray, dtype: np.dtype, into: np.ndarray | None = None) -> np.ndarray:
-    """The tokens of documents (source, docs) from `head` on, `count` of each, concatenated in order:
-    one gather per source instead of a read per document. `into`: an array to write them to, at least
-    that long (its first part is returned)."""
-    n = int(count.sum())
-    out = np.empty(n, dtype) if into is None else into[:n]
-    assert len(out) == n and out.dtype == dtype, (len(out), n, out.dtype, dtype)
-    at = np.cumsum(count) - count  # (documents,) where each document's tokens go in out
-    for s in np.unique(source).tolist():
-        mine = source == s
-        begin = np.asarray(starts[s][docs[mine]], dtype=np.int64) + head[mine]  # (mine,) first token in the cache
-        tokens[s].copy_runs(begin, count[mine], out, at[mine])
-    return out
+def _seal(out: Path, split: str, shard: int, tokens: int, itemsize: int) -> dict:
+    """Shard `shard` written whole by its windows: synced, renamed into place; its manifest entry."""
+    path = out / split / f"{shard:05d}.bin"
+    tmp = path.with_suffix(".bin.tmp")
+    fd = os.open(tmp, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        size = os.fstat(fd).st_size
+        assert size == tokens * itemsize, (tmp, size, tokens * itemsize)
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):  # never read back here: its pages (clean now) go to the next shards
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return {"file": f"{split}/{path.name}", "tokens": tokens}
 
 
 def _write_split(cfg: MixConfig, split: str, caches: list[_Cache], draws: list[_Draw], dtype: np.dtype,
                  progress: bool) -> list[dict]:
-    """Write the split's stream into shards, resuming after the full shards already on disk."""
+    """Write the split's stream into shards, resuming after the full shards already on disk.
+
+    This process draws and interleaves the windows; prepare's workers (shards.pool_executor) gather
+    each one's documents from the caches and write them at their offset of the shard files, several
+    windows at once, while the next ones are drawn: the mix phase scales with the workers as the
+    tokenising does (one process gathering and writing was 0.75 s of a 4.8 s 1 GiB mix on 2 cores,
+    with the workers idle; docs/data.md). A shard is renamed into place, in order, once every window
+    in it is written, so a killed mix leaves whole shards and .tmp files (redone on resume)."""
     from tqdm import tqdm
 
     out = Path(cfg.output)
-    done = _finished_shards(out, split, cfg.shard_tokens, dtype.itemsize)
-    skip = len(done) * cfg.shard_tokens  # stream tokens already on disk
-    # The output is never read back here: its pages are recycled as it is written (ShardWriter's drop_cache).
-    writer = ShardWriter(out, split, dtype, cfg.shard_tokens, shards=done, drop_cache=True)
-    tokens = [_SplitTokens(c, split) for c in caches]
+    S = cfg.shard_tokens
+    shards = _finished_shards(out, split, S, dtype.itemsize)
+    skip = len(shards) * S  # stream tokens already on disk
+    streams = [_stream_files(c, split) for c in caches]
     starts = [c.starts[split] for c in caches]
+    key = os.urandom(8).hex()  # this write's streams: the workers map them anew
     pos = 0  # stream offset of the current window's first document
     total = sum(d.budget for d in draws)
-    # Each window is written in a thread of its own while the next one is drawn and gathered, into
-    # buffers used in turn: a window is gathered into the buffer of the one put `depth` + 2 before it, written
-    # by then (at most `depth` wait and one is being written). A fresh array per window cost its page
-    # faults: ~0.5 GB of new pages per GiB of corpus (docs/data.md on such costs).
-    depth, puts = 2, 0
-    buffers = [np.empty(0, dtype) for _ in range(depth + 2)]
+    pending: deque = deque()  # (future, stream offset after its window), in stream order
+    workers = default_workers() if cfg.workers is None else cfg.workers
+
+    def finish_one() -> None:
+        future, end = pending.popleft()
+        bar.update(future.result())  # a window that failed raises here: no shard after it is sealed
+        while (len(shards) + 1) * S <= end:
+            shards.append(_seal(out, split, len(shards), S, dtype.itemsize))
+
     with tqdm(total=total, initial=min(skip, total), desc=f"mix {split}", unit="tok", unit_scale=True,
-              disable=not progress) as bar, WriteBehind(writer.write, depth) as behind:
+              disable=not progress) as bar, pool_executor(cfg.workers, cfg.tokenizer) as executor:
         for source, docs, lens in _interleave(draws):
             ends = pos + np.cumsum(lens)  # (documents,) stream offset after each document
             first = int(np.searchsorted(ends, skip, side="right"))  # first document not fully on disk
             if first < len(lens):
+                source, docs, lens, ends = source[first:], docs[first:], lens[first:], ends[first:]
                 # tokens of a document straddling the resume point that are already written
-                head = np.maximum(0, skip - (ends[first:] - lens[first:]))
-                count = lens[first:] - head
-                k = puts % len(buffers)
-                if len(buffers[k]) < int(count.sum()):
-                    buffers[k] = np.empty(int(count.sum()), dtype)
-                chunk = _window_tokens(tokens, starts, source[first:], docs[first:], head, count, dtype, buffers[k])
-                behind.put(chunk)
-                puts += 1
-                bar.update(len(chunk))
+                head = np.maximum(0, skip - (ends - lens))
+                begin = np.empty(len(docs), np.int64)  # (documents,) each one's first token to write, in its cache
+                for s in np.unique(source).tolist():
+                    mine = source == s
+                    begin[mine] = np.asarray(starts[s][docs[mine]], dtype=np.int64) + head[mine]
+                window = Window(source, begin, lens - head, int(ends[0] - lens[0] + head[0]))
+                pending.append((executor.submit(write_window, key, streams, dtype.str, window, str(out / split), S,
+                                                True), int(ends[-1])))
+                if len(pending) > 2 * workers:  # a few windows out: the draws run ahead of the writes
+                    finish_one()
             if len(lens):
                 pos = int(ends[-1])
-    writer.close()  # every window written (a failed one raised above): the last shard, even if short
+        while pending:
+            finish_one()
+    if pos > len(shards) * S:  # the last shard, short
+        shards.append(_seal(out, split, len(shards), pos - len(shards) * S, dtype.itemsize))
     assert pos == sum(d.tokens for d in draws), (split, pos, [d.tokens for d in draws])
-    return writer.shards
+    return shards
 
 
 # ---------------------------------------------------------------------------- the command

@@ -29,13 +29,12 @@ import mmap
 import multiprocessing
 import os
 import pickle
-import queue
 import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
@@ -58,7 +57,7 @@ _JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 _HELP_INPUTS = "pass folders of text files, .txt files or .jsonl[.gz|.zst] files with a `text` field"
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
@@ -695,24 +694,13 @@ class ShardWriter:
     """Appends tokens to `split/NNNNN.bin.tmp`; renames it to `.bin` when it holds shard_tokens.
 
     `shards`: entries of full shards already on disk (a resumed write continues after them).
-    `drop_cache`: for output this run never reads back (the mix's shards). Every DROP_BYTES written are
-    synced and dropped from the page cache (posix_fadvise DONTNEED), so the next ones are written
-    into the pages just freed instead of growing the cache over the whole output. On VMs whose
-    hypervisor reclaims free guest memory (free page reporting), a page not recently used costs a
-    fault in the host when touched again: writing 256 MB into new page cache took 1.2-1.7 s of
-    system time on the 2-vCPU Zen 4 VM of docs/data.md, and 0.15 s with a 32 MiB pool recycled.
-    Neither the bytes nor the files' completion markers change.
     """
 
-    DROP_BYTES = 32 << 20
-
     def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int,
-                 shards: list[dict[str, Any]] | None = None, drop_cache: bool = False):
+                 shards: list[dict[str, Any]] | None = None):
         self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = list(shards or [])
         self._file, self._filled = None, 0
-        self._drop = drop_cache and hasattr(os, "posix_fadvise")  # not on macOS or Windows: the cache stays
-        self._undropped = 0  # bytes written since the last drop
 
     def _path(self) -> Path:
         return self.root / self.split / f"{len(self.shards):05d}.bin"
@@ -725,23 +713,12 @@ class ShardWriter:
             take = min(len(tokens), self.shard_tokens - self._filled)
             tokens[:take].tofile(self._file)
             self._filled, tokens = self._filled + take, tokens[take:]
-            self._undropped += take * self.dtype.itemsize
             if self._filled == self.shard_tokens:
                 self._finish()
-            elif self._drop and self._undropped >= self.DROP_BYTES:
-                self._file.flush()
-                self._drop_written(self._file.fileno())
-
-    def _drop_written(self, fd: int) -> None:
-        os.fdatasync(fd)  # DONTNEED skips dirty pages: written back first
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        self._undropped = 0
 
     def _finish(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
-        if self._drop:
-            self._drop_written(self._file.fileno())
         self._file.close()
         path = self._path()
         os.replace(path.with_suffix(".bin.tmp"), path)
@@ -753,49 +730,169 @@ class ShardWriter:
             self._finish()
 
 
-class WriteBehind:
-    """`put(item)` hands item to `write` in a thread of its own, at most `depth` items behind, so that
-    the caller makes the next item while this one is written (write releases the GIL: numpy's tofile,
-    fdatasync). `close()` waits for every item and raises the thread's error, if any; leaving the
-    `with` block on an error drops the items not yet written instead (the caller's error goes on)."""
+# ---------------------------------------------------------------------------- writing windows of streams (data mix)
 
-    _DONE = object()
 
-    def __init__(self, write, depth: int = 2):
-        self._write, self._error, self._abandoned = write, None, False
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
-        self._thread.start()
+class TokenFiles:
+    """Token files read as one stream (each memory-mapped when first read): `copy_runs` gathers runs of it
+    (documents) in one call. `files`: (path, tokens) in stream order."""
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not self._DONE:
-            if self._error is None and not self._abandoned:
+    def __init__(self, files: list[tuple[str, int]], dtype: np.dtype | str):
+        self.dtype = np.dtype(dtype)
+        self._files = [f for f, _ in files]
+        self._bounds = np.cumsum([0] + [n for _, n in files])  # (files + 1,) stream offset of each
+        self._maps: dict[int, np.memmap] = {}
+
+    def _map(self, i: int) -> np.memmap:
+        if i not in self._maps:
+            if len(self._maps) >= 64:  # bounded: each map holds a file descriptor
+                self._maps.pop(next(iter(self._maps)))
+            self._maps[i] = np.memmap(self._files[i], dtype=self.dtype, mode="r")
+        return self._maps[i]
+
+    def copy_runs(self, begin: np.ndarray, count: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:
+        """out[at[k]:at[k] + count[k]] = stream[begin[k]:begin[k] + count[k]] for every k: one memcpy per
+        run with the compiled kernel (tokenizer/native.py), else an index per token. A run crossing
+        from one file into the next is cut in pieces, one per file."""
+        first = np.searchsorted(self._bounds, begin, side="right") - 1  # (runs,) the file of each run's start
+        last = np.searchsorted(self._bounds, begin + np.maximum(count, 1) - 1, side="right") - 1
+        pieces = last - first + 1  # (runs,) files each run spans: 1 but where a document straddles files
+        if (pieces > 1).any():
+            run = np.repeat(np.arange(len(begin)), pieces)  # (pieces,) the run of each piece
+            file = ragged_arange(first, pieces)
+            lo = np.maximum(begin[run], self._bounds[file])
+            hi = np.minimum(begin[run] + count[run], self._bounds[file + 1])
+            begin, count, at, first = lo, hi - lo, at[run] + (lo - begin[run]), file
+        lib = native.library()
+        for i in np.unique(first).tolist():
+            mine = first == i
+            src, start = self._map(i), begin[mine] - self._bounds[i]
+            if lib is not None:
+                native.copy_runs(lib, src, start, count[mine], out, at[mine])
+            else:
+                out[ragged_arange(at[mine], count[mine])] = src[ragged_arange(start, count[mine])]
+
+
+def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """concatenate(arange(s, s + n) for s, n in zip(starts, counts)), without a Python loop."""
+    ends = np.cumsum(counts)
+    # (sum(counts),): each position's offset within its segment, plus the segment's start
+    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
+
+
+class Window(NamedTuple):
+    """A window of a token stream to write (data mix): runs `count` tokens long from `begin` in the
+    streams `source` (indices into the write's streams), in order, to be written from stream offset `at`
+    of the output on, cut into shards of `shard_tokens` as `folder/NNNNN.bin.tmp`."""
+
+    source: np.ndarray
+    begin: np.ndarray
+    count: np.ndarray
+    at: int
+
+
+_WRITING = threading.local()  # per thread of a process that writes windows: its streams' maps and its buffer
+
+
+def write_window(key: str, streams: list[list[tuple[str, int]]], dtype: str, window: Window, folder: str,
+                 shard_tokens: int, drop_cache: bool) -> int:
+    """Gather `window`'s runs of `streams` (each a list of (file, tokens)) and write them at their offset
+    of the shard files (pwrite: windows are written in any order, by any process, at disjoint offsets; the
+    caller renames a shard once every window in it is written). Runs in prepare's workers (pool_executor).
+    `key` names the write: the streams' maps are reused for the same key, made anew for another one (a
+    source cache rebuilt in place between two mixes is read anew). Returns the tokens.
+
+    `drop_cache`: for output this run never reads back. Each window's range is dropped from the page
+    cache (posix_fadvise DONTNEED) once written back, so the next windows are written into the pages
+    just freed instead of growing the cache over the whole output. On VMs whose hypervisor reclaims free
+    guest memory (free page reporting), a page not recently used costs a fault in the host when touched
+    again: writing 256 MB into new page cache took 1.2-1.7 s of system time on the 2-vCPU Zen 4 VM of
+    docs/data.md, and 0.15 s with a 32 MiB pool recycled. Neither the bytes nor the completion change."""
+    state = _WRITING
+    if getattr(state, "key", None) != key:
+        state.key, state.streams = key, [TokenFiles(files, dtype) for files in streams]
+    tokens, dtype = state.streams, np.dtype(dtype)
+    n = int(window.count.sum())
+    buffer = getattr(state, "buffer", np.empty(0, np.uint8))
+    if len(buffer) < n * dtype.itemsize:  # one buffer, reused window after window (its pages stay)
+        buffer = state.buffer = np.empty(max(n * dtype.itemsize, 2 * len(buffer)), np.uint8)
+    out = buffer[:n * dtype.itemsize].view(dtype)
+    at = np.cumsum(window.count) - window.count  # (runs,) where each run's tokens go in out
+    for s in np.unique(window.source).tolist():
+        mine = window.source == s
+        tokens[s].copy_runs(window.begin[mine], window.count[mine], out, at[mine])
+    drop = drop_cache and hasattr(os, "posix_fadvise")
+    written, done = [], 0
+    while done < n:  # the window cut at shard boundaries
+        shard, offset = divmod(window.at + done, shard_tokens)
+        take = min(n - done, shard_tokens - offset)
+        path = str(Path(folder) / f"{shard:05d}.bin.tmp")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        try:
+            _pwrite_all(fd, memoryview(out[done:done + take]).cast("B"), offset * dtype.itemsize)
+            if drop:  # starts the range's writeback, without waiting for it (DONTNEED writes dirty pages back)
+                os.posix_fadvise(fd, offset * dtype.itemsize, take * dtype.itemsize, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        written.append((path, offset * dtype.itemsize, take * dtype.itemsize))
+        done += take
+    if drop:
+        # The ranges of this thread's previous window, written back by now: dropped, so that the next
+        # windows' writes reuse their pages. Waiting for each window's
+        # writeback here (fdatasync) kept the workers idle for 0.49 of a 1 GiB mix's 0.73 s of writing.
+        for path, offset, size in getattr(state, "written", []):
+            with contextlib.suppress(FileNotFoundError):  # its shard sealed and renamed meanwhile
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
                 try:
-                    self._write(item)
-                except BaseException as e:  # re-raised in the caller's thread
-                    self._error = e
+                    os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        state.written = written
+    return n
 
-    def put(self, item) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(item)
 
-    def close(self) -> None:
-        self._queue.put(self._DONE)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        if hasattr(os, "pwrite"):
+            k = os.pwrite(fd, data, offset)
+        else:  # Windows: this descriptor's own position, so other processes' writes do not move it
+            os.lseek(fd, offset, os.SEEK_SET)
+            k = os.write(fd, data)
+        data, offset = data[k:], offset + k
 
-    def __enter__(self) -> WriteBehind:
-        return self
 
-    def __exit__(self, kind, error, tb) -> None:
-        if kind is None:
-            self.close()
-            return
-        self._abandoned = True
-        self._queue.put(self._DONE)
-        self._thread.join()
+class _Inline:
+    """An executor that runs each task as it is submitted (one worker: no thread or process to wait on)."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # given back by result(), as an executor's future does
+            future.set_exception(e)
+        return future
+
+
+@contextlib.contextmanager
+def pool_executor(workers: int | None, tokenizer: str | os.PathLike) -> Iterator[Any]:
+    """prepare's encoding processes for other work of the same run (the shared pool when it is free, so
+    no process is spawned again): `data mix` writes its shards with them. One worker: tasks run inline."""
+    workers = default_workers() if workers is None else workers
+    if workers == 1:
+        yield _Inline()
+        return
+    pool, shared = _pool(workers, tokenizer)
+    finished = False
+    try:
+        yield pool.executor
+        finished = True
+    finally:
+        if not shared:
+            _close(pool)
+        else:
+            if not finished:  # an error: no worker keeps running the abandoned tasks
+                _drop_pool()
+            _POOL_BUSY.release()
 
 
 def sha256_file(path: Path) -> str:
@@ -819,7 +916,7 @@ def prepare(inputs: list[str], tokenizer, output_dir: str | os.PathLike, val_fra
     each split's document lengths in tokens, in shard order (int64 arrays; `data mix` indexes its source
     caches by them).
     """
-    workers = _default_workers() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}; e.g. 0.005 holds out 0.5%")
     if shard_tokens < 1 or workers < 1:
