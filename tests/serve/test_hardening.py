@@ -108,6 +108,19 @@ def test_numbers_out_of_range_are_400(served, path, extra, param):
     assert r.json()["error"]["param"] == param
 
 
+def test_a_top_k_past_the_vocabulary_keeps_every_token(served):
+    # top_k of 10**400 is a valid integer: it means no limit, as any top_k past the vocabulary does (it
+    # used to overflow the float of the engine's per-row options: a 500, found by the fuzz test below).
+    body = {"model": MODEL, "prompt": "The king", "max_tokens": 8, "temperature": 1.0, "seed": 3}
+    want = _post(served.url, "/v1/completions", body).json()["choices"][0]["text"]
+    for top_k in (10**400, 2**70, 2**31, 100_000):
+        for stream in (False, True):
+            r = _post(served.url, "/v1/completions", {**body, "top_k": top_k, "stream": stream})
+            assert r.status_code == 200 and '"error"' not in r.text, (top_k, r.text)
+            if not stream:
+                assert r.json()["choices"][0]["text"] == want, top_k
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_deeply_nested_json_is_400(served, path):
     r = _post(served.url, path, "[" * 100_000 + "]" * 100_000)  # used to be a RecursionError: 500

@@ -160,6 +160,16 @@ class Request:
         return self._cancelled.is_set()
 
 
+def _per_row(reqs: list[Request], name: str, off: float, logits: torch.Tensor) -> torch.Tensor:
+    """Each request's option `name` as a float32 per row of `logits` (rows, vocab), `off` where unset. A
+    top_k past the vocabulary keeps every token: taken as the vocabulary's size, so that one of 10**400
+    (valid JSON, a valid integer) cannot overflow the float (it did: a 500 from the fuzz test)."""
+    values = [off if (v := getattr(r, name)) is None else v for r in reqs]
+    if name == "top_k":
+        values = [min(v, logits.shape[-1]) for v in values]
+    return torch.tensor(values, dtype=torch.float32, device=logits.device)
+
+
 @dataclass
 class _Slot:
     req: Request
@@ -1075,12 +1085,9 @@ class Engine:
         """filtered_probabilities with rows' request options, one row of `logits` (len(rows), vocab) each."""
         reqs = [self._slots[i].req for i in rows]
 
-        def per_row(name: str, off: float) -> torch.Tensor:
-            values = [getattr(r, name) for r in reqs]
-            return torch.tensor([off if v is None else v for v in values], dtype=torch.float32, device=logits.device)
-
-        return filtered_probabilities(logits, per_row("temperature", 1.0), per_row("top_k", 0).long(),
-                                      per_row("top_p", 1.0), per_row("min_p", 0.0))
+        return filtered_probabilities(logits, _per_row(reqs, "temperature", 1.0, logits),
+                                      _per_row(reqs, "top_k", 0, logits).long(), _per_row(reqs, "top_p", 1.0, logits),
+                                      _per_row(reqs, "min_p", 0.0, logits))
 
     def _verify(self, s: _Slot, logits: torch.Tensor, drafted: list[int],
                 qs: list[torch.Tensor | None]) -> tuple[list[int], int]:
@@ -1137,12 +1144,10 @@ class Engine:
             if s.gen is not None:
                 noise[j : j + 1].exponential_(1, generator=s.gen)
 
-        def per_row(name: str, off: float) -> torch.Tensor:
-            values = [getattr(s.req, name) for s in slots]
-            return torch.tensor([off if v is None else v for v in values], dtype=torch.float32, device=logits.device)
-
-        toks = sample_rows(logits, per_row("temperature", 0.0), per_row("top_k", 0).long(), per_row("top_p", 1.0),
-                           per_row("min_p", 0.0), noise).tolist()
+        reqs = [s.req for s in slots]
+        toks = sample_rows(logits, _per_row(reqs, "temperature", 0.0, logits),
+                           _per_row(reqs, "top_k", 0, logits).long(), _per_row(reqs, "top_p", 1.0, logits),
+                           _per_row(reqs, "min_p", 0.0, logits), noise).tolist()
         return [failed.get(j, t) for j, t in enumerate(toks)]
 
     def _make_options(self, s: _Slot, vocab: int) -> None:
