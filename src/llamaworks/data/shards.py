@@ -47,7 +47,7 @@ from llamaworks.atomic import atomic_write_json
 from llamaworks.data.document import parse_line, raw_lines
 from llamaworks.tokenizer import load_tokenizer as load_tokenizer_file
 from llamaworks.tokenizer import native
-from llamaworks.tokenizer.word_cache import IdOverflow, flat_encoder, joined_utf8
+from llamaworks.tokenizer.word_cache import IdOverflow, flat_encoder, joined_utf8, ragged_arange
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +516,7 @@ def _remove_stale_slots(folder: str) -> None:
         except ProcessLookupError:
             with contextlib.suppress(OSError):
                 path.unlink()
-        except (PermissionError, OSError):  # another user's process, or no such check here (Windows)
+        except OSError:  # another user's process: it runs
             continue
 
 
@@ -596,7 +596,7 @@ def _pool(workers: int, worker_arg) -> tuple[_Pool, bool]:
     that `data mix`, which tokenises its sources one after another, spawns them once and their word
     caches stay warm. A tokenizer object gets a pool of its own (shared False: the caller closes it),
     and so does a `prepare` while another thread's uses the shared one (their result slots would mix).
-    shared True: the caller holds _POOL_BUSY and releases it when done."""
+    shared True: the caller holds _POOL_BUSY until it is done (_held_pool releases it)."""
     global _POOL
     if not isinstance(worker_arg, (str, os.PathLike)) or not _POOL_BUSY.acquire(blocking=False):
         return _new_pool(workers, worker_arg), False
@@ -611,6 +611,24 @@ def _pool(workers: int, worker_arg) -> tuple[_Pool, bool]:
         _POOL_BUSY.release()
         raise
     return _POOL, True
+
+
+@contextlib.contextmanager
+def _held_pool(workers: int, worker_arg) -> Iterator[_Pool]:
+    """_pool's pool for the `with` block: a pool of its own closed after it, the shared one released
+    (and dropped on an error or an abandoned generator: no worker keeps running its tasks)."""
+    pool, shared = _pool(workers, worker_arg)
+    finished = False
+    try:
+        yield pool
+        finished = True
+    finally:
+        if not shared:
+            _close(pool)
+        else:
+            if not finished:
+                _drop_pool()
+            _POOL_BUSY.release()
 
 
 def _close(pool: _Pool) -> None:
@@ -640,34 +658,32 @@ def _encoded(batches, tokenizer, worker_arg, workers: int, *args, slot_bytes: in
         for batch in batches:
             yield _encode(batch, *args, tokenizer)[:-1]
         return
-    pool, shared = _pool(workers, worker_arg)
-    # At most 2 * workers + 1 batches are out when one is sent, and the one the caller holds is back by then.
-    slots = pool.slots if slot_bytes and pool.slots.reserve(2 * workers + 2, slot_bytes) else None
-    pending: deque = deque()  # (future, slot): bounded, so documents are read only a few batches ahead
-    finished = False
-    words, logged = pool.words, os.path.getsize(pool.words) if pool.words else 0
+    with _held_pool(workers, worker_arg) as pool:
+        # At most 2 * workers + 1 batches are out when one is sent, and the one the caller holds is back by then.
+        slots = pool.slots if slot_bytes and pool.slots.reserve(2 * workers + 2, slot_bytes) else None
+        pending: deque = deque()  # (future, slot): bounded, so documents are read only a few batches ahead
+        words, logged = pool.words, os.path.getsize(pool.words) if pool.words else 0
 
-    def submit(batch) -> None:
-        slot = slots.free.popleft() if slots else None
-        future = pool.executor.submit(_encode, batch, *args, None, words and (words, logged),
-                                      slots and slots.arg(slot))
-        pending.append((future, slot))
+        def submit(batch) -> None:
+            slot = slots.free.popleft() if slots else None
+            future = pool.executor.submit(_encode, batch, *args, None, words and (words, logged),
+                                          slots and slots.arg(slot))
+            pending.append((future, slot))
 
-    def result(future, slot):
-        nonlocal words, logged
-        *out, new = future.result()
-        if new and words:
-            try:
-                _append(words, new)
-                logged += len(new)
-            except OSError as e:  # a full disk: a record may be cut short, so the log goes
-                _no_words(pool, e)
-                words = None
-        if isinstance(out[4], _InSlot):
-            out[4:6] = slots.tokens(slot, out[4])
-        return tuple(out)
+        def result(future, slot):
+            nonlocal words, logged
+            *out, new = future.result()
+            if new and words:
+                try:
+                    _append(words, new)
+                    logged += len(new)
+                except OSError as e:  # a full disk: a record may be cut short, so the log goes
+                    _no_words(pool, e)
+                    words = None
+            if isinstance(out[4], _InSlot):
+                out[4:6] = slots.tokens(slot, out[4])
+            return tuple(out)
 
-    try:
         for batch in batches:
             submit(batch)
             if len(pending) > 2 * workers:
@@ -677,14 +693,6 @@ def _encoded(batches, tokenizer, worker_arg, workers: int, *args, slot_bytes: in
                     slots.free.append(slot)
         while pending:
             yield result(*pending.popleft())
-        finished = True
-    finally:
-        if not shared:
-            _close(pool)
-        else:
-            if not finished:  # an error or an abandoned run: no worker keeps running its tasks
-                _drop_pool()
-            _POOL_BUSY.release()
 
 
 # ---------------------------------------------------------------------------- writing shards
@@ -773,17 +781,9 @@ class TokenFiles:
                 out[ragged_arange(at[mine], count[mine])] = src[ragged_arange(start, count[mine])]
 
 
-def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """concatenate(arange(s, s + n) for s, n in zip(starts, counts)), without a Python loop."""
-    ends = np.cumsum(counts)
-    # (sum(counts),): each position's offset within its segment, plus the segment's start
-    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
-
-
 class Window(NamedTuple):
-    """A window of a token stream to write (data mix): runs `count` tokens long from `begin` in the
-    streams `source` (indices into the write's streams), in order, to be written from stream offset `at`
-    of the output on, cut into shards of `shard_tokens` as `folder/NNNNN.bin.tmp`."""
+    """A window of the output stream to write (data mix): runs `count` tokens long from `begin` in the
+    streams `source` (indices into write_window's streams), in order, written from output offset `at` on."""
 
     source: np.ndarray
     begin: np.ndarray
@@ -881,18 +881,8 @@ def pool_executor(workers: int | None, tokenizer: str | os.PathLike) -> Iterator
     if workers == 1:
         yield _Inline()
         return
-    pool, shared = _pool(workers, tokenizer)
-    finished = False
-    try:
+    with _held_pool(workers, tokenizer) as pool:
         yield pool.executor
-        finished = True
-    finally:
-        if not shared:
-            _close(pool)
-        else:
-            if not finished:  # an error: no worker keeps running the abandoned tasks
-                _drop_pool()
-            _POOL_BUSY.release()
 
 
 def sha256_file(path: Path) -> str:

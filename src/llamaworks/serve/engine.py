@@ -161,13 +161,16 @@ class Request:
 
 
 def _per_row(reqs: list[Request], name: str, off: float, logits: torch.Tensor) -> torch.Tensor:
-    """Each request's option `name` as a float32 per row of `logits` (rows, vocab), `off` where unset. A
-    top_k past the vocabulary keeps every token: taken as the vocabulary's size, so that one of 10**400
-    (valid JSON, a valid integer) cannot overflow the float (it did: a 500 from the fuzz test)."""
+    """Each request's option `name` as a float32 per row of `logits` (rows, vocab), `off` where unset."""
     values = [off if (v := getattr(r, name)) is None else v for r in reqs]
-    if name == "top_k":
-        values = [min(v, logits.shape[-1]) for v in values]
     return torch.tensor(values, dtype=torch.float32, device=logits.device)
+
+
+def _top_k_per_row(reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
+    """Each request's top_k as an int64 per row of `logits` (rows, vocab), 0 (off) where unset. One past the
+    vocabulary keeps every token: taken as the vocabulary's size, so that 10**400 (valid JSON, a valid
+    integer) fits (as a float it overflowed: a 500 from the fuzz test)."""
+    return torch.tensor([min(r.top_k or 0, logits.shape[-1]) for r in reqs], dtype=torch.long, device=logits.device)
 
 
 @dataclass
@@ -1086,7 +1089,7 @@ class Engine:
         reqs = [self._slots[i].req for i in rows]
 
         return filtered_probabilities(logits, _per_row(reqs, "temperature", 1.0, logits),
-                                      _per_row(reqs, "top_k", 0, logits).long(), _per_row(reqs, "top_p", 1.0, logits),
+                                      _top_k_per_row(reqs, logits), _per_row(reqs, "top_p", 1.0, logits),
                                       _per_row(reqs, "min_p", 0.0, logits))
 
     def _verify(self, s: _Slot, logits: torch.Tensor, drafted: list[int],
@@ -1146,7 +1149,7 @@ class Engine:
 
         reqs = [s.req for s in slots]
         toks = sample_rows(logits, _per_row(reqs, "temperature", 0.0, logits),
-                           _per_row(reqs, "top_k", 0, logits).long(), _per_row(reqs, "top_p", 1.0, logits),
+                           _top_k_per_row(reqs, logits), _per_row(reqs, "top_p", 1.0, logits),
                            _per_row(reqs, "min_p", 0.0, logits), noise).tolist()
         return [failed.get(j, t) for j, t in enumerate(toks)]
 

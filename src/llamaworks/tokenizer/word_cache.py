@@ -79,7 +79,7 @@ def _aligned_rows(n: int, dtype: np.dtype) -> np.ndarray:
     return raw[skip:skip + n * dtype.itemsize].view(dtype)
 
 
-def _ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """concatenate(arange(s, s + n) for s, n in zip(starts, lengths)), without a Python loop."""
     total = int(lengths.sum())
     ends = np.cumsum(lengths)
@@ -539,7 +539,7 @@ class FlatEncoder:
         check = (2 * np.arange(m) + 1) * len(keys) // (2 * m)  # (m,) the middles of m equal parts: distinct
         want_counts, want = self._sentencepiece([keys[i] for i in check.tolist()])
         first = np.cumsum(counts) - counts
-        mine = ids[_ragged_arange(first[check], counts[check])]
+        mine = ids[ragged_arange(first[check], counts[check])]
         if not (np.array_equal(counts[check], want_counts) and np.array_equal(mine, want)):
             log.warning("word cache: the compiled BPE differed from SentencePiece on %r; SentencePiece encodes "
                         "from now on", [keys[i] for i in check.tolist()])
@@ -610,7 +610,7 @@ class FlatEncoder:
         keys = [buf[s:s + n] for s, n in zip(start[rows].tolist(), length[rows].tolist())]
         first_id = np.cumsum(counts) - counts
         self._store(keys, lo[rows], hi[rows], length[rows], counts[rows],
-                    ids[_ragged_arange(first_id[rows], counts[rows])])
+                    ids[ragged_arange(first_id[rows], counts[rows])])
         return len(rows)
 
     def _lookup(self, buf, start, length, lo, hi) -> np.ndarray:
@@ -646,7 +646,7 @@ class FlatEncoder:
         if (found < 0).any():
             self._fill(buf, start, length, lo, hi, found)
         counts = self._count[found]  # (chunks,) ids per chunk
-        body = self._tokens[_ragged_arange(self._start[found], counts)]  # (body tokens,) every chunk's ids in order
+        body = self._tokens[ragged_arange(self._start[found], counts)]  # (body tokens,) every chunk's ids in order
         cum = np.concatenate([[0], np.cumsum(counts)])  # (chunks + 1,) body tokens before each chunk
         doc_end = np.cumsum(n_words)  # (documents,) chunks up to the end of each document
         first, last = cum[doc_end - n_words], cum[doc_end]  # (documents,) each one's span of body
