@@ -259,6 +259,23 @@ def _llama_cpp_runs(path: Path, extra_bufts: bool = True) -> bool:
     return subprocess.run(argv, capture_output=True, timeout=300).returncode == 0
 
 
+# Environment variables that cap the instruction sets each side uses (to measure one CPU family's
+# code on a newer CPU: ours with the kernels, torch and oneDNN at AVX2, llama.cpp built for AVX2
+# and loaded from LLAMA_CPP_LIB_PATH / LLAMA_SERVER's folder): recorded with every result.
+CAP_VARIABLES = ("LLAMAWORKS_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "LLAMA_CPP_LIB_PATH", "LLAMA_SERVER")
+
+
+def instruction_caps() -> dict:
+    """The caps set in this run and the features llama.cpp's CPU backend reports it was built for."""
+    caps = {k: os.environ[k] for k in CAP_VARIABLES if os.environ.get(k)}
+    try:
+        import llama_cpp
+        caps["llama_cpp_system_info"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    except Exception as e:  # not installed, or a library that does not load: said, not fatal
+        caps["llama_cpp_system_info"] = f"unavailable: {e}"
+    return caps
+
+
 def open_llama_cpp(path, extra_bufts: bool = True, **kwargs):
     """llama_cpp.Llama on `path`; extra_bufts=False turns off llama.cpp's repacked (AMX and
     interleaved CPU) weight buffers, which Llama() does not expose: its model parameters
@@ -840,7 +857,8 @@ def main():
               "native_blocks": a.native_blocks, "isolation": a.isolate, "isolation_note": ISOLATION[a.isolate],
               "gpu": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else None,
               "prompt_len": a.prompt_len,
-              "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs}}
+              "new_tokens": a.new_tokens, "configs": {k: CONFIGS[k] for k in a.configs},
+              "instruction_caps": instruction_caps()}
     if a.ppl_model:
         if not a.ppl_text:
             ap.error("--ppl-model needs --ppl-text FILE (held-out text)")

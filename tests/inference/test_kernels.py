@@ -592,6 +592,21 @@ def test_bf16_models_compute_in_fp32_where_bf16_is_not_in_hardware(monkeypatch, 
     assert torch.equal(got, want)
 
 
+def test_bf16_hardware_follows_onednns_own_cap(monkeypatch):
+    """A run with oneDNN capped below bf16 (ONEDNN_MAX_CPU_ISA=AVX2, to measure the AVX2-only path
+    on a newer CPU) takes the AVX2-only choices: oneDNN then emulates bf16 whatever the CPU has."""
+    from llamaworks.inference import kernels
+
+    allows = kernels.onednn_isa_allows_bf16
+    assert allows("") and allows("ALL") and allows("avx512_core_bf16") and allows("AVX512_CORE_AMX")
+    assert not allows("AVX2") and not allows("avx512_core_vnni") and not allows("AVX512_CORE")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(kernels, "_ONEDNN_ALLOWS_BF16", False)
+    assert not kernels.bf16_matmul()
+    monkeypatch.setattr(kernels, "_ONEDNN_ALLOWS_BF16", True)
+    assert kernels.bf16_matmul()
+
+
 def test_prompt_gemm_choice_follows_the_vendor_and_the_setting():
     from llamaworks.inference.kernels import choose_prompt_gemm
 
@@ -621,6 +636,9 @@ def test_prompt_products_through_onednn_equal_f_linear(monkeypatch, native_lib):
     layer = NativeLinear(96, 300, bias=False)
     layer.weight.data.copy_(w)
     models = {mode: quantize_model(torch.nn.Sequential(copy.deepcopy(layer)), mode, 32) for mode in ("int8", "int4")}
+    # Three NativeLinear prompts and int4's two (its widened weight); int8's two only without bf16
+    # hardware (AVX2-only CPUs: Int8Linear's prompts run as bf16 products where it has it).
+    expected = 5 if models["int8"][0]._bf16_matmul else 7
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -638,10 +656,10 @@ def test_prompt_products_through_onednn_equal_f_linear(monkeypatch, native_lib):
                     want.setdefault(mode, q(x))
                     close(q(x), want[mode])
                 layer(x[:, :1])  # decode rows: the native kernels
-            assert len(calls) == (0 if name == "torch" else 5), calls
+            assert len(calls) == (0 if name == "torch" else expected), calls
         with kernels.cache_pass():
             out = layer(x.clone().requires_grad_())  # autograd: F.linear, whatever the choice
-        assert out.requires_grad and len(calls) == 5
+        assert out.requires_grad and len(calls) == expected
     finally:
         kernels.set_prompt_gemm(None)
 

@@ -47,8 +47,28 @@ def bf16_matmul() -> bool:
     matmul). Without it (AVX2-only, AVX-512 before Cooper Lake) oneDNN emulates bf16 and a bf16
     F.linear is 5-8x an fp32 one (Zen 3, 128 x 384 x 1152: 8.6 against 1.1 ms), so bf16 weights
     take their prompts through fp32 (bf16_prompt_linear)."""
+    if not _ONEDNN_ALLOWS_BF16:
+        return False
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return has_amx() or bool(probe and probe())
+
+
+# oneDNN's own cap on the instructions it uses (ONEDNN_MAX_CPU_ISA, read by oneDNN at its first
+# call): the levels at or above which it multiplies bf16 in hardware. Below them it emulates bf16
+# whatever the CPU has, so a run capped at AVX2 (to measure the AVX2 path on a newer CPU) must take
+# the AVX2-only choices too.
+_ONEDNN_BF16_ISAS = frozenset({"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX",
+                               "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16",
+                               "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT"})
+
+
+def onednn_isa_allows_bf16(cap: str) -> bool:
+    """Whether oneDNN capped at ONEDNN_MAX_CPU_ISA=`cap` ("" = not capped) may use bf16 hardware."""
+    return not cap.strip() or cap.strip().upper() in _ONEDNN_BF16_ISAS
+
+
+# Read once, as oneDNN does (and a plain bool for compiled graphs to guard on).
+_ONEDNN_ALLOWS_BF16 = onednn_isa_allows_bf16(os.environ.get("ONEDNN_MAX_CPU_ISA", ""))
 
 
 # Who multiplies fp32 products of many rows in passes over a KV cache (prefill, the serving engine's

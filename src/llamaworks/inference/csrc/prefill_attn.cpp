@@ -15,7 +15,9 @@
 //
 // Work item: (sequence b, key head hk, tile of QT query positions); items are taken from a shared
 // counter, latest query tiles (the most keys) first, so two threads stay balanced under the
-// causal mask. Below avx512 the same algorithm runs on plain floats (W = 1).
+// causal mask. The same algorithm runs at 16 lanes (avx512 and up), 8 (avx2: AVX2-only CPUs, where
+// the portable loop made a 128-token prompt's attention at the small preset 4x the avx512 level's)
+// and on plain floats (W = 1).
 //
 // bf16 on CPUs with AVX512_BF16 (the avx512bf16 level: Zen 4, Cooper Lake, Sapphire Rapids):
 // both products as bf16 dot products (vdpbf16ps: two bf16 products summed into each fp32 lane),
@@ -48,7 +50,7 @@ extern "C" int lw_level();  // ops.cpp: the instruction set in use (native.py's 
 namespace lw {
 namespace {
 
-constexpr int LEVEL_AVX512 = 2, LEVEL_AVX512BF16 = 4;  // ops.cpp's Level
+constexpr int LEVEL_AVX2 = 1, LEVEL_AVX512 = 2, LEVEL_AVX512BF16 = 4;  // ops.cpp's Level
 constexpr int64_t QT = 64;       // query positions per work item
 constexpr int KT = 32;           // keys per tile (one softmax update)
 constexpr int RB = 32;           // query rows per row block: 2 vectors at 16 lanes
@@ -102,7 +104,7 @@ inline uint32_t load_pair(const uint16_t* p) {  // two bf16 values, any alignmen
 // Scalar "vector" for the portable level: one lane.
 struct Scalar {
   using V = float;
-  static constexpr int W = 1;
+  static constexpr int W = 1, KJ = 8, DJ = 8;
   static V zero() { return 0.0f; }
   static V set1(float x) { return x; }
   static V load(const float* p) { return *p; }
@@ -126,6 +128,73 @@ using I = Scalar;
 }  // namespace lw
 
 #if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+namespace lw {
+namespace {
+
+struct Avx2 {
+  using V = __m256;
+  // 16 registers: 2 keys (or head dimensions) x 4 vectors of a row block accumulate, with the
+  // block's 4 query vectors and a broadcast beside them (8 keys at a time spilled to the stack).
+  static constexpr int W = 8, KJ = 2, DJ = 2;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V iota(float x) { return _mm256_add_ps(_mm256_set1_ps(x), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static V mask_below(V v, V pos, float lim) {
+    return _mm256_blendv_ps(v, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(pos, _mm256_set1_ps(lim), _CMP_LT_OQ));
+  }
+  // e^x as Avx512::exp (the same reduction and polynomial, 0 below -87: never subnormal), with 2^n
+  // built in the exponent bits instead of vscalefps. The softmax only takes e^x of x <= 0, so the
+  // top clamp (88, where Avx512's is 88.38) keeps n <= 127, a finite 2^n.
+  static V exp(V x) {
+    const V normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    V p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    const V r2 = _mm256_mul_ps(r, r);
+    p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n for n in [-126, 127]: the biased exponent n + 127 in bits 23..30.
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), normal);
+  }
+};
+
+namespace mid {
+using I = Avx2;
+#include "prefill_body.h"
+}  // namespace mid
+
+}  // namespace
+}  // namespace lw
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+#if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
 #else
 #pragma GCC push_options
@@ -137,7 +206,7 @@ namespace {
 
 struct Avx512 {
   using V = __m512;
-  static constexpr int W = 16;
+  static constexpr int W = 16, KJ = 8, DJ = 8;  // 16 of the 32 registers accumulate
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -406,7 +475,8 @@ at::Tensor prefill_attention(const at::Tensor& q_in, const at::Tensor& k_in, con
                 {v.stride(0), v.stride(1), v.stride(2)}, {kp.stride(0), kp.stride(1), kp.stride(2)},
                 {vp.stride(0), vp.stride(1), vp.stride(2)}, 1.0f / std::sqrt(static_cast<float>(D))};
   const int level = lw_level();
-  const bool wide = level >= lw::LEVEL_AVX512, dot = a.bf16 && level >= lw::LEVEL_AVX512BF16 && dot_allowed();
+  const bool wide = level >= lw::LEVEL_AVX512, mid = level >= lw::LEVEL_AVX2;
+  const bool dot = a.bf16 && level >= lw::LEVEL_AVX512BF16 && dot_allowed();
   const int64_t tiles = (S + lw::QT - 1) / lw::QT, items = B * Hkv * tiles;
   const int64_t blocks = (H / Hkv) * ((lw::QT + lw::RB - 1) / lw::RB);
   // Item i: the latest query tiles first (they see the most keys), so that threads taking items
@@ -433,6 +503,8 @@ at::Tensor prefill_attention(const at::Tensor& q_in, const at::Tensor& k_in, con
         lw::prefill_item_dot(a, bh / Hkv, bh % Hkv, t * lw::QT, sc);
       else if (wide)
         lw::wide::prefill_item(a, bh / Hkv, bh % Hkv, t * lw::QT, sc);
+      else if (mid)
+        lw::mid::prefill_item(a, bh / Hkv, bh % Hkv, t * lw::QT, sc);
       else
         lw::portable::prefill_item(a, bh / Hkv, bh % Hkv, t * lw::QT, sc);
     }

@@ -1,6 +1,6 @@
 // The body of llamaworks::prefill_attention's work item (prefill_attn.cpp), included once per
-// instruction set: at baseline flags with I = Scalar, and inside an avx512 target region with
-// I = Avx512, each in its own namespace, so that nothing compiled for one can run on the other.
+// instruction set: at baseline flags with I = Scalar, and inside avx2 and avx512 target regions with
+// I = Avx2 and Avx512, each in its own namespace, so that nothing compiled for one can run on another.
 // Needs Prefill, Scratch, QT, KT, RB, widen and to_bf16 (prefill_attn.cpp).
 //
 // Layout: query rows in the vector lanes. A row block is RB consecutive positions of one query
@@ -26,7 +26,8 @@ inline const float* tile_rows(const void* base, const int64_t* st, int64_t b, in
 
 void prefill_item(const Prefill& a, int64_t b, int64_t hk, int64_t s0, Scratch& sc) {
   using V = I::V;
-  constexpr int W = I::W, NR = RB / W, KJ = 8, DJ = 8;
+  // KJ keys' scores and DJ head dimensions' outputs in registers at once: KJ x NR accumulators.
+  constexpr int W = I::W, NR = RB / W, KJ = I::KJ, DJ = I::DJ;
   const int64_t D = a.D, group = a.H / a.Hkv, nq = std::min(QT, a.S - s0);
   const int64_t per_head = (nq + RB - 1) / RB, blocks = group * per_head;
   const bool bf = a.bf16;  // q and out; the keys and values: a.kv_bf16 (tile_rows)
