@@ -24,13 +24,14 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 QEMU = shutil.which("qemu-x86_64")
-TESTS = ["tests/inference/test_kernels.py", "tests/inference/test_kernels_q8.py", "tests/inference/test_step_ops.py",
-         "tests/inference/test_int4_tiles.py", "tests/inference/test_block.py", "tests/inference/test_prefill_kernel.py",
-         "tests/inference/test_paged_attention.py", "tests/inference/test_quant.py",
+TESTS = [*(f"tests/inference/test_{name}.py" for name in ("kernels", "kernels_q8", "step_ops", "int4_tiles", "block",
+                                                          "prefill_kernel", "paged_attention", "quant")),
          "tests/tokenizer/test_text_kernels.py", "tests/tokenizer/test_bpe_kernel.py", "tests/data/test_minhash.py"]
 # A C compiler run from the emulated process runs on the host: never for the host's instruction set.
 WRAPPER = """#!/bin/sh
-for a do shift; case "$a" in -march=native) set -- "$@" -march=x86-64-v3;; -mtune=native) ;; *) set -- "$@" "$a";; esac; done
+for a do shift
+  case "$a" in -march=native) set -- "$@" -march=x86-64-v3;; -mtune=native) ;; *) set -- "$@" "$a";; esac
+done
 exec {real} "$@"
 """
 PROBE = ("import json, torch; from llamaworks.inference import native; native.load(); "
