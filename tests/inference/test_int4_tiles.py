@@ -1,8 +1,9 @@
 """int4 weights in 16-row tiles (csrc/int4_tiles.cpp, quant.py's int4_tiles): Int4Linear's decode
-layout on AVX512_VNNI CPUs for groups of 128, 256, ... The products equal the integer reference of
+layout from avx2 up for groups of 128, 256, ... The products equal the integer reference of
 test_kernels_q8 (activations quantised per block of 128, exact integer dots) on VNNI, and the
 float product of the activations as gemv_int4 takes them at every lower level (forced, as on an
-AVX2-only CPU); the layout holds each nibble where the kernel reads it; Int4Linear picks it by
+AVX2-only CPU: per block of 32, AVX2 maddubs; the largest integer sums neither saturate nor wrap);
+the layout holds each nibble where the kernel reads it; Int4Linear picks it by
 the level at load and gives gemv_int4's results; a row gets the same bits alone or in a batch;
 the operator traces with its fake; use_hugepages moves the layouts into its arena."""
 
@@ -59,7 +60,8 @@ def test_the_layout_puts_each_nibble_where_the_kernel_reads_it():
 
 def test_the_policy():
     assert int4_tiles_apply("avx512vnni", 48, 128) and int4_tiles_apply("avx512bf16", 32000, 256)
-    assert not int4_tiles_apply("avx512", 48, 128)  # no VNNI: gemv_int4's AVX2 maddubs path
+    assert int4_tiles_apply("avx512", 48, 128) and int4_tiles_apply("avx2", 48, 128)  # no VNNI: AVX2 maddubs
+    assert not int4_tiles_apply("scalar", 48, 128)  # the portable loop: gemv_int4's layout
     assert not int4_tiles_apply("avx512bf16", 40, 128)  # not a whole number of tiles
     assert not int4_tiles_apply("avx512bf16", 48, 64)  # groups of 32, 64 keep the bf16 dots
 
@@ -86,6 +88,21 @@ def test_products_equal_the_reference_at_every_level(isa):
         got = ops.gemv_int4_tiles(xb, *args, group)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-4 * float(want.abs().max()) + 1e-5)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"], indirect=True)
+def test_the_largest_integer_sums_neither_saturate_nor_wrap(isa):
+    # Every nibble 15 and every activation +-127 after quantisation (a block of equal values): AVX2
+    # sums a block's 32 products in int16 pairs (8 * 2 * 15 * 127 = 30480 < 2^15) before int32.
+    q = torch.full((32, 256), 15, dtype=torch.uint8)
+    s, z = torch.full((32, 2), 0.01), torch.zeros(32, 2)
+    packed = pack_int4(q)
+    args = int4_tiles(packed, s, z)
+    x = torch.ones(2, 256) * 3.0
+    x[1] = -3.0
+    got = ops.gemv_int4_tiles(x, *args, 128)
+    want = F.linear(x, dequantize_int4(packed, s, z, 128))  # quantisation exact: every value is max|x|
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("isa", ["avx512vnni", "avx512bf16", "avx2"], indirect=True)
@@ -124,8 +141,8 @@ def test_int4linear_takes_the_tiles_where_they_apply_with_gemv_int4s_results(nat
         close(got, old)  # the same activations and integers, another summation order
         close(got, F.linear(native.int4_activations_as_taken(x, best, 128),
                             dequantize_int4(layer.weight, s, z, 128)))
-    try:  # built below VNNI: gemv_int4's layout
-        native.configure(limit="avx512")
+    try:  # built at the scalar level: gemv_int4's layout
+        native.configure(limit="scalar")
         layer.refresh()
         assert not layer._tiled
     finally:

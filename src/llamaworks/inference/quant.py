@@ -255,10 +255,11 @@ def native_int4_layout(packed: torch.Tensor) -> torch.Tensor:
 
 
 # The 16-row tiles of llamaworks::gemv_int4_tiles (csrc/int4_tiles.cpp): Int4Linear's decode
-# layout where the kernel takes it fast (AVX512_VNNI and up; any level runs it), for groups of
-# 128, 256, ... and out_features a multiple of 16; other layers keep native_int4_layout.
+# layout where the kernel takes it fast (AVX512_VNNI's vpdpbusd; AVX2's maddubs from avx2 up, 8
+# rows a vector; the scalar level runs it portably), for groups of 128, 256, ... and out_features
+# a multiple of 16; other layers keep native_int4_layout.
 INT4_TILE = 16
-INT4_TILED_ISAS = ("avx512vnni", "avx512bf16")
+INT4_TILED_ISAS = ("avx2", "avx512", "avx512vnni", "avx512bf16")
 
 
 # Rows the tiled kernel takes in one call: every prefill too. It multiplies 8 rows at a time over

@@ -15,9 +15,12 @@
 // (native.py's quantize_activations_q8(x, 128): d = max|x| / 127, q = round-half-even(x / d)),
 // here in natural column order; each block's integer sums (exact: at most 128 * 15 * 127) are
 // scaled once by the row's group scale times d, and the offsets (zero - 8 * scale) multiply the
-// group sums of the dequantised activations. Below avx512vnni (forced ISA levels, tests) a
-// portable loop over the same layout takes the activations as gemv_int4 does at that level
-// (native.py's int4_activations): quantised per block of 32 from avx2 up, as they are on scalar.
+// group sums of the dequantised activations.
+//
+// Below avx512vnni (avx2: AVX2-only CPUs; avx512 without VNNI) the same tiles run at 8 rows per
+// 256-bit vector (tiles_avx2) with the activations as gemv_int4 takes them there (native.py's
+// int4_activations): quantised per block of 32 (Q8_0's rule), AVX2 maddubs instead of vpdpbusd. On
+// scalar a portable loop takes them as they are.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -45,9 +48,9 @@ struct Tiles {
   const float* offsets;    // the same, zero - 8 * scale
   int64_t M, K, N, group;
   float* out;              // (M, N)
-  const int8_t* xq;        // VNNI: x quantised per block of 128 (M, K), natural order
-  const float* xd;         // VNNI: each block's scale (M, K/128)
-  const float* xsum;       // VNNI: per group, the sum of the dequantised activations (M, K/group)
+  const int8_t* xq;        // x quantised per block of 128 (VNNI) or 32 (AVX2) (M, K), natural order
+  const float* xd;         // each block's scale: VNNI (M, K/128); AVX2 repeated per 4 columns (M, K/4)
+  const float* xsum;       // per group, the sum of the dequantised activations (M, K/group)
   const float* xt;         // portable: the activations as taken (M, K), fp32
 };
 
@@ -204,6 +207,102 @@ void tiles_vnni(const Tiles& g, int64_t t0, int64_t t1) {
 #pragma GCC pop_options
 #endif
 
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+namespace lw {
+namespace {
+
+inline __m256i broadcast4_avx2(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// One tile (16 rows as two halves of 8) for M <= 2 activation rows. Per chunk of 8 columns, the
+// low nibbles times the activation bytes of columns 0-3 and the high ones times those of 4-7
+// (maddubs, nibbles as the unsigned operand: int16 pairs of at most 2 * 15 * 127), summed in int16
+// over a block's 4 chunks (at most 8 * 2 * 15 * 127 = 30480 < 2^15, so neither saturates nor wraps),
+// then into each row's int32 sum (madd by ones) and to fp32 once per block of 32, times its d.
+template <int M>
+inline void tile_avx2(const Tiles& g, int64_t t) {
+  const int64_t K = g.K, stride = K * 8, groups = K / g.group, per_group = g.group / 32;
+  const uint8_t* w = g.w + t * stride;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 total[M][2];
+  for (int m = 0; m < M; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t b = gi * per_group; b < (gi + 1) * per_group; ++b) {
+      __m256i s16[M][2];
+      for (int m = 0; m < M; ++m) s16[m][0] = s16[m][1] = _mm256_setzero_si256();
+      for (int64_t c = b * 4; c < b * 4 + 4; ++c) {
+        const uint8_t* p = w + c * 64;
+        // The next tile's same line (as tiles_block): one 4 KiB page per tile at dim 512 is too
+        // short a stream for the hardware prefetchers.
+        _mm_prefetch(reinterpret_cast<const char*>(p + stride), _MM_HINT_T0);
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));       // rows 0-7
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));  // rows 8-15
+        const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+        const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+        for (int m = 0; m < M; ++m) {
+          const __m256i xa = broadcast4_avx2(g.xq + m * K + c * 8), xb = broadcast4_avx2(g.xq + m * K + c * 8 + 4);
+          s16[m][0] = _mm256_add_epi16(s16[m][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xa),
+                                                                   _mm256_maddubs_epi16(hi0, xb)));
+          s16[m][1] = _mm256_add_epi16(s16[m][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xa),
+                                                                   _mm256_maddubs_epi16(hi1, xb)));
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256 d = _mm256_set1_ps(g.xd[(m * K + b * 32) / 4]);
+        for (int h = 0; h < 2; ++h)
+          acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16[m][h], ones)), d, acc[m][h]);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sc = _mm256_loadu_ps(g.scales + (t * groups + gi) * TILE + h * 8);
+      const __m256 of = _mm256_loadu_ps(g.offsets + (t * groups + gi) * TILE + h * 8);
+      for (int m = 0; m < M; ++m) {
+        total[m][h] = _mm256_fmadd_ps(acc[m][h], sc, total[m][h]);
+        total[m][h] = _mm256_fmadd_ps(of, _mm256_set1_ps(g.xsum[m * groups + gi]), total[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(g.out + m * g.N + t * TILE + h * 8, total[m][h]);
+}
+
+// Tiles [t0, t1): each tile for every pair of rows in turn while it is in the L1 cache.
+void tiles_avx2(const Tiles& g, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + 2 <= g.M; m += 2) {
+      Tiles r = g;
+      r.xq += m * g.K, r.xd += m * (g.K / 4), r.xsum += m * (g.K / g.group), r.out += m * g.N;
+      tile_avx2<2>(r, t);
+    }
+    if (m < g.M) {
+      Tiles r = g;
+      r.xq += m * g.K, r.xd += m * (g.K / 4), r.xsum += m * (g.K / g.group), r.out += m * g.N;
+      tile_avx2<1>(r, t);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lw
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
 namespace {
 
 // Work below this many weight bytes per thread stays on one thread (as ops.cpp's GRAIN_BYTES).
@@ -246,9 +345,9 @@ at::Tensor gemv_int4_tiles(const at::Tensor& x_in, const at::Tensor& w, const at
   lw::Tiles g{w.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), M, K, N, group,
               out.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr};
   const int level = lw_level();
-  const bool vnni = level >= lw::LEVEL_VNNI;
+  const bool vnni = level >= lw::LEVEL_VNNI, avx2 = !vnni && level >= lw::LEVEL_AVX2;
   std::vector<int8_t> xq;
-  std::vector<float> xd, xsum, xt;
+  std::vector<float> xd, xsum;
   if (vnni) {
     xq.resize(M * K);
     xd.resize(M * K / 128);
@@ -257,15 +356,27 @@ at::Tensor gemv_int4_tiles(const at::Tensor& x_in, const at::Tensor& w, const at
     g.xq = xq.data();
     g.xd = xd.data();
     g.xsum = xsum.data();
-  } else if (level >= lw::LEVEL_AVX2) {
-    // gemv_int4's activations at these levels: Q8_0's blocks of 32 (ops.cpp's quantize_rows), dequantised.
-    std::vector<int8_t> q(M * K);
-    std::vector<float> d(M * K / 4);
-    std::vector<int32_t> c(M * K / 4);
-    lw::quantize_rows(xp, M, K, q.data(), d.data(), c.data());
-    xt.resize(M * K);
-    for (int64_t i = 0; i < M * K; ++i) xt[i] = static_cast<float>(q[i]) * d[i / 4];
-    g.xt = xt.data();
+  } else if (avx2) {
+    // gemv_int4's activations at these levels: Q8_0's blocks of 32 (ops.cpp's quantize_rows), and
+    // per group the sum of the dequantised activations, d times each block's integer sum.
+    std::vector<int32_t> xc(M * K / 4);
+    xq.resize(M * K);
+    xd.resize(M * K / 4);
+    xsum.resize(M * groups);
+    lw::quantize_rows(xp, M, K, xq.data(), xd.data(), xc.data());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        float sum = 0.0f;
+        for (int64_t b = gi * group / 32; b < (gi + 1) * group / 32; ++b) {
+          int32_t q = 0;
+          for (int i = 0; i < 32; ++i) q += xq[m * K + b * 32 + i];
+          sum += xd[(m * K + b * 32) / 4] * static_cast<float>(q);
+        }
+        xsum[m * groups + gi] = sum;
+      }
+    g.xq = xq.data();
+    g.xd = xd.data();
+    g.xsum = xsum.data();
   } else {
     g.xt = xp;
   }
@@ -284,6 +395,11 @@ at::Tensor gemv_int4_tiles(const at::Tensor& x_in, const at::Tensor& w, const at
           part.xd = g.xd + m0 * (K / 128);
           part.xsum = g.xsum + m0 * groups;
           lw::tiles_vnni(part, t0, t1);
+        } else if (avx2) {
+          part.xq = g.xq + m0 * K;
+          part.xd = g.xd + m0 * (K / 4);
+          part.xsum = g.xsum + m0 * groups;
+          lw::tiles_avx2(part, t0, t1);
         } else {
           part.xt = g.xt + m0 * K;
           lw::tiles_portable(part, t0, t1);
