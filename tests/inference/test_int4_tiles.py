@@ -151,21 +151,25 @@ def test_int4linear_takes_the_tiles_where_they_apply_with_gemv_int4s_results(nat
     assert layer._tiled == int4_tiles_apply(best, 48, 128)
 
 
-def test_int4linear_takes_prompts_of_any_length_through_the_tiles(native_lib):
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512vnni", "avx512bf16"], indirect=True)
+def test_int4linear_takes_prompts_of_any_length_through_the_tiles(isa):
     # Prefill too (more than KERNEL_MAX_ROWS rows): the integer product in slices, not a dequantised
-    # weight and an fp32 matmul; each row gets the bits it gets alone, as a decode step computes it.
+    # weight and an fp32 matmul; each row gets the bits it gets alone, as a decode step computes it,
+    # with the activations as the level takes them (per 128 on VNNI, per 32 below: an AVX2-only CPU).
     torch.manual_seed(0)
     layer = quantize_model(torch.nn.Sequential(torch.nn.Linear(256, 48, bias=False)), "int4", group_size=128)[0]
-    if not layer._tiled:
-        pytest.skip(f"no tiled layout under {native.current_isa()}")
+    assert layer._tiled
     x = torch.randn(2, 40, 256)  # 80 rows > KERNEL_MAX_ROWS
     assert x.numel() // 256 > KERNEL_MAX_ROWS
     with torch.no_grad():
         got = layer(x)
         assert got.shape == (2, 40, 48) and torch.equal(got, ops.gemv_int4_tiles(x, *layer._native, 128))
         assert torch.equal(got[1, 7], layer(x[1, 7:8])[0])
-        close(got.reshape(-1, 48), q8_128_reference(x.reshape(-1, 256), layer.weight, layer.scales, layer.zeros,
-                                                    128).float())
+        flat = x.reshape(-1, 256)
+        if native.int4_activations(isa, 128) == "q8_128":
+            close(got.reshape(-1, 48), q8_128_reference(flat, layer.weight, layer.scales, layer.zeros, 128).float())
+        close(got.reshape(-1, 48), F.linear(native.int4_activations_as_taken(flat, isa, 128),
+                                            dequantize_int4(layer.weight, layer.scales, layer.zeros, 128)))
 
 
 def test_the_operator_traces_with_its_fake(native_lib):

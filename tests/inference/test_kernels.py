@@ -546,9 +546,10 @@ def test_dequant_int4_widens_the_decode_layout_as_the_kernels_read_it(monkeypatc
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
     with pytest.raises(RuntimeError, match="group size"):
         ops.dequant_int4(*native_args, 48)
-    layer = quantize_model(torch.nn.Sequential(torch.nn.Linear(256, 48, bias=False)), "int4", group_size=group)[0]
-    if layer._tiled:
-        pytest.skip("the tiled int4 layout takes prompts itself here")
+    # 40 outputs: not a whole number of tiles, so no level takes the tiled layout (which multiplies
+    # prompts itself) and the widening path runs everywhere.
+    layer = quantize_model(torch.nn.Sequential(torch.nn.Linear(256, 40, bias=False)), "int4", group_size=group)[0]
+    assert not layer._tiled and layer._native is not None
     use_native_kernels(layer)
     x = torch.randn(3, 40, 256)  # 120 rows: a prompt
     wq = dequantize_int4(layer.weight, layer.scales, layer.zeros, group, torch.float32)
