@@ -54,6 +54,11 @@ constexpr int LEVEL_AVX2 = 1, LEVEL_AVX512 = 2, LEVEL_AVX512BF16 = 4;  // ops.cp
 constexpr int64_t QT = 64;       // query positions per work item
 constexpr int KT = 32;           // keys per tile (one softmax update)
 constexpr int RB = 32;           // query rows per row block: 2 vectors at 16 lanes
+// e^x as x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), e^r = 1 + r + r^2 P(r) by Cephes' expf
+// polynomial (about 1 ulp), P's coefficients highest first: the vector exps below share them.
+constexpr float LOG2E = 1.44269504088896341f, LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
+constexpr float EXP_P[] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                           4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
 
 struct Prefill {
   const void* q;            // (B, H, S, D), strides qs (last dimension contiguous)
@@ -155,23 +160,19 @@ struct Avx2 {
   static V mask_below(V v, V pos, float lim) {
     return _mm256_blendv_ps(v, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(pos, _mm256_set1_ps(lim), _CMP_LT_OQ));
   }
-  // e^x as Avx512::exp (the same reduction and polynomial, 0 below -87: never subnormal), with 2^n
+  // e^x as Avx512::exp below (the same reduction and EXP_P, 0 below -87: never subnormal), with 2^n
   // built in the exponent bits instead of vscalefps. The softmax only takes e^x of x <= 0, so the
   // top clamp (88, where Avx512's is 88.38) keeps n <= 127, a finite 2^n.
   static V exp(V x) {
     const V normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
-    const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+    const V n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    V p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    V r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    V p = _mm256_set1_ps(EXP_P[0]);
+    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P[i]));
     const V r2 = _mm256_mul_ps(r, r);
     p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     // 2^n for n in [-126, 127]: the biased exponent n + 127 in bits 23..30.
@@ -224,8 +225,7 @@ struct Avx512 {
     return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(pos, _mm512_set1_ps(lim), _CMP_LT_OQ),
                               _mm512_set1_ps(-INFINITY));
   }
-  // e^x: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), e^r by Cephes' expf polynomial
-  // (about 1 ulp), scaled by 2^n with vscalefps. Below -87 (masked scores: -inf on every
+  // e^x (EXP_P above), scaled by 2^n with vscalefps. Below -87 (masked scores: -inf on every
   // diagonal tile) the result is exactly 0, never subnormal (e^-87 = 1.6e-38 is just above
   // FLT_MIN; 0 next to the row's maximum's 1): every FMA that reads a subnormal operand is a
   // microcode assist on Intel cores, and with e^-100 (3.7e-44) here a 128-token prompt's
@@ -235,16 +235,12 @@ struct Avx512 {
     const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
-    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    const V n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    V p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    V r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    V p = _mm512_set1_ps(EXP_P[0]);
+    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P[i]));
     const V r2 = _mm512_mul_ps(r, r);
     p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_maskz_scalef_ps(normal, p, n);
