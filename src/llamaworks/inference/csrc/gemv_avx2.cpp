@@ -19,10 +19,14 @@ struct Isa {
   // 16 vector registers: at most 8 accumulators.
   static constexpr int nb(int m) { return m == 1 ? 4 : m <= 3 ? 2 : 1; }
   static constexpr int nb4(int m) { return nb(m); }
-  // Dense rows of 4 KiB or more are left to the hardware prefetchers (dense_block): on Zen 3, 4096 x
+  // Dense rows of 16 KiB or more are left to the hardware prefetchers (dense_block): on Zen 3, 4096 x
   // 4096 reads at 31-32 GB/s without the software prefetch against 23-28 with it, while rows of
-  // 0.75-2 KiB fall to 10-15 GB/s without it (benchmarks/gemv.py, 2 threads).
-  static constexpr int64_t PREFETCH_ROWS_BELOW = 4096;
+  // 0.75-2 KiB fall to 10-15 GB/s without it (benchmarks/gemv.py, 2 threads). Rows of 4 and 8 KiB
+  // (one or two pages: the hardware prefetchers stop at page boundaries) are prefetched since
+  // session 22: with the kernels capped at avx2 on Zen 4, small's fp32 decode step (w2's rows are
+  // 4 KiB) 1.44-1.59 -> 1.15-1.36 ms and A's 4.98-5.53 -> 4.64-5.30 ms, three interleaved rounds
+  // (the threshold was 4 KiB; the 16 KiB rows Zen 3 measured keep their rule).
+  static constexpr int64_t PREFETCH_ROWS_BELOW = 16384;
   static inline V zero() { return _mm256_setzero_ps(); }
   static inline V set1(float v) { return _mm256_set1_ps(v); }
   static inline V load(const float* p) { return _mm256_loadu_ps(p); }
