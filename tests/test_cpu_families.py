@@ -12,6 +12,7 @@ Hugepages' tests are left out too: they read the guest's addresses in the emulat
 
 Skipped without qemu-x86_64 (Debian: qemu-user) unless LLAMAWORKS_REQUIRE_QEMU=1 (CI installs it)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -65,7 +66,7 @@ def emulated(tmp_path_factory):
                    capture_output=True, timeout=900)
     probe = subprocess.run([*prefix, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert probe.returncode == 0, probe.stderr[-3000:]
-    seen = __import__("json").loads(probe.stdout.strip().splitlines()[-1])
+    seen = json.loads(probe.stdout.strip().splitlines()[-1])
     # The point of the check: without these the emulated CPU would not be the AVX2-only family.
     assert seen["torch"] == "AVX2" and seen["native"] == "avx2", seen
     assert "avx512f" not in seen["features"] and {"avx2", "fma"} <= set(seen["features"]), seen

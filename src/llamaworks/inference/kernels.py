@@ -64,7 +64,8 @@ _ONEDNN_BF16_ISAS = frozenset({"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_
 
 def onednn_isa_allows_bf16(cap: str) -> bool:
     """Whether oneDNN capped at ONEDNN_MAX_CPU_ISA=`cap` ("" = not capped) may use bf16 hardware."""
-    return not cap.strip() or cap.strip().upper() in _ONEDNN_BF16_ISAS
+    cap = cap.strip().upper()
+    return not cap or cap in _ONEDNN_BF16_ISAS
 
 
 # Read once, as oneDNN does (and a plain bool for compiled graphs to guard on).

@@ -56,6 +56,10 @@ void quantize_rows_q8_128(const float* x, int64_t M, int64_t K, int64_t group, i
 // The activations as those kernels take them (Gemv::xq, xd, xc): per row and block of 32,
 // d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)) (0 for an all-zero block).
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, int32_t* xc);
+// Per row and group of `group` columns (a multiple of 32), the sum of the activations quantize_rows
+// made, dequantised: sum over the group's blocks of d * sum(q) (Gemv::xsum for int4_q8_avx2 and the
+// AVX2 int4 tiles).
+void group_sums_q8(const float* xd, const int32_t* xc, int64_t M, int64_t K, int64_t group, float* xsum);
 void avx512bf16_int4_prepare(const float* x, int64_t M, int64_t K, int64_t group, uint16_t* xb, float* xsum);
 
 // Decode attention (attn_body.h): out (B, H, S, D) = softmax(q k^T / sqrt(D), masked) v for

@@ -279,18 +279,15 @@ inline void tile_avx2(const Tiles& g, int64_t t) {
 
 // Tiles [t0, t1): each tile for every pair of rows in turn while it is in the L1 cache.
 void tiles_avx2(const Tiles& g, int64_t t0, int64_t t1) {
+  auto from_row = [&g](int64_t m) {  // g's rows m, m + 1, ...
+    Tiles r = g;
+    r.xq += m * g.K, r.xd += m * (g.K / 4), r.xsum += m * (g.K / g.group), r.out += m * g.N;
+    return r;
+  };
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
-    for (; m + 2 <= g.M; m += 2) {
-      Tiles r = g;
-      r.xq += m * g.K, r.xd += m * (g.K / 4), r.xsum += m * (g.K / g.group), r.out += m * g.N;
-      tile_avx2<2>(r, t);
-    }
-    if (m < g.M) {
-      Tiles r = g;
-      r.xq += m * g.K, r.xd += m * (g.K / 4), r.xsum += m * (g.K / g.group), r.out += m * g.N;
-      tile_avx2<1>(r, t);
-    }
+    for (; m + 2 <= g.M; m += 2) tile_avx2<2>(from_row(m), t);
+    if (m < g.M) tile_avx2<1>(from_row(m), t);
   }
 }
 
@@ -357,23 +354,13 @@ at::Tensor gemv_int4_tiles(const at::Tensor& x_in, const at::Tensor& w, const at
     g.xd = xd.data();
     g.xsum = xsum.data();
   } else if (avx2) {
-    // gemv_int4's activations at these levels: Q8_0's blocks of 32 (ops.cpp's quantize_rows), and
-    // per group the sum of the dequantised activations, d times each block's integer sum.
+    // gemv_int4's activations at these levels: Q8_0's blocks of 32 and their group sums, as ops.cpp makes them.
     std::vector<int32_t> xc(M * K / 4);
     xq.resize(M * K);
     xd.resize(M * K / 4);
     xsum.resize(M * groups);
     lw::quantize_rows(xp, M, K, xq.data(), xd.data(), xc.data());
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        float sum = 0.0f;
-        for (int64_t b = gi * group / 32; b < (gi + 1) * group / 32; ++b) {
-          int32_t q = 0;
-          for (int i = 0; i < 32; ++i) q += xq[m * K + b * 32 + i];
-          sum += xd[(m * K + b * 32) / 4] * static_cast<float>(q);
-        }
-        xsum[m * groups + gi] = sum;
-      }
+    lw::group_sums_q8(xd.data(), xc.data(), M, K, group, xsum.data());
     g.xq = xq.data();
     g.xd = xd.data();
     g.xsum = xsum.data();

@@ -144,16 +144,7 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
     xc.resize(M * K / 4);
     xsum.resize(M * groups);
     lw::quantize_rows(g.x, M, K, xq.data(), xd.data(), xc.data());
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        float sum = 0.0f;  // per block: d * sum(q) = d * -(the block's 8 xc) / 128
-        for (int64_t b = gi * group / 32; b < (gi + 1) * group / 32; ++b) {
-          int32_t q = 0;
-          for (int i = 0; i < 8; ++i) q += xc[(m * K) / 4 + b * 8 + i];
-          sum += xd[(m * K) / 4 + b * 8] * static_cast<float>(-q / 128);
-        }
-        xsum[m * groups + gi] = sum;
-      }
+    lw::group_sums_q8(xd.data(), xc.data(), M, K, group, xsum.data());
     g.xq = xq.data();
     g.xd = xd.data();
     g.xc = xc.data();
