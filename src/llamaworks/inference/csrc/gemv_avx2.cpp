@@ -219,20 +219,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, 
       _mm256_storeu_ps(xd + (m * K + k0) / 4, _mm256_set1_ps(d));
     }
 }
-
-void group_sums_q8(const float* xd, const int32_t* xc, int64_t M, int64_t K, int64_t group, float* xsum) {
-  const int64_t groups = K / group;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      float sum = 0.0f;  // per block: d * sum(q) = d * -(the block's 8 xc) / 128
-      for (int64_t b = gi * group / 32; b < (gi + 1) * group / 32; ++b) {
-        int32_t q = 0;
-        for (int i = 0; i < 8; ++i) q += xc[(m * K) / 4 + b * 8 + i];
-        sum += xd[(m * K) / 4 + b * 8] * static_cast<float>(-q / 128);
-      }
-      xsum[m * groups + gi] = sum;
-    }
-}
 }  // namespace lw
 
 #if defined(__clang__)
