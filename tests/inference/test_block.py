@@ -27,9 +27,10 @@ PRECISIONS = {"fp32": (torch.float32, None, 0), "bf16": (torch.bfloat16, None, 0
               "int4_g32": (torch.float32, "int4", 32), "int4_g128": (torch.float32, "int4", 128)}
 
 
-def decode_model(precision: str, blocks: bool, whole_step: bool = True):
+def decode_model(precision: str, blocks: bool, whole_step: bool = True, args: dict | None = None):
+    args = args or ARGS
     dtype, mode, group = PRECISIONS[precision]
-    m = build_model(ModelArgs(**ARGS), seed=0).eval()
+    m = build_model(ModelArgs(**args), seed=0).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in m.named_parameters():  # larger than init: well-separated logits
@@ -43,7 +44,7 @@ def decode_model(precision: str, blocks: bool, whole_step: bool = True):
     use_native_kernels(m)
     # A NativeTransformer either way, as load_model makes it: its passes over a cache run their prompt
     # products in the library kernels.prompt_gemm picks (kernels.cache_pass), so both sides prefill alike.
-    assert use_native_blocks(m) == ARGS["n_layers"] and type(m) is NativeTransformer
+    assert use_native_blocks(m) == args["n_layers"] and type(m) is NativeTransformer
     if not blocks:
         for layer in m.layers:
             layer.__class__ = TransformerBlock  # the modules' blocks: no plan, Transformer.forward
@@ -377,3 +378,38 @@ def test_paged_decode_steps_aside_where_it_cannot_run(monkeypatch):
     want = paged_passes(decode_model("fp32", blocks=False))[0]
     got = paged_passes(decode_model("fp32", blocks=True), rope_in_one=False)[0]
     assert calls == [] and all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_a_step_on_a_team_of_threads_equals_one_thread(precision, threads):
+    """With several threads a whole step runs in one parallel region (csrc/parallel.h): its products and
+    attention are handed to the region's threads as sections, split as at::parallel_for splits them, so
+    the logits and caches equal one thread's bit for bit; 4 threads on a 2-core machine (more threads than
+    CPUs: the waiting threads yield) too. The products here exceed the one-thread grain (64 KiB), so
+    sections do reach the team, and a bad step inside the region raises instead of hanging it."""
+    args = dict(ARGS, dim=256, n_heads=8, n_kv_heads=4)  # wqkv 256 x 512 fp32: 512 KiB, int4: 64 KiB
+
+    def run(n: int):
+        model = decode_model(precision, blocks=True, args=args)
+        torch.set_num_threads(n)
+        try:
+            return steps(model), model
+        finally:
+            torch.set_num_threads(1)
+
+    (want, want_caches), _ = run(1)
+    before = native.team_sections()
+    (got, got_caches), model = run(threads)
+    assert native.team_sections() > before  # the steps' sections ran on a team
+    for a, b in zip(want + want_caches, got + got_caches):
+        assert torch.equal(a, b)
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="outside the cache"):
+            model(torch.tensor([[1], [2]]), torch.tensor([32]))  # past the cache: rope_cache's check, in the team
+        model.setup_caches(2, 32)
+        with torch.no_grad():
+            assert model(torch.tensor([[1], [2]]), torch.tensor([0])).shape == (2, 1, 300)  # the team still works
+    finally:
+        torch.set_num_threads(1)

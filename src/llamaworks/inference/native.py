@@ -39,9 +39,9 @@ from llamaworks.tokenizer import native as text_native
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "step.cpp", "block.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp", "gemv_avx512.cpp",
-           "gemv_avx2.cpp", "gemv_scalar.cpp", "int4_tiles.cpp", "prefill_attn.cpp")
-HEADERS = ("gemv.h", "gemv_body.h", "attn_body.h", "prefill_body.h")
+SOURCES = ("ops.cpp", "parallel.cpp", "step.cpp", "block.cpp", "gemv_avx512bf16.cpp", "gemv_avx512vnni.cpp",
+           "gemv_avx512.cpp", "gemv_avx2.cpp", "gemv_scalar.cpp", "int4_tiles.cpp", "prefill_attn.cpp")
+HEADERS = ("gemv.h", "parallel.h", "gemv_body.h", "attn_body.h", "prefill_body.h")
 NAME = "llamaworks_native"
 # No -march: the instruction sets are chosen per file, at run time. -fopenmp: at::parallel_for is
 # inline OpenMP code in the headers (torch's CPU backend), so without it the kernels ran on one
@@ -229,6 +229,14 @@ def configure(features: frozenset[str] | set[str] | None = None, limit: str | No
 def current_isa() -> str:
     assert _state.lib is not None, "native kernels not loaded"
     return ISAS[_state.lib.lw_level()]
+
+
+def team_sections() -> int:
+    """How many parallel sections of decode steps ran on a team of threads (csrc/parallel.h) since the
+    library loaded: a check that a step's products and attention took the team, not a region each."""
+    assert _state.lib is not None, "native kernels not loaded"
+    _state.lib.lw_team_sections.restype = ctypes.c_int64
+    return _state.lib.lw_team_sections()
 
 
 def _register_fakes() -> None:

@@ -29,6 +29,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "parallel.h"
+
 namespace {
 
 enum Kind { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3, INT4_TILES = 4 };
@@ -137,16 +139,23 @@ T attend(const Block& b, CT qkv, CT freqs, const StepAttention& a, int64_t H, in
   return o.attention.call(q, k, v, a.mask).transpose(1, 2).reshape({B, S, -1});  // (B, S, H * D)
 }
 
+// The next product's weight, for the team's other threads to read while this one works alone (parallel.h).
+void hint(const Proj& p) { lw::prefetch_next(p.w[0].data_ptr(), p.w[0].nbytes()); }
+
 // TransformerBlock.forward for decode rows (the header's formula). Runs below the autograd keys.
 T block(const Block& b, CT x, double eps, CT freqs, const StepAttention& a, int64_t H, int64_t Hkv) {
   const Ops& o = ops();
   // Attention (FusedAttention.forward with NativeAttention.attend, or PagedAttention's ragged read)
+  hint(b.p[0]);
   const T qkv = linear(b.p[0], o.rms_norm.call(x, b.attention_norm, eps));
+  hint(b.p[1]);
   const T att = attend(b, qkv, freqs, a, H, Hkv);  // (B, S, H * D)
   // The residual adds in place on the products' fresh outputs (x + y and y + x round alike): no new tensor.
   const T h = linear(b.p[1], att).add_(x);
   // SwiGLU (FusedFeedForward.forward): w2(silu(a) * b)
+  hint(b.p[2]);
   const T ab = linear(b.p[2], o.rms_norm.call(h, b.ffn_norm, eps));  // (B, S, 2 hidden)
+  hint(b.p[3]);
   TORCH_CHECK(ab.size(2) % 2 == 0, "llamaworks decode_block: w13's output ", ab.size(2), " is not two halves");
   const int64_t hidden = ab.size(2) / 2;
   const T g = at::silu(ab.narrow(2, 0, hidden)).mul_(ab.narrow(2, hidden, hidden));
@@ -254,8 +263,18 @@ T run_step(const Plan& plan, CT tokens, CT input_pos, const StepAttention& a, bo
   T h = plan.embedding.index_select(0, tokens.reshape({-1})).view({B, S, -1});  // (B, S, dim); checks the ids' range
   const T freqs = plan.freqs.index_select(0, input_pos.reshape({-1})).view({B, S, plan.freqs.size(1), 2});
   for (const Block& b : plan.blocks) h = block(b, h, plan.eps, freqs, a, plan.H, plan.Hkv);
+  if (!hidden) hint(plan.output);
   h = ops().rms_norm.call(h, plan.norm, plan.eps);
   return hidden ? h : linear(plan.output, h).to(at::kFloat);
+}
+
+// A whole step in one parallel region (parallel.h): its products and attention sections go to a
+// team of threads that spins on them, instead of a region, a barrier and two futex wakes each.
+template <typename F>
+T in_team(F step) {
+  T out;
+  lw::with_team([&] { out = step(); });
+  return out;
 }
 
 void check_tokens(CT tokens, const char* what) {
@@ -275,7 +294,7 @@ T decode_step(int64_t id, CT tokens, CT input_pos_in, CT rows) {
   a.rows = rows;
   const int64_t L = plan->blocks.empty() ? 0 : plan->blocks[0].k_cache.size(2);
   a.mask = at::arange(L, a.input_pos.options()).view({1, 1, 1, L}).le(a.input_pos.view({B, 1, S, 1}));
-  return run_step(*plan, tokens, a.input_pos, a, false);
+  return in_team([&] { return run_step(*plan, tokens, a.input_pos, a, false); });
 }
 
 // A ragged decode pass over paged pools (the serving engine's step when every row decodes one token):
@@ -301,7 +320,7 @@ T decode_step_paged(int64_t id, CT tokens, CT input_pos, CT slots, CT blocks, bo
   a.blocks = blocks;
   a.pos = input_pos.contiguous().view({n, 1});
   a.row0 = at::zeros({1}, slots.options()).expand({n});
-  return run_step(*plan, tokens, a.pos, a, hidden);
+  return in_team([&] { return run_step(*plan, tokens, a.pos, a, hidden); });
 }
 
 }  // namespace

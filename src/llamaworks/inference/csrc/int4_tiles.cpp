@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "gemv.h"
+#include "parallel.h"
 
 extern "C" int lw_level();  // ops.cpp: the instruction set in use (native.py's ISAS index)
 
@@ -370,7 +371,7 @@ at::Tensor gemv_int4_tiles(const at::Tensor& x_in, const at::Tensor& w, const at
   const int64_t tiles = w.size(0), tile_bytes = K * 8;
   const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / tile_bytes);
   const int64_t slice = M <= lw::MAX_ROWS ? tiles : std::max<int64_t>(1, SLICE_BYTES / tile_bytes);
-  at::parallel_for(0, tiles, grain, [&](int64_t b0, int64_t b1) {
+  lw::parallel_for(0, tiles, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t t0 = b0; t0 < b1; t0 += slice) {
       const int64_t t1 = std::min(b1, t0 + slice);
       for (int64_t m0 = 0; m0 < M; m0 += lw::MAX_ROWS) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "gemv.h"
+#include "parallel.h"
 
 namespace lw {
 // Compiled at the baseline flags, as every caller's sums were: inside an FMA target region the
@@ -172,7 +173,7 @@ at::Tensor run(lw::Kind kind, const at::Tensor& x_in, const at::Tensor& w, int64
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const int64_t grain = std::max<int64_t>(1, GRAIN_BYTES / (BLOCK * row_bytes));
   const int64_t slice = M <= lw::MAX_ROWS ? N : std::max<int64_t>(BLOCK, SLICE_BYTES / row_bytes / BLOCK * BLOCK);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+  lw::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t end = std::min(N, b1 * BLOCK);
     for (int64_t n0 = b0 * BLOCK; n0 < end; n0 += slice) {
       const int64_t n1 = std::min(end, n0 + slice);
@@ -312,7 +313,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   // the cache outweighs a fork/join. (It was 2^18, which kept the A, small and base presets'
   // 8-12 heads on one thread at a cache of 256.)
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, L * D));
-  at::parallel_for(0, B * H * S, grain, [&](int64_t r0, int64_t r1) {
+  lw::parallel_for(0, B * H * S, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> scores(L);
     fn(a, r0, r1, scores.data());
   });
@@ -377,7 +378,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   // differ in length, so the grain comes from the mean.
   const int64_t rows = B * H * S, per_row = std::max<int64_t>(1, keys / B * D);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_row);
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+  lw::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> scores(Bs);
     fn(a, r0, r1, scores.data());
   });
