@@ -21,6 +21,8 @@ namespace {
 inline void pause() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
 #endif
 }
 
@@ -140,7 +142,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, RangeFn f) {
   team->pending.store(team->size - 1, std::memory_order_relaxed);
   sections.fetch_add(1, std::memory_order_relaxed);
   team->epoch.fetch_add(1, std::memory_order_acq_rel);  // hands the section out
+  active = nullptr;  // a section inside this one runs where it is (the team is busy with this one)
   run_part(*team, f, 0);
+  active = team;
   wait_until([&] { return team->pending.load(std::memory_order_acquire) == 0; });
   if (team->error) {
     std::exception_ptr e = team->error;

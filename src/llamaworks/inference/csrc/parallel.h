@@ -1,13 +1,14 @@
 // Threads for the decode kernels: at::parallel_for, or, inside lw::with_team, a team of spinning
 // threads that lives for a whole decode step.
 //
-// Why: a decode step is dozens of short parallel sections (each product, each attention), and an
-// OpenMP parallel region per section costs the step a team start, an end barrier and two futex
-// wakes each (~0.8 us of bookkeeping on Zen 4, measured against a spin hand-off's 0.1 us), and
-// the second thread then waits for the first's serial work between sections without knowing when
-// the next one comes. llamaworks::decode_step runs its whole step in one region instead: thread 0
-// runs the step as before, and each section it meets is handed to the team through two atomics
-// (llama.cpp's compute graph works the same way: one thread pool per graph, spin barriers).
+// Why: a decode step is dozens of short parallel sections (each product, each attention: 31 at the
+// small preset), and an OpenMP region per section costs a team start, an end barrier and two futex
+// wakes (~0.8 us on Zen 4, against 0.1 us for a hand-off through two atomics). llamaworks::decode_step
+// runs its whole step in one region instead: thread 0 runs the step as before and hands each section
+// it meets to the others (llama.cpp's graph compute works the same way: one pool, spin barriers).
+// While thread 0 does the serial work between sections (~24% of small's fp32 step), the others read
+// their share of the next product's weight into their caches (prefetch_next). Step alone, Zen 4:
+// small fp32 1.05-1.10x, A and base fp32 1.03x (docs/inference.md). LLAMAWORKS_DECODE_TEAM=0: off.
 //
 // lw::parallel_for(begin, end, grain, f) splits [begin, end) exactly as at::parallel_for does
 // (the same number of threads for a grain, the same chunks in thread order), so a kernel's
