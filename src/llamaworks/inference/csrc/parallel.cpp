@@ -14,6 +14,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 namespace lw {
 namespace {
@@ -56,6 +59,18 @@ struct Team {
 
 thread_local Team* active = nullptr;  // set on thread 0 inside with_team
 std::atomic<int64_t> sections{0};     // handed to a team since the library loaded (lw_team_sections)
+
+// The CPUs this process may run on (its affinity mask), read once.
+int64_t cpus() {
+  static const int64_t n = [] {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<int64_t>(CPU_COUNT(&set));
+#endif
+    return static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+  }();
+  return n;
+}
 
 // LLAMAWORKS_DECODE_TEAM=0: no team (each section its own at::parallel_for region, as before).
 bool teams_on() {
@@ -163,7 +178,10 @@ void prefetch_next(const void* p, int64_t bytes) {
 
 void with_team(c10::function_ref<void()> body) {
   const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || active != nullptr || at::in_parallel_region() || !teams_on()) {
+  // More threads than CPUs: no team. Its threads never sleep, so a section would wait for each of them
+  // to be scheduled in turn (small's step: 14.6 ms at 4 threads on 2 CPUs, against 2.9 ms with a
+  // region per section, whose threads sleep on a futex when throttled).
+  if (threads <= 1 || threads > cpus() || active != nullptr || at::in_parallel_region() || !teams_on()) {
     body();
     return;
   }

@@ -31,8 +31,8 @@ void prefetch_next(const void* p, int64_t bytes);
 
 // body() on this thread with the other threads of one parallel region waiting on it for the
 // sections that lw::parallel_for hands them. Exceptions from body (or a section) reach the caller
-// once every thread has left the region. Without threads to spare, or already inside a region,
-// body() just runs.
+// once every thread has left the region. With one thread, more threads than the process's CPUs,
+// or already inside a region, body() just runs (its sections then take at::parallel_for).
 void with_team(c10::function_ref<void()> body);
 
 }  // namespace lw
