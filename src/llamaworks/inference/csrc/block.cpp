@@ -65,6 +65,15 @@ const Ops& ops() {
   return o;
 }
 
+// A block or a whole step in one parallel region (parallel.h): its products and attention sections go to a
+// team of threads that spins on them, instead of a region, a barrier and two futex wakes each.
+template <typename F>
+T in_team(F step) {
+  T out;
+  lw::with_team([&] { out = step(); });
+  return out;
+}
+
 // One projection's kind, tensors and int4 group.
 struct Proj {
   int64_t kind = F32;
@@ -181,7 +190,7 @@ T decode_block(CT x, CT attention_norm, CT ffn_norm, double eps, at::IntArrayRef
   a.input_pos = input_pos;
   a.rows = rows;
   a.mask = mask;
-  return block(b, x, eps, freqs, a, H, Hkv);
+  return in_team([&] { return block(b, x, eps, freqs, a, H, Hkv); });
 }
 
 // decode_plan / decode_step / decode_plan_free: a whole decode step (Transformer.forward with input_pos,
@@ -266,15 +275,6 @@ T run_step(const Plan& plan, CT tokens, CT input_pos, const StepAttention& a, bo
   if (!hidden) hint(plan.output);
   h = ops().rms_norm.call(h, plan.norm, plan.eps);
   return hidden ? h : linear(plan.output, h).to(at::kFloat);
-}
-
-// A whole step in one parallel region (parallel.h): its products and attention sections go to a
-// team of threads that spins on them, instead of a region, a barrier and two futex wakes each.
-template <typename F>
-T in_team(F step) {
-  T out;
-  lw::with_team([&] { out = step(); });
-  return out;
 }
 
 void check_tokens(CT tokens, const char* what) {
