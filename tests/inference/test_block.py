@@ -388,10 +388,10 @@ def test_a_step_on_a_team_of_threads_equals_one_thread(precision, whole_step, th
     """With several threads a whole step runs in one parallel region (csrc/parallel.h): its products and
     attention are handed to the region's threads as sections, split as at::parallel_for splits them, so
     the logits and caches equal one thread's bit for bit; a block's call (decode_block, compiled steps) the
-    same. The products here exceed the one-thread grain
-    (64 KiB), so sections do reach the team; with more threads than the process's CPUs (4 on a 2-CPU
-    machine) there is no team (its threads never sleep) and each section is a region of its own, the
-    same results. A bad step inside the region raises instead of hanging it."""
+    same. The products here exceed the one-thread grain (64 KiB), so sections do reach the team; with more
+    threads than the process's CPUs (4 on a 2-CPU machine) there is no team (its threads never sleep) and
+    each section is a region of its own, the same results. A bad step inside the region raises instead of
+    hanging it."""
     args = dict(ARGS, dim=256, n_heads=8, n_kv_heads=4)  # wqkv 256 x 512 fp32: 512 KiB, int4: 64 KiB
 
     def run(n: int):

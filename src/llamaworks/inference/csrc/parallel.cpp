@@ -5,10 +5,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <exception>
-#include <mutex>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <thread>
 
 #ifdef _OPENMP
